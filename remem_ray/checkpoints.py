@@ -1,0 +1,90 @@
+"""Model checkpoints: a folder holding model.pt, meta.json and, written last, manifest.json.
+
+The manifest carries each file's sha256, so a folder without one is unfinished and a file
+that does not match is corrupt; both are refused on load rather than used. meta.json
+records what is needed to rebuild the model, the MLP reweighting included, so a reloaded
+teacher computes what it computed in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from remem_ray.errors import ResourceError
+from remem_ray.models import create_model, reweight_mlp, reweighting_of
+from remem_ray.storage import Storage
+
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class CheckpointError(ResourceError):
+    """A checkpoint folder is missing, unfinished or corrupt."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def model_meta(model: nn.Module, name: str, kwargs: dict[str, Any], num_classes: int, img_size: int,
+               **extra: Any) -> dict[str, Any]:
+    return {"model": name, "model_kwargs": kwargs, "num_classes": num_classes, "img_size": img_size,
+            "reweighting": reweighting_of(_unwrap(model)), **extra}
+
+
+def write_checkpoint(storage: Storage, rel: str, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Data first, manifest last: readers trust a folder only once its manifest exists."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}, buf)
+    files = {MODEL_FILE: buf.getvalue(), META_FILE: json.dumps(meta, indent=2, sort_keys=True).encode()}
+    if storage.is_file(f"{rel}/{MANIFEST_FILE}"):
+        storage.delete_dir(rel)  # rewriting: never leave an old manifest over new data
+    for fname, data in files.items():
+        storage.write_bytes(f"{rel}/{fname}", data)
+    manifest = {"format": 1, "files": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
+    storage.write_text(f"{rel}/{MANIFEST_FILE}", json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def is_complete(storage: Storage, rel: str) -> bool:
+    return storage.is_file(f"{rel}/{MANIFEST_FILE}")
+
+
+def read_checkpoint(storage: Storage, rel: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, meta) after checking every file against the manifest."""
+    where = storage.uri(rel)
+    if not is_complete(storage, rel):
+        raise CheckpointError(f"checkpoint: no complete checkpoint at {where} (manifest.json missing)")
+    manifest = json.loads(storage.read_text(f"{rel}/{MANIFEST_FILE}"))
+    blobs = {}
+    for fname, digest in manifest["files"].items():
+        data = storage.read_bytes(f"{rel}/{fname}")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CheckpointError(f"checkpoint: {where}/{fname} does not match its sha256 (corrupt or truncated)")
+        blobs[fname] = data
+    state = torch.load(io.BytesIO(blobs[MODEL_FILE]), map_location="cpu", weights_only=True)
+    return state, json.loads(blobs[META_FILE])
+
+
+def load_model(storage: Storage, rel: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes, reweighting included, and load its weights."""
+    state, meta = read_checkpoint(storage, rel)
+    model = create_model(meta["model"], meta["num_classes"], meta["img_size"], meta["model_kwargs"])
+    if meta.get("reweighting"):
+        reweight_mlp(model, meta["reweighting"]["alpha"], meta["reweighting"]["mode"])
+    model.load_state_dict(state)
+    return model, meta
+
+
+def split_location(location: str, endpoint: str | None = None) -> tuple[Storage, str]:
+    """A checkpoint folder given as a path or s3:// URI -> (storage of its parent, its name)."""
+    parent, _, name = location.rstrip("/").rpartition("/")
+    if not name:
+        raise CheckpointError(f"checkpoint: not a folder location: {location!r}")
+    return Storage(parent or ".", endpoint), name

@@ -1,0 +1,106 @@
+"""The `remem` command line. Bad input: one line on stderr naming the field, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from remem_ray.errors import UserInputError
+
+EXIT_USAGE = 2
+
+
+def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "name", None):
+        overrides["name"] = args.name
+    if getattr(args, "storage", None):
+        overrides["storage.root"] = args.storage
+    if getattr(args, "teacher_epoch", None) is not None:
+        overrides["student.teacher_epoch"] = args.teacher_epoch
+    if getattr(args, "teacher", None):
+        overrides["student.teacher_checkpoint"] = args.teacher
+    return overrides
+
+
+def _load(args: argparse.Namespace):
+    from remem_ray.config import load_run_spec
+
+    return load_run_spec(args.spec, _run_overrides(args))
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from remem_ray.runs import run_teacher
+
+    result = run_teacher(_load(args))
+    for epoch, location in result["checkpoints"].items():
+        val = next(h["val_acc"] for h in result["history"] if h["epoch"] == epoch)
+        print(f"teacher epoch {epoch}: val_acc {val:.4f}  {location}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from remem_ray.runs import run_student
+
+    _print_student(run_student(_load(args)))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from remem_ray.runs import run_student, run_teacher
+
+    spec = _load(args)
+    teacher = run_teacher(spec)
+    last = teacher["history"][-1]
+    print(f"teacher: val_acc {last['val_acc']:.4f}  test_acc {last['test_acc']:.4f}")
+    _print_student(run_student(spec))
+    return 0
+
+
+def _print_student(result: dict[str, Any]) -> None:
+    best = result["best"]
+    print(f"student: best val_acc {best['val_acc']:.4f} (epoch {best['epoch']}), "
+          f"test_acc there {best['test_acc']:.4f}  {result['checkpoint']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="remem",
+        description="ReMem on Ray: fine-tune a ViT teacher with SAM and MLP reweighting, distil a student.",
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    def run_verb(name: str, help_text: str, handler, with_teacher: bool) -> None:
+        p = verbs.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("spec", nargs="?", default=None, metavar="SPEC.yaml",
+                       help="run spec (YAML); omitted: the embedded default (digits)")
+        p.add_argument("--name", help="run name (folder under <storage>/runs/)")
+        p.add_argument("--storage", help="storage root: a folder or s3://bucket/prefix")
+        if with_teacher:
+            p.add_argument("--teacher", help="teacher checkpoint folder (path or s3:// URI)")
+            p.add_argument("--teacher-epoch", type=int, help="which saved teacher epoch to distil from")
+        p.set_defaults(handler=handler)
+
+    run_verb("teacher", "fine-tune the teacher (SAM + MLP reweighting) and save its checkpoints", cmd_teacher, False)
+    run_verb("distill", "distil the student from a saved teacher checkpoint", cmd_distill, True)
+    run_verb("run", "teacher then student, one run", cmd_run, True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserInputError as err:
+        print(f"remem: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("remem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

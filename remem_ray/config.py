@@ -1,0 +1,294 @@
+"""The run spec: one frozen pydantic model tree, read from YAML with safe_load.
+
+Every check that can fail on user input runs here, before any work starts, so the CLI
+can print one line naming the field and exit 2 with nothing written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from remem_ray.errors import SpecError
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors; specs are values, never mutated after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class DataConfig(StrictModel):
+    name: str = Field("digits", description="dataset registry name (see remem_ray.data.DATASETS)")
+    root: str | None = Field(None, description="dataset folder, or for imagefolder a path or s3:// URI")
+    download: bool = Field(False, description="let torchvision download the dataset into root")
+    img_size: int = Field(32, ge=8, le=1024, description="side of the square images both models see")
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of train carved out for validation")
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="share held out as test where there is no test split")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+    num_classes: int = Field(10, ge=2, le=1000, description="synthetic dataset only")
+    samples_per_class: int = Field(60, ge=4, le=10000, description="synthetic dataset only")
+    max_train_samples: int | None = Field(None, ge=10, description="cap on training images (quick runs)")
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from remem_ray.data import DATASETS
+
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+        return name
+
+    @field_validator("root")
+    @classmethod
+    def _safe_root(cls, root: str | None) -> str | None:
+        if root is not None:
+            _reject_parent_refs(root)
+        return root
+
+    @model_validator(mode="after")
+    def _root_where_needed(self) -> DataConfig:
+        if self.name == "imagefolder" and not self.root:
+            raise ValueError("data.root is required for imagefolder (a local path or s3:// URI)")
+        return self
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.05, ge=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+
+
+class ScheduleConfig(StrictModel):
+    """Linear warmup then cosine decay, stepped per batch."""
+
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class TeacherConfig(StrictModel):
+    model: str = Field("vit_tiny_patch16_224", description="timm model name")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor arguments")
+    weights: str | None = Field(None, description="None, 'timm' (hub tag), a local file or an s3:// URI")
+    alpha: float = Field(0.9, gt=0.0, le=1.0, description="MLP reweighting factor; 1 = stock model")
+    reweight_mode: Literal["remem", "mlp"] = "remem"
+    rho: float = Field(0.05, ge=0.0, le=10.0, description="SAM radius; 0 = plain fine-tuning")
+    adaptive: bool = Field(False, description="ASAM: scale the perturbation by |w|")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    epochs: int = Field(10, ge=1, le=10000)
+    checkpoint_epochs: list[int] | None = Field(None, description="epochs to save; default: the last")
+    batch_size: int = Field(64, ge=1, le=65536)
+    grad_clip: float | None = Field(None, gt=0.0)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_source(cls, weights: str | None) -> str | None:
+        return _check_weights_source(weights)
+
+    @model_validator(mode="after")
+    def _checkpoints_within_epochs(self) -> TeacherConfig:
+        for e in self.checkpoint_epochs or []:
+            if not 1 <= e <= self.epochs:
+                raise ValueError(f"checkpoint_epochs: {e} is outside 1..epochs ({self.epochs})")
+        if self.checkpoint_epochs is not None and not self.checkpoint_epochs:
+            raise ValueError("checkpoint_epochs: give at least one epoch, or leave it out for the last")
+        return self
+
+    @property
+    def saved_epochs(self) -> list[int]:
+        return sorted(set(self.checkpoint_epochs or [self.epochs]))
+
+
+class KDConfig(StrictModel):
+    loss: Literal["kd", "dist"] = "kd"
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    weight: float = Field(0.9, ge=0.0, le=1.0, description="share of the distillation term; the rest is CE")
+
+
+class StudentConfig(StrictModel):
+    model: str = Field("resnet18", description="timm model name")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+    teacher_epoch: int | None = Field(None, ge=1, description="teacher checkpoint to distil from; default: last")
+    teacher_checkpoint: str | None = Field(
+        None, description="explicit teacher checkpoint folder (path or s3:// URI); default: this run's"
+    )
+    kd: KDConfig = Field(default_factory=KDConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    epochs: int = Field(10, ge=1, le=10000)
+    batch_size: int = Field(64, ge=1, le=65536)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_source(cls, weights: str | None) -> str | None:
+        return _check_weights_source(weights)
+
+    @field_validator("teacher_checkpoint")
+    @classmethod
+    def _safe_checkpoint(cls, path: str | None) -> str | None:
+        if path is not None:
+            _reject_parent_refs(path)
+        return path
+
+
+class StorageConfig(StrictModel):
+    root: str = Field("./remem-results", description="local folder or s3://bucket/prefix")
+    endpoint: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
+    region: str = "us-east-1"
+
+    @field_validator("root")
+    @classmethod
+    def _safe_root(cls, root: str) -> str:
+        if not root.strip():
+            raise ValueError("must not be empty")
+        _reject_parent_refs(root)
+        if "://" in root and not root.startswith("s3://"):
+            raise ValueError(f"unsupported scheme in {root!r}; use a local path or s3://bucket/prefix")
+        if root.startswith("s3://") and not root[len("s3://"):].strip("/"):
+            raise ValueError("s3:// URI needs a bucket")
+        return root
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_has_scheme(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None and not re.match(r"^https?://[^/\s]+/?$", endpoint):
+            raise ValueError(f"{endpoint!r} must look like http://host:port or https://host")
+        return endpoint
+
+
+class RunSpec(StrictModel):
+    """Everything one teacher fine-tuning + distillation run needs."""
+
+    name: str = "digits"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not _NAME_PATTERN.match(name) or ".." in name:
+            raise ValueError(f"{name!r} must be 1-100 characters of letters, digits, '.', '_' or '-'")
+        return name
+
+    @model_validator(mode="after")
+    def _models_buildable(self) -> RunSpec:
+        from remem_ray.models import check_model_spec
+
+        epoch = self.student.teacher_epoch
+        if epoch is not None and self.student.teacher_checkpoint is None and epoch not in self.teacher.saved_epochs:
+            raise ValueError(
+                f"student.teacher_epoch: {epoch} is not a saved teacher epoch {self.teacher.saved_epochs}"
+            )
+        num_classes = self.data.num_classes
+        check_model_spec("teacher", self.teacher.model, self.teacher.model_kwargs, num_classes,
+                         self.data.img_size, reweight=self.teacher.alpha < 1.0)
+        check_model_spec("student", self.student.model, self.student.model_kwargs, num_classes,
+                         self.data.img_size, reweight=False)
+        return self
+
+    def teacher_key(self) -> str:
+        """Stable hash of everything that determines the teacher run (not which epoch is used)."""
+        payload = {
+            "seed": self.seed,
+            "data": self.data.model_dump(mode="json", exclude={"num_workers", "download"}),
+            "teacher": self.teacher.model_dump(mode="json"),
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _reject_parent_refs(path: str) -> None:
+    parts = re.split(r"[\\/]+", path.split("://", 1)[-1])
+    if ".." in parts:
+        raise ValueError(f"{path!r} must not contain '..'")
+
+
+def _check_weights_source(weights: str | None) -> str | None:
+    if weights is None or weights in ("timm", "none"):
+        return None if weights == "none" else weights
+    if weights.startswith(("s3://", "hf-hub:")):
+        _reject_parent_refs(weights)
+        return weights
+    if "://" in weights:
+        raise ValueError(f"unsupported scheme in {weights!r}; use 'timm', 'hf-hub:ORG/REPO', a path or s3://")
+    _reject_parent_refs(weights)
+    if not Path(weights).expanduser().is_file():
+        raise ValueError(f"weights file not found: {weights}")
+    return weights
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line naming the first bad field; pydantic's own text is multi-line."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = len(err.errors()) - 1
+    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{loc or 'spec'}: {msg}{suffix}".replace("\n", " ")
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """safe_load a YAML mapping; python object tags and other unsafe constructs are refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec: file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"spec: invalid YAML{line} in {p}: {problem}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"spec: {p} is not UTF-8 text") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec: {p} must hold a mapping of fields, not {type(raw).__name__}")
+    return raw
+
+
+def parse_spec(model: type[BaseModel], raw: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def load_run_spec(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunSpec:
+    """Read a run spec; a sweep spec file works too (its `sweep` section is ignored here)."""
+    raw = read_yaml(path) if path is not None else {}
+    raw.pop("sweep", None)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return parse_spec(RunSpec, raw)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"{dotted}: cannot set inside a non-mapping")
+    node[leaf] = value

@@ -1,0 +1,302 @@
+"""Dataset registry: each entry builds seeded train/val/test splits of [0, 1] image tensors.
+
+Models normalise their own inputs (models.InputNormalizer), so a teacher and a student with
+different mean/std can share one batch. Selection only ever looks at `val`; where a dataset
+has no validation split it is carved from train, stratified and seeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from remem_ray.errors import ResourceError
+
+if TYPE_CHECKING:
+    from remem_ray.config import DataConfig
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class EvalTransformConfig:
+    """The part of a timm model's data config that shapes eval images."""
+
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_timm(cls, data_config: dict[str, Any]) -> EvalTransformConfig:
+        return cls(float(data_config.get("crop_pct") or 1.0), str(data_config.get("interpolation") or "bilinear"))
+
+
+DatasetBuilder = Callable[["DataConfig", int, EvalTransformConfig], DataSplits]
+DATASETS: dict[str, DatasetBuilder] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    def wrap(builder: DatasetBuilder) -> DatasetBuilder:
+        DATASETS[name] = builder
+        return builder
+
+    return wrap
+
+
+def build_datasets(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig | None = None) -> DataSplits:
+    splits = DATASETS[cfg.name](cfg, seed, eval_cfg or EvalTransformConfig())
+    if cfg.max_train_samples is not None and len(splits.train) > cfg.max_train_samples:
+        labels = dataset_targets(splits.train)
+        keep, _ = _stratified_split(np.arange(len(labels)), labels, cfg.max_train_samples, seed + 3)
+        splits = DataSplits(torch.utils.data.Subset(splits.train, keep.tolist()), splits.val, splits.test,
+                            splits.num_classes)
+    return splits
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def _stratified_split(indices: np.ndarray, labels: np.ndarray, first_size: int | float, seed: int):
+    """Split indices into (first, rest), stratified by label and seeded."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(indices, train_size=first_size, stratify=labels, random_state=seed)
+
+
+def _train_val_test(labels: np.ndarray, cfg: DataConfig, seed: int, has_test: bool):
+    """Indices of (train, val[, test]) carved from one labelled pool."""
+    idx = np.arange(len(labels))
+    test = np.array([], dtype=int)
+    if not has_test:
+        idx, test = _stratified_split(idx, labels, 1.0 - cfg.test_fraction, seed)
+    train, val = _stratified_split(idx, labels[idx], 1.0 - cfg.val_fraction, seed + 1)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def dataset_targets(ds: Dataset) -> np.ndarray:
+    """Integer labels of a dataset without decoding its images where the dataset allows."""
+    if isinstance(ds, torch.utils.data.Subset):
+        return dataset_targets(ds.dataset)[np.asarray(ds.indices)]
+    for attr in ("targets", "labels", "_labels"):
+        if hasattr(ds, attr):
+            return np.asarray(getattr(ds, attr), dtype=np.int64)
+    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- in-memory tensors
+
+
+class TensorImages(Dataset):
+    """Small images held in memory at native resolution, resized on access.
+
+    Training views get a random translation (pad + crop, an augmentation fit for small
+    images) and an optional flip; eval views are resized only.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, img_size: int, train: bool,
+                 hflip: bool = False) -> None:
+        self.images, self.labels = images, labels
+        self.targets = labels.numpy()
+        self.img_size, self.train, self.hflip = img_size, train, hflip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = F.interpolate(self.images[i:i + 1], size=self.img_size, mode="bilinear", align_corners=False)[0]
+        if self.train:
+            img = random_translate(img, max(1, self.img_size // 8))
+            if self.hflip and torch.rand(()) < 0.5:
+                img = img.flip(-1)
+        return img.clamp_(0.0, 1.0), int(self.labels[i])
+
+
+def random_translate(img: torch.Tensor, pad: int) -> torch.Tensor:
+    padded = F.pad(img, (pad, pad, pad, pad))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    return padded[:, dy:dy + img.shape[1], dx:dx + img.shape[2]]
+
+
+def _tensor_splits(images: torch.Tensor, labels: np.ndarray, cfg: DataConfig, seed: int, num_classes: int,
+                   hflip: bool = False) -> DataSplits:
+    train, val, test = _train_val_test(labels, cfg, seed, has_test=False)
+    lab = torch.as_tensor(labels)
+
+    def part(idx: np.ndarray, is_train: bool) -> TensorImages:
+        return TensorImages(images[idx], lab[idx], cfg.img_size, train=is_train, hflip=hflip)
+
+    return DataSplits(part(train, True), part(val, False), part(test, False), num_classes)
+
+
+@register_dataset("digits")
+def _digits(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig) -> DataSplits:
+    """scikit-learn's bundled 8x8 digits (1797 images): the embedded default, no download."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1).repeat(1, 3, 1, 1)
+    return _tensor_splits(images, bunch.target.astype(np.int64), cfg, seed, num_classes=10)
+
+
+@register_dataset("synthetic")
+def _synthetic(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig) -> DataSplits:
+    """Class prototypes plus noise: learnable, tiny, generated from the seed (for tests)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(cfg.num_classes, 3, 8, 8, generator=g)
+    labels = np.repeat(np.arange(cfg.num_classes), cfg.samples_per_class)
+    noise = 0.25 * torch.randn(len(labels), 3, 8, 8, generator=g)
+    images = (protos[torch.as_tensor(labels)] + noise).clamp(0.0, 1.0)
+    return _tensor_splits(images, labels, cfg, seed, num_classes=cfg.num_classes)
+
+
+# --------------------------------------------------------------------------- PIL datasets
+
+
+def train_transform(img_size: int, hflip: bool):
+    from torchvision import transforms as T
+
+    flip = [T.RandomHorizontalFlip()] if hflip else []
+    if img_size <= 64:
+        return T.Compose([T.Resize(img_size), T.CenterCrop(img_size),
+                          T.RandomCrop(img_size, padding=max(1, img_size // 8)), *flip, T.ToTensor()])
+    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.35, 1.0)), *flip, T.ToTensor()])
+
+
+def eval_transform(img_size: int, eval_cfg: EvalTransformConfig):
+    from torchvision import transforms as T
+
+    interp = getattr(T.InterpolationMode, eval_cfg.interpolation.upper(), T.InterpolationMode.BILINEAR)
+    resize = int(round(img_size / eval_cfg.crop_pct))
+    return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(img_size), T.ToTensor()])
+
+
+class TransformedSubset(Dataset):
+    """A view of a PIL dataset's items with its own transform (train and val share one base)."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray | None, transform, targets: np.ndarray) -> None:
+        self.base = base
+        self.indices = np.arange(len(targets)) if indices is None else indices
+        self.transform = transform
+        self.targets = targets[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img, label = self.base[int(self.indices[i])]
+        return self.transform(img.convert("RGB")), int(label)
+
+
+def _pil_splits(train_base: Dataset, val_base: Dataset | None, test_base: Dataset | None, num_classes: int,
+                cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, hflip: bool) -> DataSplits:
+    tr_tf, ev_tf = train_transform(cfg.img_size, hflip), eval_transform(cfg.img_size, eval_cfg)
+    labels = dataset_targets(train_base)
+    if test_base is None:
+        train_idx, val_idx, test_idx = _train_val_test(labels, cfg, seed, has_test=False)
+        test = TransformedSubset(train_base, test_idx, ev_tf, labels)
+    else:
+        test = TransformedSubset(test_base, None, ev_tf, dataset_targets(test_base))
+        if val_base is None:
+            train_idx, val_idx, _ = _train_val_test(labels, cfg, seed, has_test=True)
+        else:
+            train_idx, val_idx = None, None
+    train = TransformedSubset(train_base, train_idx, tr_tf, labels)
+    if val_base is not None and val_idx is None:
+        val = TransformedSubset(val_base, None, ev_tf, dataset_targets(val_base))
+    else:
+        val = TransformedSubset(train_base, val_idx, ev_tf, labels)
+    return DataSplits(train, val, test, num_classes)
+
+
+@dataclass(frozen=True)
+class TorchvisionEntry:
+    cls_name: str
+    splits: tuple[Any, Any, Any]  # constructor kwargs for (train, val, test); None = carve
+    num_classes: int
+    hflip: bool = True
+
+
+_TORCHVISION: dict[str, TorchvisionEntry] = {
+    "cifar10": TorchvisionEntry("CIFAR10", ({"train": True}, None, {"train": False}), 10),
+    "cifar100": TorchvisionEntry("CIFAR100", ({"train": True}, None, {"train": False}), 100),
+    "svhn": TorchvisionEntry("SVHN", ({"split": "train"}, None, {"split": "test"}), 10, hflip=False),
+    "stl10": TorchvisionEntry("STL10", ({"split": "train"}, None, {"split": "test"}), 10),
+    "flowers102": TorchvisionEntry("Flowers102", ({"split": "train"}, {"split": "val"}, {"split": "test"}), 102),
+    "oxford_iiit_pet": TorchvisionEntry("OxfordIIITPet", ({"split": "trainval"}, None, {"split": "test"}), 37),
+    "dtd": TorchvisionEntry("DTD", ({"split": "train"}, {"split": "val"}, {"split": "test"}), 47),
+    "food101": TorchvisionEntry("Food101", ({"split": "train"}, None, {"split": "test"}), 101),
+    "eurosat": TorchvisionEntry("EuroSAT", ({}, None, None), 10),
+}
+
+
+def _torchvision_builder(name: str, entry: TorchvisionEntry) -> DatasetBuilder:
+    def build(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig) -> DataSplits:
+        import torchvision.datasets as tvd
+
+        root = Path(cfg.root or "./data").expanduser()
+        cls = getattr(tvd, entry.cls_name)
+
+        def make(kwargs):
+            if kwargs is None:
+                return None
+            try:
+                return cls(root=str(root), download=cfg.download, **kwargs)
+            except (RuntimeError, FileNotFoundError, OSError) as exc:
+                hint = "" if cfg.download else "; set data.download: true to fetch it"
+                raise ResourceError(f"data.root: {name} not found under {root}{hint} ({exc})".splitlines()[0]) from None
+
+        train, val, test = (make(k) for k in entry.splits)
+        return _pil_splits(train, val, test, entry.num_classes, cfg, seed, eval_cfg, entry.hflip)
+
+    build.__doc__ = f"torchvision {entry.cls_name} under data.root (download with data.download)."
+    return build
+
+
+for _name, _entry in _TORCHVISION.items():
+    register_dataset(_name)(_torchvision_builder(_name, _entry))
+
+
+@register_dataset("imagefolder")
+def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig) -> DataSplits:
+    """class-per-folder images at a path or s3:// URI; train/ val/ test/ subfolders optional."""
+    from torchvision.datasets import ImageFolder
+
+    root = cfg.root or ""
+    if root.startswith("s3://"):
+        from remem_ray.storage import fetch_to_cache
+
+        local = fetch_to_cache(root, field="data.root")
+    else:
+        local = Path(root).expanduser()
+    if not local.is_dir():
+        raise ResourceError(f"data.root: folder not found: {root}")
+    parts = {p: local / p for p in ("train", "val", "test") if (local / p).is_dir()}
+    try:
+        train = ImageFolder(str(parts.get("train", local)))
+        val = ImageFolder(str(parts["val"])) if "val" in parts else None
+        test = ImageFolder(str(parts["test"])) if "test" in parts else None
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise ResourceError(f"data.root: no class folders of images in {root}: {exc}".splitlines()[0]) from None
+    for other in (val, test):
+        if other is not None and other.classes != train.classes:
+            raise ResourceError(f"data.root: class folders differ between splits in {root}")
+    if test is None and val is not None:
+        # A val folder but no test folder: hold out test from train, keep the given val.
+        labels = dataset_targets(train)
+        idx, test_idx = _stratified_split(np.arange(len(labels)), labels, 1.0 - cfg.test_fraction, seed)
+        tr_tf, ev_tf = train_transform(cfg.img_size, True), eval_transform(cfg.img_size, eval_cfg)
+        return DataSplits(TransformedSubset(train, np.sort(idx), tr_tf, labels),
+                          TransformedSubset(val, None, ev_tf, dataset_targets(val)),
+                          TransformedSubset(train, np.sort(test_idx), ev_tf, labels), len(train.classes))
+    return _pil_splits(train, val, test, len(train.classes), cfg, seed, eval_cfg, hflip=True)

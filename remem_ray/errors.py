@@ -1,0 +1,16 @@
+"""Error types the CLI turns into one-line messages and exit code 2."""
+
+
+class UserInputError(ValueError):
+    """Bad input from the user: a spec field, a path, a resource that cannot be reached.
+
+    The message names the field or resource and fits on one line.
+    """
+
+
+class SpecError(UserInputError):
+    """A run or sweep spec failed validation."""
+
+
+class ResourceError(UserInputError):
+    """Weights, data or storage named by the spec cannot be reached."""

@@ -1,0 +1,45 @@
+"""One run in-process: where its teacher and student live under the storage root."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from remem_ray.checkpoints import is_complete
+from remem_ray.config import RunSpec
+from remem_ray.errors import ResourceError
+from remem_ray.storage import Storage
+from remem_ray.train.teacher import checkpoint_name
+
+
+def run_folder(spec: RunSpec) -> Storage:
+    return Storage.from_config(spec.storage).child("runs", spec.name)
+
+
+def teacher_location(spec: RunSpec) -> str:
+    """The teacher checkpoint a student distils from: explicit, or this run's chosen epoch."""
+    if spec.student.teacher_checkpoint:
+        return spec.student.teacher_checkpoint
+    epoch = spec.student.teacher_epoch or spec.teacher.saved_epochs[-1]
+    folder = run_folder(spec).child("teacher")
+    if not is_complete(folder, checkpoint_name(epoch)):
+        raise ResourceError(
+            f"student.teacher_epoch: no teacher checkpoint at {folder.uri(checkpoint_name(epoch))}; "
+            f"run `remem teacher` first or set student.teacher_checkpoint"
+        )
+    return folder.uri(checkpoint_name(epoch))
+
+
+def run_teacher(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
+    from remem_ray.train.teacher import fine_tune_teacher
+
+    output = run_folder(spec).uri("teacher")
+    return fine_tune_teacher({"spec": spec.model_dump(mode="json"), "output": output, "quiet": quiet})
+
+
+def run_student(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
+    from remem_ray.train.student import distill_student
+
+    teacher = teacher_location(spec)
+    output = run_folder(spec).uri("student")
+    return distill_student({"spec": spec.model_dump(mode="json"), "teacher": teacher, "output": output,
+                            "quiet": quiet})

@@ -1,0 +1,126 @@
+"""Sharpness-Aware Minimization (Foret et al. 2021) and its adaptive form ASAM (Kwon et al. 2021).
+
+Usage, the two-pass form:
+
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    loss_fn(model(x), y).backward()
+    opt.first_step(zero_grad=True)      # w <- w + e(w)
+    loss_fn(model(x), y).backward()
+    opt.second_step(zero_grad=True)     # w <- w - e(w), then the base optimiser steps
+
+or `opt.step(closure)` where the closure runs forward and backward. With rho = 0 there is
+no perturbation: `first_step` is a no-op, `needs_second_pass` is False, and `step` is the
+base optimiser's step on the gradient already computed (one forward-backward per step).
+
+Schedulers work on either object: SAM shares the base optimiser's param_groups.
+
+Under DDP, run the first backward inside `model.no_sync()`: each worker ascends along its
+own local gradient (the per-worker "m-sharpness" of the SAM paper, and no all-reduce spent
+on a gradient that is thrown away); the second backward synchronises as usual, so the
+base optimiser steps on the averaged gradient at the perturbed point. The loops do this.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class SAM(torch.optim.Optimizer):
+    def __init__(self, params, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
+                 adaptive: bool = False, eps: float = 1e-12, **base_kwargs) -> None:
+        if rho < 0.0:
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
+        super().__init__(params, defaults)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.eps = eps
+        self._saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+
+    @property
+    def needs_second_pass(self) -> bool:
+        return any(group["rho"] > 0.0 for group in self.param_groups)
+
+    def _params_with_grad(self, group) -> list[torch.Tensor]:
+        return [p for p in group["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """One global norm over all parameters: ||g||, or ||T_w g|| with T_w = |w| when adaptive."""
+        norms = []
+        for group in self.param_groups:
+            params = self._params_with_grad(group)
+            if not params:
+                continue
+            grads = [p.grad.float() for p in params]
+            if group["adaptive"]:
+                grads = torch._foreach_mul(grads, torch._foreach_abs([p.float() for p in params]))
+            norms.extend(torch._foreach_norm(grads))
+        if not norms:
+            return torch.zeros(())
+        device = norms[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Ascend to w + e(w), e(w) = rho * g / ||g|| (ASAM: rho * |w|^2 g / ||T_w g||)."""
+        self._saved = None
+        if not self.needs_second_pass:
+            if zero_grad:
+                self.zero_grad()
+            return
+        norm = self.grad_norm()
+        saved = []
+        for group in self.param_groups:
+            params = self._params_with_grad(group)
+            if not params or group["rho"] == 0.0:
+                continue
+            scale = group["rho"] / (norm + self.eps)
+            originals = [p.detach().clone() for p in params]
+            grads = [p.grad for p in params]
+            if group["adaptive"]:
+                squares = torch._foreach_mul(originals, originals)
+                perturb = torch._foreach_mul(grads, squares)
+            else:
+                perturb = list(grads)
+            perturb = torch._foreach_mul(perturb, scale.to(grads[0].device, grads[0].dtype))
+            torch._foreach_add_(params, perturb)
+            saved.append((params, originals))
+        self._saved = saved
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to w exactly (restored, not subtracted) and step the base optimiser."""
+        for params, originals in self._saved or []:
+            torch._foreach_copy_(params, originals)
+        self._saved = None
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """Gradients of the first pass must already be computed; the closure recomputes them at w + e."""
+        if not self.needs_second_pass:
+            return self.base_optimizer.step()
+        if closure is None:
+            raise ValueError("SAM.step needs a closure that runs forward and backward (or use first/second_step)")
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            loss = closure()
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups

@@ -1,0 +1,153 @@
+"""Pieces both loops share: device, precision, loaders, optimiser and schedule, evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from remem_ray.config import OptimizerConfig, ScheduleConfig
+from remem_ray.sam import SAM
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """CUDA when available (one device per local rank), else CPU."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device: cuda requested but no CUDA device is available")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU (CPU bf16 is slower than fp32 here)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    if not is_distributed():
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def no_sync(model: nn.Module):
+    """Skip DDP's all-reduce for one backward (SAM's first pass); a no-op without DDP."""
+    return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+
+def train_loader(ds: Dataset, batch_size: int, seed: int, num_workers: int, device: torch.device) -> DataLoader:
+    """Shuffled, seeded; a DistributedSampler shards it when world size > 1."""
+    sampler = None
+    generator = torch.Generator().manual_seed(seed)
+    if is_distributed():
+        sampler = torch.utils.data.DistributedSampler(ds, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                      drop_last=len(ds) > batch_size, num_workers=num_workers, generator=generator,
+                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+
+
+def eval_loader(ds: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """Each rank takes a strided share without padding, so summed counts are exact."""
+    if is_distributed():
+        ds = Subset(ds, range(dist.get_rank(), len(ds), dist.get_world_size()))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=device.type == "cuda")
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+@dataclass
+class Meter:
+    """Running sums of loss, correct and count, all-reduced across ranks on read."""
+
+    loss: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.numel()
+        self.loss += float(loss) * n
+        self.correct += int((logits.argmax(-1) == labels).sum())
+        self.count += n
+
+    def totals(self) -> tuple[float, float]:
+        sums = torch.tensor([self.loss, self.correct, self.count], dtype=torch.float64)
+        if is_distributed():
+            if dist.get_backend() == "nccl":
+                sums = sums.cuda()
+            dist.all_reduce(sums)
+        loss, correct, count = sums.tolist()
+        return loss / max(count, 1), correct / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, normalizer: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+    """(mean CE loss, accuracy) over a loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    meter = Meter()
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(normalizer(images))
+        meter.add(F.cross_entropy(logits.float(), labels), logits, labels)
+    model.train(was_training)
+    return meter.totals()
+
+
+_BASE_OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def _base_kwargs(cfg: OptimizerConfig) -> dict:
+    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.name == "sgd":
+        kwargs["momentum"] = cfg.momentum
+    return kwargs
+
+
+def build_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    return _BASE_OPTIMIZERS[cfg.name](params, **_base_kwargs(cfg))
+
+
+def build_sam(params, cfg: OptimizerConfig, rho: float, adaptive: bool) -> SAM:
+    return SAM(params, _BASE_OPTIMIZERS[cfg.name], rho=rho, adaptive=adaptive, **_base_kwargs(cfg))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int,
+                  steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over cfg.warmup_epochs, then cosine down to min_lr_ratio, per step."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

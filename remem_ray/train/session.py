@@ -1,0 +1,116 @@
+"""Where a loop reports to: the console in-process, or ray.train inside a Ray Train worker.
+
+The loops call only this small interface, so the same function runs in a test, under
+`remem teacher`, or as a Ray Train `train_loop_per_worker` with one or many workers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Protocol
+
+import torch
+
+
+class Session(Protocol):
+    world_rank: int
+    local_rank: int
+    world_size: int
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        """Per-epoch metrics, and the training state to resume from (saved where resumable)."""
+
+    def restore_state(self) -> dict[str, Any] | None:
+        """The last state reported by an earlier attempt of this run, if any."""
+
+    def log(self, message: str) -> None: ...
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return "  ".join(parts)
+
+
+class ConsoleSession:
+    """In-process: one line of progress per epoch on stderr; nothing to resume from."""
+
+    world_rank = 0
+    local_rank = 0
+    world_size = 1
+
+    def __init__(self, prefix: str = "", quiet: bool = False) -> None:
+        self.prefix, self.quiet = prefix, quiet
+        self.history: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        self.history.append(dict(metrics))
+        self.log(_format_metrics(metrics))
+
+    def restore_state(self) -> dict[str, Any] | None:
+        return None
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.strftime('%H:%M:%S')}] {self.prefix}{message}", file=sys.stderr, flush=True)
+
+
+class RayTrainSession:
+    """Inside a Ray Train worker: metrics through ray.train.report, state as a Train checkpoint."""
+
+    STATE_FILE = "state.pt"
+
+    def __init__(self, prefix: str = "") -> None:
+        import ray.train
+
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.world_rank = ctx.get_world_rank()
+        self.local_rank = ctx.get_local_rank()
+        self.world_size = ctx.get_world_size()
+        self.prefix = prefix
+        self.history: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        self.history.append(dict(metrics))
+        self.log(_format_metrics(metrics))
+        if state is None or self.world_rank != 0:
+            self._train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="remem-state-") as tmp:
+            torch.save(state, os.path.join(tmp, self.STATE_FILE))
+            self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(tmp))
+
+    def restore_state(self) -> dict[str, Any] | None:
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as path:
+            with open(os.path.join(path, self.STATE_FILE), "rb") as f:
+                return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+
+    def log(self, message: str) -> None:
+        if self.world_rank == 0:
+            print(f"{self.prefix}{message}", flush=True)
+
+
+def in_ray_train_worker() -> bool:
+    """True inside a function launched by a Ray Train trainer (never imports Ray itself)."""
+    if "ray.train" not in sys.modules:
+        return False
+    import ray.train
+
+    try:
+        ray.train.get_context()
+    except (RuntimeError, DeprecationWarning):
+        return False
+    return True
+
+
+def current_session(prefix: str = "", quiet: bool = False) -> Session:
+    return RayTrainSession(prefix) if in_ray_train_worker() else ConsoleSession(prefix, quiet)

@@ -1,0 +1,97 @@
+"""Student distillation from a teacher checkpoint: the teacher is frozen in eval mode with
+its reweighting, and produces targets online for each augmented batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from remem_ray.checkpoints import load_model, model_meta, split_location, write_checkpoint
+from remem_ray.losses import DistillationLoss
+from remem_ray.models import create_model, normalizer_for
+from remem_ray.train.common import Meter, autocast, build_optimizer, warmup_cosine, wrap_distributed
+from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
+
+BEST = "best"
+
+
+class StudentTask(Task):
+    def __init__(self, ctx: LoopContext, teacher_location: str) -> None:
+        cfg = ctx.spec.student
+        self.cfg, self.epochs = cfg, cfg.epochs
+        storage, name = split_location(teacher_location, ctx.spec.storage.endpoint)
+        teacher, self.teacher_meta = load_model(storage, name)
+        if self.teacher_meta["num_classes"] != ctx.splits.num_classes:
+            raise ValueError(f"student.teacher_checkpoint: teacher has {self.teacher_meta['num_classes']} classes, "
+                             f"data has {ctx.splits.num_classes}")
+        self.teacher = teacher.to(ctx.device).eval().requires_grad_(False)
+        self.teacher_normalizer = normalizer_for(teacher).to(ctx.device)
+        student = create_model(cfg.model, ctx.splits.num_classes, ctx.spec.data.img_size, cfg.model_kwargs,
+                               weights=cfg.weights, role="student", endpoint=ctx.spec.storage.endpoint)
+        self.bare = student.to(ctx.device)
+        self.model = wrap_distributed(self.bare, ctx.device)
+        self.normalizer = normalizer_for(self.bare).to(ctx.device)
+        self.loss_fn = DistillationLoss(cfg.kd.loss, cfg.kd.temperature, cfg.kd.weight)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
+        self.scheduler = warmup_cosine(self.optimizer, cfg.schedule, cfg.epochs, len(ctx.loaders["train"]))
+        self.best_val_acc = -1.0
+        self.best: dict[str, Any] = {}
+
+    def train_epoch(self, ctx: LoopContext, epoch: int) -> dict[str, float]:
+        self.model.train()
+        meter = Meter()
+        for images, labels in ctx.loaders["train"]:
+            images = images.to(ctx.device, non_blocking=True)
+            labels = labels.to(ctx.device, non_blocking=True)
+            with torch.no_grad(), autocast(ctx.device):
+                teacher_logits = self.teacher(self.teacher_normalizer(images))
+            with autocast(ctx.device):
+                logits = self.model(self.normalizer(images))
+            loss = self.loss_fn(logits, teacher_logits.float(), labels)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            meter.add(loss.detach(), logits.detach(), labels)
+        train_loss, train_acc = meter.totals()
+        return {"train_loss": train_loss, "train_acc": train_acc, "lr": self.scheduler.get_last_lr()[0]}
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "best_val_acc": self.best_val_acc, "best": self.best}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.bare.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best_val_acc, self.best = state["best_val_acc"], state["best"]
+
+    def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
+        """Keep the student with the best val accuracy (test is reported beside it, never used)."""
+        if metrics["val_acc"] > self.best_val_acc:
+            self.best_val_acc = metrics["val_acc"]
+            self.best = {"epoch": epoch, "val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"]}
+            if ctx.is_writer:
+                meta = model_meta(self.bare, self.cfg.model, self.cfg.model_kwargs, ctx.splits.num_classes,
+                                  ctx.spec.data.img_size, role="student", epoch=epoch, metrics=metrics,
+                                  teacher=self.teacher_meta)
+                write_checkpoint(ctx.output, BEST, self.bare, meta)
+        metrics["best_val_acc"] = self.best["val_acc"]
+        metrics["best_test_acc"] = self.best["test_acc"]
+        metrics["teacher_val_acc"] = self.teacher_meta.get("metrics", {}).get("val_acc", float("nan"))
+
+
+def distill_student(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train `train_loop_per_worker` and in-process entry point.
+
+    config: {"spec": RunSpec as a dict, "teacher": teacher checkpoint folder (path or s3:// URI),
+             "output": student folder, "quiet": bool}. Writes <output>/best/.
+    """
+    ctx = prepare(config, "student")
+    teacher = config.get("teacher") or ctx.spec.student.teacher_checkpoint
+    if not teacher:
+        raise ValueError("student.teacher_checkpoint: no teacher checkpoint given")
+    task = StudentTask(ctx, teacher)
+    history = run_epochs(ctx, task)
+    return {"history": history, "best": task.best, "checkpoint": ctx.output.uri(BEST)}

@@ -1,0 +1,102 @@
+"""Teacher fine-tuning: MLP reweighting first, then SAM (or plain steps at rho = 0) with
+warmup + cosine, eval each epoch, and a checkpoint at each listed epoch."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from remem_ray.checkpoints import model_meta, write_checkpoint
+from remem_ray.models import create_model, normalizer_for, reweight_mlp
+from remem_ray.train.common import Meter, autocast, build_sam, no_sync, warmup_cosine, wrap_distributed
+from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
+
+SPEC_FILE = "spec.json"
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch}"
+
+
+class TeacherTask(Task):
+    def __init__(self, ctx: LoopContext) -> None:
+        cfg = ctx.spec.teacher
+        self.cfg, self.epochs = cfg, cfg.epochs
+        model = create_model(cfg.model, ctx.splits.num_classes, ctx.spec.data.img_size, cfg.model_kwargs,
+                             weights=cfg.weights, role="teacher", endpoint=ctx.spec.storage.endpoint)
+        if cfg.alpha < 1.0:
+            reweight_mlp(model, cfg.alpha, cfg.reweight_mode)
+        self.bare = model.to(ctx.device)
+        self.model = wrap_distributed(self.bare, ctx.device)
+        self.normalizer = normalizer_for(self.bare).to(ctx.device)
+        self.optimizer = build_sam(self.model.parameters(), cfg.optimizer, cfg.rho, cfg.adaptive)
+        self.scheduler = warmup_cosine(self.optimizer.base_optimizer, cfg.schedule, cfg.epochs, len(ctx.loaders["train"]))
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device):
+        with autocast(device):
+            logits = self.model(images)
+        return F.cross_entropy(logits.float(), labels), logits
+
+    def train_epoch(self, ctx: LoopContext, epoch: int) -> dict[str, float]:
+        self.model.train()
+        meter = Meter()
+        opt, clip = self.optimizer, self.cfg.grad_clip
+        for images, labels in ctx.loaders["train"]:
+            images = self.normalizer(images.to(ctx.device, non_blocking=True))
+            labels = labels.to(ctx.device, non_blocking=True)
+            if opt.needs_second_pass:
+                with no_sync(self.model):
+                    loss, logits = self._loss(images, labels, ctx.device)
+                    loss.backward()
+                opt.first_step(zero_grad=True)
+                self._loss(images, labels, ctx.device)[0].backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                opt.second_step(zero_grad=True)
+            else:
+                loss, logits = self._loss(images, labels, ctx.device)
+                loss.backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                opt.step()
+                opt.zero_grad()
+            self.scheduler.step()
+            meter.add(loss.detach(), logits.detach(), labels)
+        train_loss, train_acc = meter.totals()
+        return {"train_loss": train_loss, "train_acc": train_acc, "lr": self.scheduler.get_last_lr()[0]}
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.bare.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
+        if epoch in self.cfg.saved_epochs and ctx.is_writer:
+            meta = model_meta(self.bare, self.cfg.model, self.cfg.model_kwargs, ctx.splits.num_classes,
+                              ctx.spec.data.img_size, role="teacher", epoch=epoch, metrics=metrics,
+                              teacher_key=ctx.spec.teacher_key())
+            write_checkpoint(ctx.output, checkpoint_name(epoch), self.bare, meta)
+            ctx.session.log(f"saved checkpoint {ctx.output.uri(checkpoint_name(epoch))}")
+
+
+def fine_tune_teacher(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train `train_loop_per_worker` and in-process entry point.
+
+    config: {"spec": RunSpec as a dict, "output": teacher folder (path or s3:// URI), "quiet": bool}
+    Writes <output>/spec.json and <output>/epoch_<e>/ for each saved epoch.
+    """
+    ctx = prepare(config, "teacher")
+    task = TeacherTask(ctx)  # weights are fetched before anything is written
+    if ctx.is_writer:
+        ctx.output.write_text(SPEC_FILE, json.dumps(
+            {"teacher_key": ctx.spec.teacher_key(), "spec": ctx.spec.model_dump(mode="json")}, indent=2))
+    history = run_epochs(ctx, task)
+    return {"history": history,
+            "checkpoints": {e: ctx.output.uri(checkpoint_name(e)) for e in task.cfg.saved_epochs}}

@@ -1,0 +1,192 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from remem_ray.sam import SAM
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def _batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def _loss(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_first_step_matches_closed_form(adaptive):
+    model = _model()
+    x, y = _batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, adaptive=adaptive, lr=0.1)
+    _loss(model, x, y).backward()
+    w = [p.detach().clone() for p in model.parameters()]
+    g = [p.grad.detach().clone() for p in model.parameters()]
+    # one global norm over all parameters; ASAM scales by T_w = |w|
+    tg = [wi.abs() * gi if adaptive else gi for wi, gi in zip(w, g)]
+    norm = torch.sqrt(sum((t ** 2).sum() for t in tg))
+    expected = [wi + 0.3 * ((wi ** 2) * gi if adaptive else gi) / norm for wi, gi in zip(w, g)]
+    opt.first_step()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+    # the perturbation really has length rho (in the T_w^-1 metric for ASAM)
+    e_w = [p.detach() - wi for p, wi in zip(model.parameters(), w)]
+    scaled = [ei / wi.abs() if adaptive else ei for ei, wi in zip(e_w, w)]
+    assert float(torch.sqrt(sum((s ** 2).sum() for s in scaled))) == pytest.approx(0.3, rel=1e-4)
+
+
+def test_second_step_restores_weights_and_steps_on_perturbed_gradient():
+    model = _model()
+    x, y = _batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.5)
+    w = [p.detach().clone() for p in model.parameters()]
+    _loss(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    _loss(model, x, y).backward()
+    g_adv = [p.grad.detach().clone() for p in model.parameters()]
+    opt.second_step(zero_grad=True)
+    for p, wi, gi in zip(model.parameters(), w, g_adv):
+        torch.testing.assert_close(p.detach(), wi - 0.5 * gi, rtol=0, atol=1e-7)
+        assert p.grad is None
+
+
+def test_step_with_closure_equals_two_step_form():
+    a, b = _model(), _model()
+    x, y = _batch()
+    opt_a = SAM(a.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt_b = SAM(b.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for _ in range(3):
+        _loss(a, x, y).backward()
+        opt_a.first_step(zero_grad=True)
+        _loss(a, x, y).backward()
+        opt_a.second_step(zero_grad=True)
+
+        _loss(b, x, y).backward()
+
+        def closure():
+            loss = _loss(b, x, y)
+            loss.backward()
+            return loss
+
+        opt_b.step(closure)
+        opt_b.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("base, kwargs", [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
+                                          (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05})])
+def test_rho_zero_is_exactly_the_base_optimizer(base, kwargs):
+    a = _model()
+    b = copy.deepcopy(a)
+    x, y = _batch()
+    sam = SAM(a.parameters(), base, rho=0.0, **kwargs)
+    plain = base(b.parameters(), **kwargs)
+    assert not sam.needs_second_pass
+    forward_backward = 0
+    for _ in range(4):
+        _loss(a, x, y).backward()
+        forward_backward += 1
+        sam.first_step()       # no-op at rho 0
+        sam.second_step(zero_grad=True)
+        _loss(b, x, y).backward()
+        plain.step()
+        plain.zero_grad()
+    assert forward_backward == 4
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_scheduler_on_base_optimizer_drives_sam_lr():
+    model = _model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
+    x, y = _batch()
+    w = [p.detach().clone() for p in model.parameters()]
+    sched.step()  # lr 0.5 from now on
+    assert opt.param_groups[0]["lr"] == 0.5
+    _loss(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    _loss(model, x, y).backward()
+    g = [p.grad.detach().clone() for p in model.parameters()]
+    opt.second_step()
+    for p, wi, gi in zip(model.parameters(), w, g):
+        torch.testing.assert_close(p.detach(), wi - 0.5 * gi, rtol=0, atol=1e-7)
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    x = torch.randn(64, 8)
+    y = (x[:, 0] > 0).long()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.5)
+    losses = []
+    for _ in range(30):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss(model, x, y)
+        loss.backward()
+        opt.first_step(zero_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _loss(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+        losses.append(float(loss))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_state_dict_round_trip_keeps_base_state():
+    model = _model()
+    opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2)
+    x, y = _batch()
+    _loss(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    _loss(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    clone = SAM(_model().parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2)
+    clone.load_state_dict(opt.state_dict())
+    assert clone.base_optimizer.state_dict()["state"][0]["step"] == 1
+    assert clone.param_groups is clone.base_optimizer.param_groups
+
+
+def test_negative_rho_refused():
+    with pytest.raises(ValueError, match="rho"):
+        SAM(_model().parameters(), torch.optim.SGD, rho=-0.1, lr=0.1)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from remem_ray.train.common import no_sync
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    x, y = _batch(seed=10 + rank)  # each rank sees its own shard
+    for _ in range(2):
+        with no_sync(model):
+            _loss(model, x, y).backward()
+        local = [p.grad.clone() for p in model.parameters()]
+        opt.first_step(zero_grad=True)
+        _loss(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+    torch.save({"params": [p.detach() for p in model.parameters()], "first_grad": local}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_first_pass_local_second_pass_synced(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    # the first pass is not all-reduced (ranks ascend on their own gradients) ...
+    assert not all(torch.equal(a, b) for a, b in zip(r0["first_grad"], r1["first_grad"]))
+    # ... while the step uses the synchronised second-pass gradient, so replicas stay identical
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
