@@ -31,7 +31,7 @@ class DataConfig(StrictModel):
     name: str = Field("digits", description="dataset registry name (see remem_ray.data.DATASETS)")
     root: str | None = Field(None, description="dataset folder, or for imagefolder a path or s3:// URI")
     download: bool = Field(False, description="let torchvision download the dataset into root")
-    img_size: int = Field(32, ge=8, le=1024, description="side of the square images both models see")
+    img_size: int = Field(16, ge=8, le=1024, description="side of the square images both models see")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of train carved out for validation")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="share held out as test where there is no test split")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
@@ -64,7 +64,7 @@ class DataConfig(StrictModel):
 
 class OptimizerConfig(StrictModel):
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    lr: float = Field(2e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.05, ge=0.0, le=1.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
 
@@ -77,7 +77,7 @@ class ScheduleConfig(StrictModel):
 
 
 class TeacherConfig(StrictModel):
-    model: str = Field("vit_tiny_patch16_224", description="timm model name")
+    model: str = Field("vit_micro_patch4", description="timm model name")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor arguments")
     weights: str | None = Field(None, description="None, 'timm' (hub tag), a local file or an s3:// URI")
     alpha: float = Field(0.9, gt=0.0, le=1.0, description="MLP reweighting factor; 1 = stock model")
@@ -86,9 +86,9 @@ class TeacherConfig(StrictModel):
     adaptive: bool = Field(False, description="ASAM: scale the perturbation by |w|")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    epochs: int = Field(10, ge=1, le=10000)
+    epochs: int = Field(20, ge=1, le=10000)
     checkpoint_epochs: list[int] | None = Field(None, description="epochs to save; default: the last")
-    batch_size: int = Field(64, ge=1, le=65536)
+    batch_size: int = Field(32, ge=1, le=65536)
     grad_clip: float | None = Field(None, gt=0.0)
 
     @field_validator("weights")
@@ -117,7 +117,7 @@ class KDConfig(StrictModel):
 
 
 class StudentConfig(StrictModel):
-    model: str = Field("resnet18", description="timm model name")
+    model: str = Field("resnet10t", description="timm model name")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None
     teacher_epoch: int | None = Field(None, ge=1, description="teacher checkpoint to distil from; default: last")
@@ -127,8 +127,8 @@ class StudentConfig(StrictModel):
     kd: KDConfig = Field(default_factory=KDConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    epochs: int = Field(10, ge=1, le=10000)
-    batch_size: int = Field(64, ge=1, le=65536)
+    epochs: int = Field(8, ge=1, le=10000)
+    batch_size: int = Field(32, ge=1, le=65536)
 
     @field_validator("weights")
     @classmethod
@@ -169,7 +169,12 @@ class StorageConfig(StrictModel):
 
 
 class RunSpec(StrictModel):
-    """Everything one teacher fine-tuning + distillation run needs."""
+    """Everything one teacher fine-tuning + distillation run needs.
+
+    The defaults are the embedded demo: digits at 16x16, a micro ViT teacher trained from
+    scratch, a ResNet-10t student; about a minute on two CPU cores. Real runs name their
+    dataset, a pretrained teacher (weights: timm, a file or s3://) and a student.
+    """
 
     name: str = "digits"
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -244,7 +249,8 @@ def format_validation_error(err: ValidationError) -> str:
         msg = "unknown key"
     more = len(err.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"{loc or 'spec'}: {msg}{suffix}".replace("\n", " ")
+    text = f"{loc}: {msg}" if loc else msg
+    return f"{text}{suffix}".replace("\n", " ")
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

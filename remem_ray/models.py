@@ -11,6 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from remem_ray import timm_models  # noqa: F401  (registers the embedded default's ViT)
 from remem_ray.errors import ResourceError
 
 ReweightMode = Literal["remem", "mlp"]

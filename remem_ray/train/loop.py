@@ -93,7 +93,7 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
     for epoch in range(start, task.epochs + 1):
         began = time.perf_counter()
         set_epoch(ctx.loaders["train"], epoch)
-        metrics: dict[str, Any] = {"epoch": epoch}
+        metrics: dict[str, Any] = {"epoch": epoch, "epochs": task.epochs}
         metrics.update(task.train_epoch(ctx, epoch))
         for split in ("val", "test"):
             loss, acc = evaluate(task.model, task.normalizer, ctx.loaders[split], ctx.device)

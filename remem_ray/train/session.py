@@ -30,10 +30,15 @@ class Session(Protocol):
     def log(self, message: str) -> None: ...
 
 
+_SHOWN = ("train_loss", "train_acc", "val_acc", "test_acc", "best_val_acc", "lr")
+
+
 def _format_metrics(metrics: dict[str, Any]) -> str:
-    parts = []
-    for key, value in metrics.items():
-        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    """One short progress line: epoch, loss, accuracies, lr, time."""
+    head = f"epoch {metrics['epoch']}/{metrics['epochs']}" if "epochs" in metrics else f"epoch {metrics.get('epoch')}"
+    parts = [head] + [f"{k} {metrics[k]:.4g}" for k in _SHOWN if k in metrics]
+    if "epoch_seconds" in metrics:
+        parts.append(f"{metrics['epoch_seconds']:.1f}s")
     return "  ".join(parts)
 
 

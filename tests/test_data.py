@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from remem_ray.config import DataConfig
+from remem_ray.data import DATASETS, build_datasets, dataset_targets
+from remem_ray.errors import ResourceError
+
+TORCHVISION = ["cifar10", "cifar100", "flowers102", "oxford_iiit_pet", "dtd", "food101", "eurosat", "svhn", "stl10"]
+
+
+def _labels(ds):
+    return dataset_targets(ds)
+
+
+def test_registry_has_the_promised_datasets():
+    assert {"digits", "synthetic", "imagefolder", *TORCHVISION} <= set(DATASETS)
+
+
+def test_digits_split_is_stratified_disjoint_seeded_and_never_mixes_test():
+    cfg = DataConfig(name="digits", img_size=16)
+    a, b, c = build_datasets(cfg, 0), build_datasets(cfg, 0), build_datasets(cfg, 1)
+    sizes = [len(a.train), len(a.val), len(a.test)]
+    assert sum(sizes) == 1797 and a.num_classes == 10
+    assert sizes[2] == pytest.approx(0.2 * 1797, abs=2)
+    for split in ("train", "val", "test"):
+        counts = np.bincount(_labels(getattr(a, split)), minlength=10)
+        assert counts.min() >= 0.8 * counts.max()  # stratified
+    # disjoint: no image appears in two splits (digits has a few exact duplicates, so compare counts)
+    flat = lambda ds: {ds.images[i].numpy().tobytes() for i in range(len(ds))}  # noqa: E731
+    assert len(flat(a.test) & flat(a.train)) <= 5
+    assert torch.equal(a.test.images, b.test.images)
+    assert not torch.equal(a.test.images, c.test.images)
+    img, label = a.train[0]
+    assert img.shape == (3, 16, 16) and 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    assert isinstance(label, int)
+
+
+def test_train_views_are_augmented_eval_views_are_not():
+    splits = build_datasets(DataConfig(name="digits", img_size=32), 0)
+    torch.manual_seed(0)
+    views = [splits.train[0][0] for _ in range(6)]
+    assert any(not torch.equal(views[0], v) for v in views[1:])
+    assert torch.equal(splits.val[0][0], splits.val[0][0])
+
+
+def test_synthetic_is_learnable_shape_and_seeded():
+    cfg = DataConfig(name="synthetic", num_classes=3, samples_per_class=20, img_size=8)
+    s = build_datasets(cfg, 5)
+    assert s.num_classes == 3 and len(s.train) + len(s.val) + len(s.test) == 60
+
+
+def test_max_train_samples_caps_train_only():
+    s = build_datasets(DataConfig(name="digits", max_train_samples=100), 0)
+    assert len(s.train) == 100 and len(s.val) > 100
+    assert set(np.unique(_labels(s.train))) == set(range(10))
+
+
+def _write_imagefolder(root, splits=("train",), classes=("cat", "dog"), per_class=12):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for ci, cls in enumerate(classes):
+            folder = root / split / cls if split else root / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                arr = (rng.random((20, 24, 3)) * 80 + ci * 150).astype(np.uint8)
+                Image.fromarray(arr).save(folder / f"{i}.png")
+
+
+def test_imagefolder_single_folder_carves_val_and_test(tmp_path):
+    _write_imagefolder(tmp_path / "ds", splits=("",), per_class=20)
+    s = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "ds"), img_size=16), 0)
+    assert s.num_classes == 2 and len(s.train) + len(s.val) + len(s.test) == 40
+    img, label = s.val[0]
+    assert img.shape == (3, 16, 16) and label in (0, 1)
+
+
+def test_imagefolder_with_splits_uses_them(tmp_path):
+    _write_imagefolder(tmp_path / "ds", splits=("train", "test"), per_class=12)
+    s = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "ds"), img_size=16), 0)
+    assert len(s.test) == 24 and len(s.train) + len(s.val) == 24
+
+
+def test_imagefolder_from_s3_fetched_into_cache(tmp_path, s3, monkeypatch):
+    import remem_ray.storage as storage
+
+    monkeypatch.setattr(storage, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint"])
+    _write_imagefolder(tmp_path / "ds", splits=("train", "val", "test"), per_class=6)
+    for f in (tmp_path / "ds").rglob("*.png"):
+        s3["client"].upload_file(str(f), s3["bucket"], f"data/ds/{f.relative_to(tmp_path / 'ds').as_posix()}")
+    cfg = DataConfig(name="imagefolder", root=f"s3://{s3['bucket']}/data/ds", img_size=16)
+    s = build_datasets(cfg, 0)
+    assert (len(s.train), len(s.val), len(s.test)) == (12, 12, 12)
+    assert s.train[0][0].shape == (3, 16, 16)
+
+
+def test_missing_imagefolder_and_torchvision_roots_are_clear(tmp_path):
+    with pytest.raises(ResourceError, match=r"^data\.root: folder not found"):
+        build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "none")), 0)
+    with pytest.raises(ResourceError, match=r"^data\.root: cifar10 not found under .*data\.download"):
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path / "none")), 0)

@@ -1,0 +1,131 @@
+import copy
+
+import pytest
+import timm
+import torch
+
+from conftest import TINY_VIT, TINY_VIT_KWARGS
+from remem_ray.checkpoints import CheckpointError, load_model, model_meta, read_checkpoint, write_checkpoint
+from remem_ray.errors import ResourceError
+from remem_ray.models import ReweightedBlock, create_model, reweight_mlp, reweighting_of
+from remem_ray.storage import Storage
+
+
+def _vit(seed: int = 0, **extra):
+    torch.manual_seed(seed)
+    kwargs = {**TINY_VIT_KWARGS, **extra}
+    return create_model(TINY_VIT, num_classes=5, img_size=16, kwargs=kwargs).eval()
+
+
+def _images(n: int = 4):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("mode", ["remem", "mlp"])
+@pytest.mark.parametrize("extra", [{}, {"init_values": 1e-2}], ids=["plain", "layerscale"])
+def test_alpha_one_is_identical_to_stock(mode, extra):
+    stock = _vit(**extra)
+    reweighted = reweight_mlp(copy.deepcopy(stock), alpha=1.0, mode=mode)
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(stock(x), reweighted(x))
+
+
+def _hand_block(block, x, alpha, mode):
+    h = x + block.ls1(block.attn(block.norm1(x)))
+    mlp = block.ls2(block.mlp(block.norm2(h)))
+    return (2 - alpha) * h + alpha * mlp if mode == "remem" else h + alpha * mlp
+
+
+@pytest.mark.parametrize("mode", ["remem", "mlp"])
+def test_alpha_below_one_matches_hand_written_forward(mode):
+    model = reweight_mlp(_vit(), alpha=0.7, mode=mode)
+    x = _images()
+    with torch.no_grad():
+        tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        expected = tokens
+        for block in model.blocks:
+            expected = _hand_block(block, expected, 0.7, mode)
+        expected = model.forward_head(model.norm(expected))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(model(x), reweight_mlp(copy.deepcopy(model), 1.0)(x))
+
+
+def test_reweighting_keeps_parameters_and_state_dict_keys():
+    stock = _vit()
+    reweighted = reweight_mlp(copy.deepcopy(stock), alpha=0.5)
+    assert list(stock.state_dict()) == list(reweighted.state_dict())
+    assert sum(p.numel() for p in stock.parameters()) == sum(p.numel() for p in reweighted.parameters())
+    assert all(isinstance(b, ReweightedBlock) for b in reweighted.blocks)
+    assert reweighting_of(reweighted) == {"alpha": 0.5, "mode": "remem"}
+    assert reweighting_of(stock) is None
+
+
+def test_non_vit_is_refused():
+    with pytest.raises(TypeError, match="timm's Block"):
+        reweight_mlp(timm.create_model("resnet10t", num_classes=3), alpha=0.9)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.5, -0.2])
+def test_alpha_outside_range_refused(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        reweight_mlp(_vit(), alpha=alpha)
+
+
+def test_checkpoint_round_trip_keeps_reweighting(tmp_path):
+    model = reweight_mlp(_vit(), alpha=0.6, mode="mlp")
+    store = Storage(str(tmp_path))
+    write_checkpoint(store, "ck", model, model_meta(model, TINY_VIT, TINY_VIT_KWARGS, 5, 16, epoch=3))
+    loaded, meta = load_model(store, "ck")
+    assert meta["reweighting"] == {"alpha": 0.6, "mode": "mlp"} and meta["epoch"] == 3
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.eval()(x))
+
+
+def test_corrupt_or_unfinished_checkpoint_refused(tmp_path):
+    model = _vit()
+    store = Storage(str(tmp_path))
+    write_checkpoint(store, "ck", model, model_meta(model, TINY_VIT, TINY_VIT_KWARGS, 5, 16))
+    blob = (tmp_path / "ck" / "model.pt").read_bytes()
+    (tmp_path / "ck" / "model.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_checkpoint(store, "ck")
+    (tmp_path / "ck" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="manifest"):
+        read_checkpoint(store, "ck")
+
+
+def test_weights_from_local_file_load_body_and_new_head(tmp_path):
+    source = create_model(TINY_VIT, num_classes=7, img_size=16, kwargs=TINY_VIT_KWARGS)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    loaded = create_model(TINY_VIT, num_classes=5, img_size=16, kwargs=TINY_VIT_KWARGS, weights=str(path))
+    assert torch.equal(loaded.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)
+    assert loaded.head.out_features == 5
+
+
+def test_weights_from_s3_are_fetched_once(tmp_path, s3, monkeypatch):
+    import remem_ray.storage as storage
+
+    monkeypatch.setattr(storage, "CACHE_DIR", tmp_path / "cache")
+    source = create_model(TINY_VIT, num_classes=7, img_size=16, kwargs=TINY_VIT_KWARGS)
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    s3["client"].upload_file(str(path), s3["bucket"], "models/w.pth")
+    uri = f"s3://{s3['bucket']}/models/w.pth"
+    loaded = create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=uri, endpoint=s3["endpoint"])
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    s3["client"].delete_object(Bucket=s3["bucket"], Key="models/w.pth")
+    create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=uri, endpoint=s3["endpoint"])  # from cache
+
+
+def test_unreachable_weights_name_the_field(tmp_path, s3):
+    with pytest.raises(ResourceError, match=r"^teacher\.weights: file not found"):
+        create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=str(tmp_path / "nope.pth"), role="teacher")
+    with pytest.raises(ResourceError, match=r"^student\.weights: not found: s3://"):
+        create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=f"s3://{s3['bucket']}/missing.pth",
+                     role="student", endpoint=s3["endpoint"])
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ResourceError, match=r"^teacher\.weights: cannot load"):
+        create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=str(tmp_path / "junk.pth"), role="teacher")

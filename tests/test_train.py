@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from remem_ray.checkpoints import load_model
+from remem_ray.cli import main
+from remem_ray.config import load_run_spec
+from remem_ray.runs import run_folder, run_student, run_teacher
+from remem_ray.train.session import in_ray_train_worker
+
+TINY = {
+    "data.name": "synthetic", "data.num_classes": 4, "data.samples_per_class": 30,
+    "teacher.model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+    "teacher.epochs": 2, "teacher.checkpoint_epochs": [1, 2],
+    "student.epochs": 2, "student.model": "resnet10t",
+}
+
+
+@pytest.mark.learning
+def test_teacher_and_student_learn_on_digits(in_tmp, capsys):
+    """ReMem settings (rho 0.05, alpha 0.9) on the embedded digits default; seeded."""
+    spec = load_run_spec(None, {"name": "learn", "seed": 0, "teacher.rho": 0.05, "teacher.alpha": 0.9,
+                                "storage.root": str(in_tmp / "results")})
+    assert spec.data.name == "digits" and spec.teacher.model == "vit_micro_patch4"
+    teacher = run_teacher(spec, quiet=True)
+    teacher_val = teacher["history"][-1]["val_acc"]
+    student = run_student(spec, quiet=True)
+    student_val = student["best"]["val_acc"]
+    with capsys.disabled():
+        print(f"\n[learning] digits teacher {spec.teacher.model} (rho {spec.teacher.rho}, alpha "
+              f"{spec.teacher.alpha}): val {teacher_val:.3f} test {teacher['history'][-1]['test_acc']:.3f}; "
+              f"student {spec.student.model}: val {student_val:.3f} test {student['best']['test_acc']:.3f}")
+    assert teacher["history"][0]["val_acc"] < 0.5  # from scratch: it really had to learn
+    assert teacher_val >= 0.80
+    assert student_val >= 0.85
+    loaded, meta = load_model(run_folder(spec).child("teacher"), "epoch_20")
+    assert meta["reweighting"] == {"alpha": 0.9, "mode": "remem"}
+    assert meta["metrics"]["val_acc"] == pytest.approx(teacher_val)
+
+
+def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys):
+    spec = in_tmp / "spec.yaml"
+    spec.write_text(json.dumps({"name": "tiny", "data": {"name": "synthetic", "num_classes": 4,
+                                                         "samples_per_class": 30},
+                                "teacher": {"epochs": 2, "checkpoint_epochs": [1, 2], "alpha": 0.8,
+                                            "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}},
+                                "student": {"epochs": 1}}))
+    assert main(["run", str(spec)]) == 0
+    out = capsys.readouterr()
+    assert "student: best val_acc" in out.out
+    assert "teacher: epoch 2" in out.err and "val_acc" in out.err  # progress lines
+    run = in_tmp / "remem-results" / "runs" / "tiny"
+    for epoch in (1, 2):
+        assert (run / "teacher" / f"epoch_{epoch}" / "manifest.json").is_file()
+    saved = json.loads((run / "teacher" / "spec.json").read_text())
+    assert saved["spec"]["teacher"]["alpha"] == 0.8 and len(saved["teacher_key"]) == 16
+    meta = json.loads((run / "student" / "best" / "meta.json").read_text())
+    assert meta["teacher"]["epoch"] == 2
+
+    assert main(["distill", str(spec), "--teacher-epoch", "1"]) == 0
+    meta = json.loads((run / "student" / "best" / "meta.json").read_text())
+    assert meta["teacher"]["epoch"] == 1
+
+
+def test_distill_without_teacher_exits_2(in_tmp, capsys):
+    assert main(["distill", "--name", "never-trained"]) == 2
+    err = capsys.readouterr().err
+    assert "student.teacher_epoch: no teacher checkpoint" in err and err.count("\n") == 1
+    assert not (in_tmp / "remem-results" / "runs" / "never-trained" / "student").exists()
+
+
+def test_rho_zero_trains_with_one_pass_and_differs_from_sam(in_tmp):
+    results = {}
+    for rho in (0.0, 0.5):
+        spec = load_run_spec(None, {**TINY, "name": f"rho{rho}", "teacher.rho": rho, "teacher.epochs": 1,
+                                    "teacher.checkpoint_epochs": [1], "storage.root": str(in_tmp)})
+        run_teacher(spec, quiet=True)
+        model, _ = load_model(run_folder(spec).child("teacher"), "epoch_1")
+        results[rho] = torch.cat([p.flatten() for p in model.parameters()])
+    assert not torch.allclose(results[0.0], results[0.5])
+
+
+def test_in_process_is_not_a_ray_train_worker():
+    assert not in_ray_train_worker()
