@@ -136,7 +136,7 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _loss(model, x, y).backward()
         opt.second_step(zero_grad=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < 0.5 * losses[0]
 
