@@ -64,6 +64,79 @@ def _print_student(result: dict[str, Any]) -> None:
           f"test_acc there {best['test_acc']:.4f}  {result['checkpoint']}")
 
 
+def cmd_sweep_run(args: argparse.Namespace) -> int:
+    from remem_ray.config import load_sweep_spec
+    from remem_ray.sweep import format_table, run_sweep
+
+    spec = load_sweep_spec(args.spec, _run_overrides(args))
+    summary = run_sweep(spec, address=args.address)
+    print(format_table(summary))
+    print(f"summary: {summary.experiment}/summary.json")
+    return 0
+
+
+def _located(args: argparse.Namespace):
+    from remem_ray.sweep import locate_sweep
+
+    return locate_sweep(args.sweep, storage_root=args.storage, endpoint=args.endpoint)
+
+
+def cmd_sweep_resume(args: argparse.Namespace) -> int:
+    from remem_ray.sweep import format_table, resume_sweep
+
+    summary = resume_sweep(_located(args), address=args.address)
+    print(format_table(summary))
+    print(f"summary: {summary.experiment}/summary.json")
+    return 0
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from remem_ray.sweep import format_table, sweep_summary
+
+    print(format_table(sweep_summary(_located(args))))
+    return 0
+
+
+def cmd_sweep_best(args: argparse.Namespace) -> int:
+    import json
+
+    from remem_ray.sweep import sweep_summary
+
+    best = sweep_summary(_located(args)).best
+    if best is None:
+        print("remem: error: sweep: no trial has reported a student yet", file=sys.stderr)
+        return 1
+    print(json.dumps({"trial_id": best.trial_id, "params": best.params, "student_val_acc": best.student_val_acc,
+                      "student_test_acc": best.student_test_acc, "teacher_val_acc": best.teacher_val_acc,
+                      "student_checkpoint": best.student_checkpoint}, indent=2))
+    return 0
+
+
+def _add_sweep_verbs(verbs) -> None:
+    sweep = verbs.add_parser("sweep", help="search rho, alpha and the teacher checkpoint with Ray Tune",
+                             description="Sweeps over the teacher's fine-tuning, scored by the distilled student.")
+    sub = sweep.add_subparsers(dest="sweep_verb", metavar="SWEEP_VERB")
+    sub.required = True
+    run = sub.add_parser("run", help="start a sweep from a spec", description="start a sweep from a spec")
+    run.add_argument("spec", metavar="SPEC.yaml")
+    run.add_argument("--name", help="sweep name (default: the spec's name)")
+    run.add_argument("--storage", help="storage root: a folder or s3://bucket/prefix")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    run.set_defaults(handler=cmd_sweep_run)
+    for verb, handler, text in (
+        ("resume", cmd_sweep_resume, "continue an interrupted sweep (finished trials are kept)"),
+        ("status", cmd_sweep_status, "the trial table of a sweep"),
+        ("best", cmd_sweep_best, "the best trial's parameters and student checkpoint"),
+    ):
+        p = sub.add_parser(verb, help=text, description=text)
+        p.add_argument("sweep", metavar="NAME|URI", help="sweep name under --storage, or the sweep folder's path/URI")
+        p.add_argument("--storage", help="storage root the NAME lives under (default ./remem-results)")
+        p.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs (or AWS_ENDPOINT_URL)")
+        if verb == "resume":
+            p.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+        p.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="remem",
@@ -86,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_verb("teacher", "fine-tune the teacher (SAM + MLP reweighting) and save its checkpoints", cmd_teacher, False)
     run_verb("distill", "distil the student from a saved teacher checkpoint", cmd_distill, True)
     run_verb("run", "teacher then student, one run", cmd_run, True)
+    _add_sweep_verbs(verbs)
     return parser
 
 

@@ -144,7 +144,8 @@ class StudentConfig(StrictModel):
 
 
 class StorageConfig(StrictModel):
-    root: str = Field("./remem-results", description="local folder or s3://bucket/prefix")
+    root: str = Field("./remem-results", validate_default=True,
+                      description="local folder or s3://bucket/prefix; local paths are made absolute")
     endpoint: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
     region: str = "us-east-1"
 
@@ -156,9 +157,12 @@ class StorageConfig(StrictModel):
         _reject_parent_refs(root)
         if "://" in root and not root.startswith("s3://"):
             raise ValueError(f"unsupported scheme in {root!r}; use a local path or s3://bucket/prefix")
-        if root.startswith("s3://") and not root[len("s3://"):].strip("/"):
-            raise ValueError("s3:// URI needs a bucket")
-        return root
+        if root.startswith("s3://"):
+            if not root[len("s3://"):].strip("/"):
+                raise ValueError("s3:// URI needs a bucket")
+            return root.rstrip("/")
+        # Absolute from here on: Ray workers run in other folders than the process that read the spec.
+        return str(Path(root).expanduser().absolute())
 
     @field_validator("endpoint")
     @classmethod
@@ -298,3 +302,142 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise SpecError(f"{dotted}: cannot set inside a non-mapping")
     node[leaf] = value
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+class ParamRange(StrictModel):
+    """A search dimension: a list of values, or a [low, high] range (log-uniform if log)."""
+
+    values: list[float] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ParamRange:
+        has_range = self.low is not None or self.high is not None
+        if (self.values is None) == (not has_range):
+            raise ValueError("give either values: [...] or low and high")
+        if self.values is not None and not self.values:
+            raise ValueError("values must not be empty")
+        if has_range:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError("a range needs low < high")
+            if self.log and self.low <= 0:
+                raise ValueError("a log range needs low > 0")
+        return self
+
+    def bounds(self) -> tuple[float, float]:
+        vals = self.values if self.values is not None else [self.low, self.high]
+        return min(vals), max(vals)
+
+
+class SearchSpaceConfig(StrictModel):
+    rho: ParamRange = Field(default_factory=lambda: ParamRange(values=[0.0, 0.05, 0.1]))
+    alpha: ParamRange = Field(default_factory=lambda: ParamRange(values=[1.0, 0.9, 0.8]))
+    teacher_epoch: list[int] | None = Field(None, description="choice among saved epochs; default: all saved")
+    student_lr: ParamRange | None = None
+    kd_temperature: ParamRange | None = None
+
+    @model_validator(mode="after")
+    def _within_method_bounds(self) -> SearchSpaceConfig:
+        lo, hi = self.rho.bounds()
+        if lo < 0 or hi > 10:
+            raise ValueError("rho: values must lie in [0, 10] (0 = plain fine-tuning)")
+        lo, hi = self.alpha.bounds()
+        if lo <= 0 or hi > 1:
+            raise ValueError("alpha: values must lie in (0, 1]")
+        if self.student_lr is not None and self.student_lr.bounds()[0] <= 0:
+            raise ValueError("student_lr: values must be > 0")
+        if self.kd_temperature is not None and self.kd_temperature.bounds()[0] <= 0:
+            raise ValueError("kd_temperature: values must be > 0")
+        return self
+
+
+class AshaConfig(StrictModel):
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class WorkerResources(StrictModel):
+    num_workers: int = Field(1, ge=1, le=1024)
+    cpus_per_worker: float = Field(0.9, gt=0.0, le=512)
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=16)
+
+
+class ResourcesConfig(StrictModel):
+    teacher: WorkerResources = Field(default_factory=WorkerResources)
+    student: WorkerResources = Field(default_factory=WorkerResources)
+    trial_cpus: float = Field(0.1, gt=0.0, le=64, description="CPU of each trial's driver (it only waits)")
+
+
+MAX_NUM_SAMPLES = 10000
+
+
+class SweepConfig(StrictModel):
+    num_samples: int = Field(4, ge=1, le=MAX_NUM_SAMPLES)
+    max_concurrent_trials: int = Field(2, ge=1, le=1024)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the Optuna TPE sampler")
+    search: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
+    points_to_evaluate: list[dict[str, float]] = Field(default_factory=list,
+                                                       description="trials to run first, e.g. the vanilla baseline")
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    max_failures: int = Field(2, ge=0, le=100, description="retries of a failed trial / Train run")
+    teacher_wait_timeout_s: float = Field(6 * 3600, gt=0, description="longest a trial waits for another's teacher")
+
+
+class SweepSpec(RunSpec):
+    """A run spec plus the search over the teacher's fine-tuning; `name` names the sweep."""
+
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @model_validator(mode="after")
+    def _search_matches_run(self) -> SweepSpec:
+        saved = self.teacher.saved_epochs
+        for epoch in self.sweep.search.teacher_epoch or []:
+            if epoch not in saved:
+                raise ValueError(f"sweep.search.teacher_epoch: {epoch} is not a saved teacher epoch {saved}")
+        names = {"rho", "alpha", "teacher_epoch", "student_lr", "kd_temperature"}
+        for i, point in enumerate(self.sweep.points_to_evaluate):
+            unknown = set(point) - names
+            if unknown:
+                raise ValueError(f"sweep.points_to_evaluate.{i}: unknown parameter {sorted(unknown)[0]!r}")
+            if "teacher_epoch" in point and point["teacher_epoch"] not in self.teacher_epochs():
+                raise ValueError(f"sweep.points_to_evaluate.{i}.teacher_epoch: {point['teacher_epoch']} is not "
+                                 f"a searched teacher epoch {self.teacher_epochs()}")
+            if "alpha" in point and not 0 < point["alpha"] <= 1:
+                raise ValueError(f"sweep.points_to_evaluate.{i}.alpha: must lie in (0, 1]")
+            if "rho" in point and point["rho"] < 0:
+                raise ValueError(f"sweep.points_to_evaluate.{i}.rho: must be >= 0")
+        if self.sweep.search.alpha.bounds()[0] < 1.0:
+            from remem_ray.models import check_model_spec
+
+            check_model_spec("teacher", self.teacher.model, self.teacher.model_kwargs, self.data.num_classes,
+                             self.data.img_size, reweight=True)
+        return self
+
+    def teacher_epochs(self) -> list[int]:
+        return sorted(self.sweep.search.teacher_epoch or self.teacher.saved_epochs)
+
+    def run_spec(self, params: dict[str, Any]) -> RunSpec:
+        """The run one trial performs: this spec with the trial's sampled parameters."""
+        raw = self.model_dump(mode="json", exclude={"sweep"})
+        raw["teacher"]["rho"] = float(params["rho"])
+        raw["teacher"]["alpha"] = float(params["alpha"])
+        raw["student"]["teacher_epoch"] = int(params["teacher_epoch"])
+        if "student_lr" in params:
+            raw["student"]["optimizer"]["lr"] = float(params["student_lr"])
+        if "kd_temperature" in params:
+            raw["student"]["kd"]["temperature"] = float(params["kd_temperature"])
+        return RunSpec.model_validate(raw)
+
+
+def load_sweep_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    raw = read_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return parse_spec(SweepSpec, raw)

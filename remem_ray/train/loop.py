@@ -28,6 +28,7 @@ class LoopContext:
     output: Storage
     splits: DataSplits
     loaders: dict[str, torch.utils.data.DataLoader] = field(default_factory=dict)
+    report_extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_writer(self) -> bool:
@@ -56,7 +57,7 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
         "test": eval_loader(splits.test, max(batch_size, 256), workers, device),
     }
     output = Storage(config["output"], spec.storage.endpoint, spec.storage.region)
-    return LoopContext(spec, session, device, output, splits, loaders)
+    return LoopContext(spec, session, device, output, splits, loaders, dict(config.get("report_extra") or {}))
 
 
 class Task:
@@ -93,7 +94,7 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
     for epoch in range(start, task.epochs + 1):
         began = time.perf_counter()
         set_epoch(ctx.loaders["train"], epoch)
-        metrics: dict[str, Any] = {"epoch": epoch, "epochs": task.epochs}
+        metrics: dict[str, Any] = {"epoch": epoch, "epochs": task.epochs, "start_epoch": start}
         metrics.update(task.train_epoch(ctx, epoch))
         for split in ("val", "test"):
             loss, acc = evaluate(task.model, task.normalizer, ctx.loaders[split], ctx.device)
@@ -101,6 +102,7 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         metrics["epoch_seconds"] = time.perf_counter() - began
         history.append(metrics)
         task.after_epoch(ctx, epoch, metrics)
+        metrics.update(ctx.report_extra)
         state = {"epoch": epoch, "task": task.state(), "history": history, "rng": torch.get_rng_state()}
         ctx.session.report(metrics, state=state)
     return history

@@ -1,0 +1,149 @@
+"""The sweep driver: Ray on 127.0.0.1 (or a given cluster), a Tuner over the trial, run and resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+
+from remem_ray.config import SweepSpec
+from remem_ray.errors import ResourceError, UserInputError
+from remem_ray.storage import Storage
+from remem_ray.sweep.layout import SPEC_FILE, SweepLayout
+from remem_ray.sweep.registry import start_leases_actor
+from remem_ray.sweep.results import SweepSummary, summarize, write_summary
+from remem_ray.sweep.search import build_scheduler, build_searcher
+from remem_ray.sweep.trial import remem_trial, trial_dirname
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None):
+    """Connect to `address` (or RAY_ADDRESS); otherwise start a private Ray on 127.0.0.1.
+
+    The local Ray keeps its dashboard on: Train's cleanup of an ASHA-stopped nested run
+    finds the dead controller through the State API the dashboard serves.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as exc:  # ConnectionError, ValueError, TimeoutError, ...
+            raise ResourceError(f"--address: cannot connect to Ray at {address}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    else:
+        # Single-machine mode: every Ray service binds to loopback only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=_free_port(), _temp_dir=temp_dir, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _trainable(spec: SweepSpec):
+    from ray import tune
+
+    trainable = tune.with_parameters(remem_trial, sweep=spec.model_dump(mode="json"))
+    return tune.with_resources(trainable, {"cpu": spec.sweep.resources.trial_cpus})
+
+
+def _check_new(layout: SweepLayout) -> None:
+    if layout.experiment.exists(SPEC_FILE) or layout.experiment.exists("tuner.pkl"):
+        raise UserInputError(
+            f"name: sweep {layout.name!r} already exists at {layout.experiment.uri()}; "
+            f"resume it with `remem sweep resume {layout.name}` or pick another --name"
+        )
+
+
+def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
+    from ray import tune
+
+    storage = Storage.from_config(spec.storage)
+    layout = SweepLayout(storage, spec.name)
+    _check_new(layout)  # also proves the storage is reachable, before Ray starts
+    with ray_session(address):
+        layout.experiment.write_text(SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
+        leases = start_leases_actor(spec.name)  # noqa: F841  (lives as long as this driver)
+        tuner = tune.Tuner(
+            _trainable(spec),
+            tune_config=tune.TuneConfig(
+                search_alg=build_searcher(spec),
+                scheduler=build_scheduler(spec),
+                num_samples=spec.sweep.num_samples,
+                max_concurrent_trials=spec.sweep.max_concurrent_trials,
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=spec.name,
+                storage_path=layout.root.child("sweeps").path(),
+                storage_filesystem=storage.fs,
+                failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
+                verbose=1,
+            ),
+        )
+        tuner.fit()
+        summary = summarize(spec, layout)
+        write_summary(layout, summary)
+    return summary
+
+
+def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: str | None = None) -> SweepSpec:
+    """The stored spec of a sweep given by name (under the storage root) or by its folder's URI.
+
+    Only a sweep whose folder is where its own spec says its storage root is gets accepted:
+    resume unpickles Tune state, so it must come from the root this spec configured.
+    """
+    if "/" in name_or_uri:
+        location = name_or_uri.rstrip("/")
+    else:
+        root = storage_root or "./remem-results"
+        location = Storage(root, endpoint).uri("sweeps", name_or_uri)
+    folder = Storage(location, endpoint)
+    if not folder.is_file(SPEC_FILE):
+        raise UserInputError(f"sweep: no sweep at {folder.uri()} ({SPEC_FILE} missing)")
+    raw = json.loads(folder.read_text(SPEC_FILE))
+    if endpoint and not raw["storage"].get("endpoint"):
+        raw["storage"]["endpoint"] = endpoint
+    spec = SweepSpec.model_validate(raw)
+    expected = SweepLayout(Storage.from_config(spec.storage), spec.name).experiment.uri()
+    if expected != folder.uri():
+        raise UserInputError(f"sweep: {folder.uri()} is not under its configured storage root "
+                             f"({expected}); restore only from the storage the sweep was run on")
+    return spec
+
+
+def resume_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
+    from ray import tune
+
+    storage = Storage.from_config(spec.storage)
+    layout = SweepLayout(storage, spec.name)
+    path = layout.experiment.path()
+    if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
+        raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
+    with ray_session(address):
+        leases = start_leases_actor(spec.name)  # noqa: F841
+        tuner = tune.Tuner.restore(path, _trainable(spec), resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=storage.fs)
+        tuner.fit()
+        summary = summarize(spec, layout)
+        write_summary(layout, summary)
+    return summary
+
+
+def sweep_summary(spec: SweepSpec) -> SweepSummary:
+    """Status from storage alone (no Ray needed)."""
+    return summarize(spec, SweepLayout(Storage.from_config(spec.storage), spec.name))
+

@@ -1,0 +1,122 @@
+"""What a sweep produced, read back from storage: per-trial rows, the best student, teacher reuse."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from remem_ray.config import SweepSpec
+from remem_ray.sweep.layout import SUMMARY_FILE, SweepLayout
+from remem_ray.sweep.search import METRIC, stopped_early
+
+PARAMS = ("rho", "alpha", "teacher_epoch", "student_lr", "kd_temperature")
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    state: str
+    params: dict[str, Any]
+    epochs_done: int | None = None
+    student_val_acc: float | None = None
+    student_test_acc: float | None = None
+    teacher_val_acc: float | None = None
+    teacher_key: str | None = None
+    teacher_trained: bool | None = None
+    stopped_early: bool = False
+    student_checkpoint: str | None = None
+
+
+@dataclass
+class SweepSummary:
+    name: str
+    experiment: str
+    metric: str
+    trials: list[TrialRow] = field(default_factory=list)
+    best: TrialRow | None = None
+    teacher_trainings_performed: int = 0
+    teacher_reuses: int = 0
+    distinct_teacher_keys: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _row(trial, layout: SweepLayout) -> TrialRow:
+    result = trial.last_result or {}
+    row = TrialRow(trial_id=trial.trial_id, state=trial.status,
+                   params={k: trial.config[k] for k in PARAMS if k in trial.config})
+    if METRIC in result:
+        row.epochs_done = int(result.get("epoch", 0))
+        row.student_val_acc = _num(result.get("best_val_acc"))
+        row.student_test_acc = _num(result.get("best_test_acc"))
+        row.teacher_val_acc = _num(result.get("teacher_val_acc"))
+        row.teacher_key = result.get("teacher_key")
+        row.teacher_trained = bool(result.get("teacher_trained"))
+        row.stopped_early = stopped_early(result)
+        row.student_checkpoint = layout.student(trial.trial_id).uri("best")
+    return row
+
+
+def load_trials(layout: SweepLayout) -> list:
+    from ray.tune import ExperimentAnalysis
+
+    path = layout.experiment.path()
+    try:
+        analysis = ExperimentAnalysis(path, storage_filesystem=layout.root.fs)
+    except (FileNotFoundError, ValueError, RuntimeError):
+        return []
+    return sorted(analysis.trials, key=lambda t: t.trial_id)
+
+
+def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
+    rows = [_row(t, layout) for t in load_trials(layout)]
+    scored = [r for r in rows if r.student_val_acc is not None]
+    best = max(scored, key=lambda r: (r.student_val_acc, not r.stopped_early), default=None)
+    trained = set(layout.teacher_trainings())
+    keys = {r.teacher_key for r in scored if r.teacher_key}
+    return SweepSummary(
+        name=spec.name, experiment=layout.experiment.uri(), metric=f"student {METRIC}", trials=rows, best=best,
+        teacher_trainings_performed=len(trained),
+        teacher_reuses=sum(1 for r in scored if not r.teacher_trained),
+        distinct_teacher_keys=len(keys),
+    )
+
+
+def write_summary(layout: SweepLayout, summary: SweepSummary) -> None:
+    layout.experiment.write_text(SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2, sort_keys=True))
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}" if abs(value) < 1e-3 else f"{value:.{digits}f}"
+
+
+def format_table(summary: SweepSummary) -> str:
+    header = ["trial", "state", "rho", "alpha", "t_epoch", "epochs", "student_val", "student_test", "teacher_val",
+              "teacher"]
+    lines = [header]
+    for r in summary.trials:
+        teacher = "-" if r.teacher_trained is None else ("trained" if r.teacher_trained else "reused")
+        state = r.state + (" (stopped)" if r.stopped_early else "")
+        lines.append([r.trial_id, state, _fmt(r.params.get("rho"), 3), _fmt(r.params.get("alpha"), 3),
+                      str(r.params.get("teacher_epoch", "-")), str(r.epochs_done or "-"), _fmt(r.student_val_acc),
+                      _fmt(r.student_test_acc), _fmt(r.teacher_val_acc), teacher])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
+    out.append(f"teacher trainings performed: {summary.teacher_trainings_performed}, reused by trials: "
+               f"{summary.teacher_reuses}, distinct teachers: {summary.distinct_teacher_keys}")
+    if summary.best is not None:
+        b = summary.best
+        out.append(f"best: trial {b.trial_id} {json.dumps(b.params)} student val {_fmt(b.student_val_acc)} "
+                   f"test {_fmt(b.student_test_acc)} (teacher val {_fmt(b.teacher_val_acc)})")
+        out.append(f"best student checkpoint: {b.student_checkpoint}")
+    return "\n".join(out)

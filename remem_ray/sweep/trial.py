@@ -1,0 +1,123 @@
+"""The Tune trial: a module-level function trainable that drives two Ray Train runs.
+
+1. teacher_key = hash of what determines the teacher run; the registry supplies it if stored,
+   else this trial trains it (one TorchTrainer, every candidate epoch saved) while other trials
+   needing the same key wait.
+2. a TorchTrainer distils the student from the chosen checkpoint and reports each epoch to
+   Tune through TuneReportCallback, so ASHA rungs are student epochs.
+
+Train run names derive from the trial id (students) or the teacher key (teachers), so a
+restarted trial resumes its Train run from the last reported checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from remem_ray.config import SweepSpec, WorkerResources
+from remem_ray.storage import Storage
+from remem_ray.sweep.layout import SweepLayout
+from remem_ray.sweep.registry import TRAIN_RUN, Heartbeat, TeacherRegistry, get_leases_actor
+
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 60.0
+POLL_S = 2.0
+
+
+def scaling_config(resources: WorkerResources):
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.gpus_per_worker > 0,
+                         resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker})
+
+
+def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=None):
+    import ray.train
+
+    return ray.train.RunConfig(name=name, storage_path=storage.path(), storage_filesystem=storage.fs,
+                               failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                               callbacks=callbacks or [])
+
+
+def ensure_teacher(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRegistry,
+                   layout: SweepLayout) -> bool:
+    """Make sure every candidate checkpoint of this teacher is stored; True if this trial trained it."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    from remem_ray.train.teacher import fine_tune_teacher
+
+    key = run_spec.teacher_key()
+    epochs = run_spec.teacher.saved_epochs
+    leases = get_leases_actor(spec.name)
+    deadline = time.monotonic() + spec.sweep.teacher_wait_timeout_s
+    last_note = 0.0
+    while not registry.has_all(key, epochs):
+        if ray.get(leases.acquire.remote(key, trial_id, STALE_AFTER_S)):
+            break
+        if time.monotonic() - last_note > 30:
+            holder = ray.get(leases.holder.remote(key))
+            print(f"trial {trial_id}: waiting for teacher {key} (trained by trial {holder})", flush=True)
+            last_note = time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"teacher {key}: not ready after {spec.sweep.teacher_wait_timeout_s:.0f} s")
+        time.sleep(POLL_S)
+    else:
+        return False
+    try:
+        with Heartbeat(leases, key, trial_id, HEARTBEAT_S):
+            if registry.has_all(key, epochs):  # finished by another holder while we waited
+                return False
+            print(f"trial {trial_id}: training teacher {key} (rho {run_spec.teacher.rho}, "
+                  f"alpha {run_spec.teacher.alpha})", flush=True)
+            trainer = TorchTrainer(
+                fine_tune_teacher,
+                train_loop_config={"spec": run_spec.model_dump(mode="json"), "output": registry.uri(key)},
+                scaling_config=scaling_config(spec.sweep.resources.teacher),
+                run_config=train_run_config(TRAIN_RUN, registry.folder(key), spec.sweep.max_failures),
+            )
+            trainer.fit()
+            layout.record_teacher_training(key, trial_id)
+            return True
+    finally:
+        leases.release.remote(key, trial_id)
+
+
+def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """Tune function trainable; `sweep` (the SweepSpec as a dict) arrives via tune.with_parameters."""
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from remem_ray.train.student import distill_student
+
+    spec = SweepSpec.model_validate(sweep)
+    run_spec = spec.run_spec(config)
+    trial_id = tune.get_context().get_trial_id()
+    storage = Storage.from_config(spec.storage)
+    layout = SweepLayout(storage, spec.name)
+    registry = TeacherRegistry(layout.teachers)
+    trained = ensure_teacher(spec, run_spec, trial_id, registry, layout)
+    key = run_spec.teacher_key()
+    teacher = registry.checkpoint_uri(key, run_spec.student.teacher_epoch)
+    trainer = TorchTrainer(
+        distill_student,
+        train_loop_config={
+            "spec": run_spec.model_dump(mode="json"),
+            "teacher": teacher,
+            "output": layout.student(trial_id).uri(),
+            "report_extra": {"teacher_key": key, "teacher_trained": int(trained)},
+        },
+        scaling_config=scaling_config(spec.sweep.resources.student),
+        run_config=train_run_config(f"student-{trial_id}", layout.train_runs, spec.sweep.max_failures,
+                                    callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+    print(f"trial {trial_id}: done; student at {layout.student(trial_id).uri('best')}", flush=True)
+
+
+def trial_dirname(trial) -> str:
+    """Short, constant-free trial folder names (the spec never leaks into paths)."""
+    return f"trial_{trial.trial_id}"
+
