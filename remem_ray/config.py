@@ -329,6 +329,11 @@ class ParamRange(StrictModel):
                 raise ValueError("a log range needs low > 0")
         return self
 
+    def contains(self, value: float) -> bool:
+        if self.values is not None:
+            return value in self.values
+        return self.low <= value <= self.high
+
     def bounds(self) -> tuple[float, float]:
         vals = self.values if self.values is not None else [self.low, self.high]
         return min(vals), max(vals)
@@ -409,10 +414,11 @@ class SweepSpec(RunSpec):
             if "teacher_epoch" in point and point["teacher_epoch"] not in self.teacher_epochs():
                 raise ValueError(f"sweep.points_to_evaluate.{i}.teacher_epoch: {point['teacher_epoch']} is not "
                                  f"a searched teacher epoch {self.teacher_epochs()}")
-            if "alpha" in point and not 0 < point["alpha"] <= 1:
-                raise ValueError(f"sweep.points_to_evaluate.{i}.alpha: must lie in (0, 1]")
-            if "rho" in point and point["rho"] < 0:
-                raise ValueError(f"sweep.points_to_evaluate.{i}.rho: must be >= 0")
+            for name, value in point.items():
+                dim = getattr(self.sweep.search, name) if name != "teacher_epoch" else None
+                if name != "teacher_epoch" and (dim is None or not dim.contains(value)):
+                    raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is outside "
+                                     f"sweep.search.{name}")
         if self.sweep.search.alpha.bounds()[0] < 1.0:
             from remem_ray.models import check_model_spec
 

@@ -50,7 +50,7 @@ class SeaweedFS:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         p = self.ports
         args = [_venv_tool("weed"), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=20",
+                "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=200",
                 f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
                 f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
                 f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",

@@ -1,0 +1,182 @@
+"""Sweep logic without a cluster: search space, pruning of ASHA-stopped trials, leases, bad specs."""
+
+import json
+
+import optuna
+import pytest
+import yaml
+
+from remem_ray.cli import main
+from remem_ray.config import SweepSpec, load_sweep_spec
+from remem_ray.sweep.registry import LeaseTable
+from remem_ray.sweep.search import METRIC, DefineByRunSpace, _optuna_search_class, build_scheduler, stopped_early
+
+
+def _spec(**sweep) -> SweepSpec:
+    raw = {"teacher": {"epochs": 4, "checkpoint_epochs": [2, 4]}, "student": {"epochs": 3},
+           "sweep": {"search": {"rho": {"low": 0.01, "high": 0.5, "log": True}, "alpha": {"values": [0.8, 0.9]},
+                                "kd_temperature": {"low": 1.0, "high": 8.0}}, **sweep}}
+    return SweepSpec.model_validate(raw)
+
+
+def test_define_by_run_space_samples_within_the_spec_and_is_picklable():
+    import pickle
+
+    space = pickle.loads(pickle.dumps(DefineByRunSpace(_spec())))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    for _ in range(12):
+        trial = study.ask()
+        space(trial)
+        p = trial.params
+        assert 0.01 <= p["rho"] <= 0.5 and p["alpha"] in (0.8, 0.9) and p["teacher_epoch"] in (2, 4)
+        assert 1.0 <= p["kd_temperature"] <= 8.0
+        study.tell(trial, 0.5)
+
+
+def test_run_spec_of_a_trial_applies_its_parameters():
+    run = _spec().run_spec({"rho": 0.2, "alpha": 0.8, "teacher_epoch": 2.0, "kd_temperature": 2.0})
+    assert (run.teacher.rho, run.teacher.alpha, run.student.teacher_epoch, run.student.kd.temperature) == (
+        0.2, 0.8, 2, 2.0)
+
+
+def _searcher(spec):
+    searcher = _optuna_search_class()(space=DefineByRunSpace(spec), metric=METRIC, mode="max",
+                                      sampler=optuna.samplers.TPESampler(seed=0))
+    return searcher
+
+
+def test_asha_stopped_trials_are_pruned_not_complete():
+    searcher = _searcher(_spec())
+    for tid in ("full", "stopped", "failed"):
+        assert searcher.suggest(tid) is not None
+    for epoch in (1, 2, 3):
+        searcher.on_trial_result("full", {METRIC: 0.5 + epoch / 10, "epoch": epoch, "epochs": 3,
+                                          "training_iteration": epoch})
+    searcher.on_trial_result("stopped", {METRIC: 0.9, "epoch": 1, "epochs": 3, "training_iteration": 1})
+    searcher.on_trial_complete("full", {METRIC: 0.8, "epoch": 3, "epochs": 3})
+    searcher.on_trial_complete("stopped", {METRIC: 0.9, "epoch": 1, "epochs": 3})
+    searcher.on_trial_complete("failed", None, error=True)
+    states = [t.state.name for t in searcher._ot_study.trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL"]
+    assert searcher._ot_study.best_value == 0.8  # the partial 0.9 never counts as a finished score
+    assert searcher._ot_study.trials[1].intermediate_values == {1: 0.9}
+
+
+def test_stock_optuna_search_would_have_counted_it_complete():
+    """The behaviour the subclass fixes (guards against Ray changing under us)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    stock = OptunaSearch(space=DefineByRunSpace(_spec()), metric=METRIC, mode="max")
+    stock.suggest("stopped")
+    stock.on_trial_complete("stopped", {METRIC: 0.9, "epoch": 1, "epochs": 3})
+    assert stock._ot_study.trials[0].state.name == "COMPLETE"
+
+
+def test_stopped_early_reads_the_epoch_budget():
+    assert stopped_early({"epoch": 1, "epochs": 3})
+    assert not stopped_early({"epoch": 3, "epochs": 3})
+    assert not stopped_early(None) and not stopped_early({})
+
+
+def test_asha_rungs_are_student_epochs():
+    scheduler = build_scheduler(_spec(asha={"grace_period": 5, "reduction_factor": 2}))
+    assert scheduler._max_t == 3  # capped at the student's epochs
+    assert type(build_scheduler(_spec(asha={"enabled": False}))).__name__ == "FIFOScheduler"
+
+
+def test_lease_table_grants_one_holder_and_expires_stale_ones():
+    now = [0.0]
+    leases = LeaseTable(clock=lambda: now[0])
+    assert leases.acquire("k", "a", stale_after_s=60)
+    assert not leases.acquire("k", "b", stale_after_s=60)
+    assert leases.acquire("k", "a", stale_after_s=60)  # a restarted holder gets it back
+    now[0] = 50
+    assert leases.heartbeat("k", "a") and not leases.heartbeat("k", "b")
+    now[0] = 100
+    assert not leases.acquire("k", "b", stale_after_s=60)  # heartbeat at 50 keeps it fresh
+    now[0] = 111
+    assert leases.acquire("k", "b", stale_after_s=60) and leases.holder("k") == "b"
+    leases.release("k", "a")  # not the holder: no effect
+    assert leases.holder("k") == "b"
+    leases.release("k", "b")
+    assert leases.holder("k") is None
+
+
+BAD_SWEEPS = [
+    ("num-samples-zero", {"sweep": {"num_samples": 0}}, "sweep.num_samples"),
+    ("num-samples-over-ceiling", {"sweep": {"num_samples": 10**6}}, "sweep.num_samples"),
+    ("concurrency-zero", {"sweep": {"max_concurrent_trials": 0}}, "sweep.max_concurrent_trials"),
+    ("unknown-sweep-key", {"sweep": {"trials": 3}}, "sweep.trials: unknown key"),
+    ("alpha-zero-in-space", {"sweep": {"search": {"alpha": {"values": [0.0, 0.9]}}}}, "alpha"),
+    ("negative-rho-in-space", {"sweep": {"search": {"rho": {"values": [-0.1]}}}}, "rho"),
+    ("range-and-values", {"sweep": {"search": {"rho": {"values": [0.1], "low": 0.0, "high": 1.0}}}},
+     "sweep.search.rho"),
+    ("log-range-from-zero", {"sweep": {"search": {"rho": {"low": 0.0, "high": 0.5, "log": True}}}},
+     "sweep.search.rho"),
+    ("teacher-epoch-not-saved", {"sweep": {"search": {"teacher_epoch": [3]}}}, "sweep.search.teacher_epoch"),
+    ("point-outside-space", {"sweep": {"points_to_evaluate": [{"rho": 0.7}]}}, "points_to_evaluate.0.rho"),
+    ("point-unknown-param", {"sweep": {"points_to_evaluate": [{"beta": 1}]}}, "points_to_evaluate.0"),
+    ("asha-reduction-one", {"sweep": {"asha": {"reduction_factor": 1}}}, "sweep.asha.reduction_factor"),
+    ("negative-gpus", {"sweep": {"resources": {"student": {"gpus_per_worker": -1}}}},
+     "sweep.resources.student.gpus_per_worker"),
+    ("reweight-search-on-cnn", {"teacher": {"model": "resnet10t", "alpha": 1.0},
+                                "sweep": {"search": {"alpha": {"values": [0.9]}}}}, "teacher.alpha"),
+]
+
+
+@pytest.mark.parametrize("case, patch, expected", BAD_SWEEPS, ids=[c[0] for c in BAD_SWEEPS])
+def test_bad_sweep_spec_exits_2_before_ray_starts(case, patch, expected, in_tmp, capsys):
+    import ray
+
+    raw = {"teacher": {"epochs": 4, "checkpoint_epochs": [2, 4]}, "student": {"epochs": 2}}
+    for section, values in patch.items():
+        raw.setdefault(section, {}).update(values)
+    (in_tmp / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["sweep", "run", "s.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("remem: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["s.yaml"]
+
+
+def test_existing_sweep_name_refused_before_ray_starts(in_tmp, capsys):
+    import ray
+
+    (in_tmp / "s.yaml").write_text(yaml.safe_dump({"name": "taken"}))
+    folder = in_tmp / "remem-results" / "sweeps" / "taken"
+    folder.mkdir(parents=True)
+    (folder / "sweep_spec.json").write_text(json.dumps(SweepSpec(name="taken").model_dump(mode="json")))
+    assert main(["sweep", "run", "s.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "remem sweep resume taken" in err
+    assert not ray.is_initialized()
+
+
+def test_resume_of_unknown_sweep_and_foreign_root(in_tmp, capsys):
+    assert main(["sweep", "resume", "nothing-here"]) == 2
+    assert "no sweep at" in capsys.readouterr().err
+    # a sweep folder copied away from the root its spec names is refused (restore unpickles state)
+    spec = SweepSpec(name="moved", storage={"root": str(in_tmp / "original")})
+    moved = in_tmp / "elsewhere" / "sweeps" / "moved"
+    moved.mkdir(parents=True)
+    (moved / "sweep_spec.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    assert main(["sweep", "resume", str(moved)]) == 2
+    assert "not under its configured storage root" in capsys.readouterr().err
+
+
+def test_unreachable_s3_storage_exits_2_before_ray(in_tmp, capsys):
+    import ray
+
+    (in_tmp / "s.yaml").write_text(yaml.safe_dump({"storage": {"root": "s3://bucket/x",
+                                                               "endpoint": "http://127.0.0.1:9"}}))
+    assert main(["sweep", "run", "s.yaml"]) == 2
+    assert "storage: cannot" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_repository_sweep_specs_are_valid():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml")):
+        spec = load_sweep_spec(path)
+        assert spec.sweep.num_samples >= 1
