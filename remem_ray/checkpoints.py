@@ -45,7 +45,9 @@ def write_checkpoint(storage: Storage, rel: str, model: nn.Module, meta: dict[st
     torch.save({k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}, buf)
     files = {MODEL_FILE: buf.getvalue(), META_FILE: json.dumps(meta, indent=2, sort_keys=True).encode()}
     if storage.is_file(f"{rel}/{MANIFEST_FILE}"):
-        storage.delete_dir(rel)  # rewriting: never leave an old manifest over new data
+        # Rewriting: drop the old manifest first so no reader trusts half-replaced data.
+        # (One object delete; recursive folder deletes are asynchronous on some S3 servers.)
+        storage.delete_file(f"{rel}/{MANIFEST_FILE}")
     for fname, data in files.items():
         storage.write_bytes(f"{rel}/{fname}", data)
     manifest = {"format": 1, "files": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}

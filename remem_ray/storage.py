@@ -144,6 +144,14 @@ class Storage:
                     dest.write_bytes(f.read())
         return local_dir
 
+    def delete_file(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error("delete", rel, exc) from None
+
     def delete_dir(self, rel: str) -> None:
         if self.exists(rel):
             try:

@@ -75,7 +75,8 @@ class SeaweedFS:
                 raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.data_dir / 'weed.log'}")
             try:
                 c = self.client()
-                c.create_bucket(Bucket="ready-check")
+                if "ready-check" not in {b["Name"] for b in c.list_buckets().get("Buckets", [])}:
+                    c.create_bucket(Bucket="ready-check")
                 c.put_object(Bucket="ready-check", Key="k", Body=b"ok")
                 if c.get_object(Bucket="ready-check", Key="k")["Body"].read() == b"ok":
                     return

@@ -129,3 +129,13 @@ def test_unreachable_weights_name_the_field(tmp_path, s3):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ResourceError, match=r"^teacher\.weights: cannot load"):
         create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=str(tmp_path / "junk.pth"), role="teacher")
+
+
+def test_rewriting_a_checkpoint_replaces_it_whole(tmp_path):
+    store = Storage(str(tmp_path))
+    first, second = _vit(seed=1), _vit(seed=2)
+    write_checkpoint(store, "best", first, model_meta(first, TINY_VIT, TINY_VIT_KWARGS, 5, 16, epoch=1))
+    write_checkpoint(store, "best", second, model_meta(second, TINY_VIT, TINY_VIT_KWARGS, 5, 16, epoch=2))
+    loaded, meta = load_model(store, "best")
+    assert meta["epoch"] == 2
+    assert torch.equal(loaded.head.weight, second.head.weight)

@@ -41,8 +41,11 @@ def test_upload_download_and_delete_dir(store, tmp_path):
     child = store.child("folder")
     assert child.read_text("sub/two.txt") == "2"
     assert child.uri("sub").startswith(store.uri("folder"))
+    store.delete_file("folder/one.txt")
+    store.delete_file("folder/one.txt")  # already gone: no error
+    assert not store.exists("folder/one.txt") and store.exists("folder/sub/two.txt")
     store.delete_dir("folder")
-    assert not store.exists("folder/one.txt")
+    assert not store.exists("folder/sub/two.txt")
 
 
 def test_missing_object_error_names_the_uri(store):

@@ -35,8 +35,11 @@ def scaling_config(resources: WorkerResources):
 def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=None):
     import ray.train
 
+    # Train checkpoints only serve resumption (kept models live in the registry and students/),
+    # so two per run bound storage: a ViT-B teacher's state with momentum is about 0.7 GB.
     return ray.train.RunConfig(name=name, storage_path=storage.path(), storage_filesystem=storage.fs,
                                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                callbacks=callbacks or [])
 
 
