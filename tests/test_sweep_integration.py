@@ -68,16 +68,17 @@ def _experiment_trials(experiment: Path) -> dict[str, dict]:
 
 
 def _student_checkpoint_epoch(experiment: Path, trial_id: str) -> int:
-    """The newest epoch saved in a trial's student Train run (0 if none yet)."""
-    import torch
+    """The epoch of the newest checkpoint a trial's student Train run has registered (0 if none).
 
-    epochs = [0]
-    for state in (experiment / "train-runs" / f"student-{trial_id}").glob("checkpoint_*/state.pt"):
-        try:
-            epochs.append(int(torch.load(state, map_location="cpu", weights_only=False)["epoch"]))
-        except Exception:  # being written right now
-            pass
-    return max(epochs)
+    Read from Train's own checkpoint manager snapshot: a checkpoint folder uploaded by a worker
+    but not yet registered by the controller is not one Train resumes from.
+    """
+    snapshot = experiment / "train-runs" / f"student-{trial_id}" / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, json.JSONDecodeError):
+        return 0
+    return int(latest.get("metrics", {}).get("epoch", 0))
 
 
 def _study(experiment: Path):
@@ -170,8 +171,8 @@ def test_smoke_sweep_on_s3(tmp_path, seaweed):
             assert f"exp/teachers/{key}/epoch_{epoch}/manifest.json" in keys
     for row in summary["trials"]:
         assert f"exp/sweeps/smoke/students/{row['trial_id']}/best/model.pt" in keys
-        saved = {k.split("/")[5] for k in keys
-                 if k.startswith(f"exp/sweeps/smoke/train-runs/student-{row['trial_id']}/checkpoint_")}
+        saved = {k.split("/")[5] for k in keys if k.endswith("/state.pt")
+                 and k.startswith(f"exp/sweeps/smoke/train-runs/student-{row['trial_id']}/checkpoint_")}
         assert 1 <= len(saved) <= 2  # Train keeps the newest two
     assert not (tmp_path / "remem-results").exists()  # nothing fell back to local storage
     rc, out = run_remem(["sweep", "status", "s3://remem/exp/sweeps/smoke", "--endpoint", seaweed.endpoint],
