@@ -114,6 +114,56 @@ def cmd_sweep_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_submit(args: argparse.Namespace) -> int:
+    from remem_ray.config import load_sweep_spec
+    from remem_ray.sweep.jobs import submit_sweep
+
+    spec = load_sweep_spec(args.spec, _run_overrides(args))
+    job_id = submit_sweep(spec, args.address, ship_package=args.ship_package)
+    print(job_id)
+    if not spec.storage.root.startswith("s3://"):
+        print(f"remem: note: storage root {spec.storage.root} is a local path: on a multi-node "
+              f"cluster every node must see it; use s3:// there", file=sys.stderr)
+    print(f"follow it with: remem sweep logs {job_id} --address {args.address} --follow", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep_logs(args: argparse.Namespace) -> int:
+    from remem_ray.sweep.jobs import job_logs
+
+    status = job_logs(args.address, args.job, follow=args.follow)
+    print(f"job {args.job}: {status}", file=sys.stderr)
+    return 0 if status != "FAILED" else 1
+
+
+def cmd_sweep_stop(args: argparse.Namespace) -> int:
+    from remem_ray.sweep.jobs import stop_job
+
+    print(f"job {args.job}: {stop_job(args.address, args.job)}")
+    return 0
+
+
+def _add_job_verbs(sub) -> None:
+    submit = sub.add_parser("submit", help="submit a sweep to a Ray cluster (Ray Jobs API); prints the job id",
+                            description="submit a sweep to a Ray cluster through the Ray Jobs API")
+    submit.add_argument("spec", metavar="SPEC.yaml")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
+    submit.add_argument("--name", help="sweep name (default: the spec's name)")
+    submit.add_argument("--storage", help="storage root (use s3://bucket/prefix on multi-node clusters)")
+    submit.add_argument("--endpoint", help="S3-compatible endpoint for an s3:// storage root")
+    submit.add_argument("--ship-package", action="store_true",
+                        help="upload this checkout's remem_ray package with the job (else the cluster's install)")
+    submit.set_defaults(handler=cmd_sweep_submit)
+    for verb, handler, text in (("logs", cmd_sweep_logs, "print a submitted sweep's logs"),
+                                ("stop", cmd_sweep_stop, "stop a submitted sweep")):
+        p = sub.add_parser(verb, help=text, description=text)
+        p.add_argument("job", metavar="JOB", help="the job id `remem sweep submit` printed")
+        p.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
+        if verb == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        p.set_defaults(handler=handler)
+
+
 def _add_sweep_verbs(verbs) -> None:
     sweep = verbs.add_parser("sweep", help="search rho, alpha and the teacher checkpoint with Ray Tune",
                              description="Sweeps over the teacher's fine-tuning, scored by the distilled student.")
@@ -138,6 +188,7 @@ def _add_sweep_verbs(verbs) -> None:
         if verb == "resume":
             p.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
         p.set_defaults(handler=handler)
+    _add_job_verbs(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

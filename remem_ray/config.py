@@ -377,6 +377,23 @@ class ResourcesConfig(StrictModel):
     teacher: WorkerResources = Field(default_factory=WorkerResources)
     student: WorkerResources = Field(default_factory=WorkerResources)
     trial_cpus: float = Field(0.1, gt=0.0, le=64, description="CPU of each trial's driver (it only waits)")
+    driver_resource: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
+        description="custom resource that trial drivers need (define it on on-demand nodes only)")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend for multi-worker runs; gloo for logical GPUs")
+    gpu_budget: int | None = Field(None, ge=1, description="GPUs the sweep may use at once")
+
+    def trial_resources(self) -> dict[str, float]:
+        """What each trial's driver process asks Tune for."""
+        out = {"cpu": self.trial_cpus}
+        if self.driver_resource:
+            out[self.driver_resource] = 0.001
+        return out
+
+    def gpus_per_trial(self) -> float:
+        """GPUs a trial holds at its peak (teacher and student phases run one after the other)."""
+        return max(r.num_workers * r.gpus_per_worker for r in (self.teacher, self.student))
 
 
 MAX_NUM_SAMPLES = 10000
@@ -384,7 +401,8 @@ MAX_NUM_SAMPLES = 10000
 
 class SweepConfig(StrictModel):
     num_samples: int = Field(4, ge=1, le=MAX_NUM_SAMPLES)
-    max_concurrent_trials: int = Field(2, ge=1, le=1024)
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, le=1024, description="default: gpu_budget / GPUs per trial, else 2")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the Optuna TPE sampler")
     search: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
     points_to_evaluate: list[dict[str, float]] = Field(default_factory=list,
@@ -425,6 +443,15 @@ class SweepSpec(RunSpec):
             check_model_spec("teacher", self.teacher.model, self.teacher.model_kwargs, self.data.num_classes,
                              self.data.img_size, reweight=True)
         return self
+
+    def max_concurrent_trials(self) -> int:
+        """Trials in flight: what the autoscaler sees as pending demand, so size it to the GPUs."""
+        if self.sweep.max_concurrent_trials is not None:
+            return self.sweep.max_concurrent_trials
+        res = self.sweep.resources
+        if res.gpu_budget and res.gpus_per_trial() > 0:
+            return max(1, int(res.gpu_budget // res.gpus_per_trial()))
+        return 2
 
     def teacher_epochs(self) -> list[int]:
         return sorted(self.sweep.search.teacher_epoch or self.teacher.saved_epochs)

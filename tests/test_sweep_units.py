@@ -180,3 +180,37 @@ def test_repository_sweep_specs_are_valid():
     for path in sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml")):
         spec = load_sweep_spec(path)
         assert spec.sweep.num_samples >= 1
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["sweep", "run", "SPEC", "--address", "127.0.0.1:9"], "--address: cannot reach Ray at 127.0.0.1:9"),
+    (["sweep", "run", "SPEC", "--address", "not an address"], "--address: expected HOST:PORT"),
+    (["sweep", "submit", "SPEC", "--address", "head:8265"], "--address: expected the Ray dashboard"),
+    (["sweep", "submit", "SPEC", "--address", "http://127.0.0.1:9"], "--address: cannot reach the Ray dashboard"),
+    (["sweep", "logs", "raysubmit_1", "--address", "http://127.0.0.1:9"], "--address: cannot reach"),
+    (["sweep", "stop", "raysubmit_1", "--address", "ftp://x"], "--address: expected the Ray dashboard"),
+], ids=["run-dead", "run-malformed", "submit-no-scheme", "submit-dead", "logs-dead", "stop-malformed"])
+def test_bad_or_unreachable_address_exits_2_quickly(argv, expected, in_tmp, capsys):
+    import time
+
+    import ray
+
+    (in_tmp / "s.yaml").write_text(yaml.safe_dump({"name": "addr"}))
+    began = time.monotonic()
+    assert main([a if a != "SPEC" else "s.yaml" for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("remem: error: ") and err.count("\n") == 1 and expected in err, err
+    assert time.monotonic() - began < 30
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["s.yaml"]
+
+
+def test_concurrency_defaults_from_the_gpu_budget():
+    gpu = {"teacher": {"num_workers": 4, "gpus_per_worker": 1}, "student": {"gpus_per_worker": 1}}
+    spec = SweepSpec.model_validate({"sweep": {"resources": {**gpu, "gpu_budget": 16}}})
+    assert spec.max_concurrent_trials() == 4  # a trial peaks at 4 GPUs while its teacher trains
+    spec = SweepSpec.model_validate({"sweep": {"resources": {**gpu, "gpu_budget": 16}, "max_concurrent_trials": 3}})
+    assert spec.max_concurrent_trials() == 3
+    assert SweepSpec().max_concurrent_trials() == 2
+    res = SweepSpec.model_validate({"sweep": {"resources": {"driver_resource": "remem_driver"}}}).sweep.resources
+    assert res.trial_resources() == {"cpu": 0.1, "remem_driver": 0.001}

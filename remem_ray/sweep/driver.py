@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import tempfile
 
@@ -24,6 +25,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cluster_address(address: str | None) -> str | None:
+    """The cluster to join, or None for a local Ray on loopback.
+
+    Call before Ray is first imported: in single-machine mode every Ray service must bind
+    to 127.0.0.1, and Ray reads the switch for that at import time.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return address
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a dead HOST:PORT: ray.init would retry for minutes."""
+    if address == "auto":
+        return
+    match = re.match(r"^(?:ray://)?\[?([^\]/\s]+?)\]?:(\d{1,5})/?$", address)
+    if not match:
+        raise UserInputError(f"--address: expected HOST:PORT, ray://HOST:PORT or auto, got {address!r}")
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=5).close()
+    except OSError as exc:
+        raise ResourceError(f"--address: cannot reach Ray at {address}: {exc.strerror or exc}") from None
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None):
     """Connect to `address` (or RAY_ADDRESS); otherwise start a private Ray on 127.0.0.1.
@@ -31,18 +57,17 @@ def ray_session(address: str | None = None):
     The local Ray keeps its dashboard on: Train's cleanup of an ASHA-stopped nested run
     finds the dead controller through the State API the dashboard serves.
     """
+    address = _cluster_address(address)
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as exc:  # ConnectionError, ValueError, TimeoutError, ...
             raise ResourceError(f"--address: cannot connect to Ray at {address}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     else:
-        # Single-machine mode: every Ray service binds to loopback only.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=_free_port(), _temp_dir=temp_dir, log_to_driver=True,
@@ -57,7 +82,7 @@ def _trainable(spec: SweepSpec):
     from ray import tune
 
     trainable = tune.with_parameters(remem_trial, sweep=spec.model_dump(mode="json"))
-    return tune.with_resources(trainable, {"cpu": spec.sweep.resources.trial_cpus})
+    return tune.with_resources(trainable, spec.sweep.resources.trial_resources())
 
 
 def _check_new(layout: SweepLayout) -> None:
@@ -69,6 +94,7 @@ def _check_new(layout: SweepLayout) -> None:
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
+    address = _cluster_address(address)
     from ray import tune
 
     storage = Storage.from_config(spec.storage)
@@ -83,7 +109,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
                 search_alg=build_searcher(spec),
                 scheduler=build_scheduler(spec),
                 num_samples=spec.sweep.num_samples,
-                max_concurrent_trials=spec.sweep.max_concurrent_trials,
+                max_concurrent_trials=spec.max_concurrent_trials(),
                 trial_dirname_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(
@@ -126,6 +152,7 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
 
 
 def resume_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
+    address = _cluster_address(address)
     from ray import tune
 
     storage = Storage.from_config(spec.storage)

@@ -75,7 +75,7 @@ def build_searcher(spec: SweepSpec):
         sampler=optuna.samplers.TPESampler(seed=spec.sweep.seed),
         points_to_evaluate=[_typed_point(p) for p in spec.sweep.points_to_evaluate] or None,
     )
-    return ConcurrencyLimiter(searcher, max_concurrent=spec.sweep.max_concurrent_trials)
+    return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials())
 
 
 def build_scheduler(spec: SweepSpec):

@@ -32,6 +32,24 @@ def scaling_config(resources: WorkerResources):
                          resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker})
 
 
+def make_trainer(loop, loop_config: dict[str, Any], resources: WorkerResources, backend: str, run_config):
+    """A TorchTrainer (DDP process group) for several workers; one worker needs no process group.
+
+    A single worker runs under the plain data-parallel trainer with a no-op backend: no
+    torch.distributed rendezvous, so no TCP store listening on every interface.
+    backend: "auto" lets Ray pick (nccl with GPUs); "gloo" suits logical GPUs and CPUs.
+    """
+    from ray.train.backend import BackendConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    common = dict(train_loop_config=loop_config, scaling_config=scaling_config(resources), run_config=run_config)
+    if resources.num_workers == 1:
+        return DataParallelTrainer(loop, backend_config=BackendConfig(), **common)
+    torch_config = TorchConfig() if backend == "auto" else TorchConfig(backend=backend)
+    return TorchTrainer(loop, torch_config=torch_config, **common)
+
+
 def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=None):
     import ray.train
 
@@ -47,7 +65,6 @@ def ensure_teacher(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRe
                    layout: SweepLayout) -> bool:
     """Make sure every candidate checkpoint of this teacher is stored; True if this trial trained it."""
     import ray
-    from ray.train.torch import TorchTrainer
 
     from remem_ray.train.teacher import fine_tune_teacher
 
@@ -74,11 +91,10 @@ def ensure_teacher(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRe
                 return False
             print(f"trial {trial_id}: training teacher {key} (rho {run_spec.teacher.rho}, "
                   f"alpha {run_spec.teacher.alpha})", flush=True)
-            trainer = TorchTrainer(
-                fine_tune_teacher,
-                train_loop_config={"spec": run_spec.model_dump(mode="json"), "output": registry.uri(key)},
-                scaling_config=scaling_config(spec.sweep.resources.teacher),
-                run_config=train_run_config(TRAIN_RUN, registry.folder(key), spec.sweep.max_failures),
+            trainer = make_trainer(
+                fine_tune_teacher, {"spec": run_spec.model_dump(mode="json"), "output": registry.uri(key)},
+                spec.sweep.resources.teacher, spec.sweep.resources.backend,
+                train_run_config(TRAIN_RUN, registry.folder(key), spec.sweep.max_failures),
             )
             trainer.fit()
             layout.record_teacher_training(key, trial_id)
@@ -90,7 +106,6 @@ def ensure_teacher(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRe
 def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     """Tune function trainable; `sweep` (the SweepSpec as a dict) arrives via tune.with_parameters."""
     from ray import tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from remem_ray.train.student import distill_student
@@ -104,17 +119,17 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     trained = ensure_teacher(spec, run_spec, trial_id, registry, layout)
     key = run_spec.teacher_key()
     teacher = registry.checkpoint_uri(key, run_spec.student.teacher_epoch)
-    trainer = TorchTrainer(
+    trainer = make_trainer(
         distill_student,
-        train_loop_config={
+        {
             "spec": run_spec.model_dump(mode="json"),
             "teacher": teacher,
             "output": layout.student(trial_id).uri(),
             "report_extra": {"teacher_key": key, "teacher_trained": int(trained)},
         },
-        scaling_config=scaling_config(spec.sweep.resources.student),
-        run_config=train_run_config(f"student-{trial_id}", layout.train_runs, spec.sweep.max_failures,
-                                    callbacks=[TuneReportCallback()]),
+        spec.sweep.resources.student, spec.sweep.resources.backend,
+        train_run_config(f"student-{trial_id}", layout.train_runs, spec.sweep.max_failures,
+                         callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
     print(f"trial {trial_id}: done; student at {layout.student(trial_id).uri('best')}", flush=True)

@@ -1,0 +1,90 @@
+"""Sweeps on a remote Ray cluster through the Ray Jobs API (the dashboard's HTTP address).
+
+The job runs `python -m remem_ray.cli sweep run sweep.yaml` on the cluster, with the validated
+spec shipped as the job's working dir. Only non-secret storage settings travel as environment
+variables (endpoint, region): credentials on a cluster come from its instance role, never
+from the submitting machine, because runtime_env values are visible in the dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from remem_ray.config import SweepSpec
+from remem_ray.errors import ResourceError, UserInputError
+
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+_ADDRESS = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?/?$")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def jobs_client(address: str):
+    """A JobSubmissionClient for http(s)://HEAD:8265; bad or unreachable addresses are user errors."""
+    if not _ADDRESS.match(address or ""):
+        raise UserInputError(f"--address: expected the Ray dashboard as http://HOST:PORT, got {address!r}")
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # ConnectionError, RuntimeError, requests errors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ResourceError(f"--address: cannot reach the Ray dashboard at {address}: {reason}") from None
+
+
+def submit_sweep(spec: SweepSpec, address: str, ship_package: bool = False) -> str:
+    """Submit a validated sweep as a Ray job; returns the job id."""
+    client = jobs_client(address)
+    staging = Path(tempfile.mkdtemp(prefix="remem-job-"))
+    (staging / "sweep.yaml").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    runtime_env: dict = {"working_dir": str(staging),
+                         "env_vars": {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}}
+    if ship_package:
+        import remem_ray
+
+        runtime_env["py_modules"] = [str(Path(remem_ray.__file__).parent)]
+    submission_id = f"remem-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        return client.submit_job(entrypoint="python -m remem_ray.cli sweep run sweep.yaml",
+                                 runtime_env=runtime_env, submission_id=submission_id,
+                                 metadata={"remem_sweep": spec.name})
+    except Exception as exc:
+        raise ResourceError(f"--address: job submission to {address} failed: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _known_job(client, job_id: str):
+    try:
+        return client.get_job_info(job_id)
+    except Exception:
+        raise UserInputError(f"job: no job {job_id!r} on this cluster") from None
+
+
+def job_logs(address: str, job_id: str, follow: bool = False, out=None) -> str:
+    """Print the job's logs; with follow, keep printing until the job ends. Returns its status."""
+    import sys
+
+    out = out or sys.stdout
+    client = jobs_client(address)
+    _known_job(client, job_id)
+    shown = 0
+    while True:
+        logs = client.get_job_logs(job_id)
+        out.write(logs[shown:])
+        out.flush()
+        shown = len(logs)
+        status = str(client.get_job_status(job_id).value)
+        if not follow or status in TERMINAL:
+            return status
+        time.sleep(2.0)
+
+
+def stop_job(address: str, job_id: str) -> str:
+    client = jobs_client(address)
+    _known_job(client, job_id)
+    client.stop_job(job_id)
+    return str(client.get_job_status(job_id).value)
