@@ -53,6 +53,7 @@ class DataConfig(StrictModel):
     def _safe_root(cls, root: str | None) -> str | None:
         if root is not None:
             _reject_parent_refs(root)
+            return _absolute_local(root)
         return root
 
     @model_validator(mode="after")
@@ -140,6 +141,7 @@ class StudentConfig(StrictModel):
     def _safe_checkpoint(cls, path: str | None) -> str | None:
         if path is not None:
             _reject_parent_refs(path)
+            return _absolute_local(path)
         return path
 
 
@@ -161,8 +163,7 @@ class StorageConfig(StrictModel):
             if not root[len("s3://"):].strip("/"):
                 raise ValueError("s3:// URI needs a bucket")
             return root.rstrip("/")
-        # Absolute from here on: Ray workers run in other folders than the process that read the spec.
-        return str(Path(root).expanduser().absolute())
+        return _absolute_local(root)
 
     @field_validator("endpoint")
     @classmethod
@@ -239,7 +240,14 @@ def _check_weights_source(weights: str | None) -> str | None:
     _reject_parent_refs(weights)
     if not Path(weights).expanduser().is_file():
         raise ValueError(f"weights file not found: {weights}")
-    return weights
+    return _absolute_local(weights)
+
+
+def _absolute_local(path: str) -> str:
+    """Local paths become absolute when the spec is read: Ray workers run in other folders."""
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().absolute())
 
 
 def format_validation_error(err: ValidationError) -> str:

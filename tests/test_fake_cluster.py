@@ -43,7 +43,9 @@ class FakeCluster:
         self.config.write_text(yaml.safe_dump(cfg))
         self.env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                    # the cluster's `python` (jobs run `python -m remem_ray.cli`) is this venv's
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.env.pop("RAY_ADDRESS", None)
         self.proc: subprocess.Popen | None = None
 

@@ -78,6 +78,17 @@ def ray_session(address: str | None = None):
         ray.shutdown()
 
 
+def _leave_working_dir() -> None:
+    """Move the driver to a folder that stays for the whole sweep.
+
+    Inside a Ray job the working dir is the job's runtime-env package, which Ray can remove
+    while the driver still runs (seen once the trials sharing it had exited), and Tune
+    resolves paths against the cwd at the end. The spec holds only absolute local paths by
+    now, so nothing depends on the old cwd.
+    """
+    os.chdir(tempfile.gettempdir())
+
+
 def _trainable(spec: SweepSpec):
     from ray import tune
 
@@ -100,6 +111,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
     storage = Storage.from_config(spec.storage)
     layout = SweepLayout(storage, spec.name)
     _check_new(layout)  # also proves the storage is reachable, before Ray starts
+    _leave_working_dir()
     with ray_session(address):
         layout.experiment.write_text(SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
         leases = start_leases_actor(spec.name)  # noqa: F841  (lives as long as this driver)
@@ -160,6 +172,7 @@ def resume_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
     path = layout.experiment.path()
     if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
         raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
+    _leave_working_dir()
     with ray_session(address):
         leases = start_leases_actor(spec.name)  # noqa: F841
         tuner = tune.Tuner.restore(path, _trainable(spec), resume_unfinished=True, resume_errored=True,
