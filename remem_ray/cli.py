@@ -68,13 +68,20 @@ def _print_student(result: dict[str, Any]) -> None:
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
     from remem_ray.config import load_sweep_spec
-    from remem_ray.sweep import format_table, run_sweep
+    from remem_ray.sweep import run_sweep
 
     spec = load_sweep_spec(args.spec, _run_overrides(args))
     summary = run_sweep(spec, address=args.address)
+    _print_end(summary)
+    return 0
+
+
+def _print_end(summary) -> None:
+    from remem_ray.sweep import format_table
+
     print(format_table(summary))
     print(f"summary: {summary.experiment}/summary.json")
-    return 0
+    print(f"report: {summary.experiment}/report.md")
 
 
 def _located(args: argparse.Namespace):
@@ -84,11 +91,10 @@ def _located(args: argparse.Namespace):
 
 
 def cmd_sweep_resume(args: argparse.Namespace) -> int:
-    from remem_ray.sweep import format_table, resume_sweep
+    from remem_ray.sweep import resume_sweep
 
     summary = resume_sweep(_located(args), address=args.address)
-    print(format_table(summary))
-    print(f"summary: {summary.experiment}/summary.json")
+    _print_end(summary)
     return 0
 
 
@@ -140,6 +146,31 @@ def cmd_sweep_stop(args: argparse.Namespace) -> int:
     from remem_ray.sweep.jobs import stop_job
 
     print(f"job {args.job}: {stop_job(args.address, args.job)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from remem_ray.report import write_report
+    from remem_ray.storage import Storage
+    from remem_ray.sweep import sweep_summary
+    from remem_ray.sweep.layout import SweepLayout
+
+    spec = _located(args)
+    paths = write_report(sweep_summary(spec), SweepLayout(Storage.from_config(spec.storage), spec.name))
+    for uri in paths.values():
+        print(uri)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from remem_ray.config import load_run_spec
+    from remem_ray.info import checkpoint_report
+
+    spec = load_run_spec(args.data)
+    print(json.dumps(checkpoint_report(args.checkpoint, spec, samples=args.samples, endpoint=args.endpoint),
+                     indent=2))
     return 0
 
 
@@ -214,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     run_verb("distill", "distil the student from a saved teacher checkpoint", cmd_distill, True)
     run_verb("run", "teacher then student, one run", cmd_run, True)
     _add_sweep_verbs(verbs)
+    report = verbs.add_parser("report", help="write a sweep's report.md and plots into its folder",
+                              description="write a sweep's report.md and PNG plots into its folder")
+    report.add_argument("sweep", metavar="NAME|URI")
+    report.add_argument("--storage", help="storage root the NAME lives under (default ./remem-results)")
+    report.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs")
+    report.set_defaults(handler=cmd_report)
+    info = verbs.add_parser("info", help="a checkpoint's mutual information and MLP expertness",
+                            description="mutual information of a checkpoint's outputs and per-block "
+                                        "expertness of its MLPs, on the val split of --data")
+    info.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (path or s3:// URI)")
+    info.add_argument("--data", required=True, metavar="SPEC.yaml", help="spec whose data section to use")
+    info.add_argument("--samples", type=int, default=1000, help="val images to use (default 1000)")
+    info.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs")
+    info.set_defaults(handler=cmd_info)
     return parser
 
 

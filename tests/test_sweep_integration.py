@@ -103,6 +103,22 @@ def _check_summary(summary: dict, num_trials: int) -> None:
     assert {"rho", "alpha", "teacher_epoch"} <= set(best["params"])
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def _check_report(experiment: Path) -> None:
+    from remem_ray.report import PLOTS
+
+    report = (experiment / "report.md").read_text()
+    for name in PLOTS.values():
+        assert _png_size(experiment / name) == (640, 480)
+        assert f"]({name})" in report
+        assert (experiment / name).stat().st_size > 5000  # drawn, not blank
+
+
 def test_smoke_sweep_local_end_to_end(tmp_path):
     env = _env(tmp_path)
     rc, out = run_remem(["sweep", "run", str(SMOKE), "--storage", str(tmp_path / "results")], tmp_path, env)
@@ -134,6 +150,14 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
     assert pruned == sum(states.values())
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
     assert study.trials[0].params["rho"] == 0.0 and study.trials[0].params["teacher_epoch"] == 4  # enqueued
+
+    # the report: five PNG plots of the expected size, linked from report.md
+    assert f"report: {experiment}/report.md" in out
+    _check_report(experiment)
+    (experiment / "report.md").unlink()
+    rc, out = run_remem(["report", "smoke", "--storage", str(root)], tmp_path, env, timeout=120)
+    assert rc == 0 and str(experiment / "report.md") in out
+    _check_report(experiment)
 
     # status / best read storage only; a second run with the same name refuses
     rc, out = run_remem(["sweep", "status", "smoke", "--storage", str(root)], tmp_path, env, timeout=120)

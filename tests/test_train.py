@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -57,10 +58,25 @@ def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys
     assert saved["spec"]["teacher"]["alpha"] == 0.8 and len(saved["teacher_key"]) == 16
     meta = json.loads((run / "student" / "best" / "meta.json").read_text())
     assert meta["teacher"]["epoch"] == 2
+    info = meta["teacher"]["information"]  # the teacher's MI, recorded at its checkpoint
+    assert set(info) == {"targets/fixed", "targets/relative", "logits/fixed", "logits/relative"}
+    assert 0.0 <= info["targets/relative"]["i_xt_lower"] <= info["targets/relative"]["i_xt_upper"]
+    assert meta["teacher"]["metrics"]["teacher_mi"] == info["targets/relative"]["i_xt_upper"]
 
     assert main(["distill", str(spec), "--teacher-epoch", "1"]) == 0
     meta = json.loads((run / "student" / "best" / "meta.json").read_text())
     assert meta["teacher"]["epoch"] == 1
+
+    capsys.readouterr()
+    assert main(["info", str(run / "teacher" / "epoch_2"), "--data", str(spec), "--samples", "50"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["epoch"] == 2 and report["reweighting"] == {"alpha": 0.8, "mode": "remem"}
+    assert report["samples"] == 15  # the whole val split: 15 % of the 96 non-test synthetic images
+    assert len(report["expertness_by_block"]) == 2  # one score per ViT block
+    assert all(0.0 < e <= 1.0 for e in report["expertness_by_block"])
+    mi = report["mutual_information"]["targets/relative"]
+    assert 0.0 <= mi["i_xt_lower"] <= mi["i_xt_upper"] <= math.log(15) + 1e-9
+    assert main(["info", str(run / "teacher" / "epoch_9"), "--data", str(spec)]) == 2
 
 
 def test_distill_without_teacher_exits_2(in_tmp, capsys):

@@ -89,6 +89,12 @@ def _leave_working_dir() -> None:
     os.chdir(tempfile.gettempdir())
 
 
+def _write_report(summary, layout: SweepLayout) -> None:
+    from remem_ray.report import write_report  # report imports the sweep package: import late
+
+    write_report(summary, layout)
+
+
 def _trainable(spec: SweepSpec):
     from ray import tune
 
@@ -135,6 +141,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
         tuner.fit()
         summary = summarize(spec, layout)
         write_summary(layout, summary)
+        _write_report(summary, layout)
     return summary
 
 
@@ -180,6 +187,7 @@ def resume_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
         tuner.fit()
         summary = summarize(spec, layout)
         write_summary(layout, summary)
+        _write_report(summary, layout)
     return summary
 
 

@@ -23,6 +23,7 @@ class TrialRow:
     student_val_acc: float | None = None
     student_test_acc: float | None = None
     teacher_val_acc: float | None = None
+    teacher_mi: float | None = None
     teacher_key: str | None = None
     teacher_trained: bool | None = None
     stopped_early: bool = False
@@ -60,6 +61,7 @@ def _row(trial, layout: SweepLayout) -> TrialRow:
         row.student_val_acc = _num(result.get("best_val_acc"))
         row.student_test_acc = _num(result.get("best_test_acc"))
         row.teacher_val_acc = _num(result.get("teacher_val_acc"))
+        row.teacher_mi = _num(result.get("teacher_mi"))
         row.teacher_key = result.get("teacher_key")
         row.teacher_trained = bool(result.get("teacher_trained"))
         row.stopped_early = stopped_early(result)
@@ -102,14 +104,14 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def format_table(summary: SweepSummary) -> str:
     header = ["trial", "state", "rho", "alpha", "t_epoch", "epochs", "student_val", "student_test", "teacher_val",
-              "teacher"]
+              "teacher_mi", "teacher"]
     lines = [header]
     for r in summary.trials:
         teacher = "-" if r.teacher_trained is None else ("trained" if r.teacher_trained else "reused")
         state = r.state + (" (stopped)" if r.stopped_early else "")
         lines.append([r.trial_id, state, _fmt(r.params.get("rho"), 3), _fmt(r.params.get("alpha"), 3),
                       str(r.params.get("teacher_epoch", "-")), str(r.epochs_done or "-"), _fmt(r.student_val_acc),
-                      _fmt(r.student_test_acc), _fmt(r.teacher_val_acc), teacher])
+                      _fmt(r.student_test_acc), _fmt(r.teacher_val_acc), _fmt(r.teacher_mi, 3), teacher])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
     out.append(f"teacher trainings performed: {summary.teacher_trainings_performed}, reused by trials: "

@@ -79,7 +79,9 @@ class StudentTask(Task):
                 write_checkpoint(ctx.output, BEST, self.bare, meta)
         metrics["best_val_acc"] = self.best["val_acc"]
         metrics["best_test_acc"] = self.best["test_acc"]
-        metrics["teacher_val_acc"] = self.teacher_meta.get("metrics", {}).get("val_acc", float("nan"))
+        teacher_metrics = self.teacher_meta.get("metrics", {})
+        metrics["teacher_val_acc"] = teacher_metrics.get("val_acc", float("nan"))
+        metrics["teacher_mi"] = teacher_metrics.get("teacher_mi", float("nan"))
 
 
 def distill_student(config: dict[str, Any]) -> dict[str, Any]:

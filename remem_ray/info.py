@@ -1,0 +1,236 @@
+"""Diagnostics of a teacher: mutual information of its outputs, and expertness of its MLP blocks.
+
+Mutual information. A network's output F(X) is a deterministic function of X, so I(X; F) is
+infinite or undefined for continuous data; the information-plane method (Saxe et al. 2018)
+instead measures T = F(X) + N(0, sigma^2 I). Then H(T | X) is the entropy of one Gaussian and
+T is a mixture of N Gaussians centred on the outputs, whose entropy has pairwise-distance
+bounds (Kolchinsky and Tracey 2017). With D_ij = ||f_i - f_j||^2:
+
+    I(X; T) <= -1/N sum_i log 1/N sum_j exp(-D_ij / (2 sigma^2))    (KL: upper bound)
+    I(X; T) >= -1/N sum_i log 1/N sum_j exp(-D_ij / (8 sigma^2))    (Bhattacharyya: lower bound)
+
+Both lie in [0, log N]: constant outputs give 0, outputs far apart relative to sigma give
+log N, a noisier channel gives less. I(T; Y) = H(T) - H(T | Y) uses the same pairwise terms,
+over all samples and within each class (Saxe et al.); with each kernel it is an estimate,
+not a bound. Everything is in nats (divide by log 2 for bits).
+
+The estimate depends on the output scale: with a fixed sigma it tracks the norm of the
+teacher's logits. So report it on the distillation targets (softmax at the KD temperature) and
+on logits, with sigma fixed and relative to the outputs' own median pairwise distance; the
+scale-free (relative) one is what compares teachers.
+
+Expertness. Per MLP block, the neuron-by-class matrix of mean hidden activations is
+co-clustered (spectral co-clustering, Dhillon 2001) into as many clusters as classes; the
+score is the share of activation mass inside the co-clusters. Neurons that each fire for one
+class score near 1; dense, class-agnostic neurons near 1 / n_classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+_KERNEL_DIVISOR = {"kl": 2.0, "bhattacharyya": 8.0}
+
+
+def _pairwise_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a, b).pow_(2)
+
+
+def _mean_neg_log_mixture(outputs: torch.Tensor, sigma: float, kernel: str, batch: int = 1024) -> float:
+    """-1/N sum_i log 1/N sum_j exp(-D_ij / (c sigma^2)), in row batches (N can be thousands)."""
+    n = outputs.shape[0]
+    scale = _KERNEL_DIVISOR[kernel] * sigma * sigma
+    total = 0.0
+    for start in range(0, n, batch):
+        d = _pairwise_sq(outputs[start:start + batch], outputs)
+        total += float((torch.logsumexp(-d / scale, dim=1) - math.log(n)).sum())
+    return max(0.0, -total / n)
+
+
+def median_pairwise_distance(outputs: torch.Tensor, max_points: int = 2000, seed: int = 0) -> float:
+    g = torch.Generator().manual_seed(seed)
+    if outputs.shape[0] > max_points:
+        outputs = outputs[torch.randperm(outputs.shape[0], generator=g)[:max_points]]
+    d = torch.cdist(outputs, outputs)
+    iu = torch.triu_indices(d.shape[0], d.shape[0], offset=1)
+    return float(d[iu[0], iu[1]].median())
+
+
+@dataclass(frozen=True)
+class MutualInformation:
+    """I(X; T) bounds and I(T; Y) estimates for T = outputs + N(0, sigma^2 I), in nats."""
+
+    i_xt_lower: float
+    i_xt_upper: float
+    i_ty_kl: float
+    i_ty_bhattacharyya: float
+    sigma: float
+    n: int
+    unit: str = "nats"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mutual_information(outputs: torch.Tensor, labels: torch.Tensor | None, sigma: float) -> MutualInformation:
+    """Pairwise-distance (KDE) estimates for T = outputs + Gaussian noise of scale sigma."""
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    outputs = outputs.detach().double().reshape(outputs.shape[0], -1)
+    ixt = {k: _mean_neg_log_mixture(outputs, sigma, k) for k in _KERNEL_DIVISOR}
+    ity = {}
+    for kernel, h_t in ixt.items():
+        if labels is None:
+            ity[kernel] = float("nan")
+            continue
+        h_t_given_y = 0.0
+        for cls in torch.unique(labels):
+            members = outputs[labels == cls]
+            h_t_given_y += members.shape[0] / outputs.shape[0] * _mean_neg_log_mixture(members, sigma, kernel)
+        ity[kernel] = max(0.0, h_t - h_t_given_y)
+    return MutualInformation(ixt["bhattacharyya"], ixt["kl"], ity["kl"], ity["bhattacharyya"], sigma,
+                             outputs.shape[0])
+
+
+def teacher_information(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                        fixed_sigma: float = 0.1, relative_sigma: float = 0.1) -> dict[str, dict]:
+    """MI on the distillation targets (softmax at T) and on logits, sigma fixed and relative.
+
+    Keys: "<targets|logits>/<fixed|relative>", each a MutualInformation as a dict.
+    """
+    views = {"targets": torch.softmax(logits.double() / temperature, dim=-1), "logits": logits.double()}
+    out = {}
+    for name, values in views.items():
+        out[f"{name}/fixed"] = mutual_information(values, labels, fixed_sigma).to_dict()
+        scale = median_pairwise_distance(values) or 1e-12
+        out[f"{name}/relative"] = mutual_information(values, labels, relative_sigma * scale).to_dict()
+    return out
+
+
+# --------------------------------------------------------------------------- expertness
+
+
+def expertness_score(neuron_by_class: np.ndarray, seed: int = 0) -> float:
+    """Share of (non-negative) activation mass inside n_classes spectral co-clusters."""
+    from sklearn.cluster import SpectralCoclustering
+
+    m = np.asarray(neuron_by_class, dtype=np.float64)
+    m = m - min(0.0, float(m.min()))  # activations such as GELU dip below 0
+    m = m[m.sum(axis=1) > 0]
+    n_classes = m.shape[1]
+    if m.shape[0] < n_classes or m.sum() == 0:
+        return float("nan")
+    model = SpectralCoclustering(n_clusters=n_classes, random_state=seed).fit(m + 1e-12)
+    inside = model.row_labels_[:, None] == model.column_labels_[None, :]
+    return float(m[inside].sum() / m.sum())
+
+
+@torch.no_grad()
+def neuron_by_class(model: nn.Module, normalizer: nn.Module, loader, num_classes: int,
+                    device: torch.device) -> list[np.ndarray]:
+    """Per timm ViT block, the (hidden neurons x classes) mean activation of its MLP."""
+    from timm.models.vision_transformer import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise TypeError("expertness needs a ViT built from timm's Block")
+    sums: list[torch.Tensor | None] = [None] * len(blocks)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(index: int):
+        def record(_module, _inputs, output):
+            current[index] = output.detach().float().mean(dim=1)  # mean over tokens: (batch, hidden)
+        return record
+
+    handles = [b.mlp.act.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    model.eval()
+    try:
+        for images, labels in loader:
+            model(normalizer(images.to(device)))
+            onehot = torch.nn.functional.one_hot(labels, num_classes).double()
+            counts += onehot.sum(0)
+            for i in range(len(blocks)):
+                contrib = current[i].double().cpu().T @ onehot  # (hidden, classes)
+                sums[i] = contrib if sums[i] is None else sums[i] + contrib
+    finally:
+        for h in handles:
+            h.remove()
+    return [(s / counts.clamp(min=1)).numpy() for s in sums]
+
+
+def expertness_profile(matrices: list[np.ndarray], seed: int = 0) -> list[float]:
+    return [expertness_score(m, seed) for m in matrices]
+
+
+@torch.no_grad()
+def collect_logits(model: nn.Module, normalizer: nn.Module, dataset, device: torch.device,
+                   max_samples: int = 512, seed: int = 0, batch_size: int = 256):
+    """(logits, labels) of a model over a fixed, seeded subset of a dataset, in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(dataset)
+    indices = torch.randperm(n, generator=g)[:max_samples].tolist() if n > max_samples else list(range(n))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size)
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for images, targets in loader:
+        logits.append(model(normalizer(images.to(device))).float().cpu())
+        labels.append(targets)
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def checkpoint_information(model: nn.Module, normalizer: nn.Module, dataset, device: torch.device,
+                           temperature: float, max_samples: int = 512, seed: int = 0) -> dict[str, dict]:
+    """The teacher MI family on a fixed subset (cheap enough to run at every saved checkpoint)."""
+    logits, labels = collect_logits(model, normalizer, dataset, device, max_samples, seed)
+    return teacher_information(logits, labels, temperature)
+
+
+HEADLINE_MI = ("targets/relative", "i_xt_upper")  # the scale-free number the information plane uses
+
+
+def headline_mi(information: dict[str, dict]) -> float:
+    view, field = HEADLINE_MI
+    return float(information[view][field])
+
+
+def checkpoint_report(location: str, spec, samples: int = 1000, endpoint: str | None = None) -> dict:
+    """`remem info`: MI family and per-layer expertness of a saved checkpoint on the spec's val data."""
+    from remem_ray.checkpoints import load_model, split_location
+    from remem_ray.data import EvalTransformConfig, build_datasets
+    from remem_ray.models import data_config_of, normalizer_for
+    from remem_ray.train.common import pick_device
+
+    storage, name = split_location(location, endpoint or spec.storage.endpoint)
+    model, meta = load_model(storage, name)
+    device = pick_device(spec.device)
+    model = model.to(device)
+    normalizer = normalizer_for(model).to(device)
+    splits = build_datasets(spec.data, spec.seed, EvalTransformConfig.from_timm(data_config_of(model)))
+    if meta["num_classes"] != splits.num_classes:
+        from remem_ray.errors import UserInputError
+
+        raise UserInputError(f"data: the checkpoint has {meta['num_classes']} classes, "
+                             f"{spec.data.name} has {splits.num_classes}")
+    logits, labels = collect_logits(model, normalizer, splits.val, device, samples, spec.seed)
+    out = {"checkpoint": storage.uri(name), "model": meta["model"], "epoch": meta.get("epoch"),
+           "reweighting": meta.get("reweighting"), "samples": int(labels.numel()),
+           "val_acc_on_subset": float((logits.argmax(-1) == labels).double().mean()),
+           "kd_temperature": spec.student.kd.temperature,
+           "mutual_information": teacher_information(logits, labels, spec.student.kd.temperature)}
+    try:
+        g = torch.Generator().manual_seed(spec.seed)
+        subset = torch.randperm(len(splits.val), generator=g)[:samples].tolist()
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(splits.val, subset), batch_size=256)
+        matrices = neuron_by_class(model, normalizer, loader, splits.num_classes, device)
+        out["expertness_by_block"] = expertness_profile(matrices, spec.seed)
+    except TypeError:
+        out["expertness_by_block"] = None  # not a ViT: no MLP blocks to score
+    return out

@@ -1,0 +1,202 @@
+"""A sweep's report: report.md and PNG plots written into the sweep folder.
+
+Plots: student accuracy over rho x alpha, student vs teacher accuracy per trial, the
+information plane (teacher MI vs teacher error, coloured by student accuracy), Optuna's
+parameter importances, and the best student accuracy so far by trial.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+from typing import Any
+
+from remem_ray.sweep.layout import SweepLayout
+from remem_ray.sweep.results import SweepSummary
+
+REPORT_FILE = "report.md"
+PLOTS = {
+    "heatmap": "student_acc_rho_alpha.png",
+    "student_vs_teacher": "student_vs_teacher.png",
+    "information_plane": "information_plane.png",
+    "importances": "param_importances.png",
+    "best_so_far": "best_so_far.png",
+}
+FIGSIZE = (6.4, 4.8)
+DPI = 100
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=FIGSIZE, dpi=DPI)
+    return plt, fig, fig.add_subplot()
+
+
+def _png(plt, fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=DPI)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
+    """Every plot carries a title and axis labels with units."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _png(plt, fig)
+
+
+def _scored(summary: SweepSummary):
+    return [r for r in summary.trials if r.student_val_acc is not None]
+
+
+def _no_data(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+
+
+def plot_heatmap(summary: SweepSummary) -> bytes:
+    plt, fig, ax = _figure()
+    rows = _scored(summary)
+    rhos = sorted({r.params["rho"] for r in rows})
+    alphas = sorted({r.params["alpha"] for r in rows})
+    grid = [[math.nan] * len(rhos) for _ in alphas]
+    for i, a in enumerate(alphas):
+        for j, rho in enumerate(rhos):
+            cell = [r.student_val_acc for r in rows if r.params["rho"] == rho and r.params["alpha"] == a]
+            grid[i][j] = max(cell) if cell else math.nan
+    if rows:
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+        fig.colorbar(im, ax=ax, label="best student val accuracy (fraction)")
+        ax.set_xticks(range(len(rhos)), [f"{v:.3g}" for v in rhos])
+        ax.set_yticks(range(len(alphas)), [f"{v:.3g}" for v in alphas])
+        for i in range(len(alphas)):
+            for j in range(len(rhos)):
+                if not math.isnan(grid[i][j]):
+                    ax.text(j, i, f"{grid[i][j]:.3f}", ha="center", va="center", color="white", fontsize=8)
+    else:
+        _no_data(ax, "no trial has reported a student yet")
+    return _finish(plt, fig, ax, "SAM radius rho (dimensionless)", "MLP reweighting alpha (dimensionless)",
+                   "Student accuracy over rho x alpha (best trial per cell)")
+
+
+def plot_student_vs_teacher(summary: SweepSummary) -> bytes:
+    plt, fig, ax = _figure()
+    rows = [r for r in _scored(summary) if r.teacher_val_acc is not None]
+    ax.scatter([r.teacher_val_acc for r in rows], [r.student_val_acc for r in rows], c="tab:blue")
+    for r in rows:
+        ax.annotate(r.trial_id, (r.teacher_val_acc, r.student_val_acc), fontsize=7)
+    if not rows:
+        _no_data(ax, "no trial has reported a student yet")
+    return _finish(plt, fig, ax, "teacher val accuracy (fraction)", "student val accuracy (fraction)",
+                   "Student vs teacher accuracy per trial")
+
+
+def plot_information_plane(summary: SweepSummary) -> bytes:
+    plt, fig, ax = _figure()
+    rows = [r for r in _scored(summary) if r.teacher_mi is not None and r.teacher_val_acc is not None]
+    if rows:
+        sc = ax.scatter([r.teacher_mi for r in rows], [1.0 - r.teacher_val_acc for r in rows],
+                        c=[r.student_val_acc for r in rows], cmap="viridis")
+        fig.colorbar(sc, ax=ax, label="student val accuracy (fraction)")
+    else:
+        _no_data(ax, "no teacher MI recorded")
+    return _finish(plt, fig, ax, "teacher I(X; T) upper bound, targets, sigma relative (nats)", "teacher val error (fraction)",
+                   "Information plane of the teacher checkpoints")
+
+
+def param_importances(layout: SweepLayout) -> dict[str, float]:
+    """Optuna's parameter importances from the searcher state Tune saved (empty if too few trials)."""
+    import optuna
+
+    states = sorted(n for n in layout.experiment.list_dir() if n.startswith("searcher-state-"))
+    if not states:
+        return {}
+    study = pickle.loads(layout.experiment.read_bytes(states[-1]))["_ot_study"]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    varied = {name for name in study.trials[0].params if len({t.params.get(name) for t in complete}) > 1} \
+        if study.trials else set()
+    if len(complete) < 2 or not varied:
+        return {}
+    try:
+        return dict(optuna.importance.get_param_importances(study, params=sorted(varied)))
+    except (RuntimeError, ValueError):
+        return {}
+
+
+def plot_importances(importances: dict[str, float]) -> bytes:
+    plt, fig, ax = _figure()
+    if importances:
+        names = list(importances)
+        ax.barh(names, [importances[n] for n in names], color="tab:green")
+        ax.invert_yaxis()
+    else:
+        _no_data(ax, "too few finished trials for importances")
+    return _finish(plt, fig, ax, "importance for student val accuracy (fANOVA share, fraction)", "parameter",
+                   "Optuna parameter importances")
+
+
+def plot_best_so_far(summary: SweepSummary) -> bytes:
+    plt, fig, ax = _figure()
+    rows = _scored(summary)
+    best, running = [], -1.0
+    for r in rows:
+        running = max(running, r.student_val_acc)
+        best.append(running)
+    ax.plot(range(1, len(rows) + 1), [r.student_val_acc for r in rows], "o", label="trial", color="tab:gray")
+    ax.plot(range(1, len(rows) + 1), best, "-", label="best so far", color="tab:red")
+    if rows:
+        ax.legend()
+    else:
+        _no_data(ax, "no trial has reported a student yet")
+    return _finish(plt, fig, ax, "trial (in order of trial id)", "student val accuracy (fraction)",
+                   "Best student accuracy so far")
+
+
+def write_report(summary: SweepSummary, layout: SweepLayout) -> dict[str, str]:
+    """Write the plots and report.md into the sweep folder; returns {name: uri}."""
+    importances = param_importances(layout)
+    images = {
+        "heatmap": plot_heatmap(summary),
+        "student_vs_teacher": plot_student_vs_teacher(summary),
+        "information_plane": plot_information_plane(summary),
+        "importances": plot_importances(importances),
+        "best_so_far": plot_best_so_far(summary),
+    }
+    folder = layout.experiment
+    for key, data in images.items():
+        folder.write_bytes(PLOTS[key], data)
+    folder.write_text(REPORT_FILE, _markdown(summary, importances))
+    return {**{k: folder.uri(PLOTS[k]) for k in images}, "report": folder.uri(REPORT_FILE)}
+
+
+def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
+    from remem_ray.sweep.results import format_table
+
+    lines = [f"# Sweep {summary.name}", "", f"Experiment: `{summary.experiment}`", ""]
+    if summary.best is not None:
+        b = summary.best
+        lines += [f"Best student: trial `{b.trial_id}`, params `{b.params}`, val {b.student_val_acc:.4f}, "
+                  f"test {b.student_test_acc:.4f}; checkpoint `{b.student_checkpoint}`.", ""]
+    lines += ["```", format_table(summary), "```", ""]
+    captions = {
+        "heatmap": "Student accuracy over rho x alpha",
+        "student_vs_teacher": "Student vs teacher accuracy per trial",
+        "information_plane": "Information plane: teacher MI vs teacher error, coloured by student accuracy",
+        "importances": "Optuna parameter importances",
+        "best_so_far": "Best student accuracy so far, by trial",
+    }
+    for key, caption in captions.items():
+        lines += [f"## {caption}", "", f"![{caption}]({PLOTS[key]})", ""]
+    if importances:
+        lines += ["Importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
+    lines += ["Trials stopped early by ASHA enter the plots with the score they had reached.", ""]
+    lines += ["Teacher MI: upper bound of I(X; T) on the distillation targets with the noise scale relative "
+              "to each teacher's median pairwise distance, in nats (see remem_ray/info.py).", ""]
+    return "\n".join(lines)

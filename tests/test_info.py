@@ -1,0 +1,70 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from remem_ray.info import expertness_score, mutual_information, teacher_information
+
+
+def test_constant_output_carries_no_information():
+    mi = mutual_information(torch.ones(200, 10), torch.randint(0, 5, (200,)), sigma=0.1)
+    assert mi.i_xt_lower == pytest.approx(0.0, abs=1e-9) and mi.i_xt_upper == pytest.approx(0.0, abs=1e-9)
+    assert mi.i_ty_kl == pytest.approx(0.0, abs=1e-9)
+
+
+def test_well_separated_outputs_reach_log_n():
+    n = 300
+    outputs = torch.eye(n) * 100.0  # pairwise distance ~141, sigma 1
+    labels = torch.arange(n) % 3
+    mi = mutual_information(outputs, labels, sigma=1.0)
+    assert mi.i_xt_lower == pytest.approx(math.log(n), rel=1e-6)
+    assert mi.i_xt_upper == pytest.approx(math.log(n), rel=1e-6)
+    assert mi.i_ty_kl == pytest.approx(math.log(3), rel=1e-6)  # I(T;Y) = H(Y) when classes are distinct
+
+
+def test_noisier_channel_gives_less_and_bounds_are_ordered():
+    g = torch.Generator().manual_seed(0)
+    outputs = torch.randn(500, 8, generator=g)
+    labels = torch.randint(0, 4, (500,), generator=g)
+    values = [mutual_information(outputs, labels, sigma) for sigma in (0.1, 0.5, 2.0, 8.0)]
+    uppers = [v.i_xt_upper for v in values]
+    assert uppers == sorted(uppers, reverse=True) and uppers[0] > uppers[-1] + 1.0
+    for v in values:
+        assert 0.0 <= v.i_xt_lower <= v.i_xt_upper <= math.log(500) + 1e-9
+
+
+def test_batched_equals_unbatched():
+    from remem_ray.info import _mean_neg_log_mixture
+
+    x = torch.randn(700, 5, generator=torch.Generator().manual_seed(1)).double()
+    assert _mean_neg_log_mixture(x, 0.7, "kl", batch=64) == pytest.approx(_mean_neg_log_mixture(x, 0.7, "kl",
+                                                                                                 batch=4096))
+
+
+def test_teacher_information_reports_targets_and_logits_fixed_and_relative():
+    logits = torch.randn(400, 10, generator=torch.Generator().manual_seed(2)) * 3
+    labels = logits.argmax(-1)
+    info = teacher_information(logits, labels, temperature=4.0)
+    assert set(info) == {"targets/fixed", "targets/relative", "logits/fixed", "logits/relative"}
+    # the relative scale makes the estimate blind to a rescaling of the logits; the fixed one is not
+    scaled = teacher_information(logits * 10, labels, temperature=4.0)
+    assert scaled["logits/relative"]["i_xt_upper"] == pytest.approx(info["logits/relative"]["i_xt_upper"], rel=1e-6)
+    assert scaled["logits/fixed"]["i_xt_upper"] > info["logits/fixed"]["i_xt_upper"]
+
+
+def test_sigma_must_be_positive():
+    with pytest.raises(ValueError, match="sigma"):
+        mutual_information(torch.zeros(3, 2), None, 0.0)
+
+
+def test_expert_neurons_score_clearly_higher_than_dense_ones():
+    rng = np.random.default_rng(0)
+    classes, per_class = 10, 20
+    expert = np.zeros((classes * per_class, classes))
+    for c in range(classes):  # each neuron fires for exactly one class
+        expert[c * per_class:(c + 1) * per_class, c] = rng.uniform(1.0, 2.0, per_class)
+    expert += rng.uniform(0, 0.05, expert.shape)
+    dense = rng.uniform(0.0, 1.0, expert.shape)
+    e, d = expertness_score(expert), expertness_score(dense)
+    assert e > 0.8 and d < 0.4 and e > d + 0.5  # noise holds ~13 % of the expert mass off-block
