@@ -168,8 +168,8 @@ class StorageConfig(StrictModel):
     @field_validator("endpoint")
     @classmethod
     def _endpoint_has_scheme(cls, endpoint: str | None) -> str | None:
-        if endpoint is not None and not re.match(r"^https?://[^/\s]+/?$", endpoint):
-            raise ValueError(f"{endpoint!r} must look like http://host:port or https://host")
+        if endpoint is not None and not re.fullmatch(r"https?://[^/\s@]+/?", endpoint):
+            raise ValueError("must look like http://host:port or https://host (no credentials in it)")
         return endpoint
 
 
@@ -192,7 +192,7 @@ class RunSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
-        if not _NAME_PATTERN.match(name) or ".." in name:
+        if not _NAME_PATTERN.fullmatch(name) or ".." in name:
             raise ValueError(f"{name!r} must be 1-100 characters of letters, digits, '.', '_' or '-'")
         return name
 
@@ -362,10 +362,12 @@ class SearchSpaceConfig(StrictModel):
         lo, hi = self.alpha.bounds()
         if lo <= 0 or hi > 1:
             raise ValueError("alpha: values must lie in (0, 1]")
-        if self.student_lr is not None and self.student_lr.bounds()[0] <= 0:
-            raise ValueError("student_lr: values must be > 0")
-        if self.kd_temperature is not None and self.kd_temperature.bounds()[0] <= 0:
-            raise ValueError("kd_temperature: values must be > 0")
+        # the same bounds as the run fields they set (student.optimizer.lr, student.kd.temperature)
+        if self.student_lr is not None and not (0 < self.student_lr.bounds()[0] and self.student_lr.bounds()[1] <= 10):
+            raise ValueError("student_lr: values must lie in (0, 10]")
+        if self.kd_temperature is not None and not (
+                0 < self.kd_temperature.bounds()[0] and self.kd_temperature.bounds()[1] <= 100):
+            raise ValueError("kd_temperature: values must lie in (0, 100]")
         return self
 
 

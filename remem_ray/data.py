@@ -42,7 +42,8 @@ class EvalTransformConfig:
         return cls(float(data_config.get("crop_pct") or 1.0), str(data_config.get("interpolation") or "bilinear"))
 
 
-DatasetBuilder = Callable[["DataConfig", int, EvalTransformConfig], DataSplits]
+# (data config, seed, eval transform config, S3 endpoint for s3:// roots) -> splits
+DatasetBuilder = Callable[["DataConfig", int, EvalTransformConfig, "str | None"], DataSplits]
 DATASETS: dict[str, DatasetBuilder] = {}
 
 
@@ -54,8 +55,9 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
     return wrap
 
 
-def build_datasets(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig | None = None) -> DataSplits:
-    splits = DATASETS[cfg.name](cfg, seed, eval_cfg or EvalTransformConfig())
+def build_datasets(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig | None = None,
+                   endpoint: str | None = None) -> DataSplits:
+    splits = DATASETS[cfg.name](cfg, seed, eval_cfg or EvalTransformConfig(), endpoint)
     if cfg.max_train_samples is not None and len(splits.train) > cfg.max_train_samples:
         labels = dataset_targets(splits.train)
         keep, _ = _stratified_split(np.arange(len(labels)), labels, cfg.max_train_samples, seed + 3)
@@ -140,7 +142,8 @@ def _tensor_splits(images: torch.Tensor, labels: np.ndarray, cfg: DataConfig, se
 
 
 @register_dataset("digits")
-def _digits(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig) -> DataSplits:
+def _digits(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig,
+            endpoint: str | None = None) -> DataSplits:
     """scikit-learn's bundled 8x8 digits (1797 images): the embedded default, no download."""
     from sklearn.datasets import load_digits
 
@@ -150,7 +153,8 @@ def _digits(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig) -> DataSp
 
 
 @register_dataset("synthetic")
-def _synthetic(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig) -> DataSplits:
+def _synthetic(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig,
+               endpoint: str | None = None) -> DataSplits:
     """Class prototypes plus noise: learnable, tiny, generated from the seed (for tests)."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(cfg.num_classes, 3, 8, 8, generator=g)
@@ -241,7 +245,7 @@ _TORCHVISION: dict[str, TorchvisionEntry] = {
 
 
 def _torchvision_builder(name: str, entry: TorchvisionEntry) -> DatasetBuilder:
-    def build(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig) -> DataSplits:
+    def build(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endpoint: str | None = None) -> DataSplits:
         import torchvision.datasets as tvd
 
         root = Path(cfg.root or "./data").expanduser()
@@ -268,7 +272,8 @@ for _name, _entry in _TORCHVISION.items():
 
 
 @register_dataset("imagefolder")
-def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig) -> DataSplits:
+def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig,
+                 endpoint: str | None = None) -> DataSplits:
     """class-per-folder images at a path or s3:// URI; train/ val/ test/ subfolders optional."""
     from torchvision.datasets import ImageFolder
 
@@ -276,7 +281,7 @@ def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig) -> D
     if root.startswith("s3://"):
         from remem_ray.storage import fetch_to_cache
 
-        local = fetch_to_cache(root, field="data.root")
+        local = fetch_to_cache(root, endpoint=endpoint, field="data.root")
     else:
         local = Path(root).expanduser()
     if not local.is_dir():

@@ -213,7 +213,8 @@ def checkpoint_report(location: str, spec, samples: int = 1000, endpoint: str | 
     device = pick_device(spec.device)
     model = model.to(device)
     normalizer = normalizer_for(model).to(device)
-    splits = build_datasets(spec.data, spec.seed, EvalTransformConfig.from_timm(data_config_of(model)))
+    splits = build_datasets(spec.data, spec.seed, EvalTransformConfig.from_timm(data_config_of(model)),
+                            endpoint=endpoint or spec.storage.endpoint)
     if meta["num_classes"] != splits.num_classes:
         from remem_ray.errors import UserInputError
 

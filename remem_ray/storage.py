@@ -192,8 +192,16 @@ def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri") ->
             store.download_dir(base, staging / name)
             result = dest / name
         (staging / ".complete").write_text(str(result))
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(staging, dest)
+        if done.exists():  # another process (a DDP rank, a trial on this node) finished first
+            shutil.rmtree(staging, ignore_errors=True)
+            return Path(done.read_text())
+        shutil.rmtree(dest, ignore_errors=True)  # a partial copy from a crashed fetch
+        try:
+            os.replace(staging, dest)
+        except OSError:
+            if not done.exists():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

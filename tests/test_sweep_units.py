@@ -52,9 +52,9 @@ def test_asha_stopped_trials_are_pruned_not_complete():
     for epoch in (1, 2, 3):
         searcher.on_trial_result("full", {METRIC: 0.5 + epoch / 10, "epoch": epoch, "epochs": 3,
                                           "training_iteration": epoch})
-    searcher.on_trial_result("stopped", {METRIC: 0.9, "epoch": 1, "epochs": 3, "training_iteration": 1})
+    # Tune never hands the stopping result to on_trial_result: only to on_trial_complete
     searcher.on_trial_complete("full", {METRIC: 0.8, "epoch": 3, "epochs": 3})
-    searcher.on_trial_complete("stopped", {METRIC: 0.9, "epoch": 1, "epochs": 3})
+    searcher.on_trial_complete("stopped", {METRIC: 0.9, "epoch": 1, "epochs": 3, "training_iteration": 1})
     searcher.on_trial_complete("failed", None, error=True)
     states = [t.state.name for t in searcher._ot_study.trials]
     assert states == ["COMPLETE", "PRUNED", "FAIL"]
@@ -214,3 +214,30 @@ def test_concurrency_defaults_from_the_gpu_budget():
     assert SweepSpec().max_concurrent_trials() == 2
     res = SweepSpec.model_validate({"sweep": {"resources": {"driver_resource": "remem_driver"}}}).sweep.resources
     assert res.trial_resources() == {"cpu": 0.1, "remem_driver": 0.001}
+
+
+@pytest.mark.parametrize("patch, expected", [
+    ({"name": "abc\n"}, "name"),
+    ({"storage": {"root": "s3://b/p", "endpoint": "http://127.0.0.1:9\n"}}, "storage.endpoint"),
+    ({"storage": {"root": "s3://b/p", "endpoint": "http://AKIAX:secret@127.0.0.1:9"}}, "storage.endpoint"),
+    ({"sweep": {"search": {"student_lr": {"values": [100.0]}}}}, "student_lr"),
+    ({"sweep": {"search": {"kd_temperature": {"low": 1.0, "high": 500.0}}}}, "kd_temperature"),
+], ids=["newline-name", "newline-endpoint", "credentials-in-endpoint", "student-lr-too-big", "temperature-too-big"])
+def test_more_bad_sweep_specs(patch, expected):
+    from remem_ray.config import parse_spec
+    from remem_ray.errors import SpecError
+
+    with pytest.raises(SpecError, match=expected) as err:
+        parse_spec(SweepSpec, patch)
+    assert "AKIAX" not in str(err.value) and "secret" not in str(err.value)
+
+
+def test_locate_sweep_with_an_invalid_stored_spec_is_a_user_error(in_tmp, capsys):
+    folder = in_tmp / "remem-results" / "sweeps" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "sweep_spec.json").write_text(json.dumps({"name": "broken", "teacher": {"rho": -1}}))
+    assert main(["sweep", "status", "broken"]) == 2
+    assert "teacher.rho" in capsys.readouterr().err
+    (folder / "sweep_spec.json").write_text("{not json")
+    assert main(["sweep", "status", "broken"]) == 2
+    assert "is not a sweep spec" in capsys.readouterr().err

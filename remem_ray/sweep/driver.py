@@ -9,7 +9,7 @@ import re
 import socket
 import tempfile
 
-from remem_ray.config import SweepSpec
+from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SPEC_FILE, SweepLayout
@@ -41,7 +41,7 @@ def _check_reachable(address: str) -> None:
     """Fail fast on a dead HOST:PORT: ray.init would retry for minutes."""
     if address == "auto":
         return
-    match = re.match(r"^(?:ray://)?\[?([^\]/\s]+?)\]?:(\d{1,5})/?$", address)
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/\s]+?)\]?:(\d{1,5})/?", address)
     if not match:
         raise UserInputError(f"--address: expected HOST:PORT, ray://HOST:PORT or auto, got {address!r}")
     try:
@@ -119,7 +119,6 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
     _check_new(layout)  # also proves the storage is reachable, before Ray starts
     _leave_working_dir()
     with ray_session(address):
-        layout.experiment.write_text(SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
         leases = start_leases_actor(spec.name)  # noqa: F841  (lives as long as this driver)
         tuner = tune.Tuner(
             _trainable(spec),
@@ -138,6 +137,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
                 verbose=1,
             ),
         )
+        layout.experiment.write_text(SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
         tuner.fit()
         summary = summarize(spec, layout)
         write_summary(layout, summary)
@@ -159,10 +159,14 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
     folder = Storage(location, endpoint)
     if not folder.is_file(SPEC_FILE):
         raise UserInputError(f"sweep: no sweep at {folder.uri()} ({SPEC_FILE} missing)")
-    raw = json.loads(folder.read_text(SPEC_FILE))
-    if endpoint and not raw["storage"].get("endpoint"):
-        raw["storage"]["endpoint"] = endpoint
-    spec = SweepSpec.model_validate(raw)
+    try:
+        raw = json.loads(folder.read_text(SPEC_FILE))
+        storage = raw.setdefault("storage", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise UserInputError(f"sweep: {folder.uri(SPEC_FILE)} is not a sweep spec") from None
+    if endpoint and not storage.get("endpoint"):
+        storage["endpoint"] = endpoint
+    spec = parse_spec(SweepSpec, raw)
     expected = SweepLayout(Storage.from_config(spec.storage), spec.name).experiment.uri()
     if expected != folder.uri():
         raise UserInputError(f"sweep: {folder.uri()} is not under its configured storage root "

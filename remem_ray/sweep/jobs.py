@@ -19,13 +19,13 @@ from remem_ray.config import SweepSpec
 from remem_ray.errors import ResourceError, UserInputError
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
-_ADDRESS = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?/?$")
+_ADDRESS = re.compile(r"https?://[^/\s:@]+(:\d{1,5})?/?")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def jobs_client(address: str):
     """A JobSubmissionClient for http(s)://HEAD:8265; bad or unreachable addresses are user errors."""
-    if not _ADDRESS.match(address or ""):
+    if not _ADDRESS.fullmatch(address or ""):
         raise UserInputError(f"--address: expected the Ray dashboard as http://HOST:PORT, got {address!r}")
     from ray.job_submission import JobSubmissionClient
 
@@ -42,7 +42,8 @@ def submit_sweep(spec: SweepSpec, address: str, ship_package: bool = False) -> s
     staging = Path(tempfile.mkdtemp(prefix="remem-job-"))
     (staging / "sweep.yaml").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     runtime_env: dict = {"working_dir": str(staging),
-                         "env_vars": {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}}
+                         "env_vars": {k: os.environ[k] for k in FORWARDED_ENV
+                                      if os.environ.get(k) and "@" not in os.environ[k]}}
     if ship_package:
         import remem_ray
 

@@ -35,5 +35,10 @@ class SweepLayout:
         self.experiment.write_text(f"teacher-trainings/{key}.json",
                                    json.dumps({"teacher_key": key, "trial_id": trial_id, "time": time.time()}))
 
+    def trained_by(self, key: str) -> str | None:
+        """The trial of this sweep that trained teacher `key`, if one did."""
+        rel = f"teacher-trainings/{key}.json"
+        return json.loads(self.experiment.read_text(rel))["trial_id"] if self.experiment.is_file(rel) else None
+
     def teacher_trainings(self) -> list[str]:
         return [n[: -len(".json")] for n in self.experiment.list_dir("teacher-trainings") if n.endswith(".json")]

@@ -53,7 +53,18 @@ def _optuna_search_class():
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if error or not stopped_early(result) or trial_id in self._completed_trials:
                 return super().on_trial_complete(trial_id, result=result, error=error)
-            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+            ot_trial = self._ot_trials[trial_id]
+            # Tune does not pass the result that triggered the stop to on_trial_result: record it
+            # here, so TPE ranks the pruned trial by the score it reached at its last rung.
+            # (Optuna ignores, with a warning, a step that was reported already.)
+            if result.get(self._metric) is not None:
+                ot_trial.report(float(result[self._metric]), int(result.get("training_iteration", result["epoch"])))
+            try:
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            except Exception as exc:  # as the stock class does: never let a tell crash the sweep
+                import logging
+
+                logging.getLogger(__name__).warning("could not tell pruned trial %s: %s", trial_id, exc)
             self._completed_trials.add(trial_id)
 
     return BudgetAwareOptunaSearch

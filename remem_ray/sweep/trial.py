@@ -84,11 +84,12 @@ def ensure_teacher(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRe
             raise TimeoutError(f"teacher {key}: not ready after {spec.sweep.teacher_wait_timeout_s:.0f} s")
         time.sleep(POLL_S)
     else:
-        return False
+        # Stored already; still ours if this very trial trained it before Tune restarted it.
+        return layout.trained_by(key) == trial_id
     try:
         with Heartbeat(leases, key, trial_id, HEARTBEAT_S):
             if registry.has_all(key, epochs):  # finished by another holder while we waited
-                return False
+                return layout.trained_by(key) == trial_id
             print(f"trial {trial_id}: training teacher {key} (rho {run_spec.teacher.rho}, "
                   f"alpha {run_spec.teacher.alpha})", flush=True)
             trainer = make_trainer(

@@ -49,7 +49,7 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     seed_everything(spec.seed + 1000 * session.world_rank)
     device = pick_device(spec.device, session.local_rank)
     eval_cfg = EvalTransformConfig.from_timm(resolved_data_config(model_name, model_kwargs, spec.data.img_size))
-    splits = build_datasets(spec.data, spec.seed, eval_cfg)
+    splits = build_datasets(spec.data, spec.seed, eval_cfg, endpoint=spec.storage.endpoint)
     workers = spec.data.num_workers
     loaders = {
         "train": train_loader(splits.train, batch_size, spec.seed, workers, device),
