@@ -212,10 +212,14 @@ class RunSpec(StrictModel):
                          self.data.img_size, reweight=False)
         return self
 
-    def teacher_key(self) -> str:
-        """Stable hash of everything that determines the teacher run (not which epoch is used)."""
+    def teacher_key(self, world_size: int = 1) -> str:
+        """Stable hash of everything that determines the teacher run (not which epoch is used).
+
+        world_size counts: batch_size is per worker, so more workers train a different teacher.
+        """
         payload = {
             "seed": self.seed,
+            "world_size": world_size,
             "data": self.data.model_dump(mode="json", exclude={"num_workers", "download"}),
             "teacher": self.teacher.model_dump(mode="json"),
         }

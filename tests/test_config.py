@@ -96,6 +96,7 @@ def test_teacher_key_ignores_the_epoch_used_and_tracks_what_determines_the_teach
                                                       "student.teacher_epoch": 5}).teacher_key()
     assert base.teacher_key() == load_run_spec(None, {"teacher.checkpoint_epochs": [5, 10],
                                                       "student.epochs": 3}).teacher_key()
+    assert base.teacher_key() != base.teacher_key(world_size=4)  # per-worker batches: another run
     for change in ({"teacher.rho": 0.1}, {"teacher.alpha": 0.8}, {"seed": 1}, {"data.img_size": 24}):
         assert base.teacher_key() != load_run_spec(None, {"teacher.checkpoint_epochs": [5, 10],
                                                           **change}).teacher_key()

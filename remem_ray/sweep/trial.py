@@ -68,7 +68,7 @@ def ensure_teacher(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRe
 
     from remem_ray.train.teacher import fine_tune_teacher
 
-    key = run_spec.teacher_key()
+    key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
     epochs = run_spec.teacher.saved_epochs
     leases = get_leases_actor(spec.name)
     deadline = time.monotonic() + spec.sweep.teacher_wait_timeout_s
@@ -118,7 +118,7 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     layout = SweepLayout(storage, spec.name)
     registry = TeacherRegistry(layout.teachers)
     trained = ensure_teacher(spec, run_spec, trial_id, registry, layout)
-    key = run_spec.teacher_key()
+    key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
     teacher = registry.checkpoint_uri(key, run_spec.student.teacher_epoch)
     trainer = make_trainer(
         distill_student,

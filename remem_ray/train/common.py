@@ -87,8 +87,10 @@ class Meter:
     loss: float = 0.0
     correct: int = 0
     count: int = 0
+    device: torch.device | None = None
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.device = logits.device  # NCCL reduces on the model's device, not the current one
         n = labels.numel()
         self.loss += float(loss) * n
         self.correct += int((logits.argmax(-1) == labels).sum())
@@ -98,7 +100,7 @@ class Meter:
         sums = torch.tensor([self.loss, self.correct, self.count], dtype=torch.float64)
         if is_distributed():
             if dist.get_backend() == "nccl":
-                sums = sums.cuda()
+                sums = sums.to(self.device if self.device is not None else torch.device("cuda"))
             dist.all_reduce(sums)
         loss, correct, count = sums.tolist()
         return loss / max(count, 1), correct / max(count, 1)

@@ -86,7 +86,8 @@ class TeacherTask(Task):
             metrics["teacher_mi"] = headline_mi(information)
             meta = model_meta(self.bare, self.cfg.model, self.cfg.model_kwargs, ctx.splits.num_classes,
                               ctx.spec.data.img_size, role="teacher", epoch=epoch, metrics=metrics,
-                              teacher_key=ctx.spec.teacher_key(), information=information)
+                              teacher_key=ctx.spec.teacher_key(ctx.session.world_size),
+                              information=information)
             write_checkpoint(ctx.output, checkpoint_name(epoch), self.bare, meta)
             ctx.session.log(f"saved checkpoint {ctx.output.uri(checkpoint_name(epoch))}")
 
@@ -100,8 +101,9 @@ def fine_tune_teacher(config: dict[str, Any]) -> dict[str, Any]:
     ctx = prepare(config, "teacher")
     task = TeacherTask(ctx)  # weights are fetched before anything is written
     if ctx.is_writer:
-        ctx.output.write_text(SPEC_FILE, json.dumps(
-            {"teacher_key": ctx.spec.teacher_key(), "spec": ctx.spec.model_dump(mode="json")}, indent=2))
+        record = {"teacher_key": ctx.spec.teacher_key(ctx.session.world_size),
+                  "spec": ctx.spec.model_dump(mode="json")}
+        ctx.output.write_text(SPEC_FILE, json.dumps(record, indent=2))
     history = run_epochs(ctx, task)
     return {"history": history,
             "checkpoints": {e: ctx.output.uri(checkpoint_name(e)) for e in task.cfg.saved_epochs}}
