@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -173,18 +172,6 @@ def data_config_of(model: nn.Module) -> dict[str, Any]:
 def normalizer_for(model: nn.Module) -> InputNormalizer:
     cfg = data_config_of(model)
     return InputNormalizer(tuple(cfg["mean"]), tuple(cfg["std"]))
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module):
-    """Eval mode and no gradients, restoring the training flag afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
 
 
 
