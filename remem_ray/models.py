@@ -174,7 +174,6 @@ def normalizer_for(model: nn.Module) -> InputNormalizer:
     return InputNormalizer(tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
-
 def resolved_data_config(name: str, kwargs: dict[str, Any], img_size: int) -> dict[str, Any]:
     """timm's data config (mean, std, crop_pct, interpolation) without building real weights."""
     with torch.device("meta"):
