@@ -58,18 +58,39 @@ def is_complete(storage: Storage, rel: str) -> bool:
     return storage.is_file(f"{rel}/{MANIFEST_FILE}")
 
 
-def read_checkpoint(storage: Storage, rel: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, meta) after checking every file against the manifest."""
+def verify_checkpoint(storage: Storage, rel: str) -> str | None:
+    """None if the folder is complete and every file matches its sha256, else what is wrong."""
+    try:
+        read_checkpoint_files(storage, rel)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def read_checkpoint_files(storage: Storage, rel: str) -> dict[str, bytes]:
+    """Every file of a checkpoint, each checked against the manifest."""
     where = storage.uri(rel)
     if not is_complete(storage, rel):
         raise CheckpointError(f"checkpoint: no complete checkpoint at {where} (manifest.json missing)")
-    manifest = json.loads(storage.read_text(f"{rel}/{MANIFEST_FILE}"))
+    try:
+        manifest = json.loads(storage.read_text(f"{rel}/{MANIFEST_FILE}"))
+        listed = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint: {where}/{MANIFEST_FILE} is corrupt") from None
     blobs = {}
-    for fname, digest in manifest["files"].items():
+    for fname, digest in listed.items():
+        if not storage.is_file(f"{rel}/{fname}"):
+            raise CheckpointError(f"checkpoint: {where}/{fname} is missing")
         data = storage.read_bytes(f"{rel}/{fname}")
         if hashlib.sha256(data).hexdigest() != digest:
             raise CheckpointError(f"checkpoint: {where}/{fname} does not match its sha256 (corrupt or truncated)")
         blobs[fname] = data
+    return blobs
+
+
+def read_checkpoint(storage: Storage, rel: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, meta) after checking every file against the manifest."""
+    blobs = read_checkpoint_files(storage, rel)
     state = torch.load(io.BytesIO(blobs[MODEL_FILE]), map_location="cpu", weights_only=True)
     return state, json.loads(blobs[META_FILE])
 

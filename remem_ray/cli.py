@@ -27,9 +27,13 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
+    """The validated run spec, its storage proven usable before anything is written."""
     from remem_ray.config import load_run_spec
+    from remem_ray.storage import preflight_config
 
-    return load_run_spec(args.spec, _run_overrides(args))
+    spec = load_run_spec(args.spec, _run_overrides(args))
+    preflight_config(spec.storage)
+    return spec
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
@@ -125,6 +129,8 @@ def cmd_sweep_submit(args: argparse.Namespace) -> int:
     from remem_ray.sweep.jobs import submit_sweep
 
     spec = load_sweep_spec(args.spec, _run_overrides(args))
+    # No storage preflight here: the job reaches storage from the cluster, with its network
+    # and instance role, not this machine's; `sweep run` on the cluster checks it first thing.
     job_id = submit_sweep(spec, args.address, ship_package=args.ship_package)
     print(job_id)
     if not spec.storage.root.startswith("s3://"):

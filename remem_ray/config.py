@@ -34,7 +34,8 @@ class DataConfig(StrictModel):
     img_size: int = Field(16, ge=8, le=1024, description="side of the square images both models see")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of train carved out for validation")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="share held out as test where there is no test split")
-    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+    num_workers: int | None = Field(None, ge=0, le=64,
+                                    description="DataLoader worker processes; default: a few on CUDA, none on CPU")
     num_classes: int = Field(10, ge=2, le=1000, description="synthetic dataset only")
     samples_per_class: int = Field(60, ge=4, le=10000, description="synthetic dataset only")
     max_train_samples: int | None = Field(None, ge=10, description="cap on training images (quick runs)")
@@ -130,6 +131,11 @@ class StudentConfig(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     epochs: int = Field(8, ge=1, le=10000)
     batch_size: int = Field(32, ge=1, le=65536)
+    teacher_targets: Literal["online", "cached"] = Field(
+        "online", description="online: run the teacher on every batch; cached: read its logits for "
+                              "target_views fixed augmented views per image, computed once per checkpoint")
+    target_views: int = Field(8, ge=1, le=256, description="cached targets: augmented views per training image")
+    target_view_seed: int = Field(0, ge=0, le=2**31 - 1, description="cached targets: seed of the fixed views")
 
     @field_validator("weights")
     @classmethod
@@ -184,6 +190,7 @@ class RunSpec(StrictModel):
     name: str = "digits"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(False, description="torch.compile the trained model (worth it on GPUs, long runs)")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)

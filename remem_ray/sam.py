@@ -39,6 +39,7 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.eps = eps
         self._saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+        self._buffers: dict[int, tuple[tuple[int, ...], list[torch.Tensor]]] = {}
 
     @property
     def needs_second_pass(self) -> bool:
@@ -64,6 +65,15 @@ class SAM(torch.optim.Optimizer):
         device = norms[0].device
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
+    def _restore_buffers(self, index: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-group copies of w, kept across steps: allocating them every step costs more than holding them."""
+        key = tuple(id(p) for p in params)
+        cached = self._buffers.get(index)
+        if cached is None or cached[0] != key:
+            cached = (key, [torch.empty_like(p) for p in params])
+            self._buffers[index] = cached
+        return cached[1]
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Ascend to w + e(w), e(w) = rho * g / ||g|| (ASAM: rho * |w|^2 g / ||T_w g||)."""
@@ -74,19 +84,22 @@ class SAM(torch.optim.Optimizer):
             return
         norm = self.grad_norm()
         saved = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = self._params_with_grad(group)
             if not params or group["rho"] == 0.0:
                 continue
             scale = group["rho"] / (norm + self.eps)
-            originals = [p.detach().clone() for p in params]
+            originals = self._restore_buffers(index, params)
+            torch._foreach_copy_(originals, params)
             grads = [p.grad for p in params]
-            if group["adaptive"]:
-                squares = torch._foreach_mul(originals, originals)
-                perturb = torch._foreach_mul(grads, squares)
+            scale = scale.to(grads[0].device, grads[0].dtype)
+            if zero_grad:  # the gradients are dropped after this: scale them in place, no new tensors
+                perturb = grads
+                torch._foreach_mul_(perturb, scale)
             else:
-                perturb = list(grads)
-            perturb = torch._foreach_mul(perturb, scale.to(grads[0].device, grads[0].dtype))
+                perturb = torch._foreach_mul(grads, scale)
+            if group["adaptive"]:
+                torch._foreach_mul_(perturb, torch._foreach_mul(originals, originals))
             torch._foreach_add_(params, perturb)
             saved.append((params, originals))
         self._saved = saved

@@ -73,3 +73,48 @@ def s3(moto_endpoint, monkeypatch):
     bucket = f"b{os.urandom(4).hex()}"
     client.create_bucket(Bucket=bucket)
     return {"endpoint": moto_endpoint, "bucket": bucket, "client": client}
+
+
+@pytest.fixture(scope="session")
+def moto_auth_endpoint(tmp_path_factory):
+    """A moto S3 server that checks credentials: unknown keys get 403 (the wrong-credentials case)."""
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not installed: pip install -e '.[test]'")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto-auth") / "moto.log", "wb")
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}  # moto's switch: authenticate every request
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("moto_server (auth) did not start")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def dead_endpoint():
+    """An http endpoint on loopback that nobody listens on."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path):
+    """An empty AWS credential chain: no AWS_* variables, no profile files, no instance metadata."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-such-aws-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-such-aws-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")

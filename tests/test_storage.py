@@ -1,9 +1,12 @@
 """One suite for every storage backend (local folder and S3), like Optuna's storage tests."""
 
+import time
+import uuid
+
 import pytest
 
 from remem_ray.errors import ResourceError
-from remem_ray.storage import Storage
+from remem_ray.storage import PREFLIGHT_TIMEOUT_S, Storage, bucket_error, preflight
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -57,3 +60,86 @@ def test_unreachable_endpoint_is_a_clear_error():
     store = Storage("s3://bucket/p", endpoint="http://127.0.0.1:9")
     with pytest.raises(ResourceError, match=r"^storage: cannot"):
         store.exists("x")
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def test_preflight_accepts_a_new_local_root_without_creating_it(tmp_path):
+    preflight(str(tmp_path / "new" / "root"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("root, expected", [
+    ("occupied", r"^storage: storage.root .*occupied is a file, not a folder$"),
+    ("occupied/below", r"^storage: cannot create storage.root .*occupied/below: .*occupied is a file"),
+])
+def test_preflight_refuses_a_local_root_that_cannot_be_a_folder(root, expected, tmp_path):
+    (tmp_path / "occupied").write_text("x")
+    with pytest.raises(ResourceError, match=expected):
+        preflight(str(tmp_path / root))
+    preflight(str(tmp_path / root), writable=False)  # readers leave local roots to the lookup itself
+
+
+def test_preflight_accepts_a_good_bucket_and_writes_nothing(s3):
+    preflight(f"s3://{s3['bucket']}/prefix", s3["endpoint"])
+    assert s3["client"].list_objects_v2(Bucket=s3["bucket"]).get("KeyCount", 0) == 0
+
+
+def test_preflight_names_a_missing_bucket(s3):
+    with pytest.raises(ResourceError, match=r"bucket 'nope-\w+' of storage.root s3://nope-\w+/p does not exist"):
+        preflight(f"s3://nope-{s3['bucket']}/p", s3["endpoint"])
+
+
+def test_preflight_fails_fast_on_a_dead_endpoint(dead_endpoint):
+    began = time.monotonic()
+    with pytest.raises(ResourceError, match=rf"cannot reach the S3 endpoint {dead_endpoint} \(storage.endpoint\)"):
+        preflight("s3://bucket/p", dead_endpoint)
+    assert time.monotonic() - began < PREFLIGHT_TIMEOUT_S + 2
+
+
+def test_preflight_names_the_field_it_was_given(dead_endpoint):
+    with pytest.raises(ResourceError, match=r"\(--endpoint\)"):
+        preflight("s3://bucket/p", dead_endpoint, root_field="--storage", endpoint_field="--endpoint")
+
+
+def test_preflight_without_credentials_says_what_to_set(moto_endpoint, no_aws_credentials):
+    with pytest.raises(ResourceError, match=r"no AWS credentials for storage.root s3://b/p: set AWS_ACCESS_KEY_ID"):
+        preflight("s3://b/p", moto_endpoint)
+
+
+def test_credential_lookup_returns_fast_with_instance_metadata_enabled(moto_endpoint, no_aws_credentials,
+                                                                       monkeypatch):
+    """Off EC2 boto3's metadata probe gives up after its 1 s timeout; it must never hang the CLI."""
+    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED")
+    began = time.monotonic()
+    with pytest.raises(ResourceError):  # no credentials here; on EC2 with a role: the bucket is missing
+        preflight(f"s3://missing-{uuid.uuid4().hex[:8]}/p", moto_endpoint)
+    assert time.monotonic() - began < 6
+
+
+def test_preflight_reports_access_denied_for_wrong_credentials(moto_auth_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    denied = r"access denied to bucket 'b' of storage.root s3://b/p .*\((403|InvalidAccessKeyId)\)"
+    with pytest.raises(ResourceError, match=denied):
+        preflight("s3://b/p", moto_auth_endpoint)
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("404", "does not exist"), ("NoSuchBucket", "does not exist"), ("403", "access denied"),
+    ("AccessDenied", "access denied"), ("500", "cannot use bucket 'b'"),
+])
+def test_bucket_error_maps_s3_answers_to_one_line(code, expected):
+    from botocore.exceptions import ClientError
+
+    exc = ClientError({"Error": {"Code": code, "Message": "line one\nline two"}}, "HeadBucket")
+    message = str(bucket_error(exc, "b", "s3://b/p", "storage.root"))
+    assert expected in message and "storage.root" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:9000", "http://", "http://host:notaport", "ftp://host:21"])
+def test_preflight_refuses_an_endpoint_that_is_not_a_url(endpoint):
+    with pytest.raises(ResourceError, match=r"--endpoint must look like http://host:port"):
+        preflight("s3://b/p", endpoint, endpoint_field="--endpoint")

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from servers import ProcessTree, SeaweedFS, sigkill
 
@@ -178,15 +177,67 @@ def seaweed(tmp_path):
     server.stop()
 
 
-def test_smoke_sweep_on_s3(tmp_path, seaweed):
+def _bucket_keys(client, prefix: str) -> set[str]:
+    return {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="remem", Prefix=prefix)
+            for o in page.get("Contents", [])}
+
+
+def _files_holding(folders: list[Path], secrets: list[str], skip: Path) -> list[str]:
+    """Every file under `folders` (outside `skip`) whose bytes contain one of `secrets`."""
+    hits = []
+    needles = [s.encode() for s in secrets]
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if skip in path.parents or not path.is_file() or path.is_symlink():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            hits += [f"{path}: {n.decode()}" for n in needles if n in data]
+    return hits
+
+
+@pytest.mark.faults
+def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed):
+    """The S3 smoke sweep; the server is stopped for about 20 s mid-sweep, then restarted over
+    its data. The sweep completes (storage retries with backoff) or stops with a resumable
+    error and resume completes; nothing stored before the outage is lost. The credentials
+    in the environment appear in nothing the sweep wrote, Ray's session logs included."""
     client = seaweed.client()
     client.create_bucket(Bucket="remem")
     env = _env(tmp_path, seaweed.env())
-    rc, out = run_remem(["sweep", "run", str(SMOKE), "--storage", "s3://remem/exp", "--endpoint",
-                         seaweed.endpoint], tmp_path, env)
-    assert rc == 0, out[-3000:]
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="remem", Prefix="exp/")
-            for o in page.get("Contents", [])]
+    ray_dirs_before = set(Path("/tmp").glob("remem-ray-*"))
+    args = ["--storage", "s3://remem/exp", "--endpoint", seaweed.endpoint]
+    proc, tree = start_remem(["sweep", "run", str(SMOKE), *args], tmp_path, env)
+    stored_before: set[str] = set()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            keys = _bucket_keys(client, "exp/")
+            if any(k.endswith("/epoch_2/manifest.json") for k in keys) and any("/students/" in k for k in keys):
+                stored_before = keys
+                break
+            time.sleep(1)
+        assert stored_before, proc.log_path.read_text()[-3000:]
+        outage_began = time.time()
+        seaweed.stop()
+        time.sleep(max(0.0, 20 - (time.time() - outage_began)))
+        seaweed.start()
+        proc.wait(400)
+    finally:
+        if proc.poll() is None:
+            sigkill(proc.pid)
+        tree.kill_all()
+    out = proc.log_path.read_text()
+    if proc.returncode != 0:  # a clear, resumable stop: resume must finish it
+        assert "remem sweep resume" in out or "error" in out.lower(), out[-3000:]
+        rc, out = run_remem(["sweep", "resume", "s3://remem/exp/sweeps/smoke", "--endpoint", seaweed.endpoint],
+                            tmp_path, env)
+        assert rc == 0, out[-3000:]
+    keys = _bucket_keys(client, "exp/")
+    lost = {k for k in stored_before if "/checkpoint_" not in k} - keys  # Train prunes its own old checkpoints
+    assert not lost, sorted(lost)[:10]
     summary = json.loads(client.get_object(Bucket="remem", Key="exp/sweeps/smoke/summary.json")["Body"].read())
     _check_summary(summary, 4)
     assert "exp/sweeps/smoke/tuner.pkl" in keys
@@ -206,58 +257,11 @@ def test_smoke_sweep_on_s3(tmp_path, seaweed):
                         tmp_path, env, timeout=120)
     assert rc == 0 and summary["best"]["trial_id"] in out
 
-
-def test_resume_after_driver_sigkill(tmp_path):
-    spec = yaml.safe_load(SMOKE.read_text())
-    spec["name"] = "resume"
-    spec["student"]["epochs"] = 6
-    spec["sweep"].update(num_samples=3, asha={"enabled": False})
-    spec["storage"]["root"] = str(tmp_path / "results")
-    path = tmp_path / "resume.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    experiment = tmp_path / "results" / "sweeps" / "resume"
-    env = _env(tmp_path)
-
-    proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, env)
-    finished, interrupted = set(), None
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            trials = _experiment_trials(experiment)
-            finished = {t for t, s in trials.items() if s["status"] == "TERMINATED"}
-            running = [t for t, s in trials.items() if s["status"] == "RUNNING"
-                       and 1 <= _student_checkpoint_epoch(experiment, t) <= 3]
-            if finished and running:
-                interrupted = running[0]
-                break
-            time.sleep(0.5)
-    finally:
-        if proc.poll() is None:
-            sigkill(proc.pid)
-        tree.kill_all()
-    assert interrupted is not None, proc.log_path.read_text()[-3000:]
-    done_at_kill = _student_checkpoint_epoch(experiment, interrupted)
-    results_before = {t: (experiment / f"trial_{t}" / "result.json").read_text() for t in finished}
-    study_before = _study(experiment)
-
-    rc, out = run_remem(["sweep", "resume", "resume", "--storage", str(tmp_path / "results")], tmp_path, env)
-    assert rc == 0, out[-3000:]
-    summary = json.loads((experiment / "summary.json").read_text())
-    assert len(summary["trials"]) == 3 and all(r["state"] == "TERMINATED" for r in summary["trials"])
-    # no finished trial ran again
-    for t in finished:
-        assert (experiment / f"trial_{t}" / "result.json").read_text() == results_before[t]
-    # the interrupted trial's Train run continued from its last checkpoint
-    lines = [json.loads(line) for line in (experiment / f"trial_{interrupted}" / "result.json").read_text().split("\n")
-             if line.strip()]
-    resumed = [r for r in lines if r["start_epoch"] > 1]
-    assert resumed, lines
-    assert resumed[0]["start_epoch"] == done_at_kill + 1
-    assert resumed[0]["epoch"] == done_at_kill + 1
-    assert lines[-1]["epoch"] == 6
-    # the Optuna study continued: same early trials, numbers 0..n-1, nothing asked twice
-    study = _study(experiment)
-    assert [t.number for t in study.trials] == list(range(len(study.trials))) and len(study.trials) == 3
-    for old, new in zip(study_before.trials, study.trials):
-        assert old.params == new.params
-    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    # credentials: nothing written holds them - logs, local files, Ray's session folders, the bucket
+    secrets = [seaweed.ACCESS_KEY, seaweed.SECRET_KEY]
+    ray_dirs = sorted(set(Path("/tmp").glob("remem-ray-*")) - ray_dirs_before)
+    assert ray_dirs  # the sweep's own Ray session folders were found and are scanned
+    assert _files_holding([tmp_path, *ray_dirs], secrets, skip=seaweed.data_dir) == []
+    for key in keys:
+        body = client.get_object(Bucket="remem", Key=key)["Body"].read()
+        assert not any(s.encode() in body for s in secrets), key

@@ -241,3 +241,39 @@ def test_locate_sweep_with_an_invalid_stored_spec_is_a_user_error(in_tmp, capsys
     (folder / "sweep_spec.json").write_text("{not json")
     assert main(["sweep", "status", "broken"]) == 2
     assert "is not a sweep spec" in capsys.readouterr().err
+
+
+def test_corrupt_registry_checkpoint_is_found_and_scheduled_for_retraining(tmp_path):
+    import torch
+
+    from remem_ray.checkpoints import write_checkpoint
+    from remem_ray.storage import Storage
+    from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.registry import TRAIN_RUN, TeacherRegistry
+    from remem_ray.sweep.results import summarize
+
+    storage = Storage(str(tmp_path))
+    registry = TeacherRegistry(storage.child("teachers"))
+    model = torch.nn.Linear(4, 2)
+    for epoch in (2, 4):
+        write_checkpoint(registry.folder("k1"), f"epoch_{epoch}", model, {"epoch": epoch})
+    assert registry.has_all("k1", [2, 4]) and registry.verify("k1", 4) is None
+    assert registry.train_run_name("k1") == TRAIN_RUN
+
+    model_file = tmp_path / "teachers" / "k1" / "epoch_4" / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:-10])  # truncated after the manifest was written
+    problem = registry.verify("k1", 4)
+    assert "epoch_4/model.pt does not match its sha256" in problem
+    assert registry.verify("k1", 2) is None
+
+    run = registry.schedule_retrain("k1", 4, problem)
+    assert run == registry.train_run_name("k1") == f"{TRAIN_RUN}-retrain-1"
+    assert not registry.has_all("k1", [2, 4]) and registry.has_all("k1", [2])  # only the bad one goes
+    assert registry.schedule_retrain("k1", 4, problem) == f"{TRAIN_RUN}-retrain-2"
+
+    layout = SweepLayout(storage, "s")
+    layout.record_integrity_event("k1", 4, problem, "t1", action=f"retrained in {run}")
+    spec = SweepSpec.model_validate({"name": "s", "storage": {"root": str(tmp_path)}})
+    summary = summarize(spec, layout)
+    assert summary.corrupt_checkpoints_retrained == 1
+    assert summary.integrity_events[0]["problem"] == problem and summary.integrity_events[0]["epoch"] == 4

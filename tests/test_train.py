@@ -1,12 +1,13 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from remem_ray.checkpoints import load_model
+from remem_ray.checkpoints import load_model, write_checkpoint
 from remem_ray.cli import main
-from remem_ray.config import load_run_spec
+from remem_ray.config import RunSpec, load_run_spec
 from remem_ray.runs import run_folder, run_student, run_teacher
 from remem_ray.train.session import in_ray_train_worker
 
@@ -18,15 +19,26 @@ TINY = {
 }
 
 
-@pytest.mark.learning
-def test_teacher_and_student_learn_on_digits(in_tmp, capsys):
-    """ReMem settings (rho 0.05, alpha 0.9) on the embedded digits default; seeded."""
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    """ReMem settings (rho 0.05, alpha 0.9) on the embedded digits default, trained once; seeded."""
+    root = tmp_path_factory.mktemp("digits")
     spec = load_run_spec(None, {"name": "learn", "seed": 0, "teacher.rho": 0.05, "teacher.alpha": 0.9,
-                                "storage.root": str(in_tmp / "results")})
+                                "storage.root": str(root / "results")})
+    return spec, run_teacher(spec, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def digits_online_student(digits_teacher):
+    return run_student(digits_teacher[0], quiet=True)
+
+
+@pytest.mark.learning
+def test_teacher_and_student_learn_on_digits(digits_teacher, digits_online_student, capsys):
+    spec, teacher = digits_teacher
+    student = digits_online_student
     assert spec.data.name == "digits" and spec.teacher.model == "vit_micro_patch4"
-    teacher = run_teacher(spec, quiet=True)
     teacher_val = teacher["history"][-1]["val_acc"]
-    student = run_student(spec, quiet=True)
     student_val = student["best"]["val_acc"]
     with capsys.disabled():
         print(f"\n[learning] digits teacher {spec.teacher.model} (rho {spec.teacher.rho}, alpha "
@@ -38,6 +50,40 @@ def test_teacher_and_student_learn_on_digits(in_tmp, capsys):
     loaded, meta = load_model(run_folder(spec).child("teacher"), "epoch_20")
     assert meta["reweighting"] == {"alpha": 0.9, "mode": "remem"}
     assert meta["metrics"]["val_acc"] == pytest.approx(teacher_val)
+    curve = json.loads((Path(run_folder(spec).uri("teacher")) / "history.json").read_text())
+    assert [h["epoch"] for h in curve] == list(range(1, 21))
+    assert curve[-1]["loop_seconds"] == pytest.approx(sum(h["epoch_seconds"] for h in curve))
+
+
+@pytest.mark.learning
+def test_cached_targets_distil_as_well_as_online_and_follow_the_checkpoint(digits_teacher, digits_online_student,
+                                                                          capsys):
+    spec, _ = digits_teacher
+    cached_spec = RunSpec.model_validate(
+        {**spec.model_dump(mode="json"), "student": {**spec.student.model_dump(mode="json"),
+                                                     "teacher_targets": "cached", "target_views": 8}})
+    online, cached = digits_online_student, run_student(cached_spec, quiet=True)
+    with capsys.disabled():
+        print(f"\n[learning] digits student, same seeds: online targets val {online['best']['val_acc']:.3f} "
+              f"test {online['best']['test_acc']:.3f}; cached (8 views) val {cached['best']['val_acc']:.3f} "
+              f"test {cached['best']['test_acc']:.3f}")
+    assert cached["history"][-1]["target_cache_built"] == 1
+    # within noise: 0.03 is about 6 of the 216 val / 360 test images
+    assert cached["best"]["val_acc"] == pytest.approx(online["best"]["val_acc"], abs=0.03)
+    assert cached["best"]["test_acc"] == pytest.approx(online["best"]["test_acc"], abs=0.03)
+
+    teacher_dir = run_folder(spec).child("teacher")
+    one_epoch = RunSpec.model_validate({**cached_spec.model_dump(mode="json"),
+                                        "student": {**cached_spec.student.model_dump(mode="json"), "epochs": 1}})
+    assert run_student(one_epoch, quiet=True)["history"][-1]["target_cache_built"] == 0  # reused
+    # A changed checkpoint (same place, other weights) must not be served the old targets.
+    model, meta = load_model(teacher_dir, "epoch_20")
+    with torch.no_grad():
+        model.head.weight.mul_(-1.0)
+    write_checkpoint(teacher_dir, "epoch_20", model, meta)
+    assert run_student(one_epoch, quiet=True)["history"][-1]["target_cache_built"] == 1
+    caches = sorted(p.name for p in (Path(teacher_dir.uri()) / "targets").iterdir())
+    assert len(caches) == 2 and all(n.startswith("epoch_20-") for n in caches)
 
 
 def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys):

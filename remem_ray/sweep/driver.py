@@ -11,7 +11,7 @@ import tempfile
 
 from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
-from remem_ray.storage import Storage
+from remem_ray.storage import Storage, preflight, preflight_config
 from remem_ray.sweep.layout import SPEC_FILE, SweepLayout
 from remem_ray.sweep.registry import start_leases_actor
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
@@ -112,11 +112,12 @@ def _check_new(layout: SweepLayout) -> None:
 
 def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
     address = _cluster_address(address)
-    from ray import tune
-
+    preflight_config(spec.storage)  # endpoint, credentials, bucket, writable root: before Ray is imported
     storage = Storage.from_config(spec.storage)
     layout = SweepLayout(storage, spec.name)
-    _check_new(layout)  # also proves the storage is reachable, before Ray starts
+    _check_new(layout)
+    from ray import tune
+
     _leave_working_dir()
     with ray_session(address):
         leases = start_leases_actor(spec.name)  # noqa: F841  (lives as long as this driver)
@@ -151,12 +152,12 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
     Only a sweep whose folder is where its own spec says its storage root is gets accepted:
     resume unpickles Tune state, so it must come from the root this spec configured.
     """
-    if "/" in name_or_uri:
-        location = name_or_uri.rstrip("/")
-    else:
-        root = storage_root or "./remem-results"
-        location = Storage(root, endpoint).uri("sweeps", name_or_uri)
-    folder = Storage(location, endpoint)
+    by_uri = "/" in name_or_uri
+    root = name_or_uri.rstrip("/") if by_uri else storage_root or "./remem-results"
+    # shared with status, best and report, which only read: prove S3 usable, not a local root writable
+    preflight(root, endpoint, root_field="sweep" if by_uri else "--storage", endpoint_field="--endpoint",
+              writable=False)
+    folder = Storage(root, endpoint) if by_uri else Storage(root, endpoint).child("sweeps", name_or_uri)
     if not folder.is_file(SPEC_FILE):
         raise UserInputError(f"sweep: no sweep at {folder.uri()} ({SPEC_FILE} missing)")
     try:
@@ -176,6 +177,7 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
 
 def resume_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
     address = _cluster_address(address)
+    preflight_config(spec.storage)  # resume writes: the root must be writable too
     from ray import tune
 
     storage = Storage.from_config(spec.storage)

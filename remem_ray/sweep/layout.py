@@ -6,6 +6,7 @@
     <root>/sweeps/<name>/students/<trial>/best/   each trial's best student
     <root>/sweeps/<name>/train-runs/student-<trial>/   the students' Ray Train runs
     <root>/sweeps/<name>/teacher-trainings/<key>.json  teachers this sweep trained
+    <root>/sweeps/<name>/integrity-events/*.json       corrupt checkpoints found and retrained
     <root>/teachers/<key>/                 the teacher registry, shared by sweeps on this root
 """
 
@@ -31,14 +32,28 @@ class SweepLayout:
     def student(self, trial_id: str) -> Storage:
         return self.experiment.child("students", trial_id)
 
-    def record_teacher_training(self, key: str, trial_id: str) -> None:
-        self.experiment.write_text(f"teacher-trainings/{key}.json",
-                                   json.dumps({"teacher_key": key, "trial_id": trial_id, "time": time.time()}))
+    def record_teacher_training(self, key: str, trial_id: str, **extra) -> None:
+        record = {"teacher_key": key, "trial_id": trial_id, "time": time.time(), **extra}
+        self.experiment.write_text(f"teacher-trainings/{key}.json", json.dumps(record))
+
+    def teacher_training(self, key: str) -> dict:
+        return json.loads(self.experiment.read_text(f"teacher-trainings/{key}.json"))
 
     def trained_by(self, key: str) -> str | None:
         """The trial of this sweep that trained teacher `key`, if one did."""
         rel = f"teacher-trainings/{key}.json"
-        return json.loads(self.experiment.read_text(rel))["trial_id"] if self.experiment.is_file(rel) else None
+        return self.teacher_training(key)["trial_id"] if self.experiment.is_file(rel) else None
+
+    def record_integrity_event(self, key: str, epoch: int, problem: str, trial_id: str, action: str) -> None:
+        """A corrupt or truncated checkpoint found on load: kept for summary.json."""
+        record = {"teacher_key": key, "epoch": epoch, "problem": problem, "trial_id": trial_id, "action": action,
+                  "time": time.time()}
+        self.experiment.write_text(f"integrity-events/{key}-epoch_{epoch}-{int(time.time() * 1000)}.json",
+                                   json.dumps(record))
+
+    def integrity_events(self) -> list[dict]:
+        names = [n for n in self.experiment.list_dir("integrity-events") if n.endswith(".json")]
+        return [json.loads(self.experiment.read_text(f"integrity-events/{n}")) for n in names]
 
     def teacher_trainings(self) -> list[str]:
         return [n[: -len(".json")] for n in self.experiment.list_dir("teacher-trainings") if n.endswith(".json")]

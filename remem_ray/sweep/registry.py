@@ -11,12 +11,15 @@ from __future__ import annotations
 import threading
 import time
 
-from remem_ray.checkpoints import is_complete
+import json
+
+from remem_ray.checkpoints import MANIFEST_FILE, is_complete, verify_checkpoint
 from remem_ray.storage import Storage
 from remem_ray.train.teacher import checkpoint_name
 
 NAMESPACE = "remem"
 TRAIN_RUN = "train-run"
+RETRAIN_FILE = "retrain.json"
 
 
 class TeacherRegistry:
@@ -35,6 +38,35 @@ class TeacherRegistry:
     def has_all(self, key: str, epochs: list[int]) -> bool:
         folder = self.folder(key)
         return all(is_complete(folder, checkpoint_name(e)) for e in epochs)
+
+    def verify(self, key: str, epoch: int) -> str | None:
+        """None if that checkpoint is whole, else the problem (checked against its manifest's sha256)."""
+        return verify_checkpoint(self.folder(key), checkpoint_name(epoch))
+
+    def train_run_name(self, key: str) -> str:
+        """The teacher's Train run; a retraining gets a fresh one (the old run finished: it would resume at its end)."""
+        folder = self.folder(key)
+        if folder.is_file(RETRAIN_FILE):
+            return json.loads(folder.read_text(RETRAIN_FILE))["train_run"]
+        return TRAIN_RUN
+
+    def schedule_retrain(self, key: str, epoch: int, problem: str) -> str:
+        """Retrain a teacher after a corrupt checkpoint: a new Train run; the bad checkpoint's manifest goes.
+
+        The marker is written first, so whoever trains next (this trial or, after a crash,
+        another) resumes that same new run; the run rewrites every saved epoch.
+        """
+        folder = self.folder(key)
+        attempt = 1
+        if folder.is_file(RETRAIN_FILE):
+            attempt = int(json.loads(folder.read_text(RETRAIN_FILE))["attempt"]) + 1
+        run = f"{TRAIN_RUN}-retrain-{attempt}"
+        folder.write_text(RETRAIN_FILE, json.dumps({"attempt": attempt, "train_run": run, "epoch": epoch,
+                                                    "reason": problem}))
+        manifest = f"{checkpoint_name(epoch)}/{MANIFEST_FILE}"
+        if folder.is_file(manifest):
+            folder.delete_file(manifest)
+        return run
 
 
 class LeaseTable:

@@ -40,6 +40,8 @@ class SweepSummary:
     teacher_trainings_performed: int = 0
     teacher_reuses: int = 0
     distinct_teacher_keys: int = 0
+    corrupt_checkpoints_retrained: int = 0
+    integrity_events: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,12 +87,15 @@ def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
     scored = [r for r in rows if r.student_val_acc is not None]
     best = max(scored, key=lambda r: (r.student_val_acc, not r.stopped_early), default=None)
     trained = set(layout.teacher_trainings())
+    events = sorted(layout.integrity_events(), key=lambda e: e["time"])
     keys = {r.teacher_key for r in scored if r.teacher_key}
     return SweepSummary(
         name=spec.name, experiment=layout.experiment.uri(), metric=f"student {METRIC}", trials=rows, best=best,
         teacher_trainings_performed=len(trained),
         teacher_reuses=sum(1 for r in scored if not r.teacher_trained),
         distinct_teacher_keys=len(keys),
+        corrupt_checkpoints_retrained=len(events),
+        integrity_events=events,
     )
 
 
@@ -116,6 +121,8 @@ def format_table(summary: SweepSummary) -> str:
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
     out.append(f"teacher trainings performed: {summary.teacher_trainings_performed}, reused by trials: "
                f"{summary.teacher_reuses}, distinct teachers: {summary.distinct_teacher_keys}")
+    if summary.corrupt_checkpoints_retrained:
+        out.append(f"corrupt teacher checkpoints found and retrained: {summary.corrupt_checkpoints_retrained}")
     if summary.best is not None:
         b = summary.best
         out.append(f"best: trial {b.trial_id} {json.dumps(b.params)} student val {_fmt(b.student_val_acc)} "

@@ -18,7 +18,8 @@ from typing import Any
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
-from remem_ray.sweep.registry import TRAIN_RUN, Heartbeat, TeacherRegistry, get_leases_actor
+from remem_ray.sweep.registry import Heartbeat, TeacherRegistry, get_leases_actor
+from remem_ray.train.loop import peak_rss_mb
 
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
@@ -61,19 +62,31 @@ def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=N
                                callbacks=callbacks or [])
 
 
+def _stored_and_whole(registry: TeacherRegistry, key: str, epochs: list[int], epoch: int) -> bool:
+    return registry.has_all(key, epochs) and registry.verify(key, epoch) is None
+
+
 def ensure_teacher(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRegistry,
                    layout: SweepLayout) -> bool:
-    """Make sure every candidate checkpoint of this teacher is stored; True if this trial trained it."""
+    """Make sure every candidate checkpoint of this teacher is stored and the one this trial uses
+    is whole (sha256 against its manifest); True if this trial trained it.
+
+    A corrupt or truncated checkpoint is never used: the trial holding the lease logs it,
+    records it for summary.json and retrains the teacher in a fresh Train run.
+    """
     import ray
 
     from remem_ray.train.teacher import fine_tune_teacher
 
     key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
-    epochs = run_spec.teacher.saved_epochs
+    epochs, epoch = run_spec.teacher.saved_epochs, run_spec.student.teacher_epoch
     leases = get_leases_actor(spec.name)
     deadline = time.monotonic() + spec.sweep.teacher_wait_timeout_s
     last_note = 0.0
-    while not registry.has_all(key, epochs):
+    while True:
+        if _stored_and_whole(registry, key, epochs, epoch):
+            # Stored already; still ours if this very trial trained it before Tune restarted it.
+            return layout.trained_by(key) == trial_id
         if ray.get(leases.acquire.remote(key, trial_id, STALE_AFTER_S)):
             break
         if time.monotonic() - last_note > 30:
@@ -83,22 +96,25 @@ def ensure_teacher(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRe
         if time.monotonic() > deadline:
             raise TimeoutError(f"teacher {key}: not ready after {spec.sweep.teacher_wait_timeout_s:.0f} s")
         time.sleep(POLL_S)
-    else:
-        # Stored already; still ours if this very trial trained it before Tune restarted it.
-        return layout.trained_by(key) == trial_id
     try:
         with Heartbeat(leases, key, trial_id, HEARTBEAT_S):
-            if registry.has_all(key, epochs):  # finished by another holder while we waited
-                return layout.trained_by(key) == trial_id
+            if registry.has_all(key, epochs):
+                problem = registry.verify(key, epoch)
+                if problem is None:  # finished by another holder while we waited
+                    return layout.trained_by(key) == trial_id
+                run = registry.schedule_retrain(key, epoch, problem)
+                layout.record_integrity_event(key, epoch, problem, trial_id, action=f"retrained in {run}")
+                print(f"trial {trial_id}: {problem}; retraining teacher {key} in Train run {run}", flush=True)
             print(f"trial {trial_id}: training teacher {key} (rho {run_spec.teacher.rho}, "
                   f"alpha {run_spec.teacher.alpha})", flush=True)
             trainer = make_trainer(
                 fine_tune_teacher, {"spec": run_spec.model_dump(mode="json"), "output": registry.uri(key)},
                 spec.sweep.resources.teacher, spec.sweep.resources.backend,
-                train_run_config(TRAIN_RUN, registry.folder(key), spec.sweep.max_failures),
+                train_run_config(registry.train_run_name(key), registry.folder(key), spec.sweep.max_failures),
             )
+            fit_called_at = time.time()
             trainer.fit()
-            layout.record_teacher_training(key, trial_id)
+            layout.record_teacher_training(key, trial_id, fit_called_at=fit_called_at)
             return True
     finally:
         leases.release.remote(key, trial_id)
@@ -111,6 +127,7 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
 
     from remem_ray.train.student import distill_student
 
+    started_at = time.time()
     spec = SweepSpec.model_validate(sweep)
     run_spec = spec.run_spec(config)
     trial_id = tune.get_context().get_trial_id()
@@ -126,7 +143,9 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             "spec": run_spec.model_dump(mode="json"),
             "teacher": teacher,
             "output": layout.student(trial_id).uri(),
-            "report_extra": {"teacher_key": key, "teacher_trained": int(trained)},
+            # timings and memory of this trial's driver, for benchmarks/sweep_overhead.py
+            "report_extra": {"teacher_key": key, "teacher_trained": int(trained), "trial_started_at": started_at,
+                             "fit_called_at": time.time(), "trial_driver_rss_mb": peak_rss_mb()},
         },
         spec.sweep.resources.student, spec.sweep.resources.backend,
         train_run_config(f"student-{trial_id}", layout.train_runs, spec.sweep.max_failures,

@@ -53,7 +53,44 @@ def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
 
 def no_sync(model: nn.Module):
     """Skip DDP's all-reduce for one backward (SAM's first pass); a no-op without DDP."""
+    model = getattr(model, "_orig_mod", model)  # under torch.compile
     return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+
+def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """CNNs on CUDA run faster in NHWC (tensor-core convolutions); a ViT's one patch conv does not care."""
+    return device.type == "cuda" and sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+
+
+def runnable_model(model: nn.Module, device: torch.device, compile_model: bool) -> tuple[nn.Module, bool]:
+    """(the module the loop calls, whether inputs go channels_last) for a model already on `device`.
+
+    DDP-wrapped when distributed, then compiled if asked (the order PyTorch recommends);
+    `model` itself stays the bare module whose state dict is saved.
+    """
+    channels_last = prefers_channels_last(model, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    wrapped = wrap_distributed(model, device)
+    return (torch.compile(wrapped) if compile_model else wrapped), channels_last
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """Non-blocking copy (from pinned memory on CUDA), NHWC where the model prefers it."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def loader_workers(configured: int | None, device: torch.device) -> int:
+    """DataLoader worker processes: as configured, else a few on CUDA (keep the GPU fed), none on CPU."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return 0
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(1, torch.cuda.device_count()) - 1))
 
 
 def train_loader(ds: Dataset, batch_size: int, seed: int, num_workers: int, device: torch.device) -> DataLoader:

@@ -16,7 +16,8 @@ from torch import nn
 from remem_ray.config import RunSpec
 from remem_ray.data import DataSplits, EvalTransformConfig, build_datasets
 from remem_ray.storage import Storage
-from remem_ray.train.common import eval_loader, evaluate, pick_device, seed_everything, set_epoch, train_loader
+from remem_ray.train.common import (eval_loader, evaluate, loader_workers, pick_device, seed_everything, set_epoch,
+                                    train_loader)
 from remem_ray.train.session import Session, current_session
 
 
@@ -50,7 +51,7 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     device = pick_device(spec.device, session.local_rank)
     eval_cfg = EvalTransformConfig.from_timm(resolved_data_config(model_name, model_kwargs, spec.data.img_size))
     splits = build_datasets(spec.data, spec.seed, eval_cfg, endpoint=spec.storage.endpoint)
-    workers = spec.data.num_workers
+    workers = loader_workers(spec.data.num_workers, device)
     loaders = {
         "train": train_loader(splits.train, batch_size, spec.seed, workers, device),
         "val": eval_loader(splits.val, max(batch_size, 256), workers, device),
@@ -80,6 +81,13 @@ class Task:
         """Save what this task keeps (rank 0 writes)."""
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
     """Train from the last reported state (or the start), evaluating and reporting each epoch."""
     history: list[dict[str, Any]] = []
@@ -92,14 +100,17 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         torch.set_rng_state(state["rng"])
         ctx.session.log(f"resuming at epoch {start} of {task.epochs}")
     for epoch in range(start, task.epochs + 1):
-        began = time.perf_counter()
+        began, began_at = time.perf_counter(), time.time()
         set_epoch(ctx.loaders["train"], epoch)
-        metrics: dict[str, Any] = {"epoch": epoch, "epochs": task.epochs, "start_epoch": start}
+        metrics: dict[str, Any] = {"epoch": epoch, "epochs": task.epochs, "start_epoch": start,
+                                   "epoch_started_at": began_at}
         metrics.update(task.train_epoch(ctx, epoch))
         for split in ("val", "test"):
             loss, acc = evaluate(task.model, task.normalizer, ctx.loaders[split], ctx.device)
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = loss, acc
         metrics["epoch_seconds"] = time.perf_counter() - began
+        metrics["loop_seconds"] = sum(h["epoch_seconds"] for h in history) + metrics["epoch_seconds"]
+        metrics["peak_rss_mb"] = peak_rss_mb()
         history.append(metrics)
         task.after_epoch(ctx, epoch, metrics)
         metrics.update(ctx.report_extra)

@@ -1,5 +1,6 @@
-"""Student distillation from a teacher checkpoint: the teacher is frozen in eval mode with
-its reweighting, and produces targets online for each augmented batch."""
+"""Student distillation from a teacher checkpoint. The teacher is frozen in eval mode with its
+reweighting; its targets come online for each augmented batch or from a per-checkpoint cache
+(see remem_ray.train.targets)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,24 @@ import torch
 from remem_ray.checkpoints import load_model, model_meta, split_location, write_checkpoint
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import create_model, normalizer_for
-from remem_ray.train.common import Meter, autocast, build_optimizer, warmup_cosine, wrap_distributed
+from remem_ray.train.common import (Meter, autocast, build_optimizer, loader_workers, runnable_model, to_device,
+                                    train_loader, warmup_cosine)
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
+from remem_ray.train.targets import CachedTargets, OnlineTargets, TargetSource, load_or_build_targets
 
 BEST = "best"
+
+
+def target_source(ctx: LoopContext, teacher_location: str, teacher, teacher_normalizer) -> TargetSource:
+    cfg = ctx.spec.student
+    if cfg.teacher_targets == "online":
+        return OnlineTargets(teacher, teacher_normalizer, ctx.device)
+    table, info = load_or_build_targets(ctx.spec, teacher_location, teacher, teacher_normalizer, ctx.splits.train,
+                                        ctx.device, ctx.is_writer, log=ctx.session.log)
+    ctx.report_extra["target_cache_built"] = int(info["built"])
+    if not info["built"]:
+        ctx.session.log(f"teacher targets from cache {info['location']}")
+    return CachedTargets(table, cfg.target_views, cfg.target_view_seed, ctx.device)
 
 
 class StudentTask(Task):
@@ -25,12 +40,16 @@ class StudentTask(Task):
         if self.teacher_meta["num_classes"] != ctx.splits.num_classes:
             raise ValueError(f"student.teacher_checkpoint: teacher has {self.teacher_meta['num_classes']} classes, "
                              f"data has {ctx.splits.num_classes}")
-        self.teacher = teacher.to(ctx.device).eval().requires_grad_(False)
-        self.teacher_normalizer = normalizer_for(teacher).to(ctx.device)
+        teacher = teacher.to(ctx.device).eval().requires_grad_(False)
+        self.targets = target_source(ctx, teacher_location, teacher, normalizer_for(teacher).to(ctx.device))
+        train_set = self.targets.train_dataset(ctx.splits.train)
+        if train_set is not ctx.splits.train:
+            ctx.loaders["train"] = train_loader(train_set, cfg.batch_size, ctx.spec.seed,
+                                                loader_workers(ctx.spec.data.num_workers, ctx.device), ctx.device)
         student = create_model(cfg.model, ctx.splits.num_classes, ctx.spec.data.img_size, cfg.model_kwargs,
                                weights=cfg.weights, role="student", endpoint=ctx.spec.storage.endpoint)
         self.bare = student.to(ctx.device)
-        self.model = wrap_distributed(self.bare, ctx.device)
+        self.model, self.channels_last = runnable_model(self.bare, ctx.device, ctx.spec.compile)
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
         self.loss_fn = DistillationLoss(cfg.kd.loss, cfg.kd.temperature, cfg.kd.weight)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
@@ -41,14 +60,13 @@ class StudentTask(Task):
     def train_epoch(self, ctx: LoopContext, epoch: int) -> dict[str, float]:
         self.model.train()
         meter = Meter()
-        for images, labels in ctx.loaders["train"]:
-            images = images.to(ctx.device, non_blocking=True)
+        for images, labels, *extra in ctx.loaders["train"]:
+            images = to_device(images, ctx.device, self.channels_last)
             labels = labels.to(ctx.device, non_blocking=True)
-            with torch.no_grad(), autocast(ctx.device):
-                teacher_logits = self.teacher(self.teacher_normalizer(images))
+            teacher_logits = self.targets(images, extra)
             with autocast(ctx.device):
                 logits = self.model(self.normalizer(images))
-            loss = self.loss_fn(logits, teacher_logits.float(), labels)
+            loss = self.loss_fn(logits, teacher_logits, labels)
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

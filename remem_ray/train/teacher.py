@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from remem_ray.checkpoints import model_meta, write_checkpoint
 from remem_ray.info import checkpoint_information, headline_mi
 from remem_ray.models import create_model, normalizer_for, reweight_mlp
-from remem_ray.train.common import Meter, autocast, build_sam, no_sync, warmup_cosine, wrap_distributed
+from remem_ray.train.common import Meter, autocast, build_sam, no_sync, runnable_model, to_device, warmup_cosine
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 
 SPEC_FILE = "spec.json"
+HISTORY_FILE = "history.json"
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -31,7 +32,7 @@ class TeacherTask(Task):
         if cfg.alpha < 1.0:
             reweight_mlp(model, cfg.alpha, cfg.reweight_mode)
         self.bare = model.to(ctx.device)
-        self.model = wrap_distributed(self.bare, ctx.device)
+        self.model, self.channels_last = runnable_model(self.bare, ctx.device, ctx.spec.compile)
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
         self.optimizer = build_sam(self.model.parameters(), cfg.optimizer, cfg.rho, cfg.adaptive)
         self.scheduler = warmup_cosine(self.optimizer.base_optimizer, cfg.schedule, cfg.epochs, len(ctx.loaders["train"]))
@@ -46,7 +47,7 @@ class TeacherTask(Task):
         meter = Meter()
         opt, clip = self.optimizer, self.cfg.grad_clip
         for images, labels in ctx.loaders["train"]:
-            images = self.normalizer(images.to(ctx.device, non_blocking=True))
+            images = self.normalizer(to_device(images, ctx.device, self.channels_last))
             labels = labels.to(ctx.device, non_blocking=True)
             if opt.needs_second_pass:
                 with no_sync(self.model):
@@ -105,5 +106,7 @@ def fine_tune_teacher(config: dict[str, Any]) -> dict[str, Any]:
                   "spec": ctx.spec.model_dump(mode="json")}
         ctx.output.write_text(SPEC_FILE, json.dumps(record, indent=2))
     history = run_epochs(ctx, task)
+    if ctx.is_writer:  # the whole curve, for reports and the sweep-overhead benchmark
+        ctx.output.write_text(HISTORY_FILE, json.dumps(history, indent=1))
     return {"history": history,
             "checkpoints": {e: ctx.output.uri(checkpoint_name(e)) for e in task.cfg.saved_epochs}}

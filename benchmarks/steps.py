@@ -1,0 +1,153 @@
+"""Step-time ratios on one model and batch, CPU or GPU:
+
+- SAM step / base optimiser step (target <= 2.05x; 2x is the floor: two forward-backward passes);
+- our foreach SAM / a plain per-parameter-loop SAM (target: no slower, <= 1.0x);
+- distillation step with cached targets / student-only step (target <= 1.15x), with the
+  online-teacher step beside them for scale.
+
+    python -m benchmarks.steps [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import interleaved_samples, machine, median_ratio, medians, ratio_quartiles, table, verdict
+from remem_ray.losses import DistillationLoss
+from remem_ray.models import create_model
+from remem_ray.sam import SAM
+
+
+class LoopSAM:
+    """The textbook SAM, one Python iteration per parameter (the reference we must not lose to)."""
+
+    def __init__(self, params, rho: float, **kwargs) -> None:
+        self.params = [p for p in params]
+        self.base = torch.optim.AdamW(self.params, **kwargs)
+        self.rho, self.e_w = rho, {}
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        norm = torch.norm(torch.stack([p.grad.norm(2) for p in self.params if p.grad is not None]), 2)
+        scale = self.rho / (norm + 1e-12)
+        for p in self.params:
+            if p.grad is None:
+                continue
+            e = p.grad * scale
+            p.add_(e)
+            self.e_w[p] = e
+        self.base.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        for p, e in self.e_w.items():
+            p.sub_(e)
+        self.base.step()
+        self.base.zero_grad(set_to_none=True)
+
+
+def sam_variants(model_name: str, batch: int, img: int, device: torch.device):
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, img, img, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    models = {k: create_model(model_name, 10, img).to(device).train() for k in ("base", "sam", "loop")}
+    opts = {
+        "base": torch.optim.AdamW(models["base"].parameters(), lr=1e-4),
+        "sam": SAM(models["sam"].parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4),
+        "loop": LoopSAM(models["loop"].parameters(), rho=0.05, lr=1e-4),
+    }
+
+    def loss(m):
+        return F.cross_entropy(m(x), y)
+
+    def base_step():
+        loss(models["base"]).backward()
+        opts["base"].step()
+        opts["base"].zero_grad(set_to_none=True)
+
+    def two_pass(name):
+        def step():
+            loss(models[name]).backward()
+            opts[name].first_step()
+            loss(models[name]).backward()
+            opts[name].second_step()
+        return step
+
+    return {"base step": base_step, "SAM (foreach)": two_pass("sam"), "SAM (per-parameter loop)": two_pass("loop")}
+
+
+def distill_variants(teacher_name: str, student_name: str, batch: int, img: int, device: torch.device):
+    from remem_ray.train.targets import CachedTargets, OnlineTargets
+
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, img, img, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    teacher = create_model(teacher_name, 10, img).to(device).eval().requires_grad_(False)
+    students = {k: create_model(student_name, 10, img).to(device).train() for k in ("ce", "online", "cached")}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in students.items()}
+    kd = DistillationLoss("kd", 4.0, 0.9)
+    n_images, n_views = 4096, 8
+    table_ = torch.randn(n_images, n_views, 10).half()  # the cache lives in host memory, as in training
+    sources = {"online": OnlineTargets(teacher, torch.nn.Identity(), device),
+               "cached": CachedTargets(table_, n_views, 0, device)}
+    index, view = torch.randint(0, n_images, (batch,)), torch.randint(0, n_views, (batch,))
+
+    def student_only():
+        F.cross_entropy(students["ce"](x), y).backward()
+        opts["ce"].step()
+        opts["ce"].zero_grad(set_to_none=True)
+
+    def distil(name):
+        def step():
+            targets = sources[name](x, [index, view])
+            kd(students[name](x), targets, y).backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+        return step
+
+    return {"student only (CE)": student_only, "distil, cached targets": distil("cached"),
+            "distil, online teacher": distil("online")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sam-model", default="vit_tiny_patch16_224")
+    parser.add_argument("--teacher", default="vit_small_patch16_224")
+    parser.add_argument("--student", default="resnet18")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--img", type=int, default=64)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    print(machine())
+
+    sam = interleaved_samples(sam_variants(args.sam_model, args.batch, args.img, device), args.rounds)
+    dist = interleaved_samples(distill_variants(args.teacher, args.student, args.batch, args.img, device),
+                               args.rounds)
+    pairs = {"sam": (sam, "SAM (foreach)", "base step"),
+             "loop": (sam, "SAM (foreach)", "SAM (per-parameter loop)"),
+             "cached": (dist, "distil, cached targets", "student only (CE)"),
+             "online": (dist, "distil, online teacher", "student only (CE)")}
+    ratios = {k: median_ratio(*v) for k, v in pairs.items()}
+    spread = {k: "{:.3f}-{:.3f}".format(*ratio_quartiles(*v)) for k, v in pairs.items()}
+    rows = [["measure", "ratio (median)", "quartiles", "target", "verdict"],
+            [f"SAM step / AdamW step ({args.sam_model}, batch {args.batch}, {args.img}px)", f"{ratios['sam']:.3f}",
+             spread["sam"], "<= 2.05", verdict(ratios["sam"], 2.05)],
+            ["SAM foreach / SAM per-parameter loop", f"{ratios['loop']:.3f}", spread["loop"], "<= 1.00",
+             verdict(ratios["loop"], 1.0)],
+            [f"distil step, cached targets / student only ({args.student})", f"{ratios['cached']:.3f}",
+             spread["cached"], "<= 1.15", verdict(ratios["cached"], 1.15)],
+            [f"distil step, online teacher ({args.teacher}) / student only", f"{ratios['online']:.3f}",
+             spread["online"], "-", "for scale"]]
+    print(table(rows))
+    print(f"{args.rounds} rounds; median step seconds: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in {**medians(sam), **medians(dist)}.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

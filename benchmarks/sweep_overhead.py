@@ -1,0 +1,117 @@
+"""Sweep overhead: how much of a sweep's wall time no training loop is running.
+
+Runs `remem sweep run SPEC` as a user would (a fresh local Ray, a temporary storage root),
+then reads back from storage every teacher and student epoch's start time and length.
+
+- overhead = 1 - (time covered by at least one running epoch) / wall time   (target < 15 %
+  on the default sweep); wall time counts everything: Python start, Ray start and stop,
+  trial scheduling, Train worker-group start, checkpoints, the report.
+- slot use = summed epoch time / (wall time x concurrent trials).
+- Train-run start latency: trainer.fit() called -> its first epoch begins.
+- teacher reuse: teacher trainings performed == distinct teacher keys.
+- peak RSS: the largest Train worker and trial-driver process.
+
+    python -m benchmarks.sweep_overhead [--spec search_spaces/smoke.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import machine, table, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def covered_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+def collect(root: Path, name: str) -> dict:
+    """Epoch intervals, start latencies and memory of one finished sweep, from its storage."""
+    experiment = root / "sweeps" / name
+    intervals, loop_seconds, latencies, worker_rss, driver_rss = [], 0.0, {"teacher": [], "student": []}, [], []
+    for record_file in sorted((experiment / "teacher-trainings").glob("*.json")):
+        record = json.loads(record_file.read_text())
+        history = json.loads((root / "teachers" / record["teacher_key"] / "history.json").read_text())
+        for h in history:
+            intervals.append((h["epoch_started_at"], h["epoch_started_at"] + h["epoch_seconds"]))
+            loop_seconds += h["epoch_seconds"]
+            worker_rss.append(h["peak_rss_mb"])
+        if history[0]["start_epoch"] == 1:
+            latencies["teacher"].append(history[0]["epoch_started_at"] - record["fit_called_at"])
+    for result_file in sorted(experiment.glob("trial_*/result.json")):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        for h in rows:
+            intervals.append((h["epoch_started_at"], h["epoch_started_at"] + h["epoch_seconds"]))
+            loop_seconds += h["epoch_seconds"]
+            worker_rss.append(h["peak_rss_mb"])
+            driver_rss.append(h["trial_driver_rss_mb"])
+        if rows[0]["start_epoch"] == 1:
+            latencies["student"].append(rows[0]["epoch_started_at"] - rows[0]["fit_called_at"])
+    summary = json.loads((experiment / "summary.json").read_text())
+    return {"intervals": intervals, "loop_seconds": loop_seconds, "latencies": latencies,
+            "worker_rss_mb": max(worker_rss), "driver_rss_mb": max(driver_rss), "summary": summary}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default=str(ROOT / "search_spaces" / "smoke.yaml"))
+    parser.add_argument("--target", type=float, default=0.15, help="overhead target (fraction of wall time)")
+    args = parser.parse_args(argv)
+    print(machine())
+    with tempfile.TemporaryDirectory(prefix="remem-bench-") as tmp:
+        root = Path(tmp) / "results"
+        name = "bench-" + Path(args.spec).stem
+        cmd = [sys.executable, "-m", "remem_ray.cli", "sweep", "run", str(Path(args.spec).absolute()), "--storage", str(root),
+               "--name", name]
+        began = time.time()
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        wall = time.time() - began
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+            raise SystemExit(f"sweep failed with exit code {proc.returncode}")
+        spec = json.loads((root / "sweeps" / name / "sweep_spec.json").read_text())
+        data = collect(root, name)
+    slots = spec["sweep"]["max_concurrent_trials"] or 2
+    busy = covered_seconds(data["intervals"])
+    overhead = 1.0 - busy / wall
+    summary = data["summary"]
+    lat = data["latencies"]
+    rows = [["measure", "value", "target", "verdict"],
+            [f"overhead: wall time with no epoch running ({Path(args.spec).name})", f"{overhead:.1%}",
+             f"< {args.target:.0%}", verdict(overhead, args.target)],
+            ["slot use: epoch time / (wall x concurrent trials)", f"{data['loop_seconds'] / (wall * slots):.1%}", "-",
+             "-"],
+            ["wall time / time covered by epochs", f"{wall:.0f} s / {busy:.0f} s", "-", "-"],
+            ["Train-run start latency, teachers (median)",
+             f"{statistics.median(lat['teacher']):.1f} s" if lat["teacher"] else "-", "-", "-"],
+            ["Train-run start latency, students (median)",
+             f"{statistics.median(lat['student']):.1f} s" if lat["student"] else "-", "-", "-"],
+            ["teacher trainings / distinct teacher keys",
+             f"{summary['teacher_trainings_performed']} / {summary['distinct_teacher_keys']}", "equal",
+             "meets" if summary["teacher_trainings_performed"] == summary["distinct_teacher_keys"] else "MISSES"],
+            ["peak RSS: Train worker / trial driver", f"{data['worker_rss_mb']:.0f} MB / {data['driver_rss_mb']:.0f} MB",
+             "-", "-"]]
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""The bad-input corpus: each case exits 2 with one stderr line naming the field or resource,
+no traceback, nothing written (in the working folder or the bucket) and no Ray started.
+
+A case is a spec (YAML), the verbs that read it, and what the message must name. Words in
+@CAPS@ are filled in per test: @ENDPOINT@ a moto S3 server, @AUTH_ENDPOINT@ one that checks
+credentials, @DEAD@ a loopback port nobody listens on, @BUCKET@ a fresh empty bucket,
+@MISSING@ a bucket that does not exist, @READONLY@ a folder this user cannot write.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from remem_ray.cli import main
+
+TEACHER, DISTILL, RUN, SWEEP_RUN = ("teacher", "SPEC"), ("distill", "SPEC"), ("run", "SPEC"), ("sweep", "run", "SPEC")
+RUN_VERBS = (TEACHER, RUN)
+ALL_VERBS = (TEACHER, DISTILL, RUN, SWEEP_RUN)
+MOTO_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+S3_ROOT = "storage:\n  root: s3://@BUCKET@/p\n  endpoint: @ENDPOINT@\n"
+MISSING_ROOT = "storage:\n  root: s3://@MISSING@/p\n  endpoint: @ENDPOINT@\n"
+
+
+@dataclass(frozen=True)
+class Bad:
+    id: str
+    spec: str | None  # YAML written to spec.yaml; None: the verbs take no spec
+    expected: tuple[str, ...]  # each must appear in the message
+    verbs: tuple[tuple[str, ...], ...] = RUN_VERBS
+    flags: tuple[str, ...] = ()  # appended to every verb's arguments
+    env: tuple[tuple[str, str], ...] = ()  # on top of an empty AWS credential chain
+    file: str | None = None  # a file put in the working folder first (where a storage root goes)
+
+
+def _bad(id, spec, *expected, **kw) -> Bad:
+    return Bad(id, spec, expected, **kw)
+
+
+CORPUS = [
+    # ------------------------------------------------------------- the run spec's fields
+    _bad("unknown-top-key", "foo: 1\n", "foo: unknown key"),
+    _bad("unknown-nested-key", "teacher:\n  rhoo: 0.1\n", "teacher.rhoo: unknown key"),
+    _bad("wrong-type", "teacher:\n  epochs: ten\n", "teacher.epochs"),
+    _bad("negative-rho", "teacher:\n  rho: -0.01\n", "teacher.rho"),
+    _bad("alpha-zero", "teacher:\n  alpha: 0\n", "teacher.alpha"),
+    _bad("alpha-above-one", "teacher:\n  alpha: 1.5\n", "teacher.alpha"),
+    _bad("checkpoint-epoch-zero", "teacher:\n  epochs: 5\n  checkpoint_epochs: [0, 5]\n", "checkpoint_epochs"),
+    _bad("checkpoint-epoch-past-end", "teacher:\n  epochs: 5\n  checkpoint_epochs: [6]\n", "checkpoint_epochs"),
+    _bad("unknown-teacher-model", "teacher:\n  model: vit_nonexistent_999\n", "teacher.model"),
+    _bad("unknown-student-model", "student:\n  model: resnet_nonexistent\n", "student.model"),
+    _bad("unknown-dataset", "data:\n  name: imagenet9\n", "data.name"),
+    _bad("not-a-mapping", "- teacher\n- student\n", "must hold a mapping"),
+    _bad("yaml-syntax", "teacher: [1, 2\n", "invalid YAML"),
+    _bad("unsupported-scheme", "storage:\n  root: ftp://host/x\n", "storage.root"),
+    _bad("endpoint-without-scheme", "storage:\n  root: s3://b/p\n  endpoint: 127.0.0.1:9000\n", "storage.endpoint"),
+    _bad("reweight-non-vit", "teacher:\n  model: resnet18\n  alpha: 0.9\n", "teacher.alpha"),
+    _bad("img-size-too-small", "data:\n  img_size: 4\n", "data.img_size"),
+    _bad("missing-weights-file", "teacher:\n  weights: /nonexistent/w.pth\n", "teacher.weights"),
+    _bad("zero-temperature", "student:\n  kd:\n    temperature: 0\n", "student.kd.temperature"),
+    _bad("bad-name", "name: a/b\n", "name"),
+    _bad("bad-model-kwargs", "teacher:\n  model_kwargs: {no_such_arg: 1}\n", "teacher.model_kwargs"),
+    _bad("unknown-optimizer", "teacher:\n  optimizer:\n    name: lamb\n", "teacher.optimizer.name"),
+    _bad("imagefolder-without-root", "data:\n  name: imagefolder\n", "data.root"),
+    _bad("kd-weight-above-one", "student:\n  kd:\n    weight: 1.2\n", "student.kd.weight"),
+    # negative epochs
+    _bad("negative-epochs", "student:\n  epochs: -3\n", "student.epochs"),
+    _bad("negative-teacher-epochs", "teacher:\n  epochs: -1\n", "teacher.epochs"),
+    _bad("sweep-negative-epochs", "student:\n  epochs: -2\n", "student.epochs", verbs=(SWEEP_RUN,)),
+    # python object tags: safe_load refuses them before anything runs
+    _bad("python-object-tag", "teacher: !!python/object/apply:os.system ['echo pwned']\n", "invalid YAML"),
+    _bad("python-name-tag", "teacher:\n  model: !!python/name:os.system\n", "invalid YAML",
+         verbs=(TEACHER, SWEEP_RUN)),
+    _bad("sweep-python-object-new", "sweep: !!python/object/new:os.system [echo pwned]\n", "invalid YAML",
+         verbs=(SWEEP_RUN,)),
+    # '..' in paths
+    _bad("parent-dir-in-storage", "storage:\n  root: ../elsewhere\n", "storage.root"),
+    _bad("parent-dir-in-s3-root", "storage:\n  root: s3://bucket/a/../b\n", "storage.root"),
+    _bad("parent-dir-in-data-root", "data:\n  root: data/../../secrets\n", "data.root"),
+    _bad("parent-dir-in-s3-weights", "teacher:\n  weights: s3://bucket/models/../../w.pth\n", "teacher.weights"),
+    _bad("parent-dir-in-teacher-checkpoint", "student:\n  teacher_checkpoint: ../other/teacher/epoch_5\n",
+         "student.teacher_checkpoint", verbs=(DISTILL, RUN)),
+    _bad("parent-dir-in-storage-flag", "name: x\n", "storage.root", flags=("--storage", "../out"),
+         verbs=(TEACHER, RUN, SWEEP_RUN)),
+    _bad("parent-dir-in-name-flag", "name: x\n", "name", flags=("--name", "../escape"), verbs=(TEACHER, SWEEP_RUN)),
+    # a teacher_epoch that is not saved
+    _bad("teacher-epoch-not-saved", "teacher:\n  epochs: 4\nstudent:\n  teacher_epoch: 2\n",
+         "student.teacher_epoch"),
+    _bad("teacher-epoch-flag-not-saved", "teacher:\n  epochs: 4\n", "student.teacher_epoch",
+         flags=("--teacher-epoch", "3"), verbs=(DISTILL, RUN)),
+    _bad("sweep-teacher-epoch-not-saved",
+         "teacher:\n  epochs: 4\n  checkpoint_epochs: [2, 4]\nsweep:\n  search:\n    teacher_epoch: [3]\n",
+         "sweep.search.teacher_epoch", verbs=(SWEEP_RUN,)),
+    # the sweep section
+    _bad("sweep-num-samples-over-ceiling", "sweep:\n  num_samples: 10001\n", "sweep.num_samples", "10000",
+         verbs=(SWEEP_RUN,)),
+    _bad("sweep-alpha-zero", "sweep:\n  search:\n    alpha:\n      values: [0, 0.9]\n", "sweep.search: alpha",
+         verbs=(SWEEP_RUN,)),
+    _bad("sweep-point-alpha-zero", "sweep:\n  points_to_evaluate: [{alpha: 0}]\n",
+         "sweep.points_to_evaluate.0.alpha", verbs=(SWEEP_RUN,)),
+    # storage: S3 endpoint, credentials, bucket
+    _bad("unreachable-endpoint", "storage:\n  root: s3://bucket/p\n  endpoint: @DEAD@\n",
+         "storage.endpoint", "@DEAD@", verbs=ALL_VERBS),
+    _bad("unreachable-endpoint-from-env", "storage:\n  root: s3://bucket/p\n", "AWS_ENDPOINT_URL", "@DEAD@",
+         env=(("AWS_ENDPOINT_URL", "@DEAD@"),), verbs=(TEACHER, SWEEP_RUN)),
+    _bad("missing-credentials", S3_ROOT, "storage.root", "no AWS credentials", "AWS_ACCESS_KEY_ID",
+         verbs=ALL_VERBS),
+    _bad("missing-aws-profile", S3_ROOT, "storage.root", "no-such-profile",
+         env=(("AWS_PROFILE", "no-such-profile"),), verbs=(TEACHER, SWEEP_RUN)),
+    _bad("missing-bucket", MISSING_ROOT, "storage.root", "@MISSING@", "does not exist",
+         env=tuple(MOTO_KEYS.items()), verbs=ALL_VERBS),
+    _bad("wrong-credentials", "storage:\n  root: s3://@MISSING@/p\n  endpoint: @AUTH_ENDPOINT@\n",
+         "storage.root", "access denied", env=tuple(MOTO_KEYS.items()), verbs=(TEACHER, SWEEP_RUN)),
+    # storage: a local root that cannot be a folder we write
+    _bad("storage-root-is-a-file", "storage:\n  root: occupied\n", "storage.root", "is a file",
+         file="occupied", verbs=ALL_VERBS),
+    _bad("storage-root-under-a-file", "storage:\n  root: occupied/results\n", "storage.root", "occupied",
+         file="occupied", verbs=(TEACHER, SWEEP_RUN)),
+    _bad("storage-root-not-writable", "storage:\n  root: @READONLY@/results\n", "storage.root", "not writable",
+         verbs=(TEACHER, SWEEP_RUN)),
+    # verbs that find an existing sweep: the same checks on --storage / the sweep URI and --endpoint
+    _bad("status-missing-bucket", None, "--storage", "@MISSING@", "does not exist",
+         verbs=(("sweep", "status", "demo"), ("sweep", "best", "demo"), ("report", "demo")),
+         flags=("--storage", "s3://@MISSING@/p", "--endpoint", "@ENDPOINT@"), env=tuple(MOTO_KEYS.items())),
+    _bad("resume-unreachable-endpoint", None, "--endpoint", "@DEAD@",
+         verbs=(("sweep", "resume", "s3://bucket/p/sweeps/demo"), ("sweep", "status", "s3://bucket/p/sweeps/demo")),
+         flags=("--endpoint", "@DEAD@")),
+    _bad("status-endpoint-not-a-url", None, "--endpoint", "127.0.0.1:9000", verbs=(("sweep", "status", "demo"),),
+         flags=("--storage", "s3://bucket/p", "--endpoint", "127.0.0.1:9000")),
+    _bad("status-unknown-sweep", None, "sweep: no sweep at", "nothing-here",
+         verbs=(("sweep", "status", "nothing-here"), ("sweep", "resume", "nothing-here"))),
+    _bad("best-missing-credentials", None, "--storage", "AWS_ACCESS_KEY_ID", verbs=(("sweep", "best", "demo"),),
+         flags=("--storage", "s3://@BUCKET@/p", "--endpoint", "@ENDPOINT@")),
+]
+
+
+class Scene:
+    """Fills a case's @WORDS@ in, creating only the servers and buckets it names."""
+
+    def __init__(self, request, tmp_path_factory) -> None:
+        self.request, self.tmp_path_factory = request, tmp_path_factory
+        self.values: dict[str, str] = {}
+        self.client = None
+
+    def fill(self, text: str) -> str:
+        for word in ("ENDPOINT", "AUTH_ENDPOINT", "DEAD", "BUCKET", "MISSING", "READONLY"):
+            if f"@{word}@" in text:
+                text = text.replace(f"@{word}@", self._value(word))
+        return text
+
+    def _value(self, word: str) -> str:
+        if word not in self.values:
+            self.values[word] = getattr(self, f"_make_{word.lower()}")()
+        return self.values[word]
+
+    def _make_endpoint(self) -> str:
+        import boto3
+
+        endpoint = self.request.getfixturevalue("moto_endpoint")
+        # explicit keys: the test's own environment has none
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                   aws_access_key_id="testing", aws_secret_access_key="testing")
+        return endpoint
+
+    def _make_auth_endpoint(self) -> str:
+        return self.request.getfixturevalue("moto_auth_endpoint")
+
+    def _make_dead(self) -> str:
+        return self.request.getfixturevalue("dead_endpoint")
+
+    def _make_bucket(self) -> str:
+        self._value("ENDPOINT")
+        bucket = f"bad-input-{uuid.uuid4().hex[:8]}"
+        self.client.create_bucket(Bucket=bucket)
+        return bucket
+
+    def _make_missing(self) -> str:
+        return f"missing-{uuid.uuid4().hex[:8]}"
+
+    def _make_readonly(self) -> str:
+        folder = self.tmp_path_factory.mktemp("read-only")
+        folder.chmod(0o555)
+        if not os.access(folder, os.W_OK):
+            return str(folder)
+        if os.path.isdir("/proc/sys") and not os.access("/proc/sys", os.W_OK):  # root ignores modes
+            return "/proc/sys"
+        pytest.skip("no folder this user cannot write")
+
+    def buckets(self) -> set[str]:
+        return {b["Name"] for b in self.client.list_buckets()["Buckets"]} if self.client else set()
+
+    def assert_nothing_written_to_s3(self, buckets_before: set[str]) -> None:
+        if self.client is None:
+            return
+        assert self.buckets() == buckets_before, "a bucket was created"
+        if "BUCKET" in self.values:
+            assert self.client.list_objects_v2(Bucket=self.values["BUCKET"]).get("KeyCount", 0) == 0
+
+
+def _no_ray(*args, **kwargs):
+    raise AssertionError("Ray was started for bad input")
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
+def test_bad_input_exits_2_with_one_line_and_leaves_no_trace(case, in_tmp, request, tmp_path_factory, monkeypatch,
+                                                             capsys):
+    request.getfixturevalue("no_aws_credentials")
+    monkeypatch.setattr("remem_ray.sweep.driver.ray_session", _no_ray)
+    ray_was_imported = "ray" in sys.modules
+    scene = Scene(request, tmp_path_factory)
+    if case.spec is not None:
+        (in_tmp / "spec.yaml").write_text(scene.fill(case.spec))
+    if case.file:
+        (in_tmp / case.file).write_text("not a folder")
+    flags = [scene.fill(f) for f in case.flags]
+    expected = [scene.fill(e) for e in case.expected]
+    listing = sorted(p.name for p in in_tmp.iterdir())
+    buckets = scene.buckets()
+    for name, value in case.env:  # last: the scene's own S3 client must not see the case's settings
+        monkeypatch.setenv(name, scene.fill(value))
+
+    for verb in case.verbs:
+        argv = [a if a != "SPEC" else "spec.yaml" for a in verb] + flags
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("remem: error: ") and err.count("\n") == 1, (argv, err)
+        assert "Traceback" not in err
+        for text in expected:
+            assert text in err, (argv, err)
+
+    assert sorted(p.name for p in in_tmp.iterdir()) == listing
+    scene.assert_nothing_written_to_s3(buckets)
+    assert ray_was_imported or "ray" not in sys.modules, "bad input imported Ray"
+    if "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized()
+
+
+def test_corpus_covers_the_issue():
+    ids = {c.id for c in CORPUS}
+    assert len(ids) == len(CORPUS) >= 30
+    for required in ("python-object-tag", "unreachable-endpoint", "missing-credentials", "missing-bucket",
+                     "parent-dir-in-storage", "sweep-num-samples-over-ceiling", "alpha-zero", "negative-epochs",
+                     "teacher-epoch-not-saved"):
+        assert required in ids
+
+
+# runs the CLI, then says whether Ray got imported on the way
+_PROBE = ("import sys; from remem_ray.cli import main; rc = main(sys.argv[1:]); "
+          "print('ray' in sys.modules); sys.exit(rc)")
+
+
+@pytest.mark.parametrize("spec", [
+    "sweep:\n  num_samples: 10001\n",
+    "storage:\n  root: s3://bucket/p\n  endpoint: @DEAD@\n",
+], ids=["sweep-over-ceiling", "sweep-dead-endpoint"])
+def test_a_fresh_process_fails_fast_without_importing_ray(spec, in_tmp, dead_endpoint, no_aws_credentials):
+    (in_tmp / "spec.yaml").write_text(spec.replace("@DEAD@", dead_endpoint))
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _PROBE, "sweep", "run", "spec.yaml"], capture_output=True,
+                          text=True, cwd=in_tmp, env=os.environ.copy(), timeout=120)
+    elapsed = time.monotonic() - began
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("remem: error: "), proc.stderr
+    assert proc.stdout.strip() == "False"  # Ray was never imported, let alone started
+    assert elapsed < 30
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["spec.yaml"]

@@ -1,0 +1,174 @@
+"""Fault injection on real local sweeps: the driver SIGKILLed at three points, a Train worker
+killed mid-epoch, a corrupt teacher checkpoint. Each sweep runs as a `remem` process; every
+process it starts is recorded and ended by PID (see servers.ProcessTree).
+
+The S3 outage and the credential scan run with the S3 sweep in test_sweep_integration.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from servers import sigkill
+from test_sweep_integration import (SMOKE, _env, _experiment_trials, _student_checkpoint_epoch, _study, run_remem,
+                                    start_remem)
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+STUDENT_EPOCHS = 5
+
+
+def _spec(tmp_path: Path, name: str, **sweep) -> Path:
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["name"] = name
+    spec["student"]["epochs"] = STUDENT_EPOCHS
+    spec["sweep"].update({"num_samples": 3, "asha": {"enabled": False}, **sweep})
+    spec["storage"]["root"] = str(tmp_path / "results")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _rows(experiment: Path, trial_id: str) -> list[dict]:
+    path = experiment / f"trial_{trial_id}" / "result.json"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _train_workers(tree) -> list[psutil.Process]:
+    out = []
+    for pid in list(tree.pids):
+        try:
+            proc = psutil.Process(pid)
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                out.append(proc)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _teacher_training(root: Path) -> bool:
+    """A teacher loop has started (spec.json written) and its last checkpoint is not stored yet."""
+    for teacher in (root / "teachers").glob("*"):
+        if (teacher / "spec.json").is_file() and not (teacher / "epoch_4" / "manifest.json").is_file():
+            return True
+    return False
+
+
+def _all_teachers_stored(root: Path, keys: int = 2) -> bool:
+    return len(list((root / "teachers").glob("*/epoch_4/manifest.json"))) >= keys
+
+
+@pytest.mark.parametrize("when", ["teacher-training", "distillation", "between-trials"])
+def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(tmp_path, when):
+    name = f"kill-{when}"
+    path = _spec(tmp_path, name)
+    root = tmp_path / "results"
+    experiment = root / "sweeps" / name
+    env = _env(tmp_path)
+    proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, env)
+    finished: set[str] = set()
+    worker_kill = None  # trial -> epochs it had reported when a Train worker was killed
+    worker_retry = {}  # trial -> its result rows once Train had retried it (before the driver kill)
+    killed = False
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            trials = _experiment_trials(experiment)
+            finished = {t for t, s in trials.items() if s["status"] == "TERMINATED"}
+            running = [t for t, s in trials.items() if s["status"] == "RUNNING"]
+            if when == "teacher-training" and _teacher_training(root):
+                killed = True
+            elif when == "between-trials" and finished:
+                killed = True
+            elif when == "distillation" and _all_teachers_stored(root):
+                progress = {t: _student_checkpoint_epoch(experiment, t) for t in running}
+                workers = _train_workers(tree)
+                if worker_kill is None:
+                    # first a Train worker, mid-epoch, once its run has registered a checkpoint
+                    # (all teachers are stored, so every Train worker now is a student's)
+                    if any(1 <= e <= 2 for e in progress.values()) and workers:
+                        reported = {t: len(_rows(experiment, t)) for t in running}
+                        time.sleep(0.3)  # into the next epoch
+                        workers[0].kill()
+                        worker_kill = reported
+                else:
+                    now = {t: _rows(experiment, t) for t in worker_kill}
+                    retried = {t: rows for t, rows in now.items() if any(r["start_epoch"] > 1 for r in rows)}
+                    if retried and finished and any(1 <= e < STUDENT_EPOCHS for e in progress.values()):
+                        worker_retry = retried
+                        killed = True
+            if killed:
+                break
+            time.sleep(0.3)
+    finally:
+        if proc.poll() is None:
+            sigkill(proc.pid)
+        tree.kill_all()
+    log = proc.log_path.read_text()
+    assert killed, log[-3000:]
+    finished_rows = {t: (experiment / f"trial_{t}" / "result.json").read_text() for t in finished}
+    study_before = _study(experiment) if list(experiment.glob("searcher-state-*.pkl")) else None
+
+    rc, out = run_remem(["sweep", "resume", name, "--storage", str(root)], tmp_path, env)
+    assert rc == 0, out[-3000:]
+    summary = json.loads((experiment / "summary.json").read_text())
+    rows = summary["trials"]
+    assert len(rows) == 3 and all(r["state"] == "TERMINATED" for r in rows), rows
+    assert all(r["epochs_done"] == STUDENT_EPOCHS and r["student_val_acc"] is not None for r in rows)
+    assert summary["best"] is not None
+    # every distinct teacher trained (to completion) once, whatever was interrupted
+    assert summary["teacher_trainings_performed"] == summary["distinct_teacher_keys"] == 2
+    for t, text in finished_rows.items():  # no finished trial ran again
+        assert (experiment / f"trial_{t}" / "result.json").read_text() == text
+    study = _study(experiment)
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    if study_before is not None:
+        for old, new in zip(study_before.trials, study.trials):
+            assert old.params == new.params
+
+    if when == "distillation":
+        for trial, rows_then in worker_retry.items():
+            retry = next(r for r in rows_then if r["start_epoch"] > 1)
+            # Train restarted the worker from the last checkpoint: at most one epoch's work was lost
+            assert retry["start_epoch"] >= worker_kill[trial], (retry, worker_kill[trial])
+            assert retry["epoch"] == retry["start_epoch"]
+
+
+def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
+    """A stored teacher whose checkpoint was truncated after its manifest: detected on load,
+    retrained in a fresh Train run, never used; the event is in summary.json."""
+    first = _spec(tmp_path, "first", num_samples=1,
+                  points_to_evaluate=[{"rho": 0.05, "alpha": 0.9, "teacher_epoch": 4}])
+    env = _env(tmp_path)
+    rc, out = run_remem(["sweep", "run", str(first)], tmp_path, env)
+    assert rc == 0, out[-3000:]
+    root = tmp_path / "results"
+    (key,) = [p.name for p in (root / "teachers").iterdir()]
+    model_file = root / "teachers" / key / "epoch_4" / "model.pt"
+    good = model_file.read_bytes()
+    model_file.write_bytes(good[: len(good) // 2])
+
+    second = _spec(tmp_path, "second", num_samples=1,
+                   points_to_evaluate=[{"rho": 0.05, "alpha": 0.9, "teacher_epoch": 4}])
+    rc, out = run_remem(["sweep", "run", str(second)], tmp_path, env)
+    assert rc == 0, out[-3000:]
+    assert "does not match its sha256" in out and "retraining teacher" in out
+    summary = json.loads((root / "sweeps" / "second" / "summary.json").read_text())
+    assert summary["corrupt_checkpoints_retrained"] == 1
+    event = summary["integrity_events"][0]
+    assert event["teacher_key"] == key and event["epoch"] == 4 and "sha256" in event["problem"]
+    assert summary["trials"][0]["teacher_trained"] is True  # retrained, not reused
+    manifest = json.loads((root / "teachers" / key / "epoch_4" / "manifest.json").read_text())
+    import hashlib
+
+    assert hashlib.sha256(model_file.read_bytes()).hexdigest() == manifest["files"]["model.pt"]
+    assert (root / "teachers" / key / "train-run-retrain-1").is_dir()
+    assert summary["trials"][0]["student_val_acc"] > 0.3

@@ -1,0 +1,68 @@
+"""The teacher-target cache's own logic: fixed views, lookup, keys, rebuilds."""
+
+import torch
+
+from remem_ray.checkpoints import write_checkpoint
+from remem_ray.config import load_run_spec
+from remem_ray.data import build_datasets
+from remem_ray.models import create_model, normalizer_for
+from remem_ray.storage import Storage
+from remem_ray.train.targets import CachedTargets, FixedViews, compute_targets, load_or_build_targets
+
+SPEC = {"data.name": "synthetic", "data.num_classes": 3, "data.samples_per_class": 12,
+        "teacher.model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2},
+        "student.teacher_targets": "cached", "student.target_views": 3}
+
+
+def _setup(tmp_path, **overrides):
+    spec = load_run_spec(None, {**SPEC, "storage.root": str(tmp_path), **overrides})
+    splits = build_datasets(spec.data, spec.seed)
+    torch.manual_seed(0)
+    teacher = create_model(spec.teacher.model, 3, spec.data.img_size, spec.teacher.model_kwargs).eval()
+    storage = Storage(str(tmp_path / "teacher"))
+    write_checkpoint(storage, "epoch_1", teacher, {"model": spec.teacher.model})
+    return spec, splits, teacher, storage
+
+
+def test_fixed_views_repeat_exactly_and_differ_between_views(tmp_path):
+    spec, splits, *_ = _setup(tmp_path)
+    views = FixedViews(splits.train, n_views=4, view_seed=7)
+    first = views.view(3, 2)[0]
+    torch.rand(100)  # the global RNG moving on must not change a fixed view
+    assert torch.equal(views.view(3, 2)[0], first)
+    assert not torch.equal(views.view(3, 1)[0], first)
+    assert not torch.equal(FixedViews(splits.train, 4, view_seed=8).view(3, 2)[0], first)
+    image, label, index, view = views[5]
+    assert index == 5 and 0 <= view < 4 and torch.equal(image, views.view(5, view)[0])
+
+
+def test_cached_lookup_equals_running_the_teacher_on_that_view(tmp_path):
+    spec, splits, teacher, _ = _setup(tmp_path)
+    views = FixedViews(splits.train, 3, 0)
+    norm = normalizer_for(teacher)
+    table = compute_targets(teacher, norm, views, torch.device("cpu"), batch_size=7)
+    assert table.shape == (len(splits.train), 3, 3) and table.dtype == torch.float16
+    source = CachedTargets(table, 3, 0, torch.device("cpu"))
+    index, view = torch.tensor([4, 0, 9]), torch.tensor([2, 1, 0])
+    with torch.no_grad():
+        expected = teacher(norm(torch.stack([views.view(int(i), int(v))[0] for i, v in zip(index, view)])))
+    torch.testing.assert_close(source(None, [index, view]), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_cache_is_reused_then_rebuilt_when_corrupt_or_the_data_changes(tmp_path):
+    spec, splits, teacher, storage = _setup(tmp_path)
+    location = storage.uri("epoch_1")
+    args = (teacher, normalizer_for(teacher), splits.train, torch.device("cpu"), True)
+    table, info = load_or_build_targets(spec, location, *args, log=lambda m: None)
+    assert info["built"] and info["location"].startswith(storage.uri("targets", "epoch_1-"))
+    again, info2 = load_or_build_targets(spec, location, *args, log=lambda m: None)
+    assert not info2["built"] and torch.equal(again, table)
+
+    path = tmp_path / "teacher" / "targets" / info["location"].rsplit("/", 1)[1]
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    repaired, info3 = load_or_build_targets(spec, location, *args, log=lambda m: None)
+    assert info3["built"] and torch.equal(repaired, table)
+
+    other_views = load_run_spec(None, {**SPEC, "storage.root": str(tmp_path), "student.target_views": 2})
+    table2, info4 = load_or_build_targets(other_views, location, *args, log=lambda m: None)
+    assert info4["built"] and info4["key"] != info["key"] and table2.shape[1] == 2
