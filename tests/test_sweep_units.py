@@ -277,3 +277,16 @@ def test_corrupt_registry_checkpoint_is_found_and_scheduled_for_retraining(tmp_p
     summary = summarize(spec, layout)
     assert summary.corrupt_checkpoints_retrained == 1
     assert summary.integrity_events[0]["problem"] == problem and summary.integrity_events[0]["epoch"] == 4
+
+
+def test_tune_is_kept_from_copying_aws_keys_into_runtime_envs(monkeypatch):
+    from ray.tune.execution import class_cache
+
+    from remem_ray.sweep import driver
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)
+    assert "AWS_SECRET_ACCESS_KEY" in class_cache.ENV_VARS_TO_PROPAGATE  # Ray's default, the reason for this
+    driver._keep_credentials_out_of_runtime_envs()
+    assert not set(driver.CREDENTIAL_ENV_VARS) & set(class_cache.ENV_VARS_TO_PROPAGATE)
+    assert "PL_DISABLE_FORK" not in class_cache.ENV_VARS_TO_PROPAGATE  # (a default value, not propagated)
+    assert class_cache.ENV_VARS_TO_PROPAGATE  # Train's own variables still travel

@@ -95,9 +95,26 @@ def _write_report(summary, layout: SweepLayout) -> None:
     write_report(summary, layout)
 
 
+CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def _keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Tune copying AWS keys from this driver's environment into each trial's runtime env.
+
+    Ray's runtime-env agent logs every runtime env it sets up, so copied keys end up in plain
+    text in the session logs. They are not needed: a local Ray's workers inherit this
+    process's environment through the raylet, and on a cluster nodes use their instance role
+    (remem never forwards keys; see `remem sweep submit`).
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - set(CREDENTIAL_ENV_VARS)
+
+
 def _trainable(spec: SweepSpec):
     from ray import tune
 
+    _keep_credentials_out_of_runtime_envs()
     trainable = tune.with_parameters(remem_trial, sweep=spec.model_dump(mode="json"))
     return tune.with_resources(trainable, spec.sweep.resources.trial_resources())
 
