@@ -32,16 +32,15 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint(tmp_path_factory):
-    """moto's S3 server on 127.0.0.1 (in memory, any credentials): fast S3 for unit tests."""
+def _moto_server(tmp_path_factory, name: str, env: dict[str, str] | None = None):
+    """Run moto's S3 server on a free loopback port; yields its endpoint, ends it by PID."""
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     if exe is None:
         pytest.fail("moto_server not installed: pip install -e '.[test]'")
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp(name) / "moto.log", "wb")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -51,13 +50,19 @@ def moto_endpoint(tmp_path_factory):
             time.sleep(0.1)
     else:
         proc.kill()
-        pytest.fail("moto_server did not start")
-    yield endpoint
+        pytest.fail(f"moto_server ({name}) did not start")
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (in memory, any credentials): fast S3 for unit tests."""
+    yield from _moto_server(tmp_path_factory, "moto")
 
 
 @pytest.fixture
@@ -78,30 +83,8 @@ def s3(moto_endpoint, monkeypatch):
 @pytest.fixture(scope="session")
 def moto_auth_endpoint(tmp_path_factory):
     """A moto S3 server that checks credentials: unknown keys get 403 (the wrong-credentials case)."""
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if exe is None:
-        pytest.fail("moto_server not installed: pip install -e '.[test]'")
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto-auth") / "moto.log", "wb")
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}  # moto's switch: authenticate every request
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("moto_server (auth) did not start")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    # moto's switch: authenticate every request
+    yield from _moto_server(tmp_path_factory, "moto-auth", {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
 
 
 @pytest.fixture
