@@ -56,7 +56,11 @@ def test_missing_object_error_names_the_uri(store):
         store.read_bytes("nothing-here")
 
 
-def test_unreachable_endpoint_is_a_clear_error():
+def test_unreachable_endpoint_is_a_clear_error(monkeypatch):
+    import remem_ray.storage as storage_module
+
+    # fewer retries than in production (13, about a minute of backoff): the error is the point here
+    monkeypatch.setattr(storage_module, "S3_MAX_ATTEMPTS", 2)
     store = Storage("s3://bucket/p", endpoint="http://127.0.0.1:9")
     with pytest.raises(ResourceError, match=r"^storage: cannot"):
         store.exists("x")
