@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="remem-bench-") as tmp:
         root = Path(tmp) / "results"
         name = "bench-" + Path(args.spec).stem
-        cmd = [sys.executable, "-m", "remem_ray.cli", "sweep", "run", str(Path(args.spec).absolute()), "--storage", str(root),
-               "--name", name]
+        cmd = [sys.executable, "-m", "remem_ray.cli", "sweep", "run", str(Path(args.spec).absolute()),
+               "--storage", str(root), "--name", name]
         began = time.time()
         proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         wall = time.time() - began

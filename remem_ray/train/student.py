@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from remem_ray.checkpoints import load_model, model_meta, split_location, write_checkpoint
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import create_model, normalizer_for
