@@ -39,6 +39,16 @@ class DataConfig(StrictModel):
     num_classes: int = Field(10, ge=2, le=1000, description="synthetic dataset only")
     samples_per_class: int = Field(60, ge=4, le=10000, description="synthetic dataset only")
     max_train_samples: int | None = Field(None, ge=10, description="cap on training images (quick runs)")
+    pipeline: Literal["auto", "device", "loader"] = Field(
+        "auto", description="device: decode once into a uint8 store, augment in batches on the device; "
+                            "loader: torchvision transforms in DataLoader workers; auto: device on CUDA when "
+                            "the store fits store_budget_gb, else loader")
+    store_size: int | None = Field(None, ge=8, le=2048,
+                                   description="device pipeline: short side of stored images; default: native "
+                                               "for equal square images up to 256 px, else img_size / 0.875")
+    store_budget_gb: float = Field(8.0, ge=0.0, le=4096.0,
+                                   description="device pipeline: most GiB its uint8 store may take on the device "
+                                               "(all splits); beyond it the store stays memory-mapped on the host")
 
     @field_validator("name")
     @classmethod
@@ -62,6 +72,10 @@ class DataConfig(StrictModel):
         if self.name == "imagefolder" and not self.root:
             raise ValueError("data.root is required for imagefolder (a local path or s3:// URI)")
         return self
+
+
+# Data fields that change where and how fast batches are made, never which pictures: left out of keys.
+DATA_FIELDS_WITHOUT_EFFECT = {"num_workers", "download", "store_budget_gb"}
 
 
 class OptimizerConfig(StrictModel):
@@ -190,7 +204,9 @@ class RunSpec(StrictModel):
     name: str = "digits"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = Field(False, description="torch.compile the trained model (worth it on GPUs, long runs)")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the trained model; auto: on CUDA, off on CPU (where compiling costs "
+                            "more than it saves)")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -227,7 +243,7 @@ class RunSpec(StrictModel):
         payload = {
             "seed": self.seed,
             "world_size": world_size,
-            "data": self.data.model_dump(mode="json", exclude={"num_workers", "download"}),
+            "data": self.data.model_dump(mode="json", exclude=DATA_FIELDS_WITHOUT_EFFECT),
             "teacher": self.teacher.model_dump(mode="json"),
         }
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))

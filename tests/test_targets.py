@@ -4,10 +4,16 @@ import torch
 
 from remem_ray.checkpoints import write_checkpoint
 from remem_ray.config import load_run_spec
-from remem_ray.data import build_datasets
+from remem_ray.data import FixedViews, LoaderPipeline, Shard, Views, build_datasets
 from remem_ray.models import create_model, normalizer_for
 from remem_ray.storage import Storage
-from remem_ray.train.targets import CachedTargets, FixedViews, compute_targets, load_or_build_targets
+from remem_ray.train.targets import CachedTargets, compute_targets, load_or_build_targets
+
+CPU = torch.device("cpu")
+
+
+def _loader(splits):
+    return LoaderPipeline(splits, CPU, 0, Shard(), num_workers=0)
 
 SPEC = {"data.name": "synthetic", "data.num_classes": 3, "data.samples_per_class": 12,
         "teacher.model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2},
@@ -40,9 +46,9 @@ def test_cached_lookup_equals_running_the_teacher_on_that_view(tmp_path):
     spec, splits, teacher, _ = _setup(tmp_path)
     views = FixedViews(splits.train, 3, 0)
     norm = normalizer_for(teacher)
-    table = compute_targets(teacher, norm, views, torch.device("cpu"), batch_size=7)
+    table = compute_targets(teacher, norm, _loader(splits), Views(3, 0), batch_size=7)
     assert table.shape == (len(splits.train), 3, 3) and table.dtype == torch.float16
-    source = CachedTargets(table, 3, 0, torch.device("cpu"))
+    source = CachedTargets(table, Views(3, 0), CPU)
     index, view = torch.tensor([4, 0, 9]), torch.tensor([2, 1, 0])
     with torch.no_grad():
         expected = teacher(norm(torch.stack([views.view(int(i), int(v))[0] for i, v in zip(index, view)])))
@@ -52,7 +58,7 @@ def test_cached_lookup_equals_running_the_teacher_on_that_view(tmp_path):
 def test_cache_is_reused_then_rebuilt_when_corrupt_or_the_data_changes(tmp_path):
     spec, splits, teacher, storage = _setup(tmp_path)
     location = storage.uri("epoch_1")
-    args = (teacher, normalizer_for(teacher), splits.train, torch.device("cpu"), True)
+    args = (teacher, normalizer_for(teacher), _loader(splits), True)
     table, info = load_or_build_targets(spec, location, *args, log=lambda m: None)
     assert info["built"] and info["location"].startswith(storage.uri("targets", "epoch_1-"))
     again, info2 = load_or_build_targets(spec, location, *args, log=lambda m: None)

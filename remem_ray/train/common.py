@@ -1,4 +1,4 @@
-"""Pieces both loops share: device, precision, loaders, optimiser and schedule, evaluation."""
+"""Pieces both loops share: device, precision, DDP and compile wrapping, optimiser and schedule, evaluation."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import contextlib
 import math
 import random
 from dataclasses import dataclass
+from typing import Iterable, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
 from remem_ray.config import OptimizerConfig, ScheduleConfig
 from remem_ray.sam import SAM
@@ -62,7 +62,13 @@ def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
     return device.type == "cuda" and sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
 
-def runnable_model(model: nn.Module, device: torch.device, compile_model: bool) -> tuple[nn.Module, bool]:
+def compiles(setting: bool | Literal["auto"], device: torch.device) -> bool:
+    """`compile: auto` means on CUDA (kernels fuse, steps get faster) and off on CPU (compiling costs more)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def runnable_model(model: nn.Module, device: torch.device,
+                   compile_model: bool | Literal["auto"]) -> tuple[nn.Module, bool]:
     """(the module the loop calls, whether inputs go channels_last) for a model already on `device`.
 
     DDP-wrapped when distributed, then compiled if asked (the order PyTorch recommends);
@@ -72,7 +78,7 @@ def runnable_model(model: nn.Module, device: torch.device, compile_model: bool) 
     if channels_last:
         model.to(memory_format=torch.channels_last)
     wrapped = wrap_distributed(model, device)
-    return (torch.compile(wrapped) if compile_model else wrapped), channels_last
+    return (torch.compile(wrapped) if compiles(compile_model, device) else wrapped), channels_last
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -81,70 +87,36 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = 
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def loader_workers(configured: int | None, device: torch.device) -> int:
-    """DataLoader worker processes: as configured, else a few on CUDA (keep the GPU fed), none on CPU."""
-    if configured is not None:
-        return configured
-    if device.type != "cuda":
-        return 0
-    import os
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // max(1, torch.cuda.device_count()) - 1))
-
-
-def train_loader(ds: Dataset, batch_size: int, seed: int, num_workers: int, device: torch.device) -> DataLoader:
-    """Shuffled, seeded; a DistributedSampler shards it when world size > 1."""
-    sampler = None
-    generator = torch.Generator().manual_seed(seed)
-    if is_distributed():
-        sampler = torch.utils.data.DistributedSampler(ds, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                      drop_last=len(ds) > batch_size, num_workers=num_workers, generator=generator,
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
-
-
-def eval_loader(ds: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    """Each rank takes a strided share without padding, so summed counts are exact."""
-    if is_distributed():
-        ds = Subset(ds, range(dist.get_rank(), len(ds), dist.get_world_size()))
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda")
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-
-
-@dataclass
 class Meter:
-    """Running sums of loss, correct and count, all-reduced across ranks on read."""
+    """Running sums of loss, correct and count, kept on the device (no sync per batch) and
+    all-reduced across ranks on read."""
 
-    loss: float = 0.0
-    correct: int = 0
-    count: int = 0
-    device: torch.device | None = None
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None  # [loss x n, correct], float64 on the logits' device
+        self.count = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.device = logits.device  # NCCL reduces on the model's device, not the current one
         n = labels.numel()
-        self.loss += float(loss) * n
-        self.correct += int((logits.argmax(-1) == labels).sum())
+        batch = torch.stack([loss.double() * n, (logits.argmax(-1) == labels).sum().double()])
+        self.sums = batch if self.sums is None else self.sums + batch
         self.count += n
 
     def totals(self) -> tuple[float, float]:
-        sums = torch.tensor([self.loss, self.correct, self.count], dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.sums.device if self.sums is not None else None)
+        if self.sums is not None:
+            sums[:2] = self.sums
+        sums[2] = self.count
         if is_distributed():
-            if dist.get_backend() == "nccl":
-                sums = sums.to(self.device if self.device is not None else torch.device("cuda"))
+            # NCCL reduces on a CUDA device (the model's), gloo on the CPU
+            sums = sums.to(torch.device("cuda") if sums.device.type != "cuda" else sums.device) \
+                if dist.get_backend() == "nccl" else sums.cpu()
             dist.all_reduce(sums)
         loss, correct, count = sums.tolist()
         return loss / max(count, 1), correct / max(count, 1)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, normalizer: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, normalizer: nn.Module, loader: Iterable, device: torch.device) -> tuple[float, float]:
     """(mean CE loss, accuracy) over a loader, in eval mode."""
     was_training = model.training
     model.eval()

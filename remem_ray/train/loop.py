@@ -1,23 +1,24 @@
 """The epoch loop both trainings share: setup, resume, per-epoch eval and report.
 
-A `Task` (teacher fine-tuning or student distillation) supplies the model, one training
-epoch and what to save; `run_epochs` does the rest the same way for both.
+A `Task` (teacher fine-tuning or student distillation) supplies the model, its training
+step and what to save; `run_epochs` does the rest the same way for both, timing each epoch's
+training images per second and the share of it spent waiting for data.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from remem_ray.config import RunSpec
-from remem_ray.data import DataSplits, EvalTransformConfig, build_datasets
+from remem_ray.data import DataPipeline, DataSplits, EvalTransformConfig, Shard, build_datasets, build_pipeline
 from remem_ray.storage import Storage
-from remem_ray.train.common import (eval_loader, evaluate, loader_workers, pick_device, seed_everything, set_epoch,
-                                    train_loader)
+from remem_ray.train.common import Meter, compiles, evaluate, pick_device, seed_everything, to_device
 from remem_ray.train.session import Session, current_session
 
 
@@ -28,7 +29,8 @@ class LoopContext:
     device: torch.device
     output: Storage
     splits: DataSplits
-    loaders: dict[str, torch.utils.data.DataLoader] = field(default_factory=dict)
+    data: DataPipeline
+    eval_batches: dict[str, Iterable] = field(default_factory=dict)
     report_extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -51,25 +53,85 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     device = pick_device(spec.device, session.local_rank)
     eval_cfg = EvalTransformConfig.from_timm(resolved_data_config(model_name, model_kwargs, spec.data.img_size))
     splits = build_datasets(spec.data, spec.seed, eval_cfg, endpoint=spec.storage.endpoint)
-    workers = loader_workers(spec.data.num_workers, device)
-    loaders = {
-        "train": train_loader(splits.train, batch_size, spec.seed, workers, device),
-        "val": eval_loader(splits.val, max(batch_size, 256), workers, device),
-        "test": eval_loader(splits.test, max(batch_size, 256), workers, device),
-    }
+    data = build_pipeline(spec.data, splits, device, spec.seed, Shard(session.world_rank, session.world_size),
+                          log=session.log)
+    session.log(f"data: {data.describe()}; compile {'on' if compiles(spec.compile, device) else 'off'}")
+    eval_batches = {split: data.eval(split, max(batch_size, 256)) for split in ("val", "test")}
     output = Storage(config["output"], spec.storage.endpoint, spec.storage.region)
-    return LoopContext(spec, session, device, output, splits, loaders, dict(config.get("report_extra") or {}))
+    return LoopContext(spec, session, device, output, splits, data, eval_batches,
+                       dict(config.get("report_extra") or {}))
+
+
+class EpochClock:
+    """Times one training epoch: images seen, seconds blocked waiting for the next batch, step marks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.images, self.wait, self.seconds = 0, 0.0, 0.0
+        self.marks: list[float] = []
+
+    def batches(self, loader: Iterable) -> Iterator:
+        began = time.perf_counter()
+        batches = iter(loader)
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            got = time.perf_counter()
+            self.wait += got - asked
+            self.marks.append(got)
+            self.images += len(batch[1])
+            yield batch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the epoch ends when its kernels do
+        self.seconds = time.perf_counter() - began
+
+    def metrics(self, world_size: int) -> dict[str, float]:
+        seconds = max(self.seconds, 1e-9)
+        return {"train_seconds": self.seconds, "images_per_s": self.images * world_size / seconds,
+                "data_wait_share": min(1.0, self.wait / seconds)}
+
+    def first_step_excess(self) -> float | None:
+        """How much longer the first step took than a typical one (torch.compile's compile time)."""
+        steps = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        if len(steps) < 2:
+            return None
+        return max(0.0, steps[0] - statistics.median(steps[1:]))
 
 
 class Task:
-    """One training run's specifics; `run_epochs` drives it."""
+    """One training run's specifics; `run_epochs` drives it.
+
+    A task sets its model (the module the loop calls), the bare module it saves, normalizer,
+    optimizer, per-step scheduler, whether inputs go channels_last, and its training batches;
+    `step` is one optimisation step on a batch already on the device.
+    """
 
     epochs: int
     model: nn.Module
     normalizer: nn.Module
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    channels_last: bool = False
+    train_batches: Any
 
-    def train_epoch(self, ctx: LoopContext, epoch: int) -> dict[str, float]:
+    def step(self, images: torch.Tensor, labels: torch.Tensor,
+             extra: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of one optimisation step."""
         raise NotImplementedError
+
+    def train_epoch(self, ctx: LoopContext, batches: Iterable) -> dict[str, float]:
+        self.model.train()
+        meter = Meter()
+        for images, labels, *extra in batches:
+            images = to_device(images, ctx.device, self.channels_last)
+            labels = labels.to(ctx.device, non_blocking=True)
+            loss, logits = self.step(images, labels, extra)
+            self.scheduler.step()
+            meter.add(loss.detach(), logits.detach(), labels)
+        train_loss, train_acc = meter.totals()
+        return {"train_loss": train_loss, "train_acc": train_acc, "lr": self.scheduler.get_last_lr()[0]}
 
     def state(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -101,12 +163,19 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         ctx.session.log(f"resuming at epoch {start} of {task.epochs}")
     for epoch in range(start, task.epochs + 1):
         began, began_at = time.perf_counter(), time.time()
-        set_epoch(ctx.loaders["train"], epoch)
+        task.train_batches.set_epoch(epoch)
         metrics: dict[str, Any] = {"epoch": epoch, "epochs": task.epochs, "start_epoch": start,
                                    "epoch_started_at": began_at}
-        metrics.update(task.train_epoch(ctx, epoch))
+        clock = EpochClock(ctx.device)
+        metrics.update(task.train_epoch(ctx, clock.batches(task.train_batches)))
+        metrics.update(clock.metrics(ctx.session.world_size))
+        if epoch == start and compiles(ctx.spec.compile, ctx.device):
+            excess = clock.first_step_excess()
+            if excess is not None:
+                metrics["compile_seconds"] = excess
+                ctx.session.log(f"torch.compile: the first step took {excess:.1f} s longer than the others")
         for split in ("val", "test"):
-            loss, acc = evaluate(task.model, task.normalizer, ctx.loaders[split], ctx.device)
+            loss, acc = evaluate(task.model, task.normalizer, ctx.eval_batches[split], ctx.device)
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = loss, acc
         metrics["epoch_seconds"] = time.perf_counter() - began
         metrics["loop_seconds"] = sum(h["epoch_seconds"] for h in history) + metrics["epoch_seconds"]

@@ -37,6 +37,8 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
     """One short progress line: epoch, loss, accuracies, lr, time."""
     head = f"epoch {metrics['epoch']}/{metrics['epochs']}" if "epochs" in metrics else f"epoch {metrics.get('epoch')}"
     parts = [head] + [f"{k} {metrics[k]:.4g}" for k in _SHOWN if k in metrics]
+    if "images_per_s" in metrics:  # a starved GPU shows as a large data wait
+        parts.append(f"{metrics['images_per_s']:.0f} img/s (data wait {metrics['data_wait_share']:.0%})")
     if "epoch_seconds" in metrics:
         parts.append(f"{metrics['epoch_seconds']:.1f}s")
     return "  ".join(parts)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from remem_ray.checkpoints import load_model, model_meta, split_location, write_checkpoint
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import create_model, normalizer_for
-from remem_ray.train.common import (Meter, autocast, build_optimizer, loader_workers, runnable_model, to_device,
-                                    train_loader, warmup_cosine)
+from remem_ray.data import Views
+from remem_ray.train.common import autocast, build_optimizer, runnable_model, warmup_cosine
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 from remem_ray.train.targets import CachedTargets, OnlineTargets, TargetSource, load_or_build_targets
 
@@ -21,12 +23,12 @@ def target_source(ctx: LoopContext, teacher_location: str, teacher, teacher_norm
     cfg = ctx.spec.student
     if cfg.teacher_targets == "online":
         return OnlineTargets(teacher, teacher_normalizer, ctx.device)
-    table, info = load_or_build_targets(ctx.spec, teacher_location, teacher, teacher_normalizer, ctx.splits.train,
-                                        ctx.device, ctx.is_writer, log=ctx.session.log)
+    table, info = load_or_build_targets(ctx.spec, teacher_location, teacher, teacher_normalizer, ctx.data,
+                                        ctx.is_writer, log=ctx.session.log)
     ctx.report_extra["target_cache_built"] = int(info["built"])
     if not info["built"]:
         ctx.session.log(f"teacher targets from cache {info['location']}")
-    return CachedTargets(table, cfg.target_views, cfg.target_view_seed, ctx.device)
+    return CachedTargets(table, Views(cfg.target_views, cfg.target_view_seed), ctx.device)
 
 
 class StudentTask(Task):
@@ -40,10 +42,7 @@ class StudentTask(Task):
                              f"data has {ctx.splits.num_classes}")
         teacher = teacher.to(ctx.device).eval().requires_grad_(False)
         self.targets = target_source(ctx, teacher_location, teacher, normalizer_for(teacher).to(ctx.device))
-        train_set = self.targets.train_dataset(ctx.splits.train)
-        if train_set is not ctx.splits.train:
-            ctx.loaders["train"] = train_loader(train_set, cfg.batch_size, ctx.spec.seed,
-                                                loader_workers(ctx.spec.data.num_workers, ctx.device), ctx.device)
+        self.train_batches = ctx.data.train(cfg.batch_size, views=self.targets.views)
         student = create_model(cfg.model, ctx.splits.num_classes, ctx.spec.data.img_size, cfg.model_kwargs,
                                weights=cfg.weights, role="student", endpoint=ctx.spec.storage.endpoint)
         self.bare = student.to(ctx.device)
@@ -51,27 +50,21 @@ class StudentTask(Task):
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
         self.loss_fn = DistillationLoss(cfg.kd.loss, cfg.kd.temperature, cfg.kd.weight)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
-        self.scheduler = warmup_cosine(self.optimizer, cfg.schedule, cfg.epochs, len(ctx.loaders["train"]))
+        self.scheduler = warmup_cosine(self.optimizer, cfg.schedule, cfg.epochs, len(self.train_batches))
         self.best_val_acc = -1.0
         self.best: dict[str, Any] = {}
 
-    def train_epoch(self, ctx: LoopContext, epoch: int) -> dict[str, float]:
-        self.model.train()
-        meter = Meter()
-        for images, labels, *extra in ctx.loaders["train"]:
-            images = to_device(images, ctx.device, self.channels_last)
-            labels = labels.to(ctx.device, non_blocking=True)
-            teacher_logits = self.targets(images, extra)
-            with autocast(ctx.device):
-                logits = self.model(self.normalizer(images))
-            loss = self.loss_fn(logits, teacher_logits, labels)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            meter.add(loss.detach(), logits.detach(), labels)
-        train_loss, train_acc = meter.totals()
-        return {"train_loss": train_loss, "train_acc": train_acc, "lr": self.scheduler.get_last_lr()[0]}
+    def step(self, images: torch.Tensor, labels: torch.Tensor,
+             extra: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One distillation step: teacher targets (online or cached) for the batch, CE + KD."""
+        teacher_logits = self.targets(images, extra)
+        with autocast(images.device):
+            logits = self.model(self.normalizer(images))
+        loss = self.loss_fn(logits, teacher_logits, labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, logits
 
     def state(self) -> dict[str, Any]:
         return {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from remem_ray.checkpoints import model_meta, write_checkpoint
 from remem_ray.info import checkpoint_information, headline_mi
 from remem_ray.models import create_model, normalizer_for, reweight_mlp
-from remem_ray.train.common import Meter, autocast, build_sam, no_sync, runnable_model, to_device, warmup_cosine
+from remem_ray.train.common import autocast, build_sam, no_sync, runnable_model, warmup_cosine
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 
 SPEC_FILE = "spec.json"
@@ -35,40 +35,36 @@ class TeacherTask(Task):
         self.model, self.channels_last = runnable_model(self.bare, ctx.device, ctx.spec.compile)
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
         self.optimizer = build_sam(self.model.parameters(), cfg.optimizer, cfg.rho, cfg.adaptive)
-        self.scheduler = warmup_cosine(self.optimizer.base_optimizer, cfg.schedule, cfg.epochs, len(ctx.loaders["train"]))
+        self.train_batches = ctx.data.train(cfg.batch_size)
+        self.scheduler = warmup_cosine(self.optimizer.base_optimizer, cfg.schedule, cfg.epochs, len(self.train_batches))
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device):
         with autocast(device):
             logits = self.model(images)
         return F.cross_entropy(logits.float(), labels), logits
 
-    def train_epoch(self, ctx: LoopContext, epoch: int) -> dict[str, float]:
-        self.model.train()
-        meter = Meter()
-        opt, clip = self.optimizer, self.cfg.grad_clip
-        for images, labels in ctx.loaders["train"]:
-            images = self.normalizer(to_device(images, ctx.device, self.channels_last))
-            labels = labels.to(ctx.device, non_blocking=True)
-            if opt.needs_second_pass:
-                with no_sync(self.model):
-                    loss, logits = self._loss(images, labels, ctx.device)
-                    loss.backward()
-                opt.first_step(zero_grad=True)
-                self._loss(images, labels, ctx.device)[0].backward()
-                if clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                opt.second_step(zero_grad=True)
-            else:
-                loss, logits = self._loss(images, labels, ctx.device)
+    def step(self, images: torch.Tensor, labels: torch.Tensor,
+             extra: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SAM step (two passes; the first without DDP's all-reduce), or a plain one at rho = 0."""
+        opt, clip, device = self.optimizer, self.cfg.grad_clip, images.device
+        images = self.normalizer(images)
+        if opt.needs_second_pass:
+            with no_sync(self.model):
+                loss, logits = self._loss(images, labels, device)
                 loss.backward()
-                if clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                opt.step()
-                opt.zero_grad()
-            self.scheduler.step()
-            meter.add(loss.detach(), logits.detach(), labels)
-        train_loss, train_acc = meter.totals()
-        return {"train_loss": train_loss, "train_acc": train_acc, "lr": self.scheduler.get_last_lr()[0]}
+            opt.first_step(zero_grad=True)
+            self._loss(images, labels, device)[0].backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            opt.second_step(zero_grad=True)
+        else:
+            loss, logits = self._loss(images, labels, device)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            opt.step()
+            opt.zero_grad()
+        return loss, logits
 
     def state(self) -> dict[str, Any]:
         return {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -7,6 +7,7 @@ has no validation split it is carved from train, stratified and seeded.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from remem_ray.data.augment import EvalResize, TrainAugment, augment_for
 from remem_ray.errors import ResourceError
 
 if TYPE_CHECKING:
@@ -24,10 +26,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DataSplits:
+    """Seeded splits, and the views they show: the device pipeline rebuilds the same views in batches."""
+
     train: Dataset
     val: Dataset
     test: Dataset
     num_classes: int
+    augment: TrainAugment
+    eval_view: EvalResize
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,7 @@ def build_datasets(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig | N
     if cfg.max_train_samples is not None and len(splits.train) > cfg.max_train_samples:
         labels = dataset_targets(splits.train)
         keep, _ = _stratified_split(np.arange(len(labels)), labels, cfg.max_train_samples, seed + 3)
-        splits = DataSplits(torch.utils.data.Subset(splits.train, keep.tolist()), splits.val, splits.test,
-                            splits.num_classes)
+        splits = dataclasses.replace(splits, train=torch.utils.data.Subset(splits.train, keep.tolist()))
     return splits
 
 
@@ -111,6 +116,7 @@ class TensorImages(Dataset):
         self.images, self.labels = images, labels
         self.targets = labels.numpy()
         self.img_size, self.train, self.hflip = img_size, train, hflip
+        self.augment = TrainAugment(img_size, "translate", hflip, pad=max(1, img_size // 8))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -118,7 +124,7 @@ class TensorImages(Dataset):
     def __getitem__(self, i: int):
         img = F.interpolate(self.images[i:i + 1], size=self.img_size, mode="bilinear", align_corners=False)[0]
         if self.train:
-            img = random_translate(img, max(1, self.img_size // 8))
+            img = random_translate(img, self.augment.pad)
             if self.hflip and torch.rand(()) < 0.5:
                 img = img.flip(-1)
         return img.clamp_(0.0, 1.0), int(self.labels[i])
@@ -138,7 +144,9 @@ def _tensor_splits(images: torch.Tensor, labels: np.ndarray, cfg: DataConfig, se
     def part(idx: np.ndarray, is_train: bool) -> TensorImages:
         return TensorImages(images[idx], lab[idx], cfg.img_size, train=is_train, hflip=hflip)
 
-    return DataSplits(part(train, True), part(val, False), part(test, False), num_classes)
+    train_part = part(train, True)
+    return DataSplits(train_part, part(val, False), part(test, False), num_classes, train_part.augment,
+                      EvalResize(cfg.img_size))
 
 
 @register_dataset("digits")
@@ -167,22 +175,26 @@ def _synthetic(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig,
 # --------------------------------------------------------------------------- PIL datasets
 
 
-def train_transform(img_size: int, hflip: bool):
+def train_transform(aug: TrainAugment):
     from torchvision import transforms as T
 
-    flip = [T.RandomHorizontalFlip()] if hflip else []
-    if img_size <= 64:
-        return T.Compose([T.Resize(img_size), T.CenterCrop(img_size),
-                          T.RandomCrop(img_size, padding=max(1, img_size // 8)), *flip, T.ToTensor()])
-    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.35, 1.0)), *flip, T.ToTensor()])
+    flip = [T.RandomHorizontalFlip()] if aug.hflip else []
+    if aug.mode == "translate":
+        return T.Compose([T.Resize(aug.img_size), T.CenterCrop(aug.img_size),
+                          T.RandomCrop(aug.img_size, padding=aug.pad), *flip, T.ToTensor()])
+    return T.Compose([T.RandomResizedCrop(aug.img_size, scale=aug.scale, ratio=aug.ratio), *flip, T.ToTensor()])
 
 
-def eval_transform(img_size: int, eval_cfg: EvalTransformConfig):
+def eval_resize(img_size: int, eval_cfg: EvalTransformConfig) -> EvalResize:
+    return EvalResize(img_size, eval_cfg.crop_pct, eval_cfg.interpolation)
+
+
+def eval_transform(view: EvalResize):
     from torchvision import transforms as T
 
-    interp = getattr(T.InterpolationMode, eval_cfg.interpolation.upper(), T.InterpolationMode.BILINEAR)
-    resize = int(round(img_size / eval_cfg.crop_pct))
-    return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(img_size), T.ToTensor()])
+    interp = getattr(T.InterpolationMode, view.interpolation.upper(), T.InterpolationMode.BILINEAR)
+    resize = max(view.img_size, int(round(view.img_size / view.crop_pct)))
+    return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(view.img_size), T.ToTensor()])
 
 
 class TransformedSubset(Dataset):
@@ -204,7 +216,8 @@ class TransformedSubset(Dataset):
 
 def _pil_splits(train_base: Dataset, val_base: Dataset | None, test_base: Dataset | None, num_classes: int,
                 cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, hflip: bool) -> DataSplits:
-    tr_tf, ev_tf = train_transform(cfg.img_size, hflip), eval_transform(cfg.img_size, eval_cfg)
+    aug, view = augment_for(cfg.img_size, hflip), eval_resize(cfg.img_size, eval_cfg)
+    tr_tf, ev_tf = train_transform(aug), eval_transform(view)
     labels = dataset_targets(train_base)
     if test_base is None:
         train_idx, val_idx, test_idx = _train_val_test(labels, cfg, seed, has_test=False)
@@ -220,7 +233,7 @@ def _pil_splits(train_base: Dataset, val_base: Dataset | None, test_base: Datase
         val = TransformedSubset(val_base, None, ev_tf, dataset_targets(val_base))
     else:
         val = TransformedSubset(train_base, val_idx, ev_tf, labels)
-    return DataSplits(train, val, test, num_classes)
+    return DataSplits(train, val, test, num_classes, aug, view)
 
 
 @dataclass(frozen=True)
@@ -300,8 +313,9 @@ def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig,
         # A val folder but no test folder: hold out test from train, keep the given val.
         labels = dataset_targets(train)
         idx, test_idx = _stratified_split(np.arange(len(labels)), labels, 1.0 - cfg.test_fraction, seed)
-        tr_tf, ev_tf = train_transform(cfg.img_size, True), eval_transform(cfg.img_size, eval_cfg)
+        aug, view = augment_for(cfg.img_size, True), eval_resize(cfg.img_size, eval_cfg)
+        tr_tf, ev_tf = train_transform(aug), eval_transform(view)
         return DataSplits(TransformedSubset(train, np.sort(idx), tr_tf, labels),
                           TransformedSubset(val, None, ev_tf, dataset_targets(val)),
-                          TransformedSubset(train, np.sort(test_idx), ev_tf, labels), len(train.classes))
+                          TransformedSubset(train, np.sort(test_idx), ev_tf, labels), len(train.classes), aug, view)
     return _pil_splits(train, val, test, len(train.classes), cfg, seed, eval_cfg, hflip=True)
