@@ -86,6 +86,29 @@ def test_cached_targets_distil_as_well_as_online_and_follow_the_checkpoint(digit
     assert len(caches) == 2 and all(n.startswith("epoch_20-") for n in caches)
 
 
+@pytest.mark.learning
+def test_device_pipeline_run_learns_as_well_as_the_loader_path(digits_teacher, digits_online_student, capsys):
+    """The whole `remem run` (teacher, then student) on digits with data.pipeline: device, same seeds."""
+    spec, loader_teacher = digits_teacher
+    device_spec = RunSpec.model_validate({**spec.model_dump(mode="json"), "name": "learn-device",
+                                          "data": {**spec.data.model_dump(mode="json"), "pipeline": "device"}})
+    teacher = run_teacher(device_spec, quiet=True)
+    student = run_student(device_spec, quiet=True)
+    loader_val, device_val = loader_teacher["history"][-1]["val_acc"], teacher["history"][-1]["val_acc"]
+    with capsys.disabled():
+        print(f"\n[learning] digits, same seeds: loader pipeline teacher val {loader_val:.3f}, student val "
+              f"{digits_online_student['best']['val_acc']:.3f} test {digits_online_student['best']['test_acc']:.3f}; "
+              f"device pipeline teacher val {device_val:.3f}, student val {student['best']['val_acc']:.3f} "
+              f"test {student['best']['test_acc']:.3f}")
+    # within noise: 0.05 is 11 of the 216 val images for a teacher still learning at epoch 20;
+    # 0.03 is about 6 of the 216 val / 360 test images for the student
+    assert device_val == pytest.approx(loader_val, abs=0.05)
+    assert student["best"]["val_acc"] == pytest.approx(digits_online_student["best"]["val_acc"], abs=0.03)
+    assert student["best"]["test_acc"] == pytest.approx(digits_online_student["best"]["test_acc"], abs=0.03)
+    for h in teacher["history"] + student["history"]:
+        assert h["images_per_s"] > 0 and 0.0 <= h["data_wait_share"] <= 1.0
+
+
 def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys):
     spec = in_tmp / "spec.yaml"
     spec.write_text(json.dumps({"name": "tiny", "data": {"name": "synthetic", "num_classes": 4,
