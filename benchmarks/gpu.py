@@ -1,35 +1,44 @@
-"""GPU fast path throughput: images/s and MFU of teacher SAM fine-tuning and student
-distillation steps on synthetic data, one GPU, bf16 autocast, channels_last CNN student,
-optionally torch.compile. Finishes in well under 5 minutes on an H100.
+"""GPU throughput, step only and end to end: teacher SAM fine-tuning, student distillation from an
+online teacher, and from cached targets, each through the production code (the loop's Task, its
+`step`, its data pipeline) on a generated CIFAR-like ImageFolder (32-px PNGs) trained at --img px.
 
-MFU = model FLOPs per step (counted by torch's FlopCounterMode: forward + backward, two of
-each for SAM, the teacher's forward for online distillation) x steps/s / the card's dense
-bf16 peak. Give --peak-tflops for a card not in the table.
+For each workload:
+- step only: the task's `step` on one batch already on the device (the card's ceiling);
+- end to end: a whole training epoch as `remem run` runs it (pipeline, step, scheduler, meter),
+  after a warm-up epoch; its ratio to step only says how much the input pipeline costs;
+- pipeline only: the training batches alone, augmented and on the device;
+- TFLOP/s (torch's FlopCounterMode over one step) and MFU against the card's dense bf16 peak.
 
-    python -m benchmarks.gpu [--compile] [--teacher vit_base_patch16_224 --student resnet18]
+    python -m benchmarks.gpu [--pipeline device|loader] [--compile auto|true|false]
     python -m benchmarks.gpu --device cpu --teacher vit_micro_patch4 --student resnet10t \\
-        --img 16 --batch 8 --steps 2      # a smoke run without a GPU (no MFU)
+        --img 16 --batch 8 --images 64 --steps 2 --warmup 1    # a smoke run without a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.harness import machine, sync, table
-from remem_ray.losses import DistillationLoss
-from remem_ray.models import create_model
-from remem_ray.sam import SAM
-from remem_ray.train.common import autocast, runnable_model, to_device
+from remem_ray.checkpoints import model_meta, write_checkpoint
+from remem_ray.config import RunSpec
+from remem_ray.storage import Storage
+from remem_ray.train.common import to_device
+from remem_ray.train.loop import EpochClock, LoopContext, Task, prepare
+from remem_ray.train.student import StudentTask
+from remem_ray.train.teacher import TeacherTask
 
 # dense bf16 tensor-core peaks, FLOP/s (vendor data sheets)
 PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12,
              "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
              "L40S": 362e12, "L4": 121e12}
+NUM_CLASSES = 10
 
 
 def card_peak(name: str, override_tflops: float | None) -> float | None:
@@ -41,64 +50,88 @@ def card_peak(name: str, override_tflops: float | None) -> float | None:
     return None
 
 
+def write_imagefolder(root: Path, train_images: int, eval_per_class: int = 20, seed: int = 0) -> Path:
+    """A CIFAR-like ImageFolder: 10 classes of 32-px PNGs (class prototypes plus noise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    protos = rng.integers(0, 256, (NUM_CLASSES, 8, 8, 3))
+    per_class = {"train": max(1, train_images // NUM_CLASSES), "val": eval_per_class, "test": eval_per_class}
+    for split, n in per_class.items():
+        for c in range(NUM_CLASSES):
+            folder = root / split / f"class{c:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.kron(protos[c], np.ones((4, 4, 1)))
+                img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i:05d}.png")
+    return root
+
+
 def count_flops(step) -> float:
     with FlopCounterMode(display=False) as counter:
         step()
     return float(counter.get_total_flops())
 
 
-def measure(step, steps: int, warmup: int) -> float:
-    """Seconds per step after warmup (compilation happens there)."""
+def seconds_per_call(fn, calls: int, warmup: int) -> float:
+    """Seconds per call after warmup (compilation happens there)."""
     for _ in range(warmup):
-        step()
+        fn()
     sync()
     began = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for _ in range(calls):
+        fn()
     sync()
-    return (time.perf_counter() - began) / steps
+    return (time.perf_counter() - began) / calls
 
 
-def teacher_step_fn(name: str, batch: int, img: int, device: torch.device, compile_model: bool):
-    model = create_model(name, 100, img).to(device).train()
-    runnable, channels_last = runnable_model(model, device, compile_model)
-    opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4)
-    x = to_device(torch.rand(batch, 3, img, img), device, channels_last)
-    y = torch.randint(0, 100, (batch,), device=device)
-
-    def loss():
-        with autocast(device):
-            return F.cross_entropy(runnable(x).float(), y)
-
-    def step():
-        loss().backward()
-        opt.first_step(zero_grad=True)
-        loss().backward()
-        opt.second_step(zero_grad=True)
-
-    return step
+def fixed_batch_step(task: Task, ctx: LoopContext):
+    """The task's step on its first training batch, held on the device."""
+    task.train_batches.set_epoch(1)
+    images, labels, *extra = next(iter(task.train_batches))
+    images = to_device(images, ctx.device, task.channels_last)
+    labels = labels.to(ctx.device)
+    task.model.train()
+    return (lambda: task.step(images, labels, extra)), len(labels)
 
 
-def student_step_fn(teacher_name: str, student_name: str, batch: int, img: int, device: torch.device,
-                    compile_model: bool):
-    teacher = create_model(teacher_name, 100, img).to(device).eval().requires_grad_(False)
-    student = create_model(student_name, 100, img).to(device).train()
-    runnable, channels_last = runnable_model(student, device, compile_model)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    kd = DistillationLoss("kd", 4.0, 0.9)
-    x = to_device(torch.rand(batch, 3, img, img), device, channels_last)
-    y = torch.randint(0, 100, (batch,), device=device)
+def epoch_throughput(task: Task, ctx: LoopContext, epoch: int) -> dict[str, float]:
+    task.train_batches.set_epoch(epoch)
+    clock = EpochClock(ctx.device)
+    task.train_epoch(ctx, clock.batches(task.train_batches))
+    return clock.metrics(world_size=1)
 
-    def step():
-        with torch.no_grad(), autocast(device):
-            targets = teacher(x).float()
-        with autocast(device):
-            logits = runnable(x)
-        kd(logits.float(), targets, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    return step
+def pipeline_throughput(batches, device: torch.device) -> float:
+    batches.set_epoch(1)
+    sync()
+    began, images = time.perf_counter(), 0
+    for batch in batches:
+        images += len(batch[1])
+    sync()
+    return images / (time.perf_counter() - began)
+
+
+def spec_for(args, data_root: Path, storage: Path, **student) -> RunSpec:
+    return RunSpec.model_validate({
+        "name": "gpu-bench", "device": args.device, "compile": args.compile,
+        "data": {"name": "imagefolder", "root": str(data_root), "img_size": args.img, "pipeline": args.pipeline,
+                 "num_workers": args.num_workers, "num_classes": NUM_CLASSES},
+        "teacher": {"model": args.teacher, "batch_size": args.batch, "epochs": 100, "rho": 0.05, "alpha": 0.9},
+        "student": {"model": args.student, "batch_size": args.student_batch or args.batch, "epochs": 100,
+                    "target_views": args.views, **student},
+        "storage": {"root": str(storage)},
+    })
+
+
+def teacher_checkpoint(task: TeacherTask, ctx: LoopContext, folder: Path) -> str:
+    """A checkpoint of the benchmarked teacher for the students to distil from."""
+    storage = Storage(str(folder))
+    meta = model_meta(task.bare, ctx.spec.teacher.model, ctx.spec.teacher.model_kwargs, ctx.splits.num_classes,
+                      ctx.spec.data.img_size, role="teacher", epoch=1, metrics={})
+    write_checkpoint(storage, "epoch_1", task.bare, meta)
+    return storage.uri("epoch_1")
 
 
 def main(argv=None) -> int:
@@ -108,11 +141,19 @@ def main(argv=None) -> int:
     parser.add_argument("--student", default="resnet18")
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--student-batch", type=int, default=256, help="student batch (cached targets fill a GPU)")
+    parser.add_argument("--images", type=int, default=10000, help="training images in the generated folder")
+    parser.add_argument("--views", type=int, default=4, help="cached targets: views per image")
+    parser.add_argument("--pipeline", default="auto", choices=["auto", "device", "loader"])
+    parser.add_argument("--num-workers", type=int, default=None, help="loader pipeline: DataLoader workers")
+    parser.add_argument("--compile", default="auto", help="auto, true or false")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps for step-only")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the trained model")
+    parser.add_argument("--workloads", default="teacher,online,cached")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak")
+    parser.add_argument("--data", type=Path, default=None, help="an existing generated folder to reuse")
     args = parser.parse_args(argv)
+    args.compile = {"true": True, "false": False}.get(str(args.compile).lower(), "auto")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(machine())
@@ -121,19 +162,45 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     print(machine())
     peak = card_peak(torch.cuda.get_device_name(0), args.peak_tflops) if device.type == "cuda" else None
-    rows = [["workload", "images/s", "TFLOP/s", "MFU"]]
-    cases = {
-        f"teacher SAM fine-tuning ({args.teacher}, {args.img}px, batch {args.batch}, rho 0.05)":
-            teacher_step_fn(args.teacher, args.batch, args.img, device, args.compile),
-        f"student distillation ({args.student} from online {args.teacher}, batch {args.batch})":
-            student_step_fn(args.teacher, args.student, args.batch, args.img, device, args.compile),
-    }
-    for label, step in cases.items():
-        seconds = measure(step, args.steps, args.warmup)
-        flops = count_flops(step)
-        achieved = flops / seconds
-        rows.append([label + (" compiled" if args.compile else ""), f"{args.batch / seconds:,.0f}",
-                     f"{achieved / 1e12:.1f}", f"{achieved / peak:.1%}" if peak else "n/a"])
+    rows = [["workload", "step only img/s", "end to end img/s", "e2e / step", "data wait", "pipeline only img/s",
+             "TFLOP/s (step)", "MFU (step)"]]
+    wanted = set(args.workloads.split(","))
+    with tempfile.TemporaryDirectory(prefix="remem-gpu-bench-") as tmp:
+        work = Path(tmp)
+        began = time.perf_counter()
+        data_root = args.data or write_imagefolder(work / "imgs", args.images)
+        print(f"data: {data_root} ({time.perf_counter() - began:.1f} s to write)", flush=True)
+        spec = spec_for(args, data_root, work / "out")
+        teacher_ctx = prepare({"spec": spec.model_dump(mode="json"), "output": str(work / "teacher")}, "teacher")
+        teacher = TeacherTask(teacher_ctx)
+        location = teacher_checkpoint(teacher, teacher_ctx, work / "teacher-ckpt")
+        cases: list[tuple[str, Task, LoopContext]] = []
+        if "teacher" in wanted:
+            cases.append((f"teacher SAM ({args.teacher}, batch {args.batch})", teacher, teacher_ctx))
+        for targets in ("online", "cached"):
+            if targets not in wanted:
+                continue
+            s_spec = spec_for(args, data_root, work / "out", teacher_targets=targets)
+            ctx = prepare({"spec": s_spec.model_dump(mode="json"), "output": str(work / f"student-{targets}")},
+                          "student")
+            label = f"student {args.student} ({targets} {'teacher' if targets == 'online' else 'targets'}, " \
+                    f"batch {s_spec.student.batch_size})"
+            cases.append((label, StudentTask(ctx, location), ctx))
+        for label, task, ctx in cases:
+            step, batch = fixed_batch_step(task, ctx)
+            step_s = seconds_per_call(step, args.steps, args.warmup)
+            flops = count_flops(step)
+            epoch_throughput(task, ctx, 1)  # warm-up epoch: allocator, cudnn autotuning, any recompiles
+            e2e = epoch_throughput(task, ctx, 2)
+            pipe = pipeline_throughput(task.train_batches, ctx.device)
+            step_ips = batch / step_s
+            achieved = flops / step_s
+            rows.append([label, f"{step_ips:,.0f}", f"{e2e['images_per_s']:,.0f}",
+                         f"{e2e['images_per_s'] / step_ips:.2f}", f"{e2e['data_wait_share']:.0%}", f"{pipe:,.0f}",
+                         f"{achieved / 1e12:.1f}", f"{achieved / peak:.1%}" if peak else "n/a"])
+            print(f"{label}: done", flush=True)
+        print(f"pipeline: {teacher_ctx.data.describe()}; compile {spec.compile}; {args.img} px; "
+              f"{len(teacher_ctx.splits.train)} training images")
     print(table(rows))
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; "

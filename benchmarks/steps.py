@@ -80,6 +80,7 @@ def sam_variants(model_name: str, batch: int, img: int, device: torch.device):
 
 
 def distill_variants(teacher_name: str, student_name: str, batch: int, img: int, device: torch.device):
+    from remem_ray.data import Views
     from remem_ray.train.targets import CachedTargets, OnlineTargets
 
     torch.manual_seed(0)
@@ -90,9 +91,9 @@ def distill_variants(teacher_name: str, student_name: str, batch: int, img: int,
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in students.items()}
     kd = DistillationLoss("kd", 4.0, 0.9)
     n_images, n_views = 4096, 8
-    table_ = torch.randn(n_images, n_views, 10).half()  # the cache lives in host memory, as in training
+    table_ = torch.randn(n_images, n_views, 10).half()  # float16, moved to the device, as in training
     sources = {"online": OnlineTargets(teacher, torch.nn.Identity(), device),
-               "cached": CachedTargets(table_, n_views, 0, device)}
+               "cached": CachedTargets(table_, Views(n_views, 0), device)}
     index, view = torch.randint(0, n_images, (batch,)), torch.randint(0, n_views, (batch,))
 
     def student_only():

@@ -23,11 +23,23 @@ def test_card_peaks():
     assert gpu.card_peak("Some GPU", None) is None and gpu.card_peak("Some GPU", 100) == 100e12
 
 
-def test_gpu_and_step_scripts_run_on_tiny_models(capsys):
+@pytest.mark.parametrize("pipeline", ["device", "loader"])
+def test_gpu_script_runs_all_workloads_end_to_end_on_tiny_models(capsys, tmp_path, monkeypatch, pipeline):
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
     assert gpu.main(["--device", "cpu", "--teacher", "vit_micro_patch4", "--student", "resnet10t", "--img", "16",
-                     "--batch", "4", "--steps", "1", "--warmup", "1"]) == 0
+                     "--batch", "8", "--student-batch", "8", "--images", "80", "--views", "2", "--steps", "1",
+                     "--warmup", "1", "--pipeline", pipeline]) == 0
     out = capsys.readouterr().out
-    assert "teacher SAM fine-tuning" in out and "student distillation" in out
+    rows = [line for line in out.splitlines() if line.startswith("| teacher SAM") or line.startswith("| student")]
+    assert len(rows) == 3 and any("online teacher" in r for r in rows) and any("cached targets" in r for r in rows)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        step_ips, e2e_ips, ratio = (float(c.replace(",", "")) for c in cells[1:4])
+        assert step_ips > 0 and e2e_ips > 0 and ratio == pytest.approx(e2e_ips / step_ips, rel=0.05, abs=0.01)
+    assert f"pipeline: {pipeline}" in out
+
+
+def test_step_script_runs_on_tiny_models(capsys):
     assert steps.main(["--rounds", "2", "--sam-model", "vit_micro_patch4", "--teacher", "vit_micro_patch4",
                        "--student", "resnet10t", "--img", "16", "--batch", "4"]) == 0
     out = capsys.readouterr().out

@@ -55,3 +55,24 @@ def test_teacher_key_ignores_the_epoch_used_and_tracks_what_determines_the_teach
     for change in ({"teacher.rho": 0.1}, {"teacher.alpha": 0.8}, {"seed": 1}, {"data.img_size": 24}):
         assert base.teacher_key() != load_run_spec(None, {"teacher.checkpoint_epochs": [5, 10],
                                                           **change}).teacher_key()
+
+
+def test_compile_and_pipeline_default_to_auto_and_resolve_by_device():
+    import torch
+
+    from remem_ray.train.common import compiles
+
+    spec = RunSpec()
+    assert spec.compile == "auto" and spec.data.pipeline == "auto"
+    assert not compiles(spec.compile, torch.device("cpu")) and compiles(spec.compile, torch.device("cuda"))
+    forced = load_run_spec(None, {"compile": True})
+    assert forced.compile is True and compiles(forced.compile, torch.device("cpu"))
+    assert not compiles(load_run_spec(None, {"compile": False}).compile, torch.device("cuda"))
+
+
+def test_where_batches_are_made_does_not_change_the_teacher_key_what_they_show_does():
+    base = RunSpec()
+    assert base.teacher_key() == load_run_spec(None, {"data.store_budget_gb": 1.0,
+                                                      "data.num_workers": 3}).teacher_key()
+    assert base.teacher_key() != load_run_spec(None, {"data.pipeline": "device"}).teacher_key()
+    assert base.teacher_key() != load_run_spec(None, {"data.store_size": 64}).teacher_key()
