@@ -223,19 +223,20 @@ class _Gather:
 
     def _through_pinned(self, index: torch.Tensor) -> torch.Tensor:
         """Two pinned buffers in turn; a buffer is refilled once its last copy has finished."""
-        shape = (len(index), *self.store.images.shape[1:])
-        if len(self._staging) < 2:
-            self._staging.append((torch.empty(shape, dtype=torch.uint8).pin_memory(), None))
-        buf, done = self._staging[self._turn % len(self._staging)]
-        if done is not None:
-            done.synchronize()
-        buf = buf[:len(index)] if buf.shape[0] >= len(index) else torch.empty(shape, dtype=torch.uint8).pin_memory()
-        torch.index_select(self.store.images, 0, index, out=buf)
-        images = buf.to(self.device, non_blocking=True)
+        turn = self._turn % 2
+        self._turn += 1
+        if len(self._staging) <= turn or self._staging[turn][0].shape[0] < len(index):
+            shape = (len(index), *self.store.images.shape[1:])
+            self._staging[turn:turn + 1] = [(torch.empty(shape, dtype=torch.uint8).pin_memory(), None)]
+        buf, copied = self._staging[turn]
+        if copied is not None:
+            copied.synchronize()
+        staged = buf[:len(index)]
+        torch.index_select(self.store.images, 0, index, out=staged)
+        images = staged.to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._staging[self._turn % len(self._staging)] = (buf, event)
-        self._turn += 1
+        self._staging[turn] = (buf, event)
         return images
 
 

@@ -39,7 +39,7 @@ class LoopContext:
 
 
 def prepare(config: dict[str, Any], role: str) -> LoopContext:
-    """Parse the spec, seed, pick the device and build this rank's loaders.
+    """Parse the spec, seed, pick the device and build this rank's data pipeline.
 
     role: "teacher" or "student", the spec section whose model and batch size apply.
     """
