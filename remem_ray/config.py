@@ -306,8 +306,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise SpecError(f"spec: invalid YAML{line} in {p}: {problem}") from None
     except UnicodeDecodeError:
         raise SpecError(f"spec: {p} is not UTF-8 text") from None
-    if raw is None:
-        raw = {}
+    if raw is None:  # a truncated or wrong file, more often than a wish for every default
+        raise SpecError(f"spec: {p} is empty (no fields); name at least one field, or give no spec file "
+                        f"to `remem run` for the embedded default")
     if not isinstance(raw, dict):
         raise SpecError(f"spec: {p} must hold a mapping of fields, not {type(raw).__name__}")
     return raw
