@@ -148,6 +148,21 @@ def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys
     assert main(["info", str(run / "teacher" / "epoch_9"), "--data", str(spec)]) == 2
 
 
+def test_teacher_mi_is_measured_at_the_reference_temperature_whatever_the_kd_temperature(tmp_path):
+    """A teacher shared by trials that search kd.temperature gets one MI (issue 12, item 7)."""
+    mis, metas = [], []
+    for temperature in (1.0, 8.0):
+        spec = load_run_spec(None, {**TINY, "teacher.epochs": 1, "teacher.checkpoint_epochs": [1],
+                                    "student.kd.temperature": temperature, "name": f"t{temperature:g}",
+                                    "storage.root": str(tmp_path)})
+        assert spec.teacher_key() == load_run_spec(None, {**TINY, "teacher.epochs": 1,
+                                                          "teacher.checkpoint_epochs": [1]}).teacher_key()
+        mis.append(run_teacher(spec, quiet=True)["history"][-1]["teacher_mi"])
+        metas.append(json.loads((tmp_path / "runs" / spec.name / "teacher" / "epoch_1" / "meta.json").read_text()))
+    assert mis[0] == mis[1]
+    assert [m.get("mi_temperature") for m in metas] == [4.0, 4.0]
+
+
 def test_distill_without_teacher_exits_2(in_tmp, capsys):
     assert main(["distill", "--name", "never-trained"]) == 2
     err = capsys.readouterr().err
