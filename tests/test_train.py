@@ -163,6 +163,25 @@ def test_teacher_mi_is_measured_at_the_reference_temperature_whatever_the_kd_tem
     assert [m.get("mi_temperature") for m in metas] == [4.0, 4.0]
 
 
+def test_weight_decay_spares_biases_norms_and_tokens_as_timm_and_deit_do():
+    """The fine-tuning recipe (issue 12, item 11): decay on weight matrices only."""
+    from remem_ray.config import OptimizerConfig
+    from remem_ray.models import create_model
+    from remem_ray.train.common import build_optimizer, build_sam
+
+    model = create_model("vit_micro_patch4", 10, 16, {"class_token": True, "global_pool": "token"})
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert "cls_token" in names.values()
+    for optimizer in (build_sam(model, OptimizerConfig(weight_decay=0.05), 0.05, False).base_optimizer,
+                      build_optimizer(model, OptimizerConfig(weight_decay=0.05))):
+        decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        spared = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+        assert decayed | spared == set(names.values()) and not decayed & spared
+        assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "head.bias"} <= spared
+        assert {"blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight"} <= decayed
+        assert all(g["weight_decay"] in (0.0, 0.05) for g in optimizer.param_groups)
+
+
 def test_distill_without_teacher_exits_2(in_tmp, capsys):
     assert main(["distill", "--name", "never-trained"]) == 2
     err = capsys.readouterr().err

@@ -34,7 +34,7 @@ class TeacherTask(Task):
         self.bare = model.to(ctx.device)
         self.model, self.channels_last = runnable_model(self.bare, ctx.device, ctx.spec.compile)
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
-        self.optimizer = build_sam(self.model.parameters(), cfg.optimizer, cfg.rho, cfg.adaptive)
+        self.optimizer = build_sam(self.bare, cfg.optimizer, cfg.rho, cfg.adaptive, cfg.asam_eta)
         self.train_batches = ctx.data.train(cfg.batch_size)
         self.scheduler = warmup_cosine(self.optimizer.base_optimizer, cfg.schedule, cfg.epochs, len(self.train_batches))
 
