@@ -81,7 +81,9 @@ DATA_FIELDS_WITHOUT_EFFECT = {"num_workers", "download", "store_budget_gb"}
 class OptimizerConfig(StrictModel):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-3, gt=0.0, le=10.0)
-    weight_decay: float = Field(0.05, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.05, ge=0.0, le=1.0,
+                                description="on weight matrices and kernels; never on biases, norms, position "
+                                            "embeddings or class tokens (timm's and DeiT's recipe)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
 
 
@@ -99,7 +101,10 @@ class TeacherConfig(StrictModel):
     alpha: float = Field(0.9, gt=0.0, le=1.0, description="MLP reweighting factor; 1 = stock model")
     reweight_mode: Literal["remem", "mlp"] = "remem"
     rho: float = Field(0.05, ge=0.0, le=10.0, description="SAM radius; 0 = plain fine-tuning")
-    adaptive: bool = Field(False, description="ASAM: scale the perturbation by |w|")
+    adaptive: bool = Field(False, description="ASAM: scale the perturbation by T_w = |w| (+ asam_eta)")
+    asam_eta: float = Field(0.0, ge=0.0, le=1.0,
+                            description="ASAM: 0 scales every tensor by |w| (pytorch-optimizer); > 0 is Kwon "
+                                        "et al.'s reference, |w| + eta on weight matrices, 1 on 1-D tensors")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     epochs: int = Field(20, ge=1, le=10000)
@@ -306,8 +311,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise SpecError(f"spec: invalid YAML{line} in {p}: {problem}") from None
     except UnicodeDecodeError:
         raise SpecError(f"spec: {p} is not UTF-8 text") from None
-    if raw is None:
-        raw = {}
+    if raw is None:  # a truncated or wrong file, more often than a wish for every default
+        raise SpecError(f"spec: {p} is empty (no fields); name at least one field, or give no spec file "
+                        f"to `remem run` for the embedded default")
     if not isinstance(raw, dict):
         raise SpecError(f"spec: {p} must hold a mapping of fields, not {type(raw).__name__}")
     return raw

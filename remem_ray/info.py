@@ -186,8 +186,15 @@ def collect_logits(model: nn.Module, normalizer: nn.Module, dataset, device: tor
     return torch.cat(logits), torch.cat(labels)
 
 
+# Teachers' MI is measured on softmax targets at this one temperature, whatever KD temperature the
+# trial that trained them used: a teacher is shared by trials that may search the temperature, and
+# the information plane compares teachers, so they must all be measured alike.
+MI_REFERENCE_TEMPERATURE = 4.0
+
+
 def checkpoint_information(model: nn.Module, normalizer: nn.Module, dataset, device: torch.device,
-                           temperature: float, max_samples: int = 512, seed: int = 0) -> dict[str, dict]:
+                           temperature: float = MI_REFERENCE_TEMPERATURE, max_samples: int = 512,
+                           seed: int = 0) -> dict[str, dict]:
     """The teacher MI family on a fixed subset (cheap enough to run at every saved checkpoint)."""
     logits, labels = collect_logits(model, normalizer, dataset, device, max_samples, seed)
     return teacher_information(logits, labels, temperature)

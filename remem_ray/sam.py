@@ -29,10 +29,15 @@ import torch
 
 class SAM(torch.optim.Optimizer):
     def __init__(self, params, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
-                 adaptive: bool = False, eps: float = 1e-12, **base_kwargs) -> None:
+                 adaptive: bool = False, eps: float = 1e-12, eta: float = 0.0, **base_kwargs) -> None:
+        """eta (ASAM only): 0 scales every tensor by T_w = |w| (pytorch-optimizer's form); eta > 0 is
+        Kwon et al.'s reference: T_w = |w| + eta for weight matrices and kernels, 1 for biases and
+        other 1-D tensors."""
         if rho < 0.0:
             raise ValueError(f"rho must be >= 0, got {rho}")
-        defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
+        if eta < 0.0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -48,9 +53,18 @@ class SAM(torch.optim.Optimizer):
     def _params_with_grad(self, group) -> list[torch.Tensor]:
         return [p for p in group["params"] if p.grad is not None]
 
+    @staticmethod
+    def _scales(group, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """ASAM's T_w per tensor (see __init__)."""
+        eta = group.get("eta", 0.0)
+        if eta == 0.0:
+            return torch._foreach_abs([p.float() for p in params])
+        return [p.float().abs().add_(eta) if p.ndim > 1 else torch.ones_like(p, dtype=torch.float32)
+                for p in params]
+
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
-        """One global norm over all parameters: ||g||, or ||T_w g|| with T_w = |w| when adaptive."""
+        """One global norm over all parameters: ||g||, or ||T_w g|| when adaptive."""
         norms = []
         for group in self.param_groups:
             params = self._params_with_grad(group)
@@ -58,7 +72,7 @@ class SAM(torch.optim.Optimizer):
                 continue
             grads = [p.grad.float() for p in params]
             if group["adaptive"]:
-                grads = torch._foreach_mul(grads, torch._foreach_abs([p.float() for p in params]))
+                grads = torch._foreach_mul(grads, self._scales(group, params))
             norms.extend(torch._foreach_norm(grads))
         if not norms:
             return torch.zeros(())
@@ -76,7 +90,7 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Ascend to w + e(w), e(w) = rho * g / ||g|| (ASAM: rho * |w|^2 g / ||T_w g||)."""
+        """Ascend to w + e(w), e(w) = rho * g / ||g|| (ASAM: rho * T_w^2 g / ||T_w g||)."""
         self._saved = None
         if not self.needs_second_pass:
             if zero_grad:
@@ -99,7 +113,9 @@ class SAM(torch.optim.Optimizer):
             else:
                 perturb = torch._foreach_mul(grads, scale)
             if group["adaptive"]:
-                torch._foreach_mul_(perturb, torch._foreach_mul(originals, originals))
+                scales = self._scales(group, originals)
+                torch._foreach_mul_(perturb, [t.to(p.dtype) for t, p in zip(torch._foreach_mul(scales, scales),
+                                                                            perturb)])
             torch._foreach_add_(params, perturb)
             saved.append((params, originals))
         self._saved = saved

@@ -61,6 +61,8 @@ CORPUS = [
     _bad("compile-not-a-switch", "compile: sometimes\n", "compile"),
     _bad("not-a-mapping", "- teacher\n- student\n", "must hold a mapping"),
     _bad("yaml-syntax", "teacher: [1, 2\n", "invalid YAML"),
+    _bad("empty-file", "", "is empty", verbs=ALL_VERBS),
+    _bad("only-comments", "# teacher:\n#   rho: 0.1\n", "is empty", verbs=ALL_VERBS),
     _bad("unsupported-scheme", "storage:\n  root: ftp://host/x\n", "storage.root"),
     _bad("endpoint-without-scheme", "storage:\n  root: s3://b/p\n  endpoint: 127.0.0.1:9000\n", "storage.endpoint"),
     _bad("reweight-non-vit", "teacher:\n  model: resnet18\n  alpha: 0.9\n", "teacher.alpha"),

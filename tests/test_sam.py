@@ -42,6 +42,24 @@ def test_first_step_matches_closed_form(adaptive):
     assert float(torch.sqrt(sum((s ** 2).sum() for s in scaled))) == pytest.approx(0.3, rel=1e-4)
 
 
+def test_asam_with_eta_is_kwon_et_al_reference_form():
+    """T_w = |w| + eta on weight matrices, 1 on biases (issue 12, item 11)."""
+    model = _model()
+    x, y = _batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, adaptive=True, eta=0.01, lr=0.1)
+    _loss(model, x, y).backward()
+    w = [p.detach().clone() for p in model.parameters()]
+    g = [p.grad.detach().clone() for p in model.parameters()]
+    t = [wi.abs() + 0.01 if wi.ndim > 1 else torch.ones_like(wi) for wi in w]
+    norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
+    expected = [wi + 0.3 * ti ** 2 * gi / norm for wi, ti, gi in zip(w, t, g)]
+    opt.first_step()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="eta"):
+        SAM(model.parameters(), torch.optim.SGD, eta=-1.0, lr=0.1)
+
+
 def test_second_step_restores_weights_and_steps_on_perturbed_gradient():
     model = _model()
     x, y = _batch()

@@ -84,6 +84,48 @@ def test_asha_rungs_are_student_epochs():
     assert type(build_scheduler(_spec(asha={"enabled": False}))).__name__ == "FIFOScheduler"
 
 
+def _stop_epoch(scheduler, retried_after: int | None) -> int | None:
+    """The student epoch at which ASHA stops trial X, given recorded results of two rivals; X's
+    Train run optionally retried after epoch `retried_after` (Tune's iteration restarts at 1)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    rivals = [Trial("__fake", config={}, stub=True) for _ in range(2)]
+    x = Trial("__fake", config={}, stub=True)
+    for trial in (*rivals, x):
+        scheduler.on_trial_add(None, trial)
+    for trial, scores in zip(rivals, ([0.1, 0.9, 0.9, 0.9], [0.2, 0.95, 0.95, 0.95])):
+        for epoch, score in enumerate(scores, 1):
+            scheduler.on_trial_result(None, trial, {METRIC: score, "epoch": epoch, "epochs": 8,
+                                                    "training_iteration": epoch})
+    iteration = 0
+    for epoch, score in enumerate([0.5, 0.5, 0.5, 0.5, 0.5], 1):
+        iteration = 1 if epoch - 1 == retried_after else iteration + 1
+        decision = scheduler.on_trial_result(None, x, {METRIC: score, "epoch": epoch, "epochs": 8,
+                                                       "training_iteration": iteration})
+        if decision == TrialScheduler.STOP:
+            return epoch
+    return None
+
+
+def test_a_retried_student_is_stopped_at_the_same_rung_as_one_never_retried():
+    """Budgets count student epochs, not Tune iterations (issue 12, item 3)."""
+    spec = _spec(asha={"grace_period": 1, "reduction_factor": 2})
+    spec = spec.model_copy(update={"student": spec.student.model_copy(update={"epochs": 8})})
+    never = _stop_epoch(build_scheduler(spec), retried_after=None)
+    assert never == 2  # passes rung 1 (0.5 beats 0.1 and 0.2), falls at rung 2 (0.9, 0.95)
+    assert _stop_epoch(build_scheduler(spec), retried_after=1) == never
+
+
+def test_optuna_steps_are_student_epochs_across_a_retry():
+    searcher = _searcher(_spec())
+    searcher.suggest("t")
+    for epoch, iteration in ((1, 1), (2, 2), (3, 1)):  # retried after epoch 2
+        searcher.on_trial_result("t", {METRIC: epoch / 10, "epoch": epoch, "epochs": 3,
+                                       "training_iteration": iteration})
+    assert searcher._ot_study.trials[0].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
+
+
 def test_lease_table_grants_one_holder_and_expires_stale_ones():
     now = [0.0]
     leases = LeaseTable(clock=lambda: now[0])
@@ -290,3 +332,25 @@ def test_tune_is_kept_from_copying_aws_keys_into_runtime_envs(monkeypatch):
     assert not set(driver.CREDENTIAL_ENV_VARS) & set(class_cache.ENV_VARS_TO_PROPAGATE)
     assert "PL_DISABLE_FORK" not in class_cache.ENV_VARS_TO_PROPAGATE  # (a default value, not propagated)
     assert class_cache.ENV_VARS_TO_PROPAGATE  # Train's own variables still travel
+
+
+def test_an_errored_trial_is_never_the_best_student(tmp_path, monkeypatch):
+    """A trial that broke off at epoch 3 of 8 keeps its score in the table, not as best (issue 12, item 5)."""
+    from types import SimpleNamespace
+
+    from remem_ray.storage import Storage
+    from remem_ray.sweep import results
+    from remem_ray.sweep.layout import SweepLayout
+
+    def trial(tid, status, val, epoch):
+        return SimpleNamespace(trial_id=tid, status=status, config={"rho": 0.1, "alpha": 0.9, "teacher_epoch": 4},
+                               last_result={METRIC: val, "best_test_acc": val, "epoch": epoch, "epochs": 8})
+
+    trials = [trial("a", "TERMINATED", 0.80, 8), trial("b", "ERROR", 0.90, 3), trial("c", "TERMINATED", 0.70, 2)]
+    monkeypatch.setattr(results, "load_trials", lambda layout: trials)
+    spec = SweepSpec.model_validate({"name": "s", "storage": {"root": str(tmp_path)}})
+    summary = results.summarize(spec, SweepLayout(Storage(str(tmp_path)), "s"))
+    assert summary.best.trial_id == "a"
+    assert [r.state for r in summary.trials] == ["TERMINATED", "ERROR", "TERMINATED"]
+    trials[0].status = "ERROR"
+    assert results.summarize(spec, SweepLayout(Storage(str(tmp_path)), "s")).best.trial_id == "c"

@@ -72,3 +72,21 @@ def test_cache_is_reused_then_rebuilt_when_corrupt_or_the_data_changes(tmp_path)
     other_views = load_run_spec(None, {**SPEC, "storage.root": str(tmp_path), "student.target_views": 2})
     table2, info4 = load_or_build_targets(other_views, location, *args, log=lambda m: None)
     assert info4["built"] and info4["key"] != info["key"] and table2.shape[1] == 2
+
+
+def test_same_weights_under_another_reweighting_get_their_own_cache(tmp_path):
+    """The cache key covers meta.json's logit-shaping fields, not only model.pt (issue 12, item 6)."""
+    spec, splits, teacher, storage = _setup(tmp_path)
+    location = storage.uri("epoch_1")
+    args = (teacher, normalizer_for(teacher), _loader(splits), True)
+    write_checkpoint(storage, "epoch_1", teacher, {"model": spec.teacher.model,
+                                                   "reweighting": {"alpha": 0.9, "mode": "remem"}})
+    _, first = load_or_build_targets(spec, location, *args, log=lambda m: None)
+    write_checkpoint(storage, "epoch_1", teacher, {"model": spec.teacher.model,  # same model.pt bytes
+                                                   "reweighting": {"alpha": 0.5, "mode": "remem"}})
+    _, second = load_or_build_targets(spec, location, *args, log=lambda m: None)
+    assert second["built"] and second["key"] != first["key"]
+    write_checkpoint(storage, "epoch_1", teacher, {"model": spec.teacher.model, "metrics": {"val_acc": 0.5},
+                                                   "reweighting": {"alpha": 0.5, "mode": "remem"}})
+    _, third = load_or_build_targets(spec, location, *args, log=lambda m: None)
+    assert not third["built"] and third["key"] == second["key"]  # metrics do not shape logits

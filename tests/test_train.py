@@ -148,6 +148,40 @@ def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys
     assert main(["info", str(run / "teacher" / "epoch_9"), "--data", str(spec)]) == 2
 
 
+def test_teacher_mi_is_measured_at_the_reference_temperature_whatever_the_kd_temperature(tmp_path):
+    """A teacher shared by trials that search kd.temperature gets one MI (issue 12, item 7)."""
+    mis, metas = [], []
+    for temperature in (1.0, 8.0):
+        spec = load_run_spec(None, {**TINY, "teacher.epochs": 1, "teacher.checkpoint_epochs": [1],
+                                    "student.kd.temperature": temperature, "name": f"t{temperature:g}",
+                                    "storage.root": str(tmp_path)})
+        assert spec.teacher_key() == load_run_spec(None, {**TINY, "teacher.epochs": 1,
+                                                          "teacher.checkpoint_epochs": [1]}).teacher_key()
+        mis.append(run_teacher(spec, quiet=True)["history"][-1]["teacher_mi"])
+        metas.append(json.loads((tmp_path / "runs" / spec.name / "teacher" / "epoch_1" / "meta.json").read_text()))
+    assert mis[0] == mis[1]
+    assert [m.get("mi_temperature") for m in metas] == [4.0, 4.0]
+
+
+def test_weight_decay_spares_biases_norms_and_tokens_as_timm_and_deit_do():
+    """The fine-tuning recipe (issue 12, item 11): decay on weight matrices only."""
+    from remem_ray.config import OptimizerConfig
+    from remem_ray.models import create_model
+    from remem_ray.train.common import build_optimizer, build_sam
+
+    model = create_model("vit_micro_patch4", 10, 16, {"class_token": True, "global_pool": "token"})
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert "cls_token" in names.values()
+    for optimizer in (build_sam(model, OptimizerConfig(weight_decay=0.05), 0.05, False).base_optimizer,
+                      build_optimizer(model, OptimizerConfig(weight_decay=0.05))):
+        decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        spared = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+        assert decayed | spared == set(names.values()) and not decayed & spared
+        assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "head.bias"} <= spared
+        assert {"blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight"} <= decayed
+        assert all(g["weight_decay"] in (0.0, 0.05) for g in optimizer.param_groups)
+
+
 def test_distill_without_teacher_exits_2(in_tmp, capsys):
     assert main(["distill", "--name", "never-trained"]) == 2
     err = capsys.readouterr().err

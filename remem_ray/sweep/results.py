@@ -85,7 +85,9 @@ def load_trials(layout: SweepLayout) -> list:
 def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
     rows = [_row(t, layout) for t in load_trials(layout)]
     scored = [r for r in rows if r.student_val_acc is not None]
-    best = max(scored, key=lambda r: (r.student_val_acc, not r.stopped_early), default=None)
+    # an errored trial's score is of a student whose training broke off: never the one kept
+    eligible = [r for r in scored if r.state != "ERROR"]
+    best = max(eligible, key=lambda r: (r.student_val_acc, not r.stopped_early), default=None)
     trained = set(layout.teacher_trainings())
     events = sorted(layout.integrity_events(), key=lambda e: e["time"])
     keys = {r.teacher_key for r in scored if r.teacher_key}

@@ -8,6 +8,9 @@ from remem_ray.config import ParamRange, SweepSpec
 
 METRIC = "best_val_acc"  # the best student val accuracy so far: what the sweep keeps
 MODE = "max"
+# Budgets count student epochs, as each result reports them; Tune's training_iteration restarts
+# at 1 when a student Train run is retried or the sweep resumes, while the student goes on at k + 1.
+TIME_ATTR = "epoch"
 
 
 def _suggest(trial, name: str, dim: ParamRange):
@@ -50,6 +53,12 @@ def _optuna_search_class():
         the study as intermediate values (on_trial_result), which TPE uses for pruned trials.
         """
 
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            """Intermediate values at the student's epoch (stock: at training_iteration)."""
+            if trial_id in self._completed_trials or TIME_ATTR not in result:
+                return super().on_trial_result(trial_id, result)
+            self._ot_trials[trial_id].report(float(result[self._metric]), int(result[TIME_ATTR]))
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if error or not stopped_early(result) or trial_id in self._completed_trials:
                 return super().on_trial_complete(trial_id, result=result, error=error)
@@ -58,7 +67,7 @@ def _optuna_search_class():
             # here, so TPE ranks the pruned trial by the score it reached at its last rung.
             # (Optuna ignores, with a warning, a step that was reported already.)
             if result.get(self._metric) is not None:
-                ot_trial.report(float(result[self._metric]), int(result.get("training_iteration", result["epoch"])))
+                ot_trial.report(float(result[self._metric]), int(result[TIME_ATTR]))
             try:
                 self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             except Exception as exc:  # as the stock class does: never let a tell crash the sweep
@@ -95,6 +104,6 @@ def build_scheduler(spec: SweepSpec):
     asha = spec.sweep.asha
     if not asha.enabled:
         return FIFOScheduler()
-    return ASHAScheduler(metric=METRIC, mode=MODE, time_attr="training_iteration", max_t=spec.student.epochs,
+    return ASHAScheduler(metric=METRIC, mode=MODE, time_attr=TIME_ATTR, max_t=spec.student.epochs,
                          grace_period=min(asha.grace_period, spec.student.epochs),
                          reduction_factor=asha.reduction_factor)

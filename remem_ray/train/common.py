@@ -135,18 +135,29 @@ _BASE_OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 def _base_kwargs(cfg: OptimizerConfig) -> dict:
-    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    kwargs = {"lr": cfg.lr}
     if cfg.name == "sgd":
         kwargs["momentum"] = cfg.momentum
     return kwargs
 
 
-def build_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return _BASE_OPTIMIZERS[cfg.name](params, **_base_kwargs(cfg))
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """timm's and DeiT's recipe: no weight decay on biases, norms and other 1-D tensors, nor on what
+    the model lists in `no_weight_decay()` (a ViT's position embedding and class token)."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
-def build_sam(params, cfg: OptimizerConfig, rho: float, adaptive: bool) -> SAM:
-    return SAM(params, _BASE_OPTIMIZERS[cfg.name], rho=rho, adaptive=adaptive, **_base_kwargs(cfg))
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The base optimiser over the bare model's parameters (the same tensors DDP and compile wrap)."""
+    return _BASE_OPTIMIZERS[cfg.name](decay_groups(model, cfg.weight_decay), **_base_kwargs(cfg))
+
+
+def build_sam(model: nn.Module, cfg: OptimizerConfig, rho: float, adaptive: bool, eta: float = 0.0) -> SAM:
+    return SAM(decay_groups(model, cfg.weight_decay), _BASE_OPTIMIZERS[cfg.name], rho=rho, adaptive=adaptive,
+               eta=eta, **_base_kwargs(cfg))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int,

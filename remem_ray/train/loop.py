@@ -17,6 +17,7 @@ from torch import nn
 
 from remem_ray.config import RunSpec
 from remem_ray.data import DataPipeline, DataSplits, EvalTransformConfig, Shard, build_datasets, build_pipeline
+from remem_ray.data.augment import stream_key
 from remem_ray.storage import Storage
 from remem_ray.train.common import Meter, compiles, evaluate, pick_device, seed_everything, to_device
 from remem_ray.train.session import Session, current_session
@@ -48,8 +49,9 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     spec = RunSpec.model_validate(config["spec"])
     section = getattr(spec, role)
     model_name, model_kwargs, batch_size = section.model, section.model_kwargs, section.batch_size
-    session = current_session(prefix=f"{role}: ", quiet=bool(config.get("quiet", False)))
-    seed_everything(spec.seed + 1000 * session.world_rank)
+    # in-process callers (tests) may bring their own Session; Ray Train workers get theirs here
+    session = config.get("session") or current_session(prefix=f"{role}: ", quiet=bool(config.get("quiet", False)))
+    seed_everything(rank_seed(spec.seed, session.world_rank, 0))
     device = pick_device(spec.device, session.local_rank)
     eval_cfg = EvalTransformConfig.from_timm(resolved_data_config(model_name, model_kwargs, spec.data.img_size))
     splits = build_datasets(spec.data, spec.seed, eval_cfg, endpoint=spec.storage.endpoint)
@@ -150,8 +152,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def rank_seed(seed: int, rank: int, epoch: int) -> int:
+    """The RNG seed of one rank in one epoch (epoch 0: model building)."""
+    return stream_key(seed, rank, epoch)
+
+
 def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
-    """Train from the last reported state (or the start), evaluating and reporting each epoch."""
+    """Train from the last reported state (or the start), evaluating and reporting each epoch.
+
+    Every rank reseeds its CPU and CUDA generators at each epoch from (seed, rank, epoch), and
+    the pipelines draw order and views from (seed, epoch): a run resumed at epoch k + 1 goes on
+    exactly as the uninterrupted one, with no RNG state to carry (or to get wrong per rank).
+    """
     history: list[dict[str, Any]] = []
     start = 1
     state = ctx.session.restore_state()
@@ -159,10 +171,14 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         task.load_state(state["task"])
         history = list(state["history"])
         start = state["epoch"] + 1
-        torch.set_rng_state(state["rng"])
         ctx.session.log(f"resuming at epoch {start} of {task.epochs}")
+        if start > task.epochs and history:
+            # Finished before an interruption that lost the news (e.g. Tune had not saved the
+            # trial's completion): report the final result again so whoever waits for it gets it.
+            ctx.session.report({**history[-1], **ctx.report_extra, "replayed": 1})
     for epoch in range(start, task.epochs + 1):
         began, began_at = time.perf_counter(), time.time()
+        seed_everything(rank_seed(ctx.spec.seed, ctx.session.world_rank, epoch))
         task.train_batches.set_epoch(epoch)
         metrics: dict[str, Any] = {"epoch": epoch, "epochs": task.epochs, "start_epoch": start,
                                    "epoch_started_at": began_at}
@@ -183,6 +199,6 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         history.append(metrics)
         task.after_epoch(ctx, epoch, metrics)
         metrics.update(ctx.report_extra)
-        state = {"epoch": epoch, "task": task.state(), "history": history, "rng": torch.get_rng_state()}
+        state = {"epoch": epoch, "task": task.state(), "history": history}
         ctx.session.report(metrics, state=state)
     return history

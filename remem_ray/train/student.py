@@ -49,7 +49,7 @@ class StudentTask(Task):
         self.model, self.channels_last = runnable_model(self.bare, ctx.device, ctx.spec.compile)
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
         self.loss_fn = DistillationLoss(cfg.kd.loss, cfg.kd.temperature, cfg.kd.weight)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
+        self.optimizer = build_optimizer(self.bare, cfg.optimizer)
         self.scheduler = warmup_cosine(self.optimizer, cfg.schedule, cfg.epochs, len(self.train_batches))
         self.best_val_acc = -1.0
         self.best: dict[str, Any] = {}

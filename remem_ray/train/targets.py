@@ -7,7 +7,8 @@ checkpoint, in eval mode and batched, and stored beside the checkpoint:
 
     <checkpoint parent>/targets/<checkpoint name>-<key>.pt
 
-The key hashes the checkpoint's model sha256 (from its manifest), the data spec and split
+The key hashes the checkpoint's model sha256 (from its manifest) and the meta fields that shape
+its logits (architecture, classes, image size, MLP reweighting), the data spec and split
 seed, the number of views and their seed, and the pipeline that draws the views (the device
 pipeline and the DataLoader draw different pictures), so any change to those builds a new cache.
 """
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remem_ray.checkpoints import MANIFEST_FILE, CheckpointError, MODEL_FILE
+from remem_ray.checkpoints import MANIFEST_FILE, META_FILE, MODEL_FILE, CheckpointError
 from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, RunSpec
 from remem_ray.data.pipeline import DataPipeline, Views
 from remem_ray.storage import Storage
@@ -67,11 +68,11 @@ class CachedTargets(TargetSource):
 # --------------------------------------------------------------------------- the cache
 
 
-def cache_key(spec: RunSpec, model_sha256: str, train_size: int, pipeline: str) -> str:
+def cache_key(spec: RunSpec, teacher: dict[str, Any], train_size: int, pipeline: str) -> str:
     payload = {
         "format": CACHE_FORMAT,
+        "teacher": teacher,
         "pipeline": pipeline,  # the two pipelines draw different views
-        "checkpoint_model_sha256": model_sha256,
         "data": spec.data.model_dump(mode="json", exclude=DATA_FIELDS_WITHOUT_EFFECT),
         "split_seed": spec.seed,
         "train_size": train_size,
@@ -87,9 +88,16 @@ def cache_location(checkpoint_name: str, key: str) -> str:
     return f"{TARGETS_DIR}/{checkpoint_name}-{key}.pt"
 
 
-def model_sha256(checkpoint_storage: Storage, checkpoint_name: str) -> str:
+# What, besides the weights, shapes a checkpoint's logits (meta.json's metrics do not).
+LOGIT_SHAPING_META = ("model", "model_kwargs", "num_classes", "img_size", "reweighting")
+
+
+def teacher_identity(checkpoint_storage: Storage, checkpoint_name: str) -> dict[str, Any]:
+    """The weights' sha256 (from the manifest) and the meta fields that shape the logits: the
+    same weights under another alpha or reweighting mode give other targets."""
     manifest = json.loads(checkpoint_storage.read_text(f"{checkpoint_name}/{MANIFEST_FILE}"))
-    return manifest["files"][MODEL_FILE]
+    meta = json.loads(checkpoint_storage.read_text(f"{checkpoint_name}/{META_FILE}"))
+    return {"model_sha256": manifest["files"][MODEL_FILE], **{k: meta.get(k) for k in LOGIT_SHAPING_META}}
 
 
 @torch.no_grad()
@@ -134,7 +142,7 @@ def load_or_build_targets(spec: RunSpec, teacher_location: str, teacher: nn.Modu
 
     parent, name = split_location(teacher_location, spec.storage.endpoint)
     size = len(pipeline.splits.train)
-    key = cache_key(spec, model_sha256(parent, name), size, pipeline.identity())
+    key = cache_key(spec, teacher_identity(parent, name), size, pipeline.identity())
     rel = cache_location(name, key)
     views = Views(spec.student.target_views, spec.student.target_view_seed)
     info = {"key": key, "location": parent.uri(rel), "built": False}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from remem_ray.checkpoints import model_meta, write_checkpoint
-from remem_ray.info import checkpoint_information, headline_mi
+from remem_ray.info import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
 from remem_ray.models import create_model, normalizer_for, reweight_mlp
 from remem_ray.train.common import autocast, build_sam, no_sync, runnable_model, warmup_cosine
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
@@ -34,7 +34,7 @@ class TeacherTask(Task):
         self.bare = model.to(ctx.device)
         self.model, self.channels_last = runnable_model(self.bare, ctx.device, ctx.spec.compile)
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
-        self.optimizer = build_sam(self.model.parameters(), cfg.optimizer, cfg.rho, cfg.adaptive)
+        self.optimizer = build_sam(self.bare, cfg.optimizer, cfg.rho, cfg.adaptive, cfg.asam_eta)
         self.train_batches = ctx.data.train(cfg.batch_size)
         self.scheduler = warmup_cosine(self.optimizer.base_optimizer, cfg.schedule, cfg.epochs, len(self.train_batches))
 
@@ -77,14 +77,15 @@ class TeacherTask(Task):
 
     def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
         if epoch in self.cfg.saved_epochs and ctx.is_writer:
-            # MI of this checkpoint's distillation targets on a fixed val subset (see remem_ray.info)
+            # MI of this checkpoint's targets on a fixed val subset, at the reference temperature
+            # (see remem_ray.info): never the KD temperature of whichever trial trained it
             information = checkpoint_information(self.bare, self.normalizer, ctx.splits.val, ctx.device,
-                                                 ctx.spec.student.kd.temperature, seed=ctx.spec.seed)
+                                                 MI_REFERENCE_TEMPERATURE, seed=ctx.spec.seed)
             metrics["teacher_mi"] = headline_mi(information)
             meta = model_meta(self.bare, self.cfg.model, self.cfg.model_kwargs, ctx.splits.num_classes,
                               ctx.spec.data.img_size, role="teacher", epoch=epoch, metrics=metrics,
                               teacher_key=ctx.spec.teacher_key(ctx.session.world_size),
-                              information=information)
+                              information=information, mi_temperature=MI_REFERENCE_TEMPERATURE)
             write_checkpoint(ctx.output, checkpoint_name(epoch), self.bare, meta)
             ctx.session.log(f"saved checkpoint {ctx.output.uri(checkpoint_name(epoch))}")
 

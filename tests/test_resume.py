@@ -1,0 +1,123 @@
+"""A run interrupted after epoch k and resumed ends exactly where the uninterrupted run ends."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from remem_ray.checkpoints import load_model
+from remem_ray.config import load_run_spec
+from remem_ray.storage import Storage
+from remem_ray.train.teacher import fine_tune_teacher
+
+# drop path draws from the global RNG every step: a resume that restored the wrong RNG would show
+SPEC = {"data.name": "synthetic", "data.num_classes": 4, "data.samples_per_class": 30, "data.pipeline": "loader",
+        "teacher.model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "drop_path_rate": 0.2},
+        "teacher.epochs": 3, "teacher.batch_size": 16, "teacher.checkpoint_epochs": [3]}
+
+
+class Interrupted(Exception):
+    pass
+
+
+class FileSession:
+    """A Session keeping the last state in a file (rank 0 writes, every rank restores, as Ray Train
+    does), optionally interrupted right after epoch `stop_after` is reported."""
+
+    def __init__(self, state_file: Path, rank: int = 0, world_size: int = 1, stop_after: int | None = None):
+        self.state_file, self.stop_after = state_file, stop_after
+        self.world_rank, self.local_rank, self.world_size = rank, rank, world_size
+        self.reports: list[dict] = []
+
+    def report(self, metrics, state=None) -> None:
+        self.reports.append(dict(metrics))
+        if state is not None and self.world_rank == 0:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            self.state_file.write_bytes(buf.getvalue())
+        if self.world_size > 1:
+            dist.barrier()  # the state is written before anyone goes on (or stops)
+        if metrics["epoch"] == self.stop_after:
+            raise Interrupted
+
+    def restore_state(self):
+        if not self.state_file.exists():
+            return None
+        return torch.load(io.BytesIO(self.state_file.read_bytes()), weights_only=False)
+
+    def log(self, message: str) -> None:
+        pass
+
+
+def _train(spec, output: Path, session) -> None:
+    fine_tune_teacher({"spec": spec.model_dump(mode="json"), "output": str(output), "session": session})
+
+
+def _weights(output: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_model(Storage(str(output)), "epoch_3")
+    return model.state_dict()
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("pipeline", ["loader", "device"])
+def test_one_worker_resumed_after_epoch_1_ends_bitwise_equal(tmp_path, pipeline):
+    spec = load_run_spec(None, {**SPEC, "data.pipeline": pipeline})
+    _train(spec, tmp_path / "whole", FileSession(tmp_path / "whole.pt"))
+    with pytest.raises(Interrupted):
+        _train(spec, tmp_path / "resumed", FileSession(tmp_path / "resumed.pt", stop_after=1))
+    torch.rand(7)  # a process that did other things before resuming
+    session = FileSession(tmp_path / "resumed.pt")
+    _train(spec, tmp_path / "resumed", session)
+    assert [r["epoch"] for r in session.reports] == [2, 3]
+    _assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(tmp_path / "resumed"))
+
+
+def _ddp_teacher(rank: int, world: int, tmp: str, phase: str) -> None:
+    tmp_path = Path(tmp)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'init-{phase}'}", rank=rank,
+                            world_size=world)
+    try:
+        spec = load_run_spec(None, SPEC)
+        output = tmp_path / phase
+        if phase == "whole":
+            _train(spec, output, FileSession(tmp_path / "whole.pt", rank, world))
+        else:
+            try:
+                _train(spec, output, FileSession(tmp_path / "resumed.pt", rank, world, stop_after=1))
+            except Interrupted:
+                pass
+            _train(spec, output, FileSession(tmp_path / "resumed.pt", rank, world))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_workers_resumed_after_epoch_1_end_bitwise_equal(tmp_path):
+    """Each rank goes on with its own RNG stream (not rank 0's) and its own shard of the order."""
+    for phase in ("whole", "resumed"):
+        mp.spawn(_ddp_teacher, args=(2, str(tmp_path), phase), nprocs=2, join=True)
+    _assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(tmp_path / "resumed"))
+
+
+def test_a_run_resumed_after_its_last_epoch_reports_its_final_result_again(tmp_path):
+    """Tune may not have saved a finished trial's completion: the re-run must hand it its result."""
+    spec = load_run_spec(None, {**SPEC, "teacher.epochs": 1, "teacher.checkpoint_epochs": [1],
+                                "teacher.model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}})
+    first = FileSession(tmp_path / "s.pt")
+    _train(spec, tmp_path / "out", first)
+    again = FileSession(tmp_path / "s.pt")
+    _train(spec, tmp_path / "out", again)
+    assert len(again.reports) == 1 and again.reports[0]["replayed"] == 1
+    assert again.reports[0]["val_acc"] == first.reports[-1]["val_acc"] and again.reports[0]["epoch"] == 1
