@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,12 @@ class FakeCluster:
                     # the cluster's `python` (jobs run `python -m remem_ray.cli`) is this venv's
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.env.pop("RAY_ADDRESS", None)
+        # Token auth needs a token: the test makes its own rather than count on ~/.ray/auth_token
+        # existing (a fresh machine has none until some `ray.init()` writes one)
+        token = workdir / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.env["RAY_AUTH_TOKEN_PATH"] = str(token)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -134,7 +141,9 @@ def test_submitted_sweep_scales_gpu_nodes_up_and_down(fake_cluster, tmp_path):
     storage = tmp_path / "results"
     spec = _gpu_spec(tmp_path / "gpu.yaml", "fake-gpu", student_epochs=2, num_samples=2, storage=storage)
     assert fake_cluster.gpu_nodes() == []  # min_workers 0: nothing before demand
-    submitted = fake_cluster.remem("sweep", "submit", str(spec), "--address", fake_cluster.address)
+    # --ship-package uploads the package (its folder, from remem_ray.__file__) with the job
+    submitted = fake_cluster.remem("sweep", "submit", str(spec), "--address", fake_cluster.address,
+                                   "--ship-package")
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
     status = _wait_job(fake_cluster, job_id, timeout=420)

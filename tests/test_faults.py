@@ -42,28 +42,18 @@ def _rows(experiment: Path, trial_id: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _train_workers(tree) -> list[psutil.Process]:
-    out = []
-    for pid in list(tree.pids):
-        try:
-            proc = psutil.Process(pid)
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                out.append(proc)
-        except psutil.Error:
-            pass
-    return out
+def _claimed(holds: Path, point: str) -> dict | None:
+    """Who holds a fault point (remem_ray.train.faultpoints): {"pid", "output"}, once claimed."""
+    path = holds / f"{point.replace(':', '-')}.claimed"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):  # not yet, or being written
+        return None
 
 
-def _teacher_training(root: Path) -> bool:
-    """A teacher loop has started (spec.json written) and its last checkpoint is not stored yet."""
-    for teacher in (root / "teachers").glob("*"):
-        if (teacher / "spec.json").is_file() and not (teacher / "epoch_4" / "manifest.json").is_file():
-            return True
-    return False
-
-
-def _all_teachers_stored(root: Path, keys: int = 2) -> bool:
-    return len(list((root / "teachers").glob("*/epoch_4/manifest.json"))) >= keys
+# Each kill happens at a moment the sweep is made to wait at (a held Train run), never at one a
+# polling loop hopes to catch: the verdict must not depend on the machine's speed.
+HOLDS = {"teacher-training": "teacher:1", "distillation": "student:2,student:4", "between-trials": ""}
 
 
 @pytest.mark.parametrize("when", ["teacher-training", "distillation", "between-trials"])
@@ -73,36 +63,37 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     root = tmp_path / "results"
     experiment = root / "sweeps" / name
     env = _env(tmp_path)
-    proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, env)
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    run_env = {**env, "REMEM_TEST_HOLD_AT": HOLDS[when], "REMEM_TEST_HOLD_DIR": str(holds)}
+    proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, run_env)
     finished: set[str] = set()
-    worker_kill = None  # trial -> epochs it had reported when a Train worker was killed
+    worker_kill = None  # trial -> epochs it had reported when its Train worker was killed
     worker_retry = {}  # trial -> its result rows once Train had retried it (before the driver kill)
     killed = False
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
             trials = _experiment_trials(experiment)
             finished = {t for t, s in trials.items() if s["status"] == "TERMINATED"}
-            running = [t for t, s in trials.items() if s["status"] == "RUNNING"]
-            if when == "teacher-training" and _teacher_training(root):
-                killed = True
+            if when == "teacher-training" and _claimed(holds, "teacher:1"):
+                killed = True  # a teacher held after its epoch 1 of 4
             elif when == "between-trials" and finished:
-                killed = True
-            elif when == "distillation" and _all_teachers_stored(root):
-                progress = {t: _student_checkpoint_epoch(experiment, t) for t in running}
-                workers = _train_workers(tree)
-                if worker_kill is None:
-                    # first a Train worker, mid-epoch, once its run has registered a checkpoint
-                    # (all teachers are stored, so every Train worker now is a student's)
-                    if any(1 <= e <= 2 for e in progress.values()) and workers:
-                        reported = {t: len(_rows(experiment, t)) for t in running}
-                        time.sleep(0.3)  # into the next epoch
-                        workers[0].kill()
-                        worker_kill = reported
-                else:
+                killed = True  # the next trial needs a Train run (seconds) and 5 epochs: far off
+            elif when == "distillation":
+                held = _claimed(holds, "student:2")
+                if worker_kill is None and held:
+                    # a student's Train worker, held after reporting epoch 2: kill it once Train
+                    # has registered that checkpoint (the held run cannot move on meanwhile)
+                    trial = Path(held["output"]).name
+                    if _student_checkpoint_epoch(experiment, trial) >= 2:
+                        worker_kill = {trial: len(_rows(experiment, trial))}
+                        psutil.Process(held["pid"]).kill()
+                elif worker_kill is not None:
                     now = {t: _rows(experiment, t) for t in worker_kill}
                     retried = {t: rows for t, rows in now.items() if any(r["start_epoch"] > 1 for r in rows)}
-                    if retried and finished and any(1 <= e < STUDENT_EPOCHS for e in progress.values()):
+                    # a student held at epoch 4 of 5 keeps the sweep from finishing under us
+                    if retried and finished and _claimed(holds, "student:4"):
                         worker_retry = retried
                         killed = True
             if killed:

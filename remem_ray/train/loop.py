@@ -20,11 +20,13 @@ from remem_ray.data import DataPipeline, DataSplits, EvalTransformConfig, Shard,
 from remem_ray.data.augment import stream_key
 from remem_ray.storage import Storage
 from remem_ray.train.common import Meter, compiles, evaluate, pick_device, seed_everything, to_device
+from remem_ray.train.faultpoints import hold_if_asked
 from remem_ray.train.session import Session, current_session
 
 
 @dataclass
 class LoopContext:
+    role: str  # "teacher" or "student"
     spec: RunSpec
     session: Session
     device: torch.device
@@ -60,7 +62,7 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     session.log(f"data: {data.describe()}; compile {'on' if compiles(spec.compile, device) else 'off'}")
     eval_batches = {split: data.eval(split, max(batch_size, 256)) for split in ("val", "test")}
     output = Storage(config["output"], spec.storage.endpoint, spec.storage.region)
-    return LoopContext(spec, session, device, output, splits, data, eval_batches,
+    return LoopContext(role, spec, session, device, output, splits, data, eval_batches,
                        dict(config.get("report_extra") or {}))
 
 
@@ -201,4 +203,6 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         metrics.update(ctx.report_extra)
         state = {"epoch": epoch, "task": task.state(), "history": history}
         ctx.session.report(metrics, state=state)
+        if ctx.is_writer:
+            hold_if_asked(ctx.role, epoch, ctx.output.uri())
     return history
