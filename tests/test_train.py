@@ -100,11 +100,12 @@ def test_device_pipeline_run_learns_as_well_as_the_loader_path(digits_teacher, d
               f"{digits_online_student['best']['val_acc']:.3f} test {digits_online_student['best']['test_acc']:.3f}; "
               f"device pipeline teacher val {device_val:.3f}, student val {student['best']['val_acc']:.3f} "
               f"test {student['best']['test_acc']:.3f}")
-    # within noise: 0.05 is 11 of the 216 val images for a teacher still learning at epoch 20;
-    # 0.03 is about 6 of the 216 val / 360 test images for the student
+    # within noise: two runs that differ in their augmentation draws differ by the binomial noise of
+    # 216 val / 360 test images (sd of a difference about 0.021 / 0.016 at 95 %), plus the teacher's
+    # own; 0.05 is under 2.5 sd on val and 3 sd on test (measured gaps: 0.004-0.04)
     assert device_val == pytest.approx(loader_val, abs=0.05)
-    assert student["best"]["val_acc"] == pytest.approx(digits_online_student["best"]["val_acc"], abs=0.03)
-    assert student["best"]["test_acc"] == pytest.approx(digits_online_student["best"]["test_acc"], abs=0.03)
+    assert student["best"]["val_acc"] == pytest.approx(digits_online_student["best"]["val_acc"], abs=0.05)
+    assert student["best"]["test_acc"] == pytest.approx(digits_online_student["best"]["test_acc"], abs=0.05)
     for h in teacher["history"] + student["history"]:
         assert h["images_per_s"] > 0 and 0.0 <= h["data_wait_share"] <= 1.0
 
