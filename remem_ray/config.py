@@ -45,7 +45,7 @@ class DataConfig(StrictModel):
                             "the store fits store_budget_gb, else loader")
     store_size: int | None = Field(None, ge=8, le=2048,
                                    description="device pipeline: short side of stored images; default: native "
-                                               "for equal square images up to 256 px, else img_size / 0.875")
+                                               "for equal square images up to img_size / 0.875, else img_size / 0.875")
     store_budget_gb: float = Field(8.0, ge=0.0, le=4096.0,
                                    description="device pipeline: most GiB its uint8 store may take on the device "
                                                "(all splits); beyond it the store stays memory-mapped on the host")

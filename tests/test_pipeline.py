@@ -167,17 +167,20 @@ def test_same_seed_and_epoch_give_identical_batches_and_a_resumed_run_continues_
     assert not torch.equal(_epoch(other_seed, 1)[0][0], epochs[0][0][0])
 
 
-def test_loader_path_order_is_a_function_of_the_epoch_too():
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_path_order_and_views_are_a_function_of_the_epoch_too(workers):
+    """With worker processes too: they must not draw their seeds once, in whichever epoch came first."""
     cfg = DataConfig(name="digits", img_size=16, pipeline="loader")
     splits = build_datasets(cfg, 0)
-    a = LoaderPipeline(splits, CPU, 0, Shard(), 0).train(50)
-    b = LoaderPipeline(splits, CPU, 0, Shard(), 0).train(50)
+    a = LoaderPipeline(splits, CPU, 0, Shard(), workers).train(200)
+    b = LoaderPipeline(splits, CPU, 0, Shard(), workers).train(200)
     _epoch(a, 1)
+    torch.manual_seed(5)  # in-process augmentation draws from the global RNG (the loop reseeds it per epoch)
+    epoch_a = _epoch(a, 2)
     torch.manual_seed(5)
-    labels_a = [x[1] for x in _epoch(a, 2)]
-    torch.manual_seed(5)
-    labels_b = [x[1] for x in _epoch(b, 2)]  # straight to epoch 2, as a resumed run does
-    assert all(torch.equal(x, y) for x, y in zip(labels_a, labels_b))
+    epoch_b = _epoch(b, 2)  # straight to epoch 2, as a resumed run does
+    for x, y in zip(epoch_a, epoch_b):
+        assert torch.equal(x[1], y[1]) and torch.equal(x[0], y[0])
 
 
 def test_cached_target_views_equal_the_views_training_sees_exactly():
@@ -237,6 +240,16 @@ def test_store_is_cached_per_node_and_resizes_mixed_images(tmp_path, monkeypatch
     for a, b in zip(_epoch(first.train(4), 2), _epoch(mapped.train(4), 2)):
         assert torch.equal(a[0], b[0])
     assert "memory-mapped" in mapped.describe()
+
+
+def test_equal_square_images_larger_than_the_default_side_are_stored_smaller(tmp_path, monkeypatch):
+    """The device crops do not antialias: a store never holds images much larger than needed."""
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
+    root = _gradient_folder(tmp_path / "imgs", side=64, per_class=10)
+    small = DataConfig(name="imagefolder", root=str(root), img_size=32)
+    assert store_side(build_datasets(small, 0).train, small) == math.ceil(32 / 0.875)  # 37 < 64
+    large = small.model_copy(update={"img_size": 96})
+    assert store_side(build_datasets(large, 0).train, large) == 64  # native: 64 <= 110
 
 
 def test_auto_takes_the_device_pipeline_on_cuda_when_the_store_fits():

@@ -132,18 +132,17 @@ def resized_crop_params(u: torch.Tensor, height: int, width: int, scale: tuple[f
     left = (attempts[..., 3].gather(1, pick)[:, 0] * (width - w + 1).float()).long().clamp(min=0)
     top = torch.minimum(top, height - h)
     left = torch.minimum(left, width - w)
-    fallback = first < 0
-    if bool(fallback.any()):
-        in_ratio = width / height
-        if in_ratio < ratio[0]:
-            fw, fh = width, int(round(width / ratio[0]))
-        elif in_ratio > ratio[1]:
-            fw, fh = int(round(height * ratio[1])), height
-        else:
-            fw, fh = width, height
-        w, h = torch.where(fallback, fw, w), torch.where(fallback, fh, h)
-        top = torch.where(fallback, (height - fh) // 2, top)
-        left = torch.where(fallback, (width - fw) // 2, left)
+    fallback = first < 0  # applied unconditionally: testing it on the host would sync the device
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fw, fh = int(round(height * ratio[1])), height
+    else:
+        fw, fh = width, height
+    w, h = torch.where(fallback, fw, w), torch.where(fallback, fh, h)
+    top = torch.where(fallback, (height - fh) // 2, top)
+    left = torch.where(fallback, (width - fw) // 2, left)
     flip = (u[:, 40] < 0.5) if hflip else torch.zeros_like(top, dtype=torch.bool)
     return Boxes(top, left, h, w, flip)
 

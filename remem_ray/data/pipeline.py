@@ -148,9 +148,11 @@ class EpochLoader:
             self.sampler = torch.utils.data.DistributedSampler(ds, num_replicas=shard.world_size, rank=shard.rank,
                                                                shuffle=True, seed=seed, drop_last=True)
         _, _, drop_last = per_rank_batches(len(ds), batch_size, shard)
+        # Workers start afresh each epoch: persistent ones would draw their seeds from the generator
+        # once, in whichever epoch came first, so a resumed run would shuffle and augment otherwise.
         self.loader = DataLoader(ds, batch_size=batch_size, shuffle=self.sampler is None, sampler=self.sampler,
                                  drop_last=drop_last, num_workers=num_workers, generator=self.generator,
-                                 pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+                                 pin_memory=device.type == "cuda", persistent_workers=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(epoch_seed(self.seed, epoch))
@@ -205,7 +207,11 @@ class LoaderPipeline(DataPipeline):
 
 
 class _Gather:
-    """Stored uint8 images by index, delivered on the device."""
+    """Stored uint8 images by index, delivered on the device.
+
+    Callers pass the indices both on the host and on the device (made once per epoch): a
+    blocking host-to-device copy of indices per batch would wait for the queued steps to finish.
+    """
 
     def __init__(self, store: ImageStore, device: torch.device) -> None:
         self.store, self.device = store, device
@@ -214,9 +220,9 @@ class _Gather:
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
         self._turn = 0
 
-    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+    def __call__(self, index: torch.Tensor, device_index: torch.Tensor) -> torch.Tensor:
         if self.on_device:
-            return self.store.images[index.to(self.device)]
+            return self.store.images[device_index]
         if self.device.type != "cuda":
             return self.store.images[index]
         return self._through_pinned(index)
@@ -235,7 +241,7 @@ class _Gather:
         torch.index_select(self.store.images, 0, index, out=staged)
         images = staged.to(self.device, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # the stream the copy went on
         self._staging[turn] = (buf, event)
         return images
 
@@ -265,11 +271,13 @@ class DeviceTrainBatches:
         return perm
 
     def __iter__(self):
-        order, device = self.order(), self.gather.device
+        order = self.order()
+        device_order = order.to(self.gather.device)
         key = epoch_seed(self.seed, self.epoch)
         for b in range(self.batches):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            images, index = self.gather(idx), idx.to(device)
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            index = device_order[batch]
+            images = self.gather(order[batch], index)
             labels = self.gather.labels[index]
             if self.views is None:
                 keys = torch.full_like(index, key)
@@ -284,14 +292,16 @@ class DeviceEvalBatches:
     def __init__(self, gather: _Gather, view: EvalResize, batch_size: int, shard: Shard) -> None:
         self.gather, self.view, self.batch_size = gather, view, batch_size
         self.index = torch.arange(shard.rank, len(gather.store), shard.world_size)
+        self.device_index = self.index.to(gather.device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.index) / self.batch_size)
 
     def __iter__(self):
         for b in range(len(self)):
-            idx = self.index[b * self.batch_size:(b + 1) * self.batch_size]
-            yield eval_views(self.gather(idx), self.view), self.gather.labels[idx.to(self.gather.device)]
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            index = self.device_index[batch]
+            yield eval_views(self.gather(self.index[batch], index), self.view), self.gather.labels[index]
 
 
 class DevicePipeline(DataPipeline):
@@ -312,10 +322,11 @@ class DevicePipeline(DataPipeline):
 
     def view_batches(self, views: Views, batch_size: int) -> Iterator[torch.Tensor]:
         gather = self.gathers["train"]
-        for flat in torch.arange(len(gather.store) * views.count).split(batch_size):
-            index, view = flat // views.count, flat % views.count
-            device_index = index.to(self.device)
-            yield train_views(gather(index), view_keys(views.seed, view.to(self.device)), device_index,
+        flat = torch.arange(len(gather.store) * views.count)
+        device_flat = flat.to(self.device)
+        for host, device in zip(flat.split(batch_size), device_flat.split(batch_size)):
+            index, view = device // views.count, device % views.count
+            yield train_views(gather(host // views.count, index), view_keys(views.seed, view), index,
                               self.splits.augment)
 
     def identity(self) -> str:

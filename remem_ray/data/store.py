@@ -1,8 +1,10 @@
 """The uint8 image store: every image of a split decoded once, at one stored resolution.
 
-Small-image datasets (digits, CIFAR, SVHN, STL10, a folder of equal square images) keep their
-native size; others are resized (short side `data.store_size`, default img_size / 0.875) and
-centre-cropped to a square, so random crops are drawn from the central square of each image.
+Equal square images no larger than the default side (img_size / 0.875) keep their native size
+(digits, CIFAR and SVHN at 32 px, a folder of 32-px PNGs); others are resized (short side
+`data.store_size`, default img_size / 0.875) with PIL's antialiasing and centre-cropped to a
+square, so random crops are drawn from the central square of each image and the device-side
+resampling (no antialiasing) never shrinks a stored image by more than 1/0.875.
 Decoded PIL datasets are cached as .npy files under the cache folder, keyed by dataset, split
 seed, split and resolution, built once per node under a file lock and memory-mapped by every
 trial there; in-memory tensor datasets (digits, synthetic) are converted directly.
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
     from remem_ray.config import DataConfig
 
 STORE_FORMAT = 1
-NATIVE_MAX_SIDE = 256  # equal square images up to this side are kept at native size
 _PROBE = 32  # images looked at to decide native vs resized
 
 
@@ -87,13 +88,14 @@ def store_side(ds: Dataset, cfg: DataConfig) -> int:
         return int(base.images.shape[-1])
     if cfg.store_size is not None:
         return cfg.store_size
+    default = int(math.ceil(cfg.img_size / 0.875))
     pil_base, items = _pil_items(ds)
     sizes = {pil_base[int(i)][0].size for i in items[:_PROBE]}
     if len(sizes) == 1:
         (w, h), = sizes
-        if w == h <= NATIVE_MAX_SIDE:
+        if w == h <= default:
             return w
-    return int(math.ceil(cfg.img_size / 0.875))
+    return default
 
 
 def store_bytes(sizes: dict[str, int], side: int) -> int:
