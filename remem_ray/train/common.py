@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from dataclasses import dataclass
 from typing import Iterable, Literal
 
 import numpy as np
