@@ -45,18 +45,33 @@ def split_s3_uri(uri: str) -> str:
     return uri[len("s3://"):].strip("/")
 
 
+def _write_temp_beside(target: str, data: bytes) -> str:
+    """A finished, fsynced temp file next to `target`, to be renamed or linked into place."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 class Storage:
     """A root folder on a pyarrow filesystem; every path below is relative to it."""
 
     def __init__(self, root: str, endpoint: str | None = None, region: str = "us-east-1") -> None:
         self.is_s3 = root.startswith("s3://")
-        self.endpoint = endpoint
+        self.endpoint, self.region = endpoint, region
+        self._client = None
         if self.is_s3:
             self.fs: pafs.FileSystem = s3_filesystem(endpoint, region)
             self.base = split_s3_uri(root)
         else:
             self.fs = pafs.LocalFileSystem()
             self.base = str(Path(root).expanduser().resolve())
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}  # boto3 clients do not pickle; made again on use
 
     @classmethod
     def from_config(cls, cfg) -> Storage:
@@ -72,7 +87,8 @@ class Storage:
     def child(self, *parts: str) -> Storage:
         """A Storage rooted at a sub-folder, sharing this filesystem."""
         sub = object.__new__(Storage)
-        sub.is_s3, sub.endpoint, sub.fs, sub.base = self.is_s3, self.endpoint, self.fs, self.path(*parts)
+        sub.is_s3, sub.endpoint, sub.region, sub.fs = self.is_s3, self.endpoint, self.region, self.fs
+        sub.base, sub._client = self.path(*parts), None
         return sub
 
     # ----------------------------------------------------------------- queries
@@ -116,18 +132,62 @@ class Storage:
                 with self.fs.open_output_stream(target) as f:
                     f.write(data)
                 return
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            os.replace(_write_temp_beside(target, data), target)
         except OSError as exc:
             raise self._error("write", rel, exc) from None
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write a whole object only if nothing is there yet; False if something is.
+
+        Of any number of concurrent callers exactly one succeeds (leases are built on it):
+        locally a hard link of a finished temp file (atomic, also on NFS); on S3 a PUT with
+        If-None-Match: *, which AWS S3 and SeaweedFS refuse with 412 when the key exists.
+        """
+        target = self.path(rel)
+        try:
+            if self.is_s3:
+                return self._put_if_absent(target, data)
+            tmp = _write_temp_beside(target, data)
+            try:
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        except OSError as exc:
+            raise self._error("write", rel, exc) from None
+
+    def _put_if_absent(self, target: str, data: bytes) -> bool:
+        import botocore.exceptions
+
+        bucket, _, key = target.partition("/")
+        try:
+            self._boto3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            # 409: a concurrent conditional write to the same key is in flight; it wins
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise OSError(_one_line(exc)) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise OSError(_one_line(exc)) from None
+
+    def _boto3(self):
+        """boto3 for what pyarrow's filesystem cannot say (conditional writes); same credential chain."""
+        if self._client is None:
+            import boto3
+            import botocore.config
+
+            config = botocore.config.Config(connect_timeout=5, read_timeout=30,
+                                            retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+            endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+            self._client = boto3.client("s3", endpoint_url=endpoint, region_name=self.region, config=config)
+        return self._client
 
     # ----------------------------------------------------------------- folders
     def upload_dir(self, local_dir: str | Path, rel: str) -> None:

@@ -80,6 +80,17 @@ def s3(moto_endpoint, monkeypatch):
     return {"endpoint": moto_endpoint, "bucket": bucket, "client": client}
 
 
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """One storage-backed suite for every backend: a local folder and a bucket prefix on S3."""
+    from remem_ray.storage import Storage
+
+    if request.param == "local":
+        return Storage(str(tmp_path / "root"))
+    s3 = request.getfixturevalue("s3")
+    return Storage(f"s3://{s3['bucket']}/prefix", endpoint=s3["endpoint"])
+
+
 @pytest.fixture(scope="session")
 def moto_auth_endpoint(tmp_path_factory):
     """A moto S3 server that checks credentials: unknown keys get 403 (the wrong-credentials case)."""

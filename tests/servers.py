@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -151,3 +153,74 @@ class ProcessTree:
 
 def sigkill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
+
+
+class RayHead:
+    """A Ray head (`ray start --head --block`) on 127.0.0.1 in its own PID namespace: killing the
+    namespace's first process ends every process of the cluster, and nothing else."""
+
+    def __init__(self, workdir: Path, num_cpus: int, extra_args: list[str] | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.workdir, self.num_cpus, self.extra_args = workdir, num_cpus, extra_args or []
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
+        self.env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                    # the cluster's `python` (jobs run `python -m remem_ray.cli`) is this venv's
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    **(extra_env or {})}
+        self.env.pop("RAY_ADDRESS", None)
+        # Token auth needs a token: made here rather than counting on ~/.ray/auth_token existing
+        # (a fresh machine has none until some `ray.init()` writes one)
+        token = workdir / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.env["RAY_AUTH_TOKEN_PATH"] = str(token)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if shutil.which("unshare") is None:
+            raise RuntimeError("unshare (util-linux) is needed to run a Ray head in its own PID namespace")
+        cmd = ["unshare", "--pid", "--fork", "--mount-proc", _venv_tool("ray"), "start", "--head",
+               "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
+               "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+               f"--temp-dir={self.temp_dir}", "--block", "--disable-usage-stats", *self.extra_args]
+        log = open(self.workdir / "cluster.log", "w")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.workdir / "cluster.log").read_text()[-3000:])
+            if self.nodes() is not None:
+                return
+            time.sleep(1)
+        raise RuntimeError("Ray head did not come up: " + (self.workdir / "cluster.log").read_text()[-3000:])
+
+    def nodes(self) -> list[dict] | None:
+        """All nodes the cluster has known (alive and dead), via the State API; None if unreachable."""
+        code = ("import json, ray.util.state as s; "
+                f"print(json.dumps([n.__dict__ for n in s.list_nodes(address='{self.address}', "
+                "detail=True, limit=100)], default=str))")
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            return None
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def cluster_pids(self) -> list[int]:
+        return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def stop(self) -> None:
+        """SIGKILL the namespace's init: the kernel then ends every process in the namespace."""
+        if self.proc is None:
+            return
+        try:
+            for child in psutil.Process(self.proc.pid).children():
+                child.kill()
+        except psutil.Error:
+            pass
+        self.proc.kill()
+        self.proc.wait(30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -8,12 +8,9 @@ process ends every process of the cluster, and nothing else.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,68 +18,30 @@ import psutil
 import pytest
 import yaml
 
-from servers import free_port
+from servers import RayHead
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.integration
 
 
-def _ray_exe() -> str:
-    return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+class FakeCluster(RayHead):
+    """The head with cluster/local-fake.yaml's autoscaler: GPU nodes come and go on demand."""
 
-
-class FakeCluster:
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")
+        config = workdir / "fake-cluster.yaml"
+        self.holds = workdir / "holds"
+        self.holds.mkdir()
+        super().__init__(workdir, num_cpus=1, extra_args=['--resources={"remem_driver": 8}',
+                                                           f"--autoscaling-config={config}"],
+                         extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                                    # the node-loss sweep's student holds after its epoch 2 (only that sweep's)
+                                    "REMEM_TEST_HOLD_AT": "student:2@/node-loss/",
+                                    "REMEM_TEST_HOLD_DIR": str(self.holds)})
         cfg = yaml.safe_load((ROOT / "cluster" / "local-fake.yaml").read_text())
-        cfg["provider"]["gcs_address"] = f"127.0.0.1:{self.gcs_port}"
-        self.config = workdir / "fake-cluster.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-                    # the cluster's `python` (jobs run `python -m remem_ray.cli`) is this venv's
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.env.pop("RAY_ADDRESS", None)
-        # Token auth needs a token: the test makes its own rather than count on ~/.ray/auth_token
-        # existing (a fresh machine has none until some `ray.init()` writes one)
-        token = workdir / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
-        self.env["RAY_AUTH_TOKEN_PATH"] = str(token)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = ["unshare", "--pid", "--fork", "--mount-proc", _ray_exe(), "start", "--head",
-               "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", "--num-cpus=1", "--num-gpus=0",
-               '--resources={"remem_driver": 8}', "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dashboard_port}", f"--autoscaling-config={self.config}",
-               f"--temp-dir={self.temp_dir}", "--block", "--disable-usage-stats"]
-        log = open(self.workdir / "cluster.log", "w")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.workdir / "cluster.log").read_text()[-3000:])
-            if self.nodes() is not None:
-                return
-            time.sleep(1)
-        raise RuntimeError("fake cluster did not come up: " + (self.workdir / "cluster.log").read_text()[-3000:])
-
-    def nodes(self) -> list[dict] | None:
-        """All nodes the cluster has known (alive and dead), via the State API; None if unreachable."""
-        code = ("import json, ray.util.state as s; "
-                f"print(json.dumps([n.__dict__ for n in s.list_nodes(address='{self.address}', "
-                "detail=True, limit=100)], default=str))")
-        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            return None
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        cfg["provider"]["gcs_address"] = self.gcs_address
+        config.write_text(yaml.safe_dump(cfg))
+        self.config = config
 
     def gpu_nodes(self) -> list[dict]:
         return [n for n in self.nodes() or [] if (n.get("resources_total") or {}).get("GPU")]
@@ -90,22 +49,6 @@ class FakeCluster:
     def remem(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "remem_ray.cli", *args], cwd=self.workdir, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
-
-    def cluster_pids(self) -> list[int]:
-        return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
-
-    def stop(self) -> None:
-        """SIGKILL the namespace's init: the kernel then ends every process in the namespace."""
-        if self.proc is None:
-            return
-        try:
-            for child in psutil.Process(self.proc.pid).children():
-                child.kill()
-        except psutil.Error:
-            pass
-        self.proc.kill()
-        self.proc.wait(30)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +102,13 @@ def test_submitted_sweep_scales_gpu_nodes_up_and_down(fake_cluster, tmp_path):
     assert not any(n["state"] == "ALIVE" for n in fake_cluster.gpu_nodes()), fake_cluster.gpu_nodes()
 
 
-def _student_worker_node_pids(cluster: FakeCluster) -> list[int] | None:
-    """PIDs of the raylet (and its workers) hosting a student Train worker, if one is running."""
-    for pid in cluster.cluster_pids():
-        try:
-            proc = psutil.Process(pid)
-            if proc.name().startswith("ray::RayTrainWo") or "RayTrainWorker" in " ".join(proc.cmdline()):
-                node = proc.parent()
-                while node is not None and "raylet" not in node.name():
-                    node = node.parent()
-                if node is not None:
-                    return [node.pid] + [c.pid for c in node.children(recursive=True)]
-        except psutil.Error:
-            continue
-    return None
+def _node_pids_of(pid: int) -> list[int]:
+    """The raylet hosting process `pid`, and every process under it: one fake node."""
+    node = psutil.Process(pid)
+    while node is not None and "raylet" not in node.name():
+        node = node.parent()
+    assert node is not None, f"process {pid} runs on no raylet"
+    return [node.pid] + [c.pid for c in node.children(recursive=True)]
 
 
 def test_trial_survives_losing_its_gpu_node(fake_cluster, tmp_path):
@@ -182,26 +118,28 @@ def test_trial_survives_losing_its_gpu_node(fake_cluster, tmp_path):
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
     runs = storage / "sweeps" / "node-loss" / "train-runs"
-    killed_at = None
-    deadline = time.time() + 300
-    while time.time() < deadline and killed_at is None:
+    claimed = fake_cluster.holds / "student-2.claimed"
+
+    def registered_epoch() -> int:
         snapshots = list(runs.glob("student-*/checkpoint_manager_snapshot.json"))
-        if snapshots:
-            try:
-                latest = json.loads(snapshots[0].read_text()).get("latest_checkpoint_result") or {}
-            except json.JSONDecodeError:
-                latest = {}
-            epoch = int(latest.get("metrics", {}).get("epoch", 0))
-            pids = _student_worker_node_pids(fake_cluster) if 1 <= epoch <= 3 else None
-            if pids:
-                for pid in pids:
-                    try:
-                        psutil.Process(pid).kill()  # the node vanishes, as a spot node does
-                    except psutil.Error:
-                        pass
-                killed_at = epoch
+        try:
+            latest = json.loads(snapshots[0].read_text()).get("latest_checkpoint_result") or {}
+        except (IndexError, OSError, json.JSONDecodeError):
+            return 0
+        return int(latest.get("metrics", {}).get("epoch", 0))
+
+    # the student is held after reporting epoch 2 (so it cannot move on) until Train has registered
+    # that checkpoint; then its node vanishes, as a spot node does
+    deadline = time.time() + 300
+    while not (claimed.exists() and claimed.read_text() and registered_epoch() >= 2):
+        assert time.time() < deadline, "the student never reached its epoch 2"
         time.sleep(0.5)
-    assert killed_at is not None, "never saw a student mid-training"
+    killed_at = registered_epoch()
+    for pid in _node_pids_of(json.loads(claimed.read_text())["pid"]):
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
     status = _wait_job(fake_cluster, job_id, timeout=420)
     logs = fake_cluster.remem("sweep", "logs", job_id, "--address", fake_cluster.address).stdout
     assert status == "SUCCEEDED", logs[-4000:]

@@ -53,7 +53,9 @@ def _claimed(holds: Path, point: str) -> dict | None:
 
 # Each kill happens at a moment the sweep is made to wait at (a held Train run), never at one a
 # polling loop hopes to catch: the verdict must not depend on the machine's speed.
-HOLDS = {"teacher-training": "teacher:1", "distillation": "student:2,student:4", "between-trials": ""}
+# between-trials: a student held at epoch 4 of 5 cannot finish, so another trial finishes first
+# and the sweep cannot end under the test.
+HOLDS = {"teacher-training": "teacher:1", "distillation": "student:2,student:4", "between-trials": "student:4"}
 
 
 @pytest.mark.parametrize("when", ["teacher-training", "distillation", "between-trials"])
@@ -78,8 +80,8 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
             finished = {t for t, s in trials.items() if s["status"] == "TERMINATED"}
             if when == "teacher-training" and _claimed(holds, "teacher:1"):
                 killed = True  # a teacher held after its epoch 1 of 4
-            elif when == "between-trials" and finished:
-                killed = True  # the next trial needs a Train run (seconds) and 5 epochs: far off
+            elif when == "between-trials" and finished and _claimed(holds, "student:4"):
+                killed = True  # one trial finished, one held unfinished
             elif when == "distillation":
                 held = _claimed(holds, "student:2")
                 if worker_kill is None and held:
@@ -157,9 +159,12 @@ def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
     event = summary["integrity_events"][0]
     assert event["teacher_key"] == key and event["epoch"] == 4 and "sha256" in event["problem"]
     assert summary["trials"][0]["teacher_trained"] is True  # retrained, not reused
-    manifest = json.loads((root / "teachers" / key / "epoch_4" / "manifest.json").read_text())
+    retrained = root / "teachers" / key / "retrain-1" / "epoch_4"  # written beside the old set, then switched to
+    manifest = json.loads((retrained / "manifest.json").read_text())
     import hashlib
 
-    assert hashlib.sha256(model_file.read_bytes()).hexdigest() == manifest["files"]["model.pt"]
+    assert hashlib.sha256((retrained / "model.pt").read_bytes()).hexdigest() == manifest["files"]["model.pt"]
+    assert json.loads((root / "teachers" / key / "active.json").read_text())["folder"] == "retrain-1"
+    assert model_file.read_bytes() == good[: len(good) // 2]  # the old set was never rewritten under readers
     assert (root / "teachers" / key / "train-run-retrain-1").is_dir()
     assert summary["trials"][0]["student_val_acc"] > 0.3

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from remem_ray.checkpoints import load_model
 from remem_ray.config import load_run_spec
+from remem_ray.leases import Lease
 from remem_ray.storage import Storage
 from remem_ray.train.teacher import fine_tune_teacher
 
@@ -121,3 +122,49 @@ def test_a_run_resumed_after_its_last_epoch_reports_its_final_result_again(tmp_p
     _train(spec, tmp_path / "out", again)
     assert len(again.reports) == 1 and again.reports[0]["replayed"] == 1
     assert again.reports[0]["val_acc"] == first.reports[-1]["val_acc"] and again.reports[0]["epoch"] == 1
+
+
+class TakeoverSession(FileSession):
+    """After reporting epoch `after`, the holder's lease passes to another (its pause outlasted the
+    stale time): the run learns it at its next epoch's check."""
+
+    def __init__(self, state_file: Path, lease_folder: Storage, after: int):
+        super().__init__(state_file)
+        self.lease_folder, self.after, self.new_holder = lease_folder, after, None
+        self.logs: list[str] = []
+
+    def report(self, metrics, state=None) -> None:
+        super().report(metrics, state)
+        if metrics["epoch"] == self.after:
+            clock = [0.0]
+            self.new_holder = Lease(self.lease_folder, "sweep-2/trial_b", 1.0, clock=lambda: clock[0])
+            assert not self.new_holder.try_acquire()
+            clock[0] = 2.0
+            assert self.new_holder.try_acquire()
+
+    def log(self, message: str) -> None:
+        self.logs.append(message)
+
+
+def test_a_holder_that_loses_its_lease_stops_unsaved_and_the_new_holder_ends_it_exactly(tmp_path):
+    spec = load_run_spec(None, {**SPEC, "teacher.checkpoint_epochs": [1, 2, 3]})
+    _train(spec, tmp_path / "whole", FileSession(tmp_path / "whole.pt"))
+
+    output = tmp_path / "shared"
+    lease_folder = Storage(str(tmp_path / "lease"))
+    first = Lease(lease_folder, "sweep-1/trial_a", 60.0)
+    assert first.try_acquire()
+    session = TakeoverSession(tmp_path / "shared.pt", lease_folder, after=1)
+    result = fine_tune_teacher({"spec": spec.model_dump(mode="json"), "output": str(output), "session": session,
+                                "lease": first.handle().to_dict()})
+    assert "passed to sweep-2/trial_b" in result["stopped"]
+    assert [r["epoch"] for r in session.reports] == [1]  # epoch 2 trained, then dropped: nothing reported
+    assert (output / "epoch_1").is_dir() and not (output / "epoch_2").exists()
+    assert not (output / "history.json").exists()
+    assert any("lease" in line and "lost" in line for line in session.logs)
+
+    successor = FileSession(tmp_path / "shared.pt")  # the new holder resumes the same run
+    fine_tune_teacher({"spec": spec.model_dump(mode="json"), "output": str(output), "session": successor,
+                       "lease": session.new_holder.handle().to_dict()})
+    assert [r["epoch"] for r in successor.reports] == [2, 3]
+    _assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(output))

@@ -9,14 +9,6 @@ from remem_ray.errors import ResourceError
 from remem_ray.storage import PREFLIGHT_TIMEOUT_S, Storage, bucket_error, preflight
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return Storage(str(tmp_path / "root"))
-    s3 = request.getfixturevalue("s3")
-    return Storage(f"s3://{s3['bucket']}/prefix", endpoint=s3["endpoint"])
-
-
 def test_write_read_exists_list(store):
     assert not store.exists("a/b.txt")
     store.write_text("a/b.txt", "hello")
@@ -31,6 +23,27 @@ def test_overwrite_replaces_whole_object(store):
     store.write_text("x.json", "first version, longer")
     store.write_text("x.json", "second")
     assert store.read_text("x.json") == "second"
+
+
+def test_exclusive_create_lets_exactly_one_of_many_racers_win(store):
+    import threading
+
+    racers, start, wins = 8, threading.Barrier(8), []
+
+    def race(i):
+        start.wait()
+        if store.create_exclusive("lock.json", f"racer {i}".encode()):
+            wins.append(i)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert store.read_text("lock.json") == f"racer {wins[0]}"  # the winner's whole object, never replaced
+    assert not store.create_exclusive("lock.json", b"late")
+    assert store.list_dir() == ["lock.json"]  # no temp files left behind
 
 
 def test_upload_download_and_delete_dir(store, tmp_path):

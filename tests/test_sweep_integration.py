@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from servers import ProcessTree, SeaweedFS, sigkill
+import yaml
+
+from servers import ProcessTree, RayHead, SeaweedFS, sigkill
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -169,6 +171,68 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
     assert rc == 2 and "already exists" in out and "remem sweep resume smoke" in out
 
 
+def _one_trial_spec(tmp_path: Path, name: str, teacher_epoch: int) -> Path:
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["name"] = name
+    spec["student"]["epochs"] = 2
+    spec["storage"]["root"] = str(tmp_path / "results")
+    spec["sweep"].update({"num_samples": 1, "asha": {"enabled": False},
+                          "points_to_evaluate": [{"rho": 0.05, "alpha": 0.9, "teacher_epoch": teacher_epoch}]})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_two_sweeps_at_once_on_one_root_train_a_shared_teacher_once(tmp_path):
+    """Two `remem sweep run` drivers on one Ray cluster and one storage root, needing the same
+    teacher: sweep a trains it (held at its epoch 1 until sweep b is seen waiting for it: the
+    overlap happens by design), sweep b reuses it. Trainings over both = distinct keys = 1."""
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    (tmp_path / "head").mkdir()
+    head = RayHead(tmp_path / "head", num_cpus=2, extra_env={"REMEM_TEST_HOLD_AT": "teacher:1",
+                                                              "REMEM_TEST_HOLD_DIR": str(holds)})
+    head.start()
+    procs = []
+    try:
+        env = _env(tmp_path, {k: head.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
+        for name, teacher_epoch in (("sweep-a", 4), ("sweep-b", 2)):
+            spec = _one_trial_spec(tmp_path, name, teacher_epoch)
+            procs.append(start_remem(["sweep", "run", str(spec), "--address", head.gcs_address], tmp_path, env))
+            if name == "sweep-a":  # a holds the lease and trains, held after its epoch 1
+                _wait_for(lambda: (holds / "teacher-1.claimed").exists() or procs[0][0].poll() is not None,
+                          300, "sweep a to train its teacher")
+                assert procs[0][0].poll() is None, procs[0][0].log_path.read_text()[-3000:]
+        b_log = procs[1][0].log_path
+        _wait_for(lambda: "waiting for teacher" in b_log.read_text() or procs[1][0].poll() is not None,
+                  300, "sweep b to wait for the teacher")
+        (holds / "teacher-1.release").touch()
+        for proc, _ in procs:
+            proc.wait(400)
+    finally:
+        for _, tree in procs:
+            tree.kill_all()
+        head.stop()
+    logs = [proc.log_path.read_text() for proc, _ in procs]
+    assert [proc.returncode for proc, _ in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "training teacher" in logs[0] and "waiting for teacher" in logs[1] and "training teacher" not in logs[1]
+    root = tmp_path / "results"
+    summaries = [json.loads((root / "sweeps" / name / "summary.json").read_text()) for name in ("sweep-a", "sweep-b")]
+    keys = {row["teacher_key"] for s in summaries for row in s["trials"]}
+    assert len(keys) == 1 and [p.name for p in (root / "teachers").iterdir()] == list(keys)
+    assert sum(s["teacher_trainings_performed"] for s in summaries) == len(keys)
+    assert [s["trials"][0]["teacher_trained"] for s in summaries] == [True, False]
+    assert all(s["best"]["student_val_acc"] > 0.3 for s in summaries)
+
+
 @pytest.fixture
 def seaweed(tmp_path):
     server = SeaweedFS(tmp_path / "seaweed")
@@ -206,23 +270,23 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
     in the environment appear in nothing the sweep wrote, Ray's session logs included."""
     client = seaweed.client()
     client.create_bucket(Bucket="remem")
-    env = _env(tmp_path, seaweed.env())
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    # the outage begins while a student is held after its epoch 2, and the sweep goes on during it
+    env = _env(tmp_path, {**seaweed.env(), "REMEM_TEST_HOLD_AT": "student:2", "REMEM_TEST_HOLD_DIR": str(holds)})
     ray_dirs_before = set(Path("/tmp").glob("remem-ray-*"))
     args = ["--storage", "s3://remem/exp", "--endpoint", seaweed.endpoint]
     proc, tree = start_remem(["sweep", "run", str(SMOKE), *args], tmp_path, env)
-    stored_before: set[str] = set()
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            keys = _bucket_keys(client, "exp/")
-            if any(k.endswith("/epoch_2/manifest.json") for k in keys) and any("/students/" in k for k in keys):
-                stored_before = keys
-                break
-            time.sleep(1)
-        assert stored_before, proc.log_path.read_text()[-3000:]
-        outage_began = time.time()
+        _wait_for(lambda: (holds / "student-2.claimed").exists() or proc.poll() is not None, 300,
+                  "a student to reach epoch 2")
+        assert proc.poll() is None, proc.log_path.read_text()[-3000:]
+        stored_before = _bucket_keys(client, "exp/")
+        assert any(k.endswith("/epoch_2/manifest.json") for k in stored_before)
+        assert any("/students/" in k for k in stored_before)
         seaweed.stop()
-        time.sleep(max(0.0, 20 - (time.time() - outage_began)))
+        (holds / "student-2.release").touch()
+        time.sleep(20)  # the outage's length, not a wait for something to happen
         seaweed.start()
         proc.wait(400)
     finally:

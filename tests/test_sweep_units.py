@@ -1,4 +1,4 @@
-"""Sweep logic without a cluster: search space, pruning of ASHA-stopped trials, leases, bad specs."""
+"""Sweep logic without a cluster: search space, pruning of ASHA-stopped trials, bad specs."""
 
 import json
 
@@ -8,7 +8,6 @@ import yaml
 
 from remem_ray.cli import main
 from remem_ray.config import SweepSpec, load_sweep_spec
-from remem_ray.sweep.registry import LeaseTable
 from remem_ray.sweep.search import METRIC, DefineByRunSpace, _optuna_search_class, build_scheduler, stopped_early
 
 
@@ -124,24 +123,6 @@ def test_optuna_steps_are_student_epochs_across_a_retry():
         searcher.on_trial_result("t", {METRIC: epoch / 10, "epoch": epoch, "epochs": 3,
                                        "training_iteration": iteration})
     assert searcher._ot_study.trials[0].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
-
-
-def test_lease_table_grants_one_holder_and_expires_stale_ones():
-    now = [0.0]
-    leases = LeaseTable(clock=lambda: now[0])
-    assert leases.acquire("k", "a", stale_after_s=60)
-    assert not leases.acquire("k", "b", stale_after_s=60)
-    assert leases.acquire("k", "a", stale_after_s=60)  # a restarted holder gets it back
-    now[0] = 50
-    assert leases.heartbeat("k", "a") and not leases.heartbeat("k", "b")
-    now[0] = 100
-    assert not leases.acquire("k", "b", stale_after_s=60)  # heartbeat at 50 keeps it fresh
-    now[0] = 111
-    assert leases.acquire("k", "b", stale_after_s=60) and leases.holder("k") == "b"
-    leases.release("k", "a")  # not the holder: no effect
-    assert leases.holder("k") == "b"
-    leases.release("k", "b")
-    assert leases.holder("k") is None
 
 
 BAD_SWEEPS = [
@@ -283,42 +264,6 @@ def test_locate_sweep_with_an_invalid_stored_spec_is_a_user_error(in_tmp, capsys
     (folder / "sweep_spec.json").write_text("{not json")
     assert main(["sweep", "status", "broken"]) == 2
     assert "is not a sweep spec" in capsys.readouterr().err
-
-
-def test_corrupt_registry_checkpoint_is_found_and_scheduled_for_retraining(tmp_path):
-    import torch
-
-    from remem_ray.checkpoints import write_checkpoint
-    from remem_ray.storage import Storage
-    from remem_ray.sweep.layout import SweepLayout
-    from remem_ray.sweep.registry import TRAIN_RUN, TeacherRegistry
-    from remem_ray.sweep.results import summarize
-
-    storage = Storage(str(tmp_path))
-    registry = TeacherRegistry(storage.child("teachers"))
-    model = torch.nn.Linear(4, 2)
-    for epoch in (2, 4):
-        write_checkpoint(registry.folder("k1"), f"epoch_{epoch}", model, {"epoch": epoch})
-    assert registry.has_all("k1", [2, 4]) and registry.verify("k1", 4) is None
-    assert registry.train_run_name("k1") == TRAIN_RUN
-
-    model_file = tmp_path / "teachers" / "k1" / "epoch_4" / "model.pt"
-    model_file.write_bytes(model_file.read_bytes()[:-10])  # truncated after the manifest was written
-    problem = registry.verify("k1", 4)
-    assert "epoch_4/model.pt does not match its sha256" in problem
-    assert registry.verify("k1", 2) is None
-
-    run = registry.schedule_retrain("k1", 4, problem)
-    assert run == registry.train_run_name("k1") == f"{TRAIN_RUN}-retrain-1"
-    assert not registry.has_all("k1", [2, 4]) and registry.has_all("k1", [2])  # only the bad one goes
-    assert registry.schedule_retrain("k1", 4, problem) == f"{TRAIN_RUN}-retrain-2"
-
-    layout = SweepLayout(storage, "s")
-    layout.record_integrity_event("k1", 4, problem, "t1", action=f"retrained in {run}")
-    spec = SweepSpec.model_validate({"name": "s", "storage": {"root": str(tmp_path)}})
-    summary = summarize(spec, layout)
-    assert summary.corrupt_checkpoints_retrained == 1
-    assert summary.integrity_events[0]["problem"] == problem and summary.integrity_events[0]["epoch"] == 4
 
 
 def test_tune_is_kept_from_copying_aws_keys_into_runtime_envs(monkeypatch):

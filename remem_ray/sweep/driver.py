@@ -13,7 +13,6 @@ from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.storage import Storage, preflight, preflight_config
 from remem_ray.sweep.layout import SPEC_FILE, SweepLayout
-from remem_ray.sweep.registry import start_leases_actor
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
 from remem_ray.sweep.trial import remem_trial, trial_dirname
@@ -90,7 +89,9 @@ def _leave_working_dir() -> None:
 
 
 def _write_report(summary, layout: SweepLayout) -> None:
-    from remem_ray.report import write_report  # report imports the sweep package: import late
+    from remem_ray.report import (
+        write_report,  # report imports the sweep package: import late
+    )
 
     write_report(summary, layout)
 
@@ -137,7 +138,6 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
 
     _leave_working_dir()
     with ray_session(address):
-        leases = start_leases_actor(spec.name)  # noqa: F841  (lives as long as this driver)
         tuner = tune.Tuner(
             _trainable(spec),
             tune_config=tune.TuneConfig(
@@ -204,7 +204,6 @@ def resume_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
         raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
     _leave_working_dir()
     with ray_session(address):
-        leases = start_leases_actor(spec.name)  # noqa: F841
         tuner = tune.Tuner.restore(path, _trainable(spec), resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage.fs)
         tuner.fit()

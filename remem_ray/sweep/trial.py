@@ -16,9 +16,10 @@ import time
 from typing import Any
 
 from remem_ray.config import SweepSpec, WorkerResources
+from remem_ray.leases import Lease
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
-from remem_ray.sweep.registry import Heartbeat, TeacherRegistry, get_leases_actor
+from remem_ray.sweep.registry import Heartbeat, TeacherRegistry
 from remem_ray.train.loop import peak_rss_mb
 
 HEARTBEAT_S = 5.0
@@ -66,39 +67,60 @@ def _stored_and_whole(registry: TeacherRegistry, key: str, epochs: list[int], ep
     return registry.has_all(key, epochs) and registry.verify(key, epoch) is None
 
 
-def ensure_teacher(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRegistry,
-                   layout: SweepLayout) -> bool:
+def fit_teacher(spec: SweepSpec, run_spec, registry: TeacherRegistry, key: str, lease: Lease) -> None:
+    """Train (or resume) the teacher under a held lease in its Train run; the loop stops if the lease goes."""
+    from remem_ray.train.teacher import fine_tune_teacher
+
+    trainer = make_trainer(
+        fine_tune_teacher,
+        {"spec": run_spec.model_dump(mode="json"), "output": registry.training_output(key).uri(),
+         "lease": lease.handle().to_dict()},
+        spec.sweep.resources.teacher, spec.sweep.resources.backend,
+        train_run_config(registry.train_run_name(key), registry.folder(key), spec.sweep.max_failures),
+    )
+    trainer.fit()
+
+
+def ensure_teacher(spec: SweepSpec, run_spec, holder: str, registry: TeacherRegistry, layout: SweepLayout,
+                   fit=fit_teacher, stale_after_s: float = STALE_AFTER_S) -> bool:
     """Make sure every candidate checkpoint of this teacher is stored and the one this trial uses
     is whole (sha256 against its manifest); True if this trial trained it.
 
-    A corrupt or truncated checkpoint is never used: the trial holding the lease logs it,
-    records it for summary.json and retrains the teacher in a fresh Train run.
+    `holder` names this trial across sweeps (sweep/trial id). Whoever holds the key's lease
+    trains; a holder that loses its lease mid-run (declared stale) stops at the next epoch and
+    waits like the others. A corrupt or truncated checkpoint is never used: the trial holding
+    the lease logs it, records it for summary.json and retrains the teacher beside it.
     """
-    import ray
-
-    from remem_ray.train.teacher import fine_tune_teacher
-
     key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
     epochs, epoch = run_spec.teacher.saved_epochs, run_spec.student.teacher_epoch
-    leases = get_leases_actor(spec.name)
+    trial_id = holder.rsplit("/", 1)[-1]
+    lease = registry.lease(key, holder, stale_after_s)
     deadline = time.monotonic() + spec.sweep.teacher_wait_timeout_s
     last_note = 0.0
     while True:
         if _stored_and_whole(registry, key, epochs, epoch):
             # Stored already; still ours if this very trial trained it before Tune restarted it.
             return layout.trained_by(key) == trial_id
-        if ray.get(leases.acquire.remote(key, trial_id, STALE_AFTER_S)):
-            break
+        if lease.try_acquire():
+            if _train_under_lease(spec, run_spec, trial_id, registry, layout, key, lease, fit):
+                return True
+            continue  # lost the lease mid-run: the new holder finishes; wait for it
         if time.monotonic() - last_note > 30:
-            holder = ray.get(leases.holder.remote(key))
-            print(f"trial {trial_id}: waiting for teacher {key} (trained by trial {holder})", flush=True)
+            print(f"trial {trial_id}: waiting for teacher {key} (trained by {lease.holder_now()})", flush=True)
             last_note = time.monotonic()
         if time.monotonic() > deadline:
             raise TimeoutError(f"teacher {key}: not ready after {spec.sweep.teacher_wait_timeout_s:.0f} s")
         time.sleep(POLL_S)
+
+
+def _train_under_lease(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRegistry,
+                       layout: SweepLayout, key: str, lease: Lease, fit) -> bool:
+    """Train the teacher while holding its lease; False if the lease was lost on the way."""
+    epochs, epoch = run_spec.teacher.saved_epochs, run_spec.student.teacher_epoch
+    heartbeat = Heartbeat(lease, HEARTBEAT_S)
     try:
-        with Heartbeat(leases, key, trial_id, HEARTBEAT_S):
-            if registry.has_all(key, epochs):
+        with heartbeat:
+            if registry.pending_retrain(key) is None and registry.has_all(key, epochs):
                 problem = registry.verify(key, epoch)
                 if problem is None:  # finished by another holder while we waited
                     return layout.trained_by(key) == trial_id
@@ -107,17 +129,17 @@ def ensure_teacher(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRe
                 print(f"trial {trial_id}: {problem}; retraining teacher {key} in Train run {run}", flush=True)
             print(f"trial {trial_id}: training teacher {key} (rho {run_spec.teacher.rho}, "
                   f"alpha {run_spec.teacher.alpha})", flush=True)
-            trainer = make_trainer(
-                fine_tune_teacher, {"spec": run_spec.model_dump(mode="json"), "output": registry.uri(key)},
-                spec.sweep.resources.teacher, spec.sweep.resources.backend,
-                train_run_config(registry.train_run_name(key), registry.folder(key), spec.sweep.max_failures),
-            )
             fit_called_at = time.time()
-            trainer.fit()
-            layout.record_teacher_training(key, trial_id, fit_called_at=fit_called_at)
-            return True
+            fit(spec, run_spec, registry, key, lease)
+        if heartbeat.lost.is_set() or not lease.renew():
+            print(f"trial {trial_id}: lost the lease on teacher {key} while training it; "
+                  f"waiting for its new holder", flush=True)
+            return False
+        registry.finish_training(key)
+        layout.record_teacher_training(key, trial_id, fit_called_at=fit_called_at)
+        return True
     finally:
-        leases.release.remote(key, trial_id)
+        lease.release()
 
 
 def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -134,7 +156,7 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     storage = Storage.from_config(spec.storage)
     layout = SweepLayout(storage, spec.name)
     registry = TeacherRegistry(layout.teachers)
-    trained = ensure_teacher(spec, run_spec, trial_id, registry, layout)
+    trained = ensure_teacher(spec, run_spec, f"{spec.name}/{trial_id}", registry, layout)
     key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
     teacher = registry.checkpoint_uri(key, run_spec.student.teacher_epoch)
     trainer = make_trainer(

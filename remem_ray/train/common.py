@@ -43,6 +43,15 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank0_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's flag on every rank, so all ranks take the same branch (and meet at the same collectives)."""
+    if not is_distributed():
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
 def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
     if not is_distributed():
         return model

@@ -7,8 +7,9 @@ Fault tests must not race the machine's speed. With
 
 the first run (its rank 0) to reach a point claims it by creating `<folder>/<role>-<epoch>.claimed`
 (JSON: its pid and output folder) and waits there until `<folder>/<role>-<epoch>.release` appears;
-every point holds once per folder, later runs pass it. Unset, a loop pays one environment lookup
-per epoch. Not for production use: a held run waits forever.
+every point holds once per folder, later runs pass it. A point written `role:epoch@text` holds only
+runs whose output folder contains `text` (one sweep's runs, on a cluster several tests share).
+Unset, a loop pays one environment lookup per epoch. Not for production use: a held run waits forever.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ HOLD_DIR = "REMEM_TEST_HOLD_DIR"
 
 def hold_if_asked(role: str, epoch: int, output: str) -> None:
     points = os.environ.get(HOLD_AT)
-    if not points or f"{role}:{epoch}" not in points.split(","):
+    if not points or not any(_matches(point, role, epoch, output) for point in points.split(",")):
         return
     folder = Path(os.environ[HOLD_DIR])
     try:
@@ -36,3 +37,8 @@ def hold_if_asked(role: str, epoch: int, output: str) -> None:
     release = folder / f"{role}-{epoch}.release"
     while not release.exists():
         time.sleep(0.2)
+
+
+def _matches(point: str, role: str, epoch: int, output: str) -> bool:
+    moment, _, needle = point.partition("@")
+    return moment == f"{role}:{epoch}" and needle in output

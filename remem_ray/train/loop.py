@@ -18,8 +18,9 @@ from torch import nn
 from remem_ray.config import RunSpec
 from remem_ray.data import DataPipeline, DataSplits, EvalTransformConfig, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
+from remem_ray.leases import LeaseHandle
 from remem_ray.storage import Storage
-from remem_ray.train.common import Meter, compiles, evaluate, pick_device, seed_everything, to_device
+from remem_ray.train.common import Meter, compiles, evaluate, pick_device, rank0_decides, seed_everything, to_device
 from remem_ray.train.faultpoints import hold_if_asked
 from remem_ray.train.session import Session, current_session
 
@@ -35,10 +36,21 @@ class LoopContext:
     data: DataPipeline
     eval_batches: dict[str, Iterable] = field(default_factory=dict)
     report_extra: dict[str, Any] = field(default_factory=dict)
+    lease: LeaseHandle | None = None  # the right to write `output`, when it is shared (teacher keys)
+    stopped: str | None = None  # why the loop stopped early, if it did
 
     @property
     def is_writer(self) -> bool:
         return self.session.world_rank == 0
+
+    def lease_lost(self) -> str | None:
+        """Why this run may no longer write its output (its lease passed on), or None; same on every rank."""
+        if self.lease is None:
+            return None
+        reason = self.lease.lost() if self.is_writer else None
+        if rank0_decides(reason is not None, self.device):
+            return reason or "rank 0 found the lease lost"
+        return None
 
 
 def prepare(config: dict[str, Any], role: str) -> LoopContext:
@@ -62,8 +74,9 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     session.log(f"data: {data.describe()}; compile {'on' if compiles(spec.compile, device) else 'off'}")
     eval_batches = {split: data.eval(split, max(batch_size, 256)) for split in ("val", "test")}
     output = Storage(config["output"], spec.storage.endpoint, spec.storage.region)
+    lease = LeaseHandle.from_dict(config["lease"]) if config.get("lease") else None
     return LoopContext(role, spec, session, device, output, splits, data, eval_batches,
-                       dict(config.get("report_extra") or {}))
+                       dict(config.get("report_extra") or {}), lease)
 
 
 class EpochClock:
@@ -198,6 +211,12 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         metrics["epoch_seconds"] = time.perf_counter() - began
         metrics["loop_seconds"] = sum(h["epoch_seconds"] for h in history) + metrics["epoch_seconds"]
         metrics["peak_rss_mb"] = peak_rss_mb()
+        ctx.stopped = ctx.lease_lost()
+        if ctx.stopped is not None:
+            # declared stale (a long pause, a network blip): another holder resumes this run
+            ctx.session.log(f"stopping before saving epoch {epoch}: the lease on {ctx.output.uri()} is lost "
+                            f"({ctx.stopped}); its new holder goes on")
+            break
         history.append(metrics)
         task.after_epoch(ctx, epoch, metrics)
         metrics.update(ctx.report_extra)

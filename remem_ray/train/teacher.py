@@ -93,7 +93,8 @@ class TeacherTask(Task):
 def fine_tune_teacher(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train `train_loop_per_worker` and in-process entry point.
 
-    config: {"spec": RunSpec as a dict, "output": teacher folder (path or s3:// URI), "quiet": bool}
+    config: {"spec": RunSpec as a dict, "output": teacher folder (path or s3:// URI), "quiet": bool,
+             "lease": optional LeaseHandle dict: stop, writing nothing more, once it is lost}
     Writes <output>/spec.json and <output>/epoch_<e>/ for each saved epoch.
     """
     ctx = prepare(config, "teacher")
@@ -103,6 +104,8 @@ def fine_tune_teacher(config: dict[str, Any]) -> dict[str, Any]:
                   "spec": ctx.spec.model_dump(mode="json")}
         ctx.output.write_text(SPEC_FILE, json.dumps(record, indent=2))
     history = run_epochs(ctx, task)
+    if ctx.stopped is not None:
+        return {"history": history, "stopped": ctx.stopped}
     if ctx.is_writer:  # the whole curve, for reports and the sweep-overhead benchmark
         ctx.output.write_text(HISTORY_FILE, json.dumps(history, indent=1))
     return {"history": history,

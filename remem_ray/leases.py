@@ -1,0 +1,179 @@
+"""Leases kept in storage: who may write a shared folder (a teacher key), across every sweep,
+driver and node that uses the same storage root.
+
+A lease is a numbered series of small records, `<folder>/<generation>.json`, the newest one
+in force. Taking the lease means creating the next generation's record with an exclusive
+create (`Storage.create_exclusive`: a hard link locally, If-None-Match on S3), so of any
+number of contenders exactly one wins. The holder renews its own record (a beat counter) and
+marks it released when done.
+
+A lease is stale when its record has not changed for `stale_after_s` as seen by the waiter's
+own monotonic clock: no comparison of wall clocks between nodes. A holder that was declared
+stale (a long pause, a network blip) finds a newer generation when it next renews or checks,
+and must stop writing: `LeaseHandle.lost()` answers that question from anywhere (a Train
+worker), from storage alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from remem_ray.errors import ResourceError
+from remem_ray.storage import Storage
+
+KEEP_GENERATIONS = 2  # older records are pruned by whoever takes the lease
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    generation: int
+    holder: str
+    token: str  # unique per taking: tells a holder's own record from a later one of the same holder
+    beat: int = 0
+    released: bool = False
+    host: str = ""
+    pid: int = 0
+
+
+def _record_name(generation: int) -> str:
+    return f"{generation:08d}.json"
+
+
+def _generation_of(name: str) -> int | None:
+    stem, dot, ext = name.partition(".")
+    return int(stem) if dot and ext == "json" and stem.isdigit() else None
+
+
+def current_record(folder: Storage) -> LeaseRecord | None:
+    """The lease in force (the newest generation), or None if the lease was never taken."""
+    for _ in range(3):  # a record pruned between listing and reading: list again
+        generations = [g for g in map(_generation_of, folder.list_dir()) if g is not None]
+        if not generations:
+            return None
+        try:
+            return LeaseRecord(**json.loads(folder.read_text(_record_name(max(generations)))))
+        except (ResourceError, json.JSONDecodeError, TypeError):
+            continue
+    raise ResourceError(f"lease {folder.uri()}: cannot read its newest record")
+
+
+def lost_reason(folder: Storage, generation: int, token: str) -> str | None:
+    """None while the lease taken as (generation, token) is in force; else who has it now."""
+    current = current_record(folder)
+    if current is not None and current.generation == generation and current.token == token:
+        return None
+    if current is None:
+        return "its record is gone"
+    return f"it passed to {current.holder} (generation {current.generation})"
+
+
+class Lease:
+    """One contender's view of one lease; not thread-safe (the heartbeat owns it while held)."""
+
+    def __init__(self, folder: Storage, holder: str, stale_after_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.folder, self.holder, self.stale_after_s, self._clock = folder, holder, stale_after_s, clock
+        self.record: LeaseRecord | None = None  # ours, while we hold the lease
+        self._seen: tuple[int, int, str] | None = None
+        self._seen_since = 0.0
+
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free, released, ours from an earlier life, or stale."""
+        current = current_record(self.folder)
+        if current is not None and not current.released and current.holder != self.holder:
+            signature = (current.generation, current.beat, current.token)
+            now = self._clock()
+            if signature != self._seen:
+                self._seen, self._seen_since = signature, now
+                return False
+            if now - self._seen_since < self.stale_after_s:
+                return False
+        generation = 1 if current is None else current.generation + 1
+        mine = LeaseRecord(generation, self.holder, uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid())
+        created = self.folder.create_exclusive(_record_name(generation), json.dumps(asdict(mine)).encode())
+        if not created:
+            # a retried PUT whose first try landed answers 412 too: it is ours if the token is
+            winner = current_record(self.folder)
+            if winner is None or winner.token != mine.token:
+                return False
+        self.record = mine
+        self._prune(generation)
+        return True
+
+    def renew(self) -> bool:
+        """Beat once; False if the lease has passed to someone else (the holder must stop).
+
+        A storage error is not a loss: the record stays as it was, and others take the lease
+        only if that lasts `stale_after_s`, which the next renewal then finds out.
+        """
+        if self.record is None:
+            return False
+        try:
+            if lost_reason(self.folder, self.record.generation, self.record.token) is not None:
+                self.record = None
+                return False
+            beat = LeaseRecord(**{**asdict(self.record), "beat": self.record.beat + 1})
+            self.folder.write_text(_record_name(beat.generation), json.dumps(asdict(beat)))
+            self.record = beat
+        except ResourceError:
+            pass
+        return True
+
+    def release(self) -> None:
+        """Give the lease up now (waiters need not wait for it to go stale); a no-op if lost."""
+        if self.record is None:
+            return
+        try:
+            if lost_reason(self.folder, self.record.generation, self.record.token) is None:
+                done = LeaseRecord(**{**asdict(self.record), "released": True})
+                self.folder.write_text(_record_name(done.generation), json.dumps(asdict(done)))
+        except ResourceError:
+            pass  # it goes stale instead
+        self.record = None
+
+    def holder_now(self) -> str | None:
+        current = current_record(self.folder)
+        return None if current is None or current.released else current.holder
+
+    def handle(self) -> LeaseHandle:
+        if self.record is None:
+            raise RuntimeError(f"lease {self.folder.uri()}: not held by {self.holder}")
+        return LeaseHandle(self.folder.uri(), self.folder.endpoint, self.folder.region,
+                           self.record.generation, self.record.token)
+
+    def _prune(self, generation: int) -> None:
+        for name in self.folder.list_dir():
+            old = _generation_of(name)
+            if old is not None and old <= generation - KEEP_GENERATIONS:
+                try:
+                    self.folder.delete_file(name)
+                except ResourceError:
+                    pass
+
+
+@dataclass(frozen=True)
+class LeaseHandle:
+    """What a worker needs to check, from storage alone, that its holder still holds the lease."""
+
+    folder: str
+    endpoint: str | None
+    region: str
+    generation: int
+    token: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LeaseHandle:
+        return cls(**data)
+
+    def lost(self) -> str | None:
+        """None while the lease is still ours; else who has it now (read from storage)."""
+        return lost_reason(Storage(self.folder, self.endpoint, self.region), self.generation, self.token)
