@@ -18,6 +18,23 @@ TINY_VIT_KWARGS = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
                    "class_token": False, "global_pool": "avg"}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--busy-cores", type=int, default=0,
+                     help="load this many cores with busy loops for the whole run (fault tests must pass "
+                          "on a machine slowed by other work)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def busy_cores(request):
+    """With --busy-cores N: N processes spinning at full speed while the tests run, ended by PID."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+             for _ in range(request.config.getoption("--busy-cores"))]
+    yield len(procs)
+    for proc in procs:
+        proc.kill()
+        proc.wait(10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -111,6 +111,7 @@ def _node_pids_of(pid: int) -> list[int]:
     return [node.pid] + [c.pid for c in node.children(recursive=True)]
 
 
+@pytest.mark.faults
 def test_trial_survives_losing_its_gpu_node(fake_cluster, tmp_path):
     storage = tmp_path / "results"
     spec = _gpu_spec(tmp_path / "loss.yaml", "node-loss", student_epochs=6, num_samples=1, storage=storage)
