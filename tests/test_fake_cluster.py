@@ -102,6 +102,20 @@ def test_submitted_sweep_scales_gpu_nodes_up_and_down(fake_cluster, tmp_path):
     assert not any(n["state"] == "ALIVE" for n in fake_cluster.gpu_nodes()), fake_cluster.gpu_nodes()
 
 
+def _host_pid(cluster: FakeCluster, ns_pid: int) -> int:
+    """The PID, as this test sees it, of a cluster process that knows itself (in the cluster's PID
+    namespace) as `ns_pid`: /proc's NSpid line lists a process's PID in each namespace, outermost first."""
+    for pid in cluster.cluster_pids():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        ns_pids = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+        if ns_pids and int(ns_pids[-1]) == ns_pid:
+            return pid
+    raise AssertionError(f"no cluster process is PID {ns_pid} in the cluster's namespace")
+
+
 def _node_pids_of(pid: int) -> list[int]:
     """The raylet hosting process `pid`, and every process under it: one fake node."""
     node = psutil.Process(pid)
@@ -136,7 +150,8 @@ def test_trial_survives_losing_its_gpu_node(fake_cluster, tmp_path):
         assert time.time() < deadline, "the student never reached its epoch 2"
         time.sleep(0.5)
     killed_at = registered_epoch()
-    for pid in _node_pids_of(json.loads(claimed.read_text())["pid"]):
+    held = _host_pid(fake_cluster, json.loads(claimed.read_text())["pid"])
+    for pid in _node_pids_of(held):
         try:
             psutil.Process(pid).kill()
         except psutil.Error:
