@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from remem_ray.errors import SpecError
+from remem_ray.search_params import SEARCH_PARAMS, ranged_params
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -348,6 +351,40 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 # --------------------------------------------------------------------------- sweeps
 
 
+@dataclass(frozen=True)
+class FieldBounds:
+    """The numeric bounds of a spec field (pydantic's ge/gt/le/lt)."""
+
+    low: float = -math.inf
+    low_open: bool = True
+    high: float = math.inf
+    high_open: bool = True
+
+    def contains(self, low: float, high: float) -> bool:
+        above = low > self.low if self.low_open else low >= self.low
+        below = high < self.high if self.high_open else high <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def field_bounds(dotted: str, model: type[BaseModel] | None = None) -> FieldBounds:
+    """The bounds declared on a run-spec field, e.g. field_bounds("teacher.rho") is [0, 10]."""
+    node: Any = model or RunSpec
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.model_fields[part].annotation
+    bounds = FieldBounds()
+    for rule in node.model_fields[leaf].metadata:
+        for attr, low, is_open in (("ge", True, False), ("gt", True, True), ("le", False, False), ("lt", False, True)):
+            value = getattr(rule, attr, None)
+            if value is not None:
+                bounds = (replace(bounds, low=value, low_open=is_open) if low
+                          else replace(bounds, high=value, high_open=is_open))
+    return bounds
+
+
 class ParamRange(StrictModel):
     """A search dimension: a list of values, or a [low, high] range (log-uniform if log)."""
 
@@ -381,27 +418,38 @@ class ParamRange(StrictModel):
 
 
 class SearchSpaceConfig(StrictModel):
-    rho: ParamRange = Field(default_factory=lambda: ParamRange(values=[0.0, 0.05, 0.1]))
-    alpha: ParamRange = Field(default_factory=lambda: ParamRange(values=[1.0, 0.9, 0.8]))
+    """sweep.search: a range or values per searched parameter (remem_ray.search_params lists them),
+    and teacher_epoch, a choice among the saved epochs."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, protected_namespaces=())
+    __pydantic_extra__: dict[str, ParamRange]  # the ranged parameters, validated as ParamRange
     teacher_epoch: list[int] | None = Field(None, description="choice among saved epochs; default: all saved")
-    student_lr: ParamRange | None = None
-    kd_temperature: ParamRange | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_with_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        unknown = sorted(set(data) - set(SEARCH_PARAMS))
+        if unknown:
+            raise ValueError(f"unknown parameter {unknown[0]!r} (searchable: {', '.join(SEARCH_PARAMS)})")
+        defaults = {p.name: {"values": list(p.default)} for p in ranged_params() if p.default is not None}
+        return {**defaults, **data}
 
     @model_validator(mode="after")
-    def _within_method_bounds(self) -> SearchSpaceConfig:
-        lo, hi = self.rho.bounds()
-        if lo < 0 or hi > 10:
-            raise ValueError("rho: values must lie in [0, 10] (0 = plain fine-tuning)")
-        lo, hi = self.alpha.bounds()
-        if lo <= 0 or hi > 1:
-            raise ValueError("alpha: values must lie in (0, 1]")
-        # the same bounds as the run fields they set (student.optimizer.lr, student.kd.temperature)
-        if self.student_lr is not None and not (0 < self.student_lr.bounds()[0] and self.student_lr.bounds()[1] <= 10):
-            raise ValueError("student_lr: values must lie in (0, 10]")
-        if self.kd_temperature is not None and not (
-                0 < self.kd_temperature.bounds()[0] and self.kd_temperature.bounds()[1] <= 100):
-            raise ValueError("kd_temperature: values must lie in (0, 100]")
+    def _within_field_bounds(self) -> SearchSpaceConfig:
+        # the bounds of the run field each parameter sets: every sampled value is a valid run
+        for name, dim in self.ranges().items():
+            bounds = field_bounds(SEARCH_PARAMS[name].target)
+            if not bounds.contains(*dim.bounds()):
+                note = f" ({SEARCH_PARAMS[name].note})" if SEARCH_PARAMS[name].note else ""
+                raise ValueError(f"{name}: values must lie in {bounds}{note}")
         return self
+
+    def ranges(self) -> dict[str, ParamRange]:
+        """The ranged parameters searched, in the registry's order."""
+        extra = self.__pydantic_extra__ or {}
+        return {p.name: extra[p.name] for p in ranged_params() if extra.get(p.name) is not None}
 
 
 class AshaConfig(StrictModel):
@@ -467,20 +515,19 @@ class SweepSpec(RunSpec):
         for epoch in self.sweep.search.teacher_epoch or []:
             if epoch not in saved:
                 raise ValueError(f"sweep.search.teacher_epoch: {epoch} is not a saved teacher epoch {saved}")
-        names = {"rho", "alpha", "teacher_epoch", "student_lr", "kd_temperature"}
+        ranges = self.sweep.search.ranges()
         for i, point in enumerate(self.sweep.points_to_evaluate):
-            unknown = set(point) - names
+            unknown = sorted(set(point) - set(SEARCH_PARAMS))
             if unknown:
-                raise ValueError(f"sweep.points_to_evaluate.{i}: unknown parameter {sorted(unknown)[0]!r}")
-            if "teacher_epoch" in point and point["teacher_epoch"] not in self.teacher_epochs():
-                raise ValueError(f"sweep.points_to_evaluate.{i}.teacher_epoch: {point['teacher_epoch']} is not "
-                                 f"a searched teacher epoch {self.teacher_epochs()}")
+                raise ValueError(f"sweep.points_to_evaluate.{i}: unknown parameter {unknown[0]!r}")
             for name, value in point.items():
-                dim = getattr(self.sweep.search, name) if name != "teacher_epoch" else None
-                if name != "teacher_epoch" and (dim is None or not dim.contains(value)):
-                    raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is outside "
-                                     f"sweep.search.{name}")
-        if self.sweep.search.alpha.bounds()[0] < 1.0:
+                if SEARCH_PARAMS[name].saved_epoch:
+                    if value not in self.teacher_epochs():
+                        raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is not a searched "
+                                         f"teacher epoch {self.teacher_epochs()}")
+                elif name not in ranges or not ranges[name].contains(value):
+                    raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is outside sweep.search.{name}")
+        if "alpha" in ranges and ranges["alpha"].bounds()[0] < 1.0:
             from remem_ray.models import check_model_spec
 
             check_model_spec("teacher", self.teacher.model, self.teacher.model_kwargs, self.data.num_classes,
@@ -502,13 +549,9 @@ class SweepSpec(RunSpec):
     def run_spec(self, params: dict[str, Any]) -> RunSpec:
         """The run one trial performs: this spec with the trial's sampled parameters."""
         raw = self.model_dump(mode="json", exclude={"sweep"})
-        raw["teacher"]["rho"] = float(params["rho"])
-        raw["teacher"]["alpha"] = float(params["alpha"])
-        raw["student"]["teacher_epoch"] = int(params["teacher_epoch"])
-        if "student_lr" in params:
-            raw["student"]["optimizer"]["lr"] = float(params["student_lr"])
-        if "kd_temperature" in params:
-            raw["student"]["kd"]["temperature"] = float(params["kd_temperature"])
+        for name, value in params.items():
+            if name in SEARCH_PARAMS:  # Tune may add keys of its own
+                _set_dotted(raw, SEARCH_PARAMS[name].target, SEARCH_PARAMS[name].cast(value))
         return RunSpec.model_validate(raw)
 
 

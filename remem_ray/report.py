@@ -12,6 +12,7 @@ import math
 import pickle
 from typing import Any
 
+from remem_ray.search_params import ALPHA, RHO
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.results import SweepSummary
 
@@ -64,12 +65,12 @@ def _no_data(ax, text: str) -> None:
 def plot_heatmap(summary: SweepSummary) -> bytes:
     plt, fig, ax = _figure()
     rows = _scored(summary)
-    rhos = sorted({r.params["rho"] for r in rows})
-    alphas = sorted({r.params["alpha"] for r in rows})
+    rhos = sorted({r.params[RHO.name] for r in rows})
+    alphas = sorted({r.params[ALPHA.name] for r in rows})
     grid = [[math.nan] * len(rhos) for _ in alphas]
     for i, a in enumerate(alphas):
         for j, rho in enumerate(rhos):
-            cell = [r.student_val_acc for r in rows if r.params["rho"] == rho and r.params["alpha"] == a]
+            cell = [r.student_val_acc for r in rows if r.params[RHO.name] == rho and r.params[ALPHA.name] == a]
             grid[i][j] = max(cell) if cell else math.nan
     if rows:
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
@@ -82,7 +83,7 @@ def plot_heatmap(summary: SweepSummary) -> bytes:
                     ax.text(j, i, f"{grid[i][j]:.3f}", ha="center", va="center", color="white", fontsize=8)
     else:
         _no_data(ax, "no trial has reported a student yet")
-    return _finish(plt, fig, ax, "SAM radius rho (dimensionless)", "MLP reweighting alpha (dimensionless)",
+    return _finish(plt, fig, ax, RHO.axis, ALPHA.axis,
                    "Student accuracy over rho x alpha (best trial per cell)")
 
 

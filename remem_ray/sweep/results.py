@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from remem_ray.config import SweepSpec
+from remem_ray.search_params import SEARCH_PARAMS
 from remem_ray.sweep.layout import SUMMARY_FILE, SweepLayout
 from remem_ray.sweep.search import METRIC, stopped_early
 
-PARAMS = ("rho", "alpha", "teacher_epoch", "student_lr", "kd_temperature")
 
 
 @dataclass
@@ -57,7 +57,7 @@ def _num(value: Any) -> float | None:
 def _row(trial, layout: SweepLayout) -> TrialRow:
     result = trial.last_result or {}
     row = TrialRow(trial_id=trial.trial_id, state=trial.status,
-                   params={k: trial.config[k] for k in PARAMS if k in trial.config})
+                   params={k: trial.config[k] for k in SEARCH_PARAMS if k in trial.config})
     if METRIC in result:
         row.epochs_done = int(result.get("epoch", 0))
         row.student_val_acc = _num(result.get("best_val_acc"))
@@ -109,16 +109,23 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}g}" if abs(value) < 1e-3 else f"{value:.{digits}f}"
 
 
+def _fmt_param(value: Any) -> str:
+    return "-" if value is None else str(value) if isinstance(value, int) else _fmt(value, 3)
+
+
 def format_table(summary: SweepSummary) -> str:
-    header = ["trial", "state", "rho", "alpha", "t_epoch", "epochs", "student_val", "student_test", "teacher_val",
-              "teacher_mi", "teacher"]
+    # the method's own (searched by default) always; the others where some trial searched them
+    searched = [p for p in SEARCH_PARAMS.values()
+                if p.default is not None or p.saved_epoch or any(p.name in r.params for r in summary.trials)]
+    header = ["trial", "state", *(p.label for p in searched), "epochs", "student_val", "student_test",
+              "teacher_val", "teacher_mi", "teacher"]
     lines = [header]
     for r in summary.trials:
         teacher = "-" if r.teacher_trained is None else ("trained" if r.teacher_trained else "reused")
         state = r.state + (" (stopped)" if r.stopped_early else "")
-        lines.append([r.trial_id, state, _fmt(r.params.get("rho"), 3), _fmt(r.params.get("alpha"), 3),
-                      str(r.params.get("teacher_epoch", "-")), str(r.epochs_done or "-"), _fmt(r.student_val_acc),
-                      _fmt(r.student_test_acc), _fmt(r.teacher_val_acc), _fmt(r.teacher_mi, 3), teacher])
+        lines.append([r.trial_id, state, *(_fmt_param(r.params.get(p.name)) for p in searched),
+                      str(r.epochs_done or "-"), _fmt(r.student_val_acc), _fmt(r.student_test_acc),
+                      _fmt(r.teacher_val_acc), _fmt(r.teacher_mi, 3), teacher])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
     out.append(f"teacher trainings performed: {summary.teacher_trainings_performed}, reused by trials: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from remem_ray.config import ParamRange, SweepSpec
+from remem_ray.search_params import SEARCH_PARAMS, TEACHER_EPOCH
 
 METRIC = "best_val_acc"  # the best student val accuracy so far: what the sweep keeps
 MODE = "max"
@@ -23,17 +24,13 @@ class DefineByRunSpace:
     """Optuna define-by-run space as a picklable object (a closure breaks Tune's checkpoints)."""
 
     def __init__(self, spec: SweepSpec) -> None:
-        search = spec.sweep.search
-        self.dims: dict[str, ParamRange] = {"rho": search.rho, "alpha": search.alpha}
-        for name in ("student_lr", "kd_temperature"):
-            if getattr(search, name) is not None:
-                self.dims[name] = getattr(search, name)
+        self.dims: dict[str, ParamRange] = dict(spec.sweep.search.ranges())
         self.teacher_epochs = spec.teacher_epochs()
 
     def __call__(self, trial) -> None:
         for name, dim in self.dims.items():
             _suggest(trial, name, dim)
-        trial.suggest_categorical("teacher_epoch", self.teacher_epochs)
+        trial.suggest_categorical(TEACHER_EPOCH.name, self.teacher_epochs)
 
 
 def stopped_early(result: dict[str, Any] | None) -> bool:
@@ -80,7 +77,7 @@ def _optuna_search_class():
 
 
 def _typed_point(point: dict[str, float]) -> dict[str, Any]:
-    return {k: int(v) if k == "teacher_epoch" else float(v) for k, v in point.items()}
+    return {k: SEARCH_PARAMS[k].cast(v) for k, v in point.items()}
 
 
 def build_searcher(spec: SweepSpec):
