@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from typing import Any, Sequence
 
 from remem_ray.errors import UserInputError
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="remem",
         description="ReMem on Ray: fine-tune a ViT teacher with SAM and MLP reweighting, distil a student.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="after a one-line error, show the tracebacks behind it (or set REMEM_DEBUG=1)")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
 
@@ -268,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_cause_chain(err: BaseException) -> None:
+    """The traceback of an error and of every error behind it, even those hidden by `from None`
+    (the one-line messages keep tracebacks out of users' way; --debug brings them back)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.print_exception(type(err), err, err.__traceback__, chain=False, file=sys.stderr)
+        err = err.__cause__ or err.__context__
+        if err is not None:
+            print("\nbehind it:", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -275,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except UserInputError as err:
         print(f"remem: error: {err}", file=sys.stderr)
+        if args.debug or os.environ.get("REMEM_DEBUG") == "1":
+            print_cause_chain(err)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("remem: interrupted", file=sys.stderr)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Literal
 
 import timm
 import torch
+from safetensors import SafetensorError
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from remem_ray import timm_models  # noqa: F401  (registers the embedded default's ViT)
-from remem_ray.errors import ResourceError
+from remem_ray.errors import ResourceError, SpecError
 
 ReweightMode = Literal["remem", "mlp"]
 
@@ -33,14 +35,14 @@ def check_model_spec(role: str, name: str, kwargs: dict[str, Any], num_classes: 
                      reweight: bool) -> None:
     """Build the model on the meta device (no memory, no download) to validate a spec cheaply."""
     if not name.startswith("hf-hub:") and not timm.is_model(name):
-        raise ValueError(f"{role}.model: unknown timm model {name!r}")
+        raise SpecError(f"{role}.model: unknown timm model {name!r}")
     try:
         with torch.device("meta"):
             model = _create(name, num_classes, img_size, kwargs)
-    except Exception as exc:  # timm raises many kinds for bad kwargs; all are spec errors here
-        raise ValueError(f"{role}.model_kwargs: {name} cannot be built: {exc}".splitlines()[0]) from None
+    except Exception as exc:  # timm raises many kinds for bad kwargs; all are spec errors here (cause kept for --debug)
+        raise SpecError(f"{role}.model_kwargs: {name} cannot be built: {exc}".splitlines()[0]) from exc
     if reweight and not _reweightable_blocks(model):
-        raise ValueError(
+        raise SpecError(
             f"{role}.alpha: MLP reweighting needs a ViT built from timm's Block; {name} has none (use alpha: 1)"
         )
 
@@ -67,9 +69,11 @@ def create_model(name: str, num_classes: int, img_size: int, kwargs: dict[str, A
         if overlay:
             extra["pretrained_cfg_overlay"] = overlay
         return _create(name, num_classes, img_size, kwargs, **extra)
-    except Exception as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError, SafetensorError) as exc:
+        # missing or unreadable files, hub errors (OSError), state-dict mismatches (RuntimeError),
+        # truncated or foreign files: the one line says which weights; --debug shows the cause
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ResourceError(f"{role}.weights: cannot load {weights!r} for {name}: {reason}") from None
+        raise ResourceError(f"{role}.weights: cannot load {weights!r} for {name}: {reason}") from exc
 
 
 def _local_weights_file(weights: str, role: str, endpoint: str | None) -> Path:

@@ -275,3 +275,23 @@ def test_a_fresh_process_fails_fast_without_importing_ray(spec, in_tmp, dead_end
     assert proc.stdout.strip() == "False"  # Ray was never imported, let alone started
     assert elapsed < 30
     assert sorted(p.name for p in in_tmp.iterdir()) == ["spec.yaml"]
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_tracebacks_behind_the_one_line(how, in_tmp, capsys, monkeypatch):
+    (in_tmp / "bad.yaml").write_text("teacher:\n  model_kwargs: {depth: [1]}\n")
+    args = ["teacher", "bad.yaml"]
+    assert main(args) == 2
+    plain = capsys.readouterr().err
+    assert plain.count("\n") == 1 and "Traceback" not in plain
+    if how == "flag":
+        args = ["--debug", *args]
+    else:
+        monkeypatch.setenv("REMEM_DEBUG", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(plain)  # the same line first
+    # the error's own traceback, then the pydantic error behind it (raised `from None`)
+    assert err.count("Traceback (most recent call last)") == 2 and "behind it:" in err
+    assert "pydantic_core._pydantic_core.ValidationError" in err
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["bad.yaml"]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from remem_ray.config import OptimizerConfig, ScheduleConfig
+from remem_ray.errors import ResourceError
 from remem_ray.sam import SAM
 
 
@@ -28,7 +29,7 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device: cuda requested but no CUDA device is available")
+        raise ResourceError("device: cuda requested but no CUDA device is available")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 

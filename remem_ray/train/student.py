@@ -12,6 +12,7 @@ from remem_ray.checkpoints import load_model, model_meta, split_location, write_
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import create_model, normalizer_for
 from remem_ray.data import Views
+from remem_ray.errors import SpecError
 from remem_ray.train.common import autocast, build_optimizer, runnable_model, warmup_cosine
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 from remem_ray.train.targets import CachedTargets, OnlineTargets, TargetSource, load_or_build_targets
@@ -38,7 +39,7 @@ class StudentTask(Task):
         storage, name = split_location(teacher_location, ctx.spec.storage.endpoint)
         teacher, self.teacher_meta = load_model(storage, name)
         if self.teacher_meta["num_classes"] != ctx.splits.num_classes:
-            raise ValueError(f"student.teacher_checkpoint: teacher has {self.teacher_meta['num_classes']} classes, "
+            raise SpecError(f"student.teacher_checkpoint: teacher has {self.teacher_meta['num_classes']} classes, "
                              f"data has {ctx.splits.num_classes}")
         teacher = teacher.to(ctx.device).eval().requires_grad_(False)
         self.targets = target_source(ctx, teacher_location, teacher, normalizer_for(teacher).to(ctx.device))
@@ -102,7 +103,7 @@ def distill_student(config: dict[str, Any]) -> dict[str, Any]:
     ctx = prepare(config, "student")
     teacher = config.get("teacher") or ctx.spec.student.teacher_checkpoint
     if not teacher:
-        raise ValueError("student.teacher_checkpoint: no teacher checkpoint given")
+        raise SpecError("student.teacher_checkpoint: no teacher checkpoint given")
     task = StudentTask(ctx, teacher)
     history = run_epochs(ctx, task)
     return {"history": history, "best": task.best, "checkpoint": ctx.output.uri(BEST)}
