@@ -107,8 +107,8 @@ def main(argv=None) -> int:
             ["teacher trainings / distinct teacher keys",
              f"{summary['teacher_trainings_performed']} / {summary['distinct_teacher_keys']}", "equal",
              "meets" if summary["teacher_trainings_performed"] == summary["distinct_teacher_keys"] else "MISSES"],
-            ["peak RSS: Train worker / trial driver", f"{data['worker_rss_mb']:.0f} MB / {data['driver_rss_mb']:.0f} MB",
-             "-", "-"]]
+            ["peak RSS: Train worker / trial driver",
+             f"{data['worker_rss_mb']:.0f} MB / {data['driver_rss_mb']:.0f} MB", "-", "-"]]
     print(table(rows))
     return 0
 

@@ -30,7 +30,8 @@ class CheckpointError(ResourceError):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", model)  # under DDP
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def model_meta(model: nn.Module, name: str, kwargs: dict[str, Any], num_classes: int, img_size: int,

@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from remem_ray.errors import UserInputError
 
@@ -276,11 +277,12 @@ def print_cause_chain(err: BaseException) -> None:
     """The traceback of an error and of every error behind it, even those hidden by `from None`
     (the one-line messages keep tracebacks out of users' way; --debug brings them back)."""
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        traceback.print_exception(type(err), err, err.__traceback__, chain=False, file=sys.stderr)
-        err = err.__cause__ or err.__context__
-        if err is not None:
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.print_exception(type(current), current, current.__traceback__, chain=False, file=sys.stderr)
+        current = current.__cause__ or current.__context__
+        if current is not None:
             print("\nbehind it:", file=sys.stderr)
 
 

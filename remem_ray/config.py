@@ -408,13 +408,14 @@ class ParamRange(StrictModel):
         return self
 
     def contains(self, value: float) -> bool:
-        if self.values is not None:
-            return value in self.values
-        return self.low <= value <= self.high
+        low, high = self.bounds()
+        return value in self.values if self.values is not None else low <= value <= high
 
     def bounds(self) -> tuple[float, float]:
-        vals = self.values if self.values is not None else [self.low, self.high]
-        return min(vals), max(vals)
+        if self.values is not None:
+            return min(self.values), max(self.values)
+        assert self.low is not None and self.high is not None  # the validator makes one form complete
+        return self.low, self.high
 
 
 class SearchSpaceConfig(StrictModel):

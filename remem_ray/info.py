@@ -134,21 +134,22 @@ def expertness_score(neuron_by_class: np.ndarray, seed: int = 0) -> float:
 def neuron_by_class(model: nn.Module, normalizer: nn.Module, loader, num_classes: int,
                     device: torch.device) -> list[np.ndarray]:
     """Per timm ViT block, the (hidden neurons x classes) mean activation of its MLP."""
-    from timm.models.vision_transformer import Block
+    from remem_ray.models import vit_block_modules
+    from remem_ray.timm_adapter import mlp_activation
 
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    blocks = [block for _, block in vit_block_modules(model)]
     if not blocks:
         raise TypeError("expertness needs a ViT built from timm's Block")
-    sums: list[torch.Tensor | None] = [None] * len(blocks)
+    sums: dict[int, torch.Tensor] = {}
     counts = torch.zeros(num_classes, dtype=torch.float64)
-    current: dict[str, torch.Tensor] = {}
+    current: dict[int, torch.Tensor] = {}
 
     def hook(index: int):
         def record(_module, _inputs, output):
             current[index] = output.detach().float().mean(dim=1)  # mean over tokens: (batch, hidden)
         return record
 
-    handles = [b.mlp.act.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    handles = [mlp_activation(b).register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
     model.eval()
     try:
         for images, labels in loader:
@@ -157,11 +158,11 @@ def neuron_by_class(model: nn.Module, normalizer: nn.Module, loader, num_classes
             counts += onehot.sum(0)
             for i in range(len(blocks)):
                 contrib = current[i].double().cpu().T @ onehot  # (hidden, classes)
-                sums[i] = contrib if sums[i] is None else sums[i] + contrib
+                sums[i] = sums[i] + contrib if i in sums else contrib
     finally:
         for h in handles:
             h.remove()
-    return [(s / counts.clamp(min=1)).numpy() for s in sums]
+    return [(sums[i] / counts.clamp(min=1)).numpy() for i in range(len(blocks))]
 
 
 def expertness_profile(matrices: list[np.ndarray], seed: int = 0) -> list[float]:
@@ -211,7 +212,7 @@ def headline_mi(information: dict[str, dict]) -> float:
 def checkpoint_report(location: str, spec, samples: int = 1000, endpoint: str | None = None) -> dict:
     """`remem info`: MI family and per-layer expertness of a saved checkpoint on the spec's val data."""
     from remem_ray.checkpoints import load_model, split_location
-    from remem_ray.data import EvalTransformConfig, build_datasets
+    from remem_ray.data import EvalTransformConfig, build_datasets, num_items
     from remem_ray.models import data_config_of, normalizer_for
     from remem_ray.train.common import pick_device
 
@@ -235,7 +236,7 @@ def checkpoint_report(location: str, spec, samples: int = 1000, endpoint: str | 
            "mutual_information": teacher_information(logits, labels, spec.student.kd.temperature)}
     try:
         g = torch.Generator().manual_seed(spec.seed)
-        subset = torch.randperm(len(splits.val), generator=g)[:samples].tolist()
+        subset = torch.randperm(num_items(splits.val), generator=g)[:samples].tolist()
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(splits.val, subset), batch_size=256)
         matrices = neuron_by_class(model, normalizer, loader, splits.num_classes, device)
         out["expertness_by_block"] = expertness_profile(matrices, spec.seed)

@@ -21,8 +21,9 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from remem_ray.errors import ResourceError
 from remem_ray.storage import Storage

@@ -9,11 +9,11 @@ from typing import Any, Literal
 import timm
 import torch
 from safetensors import SafetensorError
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from remem_ray import timm_models  # noqa: F401  (registers the embedded default's ViT)
 from remem_ray.errors import ResourceError, SpecError
+from remem_ray.timm_adapter import BLOCK_CHILDREN, is_plain_vit_block
 
 ReweightMode = Literal["remem", "mlp"]
 
@@ -41,7 +41,7 @@ def check_model_spec(role: str, name: str, kwargs: dict[str, Any], num_classes: 
             model = _create(name, num_classes, img_size, kwargs)
     except Exception as exc:  # timm raises many kinds for bad kwargs; all are spec errors here (cause kept for --debug)
         raise SpecError(f"{role}.model_kwargs: {name} cannot be built: {exc}".splitlines()[0]) from exc
-    if reweight and not _reweightable_blocks(model):
+    if reweight and not vit_block_modules(model):
         raise SpecError(
             f"{role}.alpha: MLP reweighting needs a ViT built from timm's Block; {name} has none (use alpha: 1)"
         )
@@ -65,7 +65,7 @@ def create_model(name: str, num_classes: int, img_size: int, kwargs: dict[str, A
         local = _local_weights_file(weights, role, endpoint)
         overlay = dict(file=str(local))
     try:
-        extra = {"pretrained": True}
+        extra: dict[str, Any] = {"pretrained": True}
         if overlay:
             extra["pretrained_cfg_overlay"] = overlay
         return _create(name, num_classes, img_size, kwargs, **extra)
@@ -90,68 +90,77 @@ def _local_weights_file(weights: str, role: str, endpoint: str | None) -> Path:
 # --------------------------------------------------------------------------- reweighting
 
 
-class ReweightedBlock(Block):
-    """timm's ViT Block with ReMem's reweighted residual.
+REWEIGHTING_ATTR = "remem_reweighting"  # on the model: what reweight_mlp applied (saved in checkpoint meta)
+
+
+class ReweightedBlock(nn.Module):
+    """A timm ViT Block's own children under their own names, with ReMem's reweighted residual.
 
     remem: h = x + attn_branch(x);  out = (2 - alpha) * h + alpha * mlp_branch(h)
     mlp:   h = x + attn_branch(x);  out = h + alpha * mlp_branch(h)
-    Same parameters and state-dict keys as Block, so stock weights load unchanged.
+    Same parameter objects and state-dict keys as the block it replaces, so stock weights load
+    unchanged and optimiser state carries over.
     """
 
-    remem_alpha: float = 1.0
-    remem_mode: ReweightMode = "remem"
+    norm1: nn.Module
+    attn: nn.Module
+    ls1: nn.Module
+    drop_path1: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    ls2: nn.Module
+    drop_path2: nn.Module
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        h = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+    def __init__(self, block: nn.Module, alpha: float, mode: ReweightMode) -> None:
+        super().__init__()
+        for name in BLOCK_CHILDREN:
+            self.add_module(name, getattr(block, name))
+        self.alpha, self.mode = float(alpha), mode
+        self.train(block.training)
+
+    def forward(self, x: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
+        # attn_kwargs (attn_mask, is_causal in recent timm) go to the attention as Block passes them
+        h = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **attn_kwargs)))
         mlp_out = self.drop_path2(self.ls2(self.mlp(self.norm2(h))))
-        alpha = self.remem_alpha
-        if self.remem_mode == "remem":
-            return (2.0 - alpha) * h + alpha * mlp_out
-        return h + alpha * mlp_out
+        if self.mode == "remem":
+            return (2.0 - self.alpha) * h + self.alpha * mlp_out
+        return h + self.alpha * mlp_out
 
 
-_REWEIGHTED_CLASSES: dict[type, type] = {Block: ReweightedBlock}
-
-
-def _reweighted_class(cls: type) -> type:
-    """A ReweightedBlock flavour of a Block subclass, made once per class."""
-    if cls not in _REWEIGHTED_CLASSES:
-        _REWEIGHTED_CLASSES[cls] = type(f"Reweighted{cls.__name__}", (ReweightedBlock, cls), {})
-    return _REWEIGHTED_CLASSES[cls]
-
-
-def _reweightable_blocks(model: nn.Module) -> list[Block]:
-    return [m for m in model.modules() if isinstance(m, Block)]
+def vit_block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) of every ViT block of `model`, timm's own or already reweighted, in order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ReweightedBlock) or is_plain_vit_block(m)]
 
 
 def reweight_mlp(model: nn.Module, alpha: float, mode: ReweightMode = "remem") -> nn.Module:
     """Apply ReMem's MLP reweighting in place to every timm ViT Block of `model`; returns it.
 
-    The class of each block is swapped (no new parameters), so forward changes while weights,
-    state-dict keys and optimiser state stay as they were. Calling it again replaces alpha.
+    Each block is replaced (`set_submodule`) by a ReweightedBlock holding the same children, so
+    forward changes while weights, state-dict keys and optimiser state stay as they were.
+    Calling it again replaces alpha.
     """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if mode not in ("remem", "mlp"):
         raise ValueError(f"mode must be 'remem' or 'mlp', got {mode!r}")
-    blocks = _reweightable_blocks(model)
+    blocks = vit_block_modules(model)
     if not blocks:
         raise TypeError(
             f"reweight_mlp supports ViT-family models built from timm's Block; "
             f"{type(model).__name__} has none"
         )
-    for block in blocks:
-        if not isinstance(block, ReweightedBlock):
-            block.__class__ = _reweighted_class(type(block))
-        block.remem_alpha = float(alpha)
-        block.remem_mode = mode
-    model.remem_reweighting = {"alpha": float(alpha), "mode": mode}
+    for name, block in blocks:
+        if isinstance(block, ReweightedBlock):
+            block.alpha, block.mode = float(alpha), mode
+        else:
+            model.set_submodule(name, ReweightedBlock(block, alpha, mode))
+    setattr(model, REWEIGHTING_ATTR, {"alpha": float(alpha), "mode": mode})
     return model
 
 
 def reweighting_of(model: nn.Module) -> dict[str, Any] | None:
     """The reweighting applied to `model` ({'alpha', 'mode'}) or None."""
-    return getattr(model, "remem_reweighting", None)
+    return getattr(model, REWEIGHTING_ATTR, None)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -164,6 +173,9 @@ class InputNormalizer(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import io
 import math
-import pickle
 from typing import Any
 
 from remem_ray.search_params import ALPHA, RHO
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.results import SweepSummary
+from remem_ray.sweep.tune_adapter import study_from_searcher_state
 
 REPORT_FILE = "report.md"
 PLOTS = {
@@ -108,8 +108,8 @@ def plot_information_plane(summary: SweepSummary) -> bytes:
         fig.colorbar(sc, ax=ax, label="student val accuracy (fraction)")
     else:
         _no_data(ax, "no teacher MI recorded")
-    return _finish(plt, fig, ax, "teacher I(X; T) upper bound, targets, sigma relative (nats)", "teacher val error (fraction)",
-                   "Information plane of the teacher checkpoints")
+    return _finish(plt, fig, ax, "teacher I(X; T) upper bound, targets, sigma relative (nats)",
+                   "teacher val error (fraction)", "Information plane of the teacher checkpoints")
 
 
 def param_importances(layout: SweepLayout) -> dict[str, float]:
@@ -119,7 +119,7 @@ def param_importances(layout: SweepLayout) -> dict[str, float]:
     states = sorted(n for n in layout.experiment.list_dir() if n.startswith("searcher-state-"))
     if not states:
         return {}
-    study = pickle.loads(layout.experiment.read_bytes(states[-1]))["_ot_study"]
+    study = study_from_searcher_state(layout.experiment.read_bytes(states[-1]))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     varied = {name for name in study.trials[0].params if len({t.params.get(name) for t in complete}) > 1} \
         if study.trials else set()

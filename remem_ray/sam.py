@@ -22,7 +22,8 @@ base optimiser steps on the averaged gradient at the perturbed point. The loops 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -54,25 +55,30 @@ class SAM(torch.optim.Optimizer):
         return [p for p in group["params"] if p.grad is not None]
 
     @staticmethod
+    def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradients of parameters known to have one (from _params_with_grad)."""
+        return [cast(torch.Tensor, p.grad) for p in params]
+
+    @staticmethod
     def _scales(group, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """ASAM's T_w per tensor (see __init__)."""
         eta = group.get("eta", 0.0)
         if eta == 0.0:
-            return torch._foreach_abs([p.float() for p in params])
+            return list(torch._foreach_abs([p.float() for p in params]))
         return [p.float().abs().add_(eta) if p.ndim > 1 else torch.ones_like(p, dtype=torch.float32)
                 for p in params]
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """One global norm over all parameters: ||g||, or ||T_w g|| when adaptive."""
-        norms = []
+        norms: list[torch.Tensor] = []
         for group in self.param_groups:
             params = self._params_with_grad(group)
             if not params:
                 continue
-            grads = [p.grad.float() for p in params]
+            grads = [g.float() for g in self._grads(params)]
             if group["adaptive"]:
-                grads = torch._foreach_mul(grads, self._scales(group, params))
+                grads = list(torch._foreach_mul(grads, self._scales(group, params)))
             norms.extend(torch._foreach_norm(grads))
         if not norms:
             return torch.zeros(())
@@ -105,17 +111,17 @@ class SAM(torch.optim.Optimizer):
             scale = group["rho"] / (norm + self.eps)
             originals = self._restore_buffers(index, params)
             torch._foreach_copy_(originals, params)
-            grads = [p.grad for p in params]
+            grads = self._grads(params)
             scale = scale.to(grads[0].device, grads[0].dtype)
             if zero_grad:  # the gradients are dropped after this: scale them in place, no new tensors
                 perturb = grads
                 torch._foreach_mul_(perturb, scale)
             else:
-                perturb = torch._foreach_mul(grads, scale)
+                perturb = list(torch._foreach_mul(grads, scale))
             if group["adaptive"]:
                 scales = self._scales(group, originals)
-                torch._foreach_mul_(perturb, [t.to(p.dtype) for t, p in zip(torch._foreach_mul(scales, scales),
-                                                                            perturb)])
+                squares = [t.to(p.dtype) for t, p in zip(torch._foreach_mul(scales, scales), perturb)]
+                torch._foreach_mul_(perturb, squares)
             torch._foreach_add_(params, perturb)
             saved.append((params, originals))
         self._saved = saved
@@ -132,7 +138,8 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):  # type: ignore[override]
+        # (the closure returns the loss tensor of the second pass, not a float)
         """Gradients of the first pass must already be computed; the closure recomputes them at w + e."""
         if not self.needs_second_pass:
             return self.base_optimizer.step()

@@ -5,7 +5,8 @@ trains from scratch on a CPU in well under a minute. Real runs name real timm mo
 """
 
 from timm.models import generate_default_cfgs, register_model
-from timm.models.vision_transformer import _create_vision_transformer
+
+from remem_ray.timm_adapter import build_vit
 
 default_cfgs = generate_default_cfgs({
     "vit_micro_patch4.untrained": {
@@ -20,4 +21,4 @@ def vit_micro_patch4(pretrained: bool = False, **kwargs):
     """ViT, 4 blocks of width 96, 3 heads, 4x4 patches, mean-pooled tokens (no class token)."""
     args = dict(img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3, class_token=False,
                 global_pool="avg")
-    return _create_vision_transformer("vit_micro_patch4", pretrained=pretrained, **dict(args, **kwargs))
+    return build_vit("vit_micro_patch4", pretrained, **dict(args, **kwargs))

@@ -35,6 +35,23 @@ def busy_cores(request):
         proc.wait(10)
 
 
+@pytest.fixture
+def connect_timeouts(monkeypatch):
+    """The timeout of every socket.create_connection made while the test runs (calls go through):
+    a fail-fast path is shown by its bounded connects, not by a stopwatch that a slow machine fails."""
+    import socket as socket_module
+
+    seen: list[float | None] = []
+    real = socket_module.create_connection
+
+    def spy(address, timeout=None, *args, **kwargs):
+        seen.append(timeout)
+        return real(address, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "create_connection", spy)
+    return seen
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -260,20 +259,20 @@ _PROBE = ("import sys; from remem_ray.cli import main; rc = main(sys.argv[1:]); 
           "print('ray' in sys.modules); sys.exit(rc)")
 
 
-@pytest.mark.parametrize("spec", [
-    "sweep:\n  num_samples: 10001\n",
-    "storage:\n  root: s3://bucket/p\n  endpoint: @DEAD@\n",
+@pytest.mark.parametrize("spec, expected", [
+    ("sweep:\n  num_samples: 10001\n", "sweep.num_samples"),
+    # the preflight's one TCP connect (3 s timeout) answers, not pyarrow's minute of S3 retries:
+    # its own message shows which path failed, whatever the machine's speed
+    ("storage:\n  root: s3://bucket/p\n  endpoint: @DEAD@\n", "cannot reach the S3 endpoint"),
 ], ids=["sweep-over-ceiling", "sweep-dead-endpoint"])
-def test_a_fresh_process_fails_fast_without_importing_ray(spec, in_tmp, dead_endpoint, no_aws_credentials):
+def test_a_fresh_process_fails_fast_without_importing_ray(spec, expected, in_tmp, dead_endpoint, no_aws_credentials):
     (in_tmp / "spec.yaml").write_text(spec.replace("@DEAD@", dead_endpoint))
-    began = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", _PROBE, "sweep", "run", "spec.yaml"], capture_output=True,
-                          text=True, cwd=in_tmp, env=os.environ.copy(), timeout=120)
-    elapsed = time.monotonic() - began
+                          text=True, cwd=in_tmp, env=os.environ.copy(), timeout=600)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("remem: error: "), proc.stderr
+    assert expected in proc.stderr
     assert proc.stdout.strip() == "False"  # Ray was never imported, let alone started
-    assert elapsed < 30
     assert sorted(p.name for p in in_tmp.iterdir()) == ["spec.yaml"]
 
 

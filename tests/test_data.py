@@ -83,9 +83,7 @@ def test_imagefolder_with_splits_uses_them(tmp_path):
 
 
 def test_imagefolder_from_s3_fetched_into_cache(tmp_path, s3, monkeypatch):
-    import remem_ray.storage as storage
-
-    monkeypatch.setattr(storage, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint"])
     _write_imagefolder(tmp_path / "ds", splits=("train", "val", "test"), per_class=6)
     for f in (tmp_path / "ds").rglob("*.png"):

@@ -16,8 +16,15 @@ import pytest
 import yaml
 
 from servers import sigkill
-from test_sweep_integration import (SMOKE, _env, _experiment_trials, _student_checkpoint_epoch, _study, run_remem,
-                                    start_remem)
+from test_sweep_integration import (
+    SMOKE,
+    _env,
+    _experiment_trials,
+    _student_checkpoint_epoch,
+    _study,
+    run_remem,
+    start_remem,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

@@ -3,8 +3,8 @@ import copy
 import pytest
 import timm
 import torch
-
 from conftest import TINY_VIT, TINY_VIT_KWARGS
+
 from remem_ray.checkpoints import CheckpointError, load_model, model_meta, read_checkpoint, write_checkpoint
 from remem_ray.errors import ResourceError
 from remem_ray.models import ReweightedBlock, create_model, reweight_mlp, reweighting_of
@@ -106,9 +106,7 @@ def test_weights_from_local_file_load_body_and_new_head(tmp_path):
 
 
 def test_weights_from_s3_are_fetched_once(tmp_path, s3, monkeypatch):
-    import remem_ray.storage as storage
-
-    monkeypatch.setattr(storage, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
     source = create_model(TINY_VIT, num_classes=7, img_size=16, kwargs=TINY_VIT_KWARGS)
     path = tmp_path / "w.pth"
     torch.save(source.state_dict(), path)
@@ -139,3 +137,28 @@ def test_rewriting_a_checkpoint_replaces_it_whole(tmp_path):
     loaded, meta = load_model(store, "best")
     assert meta["epoch"] == 2
     assert torch.equal(loaded.head.weight, second.head.weight)
+
+
+def test_reweighted_blocks_hold_the_same_parameter_objects():
+    """Optimiser state and DDP buckets refer to parameter objects: reweighting must keep them."""
+    model = _vit()
+    before = [id(p) for p in model.parameters()]
+    reweight_mlp(model, alpha=0.7)
+    assert [id(p) for p in model.parameters()] == before
+    reweight_mlp(model, alpha=0.9, mode="mlp")  # again: alpha and mode replaced, nothing re-wrapped
+    assert all(b.alpha == 0.9 and b.mode == "mlp" for b in model.blocks)
+    assert not any(isinstance(m, ReweightedBlock) for b in model.blocks for m in b.children())
+
+
+def test_a_block_subclass_with_its_own_forward_is_not_reweighted():
+    """Reweighting recomputes Block's forward: a subclass that changes it would silently get another model."""
+    from timm.models.vision_transformer import Block
+
+    class PostNormBlock(Block):
+        def forward(self, x, **kwargs):
+            return self.norm1(x + self.attn(x))
+
+    model = _vit()
+    model.blocks[0] = PostNormBlock(dim=model.embed_dim, num_heads=2)
+    reweight_mlp(model, alpha=0.5)
+    assert isinstance(model.blocks[0], PostNormBlock) and isinstance(model.blocks[1], ReweightedBlock)

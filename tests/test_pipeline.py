@@ -8,8 +8,17 @@ import torch
 from PIL import Image
 
 from remem_ray.config import DataConfig
-from remem_ray.data import (DataSplits, DevicePipeline, EvalResize, LoaderPipeline, Shard, TensorImages, Views,
-                            build_datasets, build_pipeline)
+from remem_ray.data import (
+    DataSplits,
+    DevicePipeline,
+    EvalResize,
+    LoaderPipeline,
+    Shard,
+    TensorImages,
+    Views,
+    build_datasets,
+    build_pipeline,
+)
 from remem_ray.data.augment import crop_resize, resized_crop_params, translate, uniforms
 from remem_ray.data.pipeline import choose_pipeline
 from remem_ray.data.store import ImageStore, store_side
@@ -17,9 +26,9 @@ from remem_ray.data.store import ImageStore, store_side
 CPU = torch.device("cpu")
 
 
-def _device(cfg: DataConfig, seed: int = 0, shard: Shard = Shard(), **kw) -> DevicePipeline:
+def _device(cfg: DataConfig, seed: int = 0, shard: Shard | None = None, **kw) -> DevicePipeline:
     cfg = cfg.model_copy(update={"pipeline": "device", **kw})
-    pipe = build_pipeline(cfg, build_datasets(cfg, seed), CPU, seed, shard, log=lambda m: None)
+    pipe = build_pipeline(cfg, build_datasets(cfg, seed), CPU, seed, shard or Shard(), log=lambda m: None)
     assert isinstance(pipe, DevicePipeline)
     return pipe
 
@@ -191,7 +200,7 @@ def test_cached_target_views_equal_the_views_training_sees_exactly():
     table = torch.cat(list(pipe.view_batches(views, batch_size=97))).view(n, 3, 3, 16, 16)
     seen = 0
     for epoch in (1, 2):
-        for images, labels, index, view in _epoch(pipe.train(64, views=views), epoch):
+        for images, _labels, index, view in _epoch(pipe.train(64, views=views), epoch):
             assert torch.equal(images, table[index, view])  # bit for bit, fp32
             assert view.min() >= 0 and view.max() < 3
             seen += len(index)

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
 import yaml
+
+from remem_ray.sweep.tune_adapter import study_from_searcher_state
 
 from servers import ProcessTree, RayHead, SeaweedFS, sigkill
 
@@ -84,8 +84,7 @@ def _student_checkpoint_epoch(experiment: Path, trial_id: str) -> int:
 
 def _study(experiment: Path):
     state = sorted(experiment.glob("searcher-state-*.pkl"))[-1]
-    with open(state, "rb") as f:
-        return pickle.load(f)["_ot_study"]
+    return study_from_searcher_state(state.read_bytes())
 
 
 def _check_summary(summary: dict, num_trials: int) -> None:

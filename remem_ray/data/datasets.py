@@ -8,9 +8,10 @@ has no validation split it is carved from train, stratified and seeded.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,11 @@ from remem_ray.errors import ResourceError
 
 if TYPE_CHECKING:
     from remem_ray.config import DataConfig
+
+
+def num_items(ds: Dataset) -> int:
+    """len() of a dataset: torch's Dataset type declares no __len__, every dataset here has one."""
+    return len(ds)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
 def build_datasets(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig | None = None,
                    endpoint: str | None = None) -> DataSplits:
     splits = DATASETS[cfg.name](cfg, seed, eval_cfg or EvalTransformConfig(), endpoint)
-    if cfg.max_train_samples is not None and len(splits.train) > cfg.max_train_samples:
+    if cfg.max_train_samples is not None and num_items(splits.train) > cfg.max_train_samples:
         labels = dataset_targets(splits.train)
         keep, _ = _stratified_split(np.arange(len(labels)), labels, cfg.max_train_samples, seed + 3)
         splits = dataclasses.replace(splits, train=torch.utils.data.Subset(splits.train, keep.tolist()))
@@ -98,7 +104,7 @@ def dataset_targets(ds: Dataset) -> np.ndarray:
     for attr in ("targets", "labels", "_labels"):
         if hasattr(ds, attr):
             return np.asarray(getattr(ds, attr), dtype=np.int64)
-    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
+    return np.asarray([int(ds[i][1]) for i in range(num_items(ds))], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- in-memory tensors

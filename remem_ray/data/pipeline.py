@@ -19,14 +19,15 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from remem_ray.data.augment import EvalResize, TrainAugment, eval_views, stream_key, train_views, uniforms, view_keys
-from remem_ray.data.datasets import DataSplits
+from remem_ray.data.datasets import DataSplits, num_items
 from remem_ray.data.store import ImageStore, is_in_memory, load_or_build, store_bytes, store_side
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class FixedViews(Dataset):
         self.base, self.n_views, self.view_seed = base, n_views, view_seed
 
     def __len__(self) -> int:
-        return len(self.base)
+        return num_items(self.base)
 
     def view(self, index: int, view: int):
         with torch.random.fork_rng(devices=[]):
@@ -143,11 +144,11 @@ class EpochLoader:
                  shard: Shard) -> None:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
-        self.sampler = None
+        self.sampler: torch.utils.data.DistributedSampler | None = None
         if shard.world_size > 1:
             self.sampler = torch.utils.data.DistributedSampler(ds, num_replicas=shard.world_size, rank=shard.rank,
                                                                shuffle=True, seed=seed, drop_last=True)
-        _, _, drop_last = per_rank_batches(len(ds), batch_size, shard)
+        _, _, drop_last = per_rank_batches(num_items(ds), batch_size, shard)
         # Workers start afresh each epoch: persistent ones would draw their seeds from the generator
         # once, in whichever epoch came first, so a resumed run would shuffle and augment otherwise.
         self.loader = DataLoader(ds, batch_size=batch_size, shuffle=self.sampler is None, sampler=self.sampler,
@@ -190,7 +191,7 @@ class LoaderPipeline(DataPipeline):
     def eval(self, split: str, batch_size: int) -> DataLoader:
         ds = getattr(self.splits, split)
         if self.shard.world_size > 1:
-            ds = Subset(ds, range(self.shard.rank, len(ds), self.shard.world_size))
+            ds = Subset(ds, range(self.shard.rank, num_items(ds), self.shard.world_size))
         return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
                           pin_memory=self.device.type == "cuda")
 

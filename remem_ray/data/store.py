@@ -19,15 +19,17 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from remem_ray.data.datasets import TensorImages, TransformedSubset, dataset_targets
+from remem_ray.data.datasets import TensorImages, TransformedSubset, dataset_targets, num_items
+from remem_ray.storage import cache_root
 
 if TYPE_CHECKING:
     from remem_ray.config import DataConfig
@@ -36,9 +38,6 @@ STORE_FORMAT = 1
 _PROBE = 32  # images looked at to decide native vs resized
 
 
-def cache_root() -> Path:
-    """Read at call time: workers and tests set REMEM_CACHE_DIR after import."""
-    return Path(os.environ.get("REMEM_CACHE_DIR", Path.home() / ".cache" / "remem-ray"))
 
 
 @dataclass
@@ -67,7 +66,7 @@ def _unwrap(ds: Dataset, indices: np.ndarray | None = None) -> tuple[Dataset, np
     if isinstance(ds, Subset):
         inner = np.asarray(ds.indices)
         return _unwrap(ds.dataset, inner if indices is None else inner[indices])
-    return ds, np.arange(len(ds)) if indices is None else indices
+    return ds, np.arange(num_items(ds)) if indices is None else indices
 
 
 def is_in_memory(ds: Dataset) -> bool:
@@ -111,7 +110,7 @@ def _square(img, side: int) -> np.ndarray:
     if (w, h) != (side, side):
         scale = side / min(w, h)
         nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR)
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
         left, top = (nw - side) // 2, (nh - side) // 2
         img = img.crop((left, top, left + side, top + side))
     return np.asarray(img, dtype=np.uint8)
@@ -125,6 +124,7 @@ def _decode(ds: Dataset, side: int) -> Iterator[np.ndarray]:
 
 def _from_tensors(ds: Dataset) -> ImageStore:
     base, idx = _unwrap(ds)
+    assert isinstance(base, TensorImages)  # is_in_memory said so
     index = torch.as_tensor(idx, dtype=torch.long)
     images = (base.images[index] * 255.0).round_().clamp_(0, 255).to(torch.uint8)
     return ImageStore(images.expand(-1, 3, -1, -1).contiguous(), base.labels[index].long())
@@ -152,17 +152,17 @@ def load_or_build(ds: Dataset, cfg: DataConfig, seed: int, split: str, side: int
     """(the split's store, whether this call built it). Decoded datasets go through the cache."""
     if is_in_memory(ds):
         return _from_tensors(ds), True
-    folder = cache_root() / "stores" / store_key(cfg, seed, split, side, len(ds))
+    folder = cache_root() / "stores" / store_key(cfg, seed, split, side, num_items(ds))
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait, then map it
         if (folder / ".complete").exists():
             return _open(folder), False
-        log(f"decoding {split}: {len(ds)} images -> uint8 {side}x{side} store in {folder}")
+        log(f"decoding {split}: {num_items(ds)} images -> uint8 {side}x{side} store in {folder}")
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.partial-"))
         try:
             images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8,
-                                               shape=(len(ds), 3, side, side))
+                                               shape=(num_items(ds), 3, side, side))
             for i, image in enumerate(_decode(ds, side)):
                 images[i] = image
             images.flush()

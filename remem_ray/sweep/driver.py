@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
@@ -16,6 +17,7 @@ from remem_ray.sweep.layout import SPEC_FILE, SweepLayout
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
 from remem_ray.sweep.trial import remem_trial, trial_dirname
+from remem_ray.sweep.tune_adapter import keep_credentials_out_of_runtime_envs
 
 
 def _free_port() -> int:
@@ -70,7 +72,7 @@ def ray_session(address: str | None = None):
         temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=_free_port(), _temp_dir=temp_dir, log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING")
+                 configure_logging=True, logging_level=logging.WARNING)
     try:
         yield
     finally:
@@ -96,26 +98,10 @@ def _write_report(summary, layout: SweepLayout) -> None:
     write_report(summary, layout)
 
 
-CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
-
-
-def _keep_credentials_out_of_runtime_envs() -> None:
-    """Stop Tune copying AWS keys from this driver's environment into each trial's runtime env.
-
-    Ray's runtime-env agent logs every runtime env it sets up, so copied keys end up in plain
-    text in the session logs. They are not needed: a local Ray's workers inherit this
-    process's environment through the raylet, and on a cluster nodes use their instance role
-    (remem never forwards keys; see `remem sweep submit`).
-    """
-    from ray.tune.execution import class_cache
-
-    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - set(CREDENTIAL_ENV_VARS)
-
-
 def _trainable(spec: SweepSpec):
     from ray import tune
 
-    _keep_credentials_out_of_runtime_envs()
+    keep_credentials_out_of_runtime_envs()
     trainable = tune.with_parameters(remem_trial, sweep=spec.model_dump(mode="json"))
     return tune.with_resources(trainable, spec.sweep.resources.trial_resources())
 

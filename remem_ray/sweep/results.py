@@ -13,7 +13,6 @@ from remem_ray.sweep.layout import SUMMARY_FILE, SweepLayout
 from remem_ray.sweep.search import METRIC, stopped_early
 
 
-
 @dataclass
 class TrialRow:
     trial_id: str

@@ -6,6 +6,7 @@ from typing import Any
 
 from remem_ray.config import ParamRange, SweepSpec
 from remem_ray.search_params import SEARCH_PARAMS, TEACHER_EPOCH
+from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
 
 METRIC = "best_val_acc"  # the best student val accuracy so far: what the sweep keeps
 MODE = "max"
@@ -35,45 +36,7 @@ class DefineByRunSpace:
 
 def stopped_early(result: dict[str, Any] | None) -> bool:
     """A trial that reported fewer student epochs than it was given was stopped by the scheduler."""
-    return bool(result) and "epochs" in result and result.get("epoch", 0) < result["epochs"]
-
-
-def _optuna_search_class():
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
-
-    class BudgetAwareOptunaSearch(OptunaSearch):
-        """OptunaSearch that tells ASHA-stopped trials as PRUNED, not COMPLETE.
-
-        Stock OptunaSearch tells a stopped trial's partial-budget score as COMPLETE, so TPE
-        would rank a 1-epoch student against full ones. Their per-epoch values still reach
-        the study as intermediate values (on_trial_result), which TPE uses for pruned trials.
-        """
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            """Intermediate values at the student's epoch (stock: at training_iteration)."""
-            if trial_id in self._completed_trials or TIME_ATTR not in result:
-                return super().on_trial_result(trial_id, result)
-            self._ot_trials[trial_id].report(float(result[self._metric]), int(result[TIME_ATTR]))
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if error or not stopped_early(result) or trial_id in self._completed_trials:
-                return super().on_trial_complete(trial_id, result=result, error=error)
-            ot_trial = self._ot_trials[trial_id]
-            # Tune does not pass the result that triggered the stop to on_trial_result: record it
-            # here, so TPE ranks the pruned trial by the score it reached at its last rung.
-            # (Optuna ignores, with a warning, a step that was reported already.)
-            if result.get(self._metric) is not None:
-                ot_trial.report(float(result[self._metric]), int(result[TIME_ATTR]))
-            try:
-                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-            except Exception as exc:  # as the stock class does: never let a tell crash the sweep
-                import logging
-
-                logging.getLogger(__name__).warning("could not tell pruned trial %s: %s", trial_id, exc)
-            self._completed_trials.add(trial_id)
-
-    return BudgetAwareOptunaSearch
+    return result is not None and "epochs" in result and result.get("epoch", 0) < result["epochs"]
 
 
 def _typed_point(point: dict[str, float]) -> dict[str, Any]:
@@ -84,14 +47,9 @@ def build_searcher(spec: SweepSpec):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
-    searcher_cls = _optuna_search_class()
-    searcher = searcher_cls(
-        space=DefineByRunSpace(spec),
-        metric=METRIC,
-        mode=MODE,
-        sampler=optuna.samplers.TPESampler(seed=spec.sweep.seed),
-        points_to_evaluate=[_typed_point(p) for p in spec.sweep.points_to_evaluate] or None,
-    )
+    searcher = budget_aware_optuna_search(
+        DefineByRunSpace(spec), METRIC, MODE, optuna.samplers.TPESampler(seed=spec.sweep.seed), TIME_ATTR,
+        stopped_early, [_typed_point(p) for p in spec.sweep.points_to_evaluate] or None)
     return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials())
 
 

@@ -158,7 +158,9 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     registry = TeacherRegistry(layout.teachers)
     trained = ensure_teacher(spec, run_spec, f"{spec.name}/{trial_id}", registry, layout)
     key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
-    teacher = registry.checkpoint_uri(key, run_spec.student.teacher_epoch)
+    epoch = run_spec.student.teacher_epoch
+    assert epoch is not None  # SweepSpec.run_spec sets the trial's choice
+    teacher = registry.checkpoint_uri(key, epoch)
     trainer = make_trainer(
         distill_student,
         {

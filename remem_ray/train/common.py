@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -87,7 +88,9 @@ def runnable_model(model: nn.Module, device: torch.device,
     if channels_last:
         model.to(memory_format=torch.channels_last)
     wrapped = wrap_distributed(model, device)
-    return (torch.compile(wrapped) if compiles(compile_model, device) else wrapped), channels_last
+    if compiles(compile_model, device):
+        wrapped = cast(nn.Module, torch.compile(wrapped))  # an OptimizedModule: still an nn.Module
+    return wrapped, channels_last
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -155,7 +158,8 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     the model lists in `no_weight_decay()` (a ViT's position embedding and class token)."""
     from timm.optim import param_groups_weight_decay
 
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    no_decay = getattr(model, "no_weight_decay", None)
+    skip = no_decay() if callable(no_decay) else ()
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 

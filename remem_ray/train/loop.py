@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -148,7 +149,7 @@ class Task:
             self.scheduler.step()
             meter.add(loss.detach(), logits.detach(), labels)
         train_loss, train_acc = meter.totals()
-        return {"train_loss": train_loss, "train_acc": train_acc, "lr": self.scheduler.get_last_lr()[0]}
+        return {"train_loss": train_loss, "train_acc": train_acc, "lr": float(self.scheduler.get_last_lr()[0])}
 
     def state(self) -> dict[str, Any]:
         raise NotImplementedError

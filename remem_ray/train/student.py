@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from remem_ray.checkpoints import load_model, model_meta, split_location, write_checkpoint
-from remem_ray.losses import DistillationLoss
-from remem_ray.models import create_model, normalizer_for
 from remem_ray.data import Views
 from remem_ray.errors import SpecError
+from remem_ray.losses import DistillationLoss
+from remem_ray.models import create_model, normalizer_for
 from remem_ray.train.common import autocast, build_optimizer, runnable_model, warmup_cosine
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 from remem_ray.train.targets import CachedTargets, OnlineTargets, TargetSource, load_or_build_targets

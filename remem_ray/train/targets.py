@@ -25,6 +25,7 @@ from torch import nn
 
 from remem_ray.checkpoints import MANIFEST_FILE, META_FILE, MODEL_FILE, CheckpointError
 from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, RunSpec
+from remem_ray.data.datasets import num_items
 from remem_ray.data.pipeline import DataPipeline, Views
 from remem_ray.storage import Storage
 from remem_ray.train.common import autocast, is_distributed
@@ -111,7 +112,7 @@ def compute_targets(teacher: nn.Module, normalizer: nn.Module, pipeline: DataPip
         with autocast(device):
             logits = teacher(normalizer(images.to(device, non_blocking=True)))
         chunks.append(logits.float().cpu().to(torch.float16))
-    return torch.cat(chunks).view(len(pipeline.splits.train), views.count, -1)
+    return torch.cat(chunks).view(num_items(pipeline.splits.train), views.count, -1)
 
 
 def _encode(table: torch.Tensor, key: str) -> bytes:
@@ -141,7 +142,7 @@ def load_or_build_targets(spec: RunSpec, teacher_location: str, teacher: nn.Modu
     from remem_ray.checkpoints import split_location
 
     parent, name = split_location(teacher_location, spec.storage.endpoint)
-    size = len(pipeline.splits.train)
+    size = num_items(pipeline.splits.train)
     key = cache_key(spec, teacher_identity(parent, name), size, pipeline.identity())
     rel = cache_location(name, key)
     views = Views(spec.student.target_views, spec.student.target_view_seed)

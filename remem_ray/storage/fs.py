@@ -1,0 +1,223 @@
+"""Storage: a root folder on a local or S3 filesystem (pyarrow.fs), and whole-object reads and writes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from remem_ray.errors import ResourceError
+
+S3_MAX_ATTEMPTS = 13
+
+
+def s3_filesystem(endpoint: str | None = None, region: str = "us-east-1") -> pafs.S3FileSystem:
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    kwargs: dict = {
+        "region": region,
+        "connect_timeout": 5,
+        "request_timeout": 30,
+        # Ray's checkpoint uploads and Tune's syncs use this filesystem too: exponential backoff
+        # (capped at 20 s a wait) over 13 attempts rides out about a minute of S3 outage.
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    }
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def split_s3_uri(uri: str) -> str:
+    """s3://bucket/key -> bucket/key (pyarrow's path form)."""
+    return uri[len("s3://"):].strip("/")
+
+
+def _write_temp_beside(target: str, data: bytes) -> str:
+    """A finished, fsynced temp file next to `target`, to be renamed or linked into place."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+class Storage:
+    """A root folder on a pyarrow filesystem; every path below is relative to it."""
+
+    def __init__(self, root: str, endpoint: str | None = None, region: str = "us-east-1") -> None:
+        self.is_s3 = root.startswith("s3://")
+        self.endpoint, self.region = endpoint, region
+        self._client = None
+        if self.is_s3:
+            self.fs: pafs.FileSystem = s3_filesystem(endpoint, region)
+            self.base = split_s3_uri(root)
+        else:
+            self.fs = pafs.LocalFileSystem()
+            self.base = str(Path(root).expanduser().resolve())
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}  # boto3 clients do not pickle; made again on use
+
+    @classmethod
+    def from_config(cls, cfg) -> Storage:
+        return cls(cfg.root, cfg.endpoint, cfg.region)
+
+    # ----------------------------------------------------------------- paths
+    def path(self, *parts: str) -> str:
+        return "/".join([self.base.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+    def uri(self, *parts: str) -> str:
+        return f"s3://{self.path(*parts)}" if self.is_s3 else self.path(*parts)
+
+    def child(self, *parts: str) -> Storage:
+        """A Storage rooted at a sub-folder, sharing this filesystem."""
+        sub = object.__new__(Storage)
+        sub.is_s3, sub.endpoint, sub.region, sub.fs = self.is_s3, self.endpoint, self.region, self.fs
+        sub.base, sub._client = self.path(*parts), None
+        return sub
+
+    # ----------------------------------------------------------------- queries
+    def _info(self, rel: str) -> pafs.FileInfo:
+        try:
+            return self.fs.get_file_info(self.path(rel))
+        except OSError as exc:
+            raise self._error("read", rel, exc) from None
+
+    def exists(self, rel: str = "") -> bool:
+        return self._info(rel).type != pafs.FileType.NotFound
+
+    def is_file(self, rel: str) -> bool:
+        return self._info(rel).type == pafs.FileType.File
+
+    def list_dir(self, rel: str = "") -> list[str]:
+        if not self.exists(rel):
+            return []
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        except OSError as exc:
+            raise self._error("list", rel, exc) from None
+        return sorted(i.base_name for i in infos)
+
+    # ----------------------------------------------------------------- bytes
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        except (OSError, FileNotFoundError) as exc:
+            raise self._error("read", rel, exc) from None
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Whole-object write: an S3 PUT is atomic; locally a temp file is renamed over the target."""
+        target = self.path(rel)
+        try:
+            if self.is_s3:
+                with self.fs.open_output_stream(target) as f:
+                    f.write(data)
+                return
+            os.replace(_write_temp_beside(target, data), target)
+        except OSError as exc:
+            raise self._error("write", rel, exc) from None
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write a whole object only if nothing is there yet; False if something is.
+
+        Of any number of concurrent callers exactly one succeeds (leases are built on it):
+        locally a hard link of a finished temp file (atomic, also on NFS); on S3 a PUT with
+        If-None-Match: *, which AWS S3 and SeaweedFS refuse with 412 when the key exists.
+        """
+        target = self.path(rel)
+        try:
+            if self.is_s3:
+                return self._put_if_absent(target, data)
+            tmp = _write_temp_beside(target, data)
+            try:
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        except OSError as exc:
+            raise self._error("write", rel, exc) from None
+
+    def _put_if_absent(self, target: str, data: bytes) -> bool:
+        import botocore.exceptions
+
+        bucket, _, key = target.partition("/")
+        try:
+            self._boto3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            # 409: a concurrent conditional write to the same key is in flight; it wins
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise OSError(one_line(exc)) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise OSError(one_line(exc)) from None
+
+    def _boto3(self):
+        """boto3 for what pyarrow's filesystem cannot say (conditional writes); same credential chain."""
+        if self._client is None:
+            import boto3
+            import botocore.config
+
+            config = botocore.config.Config(connect_timeout=5, read_timeout=30,
+                                            retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+            endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+            self._client = boto3.client("s3", endpoint_url=endpoint, region_name=self.region, config=config)
+        return self._client
+
+    # ----------------------------------------------------------------- folders
+    def upload_dir(self, local_dir: str | Path, rel: str) -> None:
+        for file in sorted(Path(local_dir).rglob("*")):
+            if file.is_file():
+                self.write_bytes(f"{rel}/{file.relative_to(local_dir).as_posix()}", file.read_bytes())
+
+    def download_dir(self, rel: str, local_dir: str | Path) -> Path:
+        local_dir = Path(local_dir)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True))
+        except (OSError, FileNotFoundError) as exc:
+            raise self._error("read", rel, exc) from None
+        prefix = self.path(rel).rstrip("/") + "/"
+        for info in infos:
+            if info.type == pafs.FileType.File:
+                dest = local_dir / info.path[len(prefix):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with self.fs.open_input_stream(info.path) as f:
+                    dest.write_bytes(f.read())
+        return local_dir
+
+    def delete_file(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error("delete", rel, exc) from None
+
+    def delete_dir(self, rel: str) -> None:
+        if self.exists(rel):
+            try:
+                self.fs.delete_dir(self.path(rel))
+            except OSError as exc:
+                raise self._error("delete", rel, exc) from None
+
+    def _error(self, verb: str, rel: str, exc: BaseException) -> ResourceError:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return ResourceError(f"storage: cannot {verb} {self.uri(rel)}: {reason}")
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,85 @@
+"""What remem_ray relies on inside Ray Tune and its Optuna searcher, in one place
+(checked against ray 2.60.0 and optuna 5.0.0; tests/test_tune_adapter.py guards each).
+
+- `OptunaSearch` keeps Tune trial id -> Optuna trial in `_ot_trials` (no public accessor):
+  needed to report intermediate values at the student's epoch and to tell a stopped trial
+  as PRUNED. Everything else goes through public names: the study is ours (created here and
+  handed to OptunaSearch through its public storage / study_name / sampler arguments), the
+  metric is `self.metric`.
+- `ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE`: the environment variables Tune copies
+  into every trainable's runtime env (AWS keys among them); no public switch exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import Any
+
+STUDY_NAME = "remem"
+CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def budget_aware_optuna_search(space, metric: str, mode: str, sampler, time_attr: str, stopped_early,
+                               points_to_evaluate: list[dict[str, Any]] | None = None):
+    """An OptunaSearch that reports intermediate values at `result[time_attr]` (stock: at
+    training_iteration) and tells scheduler-stopped trials as PRUNED (stock: COMPLETE, so TPE
+    would rank a 1-epoch student against full ones). `searcher.study` is the Optuna study."""
+    import optuna
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class BudgetAwareOptunaSearch(OptunaSearch):
+        def __init__(self, study: optuna.Study, **kwargs: Any) -> None:
+            self.study = study  # ours, public; pickled with the searcher's state
+            self.told: set[str] = set()
+            super().__init__(**kwargs)
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if trial_id in self.told or time_attr not in result or self.metric not in result:
+                return
+            self._ot_trials[trial_id].report(float(result[self.metric]), int(result[time_attr]))
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self.told:
+                return
+            self.told.add(trial_id)
+            if error or not stopped_early(result):
+                return super().on_trial_complete(trial_id, result=result, error=error)
+            assert result is not None  # stopped_early(None) is False
+            ot_trial = self._ot_trials[trial_id]
+            # Tune does not pass the result that triggered the stop to on_trial_result: record it
+            # here, so TPE ranks the pruned trial by the score it reached at its last rung.
+            # (Optuna ignores, with a warning, a step that was reported already.)
+            if result.get(self.metric) is not None:
+                ot_trial.report(float(result[self.metric]), int(result[time_attr]))
+            try:
+                self.study.tell(ot_trial, state=TrialState.PRUNED)
+            except (ValueError, RuntimeError) as exc:  # as the stock class does: never let a tell crash the sweep
+                logging.getLogger(__name__).warning("could not tell pruned trial %s: %s", trial_id, exc)
+
+    storage = optuna.storages.InMemoryStorage()  # rolls back with Tune's searcher snapshot on resume
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, sampler=sampler,
+                                direction="maximize" if mode == "max" else "minimize")
+    return BudgetAwareOptunaSearch(study, space=space, metric=metric, mode=mode, sampler=sampler,
+                                   storage=storage, study_name=STUDY_NAME, points_to_evaluate=points_to_evaluate)
+
+
+def study_from_searcher_state(data: bytes):
+    """The Optuna study in a searcher-state-*.pkl Tune saved (unpickling: trusted storage only)."""
+    state = pickle.loads(data)
+    # "_ot_study": sweeps run before the study was ours (ray 2.60's own attribute)
+    return state["study"] if "study" in state else state["_ot_study"]
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Tune copying AWS keys from the driver's environment into each trial's runtime env.
+
+    Ray's runtime-env agent logs every runtime env it sets up, so copied keys end up in plain
+    text in the session logs. They are not needed: a local Ray's workers inherit the driver's
+    environment through the raylet, and on a cluster nodes use their instance role (remem
+    never forwards keys; see `remem sweep submit`). Tune reads the set on each use.
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - set(CREDENTIAL_ENV_VARS)

@@ -1,0 +1,39 @@
+"""What remem_ray relies on inside timm, in one place (checked against timm 1.0.31).
+
+- A ViT `Block`'s children `norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2` and
+  its forward, `x + drop_path1(ls1(attn(norm1(x))))` then `+ drop_path2(ls2(mlp(norm2(.))))`:
+  MLP reweighting recomputes that forward with the MLP branch scaled.
+- The MLP's activation module `mlp.act`: the expertness statistics hook its output.
+- `build_model_with_cfg` and `VisionTransformer`, public, to register small ViTs.
+
+tests/test_timm_adapter.py fails loudly when any of these moves in a new timm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from timm.models import VisionTransformer, build_model_with_cfg
+from timm.models.vision_transformer import Block
+from torch import nn
+
+BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+def is_plain_vit_block(module: nn.Module) -> bool:
+    """A timm ViT Block whose forward is Block's own (pre-norm, two residual branches).
+
+    Subclasses that change the forward (other residual layouts) are not plain: reweighting
+    them with Block's formula would silently compute something else.
+    """
+    return isinstance(module, Block) and type(module).forward is Block.forward
+
+
+def mlp_activation(block: nn.Module) -> nn.Module:
+    """The activation inside a block's MLP, whose output is the hidden units' activity."""
+    return cast(nn.Module, cast(nn.Module, block.mlp).act)
+
+
+def build_vit(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
+    """A VisionTransformer registered under `variant` (its default cfg from the registry)."""
+    return build_model_with_cfg(VisionTransformer, variant, pretrained, **kwargs)
