@@ -1,6 +1,6 @@
 """The CPU benchmark set (under 3 minutes on 2 cores): step ratios, then the smoke sweep's overhead.
 
-    python -m benchmarks
+python -m benchmarks
 """
 
 from benchmarks import steps, sweep_overhead

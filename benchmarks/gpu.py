@@ -35,9 +35,19 @@ from remem_ray.train.student import StudentTask
 from remem_ray.train.teacher import TeacherTask
 
 # dense bf16 tensor-core peaks, FLOP/s (vendor data sheets)
-PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12,
-             "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-             "L40S": 362e12, "L4": 121e12}
+PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+}
 NUM_CLASSES = 10
 
 
@@ -114,22 +124,45 @@ def pipeline_throughput(batches, device: torch.device) -> float:
 
 
 def spec_for(args, data_root: Path, storage: Path, **student) -> RunSpec:
-    return RunSpec.model_validate({
-        "name": "gpu-bench", "device": args.device, "compile": args.compile,
-        "data": {"name": "imagefolder", "root": str(data_root), "img_size": args.img, "pipeline": args.pipeline,
-                 "num_workers": args.num_workers, "num_classes": NUM_CLASSES},
-        "teacher": {"model": args.teacher, "batch_size": args.batch, "epochs": 100, "rho": 0.05, "alpha": 0.9},
-        "student": {"model": args.student, "batch_size": args.student_batch or args.batch, "epochs": 100,
-                    "target_views": args.views, **student},
-        "storage": {"root": str(storage)},
-    })
+    return RunSpec.model_validate(
+        {
+            "name": "gpu-bench",
+            "device": args.device,
+            "compile": args.compile,
+            "data": {
+                "name": "imagefolder",
+                "root": str(data_root),
+                "img_size": args.img,
+                "pipeline": args.pipeline,
+                "num_workers": args.num_workers,
+                "num_classes": NUM_CLASSES,
+            },
+            "teacher": {"model": args.teacher, "batch_size": args.batch, "epochs": 100, "rho": 0.05, "alpha": 0.9},
+            "student": {
+                "model": args.student,
+                "batch_size": args.student_batch or args.batch,
+                "epochs": 100,
+                "target_views": args.views,
+                **student,
+            },
+            "storage": {"root": str(storage)},
+        }
+    )
 
 
 def teacher_checkpoint(task: TeacherTask, ctx: LoopContext, folder: Path) -> str:
     """A checkpoint of the benchmarked teacher for the students to distil from."""
     storage = Storage(str(folder))
-    meta = model_meta(task.bare, ctx.spec.teacher.model, ctx.spec.teacher.model_kwargs, ctx.splits.num_classes,
-                      ctx.spec.data.img_size, role="teacher", epoch=1, metrics={})
+    meta = model_meta(
+        task.bare,
+        ctx.spec.teacher.model,
+        ctx.spec.teacher.model_kwargs,
+        ctx.splits.num_classes,
+        ctx.spec.data.img_size,
+        role="teacher",
+        epoch=1,
+        metrics={},
+    )
     write_checkpoint(storage, "epoch_1", task.bare, meta)
     return storage.uri("epoch_1")
 
@@ -162,8 +195,18 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     print(machine())
     peak = card_peak(torch.cuda.get_device_name(0), args.peak_tflops) if device.type == "cuda" else None
-    rows = [["workload", "step only img/s", "end to end img/s", "e2e / step", "data wait", "pipeline only img/s",
-             "TFLOP/s (step)", "MFU (step)"]]
+    rows = [
+        [
+            "workload",
+            "step only img/s",
+            "end to end img/s",
+            "e2e / step",
+            "data wait",
+            "pipeline only img/s",
+            "TFLOP/s (step)",
+            "MFU (step)",
+        ]
+    ]
     wanted = set(args.workloads.split(","))
     with tempfile.TemporaryDirectory(prefix="remem-gpu-bench-") as tmp:
         work = Path(tmp)
@@ -181,10 +224,13 @@ def main(argv=None) -> int:
             if targets not in wanted:
                 continue
             s_spec = spec_for(args, data_root, work / "out", teacher_targets=targets)
-            ctx = prepare({"spec": s_spec.model_dump(mode="json"), "output": str(work / f"student-{targets}")},
-                          "student")
-            label = f"student {args.student} ({targets} {'teacher' if targets == 'online' else 'targets'}, " \
-                    f"batch {s_spec.student.batch_size})"
+            ctx = prepare(
+                {"spec": s_spec.model_dump(mode="json"), "output": str(work / f"student-{targets}")}, "student"
+            )
+            label = (
+                f"student {args.student} ({targets} {'teacher' if targets == 'online' else 'targets'}, "
+                f"batch {s_spec.student.batch_size})"
+            )
             cases.append((label, StudentTask(ctx, location), ctx))
         for label, task, ctx in cases:
             step, batch = fixed_batch_step(task, ctx)
@@ -195,16 +241,29 @@ def main(argv=None) -> int:
             pipe = pipeline_throughput(task.train_batches, ctx.device)
             step_ips = batch / step_s
             achieved = flops / step_s
-            rows.append([label, f"{step_ips:,.0f}", f"{e2e['images_per_s']:,.0f}",
-                         f"{e2e['images_per_s'] / step_ips:.2f}", f"{e2e['data_wait_share']:.0%}", f"{pipe:,.0f}",
-                         f"{achieved / 1e12:.1f}", f"{achieved / peak:.1%}" if peak else "n/a"])
+            rows.append(
+                [
+                    label,
+                    f"{step_ips:,.0f}",
+                    f"{e2e['images_per_s']:,.0f}",
+                    f"{e2e['images_per_s'] / step_ips:.2f}",
+                    f"{e2e['data_wait_share']:.0%}",
+                    f"{pipe:,.0f}",
+                    f"{achieved / 1e12:.1f}",
+                    f"{achieved / peak:.1%}" if peak else "n/a",
+                ]
+            )
             print(f"{label}: done", flush=True)
-        print(f"pipeline: {teacher_ctx.data.describe()}; compile {spec.compile}; {args.img} px; "
-              f"{len(teacher_ctx.splits.train)} training images")
+        print(
+            f"pipeline: {teacher_ctx.data.describe()}; compile {spec.compile}; {args.img} px; "
+            f"{len(teacher_ctx.splits.train)} training images"
+        )
     print(table(rows))
     if device.type == "cuda":
-        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; "
-              f"peak used for MFU: {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s bf16 dense")
+        print(
+            f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; "
+            f"peak used for MFU: {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s bf16 dense"
+        )
     return 0
 
 

@@ -15,8 +15,10 @@ import torch
 def machine() -> str:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.node()} | {platform.processor() or platform.machine()} | {cpus} CPUs | {gpu} | "
-            f"torch {torch.__version__} | {time.strftime('%Y-%m-%d')}")
+    return (
+        f"{platform.node()} | {platform.processor() or platform.machine()} | {cpus} CPUs | {gpu} | "
+        f"torch {torch.__version__} | {time.strftime('%Y-%m-%d')}"
+    )
 
 
 def sync() -> None:
@@ -24,8 +26,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_samples(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 2,
-                        per_round: int = 2) -> dict[str, list[float]]:
+def interleaved_samples(
+    variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 2, per_round: int = 2
+) -> dict[str, list[float]]:
     """Seconds per call of each variant, one sample per interleaved round.
 
     Each variant's block in a round starts with one untimed call: switching models evicts

@@ -38,8 +38,10 @@ def point_key(rho: float, alpha: float, teacher_epoch: int) -> str:
 def grid_points(spec: dict) -> list[dict]:
     search = spec["sweep"]["search"]
     epochs = search.get("teacher_epoch") or spec["teacher"]["checkpoint_epochs"]
-    return [{"rho": r, "alpha": a, "teacher_epoch": e}
-            for r, a, e in itertools.product(search["rho"]["values"], search["alpha"]["values"], epochs)]
+    return [
+        {"rho": r, "alpha": a, "teacher_epoch": e}
+        for r, a, e in itertools.product(search["rho"]["values"], search["alpha"]["values"], epochs)
+    ]
 
 
 def run_grid(spec_path: str, out: str) -> None:
@@ -58,9 +60,14 @@ def run_grid(spec_path: str, out: str) -> None:
             rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
             params = json.loads((result_file.parent / "params.json").read_text())
             curves[point_key(params["rho"], params["alpha"], params["teacher_epoch"])] = [
-                r["best_val_acc"] for r in rows]
-    record = {"spec": spec_path, "teacher_epochs": spec["teacher"]["epochs"],
-              "student_epochs": spec["student"]["epochs"], "curves": curves}
+                r["best_val_acc"] for r in rows
+            ]
+    record = {
+        "spec": spec_path,
+        "teacher_epochs": spec["teacher"]["epochs"],
+        "student_epochs": spec["student"]["epochs"],
+        "curves": curves,
+    }
     Path(out).write_text(json.dumps(record, indent=1))
     print(f"{len(curves)} grid points recorded in {out}")
 
@@ -89,18 +96,26 @@ def replay(spec_path: str, table_path: str, seeds: int) -> None:
     rows = [["seed", "best found", "compute to reach grid best", "total compute", "fraction of grid"]]
     reached = []
     with tempfile.TemporaryDirectory(prefix="remem-replay-") as tmp:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=str(Path(tmp) / "ray"),
-                 num_cpus=2, logging_level="ERROR", log_to_driver=False)
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            _temp_dir=str(Path(tmp) / "ray"),
+            num_cpus=2,
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
         try:
             for seed in range(seeds):
                 spec = load_sweep_spec(spec_path, {"sweep.seed": seed, "storage.root": str(Path(tmp) / "r")})
                 tuner = tune.Tuner(
                     tune.with_parameters(table_trial, curves=curves),
-                    tune_config=tune.TuneConfig(search_alg=build_searcher(spec), scheduler=build_scheduler(spec),
-                                                num_samples=spec.sweep.num_samples,
-                                                max_concurrent_trials=spec.max_concurrent_trials()),
-                    run_config=tune.RunConfig(name=f"replay-{seed}", storage_path=str(Path(tmp) / "tune"),
-                                              verbose=0),
+                    tune_config=tune.TuneConfig(
+                        search_alg=build_searcher(spec),
+                        scheduler=build_scheduler(spec),
+                        num_samples=spec.sweep.num_samples,
+                        max_concurrent_trials=spec.max_concurrent_trials(),
+                    ),
+                    run_config=tune.RunConfig(name=f"replay-{seed}", storage_path=str(Path(tmp) / "tune"), verbose=0),
                 )
                 results = sorted(tuner.fit(), key=lambda r: r.metrics.get("timestamp", 0))
                 compute, seen, best, reach = 0, set(), 0.0, None
@@ -115,8 +130,15 @@ def replay(spec_path: str, table_path: str, seeds: int) -> None:
                     if reach is None and best >= grid_best:
                         reach = compute
                 reached.append(reach)
-                rows.append([str(seed), f"{best:.4f}", "-" if reach is None else str(reach), str(compute),
-                             "-" if reach is None else f"{reach / grid_compute:.2f}"])
+                rows.append(
+                    [
+                        str(seed),
+                        f"{best:.4f}",
+                        "-" if reach is None else str(reach),
+                        str(compute),
+                        "-" if reach is None else f"{reach / grid_compute:.2f}",
+                    ]
+                )
         finally:
             ray.shutdown()
     print(machine())
@@ -124,9 +146,11 @@ def replay(spec_path: str, table_path: str, seeds: int) -> None:
     print(table(rows))
     hits = [r for r in reached if r is not None]
     within = sum(1 for r in hits if r <= grid_compute / 3)
-    print(f"reached the grid's best in {len(hits)}/{seeds} seeds; within a third of the grid's compute in "
-          f"{within}/{seeds}; median compute when reached: "
-          f"{statistics.median(hits) if hits else float('nan')} trial-epochs")
+    print(
+        f"reached the grid's best in {len(hits)}/{seeds} seeds; within a third of the grid's compute in "
+        f"{within}/{seeds}; median compute when reached: "
+        f"{statistics.median(hits) if hits else float('nan')} trial-epochs"
+    )
 
 
 def main(argv=None) -> int:

@@ -74,6 +74,7 @@ def sam_variants(model_name: str, batch: int, img: int, device: torch.device):
             opts[name].first_step()
             loss(models[name]).backward()
             opts[name].second_step()
+
         return step
 
     return {"base step": base_step, "SAM (foreach)": two_pass("sam"), "SAM (per-parameter loop)": two_pass("loop")}
@@ -92,8 +93,10 @@ def distill_variants(teacher_name: str, student_name: str, batch: int, img: int,
     kd = DistillationLoss("kd", 4.0, 0.9)
     n_images, n_views = 4096, 8
     table_ = torch.randn(n_images, n_views, 10).half()  # float16, moved to the device, as in training
-    sources = {"online": OnlineTargets(teacher, torch.nn.Identity(), device),
-               "cached": CachedTargets(table_, Views(n_views, 0), device)}
+    sources = {
+        "online": OnlineTargets(teacher, torch.nn.Identity(), device),
+        "cached": CachedTargets(table_, Views(n_views, 0), device),
+    }
     index, view = torch.randint(0, n_images, (batch,)), torch.randint(0, n_views, (batch,))
 
     def student_only():
@@ -107,10 +110,14 @@ def distill_variants(teacher_name: str, student_name: str, batch: int, img: int,
             kd(students[name](x), targets, y).backward()
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
+
         return step
 
-    return {"student only (CE)": student_only, "distil, cached targets": distil("cached"),
-            "distil, online teacher": distil("online")}
+    return {
+        "student only (CE)": student_only,
+        "distil, cached targets": distil("cached"),
+        "distil, online teacher": distil("online"),
+    }
 
 
 def main(argv=None) -> int:
@@ -127,26 +134,51 @@ def main(argv=None) -> int:
     print(machine())
 
     sam = interleaved_samples(sam_variants(args.sam_model, args.batch, args.img, device), args.rounds)
-    dist = interleaved_samples(distill_variants(args.teacher, args.student, args.batch, args.img, device),
-                               args.rounds)
-    pairs = {"sam": (sam, "SAM (foreach)", "base step"),
-             "loop": (sam, "SAM (foreach)", "SAM (per-parameter loop)"),
-             "cached": (dist, "distil, cached targets", "student only (CE)"),
-             "online": (dist, "distil, online teacher", "student only (CE)")}
+    dist = interleaved_samples(distill_variants(args.teacher, args.student, args.batch, args.img, device), args.rounds)
+    pairs = {
+        "sam": (sam, "SAM (foreach)", "base step"),
+        "loop": (sam, "SAM (foreach)", "SAM (per-parameter loop)"),
+        "cached": (dist, "distil, cached targets", "student only (CE)"),
+        "online": (dist, "distil, online teacher", "student only (CE)"),
+    }
     ratios = {k: median_ratio(*v) for k, v in pairs.items()}
     spread = {k: "{:.3f}-{:.3f}".format(*ratio_quartiles(*v)) for k, v in pairs.items()}
-    rows = [["measure", "ratio (median)", "quartiles", "target", "verdict"],
-            [f"SAM step / AdamW step ({args.sam_model}, batch {args.batch}, {args.img}px)", f"{ratios['sam']:.3f}",
-             spread["sam"], "<= 2.05", verdict(ratios["sam"], 2.05)],
-            ["SAM foreach / SAM per-parameter loop", f"{ratios['loop']:.3f}", spread["loop"], "<= 1.00",
-             verdict(ratios["loop"], 1.0)],
-            [f"distil step, cached targets / student only ({args.student})", f"{ratios['cached']:.3f}",
-             spread["cached"], "<= 1.15", verdict(ratios["cached"], 1.15)],
-            [f"distil step, online teacher ({args.teacher}) / student only", f"{ratios['online']:.3f}",
-             spread["online"], "-", "for scale"]]
+    rows = [
+        ["measure", "ratio (median)", "quartiles", "target", "verdict"],
+        [
+            f"SAM step / AdamW step ({args.sam_model}, batch {args.batch}, {args.img}px)",
+            f"{ratios['sam']:.3f}",
+            spread["sam"],
+            "<= 2.05",
+            verdict(ratios["sam"], 2.05),
+        ],
+        [
+            "SAM foreach / SAM per-parameter loop",
+            f"{ratios['loop']:.3f}",
+            spread["loop"],
+            "<= 1.00",
+            verdict(ratios["loop"], 1.0),
+        ],
+        [
+            f"distil step, cached targets / student only ({args.student})",
+            f"{ratios['cached']:.3f}",
+            spread["cached"],
+            "<= 1.15",
+            verdict(ratios["cached"], 1.15),
+        ],
+        [
+            f"distil step, online teacher ({args.teacher}) / student only",
+            f"{ratios['online']:.3f}",
+            spread["online"],
+            "-",
+            "for scale",
+        ],
+    ]
     print(table(rows))
-    print(f"{args.rounds} rounds; median step seconds: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in {**medians(sam), **medians(dist)}.items()))
+    print(
+        f"{args.rounds} rounds; median step seconds: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in {**medians(sam), **medians(dist)}.items())
+    )
     return 0
 
 

@@ -66,8 +66,14 @@ def collect(root: Path, name: str) -> dict:
         if rows[0]["start_epoch"] == 1:
             latencies["student"].append(rows[0]["epoch_started_at"] - rows[0]["fit_called_at"])
     summary = json.loads((experiment / "summary.json").read_text())
-    return {"intervals": intervals, "loop_seconds": loop_seconds, "latencies": latencies,
-            "worker_rss_mb": max(worker_rss), "driver_rss_mb": max(driver_rss), "summary": summary}
+    return {
+        "intervals": intervals,
+        "loop_seconds": loop_seconds,
+        "latencies": latencies,
+        "worker_rss_mb": max(worker_rss),
+        "driver_rss_mb": max(driver_rss),
+        "summary": summary,
+    }
 
 
 def main(argv=None) -> int:
@@ -79,8 +85,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="remem-bench-") as tmp:
         root = Path(tmp) / "results"
         name = "bench-" + Path(args.spec).stem
-        cmd = [sys.executable, "-m", "remem_ray.cli", "sweep", "run", str(Path(args.spec).absolute()),
-               "--storage", str(root), "--name", name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "remem_ray.cli",
+            "sweep",
+            "run",
+            str(Path(args.spec).absolute()),
+            "--storage",
+            str(root),
+            "--name",
+            name,
+        ]
         began = time.time()
         proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         wall = time.time() - began
@@ -94,21 +110,41 @@ def main(argv=None) -> int:
     overhead = 1.0 - busy / wall
     summary = data["summary"]
     lat = data["latencies"]
-    rows = [["measure", "value", "target", "verdict"],
-            [f"overhead: wall time with no epoch running ({Path(args.spec).name})", f"{overhead:.1%}",
-             f"< {args.target:.0%}", verdict(overhead, args.target)],
-            ["slot use: epoch time / (wall x concurrent trials)", f"{data['loop_seconds'] / (wall * slots):.1%}", "-",
-             "-"],
-            ["wall time / time covered by epochs", f"{wall:.0f} s / {busy:.0f} s", "-", "-"],
-            ["Train-run start latency, teachers (median)",
-             f"{statistics.median(lat['teacher']):.1f} s" if lat["teacher"] else "-", "-", "-"],
-            ["Train-run start latency, students (median)",
-             f"{statistics.median(lat['student']):.1f} s" if lat["student"] else "-", "-", "-"],
-            ["teacher trainings / distinct teacher keys",
-             f"{summary['teacher_trainings_performed']} / {summary['distinct_teacher_keys']}", "equal",
-             "meets" if summary["teacher_trainings_performed"] == summary["distinct_teacher_keys"] else "MISSES"],
-            ["peak RSS: Train worker / trial driver",
-             f"{data['worker_rss_mb']:.0f} MB / {data['driver_rss_mb']:.0f} MB", "-", "-"]]
+    rows = [
+        ["measure", "value", "target", "verdict"],
+        [
+            f"overhead: wall time with no epoch running ({Path(args.spec).name})",
+            f"{overhead:.1%}",
+            f"< {args.target:.0%}",
+            verdict(overhead, args.target),
+        ],
+        ["slot use: epoch time / (wall x concurrent trials)", f"{data['loop_seconds'] / (wall * slots):.1%}", "-", "-"],
+        ["wall time / time covered by epochs", f"{wall:.0f} s / {busy:.0f} s", "-", "-"],
+        [
+            "Train-run start latency, teachers (median)",
+            f"{statistics.median(lat['teacher']):.1f} s" if lat["teacher"] else "-",
+            "-",
+            "-",
+        ],
+        [
+            "Train-run start latency, students (median)",
+            f"{statistics.median(lat['student']):.1f} s" if lat["student"] else "-",
+            "-",
+            "-",
+        ],
+        [
+            "teacher trainings / distinct teacher keys",
+            f"{summary['teacher_trainings_performed']} / {summary['distinct_teacher_keys']}",
+            "equal",
+            "meets" if summary["teacher_trainings_performed"] == summary["distinct_teacher_keys"] else "MISSES",
+        ],
+        [
+            "peak RSS: Train worker / trial driver",
+            f"{data['worker_rss_mb']:.0f} MB / {data['driver_rss_mb']:.0f} MB",
+            "-",
+            "-",
+        ],
+    ]
     print(table(rows))
     return 0
 

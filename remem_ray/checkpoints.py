@@ -34,10 +34,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def model_meta(model: nn.Module, name: str, kwargs: dict[str, Any], num_classes: int, img_size: int,
-               **extra: Any) -> dict[str, Any]:
-    return {"model": name, "model_kwargs": kwargs, "num_classes": num_classes, "img_size": img_size,
-            "reweighting": reweighting_of(_unwrap(model)), **extra}
+def model_meta(
+    model: nn.Module, name: str, kwargs: dict[str, Any], num_classes: int, img_size: int, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "model": name,
+        "model_kwargs": kwargs,
+        "num_classes": num_classes,
+        "img_size": img_size,
+        "reweighting": reweighting_of(_unwrap(model)),
+        **extra,
+    }
 
 
 def write_checkpoint(storage: Storage, rel: str, model: nn.Module, meta: dict[str, Any]) -> None:

@@ -69,8 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_student(result: dict[str, Any]) -> None:
     best = result["best"]
-    print(f"student: best val_acc {best['val_acc']:.4f} (epoch {best['epoch']}), "
-          f"test_acc there {best['test_acc']:.4f}  {result['checkpoint']}")
+    print(
+        f"student: best val_acc {best['val_acc']:.4f} (epoch {best['epoch']}), "
+        f"test_acc there {best['test_acc']:.4f}  {result['checkpoint']}"
+    )
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
@@ -121,9 +123,19 @@ def cmd_sweep_best(args: argparse.Namespace) -> int:
     if best is None:
         print("remem: error: sweep: no trial has reported a student yet", file=sys.stderr)
         return 1
-    print(json.dumps({"trial_id": best.trial_id, "params": best.params, "student_val_acc": best.student_val_acc,
-                      "student_test_acc": best.student_test_acc, "teacher_val_acc": best.teacher_val_acc,
-                      "student_checkpoint": best.student_checkpoint}, indent=2))
+    print(
+        json.dumps(
+            {
+                "trial_id": best.trial_id,
+                "params": best.params,
+                "student_val_acc": best.student_val_acc,
+                "student_test_acc": best.student_test_acc,
+                "teacher_val_acc": best.teacher_val_acc,
+                "student_checkpoint": best.student_checkpoint,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -137,8 +149,11 @@ def cmd_sweep_submit(args: argparse.Namespace) -> int:
     job_id = submit_sweep(spec, args.address, ship_package=args.ship_package)
     print(job_id)
     if not spec.storage.root.startswith("s3://"):
-        print(f"remem: note: storage root {spec.storage.root} is a local path: on a multi-node "
-              f"cluster every node must see it; use s3:// there", file=sys.stderr)
+        print(
+            f"remem: note: storage root {spec.storage.root} is a local path: on a multi-node "
+            f"cluster every node must see it; use s3:// there",
+            file=sys.stderr,
+        )
     print(f"follow it with: remem sweep logs {job_id} --address {args.address} --follow", file=sys.stderr)
     return 0
 
@@ -178,24 +193,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     from remem_ray.info import checkpoint_report
 
     spec = load_run_spec(args.data)
-    print(json.dumps(checkpoint_report(args.checkpoint, spec, samples=args.samples, endpoint=args.endpoint),
-                     indent=2))
+    print(json.dumps(checkpoint_report(args.checkpoint, spec, samples=args.samples, endpoint=args.endpoint), indent=2))
     return 0
 
 
 def _add_job_verbs(sub) -> None:
-    submit = sub.add_parser("submit", help="submit a sweep to a Ray cluster (Ray Jobs API); prints the job id",
-                            description="submit a sweep to a Ray cluster through the Ray Jobs API")
+    submit = sub.add_parser(
+        "submit",
+        help="submit a sweep to a Ray cluster (Ray Jobs API); prints the job id",
+        description="submit a sweep to a Ray cluster through the Ray Jobs API",
+    )
     submit.add_argument("spec", metavar="SPEC.yaml")
     submit.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
     submit.add_argument("--name", help="sweep name (default: the spec's name)")
     submit.add_argument("--storage", help="storage root (use s3://bucket/prefix on multi-node clusters)")
     submit.add_argument("--endpoint", help="S3-compatible endpoint for an s3:// storage root")
-    submit.add_argument("--ship-package", action="store_true",
-                        help="upload this checkout's remem_ray package with the job (else the cluster's install)")
+    submit.add_argument(
+        "--ship-package",
+        action="store_true",
+        help="upload this checkout's remem_ray package with the job (else the cluster's install)",
+    )
     submit.set_defaults(handler=cmd_sweep_submit)
-    for verb, handler, text in (("logs", cmd_sweep_logs, "print a submitted sweep's logs"),
-                                ("stop", cmd_sweep_stop, "stop a submitted sweep")):
+    for verb, handler, text in (
+        ("logs", cmd_sweep_logs, "print a submitted sweep's logs"),
+        ("stop", cmd_sweep_stop, "stop a submitted sweep"),
+    ):
         p = sub.add_parser(verb, help=text, description=text)
         p.add_argument("job", metavar="JOB", help="the job id `remem sweep submit` printed")
         p.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
@@ -205,8 +227,11 @@ def _add_job_verbs(sub) -> None:
 
 
 def _add_sweep_verbs(verbs) -> None:
-    sweep = verbs.add_parser("sweep", help="search rho, alpha and the teacher checkpoint with Ray Tune",
-                             description="Sweeps over the teacher's fine-tuning, scored by the distilled student.")
+    sweep = verbs.add_parser(
+        "sweep",
+        help="search rho, alpha and the teacher checkpoint with Ray Tune",
+        description="Sweeps over the teacher's fine-tuning, scored by the distilled student.",
+    )
     sub = sweep.add_subparsers(dest="sweep_verb", metavar="SWEEP_VERB")
     sub.required = True
     run = sub.add_parser("run", help="start a sweep from a spec", description="start a sweep from a spec")
@@ -236,15 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="remem",
         description="ReMem on Ray: fine-tune a ViT teacher with SAM and MLP reweighting, distil a student.",
     )
-    parser.add_argument("--debug", action="store_true",
-                        help="after a one-line error, show the tracebacks behind it (or set REMEM_DEBUG=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="after a one-line error, show the tracebacks behind it (or set REMEM_DEBUG=1)",
+    )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
 
     def run_verb(name: str, help_text: str, handler, with_teacher: bool) -> None:
         p = verbs.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("spec", nargs="?", default=None, metavar="SPEC.yaml",
-                       help="run spec (YAML); omitted: the embedded default (digits)")
+        p.add_argument(
+            "spec",
+            nargs="?",
+            default=None,
+            metavar="SPEC.yaml",
+            help="run spec (YAML); omitted: the embedded default (digits)",
+        )
         p.add_argument("--name", help="run name (folder under <storage>/runs/)")
         p.add_argument("--storage", help="storage root: a folder or s3://bucket/prefix")
         if with_teacher:
@@ -256,15 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     run_verb("distill", "distil the student from a saved teacher checkpoint", cmd_distill, True)
     run_verb("run", "teacher then student, one run", cmd_run, True)
     _add_sweep_verbs(verbs)
-    report = verbs.add_parser("report", help="write a sweep's report.md and plots into its folder",
-                              description="write a sweep's report.md and PNG plots into its folder")
+    report = verbs.add_parser(
+        "report",
+        help="write a sweep's report.md and plots into its folder",
+        description="write a sweep's report.md and PNG plots into its folder",
+    )
     report.add_argument("sweep", metavar="NAME|URI")
     report.add_argument("--storage", help="storage root the NAME lives under (default ./remem-results)")
     report.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs")
     report.set_defaults(handler=cmd_report)
-    info = verbs.add_parser("info", help="a checkpoint's mutual information and MLP expertness",
-                            description="mutual information of a checkpoint's outputs and per-block "
-                                        "expertness of its MLPs, on the val split of --data")
+    info = verbs.add_parser(
+        "info",
+        help="a checkpoint's mutual information and MLP expertness",
+        description="mutual information of a checkpoint's outputs and per-block "
+        "expertness of its MLPs, on the val split of --data",
+    )
     info.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (path or s3:// URI)")
     info.add_argument("--data", required=True, metavar="SPEC.yaml", help="spec whose data section to use")
     info.add_argument("--samples", type=int, default=1000, help="val images to use (default 1000)")

@@ -37,21 +37,32 @@ class DataConfig(StrictModel):
     img_size: int = Field(16, ge=8, le=1024, description="side of the square images both models see")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of train carved out for validation")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="share held out as test where there is no test split")
-    num_workers: int | None = Field(None, ge=0, le=64,
-                                    description="DataLoader worker processes; default: a few on CUDA, none on CPU")
+    num_workers: int | None = Field(
+        None, ge=0, le=64, description="DataLoader worker processes; default: a few on CUDA, none on CPU"
+    )
     num_classes: int = Field(10, ge=2, le=1000, description="synthetic dataset only")
     samples_per_class: int = Field(60, ge=4, le=10000, description="synthetic dataset only")
     max_train_samples: int | None = Field(None, ge=10, description="cap on training images (quick runs)")
     pipeline: Literal["auto", "device", "loader"] = Field(
-        "auto", description="device: decode once into a uint8 store, augment in batches on the device; "
-                            "loader: torchvision transforms in DataLoader workers; auto: device on CUDA when "
-                            "the store fits store_budget_gb, else loader")
-    store_size: int | None = Field(None, ge=8, le=2048,
-                                   description="device pipeline: short side of stored images; default: native "
-                                               "for equal square images up to img_size / 0.875, else img_size / 0.875")
-    store_budget_gb: float = Field(8.0, ge=0.0, le=4096.0,
-                                   description="device pipeline: most GiB its uint8 store may take on the device "
-                                               "(all splits); beyond it the store stays memory-mapped on the host")
+        "auto",
+        description="device: decode once into a uint8 store, augment in batches on the device; "
+        "loader: torchvision transforms in DataLoader workers; auto: device on CUDA when "
+        "the store fits store_budget_gb, else loader",
+    )
+    store_size: int | None = Field(
+        None,
+        ge=8,
+        le=2048,
+        description="device pipeline: short side of stored images; default: native "
+        "for equal square images up to img_size / 0.875, else img_size / 0.875",
+    )
+    store_budget_gb: float = Field(
+        8.0,
+        ge=0.0,
+        le=4096.0,
+        description="device pipeline: most GiB its uint8 store may take on the device "
+        "(all splits); beyond it the store stays memory-mapped on the host",
+    )
 
     @field_validator("name")
     @classmethod
@@ -84,9 +95,13 @@ DATA_FIELDS_WITHOUT_EFFECT = {"num_workers", "download", "store_budget_gb"}
 class OptimizerConfig(StrictModel):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-3, gt=0.0, le=10.0)
-    weight_decay: float = Field(0.05, ge=0.0, le=1.0,
-                                description="on weight matrices and kernels; never on biases, norms, position "
-                                            "embeddings or class tokens (timm's and DeiT's recipe)")
+    weight_decay: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="on weight matrices and kernels; never on biases, norms, position "
+        "embeddings or class tokens (timm's and DeiT's recipe)",
+    )
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
 
 
@@ -105,9 +120,13 @@ class TeacherConfig(StrictModel):
     reweight_mode: Literal["remem", "mlp"] = "remem"
     rho: float = Field(0.05, ge=0.0, le=10.0, description="SAM radius; 0 = plain fine-tuning")
     adaptive: bool = Field(False, description="ASAM: scale the perturbation by T_w = |w| (+ asam_eta)")
-    asam_eta: float = Field(0.0, ge=0.0, le=1.0,
-                            description="ASAM: 0 scales every tensor by |w| (pytorch-optimizer); > 0 is Kwon "
-                                        "et al.'s reference, |w| + eta on weight matrices, 1 on 1-D tensors")
+    asam_eta: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="ASAM: 0 scales every tensor by |w| (pytorch-optimizer); > 0 is Kwon "
+        "et al.'s reference, |w| + eta on weight matrices, 1 on 1-D tensors",
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     epochs: int = Field(20, ge=1, le=10000)
@@ -154,8 +173,10 @@ class StudentConfig(StrictModel):
     epochs: int = Field(8, ge=1, le=10000)
     batch_size: int = Field(32, ge=1, le=65536)
     teacher_targets: Literal["online", "cached"] = Field(
-        "online", description="online: run the teacher on every batch; cached: read its logits for "
-                              "target_views fixed augmented views per image, computed once per checkpoint")
+        "online",
+        description="online: run the teacher on every batch; cached: read its logits for "
+        "target_views fixed augmented views per image, computed once per checkpoint",
+    )
     target_views: int = Field(8, ge=1, le=256, description="cached targets: augmented views per training image")
     target_view_seed: int = Field(0, ge=0, le=2**31 - 1, description="cached targets: seed of the fixed views")
 
@@ -174,8 +195,11 @@ class StudentConfig(StrictModel):
 
 
 class StorageConfig(StrictModel):
-    root: str = Field("./remem-results", validate_default=True,
-                      description="local folder or s3://bucket/prefix; local paths are made absolute")
+    root: str = Field(
+        "./remem-results",
+        validate_default=True,
+        description="local folder or s3://bucket/prefix; local paths are made absolute",
+    )
     endpoint: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
     region: str = "us-east-1"
 
@@ -188,7 +212,7 @@ class StorageConfig(StrictModel):
         if "://" in root and not root.startswith("s3://"):
             raise ValueError(f"unsupported scheme in {root!r}; use a local path or s3://bucket/prefix")
         if root.startswith("s3://"):
-            if not root[len("s3://"):].strip("/"):
+            if not root[len("s3://") :].strip("/"):
                 raise ValueError("s3:// URI needs a bucket")
             return root.rstrip("/")
         return _absolute_local(root)
@@ -213,8 +237,10 @@ class RunSpec(StrictModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile the trained model; auto: on CUDA, off on CPU (where compiling costs "
-                            "more than it saves)")
+        "auto",
+        description="torch.compile the trained model; auto: on CUDA, off on CPU (where compiling costs "
+        "more than it saves)",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -233,14 +259,19 @@ class RunSpec(StrictModel):
 
         epoch = self.student.teacher_epoch
         if epoch is not None and self.student.teacher_checkpoint is None and epoch not in self.teacher.saved_epochs:
-            raise ValueError(
-                f"student.teacher_epoch: {epoch} is not a saved teacher epoch {self.teacher.saved_epochs}"
-            )
+            raise ValueError(f"student.teacher_epoch: {epoch} is not a saved teacher epoch {self.teacher.saved_epochs}")
         num_classes = self.data.num_classes
-        check_model_spec("teacher", self.teacher.model, self.teacher.model_kwargs, num_classes,
-                         self.data.img_size, reweight=self.teacher.alpha < 1.0)
-        check_model_spec("student", self.student.model, self.student.model_kwargs, num_classes,
-                         self.data.img_size, reweight=False)
+        check_model_spec(
+            "teacher",
+            self.teacher.model,
+            self.teacher.model_kwargs,
+            num_classes,
+            self.data.img_size,
+            reweight=self.teacher.alpha < 1.0,
+        )
+        check_model_spec(
+            "student", self.student.model, self.student.model_kwargs, num_classes, self.data.img_size, reweight=False
+        )
         return self
 
     def teacher_key(self, world_size: int = 1) -> str:
@@ -291,7 +322,7 @@ def format_validation_error(err: ValidationError) -> str:
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"]
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = len(err.errors()) - 1
@@ -315,8 +346,10 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise SpecError(f"spec: {p} is not UTF-8 text") from None
     if raw is None:  # a truncated or wrong file, more often than a wish for every default
-        raise SpecError(f"spec: {p} is empty (no fields); name at least one field, or give no spec file "
-                        f"to `remem run` for the embedded default")
+        raise SpecError(
+            f"spec: {p} is empty (no fields); name at least one field, or give no spec file "
+            f"to `remem run` for the embedded default"
+        )
     if not isinstance(raw, dict):
         raise SpecError(f"spec: {p} must hold a mapping of fields, not {type(raw).__name__}")
     return raw
@@ -380,8 +413,11 @@ def field_bounds(dotted: str, model: type[BaseModel] | None = None) -> FieldBoun
         for attr, low, is_open in (("ge", True, False), ("gt", True, True), ("le", False, False), ("lt", False, True)):
             value = getattr(rule, attr, None)
             if value is not None:
-                bounds = (replace(bounds, low=value, low_open=is_open) if low
-                          else replace(bounds, high=value, high_open=is_open))
+                bounds = (
+                    replace(bounds, low=value, low_open=is_open)
+                    if low
+                    else replace(bounds, high=value, high_open=is_open)
+                )
     return bounds
 
 
@@ -470,10 +506,13 @@ class ResourcesConfig(StrictModel):
     student: WorkerResources = Field(default_factory=WorkerResources)
     trial_cpus: float = Field(0.1, gt=0.0, le=64, description="CPU of each trial's driver (it only waits)")
     driver_resource: str | None = Field(
-        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
-        description="custom resource that trial drivers need (define it on on-demand nodes only)")
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
+        description="custom resource that trial drivers need (define it on on-demand nodes only)",
+    )
     backend: Literal["auto", "nccl", "gloo"] = Field(
-        "auto", description="torch.distributed backend for multi-worker runs; gloo for logical GPUs")
+        "auto", description="torch.distributed backend for multi-worker runs; gloo for logical GPUs"
+    )
     gpu_budget: int | None = Field(None, ge=1, description="GPUs the sweep may use at once")
 
     def trial_resources(self) -> dict[str, float]:
@@ -494,11 +533,13 @@ MAX_NUM_SAMPLES = 10000
 class SweepConfig(StrictModel):
     num_samples: int = Field(4, ge=1, le=MAX_NUM_SAMPLES)
     max_concurrent_trials: int | None = Field(
-        None, ge=1, le=1024, description="default: gpu_budget / GPUs per trial, else 2")
+        None, ge=1, le=1024, description="default: gpu_budget / GPUs per trial, else 2"
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the Optuna TPE sampler")
     search: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
-    points_to_evaluate: list[dict[str, float]] = Field(default_factory=list,
-                                                       description="trials to run first, e.g. the vanilla baseline")
+    points_to_evaluate: list[dict[str, float]] = Field(
+        default_factory=list, description="trials to run first, e.g. the vanilla baseline"
+    )
     asha: AshaConfig = Field(default_factory=AshaConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_failures: int = Field(2, ge=0, le=100, description="retries of a failed trial / Train run")
@@ -524,15 +565,23 @@ class SweepSpec(RunSpec):
             for name, value in point.items():
                 if SEARCH_PARAMS[name].saved_epoch:
                     if value not in self.teacher_epochs():
-                        raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is not a searched "
-                                         f"teacher epoch {self.teacher_epochs()}")
+                        raise ValueError(
+                            f"sweep.points_to_evaluate.{i}.{name}: {value} is not a searched "
+                            f"teacher epoch {self.teacher_epochs()}"
+                        )
                 elif name not in ranges or not ranges[name].contains(value):
                     raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is outside sweep.search.{name}")
         if "alpha" in ranges and ranges["alpha"].bounds()[0] < 1.0:
             from remem_ray.models import check_model_spec
 
-            check_model_spec("teacher", self.teacher.model, self.teacher.model_kwargs, self.data.num_classes,
-                             self.data.img_size, reweight=True)
+            check_model_spec(
+                "teacher",
+                self.teacher.model,
+                self.teacher.model_kwargs,
+                self.data.num_classes,
+                self.data.img_size,
+                reweight=True,
+            )
         return self
 
     def max_concurrent_trials(self) -> int:

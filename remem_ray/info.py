@@ -47,7 +47,7 @@ def _mean_neg_log_mixture(outputs: torch.Tensor, sigma: float, kernel: str, batc
     scale = _KERNEL_DIVISOR[kernel] * sigma * sigma
     total = 0.0
     for start in range(0, n, batch):
-        d = _pairwise_sq(outputs[start:start + batch], outputs)
+        d = _pairwise_sq(outputs[start : start + batch], outputs)
         total += float((torch.logsumexp(-d / scale, dim=1) - math.log(n)).sum())
     return max(0.0, -total / n)
 
@@ -93,12 +93,16 @@ def mutual_information(outputs: torch.Tensor, labels: torch.Tensor | None, sigma
             members = outputs[labels == cls]
             h_t_given_y += members.shape[0] / outputs.shape[0] * _mean_neg_log_mixture(members, sigma, kernel)
         ity[kernel] = max(0.0, h_t - h_t_given_y)
-    return MutualInformation(ixt["bhattacharyya"], ixt["kl"], ity["kl"], ity["bhattacharyya"], sigma,
-                             outputs.shape[0])
+    return MutualInformation(ixt["bhattacharyya"], ixt["kl"], ity["kl"], ity["bhattacharyya"], sigma, outputs.shape[0])
 
 
-def teacher_information(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                        fixed_sigma: float = 0.1, relative_sigma: float = 0.1) -> dict[str, dict]:
+def teacher_information(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    fixed_sigma: float = 0.1,
+    relative_sigma: float = 0.1,
+) -> dict[str, dict]:
     """MI on the distillation targets (softmax at T) and on logits, sigma fixed and relative.
 
     Keys: "<targets|logits>/<fixed|relative>", each a MutualInformation as a dict.
@@ -131,8 +135,9 @@ def expertness_score(neuron_by_class: np.ndarray, seed: int = 0) -> float:
 
 
 @torch.no_grad()
-def neuron_by_class(model: nn.Module, normalizer: nn.Module, loader, num_classes: int,
-                    device: torch.device) -> list[np.ndarray]:
+def neuron_by_class(
+    model: nn.Module, normalizer: nn.Module, loader, num_classes: int, device: torch.device
+) -> list[np.ndarray]:
     """Per timm ViT block, the (hidden neurons x classes) mean activation of its MLP."""
     from remem_ray.models import vit_block_modules
     from remem_ray.timm_adapter import mlp_activation
@@ -147,6 +152,7 @@ def neuron_by_class(model: nn.Module, normalizer: nn.Module, loader, num_classes
     def hook(index: int):
         def record(_module, _inputs, output):
             current[index] = output.detach().float().mean(dim=1)  # mean over tokens: (batch, hidden)
+
         return record
 
     handles = [mlp_activation(b).register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
@@ -170,8 +176,15 @@ def expertness_profile(matrices: list[np.ndarray], seed: int = 0) -> list[float]
 
 
 @torch.no_grad()
-def collect_logits(model: nn.Module, normalizer: nn.Module, dataset, device: torch.device,
-                   max_samples: int = 512, seed: int = 0, batch_size: int = 256):
+def collect_logits(
+    model: nn.Module,
+    normalizer: nn.Module,
+    dataset,
+    device: torch.device,
+    max_samples: int = 512,
+    seed: int = 0,
+    batch_size: int = 256,
+):
     """(logits, labels) of a model over a fixed, seeded subset of a dataset, in eval mode."""
     g = torch.Generator().manual_seed(seed)
     n = len(dataset)
@@ -193,9 +206,15 @@ def collect_logits(model: nn.Module, normalizer: nn.Module, dataset, device: tor
 MI_REFERENCE_TEMPERATURE = 4.0
 
 
-def checkpoint_information(model: nn.Module, normalizer: nn.Module, dataset, device: torch.device,
-                           temperature: float = MI_REFERENCE_TEMPERATURE, max_samples: int = 512,
-                           seed: int = 0) -> dict[str, dict]:
+def checkpoint_information(
+    model: nn.Module,
+    normalizer: nn.Module,
+    dataset,
+    device: torch.device,
+    temperature: float = MI_REFERENCE_TEMPERATURE,
+    max_samples: int = 512,
+    seed: int = 0,
+) -> dict[str, dict]:
     """The teacher MI family on a fixed subset (cheap enough to run at every saved checkpoint)."""
     logits, labels = collect_logits(model, normalizer, dataset, device, max_samples, seed)
     return teacher_information(logits, labels, temperature)
@@ -221,19 +240,29 @@ def checkpoint_report(location: str, spec, samples: int = 1000, endpoint: str | 
     device = pick_device(spec.device)
     model = model.to(device)
     normalizer = normalizer_for(model).to(device)
-    splits = build_datasets(spec.data, spec.seed, EvalTransformConfig.from_timm(data_config_of(model)),
-                            endpoint=endpoint or spec.storage.endpoint)
+    splits = build_datasets(
+        spec.data,
+        spec.seed,
+        EvalTransformConfig.from_timm(data_config_of(model)),
+        endpoint=endpoint or spec.storage.endpoint,
+    )
     if meta["num_classes"] != splits.num_classes:
         from remem_ray.errors import UserInputError
 
-        raise UserInputError(f"data: the checkpoint has {meta['num_classes']} classes, "
-                             f"{spec.data.name} has {splits.num_classes}")
+        raise UserInputError(
+            f"data: the checkpoint has {meta['num_classes']} classes, {spec.data.name} has {splits.num_classes}"
+        )
     logits, labels = collect_logits(model, normalizer, splits.val, device, samples, spec.seed)
-    out = {"checkpoint": storage.uri(name), "model": meta["model"], "epoch": meta.get("epoch"),
-           "reweighting": meta.get("reweighting"), "samples": int(labels.numel()),
-           "val_acc_on_subset": float((logits.argmax(-1) == labels).double().mean()),
-           "kd_temperature": spec.student.kd.temperature,
-           "mutual_information": teacher_information(logits, labels, spec.student.kd.temperature)}
+    out = {
+        "checkpoint": storage.uri(name),
+        "model": meta["model"],
+        "epoch": meta.get("epoch"),
+        "reweighting": meta.get("reweighting"),
+        "samples": int(labels.numel()),
+        "val_acc_on_subset": float((logits.argmax(-1) == labels).double().mean()),
+        "kd_temperature": spec.student.kd.temperature,
+        "mutual_information": teacher_information(logits, labels, spec.student.kd.temperature),
+    }
     try:
         g = torch.Generator().manual_seed(spec.seed)
         subset = torch.randperm(num_items(splits.val), generator=g)[:samples].tolist()

@@ -77,8 +77,9 @@ def lost_reason(folder: Storage, generation: int, token: str) -> str | None:
 class Lease:
     """One contender's view of one lease; not thread-safe (the heartbeat owns it while held)."""
 
-    def __init__(self, folder: Storage, holder: str, stale_after_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, folder: Storage, holder: str, stale_after_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.folder, self.holder, self.stale_after_s, self._clock = folder, holder, stale_after_s, clock
         self.record: LeaseRecord | None = None  # ours, while we hold the lease
         self._seen: tuple[int, int, str] | None = None
@@ -145,8 +146,9 @@ class Lease:
     def handle(self) -> LeaseHandle:
         if self.record is None:
             raise RuntimeError(f"lease {self.folder.uri()}: not held by {self.holder}")
-        return LeaseHandle(self.folder.uri(), self.folder.endpoint, self.folder.region,
-                           self.record.generation, self.record.token)
+        return LeaseHandle(
+            self.folder.uri(), self.folder.endpoint, self.folder.region, self.record.generation, self.record.token
+        )
 
     def _prune(self, generation: int) -> None:
         for name in self.folder.list_dir():

@@ -1,6 +1,6 @@
 """Distillation losses: Hinton KD and DIST, each mixed with cross-entropy by a weight.
 
-    loss = (1 - weight) * CE(student, y) + weight * distill(student, teacher)
+loss = (1 - weight) * CE(student, y) + weight * distill(student, teacher)
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ def _pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1
     return (1.0 - corr).mean()
 
 
-def dist_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                    beta: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
+def dist_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+) -> torch.Tensor:
     """DIST (Huang et al. 2022): match Pearson correlations of the softened predictions,
     inter-class (per sample, across classes) and intra-class (per class, across the batch)."""
     t = temperature
@@ -57,8 +62,9 @@ class DistillationLoss:
         self.temperature = temperature
         self.weight = weight
 
-    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                 labels: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         ce = F.cross_entropy(student_logits.float(), labels)
         if self.weight == 0.0:
             return ce
@@ -66,7 +72,12 @@ class DistillationLoss:
         return (1.0 - self.weight) * ce + self.weight * distill
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            temperature: float = 4.0, weight: float = 0.9) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 4.0,
+    weight: float = 0.9,
+) -> torch.Tensor:
     """Functional form of DistillationLoss('kd', ...)."""
     return DistillationLoss("kd", temperature, weight)(student_logits, teacher_logits, labels)

@@ -31,8 +31,9 @@ def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any], 
     return timm.create_model(name, num_classes=num_classes, **kwargs, **extra)
 
 
-def check_model_spec(role: str, name: str, kwargs: dict[str, Any], num_classes: int, img_size: int,
-                     reweight: bool) -> None:
+def check_model_spec(
+    role: str, name: str, kwargs: dict[str, Any], num_classes: int, img_size: int, reweight: bool
+) -> None:
     """Build the model on the meta device (no memory, no download) to validate a spec cheaply."""
     if not name.startswith("hf-hub:") and not timm.is_model(name):
         raise SpecError(f"{role}.model: unknown timm model {name!r}")
@@ -47,8 +48,15 @@ def check_model_spec(role: str, name: str, kwargs: dict[str, Any], num_classes: 
         )
 
 
-def create_model(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any] | None = None,
-                 weights: str | None = None, role: str = "model", endpoint: str | None = None) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int,
+    img_size: int,
+    kwargs: dict[str, Any] | None = None,
+    weights: str | None = None,
+    role: str = "model",
+    endpoint: str | None = None,
+) -> nn.Module:
     """A timm model with a fresh head of `num_classes`; body weights from `weights` if given.
 
     weights: None (random init), 'timm' (the hub weights of the name's tag), 'hf-hub:ORG/REPO',
@@ -60,7 +68,7 @@ def create_model(name: str, num_classes: int, img_size: int, kwargs: dict[str, A
     if weights == "timm":
         overlay = None
     elif weights.startswith("hf-hub:"):
-        overlay = dict(hf_hub_id=weights[len("hf-hub:"):])
+        overlay = dict(hf_hub_id=weights[len("hf-hub:") :])
     else:
         local = _local_weights_file(weights, role, endpoint)
         overlay = dict(file=str(local))
@@ -146,8 +154,7 @@ def reweight_mlp(model: nn.Module, alpha: float, mode: ReweightMode = "remem") -
     blocks = vit_block_modules(model)
     if not blocks:
         raise TypeError(
-            f"reweight_mlp supports ViT-family models built from timm's Block; "
-            f"{type(model).__name__} has none"
+            f"reweight_mlp supports ViT-family models built from timm's Block; {type(model).__name__} has none"
         )
     for name, block in blocks:
         if isinstance(block, ReweightedBlock):

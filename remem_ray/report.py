@@ -83,8 +83,7 @@ def plot_heatmap(summary: SweepSummary) -> bytes:
                     ax.text(j, i, f"{grid[i][j]:.3f}", ha="center", va="center", color="white", fontsize=8)
     else:
         _no_data(ax, "no trial has reported a student yet")
-    return _finish(plt, fig, ax, RHO.axis, ALPHA.axis,
-                   "Student accuracy over rho x alpha (best trial per cell)")
+    return _finish(plt, fig, ax, RHO.axis, ALPHA.axis, "Student accuracy over rho x alpha (best trial per cell)")
 
 
 def plot_student_vs_teacher(summary: SweepSummary) -> bytes:
@@ -95,21 +94,37 @@ def plot_student_vs_teacher(summary: SweepSummary) -> bytes:
         ax.annotate(r.trial_id, (r.teacher_val_acc, r.student_val_acc), fontsize=7)
     if not rows:
         _no_data(ax, "no trial has reported a student yet")
-    return _finish(plt, fig, ax, "teacher val accuracy (fraction)", "student val accuracy (fraction)",
-                   "Student vs teacher accuracy per trial")
+    return _finish(
+        plt,
+        fig,
+        ax,
+        "teacher val accuracy (fraction)",
+        "student val accuracy (fraction)",
+        "Student vs teacher accuracy per trial",
+    )
 
 
 def plot_information_plane(summary: SweepSummary) -> bytes:
     plt, fig, ax = _figure()
     rows = [r for r in _scored(summary) if r.teacher_mi is not None and r.teacher_val_acc is not None]
     if rows:
-        sc = ax.scatter([r.teacher_mi for r in rows], [1.0 - r.teacher_val_acc for r in rows],
-                        c=[r.student_val_acc for r in rows], cmap="viridis")
+        sc = ax.scatter(
+            [r.teacher_mi for r in rows],
+            [1.0 - r.teacher_val_acc for r in rows],
+            c=[r.student_val_acc for r in rows],
+            cmap="viridis",
+        )
         fig.colorbar(sc, ax=ax, label="student val accuracy (fraction)")
     else:
         _no_data(ax, "no teacher MI recorded")
-    return _finish(plt, fig, ax, "teacher I(X; T) upper bound, targets, sigma relative (nats)",
-                   "teacher val error (fraction)", "Information plane of the teacher checkpoints")
+    return _finish(
+        plt,
+        fig,
+        ax,
+        "teacher I(X; T) upper bound, targets, sigma relative (nats)",
+        "teacher val error (fraction)",
+        "Information plane of the teacher checkpoints",
+    )
 
 
 def param_importances(layout: SweepLayout) -> dict[str, float]:
@@ -121,8 +136,11 @@ def param_importances(layout: SweepLayout) -> dict[str, float]:
         return {}
     study = study_from_searcher_state(layout.experiment.read_bytes(states[-1]))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    varied = {name for name in study.trials[0].params if len({t.params.get(name) for t in complete}) > 1} \
-        if study.trials else set()
+    varied = (
+        {name for name in study.trials[0].params if len({t.params.get(name) for t in complete}) > 1}
+        if study.trials
+        else set()
+    )
     if len(complete) < 2 or not varied:
         return {}
     try:
@@ -139,8 +157,14 @@ def plot_importances(importances: dict[str, float]) -> bytes:
         ax.invert_yaxis()
     else:
         _no_data(ax, "too few finished trials for importances")
-    return _finish(plt, fig, ax, "importance for student val accuracy (fANOVA share, fraction)", "parameter",
-                   "Optuna parameter importances")
+    return _finish(
+        plt,
+        fig,
+        ax,
+        "importance for student val accuracy (fANOVA share, fraction)",
+        "parameter",
+        "Optuna parameter importances",
+    )
 
 
 def plot_best_so_far(summary: SweepSummary) -> bytes:
@@ -156,8 +180,9 @@ def plot_best_so_far(summary: SweepSummary) -> bytes:
         ax.legend()
     else:
         _no_data(ax, "no trial has reported a student yet")
-    return _finish(plt, fig, ax, "trial (in order of trial id)", "student val accuracy (fraction)",
-                   "Best student accuracy so far")
+    return _finish(
+        plt, fig, ax, "trial (in order of trial id)", "student val accuracy (fraction)", "Best student accuracy so far"
+    )
 
 
 def write_report(summary: SweepSummary, layout: SweepLayout) -> dict[str, str]:
@@ -183,8 +208,11 @@ def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
     lines = [f"# Sweep {summary.name}", "", f"Experiment: `{summary.experiment}`", ""]
     if summary.best is not None:
         b = summary.best
-        lines += [f"Best student: trial `{b.trial_id}`, params `{b.params}`, val {b.student_val_acc:.4f}, "
-                  f"test {b.student_test_acc:.4f}; checkpoint `{b.student_checkpoint}`.", ""]
+        lines += [
+            f"Best student: trial `{b.trial_id}`, params `{b.params}`, val {b.student_val_acc:.4f}, "
+            f"test {b.student_test_acc:.4f}; checkpoint `{b.student_checkpoint}`.",
+            "",
+        ]
     lines += ["```", format_table(summary), "```", ""]
     captions = {
         "heatmap": "Student accuracy over rho x alpha",
@@ -198,6 +226,9 @@ def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
     if importances:
         lines += ["Importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
     lines += ["Trials stopped early by ASHA enter the plots with the score they had reached.", ""]
-    lines += ["Teacher MI: upper bound of I(X; T) on the distillation targets with the noise scale relative "
-              "to each teacher's median pairwise distance, in nats (see remem_ray/info.py).", ""]
+    lines += [
+        "Teacher MI: upper bound of I(X; T) on the distillation targets with the noise scale relative "
+        "to each teacher's median pairwise distance, in nats (see remem_ray/info.py).",
+        "",
+    ]
     return "\n".join(lines)

@@ -41,5 +41,4 @@ def run_student(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
 
     teacher = teacher_location(spec)
     output = run_folder(spec).uri("student")
-    return distill_student({"spec": spec.model_dump(mode="json"), "teacher": teacher, "output": output,
-                            "quiet": quiet})
+    return distill_student({"spec": spec.model_dump(mode="json"), "teacher": teacher, "output": output, "quiet": quiet})

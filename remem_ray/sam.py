@@ -29,8 +29,16 @@ import torch
 
 
 class SAM(torch.optim.Optimizer):
-    def __init__(self, params, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
-                 adaptive: bool = False, eps: float = 1e-12, eta: float = 0.0, **base_kwargs) -> None:
+    def __init__(
+        self,
+        params,
+        base_optimizer: type[torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eps: float = 1e-12,
+        eta: float = 0.0,
+        **base_kwargs,
+    ) -> None:
         """eta (ASAM only): 0 scales every tensor by T_w = |w| (pytorch-optimizer's form); eta > 0 is
         Kwon et al.'s reference: T_w = |w| + eta for weight matrices and kernels, 1 for biases and
         other 1-D tensors."""
@@ -65,8 +73,7 @@ class SAM(torch.optim.Optimizer):
         eta = group.get("eta", 0.0)
         if eta == 0.0:
             return list(torch._foreach_abs([p.float() for p in params]))
-        return [p.float().abs().add_(eta) if p.ndim > 1 else torch.ones_like(p, dtype=torch.float32)
-                for p in params]
+        return [p.float().abs().add_(eta) if p.ndim > 1 else torch.ones_like(p, dtype=torch.float32) for p in params]
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:

@@ -8,17 +8,25 @@ from timm.models import generate_default_cfgs, register_model
 
 from remem_ray.timm_adapter import build_vit
 
-default_cfgs = generate_default_cfgs({
-    "vit_micro_patch4.untrained": {
-        "url": "", "num_classes": 10, "input_size": (3, 16, 16), "crop_pct": 1.0, "interpolation": "bilinear",
-        "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "first_conv": "patch_embed.proj", "classifier": "head",
-    },
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_micro_patch4.untrained": {
+            "url": "",
+            "num_classes": 10,
+            "input_size": (3, 16, 16),
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5),
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+)
 
 
 @register_model
 def vit_micro_patch4(pretrained: bool = False, **kwargs):
     """ViT, 4 blocks of width 96, 3 heads, 4x4 patches, mean-pooled tokens (no class token)."""
-    args = dict(img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3, class_token=False,
-                global_pool="avg")
+    args = dict(img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3, class_token=False, global_pool="avg")
     return build_vit("vit_micro_patch4", pretrained, **dict(args, **kwargs))

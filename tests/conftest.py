@@ -14,21 +14,33 @@ import pytest
 
 # A ViT small enough for CPU tests; avg pooling learns faster than a class token on tiny data.
 TINY_VIT = "vit_tiny_patch16_224"
-TINY_VIT_KWARGS = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
-                   "class_token": False, "global_pool": "avg"}
+TINY_VIT_KWARGS = {
+    "patch_size": 4,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "class_token": False,
+    "global_pool": "avg",
+}
 
 
 def pytest_addoption(parser):
-    parser.addoption("--busy-cores", type=int, default=0,
-                     help="load this many cores with busy loops for the whole run (fault tests must pass "
-                          "on a machine slowed by other work)")
+    parser.addoption(
+        "--busy-cores",
+        type=int,
+        default=0,
+        help="load this many cores with busy loops for the whole run (fault tests must pass "
+        "on a machine slowed by other work)",
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
 def busy_cores(request):
     """With --busy-cores N: N processes spinning at full speed while the tests run, ended by PID."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-             for _ in range(request.config.getoption("--busy-cores"))]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(request.config.getoption("--busy-cores"))
+    ]
     yield len(procs)
     for proc in procs:
         proc.kill()
@@ -73,8 +85,12 @@ def _moto_server(tmp_path_factory, name: str, env: dict[str, str] | None = None)
         pytest.fail("moto_server not installed: pip install -e '.[test]'")
     port = free_port()
     log = open(tmp_path_factory.mktemp(name) / "moto.log", "wb")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     deadline = time.time() + 30
     while time.time() < deadline:
         try:

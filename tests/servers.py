@@ -40,25 +40,64 @@ class SeaweedFS:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.ports = {k: free_port() for k in ("master", "master.grpc", "volume", "volume.grpc", "filer",
-                                               "filer.grpc", "s3", "s3.grpc", "iam", "metrics")}
+        self.ports = {
+            k: free_port()
+            for k in (
+                "master",
+                "master.grpc",
+                "volume",
+                "volume.grpc",
+                "filer",
+                "filer.grpc",
+                "s3",
+                "s3.grpc",
+                "iam",
+                "metrics",
+            )
+        }
         self.proc: subprocess.Popen | None = None
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
 
     def start(self, timeout: float = 60.0) -> None:
         config = self.data_dir / "s3.json"
-        config.write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
-            {"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "admin",
+                            "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         p = self.ports
-        args = [_venv_tool("weed"), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=200",
-                f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
-                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
-                f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
-                "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={config}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-iam.port={p['iam']}",
-                f"-metricsPort={p['metrics']}"]
+        args = [
+            _venv_tool("weed"),
+            "server",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=200",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master.grpc']}",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume.grpc']}",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer.grpc']}",
+            "-s3",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3.grpc']}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-iam.port={p['iam']}",
+            f"-metricsPort={p['metrics']}",
+        ]
         log = open(self.data_dir / "weed.log", "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(timeout)
@@ -66,8 +105,13 @@ class SeaweedFS:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+        )
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.time() + timeout
@@ -89,8 +133,12 @@ class SeaweedFS:
         raise RuntimeError(f"SeaweedFS not ready after {timeout} s: {last}")
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        return {
+            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
 
     def stop(self) -> None:
         """TERM, then KILL: weed ignores SIGTERM for about 20 s."""
@@ -159,18 +207,24 @@ class RayHead:
     """A Ray head (`ray start --head --block`) on 127.0.0.1 in its own PID namespace: killing the
     namespace's first process ends every process of the cluster, and nothing else."""
 
-    def __init__(self, workdir: Path, num_cpus: int, extra_args: list[str] | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, num_cpus: int, extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.workdir, self.num_cpus, self.extra_args = workdir, num_cpus, extra_args or []
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
-        self.env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-                    "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-                    # the cluster's `python` (jobs run `python -m remem_ray.cli`) is this venv's
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                    **(extra_env or {})}
+        self.env = {
+            **os.environ,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": "token",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+            # the cluster's `python` (jobs run `python -m remem_ray.cli`) is this venv's
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(extra_env or {}),
+        }
         self.env.pop("RAY_ADDRESS", None)
         # Token auth needs a token: made here rather than counting on ~/.ray/auth_token existing
         # (a fresh machine has none until some `ray.init()` writes one)
@@ -183,13 +237,27 @@ class RayHead:
     def start(self) -> None:
         if shutil.which("unshare") is None:
             raise RuntimeError("unshare (util-linux) is needed to run a Ray head in its own PID namespace")
-        cmd = ["unshare", "--pid", "--fork", "--mount-proc", _venv_tool("ray"), "start", "--head",
-               "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
-               "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--temp-dir={self.temp_dir}", "--block", "--disable-usage-stats", *self.extra_args]
+        cmd = [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            _venv_tool("ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--temp-dir={self.temp_dir}",
+            "--block",
+            "--disable-usage-stats",
+            *self.extra_args,
+        ]
         log = open(self.workdir / "cluster.log", "w")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -201,9 +269,11 @@ class RayHead:
 
     def nodes(self) -> list[dict] | None:
         """All nodes the cluster has known (alive and dead), via the State API; None if unreachable."""
-        code = ("import json, ray.util.state as s; "
-                f"print(json.dumps([n.__dict__ for n in s.list_nodes(address='{self.address}', "
-                "detail=True, limit=100)], default=str))")
+        code = (
+            "import json, ray.util.state as s; "
+            f"print(json.dumps([n.__dict__ for n in s.list_nodes(address='{self.address}', "
+            "detail=True, limit=100)], default=str))"
+        )
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
             return None

@@ -79,68 +79,175 @@ CORPUS = [
     _bad("sweep-negative-epochs", "student:\n  epochs: -2\n", "student.epochs", verbs=(SWEEP_RUN,)),
     # python object tags: safe_load refuses them before anything runs
     _bad("python-object-tag", "teacher: !!python/object/apply:os.system ['echo pwned']\n", "invalid YAML"),
-    _bad("python-name-tag", "teacher:\n  model: !!python/name:os.system\n", "invalid YAML",
-         verbs=(TEACHER, SWEEP_RUN)),
-    _bad("sweep-python-object-new", "sweep: !!python/object/new:os.system [echo pwned]\n", "invalid YAML",
-         verbs=(SWEEP_RUN,)),
+    _bad("python-name-tag", "teacher:\n  model: !!python/name:os.system\n", "invalid YAML", verbs=(TEACHER, SWEEP_RUN)),
+    _bad(
+        "sweep-python-object-new",
+        "sweep: !!python/object/new:os.system [echo pwned]\n",
+        "invalid YAML",
+        verbs=(SWEEP_RUN,),
+    ),
     # '..' in paths
     _bad("parent-dir-in-storage", "storage:\n  root: ../elsewhere\n", "storage.root"),
     _bad("parent-dir-in-s3-root", "storage:\n  root: s3://bucket/a/../b\n", "storage.root"),
     _bad("parent-dir-in-data-root", "data:\n  root: data/../../secrets\n", "data.root"),
     _bad("parent-dir-in-s3-weights", "teacher:\n  weights: s3://bucket/models/../../w.pth\n", "teacher.weights"),
-    _bad("parent-dir-in-teacher-checkpoint", "student:\n  teacher_checkpoint: ../other/teacher/epoch_5\n",
-         "student.teacher_checkpoint", verbs=(DISTILL, RUN)),
-    _bad("parent-dir-in-storage-flag", "name: x\n", "storage.root", flags=("--storage", "../out"),
-         verbs=(TEACHER, RUN, SWEEP_RUN)),
+    _bad(
+        "parent-dir-in-teacher-checkpoint",
+        "student:\n  teacher_checkpoint: ../other/teacher/epoch_5\n",
+        "student.teacher_checkpoint",
+        verbs=(DISTILL, RUN),
+    ),
+    _bad(
+        "parent-dir-in-storage-flag",
+        "name: x\n",
+        "storage.root",
+        flags=("--storage", "../out"),
+        verbs=(TEACHER, RUN, SWEEP_RUN),
+    ),
     _bad("parent-dir-in-name-flag", "name: x\n", "name", flags=("--name", "../escape"), verbs=(TEACHER, SWEEP_RUN)),
     # a teacher_epoch that is not saved
-    _bad("teacher-epoch-not-saved", "teacher:\n  epochs: 4\nstudent:\n  teacher_epoch: 2\n",
-         "student.teacher_epoch"),
-    _bad("teacher-epoch-flag-not-saved", "teacher:\n  epochs: 4\n", "student.teacher_epoch",
-         flags=("--teacher-epoch", "3"), verbs=(DISTILL, RUN)),
-    _bad("sweep-teacher-epoch-not-saved",
-         "teacher:\n  epochs: 4\n  checkpoint_epochs: [2, 4]\nsweep:\n  search:\n    teacher_epoch: [3]\n",
-         "sweep.search.teacher_epoch", verbs=(SWEEP_RUN,)),
+    _bad("teacher-epoch-not-saved", "teacher:\n  epochs: 4\nstudent:\n  teacher_epoch: 2\n", "student.teacher_epoch"),
+    _bad(
+        "teacher-epoch-flag-not-saved",
+        "teacher:\n  epochs: 4\n",
+        "student.teacher_epoch",
+        flags=("--teacher-epoch", "3"),
+        verbs=(DISTILL, RUN),
+    ),
+    _bad(
+        "sweep-teacher-epoch-not-saved",
+        "teacher:\n  epochs: 4\n  checkpoint_epochs: [2, 4]\nsweep:\n  search:\n    teacher_epoch: [3]\n",
+        "sweep.search.teacher_epoch",
+        verbs=(SWEEP_RUN,),
+    ),
     # the sweep section
-    _bad("sweep-num-samples-over-ceiling", "sweep:\n  num_samples: 10001\n", "sweep.num_samples", "10000",
-         verbs=(SWEEP_RUN,)),
-    _bad("sweep-alpha-zero", "sweep:\n  search:\n    alpha:\n      values: [0, 0.9]\n", "sweep.search: alpha",
-         verbs=(SWEEP_RUN,)),
-    _bad("sweep-point-alpha-zero", "sweep:\n  points_to_evaluate: [{alpha: 0}]\n",
-         "sweep.points_to_evaluate.0.alpha", verbs=(SWEEP_RUN,)),
+    _bad(
+        "sweep-num-samples-over-ceiling",
+        "sweep:\n  num_samples: 10001\n",
+        "sweep.num_samples",
+        "10000",
+        verbs=(SWEEP_RUN,),
+    ),
+    _bad(
+        "sweep-alpha-zero",
+        "sweep:\n  search:\n    alpha:\n      values: [0, 0.9]\n",
+        "sweep.search: alpha",
+        verbs=(SWEEP_RUN,),
+    ),
+    _bad(
+        "sweep-point-alpha-zero",
+        "sweep:\n  points_to_evaluate: [{alpha: 0}]\n",
+        "sweep.points_to_evaluate.0.alpha",
+        verbs=(SWEEP_RUN,),
+    ),
     # storage: S3 endpoint, credentials, bucket
-    _bad("unreachable-endpoint", "storage:\n  root: s3://bucket/p\n  endpoint: @DEAD@\n",
-         "storage.endpoint", "@DEAD@", verbs=ALL_VERBS),
-    _bad("unreachable-endpoint-from-env", "storage:\n  root: s3://bucket/p\n", "AWS_ENDPOINT_URL", "@DEAD@",
-         env=(("AWS_ENDPOINT_URL", "@DEAD@"),), verbs=(TEACHER, SWEEP_RUN)),
-    _bad("missing-credentials", S3_ROOT, "storage.root", "no AWS credentials", "AWS_ACCESS_KEY_ID",
-         verbs=ALL_VERBS),
-    _bad("missing-aws-profile", S3_ROOT, "storage.root", "no-such-profile",
-         env=(("AWS_PROFILE", "no-such-profile"),), verbs=(TEACHER, SWEEP_RUN)),
-    _bad("missing-bucket", MISSING_ROOT, "storage.root", "@MISSING@", "does not exist",
-         env=tuple(MOTO_KEYS.items()), verbs=ALL_VERBS),
-    _bad("wrong-credentials", "storage:\n  root: s3://@MISSING@/p\n  endpoint: @AUTH_ENDPOINT@\n",
-         "storage.root", "access denied", env=tuple(MOTO_KEYS.items()), verbs=(TEACHER, SWEEP_RUN)),
+    _bad(
+        "unreachable-endpoint",
+        "storage:\n  root: s3://bucket/p\n  endpoint: @DEAD@\n",
+        "storage.endpoint",
+        "@DEAD@",
+        verbs=ALL_VERBS,
+    ),
+    _bad(
+        "unreachable-endpoint-from-env",
+        "storage:\n  root: s3://bucket/p\n",
+        "AWS_ENDPOINT_URL",
+        "@DEAD@",
+        env=(("AWS_ENDPOINT_URL", "@DEAD@"),),
+        verbs=(TEACHER, SWEEP_RUN),
+    ),
+    _bad("missing-credentials", S3_ROOT, "storage.root", "no AWS credentials", "AWS_ACCESS_KEY_ID", verbs=ALL_VERBS),
+    _bad(
+        "missing-aws-profile",
+        S3_ROOT,
+        "storage.root",
+        "no-such-profile",
+        env=(("AWS_PROFILE", "no-such-profile"),),
+        verbs=(TEACHER, SWEEP_RUN),
+    ),
+    _bad(
+        "missing-bucket",
+        MISSING_ROOT,
+        "storage.root",
+        "@MISSING@",
+        "does not exist",
+        env=tuple(MOTO_KEYS.items()),
+        verbs=ALL_VERBS,
+    ),
+    _bad(
+        "wrong-credentials",
+        "storage:\n  root: s3://@MISSING@/p\n  endpoint: @AUTH_ENDPOINT@\n",
+        "storage.root",
+        "access denied",
+        env=tuple(MOTO_KEYS.items()),
+        verbs=(TEACHER, SWEEP_RUN),
+    ),
     # storage: a local root that cannot be a folder we write
-    _bad("storage-root-is-a-file", "storage:\n  root: occupied\n", "storage.root", "is a file",
-         file="occupied", verbs=ALL_VERBS),
-    _bad("storage-root-under-a-file", "storage:\n  root: occupied/results\n", "storage.root", "occupied",
-         file="occupied", verbs=(TEACHER, SWEEP_RUN)),
-    _bad("storage-root-not-writable", "storage:\n  root: @READONLY@/results\n", "storage.root", "not writable",
-         verbs=(TEACHER, SWEEP_RUN)),
+    _bad(
+        "storage-root-is-a-file",
+        "storage:\n  root: occupied\n",
+        "storage.root",
+        "is a file",
+        file="occupied",
+        verbs=ALL_VERBS,
+    ),
+    _bad(
+        "storage-root-under-a-file",
+        "storage:\n  root: occupied/results\n",
+        "storage.root",
+        "occupied",
+        file="occupied",
+        verbs=(TEACHER, SWEEP_RUN),
+    ),
+    _bad(
+        "storage-root-not-writable",
+        "storage:\n  root: @READONLY@/results\n",
+        "storage.root",
+        "not writable",
+        verbs=(TEACHER, SWEEP_RUN),
+    ),
     # verbs that find an existing sweep: the same checks on --storage / the sweep URI and --endpoint
-    _bad("status-missing-bucket", None, "--storage", "@MISSING@", "does not exist",
-         verbs=(("sweep", "status", "demo"), ("sweep", "best", "demo"), ("report", "demo")),
-         flags=("--storage", "s3://@MISSING@/p", "--endpoint", "@ENDPOINT@"), env=tuple(MOTO_KEYS.items())),
-    _bad("resume-unreachable-endpoint", None, "--endpoint", "@DEAD@",
-         verbs=(("sweep", "resume", "s3://bucket/p/sweeps/demo"), ("sweep", "status", "s3://bucket/p/sweeps/demo")),
-         flags=("--endpoint", "@DEAD@")),
-    _bad("status-endpoint-not-a-url", None, "--endpoint", "127.0.0.1:9000", verbs=(("sweep", "status", "demo"),),
-         flags=("--storage", "s3://bucket/p", "--endpoint", "127.0.0.1:9000")),
-    _bad("status-unknown-sweep", None, "sweep: no sweep at", "nothing-here",
-         verbs=(("sweep", "status", "nothing-here"), ("sweep", "resume", "nothing-here"))),
-    _bad("best-missing-credentials", None, "--storage", "AWS_ACCESS_KEY_ID", verbs=(("sweep", "best", "demo"),),
-         flags=("--storage", "s3://@BUCKET@/p", "--endpoint", "@ENDPOINT@")),
+    _bad(
+        "status-missing-bucket",
+        None,
+        "--storage",
+        "@MISSING@",
+        "does not exist",
+        verbs=(("sweep", "status", "demo"), ("sweep", "best", "demo"), ("report", "demo")),
+        flags=("--storage", "s3://@MISSING@/p", "--endpoint", "@ENDPOINT@"),
+        env=tuple(MOTO_KEYS.items()),
+    ),
+    _bad(
+        "resume-unreachable-endpoint",
+        None,
+        "--endpoint",
+        "@DEAD@",
+        verbs=(("sweep", "resume", "s3://bucket/p/sweeps/demo"), ("sweep", "status", "s3://bucket/p/sweeps/demo")),
+        flags=("--endpoint", "@DEAD@"),
+    ),
+    _bad(
+        "status-endpoint-not-a-url",
+        None,
+        "--endpoint",
+        "127.0.0.1:9000",
+        verbs=(("sweep", "status", "demo"),),
+        flags=("--storage", "s3://bucket/p", "--endpoint", "127.0.0.1:9000"),
+    ),
+    _bad(
+        "status-unknown-sweep",
+        None,
+        "sweep: no sweep at",
+        "nothing-here",
+        verbs=(("sweep", "status", "nothing-here"), ("sweep", "resume", "nothing-here")),
+    ),
+    _bad(
+        "best-missing-credentials",
+        None,
+        "--storage",
+        "AWS_ACCESS_KEY_ID",
+        verbs=(("sweep", "best", "demo"),),
+        flags=("--storage", "s3://@BUCKET@/p", "--endpoint", "@ENDPOINT@"),
+    ),
 ]
 
 
@@ -168,8 +275,13 @@ class Scene:
 
         endpoint = self.request.getfixturevalue("moto_endpoint")
         # explicit keys: the test's own environment has none
-        self.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                                   aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         return endpoint
 
     def _make_auth_endpoint(self) -> str:
@@ -212,8 +324,9 @@ def _no_ray(*args, **kwargs):
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
-def test_bad_input_exits_2_with_one_line_and_leaves_no_trace(case, in_tmp, request, tmp_path_factory, monkeypatch,
-                                                             capsys):
+def test_bad_input_exits_2_with_one_line_and_leaves_no_trace(
+    case, in_tmp, request, tmp_path_factory, monkeypatch, capsys
+):
     request.getfixturevalue("no_aws_credentials")
     monkeypatch.setattr("remem_ray.sweep.driver.ray_session", _no_ray)
     ray_was_imported = "ray" in sys.modules
@@ -248,27 +361,46 @@ def test_bad_input_exits_2_with_one_line_and_leaves_no_trace(case, in_tmp, reque
 def test_corpus_covers_the_issue():
     ids = {c.id for c in CORPUS}
     assert len(ids) == len(CORPUS) >= 30
-    for required in ("python-object-tag", "unreachable-endpoint", "missing-credentials", "missing-bucket",
-                     "parent-dir-in-storage", "sweep-num-samples-over-ceiling", "alpha-zero", "negative-epochs",
-                     "teacher-epoch-not-saved"):
+    for required in (
+        "python-object-tag",
+        "unreachable-endpoint",
+        "missing-credentials",
+        "missing-bucket",
+        "parent-dir-in-storage",
+        "sweep-num-samples-over-ceiling",
+        "alpha-zero",
+        "negative-epochs",
+        "teacher-epoch-not-saved",
+    ):
         assert required in ids
 
 
 # runs the CLI, then says whether Ray got imported on the way
-_PROBE = ("import sys; from remem_ray.cli import main; rc = main(sys.argv[1:]); "
-          "print('ray' in sys.modules); sys.exit(rc)")
+_PROBE = (
+    "import sys; from remem_ray.cli import main; rc = main(sys.argv[1:]); print('ray' in sys.modules); sys.exit(rc)"
+)
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("sweep:\n  num_samples: 10001\n", "sweep.num_samples"),
-    # the preflight's one TCP connect (3 s timeout) answers, not pyarrow's minute of S3 retries:
-    # its own message shows which path failed, whatever the machine's speed
-    ("storage:\n  root: s3://bucket/p\n  endpoint: @DEAD@\n", "cannot reach the S3 endpoint"),
-], ids=["sweep-over-ceiling", "sweep-dead-endpoint"])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("sweep:\n  num_samples: 10001\n", "sweep.num_samples"),
+        # the preflight's one TCP connect (3 s timeout) answers, not pyarrow's minute of S3 retries:
+        # its own message shows which path failed, whatever the machine's speed
+        ("storage:\n  root: s3://bucket/p\n  endpoint: @DEAD@\n", "cannot reach the S3 endpoint"),
+    ],
+    ids=["sweep-over-ceiling", "sweep-dead-endpoint"],
+)
 def test_a_fresh_process_fails_fast_without_importing_ray(spec, expected, in_tmp, dead_endpoint, no_aws_credentials):
     (in_tmp / "spec.yaml").write_text(spec.replace("@DEAD@", dead_endpoint))
-    proc = subprocess.run([sys.executable, "-c", _PROBE, "sweep", "run", "spec.yaml"], capture_output=True,
-                          text=True, cwd=in_tmp, env=os.environ.copy(), timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, "sweep", "run", "spec.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=in_tmp,
+        env=os.environ.copy(),
+        timeout=600,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("remem: error: "), proc.stderr
     assert expected in proc.stderr

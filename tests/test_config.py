@@ -18,8 +18,13 @@ def test_missing_spec_file(in_tmp, capsys):
 
 def test_cli_process_exits_2_without_traceback(in_tmp):
     (in_tmp / "bad.yaml").write_text("teacher:\n  rho: -1\n")
-    proc = subprocess.run([sys.executable, "-m", "remem_ray.cli", "teacher", "bad.yaml"],
-                          capture_output=True, text=True, cwd=in_tmp, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "remem_ray.cli", "teacher", "bad.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=in_tmp,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "teacher.rho" in proc.stderr
@@ -27,8 +32,9 @@ def test_cli_process_exits_2_without_traceback(in_tmp):
 
 
 def test_help_lists_the_verbs():
-    proc = subprocess.run([sys.executable, "-m", "remem_ray.cli", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "remem_ray.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0
     for verb in ("teacher", "distill", "run"):
         assert verb in proc.stdout
@@ -47,14 +53,17 @@ def test_repository_specs_parse():
 
 def test_teacher_key_ignores_the_epoch_used_and_tracks_what_determines_the_teacher():
     base = load_run_spec(None, {"teacher.checkpoint_epochs": [5, 10]})
-    assert base.teacher_key() == load_run_spec(None, {"teacher.checkpoint_epochs": [5, 10],
-                                                      "student.teacher_epoch": 5}).teacher_key()
-    assert base.teacher_key() == load_run_spec(None, {"teacher.checkpoint_epochs": [5, 10],
-                                                      "student.epochs": 3}).teacher_key()
+    assert (
+        base.teacher_key()
+        == load_run_spec(None, {"teacher.checkpoint_epochs": [5, 10], "student.teacher_epoch": 5}).teacher_key()
+    )
+    assert (
+        base.teacher_key()
+        == load_run_spec(None, {"teacher.checkpoint_epochs": [5, 10], "student.epochs": 3}).teacher_key()
+    )
     assert base.teacher_key() != base.teacher_key(world_size=4)  # per-worker batches: another run
     for change in ({"teacher.rho": 0.1}, {"teacher.alpha": 0.8}, {"seed": 1}, {"data.img_size": 24}):
-        assert base.teacher_key() != load_run_spec(None, {"teacher.checkpoint_epochs": [5, 10],
-                                                          **change}).teacher_key()
+        assert base.teacher_key() != load_run_spec(None, {"teacher.checkpoint_epochs": [5, 10], **change}).teacher_key()
 
 
 def test_compile_and_pipeline_default_to_auto_and_resolve_by_device():
@@ -72,7 +81,6 @@ def test_compile_and_pipeline_default_to_auto_and_resolve_by_device():
 
 def test_where_batches_are_made_does_not_change_the_teacher_key_what_they_show_does():
     base = RunSpec()
-    assert base.teacher_key() == load_run_spec(None, {"data.store_budget_gb": 1.0,
-                                                      "data.num_workers": 3}).teacher_key()
+    assert base.teacher_key() == load_run_spec(None, {"data.store_budget_gb": 1.0, "data.num_workers": 3}).teacher_key()
     assert base.teacher_key() != load_run_spec(None, {"data.pipeline": "device"}).teacher_key()
     assert base.teacher_key() != load_run_spec(None, {"data.store_size": 64}).teacher_key()

@@ -32,12 +32,18 @@ class FakeCluster(RayHead):
         config = workdir / "fake-cluster.yaml"
         self.holds = workdir / "holds"
         self.holds.mkdir()
-        super().__init__(workdir, num_cpus=1, extra_args=['--resources={"remem_driver": 8}',
-                                                           f"--autoscaling-config={config}"],
-                         extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                                    # the node-loss sweep's student holds after its epoch 2 (only that sweep's)
-                                    "REMEM_TEST_HOLD_AT": "student:2@/node-loss/",
-                                    "REMEM_TEST_HOLD_DIR": str(self.holds)})
+        super().__init__(
+            workdir,
+            num_cpus=1,
+            extra_args=['--resources={"remem_driver": 8}', f"--autoscaling-config={config}"],
+            extra_env={
+                "RAY_FAKE_CLUSTER": "1",
+                "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                # the node-loss sweep's student holds after its epoch 2 (only that sweep's)
+                "REMEM_TEST_HOLD_AT": "student:2@/node-loss/",
+                "REMEM_TEST_HOLD_DIR": str(self.holds),
+            },
+        )
         cfg = yaml.safe_load((ROOT / "cluster" / "local-fake.yaml").read_text())
         cfg["provider"]["gcs_address"] = self.gcs_address
         config.write_text(yaml.safe_dump(cfg))
@@ -47,8 +53,14 @@ class FakeCluster(RayHead):
         return [n for n in self.nodes() or [] if (n.get("resources_total") or {}).get("GPU")]
 
     def remem(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "remem_ray.cli", *args], cwd=self.workdir, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "remem_ray.cli", *args],
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +79,18 @@ def _gpu_spec(path: Path, name: str, student_epochs: int, num_samples: int, stor
     spec["student"]["epochs"] = student_epochs
     spec["storage"]["root"] = str(storage)
     gpu_worker = {"num_workers": 1, "cpus_per_worker": 0.5, "gpus_per_worker": 1}
-    spec["sweep"].update(num_samples=num_samples, max_concurrent_trials=2, asha={"enabled": False},
-                         resources={"teacher": gpu_worker, "student": gpu_worker, "trial_cpus": 0.1,
-                                    "driver_resource": "remem_driver", "backend": "gloo"})
+    spec["sweep"].update(
+        num_samples=num_samples,
+        max_concurrent_trials=2,
+        asha={"enabled": False},
+        resources={
+            "teacher": gpu_worker,
+            "student": gpu_worker,
+            "trial_cpus": 0.1,
+            "driver_resource": "remem_driver",
+            "backend": "gloo",
+        },
+    )
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -85,13 +106,13 @@ def test_submitted_sweep_scales_gpu_nodes_up_and_down(fake_cluster, tmp_path):
     spec = _gpu_spec(tmp_path / "gpu.yaml", "fake-gpu", student_epochs=2, num_samples=2, storage=storage)
     assert fake_cluster.gpu_nodes() == []  # min_workers 0: nothing before demand
     # --ship-package uploads the package (its folder, from remem_ray.__file__) with the job
-    submitted = fake_cluster.remem("sweep", "submit", str(spec), "--address", fake_cluster.address,
-                                   "--ship-package")
+    submitted = fake_cluster.remem("sweep", "submit", str(spec), "--address", fake_cluster.address, "--ship-package")
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
     status = _wait_job(fake_cluster, job_id, timeout=420)
-    assert status == "SUCCEEDED", fake_cluster.remem("sweep", "logs", job_id, "--address",
-                                                     fake_cluster.address).stdout[-4000:]
+    assert status == "SUCCEEDED", fake_cluster.remem("sweep", "logs", job_id, "--address", fake_cluster.address).stdout[
+        -4000:
+    ]
     summary = json.loads((storage / "sweeps" / "fake-gpu" / "summary.json").read_text())
     assert len(summary["trials"]) == 2 and all(r["state"] == "TERMINATED" for r in summary["trials"])
     launched = fake_cluster.gpu_nodes()

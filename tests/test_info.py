@@ -38,8 +38,9 @@ def test_batched_equals_unbatched():
     from remem_ray.info import _mean_neg_log_mixture
 
     x = torch.randn(700, 5, generator=torch.Generator().manual_seed(1)).double()
-    assert _mean_neg_log_mixture(x, 0.7, "kl", batch=64) == pytest.approx(_mean_neg_log_mixture(x, 0.7, "kl",
-                                                                                                 batch=4096))
+    assert _mean_neg_log_mixture(x, 0.7, "kl", batch=64) == pytest.approx(
+        _mean_neg_log_mixture(x, 0.7, "kl", batch=4096)
+    )
 
 
 def test_teacher_information_reports_targets_and_logits_fixed_and_relative():
@@ -63,7 +64,7 @@ def test_expert_neurons_score_clearly_higher_than_dense_ones():
     classes, per_class = 10, 20
     expert = np.zeros((classes * per_class, classes))
     for c in range(classes):  # each neuron fires for exactly one class
-        expert[c * per_class:(c + 1) * per_class, c] = rng.uniform(1.0, 2.0, per_class)
+        expert[c * per_class : (c + 1) * per_class, c] = rng.uniform(1.0, 2.0, per_class)
     expert += rng.uniform(0, 0.05, expert.shape)
     dense = rng.uniform(0.0, 1.0, expert.shape)
     e, d = expertness_score(expert), expertness_score(dense)

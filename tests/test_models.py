@@ -122,8 +122,15 @@ def test_unreachable_weights_name_the_field(tmp_path, s3):
     with pytest.raises(ResourceError, match=r"^teacher\.weights: file not found"):
         create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=str(tmp_path / "nope.pth"), role="teacher")
     with pytest.raises(ResourceError, match=r"^student\.weights: not found: s3://"):
-        create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=f"s3://{s3['bucket']}/missing.pth",
-                     role="student", endpoint=s3["endpoint"])
+        create_model(
+            TINY_VIT,
+            5,
+            16,
+            TINY_VIT_KWARGS,
+            weights=f"s3://{s3['bucket']}/missing.pth",
+            role="student",
+            endpoint=s3["endpoint"],
+        )
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ResourceError, match=r"^teacher\.weights: cannot load"):
         create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=str(tmp_path / "junk.pth"), role="teacher")

@@ -137,15 +137,16 @@ def test_batched_ops_equal_their_per_image_definitions():
     shifted = translate(images, dy, dx, pad=2)
     for i in range(5):
         padded = torch.nn.functional.pad(images[i], (2, 2, 2, 2))
-        assert torch.equal(shifted[i], padded[:, dy[i]:dy[i] + 12, dx[i]:dx[i] + 12])
+        assert torch.equal(shifted[i], padded[:, dy[i] : dy[i] + 12, dx[i] : dx[i] + 12])
     # a whole-image box is a plain resize; flipping it is the mirror image
     u = torch.ones(5, 41)  # every attempt too large: the fallback, the whole (square) image
     boxes = resized_crop_params(u * 0.999, 12, 12, (2.0, 2.0), (3 / 4, 4 / 3), hflip=False)
     assert boxes.width.tolist() == [12] * 5 and boxes.top.tolist() == [0] * 5
     whole = crop_resize(images, boxes, 12)
     torch.testing.assert_close(whole, images, atol=1e-5, rtol=0)
-    flipped = crop_resize(images, type(boxes)(boxes.top, boxes.left, boxes.height, boxes.width,
-                                              torch.ones(5, dtype=torch.bool)), 12)
+    flipped = crop_resize(
+        images, type(boxes)(boxes.top, boxes.left, boxes.height, boxes.width, torch.ones(5, dtype=torch.bool)), 12
+    )
     torch.testing.assert_close(flipped, images.flip(-1), atol=1e-5, rtol=0)
 
 

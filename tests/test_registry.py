@@ -22,8 +22,9 @@ EPOCHS = [2, 4]
 
 
 def _setup(tmp_path, name="s"):
-    spec = SweepSpec.model_validate({"name": name, "storage": {"root": str(tmp_path)},
-                                     "teacher": {"epochs": 4, "checkpoint_epochs": EPOCHS}})
+    spec = SweepSpec.model_validate(
+        {"name": name, "storage": {"root": str(tmp_path)}, "teacher": {"epochs": 4, "checkpoint_epochs": EPOCHS}}
+    )
     run_spec = spec.run_spec({"rho": 0.1, "alpha": 0.9, "teacher_epoch": 4})
     layout = SweepLayout(Storage(str(tmp_path)), name)
     registry = TeacherRegistry(layout.teachers)
@@ -68,8 +69,7 @@ def test_contenders_from_two_sweeps_train_a_key_once(tmp_path):
     def trial(sweep, trial_id):
         spec, run_spec, layout, registry, _ = _setup(tmp_path, sweep)
         start.wait()
-        results[(sweep, trial_id)] = ensure_teacher(spec, run_spec, f"{sweep}/{trial_id}", registry, layout,
-                                                    fit=fit)
+        results[(sweep, trial_id)] = ensure_teacher(spec, run_spec, f"{sweep}/{trial_id}", registry, layout, fit=fit)
 
     threads = [threading.Thread(target=trial, args=(s, t)) for s in ("sweep-a", "sweep-b") for t in ("t1", "t2")]
     for t in threads:

@@ -18,9 +18,16 @@ from remem_ray.storage import Storage
 from remem_ray.train.teacher import fine_tune_teacher
 
 # drop path draws from the global RNG every step: a resume that restored the wrong RNG would show
-SPEC = {"data.name": "synthetic", "data.num_classes": 4, "data.samples_per_class": 30, "data.pipeline": "loader",
-        "teacher.model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "drop_path_rate": 0.2},
-        "teacher.epochs": 3, "teacher.batch_size": 16, "teacher.checkpoint_epochs": [3]}
+SPEC = {
+    "data.name": "synthetic",
+    "data.num_classes": 4,
+    "data.samples_per_class": 30,
+    "data.pipeline": "loader",
+    "teacher.model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "drop_path_rate": 0.2},
+    "teacher.epochs": 3,
+    "teacher.batch_size": 16,
+    "teacher.checkpoint_epochs": [3],
+}
 
 
 class Interrupted(Exception):
@@ -88,8 +95,7 @@ def _ddp_teacher(rank: int, world: int, tmp: str, phase: str) -> None:
     tmp_path = Path(tmp)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'init-{phase}'}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'init-{phase}'}", rank=rank, world_size=world)
     try:
         spec = load_run_spec(None, SPEC)
         output = tmp_path / phase
@@ -114,8 +120,15 @@ def test_two_gloo_workers_resumed_after_epoch_1_end_bitwise_equal(tmp_path):
 
 def test_a_run_resumed_after_its_last_epoch_reports_its_final_result_again(tmp_path):
     """Tune may not have saved a finished trial's completion: the re-run must hand it its result."""
-    spec = load_run_spec(None, {**SPEC, "teacher.epochs": 1, "teacher.checkpoint_epochs": [1],
-                                "teacher.model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}})
+    spec = load_run_spec(
+        None,
+        {
+            **SPEC,
+            "teacher.epochs": 1,
+            "teacher.checkpoint_epochs": [1],
+            "teacher.model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2},
+        },
+    )
     first = FileSession(tmp_path / "s.pt")
     _train(spec, tmp_path / "out", first)
     again = FileSession(tmp_path / "s.pt")
@@ -155,8 +168,14 @@ def test_a_holder_that_loses_its_lease_stops_unsaved_and_the_new_holder_ends_it_
     first = Lease(lease_folder, "sweep-1/trial_a", 60.0)
     assert first.try_acquire()
     session = TakeoverSession(tmp_path / "shared.pt", lease_folder, after=1)
-    result = fine_tune_teacher({"spec": spec.model_dump(mode="json"), "output": str(output), "session": session,
-                                "lease": first.handle().to_dict()})
+    result = fine_tune_teacher(
+        {
+            "spec": spec.model_dump(mode="json"),
+            "output": str(output),
+            "session": session,
+            "lease": first.handle().to_dict(),
+        }
+    )
     assert "passed to sweep-2/trial_b" in result["stopped"]
     assert [r["epoch"] for r in session.reports] == [1]  # epoch 2 trained, then dropped: nothing reported
     assert (output / "epoch_1").is_dir() and not (output / "epoch_2").exists()
@@ -164,7 +183,13 @@ def test_a_holder_that_loses_its_lease_stops_unsaved_and_the_new_holder_ends_it_
     assert any("lease" in line and "lost" in line for line in session.logs)
 
     successor = FileSession(tmp_path / "shared.pt")  # the new holder resumes the same run
-    fine_tune_teacher({"spec": spec.model_dump(mode="json"), "output": str(output), "session": successor,
-                       "lease": session.new_holder.handle().to_dict()})
+    fine_tune_teacher(
+        {
+            "spec": spec.model_dump(mode="json"),
+            "output": str(output),
+            "session": successor,
+            "lease": session.new_holder.handle().to_dict(),
+        }
+    )
     assert [r["epoch"] for r in successor.reports] == [2, 3]
     _assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(output))

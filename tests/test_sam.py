@@ -31,15 +31,15 @@ def test_first_step_matches_closed_form(adaptive):
     g = [p.grad.detach().clone() for p in model.parameters()]
     # one global norm over all parameters; ASAM scales by T_w = |w|
     tg = [wi.abs() * gi if adaptive else gi for wi, gi in zip(w, g)]
-    norm = torch.sqrt(sum((t ** 2).sum() for t in tg))
-    expected = [wi + 0.3 * ((wi ** 2) * gi if adaptive else gi) / norm for wi, gi in zip(w, g)]
+    norm = torch.sqrt(sum((t**2).sum() for t in tg))
+    expected = [wi + 0.3 * ((wi**2) * gi if adaptive else gi) / norm for wi, gi in zip(w, g)]
     opt.first_step()
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
     # the perturbation really has length rho (in the T_w^-1 metric for ASAM)
     e_w = [p.detach() - wi for p, wi in zip(model.parameters(), w)]
     scaled = [ei / wi.abs() if adaptive else ei for ei, wi in zip(e_w, w)]
-    assert float(torch.sqrt(sum((s ** 2).sum() for s in scaled))) == pytest.approx(0.3, rel=1e-4)
+    assert float(torch.sqrt(sum((s**2).sum() for s in scaled))) == pytest.approx(0.3, rel=1e-4)
 
 
 def test_asam_with_eta_is_kwon_et_al_reference_form():
@@ -52,7 +52,7 @@ def test_asam_with_eta_is_kwon_et_al_reference_form():
     g = [p.grad.detach().clone() for p in model.parameters()]
     t = [wi.abs() + 0.01 if wi.ndim > 1 else torch.ones_like(wi) for wi in w]
     norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
-    expected = [wi + 0.3 * ti ** 2 * gi / norm for wi, ti, gi in zip(w, t, g)]
+    expected = [wi + 0.3 * ti**2 * gi / norm for wi, ti, gi in zip(w, t, g)]
     opt.first_step()
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
@@ -99,8 +99,13 @@ def test_step_with_closure_equals_two_step_form():
         assert torch.equal(pa, pb)
 
 
-@pytest.mark.parametrize("base, kwargs", [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
-                                          (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05})])
+@pytest.mark.parametrize(
+    "base, kwargs",
+    [
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}),
+        (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05}),
+    ],
+)
 def test_rho_zero_is_exactly_the_base_optimizer(base, kwargs):
     a = _model()
     b = copy.deepcopy(a)
@@ -112,7 +117,7 @@ def test_rho_zero_is_exactly_the_base_optimizer(base, kwargs):
     for _ in range(4):
         _loss(a, x, y).backward()
         forward_backward += 1
-        sam.first_step()       # no-op at rho 0
+        sam.first_step()  # no-op at rho 0
         sam.second_step(zero_grad=True)
         _loss(b, x, y).backward()
         plain.step()

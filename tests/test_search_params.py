@@ -21,8 +21,11 @@ def kd_weight():
 
 
 def _raw(search: dict, points: list | None = None) -> dict:
-    return {"teacher": {"epochs": 4, "checkpoint_epochs": [2, 4]}, "student": {"epochs": 2},
-            "sweep": {"search": search, "points_to_evaluate": points or []}}
+    return {
+        "teacher": {"epochs": 4, "checkpoint_epochs": [2, 4]},
+        "student": {"epochs": 2},
+        "sweep": {"search": search, "points_to_evaluate": points or []},
+    }
 
 
 def test_bounds_come_from_the_run_field_a_parameter_sets():
@@ -32,8 +35,12 @@ def test_bounds_come_from_the_run_field_a_parameter_sets():
 
 
 def test_adding_a_searchable_parameter_is_one_entry(kd_weight):
-    spec = parse_spec(SweepSpec, _raw({"kd_weight": {"low": 0.5, "high": 0.9}},
-                                      [{"rho": 0.0, "alpha": 1.0, "teacher_epoch": 4, "kd_weight": 0.7}]))
+    spec = parse_spec(
+        SweepSpec,
+        _raw(
+            {"kd_weight": {"low": 0.5, "high": 0.9}}, [{"rho": 0.0, "alpha": 1.0, "teacher_epoch": 4, "kd_weight": 0.7}]
+        ),
+    )
     # validation: the field's own bounds ([0, 1]), points inside the space, unknown names refused
     with pytest.raises(SpecError, match=r"sweep.search: kd_weight: values must lie in \[0, 1\]"):
         parse_spec(SweepSpec, _raw({"kd_weight": {"low": 0.5, "high": 1.5}}))
@@ -43,15 +50,23 @@ def test_adding_a_searchable_parameter_is_one_entry(kd_weight):
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     trial = study.ask()
     DefineByRunSpace(spec)(trial)
-    assert 0.5 <= trial.params["kd_weight"] <= 0.9 and set(trial.params) == {"rho", "alpha", "kd_weight",
-                                                                             "teacher_epoch"}
+    assert 0.5 <= trial.params["kd_weight"] <= 0.9 and set(trial.params) == {
+        "rho",
+        "alpha",
+        "kd_weight",
+        "teacher_epoch",
+    }
     assert _typed_point({"kd_weight": 1, "teacher_epoch": 4.0}) == {"kd_weight": 1.0, "teacher_epoch": 4}
     # a trial's value lands in the run spec
     run = spec.run_spec({"rho": 0.05, "alpha": 0.9, "teacher_epoch": 2, "kd_weight": 0.6})
     assert run.student.kd.weight == 0.6 and run.teacher.rho == 0.05 and run.student.teacher_epoch == 2
     # the summary table has its column
-    summary = SweepSummary("s", "/x", "best_val_acc", trials=[
-        TrialRow("t1", "TERMINATED", {"rho": 0.05, "alpha": 0.9, "teacher_epoch": 2, "kd_weight": 0.6})])
+    summary = SweepSummary(
+        "s",
+        "/x",
+        "best_val_acc",
+        trials=[TrialRow("t1", "TERMINATED", {"rho": 0.05, "alpha": 0.9, "teacher_epoch": 2, "kd_weight": 0.6})],
+    )
     header, row = format_table(summary).splitlines()[:2]
     assert header.split()[2:6] == ["rho", "alpha", "t_epoch", "kd_w"]
     assert row.split()[2:6] == ["0.050", "0.900", "2", "0.600"]

@@ -86,10 +86,13 @@ def test_preflight_accepts_a_new_local_root_without_creating_it(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("root, expected", [
-    ("occupied", r"^storage: storage.root .*occupied is a file, not a folder$"),
-    ("occupied/below", r"^storage: cannot create storage.root .*occupied/below: .*occupied is a file"),
-])
+@pytest.mark.parametrize(
+    "root, expected",
+    [
+        ("occupied", r"^storage: storage.root .*occupied is a file, not a folder$"),
+        ("occupied/below", r"^storage: cannot create storage.root .*occupied/below: .*occupied is a file"),
+    ],
+)
 def test_preflight_refuses_a_local_root_that_cannot_be_a_folder(root, expected, tmp_path):
     (tmp_path / "occupied").write_text("x")
     with pytest.raises(ResourceError, match=expected):
@@ -123,8 +126,7 @@ def test_preflight_without_credentials_says_what_to_set(moto_endpoint, no_aws_cr
         preflight("s3://b/p", moto_endpoint)
 
 
-def test_credential_lookup_returns_fast_with_instance_metadata_enabled(moto_endpoint, no_aws_credentials,
-                                                                       monkeypatch):
+def test_credential_lookup_returns_fast_with_instance_metadata_enabled(moto_endpoint, no_aws_credentials, monkeypatch):
     """Off EC2 boto3's metadata probe gives up after one try of 1 s; it must never hang the CLI."""
     import botocore.session
 
@@ -146,10 +148,16 @@ def test_preflight_reports_access_denied_for_wrong_credentials(moto_auth_endpoin
         preflight("s3://b/p", moto_auth_endpoint)
 
 
-@pytest.mark.parametrize("code, expected", [
-    ("404", "does not exist"), ("NoSuchBucket", "does not exist"), ("403", "access denied"),
-    ("AccessDenied", "access denied"), ("500", "cannot use bucket 'b'"),
-])
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        ("404", "does not exist"),
+        ("NoSuchBucket", "does not exist"),
+        ("403", "access denied"),
+        ("AccessDenied", "access denied"),
+        ("500", "cannot use bucket 'b'"),
+    ],
+)
 def test_bucket_error_maps_s3_answers_to_one_line(code, expected):
     from botocore.exceptions import ClientError
 

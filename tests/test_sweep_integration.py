@@ -28,16 +28,24 @@ pytestmark = pytest.mark.integration
 
 def _env(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "REMEM_CACHE_DIR": str(tmp_path / "cache"),
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "REMEM_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    )
     env.update(extra or {})
     return env
 
 
 def start_remem(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, ProcessTree]:
     log = open(cwd / f"remem-{int(time.time() * 1000)}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "remem_ray.cli", *args], cwd=cwd, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "remem_ray.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
     proc.log_path = Path(log.name)
     return proc, ProcessTree(proc.pid)
 
@@ -63,8 +71,10 @@ def _experiment_trials(experiment: Path) -> dict[str, dict]:
     out = {}
     for trial_json, runtime in data["trial_data"]:
         trial = json.loads(trial_json)
-        out[trial["trial_id"]] = {"status": trial["status"],
-                                  "last_result": json.loads(runtime).get("last_result") or {}}
+        out[trial["trial_id"]] = {
+            "status": trial["status"],
+            "last_result": json.loads(runtime).get("last_result") or {},
+        }
     return out
 
 
@@ -164,7 +174,7 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
     assert rc == 0 and all(r["trial_id"] in out for r in summary["trials"])
     rc, out = run_remem(["sweep", "best", str(experiment)], tmp_path, env, timeout=120)
     assert rc == 0
-    best = json.loads(out[out.index("{"):])
+    best = json.loads(out[out.index("{") :])
     assert best["trial_id"] == summary["best"]["trial_id"] and Path(best["student_checkpoint"]).is_dir()
     rc, out = run_remem(["sweep", "run", str(SMOKE), "--storage", str(root)], tmp_path, env, timeout=120)
     assert rc == 2 and "already exists" in out and "remem sweep resume smoke" in out
@@ -175,8 +185,13 @@ def _one_trial_spec(tmp_path: Path, name: str, teacher_epoch: int) -> Path:
     spec["name"] = name
     spec["student"]["epochs"] = 2
     spec["storage"]["root"] = str(tmp_path / "results")
-    spec["sweep"].update({"num_samples": 1, "asha": {"enabled": False},
-                          "points_to_evaluate": [{"rho": 0.05, "alpha": 0.9, "teacher_epoch": teacher_epoch}]})
+    spec["sweep"].update(
+        {
+            "num_samples": 1,
+            "asha": {"enabled": False},
+            "points_to_evaluate": [{"rho": 0.05, "alpha": 0.9, "teacher_epoch": teacher_epoch}],
+        }
+    )
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -197,8 +212,9 @@ def test_two_sweeps_at_once_on_one_root_train_a_shared_teacher_once(tmp_path):
     holds = tmp_path / "holds"
     holds.mkdir()
     (tmp_path / "head").mkdir()
-    head = RayHead(tmp_path / "head", num_cpus=2, extra_env={"REMEM_TEST_HOLD_AT": "teacher:1",
-                                                              "REMEM_TEST_HOLD_DIR": str(holds)})
+    head = RayHead(
+        tmp_path / "head", num_cpus=2, extra_env={"REMEM_TEST_HOLD_AT": "teacher:1", "REMEM_TEST_HOLD_DIR": str(holds)}
+    )
     head.start()
     procs = []
     try:
@@ -207,12 +223,18 @@ def test_two_sweeps_at_once_on_one_root_train_a_shared_teacher_once(tmp_path):
             spec = _one_trial_spec(tmp_path, name, teacher_epoch)
             procs.append(start_remem(["sweep", "run", str(spec), "--address", head.gcs_address], tmp_path, env))
             if name == "sweep-a":  # a holds the lease and trains, held after its epoch 1
-                _wait_for(lambda: (holds / "teacher-1.claimed").exists() or procs[0][0].poll() is not None,
-                          300, "sweep a to train its teacher")
+                _wait_for(
+                    lambda: (holds / "teacher-1.claimed").exists() or procs[0][0].poll() is not None,
+                    300,
+                    "sweep a to train its teacher",
+                )
                 assert procs[0][0].poll() is None, procs[0][0].log_path.read_text()[-3000:]
         b_log = procs[1][0].log_path
-        _wait_for(lambda: "waiting for teacher" in b_log.read_text() or procs[1][0].poll() is not None,
-                  300, "sweep b to wait for the teacher")
+        _wait_for(
+            lambda: "waiting for teacher" in b_log.read_text() or procs[1][0].poll() is not None,
+            300,
+            "sweep b to wait for the teacher",
+        )
         (holds / "teacher-1.release").touch()
         for proc, _ in procs:
             proc.wait(400)
@@ -241,8 +263,11 @@ def seaweed(tmp_path):
 
 
 def _bucket_keys(client, prefix: str) -> set[str]:
-    return {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="remem", Prefix=prefix)
-            for o in page.get("Contents", [])}
+    return {
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket="remem", Prefix=prefix)
+        for o in page.get("Contents", [])
+    }
 
 
 def _files_holding(folders: list[Path], secrets: list[str], skip: Path) -> list[str]:
@@ -278,8 +303,9 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
     args = ["--storage", "s3://remem/exp", "--endpoint", seaweed.endpoint]
     proc, tree = start_remem(["sweep", "run", str(SMOKE), *args], tmp_path, env)
     try:
-        _wait_for(lambda: (holds / "student-2.claimed").exists() or proc.poll() is not None, 300,
-                  "a student to reach epoch 2")
+        _wait_for(
+            lambda: (holds / "student-2.claimed").exists() or proc.poll() is not None, 300, "a student to reach epoch 2"
+        )
         assert proc.poll() is None, proc.log_path.read_text()[-3000:]
         stored_before = _bucket_keys(client, "exp/")
         assert any(k.endswith("/epoch_2/manifest.json") for k in stored_before)
@@ -296,8 +322,9 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
     out = proc.log_path.read_text()
     if proc.returncode != 0:  # a clear, resumable stop: resume must finish it
         assert "remem sweep resume" in out or "error" in out.lower(), out[-3000:]
-        rc, out = run_remem(["sweep", "resume", "s3://remem/exp/sweeps/smoke", "--endpoint", seaweed.endpoint],
-                            tmp_path, env)
+        rc, out = run_remem(
+            ["sweep", "resume", "s3://remem/exp/sweeps/smoke", "--endpoint", seaweed.endpoint], tmp_path, env
+        )
         assert rc == 0, out[-3000:]
     keys = _bucket_keys(client, "exp/")
     lost = {k for k in stored_before if "/checkpoint_" not in k} - keys  # Train prunes its own old checkpoints
@@ -313,12 +340,14 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
         run = f"exp/sweeps/smoke/train-runs/student-{row['trial_id']}"
         assert any(k.startswith(f"{run}/checkpoint_") and k.endswith("/state.pt") for k in keys)
         # Train keeps the newest two (its bookkeeping; deleted folders can linger in a listing on SeaweedFS)
-        snapshot = json.loads(client.get_object(Bucket="remem", Key=f"{run}/checkpoint_manager_snapshot.json")
-                              ["Body"].read())
+        snapshot = json.loads(
+            client.get_object(Bucket="remem", Key=f"{run}/checkpoint_manager_snapshot.json")["Body"].read()
+        )
         assert 1 <= len(snapshot["checkpoint_results"]) <= 2
     assert not (tmp_path / "remem-results").exists()  # nothing fell back to local storage
-    rc, out = run_remem(["sweep", "status", "s3://remem/exp/sweeps/smoke", "--endpoint", seaweed.endpoint],
-                        tmp_path, env, timeout=120)
+    rc, out = run_remem(
+        ["sweep", "status", "s3://remem/exp/sweeps/smoke", "--endpoint", seaweed.endpoint], tmp_path, env, timeout=120
+    )
     assert rc == 0 and summary["best"]["trial_id"] in out
 
     # credentials: nothing written holds them - logs, local files, Ray's session folders, the bucket

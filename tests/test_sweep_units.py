@@ -13,9 +13,18 @@ from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
 
 
 def _spec(**sweep) -> SweepSpec:
-    raw = {"teacher": {"epochs": 4, "checkpoint_epochs": [2, 4]}, "student": {"epochs": 3},
-           "sweep": {"search": {"rho": {"low": 0.01, "high": 0.5, "log": True}, "alpha": {"values": [0.8, 0.9]},
-                                "kd_temperature": {"low": 1.0, "high": 8.0}}, **sweep}}
+    raw = {
+        "teacher": {"epochs": 4, "checkpoint_epochs": [2, 4]},
+        "student": {"epochs": 3},
+        "sweep": {
+            "search": {
+                "rho": {"low": 0.01, "high": 0.5, "log": True},
+                "alpha": {"values": [0.8, 0.9]},
+                "kd_temperature": {"low": 1.0, "high": 8.0},
+            },
+            **sweep,
+        },
+    }
     return SweepSpec.model_validate(raw)
 
 
@@ -36,12 +45,17 @@ def test_define_by_run_space_samples_within_the_spec_and_is_picklable():
 def test_run_spec_of_a_trial_applies_its_parameters():
     run = _spec().run_spec({"rho": 0.2, "alpha": 0.8, "teacher_epoch": 2.0, "kd_temperature": 2.0})
     assert (run.teacher.rho, run.teacher.alpha, run.student.teacher_epoch, run.student.kd.temperature) == (
-        0.2, 0.8, 2, 2.0)
+        0.2,
+        0.8,
+        2,
+        2.0,
+    )
 
 
 def _searcher(spec):
-    return budget_aware_optuna_search(DefineByRunSpace(spec), METRIC, "max", optuna.samplers.TPESampler(seed=0),
-                                      TIME_ATTR, stopped_early)
+    return budget_aware_optuna_search(
+        DefineByRunSpace(spec), METRIC, "max", optuna.samplers.TPESampler(seed=0), TIME_ATTR, stopped_early
+    )
 
 
 def test_asha_stopped_trials_are_pruned_not_complete():
@@ -49,8 +63,9 @@ def test_asha_stopped_trials_are_pruned_not_complete():
     for tid in ("full", "stopped", "failed"):
         assert searcher.suggest(tid) is not None
     for epoch in (1, 2, 3):
-        searcher.on_trial_result("full", {METRIC: 0.5 + epoch / 10, "epoch": epoch, "epochs": 3,
-                                          "training_iteration": epoch})
+        searcher.on_trial_result(
+            "full", {METRIC: 0.5 + epoch / 10, "epoch": epoch, "epochs": 3, "training_iteration": epoch}
+        )
     # Tune never hands the stopping result to on_trial_result: only to on_trial_complete
     searcher.on_trial_complete("full", {METRIC: 0.8, "epoch": 3, "epochs": 3})
     searcher.on_trial_complete("stopped", {METRIC: 0.9, "epoch": 1, "epochs": 3, "training_iteration": 1})
@@ -85,13 +100,15 @@ def _stop_epoch(scheduler, retried_after: int | None) -> int | None:
         scheduler.on_trial_add(None, trial)
     for trial, scores in zip(rivals, ([0.1, 0.9, 0.9, 0.9], [0.2, 0.95, 0.95, 0.95])):
         for epoch, score in enumerate(scores, 1):
-            scheduler.on_trial_result(None, trial, {METRIC: score, "epoch": epoch, "epochs": 8,
-                                                    "training_iteration": epoch})
+            scheduler.on_trial_result(
+                None, trial, {METRIC: score, "epoch": epoch, "epochs": 8, "training_iteration": epoch}
+            )
     iteration = 0
     for epoch, score in enumerate([0.5, 0.5, 0.5, 0.5, 0.5], 1):
         iteration = 1 if epoch - 1 == retried_after else iteration + 1
-        decision = scheduler.on_trial_result(None, x, {METRIC: score, "epoch": epoch, "epochs": 8,
-                                                       "training_iteration": iteration})
+        decision = scheduler.on_trial_result(
+            None, x, {METRIC: score, "epoch": epoch, "epochs": 8, "training_iteration": iteration}
+        )
         if decision == TrialScheduler.STOP:
             return epoch
     return None
@@ -110,8 +127,9 @@ def test_optuna_steps_are_student_epochs_across_a_retry():
     searcher = _searcher(_spec())
     searcher.suggest("t")
     for epoch, iteration in ((1, 1), (2, 2), (3, 1)):  # retried after epoch 2
-        searcher.on_trial_result("t", {METRIC: epoch / 10, "epoch": epoch, "epochs": 3,
-                                       "training_iteration": iteration})
+        searcher.on_trial_result(
+            "t", {METRIC: epoch / 10, "epoch": epoch, "epochs": 3, "training_iteration": iteration}
+        )
     assert searcher.study.trials[0].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
 
 
@@ -122,18 +140,26 @@ BAD_SWEEPS = [
     ("unknown-sweep-key", {"sweep": {"trials": 3}}, "sweep.trials: unknown key"),
     ("alpha-zero-in-space", {"sweep": {"search": {"alpha": {"values": [0.0, 0.9]}}}}, "alpha"),
     ("negative-rho-in-space", {"sweep": {"search": {"rho": {"values": [-0.1]}}}}, "rho"),
-    ("range-and-values", {"sweep": {"search": {"rho": {"values": [0.1], "low": 0.0, "high": 1.0}}}},
-     "sweep.search.rho"),
-    ("log-range-from-zero", {"sweep": {"search": {"rho": {"low": 0.0, "high": 0.5, "log": True}}}},
-     "sweep.search.rho"),
+    (
+        "range-and-values",
+        {"sweep": {"search": {"rho": {"values": [0.1], "low": 0.0, "high": 1.0}}}},
+        "sweep.search.rho",
+    ),
+    ("log-range-from-zero", {"sweep": {"search": {"rho": {"low": 0.0, "high": 0.5, "log": True}}}}, "sweep.search.rho"),
     ("teacher-epoch-not-saved", {"sweep": {"search": {"teacher_epoch": [3]}}}, "sweep.search.teacher_epoch"),
     ("point-outside-space", {"sweep": {"points_to_evaluate": [{"rho": 0.7}]}}, "points_to_evaluate.0.rho"),
     ("point-unknown-param", {"sweep": {"points_to_evaluate": [{"beta": 1}]}}, "points_to_evaluate.0"),
     ("asha-reduction-one", {"sweep": {"asha": {"reduction_factor": 1}}}, "sweep.asha.reduction_factor"),
-    ("negative-gpus", {"sweep": {"resources": {"student": {"gpus_per_worker": -1}}}},
-     "sweep.resources.student.gpus_per_worker"),
-    ("reweight-search-on-cnn", {"teacher": {"model": "resnet10t", "alpha": 1.0},
-                                "sweep": {"search": {"alpha": {"values": [0.9]}}}}, "teacher.alpha"),
+    (
+        "negative-gpus",
+        {"sweep": {"resources": {"student": {"gpus_per_worker": -1}}}},
+        "sweep.resources.student.gpus_per_worker",
+    ),
+    (
+        "reweight-search-on-cnn",
+        {"teacher": {"model": "resnet10t", "alpha": 1.0}, "sweep": {"search": {"alpha": {"values": [0.9]}}}},
+        "teacher.alpha",
+    ),
 ]
 
 
@@ -180,8 +206,9 @@ def test_resume_of_unknown_sweep_and_foreign_root(in_tmp, capsys):
 def test_unreachable_s3_storage_exits_2_before_ray(in_tmp, capsys):
     import ray
 
-    (in_tmp / "s.yaml").write_text(yaml.safe_dump({"storage": {"root": "s3://bucket/x",
-                                                               "endpoint": "http://127.0.0.1:9"}}))
+    (in_tmp / "s.yaml").write_text(
+        yaml.safe_dump({"storage": {"root": "s3://bucket/x", "endpoint": "http://127.0.0.1:9"}})
+    )
     assert main(["sweep", "run", "s.yaml"]) == 2
     assert "storage: cannot" in capsys.readouterr().err
     assert not ray.is_initialized()
@@ -195,14 +222,18 @@ def test_repository_sweep_specs_are_valid():
         assert spec.sweep.num_samples >= 1
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["sweep", "run", "SPEC", "--address", "127.0.0.1:9"], "--address: cannot reach Ray at 127.0.0.1:9"),
-    (["sweep", "run", "SPEC", "--address", "not an address"], "--address: expected HOST:PORT"),
-    (["sweep", "submit", "SPEC", "--address", "head:8265"], "--address: expected the Ray dashboard"),
-    (["sweep", "submit", "SPEC", "--address", "http://127.0.0.1:9"], "--address: cannot reach the Ray dashboard"),
-    (["sweep", "logs", "raysubmit_1", "--address", "http://127.0.0.1:9"], "--address: cannot reach"),
-    (["sweep", "stop", "raysubmit_1", "--address", "ftp://x"], "--address: expected the Ray dashboard"),
-], ids=["run-dead", "run-malformed", "submit-no-scheme", "submit-dead", "logs-dead", "stop-malformed"])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["sweep", "run", "SPEC", "--address", "127.0.0.1:9"], "--address: cannot reach Ray at 127.0.0.1:9"),
+        (["sweep", "run", "SPEC", "--address", "not an address"], "--address: expected HOST:PORT"),
+        (["sweep", "submit", "SPEC", "--address", "head:8265"], "--address: expected the Ray dashboard"),
+        (["sweep", "submit", "SPEC", "--address", "http://127.0.0.1:9"], "--address: cannot reach the Ray dashboard"),
+        (["sweep", "logs", "raysubmit_1", "--address", "http://127.0.0.1:9"], "--address: cannot reach"),
+        (["sweep", "stop", "raysubmit_1", "--address", "ftp://x"], "--address: expected the Ray dashboard"),
+    ],
+    ids=["run-dead", "run-malformed", "submit-no-scheme", "submit-dead", "logs-dead", "stop-malformed"],
+)
 def test_bad_or_unreachable_address_exits_2_quickly(argv, expected, in_tmp, capsys, connect_timeouts):
     import ray
 
@@ -227,13 +258,17 @@ def test_concurrency_defaults_from_the_gpu_budget():
     assert res.trial_resources() == {"cpu": 0.1, "remem_driver": 0.001}
 
 
-@pytest.mark.parametrize("patch, expected", [
-    ({"name": "abc\n"}, "name"),
-    ({"storage": {"root": "s3://b/p", "endpoint": "http://127.0.0.1:9\n"}}, "storage.endpoint"),
-    ({"storage": {"root": "s3://b/p", "endpoint": "http://AKIAX:secret@127.0.0.1:9"}}, "storage.endpoint"),
-    ({"sweep": {"search": {"student_lr": {"values": [100.0]}}}}, "student_lr"),
-    ({"sweep": {"search": {"kd_temperature": {"low": 1.0, "high": 500.0}}}}, "kd_temperature"),
-], ids=["newline-name", "newline-endpoint", "credentials-in-endpoint", "student-lr-too-big", "temperature-too-big"])
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ({"name": "abc\n"}, "name"),
+        ({"storage": {"root": "s3://b/p", "endpoint": "http://127.0.0.1:9\n"}}, "storage.endpoint"),
+        ({"storage": {"root": "s3://b/p", "endpoint": "http://AKIAX:secret@127.0.0.1:9"}}, "storage.endpoint"),
+        ({"sweep": {"search": {"student_lr": {"values": [100.0]}}}}, "student_lr"),
+        ({"sweep": {"search": {"kd_temperature": {"low": 1.0, "high": 500.0}}}}, "kd_temperature"),
+    ],
+    ids=["newline-name", "newline-endpoint", "credentials-in-endpoint", "student-lr-too-big", "temperature-too-big"],
+)
 def test_more_bad_sweep_specs(patch, expected):
     from remem_ray.config import parse_spec
     from remem_ray.errors import SpecError
@@ -263,8 +298,12 @@ def test_an_errored_trial_is_never_the_best_student(tmp_path, monkeypatch):
     from remem_ray.sweep.layout import SweepLayout
 
     def trial(tid, status, val, epoch):
-        return SimpleNamespace(trial_id=tid, status=status, config={"rho": 0.1, "alpha": 0.9, "teacher_epoch": 4},
-                               last_result={METRIC: val, "best_test_acc": val, "epoch": epoch, "epochs": 8})
+        return SimpleNamespace(
+            trial_id=tid,
+            status=status,
+            config={"rho": 0.1, "alpha": 0.9, "teacher_epoch": 4},
+            last_result={METRIC: val, "best_test_acc": val, "epoch": epoch, "epochs": 8},
+        )
 
     trials = [trial("a", "TERMINATED", 0.80, 8), trial("b", "ERROR", 0.90, 3), trial("c", "TERMINATED", 0.70, 2)]
     monkeypatch.setattr(results, "load_trials", lambda layout: trials)

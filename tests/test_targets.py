@@ -15,9 +15,15 @@ CPU = torch.device("cpu")
 def _loader(splits):
     return LoaderPipeline(splits, CPU, 0, Shard(), num_workers=0)
 
-SPEC = {"data.name": "synthetic", "data.num_classes": 3, "data.samples_per_class": 12,
-        "teacher.model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2},
-        "student.teacher_targets": "cached", "student.target_views": 3}
+
+SPEC = {
+    "data.name": "synthetic",
+    "data.num_classes": 3,
+    "data.samples_per_class": 12,
+    "teacher.model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2},
+    "student.teacher_targets": "cached",
+    "student.target_views": 3,
+}
 
 
 def _setup(tmp_path, **overrides):
@@ -79,14 +85,26 @@ def test_same_weights_under_another_reweighting_get_their_own_cache(tmp_path):
     spec, splits, teacher, storage = _setup(tmp_path)
     location = storage.uri("epoch_1")
     args = (teacher, normalizer_for(teacher), _loader(splits), True)
-    write_checkpoint(storage, "epoch_1", teacher, {"model": spec.teacher.model,
-                                                   "reweighting": {"alpha": 0.9, "mode": "remem"}})
+    write_checkpoint(
+        storage, "epoch_1", teacher, {"model": spec.teacher.model, "reweighting": {"alpha": 0.9, "mode": "remem"}}
+    )
     _, first = load_or_build_targets(spec, location, *args, log=lambda m: None)
-    write_checkpoint(storage, "epoch_1", teacher, {"model": spec.teacher.model,  # same model.pt bytes
-                                                   "reweighting": {"alpha": 0.5, "mode": "remem"}})
+    write_checkpoint(
+        storage,
+        "epoch_1",
+        teacher,
+        {
+            "model": spec.teacher.model,  # same model.pt bytes
+            "reweighting": {"alpha": 0.5, "mode": "remem"},
+        },
+    )
     _, second = load_or_build_targets(spec, location, *args, log=lambda m: None)
     assert second["built"] and second["key"] != first["key"]
-    write_checkpoint(storage, "epoch_1", teacher, {"model": spec.teacher.model, "metrics": {"val_acc": 0.5},
-                                                   "reweighting": {"alpha": 0.5, "mode": "remem"}})
+    write_checkpoint(
+        storage,
+        "epoch_1",
+        teacher,
+        {"model": spec.teacher.model, "metrics": {"val_acc": 0.5}, "reweighting": {"alpha": 0.5, "mode": "remem"}},
+    )
     _, third = load_or_build_targets(spec, location, *args, log=lambda m: None)
     assert not third["built"] and third["key"] == second["key"]  # metrics do not shape logits

@@ -40,7 +40,17 @@ def test_the_mlp_activation_is_a_module_whose_output_is_the_hidden_layer():
 
 def test_public_builder_makes_the_registered_micro_vit():
     model = timm.create_model("vit_micro_patch4", num_classes=3)
-    built = build_vit("vit_micro_patch4", False, img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3,
-                      class_token=False, global_pool="avg", num_classes=3)
+    built = build_vit(
+        "vit_micro_patch4",
+        False,
+        img_size=16,
+        patch_size=4,
+        embed_dim=96,
+        depth=4,
+        num_heads=3,
+        class_token=False,
+        global_pool="avg",
+        num_classes=3,
+    )
     assert type(model) is type(built) and list(model.state_dict()) == list(built.state_dict())
     assert model.pretrained_cfg["input_size"] == (3, 16, 16)

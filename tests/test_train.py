@@ -12,10 +12,14 @@ from remem_ray.runs import run_folder, run_student, run_teacher
 from remem_ray.train.session import in_ray_train_worker
 
 TINY = {
-    "data.name": "synthetic", "data.num_classes": 4, "data.samples_per_class": 30,
+    "data.name": "synthetic",
+    "data.num_classes": 4,
+    "data.samples_per_class": 30,
     "teacher.model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
-    "teacher.epochs": 2, "teacher.checkpoint_epochs": [1, 2],
-    "student.epochs": 2, "student.model": "resnet10t",
+    "teacher.epochs": 2,
+    "teacher.checkpoint_epochs": [1, 2],
+    "student.epochs": 2,
+    "student.model": "resnet10t",
 }
 
 
@@ -23,8 +27,10 @@ TINY = {
 def digits_teacher(tmp_path_factory):
     """ReMem settings (rho 0.05, alpha 0.9) on the embedded digits default, trained once; seeded."""
     root = tmp_path_factory.mktemp("digits")
-    spec = load_run_spec(None, {"name": "learn", "seed": 0, "teacher.rho": 0.05, "teacher.alpha": 0.9,
-                                "storage.root": str(root / "results")})
+    spec = load_run_spec(
+        None,
+        {"name": "learn", "seed": 0, "teacher.rho": 0.05, "teacher.alpha": 0.9, "storage.root": str(root / "results")},
+    )
     return spec, run_teacher(spec, quiet=True)
 
 
@@ -41,9 +47,11 @@ def test_teacher_and_student_learn_on_digits(digits_teacher, digits_online_stude
     teacher_val = teacher["history"][-1]["val_acc"]
     student_val = student["best"]["val_acc"]
     with capsys.disabled():
-        print(f"\n[learning] digits teacher {spec.teacher.model} (rho {spec.teacher.rho}, alpha "
-              f"{spec.teacher.alpha}): val {teacher_val:.3f} test {teacher['history'][-1]['test_acc']:.3f}; "
-              f"student {spec.student.model}: val {student_val:.3f} test {student['best']['test_acc']:.3f}")
+        print(
+            f"\n[learning] digits teacher {spec.teacher.model} (rho {spec.teacher.rho}, alpha "
+            f"{spec.teacher.alpha}): val {teacher_val:.3f} test {teacher['history'][-1]['test_acc']:.3f}; "
+            f"student {spec.student.model}: val {student_val:.3f} test {student['best']['test_acc']:.3f}"
+        )
     assert teacher["history"][0]["val_acc"] < 0.5  # from scratch: it really had to learn
     assert teacher_val >= 0.80
     assert student_val >= 0.85
@@ -56,25 +64,32 @@ def test_teacher_and_student_learn_on_digits(digits_teacher, digits_online_stude
 
 
 @pytest.mark.learning
-def test_cached_targets_distil_as_well_as_online_and_follow_the_checkpoint(digits_teacher, digits_online_student,
-                                                                          capsys):
+def test_cached_targets_distil_as_well_as_online_and_follow_the_checkpoint(
+    digits_teacher, digits_online_student, capsys
+):
     spec, _ = digits_teacher
     cached_spec = RunSpec.model_validate(
-        {**spec.model_dump(mode="json"), "student": {**spec.student.model_dump(mode="json"),
-                                                     "teacher_targets": "cached", "target_views": 8}})
+        {
+            **spec.model_dump(mode="json"),
+            "student": {**spec.student.model_dump(mode="json"), "teacher_targets": "cached", "target_views": 8},
+        }
+    )
     online, cached = digits_online_student, run_student(cached_spec, quiet=True)
     with capsys.disabled():
-        print(f"\n[learning] digits student, same seeds: online targets val {online['best']['val_acc']:.3f} "
-              f"test {online['best']['test_acc']:.3f}; cached (8 views) val {cached['best']['val_acc']:.3f} "
-              f"test {cached['best']['test_acc']:.3f}")
+        print(
+            f"\n[learning] digits student, same seeds: online targets val {online['best']['val_acc']:.3f} "
+            f"test {online['best']['test_acc']:.3f}; cached (8 views) val {cached['best']['val_acc']:.3f} "
+            f"test {cached['best']['test_acc']:.3f}"
+        )
     assert cached["history"][-1]["target_cache_built"] == 1
     # within noise: 0.03 is about 6 of the 216 val / 360 test images
     assert cached["best"]["val_acc"] == pytest.approx(online["best"]["val_acc"], abs=0.03)
     assert cached["best"]["test_acc"] == pytest.approx(online["best"]["test_acc"], abs=0.03)
 
     teacher_dir = run_folder(spec).child("teacher")
-    one_epoch = RunSpec.model_validate({**cached_spec.model_dump(mode="json"),
-                                        "student": {**cached_spec.student.model_dump(mode="json"), "epochs": 1}})
+    one_epoch = RunSpec.model_validate(
+        {**cached_spec.model_dump(mode="json"), "student": {**cached_spec.student.model_dump(mode="json"), "epochs": 1}}
+    )
     assert run_student(one_epoch, quiet=True)["history"][-1]["target_cache_built"] == 0  # reused
     # A changed checkpoint (same place, other weights) must not be served the old targets.
     model, meta = load_model(teacher_dir, "epoch_20")
@@ -90,16 +105,23 @@ def test_cached_targets_distil_as_well_as_online_and_follow_the_checkpoint(digit
 def test_device_pipeline_run_learns_as_well_as_the_loader_path(digits_teacher, digits_online_student, capsys):
     """The whole `remem run` (teacher, then student) on digits with data.pipeline: device, same seeds."""
     spec, loader_teacher = digits_teacher
-    device_spec = RunSpec.model_validate({**spec.model_dump(mode="json"), "name": "learn-device",
-                                          "data": {**spec.data.model_dump(mode="json"), "pipeline": "device"}})
+    device_spec = RunSpec.model_validate(
+        {
+            **spec.model_dump(mode="json"),
+            "name": "learn-device",
+            "data": {**spec.data.model_dump(mode="json"), "pipeline": "device"},
+        }
+    )
     teacher = run_teacher(device_spec, quiet=True)
     student = run_student(device_spec, quiet=True)
     loader_val, device_val = loader_teacher["history"][-1]["val_acc"], teacher["history"][-1]["val_acc"]
     with capsys.disabled():
-        print(f"\n[learning] digits, same seeds: loader pipeline teacher val {loader_val:.3f}, student val "
-              f"{digits_online_student['best']['val_acc']:.3f} test {digits_online_student['best']['test_acc']:.3f}; "
-              f"device pipeline teacher val {device_val:.3f}, student val {student['best']['val_acc']:.3f} "
-              f"test {student['best']['test_acc']:.3f}")
+        print(
+            f"\n[learning] digits, same seeds: loader pipeline teacher val {loader_val:.3f}, student val "
+            f"{digits_online_student['best']['val_acc']:.3f} test {digits_online_student['best']['test_acc']:.3f}; "
+            f"device pipeline teacher val {device_val:.3f}, student val {student['best']['val_acc']:.3f} "
+            f"test {student['best']['test_acc']:.3f}"
+        )
     # within noise: two runs that differ in their augmentation draws differ by the binomial noise of
     # 216 val / 360 test images (sd of a difference about 0.021 / 0.016 at 95 %), plus the teacher's
     # own; 0.05 is under 2.5 sd on val and 3 sd on test (measured gaps: 0.004-0.04)
@@ -112,11 +134,21 @@ def test_device_pipeline_run_learns_as_well_as_the_loader_path(digits_teacher, d
 
 def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys):
     spec = in_tmp / "spec.yaml"
-    spec.write_text(json.dumps({"name": "tiny", "data": {"name": "synthetic", "num_classes": 4,
-                                                         "samples_per_class": 30},
-                                "teacher": {"epochs": 2, "checkpoint_epochs": [1, 2], "alpha": 0.8,
-                                            "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}},
-                                "student": {"epochs": 1}}))
+    spec.write_text(
+        json.dumps(
+            {
+                "name": "tiny",
+                "data": {"name": "synthetic", "num_classes": 4, "samples_per_class": 30},
+                "teacher": {
+                    "epochs": 2,
+                    "checkpoint_epochs": [1, 2],
+                    "alpha": 0.8,
+                    "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+                },
+                "student": {"epochs": 1},
+            }
+        )
+    )
     assert main(["run", str(spec)]) == 0
     out = capsys.readouterr()
     assert "student: best val_acc" in out.out
@@ -153,11 +185,21 @@ def test_teacher_mi_is_measured_at_the_reference_temperature_whatever_the_kd_tem
     """A teacher shared by trials that search kd.temperature gets one MI (issue 12, item 7)."""
     mis, metas = [], []
     for temperature in (1.0, 8.0):
-        spec = load_run_spec(None, {**TINY, "teacher.epochs": 1, "teacher.checkpoint_epochs": [1],
-                                    "student.kd.temperature": temperature, "name": f"t{temperature:g}",
-                                    "storage.root": str(tmp_path)})
-        assert spec.teacher_key() == load_run_spec(None, {**TINY, "teacher.epochs": 1,
-                                                          "teacher.checkpoint_epochs": [1]}).teacher_key()
+        spec = load_run_spec(
+            None,
+            {
+                **TINY,
+                "teacher.epochs": 1,
+                "teacher.checkpoint_epochs": [1],
+                "student.kd.temperature": temperature,
+                "name": f"t{temperature:g}",
+                "storage.root": str(tmp_path),
+            },
+        )
+        assert (
+            spec.teacher_key()
+            == load_run_spec(None, {**TINY, "teacher.epochs": 1, "teacher.checkpoint_epochs": [1]}).teacher_key()
+        )
         mis.append(run_teacher(spec, quiet=True)["history"][-1]["teacher_mi"])
         metas.append(json.loads((tmp_path / "runs" / spec.name / "teacher" / "epoch_1" / "meta.json").read_text()))
     assert mis[0] == mis[1]
@@ -173,8 +215,10 @@ def test_weight_decay_spares_biases_norms_and_tokens_as_timm_and_deit_do():
     model = create_model("vit_micro_patch4", 10, 16, {"class_token": True, "global_pool": "token"})
     names = {id(p): n for n, p in model.named_parameters()}
     assert "cls_token" in names.values()
-    for optimizer in (build_sam(model, OptimizerConfig(weight_decay=0.05), 0.05, False).base_optimizer,
-                      build_optimizer(model, OptimizerConfig(weight_decay=0.05))):
+    for optimizer in (
+        build_sam(model, OptimizerConfig(weight_decay=0.05), 0.05, False).base_optimizer,
+        build_optimizer(model, OptimizerConfig(weight_decay=0.05)),
+    ):
         decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
         spared = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
         assert decayed | spared == set(names.values()) and not decayed & spared
@@ -193,8 +237,17 @@ def test_distill_without_teacher_exits_2(in_tmp, capsys):
 def test_rho_zero_trains_with_one_pass_and_differs_from_sam(in_tmp):
     results = {}
     for rho in (0.0, 0.5):
-        spec = load_run_spec(None, {**TINY, "name": f"rho{rho}", "teacher.rho": rho, "teacher.epochs": 1,
-                                    "teacher.checkpoint_epochs": [1], "storage.root": str(in_tmp)})
+        spec = load_run_spec(
+            None,
+            {
+                **TINY,
+                "name": f"rho{rho}",
+                "teacher.rho": rho,
+                "teacher.epochs": 1,
+                "teacher.checkpoint_epochs": [1],
+                "storage.root": str(in_tmp),
+            },
+        )
         run_teacher(spec, quiet=True)
         model, _ = load_model(run_folder(spec).child("teacher"), "epoch_1")
         results[rho] = torch.cat([p.flatten() for p in model.parameters()])

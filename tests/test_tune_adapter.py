@@ -25,12 +25,14 @@ def test_optuna_search_takes_storage_study_name_and_sampler():
     from ray.tune.search.optuna import OptunaSearch
 
     assert {"storage", "study_name", "sampler", "points_to_evaluate"} <= set(
-        inspect.signature(OptunaSearch.__init__).parameters)
+        inspect.signature(OptunaSearch.__init__).parameters
+    )
 
 
 def test_optuna_search_maps_tune_trials_to_optuna_trials_in_ot_trials():
-    searcher = budget_aware_optuna_search(_space, METRIC, "max", optuna.samplers.TPESampler(seed=0), TIME_ATTR,
-                                          stopped_early)
+    searcher = budget_aware_optuna_search(
+        _space, METRIC, "max", optuna.samplers.TPESampler(seed=0), TIME_ATTR, stopped_early
+    )
     searcher.suggest("t1")
     assert isinstance(searcher._ot_trials["t1"], optuna.trial.Trial)
     assert searcher.study.trials[0].number == searcher._ot_trials["t1"].number  # the study Ray asks is ours
@@ -48,8 +50,9 @@ def test_stock_optuna_search_still_reports_at_training_iteration_and_tells_stopp
 
 
 def test_the_study_survives_the_searchers_save_and_restore(tmp_path):
-    searcher = budget_aware_optuna_search(_space, METRIC, "max", optuna.samplers.TPESampler(seed=0), TIME_ATTR,
-                                          stopped_early)
+    searcher = budget_aware_optuna_search(
+        _space, METRIC, "max", optuna.samplers.TPESampler(seed=0), TIME_ATTR, stopped_early
+    )
     searcher.suggest("t1")
     searcher.on_trial_result("t1", {METRIC: 0.5, "epoch": 1, "epochs": 2})
     path = tmp_path / "searcher-state-x.pkl"

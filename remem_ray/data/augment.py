@@ -114,8 +114,9 @@ def translate_params(u: torch.Tensor, pad: int, hflip: bool) -> tuple[torch.Tens
 RESIZED_CROP_DRAWS = 41  # 10 attempts x (area, ratio, top, left) + flip
 
 
-def resized_crop_params(u: torch.Tensor, height: int, width: int, scale: tuple[float, float],
-                        ratio: tuple[float, float], hflip: bool) -> Boxes:
+def resized_crop_params(
+    u: torch.Tensor, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], hflip: bool
+) -> Boxes:
     """torchvision's RandomResizedCrop.get_params, for a batch: 10 attempts, then a centre fallback."""
     area = height * width
     attempts = u[:, :40].view(-1, 10, 4)
@@ -199,8 +200,9 @@ def train_views(images: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, a
         x = flip_where(translate(resize(x, aug.img_size), dy, dx, aug.pad), flip)
     else:
         u = uniforms(keys, index, RESIZED_CROP_DRAWS)
-        x = crop_resize(x, resized_crop_params(u, x.shape[-2], x.shape[-1], aug.scale, aug.ratio, aug.hflip),
-                        aug.img_size)
+        x = crop_resize(
+            x, resized_crop_params(u, x.shape[-2], x.shape[-1], aug.scale, aug.ratio, aug.hflip), aug.img_size
+        )
     return x.clamp_(0.0, 1.0)
 
 
@@ -209,4 +211,4 @@ def eval_views(images: torch.Tensor, view: EvalResize) -> torch.Tensor:
     resized = max(view.img_size, int(round(view.img_size / view.crop_pct)))
     x = resize(to_unit(images), resized, view.interpolation)
     top = (resized - view.img_size) // 2
-    return x[..., top:top + view.img_size, top:top + view.img_size].clamp_(0.0, 1.0)
+    return x[..., top : top + view.img_size, top : top + view.img_size].clamp_(0.0, 1.0)

@@ -67,8 +67,9 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
     return wrap
 
 
-def build_datasets(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig | None = None,
-                   endpoint: str | None = None) -> DataSplits:
+def build_datasets(
+    cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig | None = None, endpoint: str | None = None
+) -> DataSplits:
     splits = DATASETS[cfg.name](cfg, seed, eval_cfg or EvalTransformConfig(), endpoint)
     if cfg.max_train_samples is not None and num_items(splits.train) > cfg.max_train_samples:
         labels = dataset_targets(splits.train)
@@ -117,8 +118,9 @@ class TensorImages(Dataset):
     images) and an optional flip; eval views are resized only.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, img_size: int, train: bool,
-                 hflip: bool = False) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, img_size: int, train: bool, hflip: bool = False
+    ) -> None:
         self.images, self.labels = images, labels
         self.targets = labels.numpy()
         self.img_size, self.train, self.hflip = img_size, train, hflip
@@ -128,7 +130,7 @@ class TensorImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        img = F.interpolate(self.images[i:i + 1], size=self.img_size, mode="bilinear", align_corners=False)[0]
+        img = F.interpolate(self.images[i : i + 1], size=self.img_size, mode="bilinear", align_corners=False)[0]
         if self.train:
             img = random_translate(img, self.augment.pad)
             if self.hflip and torch.rand(()) < 0.5:
@@ -139,11 +141,12 @@ class TensorImages(Dataset):
 def random_translate(img: torch.Tensor, pad: int) -> torch.Tensor:
     padded = F.pad(img, (pad, pad, pad, pad))
     dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
-    return padded[:, dy:dy + img.shape[1], dx:dx + img.shape[2]]
+    return padded[:, dy : dy + img.shape[1], dx : dx + img.shape[2]]
 
 
-def _tensor_splits(images: torch.Tensor, labels: np.ndarray, cfg: DataConfig, seed: int, num_classes: int,
-                   hflip: bool = False) -> DataSplits:
+def _tensor_splits(
+    images: torch.Tensor, labels: np.ndarray, cfg: DataConfig, seed: int, num_classes: int, hflip: bool = False
+) -> DataSplits:
     train, val, test = _train_val_test(labels, cfg, seed, has_test=False)
     lab = torch.as_tensor(labels)
 
@@ -151,13 +154,13 @@ def _tensor_splits(images: torch.Tensor, labels: np.ndarray, cfg: DataConfig, se
         return TensorImages(images[idx], lab[idx], cfg.img_size, train=is_train, hflip=hflip)
 
     train_part = part(train, True)
-    return DataSplits(train_part, part(val, False), part(test, False), num_classes, train_part.augment,
-                      EvalResize(cfg.img_size))
+    return DataSplits(
+        train_part, part(val, False), part(test, False), num_classes, train_part.augment, EvalResize(cfg.img_size)
+    )
 
 
 @register_dataset("digits")
-def _digits(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig,
-            endpoint: str | None = None) -> DataSplits:
+def _digits(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endpoint: str | None = None) -> DataSplits:
     """scikit-learn's bundled 8x8 digits (1797 images): the embedded default, no download."""
     from sklearn.datasets import load_digits
 
@@ -167,8 +170,7 @@ def _digits(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig,
 
 
 @register_dataset("synthetic")
-def _synthetic(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig,
-               endpoint: str | None = None) -> DataSplits:
+def _synthetic(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endpoint: str | None = None) -> DataSplits:
     """Class prototypes plus noise: learnable, tiny, generated from the seed (for tests)."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(cfg.num_classes, 3, 8, 8, generator=g)
@@ -186,8 +188,15 @@ def train_transform(aug: TrainAugment):
 
     flip = [T.RandomHorizontalFlip()] if aug.hflip else []
     if aug.mode == "translate":
-        return T.Compose([T.Resize(aug.img_size), T.CenterCrop(aug.img_size),
-                          T.RandomCrop(aug.img_size, padding=aug.pad), *flip, T.ToTensor()])
+        return T.Compose(
+            [
+                T.Resize(aug.img_size),
+                T.CenterCrop(aug.img_size),
+                T.RandomCrop(aug.img_size, padding=aug.pad),
+                *flip,
+                T.ToTensor(),
+            ]
+        )
     return T.Compose([T.RandomResizedCrop(aug.img_size, scale=aug.scale, ratio=aug.ratio), *flip, T.ToTensor()])
 
 
@@ -220,8 +229,16 @@ class TransformedSubset(Dataset):
         return self.transform(img.convert("RGB")), int(label)
 
 
-def _pil_splits(train_base: Dataset, val_base: Dataset | None, test_base: Dataset | None, num_classes: int,
-                cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, hflip: bool) -> DataSplits:
+def _pil_splits(
+    train_base: Dataset,
+    val_base: Dataset | None,
+    test_base: Dataset | None,
+    num_classes: int,
+    cfg: DataConfig,
+    seed: int,
+    eval_cfg: EvalTransformConfig,
+    hflip: bool,
+) -> DataSplits:
     aug, view = augment_for(cfg.img_size, hflip), eval_resize(cfg.img_size, eval_cfg)
     tr_tf, ev_tf = train_transform(aug), eval_transform(view)
     labels = dataset_targets(train_base)
@@ -291,8 +308,7 @@ for _name, _entry in _TORCHVISION.items():
 
 
 @register_dataset("imagefolder")
-def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig,
-                 endpoint: str | None = None) -> DataSplits:
+def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endpoint: str | None = None) -> DataSplits:
     """class-per-folder images at a path or s3:// URI; train/ val/ test/ subfolders optional."""
     from torchvision.datasets import ImageFolder
 
@@ -321,7 +337,12 @@ def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig,
         idx, test_idx = _stratified_split(np.arange(len(labels)), labels, 1.0 - cfg.test_fraction, seed)
         aug, view = augment_for(cfg.img_size, True), eval_resize(cfg.img_size, eval_cfg)
         tr_tf, ev_tf = train_transform(aug), eval_transform(view)
-        return DataSplits(TransformedSubset(train, np.sort(idx), tr_tf, labels),
-                          TransformedSubset(val, None, ev_tf, dataset_targets(val)),
-                          TransformedSubset(train, np.sort(test_idx), ev_tf, labels), len(train.classes), aug, view)
+        return DataSplits(
+            TransformedSubset(train, np.sort(idx), tr_tf, labels),
+            TransformedSubset(val, None, ev_tf, dataset_targets(val)),
+            TransformedSubset(train, np.sort(test_idx), ev_tf, labels),
+            len(train.classes),
+            aug,
+            view,
+        )
     return _pil_splits(train, val, test, len(train.classes), cfg, seed, eval_cfg, hflip=True)

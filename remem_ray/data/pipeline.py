@@ -140,20 +140,30 @@ class _AllViews(Dataset):
 class EpochLoader:
     """A DataLoader whose shuffle order is a function of (seed, epoch), sharded by rank."""
 
-    def __init__(self, ds: Dataset, batch_size: int, seed: int, num_workers: int, device: torch.device,
-                 shard: Shard) -> None:
+    def __init__(
+        self, ds: Dataset, batch_size: int, seed: int, num_workers: int, device: torch.device, shard: Shard
+    ) -> None:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.sampler: torch.utils.data.DistributedSampler | None = None
         if shard.world_size > 1:
-            self.sampler = torch.utils.data.DistributedSampler(ds, num_replicas=shard.world_size, rank=shard.rank,
-                                                               shuffle=True, seed=seed, drop_last=True)
+            self.sampler = torch.utils.data.DistributedSampler(
+                ds, num_replicas=shard.world_size, rank=shard.rank, shuffle=True, seed=seed, drop_last=True
+            )
         _, _, drop_last = per_rank_batches(num_items(ds), batch_size, shard)
         # Workers start afresh each epoch: persistent ones would draw their seeds from the generator
         # once, in whichever epoch came first, so a resumed run would shuffle and augment otherwise.
-        self.loader = DataLoader(ds, batch_size=batch_size, shuffle=self.sampler is None, sampler=self.sampler,
-                                 drop_last=drop_last, num_workers=num_workers, generator=self.generator,
-                                 pin_memory=device.type == "cuda", persistent_workers=False)
+        self.loader = DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=self.sampler is None,
+            sampler=self.sampler,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            generator=self.generator,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(epoch_seed(self.seed, epoch))
@@ -192,13 +202,23 @@ class LoaderPipeline(DataPipeline):
         ds = getattr(self.splits, split)
         if self.shard.world_size > 1:
             ds = Subset(ds, range(self.shard.rank, num_items(ds), self.shard.world_size))
-        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-                          pin_memory=self.device.type == "cuda")
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def view_batches(self, views: Views, batch_size: int) -> Iterator[torch.Tensor]:
         all_views = _AllViews(FixedViews(self.splits.train, views.count, views.seed))
-        yield from DataLoader(all_views, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-                              pin_memory=self.device.type == "cuda")
+        yield from DataLoader(
+            all_views,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def describe(self) -> str:
         return f"loader ({self.num_workers} worker processes)"
@@ -234,11 +254,11 @@ class _Gather:
         self._turn += 1
         if len(self._staging) <= turn or self._staging[turn][0].shape[0] < len(index):
             shape = (len(index), *self.store.images.shape[1:])
-            self._staging[turn:turn + 1] = [(torch.empty(shape, dtype=torch.uint8).pin_memory(), None)]
+            self._staging[turn : turn + 1] = [(torch.empty(shape, dtype=torch.uint8).pin_memory(), None)]
         buf, copied = self._staging[turn]
         if copied is not None:
             copied.synchronize()
-        staged = buf[:len(index)]
+        staged = buf[: len(index)]
         torch.index_select(self.store.images, 0, index, out=staged)
         images = staged.to(self.device, non_blocking=True)
         event = torch.cuda.Event()
@@ -250,10 +270,17 @@ class _Gather:
 class DeviceTrainBatches:
     """One epoch's shuffled, sharded, augmented batches from a store; order and views from (seed, epoch)."""
 
-    def __init__(self, gather: _Gather, aug: TrainAugment, batch_size: int, seed: int, shard: Shard,
-                 views: Views | None) -> None:
+    def __init__(
+        self, gather: _Gather, aug: TrainAugment, batch_size: int, seed: int, shard: Shard, views: Views | None
+    ) -> None:
         self.gather, self.aug, self.batch_size, self.seed, self.shard, self.views = (
-            gather, aug, batch_size, seed, shard, views)
+            gather,
+            aug,
+            batch_size,
+            seed,
+            shard,
+            views,
+        )
         self.per_rank, self.batches, _ = per_rank_batches(len(gather.store), batch_size, shard)
         self.epoch = 1
 
@@ -268,7 +295,7 @@ class DeviceTrainBatches:
         size = len(self.gather.store)
         perm = torch.randperm(size, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
         if self.shard.world_size > 1:
-            perm = perm[:self.per_rank * self.shard.world_size][self.shard.rank::self.shard.world_size]
+            perm = perm[: self.per_rank * self.shard.world_size][self.shard.rank :: self.shard.world_size]
         return perm
 
     def __iter__(self):
@@ -308,15 +335,21 @@ class DeviceEvalBatches:
 class DevicePipeline(DataPipeline):
     kind = "device"
 
-    def __init__(self, splits: DataSplits, stores: dict[str, ImageStore], device: torch.device, seed: int,
-                 shard: Shard, placement: str) -> None:
+    def __init__(
+        self,
+        splits: DataSplits,
+        stores: dict[str, ImageStore],
+        device: torch.device,
+        seed: int,
+        shard: Shard,
+        placement: str,
+    ) -> None:
         super().__init__(splits, device, seed, shard)
         self.stores, self.placement = stores, placement
         self.gathers = {name: _Gather(store, device) for name, store in stores.items()}
 
     def train(self, batch_size: int, views: Views | None = None) -> DeviceTrainBatches:
-        return DeviceTrainBatches(self.gathers["train"], self.splits.augment, batch_size, self.seed, self.shard,
-                                  views)
+        return DeviceTrainBatches(self.gathers["train"], self.splits.augment, batch_size, self.seed, self.shard, views)
 
     def eval(self, split: str, batch_size: int) -> DeviceEvalBatches:
         return DeviceEvalBatches(self.gathers[split], self.splits.eval_view, batch_size, self.shard)
@@ -327,8 +360,9 @@ class DevicePipeline(DataPipeline):
         device_flat = flat.to(self.device)
         for host, device in zip(flat.split(batch_size), device_flat.split(batch_size)):
             index, view = device // views.count, device % views.count
-            yield train_views(gather(host // views.count, index), view_keys(views.seed, view), index,
-                              self.splits.augment)
+            yield train_views(
+                gather(host // views.count, index), view_keys(views.seed, view), index, self.splits.augment
+            )
 
     def identity(self) -> str:
         return f"device-{self.stores['train'].images.shape[-1]}"
@@ -355,8 +389,9 @@ def choose_pipeline(cfg: DataConfig, splits: DataSplits, device: torch.device) -
     return "device", side
 
 
-def build_pipeline(cfg: DataConfig, splits: DataSplits, device: torch.device, seed: int, shard: Shard,
-                   log=print) -> DataPipeline:
+def build_pipeline(
+    cfg: DataConfig, splits: DataSplits, device: torch.device, seed: int, shard: Shard, log=print
+) -> DataPipeline:
     kind, side = choose_pipeline(cfg, splits, device)
     if kind == "loader":
         return LoaderPipeline(splits, device, seed, shard, loader_workers(cfg.num_workers, device))
@@ -365,8 +400,10 @@ def build_pipeline(cfg: DataConfig, splits: DataSplits, device: torch.device, se
     fits = sum(s.nbytes for s in stores.values()) <= cfg.store_budget_gb * 2**30
     in_memory = is_in_memory(splits.train)
     if fits:
-        stores = {name: store.to(device) if device.type == "cuda" or in_memory else _in_ram(store)
-                  for name, store in stores.items()}
+        stores = {
+            name: store.to(device) if device.type == "cuda" or in_memory else _in_ram(store)
+            for name, store in stores.items()
+        }
     return DevicePipeline(splits, stores, device, seed, shard, "device" if fits else "host")
 
 

@@ -38,8 +38,6 @@ STORE_FORMAT = 1
 _PROBE = 32  # images looked at to decide native vs resized
 
 
-
-
 @dataclass
 class ImageStore:
     """One split: uint8 images [N, 3, S, S] and int64 labels [N], on one device (or memory-mapped)."""
@@ -91,7 +89,7 @@ def store_side(ds: Dataset, cfg: DataConfig) -> int:
     pil_base, items = _pil_items(ds)
     sizes = {pil_base[int(i)][0].size for i in items[:_PROBE]}
     if len(sizes) == 1:
-        (w, h), = sizes
+        ((w, h),) = sizes
         if w == h <= default:
             return w
     return default
@@ -134,9 +132,16 @@ def _from_tensors(ds: Dataset) -> ImageStore:
 
 
 def store_key(cfg: DataConfig, seed: int, split: str, side: int, size: int) -> str:
-    payload = {"format": STORE_FORMAT, "seed": seed, "split": split, "side": side, "size": size,
-               "data": cfg.model_dump(mode="json", include={"name", "root", "img_size", "val_fraction",
-                                                            "test_fraction", "max_train_samples"})}
+    payload = {
+        "format": STORE_FORMAT,
+        "seed": seed,
+        "split": split,
+        "side": side,
+        "size": size,
+        "data": cfg.model_dump(
+            mode="json", include={"name", "root", "img_size", "val_fraction", "test_fraction", "max_train_samples"}
+        ),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -147,8 +152,7 @@ def _open(folder: Path) -> ImageStore:
     return ImageStore(torch.from_numpy(images), torch.from_numpy(labels).long())
 
 
-def load_or_build(ds: Dataset, cfg: DataConfig, seed: int, split: str, side: int,
-                  log=print) -> tuple[ImageStore, bool]:
+def load_or_build(ds: Dataset, cfg: DataConfig, seed: int, split: str, side: int, log=print) -> tuple[ImageStore, bool]:
     """(the split's store, whether this call built it). Decoded datasets go through the cache."""
     if is_in_memory(ds):
         return _from_tensors(ds), True
@@ -161,8 +165,9 @@ def load_or_build(ds: Dataset, cfg: DataConfig, seed: int, split: str, side: int
         log(f"decoding {split}: {num_items(ds)} images -> uint8 {side}x{side} store in {folder}")
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.partial-"))
         try:
-            images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8,
-                                               shape=(num_items(ds), 3, side, side))
+            images = np.lib.format.open_memmap(
+                staging / "images.npy", mode="w+", dtype=np.uint8, shape=(num_items(ds), 3, side, side)
+            )
             for i, image in enumerate(_decode(ds, side)):
                 images[i] = image
             images.flush()

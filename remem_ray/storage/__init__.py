@@ -8,5 +8,16 @@ from remem_ray.storage.cache import cache_root, fetch_to_cache
 from remem_ray.storage.fs import S3_MAX_ATTEMPTS, Storage, one_line, s3_filesystem, split_s3_uri
 from remem_ray.storage.preflight import PREFLIGHT_TIMEOUT_S, bucket_error, preflight, preflight_config
 
-__all__ = ["PREFLIGHT_TIMEOUT_S", "S3_MAX_ATTEMPTS", "Storage", "bucket_error", "cache_root", "fetch_to_cache",
-           "one_line", "preflight", "preflight_config", "s3_filesystem", "split_s3_uri"]
+__all__ = [
+    "PREFLIGHT_TIMEOUT_S",
+    "S3_MAX_ATTEMPTS",
+    "Storage",
+    "bucket_error",
+    "cache_root",
+    "fetch_to_cache",
+    "one_line",
+    "preflight",
+    "preflight_config",
+    "s3_filesystem",
+    "split_s3_uri",
+]

@@ -31,7 +31,7 @@ def s3_filesystem(endpoint: str | None = None, region: str = "us-east-1") -> paf
 
 def split_s3_uri(uri: str) -> str:
     """s3://bucket/key -> bucket/key (pyarrow's path form)."""
-    return uri[len("s3://"):].strip("/")
+    return uri[len("s3://") :].strip("/")
 
 
 def _write_temp_beside(target: str, data: bytes) -> str:
@@ -172,8 +172,9 @@ class Storage:
             import boto3
             import botocore.config
 
-            config = botocore.config.Config(connect_timeout=5, read_timeout=30,
-                                            retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+            config = botocore.config.Config(
+                connect_timeout=5, read_timeout=30, retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
+            )
             endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
             self._client = boto3.client("s3", endpoint_url=endpoint, region_name=self.region, config=config)
         return self._client
@@ -193,7 +194,7 @@ class Storage:
         prefix = self.path(rel).rstrip("/") + "/"
         for info in infos:
             if info.type == pafs.FileType.File:
-                dest = local_dir / info.path[len(prefix):]
+                dest = local_dir / info.path[len(prefix) :]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with self.fs.open_input_stream(info.path) as f:
                     dest.write_bytes(f.read())

@@ -20,9 +20,15 @@ PREFLIGHT_TIMEOUT_S = 3.0  # connect timeout of the preflight: a dead endpoint f
 # from deep inside a trial. It only reads: nothing is created, locally or in the bucket.
 
 
-def preflight(root: str, endpoint: str | None = None, region: str = "us-east-1", *,
-              root_field: str = "storage.root", endpoint_field: str = "storage.endpoint",
-              writable: bool = True) -> None:
+def preflight(
+    root: str,
+    endpoint: str | None = None,
+    region: str = "us-east-1",
+    *,
+    root_field: str = "storage.root",
+    endpoint_field: str = "storage.endpoint",
+    writable: bool = True,
+) -> None:
     """Prove a storage root usable, or raise a one-line ResourceError naming the field.
 
     s3:// roots: the endpoint answers, credentials resolve and the bucket exists and lets us in.
@@ -95,8 +101,10 @@ def _aws_session(root: str, field: str):
     except botocore.exceptions.BotoCoreError as exc:  # e.g. AWS_PROFILE names a missing profile
         raise ResourceError(f"storage: cannot load AWS credentials for {field} {root}: {one_line(exc)}") from None
     if credentials is None:
-        raise ResourceError(f"storage: no AWS credentials for {field} {root}: set AWS_ACCESS_KEY_ID and "
-                            f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an instance role provides them")
+        raise ResourceError(
+            f"storage: no AWS credentials for {field} {root}: set AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an instance role provides them"
+        )
     return session
 
 
@@ -110,8 +118,9 @@ def _check_bucket(session, root: str, endpoint: str | None, region: str, field: 
     import botocore.exceptions
 
     bucket, _, prefix = split_s3_uri(root).partition("/")
-    config = botocore.config.Config(connect_timeout=PREFLIGHT_TIMEOUT_S, read_timeout=10,
-                                    retries={"max_attempts": 2, "mode": "standard"})
+    config = botocore.config.Config(
+        connect_timeout=PREFLIGHT_TIMEOUT_S, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"}
+    )
     client = session.client("s3", endpoint_url=endpoint or None, region_name=region, config=config)
     where = f" at {endpoint}" if endpoint else ""
     try:
@@ -119,8 +128,9 @@ def _check_bucket(session, root: str, endpoint: str | None, region: str, field: 
     except botocore.exceptions.ClientError as exc:
         raise bucket_error(exc, bucket, root, field, where) from None
     except botocore.exceptions.BotoCoreError as exc:  # no route to AWS, timeouts, bad TLS
-        raise ResourceError(f"storage: cannot reach bucket {bucket!r}{where} for {field} {root}: "
-                            f"{one_line(exc)}") from None
+        raise ResourceError(
+            f"storage: cannot reach bucket {bucket!r}{where} for {field} {root}: {one_line(exc)}"
+        ) from None
 
 
 def bucket_error(exc, bucket: str, root: str, field: str, where: str = "") -> ResourceError:
@@ -129,6 +139,8 @@ def bucket_error(exc, bucket: str, root: str, field: str, where: str = "") -> Re
     if status in ("404", "NoSuchBucket", "NotFound"):
         return ResourceError(f"storage: bucket {bucket!r} of {field} {root} does not exist{where}")
     if status in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return ResourceError(f"storage: access denied to bucket {bucket!r} of {field} {root}{where} ({status}): "
-                             f"check the credentials and the bucket's policy")
+        return ResourceError(
+            f"storage: access denied to bucket {bucket!r} of {field} {root}{where} ({status}): "
+            f"check the credentials and the bucket's policy"
+        )
     return ResourceError(f"storage: cannot use bucket {bucket!r} of {field} {root}{where}: {one_line(exc)}")

@@ -66,13 +66,22 @@ def ray_session(address: str | None = None):
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as exc:  # ConnectionError, ValueError, TimeoutError, ...
-            raise ResourceError(f"--address: cannot connect to Ray at {address}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise ResourceError(
+                f"--address: cannot connect to Ray at {address}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
     else:
         temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=_free_port(), _temp_dir=temp_dir, log_to_driver=True,
-                 configure_logging=True, logging_level=logging.WARNING)
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),
+            _temp_dir=temp_dir,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
     try:
         yield
     finally:
@@ -158,8 +167,9 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
     by_uri = "/" in name_or_uri
     root = name_or_uri.rstrip("/") if by_uri else storage_root or "./remem-results"
     # shared with status, best and report, which only read: prove S3 usable, not a local root writable
-    preflight(root, endpoint, root_field="sweep" if by_uri else "--storage", endpoint_field="--endpoint",
-              writable=False)
+    preflight(
+        root, endpoint, root_field="sweep" if by_uri else "--storage", endpoint_field="--endpoint", writable=False
+    )
     folder = Storage(root, endpoint) if by_uri else Storage(root, endpoint).child("sweeps", name_or_uri)
     if not folder.is_file(SPEC_FILE):
         raise UserInputError(f"sweep: no sweep at {folder.uri()} ({SPEC_FILE} missing)")
@@ -173,8 +183,10 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
     spec = parse_spec(SweepSpec, raw)
     expected = SweepLayout(Storage.from_config(spec.storage), spec.name).experiment.uri()
     if expected != folder.uri():
-        raise UserInputError(f"sweep: {folder.uri()} is not under its configured storage root "
-                             f"({expected}); restore only from the storage the sweep was run on")
+        raise UserInputError(
+            f"sweep: {folder.uri()} is not under its configured storage root "
+            f"({expected}); restore only from the storage the sweep was run on"
+        )
     return spec
 
 
@@ -190,8 +202,9 @@ def resume_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
         raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
     _leave_working_dir()
     with ray_session(address):
-        tuner = tune.Tuner.restore(path, _trainable(spec), resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=storage.fs)
+        tuner = tune.Tuner.restore(
+            path, _trainable(spec), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
+        )
         tuner.fit()
         summary = summarize(spec, layout)
         write_summary(layout, summary)
@@ -202,4 +215,3 @@ def resume_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
 def sweep_summary(spec: SweepSpec) -> SweepSummary:
     """Status from storage alone (no Ray needed)."""
     return summarize(spec, SweepLayout(Storage.from_config(spec.storage), spec.name))
-

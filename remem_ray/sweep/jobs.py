@@ -41,21 +41,27 @@ def submit_sweep(spec: SweepSpec, address: str, ship_package: bool = False) -> s
     client = jobs_client(address)
     staging = Path(tempfile.mkdtemp(prefix="remem-job-"))
     (staging / "sweep.yaml").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-    runtime_env: dict = {"working_dir": str(staging),
-                         "env_vars": {k: os.environ[k] for k in FORWARDED_ENV
-                                      if os.environ.get(k) and "@" not in os.environ[k]}}
+    runtime_env: dict = {
+        "working_dir": str(staging),
+        "env_vars": {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and "@" not in os.environ[k]},
+    }
     if ship_package:
         import remem_ray
 
         runtime_env["py_modules"] = [str(Path(remem_ray.__file__).parent)]
     submission_id = f"remem-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        return client.submit_job(entrypoint="python -m remem_ray.cli sweep run sweep.yaml",
-                                 runtime_env=runtime_env, submission_id=submission_id,
-                                 metadata={"remem_sweep": spec.name})
+        return client.submit_job(
+            entrypoint="python -m remem_ray.cli sweep run sweep.yaml",
+            runtime_env=runtime_env,
+            submission_id=submission_id,
+            metadata={"remem_sweep": spec.name},
+        )
     except Exception as exc:
-        raise ResourceError(f"--address: job submission to {address} failed: "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ResourceError(
+            f"--address: job submission to {address} failed: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 def _known_job(client, job_id: str):

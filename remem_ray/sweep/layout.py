@@ -1,13 +1,13 @@
 """Where a sweep's things live under the one storage root.
 
-    <root>/sweeps/<name>/                  the Ray Tune experiment (Tuner.restore works on it)
-    <root>/sweeps/<name>/sweep_spec.json   the validated spec (resume rebuilds the trial from it)
-    <root>/sweeps/<name>/summary.json      written at the end of run and resume
-    <root>/sweeps/<name>/students/<trial>/best/   each trial's best student
-    <root>/sweeps/<name>/train-runs/student-<trial>/   the students' Ray Train runs
-    <root>/sweeps/<name>/teacher-trainings/<key>.json  teachers this sweep trained
-    <root>/sweeps/<name>/integrity-events/*.json       corrupt checkpoints found and retrained
-    <root>/teachers/<key>/                 the teacher registry, shared by sweeps on this root
+<root>/sweeps/<name>/                  the Ray Tune experiment (Tuner.restore works on it)
+<root>/sweeps/<name>/sweep_spec.json   the validated spec (resume rebuilds the trial from it)
+<root>/sweeps/<name>/summary.json      written at the end of run and resume
+<root>/sweeps/<name>/students/<trial>/best/   each trial's best student
+<root>/sweeps/<name>/train-runs/student-<trial>/   the students' Ray Train runs
+<root>/sweeps/<name>/teacher-trainings/<key>.json  teachers this sweep trained
+<root>/sweeps/<name>/integrity-events/*.json       corrupt checkpoints found and retrained
+<root>/teachers/<key>/                 the teacher registry, shared by sweeps on this root
 """
 
 from __future__ import annotations
@@ -46,10 +46,17 @@ class SweepLayout:
 
     def record_integrity_event(self, key: str, epoch: int, problem: str, trial_id: str, action: str) -> None:
         """A corrupt or truncated checkpoint found on load: kept for summary.json."""
-        record = {"teacher_key": key, "epoch": epoch, "problem": problem, "trial_id": trial_id, "action": action,
-                  "time": time.time()}
-        self.experiment.write_text(f"integrity-events/{key}-epoch_{epoch}-{int(time.time() * 1000)}.json",
-                                   json.dumps(record))
+        record = {
+            "teacher_key": key,
+            "epoch": epoch,
+            "problem": problem,
+            "trial_id": trial_id,
+            "action": action,
+            "time": time.time(),
+        }
+        self.experiment.write_text(
+            f"integrity-events/{key}-epoch_{epoch}-{int(time.time() * 1000)}.json", json.dumps(record)
+        )
 
     def integrity_events(self) -> list[dict]:
         names = [n for n in self.experiment.list_dir("integrity-events") if n.endswith(".json")]

@@ -92,17 +92,27 @@ class TeacherRegistry:
         if folder.is_file(RETRAIN_FILE):
             attempt = int(json.loads(folder.read_text(RETRAIN_FILE))["attempt"]) + 1
         run = f"{TRAIN_RUN}-retrain-{attempt}"
-        folder.write_text(RETRAIN_FILE, json.dumps({"attempt": attempt, "train_run": run,
-                                                    "folder": f"retrain-{attempt}", "epoch": epoch,
-                                                    "reason": problem}))
+        folder.write_text(
+            RETRAIN_FILE,
+            json.dumps(
+                {
+                    "attempt": attempt,
+                    "train_run": run,
+                    "folder": f"retrain-{attempt}",
+                    "epoch": epoch,
+                    "reason": problem,
+                }
+            ),
+        )
         return run
 
     def finish_training(self, key: str) -> None:
         """After a training ends: a finished retraining becomes the set in use (one atomic write)."""
         retrain = self.pending_retrain(key)
         if retrain is not None:
-            self.folder(key).write_text(ACTIVE_FILE, json.dumps({"folder": retrain["folder"],
-                                                                 "train_run": retrain["train_run"]}))
+            self.folder(key).write_text(
+                ACTIVE_FILE, json.dumps({"folder": retrain["folder"], "train_run": retrain["train_run"]})
+            )
 
 
 class Heartbeat:

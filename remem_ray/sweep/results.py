@@ -55,8 +55,11 @@ def _num(value: Any) -> float | None:
 
 def _row(trial, layout: SweepLayout) -> TrialRow:
     result = trial.last_result or {}
-    row = TrialRow(trial_id=trial.trial_id, state=trial.status,
-                   params={k: trial.config[k] for k in SEARCH_PARAMS if k in trial.config})
+    row = TrialRow(
+        trial_id=trial.trial_id,
+        state=trial.status,
+        params={k: trial.config[k] for k in SEARCH_PARAMS if k in trial.config},
+    )
     if METRIC in result:
         row.epochs_done = int(result.get("epoch", 0))
         row.student_val_acc = _num(result.get("best_val_acc"))
@@ -91,7 +94,11 @@ def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
     events = sorted(layout.integrity_events(), key=lambda e: e["time"])
     keys = {r.teacher_key for r in scored if r.teacher_key}
     return SweepSummary(
-        name=spec.name, experiment=layout.experiment.uri(), metric=f"student {METRIC}", trials=rows, best=best,
+        name=spec.name,
+        experiment=layout.experiment.uri(),
+        metric=f"student {METRIC}",
+        trials=rows,
+        best=best,
         teacher_trainings_performed=len(trained),
         teacher_reuses=sum(1 for r in scored if not r.teacher_trained),
         distinct_teacher_keys=len(keys),
@@ -114,26 +121,52 @@ def _fmt_param(value: Any) -> str:
 
 def format_table(summary: SweepSummary) -> str:
     # the method's own (searched by default) always; the others where some trial searched them
-    searched = [p for p in SEARCH_PARAMS.values()
-                if p.default is not None or p.saved_epoch or any(p.name in r.params for r in summary.trials)]
-    header = ["trial", "state", *(p.label for p in searched), "epochs", "student_val", "student_test",
-              "teacher_val", "teacher_mi", "teacher"]
+    searched = [
+        p
+        for p in SEARCH_PARAMS.values()
+        if p.default is not None or p.saved_epoch or any(p.name in r.params for r in summary.trials)
+    ]
+    header = [
+        "trial",
+        "state",
+        *(p.label for p in searched),
+        "epochs",
+        "student_val",
+        "student_test",
+        "teacher_val",
+        "teacher_mi",
+        "teacher",
+    ]
     lines = [header]
     for r in summary.trials:
         teacher = "-" if r.teacher_trained is None else ("trained" if r.teacher_trained else "reused")
         state = r.state + (" (stopped)" if r.stopped_early else "")
-        lines.append([r.trial_id, state, *(_fmt_param(r.params.get(p.name)) for p in searched),
-                      str(r.epochs_done or "-"), _fmt(r.student_val_acc), _fmt(r.student_test_acc),
-                      _fmt(r.teacher_val_acc), _fmt(r.teacher_mi, 3), teacher])
+        lines.append(
+            [
+                r.trial_id,
+                state,
+                *(_fmt_param(r.params.get(p.name)) for p in searched),
+                str(r.epochs_done or "-"),
+                _fmt(r.student_val_acc),
+                _fmt(r.student_test_acc),
+                _fmt(r.teacher_val_acc),
+                _fmt(r.teacher_mi, 3),
+                teacher,
+            ]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
-    out.append(f"teacher trainings performed: {summary.teacher_trainings_performed}, reused by trials: "
-               f"{summary.teacher_reuses}, distinct teachers: {summary.distinct_teacher_keys}")
+    out.append(
+        f"teacher trainings performed: {summary.teacher_trainings_performed}, reused by trials: "
+        f"{summary.teacher_reuses}, distinct teachers: {summary.distinct_teacher_keys}"
+    )
     if summary.corrupt_checkpoints_retrained:
         out.append(f"corrupt teacher checkpoints found and retrained: {summary.corrupt_checkpoints_retrained}")
     if summary.best is not None:
         b = summary.best
-        out.append(f"best: trial {b.trial_id} {json.dumps(b.params)} student val {_fmt(b.student_val_acc)} "
-                   f"test {_fmt(b.student_test_acc)} (teacher val {_fmt(b.teacher_val_acc)})")
+        out.append(
+            f"best: trial {b.trial_id} {json.dumps(b.params)} student val {_fmt(b.student_val_acc)} "
+            f"test {_fmt(b.student_test_acc)} (teacher val {_fmt(b.teacher_val_acc)})"
+        )
         out.append(f"best student checkpoint: {b.student_checkpoint}")
     return "\n".join(out)

@@ -48,8 +48,14 @@ def build_searcher(spec: SweepSpec):
     from ray.tune.search import ConcurrencyLimiter
 
     searcher = budget_aware_optuna_search(
-        DefineByRunSpace(spec), METRIC, MODE, optuna.samplers.TPESampler(seed=spec.sweep.seed), TIME_ATTR,
-        stopped_early, [_typed_point(p) for p in spec.sweep.points_to_evaluate] or None)
+        DefineByRunSpace(spec),
+        METRIC,
+        MODE,
+        optuna.samplers.TPESampler(seed=spec.sweep.seed),
+        TIME_ATTR,
+        stopped_early,
+        [_typed_point(p) for p in spec.sweep.points_to_evaluate] or None,
+    )
     return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials())
 
 
@@ -59,6 +65,11 @@ def build_scheduler(spec: SweepSpec):
     asha = spec.sweep.asha
     if not asha.enabled:
         return FIFOScheduler()
-    return ASHAScheduler(metric=METRIC, mode=MODE, time_attr=TIME_ATTR, max_t=spec.student.epochs,
-                         grace_period=min(asha.grace_period, spec.student.epochs),
-                         reduction_factor=asha.reduction_factor)
+    return ASHAScheduler(
+        metric=METRIC,
+        mode=MODE,
+        time_attr=TIME_ATTR,
+        max_t=spec.student.epochs,
+        grace_period=min(asha.grace_period, spec.student.epochs),
+        reduction_factor=asha.reduction_factor,
+    )

@@ -30,8 +30,11 @@ POLL_S = 2.0
 def scaling_config(resources: WorkerResources):
     from ray.train import ScalingConfig
 
-    return ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.gpus_per_worker > 0,
-                         resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker})
+    return ScalingConfig(
+        num_workers=resources.num_workers,
+        use_gpu=resources.gpus_per_worker > 0,
+        resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
+    )
 
 
 def make_trainer(loop, loop_config: dict[str, Any], resources: WorkerResources, backend: str, run_config):
@@ -57,10 +60,14 @@ def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=N
 
     # Train checkpoints only serve resumption (kept models live in the registry and students/),
     # so two per run bound storage: a ViT-B teacher's state with momentum is about 0.7 GB.
-    return ray.train.RunConfig(name=name, storage_path=storage.path(), storage_filesystem=storage.fs,
-                               failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                               callbacks=callbacks or [])
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=storage.path(),
+        storage_filesystem=storage.fs,
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        callbacks=callbacks or [],
+    )
 
 
 def _stored_and_whole(registry: TeacherRegistry, key: str, epochs: list[int], epoch: int) -> bool:
@@ -73,16 +80,27 @@ def fit_teacher(spec: SweepSpec, run_spec, registry: TeacherRegistry, key: str, 
 
     trainer = make_trainer(
         fine_tune_teacher,
-        {"spec": run_spec.model_dump(mode="json"), "output": registry.training_output(key).uri(),
-         "lease": lease.handle().to_dict()},
-        spec.sweep.resources.teacher, spec.sweep.resources.backend,
+        {
+            "spec": run_spec.model_dump(mode="json"),
+            "output": registry.training_output(key).uri(),
+            "lease": lease.handle().to_dict(),
+        },
+        spec.sweep.resources.teacher,
+        spec.sweep.resources.backend,
         train_run_config(registry.train_run_name(key), registry.folder(key), spec.sweep.max_failures),
     )
     trainer.fit()
 
 
-def ensure_teacher(spec: SweepSpec, run_spec, holder: str, registry: TeacherRegistry, layout: SweepLayout,
-                   fit=fit_teacher, stale_after_s: float = STALE_AFTER_S) -> bool:
+def ensure_teacher(
+    spec: SweepSpec,
+    run_spec,
+    holder: str,
+    registry: TeacherRegistry,
+    layout: SweepLayout,
+    fit=fit_teacher,
+    stale_after_s: float = STALE_AFTER_S,
+) -> bool:
     """Make sure every candidate checkpoint of this teacher is stored and the one this trial uses
     is whole (sha256 against its manifest); True if this trial trained it.
 
@@ -113,8 +131,16 @@ def ensure_teacher(spec: SweepSpec, run_spec, holder: str, registry: TeacherRegi
         time.sleep(POLL_S)
 
 
-def _train_under_lease(spec: SweepSpec, run_spec, trial_id: str, registry: TeacherRegistry,
-                       layout: SweepLayout, key: str, lease: Lease, fit) -> bool:
+def _train_under_lease(
+    spec: SweepSpec,
+    run_spec,
+    trial_id: str,
+    registry: TeacherRegistry,
+    layout: SweepLayout,
+    key: str,
+    lease: Lease,
+    fit,
+) -> bool:
     """Train the teacher while holding its lease; False if the lease was lost on the way."""
     epochs, epoch = run_spec.teacher.saved_epochs, run_spec.student.teacher_epoch
     heartbeat = Heartbeat(lease, HEARTBEAT_S)
@@ -127,13 +153,18 @@ def _train_under_lease(spec: SweepSpec, run_spec, trial_id: str, registry: Teach
                 run = registry.schedule_retrain(key, epoch, problem)
                 layout.record_integrity_event(key, epoch, problem, trial_id, action=f"retrained in {run}")
                 print(f"trial {trial_id}: {problem}; retraining teacher {key} in Train run {run}", flush=True)
-            print(f"trial {trial_id}: training teacher {key} (rho {run_spec.teacher.rho}, "
-                  f"alpha {run_spec.teacher.alpha})", flush=True)
+            print(
+                f"trial {trial_id}: training teacher {key} (rho {run_spec.teacher.rho}, "
+                f"alpha {run_spec.teacher.alpha})",
+                flush=True,
+            )
             fit_called_at = time.time()
             fit(spec, run_spec, registry, key, lease)
         if heartbeat.lost.is_set() or not lease.renew():
-            print(f"trial {trial_id}: lost the lease on teacher {key} while training it; "
-                  f"waiting for its new holder", flush=True)
+            print(
+                f"trial {trial_id}: lost the lease on teacher {key} while training it; waiting for its new holder",
+                flush=True,
+            )
             return False
         registry.finish_training(key)
         layout.record_teacher_training(key, trial_id, fit_called_at=fit_called_at)
@@ -168,12 +199,19 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             "teacher": teacher,
             "output": layout.student(trial_id).uri(),
             # timings and memory of this trial's driver, for benchmarks/sweep_overhead.py
-            "report_extra": {"teacher_key": key, "teacher_trained": int(trained), "trial_started_at": started_at,
-                             "fit_called_at": time.time(), "trial_driver_rss_mb": peak_rss_mb()},
+            "report_extra": {
+                "teacher_key": key,
+                "teacher_trained": int(trained),
+                "trial_started_at": started_at,
+                "fit_called_at": time.time(),
+                "trial_driver_rss_mb": peak_rss_mb(),
+            },
         },
-        spec.sweep.resources.student, spec.sweep.resources.backend,
-        train_run_config(f"student-{trial_id}", layout.train_runs, spec.sweep.max_failures,
-                         callbacks=[TuneReportCallback()]),
+        spec.sweep.resources.student,
+        spec.sweep.resources.backend,
+        train_run_config(
+            f"student-{trial_id}", layout.train_runs, spec.sweep.max_failures, callbacks=[TuneReportCallback()]
+        ),
     )
     trainer.fit()
     print(f"trial {trial_id}: done; student at {layout.student(trial_id).uri('best')}", flush=True)
@@ -182,4 +220,3 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
 def trial_dirname(trial) -> str:
     """Short, constant-free trial folder names (the spec never leaks into paths)."""
     return f"trial_{trial.trial_id}"
-

@@ -20,8 +20,15 @@ STUDY_NAME = "remem"
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
 
-def budget_aware_optuna_search(space, metric: str, mode: str, sampler, time_attr: str, stopped_early,
-                               points_to_evaluate: list[dict[str, Any]] | None = None):
+def budget_aware_optuna_search(
+    space,
+    metric: str,
+    mode: str,
+    sampler,
+    time_attr: str,
+    stopped_early,
+    points_to_evaluate: list[dict[str, Any]] | None = None,
+):
     """An OptunaSearch that reports intermediate values at `result[time_attr]` (stock: at
     training_iteration) and tells scheduler-stopped trials as PRUNED (stock: COMPLETE, so TPE
     would rank a 1-epoch student against full ones). `searcher.study` is the Optuna study."""
@@ -59,10 +66,19 @@ def budget_aware_optuna_search(space, metric: str, mode: str, sampler, time_attr
                 logging.getLogger(__name__).warning("could not tell pruned trial %s: %s", trial_id, exc)
 
     storage = optuna.storages.InMemoryStorage()  # rolls back with Tune's searcher snapshot on resume
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, sampler=sampler,
-                                direction="maximize" if mode == "max" else "minimize")
-    return BudgetAwareOptunaSearch(study, space=space, metric=metric, mode=mode, sampler=sampler,
-                                   storage=storage, study_name=STUDY_NAME, points_to_evaluate=points_to_evaluate)
+    study = optuna.create_study(
+        storage=storage, study_name=STUDY_NAME, sampler=sampler, direction="maximize" if mode == "max" else "minimize"
+    )
+    return BudgetAwareOptunaSearch(
+        study,
+        space=space,
+        metric=metric,
+        mode=mode,
+        sampler=sampler,
+        storage=storage,
+        study_name=STUDY_NAME,
+        points_to_evaluate=points_to_evaluate,
+    )
 
 
 def study_from_searcher_state(data: bytes):

@@ -77,8 +77,9 @@ def compiles(setting: bool | Literal["auto"], device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def runnable_model(model: nn.Module, device: torch.device,
-                   compile_model: bool | Literal["auto"]) -> tuple[nn.Module, bool]:
+def runnable_model(
+    model: nn.Module, device: torch.device, compile_model: bool | Literal["auto"]
+) -> tuple[nn.Module, bool]:
     """(the module the loop calls, whether inputs go channels_last) for a model already on `device`.
 
     DDP-wrapped when distributed, then compiled if asked (the order PyTorch recommends);
@@ -120,8 +121,11 @@ class Meter:
         sums[2] = self.count
         if is_distributed():
             # NCCL reduces on a CUDA device (the model's), gloo on the CPU
-            sums = sums.to(torch.device("cuda") if sums.device.type != "cuda" else sums.device) \
-                if dist.get_backend() == "nccl" else sums.cpu()
+            sums = (
+                sums.to(torch.device("cuda") if sums.device.type != "cuda" else sums.device)
+                if dist.get_backend() == "nccl"
+                else sums.cpu()
+            )
             dist.all_reduce(sums)
         loss, correct, count = sums.tolist()
         return loss / max(count, 1), correct / max(count, 1)
@@ -169,12 +173,19 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
 
 
 def build_sam(model: nn.Module, cfg: OptimizerConfig, rho: float, adaptive: bool, eta: float = 0.0) -> SAM:
-    return SAM(decay_groups(model, cfg.weight_decay), _BASE_OPTIMIZERS[cfg.name], rho=rho, adaptive=adaptive,
-               eta=eta, **_base_kwargs(cfg))
+    return SAM(
+        decay_groups(model, cfg.weight_decay),
+        _BASE_OPTIMIZERS[cfg.name],
+        rho=rho,
+        adaptive=adaptive,
+        eta=eta,
+        **_base_kwargs(cfg),
+    )
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int,
-                  steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over cfg.warmup_epochs, then cosine down to min_lr_ratio, per step."""
     total = max(1, epochs * steps_per_epoch)
     warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))

@@ -70,14 +70,16 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     device = pick_device(spec.device, session.local_rank)
     eval_cfg = EvalTransformConfig.from_timm(resolved_data_config(model_name, model_kwargs, spec.data.img_size))
     splits = build_datasets(spec.data, spec.seed, eval_cfg, endpoint=spec.storage.endpoint)
-    data = build_pipeline(spec.data, splits, device, spec.seed, Shard(session.world_rank, session.world_size),
-                          log=session.log)
+    data = build_pipeline(
+        spec.data, splits, device, spec.seed, Shard(session.world_rank, session.world_size), log=session.log
+    )
     session.log(f"data: {data.describe()}; compile {'on' if compiles(spec.compile, device) else 'off'}")
     eval_batches = {split: data.eval(split, max(batch_size, 256)) for split in ("val", "test")}
     output = Storage(config["output"], spec.storage.endpoint, spec.storage.region)
     lease = LeaseHandle.from_dict(config["lease"]) if config.get("lease") else None
-    return LoopContext(role, spec, session, device, output, splits, data, eval_batches,
-                       dict(config.get("report_extra") or {}), lease)
+    return LoopContext(
+        role, spec, session, device, output, splits, data, eval_batches, dict(config.get("report_extra") or {}), lease
+    )
 
 
 class EpochClock:
@@ -108,8 +110,11 @@ class EpochClock:
 
     def metrics(self, world_size: int) -> dict[str, float]:
         seconds = max(self.seconds, 1e-9)
-        return {"train_seconds": self.seconds, "images_per_s": self.images * world_size / seconds,
-                "data_wait_share": min(1.0, self.wait / seconds)}
+        return {
+            "train_seconds": self.seconds,
+            "images_per_s": self.images * world_size / seconds,
+            "data_wait_share": min(1.0, self.wait / seconds),
+        }
 
     def first_step_excess(self) -> float | None:
         """How much longer the first step took than a typical one (torch.compile's compile time)."""
@@ -134,8 +139,9 @@ class Task:
     channels_last: bool = False
     train_batches: Any
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor,
-             extra: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, extra: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits) of one optimisation step."""
         raise NotImplementedError
 
@@ -196,8 +202,12 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         began, began_at = time.perf_counter(), time.time()
         seed_everything(rank_seed(ctx.spec.seed, ctx.session.world_rank, epoch))
         task.train_batches.set_epoch(epoch)
-        metrics: dict[str, Any] = {"epoch": epoch, "epochs": task.epochs, "start_epoch": start,
-                                   "epoch_started_at": began_at}
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "epochs": task.epochs,
+            "start_epoch": start,
+            "epoch_started_at": began_at,
+        }
         clock = EpochClock(ctx.device)
         metrics.update(task.train_epoch(ctx, clock.batches(task.train_batches)))
         metrics.update(clock.metrics(ctx.session.world_size))
@@ -215,8 +225,10 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         ctx.stopped = ctx.lease_lost()
         if ctx.stopped is not None:
             # declared stale (a long pause, a network blip): another holder resumes this run
-            ctx.session.log(f"stopping before saving epoch {epoch}: the lease on {ctx.output.uri()} is lost "
-                            f"({ctx.stopped}); its new holder goes on")
+            ctx.session.log(
+                f"stopping before saving epoch {epoch}: the lease on {ctx.output.uri()} is lost "
+                f"({ctx.stopped}); its new holder goes on"
+            )
             break
         history.append(metrics)
         task.after_epoch(ctx, epoch, metrics)

@@ -24,8 +24,9 @@ def target_source(ctx: LoopContext, teacher_location: str, teacher, teacher_norm
     cfg = ctx.spec.student
     if cfg.teacher_targets == "online":
         return OnlineTargets(teacher, teacher_normalizer, ctx.device)
-    table, info = load_or_build_targets(ctx.spec, teacher_location, teacher, teacher_normalizer, ctx.data,
-                                        ctx.is_writer, log=ctx.session.log)
+    table, info = load_or_build_targets(
+        ctx.spec, teacher_location, teacher, teacher_normalizer, ctx.data, ctx.is_writer, log=ctx.session.log
+    )
     ctx.report_extra["target_cache_built"] = int(info["built"])
     if not info["built"]:
         ctx.session.log(f"teacher targets from cache {info['location']}")
@@ -39,13 +40,22 @@ class StudentTask(Task):
         storage, name = split_location(teacher_location, ctx.spec.storage.endpoint)
         teacher, self.teacher_meta = load_model(storage, name)
         if self.teacher_meta["num_classes"] != ctx.splits.num_classes:
-            raise SpecError(f"student.teacher_checkpoint: teacher has {self.teacher_meta['num_classes']} classes, "
-                             f"data has {ctx.splits.num_classes}")
+            raise SpecError(
+                f"student.teacher_checkpoint: teacher has {self.teacher_meta['num_classes']} classes, "
+                f"data has {ctx.splits.num_classes}"
+            )
         teacher = teacher.to(ctx.device).eval().requires_grad_(False)
         self.targets = target_source(ctx, teacher_location, teacher, normalizer_for(teacher).to(ctx.device))
         self.train_batches = ctx.data.train(cfg.batch_size, views=self.targets.views)
-        student = create_model(cfg.model, ctx.splits.num_classes, ctx.spec.data.img_size, cfg.model_kwargs,
-                               weights=cfg.weights, role="student", endpoint=ctx.spec.storage.endpoint)
+        student = create_model(
+            cfg.model,
+            ctx.splits.num_classes,
+            ctx.spec.data.img_size,
+            cfg.model_kwargs,
+            weights=cfg.weights,
+            role="student",
+            endpoint=ctx.spec.storage.endpoint,
+        )
         self.bare = student.to(ctx.device)
         self.model, self.channels_last = runnable_model(self.bare, ctx.device, ctx.spec.compile)
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
@@ -55,8 +65,9 @@ class StudentTask(Task):
         self.best_val_acc = -1.0
         self.best: dict[str, Any] = {}
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor,
-             extra: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, extra: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One distillation step: teacher targets (online or cached) for the batch, CE + KD."""
         teacher_logits = self.targets(images, extra)
         with autocast(images.device):
@@ -68,8 +79,13 @@ class StudentTask(Task):
         return loss, logits
 
     def state(self) -> dict[str, Any]:
-        return {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "best_val_acc": self.best_val_acc, "best": self.best}
+        return {
+            "model": self.bare.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best_val_acc": self.best_val_acc,
+            "best": self.best,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.bare.load_state_dict(state["model"])
@@ -83,9 +99,17 @@ class StudentTask(Task):
             self.best_val_acc = metrics["val_acc"]
             self.best = {"epoch": epoch, "val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"]}
             if ctx.is_writer:
-                meta = model_meta(self.bare, self.cfg.model, self.cfg.model_kwargs, ctx.splits.num_classes,
-                                  ctx.spec.data.img_size, role="student", epoch=epoch, metrics=metrics,
-                                  teacher=self.teacher_meta)
+                meta = model_meta(
+                    self.bare,
+                    self.cfg.model,
+                    self.cfg.model_kwargs,
+                    ctx.splits.num_classes,
+                    ctx.spec.data.img_size,
+                    role="student",
+                    epoch=epoch,
+                    metrics=metrics,
+                    teacher=self.teacher_meta,
+                )
                 write_checkpoint(ctx.output, BEST, self.bare, meta)
         metrics["best_val_acc"] = self.best["val_acc"]
         metrics["best_test_acc"] = self.best["test_acc"]

@@ -102,8 +102,9 @@ def teacher_identity(checkpoint_storage: Storage, checkpoint_name: str) -> dict[
 
 
 @torch.no_grad()
-def compute_targets(teacher: nn.Module, normalizer: nn.Module, pipeline: DataPipeline, views: Views,
-                    batch_size: int = 256) -> torch.Tensor:
+def compute_targets(
+    teacher: nn.Module, normalizer: nn.Module, pipeline: DataPipeline, views: Views, batch_size: int = 256
+) -> torch.Tensor:
     """Teacher logits for every view of every training image: float16 [N, views, classes]."""
     teacher.eval()
     device = pipeline.device
@@ -132,8 +133,15 @@ def _decode(data: bytes, key: str) -> torch.Tensor | None:
     return blob["logits"]
 
 
-def load_or_build_targets(spec: RunSpec, teacher_location: str, teacher: nn.Module, normalizer: nn.Module,
-                          pipeline: DataPipeline, is_writer: bool, log=print) -> tuple[torch.Tensor, dict[str, Any]]:
+def load_or_build_targets(
+    spec: RunSpec,
+    teacher_location: str,
+    teacher: nn.Module,
+    normalizer: nn.Module,
+    pipeline: DataPipeline,
+    is_writer: bool,
+    log=print,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """The cached logit table for this teacher checkpoint and data, building it if missing.
 
     Rank 0 builds and writes; other ranks wait at a barrier and read. Two trials building the

@@ -27,8 +27,15 @@ class TeacherTask(Task):
     def __init__(self, ctx: LoopContext) -> None:
         cfg = ctx.spec.teacher
         self.cfg, self.epochs = cfg, cfg.epochs
-        model = create_model(cfg.model, ctx.splits.num_classes, ctx.spec.data.img_size, cfg.model_kwargs,
-                             weights=cfg.weights, role="teacher", endpoint=ctx.spec.storage.endpoint)
+        model = create_model(
+            cfg.model,
+            ctx.splits.num_classes,
+            ctx.spec.data.img_size,
+            cfg.model_kwargs,
+            weights=cfg.weights,
+            role="teacher",
+            endpoint=ctx.spec.storage.endpoint,
+        )
         if cfg.alpha < 1.0:
             reweight_mlp(model, cfg.alpha, cfg.reweight_mode)
         self.bare = model.to(ctx.device)
@@ -43,8 +50,9 @@ class TeacherTask(Task):
             logits = self.model(images)
         return F.cross_entropy(logits.float(), labels), logits
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor,
-             extra: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, extra: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One SAM step (two passes; the first without DDP's all-reduce), or a plain one at rho = 0."""
         opt, clip, device = self.optimizer, self.cfg.grad_clip, images.device
         images = self.normalizer(images)
@@ -67,8 +75,11 @@ class TeacherTask(Task):
         return loss, logits
 
     def state(self) -> dict[str, Any]:
-        return {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        return {
+            "model": self.bare.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.bare.load_state_dict(state["model"])
@@ -79,13 +90,23 @@ class TeacherTask(Task):
         if epoch in self.cfg.saved_epochs and ctx.is_writer:
             # MI of this checkpoint's targets on a fixed val subset, at the reference temperature
             # (see remem_ray.info): never the KD temperature of whichever trial trained it
-            information = checkpoint_information(self.bare, self.normalizer, ctx.splits.val, ctx.device,
-                                                 MI_REFERENCE_TEMPERATURE, seed=ctx.spec.seed)
+            information = checkpoint_information(
+                self.bare, self.normalizer, ctx.splits.val, ctx.device, MI_REFERENCE_TEMPERATURE, seed=ctx.spec.seed
+            )
             metrics["teacher_mi"] = headline_mi(information)
-            meta = model_meta(self.bare, self.cfg.model, self.cfg.model_kwargs, ctx.splits.num_classes,
-                              ctx.spec.data.img_size, role="teacher", epoch=epoch, metrics=metrics,
-                              teacher_key=ctx.spec.teacher_key(ctx.session.world_size),
-                              information=information, mi_temperature=MI_REFERENCE_TEMPERATURE)
+            meta = model_meta(
+                self.bare,
+                self.cfg.model,
+                self.cfg.model_kwargs,
+                ctx.splits.num_classes,
+                ctx.spec.data.img_size,
+                role="teacher",
+                epoch=epoch,
+                metrics=metrics,
+                teacher_key=ctx.spec.teacher_key(ctx.session.world_size),
+                information=information,
+                mi_temperature=MI_REFERENCE_TEMPERATURE,
+            )
             write_checkpoint(ctx.output, checkpoint_name(epoch), self.bare, meta)
             ctx.session.log(f"saved checkpoint {ctx.output.uri(checkpoint_name(epoch))}")
 
@@ -100,13 +121,11 @@ def fine_tune_teacher(config: dict[str, Any]) -> dict[str, Any]:
     ctx = prepare(config, "teacher")
     task = TeacherTask(ctx)  # weights are fetched before anything is written
     if ctx.is_writer:
-        record = {"teacher_key": ctx.spec.teacher_key(ctx.session.world_size),
-                  "spec": ctx.spec.model_dump(mode="json")}
+        record = {"teacher_key": ctx.spec.teacher_key(ctx.session.world_size), "spec": ctx.spec.model_dump(mode="json")}
         ctx.output.write_text(SPEC_FILE, json.dumps(record, indent=2))
     history = run_epochs(ctx, task)
     if ctx.stopped is not None:
         return {"history": history, "stopped": ctx.stopped}
     if ctx.is_writer:  # the whole curve, for reports and the sweep-overhead benchmark
         ctx.output.write_text(HISTORY_FILE, json.dumps(history, indent=1))
-    return {"history": history,
-            "checkpoints": {e: ctx.output.uri(checkpoint_name(e)) for e in task.cfg.saved_epochs}}
+    return {"history": history, "checkpoints": {e: ctx.output.uri(checkpoint_name(e)) for e in task.cfg.saved_epochs}}
