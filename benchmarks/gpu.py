@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.harness import machine, sync, table
+from benchmarks.harness import machine, seconds_per_call, sync, table
 from remem_ray.checkpoints import model_meta, write_checkpoint
 from remem_ray.config import RunSpec
 from remem_ray.storage import Storage
@@ -84,16 +84,11 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def seconds_per_call(fn, calls: int, warmup: int) -> float:
+def warm_seconds_per_call(fn, calls: int, warmup: int) -> float:
     """Seconds per call after warmup (compilation happens there)."""
     for _ in range(warmup):
         fn()
-    sync()
-    began = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync()
-    return (time.perf_counter() - began) / calls
+    return seconds_per_call(fn, calls)
 
 
 def fixed_batch_step(task: Task, ctx: LoopContext):
@@ -234,7 +229,7 @@ def main(argv=None) -> int:
             cases.append((label, StudentTask(ctx, location), ctx))
         for label, task, ctx in cases:
             step, batch = fixed_batch_step(task, ctx)
-            step_s = seconds_per_call(step, args.steps, args.warmup)
+            step_s = warm_seconds_per_call(step, args.steps, args.warmup)
             flops = count_flops(step)
             epoch_throughput(task, ctx, 1)  # warm-up epoch: allocator, cudnn autotuning, any recompiles
             e2e = epoch_throughput(task, ctx, 2)

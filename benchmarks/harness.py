@@ -42,13 +42,18 @@ def interleaved_samples(
     for _ in range(rounds):
         for name, fn in variants.items():
             fn()
-            sync()
-            began = time.perf_counter()
-            for _ in range(per_round):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - began) / per_round)
+            samples[name].append(seconds_per_call(fn, per_round))
     return samples
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
+    """Mean seconds of `calls` back-to-back calls, the device's queued work included."""
+    sync()
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - began) / calls
 
 
 def median_ratio(samples: dict[str, list[float]], numerator: str, denominator: str) -> float:

@@ -19,10 +19,13 @@ from benchmarks.harness import interleaved_samples, machine, median_ratio, media
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import create_model
 from remem_ray.sam import SAM
+from remem_ray.train.steps import distillation_step, sam_step
 
 
 class LoopSAM:
     """The textbook SAM, one Python iteration per parameter (the reference we must not lose to)."""
+
+    needs_second_pass = True
 
     def __init__(self, params, rho: float, **kwargs) -> None:
         self.params = [p for p in params]
@@ -30,7 +33,7 @@ class LoopSAM:
         self.rho, self.e_w = rho, {}
 
     @torch.no_grad()
-    def first_step(self) -> None:
+    def first_step(self, zero_grad: bool = True) -> None:
         norm = torch.norm(torch.stack([p.grad.norm(2) for p in self.params if p.grad is not None]), 2)
         scale = self.rho / (norm + 1e-12)
         for p in self.params:
@@ -42,7 +45,7 @@ class LoopSAM:
         self.base.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def second_step(self) -> None:
+    def second_step(self, zero_grad: bool = True) -> None:
         for p, e in self.e_w.items():
             p.sub_(e)
         self.base.step()
@@ -54,30 +57,23 @@ def sam_variants(model_name: str, batch: int, img: int, device: torch.device):
     x = torch.rand(batch, 3, img, img, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     models = {k: create_model(model_name, 10, img).to(device).train() for k in ("base", "sam", "loop")}
-    opts = {
-        "base": torch.optim.AdamW(models["base"].parameters(), lr=1e-4),
+    opts = {  # rho = 0: the teacher's step takes the base optimiser's plain path
+        "base": SAM(models["base"].parameters(), torch.optim.AdamW, rho=0.0, lr=1e-4),
         "sam": SAM(models["sam"].parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4),
         "loop": LoopSAM(models["loop"].parameters(), rho=0.05, lr=1e-4),
     }
 
-    def loss(m):
-        return F.cross_entropy(m(x), y)
-
-    def base_step():
-        loss(models["base"]).backward()
-        opts["base"].step()
-        opts["base"].zero_grad(set_to_none=True)
-
-    def two_pass(name):
-        def step():
-            loss(models[name]).backward()
-            opts[name].first_step()
-            loss(models[name]).backward()
-            opts[name].second_step()
+    def teacher_step(name):
+        def step():  # the production step function (train/steps.py), as the default recipe (no clipping)
+            sam_step(models[name], opts[name], x, y)
 
         return step
 
-    return {"base step": base_step, "SAM (foreach)": two_pass("sam"), "SAM (per-parameter loop)": two_pass("loop")}
+    return {
+        "base step": teacher_step("base"),
+        "SAM (foreach)": teacher_step("sam"),
+        "SAM (per-parameter loop)": teacher_step("loop"),
+    }
 
 
 def distill_variants(teacher_name: str, student_name: str, batch: int, img: int, device: torch.device):
@@ -99,17 +95,14 @@ def distill_variants(teacher_name: str, student_name: str, batch: int, img: int,
     }
     index, view = torch.randint(0, n_images, (batch,)), torch.randint(0, n_views, (batch,))
 
-    def student_only():
+    def student_only():  # the reference: a plain CE step, no teacher
         F.cross_entropy(students["ce"](x), y).backward()
         opts["ce"].step()
         opts["ce"].zero_grad(set_to_none=True)
 
     def distil(name):
-        def step():
-            targets = sources[name](x, [index, view])
-            kd(students[name](x), targets, y).backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
+        def step():  # the production step function (train/steps.py)
+            distillation_step(students[name], opts[name], kd, x, y, sources[name](x, [index, view]))
 
         return step
 

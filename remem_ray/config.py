@@ -76,10 +76,7 @@ class DataConfig(StrictModel):
     @field_validator("root")
     @classmethod
     def _safe_root(cls, root: str | None) -> str | None:
-        if root is not None:
-            _reject_parent_refs(root)
-            return _absolute_local(root)
-        return root
+        return _safe_location(root)
 
     @model_validator(mode="after")
     def _root_where_needed(self) -> DataConfig:
@@ -188,10 +185,7 @@ class StudentConfig(StrictModel):
     @field_validator("teacher_checkpoint")
     @classmethod
     def _safe_checkpoint(cls, path: str | None) -> str | None:
-        if path is not None:
-            _reject_parent_refs(path)
-            return _absolute_local(path)
-        return path
+        return _safe_location(path)
 
 
 class StorageConfig(StrictModel):
@@ -307,6 +301,14 @@ def _check_weights_source(weights: str | None) -> str | None:
     if not Path(weights).expanduser().is_file():
         raise ValueError(f"weights file not found: {weights}")
     return _absolute_local(weights)
+
+
+def _safe_location(location: str | None) -> str | None:
+    """A path or URI without `..`, local paths made absolute (a spec travels to other processes)."""
+    if location is None:
+        return None
+    _reject_parent_refs(location)
+    return _absolute_local(location)
 
 
 def _absolute_local(path: str) -> str:

@@ -100,6 +100,7 @@ def teacher_information(
     logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float,
+    *,
     fixed_sigma: float = 0.1,
     relative_sigma: float = 0.1,
 ) -> dict[str, dict]:

@@ -46,6 +46,26 @@ def _png(plt, fig) -> bytes:
     return buf.getvalue()
 
 
+# x label, y label, title of the plots whose texts do not fit on the call's line
+AXES = {
+    "student_vs_teacher": (
+        "teacher val accuracy (fraction)",
+        "student val accuracy (fraction)",
+        "Student vs teacher accuracy per trial",
+    ),
+    "information_plane": (
+        "teacher I(X; T) upper bound, targets, sigma relative (nats)",
+        "teacher val error (fraction)",
+        "Information plane of the teacher checkpoints",
+    ),
+    "importances": (
+        "importance for student val accuracy (fANOVA share, fraction)",
+        "parameter",
+        "Optuna parameter importances",
+    ),
+}
+
+
 def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
     """Every plot carries a title and axis labels with units."""
     ax.set_xlabel(xlabel)
@@ -94,14 +114,7 @@ def plot_student_vs_teacher(summary: SweepSummary) -> bytes:
         ax.annotate(r.trial_id, (r.teacher_val_acc, r.student_val_acc), fontsize=7)
     if not rows:
         _no_data(ax, "no trial has reported a student yet")
-    return _finish(
-        plt,
-        fig,
-        ax,
-        "teacher val accuracy (fraction)",
-        "student val accuracy (fraction)",
-        "Student vs teacher accuracy per trial",
-    )
+    return _finish(plt, fig, ax, *AXES["student_vs_teacher"])
 
 
 def plot_information_plane(summary: SweepSummary) -> bytes:
@@ -117,14 +130,7 @@ def plot_information_plane(summary: SweepSummary) -> bytes:
         fig.colorbar(sc, ax=ax, label="student val accuracy (fraction)")
     else:
         _no_data(ax, "no teacher MI recorded")
-    return _finish(
-        plt,
-        fig,
-        ax,
-        "teacher I(X; T) upper bound, targets, sigma relative (nats)",
-        "teacher val error (fraction)",
-        "Information plane of the teacher checkpoints",
-    )
+    return _finish(plt, fig, ax, *AXES["information_plane"])
 
 
 def param_importances(layout: SweepLayout) -> dict[str, float]:
@@ -157,14 +163,7 @@ def plot_importances(importances: dict[str, float]) -> bytes:
         ax.invert_yaxis()
     else:
         _no_data(ax, "too few finished trials for importances")
-    return _finish(
-        plt,
-        fig,
-        ax,
-        "importance for student val accuracy (fANOVA share, fraction)",
-        "parameter",
-        "Optuna parameter importances",
-    )
+    return _finish(plt, fig, ax, *AXES["importances"])
 
 
 def plot_best_so_far(summary: SweepSummary) -> bytes:

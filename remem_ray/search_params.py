@@ -32,31 +32,20 @@ def register(param: SearchParam) -> SearchParam:
     return param
 
 
-RHO = register(
-    SearchParam(
-        "rho",
-        "teacher.rho",
-        "rho",
-        "SAM radius rho (dimensionless)",
-        default=(0.0, 0.05, 0.1),
-        note="0 = plain fine-tuning",
-    )
-)
-ALPHA = register(
-    SearchParam(
-        "alpha",
-        "teacher.alpha",
-        "alpha",
-        "MLP reweighting alpha (dimensionless)",
-        default=(1.0, 0.9, 0.8),
-        note="1 = the stock model",
-    )
-)
-TEACHER_EPOCH = register(
-    SearchParam("teacher_epoch", "student.teacher_epoch", "t_epoch", "teacher checkpoint (epoch)", saved_epoch=True)
-)
-register(SearchParam("student_lr", "student.optimizer.lr", "student_lr", "student learning rate"))
-register(SearchParam("kd_temperature", "student.kd.temperature", "kd_T", "KD temperature (dimensionless)"))
+# one row a parameter
+# fmt: off
+for _param in (
+    SearchParam("rho", "teacher.rho", "rho", "SAM radius rho (dimensionless)", (0.0, 0.05, 0.1),
+                "0 = plain fine-tuning"),
+    SearchParam("alpha", "teacher.alpha", "alpha", "MLP reweighting alpha (dimensionless)", (1.0, 0.9, 0.8),
+                "1 = the stock model"),
+    SearchParam("teacher_epoch", "student.teacher_epoch", "t_epoch", "teacher checkpoint (epoch)", saved_epoch=True),
+    SearchParam("student_lr", "student.optimizer.lr", "student_lr", "student learning rate"),
+    SearchParam("kd_temperature", "student.kd.temperature", "kd_T", "KD temperature (dimensionless)"),
+):
+    register(_param)
+# fmt: on
+RHO, ALPHA, TEACHER_EPOCH = SEARCH_PARAMS["rho"], SEARCH_PARAMS["alpha"], SEARCH_PARAMS["teacher_epoch"]
 
 
 def ranged_params() -> list[SearchParam]:

@@ -20,7 +20,7 @@ default_cfgs = generate_default_cfgs(
             "std": (0.5, 0.5, 0.5),
             "first_conv": "patch_embed.proj",
             "classifier": "head",
-        },
+        }
     }
 )
 

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -197,10 +196,6 @@ class ProcessTree:
             return psutil.Process(pid)
         except psutil.Error:
             return None
-
-
-def sigkill(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
 
 
 class RayHead:

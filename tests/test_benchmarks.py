@@ -17,6 +17,9 @@ def test_per_round_ratio_cancels_a_slow_round():
     assert harness.medians(samples)["a"] == 2.0
 
 
+TINY = ["--teacher", "vit_micro_patch4", "--student", "resnet10t", "--img", "16"]  # models small enough for CPU
+
+
 def test_card_peaks():
     assert gpu.card_peak("NVIDIA H100 80GB HBM3", None) == 989e12
     assert gpu.card_peak("NVIDIA H100 PCIe", None) == 756e12
@@ -26,35 +29,8 @@ def test_card_peaks():
 @pytest.mark.parametrize("pipeline", ["device", "loader"])
 def test_gpu_script_runs_all_workloads_end_to_end_on_tiny_models(capsys, tmp_path, monkeypatch, pipeline):
     monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
-    assert (
-        gpu.main(
-            [
-                "--device",
-                "cpu",
-                "--teacher",
-                "vit_micro_patch4",
-                "--student",
-                "resnet10t",
-                "--img",
-                "16",
-                "--batch",
-                "8",
-                "--student-batch",
-                "8",
-                "--images",
-                "80",
-                "--views",
-                "2",
-                "--steps",
-                "1",
-                "--warmup",
-                "1",
-                "--pipeline",
-                pipeline,
-            ]
-        )
-        == 0
-    )
+    args = "--device cpu --batch 8 --student-batch 8 --images 80 --views 2 --steps 1 --warmup 1 --pipeline"
+    assert gpu.main([*TINY, *args.split(), pipeline]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| teacher SAM") or line.startswith("| student")]
     assert len(rows) == 3 and any("online teacher" in r for r in rows) and any("cached targets" in r for r in rows)
@@ -66,25 +42,7 @@ def test_gpu_script_runs_all_workloads_end_to_end_on_tiny_models(capsys, tmp_pat
 
 
 def test_step_script_runs_on_tiny_models(capsys):
-    assert (
-        steps.main(
-            [
-                "--rounds",
-                "2",
-                "--sam-model",
-                "vit_micro_patch4",
-                "--teacher",
-                "vit_micro_patch4",
-                "--student",
-                "resnet10t",
-                "--img",
-                "16",
-                "--batch",
-                "4",
-            ]
-        )
-        == 0
-    )
+    assert steps.main([*TINY, "--rounds", "2", "--sam-model", "vit_micro_patch4", "--batch", "4"]) == 0
     out = capsys.readouterr().out
     for measure in ("SAM step / AdamW step", "cached targets / student only", "per-parameter loop"):
         assert measure in out

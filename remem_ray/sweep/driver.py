@@ -100,9 +100,7 @@ def _leave_working_dir() -> None:
 
 
 def _write_report(summary, layout: SweepLayout) -> None:
-    from remem_ray.report import (
-        write_report,  # report imports the sweep package: import late
-    )
+    from remem_ray.report import write_report  # report imports the sweep package: import late
 
     write_report(summary, layout)
 

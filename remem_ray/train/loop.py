@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from remem_ray.checkpoints import model_meta, write_checkpoint
 from remem_ray.config import RunSpec
 from remem_ray.data import DataPipeline, DataSplits, EvalTransformConfig, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
 from remem_ray.leases import LeaseHandle
+from remem_ray.models import create_model
 from remem_ray.storage import Storage
 from remem_ray.train.common import Meter, compiles, evaluate, pick_device, rank0_decides, seed_everything, to_device
 from remem_ray.train.faultpoints import hold_if_asked
@@ -43,6 +45,19 @@ class LoopContext:
     @property
     def is_writer(self) -> bool:
         return self.session.world_rank == 0
+
+    def create_model(self) -> nn.Module:
+        """This role's model as its spec section names it (weights fetched if given), on the CPU."""
+        section = getattr(self.spec, self.role)
+        return create_model(
+            section.model,
+            self.splits.num_classes,
+            self.spec.data.img_size,
+            section.model_kwargs,
+            weights=section.weights,
+            role=self.role,
+            endpoint=self.spec.storage.endpoint,
+        )
 
     def lease_lost(self) -> str | None:
         """Why this run may no longer write its output (its lease passed on), or None; same on every rank."""
@@ -134,6 +149,7 @@ class Task:
 
     epochs: int
     model: nn.Module
+    bare: nn.Module  # the module saved: model is it, or it wrapped in DDP / torch.compile
     normalizer: nn.Module
     scheduler: torch.optim.lr_scheduler.LRScheduler
     channels_last: bool = False
@@ -165,6 +181,22 @@ class Task:
 
     def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
         """Save what this task keeps (rank 0 writes)."""
+
+    def save_model(self, ctx: LoopContext, name: str, epoch: int, metrics: dict[str, Any], **meta: Any) -> None:
+        """Write the bare model as checkpoint `name` under the run's output, with what rebuilds it."""
+        section = getattr(ctx.spec, ctx.role)
+        info = model_meta(
+            self.bare,
+            section.model,
+            section.model_kwargs,
+            ctx.splits.num_classes,
+            ctx.spec.data.img_size,
+            role=ctx.role,
+            epoch=epoch,
+            metrics=metrics,
+            **meta,
+        )
+        write_checkpoint(ctx.output, name, self.bare, info)
 
 
 def peak_rss_mb() -> float:

@@ -8,13 +8,14 @@ from typing import Any
 
 import torch
 
-from remem_ray.checkpoints import load_model, model_meta, split_location, write_checkpoint
+from remem_ray.checkpoints import load_model, split_location
 from remem_ray.data import Views
 from remem_ray.errors import SpecError
 from remem_ray.losses import DistillationLoss
-from remem_ray.models import create_model, normalizer_for
-from remem_ray.train.common import autocast, build_optimizer, runnable_model, warmup_cosine
+from remem_ray.models import normalizer_for
+from remem_ray.train.common import build_optimizer, runnable_model, warmup_cosine
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
+from remem_ray.train.steps import distillation_step
 from remem_ray.train.targets import CachedTargets, OnlineTargets, TargetSource, load_or_build_targets
 
 BEST = "best"
@@ -47,15 +48,7 @@ class StudentTask(Task):
         teacher = teacher.to(ctx.device).eval().requires_grad_(False)
         self.targets = target_source(ctx, teacher_location, teacher, normalizer_for(teacher).to(ctx.device))
         self.train_batches = ctx.data.train(cfg.batch_size, views=self.targets.views)
-        student = create_model(
-            cfg.model,
-            ctx.splits.num_classes,
-            ctx.spec.data.img_size,
-            cfg.model_kwargs,
-            weights=cfg.weights,
-            role="student",
-            endpoint=ctx.spec.storage.endpoint,
-        )
+        student = ctx.create_model()
         self.bare = student.to(ctx.device)
         self.model, self.channels_last = runnable_model(self.bare, ctx.device, ctx.spec.compile)
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
@@ -70,13 +63,9 @@ class StudentTask(Task):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One distillation step: teacher targets (online or cached) for the batch, CE + KD."""
         teacher_logits = self.targets(images, extra)
-        with autocast(images.device):
-            logits = self.model(self.normalizer(images))
-        loss = self.loss_fn(logits, teacher_logits, labels)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss, logits
+        return distillation_step(
+            self.model, self.optimizer, self.loss_fn, self.normalizer(images), labels, teacher_logits
+        )
 
     def state(self) -> dict[str, Any]:
         return {
@@ -99,18 +88,7 @@ class StudentTask(Task):
             self.best_val_acc = metrics["val_acc"]
             self.best = {"epoch": epoch, "val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"]}
             if ctx.is_writer:
-                meta = model_meta(
-                    self.bare,
-                    self.cfg.model,
-                    self.cfg.model_kwargs,
-                    ctx.splits.num_classes,
-                    ctx.spec.data.img_size,
-                    role="student",
-                    epoch=epoch,
-                    metrics=metrics,
-                    teacher=self.teacher_meta,
-                )
-                write_checkpoint(ctx.output, BEST, self.bare, meta)
+                self.save_model(ctx, BEST, epoch, metrics, teacher=self.teacher_meta)
         metrics["best_val_acc"] = self.best["val_acc"]
         metrics["best_test_acc"] = self.best["test_acc"]
         teacher_metrics = self.teacher_meta.get("metrics", {})

@@ -7,13 +7,12 @@ import json
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from remem_ray.checkpoints import model_meta, write_checkpoint
 from remem_ray.info import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
-from remem_ray.models import create_model, normalizer_for, reweight_mlp
-from remem_ray.train.common import autocast, build_sam, no_sync, runnable_model, warmup_cosine
+from remem_ray.models import normalizer_for, reweight_mlp
+from remem_ray.train.common import build_sam, runnable_model, warmup_cosine
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
+from remem_ray.train.steps import sam_step
 
 SPEC_FILE = "spec.json"
 HISTORY_FILE = "history.json"
@@ -27,15 +26,7 @@ class TeacherTask(Task):
     def __init__(self, ctx: LoopContext) -> None:
         cfg = ctx.spec.teacher
         self.cfg, self.epochs = cfg, cfg.epochs
-        model = create_model(
-            cfg.model,
-            ctx.splits.num_classes,
-            ctx.spec.data.img_size,
-            cfg.model_kwargs,
-            weights=cfg.weights,
-            role="teacher",
-            endpoint=ctx.spec.storage.endpoint,
-        )
+        model = ctx.create_model()
         if cfg.alpha < 1.0:
             reweight_mlp(model, cfg.alpha, cfg.reweight_mode)
         self.bare = model.to(ctx.device)
@@ -45,34 +36,10 @@ class TeacherTask(Task):
         self.train_batches = ctx.data.train(cfg.batch_size)
         self.scheduler = warmup_cosine(self.optimizer.base_optimizer, cfg.schedule, cfg.epochs, len(self.train_batches))
 
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device):
-        with autocast(device):
-            logits = self.model(images)
-        return F.cross_entropy(logits.float(), labels), logits
-
     def step(
         self, images: torch.Tensor, labels: torch.Tensor, extra: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SAM step (two passes; the first without DDP's all-reduce), or a plain one at rho = 0."""
-        opt, clip, device = self.optimizer, self.cfg.grad_clip, images.device
-        images = self.normalizer(images)
-        if opt.needs_second_pass:
-            with no_sync(self.model):
-                loss, logits = self._loss(images, labels, device)
-                loss.backward()
-            opt.first_step(zero_grad=True)
-            self._loss(images, labels, device)[0].backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            opt.second_step(zero_grad=True)
-        else:
-            loss, logits = self._loss(images, labels, device)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            opt.step()
-            opt.zero_grad()
-        return loss, logits
+        return sam_step(self.model, self.optimizer, self.normalizer(images), labels, self.cfg.grad_clip)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -94,20 +61,15 @@ class TeacherTask(Task):
                 self.bare, self.normalizer, ctx.splits.val, ctx.device, MI_REFERENCE_TEMPERATURE, seed=ctx.spec.seed
             )
             metrics["teacher_mi"] = headline_mi(information)
-            meta = model_meta(
-                self.bare,
-                self.cfg.model,
-                self.cfg.model_kwargs,
-                ctx.splits.num_classes,
-                ctx.spec.data.img_size,
-                role="teacher",
-                epoch=epoch,
-                metrics=metrics,
+            self.save_model(
+                ctx,
+                checkpoint_name(epoch),
+                epoch,
+                metrics,
                 teacher_key=ctx.spec.teacher_key(ctx.session.world_size),
                 information=information,
                 mi_temperature=MI_REFERENCE_TEMPERATURE,
             )
-            write_checkpoint(ctx.output, checkpoint_name(epoch), self.bare, meta)
             ctx.session.log(f"saved checkpoint {ctx.output.uri(checkpoint_name(epoch))}")
 
 

@@ -1,0 +1,61 @@
+"""One optimisation step per task, shared by the training loops and the benchmarks (so what is
+measured is what runs). Inputs arrive normalised and on the device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from remem_ray.train.common import autocast, no_sync
+
+
+def _cross_entropy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with autocast(images.device):
+        logits = model(images)
+    return F.cross_entropy(logits.float(), labels), logits
+
+
+def sam_step(
+    model: nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor, grad_clip: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's step: SAM's two passes (the first without DDP's all-reduce: only the second
+    pass's gradients are averaged), clipping the second; a plain step when no second pass is needed
+    (rho = 0). `optimizer` is a SAM (or anything with its first_step/second_step/needs_second_pass)."""
+    if optimizer.needs_second_pass:
+        with no_sync(model):
+            loss, logits = _cross_entropy(model, images, labels)
+            loss.backward()
+        optimizer.first_step(zero_grad=True)
+        _cross_entropy(model, images, labels)[0].backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.second_step(zero_grad=True)
+        return loss, logits
+    loss, logits = _cross_entropy(model, images, labels)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss, logits
+
+
+def distillation_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's step: CE + distillation against the teacher's logits for this batch."""
+    with autocast(images.device):
+        logits = model(images)
+    loss = loss_fn(logits, teacher_logits, labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, logits
