@@ -46,3 +46,8 @@ def test_step_script_runs_on_tiny_models(capsys):
     out = capsys.readouterr().out
     for measure in ("SAM step / AdamW step", "cached targets / student only", "per-parameter loop"):
         assert measure in out
+
+
+def test_throughputs_keep_three_significant_digits():
+    """A slow machine's 1.44 img/s printed as "1" made the table's own ratio disagree with its cells."""
+    assert gpu.rate(1.4449) == "1.44" and gpu.rate(28.04) == "28" and gpu.rate(12345.6) == "12,346"
