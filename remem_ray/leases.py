@@ -22,7 +22,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from remem_ray.errors import ResourceError
@@ -120,9 +120,7 @@ class Lease:
             if lost_reason(self.folder, self.record.generation, self.record.token) is not None:
                 self.record = None
                 return False
-            beat = LeaseRecord(**{**asdict(self.record), "beat": self.record.beat + 1})
-            self.folder.write_text(_record_name(beat.generation), json.dumps(asdict(beat)))
-            self.record = beat
+            self.record = self._rewrite(self.record, beat=self.record.beat + 1)
         except ResourceError:
             pass
         return True
@@ -133,11 +131,16 @@ class Lease:
             return
         try:
             if lost_reason(self.folder, self.record.generation, self.record.token) is None:
-                done = LeaseRecord(**{**asdict(self.record), "released": True})
-                self.folder.write_text(_record_name(done.generation), json.dumps(asdict(done)))
+                self._rewrite(self.record, released=True)
         except ResourceError:
             pass  # it goes stale instead
         self.record = None
+
+    def _rewrite(self, record: LeaseRecord, **changes: Any) -> LeaseRecord:
+        """Our own record again, changed (only the holder of a generation writes its record)."""
+        changed = replace(record, **changes)
+        self.folder.write_text(_record_name(changed.generation), json.dumps(asdict(changed)))
+        return changed
 
     def holder_now(self) -> str | None:
         current = current_record(self.folder)
