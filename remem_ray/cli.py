@@ -32,9 +32,11 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):
     """The validated run spec, its storage proven usable before anything is written."""
     from remem_ray.config import load_run_spec
+    from remem_ray.spec_checks import check_spec
     from remem_ray.storage import preflight_config
 
     spec = load_run_spec(args.spec, _run_overrides(args))
+    check_spec(spec)
     preflight_config(spec.storage)
     return spec
 
@@ -141,9 +143,11 @@ def cmd_sweep_best(args: argparse.Namespace) -> int:
 
 def cmd_sweep_submit(args: argparse.Namespace) -> int:
     from remem_ray.config import load_sweep_spec
+    from remem_ray.spec_checks import check_spec
     from remem_ray.sweep.jobs import submit_sweep
 
     spec = load_sweep_spec(args.spec, _run_overrides(args))
+    check_spec(spec)
     # No storage preflight here: the job reaches storage from the cluster, with its network
     # and instance role, not this machine's; `sweep run` on the cluster checks it first thing.
     job_id = submit_sweep(spec, args.address, ship_package=args.ship_package)

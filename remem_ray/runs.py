@@ -7,6 +7,7 @@ from typing import Any
 from remem_ray.checkpoints import is_complete
 from remem_ray.config import RunSpec
 from remem_ray.errors import ResourceError
+from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage
 from remem_ray.train.teacher import checkpoint_name
 
@@ -32,6 +33,7 @@ def teacher_location(spec: RunSpec) -> str:
 def run_teacher(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
     from remem_ray.train.teacher import fine_tune_teacher
 
+    check_spec(spec)
     output = run_folder(spec).uri("teacher")
     return fine_tune_teacher({"spec": spec.model_dump(mode="json"), "output": output, "quiet": quiet})
 
@@ -39,6 +41,7 @@ def run_teacher(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
 def run_student(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
     from remem_ray.train.student import distill_student
 
+    check_spec(spec)
     teacher = teacher_location(spec)
     output = run_folder(spec).uri("student")
     return distill_student({"spec": spec.model_dump(mode="json"), "teacher": teacher, "output": output, "quiet": quiet})

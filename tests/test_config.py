@@ -2,8 +2,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from remem_ray.cli import main
 from remem_ray.config import RunSpec, load_run_spec
+from remem_ray.errors import ResourceError, SpecError
+from remem_ray.spec_checks import check_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,3 +88,25 @@ def test_where_batches_are_made_does_not_change_the_teacher_key_what_they_show_d
     assert base.teacher_key() == load_run_spec(None, {"data.store_budget_gb": 1.0, "data.num_workers": 3}).teacher_key()
     assert base.teacher_key() != load_run_spec(None, {"data.pipeline": "device"}).teacher_key()
     assert base.teacher_key() != load_run_spec(None, {"data.store_size": 64}).teacher_key()
+
+
+def test_reading_a_spec_has_no_side_effects_and_the_entry_check_names_the_field(tmp_path):
+    """Validation is pure (no torch, no timm, no file lookups): a stored spec reads cheaply anywhere;
+    the world-facing checks run once, at the entry points, through check_spec."""
+    overrides = {"teacher.model": "vit_nonexistent_999", "student.weights": str(tmp_path / "missing.pth")}
+    probe = (
+        "import sys; from remem_ray.config import load_sweep_spec; "
+        f"s = load_sweep_spec(None, {overrides!r}); "
+        "print(s.teacher.model, 'torch' in sys.modules, 'timm' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["vit_nonexistent_999", "False", "False"]
+
+    with pytest.raises(SpecError, match=r"^teacher\.model: unknown timm model"):
+        check_spec(load_run_spec(None, overrides))
+    with pytest.raises(ResourceError, match=r"^student\.weights: weights file not found"):
+        check_spec(load_run_spec(None, {"student.weights": str(tmp_path / "missing.pth")}))
+    with pytest.raises(SpecError, match=r"^data\.name: unknown dataset 'imagenet9'"):
+        check_spec(load_run_spec(None, {"data.name": "imagenet9"}))
+    check_spec(load_run_spec(None))  # the embedded default passes

@@ -313,3 +313,38 @@ def test_an_errored_trial_is_never_the_best_student(tmp_path, monkeypatch):
     assert [r.state for r in summary.trials] == ["TERMINATED", "ERROR", "TERMINATED"]
     trials[0].status = "ERROR"
     assert results.summarize(spec, SweepLayout(Storage(str(tmp_path)), "s")).best.trial_id == "c"
+
+
+class _FakeRay:
+    """Stands in for ray.init/shutdown: these tests are about the driver's own bookkeeping."""
+
+    def __init__(self):
+        self.temp_dirs: list[str] = []
+
+    def init(self, **kwargs):
+        self.temp_dirs.append(kwargs["_temp_dir"])
+
+    def shutdown(self):
+        pass
+
+
+def test_the_driver_gives_back_its_working_dir_and_removes_its_ray_temp_dir(tmp_path, monkeypatch, capsys):
+    import os
+    import sys
+
+    from remem_ray.sweep import driver
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.chdir(tmp_path)
+    with driver._stable_working_dir(), driver.ray_session(None):
+        assert os.getcwd() != str(tmp_path) and os.path.isdir(fake.temp_dirs[0])
+    assert os.getcwd() == str(tmp_path)
+    assert not os.path.exists(fake.temp_dirs[0])  # a finished sweep leaves no Ray temp folder behind
+
+    with pytest.raises(RuntimeError), driver._stable_working_dir(), driver.ray_session(None):
+        raise RuntimeError("a trial broke the sweep")
+    assert os.getcwd() == str(tmp_path)
+    assert os.path.isdir(fake.temp_dirs[1])  # a failed one keeps Ray's logs, and says where
+    assert f"{fake.temp_dirs[1]}/session_latest/logs" in capsys.readouterr().err
+    os.rmdir(fake.temp_dirs[1])

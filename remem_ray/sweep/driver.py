@@ -7,16 +7,18 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
+import sys
 import tempfile
 
 from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
+from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage, preflight, preflight_config
 from remem_ray.sweep.layout import SPEC_FILE, SweepLayout
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
-from remem_ray.sweep.trial import remem_trial, trial_dirname
 from remem_ray.sweep.tune_adapter import keep_credentials_out_of_runtime_envs
 
 
@@ -70,6 +72,7 @@ def ray_session(address: str | None = None):
                 f"--address: cannot connect to Ray at {address}: "
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
+        temp_dir = None
     else:
         temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")
         ray.init(
@@ -84,19 +87,32 @@ def ray_session(address: str | None = None):
         )
     try:
         yield
+    except BaseException:
+        if temp_dir:  # its session logs are what explains a failed sweep: keep them, say where
+            print(f"remem: Ray's logs of this sweep are in {temp_dir}/session_latest/logs", file=sys.stderr)
+        raise
     finally:
         ray.shutdown()
+    if temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _leave_working_dir() -> None:
-    """Move the driver to a folder that stays for the whole sweep.
+@contextlib.contextmanager
+def _stable_working_dir():
+    """Run the sweep from a folder that stays for its whole length, then come back.
 
     Inside a Ray job the working dir is the job's runtime-env package, which Ray can remove
     while the driver still runs (seen once the trials sharing it had exited), and Tune
     resolves paths against the cwd at the end. The spec holds only absolute local paths by
-    now, so nothing depends on the old cwd.
+    now, so nothing depends on the old cwd; a script calling run_sweep gets its cwd back.
     """
+    previous = os.getcwd()
     os.chdir(tempfile.gettempdir())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # the old folder may be gone (a removed job package)
+            os.chdir(previous)
 
 
 def _write_report(summary, layout: SweepLayout) -> None:
@@ -107,6 +123,8 @@ def _write_report(summary, layout: SweepLayout) -> None:
 
 def _trainable(spec: SweepSpec):
     from ray import tune
+
+    from remem_ray.sweep.trial import remem_trial  # imports torch: only where trials start
 
     keep_credentials_out_of_runtime_envs()
     trainable = tune.with_parameters(remem_trial, sweep=spec.model_dump(mode="json"))
@@ -123,14 +141,16 @@ def _check_new(layout: SweepLayout) -> None:
 
 def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
     address = _cluster_address(address)
+    check_spec(spec)
     preflight_config(spec.storage)  # endpoint, credentials, bucket, writable root: before Ray is imported
     storage = Storage.from_config(spec.storage)
     layout = SweepLayout(storage, spec.name)
     _check_new(layout)
     from ray import tune
 
-    _leave_working_dir()
-    with ray_session(address):
+    from remem_ray.sweep.trial import trial_dirname
+
+    with _stable_working_dir(), ray_session(address):
         tuner = tune.Tuner(
             _trainable(spec),
             tune_config=tune.TuneConfig(
@@ -198,8 +218,7 @@ def resume_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
     path = layout.experiment.path()
     if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
         raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
-    _leave_working_dir()
-    with ray_session(address):
+    with _stable_working_dir(), ray_session(address):
         tuner = tune.Tuner.restore(
             path, _trainable(spec), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
         )

@@ -1,0 +1,35 @@
+"""Checks of a valid spec against the outside world, before any work starts.
+
+Kept out of the pydantic validators so that reading a spec has no side effects: these build
+the models on the meta device (imports torch and timm) and look for local weights files.
+The entry points (CLI verbs, `run_teacher`, `run_student`, `run_sweep`) call `check_spec`
+first; trials and `remem sweep status` only read specs and skip it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from remem_ray.config import RunSpec, SweepSpec
+from remem_ray.errors import ResourceError, SpecError
+
+
+def check_spec(spec: RunSpec) -> None:
+    """Raise SpecError/ResourceError naming the field: unknown dataset, missing weights, unbuildable model."""
+    from remem_ray.data import DATASETS  # an open registry (register_dataset): known only once imported
+    from remem_ray.models import check_model_spec
+
+    if spec.data.name not in DATASETS:
+        raise SpecError(f"data.name: unknown dataset {spec.data.name!r}; known: {', '.join(sorted(DATASETS))}")
+    reweight = spec.teacher.alpha < 1.0 or (isinstance(spec, SweepSpec) and spec.searches_reweighting())
+    size, classes = spec.data.img_size, spec.data.num_classes
+    for role, model, reweights in (("teacher", spec.teacher, reweight), ("student", spec.student, False)):
+        check_model_spec(role, model.model, model.model_kwargs, classes, size, reweight=reweights)
+        _check_local_weights(role, model.weights)
+
+
+def _check_local_weights(role: str, weights: str | None) -> None:
+    """Local files only: hub names and s3:// URIs are fetched (and checked) where they are used."""
+    if weights and weights != "timm" and "://" not in weights and not weights.startswith("hf-hub:"):
+        if not Path(weights).is_file():
+            raise ResourceError(f"{role}.weights: weights file not found: {weights}")
