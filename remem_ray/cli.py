@@ -178,7 +178,7 @@ def cmd_sweep_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from remem_ray.report import write_report
+    from remem_ray.insight.report import write_report
     from remem_ray.storage import Storage
     from remem_ray.sweep import sweep_summary
     from remem_ray.sweep.layout import SweepLayout
@@ -194,7 +194,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import json
 
     from remem_ray.config import load_run_spec
-    from remem_ray.info import checkpoint_report
+    from remem_ray.insight.checkpoint import checkpoint_report
 
     spec = load_run_spec(args.data)
     print(json.dumps(checkpoint_report(args.checkpoint, spec, samples=args.samples, endpoint=args.endpoint), indent=2))

@@ -120,7 +120,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def _check_report(experiment: Path) -> None:
-    from remem_ray.report import PLOTS
+    from remem_ray.insight.report import PLOTS
 
     report = (experiment / "report.md").read_text()
     for name in PLOTS.values():

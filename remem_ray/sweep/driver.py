@@ -116,7 +116,7 @@ def _stable_working_dir():
 
 
 def _write_report(summary, layout: SweepLayout) -> None:
-    from remem_ray.report import write_report  # report imports the sweep package: import late
+    from remem_ray.insight.report import write_report  # report imports the sweep package: import late
 
     write_report(summary, layout)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from remem_ray.info import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
+from remem_ray.insight.information import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
 from remem_ray.models import normalizer_for, reweight_mlp
 from remem_ray.train.common import build_sam, runnable_model, warmup_cosine
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
@@ -56,7 +56,7 @@ class TeacherTask(Task):
     def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
         if epoch in self.cfg.saved_epochs and ctx.is_writer:
             # MI of this checkpoint's targets on a fixed val subset, at the reference temperature
-            # (see remem_ray.info): never the KD temperature of whichever trial trained it
+            # (see remem_ray.insight.information): never the KD temperature of whichever trial trained it
             information = checkpoint_information(
                 self.bare, self.normalizer, ctx.splits.val, ctx.device, MI_REFERENCE_TEMPERATURE, seed=ctx.spec.seed
             )

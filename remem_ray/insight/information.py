@@ -1,6 +1,6 @@
-"""Diagnostics of a teacher: mutual information of its outputs, and expertness of its MLP blocks.
+"""Mutual information of a teacher's outputs with its inputs and labels.
 
-Mutual information. A network's output F(X) is a deterministic function of X, so I(X; F) is
+A network's output F(X) is a deterministic function of X, so I(X; F) is
 infinite or undefined for continuous data; the information-plane method (Saxe et al. 2018)
 instead measures T = F(X) + N(0, sigma^2 I). Then H(T | X) is the entropy of one Gaussian and
 T is a mixture of N Gaussians centred on the outputs, whose entropy has pairwise-distance
@@ -18,11 +18,6 @@ The estimate depends on the output scale: with a fixed sigma it tracks the norm 
 teacher's logits. So report it on the distillation targets (softmax at the KD temperature) and
 on logits, with sigma fixed and relative to the outputs' own median pairwise distance; the
 scale-free (relative) one is what compares teachers.
-
-Expertness. Per MLP block, the neuron-by-class matrix of mean hidden activations is
-co-clustered (spectral co-clustering, Dhillon 2001) into as many clusters as classes; the
-score is the share of activation mass inside the co-clusters. Neurons that each fire for one
-class score near 1; dense, class-agnostic neurons near 1 / n_classes.
 """
 
 from __future__ import annotations
@@ -30,7 +25,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -117,65 +111,6 @@ def teacher_information(
     return out
 
 
-# --------------------------------------------------------------------------- expertness
-
-
-def expertness_score(neuron_by_class: np.ndarray, seed: int = 0) -> float:
-    """Share of (non-negative) activation mass inside n_classes spectral co-clusters."""
-    from sklearn.cluster import SpectralCoclustering
-
-    m = np.asarray(neuron_by_class, dtype=np.float64)
-    m = m - min(0.0, float(m.min()))  # activations such as GELU dip below 0
-    m = m[m.sum(axis=1) > 0]
-    n_classes = m.shape[1]
-    if m.shape[0] < n_classes or m.sum() == 0:
-        return float("nan")
-    model = SpectralCoclustering(n_clusters=n_classes, random_state=seed).fit(m + 1e-12)
-    inside = model.row_labels_[:, None] == model.column_labels_[None, :]
-    return float(m[inside].sum() / m.sum())
-
-
-@torch.no_grad()
-def neuron_by_class(
-    model: nn.Module, normalizer: nn.Module, loader, num_classes: int, device: torch.device
-) -> list[np.ndarray]:
-    """Per timm ViT block, the (hidden neurons x classes) mean activation of its MLP."""
-    from remem_ray.models import vit_block_modules
-    from remem_ray.timm_adapter import mlp_activation
-
-    blocks = [block for _, block in vit_block_modules(model)]
-    if not blocks:
-        raise TypeError("expertness needs a ViT built from timm's Block")
-    sums: dict[int, torch.Tensor] = {}
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    current: dict[int, torch.Tensor] = {}
-
-    def hook(index: int):
-        def record(_module, _inputs, output):
-            current[index] = output.detach().float().mean(dim=1)  # mean over tokens: (batch, hidden)
-
-        return record
-
-    handles = [mlp_activation(b).register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
-    model.eval()
-    try:
-        for images, labels in loader:
-            model(normalizer(images.to(device)))
-            onehot = torch.nn.functional.one_hot(labels, num_classes).double()
-            counts += onehot.sum(0)
-            for i in range(len(blocks)):
-                contrib = current[i].double().cpu().T @ onehot  # (hidden, classes)
-                sums[i] = sums[i] + contrib if i in sums else contrib
-    finally:
-        for h in handles:
-            h.remove()
-    return [(sums[i] / counts.clamp(min=1)).numpy() for i in range(len(blocks))]
-
-
-def expertness_profile(matrices: list[np.ndarray], seed: int = 0) -> list[float]:
-    return [expertness_score(m, seed) for m in matrices]
-
-
 @torch.no_grad()
 def collect_logits(
     model: nn.Module,
@@ -227,49 +162,3 @@ HEADLINE_MI = ("targets/relative", "i_xt_upper")  # the scale-free number the in
 def headline_mi(information: dict[str, dict]) -> float:
     view, field = HEADLINE_MI
     return float(information[view][field])
-
-
-def checkpoint_report(location: str, spec, samples: int = 1000, endpoint: str | None = None) -> dict:
-    """`remem info`: MI family and per-layer expertness of a saved checkpoint on the spec's val data."""
-    from remem_ray.checkpoints import load_model, split_location
-    from remem_ray.data import EvalTransformConfig, build_datasets, num_items
-    from remem_ray.models import data_config_of, normalizer_for
-    from remem_ray.train.common import pick_device
-
-    storage, name = split_location(location, endpoint or spec.storage.endpoint)
-    model, meta = load_model(storage, name)
-    device = pick_device(spec.device)
-    model = model.to(device)
-    normalizer = normalizer_for(model).to(device)
-    splits = build_datasets(
-        spec.data,
-        spec.seed,
-        EvalTransformConfig.from_timm(data_config_of(model)),
-        endpoint=endpoint or spec.storage.endpoint,
-    )
-    if meta["num_classes"] != splits.num_classes:
-        from remem_ray.errors import UserInputError
-
-        raise UserInputError(
-            f"data: the checkpoint has {meta['num_classes']} classes, {spec.data.name} has {splits.num_classes}"
-        )
-    logits, labels = collect_logits(model, normalizer, splits.val, device, samples, spec.seed)
-    out = {
-        "checkpoint": storage.uri(name),
-        "model": meta["model"],
-        "epoch": meta.get("epoch"),
-        "reweighting": meta.get("reweighting"),
-        "samples": int(labels.numel()),
-        "val_acc_on_subset": float((logits.argmax(-1) == labels).double().mean()),
-        "kd_temperature": spec.student.kd.temperature,
-        "mutual_information": teacher_information(logits, labels, spec.student.kd.temperature),
-    }
-    try:
-        g = torch.Generator().manual_seed(spec.seed)
-        subset = torch.randperm(num_items(splits.val), generator=g)[:samples].tolist()
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(splits.val, subset), batch_size=256)
-        matrices = neuron_by_class(model, normalizer, loader, splits.num_classes, device)
-        out["expertness_by_block"] = expertness_profile(matrices, spec.seed)
-    except TypeError:
-        out["expertness_by_block"] = None  # not a ViT: no MLP blocks to score
-    return out

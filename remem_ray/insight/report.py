@@ -227,7 +227,7 @@ def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
     lines += ["Trials stopped early by ASHA enter the plots with the score they had reached.", ""]
     lines += [
         "Teacher MI: upper bound of I(X; T) on the distillation targets with the noise scale relative "
-        "to each teacher's median pairwise distance, in nats (see remem_ray/info.py).",
+        "to each teacher's median pairwise distance, in nats (see remem_ray/insight/information.py).",
         "",
     ]
     return "\n".join(lines)

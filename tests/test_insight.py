@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from remem_ray.info import expertness_score, mutual_information, teacher_information
+from remem_ray.insight.expertness import expertness_score
+from remem_ray.insight.information import mutual_information, teacher_information
 
 
 def test_constant_output_carries_no_information():
@@ -35,7 +36,7 @@ def test_noisier_channel_gives_less_and_bounds_are_ordered():
 
 
 def test_batched_equals_unbatched():
-    from remem_ray.info import _mean_neg_log_mixture
+    from remem_ray.insight.information import _mean_neg_log_mixture
 
     x = torch.randn(700, 5, generator=torch.Generator().manual_seed(1)).double()
     assert _mean_neg_log_mixture(x, 0.7, "kl", batch=64) == pytest.approx(
