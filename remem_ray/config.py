@@ -15,15 +15,53 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from remem_ray.errors import SpecError
 from remem_ray.search_params import SEARCH_PARAMS, ranged_params
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _reject_parent_refs(path: str) -> None:
+    parts = re.split(r"[\\/]+", path.split("://", 1)[-1])
+    if ".." in parts:
+        raise ValueError(f"{path!r} must not contain '..'")
+
+
+def _check_weights_source(weights: str | None) -> str | None:
+    if weights is None or weights in ("timm", "none"):
+        return None if weights == "none" else weights
+    if weights.startswith(("s3://", "hf-hub:")):
+        _reject_parent_refs(weights)
+        return weights
+    if "://" in weights:
+        raise ValueError(f"unsupported scheme in {weights!r}; use 'timm', 'hf-hub:ORG/REPO', a path or s3://")
+    _reject_parent_refs(weights)
+    return _absolute_local(weights)
+
+
+def _safe_location(location: str | None) -> str | None:
+    """A path or URI without `..`, local paths made absolute (a spec travels to other processes)."""
+    if location is None:
+        return None
+    _reject_parent_refs(location)
+    return _absolute_local(location)
+
+
+def _absolute_local(path: str) -> str:
+    """Local paths become absolute when the spec is read: Ray workers run in other folders."""
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
+# Field types whose checks travel with them (pure: no file system).
+Location = Annotated[str | None, AfterValidator(_safe_location)]
+WeightsSource = Annotated[str | None, AfterValidator(_check_weights_source)]
 
 
 class StrictModel(BaseModel):
@@ -34,7 +72,7 @@ class StrictModel(BaseModel):
 
 class DataConfig(StrictModel):
     name: str = Field("digits", description="dataset registry name (see remem_ray.data.DATASETS)")
-    root: str | None = Field(None, description="dataset folder, or for imagefolder a path or s3:// URI")
+    root: Location = Field(None, description="dataset folder, or for imagefolder a path or s3:// URI")
     download: bool = Field(False, description="let torchvision download the dataset into root")
     img_size: int = Field(16, ge=8, le=1024, description="side of the square images both models see")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of train carved out for validation")
@@ -66,11 +104,6 @@ class DataConfig(StrictModel):
         "(all splits); beyond it the store stays memory-mapped on the host",
     )
 
-    @field_validator("root")
-    @classmethod
-    def _safe_root(cls, root: str | None) -> str | None:
-        return _safe_location(root)
-
     @model_validator(mode="after")
     def _root_where_needed(self) -> DataConfig:
         if self.name == "imagefolder" and not self.root:
@@ -83,7 +116,11 @@ DATA_FIELDS_WITHOUT_EFFECT = {"num_workers", "download", "store_budget_gb"}
 
 
 class OptimizerConfig(StrictModel):
-    name: Literal["adamw", "sgd"] = "adamw"
+    name: str = Field(
+        "adamw",
+        description="a timm optimizer (timm.optim.list_optimizers()): adamw, lamb, lion, ...; "
+        "momentum is SGD with classical momentum, sgd is timm's Nesterov SGD",
+    )
     lr: float = Field(2e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(
         0.05,
@@ -92,11 +129,11 @@ class OptimizerConfig(StrictModel):
         description="on weight matrices and kernels; never on biases, norms, position "
         "embeddings or class tokens (timm's and DeiT's recipe)",
     )
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="optimizers with momentum only (sgd, momentum, ...)")
 
 
 class ScheduleConfig(StrictModel):
-    """Linear warmup then cosine decay, stepped per batch."""
+    """Linear warmup then cosine decay, stepped per batch (timm's CosineLRScheduler)."""
 
     warmup_epochs: float = Field(1.0, ge=0.0)
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
@@ -105,7 +142,7 @@ class ScheduleConfig(StrictModel):
 class TeacherConfig(StrictModel):
     model: str = Field("vit_micro_patch4", description="timm model name")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor arguments")
-    weights: str | None = Field(None, description="None, 'timm' (hub tag), a local file or an s3:// URI")
+    weights: WeightsSource = Field(None, description="None, 'timm' (hub tag), a local file or an s3:// URI")
     alpha: float = Field(0.9, gt=0.0, le=1.0, description="MLP reweighting factor; 1 = stock model")
     reweight_mode: Literal["remem", "mlp"] = "remem"
     rho: float = Field(0.05, ge=0.0, le=10.0, description="SAM radius; 0 = plain fine-tuning")
@@ -123,11 +160,6 @@ class TeacherConfig(StrictModel):
     checkpoint_epochs: list[int] | None = Field(None, description="epochs to save; default: the last")
     batch_size: int = Field(32, ge=1, le=65536)
     grad_clip: float | None = Field(None, gt=0.0)
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_source(cls, weights: str | None) -> str | None:
-        return _check_weights_source(weights)
 
     @model_validator(mode="after")
     def _checkpoints_within_epochs(self) -> TeacherConfig:
@@ -152,9 +184,9 @@ class KDConfig(StrictModel):
 class StudentConfig(StrictModel):
     model: str = Field("resnet10t", description="timm model name")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = None
+    weights: WeightsSource = None
     teacher_epoch: int | None = Field(None, ge=1, description="teacher checkpoint to distil from; default: last")
-    teacher_checkpoint: str | None = Field(
+    teacher_checkpoint: Location = Field(
         None, description="explicit teacher checkpoint folder (path or s3:// URI); default: this run's"
     )
     kd: KDConfig = Field(default_factory=KDConfig)
@@ -169,16 +201,6 @@ class StudentConfig(StrictModel):
     )
     target_views: int = Field(8, ge=1, le=256, description="cached targets: augmented views per training image")
     target_view_seed: int = Field(0, ge=0, le=2**31 - 1, description="cached targets: seed of the fixed views")
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_source(cls, weights: str | None) -> str | None:
-        return _check_weights_source(weights)
-
-    @field_validator("teacher_checkpoint")
-    @classmethod
-    def _safe_checkpoint(cls, path: str | None) -> str | None:
-        return _safe_location(path)
 
 
 class StorageConfig(StrictModel):
@@ -260,39 +282,6 @@ class RunSpec(StrictModel):
         }
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _reject_parent_refs(path: str) -> None:
-    parts = re.split(r"[\\/]+", path.split("://", 1)[-1])
-    if ".." in parts:
-        raise ValueError(f"{path!r} must not contain '..'")
-
-
-def _check_weights_source(weights: str | None) -> str | None:
-    if weights is None or weights in ("timm", "none"):
-        return None if weights == "none" else weights
-    if weights.startswith(("s3://", "hf-hub:")):
-        _reject_parent_refs(weights)
-        return weights
-    if "://" in weights:
-        raise ValueError(f"unsupported scheme in {weights!r}; use 'timm', 'hf-hub:ORG/REPO', a path or s3://")
-    _reject_parent_refs(weights)
-    return _absolute_local(weights)
-
-
-def _safe_location(location: str | None) -> str | None:
-    """A path or URI without `..`, local paths made absolute (a spec travels to other processes)."""
-    if location is None:
-        return None
-    _reject_parent_refs(location)
-    return _absolute_local(location)
-
-
-def _absolute_local(path: str) -> str:
-    """Local paths become absolute when the spec is read: Ray workers run in other folders."""
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().absolute())
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -32,7 +32,7 @@ class SAM(torch.optim.Optimizer):
     def __init__(
         self,
         params,
-        base_optimizer: type[torch.optim.Optimizer],
+        base_optimizer: Callable[..., torch.optim.Optimizer],
         rho: float = 0.05,
         adaptive: bool = False,
         eps: float = 1e-12,

@@ -26,6 +26,16 @@ def check_spec(spec: RunSpec) -> None:
     for role, model, reweights in (("teacher", spec.teacher, reweight), ("student", spec.student, False)):
         check_model_spec(role, model.model, model.model_kwargs, classes, size, reweight=reweights)
         _check_local_weights(role, model.weights)
+        _check_optimizer(role, model.optimizer.name)
+
+
+def _check_optimizer(role: str, name: str) -> None:
+    from timm.optim import get_optimizer_info, list_optimizers
+
+    if name not in list_optimizers():
+        raise SpecError(f"{role}.optimizer.name: unknown optimizer {name!r}; see timm.optim.list_optimizers()")
+    if get_optimizer_info(name).second_order:
+        raise SpecError(f"{role}.optimizer.name: {name} needs second-order gradients; pick a first-order optimizer")
 
 
 def _check_local_weights(role: str, weights: str | None) -> None:

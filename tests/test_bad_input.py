@@ -25,6 +25,12 @@ ALL_VERBS = (TEACHER, DISTILL, RUN, SWEEP_RUN)
 MOTO_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 S3_ROOT = "storage:\n  root: s3://@BUCKET@/p\n  endpoint: @ENDPOINT@\n"
 MISSING_ROOT = "storage:\n  root: s3://@MISSING@/p\n  endpoint: @ENDPOINT@\n"
+# verbs on an existing sweep, and their flags
+STATUS, BEST, REPORT = ("sweep", "status", "demo"), ("sweep", "best", "demo"), ("report", "demo")
+BY_URI = (("sweep", "resume", "s3://bucket/p/sweeps/demo"), ("sweep", "status", "s3://bucket/p/sweeps/demo"))
+UNKNOWN_SWEEP = (("sweep", "status", "nothing-here"), ("sweep", "resume", "nothing-here"))
+S3_FLAGS = ("--storage", "s3://@BUCKET@/p", "--endpoint", "@ENDPOINT@")
+S3_NOT_A_URL = ("--storage", "s3://bucket/p", "--endpoint", "127.0.0.1:9000")
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ CORPUS = [
     _bad("zero-temperature", "student:\n  kd:\n    temperature: 0\n", "student.kd.temperature"),
     _bad("bad-name", "name: a/b\n", "name"),
     _bad("bad-model-kwargs", "teacher:\n  model_kwargs: {no_such_arg: 1}\n", "teacher.model_kwargs"),
-    _bad("unknown-optimizer", "teacher:\n  optimizer:\n    name: lamb\n", "teacher.optimizer.name"),
+    _bad("unknown-optimizer", "teacher:\n  optimizer:\n    name: lamb_nonexistent\n", "teacher.optimizer.name"),
+    _bad("second-order-optimizer", "student:\n  optimizer:\n    name: adahessian\n", "student.optimizer.name"),
     _bad("imagefolder-without-root", "data:\n  name: imagefolder\n", "data.root"),
     _bad("kd-weight-above-one", "student:\n  kd:\n    weight: 1.2\n", "student.kd.weight"),
     # negative epochs
@@ -213,41 +220,14 @@ CORPUS = [
         "--storage",
         "@MISSING@",
         "does not exist",
-        verbs=(("sweep", "status", "demo"), ("sweep", "best", "demo"), ("report", "demo")),
+        verbs=(STATUS, BEST, REPORT),
         flags=("--storage", "s3://@MISSING@/p", "--endpoint", "@ENDPOINT@"),
         env=tuple(MOTO_KEYS.items()),
     ),
-    _bad(
-        "resume-unreachable-endpoint",
-        None,
-        "--endpoint",
-        "@DEAD@",
-        verbs=(("sweep", "resume", "s3://bucket/p/sweeps/demo"), ("sweep", "status", "s3://bucket/p/sweeps/demo")),
-        flags=("--endpoint", "@DEAD@"),
-    ),
-    _bad(
-        "status-endpoint-not-a-url",
-        None,
-        "--endpoint",
-        "127.0.0.1:9000",
-        verbs=(("sweep", "status", "demo"),),
-        flags=("--storage", "s3://bucket/p", "--endpoint", "127.0.0.1:9000"),
-    ),
-    _bad(
-        "status-unknown-sweep",
-        None,
-        "sweep: no sweep at",
-        "nothing-here",
-        verbs=(("sweep", "status", "nothing-here"), ("sweep", "resume", "nothing-here")),
-    ),
-    _bad(
-        "best-missing-credentials",
-        None,
-        "--storage",
-        "AWS_ACCESS_KEY_ID",
-        verbs=(("sweep", "best", "demo"),),
-        flags=("--storage", "s3://@BUCKET@/p", "--endpoint", "@ENDPOINT@"),
-    ),
+    _bad("resume-unreachable-endpoint", None, "--endpoint", "@DEAD@", verbs=BY_URI, flags=("--endpoint", "@DEAD@")),
+    _bad("status-endpoint-not-a-url", None, "--endpoint", "127.0.0.1:9000", verbs=(STATUS,), flags=S3_NOT_A_URL),
+    _bad("status-unknown-sweep", None, "sweep: no sweep at", "nothing-here", verbs=UNKNOWN_SWEEP),
+    _bad("best-missing-credentials", None, "--storage", "AWS_ACCESS_KEY_ID", verbs=(BEST,), flags=S3_FLAGS),
 ]
 
 

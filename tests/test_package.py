@@ -24,3 +24,40 @@ def test_public_api_resolves_and_importing_the_package_stays_light():
     code = "import sys, remem_ray; print('torch' in sys.modules, 'ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "False"]
+
+
+OURS = ("remem_ray", "__future__", "")  # "": relative imports
+ADAPTERS = {"remem_ray/sweep/tune_adapter.py", "remem_ray/timm_adapter.py"}
+
+
+def _library_internals_used(path: Path) -> list[str]:
+    """Imports of `_`-prefixed names from other packages, attribute access on them
+    (`ray._private...`), and assignments to `__class__`."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] not in OURS:
+            for alias in node.names:
+                if any(part.startswith("_") for part in [*str(node.module).split("."), alias.name]):
+                    found.append(f"from {node.module} import {alias.name}")
+        elif isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if any(p.startswith("_") for p in a.name.split("."))]
+        elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found += ["__class__ assignment" for t in targets if isinstance(t, ast.Attribute) and t.attr == "__class__"]
+    return found
+
+
+def test_library_internals_are_touched_only_in_the_adapter_modules(tmp_path):
+    root = Path(remem_ray.__file__).parent.parent
+    offenders = {
+        str(path.relative_to(root)): used
+        for path in sorted((root / "remem_ray").rglob("*.py"))
+        if str(path.relative_to(root)) not in ADAPTERS and (used := _library_internals_used(path))
+    }
+    assert offenders == {}
+    assert _library_internals_used(root / "remem_ray" / "sweep" / "tune_adapter.py") == []  # `_ot_trials`: an attribute
+    sample = tmp_path / "sample.py"  # the scan itself finds what it looks for
+    sample.write_text("from timm.models._builder import x\nimport ray._private\nm.__class__ = K\n")
+    assert len(_library_internals_used(sample)) == 3

@@ -256,3 +256,39 @@ def test_rho_zero_trains_with_one_pass_and_differs_from_sam(in_tmp):
 
 def test_in_process_is_not_a_ray_train_worker():
     assert not in_ray_train_worker()
+
+
+def test_per_step_schedule_warms_up_decays_to_the_floor_and_resumes_where_it_stopped():
+    from remem_ray.config import ScheduleConfig
+    from remem_ray.train.common import PerStepSchedule
+
+    def fresh():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return opt, PerStepSchedule(opt, ScheduleConfig(warmup_epochs=1.0, min_lr_ratio=0.01), 4, 5)
+
+    opt, schedule = fresh()
+    lrs = [schedule.get_last_lr()[0]]
+    for _ in range(20):
+        opt.step()
+        schedule.step()
+        lrs.append(schedule.get_last_lr()[0])
+    assert 0 < lrs[0] < lrs[1] < lrs[4] < lrs[5] == pytest.approx(0.1)  # 5 warmup steps, non-zero from the first
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))  # then cosine down...
+    assert lrs[20] == pytest.approx(0.001)  # ...to min_lr_ratio at the last step
+
+    opt2, resumed = fresh()
+    resumed.load_state_dict(fresh_state := _schedule_after(7))
+    assert fresh_state["updates"] == 7 and resumed.get_last_lr()[0] == pytest.approx(lrs[7])
+    resumed.step()
+    assert resumed.get_last_lr()[0] == pytest.approx(lrs[8])
+
+
+def _schedule_after(steps: int) -> dict:
+    from remem_ray.config import ScheduleConfig
+    from remem_ray.train.common import PerStepSchedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    schedule = PerStepSchedule(opt, ScheduleConfig(warmup_epochs=1.0, min_lr_ratio=0.01), 4, 5)
+    for _ in range(steps):
+        schedule.step()
+    return schedule.state_dict()

@@ -90,14 +90,12 @@ def mutual_information(outputs: torch.Tensor, labels: torch.Tensor | None, sigma
     return MutualInformation(ixt["bhattacharyya"], ixt["kl"], ity["kl"], ity["bhattacharyya"], sigma, outputs.shape[0])
 
 
-def teacher_information(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    *,
-    fixed_sigma: float = 0.1,
-    relative_sigma: float = 0.1,
-) -> dict[str, dict]:
+# The noise scale of T = F(X) + N(0, sigma^2 I): fixed, and relative to the outputs' median pairwise distance.
+FIXED_SIGMA = 0.1
+RELATIVE_SIGMA = 0.1
+
+
+def teacher_information(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, dict]:
     """MI on the distillation targets (softmax at T) and on logits, sigma fixed and relative.
 
     Keys: "<targets|logits>/<fixed|relative>", each a MutualInformation as a dict.
@@ -105,9 +103,9 @@ def teacher_information(
     views = {"targets": torch.softmax(logits.double() / temperature, dim=-1), "logits": logits.double()}
     out = {}
     for name, values in views.items():
-        out[f"{name}/fixed"] = mutual_information(values, labels, fixed_sigma).to_dict()
+        out[f"{name}/fixed"] = mutual_information(values, labels, FIXED_SIGMA).to_dict()
         scale = median_pairwise_distance(values) or 1e-12
-        out[f"{name}/relative"] = mutual_information(values, labels, relative_sigma * scale).to_dict()
+        out[f"{name}/relative"] = mutual_information(values, labels, RELATIVE_SIGMA * scale).to_dict()
     return out
 
 

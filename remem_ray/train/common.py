@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from collections.abc import Iterable
 from typing import Literal, cast
@@ -147,16 +146,6 @@ def evaluate(model: nn.Module, normalizer: nn.Module, loader: Iterable, device: 
     return meter.totals()
 
 
-_BASE_OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-
-
-def _base_kwargs(cfg: OptimizerConfig) -> dict:
-    kwargs = {"lr": cfg.lr}
-    if cfg.name == "sgd":
-        kwargs["momentum"] = cfg.momentum
-    return kwargs
-
-
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """timm's and DeiT's recipe: no weight decay on biases, norms and other 1-D tensors, nor on what
     the model lists in `no_weight_decay()` (a ViT's position embedding and class token)."""
@@ -167,33 +156,70 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
+def _optimizer_kwargs(cfg: OptimizerConfig) -> dict:
+    from timm.optim import get_optimizer_info
+
+    kwargs: dict = {"lr": cfg.lr}
+    if get_optimizer_info(cfg.name).has_momentum:
+        kwargs["momentum"] = cfg.momentum
+    return kwargs
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The base optimiser over the bare model's parameters (the same tensors DDP and compile wrap)."""
-    return _BASE_OPTIMIZERS[cfg.name](decay_groups(model, cfg.weight_decay), **_base_kwargs(cfg))
+    """timm's optimiser by name over the bare model's parameters (the same tensors DDP and compile wrap)."""
+    from timm.optim import get_optimizer_class
+
+    return get_optimizer_class(cfg.name)(decay_groups(model, cfg.weight_decay), **_optimizer_kwargs(cfg))
 
 
 def build_sam(model: nn.Module, cfg: OptimizerConfig, rho: float, adaptive: bool, eta: float = 0.0) -> SAM:
+    from timm.optim import get_optimizer_class
+
     return SAM(
         decay_groups(model, cfg.weight_decay),
-        _BASE_OPTIMIZERS[cfg.name],
+        get_optimizer_class(cfg.name),
         rho=rho,
         adaptive=adaptive,
         eta=eta,
-        **_base_kwargs(cfg),
+        **_optimizer_kwargs(cfg),
     )
 
 
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over cfg.warmup_epochs, then cosine down to min_lr_ratio, per step."""
-    total = max(1, epochs * steps_per_epoch)
-    warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+class PerStepSchedule:
+    """timm's CosineLRScheduler (with warmup) stepped once per batch, in torch's LRScheduler manner.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    The loops call step() after each optimiser step and save state_dict() in checkpoints.
+    """
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int):
+        from timm.scheduler import CosineLRScheduler
+
+        total = max(1, epochs * steps_per_epoch)
+        warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+        base_lr = optimizer.param_groups[0]["lr"]
+        self.updates = 0
+        self.timm = CosineLRScheduler(
+            optimizer,
+            t_initial=max(1, total - warmup),
+            lr_min=cfg.min_lr_ratio * base_lr,
+            warmup_t=warmup,
+            warmup_lr_init=base_lr / (warmup + 1),  # the first step already trains at a small, non-zero lr
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        self.timm.step_update(0)
+
+    def step(self) -> None:
+        self.updates += 1
+        self.timm.step_update(self.updates)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.timm.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "timm": self.timm.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        self.timm.load_state_dict(state["timm"])
+        self.timm.step_update(self.updates)

@@ -23,7 +23,16 @@ from remem_ray.data.augment import stream_key
 from remem_ray.leases import LeaseHandle
 from remem_ray.models import create_model
 from remem_ray.storage import Storage
-from remem_ray.train.common import Meter, compiles, evaluate, pick_device, rank0_decides, seed_everything, to_device
+from remem_ray.train.common import (
+    Meter,
+    PerStepSchedule,
+    compiles,
+    evaluate,
+    pick_device,
+    rank0_decides,
+    seed_everything,
+    to_device,
+)
 from remem_ray.train.faultpoints import hold_if_asked
 from remem_ray.train.session import Session, current_session
 
@@ -151,7 +160,7 @@ class Task:
     model: nn.Module
     bare: nn.Module  # the module saved: model is it, or it wrapped in DDP / torch.compile
     normalizer: nn.Module
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: PerStepSchedule
     channels_last: bool = False
     train_batches: Any
 

@@ -13,7 +13,7 @@ from remem_ray.data import Views
 from remem_ray.errors import SpecError
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import normalizer_for
-from remem_ray.train.common import build_optimizer, runnable_model, warmup_cosine
+from remem_ray.train.common import PerStepSchedule, build_optimizer, runnable_model
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 from remem_ray.train.steps import distillation_step
 from remem_ray.train.targets import CachedTargets, OnlineTargets, TargetSource, load_or_build_targets
@@ -54,7 +54,7 @@ class StudentTask(Task):
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
         self.loss_fn = DistillationLoss(cfg.kd.loss, cfg.kd.temperature, cfg.kd.weight)
         self.optimizer = build_optimizer(self.bare, cfg.optimizer)
-        self.scheduler = warmup_cosine(self.optimizer, cfg.schedule, cfg.epochs, len(self.train_batches))
+        self.scheduler = PerStepSchedule(self.optimizer, cfg.schedule, cfg.epochs, len(self.train_batches))
         self.best_val_acc = -1.0
         self.best: dict[str, Any] = {}
 

@@ -10,7 +10,7 @@ import torch
 
 from remem_ray.insight.information import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
 from remem_ray.models import normalizer_for, reweight_mlp
-from remem_ray.train.common import build_sam, runnable_model, warmup_cosine
+from remem_ray.train.common import PerStepSchedule, build_sam, runnable_model
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 from remem_ray.train.steps import sam_step
 
@@ -34,7 +34,9 @@ class TeacherTask(Task):
         self.normalizer = normalizer_for(self.bare).to(ctx.device)
         self.optimizer = build_sam(self.bare, cfg.optimizer, cfg.rho, cfg.adaptive, cfg.asam_eta)
         self.train_batches = ctx.data.train(cfg.batch_size)
-        self.scheduler = warmup_cosine(self.optimizer.base_optimizer, cfg.schedule, cfg.epochs, len(self.train_batches))
+        self.scheduler = PerStepSchedule(
+            self.optimizer.base_optimizer, cfg.schedule, cfg.epochs, len(self.train_batches)
+        )
 
     def step(
         self, images: torch.Tensor, labels: torch.Tensor, extra: list[torch.Tensor]
