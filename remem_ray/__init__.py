@@ -3,7 +3,8 @@ as a sweep service on Ray.
 
 What scripts use, imported lazily so that `import remem_ray` (and the CLI) stays light:
 
-    from remem_ray import SAM, reweight_mlp, create_model, load_run_spec, load_sweep_spec, RunSpec, SweepSpec
+    from remem_ray import SAM, reweight_mlp, create_model, RunSpec, SweepSpec
+    from remem_ray import load_run_spec, load_sweep_spec, check_spec
     from remem_ray import run_teacher, run_student, run_sweep
 """
 
@@ -25,6 +26,7 @@ _PUBLIC = {
     "SweepSpec": "remem_ray.config",
     "load_run_spec": "remem_ray.config",
     "load_sweep_spec": "remem_ray.config",
+    "check_spec": "remem_ray.spec_checks",
     "run_teacher": "remem_ray.runs",
     "run_student": "remem_ray.runs",
     "run_sweep": "remem_ray.sweep.driver",
