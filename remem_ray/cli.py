@@ -12,6 +12,7 @@ from typing import Any
 from remem_ray.errors import UserInputError
 
 EXIT_USAGE = 2
+VERBOSE_HELP = "show all of Ray's and Tune's console output (sweep.log keeps it either way)"
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,7 +83,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     from remem_ray.sweep import run_sweep
 
     spec = load_sweep_spec(args.spec, _run_overrides(args))
-    summary = run_sweep(spec, address=args.address)
+    summary = run_sweep(spec, address=args.address, verbose=args.verbose)
     _print_end(summary)
     return 0
 
@@ -104,7 +105,7 @@ def _located(args: argparse.Namespace):
 def cmd_sweep_resume(args: argparse.Namespace) -> int:
     from remem_ray.sweep import resume_sweep
 
-    summary = resume_sweep(_located(args), address=args.address)
+    summary = resume_sweep(_located(args), address=args.address, verbose=args.verbose)
     _print_end(summary)
     return 0
 
@@ -244,6 +245,7 @@ def _add_sweep_verbs(verbs) -> None:
     run.add_argument("--storage", help="storage root: a folder or s3://bucket/prefix")
     run.add_argument("--endpoint", help="S3-compatible endpoint for an s3:// storage root")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(handler=cmd_sweep_run)
     for verb, handler, text in (
         ("resume", cmd_sweep_resume, "continue an interrupted sweep (finished trials are kept)"),
@@ -256,6 +258,7 @@ def _add_sweep_verbs(verbs) -> None:
         p.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs (or AWS_ENDPOINT_URL)")
         if verb == "resume":
             p.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+            p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         p.set_defaults(handler=handler)
     _add_job_verbs(sub)
 

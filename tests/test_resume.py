@@ -62,6 +62,9 @@ class FileSession:
     def log(self, message: str) -> None:
         pass
 
+    def detail(self, message: str) -> None:
+        pass
+
 
 def _train(spec, output: Path, session) -> None:
     fine_tune_teacher({"spec": spec.model_dump(mode="json"), "output": str(output), "session": session})

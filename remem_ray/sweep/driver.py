@@ -16,7 +16,7 @@ from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage, preflight, preflight_config
-from remem_ray.sweep.layout import SPEC_FILE, SweepLayout
+from remem_ray.sweep.layout import LOG_FILE, SPEC_FILE, SweepLayout
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
 from remem_ray.sweep.tune_adapter import keep_credentials_out_of_runtime_envs
@@ -53,8 +53,17 @@ def _check_reachable(address: str) -> None:
         raise ResourceError(f"--address: cannot reach Ray at {address}: {exc.strerror or exc}") from None
 
 
+def _ray_console_level(verbose: bool) -> None:
+    """Ray's driver-side records from here on: INFO and up reach the sweep log (progress.py adds
+    its handler); Ray's console handler shows errors only, or everything with --verbose."""
+    ray_logger = logging.getLogger("ray")
+    ray_logger.setLevel(logging.INFO)
+    for handler in ray_logger.handlers:
+        handler.setLevel(logging.INFO if verbose else logging.ERROR)
+
+
 @contextlib.contextmanager
-def ray_session(address: str | None = None):
+def ray_session(address: str | None = None, verbose: bool = False):
     """Connect to `address` (or RAY_ADDRESS); otherwise start a private Ray on 127.0.0.1.
 
     The local Ray keeps its dashboard on: Train's cleanup of an ASHA-stopped nested run
@@ -63,15 +72,17 @@ def ray_session(address: str | None = None):
     address = _cluster_address(address)
     import ray
 
+    # quiet: Ray's notices while it starts (token auth, ...) stay off the console entirely
+    level = logging.INFO if verbose else logging.ERROR
     if address:
         _check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=level)
         except Exception as exc:  # ConnectionError, ValueError, TimeoutError, ...
             raise ResourceError(
                 f"--address: cannot connect to Ray at {address}: "
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            ) from None
+            ) from exc
         temp_dir = None
     else:
         temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")
@@ -83,8 +94,9 @@ def ray_session(address: str | None = None):
             _temp_dir=temp_dir,
             log_to_driver=True,
             configure_logging=True,
-            logging_level=logging.WARNING,
+            logging_level=level,
         )
+    _ray_console_level(verbose)
     try:
         yield
     except BaseException:
@@ -95,6 +107,24 @@ def ray_session(address: str | None = None):
         ray.shutdown()
     if temp_dir:
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _tune_console(verbose: bool):
+    """Quiet: Tune's legacy output engine at verbose=0 prints nothing (the new engine still draws
+    its experiment box and a TensorBoard hint into Ray's temp folder); ProgressCallback reports."""
+    if verbose:
+        yield
+        return
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
 
 
 @contextlib.contextmanager
@@ -139,7 +169,9 @@ def _check_new(layout: SweepLayout) -> None:
         )
 
 
-def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
+def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False) -> SweepSummary:
+    """Run a new sweep to the end; the console shows epochs, trial events and progress (all of
+    Ray's output with `verbose`), `<sweep folder>/sweep.log` keeps everything."""
     address = _cluster_address(address)
     check_spec(spec)
     preflight_config(spec.storage)  # endpoint, credentials, bucket, writable root: before Ray is imported
@@ -148,16 +180,20 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
     _check_new(layout)
     from ray import tune
 
+    from remem_ray.sweep.progress import ProgressCallback, sweep_console
     from remem_ray.sweep.trial import trial_dirname
 
-    with _stable_working_dir(), ray_session(address):
+    with _stable_working_dir(), ray_session(address, verbose), sweep_console(layout.experiment, verbose) as console:
+        console.show(
+            f"sweep {spec.name}: {spec.sweep.num_samples} trials, {spec.max_concurrent_trials()} at a time; "
+            f"log: {layout.experiment.uri(LOG_FILE)}"
+        )
         tuner = tune.Tuner(
             _trainable(spec),
             tune_config=tune.TuneConfig(
-                search_alg=build_searcher(spec),
+                search_alg=build_searcher(spec),  # limits concurrency to spec.max_concurrent_trials()
                 scheduler=build_scheduler(spec),
                 num_samples=spec.sweep.num_samples,
-                max_concurrent_trials=spec.max_concurrent_trials(),
                 trial_dirname_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(
@@ -165,11 +201,13 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
                 storage_path=layout.root.child("sweeps").path(),
                 storage_filesystem=storage.fs,
                 failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
-                verbose=1,
+                verbose=1 if verbose else 0,
+                callbacks=[ProgressCallback(spec.sweep.num_samples)],
             ),
         )
         layout.experiment.write_text(SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
-        tuner.fit()
+        with _tune_console(verbose):
+            tuner.fit()
         summary = summarize(spec, layout)
         write_summary(layout, summary)
         _write_report(summary, layout)
@@ -208,21 +246,25 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
     return spec
 
 
-def resume_sweep(spec: SweepSpec, address: str | None = None) -> SweepSummary:
+def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False) -> SweepSummary:
     address = _cluster_address(address)
     preflight_config(spec.storage)  # resume writes: the root must be writable too
     from ray import tune
+
+    from remem_ray.sweep.progress import sweep_console
 
     storage = Storage.from_config(spec.storage)
     layout = SweepLayout(storage, spec.name)
     path = layout.experiment.path()
     if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
         raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
-    with _stable_working_dir(), ray_session(address):
+    with _stable_working_dir(), ray_session(address, verbose), sweep_console(layout.experiment, verbose) as console:
+        console.show(f"sweep {spec.name}: resuming; log: {layout.experiment.uri(LOG_FILE)}")
         tuner = tune.Tuner.restore(
             path, _trainable(spec), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
         )
-        tuner.fit()
+        with _tune_console(verbose):
+            tuner.fit()
         summary = summarize(spec, layout)
         write_summary(layout, summary)
         _write_report(summary, layout)

@@ -3,6 +3,7 @@
 <root>/sweeps/<name>/                  the Ray Tune experiment (Tuner.restore works on it)
 <root>/sweeps/<name>/sweep_spec.json   the validated spec (resume rebuilds the trial from it)
 <root>/sweeps/<name>/summary.json      written at the end of run and resume
+<root>/sweeps/<name>/sweep.log         the driver's console and every line of the cluster's output
 <root>/sweeps/<name>/students/<trial>/best/   each trial's best student
 <root>/sweeps/<name>/train-runs/student-<trial>/   the students' Ray Train runs
 <root>/sweeps/<name>/teacher-trainings/<key>.json  teachers this sweep trained
@@ -19,6 +20,7 @@ from remem_ray.storage import Storage
 
 SPEC_FILE = "sweep_spec.json"
 SUMMARY_FILE = "summary.json"
+LOG_FILE = "sweep.log"
 
 
 class SweepLayout:

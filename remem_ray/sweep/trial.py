@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from remem_ray.config import SweepSpec, WorkerResources
+from remem_ray.console import say
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
@@ -84,6 +85,7 @@ def fit_teacher(spec: SweepSpec, run_spec, registry: TeacherRegistry, key: str, 
             "spec": run_spec.model_dump(mode="json"),
             "output": registry.training_output(key).uri(),
             "lease": lease.handle().to_dict(),
+            "label": f"trial {lease.holder.rsplit('/', 1)[-1]} teacher {key[:8]}",
         },
         spec.sweep.resources.teacher,
         spec.sweep.resources.backend,
@@ -124,7 +126,7 @@ def ensure_teacher(
                 return True
             continue  # lost the lease mid-run: the new holder finishes; wait for it
         if time.monotonic() - last_note > 30:
-            print(f"trial {trial_id}: waiting for teacher {key} (trained by {lease.holder_now()})", flush=True)
+            say(f"trial {trial_id}: waiting for teacher {key[:8]} (trained by {lease.holder_now()})")
             last_note = time.monotonic()
         if time.monotonic() > deadline:
             raise TimeoutError(f"teacher {key}: not ready after {spec.sweep.teacher_wait_timeout_s:.0f} s")
@@ -152,19 +154,13 @@ def _train_under_lease(
                     return layout.trained_by(key) == trial_id
                 run = registry.schedule_retrain(key, epoch, problem)
                 layout.record_integrity_event(key, epoch, problem, trial_id, action=f"retrained in {run}")
-                print(f"trial {trial_id}: {problem}; retraining teacher {key} in Train run {run}", flush=True)
-            print(
-                f"trial {trial_id}: training teacher {key} (rho {run_spec.teacher.rho}, "
-                f"alpha {run_spec.teacher.alpha})",
-                flush=True,
-            )
+                say(f"trial {trial_id}: {problem}; retraining teacher {key[:8]} in Train run {run}")
+            teacher = run_spec.teacher
+            say(f"trial {trial_id}: training teacher {key[:8]} (rho {teacher.rho}, alpha {teacher.alpha})")
             fit_called_at = time.time()
             fit(spec, run_spec, registry, key, lease)
         if heartbeat.lost.is_set() or not lease.renew():
-            print(
-                f"trial {trial_id}: lost the lease on teacher {key} while training it; waiting for its new holder",
-                flush=True,
-            )
+            say(f"trial {trial_id}: lost the lease on teacher {key[:8]} while training it; waiting for its new holder")
             return False
         registry.finish_training(key)
         layout.record_teacher_training(key, trial_id, fit_called_at=fit_called_at)
@@ -198,6 +194,7 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             "spec": run_spec.model_dump(mode="json"),
             "teacher": teacher,
             "output": layout.student(trial_id).uri(),
+            "label": f"trial {trial_id} student",
             # timings and memory of this trial's driver, for benchmarks/sweep_overhead.py
             "report_extra": {
                 "teacher_key": key,
@@ -214,7 +211,7 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         ),
     )
     trainer.fit()
-    print(f"trial {trial_id}: done; student at {layout.student(trial_id).uri('best')}", flush=True)
+    print(f"trial {trial_id}: done; student at {layout.student(trial_id).uri('best')}", flush=True)  # log only
 
 
 def trial_dirname(trial) -> str:

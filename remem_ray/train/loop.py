@@ -89,15 +89,16 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     section = getattr(spec, role)
     model_name, model_kwargs, batch_size = section.model, section.model_kwargs, section.batch_size
     # in-process callers (tests) may bring their own Session; Ray Train workers get theirs here
-    session = config.get("session") or current_session(prefix=f"{role}: ", quiet=bool(config.get("quiet", False)))
+    label = config.get("label") or role  # a sweep names the trial and teacher: "trial 1a2b teacher 8e8b4b34"
+    session = config.get("session") or current_session(prefix=f"{label}: ", quiet=bool(config.get("quiet", False)))
     seed_everything(rank_seed(spec.seed, session.world_rank, 0))
     device = pick_device(spec.device, session.local_rank)
     eval_cfg = EvalTransformConfig.from_timm(resolved_data_config(model_name, model_kwargs, spec.data.img_size))
     splits = build_datasets(spec.data, spec.seed, eval_cfg, endpoint=spec.storage.endpoint)
     data = build_pipeline(
-        spec.data, splits, device, spec.seed, Shard(session.world_rank, session.world_size), log=session.log
+        spec.data, splits, device, spec.seed, Shard(session.world_rank, session.world_size), log=session.detail
     )
-    session.log(f"data: {data.describe()}; compile {'on' if compiles(spec.compile, device) else 'off'}")
+    session.detail(f"data: {data.describe()}; compile {'on' if compiles(spec.compile, device) else 'off'}")
     eval_batches = {split: data.eval(split, max(batch_size, 256)) for split in ("val", "test")}
     output = Storage(config["output"], spec.storage.endpoint, spec.storage.region)
     lease = LeaseHandle.from_dict(config["lease"]) if config.get("lease") else None
@@ -256,7 +257,7 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
             excess = clock.first_step_excess()
             if excess is not None:
                 metrics["compile_seconds"] = excess
-                ctx.session.log(f"torch.compile: the first step took {excess:.1f} s longer than the others")
+                ctx.session.detail(f"torch.compile: the first step took {excess:.1f} s longer than the others")
         for split in ("val", "test"):
             loss, acc = evaluate(task.model, task.normalizer, ctx.eval_batches[split], ctx.device)
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = loss, acc

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from remem_ray.console import say
+
 
 class Session(Protocol):
     world_rank: int
@@ -27,7 +29,11 @@ class Session(Protocol):
     def restore_state(self) -> dict[str, Any] | None:
         """The last state reported by an earlier attempt of this run, if any."""
 
-    def log(self, message: str) -> None: ...
+    def log(self, message: str) -> None:
+        """A line worth the console: epoch results, resumption, stops."""
+
+    def detail(self, message: str) -> None:
+        """A line for the log file only under a sweep (shown in-process)."""
 
 
 _SHOWN = ("train_loss", "train_acc", "val_acc", "test_acc", "best_val_acc", "lr")
@@ -66,6 +72,8 @@ class ConsoleSession:
         if not self.quiet:
             print(f"[{time.strftime('%H:%M:%S')}] {self.prefix}{message}", file=sys.stderr, flush=True)
 
+    detail = log
+
 
 class RayTrainSession:
     """Inside a Ray Train worker: metrics through ray.train.report, state as a Train checkpoint."""
@@ -103,7 +111,12 @@ class RayTrainSession:
 
     def log(self, message: str) -> None:
         if self.world_rank == 0:
-            print(f"{self.prefix}{message}", flush=True)
+            say(f"{self.prefix}{message}")
+
+    def detail(self, message: str) -> None:
+        if self.world_rank == 0:
+            sys.stdout.write(f"{self.prefix}{message}\n")  # not print: Train's print echoes twice
+            sys.stdout.flush()
 
 
 def in_ray_train_worker() -> bool:

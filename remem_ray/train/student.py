@@ -30,7 +30,7 @@ def target_source(ctx: LoopContext, teacher_location: str, teacher, teacher_norm
     )
     ctx.report_extra["target_cache_built"] = int(info["built"])
     if not info["built"]:
-        ctx.session.log(f"teacher targets from cache {info['location']}")
+        ctx.session.detail(f"teacher targets from cache {info['location']}")
     return CachedTargets(table, Views(cfg.target_views, cfg.target_view_seed), ctx.device)
 
 

@@ -72,7 +72,7 @@ class TeacherTask(Task):
                 information=information,
                 mi_temperature=MI_REFERENCE_TEMPERATURE,
             )
-            ctx.session.log(f"saved checkpoint {ctx.output.uri(checkpoint_name(epoch))}")
+            ctx.session.detail(f"saved checkpoint {ctx.output.uri(checkpoint_name(epoch))}")
 
 
 def fine_tune_teacher(config: dict[str, Any]) -> dict[str, Any]:

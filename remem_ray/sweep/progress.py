@@ -1,0 +1,213 @@
+"""The sweep driver's console and log file.
+
+By default the console shows one line per epoch of each Train run (marked by the workers, see
+remem_ray.console), a line when a trial starts and ends, a compact progress line at a steady
+cadence, and worker tracebacks; Ray's and Tune's own chatter goes only to the log file,
+`<sweep folder>/sweep.log`, which holds everything. `--verbose` puts Ray's console back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+from remem_ray.console import marked
+from remem_ray.search_params import SEARCH_PARAMS
+from remem_ray.storage import Storage
+from remem_ray.sweep.layout import LOG_FILE
+from remem_ray.sweep.ray_adapter import worker_output_to
+from remem_ray.sweep.search import METRIC, stopped_early
+
+PROGRESS_EVERY_S = 30.0
+
+
+class SweepLog:
+    """Append-only text log of the sweep; an s3:// sweep folder gets a copy at each sync()."""
+
+    def __init__(self, experiment: Storage) -> None:
+        self.experiment = experiment
+        self.remote = experiment.uri().startswith("s3://")
+        if self.remote:
+            self.path = Path(tempfile.mkdtemp(prefix="remem-log-")) / LOG_FILE
+            if experiment.is_file(LOG_FILE):  # a resumed sweep goes on with its log
+                self.path.write_bytes(experiment.read_bytes(LOG_FILE))
+        else:
+            self.path = Path(experiment.path(LOG_FILE))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line.rstrip()}\n")
+            self._file.flush()
+
+    def sync(self) -> None:
+        if self.remote:
+            with self._lock:
+                data = self.path.read_bytes()
+            self.experiment.write_bytes(LOG_FILE, data)
+
+    def close(self) -> None:
+        self.sync()
+        with self._lock:
+            self._file.close()
+
+
+class LogFileHandler(logging.Handler):
+    """Python logging records (Ray, Tune, Optuna on the driver) into the sweep log."""
+
+    def __init__(self, log: SweepLog) -> None:
+        super().__init__(logging.INFO)
+        self.log = log
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.log.write(self.format(record))
+        except Exception:  # noqa: BLE001 (logging must never break the sweep)
+            self.handleError(record)
+
+
+class SweepConsole:
+    def __init__(self, log: SweepLog, verbose: bool = False, out: TextIO | None = None) -> None:
+        self.log, self.verbose = log, verbose
+        self.out = out or sys.stdout
+        self.started = time.monotonic()
+
+    def show(self, message: str) -> None:
+        """A line on the console and in the log."""
+        self.log.write(message)
+        if not self.verbose:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=self.out, flush=True)
+
+    def worker_output(self, batch: dict[str, Any]) -> None:
+        """A batch of output lines from a process of the cluster (see sweep/ray_adapter.py)."""
+        lines = batch.get("lines") or []
+        who = f"({batch.get('actor_name') or batch.get('task_name') or 'worker'} pid={batch.get('pid')})"
+        for line in lines:
+            self.log.write(f"{who} {line}")
+        if self.verbose:
+            return  # Ray's own printer shows them
+        if batch.get("is_err") and any(line.startswith("Traceback") for line in lines):
+            print("\n".join(f"{who} {line}" for line in lines), file=self.out, flush=True)
+            return
+        for line in lines:
+            message = marked(line)
+            if message is not None:
+                print(f"[{time.strftime('%H:%M:%S')}] {message}", file=self.out, flush=True)
+
+    def elapsed(self) -> str:
+        seconds = int(time.monotonic() - self.started)
+        return (
+            f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+            if seconds >= 3600
+            else (f"{seconds // 60}m{seconds % 60:02d}s")
+        )
+
+
+def progress_line(trials: list, num_samples: int, elapsed: str) -> str:
+    """trials done / running / pending, teachers trained / reused, best student so far."""
+    status = [t.status for t in trials]
+    results = [t.last_result or {} for t in trials]
+    done = status.count("TERMINATED")
+    stopped = sum(1 for t, r in zip(trials, results) if t.status == "TERMINATED" and stopped_early(r))
+    errored = status.count("ERROR")
+    pending = status.count("PENDING") + status.count("PAUSED") + max(0, num_samples - len(trials))
+    reported = [r for r in results if "teacher_trained" in r]
+    trained = sum(int(r["teacher_trained"]) for r in reported)
+    scored = [(r[METRIC], t.trial_id) for t, r in zip(trials, results) if METRIC in r]
+    best = f"best student val {max(scored)[0]:.4f} (trial {max(scored)[1]})" if scored else "no student yet"
+    return (
+        f"progress {elapsed}: trials {done}/{num_samples} done ({stopped} stopped early, {errored} errored), "
+        f"{status.count('RUNNING')} running, {pending} pending | teachers {trained} trained, "
+        f"{len(reported) - trained} reused | {best}"
+    )
+
+
+def _params(config: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {config[name]:g}" for name in SEARCH_PARAMS if name in config)
+
+
+_active: SweepConsole | None = None  # the console of the sweep this driver runs now
+
+
+class ProgressCallback(Callback):
+    """Trial start and end lines, and the progress line every `every_s` and at the end.
+
+    Tune pickles its callbacks with the experiment (tuner.pkl) and uses those on resume, so
+    this holds only plain numbers and finds the live console through `sweep_console`.
+    """
+
+    def __init__(self, num_samples: int, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.num_samples, self.every_s = num_samples, every_s
+        self.last = time.monotonic()
+
+    def __getstate__(self) -> dict:
+        return {"num_samples": self.num_samples, "every_s": self.every_s}
+
+    def __setstate__(self, state: dict) -> None:
+        self.num_samples, self.every_s = state["num_samples"], state["every_s"]
+        self.last = time.monotonic()  # a monotonic clock means nothing in another process
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if _active:
+            _active.show(f"trial {trial.trial_id} started: {_params(trial.config)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if _active:
+            result = trial.last_result or {}
+            how = f"stopped early after student epoch {result.get('epoch')}" if stopped_early(result) else "done"
+            acc = f"best student val {result[METRIC]:.4f}" if METRIC in result else "no student result"
+            _active.show(f"trial {trial.trial_id} {how}: {acc}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if _active:
+            _active.show(f"trial {trial.trial_id} failed: its error is in {trial.path or 'its trial folder'}")
+
+    def on_step_end(self, iteration, trials, **info):
+        if _active and time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            _active.show(progress_line(trials, self.num_samples, _active.elapsed()))
+            _active.log.sync()
+
+    def on_experiment_end(self, trials, **info):
+        if _active:
+            _active.show(progress_line(trials, self.num_samples, _active.elapsed()))
+
+
+@contextlib.contextmanager
+def sweep_console(experiment: Storage, verbose: bool = False) -> Iterator[SweepConsole]:
+    """While a sweep runs on this driver: its log file takes Ray's, Tune's and Optuna's records and
+    every line of the cluster's output; the console shows what SweepConsole lets through."""
+    global _active
+    import optuna
+
+    log = SweepLog(experiment)
+    console = SweepConsole(log, verbose)
+    file_handler = LogFileHandler(log)
+    loggers = [logging.getLogger("ray"), logging.getLogger("optuna")]
+    for logger in loggers:
+        logger.addHandler(file_handler)
+    optuna_level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    routing = worker_output_to(console.worker_output, keep_ray_printer=verbose)
+    _active = console
+    try:
+        with routing:
+            yield console
+    finally:
+        _active = None
+        optuna.logging.set_verbosity(optuna_level)
+        for logger in loggers:
+            logger.removeHandler(file_handler)
+        log.close()

@@ -1,0 +1,38 @@
+"""What remem_ray relies on inside Ray core, in one place (checked against ray 2.60.0;
+tests/test_ray_adapter.py guards it).
+
+- `ray._private.ray_logging.global_worker_stdstream_dispatcher`: the driver hands every batch of
+  output lines from the cluster's processes to its handlers; `ray.init(log_to_driver=True)`
+  registers the stock printer as "ray_print_logs". Ray has no public hook for this: the only
+  public switch is all (`log_to_driver=True`) or nothing. A batch is a dict with at least
+  "lines" (list of str), "is_err" (stderr or stdout), "pid" and "actor_name".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+STOCK_PRINTER = "ray_print_logs"
+OUR_HANDLER = "remem_worker_output"
+
+
+@contextlib.contextmanager
+def worker_output_to(handler: Callable[[dict[str, Any]], None], keep_ray_printer: bool = False) -> Iterator[None]:
+    """Send the cluster's output batches to `handler`, instead of Ray's printer or beside it.
+
+    Call after ray.init; Ray's printer is put back on the way out.
+    """
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    stock = [] if keep_ray_printer else [h for name, h in dispatcher.handlers if name == STOCK_PRINTER]
+    if stock:
+        dispatcher.remove_handler(STOCK_PRINTER)
+    dispatcher.add_handler(OUR_HANDLER, handler)
+    try:
+        yield
+    finally:
+        dispatcher.remove_handler(OUR_HANDLER)
+        for printer in stock:
+            dispatcher.add_handler(STOCK_PRINTER, printer)
