@@ -35,7 +35,10 @@ def run_teacher(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
 
     check_spec(spec)
     output = run_folder(spec).uri("teacher")
-    return fine_tune_teacher({"spec": spec.model_dump(mode="json"), "output": output, "quiet": quiet})
+    tensorboard = run_folder(spec).uri("tensorboard", "teacher")
+    return fine_tune_teacher(
+        {"spec": spec.model_dump(mode="json"), "output": output, "quiet": quiet, "tensorboard": tensorboard}
+    )
 
 
 def run_student(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
@@ -44,4 +47,5 @@ def run_student(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
     check_spec(spec)
     teacher = teacher_location(spec)
     output = run_folder(spec).uri("student")
-    return distill_student({"spec": spec.model_dump(mode="json"), "teacher": teacher, "output": output, "quiet": quiet})
+    config = {"spec": spec.model_dump(mode="json"), "teacher": teacher, "output": output, "quiet": quiet}
+    return distill_student({**config, "tensorboard": run_folder(spec).uri("tensorboard", "student")})

@@ -27,7 +27,7 @@ def test_public_api_resolves_and_importing_the_package_stays_light():
 
 
 OURS = ("remem_ray", "__future__", "")  # "": relative imports
-ADAPTERS = {"remem_ray/sweep/tune_adapter.py", "remem_ray/timm_adapter.py"}
+ADAPTERS = {"remem_ray/sweep/tune_adapter.py", "remem_ray/sweep/ray_adapter.py", "remem_ray/timm_adapter.py"}
 
 
 def _library_internals_used(path: Path) -> list[str]:

@@ -4,6 +4,8 @@
 <root>/sweeps/<name>/sweep_spec.json   the validated spec (resume rebuilds the trial from it)
 <root>/sweeps/<name>/summary.json      written at the end of run and resume
 <root>/sweeps/<name>/sweep.log         the driver's console and every line of the cluster's output
+<root>/sweeps/<name>/tensorboard/<run>/   per-epoch scalars of each teacher and student Train run
+<root>/sweeps/<name>/optuna.db         the Optuna study (SQLite), kept up to date while the sweep runs
 <root>/sweeps/<name>/students/<trial>/best/   each trial's best student
 <root>/sweeps/<name>/train-runs/student-<trial>/   the students' Ray Train runs
 <root>/sweeps/<name>/teacher-trainings/<key>.json  teachers this sweep trained
@@ -33,6 +35,10 @@ class SweepLayout:
 
     def student(self, trial_id: str) -> Storage:
         return self.experiment.child("students", trial_id)
+
+    def tensorboard(self, run: str) -> Storage:
+        """TensorBoard event files of one Train run: teacher_<key> or trial_<id>_student."""
+        return self.experiment.child("tensorboard", run)
 
     def record_teacher_training(self, key: str, trial_id: str, **extra) -> None:
         record = {"teacher_key": key, "trial_id": trial_id, "time": time.time(), **extra}

@@ -79,6 +79,7 @@ def fit_teacher(spec: SweepSpec, run_spec, registry: TeacherRegistry, key: str, 
     """Train (or resume) the teacher under a held lease in its Train run; the loop stops if the lease goes."""
     from remem_ray.train.teacher import fine_tune_teacher
 
+    layout = SweepLayout(Storage.from_config(spec.storage), spec.name)
     trainer = make_trainer(
         fine_tune_teacher,
         {
@@ -86,6 +87,7 @@ def fit_teacher(spec: SweepSpec, run_spec, registry: TeacherRegistry, key: str, 
             "output": registry.training_output(key).uri(),
             "lease": lease.handle().to_dict(),
             "label": f"trial {lease.holder.rsplit('/', 1)[-1]} teacher {key[:8]}",
+            "tensorboard": layout.tensorboard(f"teacher_{key}").uri(),
         },
         spec.sweep.resources.teacher,
         spec.sweep.resources.backend,
@@ -195,6 +197,7 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             "teacher": teacher,
             "output": layout.student(trial_id).uri(),
             "label": f"trial {trial_id} student",
+            "tensorboard": layout.tensorboard(f"trial_{trial_id}_student").uri(),
             # timings and memory of this trial's driver, for benchmarks/sweep_overhead.py
             "report_extra": {
                 "teacher_key": key,

@@ -34,6 +34,7 @@ from remem_ray.train.common import (
     to_device,
 )
 from remem_ray.train.faultpoints import hold_if_asked
+from remem_ray.train.scalars import ScalarLog
 from remem_ray.train.session import Session, current_session
 
 
@@ -50,6 +51,7 @@ class LoopContext:
     report_extra: dict[str, Any] = field(default_factory=dict)
     lease: LeaseHandle | None = None  # the right to write `output`, when it is shared (teacher keys)
     stopped: str | None = None  # why the loop stopped early, if it did
+    scalars: ScalarLog | None = None  # TensorBoard events of this run (rank 0), where asked for
 
     @property
     def is_writer(self) -> bool:
@@ -102,9 +104,11 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     eval_batches = {split: data.eval(split, max(batch_size, 256)) for split in ("val", "test")}
     output = Storage(config["output"], spec.storage.endpoint, spec.storage.region)
     lease = LeaseHandle.from_dict(config["lease"]) if config.get("lease") else None
-    return LoopContext(
-        role, spec, session, device, output, splits, data, eval_batches, dict(config.get("report_extra") or {}), lease
-    )
+    scalars = None
+    if config.get("tensorboard") and session.world_rank == 0:
+        scalars = ScalarLog(Storage(config["tensorboard"], spec.storage.endpoint, spec.storage.region))
+    extra = dict(config.get("report_extra") or {})
+    return LoopContext(role, spec, session, device, output, splits, data, eval_batches, extra, lease, scalars=scalars)
 
 
 class EpochClock:
@@ -276,7 +280,11 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         task.after_epoch(ctx, epoch, metrics)
         metrics.update(ctx.report_extra)
         state = {"epoch": epoch, "task": task.state(), "history": history}
+        if ctx.scalars is not None:  # before the report: a scheduler's stop may end the run inside it
+            ctx.scalars.write(metrics)
         ctx.session.report(metrics, state=state)
         if ctx.is_writer:
             hold_if_asked(ctx.role, epoch, ctx.output.uri())
+    if ctx.scalars is not None:
+        ctx.scalars.close()
     return history

@@ -1,0 +1,61 @@
+"""Per-epoch scalars of one Train run as TensorBoard event files under the storage root.
+
+Rank 0 writes them with tensorboardX's synchronous EventsWriter (its SummaryWriter queues events
+for a background process: an epoch's scalars would not be on disk when the epoch ends) into the
+run's folder: directly for a local root, through a local folder copied up after each epoch for
+s3:// roots. A resumed run adds a file beside the first; TensorBoard reads them as one run.
+`tensorboard --logdir <root>/sweeps/<name>` then shows every teacher and student of a sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from remem_ray.storage import Storage
+
+# result key -> TensorBoard tag (grouped into sections by the prefix)
+TAGS = {
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "test_loss": "loss/test",
+    "train_acc": "accuracy/train",
+    "val_acc": "accuracy/val",
+    "test_acc": "accuracy/test",
+    "best_val_acc": "accuracy/best_val",
+    "lr": "optim/lr",
+    "images_per_s": "speed/images_per_s",
+    "data_wait_share": "speed/data_wait_share",
+    "epoch_seconds": "speed/epoch_seconds",
+}
+
+
+class ScalarLog:
+    def __init__(self, target: Storage) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+
+        self.target = target
+        self.remote = target.uri().startswith("s3://")
+        self.folder = Path(tempfile.mkdtemp(prefix="remem-tb-")) if self.remote else Path(target.path())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.writer = EventsWriter(str(self.folder / "events"), filename_suffix=f".{os.getpid()}")
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        step, now = int(metrics["epoch"]), time.time()
+        for key, tag in TAGS.items():
+            value = metrics.get(key)
+            if isinstance(value, int | float):
+                self.writer.write_event(Event(wall_time=now, step=step, summary=scalar(tag, float(value))))
+        self.writer.flush()
+        if self.remote:
+            for path in self.folder.iterdir():
+                self.target.write_bytes(path.name, path.read_bytes())
+
+    def close(self) -> None:
+        self.writer.close()

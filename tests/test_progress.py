@@ -1,0 +1,69 @@
+"""The sweep console's own logic: what it shows, what it keeps in the log, the progress line."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+from remem_ray.console import MARK
+from remem_ray.storage import Storage
+from remem_ray.sweep.progress import ProgressCallback, SweepConsole, SweepLog, progress_line
+
+
+def _console(tmp_path, verbose=False):
+    out = io.StringIO()
+    log = SweepLog(Storage(str(tmp_path)).child("sweeps", "s"))
+    return SweepConsole(log, verbose=verbose, out=out), out, log
+
+
+def test_the_console_shows_marked_lines_and_tracebacks_and_the_log_keeps_everything(tmp_path):
+    console, out, log = _console(tmp_path)
+    noise = "Reporting training result 1: TrainingReport(checkpoint=..., metrics={...})"
+    epoch = f"{MARK}trial 1a2b student: epoch 1/3  val_acc 0.5"
+    console.worker_output(
+        {"lines": [noise, epoch, "Checkpoint successfully created at: ..."], "pid": 9, "is_err": False}
+    )
+    console.worker_output({"lines": ["Traceback (most recent call last):", "ValueError: x"], "pid": 9, "is_err": True})
+    console.show("progress 0m30s: trials 0/4 done")
+    shown = out.getvalue()
+    assert "trial 1a2b student: epoch 1/3  val_acc 0.5" in shown and MARK not in shown
+    assert "TrainingReport(" not in shown and "Checkpoint successfully created" not in shown
+    assert "ValueError: x" in shown and "progress 0m30s" in shown
+    log.close()
+    kept = (tmp_path / "sweeps" / "s" / "sweep.log").read_text()
+    for line in (noise, epoch, "Checkpoint successfully created", "ValueError: x", "progress 0m30s"):
+        assert line in kept
+
+
+def test_verbose_leaves_the_cluster_output_to_rays_printer(tmp_path):
+    console, out, log = _console(tmp_path, verbose=True)
+    console.worker_output({"lines": [f"{MARK}epoch 1"], "pid": 9, "is_err": False})
+    assert out.getvalue() == ""
+    log.close()
+    assert "epoch 1" in (tmp_path / "sweeps" / "s" / "sweep.log").read_text()
+
+
+def _trial(trial_id, status, **result):
+    return SimpleNamespace(trial_id=trial_id, status=status, last_result=result)
+
+
+def test_progress_line_counts_trials_teachers_and_the_best_student():
+    trials = [
+        _trial("a", "TERMINATED", teacher_trained=1, best_val_acc=0.7, epoch=3, epochs=3),
+        _trial("b", "TERMINATED", teacher_trained=0, best_val_acc=0.8, epoch=1, epochs=3),  # stopped by ASHA
+        _trial("c", "RUNNING"),  # waiting for its teacher: no result yet
+        _trial("d", "ERROR", teacher_trained=0),
+    ]
+    line = progress_line(trials, num_samples=6, elapsed="1m05s")
+    assert line == (
+        "progress 1m05s: trials 2/6 done (1 stopped early, 1 errored), 1 running, 2 pending | "
+        "teachers 1 trained, 2 reused | best student val 0.8000 (trial b)"
+    )
+    assert "no student yet" in progress_line([_trial("c", "PENDING")], 2, "0m01s")
+
+
+def test_the_progress_callback_survives_tunes_pickling():
+    import pickle
+
+    callback = pickle.loads(pickle.dumps(ProgressCallback(num_samples=4, every_s=5.0)))
+    assert (callback.num_samples, callback.every_s) == (4, 5.0)

@@ -1,0 +1,39 @@
+"""Guards for what remem_ray relies on inside Ray core (remem_ray/sweep/ray_adapter.py): each fails
+loudly when a new Ray moves it."""
+
+from __future__ import annotations
+
+import inspect
+
+from remem_ray.sweep.ray_adapter import OUR_HANDLER, STOCK_PRINTER, worker_output_to
+
+
+def test_ray_init_registers_its_log_printer_on_the_dispatcher_under_the_name_we_take_away():
+    import ray._private.worker as worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    source = inspect.getsource(worker.connect)
+    assert f'"{STOCK_PRINTER}"' in source and "global_worker_stdstream_dispatcher.add_handler(" in source
+    assert callable(dispatcher.add_handler) and callable(dispatcher.remove_handler) and callable(dispatcher.emit)
+    assert isinstance(dispatcher.handlers, list)
+
+
+def test_worker_output_goes_to_our_handler_instead_of_rays_printer_and_back_after():
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    stock, ours = [], []
+    others = [pair for pair in dispatcher.handlers if pair[0] != STOCK_PRINTER]
+    dispatcher.handlers = [(STOCK_PRINTER, stock.append)]
+    try:
+        batch = {"lines": ["[remem] trial 1 student: epoch 1/3"], "is_err": False, "pid": 7, "actor_name": "W"}
+        with worker_output_to(ours.append):
+            dispatcher.emit(batch)
+            assert [name for name, _ in dispatcher.handlers].count(OUR_HANDLER) == 1
+        dispatcher.emit(batch)
+        assert ours == [batch] and stock == [batch]  # ours inside, Ray's printer after
+        with worker_output_to(ours.append, keep_ray_printer=True):  # --verbose: both
+            dispatcher.emit(batch)
+        assert len(ours) == 2 and len(stock) == 2
+        assert [name for name, _ in dispatcher.handlers] == [STOCK_PRINTER]
+    finally:
+        dispatcher.handlers = others  # as it was, less our stand-in for Ray's printer
