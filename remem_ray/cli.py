@@ -117,6 +117,21 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_dashboard(args: argparse.Namespace) -> int:
+    from remem_ray.storage import Storage
+    from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.study import serve_dashboard
+
+    if not 1 <= args.port <= 65535:
+        raise UserInputError(f"--port: {args.port} is not a port number (1-65535)")
+    spec = _located(args)
+    try:
+        serve_dashboard(spec, SweepLayout(Storage.from_config(spec.storage), spec.name), args.port)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_sweep_best(args: argparse.Namespace) -> int:
     import json
 
@@ -251,6 +266,7 @@ def _add_sweep_verbs(verbs) -> None:
         ("resume", cmd_sweep_resume, "continue an interrupted sweep (finished trials are kept)"),
         ("status", cmd_sweep_status, "the trial table of a sweep"),
         ("best", cmd_sweep_best, "the best trial's parameters and student checkpoint"),
+        ("dashboard", cmd_sweep_dashboard, "serve the sweep's Optuna study with optuna-dashboard on 127.0.0.1"),
     ):
         p = sub.add_parser(verb, help=text, description=text)
         p.add_argument("sweep", metavar="NAME|URI", help="sweep name under --storage, or the sweep folder's path/URI")
@@ -259,6 +275,8 @@ def _add_sweep_verbs(verbs) -> None:
         if verb == "resume":
             p.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
             p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+        if verb == "dashboard":
+            p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
         p.set_defaults(handler=handler)
     _add_job_verbs(sub)
 

@@ -512,6 +512,18 @@ class SweepConfig(StrictModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_failures: int = Field(2, ge=0, le=100, description="retries of a failed trial / Train run")
     teacher_wait_timeout_s: float = Field(6 * 3600, gt=0, description="longest a trial waits for another's teacher")
+    optuna_storage: str | None = Field(
+        None,
+        description="Optuna storage URL the study is kept in as the sweep runs (sqlite:///..., postgresql://...), "
+        "under the sweep's name; default: optuna.db (SQLite) in the sweep folder",
+    )
+
+    @field_validator("optuna_storage")
+    @classmethod
+    def _rdb_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.fullmatch(r"(sqlite|postgresql|mysql)(\+\w+)?://\S*", url):
+            raise ValueError("must be an Optuna RDB URL: sqlite:///PATH, postgresql://HOST/DB or mysql://HOST/DB")
+        return url
 
 
 class SweepSpec(RunSpec):

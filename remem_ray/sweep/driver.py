@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from remem_ray.storage import Storage, preflight, preflight_config
 from remem_ray.sweep.layout import LOG_FILE, SPEC_FILE, SweepLayout
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
+from remem_ray.sweep.study import export_study
 from remem_ray.sweep.tune_adapter import keep_credentials_out_of_runtime_envs
 
 
@@ -183,7 +185,12 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
     from remem_ray.sweep.progress import ProgressCallback, sweep_console
     from remem_ray.sweep.trial import trial_dirname
 
-    with _stable_working_dir(), ray_session(address, verbose), sweep_console(layout.experiment, verbose) as console:
+    export = functools.partial(export_study, spec, layout)
+    with (
+        _stable_working_dir(),
+        ray_session(address, verbose),
+        sweep_console(layout.experiment, verbose, on_tick=export) as console,
+    ):
         console.show(
             f"sweep {spec.name}: {spec.sweep.num_samples} trials, {spec.max_concurrent_trials()} at a time; "
             f"log: {layout.experiment.uri(LOG_FILE)}"
@@ -208,9 +215,18 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
         layout.experiment.write_text(SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
         with _tune_console(verbose):
             tuner.fit()
-        summary = summarize(spec, layout)
-        write_summary(layout, summary)
-        _write_report(summary, layout)
+        summary = _finish(spec, layout, console)
+    return summary
+
+
+def _finish(spec: SweepSpec, layout: SweepLayout, console) -> SweepSummary:
+    """summary.json, the report and the Optuna study's copy, as the sweep ends."""
+    summary = summarize(spec, layout)
+    write_summary(layout, summary)
+    _write_report(summary, layout)
+    url = export_study(spec, layout)
+    if url:
+        console.show(f"optuna study {spec.name!r}: {url} (`remem sweep dashboard {spec.name}` serves it)")
     return summary
 
 
@@ -258,16 +274,19 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
     path = layout.experiment.path()
     if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
         raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
-    with _stable_working_dir(), ray_session(address, verbose), sweep_console(layout.experiment, verbose) as console:
+    export = functools.partial(export_study, spec, layout)
+    with (
+        _stable_working_dir(),
+        ray_session(address, verbose),
+        sweep_console(layout.experiment, verbose, on_tick=export) as console,
+    ):
         console.show(f"sweep {spec.name}: resuming; log: {layout.experiment.uri(LOG_FILE)}")
         tuner = tune.Tuner.restore(
             path, _trainable(spec), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
         )
         with _tune_console(verbose):
             tuner.fit()
-        summary = summarize(spec, layout)
-        write_summary(layout, summary)
-        _write_report(summary, layout)
+        summary = _finish(spec, layout, console)
     return summary
 
 

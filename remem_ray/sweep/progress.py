@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -79,10 +79,26 @@ class LogFileHandler(logging.Handler):
 
 
 class SweepConsole:
-    def __init__(self, log: SweepLog, verbose: bool = False, out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        log: SweepLog,
+        verbose: bool = False,
+        out: TextIO | None = None,
+        on_tick: Callable[[], object] | None = None,
+    ) -> None:
         self.log, self.verbose = log, verbose
         self.out = out or sys.stdout
         self.started = time.monotonic()
+        self.on_tick = on_tick  # e.g. the Optuna study's export, at each progress line
+
+    def tick(self) -> None:
+        """Bring the copies others read up to date; a failure is logged, never fatal to the sweep."""
+        try:
+            if self.on_tick is not None:
+                self.on_tick()
+        except Exception as exc:  # noqa: BLE001 (a copy for readers must not stop the sweep)
+            self.log.write(f"could not update the sweep's copies: {type(exc).__name__}: {exc}")
+        self.log.sync()
 
     def show(self, message: str) -> None:
         """A line on the console and in the log."""
@@ -178,7 +194,7 @@ class ProgressCallback(Callback):
         if _active and time.monotonic() - self.last >= self.every_s:
             self.last = time.monotonic()
             _active.show(progress_line(trials, self.num_samples, _active.elapsed()))
-            _active.log.sync()
+            _active.tick()
 
     def on_experiment_end(self, trials, **info):
         if _active:
@@ -186,14 +202,16 @@ class ProgressCallback(Callback):
 
 
 @contextlib.contextmanager
-def sweep_console(experiment: Storage, verbose: bool = False) -> Iterator[SweepConsole]:
+def sweep_console(
+    experiment: Storage, verbose: bool = False, on_tick: Callable[[], object] | None = None
+) -> Iterator[SweepConsole]:
     """While a sweep runs on this driver: its log file takes Ray's, Tune's and Optuna's records and
     every line of the cluster's output; the console shows what SweepConsole lets through."""
     global _active
     import optuna
 
     log = SweepLog(experiment)
-    console = SweepConsole(log, verbose)
+    console = SweepConsole(log, verbose, on_tick=on_tick)
     file_handler = LogFileHandler(log)
     loggers = [logging.getLogger("ray"), logging.getLogger("optuna")]
     for logger in loggers:

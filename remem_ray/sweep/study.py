@@ -1,0 +1,95 @@
+"""The sweep's Optuna study where Optuna's own tools open it.
+
+The live study stays in memory inside Tune's searcher, whose pickled snapshots (searcher-state-
+*.pkl) roll back with the experiment on resume, so the study and Tune never disagree. What Optuna
+tools read is a copy of the newest snapshot, replaced whole at each progress tick and at the end:
+by default `optuna.db` (SQLite) in the sweep folder (uploaded there for s3:// roots), or the
+spec's `sweep.optuna_storage` URL; the study is named after the sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from remem_ray.config import SweepSpec
+from remem_ray.sweep.layout import SweepLayout
+from remem_ray.sweep.tune_adapter import study_from_searcher_state
+
+STUDY_FILE = "optuna.db"
+
+
+def newest_snapshot(layout: SweepLayout) -> bytes | None:
+    names = sorted(n for n in layout.experiment.list_dir() if n.startswith("searcher-state-") and n.endswith(".pkl"))
+    return layout.experiment.read_bytes(names[-1]) if names else None
+
+
+def study_url(spec: SweepSpec, layout: SweepLayout) -> str:
+    """Where `optuna.load_study(study_name=spec.name, storage=...)` finds the study."""
+    if spec.sweep.optuna_storage:
+        return spec.sweep.optuna_storage
+    return f"sqlite:///{layout.experiment.path(STUDY_FILE)}" if _is_local(layout) else layout.experiment.uri(STUDY_FILE)
+
+
+def export_study(spec: SweepSpec, layout: SweepLayout) -> str | None:
+    """Replace the stored study with Tune's newest snapshot of it; the storage URL, or None before any."""
+    snapshot = newest_snapshot(layout)
+    if snapshot is None:
+        return None
+    study = study_from_searcher_state(snapshot)
+    if spec.sweep.optuna_storage:
+        _replace(study, spec.sweep.optuna_storage, spec.name)
+        return spec.sweep.optuna_storage
+    with tempfile.TemporaryDirectory(prefix="remem-study-") as tmp:
+        fresh = Path(tmp) / STUDY_FILE
+        _replace(study, f"sqlite:///{fresh}", spec.name)
+        if _is_local(layout):  # readers never see a half-written database
+            target = Path(layout.experiment.path(STUDY_FILE))
+            staged = target.with_suffix(".db.tmp")
+            staged.write_bytes(fresh.read_bytes())
+            os.replace(staged, target)
+        else:
+            layout.experiment.write_bytes(STUDY_FILE, fresh.read_bytes())
+    return study_url(spec, layout)
+
+
+def _replace(study, url: str, name: str) -> None:
+    """The study under `name` at `url`, as `study` is now (public Optuna API, as copy_study does)."""
+    import optuna
+
+    storage = optuna.storages.get_storage(url)
+    if name in optuna.study.get_all_study_names(storage):
+        optuna.delete_study(study_name=name, storage=storage)
+    target = optuna.create_study(storage=storage, study_name=name, directions=study.directions)
+    for key, value in study.user_attrs.items():
+        target.set_user_attr(key, value)
+    target.add_trials(study.get_trials(deepcopy=False))
+    if hasattr(storage, "remove_session"):
+        storage.remove_session()  # let go of the SQLite file before it is moved or uploaded
+
+
+def _is_local(layout: SweepLayout) -> bool:
+    return not layout.experiment.uri().startswith("s3://")
+
+
+def serve_dashboard(spec: SweepSpec, layout: SweepLayout, port: int) -> None:
+    """optuna-dashboard on 127.0.0.1:`port` over the stored study (an s3:// copy is fetched first)."""
+    from remem_ray.errors import UserInputError
+
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise UserInputError(
+            "sweep dashboard: optuna-dashboard is not installed; pip install 'remem-ray[dashboard]'"
+        ) from None
+    url = study_url(spec, layout)
+    if not spec.sweep.optuna_storage:
+        if not layout.experiment.is_file(STUDY_FILE):
+            raise UserInputError(f"sweep: no Optuna study stored yet at {layout.experiment.uri(STUDY_FILE)}")
+        if not _is_local(layout):
+            local = Path(tempfile.mkdtemp(prefix="remem-study-")) / STUDY_FILE
+            local.write_bytes(layout.experiment.read_bytes(STUDY_FILE))
+            url = f"sqlite:///{local}"
+    print(f"Optuna dashboard of sweep {spec.name!r}: http://127.0.0.1:{port}  (Ctrl-C stops it)", flush=True)
+    optuna_dashboard.run_server(url, host="127.0.0.1", port=port)
