@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from servers import free_port
+
 # A ViT small enough for CPU tests; avg pooling learns faster than a class token on tiny data.
 TINY_VIT = "vit_tiny_patch16_224"
 TINY_VIT_KWARGS = {
@@ -62,12 +64,6 @@ def connect_timeouts(monkeypatch):
 
     monkeypatch.setattr(socket_module, "create_connection", spy)
     return seen
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

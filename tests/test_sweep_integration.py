@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import yaml
 
 from remem_ray.sweep.tune_adapter import study_from_searcher_state
 
-from servers import ProcessTree, RayHead, SeaweedFS
+from servers import ProcessTree, RayHead, SeaweedFS, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -113,6 +114,61 @@ def _check_summary(summary: dict, num_trials: int) -> None:
     assert {"rho", "alpha", "teacher_epoch"} <= set(best["params"])
 
 
+def _check_console(out: str, experiment: Path) -> None:
+    """One line per epoch per Train run, none twice; Ray's per-epoch chatter only in sweep.log;
+    the last progress line has the final counts."""
+    epoch_lines = [line.split("] ", 1)[1] for line in out.splitlines() if "epoch " in line and ": epoch " in line]
+    assert len(epoch_lines) == len(set(epoch_lines)) > 0, epoch_lines
+    assert sum("teacher" in line for line in epoch_lines) == 2 * 4  # two teachers, four epochs each
+    assert "TrainingReport(" not in out and "Checkpoint successfully created" not in out
+    assert "Configuration for experiment" not in out and "tensorboard --logdir" not in out
+    progress = [line for line in out.splitlines() if "] progress " in line]
+    final = "trials 4/4 done (1 stopped early, 0 errored), 0 running, 0 pending | teachers 2 trained, 2 reused"
+    assert progress and f"{final} | best student val " in progress[-1], progress
+    log = (experiment / "sweep.log").read_text()
+    assert "TrainingReport(" in log and all(line in log for line in epoch_lines)  # everything is kept there
+
+
+def _stored_study(experiment: Path, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{experiment / 'optuna.db'}")
+
+
+def _tensorboard_series(folder: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def _check_dashboard(root: Path, tmp_path: Path, env: dict[str, str]) -> None:
+    """`remem sweep dashboard` serves the stored study over HTTP on 127.0.0.1."""
+    import urllib.request
+
+    port = free_port()
+    proc, tree = start_remem(
+        ["sweep", "dashboard", "smoke", "--storage", str(root), "--port", str(port)], tmp_path, env
+    )
+    try:
+        body = None
+
+        def served() -> bool:
+            nonlocal body
+            assert proc.poll() is None, proc.log_path.read_text()[-2000:]
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5).read()
+            except OSError:
+                return False
+            return True
+
+        _wait_for(served, 60, "the dashboard to answer")
+        assert json.loads(body)["study_summaries"][0]["study_name"] == "smoke"
+    finally:
+        tree.kill_all()
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     header = path.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
@@ -138,6 +194,7 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
     summary = json.loads((experiment / "summary.json").read_text())
     _check_summary(summary, 4)
     assert "best student checkpoint:" in out and "teacher trainings performed: 2" in out
+    _check_console(out, experiment)
 
     # objects written: Tune experiment, teacher registry, students
     assert (experiment / "tuner.pkl").is_file() and (experiment / "sweep_spec.json").is_file()
@@ -152,14 +209,31 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
         assert (experiment / "students" / row["trial_id"] / "best" / "manifest.json").is_file()
         assert not any(len(p.name) > 60 for p in experiment.iterdir())  # no constants in trial folder names
 
-    # the Optuna study: ASHA-stopped trials are PRUNED, the others COMPLETE
-    study = _study(experiment)
-    assert len(study.trials) == 4
-    states = {r["trial_id"]: r["stopped_early"] for r in summary["trials"]}
-    pruned = sum(t.state.name == "PRUNED" for t in study.trials)
-    assert pruned == sum(states.values())
-    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
-    assert study.trials[0].params["rho"] == 0.0 and study.trials[0].params["teacher_epoch"] == 4  # enqueued
+    # the Optuna study, as Tune keeps it and as Optuna's own tools open it: ASHA-stopped trials
+    # are PRUNED (the third point by design), the others COMPLETE, with per-epoch values
+    for study in (_study(experiment), _stored_study(experiment, "smoke")):
+        assert len(study.trials) == 4
+        states = {r["trial_id"]: r["stopped_early"] for r in summary["trials"]}
+        pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+        assert len(pruned) == sum(states.values()) >= 1
+        assert pruned[0].number == 2 and pruned[0].params["student_lr"] == 0.00001
+        assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+        assert study.trials[0].params["rho"] == 0.0 and study.trials[0].params["teacher_epoch"] == 4  # enqueued
+        complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+        assert all(sorted(t.intermediate_values) == [1, 2] and t.value > 0.3 for t in complete)
+
+    # TensorBoard: each Train run's per-epoch scalars under the sweep folder
+    best = summary["best"]["trial_id"]
+    val = _tensorboard_series(experiment / "tensorboard" / f"trial_{best}_student", "accuracy/val")
+    assert [step for step, _ in val] == [1, 2, 3] and max(v for _, v in val) == summary["best"]["student_val_acc"]
+    for key in {r["teacher_key"] for r in summary["trials"]}:
+        assert [s for s, _ in _tensorboard_series(experiment / "tensorboard" / f"teacher_{key}", "loss/train")] == [
+            1,
+            2,
+            3,
+            4,
+        ]
+    _check_dashboard(root, tmp_path, env)
 
     # the report: five PNG plots of the expected size, linked from report.md
     assert f"report: {experiment}/report.md" in out
@@ -298,7 +372,8 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
     holds = tmp_path / "holds"
     holds.mkdir()
     # the outage begins while a student is held after its epoch 2, and the sweep goes on during it
-    env = _env(tmp_path, {**seaweed.env(), "REMEM_TEST_HOLD_AT": "student:2", "REMEM_TEST_HOLD_DIR": str(holds)})
+    hold = {"REMEM_TEST_HOLD_AT": "student:2", "REMEM_TEST_HOLD_DIR": str(holds)}
+    env = _env(tmp_path, {**seaweed.env(), **hold, "REMEM_KEEP_RAY_LOGS": "1"})  # scanned for credentials below
     ray_dirs_before = set(Path("/tmp").glob("remem-ray-*"))
     args = ["--storage", "s3://remem/exp", "--endpoint", seaweed.endpoint]
     proc, tree = start_remem(["sweep", "run", str(SMOKE), *args], tmp_path, env)
@@ -356,3 +431,5 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
     for key in keys:
         body = client.get_object(Bucket="remem", Key=key)["Body"].read()
         assert not any(s.encode() in body for s in secrets), key
+    for folder in ray_dirs:  # kept for the scan only (REMEM_KEEP_RAY_LOGS)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -348,3 +348,9 @@ def test_the_driver_gives_back_its_working_dir_and_removes_its_ray_temp_dir(tmp_
     assert os.path.isdir(fake.temp_dirs[1])  # a failed one keeps Ray's logs, and says where
     assert f"{fake.temp_dirs[1]}/session_latest/logs" in capsys.readouterr().err
     os.rmdir(fake.temp_dirs[1])
+
+    monkeypatch.setenv("REMEM_KEEP_RAY_LOGS", "1")  # kept on request (a credential scan, debugging)
+    with driver.ray_session(None):
+        pass
+    assert os.path.isdir(fake.temp_dirs[2])
+    os.rmdir(fake.temp_dirs[2])

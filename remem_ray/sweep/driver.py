@@ -66,7 +66,8 @@ def _ray_console_level(verbose: bool) -> None:
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, verbose: bool = False):
-    """Connect to `address` (or RAY_ADDRESS); otherwise start a private Ray on 127.0.0.1.
+    """Connect to `address` (or RAY_ADDRESS); otherwise start a private Ray on 127.0.0.1, in a
+    temp folder removed afterwards (kept when the sweep fails, or with REMEM_KEEP_RAY_LOGS=1).
 
     The local Ray keeps its dashboard on: Train's cleanup of an ASHA-stopped nested run
     finds the dead controller through the State API the dashboard serves.
@@ -107,7 +108,7 @@ def ray_session(address: str | None = None, verbose: bool = False):
         raise
     finally:
         ray.shutdown()
-    if temp_dir:
+    if temp_dir and os.environ.get("REMEM_KEEP_RAY_LOGS") != "1":
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
