@@ -20,6 +20,7 @@ from test_sweep_integration import (
     _env,
     _experiment_trials,
     _student_checkpoint_epoch,
+    _stored_study,
     _study,
     run_remem,
     start_remem,
@@ -127,6 +128,12 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
         assert (experiment / f"trial_{t}" / "result.json").read_text() == text
     study = _study(experiment)
     assert [t.number for t in study.trials] == [0, 1, 2]
+    # the copy Optuna's tools open (optuna.db) is the resumed study, whole
+    stored = _stored_study(experiment, name)
+    assert [(t.number, t.state, t.params, t.value) for t in stored.trials] == [
+        (t.number, t.state, t.params, t.value) for t in study.trials
+    ]
+    assert all(t.state.name == "COMPLETE" for t in stored.trials)
     if study_before is not None:
         for old, new in zip(study_before.trials, study.trials):
             assert old.params == new.params

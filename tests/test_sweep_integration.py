@@ -114,7 +114,7 @@ def _check_summary(summary: dict, num_trials: int) -> None:
     assert {"rho", "alpha", "teacher_epoch"} <= set(best["params"])
 
 
-def _check_console(out: str, experiment: Path) -> None:
+def _check_console(out: str, experiment: Path, stopped: int) -> None:
     """One line per epoch per Train run, none twice; Ray's per-epoch chatter only in sweep.log;
     the last progress line has the final counts."""
     epoch_lines = [line.split("] ", 1)[1] for line in out.splitlines() if "epoch " in line and ": epoch " in line]
@@ -123,7 +123,8 @@ def _check_console(out: str, experiment: Path) -> None:
     assert "TrainingReport(" not in out and "Checkpoint successfully created" not in out
     assert "Configuration for experiment" not in out and "tensorboard --logdir" not in out
     progress = [line for line in out.splitlines() if "] progress " in line]
-    final = "trials 4/4 done (1 stopped early, 0 errored), 0 running, 0 pending | teachers 2 trained, 2 reused"
+    # the third point is stopped by design; the first may be too, when the second reaches the rung first
+    final = f"trials 4/4 done ({stopped} stopped early, 0 errored), 0 running, 0 pending | teachers 2 trained, 2 reused"
     assert progress and f"{final} | best student val " in progress[-1], progress
     log = (experiment / "sweep.log").read_text()
     assert "TrainingReport(" in log and all(line in log for line in epoch_lines)  # everything is kept there
@@ -194,7 +195,7 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
     summary = json.loads((experiment / "summary.json").read_text())
     _check_summary(summary, 4)
     assert "best student checkpoint:" in out and "teacher trainings performed: 2" in out
-    _check_console(out, experiment)
+    _check_console(out, experiment, stopped=sum(r["stopped_early"] for r in summary["trials"]))
 
     # objects written: Tune experiment, teacher registry, students
     assert (experiment / "tuner.pkl").is_file() and (experiment / "sweep_spec.json").is_file()
@@ -216,7 +217,7 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
         states = {r["trial_id"]: r["stopped_early"] for r in summary["trials"]}
         pruned = [t for t in study.trials if t.state.name == "PRUNED"]
         assert len(pruned) == sum(states.values()) >= 1
-        assert pruned[0].number == 2 and pruned[0].params["student_lr"] == 0.00001
+        assert any(t.number == 2 and t.params["student_lr"] == 0.00001 for t in pruned)
         assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
         assert study.trials[0].params["rho"] == 0.0 and study.trials[0].params["teacher_epoch"] == 4  # enqueued
         complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -225,7 +226,8 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
     # TensorBoard: each Train run's per-epoch scalars under the sweep folder
     best = summary["best"]["trial_id"]
     val = _tensorboard_series(experiment / "tensorboard" / f"trial_{best}_student", "accuracy/val")
-    assert [step for step, _ in val] == [1, 2, 3] and max(v for _, v in val) == summary["best"]["student_val_acc"]
+    assert [step for step, _ in val] == [1, 2, 3]
+    assert max(v for _, v in val) == pytest.approx(summary["best"]["student_val_acc"], abs=1e-6)  # float32 events
     for key in {r["teacher_key"] for r in summary["trials"]}:
         assert [s for s, _ in _tensorboard_series(experiment / "tensorboard" / f"teacher_{key}", "loss/train")] == [
             1,
