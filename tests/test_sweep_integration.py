@@ -435,3 +435,47 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
         assert not any(s.encode() in body for s in secrets), key
     for folder in ray_dirs:  # kept for the scan only (REMEM_KEEP_RAY_LOGS)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_a_sweep_that_rays_own_client_reads(tmp_path):
+    """`ray job submit --working-dir DIR -- remem sweep run spec.yaml` against a local
+    `ray start --head` (127.0.0.1, its own PID namespace, ended by PID); then Ray Tune's own
+    ExperimentAnalysis reads the sweep folder and finds the same best trial as remem."""
+    (tmp_path / "head").mkdir()
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["name"] = "submitted"
+    spec["student"]["epochs"] = 2
+    spec["storage"]["root"] = str(tmp_path / "results")
+    spec["sweep"].update({"num_samples": 2, "asha": {"enabled": False}})
+    (job_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    head = RayHead(tmp_path / "head", num_cpus=2, extra_env={"REMEM_CACHE_DIR": str(tmp_path / "cache")})
+    head.start()
+    try:
+        submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.address]
+        proc = subprocess.run(
+            [*submit, "--working-dir", str(job_dir), "--", "remem", "sweep", "run", "spec.yaml"],
+            env=head.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        head.stop()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in out, out[-3000:]
+    assert "trials 2/2 done" in out  # remem's own progress lines reach `ray job submit`'s console
+    experiment = tmp_path / "results" / "sweeps" / "submitted"
+    summary = json.loads((experiment / "summary.json").read_text())
+
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(experiment))
+    assert sorted(t.trial_id for t in analysis.trials) == sorted(r["trial_id"] for r in summary["trials"])
+    assert all(t.status == "TERMINATED" for t in analysis.trials)
+    best = analysis.get_best_trial("best_val_acc", "max", scope="all")
+    assert best is not None and best.trial_id == summary["best"]["trial_id"]
+    assert analysis.dataframe(metric="best_val_acc", mode="max")["best_val_acc"].max() == pytest.approx(
+        summary["best"]["student_val_acc"]
+    )
