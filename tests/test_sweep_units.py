@@ -322,7 +322,10 @@ class _FakeRay:
         self.temp_dirs: list[str] = []
 
     def init(self, **kwargs):
+        from types import SimpleNamespace
+
         self.temp_dirs.append(kwargs["_temp_dir"])
+        return SimpleNamespace(dashboard_url="127.0.0.1:8265")
 
     def shutdown(self):
         pass

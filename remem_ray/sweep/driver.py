@@ -80,7 +80,7 @@ def ray_session(address: str | None = None, verbose: bool = False):
     if address:
         _check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=level)
+            context = ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=level)
         except Exception as exc:  # ConnectionError, ValueError, TimeoutError, ...
             raise ResourceError(
                 f"--address: cannot connect to Ray at {address}: "
@@ -89,7 +89,7 @@ def ray_session(address: str | None = None, verbose: bool = False):
         temp_dir = None
     else:
         temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")
-        ray.init(
+        context = ray.init(
             _node_ip_address="127.0.0.1",
             include_dashboard=True,
             dashboard_host="127.0.0.1",
@@ -101,7 +101,7 @@ def ray_session(address: str | None = None, verbose: bool = False):
         )
     _ray_console_level(verbose)
     try:
-        yield
+        yield context.dashboard_url or None  # where Ray's dashboard is, for the console
     except BaseException:
         if temp_dir:  # its session logs are what explains a failed sweep: keep them, say where
             print(f"remem: Ray's logs of this sweep are in {temp_dir}/session_latest/logs", file=sys.stderr)
@@ -189,12 +189,12 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
     export = functools.partial(export_study, spec, layout)
     with (
         _stable_working_dir(),
-        ray_session(address, verbose),
+        ray_session(address, verbose) as dashboard,
         sweep_console(layout.experiment, verbose, on_tick=export) as console,
     ):
         console.show(
             f"sweep {spec.name}: {spec.sweep.num_samples} trials, {spec.max_concurrent_trials()} at a time; "
-            f"log: {layout.experiment.uri(LOG_FILE)}"
+            f"log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
         )
         tuner = tune.Tuner(
             _trainable(spec),
@@ -218,6 +218,12 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
             tuner.fit()
         summary = _finish(spec, layout, console)
     return summary
+
+
+def _url(address: str | None) -> str:
+    if not address:
+        return "off"
+    return address if "://" in address else f"http://{address}"
 
 
 def _finish(spec: SweepSpec, layout: SweepLayout, console) -> SweepSummary:
@@ -278,10 +284,12 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
     export = functools.partial(export_study, spec, layout)
     with (
         _stable_working_dir(),
-        ray_session(address, verbose),
+        ray_session(address, verbose) as dashboard,
         sweep_console(layout.experiment, verbose, on_tick=export) as console,
     ):
-        console.show(f"sweep {spec.name}: resuming; log: {layout.experiment.uri(LOG_FILE)}")
+        console.show(
+            f"sweep {spec.name}: resuming; log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
+        )
         tuner = tune.Tuner.restore(
             path, _trainable(spec), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
         )
