@@ -59,9 +59,29 @@ def _absolute_local(path: str) -> str:
     return str(Path(path).expanduser().absolute())
 
 
+def _matching(pattern: str, message: str) -> AfterValidator:
+    def check(value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(pattern, value):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
+
+
 # Field types whose checks travel with them (pure: no file system).
 Location = Annotated[str | None, AfterValidator(_safe_location)]
 WeightsSource = Annotated[str | None, AfterValidator(_check_weights_source)]
+EndpointUrl = Annotated[
+    str | None,
+    _matching(r"https?://[^/\s@]+/?", "must look like http://host:port or https://host (no credentials in it)"),
+]
+OptunaUrl = Annotated[
+    str | None,
+    _matching(
+        r"(sqlite|postgresql|mysql)(\+\w+)?://\S*",
+        "must be an Optuna RDB URL: sqlite:///PATH, postgresql://HOST/DB or mysql://HOST/DB",
+    ),
+]
 
 
 class StrictModel(BaseModel):
@@ -209,7 +229,7 @@ class StorageConfig(StrictModel):
         validate_default=True,
         description="local folder or s3://bucket/prefix; local paths are made absolute",
     )
-    endpoint: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
+    endpoint: EndpointUrl = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
     region: str = "us-east-1"
 
     @field_validator("root")
@@ -225,13 +245,6 @@ class StorageConfig(StrictModel):
                 raise ValueError("s3:// URI needs a bucket")
             return root.rstrip("/")
         return _absolute_local(root)
-
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint_has_scheme(cls, endpoint: str | None) -> str | None:
-        if endpoint is not None and not re.fullmatch(r"https?://[^/\s@]+/?", endpoint):
-            raise ValueError("must look like http://host:port or https://host (no credentials in it)")
-        return endpoint
 
 
 class RunSpec(StrictModel):
@@ -512,18 +525,11 @@ class SweepConfig(StrictModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_failures: int = Field(2, ge=0, le=100, description="retries of a failed trial / Train run")
     teacher_wait_timeout_s: float = Field(6 * 3600, gt=0, description="longest a trial waits for another's teacher")
-    optuna_storage: str | None = Field(
+    optuna_storage: OptunaUrl = Field(
         None,
         description="Optuna storage URL the study is kept in as the sweep runs (sqlite:///..., postgresql://...), "
         "under the sweep's name; default: optuna.db (SQLite) in the sweep folder",
     )
-
-    @field_validator("optuna_storage")
-    @classmethod
-    def _rdb_url(cls, url: str | None) -> str | None:
-        if url is not None and not re.fullmatch(r"(sqlite|postgresql|mysql)(\+\w+)?://\S*", url):
-            raise ValueError("must be an Optuna RDB URL: sqlite:///PATH, postgresql://HOST/DB or mysql://HOST/DB")
-        return url
 
 
 class SweepSpec(RunSpec):

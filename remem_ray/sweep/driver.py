@@ -183,19 +183,11 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
     _check_new(layout)
     from ray import tune
 
-    from remem_ray.sweep.progress import ProgressCallback, sweep_console
+    from remem_ray.sweep.progress import ProgressCallback
     from remem_ray.sweep.trial import trial_dirname
 
-    export = functools.partial(export_study, spec, layout)
-    with (
-        _stable_working_dir(),
-        ray_session(address, verbose) as dashboard,
-        sweep_console(layout.experiment, verbose, on_tick=export) as console,
-    ):
-        console.show(
-            f"sweep {spec.name}: {spec.sweep.num_samples} trials, {spec.max_concurrent_trials()} at a time; "
-            f"log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
-        )
+    what = f"{spec.sweep.num_samples} trials, {spec.max_concurrent_trials()} at a time"
+    with _driving(spec, layout, address, verbose, what) as console:
         tuner = tune.Tuner(
             _trainable(spec),
             tune_config=tune.TuneConfig(
@@ -218,6 +210,23 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
             tuner.fit()
         summary = _finish(spec, layout, console)
     return summary
+
+
+@contextlib.contextmanager
+def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose: bool, what: str):
+    """The driver's run of a sweep: a stable cwd, Ray, the console and log (and the study's copy)."""
+    from remem_ray.sweep.progress import sweep_console
+
+    export = functools.partial(export_study, spec, layout)
+    with (
+        _stable_working_dir(),
+        ray_session(address, verbose) as dashboard,
+        sweep_console(layout.experiment, verbose, on_tick=export) as console,
+    ):
+        console.show(
+            f"sweep {spec.name}: {what}; log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
+        )
+        yield console
 
 
 def _url(address: str | None) -> str:
@@ -274,22 +283,12 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
     preflight_config(spec.storage)  # resume writes: the root must be writable too
     from ray import tune
 
-    from remem_ray.sweep.progress import sweep_console
-
     storage = Storage.from_config(spec.storage)
     layout = SweepLayout(storage, spec.name)
     path = layout.experiment.path()
     if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
         raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
-    export = functools.partial(export_study, spec, layout)
-    with (
-        _stable_working_dir(),
-        ray_session(address, verbose) as dashboard,
-        sweep_console(layout.experiment, verbose, on_tick=export) as console,
-    ):
-        console.show(
-            f"sweep {spec.name}: resuming; log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
-        )
+    with _driving(spec, layout, address, verbose, "resuming") as console:
         tuner = tune.Tuner.restore(
             path, _trainable(spec), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
         )
