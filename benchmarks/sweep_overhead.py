@@ -7,7 +7,9 @@ then reads back from storage every teacher and student epoch's start time and le
   on the default sweep); wall time counts everything: Python start, Ray start and stop,
   trial scheduling, Train worker-group start, checkpoints, the report.
 - slot use = summed epoch time / (wall time x concurrent trials).
-- Train-run start latency: trainer.fit() called -> its first epoch begins.
+- Train-run start latency: trainer.fit() called -> its first epoch begins, split into Ray's
+  part (fit -> the worker process exists), the worker's start (process -> the loop function
+  runs: imports, Train's setup) and ours (loop entered -> first epoch: data, models).
 - teacher reuse: teacher trainings performed == distinct teacher keys.
 - peak RSS: the largest Train worker and trial-driver process.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -41,10 +44,17 @@ def covered_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def start_parts(first_epoch: dict, fit_called_at: float) -> tuple[float, float, float]:
+    """(Ray: fit -> worker process, worker start: process -> loop, ours: loop -> first epoch) in s."""
+    process, loop = first_epoch.get("process_started_at", math.nan), first_epoch.get("loop_entered_at", math.nan)
+    return process - fit_called_at, loop - process, first_epoch["epoch_started_at"] - loop
+
+
 def collect(root: Path, name: str) -> dict:
     """Epoch intervals, start latencies and memory of one finished sweep, from its storage."""
     experiment = root / "sweeps" / name
     intervals, loop_seconds, latencies, worker_rss, driver_rss = [], 0.0, {"teacher": [], "student": []}, [], []
+    parts: dict[str, list[tuple[float, float, float]]] = {"teacher": [], "student": []}
     for record_file in sorted((experiment / "teacher-trainings").glob("*.json")):
         record = json.loads(record_file.read_text())
         history = json.loads((root / "teachers" / record["teacher_key"] / "history.json").read_text())
@@ -54,6 +64,7 @@ def collect(root: Path, name: str) -> dict:
             worker_rss.append(h["peak_rss_mb"])
         if history[0]["start_epoch"] == 1:
             latencies["teacher"].append(history[0]["epoch_started_at"] - record["fit_called_at"])
+            parts["teacher"].append(start_parts(history[0], record["fit_called_at"]))
     for result_file in sorted(experiment.glob("trial_*/result.json")):
         rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
         if not rows:
@@ -65,11 +76,13 @@ def collect(root: Path, name: str) -> dict:
             driver_rss.append(h["trial_driver_rss_mb"])
         if rows[0]["start_epoch"] == 1:
             latencies["student"].append(rows[0]["epoch_started_at"] - rows[0]["fit_called_at"])
+            parts["student"].append(start_parts(rows[0], rows[0]["fit_called_at"]))
     summary = json.loads((experiment / "summary.json").read_text())
     return {
         "intervals": intervals,
         "loop_seconds": loop_seconds,
         "latencies": latencies,
+        "start_parts": parts,
         "worker_rss_mb": max(worker_rss),
         "driver_rss_mb": max(driver_rss),
         "summary": summary,
@@ -132,6 +145,16 @@ def main(argv=None) -> int:
             "-",
             "-",
         ],
+        *(
+            [
+                f"  {role}s: fit -> worker process / -> loop entered / -> first epoch (median)",
+                " / ".join(f"{statistics.median(p[i] for p in data['start_parts'][role]):.1f} s" for i in range(3)),
+                "-",
+                "-",
+            ]
+            for role in ("teacher", "student")
+            if data["start_parts"][role]
+        ),
         [
             "teacher trainings / distinct teacher keys",
             f"{summary['teacher_trainings_performed']} / {summary['distinct_teacher_keys']}",

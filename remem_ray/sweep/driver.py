@@ -191,7 +191,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
         tuner = tune.Tuner(
             _trainable(spec),
             tune_config=tune.TuneConfig(
-                search_alg=build_searcher(spec),  # limits concurrency to spec.max_concurrent_trials()
+                search_alg=build_searcher(spec),  # bounds concurrency by GPU slots (sweep/slots.py)
                 scheduler=build_scheduler(spec),
                 num_samples=spec.sweep.num_samples,
                 trial_dirname_creator=trial_dirname,

@@ -6,6 +6,7 @@ from typing import Any
 
 from remem_ray.config import ParamRange, SweepSpec
 from remem_ray.search_params import SEARCH_PARAMS, TEACHER_EPOCH
+from remem_ray.sweep.slots import SlotPolicy
 from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
 
 METRIC = "best_val_acc"  # the best student val accuracy so far: what the sweep keeps
@@ -44,10 +45,10 @@ def _typed_point(point: dict[str, float]) -> dict[str, Any]:
 
 
 def build_searcher(spec: SweepSpec):
+    """The Optuna searcher; it also bounds concurrency, by GPU slots (see sweep/slots.py)."""
     import optuna
-    from ray.tune.search import ConcurrencyLimiter
 
-    searcher = budget_aware_optuna_search(
+    return budget_aware_optuna_search(
         DefineByRunSpace(spec),
         METRIC,
         MODE,
@@ -55,8 +56,8 @@ def build_searcher(spec: SweepSpec):
         TIME_ATTR,
         stopped_early,
         [_typed_point(p) for p in spec.sweep.points_to_evaluate] or None,
+        slots=SlotPolicy(spec),
     )
-    return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials())
 
 
 def build_scheduler(spec: SweepSpec):

@@ -28,19 +28,33 @@ def budget_aware_optuna_search(
     time_attr: str,
     stopped_early,
     points_to_evaluate: list[dict[str, Any]] | None = None,
+    slots=None,
 ):
     """An OptunaSearch that reports intermediate values at `result[time_attr]` (stock: at
     training_iteration) and tells scheduler-stopped trials as PRUNED (stock: COMPLETE, so TPE
-    would rank a 1-epoch student against full ones). `searcher.study` is the Optuna study."""
+    would rank a 1-epoch student against full ones). `searcher.study` is the Optuna study.
+
+    `slots` (a remem_ray.sweep.slots.SlotPolicy) limits concurrency in place of a
+    ConcurrencyLimiter: it counts what holds GPUs, not trials waiting for another's teacher."""
     import optuna
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
     class BudgetAwareOptunaSearch(OptunaSearch):
-        def __init__(self, study: optuna.Study, **kwargs: Any) -> None:
+        def __init__(self, study: optuna.Study, slots, **kwargs: Any) -> None:
             self.study = study  # ours, public; pickled with the searcher's state
             self.told: set[str] = set()
+            self.slots = slots
+            self.live: dict[str, str] = {}  # trial id -> teacher key, while the trial runs
             super().__init__(**kwargs)
+
+        def suggest(self, trial_id: str):
+            if self.slots is not None and not self.slots.may_start(list(self.live.values())):
+                return None  # Tune asks again later
+            config = super().suggest(trial_id)
+            if self.slots is not None and isinstance(config, dict):
+                self.live[trial_id] = self.slots.key(config)
+            return config
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if trial_id in self.told or time_attr not in result or self.metric not in result:
@@ -48,6 +62,7 @@ def budget_aware_optuna_search(
             self._ot_trials[trial_id].report(float(result[self.metric]), int(result[time_attr]))
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            self.live.pop(trial_id, None)
             if trial_id in self.told:
                 return
             self.told.add(trial_id)
@@ -71,6 +86,7 @@ def budget_aware_optuna_search(
     )
     return BudgetAwareOptunaSearch(
         study,
+        slots,
         space=space,
         metric=metric,
         mode=mode,

@@ -52,6 +52,7 @@ class LoopContext:
     lease: LeaseHandle | None = None  # the right to write `output`, when it is shared (teacher keys)
     stopped: str | None = None  # why the loop stopped early, if it did
     scalars: ScalarLog | None = None  # TensorBoard events of this run (rank 0), where asked for
+    started: dict[str, float] = field(default_factory=dict)  # when this run's process and loop began
 
     @property
     def is_writer(self) -> bool:
@@ -87,6 +88,9 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     """
     from remem_ray.models import resolved_data_config
 
+    # where a run's start goes: this process's birth (Ray's scheduling before it), the loop's
+    # entry (imports and Train's setup before it), the first epoch (data and models before it)
+    entered_at = time.time()
     spec = RunSpec.model_validate(config["spec"])
     section = getattr(spec, role)
     model_name, model_kwargs, batch_size = section.model, section.model_kwargs, section.batch_size
@@ -108,7 +112,10 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     if config.get("tensorboard") and session.world_rank == 0:
         scalars = ScalarLog(Storage(config["tensorboard"], spec.storage.endpoint, spec.storage.region))
     extra = dict(config.get("report_extra") or {})
-    return LoopContext(role, spec, session, device, output, splits, data, eval_batches, extra, lease, scalars=scalars)
+    started = {"process_started_at": _process_started_at(), "loop_entered_at": entered_at}
+    return LoopContext(
+        role, spec, session, device, output, splits, data, eval_batches, extra, lease, scalars=scalars, started=started
+    )
 
 
 class EpochClock:
@@ -213,6 +220,16 @@ class Task:
         write_checkpoint(ctx.output, name, self.bare, info)
 
 
+def _process_started_at() -> float:
+    """This process's start, as the kernel recorded it (Linux)."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except ImportError:
+        return float("nan")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports KiB)."""
     import resource
@@ -253,6 +270,7 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
             "epochs": task.epochs,
             "start_epoch": start,
             "epoch_started_at": began_at,
+            **ctx.started,
         }
         clock = EpochClock(ctx.device)
         metrics.update(task.train_epoch(ctx, clock.batches(task.train_batches)))

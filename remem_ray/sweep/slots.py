@@ -1,0 +1,73 @@
+"""How many trials a sweep runs at once, counted by what holds a GPU slot.
+
+A trial runs one Train run at a time: its teacher's (when it holds the teacher's lease) or its
+student's. Trials whose teacher another live trial is training wait, with no Train run and so
+no GPU; counting them against `max_concurrent_trials` (sized from the GPU budget) would leave
+GPUs idle while they wait. So a new trial may start while
+
+    trials whose teacher is stored  +  teachers being trained  <  max_concurrent
+
+and, so that a crowd of waiters never floods the cluster once their teacher is stored, while
+fewer than twice max_concurrent trials are live.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from remem_ray.config import SweepSpec
+
+
+def slots_in_use(live_keys: Iterable[str], stored: Callable[[str], bool]) -> int:
+    """Train runs the live trials (given by their teacher keys) run or are about to run."""
+    keys = list(live_keys)
+    distilling = sum(1 for key in keys if stored(key))
+    training = len({key for key in keys if not stored(key)})
+    return distilling + training
+
+
+class SlotPolicy:
+    """Whether the searcher may start another trial now (plain data: pickled with its state)."""
+
+    RECHECK_S = 5.0  # a teacher not stored yet is looked up again at most this often
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec = spec
+        self.max_concurrent = spec.max_concurrent_trials()
+        self.max_live = 2 * self.max_concurrent
+        self._stored: set[str] = set()
+        self._checked: dict[str, float] = {}
+
+    def key(self, config: dict[str, Any]) -> str:
+        """The teacher key of the trial that `config` (a suggestion) describes."""
+        return self.spec.run_spec(config).teacher_key(self.spec.sweep.resources.teacher.num_workers)
+
+    def may_start(self, live_keys: list[str]) -> bool:
+        if len(live_keys) >= self.max_live:
+            return False
+        return slots_in_use(live_keys, self.is_stored) < self.max_concurrent
+
+    def is_stored(self, key: str) -> bool:
+        if key in self._stored:  # stored teachers stay stored
+            return True
+        now = time.monotonic()
+        if now - self._checked.get(key, -self.RECHECK_S) < self.RECHECK_S:
+            return False
+        self._checked[key] = now
+        if self._registry_has(key):
+            self._stored.add(key)
+            return True
+        return False
+
+    def _registry_has(self, key: str) -> bool:
+        from remem_ray.storage import Storage
+        from remem_ray.sweep.layout import SweepLayout
+        from remem_ray.sweep.registry import TeacherRegistry
+
+        registry = TeacherRegistry(SweepLayout(Storage.from_config(self.spec.storage), self.spec.name).teachers)
+        return registry.has_all(key, self.spec.teacher.saved_epochs)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_checked": {}}  # monotonic times mean nothing after a restart
