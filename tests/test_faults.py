@@ -136,7 +136,8 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     assert all(t.state.name == "COMPLETE" for t in stored.trials)
     if study_before is not None:
         for old, new in zip(study_before.trials, study.trials):
-            assert old.params == new.params
+            if old.state.name != "WAITING":  # enqueued points not yet asked have no params yet
+                assert old.params == new.params
 
     if when == "distillation":
         for trial, rows_then in worker_retry.items():
