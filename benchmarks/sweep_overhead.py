@@ -7,9 +7,9 @@ then reads back from storage every teacher and student epoch's start time and le
   on the default sweep); wall time counts everything: Python start, Ray start and stop,
   trial scheduling, Train worker-group start, checkpoints, the report.
 - slot use = summed epoch time / (wall time x concurrent trials).
-- Train-run start latency: trainer.fit() called -> its first epoch begins, split into Ray's
-  part (fit -> the worker process exists), the worker's start (process -> the loop function
-  runs: imports, Train's setup) and ours (loop entered -> first epoch: data, models).
+- Train-run start latency: trainer.fit() called -> its first epoch begins, split at the worker
+  process's start (Ray's scheduling before it), its imports done (torch, timm, ours), the loop
+  function's entry (Train's worker setup before it) and the first epoch (data, models).
 - teacher reuse: teacher trainings performed == distinct teacher keys.
 - peak RSS: the largest Train worker and trial-driver process.
 
@@ -44,17 +44,19 @@ def covered_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def start_parts(first_epoch: dict, fit_called_at: float) -> tuple[float, float, float]:
-    """(Ray: fit -> worker process, worker start: process -> loop, ours: loop -> first epoch) in s."""
-    process, loop = first_epoch.get("process_started_at", math.nan), first_epoch.get("loop_entered_at", math.nan)
-    return process - fit_called_at, loop - process, first_epoch["epoch_started_at"] - loop
+def start_parts(first_epoch: dict, fit_called_at: float) -> tuple[float, ...]:
+    """Seconds from fit() to the worker process, to its imports done, to the loop's entry, to the first epoch."""
+    marks = [fit_called_at]
+    marks += [first_epoch.get(k, math.nan) for k in ("process_started_at", "module_imported_at", "loop_entered_at")]
+    marks.append(first_epoch["epoch_started_at"])
+    return tuple(b - a for a, b in zip(marks, marks[1:]))
 
 
 def collect(root: Path, name: str) -> dict:
     """Epoch intervals, start latencies and memory of one finished sweep, from its storage."""
     experiment = root / "sweeps" / name
     intervals, loop_seconds, latencies, worker_rss, driver_rss = [], 0.0, {"teacher": [], "student": []}, [], []
-    parts: dict[str, list[tuple[float, float, float]]] = {"teacher": [], "student": []}
+    parts: dict[str, list[tuple[float, ...]]] = {"teacher": [], "student": []}
     for record_file in sorted((experiment / "teacher-trainings").glob("*.json")):
         record = json.loads(record_file.read_text())
         history = json.loads((root / "teachers" / record["teacher_key"] / "history.json").read_text())
@@ -147,8 +149,8 @@ def main(argv=None) -> int:
         ],
         *(
             [
-                f"  {role}s: fit -> worker process / -> loop entered / -> first epoch (median)",
-                " / ".join(f"{statistics.median(p[i] for p in data['start_parts'][role]):.1f} s" for i in range(3)),
+                f"  {role}s: fit -> worker process / -> imports done / -> loop entered / -> first epoch (median)",
+                " / ".join(f"{statistics.median(p[i] for p in data['start_parts'][role]):.1f} s" for i in range(4)),
                 "-",
                 "-",
             ]

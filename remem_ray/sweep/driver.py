@@ -89,6 +89,9 @@ def ray_session(address: str | None = None, verbose: bool = False):
         temp_dir = None
     else:
         temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")
+        # One machine is never drained for preemption: without the watcher each Train run starts
+        # one process fewer (processes inherit this through the raylet ray.init starts).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         context = ray.init(
             _node_ip_address="127.0.0.1",
             include_dashboard=True,

@@ -37,6 +37,8 @@ from remem_ray.train.faultpoints import hold_if_asked
 from remem_ray.train.scalars import ScalarLog
 from remem_ray.train.session import Session, current_session
 
+MODULE_IMPORTED_AT = time.time()  # in a Train worker: once its imports (torch, timm, ours) are done
+
 
 @dataclass
 class LoopContext:
@@ -112,7 +114,11 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     if config.get("tensorboard") and session.world_rank == 0:
         scalars = ScalarLog(Storage(config["tensorboard"], spec.storage.endpoint, spec.storage.region))
     extra = dict(config.get("report_extra") or {})
-    started = {"process_started_at": _process_started_at(), "loop_entered_at": entered_at}
+    started = {
+        "process_started_at": _process_started_at(),
+        "module_imported_at": MODULE_IMPORTED_AT,
+        "loop_entered_at": entered_at,
+    }
     return LoopContext(
         role, spec, session, device, output, splits, data, eval_batches, extra, lease, scalars=scalars, started=started
     )
