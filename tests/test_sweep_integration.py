@@ -406,7 +406,14 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
     assert not lost, sorted(lost)[:10]
     summary = json.loads(client.get_object(Bucket="remem", Key="exp/sweeps/smoke/summary.json")["Body"].read())
     _check_summary(summary, 4)
-    assert "exp/sweeps/smoke/tuner.pkl" in keys
+    assert "exp/sweeps/smoke/tuner.pkl" in keys and "exp/sweeps/smoke/sweep.log" in keys
+    assert any(k.startswith("exp/sweeps/smoke/tensorboard/trial_") for k in keys)
+    # the study's copy travels to the bucket too; Optuna opens it once fetched
+    (tmp_path / "fetched").mkdir()
+    (tmp_path / "fetched" / "optuna.db").write_bytes(
+        client.get_object(Bucket="remem", Key="exp/sweeps/smoke/optuna.db")["Body"].read()
+    )
+    assert len(_stored_study(tmp_path / "fetched", "smoke").trials) == 4
     for key in {r["teacher_key"] for r in summary["trials"]}:
         for epoch in (2, 4):
             assert f"exp/teachers/{key}/epoch_{epoch}/manifest.json" in keys
