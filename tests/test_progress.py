@@ -39,6 +39,8 @@ def test_verbose_leaves_the_cluster_output_to_rays_printer(tmp_path):
     console, out, log = _console(tmp_path, verbose=True)
     console.worker_output({"lines": [f"{MARK}epoch 1"], "pid": 9, "is_err": False})
     assert out.getvalue() == ""
+    console.show("progress 0m30s")  # the driver's own lines show either way
+    assert "progress 0m30s" in out.getvalue()
     log.close()
     assert "epoch 1" in (tmp_path / "sweeps" / "s" / "sweep.log").read_text()
 
@@ -67,3 +69,17 @@ def test_the_progress_callback_survives_tunes_pickling():
 
     callback = pickle.loads(pickle.dumps(ProgressCallback(num_samples=4, every_s=5.0)))
     assert (callback.num_samples, callback.every_s) == (4, 5.0)
+
+
+def test_a_failing_copy_is_logged_and_the_sweep_goes_on(tmp_path):
+    def outage():
+        raise OSError("S3 unreachable")
+
+    console, out, log = _console(tmp_path)
+    console.on_tick = outage
+    console.tick()
+    log.close()
+    assert (
+        "could not update the sweep's copies: OSError: S3 unreachable"
+        in (tmp_path / "sweeps" / "s" / "sweep.log").read_text()
+    )

@@ -58,7 +58,13 @@ class SweepLog:
             self.experiment.write_bytes(LOG_FILE, data)
 
     def close(self) -> None:
-        self.sync()
+        try:
+            self.sync()
+        except Exception as exc:  # noqa: BLE001 (the sweep's own outcome matters more than its log's copy)
+            print(
+                f"remem: warning: could not copy the sweep log to {self.experiment.uri(LOG_FILE)}: {exc}",
+                file=sys.stderr,
+            )
         with self._lock:
             self._file.close()
 
@@ -92,19 +98,19 @@ class SweepConsole:
         self.on_tick = on_tick  # e.g. the Optuna study's export, at each progress line
 
     def tick(self) -> None:
-        """Bring the copies others read up to date; a failure is logged, never fatal to the sweep."""
-        try:
-            if self.on_tick is not None:
-                self.on_tick()
-        except Exception as exc:  # noqa: BLE001 (a copy for readers must not stop the sweep)
-            self.log.write(f"could not update the sweep's copies: {type(exc).__name__}: {exc}")
-        self.log.sync()
+        """Bring the copies others read up to date (the study's, an s3:// log's); a failure, such
+        as a storage outage the sweep itself rides out, is logged and never stops the sweep."""
+        for update in (self.on_tick, self.log.sync):
+            try:
+                if update is not None:
+                    update()
+            except Exception as exc:  # noqa: BLE001 (a copy for readers must not stop the sweep)
+                self.log.write(f"could not update the sweep's copies: {type(exc).__name__}: {exc}")
 
     def show(self, message: str) -> None:
         """A line on the console and in the log."""
         self.log.write(message)
-        if not self.verbose:
-            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=self.out, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=self.out, flush=True)
 
     def worker_output(self, batch: dict[str, Any]) -> None:
         """A batch of output lines from a process of the cluster (see sweep/ray_adapter.py)."""
