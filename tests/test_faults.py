@@ -29,6 +29,8 @@ from test_sweep_integration import (
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 STUDENT_EPOCHS = 5
+# a point whose student learns (the smoke spec also searches a student_lr at which it barely does)
+LEARNING_POINT = {"rho": 0.05, "alpha": 0.9, "teacher_epoch": 4, "student_lr": 0.002}
 
 
 def _spec(tmp_path: Path, name: str, **sweep) -> Path:
@@ -150,9 +152,7 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
 def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
     """A stored teacher whose checkpoint was truncated after its manifest: detected on load,
     retrained in a fresh Train run, never used; the event is in summary.json."""
-    first = _spec(
-        tmp_path, "first", num_samples=1, points_to_evaluate=[{"rho": 0.05, "alpha": 0.9, "teacher_epoch": 4}]
-    )
+    first = _spec(tmp_path, "first", num_samples=1, points_to_evaluate=[LEARNING_POINT])
     env = _env(tmp_path)
     rc, out = run_remem(["sweep", "run", str(first)], tmp_path, env)
     assert rc == 0, out[-3000:]
@@ -162,9 +162,7 @@ def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
     good = model_file.read_bytes()
     model_file.write_bytes(good[: len(good) // 2])
 
-    second = _spec(
-        tmp_path, "second", num_samples=1, points_to_evaluate=[{"rho": 0.05, "alpha": 0.9, "teacher_epoch": 4}]
-    )
+    second = _spec(tmp_path, "second", num_samples=1, points_to_evaluate=[LEARNING_POINT])
     rc, out = run_remem(["sweep", "run", str(second)], tmp_path, env)
     assert rc == 0, out[-3000:]
     assert "does not match its sha256" in out and "retraining teacher" in out

@@ -265,7 +265,8 @@ def _one_trial_spec(tmp_path: Path, name: str, teacher_epoch: int) -> Path:
         {
             "num_samples": 1,
             "asha": {"enabled": False},
-            "points_to_evaluate": [{"rho": 0.05, "alpha": 0.9, "teacher_epoch": teacher_epoch}],
+            # student_lr given: the smoke spec also searches one at which the student barely learns
+            "points_to_evaluate": [{"rho": 0.05, "alpha": 0.9, "teacher_epoch": teacher_epoch, "student_lr": 0.002}],
         }
     )
     path = tmp_path / f"{name}.yaml"
@@ -453,9 +454,13 @@ def test_ray_job_submit_runs_a_sweep_that_rays_own_client_reads(tmp_path):
     job_dir.mkdir()
     spec = yaml.safe_load(SMOKE.read_text())
     spec["name"] = "submitted"
+    spec["teacher"].update({"epochs": 2, "checkpoint_epochs": [2]})
     spec["student"]["epochs"] = 2
     spec["storage"]["root"] = str(tmp_path / "results")
-    spec["sweep"].update({"num_samples": 2, "asha": {"enabled": False}})
+    spec["sweep"].update(
+        {"num_samples": 2, "asha": {"enabled": False}, "search": {**spec["sweep"]["search"], "teacher_epoch": [2]}}
+    )
+    spec["sweep"]["points_to_evaluate"] = [{**p, "teacher_epoch": 2} for p in spec["sweep"]["points_to_evaluate"][:2]]
     (job_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
     head = RayHead(tmp_path / "head", num_cpus=2, extra_env={"REMEM_CACHE_DIR": str(tmp_path / "cache")})
     head.start()
