@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import inspect
 
-from remem_ray.sweep.ray_adapter import OUR_HANDLER, STOCK_PRINTER, worker_output_to
+from remem_ray.sweep.ray_adapter import (
+    AUTOSCALER_EVENT,
+    AUTOSCALER_PID,
+    OUR_HANDLER,
+    STOCK_PRINTER,
+    kept_lines,
+    worker_output_to,
+)
 
 
 def test_ray_init_registers_its_log_printer_on_the_dispatcher_under_the_name_we_take_away():
@@ -37,3 +44,13 @@ def test_worker_output_goes_to_our_handler_instead_of_rays_printer_and_back_afte
         assert [name for name, _ in dispatcher.handlers] == [STOCK_PRINTER]
     finally:
         dispatcher.handlers = others  # as it was, less our stand-in for Ray's printer
+
+
+def test_the_autoscaler_keeps_its_pid_and_event_token_and_only_its_events_are_kept():
+    import ray._private.worker as worker
+
+    assert f'"{AUTOSCALER_PID}"' in inspect.getsource(worker.print_to_stdstream)
+    assert AUTOSCALER_EVENT in inspect.getsource(worker.filter_autoscaler_events)
+    status = ["======== Autoscaler status ========", "Active:", f"{AUTOSCALER_EVENT}Adding 1 node(s) of type gpu."]
+    assert kept_lines({"pid": AUTOSCALER_PID, "lines": status}) == ["Adding 1 node(s) of type gpu."]
+    assert kept_lines({"pid": 7, "lines": status}) == status

@@ -24,7 +24,7 @@ from remem_ray.console import marked
 from remem_ray.search_params import SEARCH_PARAMS
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import LOG_FILE
-from remem_ray.sweep.ray_adapter import worker_output_to
+from remem_ray.sweep.ray_adapter import kept_lines, worker_output_to
 from remem_ray.sweep.search import METRIC, stopped_early
 
 PROGRESS_EVERY_S = 30.0
@@ -114,7 +114,7 @@ class SweepConsole:
 
     def worker_output(self, batch: dict[str, Any]) -> None:
         """A batch of output lines from a process of the cluster (see sweep/ray_adapter.py)."""
-        lines = batch.get("lines") or []
+        lines = kept_lines(batch)
         who = f"({batch.get('actor_name') or batch.get('task_name') or 'worker'} pid={batch.get('pid')})"
         for line in lines:
             self.log.write(f"{who} {line}")

@@ -6,6 +6,9 @@ tests/test_ray_adapter.py guards it).
   registers the stock printer as "ray_print_logs". Ray has no public hook for this: the only
   public switch is all (`log_to_driver=True`) or nothing. A batch is a dict with at least
   "lines" (list of str), "is_err" (stderr or stdout), "pid" and "actor_name".
+- The autoscaler's batches come with pid "autoscaler": its whole status report every few
+  seconds, in which its events (nodes added, removed) carry ":event_summary:". Ray's printer
+  keeps the events only; so does `kept_lines`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,15 @@ from typing import Any
 
 STOCK_PRINTER = "ray_print_logs"
 OUR_HANDLER = "remem_worker_output"
+AUTOSCALER_PID, AUTOSCALER_EVENT = "autoscaler", ":event_summary:"
+
+
+def kept_lines(batch: dict[str, Any]) -> list[str]:
+    """A batch's lines worth keeping: all of a process's, the autoscaler's events only."""
+    lines = list(batch.get("lines") or [])
+    if batch.get("pid") != AUTOSCALER_PID:
+        return lines
+    return [line.split(AUTOSCALER_EVENT, 1)[1].strip() for line in lines if AUTOSCALER_EVENT in line]
 
 
 @contextlib.contextmanager
