@@ -62,6 +62,12 @@ def test_progress_line_counts_trials_teachers_and_the_best_student():
         "teachers 1 trained, 2 reused | best student val 0.8000 (trial b)"
     )
     assert "no student yet" in progress_line([_trial("c", "PENDING")], 2, "0m01s")
+    # ties go as in summary.json: a finished trial before a stopped one, then the first id
+    tie = [
+        _trial("z", "TERMINATED", best_val_acc=0.9, epoch=3, epochs=3),
+        _trial("y", "TERMINATED", best_val_acc=0.9, epoch=3, epochs=3),
+    ]
+    assert progress_line(tie, 2, "0m01s").endswith("(trial y)")
 
 
 def test_the_progress_callback_survives_tunes_pickling():

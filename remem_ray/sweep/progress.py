@@ -147,8 +147,14 @@ def progress_line(trials: list, num_samples: int, elapsed: str) -> str:
     pending = status.count("PENDING") + status.count("PAUSED") + max(0, num_samples - len(trials))
     reported = [r for r in results if "teacher_trained" in r]
     trained = sum(int(r["teacher_trained"]) for r in reported)
-    scored = [(r[METRIC], t.trial_id) for t, r in zip(trials, results) if METRIC in r]
-    best = f"best student val {max(scored)[0]:.4f} (trial {max(scored)[1]})" if scored else "no student yet"
+    # the rule summary.json keeps: never an errored trial; on a tie, a finished one, then the first id
+    scored = sorted(
+        (t.trial_id, r[METRIC], not stopped_early(r))
+        for t, r in zip(trials, results)
+        if METRIC in r and t.status != "ERROR"
+    )
+    top = max(scored, key=lambda s: (s[1], s[2]), default=None)
+    best = f"best student val {top[1]:.4f} (trial {top[0]})" if top else "no student yet"
     return (
         f"progress {elapsed}: trials {done}/{num_samples} done ({stopped} stopped early, {errored} errored), "
         f"{status.count('RUNNING')} running, {pending} pending | teachers {trained} trained, "
