@@ -110,6 +110,9 @@ class SweepConsole:
     def show(self, message: str) -> None:
         """A line on the console and in the log."""
         self.log.write(message)
+        self._print(message)
+
+    def _print(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=self.out, flush=True)
 
     def worker_output(self, batch: dict[str, Any]) -> None:
@@ -126,7 +129,7 @@ class SweepConsole:
         for line in lines:
             message = marked(line)
             if message is not None:
-                print(f"[{time.strftime('%H:%M:%S')}] {message}", file=self.out, flush=True)
+                self._print(message)
 
     def elapsed(self) -> str:
         seconds = int(time.monotonic() - self.started)
