@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from remem_ray.storage import Storage, preflight, preflight_config
 from remem_ray.sweep.layout import LOG_FILE, SPEC_FILE, SweepLayout
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
-from remem_ray.sweep.study import export_study
+from remem_ray.sweep.study import StudyExport
 from remem_ray.sweep.tune_adapter import keep_credentials_out_of_runtime_envs
 
 
@@ -190,7 +189,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
     from remem_ray.sweep.trial import trial_dirname
 
     what = f"{spec.sweep.num_samples} trials, {spec.max_concurrent_trials()} at a time"
-    with _driving(spec, layout, address, verbose, what) as console:
+    export = StudyExport(spec, layout)
+    with _driving(spec, layout, address, verbose, what, export) as console:
         tuner = tune.Tuner(
             _trainable(spec),
             tune_config=tune.TuneConfig(
@@ -211,16 +211,15 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
         layout.experiment.write_text(SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
         with _tune_console(verbose):
             tuner.fit()
-        summary = _finish(spec, layout, console)
+        summary = _finish(spec, layout, console, export)
     return summary
 
 
 @contextlib.contextmanager
-def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose: bool, what: str):
+def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose: bool, what: str, export: StudyExport):
     """The driver's run of a sweep: a stable cwd, Ray, the console and log (and the study's copy)."""
     from remem_ray.sweep.progress import sweep_console
 
-    export = functools.partial(export_study, spec, layout)
     with (
         _stable_working_dir(),
         ray_session(address, verbose) as dashboard,
@@ -238,12 +237,12 @@ def _url(address: str | None) -> str:
     return address if "://" in address else f"http://{address}"
 
 
-def _finish(spec: SweepSpec, layout: SweepLayout, console) -> SweepSummary:
+def _finish(spec: SweepSpec, layout: SweepLayout, console, export: StudyExport) -> SweepSummary:
     """summary.json, the report and the Optuna study's copy, as the sweep ends."""
     summary = summarize(spec, layout)
     write_summary(layout, summary)
     _write_report(summary, layout)
-    url = export_study(spec, layout)
+    url = export()  # the study's last copy (none made if the last tick's is current)
     if url:
         console.show(f"optuna study {spec.name!r}: {url} (`remem sweep dashboard {spec.name}` serves it)")
     return summary
@@ -291,13 +290,14 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
     path = layout.experiment.path()
     if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
         raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
-    with _driving(spec, layout, address, verbose, "resuming") as console:
+    export = StudyExport(spec, layout)
+    with _driving(spec, layout, address, verbose, "resuming", export) as console:
         tuner = tune.Tuner.restore(
             path, _trainable(spec), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
         )
         with _tune_console(verbose):
             tuner.fit()
-        summary = _finish(spec, layout, console)
+        summary = _finish(spec, layout, console, export)
     return summary
 
 

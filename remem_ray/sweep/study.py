@@ -9,6 +9,7 @@ spec's `sweep.optuna_storage` URL; the study is named after the sweep.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,15 +33,30 @@ def study_url(spec: SweepSpec, layout: SweepLayout) -> str:
     return f"sqlite:///{layout.experiment.path(STUDY_FILE)}" if _is_local(layout) else layout.experiment.uri(STUDY_FILE)
 
 
-def export_study(spec: SweepSpec, layout: SweepLayout) -> str | None:
-    """Replace the stored study with Tune's newest snapshot of it; the storage URL, or None before any."""
-    snapshot = newest_snapshot(layout)
-    if snapshot is None:
-        return None
-    study = study_from_searcher_state(snapshot)
+class StudyExport:
+    """Replaces the stored study with Tune's newest snapshot of it; called at each progress line
+    and at the end, it copies a snapshot only once (Tune saves one every few trial events)."""
+
+    def __init__(self, spec: SweepSpec, layout: SweepLayout) -> None:
+        self.spec, self.layout = spec, layout
+        self._copied: bytes | None = None  # digest of the snapshot stored last
+
+    def __call__(self) -> str | None:
+        """The storage URL, or None before Tune saved any snapshot."""
+        snapshot = newest_snapshot(self.layout)
+        if snapshot is None:
+            return None
+        digest = hashlib.sha256(snapshot).digest()
+        if digest != self._copied:
+            _store(study_from_searcher_state(snapshot), self.spec, self.layout)
+            self._copied = digest  # only once stored: a failed copy is tried again
+        return study_url(self.spec, self.layout)
+
+
+def _store(study, spec: SweepSpec, layout: SweepLayout) -> None:
     if spec.sweep.optuna_storage:
         _replace(study, spec.sweep.optuna_storage, spec.name)
-        return spec.sweep.optuna_storage
+        return
     with tempfile.TemporaryDirectory(prefix="remem-study-") as tmp:
         fresh = Path(tmp) / STUDY_FILE
         _replace(study, f"sqlite:///{fresh}", spec.name)
@@ -51,7 +67,6 @@ def export_study(spec: SweepSpec, layout: SweepLayout) -> str | None:
             os.replace(staged, target)
         else:
             layout.experiment.write_bytes(STUDY_FILE, fresh.read_bytes())
-    return study_url(spec, layout)
 
 
 def _replace(study, url: str, name: str) -> None:
