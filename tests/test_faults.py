@@ -29,6 +29,9 @@ from test_sweep_integration import (
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 STUDENT_EPOCHS = 5
+# two trials with distinct teachers (the smoke spec's first two points): one can finish while
+# the other is held, and both teachers are trained; a third trial only added minutes
+TRIALS = 2
 # a point whose student learns (the smoke spec also searches a student_lr at which it barely does)
 LEARNING_POINT = {"rho": 0.05, "alpha": 0.9, "teacher_epoch": 4, "student_lr": 0.002}
 
@@ -37,7 +40,7 @@ def _spec(tmp_path: Path, name: str, **sweep) -> Path:
     spec = yaml.safe_load(SMOKE.read_text())
     spec["name"] = name
     spec["student"]["epochs"] = STUDENT_EPOCHS
-    spec["sweep"].update({"num_samples": 3, "asha": {"enabled": False}, **sweep})
+    spec["sweep"].update({"num_samples": TRIALS, "asha": {"enabled": False}, **sweep})
     spec["storage"]["root"] = str(tmp_path / "results")
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -121,7 +124,7 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     assert rc == 0, out[-3000:]
     summary = json.loads((experiment / "summary.json").read_text())
     rows = summary["trials"]
-    assert len(rows) == 3 and all(r["state"] == "TERMINATED" for r in rows), rows
+    assert len(rows) == TRIALS and all(r["state"] == "TERMINATED" for r in rows), rows
     assert all(r["epochs_done"] == STUDENT_EPOCHS and r["student_val_acc"] is not None for r in rows)
     assert summary["best"] is not None
     # every distinct teacher trained (to completion) once, whatever was interrupted
@@ -129,7 +132,7 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     for t, text in finished_rows.items():  # no finished trial ran again
         assert (experiment / f"trial_{t}" / "result.json").read_text() == text
     study = _study(experiment)
-    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert [t.number for t in study.trials] == list(range(TRIALS))
     # the copy Optuna's tools open (optuna.db) is the resumed study, whole
     stored = _stored_study(experiment, name)
     assert [(t.number, t.state, t.params, t.value) for t in stored.trials] == [
