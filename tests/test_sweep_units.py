@@ -133,6 +133,18 @@ def test_optuna_steps_are_student_epochs_across_a_retry():
     assert searcher.study.trials[0].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
 
 
+def test_a_sweep_enqueues_only_the_points_it_will_run():
+    """Points beyond num_samples are never run; enqueued, they stayed WAITING in the stored study."""
+    from remem_ray.sweep.search import build_searcher
+
+    points = [{"alpha": a} for a in (0.8, 0.9, 0.8)]
+    searcher = build_searcher(_spec(num_samples=2, points_to_evaluate=points))
+    searcher.suggest("a")
+    searcher.suggest("b")
+    assert [(t.state.name, t.params.get("alpha")) for t in searcher.study.trials] == [("RUNNING", 0.8), ("RUNNING", 0.9)]
+    assert len(build_searcher(_spec(num_samples=4, points_to_evaluate=points)).study.trials) == 3
+
+
 BAD_SWEEPS = [
     ("num-samples-zero", {"sweep": {"num_samples": 0}}, "sweep.num_samples"),
     ("num-samples-over-ceiling", {"sweep": {"num_samples": 10**6}}, "sweep.num_samples"),

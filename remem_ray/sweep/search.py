@@ -55,7 +55,8 @@ def build_searcher(spec: SweepSpec):
         optuna.samplers.TPESampler(seed=spec.sweep.seed),
         TIME_ATTR,
         stopped_early,
-        [_typed_point(p) for p in spec.sweep.points_to_evaluate] or None,
+        # points past num_samples never run: enqueued, they would stay WAITING in the stored study
+        [_typed_point(p) for p in spec.sweep.points_to_evaluate[: spec.sweep.num_samples]] or None,
         slots=SlotPolicy(spec),
     )
 
