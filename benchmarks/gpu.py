@@ -253,7 +253,8 @@ def main(argv=None) -> int:
                     f"{achieved / peak:.1%}" if peak else "n/a",
                 ]
             )
-            print(f"{label}: done", flush=True)
+            # each row as it is measured: a run cut short by its time limit keeps what it measured
+            print(f"{label}: " + " | ".join(f"{h} {v}" for h, v in zip(rows[0][1:], rows[-1][1:])), flush=True)
         print(
             f"pipeline: {teacher_ctx.data.describe()}; compile {spec.compile}; {args.img} px; "
             f"{len(teacher_ctx.splits.train)} training images"

@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(ROOT / "search_spaces" / "smoke.yaml"))
     parser.add_argument("--target", type=float, default=0.15, help="overhead target (fraction of wall time)")
+    parser.add_argument("--log", type=Path, default=None, help="write the sweep's console here as it runs")
     args = parser.parse_args(argv)
     print(machine())
     with tempfile.TemporaryDirectory(prefix="remem-bench-") as tmp:
@@ -113,10 +114,13 @@ def main(argv=None) -> int:
             name,
         ]
         began = time.time()
-        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        # the console goes to a file as it runs: a sweep cut short by a time limit leaves its log
+        log_path = args.log or Path(tmp) / "sweep-console.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, text=True)
         wall = time.time() - began
         if proc.returncode != 0:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+            print(log_path.read_text()[-6000:])
             raise SystemExit(f"sweep failed with exit code {proc.returncode}")
         spec = json.loads((root / "sweeps" / name / "sweep_spec.json").read_text())
         data = collect(root, name)
