@@ -32,16 +32,26 @@ def _reject_parent_refs(path: str) -> None:
         raise ValueError(f"{path!r} must not contain '..'")
 
 
+def weights_kind(weights: str | None) -> str:
+    """What a weights string names: 'none', 'timm' (the hub tag), 'hf-hub', 's3' or 'file'."""
+    if weights is None or weights == "none":
+        return "none"
+    if weights == "timm":
+        return "timm"
+    if weights.startswith("hf-hub:"):
+        return "hf-hub"
+    return "s3" if weights.startswith("s3://") else "file"
+
+
 def _check_weights_source(weights: str | None) -> str | None:
-    if weights is None or weights in ("timm", "none"):
-        return None if weights == "none" else weights
-    if weights.startswith(("s3://", "hf-hub:")):
-        _reject_parent_refs(weights)
-        return weights
-    if "://" in weights:
+    kind = weights_kind(weights)
+    if kind in ("none", "timm"):
+        return None if kind == "none" else weights
+    assert weights is not None
+    if kind == "file" and "://" in weights:
         raise ValueError(f"unsupported scheme in {weights!r}; use 'timm', 'hf-hub:ORG/REPO', a path or s3://")
     _reject_parent_refs(weights)
-    return _absolute_local(weights)
+    return _absolute_local(weights) if kind == "file" else weights
 
 
 def _safe_location(location: str | None) -> str | None:

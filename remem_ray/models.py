@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from remem_ray import timm_models  # noqa: F401  (registers the embedded default's ViT)
+from remem_ray.config import weights_kind
 from remem_ray.errors import ResourceError, SpecError
 from remem_ray.timm_adapter import BLOCK_CHILDREN, is_plain_vit_block
 
@@ -63,11 +64,12 @@ def create_model(
     a local file, or an s3:// URI fetched once into the local cache.
     """
     kwargs = dict(kwargs or {})
-    if weights is None:
+    kind = weights_kind(weights)
+    if weights is None or kind == "none":
         return _create(name, num_classes, img_size, kwargs)
-    if weights == "timm":
+    if kind == "timm":
         overlay = None
-    elif weights.startswith("hf-hub:"):
+    elif kind == "hf-hub":
         overlay = dict(hf_hub_id=weights[len("hf-hub:") :])
     else:
         local = _local_weights_file(weights, role, endpoint)
@@ -85,7 +87,7 @@ def create_model(
 
 
 def _local_weights_file(weights: str, role: str, endpoint: str | None) -> Path:
-    if weights.startswith("s3://"):
+    if weights_kind(weights) == "s3":
         from remem_ray.storage import fetch_to_cache
 
         return fetch_to_cache(weights, endpoint=endpoint, field=f"{role}.weights")

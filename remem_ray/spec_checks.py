@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from remem_ray.config import RunSpec, SweepSpec
+from remem_ray.config import RunSpec, SweepSpec, weights_kind
 from remem_ray.errors import ResourceError, SpecError
 
 
@@ -40,6 +40,5 @@ def _check_optimizer(role: str, name: str) -> None:
 
 def _check_local_weights(role: str, weights: str | None) -> None:
     """Local files only: hub names and s3:// URIs are fetched (and checked) where they are used."""
-    if weights and weights != "timm" and "://" not in weights and not weights.startswith("hf-hub:"):
-        if not Path(weights).is_file():
-            raise ResourceError(f"{role}.weights: weights file not found: {weights}")
+    if weights and weights_kind(weights) == "file" and not Path(weights).is_file():
+        raise ResourceError(f"{role}.weights: weights file not found: {weights}")

@@ -110,3 +110,20 @@ def test_reading_a_spec_has_no_side_effects_and_the_entry_check_names_the_field(
     with pytest.raises(SpecError, match=r"^data\.name: unknown dataset 'imagenet9'"):
         check_spec(load_run_spec(None, {"data.name": "imagenet9"}))
     check_spec(load_run_spec(None))  # the embedded default passes
+
+
+@pytest.mark.parametrize(
+    "weights, kind",
+    [
+        (None, "none"),
+        ("none", "none"),
+        ("timm", "timm"),
+        ("hf-hub:org/repo", "hf-hub"),
+        ("s3://b/w.pt", "s3"),
+        ("w.pt", "file"),
+    ],
+)
+def test_weights_kind_is_the_one_reading_of_a_weights_string(weights, kind):
+    from remem_ray.config import weights_kind
+
+    assert weights_kind(weights) == kind
