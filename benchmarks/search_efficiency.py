@@ -75,8 +75,10 @@ def run_grid(spec_path: str, out: str) -> None:
 def table_trial(config: dict, curves: dict) -> None:
     from ray import tune
 
-    for value in curves[point_key(config["rho"], config["alpha"], config["teacher_epoch"])]:
-        tune.report({"best_val_acc": value})
+    curve = curves[point_key(config["rho"], config["alpha"], config["teacher_epoch"])]
+    for epoch, value in enumerate(curve, start=1):
+        # the keys a student's epoch reports: ASHA's rungs and the searcher's steps are "epoch"
+        tune.report({"best_val_acc": value, "epoch": epoch, "epochs": len(curve)})
 
 
 def replay(spec_path: str, table_path: str, seeds: int) -> None:
@@ -112,8 +114,7 @@ def replay(spec_path: str, table_path: str, seeds: int) -> None:
                     tune_config=tune.TuneConfig(
                         search_alg=build_searcher(spec),
                         scheduler=build_scheduler(spec),
-                        num_samples=spec.sweep.num_samples,
-                        max_concurrent_trials=spec.max_concurrent_trials(),
+                        num_samples=spec.sweep.num_samples,  # concurrency: the searcher's slots, as in a sweep
                     ),
                     run_config=tune.RunConfig(name=f"replay-{seed}", storage_path=str(Path(tmp) / "tune"), verbose=0),
                 )

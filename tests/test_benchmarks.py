@@ -51,3 +51,17 @@ def test_step_script_runs_on_tiny_models(capsys):
 def test_throughputs_keep_three_significant_digits():
     """A slow machine's 1.44 img/s printed as "1" made the table's own ratio disagree with its cells."""
     assert gpu.rate(1.4449) == "1.44" and gpu.rate(28.04) == "28" and gpu.rate(12345.6) == "12,346"
+
+
+def test_replay_trials_report_what_asha_and_the_searcher_read(monkeypatch):
+    """The tabular replay's trials report a student's keys: without "epoch" ASHA had no rungs."""
+    from ray import tune
+
+    from benchmarks.search_efficiency import point_key, table_trial
+    from remem_ray.sweep.search import METRIC, TIME_ATTR, stopped_early
+
+    reported = []
+    monkeypatch.setattr(tune, "report", reported.append)
+    table_trial({"rho": 0.05, "alpha": 0.9, "teacher_epoch": 10}, {point_key(0.05, 0.9, 10): [0.5, 0.7]})
+    assert [(r[TIME_ATTR], r[METRIC]) for r in reported] == [(1, 0.5), (2, 0.7)]
+    assert stopped_early(reported[0]) and not stopped_early(reported[-1])
