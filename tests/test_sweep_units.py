@@ -141,7 +141,10 @@ def test_a_sweep_enqueues_only_the_points_it_will_run():
     searcher = build_searcher(_spec(num_samples=2, points_to_evaluate=points))
     searcher.suggest("a")
     searcher.suggest("b")
-    assert [(t.state.name, t.params.get("alpha")) for t in searcher.study.trials] == [("RUNNING", 0.8), ("RUNNING", 0.9)]
+    assert [(t.state.name, t.params.get("alpha")) for t in searcher.study.trials] == [
+        ("RUNNING", 0.8),
+        ("RUNNING", 0.9),
+    ]
     assert len(build_searcher(_spec(num_samples=4, points_to_evaluate=points)).study.trials) == 3
 
 
