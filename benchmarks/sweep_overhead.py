@@ -91,6 +91,13 @@ def collect(root: Path, name: str) -> dict:
     }
 
 
+def refuse_errored(summary: dict) -> None:
+    """A sweep with an errored trial did less work: its wall time compares with nothing."""
+    errored = [r.get("trial_id", "?") for r in summary["trials"] if r["state"] == "ERROR"]
+    if errored:
+        raise SystemExit(f"sweep_overhead: trial(s) {', '.join(errored)} errored; no figures from this sweep")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(ROOT / "search_spaces" / "smoke.yaml"))
@@ -124,6 +131,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"sweep failed with exit code {proc.returncode}")
         spec = json.loads((root / "sweeps" / name / "sweep_spec.json").read_text())
         data = collect(root, name)
+        refuse_errored(data["summary"])
     slots = spec["sweep"]["max_concurrent_trials"] or 2
     busy = covered_seconds(data["intervals"])
     overhead = 1.0 - busy / wall

@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks import gpu, harness, steps
-from benchmarks.sweep_overhead import covered_seconds
+from benchmarks.sweep_overhead import covered_seconds, refuse_errored
 
 
 def test_covered_seconds_is_the_length_of_the_union():
@@ -65,3 +65,11 @@ def test_replay_trials_report_what_asha_and_the_searcher_read(monkeypatch):
     table_trial({"rho": 0.05, "alpha": 0.9, "teacher_epoch": 10}, {point_key(0.05, 0.9, 10): [0.5, 0.7]})
     assert [(r[TIME_ATTR], r[METRIC]) for r in reported] == [(1, 0.5), (2, 0.7)]
     assert stopped_early(reported[0]) and not stopped_early(reported[-1])
+
+
+def test_sweep_overhead_gives_no_figures_for_a_sweep_with_an_errored_trial():
+    """An errored trial ran fewer epochs: its sweep looked faster (seen with Tune's reuse_actors)."""
+    rows = [{"trial_id": "a", "state": "TERMINATED"}, {"trial_id": "b", "state": "TERMINATED"}]
+    refuse_errored({"trials": rows})
+    with pytest.raises(SystemExit, match="trial.s. b errored"):
+        refuse_errored({"trials": [rows[0], {"trial_id": "b", "state": "ERROR"}]})
