@@ -198,9 +198,6 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
                 scheduler=build_scheduler(spec),
                 num_samples=spec.sweep.num_samples,
                 trial_dirname_creator=trial_dirname,
-                # a finished trial's process (Python, Ray, torch and timm imported) runs the next
-                # trial: no fresh process boot between trials
-                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=spec.name,
