@@ -29,9 +29,11 @@ from test_sweep_integration import (
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 STUDENT_EPOCHS = 5
-# two trials with distinct teachers (the smoke spec's first two points): one can finish while
-# the other is held, and both teachers are trained; a third trial only added minutes
-TRIALS = 2
+# Two trials with distinct teachers (the smoke spec's first two points) suffice for a kill during
+# a teacher's training or a student's distillation: one can finish while the other is held. The
+# between-trials kill runs a third (the smoke spec's third point) on the first trial's teacher,
+# started before or after the kill: a stored teacher is reused across the resume.
+TRIALS = {"teacher-training": 2, "distillation": 2, "between-trials": 3}
 # a point whose student learns (the smoke spec also searches a student_lr at which it barely does)
 LEARNING_POINT = {"rho": 0.05, "alpha": 0.9, "teacher_epoch": 4, "student_lr": 0.002}
 
@@ -40,7 +42,7 @@ def _spec(tmp_path: Path, name: str, **sweep) -> Path:
     spec = yaml.safe_load(SMOKE.read_text())
     spec["name"] = name
     spec["student"]["epochs"] = STUDENT_EPOCHS
-    spec["sweep"].update({"num_samples": TRIALS, "asha": {"enabled": False}, **sweep})
+    spec["sweep"].update({"num_samples": 2, "asha": {"enabled": False}, **sweep})
     spec["storage"]["root"] = str(tmp_path / "results")
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -73,7 +75,8 @@ HOLDS = {"teacher-training": "teacher:1", "distillation": "student:2,student:4",
 @pytest.mark.parametrize("when", ["teacher-training", "distillation", "between-trials"])
 def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(tmp_path, when):
     name = f"kill-{when}"
-    path = _spec(tmp_path, name)
+    trials = TRIALS[when]
+    path = _spec(tmp_path, name, num_samples=trials)
     root = tmp_path / "results"
     experiment = root / "sweeps" / name
     env = _env(tmp_path)
@@ -124,15 +127,16 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     assert rc == 0, out[-3000:]
     summary = json.loads((experiment / "summary.json").read_text())
     rows = summary["trials"]
-    assert len(rows) == TRIALS and all(r["state"] == "TERMINATED" for r in rows), rows
+    assert len(rows) == trials and all(r["state"] == "TERMINATED" for r in rows), rows
     assert all(r["epochs_done"] == STUDENT_EPOCHS and r["student_val_acc"] is not None for r in rows)
     assert summary["best"] is not None
     # every distinct teacher trained (to completion) once, whatever was interrupted
     assert summary["teacher_trainings_performed"] == summary["distinct_teacher_keys"] == 2
+    assert summary["teacher_reuses"] == trials - 2
     for t, text in finished_rows.items():  # no finished trial ran again
         assert (experiment / f"trial_{t}" / "result.json").read_text() == text
     study = _study(experiment)
-    assert [t.number for t in study.trials] == list(range(TRIALS))
+    assert [t.number for t in study.trials] == list(range(trials))
     # the copy Optuna's tools open (optuna.db) is the resumed study, whole
     stored = _stored_study(experiment, name)
     assert [(t.number, t.state, t.params, t.value) for t in stored.trials] == [
