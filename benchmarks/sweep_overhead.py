@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         # the console goes to a file as it runs: a sweep cut short by a time limit leaves its log
         log_path = args.log or Path(tmp) / "sweep-console.log"
         with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.run(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
         wall = time.time() - began
         if proc.returncode != 0:
             print(log_path.read_text()[-6000:])
