@@ -75,8 +75,8 @@ HOLDS = {"teacher-training": "teacher:1", "distillation": "student:2,student:4",
 @pytest.mark.parametrize("when", ["teacher-training", "distillation", "between-trials"])
 def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(tmp_path, when):
     name = f"kill-{when}"
-    trials = TRIALS[when]
-    path = _spec(tmp_path, name, num_samples=trials)
+    num_trials = TRIALS[when]
+    path = _spec(tmp_path, name, num_samples=num_trials)
     root = tmp_path / "results"
     experiment = root / "sweeps" / name
     env = _env(tmp_path)
@@ -127,16 +127,16 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     assert rc == 0, out[-3000:]
     summary = json.loads((experiment / "summary.json").read_text())
     rows = summary["trials"]
-    assert len(rows) == trials and all(r["state"] == "TERMINATED" for r in rows), rows
+    assert len(rows) == num_trials and all(r["state"] == "TERMINATED" for r in rows), rows
     assert all(r["epochs_done"] == STUDENT_EPOCHS and r["student_val_acc"] is not None for r in rows)
     assert summary["best"] is not None
     # every distinct teacher trained (to completion) once, whatever was interrupted
     assert summary["teacher_trainings_performed"] == summary["distinct_teacher_keys"] == 2
-    assert summary["teacher_reuses"] == trials - 2
+    assert summary["teacher_reuses"] == num_trials - 2
     for t, text in finished_rows.items():  # no finished trial ran again
         assert (experiment / f"trial_{t}" / "result.json").read_text() == text
     study = _study(experiment)
-    assert [t.number for t in study.trials] == list(range(trials))
+    assert [t.number for t in study.trials] == list(range(num_trials))
     # the copy Optuna's tools open (optuna.db) is the resumed study, whole
     stored = _stored_study(experiment, name)
     assert [(t.number, t.state, t.params, t.value) for t in stored.trials] == [
