@@ -9,7 +9,8 @@ then reads back from storage every teacher and student epoch's start time and le
 - slot use = summed epoch time / (wall time x concurrent trials).
 - Train-run start latency: trainer.fit() called -> its first epoch begins, split at the worker
   process's start (Ray's scheduling before it), its imports done (torch, timm, ours), the loop
-  function's entry (Train's worker setup before it) and the first epoch (data, models).
+  function's entry (Train's worker setup before it) and the first epoch (data, models). A
+  student distilled in its teacher's run counts from the phase switch instead.
 - teacher reuse: teacher trainings performed == distinct teacher keys.
 - peak RSS: the largest Train worker and trial-driver process.
 
@@ -55,7 +56,10 @@ def start_parts(first_epoch: dict, fit_called_at: float) -> tuple[float, ...]:
 def collect(root: Path, name: str) -> dict:
     """Epoch intervals, start latencies and memory of one finished sweep, from its storage."""
     experiment = root / "sweeps" / name
-    intervals, loop_seconds, latencies, worker_rss, driver_rss = [], 0.0, {"teacher": [], "student": []}, [], []
+    intervals, loop_seconds, worker_rss, driver_rss = [], 0.0, [], []
+    # "student": a run of its own (fit() -> first epoch); "student_after_teacher": the student phase
+    # of its teacher's run (phase switch -> first epoch: that run's processes were already up)
+    latencies: dict[str, list[float]] = {"teacher": [], "student": [], "student_after_teacher": []}
     parts: dict[str, list[tuple[float, ...]]] = {"teacher": [], "student": []}
     for record_file in sorted((experiment / "teacher-trainings").glob("*.json")):
         record = json.loads(record_file.read_text())
@@ -77,8 +81,12 @@ def collect(root: Path, name: str) -> dict:
             worker_rss.append(h["peak_rss_mb"])
             driver_rss.append(h["trial_driver_rss_mb"])
         if rows[0]["start_epoch"] == 1:
-            latencies["student"].append(rows[0]["epoch_started_at"] - rows[0]["fit_called_at"])
-            parts["student"].append(start_parts(rows[0], rows[0]["fit_called_at"]))
+            latency = rows[0]["epoch_started_at"] - rows[0]["fit_called_at"]
+            if rows[0].get("student_in_teacher_run"):
+                latencies["student_after_teacher"].append(latency)
+            else:
+                latencies["student"].append(latency)
+                parts["student"].append(start_parts(rows[0], rows[0]["fit_called_at"]))
     summary = json.loads((experiment / "summary.json").read_text())
     return {
         "intervals": intervals,
@@ -154,8 +162,14 @@ def main(argv=None) -> int:
             "-",
         ],
         [
-            "Train-run start latency, students (median)",
+            "Train-run start latency, students in runs of their own (median)",
             f"{statistics.median(lat['student']):.1f} s" if lat["student"] else "-",
+            "-",
+            "-",
+        ],
+        [
+            "student phase start in its teacher's run: phase switch -> first epoch (median)",
+            f"{statistics.median(lat['student_after_teacher']):.1f} s" if lat["student_after_teacher"] else "-",
             "-",
             "-",
         ],

@@ -158,7 +158,7 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
 
 def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
     """A stored teacher whose checkpoint was truncated after its manifest: detected on load,
-    retrained in a fresh Train run, never used; the event is in summary.json."""
+    retrained into a folder of its own, never used; the event is in summary.json."""
     first = _spec(tmp_path, "first", num_samples=1, points_to_evaluate=[LEARNING_POINT])
     env = _env(tmp_path)
     rc, out = run_remem(["sweep", "run", str(first)], tmp_path, env)
@@ -185,5 +185,5 @@ def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
     assert hashlib.sha256((retrained / "model.pt").read_bytes()).hexdigest() == manifest["files"]["model.pt"]
     assert json.loads((root / "teachers" / key / "active.json").read_text())["folder"] == "retrain-1"
     assert model_file.read_bytes() == good[: len(good) // 2]  # the old set was never rewritten under readers
-    assert (root / "teachers" / key / "train-run-retrain-1").is_dir()
+    assert (root / "teachers" / key / "retrain-1" / "resume" / "state.pt").is_file()
     assert summary["trials"][0]["student_val_acc"] > 0.3

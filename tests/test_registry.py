@@ -39,17 +39,19 @@ def _write_teacher(folder: Storage, weight: float) -> None:
 
 
 class FakeFit:
-    """Stands in for the Ray Train run: writes the checkpoints where the registry says, counts calls."""
+    """Stands in for the Ray Train run: writes the checkpoints where the registry says, then marks
+    the teacher finished as the run's rank 0 does; counts calls."""
 
     def __init__(self, weight: float = 1.0, before=None) -> None:
         self.calls, self.weight, self.before = 0, weight, before
 
-    def __call__(self, spec, run_spec, registry, key, lease) -> None:
+    def __call__(self, spec, run_spec, registry, key, lease, finished) -> None:
         self.calls += 1
         assert lease.handle().lost() is None  # trains only under its lease
         if self.before is not None and self.before(registry, key, lease) is False:
             return  # the loop found its lease lost and stopped
         _write_teacher(registry.training_output(key), self.weight)
+        finished()
 
 
 def test_the_holder_trains_and_records_it(tmp_path):

@@ -205,7 +205,7 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
         for epoch in (2, 4):
             manifest = json.loads((teacher / f"epoch_{epoch}" / "manifest.json").read_text())
             assert set(manifest["files"]) == {"model.pt", "meta.json"}
-        assert (teacher / "train-run").is_dir()
+        assert (teacher / "resume" / "state.pt").is_file()  # its resume state, for whoever trains it next
     for row in summary["trials"]:
         assert (experiment / "students" / row["trial_id"] / "best" / "manifest.json").is_file()
         assert not any(len(p.name) > 60 for p in experiment.iterdir())  # no constants in trial folder names

@@ -1,11 +1,12 @@
-"""Teacher registry: <root>/teachers/<teacher_key>/ holds a teacher's checkpoints and its own
-Ray Train runs (so whichever trial trains it next resumes them), shared by every sweep on the root.
+"""Teacher registry: <root>/teachers/<teacher_key>/ holds a teacher's checkpoints and its resume
+state (so whichever trial trains it next resumes it), shared by every sweep on the root.
 
     <key>/spec.json, epoch_<e>/        the first training's checkpoints
-    <key>/train-run/                   its Train run
+    <key>/resume/state.pt              its resume state (remem_ray.train.phases)
+    <key>/train-run/                   its Ray Train run, where the teacher trains in a run of its own
     <key>/lease/<generation>.json      who trains this key now (remem_ray.leases)
     <key>/retrain.json                 the newest retraining scheduled (after a corrupt checkpoint)
-    <key>/retrain-<n>/epoch_<e>/       that retraining's checkpoints, beside the old ones
+    <key>/retrain-<n>/epoch_<e>/       that retraining's checkpoints (and resume/), beside the old ones
     <key>/active.json                  which set of checkpoints is in use (absent: the first)
 
 Exactly one trial, of any sweep, trains a key at a time: the holder of the key's lease in
@@ -77,7 +78,7 @@ class TeacherRegistry:
         return self.folder(key).child(retrain["folder"]) if retrain else self.folder(key)
 
     def train_run_name(self, key: str) -> str:
-        """The Train run to resume; a retraining has its own (the old run finished: it would resume at its end)."""
+        """The teacher-only Train run (teacher and student on different workers); a retraining has its own."""
         retrain = self.pending_retrain(key)
         return retrain["train_run"] if retrain else TRAIN_RUN
 

@@ -1,17 +1,20 @@
-"""The Tune trial: a module-level function trainable that drives two Ray Train runs.
+"""The Tune trial: a module-level function trainable that drives its Ray Train runs.
 
 1. teacher_key = hash of what determines the teacher run; the registry supplies it if stored,
-   else this trial trains it (one TorchTrainer, every candidate epoch saved) while other trials
-   needing the same key wait.
-2. a TorchTrainer distils the student from the chosen checkpoint and reports each epoch to
-   Tune through TuneReportCallback, so ASHA rungs are student epochs.
+   else this trial trains it (every candidate epoch saved) while other trials needing the same
+   key wait.
+2. the student is distilled from the chosen checkpoint and reports each epoch to Tune through
+   TuneReportCallback, so ASHA rungs are student epochs.
 
-Train run names derive from the trial id (students) or the teacher key (teachers), so a
-restarted trial resumes its Train run from the last reported checkpoint.
+A trial that trains its teacher runs both in one Train run (remem_ray.train.phases: one start
+instead of two) when both phases take the same workers; the teacher's resume state lives in its
+registry folder, so whoever holds the key's lease next resumes it. Student runs are named after
+the trial, so a restarted trial resumes its student from the last reported checkpoint.
 """
 
 from __future__ import annotations
 
+import pickle
 import time
 from typing import Any
 
@@ -22,8 +25,10 @@ from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.registry import Heartbeat, TeacherRegistry
 from remem_ray.train.loop import peak_rss_mb
+from remem_ray.train.teacher import checkpoint_name
 
 HEARTBEAT_S = 5.0
+TEACHER_STATE_DIR = "resume"  # a teacher's resume state, beside the checkpoints it writes
 STALE_AFTER_S = 60.0
 POLL_S = 2.0
 
@@ -75,25 +80,18 @@ def _stored_and_whole(registry: TeacherRegistry, key: str, epochs: list[int], ep
     return registry.has_all(key, epochs) and registry.verify(key, epoch) is None
 
 
-def fit_teacher(spec: SweepSpec, run_spec, registry: TeacherRegistry, key: str, lease: Lease) -> None:
-    """Train (or resume) the teacher under a held lease in its Train run; the loop stops if the lease goes."""
-    from remem_ray.train.teacher import fine_tune_teacher
+class TeacherFinished:
+    """Run by the teacher run's rank 0 when its teacher phase ends (before any student phase):
+    a retraining becomes the set in use, and this sweep records which trial trained the key, so
+    a trial restarted in its student phase knows it trained the teacher."""
 
-    layout = SweepLayout(Storage.from_config(spec.storage), spec.name)
-    trainer = make_trainer(
-        fine_tune_teacher,
-        {
-            "spec": run_spec.model_dump(mode="json"),
-            "output": registry.training_output(key).uri(),
-            "lease": lease.handle().to_dict(),
-            "label": f"trial {lease.holder.rsplit('/', 1)[-1]} teacher {key[:8]}",
-            "tensorboard": layout.tensorboard(f"teacher_{key}").uri(),
-        },
-        spec.sweep.resources.teacher,
-        spec.sweep.resources.backend,
-        train_run_config(registry.train_run_name(key), registry.folder(key), spec.sweep.max_failures),
-    )
-    trainer.fit()
+    def __init__(self, registry: TeacherRegistry, layout: SweepLayout, key: str, trial_id: str) -> None:
+        self.registry, self.layout, self.key, self.trial_id = registry, layout, key, trial_id
+        self.fit_called_at = time.time()
+
+    def __call__(self) -> None:
+        self.registry.finish_training(self.key)
+        self.layout.record_teacher_training(self.key, self.trial_id, fit_called_at=self.fit_called_at)
 
 
 def ensure_teacher(
@@ -102,16 +100,18 @@ def ensure_teacher(
     holder: str,
     registry: TeacherRegistry,
     layout: SweepLayout,
-    fit=fit_teacher,
+    fit,
     stale_after_s: float = STALE_AFTER_S,
 ) -> bool:
     """Make sure every candidate checkpoint of this teacher is stored and the one this trial uses
     is whole (sha256 against its manifest); True if this trial trained it.
 
     `holder` names this trial across sweeps (sweep/trial id). Whoever holds the key's lease
-    trains; a holder that loses its lease mid-run (declared stale) stops at the next epoch and
-    waits like the others. A corrupt or truncated checkpoint is never used: the trial holding
-    the lease logs it, records it for summary.json and retrains the teacher beside it.
+    trains, calling `fit(spec, run_spec, registry, key, lease, finished)`, which calls
+    `finished()` (a TeacherFinished) once the teacher is whole; a holder that loses its lease
+    mid-run (declared stale) stops at the next epoch and waits like the others. A corrupt or
+    truncated checkpoint is never used: the trial holding the lease logs it, records it for
+    summary.json and retrains the teacher beside it.
     """
     key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
     epochs, epoch = run_spec.teacher.saved_epochs, run_spec.student.teacher_epoch
@@ -154,67 +154,110 @@ def _train_under_lease(
                 problem = registry.verify(key, epoch)
                 if problem is None:  # finished by another holder while we waited
                     return layout.trained_by(key) == trial_id
-                run = registry.schedule_retrain(key, epoch, problem)
-                layout.record_integrity_event(key, epoch, problem, trial_id, action=f"retrained in {run}")
-                say(f"trial {trial_id}: {problem}; retraining teacher {key[:8]} in Train run {run}")
+                registry.schedule_retrain(key, epoch, problem)
+                into = registry.training_output(key).uri()
+                layout.record_integrity_event(key, epoch, problem, trial_id, action=f"retrained into {into}")
+                say(f"trial {trial_id}: {problem}; retraining teacher {key[:8]} into {into}")
             teacher = run_spec.teacher
             say(f"trial {trial_id}: training teacher {key[:8]} (rho {teacher.rho}, alpha {teacher.alpha})")
-            fit_called_at = time.time()
-            fit(spec, run_spec, registry, key, lease)
-        if heartbeat.lost.is_set() or not lease.renew():
-            say(f"trial {trial_id}: lost the lease on teacher {key[:8]} while training it; waiting for its new holder")
-            return False
-        registry.finish_training(key)
-        layout.record_teacher_training(key, trial_id, fit_called_at=fit_called_at)
-        return True
+            fit(spec, run_spec, registry, key, lease, TeacherFinished(registry, layout, key, trial_id))
+        if layout.trained_by(key) == trial_id:  # its run marked the teacher finished
+            return True
+        say(f"trial {trial_id}: lost the lease on teacher {key[:8]} while training it; waiting for its new holder")
+        return False
     finally:
         lease.release()
+
+
+class TrialRuns:
+    """The Train runs of one trial. Training its teacher, it distils in the same run when both
+    phases take the same workers (`distilled` is then set); otherwise, and on a stored teacher,
+    the student has a run of its own."""
+
+    def __init__(self, spec: SweepSpec, run_spec, trial_id: str, started_at: float) -> None:
+        self.spec, self.run_spec, self.trial_id, self.started_at = spec, run_spec, trial_id, started_at
+        self.layout = SweepLayout(Storage.from_config(spec.storage), spec.name)
+        self.registry = TeacherRegistry(self.layout.teachers)
+        self.key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
+        self.distilled = False
+
+    def _student_run(self):
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        return train_run_config(
+            f"student-{self.trial_id}", self.layout.train_runs, self.spec.sweep.max_failures, [TuneReportCallback()]
+        )
+
+    def _student_config(self, teacher_checkpoint: str, trained: bool) -> dict[str, Any]:
+        return {
+            "spec": self.run_spec.model_dump(mode="json"),
+            "teacher": teacher_checkpoint,
+            "output": self.layout.student(self.trial_id).uri(),
+            "label": f"trial {self.trial_id} student",
+            "tensorboard": self.layout.tensorboard(f"trial_{self.trial_id}_student").uri(),
+            # timings and memory of this trial's driver, for benchmarks/sweep_overhead.py
+            "report_extra": {
+                "teacher_key": self.key,
+                "teacher_trained": int(trained),
+                "trial_started_at": self.started_at,
+                "fit_called_at": time.time(),
+                "trial_driver_rss_mb": peak_rss_mb(),
+            },
+        }
+
+    def fit_teacher(self, spec, run_spec, registry: TeacherRegistry, key: str, lease: Lease, finished) -> None:
+        """Train (or resume) the teacher under a held lease, and its student in the same run when
+        the workers match; the loop stops if the lease goes."""
+        from remem_ray.train.phases import teach_then_distil
+
+        resources = spec.sweep.resources
+        together = resources.teacher == resources.student
+        output = registry.training_output(key)
+        epoch = run_spec.student.teacher_epoch
+        teacher = {
+            "spec": run_spec.model_dump(mode="json"),
+            "output": output.uri(),
+            "state": output.uri(TEACHER_STATE_DIR),
+            "lease": lease.handle().to_dict(),
+            "label": f"trial {self.trial_id} teacher {key[:8]}",
+            "tensorboard": self.layout.tensorboard(f"teacher_{key}").uri(),
+        }
+        student = self._student_config(output.uri(checkpoint_name(epoch)), True) if together else None
+        if together:
+            run = self._student_run()
+        else:  # a teacher-only run: the student takes other workers
+            run = train_run_config(registry.train_run_name(key), registry.folder(key), spec.sweep.max_failures)
+        # pickled: Train's controller unpickles the config, and importing this module (torch) would
+        # add about 6 s to every teacher's start on 2 cores
+        config = {"teacher": teacher, "student": student, "on_teacher_done": pickle.dumps(finished)}
+        make_trainer(teach_then_distil, config, resources.teacher, resources.backend, run).fit()
+        self.distilled = together and self.layout.trained_by(key) == self.trial_id
+
+    def fit_student(self, trained: bool) -> None:
+        """Distil from the stored teacher in a run of its own (resumed if the trial restarted)."""
+        from remem_ray.train.student import distill_student
+
+        epoch = self.run_spec.student.teacher_epoch
+        assert epoch is not None  # SweepSpec.run_spec sets the trial's choice
+        config = self._student_config(self.registry.checkpoint_uri(self.key, epoch), trained)
+        resources = self.spec.sweep.resources
+        make_trainer(distill_student, config, resources.student, resources.backend, self._student_run()).fit()
 
 
 def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     """Tune function trainable; `sweep` (the SweepSpec as a dict) arrives via tune.with_parameters."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from remem_ray.train.student import distill_student
 
     started_at = time.time()
     spec = SweepSpec.model_validate(sweep)
     run_spec = spec.run_spec(config)
     trial_id = tune.get_context().get_trial_id()
-    storage = Storage.from_config(spec.storage)
-    layout = SweepLayout(storage, spec.name)
-    registry = TeacherRegistry(layout.teachers)
-    trained = ensure_teacher(spec, run_spec, f"{spec.name}/{trial_id}", registry, layout)
-    key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
-    epoch = run_spec.student.teacher_epoch
-    assert epoch is not None  # SweepSpec.run_spec sets the trial's choice
-    teacher = registry.checkpoint_uri(key, epoch)
-    trainer = make_trainer(
-        distill_student,
-        {
-            "spec": run_spec.model_dump(mode="json"),
-            "teacher": teacher,
-            "output": layout.student(trial_id).uri(),
-            "label": f"trial {trial_id} student",
-            "tensorboard": layout.tensorboard(f"trial_{trial_id}_student").uri(),
-            # timings and memory of this trial's driver, for benchmarks/sweep_overhead.py
-            "report_extra": {
-                "teacher_key": key,
-                "teacher_trained": int(trained),
-                "trial_started_at": started_at,
-                "fit_called_at": time.time(),
-                "trial_driver_rss_mb": peak_rss_mb(),
-            },
-        },
-        spec.sweep.resources.student,
-        spec.sweep.resources.backend,
-        train_run_config(
-            f"student-{trial_id}", layout.train_runs, spec.sweep.max_failures, callbacks=[TuneReportCallback()]
-        ),
-    )
-    trainer.fit()
-    print(f"trial {trial_id}: done; student at {layout.student(trial_id).uri('best')}", flush=True)  # log only
+    runs = TrialRuns(spec, run_spec, trial_id, started_at)
+    holder = f"{spec.name}/{trial_id}"
+    trained = ensure_teacher(spec, run_spec, holder, runs.registry, runs.layout, fit=runs.fit_teacher)
+    if not runs.distilled:
+        runs.fit_student(trained)
+    print(f"trial {trial_id}: done; student at {runs.layout.student(trial_id).uri('best')}", flush=True)  # log only
 
 
 def trial_dirname(trial) -> str:

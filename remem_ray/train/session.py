@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from remem_ray.console import say
+from remem_ray.storage import Storage
 
 
 class Session(Protocol):
@@ -117,6 +118,42 @@ class RayTrainSession:
         if self.world_rank == 0:
             sys.stdout.write(f"{self.prefix}{message}\n")  # not print: Train's print echoes twice
             sys.stdout.flush()
+
+
+class StoredStateSession:
+    """Wraps a session: metrics go to its console only, the resume state to a file in storage.
+
+    For a teacher trained inside a trial's Train run: its resume state belongs to the teacher
+    (whichever trial holds the key's lease next resumes it), not to the run, and its epochs are
+    not the trial's results (Tune's scheduler sees student epochs only).
+    """
+
+    STATE_FILE = "state.pt"
+
+    def __init__(self, base: Session, storage: Storage) -> None:
+        self.base, self.storage = base, storage
+        self.world_rank, self.local_rank, self.world_size = base.world_rank, base.local_rank, base.world_size
+        self.history: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        self.history.append(dict(metrics))
+        self.base.log(_format_metrics(metrics))
+        if state is not None and self.world_rank == 0:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            self.storage.write_bytes(self.STATE_FILE, buffer.getvalue())  # whole-object write: never half a state
+
+    def restore_state(self) -> dict[str, Any] | None:
+        if not self.storage.is_file(self.STATE_FILE):
+            return None
+        data = self.storage.read_bytes(self.STATE_FILE)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+    def log(self, message: str) -> None:
+        self.base.log(message)
+
+    def detail(self, message: str) -> None:
+        self.base.detail(message)
 
 
 def in_ray_train_worker() -> bool:

@@ -1,0 +1,150 @@
+"""A teacher and its student in one run (remem_ray.train.phases), in-process: the teacher's resume
+state lives in its own folder (another holder resumes it), a run restarted past its teacher phase
+goes straight to the student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from test_resume import SPEC as RESUME_SPEC
+from test_resume import FileSession, TakeoverSession, _assert_bitwise_equal
+
+from remem_ray.checkpoints import load_model
+from remem_ray.config import load_run_spec
+from remem_ray.leases import Lease
+from remem_ray.storage import Storage
+from remem_ray.train.phases import teach_then_distil
+from remem_ray.train.session import StoredStateSession
+
+SPEC = {
+    **RESUME_SPEC,
+    "teacher.checkpoint_epochs": [1, 3],
+    "student.epochs": 2,
+    "student.batch_size": 16,
+    "student.teacher_epoch": 3,
+}
+
+
+class Events:
+    """What happened, in order: teacher epochs (through the base session's log), the phase switch, student epochs."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def teacher_done(self) -> None:
+        self.seen.append("teacher done")
+
+
+class TeacherLog(FileSession):
+    """The teacher phase's base session: its epoch lines land in `events` (state goes elsewhere)."""
+
+    def __init__(self, events: Events) -> None:
+        super().__init__(Path("/nonexistent"))
+        self.events = events
+
+    def log(self, message: str) -> None:
+        if message.startswith("epoch "):
+            self.events.seen.append("teacher " + message.split()[1])
+
+
+class TakenOverLog(TeacherLog):
+    """A teacher whose lease passes to another holder (a TakeoverSession's) once epoch `after` is logged."""
+
+    def __init__(self, events: Events, takeover: TakeoverSession) -> None:
+        super().__init__(events)
+        self.takeover = takeover
+
+    def log(self, message: str) -> None:
+        super().log(message)
+        if message.startswith("epoch "):
+            self.takeover.report({"epoch": int(message.split()[1].split("/")[0])})
+
+
+class StudentLog(FileSession):
+    def __init__(self, state_file: Path, events: Events) -> None:
+        super().__init__(state_file)
+        self.events = events
+
+    def report(self, metrics, state=None) -> None:
+        super().report(metrics, state)
+        self.events.seen.append(f"student {metrics['epoch']}/{metrics['epochs']}")
+
+
+def _config(spec, tmp_path: Path, teacher_session, student_session, events: Events, lease=None) -> dict:
+    teacher = {
+        "spec": spec.model_dump(mode="json"),
+        "output": str(tmp_path / "teacher"),
+        "state": str(tmp_path / "teacher" / "resume"),
+        "session": teacher_session,
+    }
+    if lease is not None:
+        teacher["lease"] = lease.handle().to_dict()
+    student = None
+    if student_session is not None:
+        student = {
+            "spec": spec.model_dump(mode="json"),
+            "teacher": str(tmp_path / "teacher" / "epoch_3"),
+            "output": str(tmp_path / "student"),
+            "session": student_session,
+            "report_extra": {"trial_started_at": 1.0},
+        }
+    return {"teacher": teacher, "student": student, "on_teacher_done": events.teacher_done}
+
+
+def test_the_student_starts_once_its_teacher_is_finished_and_reports_only_its_own_epochs(tmp_path):
+    spec = load_run_spec(None, SPEC)
+    events = Events()
+    student = StudentLog(tmp_path / "student.pt", events)
+    result = teach_then_distil(_config(spec, tmp_path, TeacherLog(events), student, events))
+    assert events.seen == ["teacher 1/3", "teacher 2/3", "teacher 3/3", "teacher done", "student 1/2", "student 2/2"]
+    assert [r["epoch"] for r in student.reports] == [1, 2]  # the run's results: student epochs only
+    assert all(r["student_in_teacher_run"] == 1 and r["trial_started_at"] == 1.0 for r in student.reports)
+    assert all(r["fit_called_at"] <= r["epoch_started_at"] for r in student.reports)
+    teacher_state = torch.load(tmp_path / "teacher" / "resume" / StoredStateSession.STATE_FILE, weights_only=False)
+    assert teacher_state["epoch"] == 3  # the teacher's resume state, in the teacher's folder
+    assert (tmp_path / "teacher" / "epoch_1").is_dir() and (tmp_path / "student" / "best").is_dir()
+    assert result["student"]["best"]["epoch"] in (1, 2)
+    assert result["student"]["best"]["val_acc"] > 0.25  # 4 classes: it learnt from its teacher
+
+
+def test_a_teacher_stopped_by_a_lost_lease_is_resumed_by_the_next_holder_exactly(tmp_path):
+    spec = load_run_spec(None, SPEC)
+    whole_events = Events()
+    teach_then_distil(_config(spec, tmp_path / "whole", TeacherLog(whole_events), None, whole_events))
+
+    lease_folder = Storage(str(tmp_path / "lease"))
+    first = Lease(lease_folder, "sweep-1/trial_a", 60.0)
+    assert first.try_acquire()
+    events = Events()
+    takeover = TakeoverSession(tmp_path / "unused.pt", lease_folder, after=1)
+    taken = TakenOverLog(events, takeover)
+    student = StudentLog(tmp_path / "student.pt", events)
+    result = teach_then_distil(_config(spec, tmp_path, taken, student, events, lease=first))
+    assert "passed to sweep-2/trial_b" in result["teacher"]["stopped"] and result["student"] is None
+    assert "teacher done" not in events.seen and not student.reports  # no student on an unfinished teacher
+    assert not (tmp_path / "teacher" / "epoch_3").exists()
+
+    # the new holder (another trial) resumes from the state in the teacher's folder, then distils
+    events = Events()
+    student = StudentLog(tmp_path / "student.pt", events)
+    config = _config(spec, tmp_path, TeacherLog(events), student, events, lease=takeover.new_holder)
+    teach_then_distil(config)
+    assert events.seen[:3] == ["teacher 2/3", "teacher 3/3", "teacher done"]
+    whole, _ = load_model(Storage(str(tmp_path / "whole" / "teacher")), "epoch_3")
+    resumed, _ = load_model(Storage(str(tmp_path / "teacher")), "epoch_3")
+    _assert_bitwise_equal(whole.state_dict(), resumed.state_dict())
+
+
+def test_a_run_restarted_in_its_student_phase_does_not_train_its_teacher_again(tmp_path):
+    spec = load_run_spec(None, SPEC)
+    events = Events()
+    teach_then_distil(_config(spec, tmp_path, TeacherLog(events), StudentLog(tmp_path / "s.pt", events), events))
+    teacher_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "teacher").rglob("*") if p.is_file()}
+
+    events = Events()  # the same run again (Train restarted it): its student has a checkpoint
+    student = StudentLog(tmp_path / "s.pt", events)
+    result = teach_then_distil(_config(spec, tmp_path, TeacherLog(events), student, events))
+    assert result["teacher"] is None and events.seen == ["student 2/2"]
+    assert student.reports[0]["replayed"] == 1  # its final result, handed over again
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "teacher").rglob("*") if p.is_file()} == teacher_files
