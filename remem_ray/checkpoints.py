@@ -1,14 +1,12 @@
-"""Model checkpoints: a folder holding model.pt, meta.json and, written last, manifest.json.
+"""Model checkpoints: write and load the folders remem_ray.checkpoint_files describes.
 
-The manifest carries each file's sha256, so a folder without one is unfinished and a file
-that does not match is corrupt; both are refused on load rather than used. meta.json
-records what is needed to rebuild the model, the MLP reweighting included, so a reloaded
-teacher computes what it computed in training.
+An unfinished or corrupt folder is refused on load rather than used. meta.json records what
+is needed to rebuild the model, the MLP reweighting included, so a reloaded teacher computes
+what it computed in training.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from typing import Any
@@ -16,17 +14,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from remem_ray.errors import ResourceError
+from remem_ray.checkpoint_files import (  # re-exported: the checkpoint API in one place
+    MANIFEST_FILE,
+    META_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    checkpoint_name,
+    is_complete,
+    manifest_for,
+    read_checkpoint_files,
+    verify_checkpoint,
+)
 from remem_ray.models import create_model, reweight_mlp, reweighting_of
 from remem_ray.storage import Storage
 
-MODEL_FILE = "model.pt"
-META_FILE = "meta.json"
-MANIFEST_FILE = "manifest.json"
-
-
-class CheckpointError(ResourceError):
-    """A checkpoint folder is missing, unfinished or corrupt."""
+__all__ = [
+    "MANIFEST_FILE",
+    "META_FILE",
+    "MODEL_FILE",
+    "CheckpointError",
+    "checkpoint_name",
+    "is_complete",
+    "load_model",
+    "model_meta",
+    "read_checkpoint",
+    "read_checkpoint_files",
+    "split_location",
+    "verify_checkpoint",
+    "write_checkpoint",
+]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -58,42 +74,7 @@ def write_checkpoint(storage: Storage, rel: str, model: nn.Module, meta: dict[st
         storage.delete_file(f"{rel}/{MANIFEST_FILE}")
     for fname, data in files.items():
         storage.write_bytes(f"{rel}/{fname}", data)
-    manifest = {"format": 1, "files": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
-    storage.write_text(f"{rel}/{MANIFEST_FILE}", json.dumps(manifest, indent=2, sort_keys=True))
-
-
-def is_complete(storage: Storage, rel: str) -> bool:
-    return storage.is_file(f"{rel}/{MANIFEST_FILE}")
-
-
-def verify_checkpoint(storage: Storage, rel: str) -> str | None:
-    """None if the folder is complete and every file matches its sha256, else what is wrong."""
-    try:
-        read_checkpoint_files(storage, rel)
-    except CheckpointError as exc:
-        return str(exc)
-    return None
-
-
-def read_checkpoint_files(storage: Storage, rel: str) -> dict[str, bytes]:
-    """Every file of a checkpoint, each checked against the manifest."""
-    where = storage.uri(rel)
-    if not is_complete(storage, rel):
-        raise CheckpointError(f"checkpoint: no complete checkpoint at {where} (manifest.json missing)")
-    try:
-        manifest = json.loads(storage.read_text(f"{rel}/{MANIFEST_FILE}"))
-        listed = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint: {where}/{MANIFEST_FILE} is corrupt") from None
-    blobs = {}
-    for fname, digest in listed.items():
-        if not storage.is_file(f"{rel}/{fname}"):
-            raise CheckpointError(f"checkpoint: {where}/{fname} is missing")
-        data = storage.read_bytes(f"{rel}/{fname}")
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise CheckpointError(f"checkpoint: {where}/{fname} does not match its sha256 (corrupt or truncated)")
-        blobs[fname] = data
-    return blobs
+    storage.write_text(f"{rel}/{MANIFEST_FILE}", manifest_for(files))
 
 
 def read_checkpoint(storage: Storage, rel: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

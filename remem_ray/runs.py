@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from remem_ray.checkpoint_files import checkpoint_name
 from remem_ray.checkpoints import is_complete
 from remem_ray.config import RunSpec
 from remem_ray.errors import ResourceError
 from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage
-from remem_ray.train.teacher import checkpoint_name
 
 
 def run_folder(spec: RunSpec) -> Storage:

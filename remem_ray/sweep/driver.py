@@ -159,7 +159,7 @@ def _write_report(summary, layout: SweepLayout) -> None:
 def _trainable(spec: SweepSpec):
     from ray import tune
 
-    from remem_ray.sweep.trial import remem_trial  # imports torch: only where trials start
+    from remem_ray.sweep.trial import remem_trial
 
     keep_credentials_out_of_runtime_envs()
     trainable = tune.with_parameters(remem_trial, sweep=spec.model_dump(mode="json"))

@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import threading
 
-from remem_ray.checkpoints import is_complete, verify_checkpoint
+from remem_ray.checkpoint_files import checkpoint_name, is_complete, verify_checkpoint
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
-from remem_ray.train.teacher import checkpoint_name
 
 TRAIN_RUN = "train-run"
 LEASE_DIR = "lease"

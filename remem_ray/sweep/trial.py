@@ -18,14 +18,14 @@ import pickle
 import time
 from typing import Any
 
+from remem_ray.checkpoint_files import checkpoint_name
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.console import say
 from remem_ray.leases import Lease
+from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.registry import Heartbeat, TeacherRegistry
-from remem_ray.train.loop import peak_rss_mb
-from remem_ray.train.teacher import checkpoint_name
 
 HEARTBEAT_S = 5.0
 TEACHER_STATE_DIR = "resume"  # a teacher's resume state, beside the checkpoints it writes

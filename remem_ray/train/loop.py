@@ -22,6 +22,7 @@ from remem_ray.data import DataPipeline, DataSplits, EvalTransformConfig, Shard,
 from remem_ray.data.augment import stream_key
 from remem_ray.leases import LeaseHandle
 from remem_ray.models import create_model
+from remem_ray.process import peak_rss_mb, process_started_at
 from remem_ray.storage import Storage
 from remem_ray.train.common import (
     Meter,
@@ -115,7 +116,7 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
         scalars = ScalarLog(Storage(config["tensorboard"], spec.storage.endpoint, spec.storage.region))
     extra = dict(config.get("report_extra") or {})
     started = {
-        "process_started_at": _process_started_at(),
+        "process_started_at": process_started_at(),
         "module_imported_at": MODULE_IMPORTED_AT,
         "loop_entered_at": entered_at,
     }
@@ -224,23 +225,6 @@ class Task:
             **meta,
         )
         write_checkpoint(ctx.output, name, self.bare, info)
-
-
-def _process_started_at() -> float:
-    """This process's start, as the kernel recorded it (Linux)."""
-    try:
-        import psutil
-
-        return float(psutil.Process().create_time())
-    except ImportError:
-        return float("nan")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def rank_seed(seed: int, rank: int, epoch: int) -> int:

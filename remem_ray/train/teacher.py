@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from remem_ray.checkpoint_files import checkpoint_name
 from remem_ray.insight.information import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
 from remem_ray.models import normalizer_for, reweight_mlp
 from remem_ray.train.common import PerStepSchedule, build_sam, runnable_model
@@ -16,10 +17,6 @@ from remem_ray.train.steps import sam_step
 
 SPEC_FILE = "spec.json"
 HISTORY_FILE = "history.json"
-
-
-def checkpoint_name(epoch: int) -> str:
-    return f"epoch_{epoch}"
 
 
 class TeacherTask(Task):
