@@ -4,19 +4,40 @@
 # pipeline and end-to-end set (benchmarks.gpu). Every step is bounded; logs go to $OUT.
 #   run: bash benchmarks/device_run.sh sweeps|gpu      (carry .gpu-kit; up to 9 min and about 2.5 min:
 #   one call holds at most 600 s, so run each in its own call)
+#   bash benchmarks/device_run.sh compare DIR          (about 8 min; carry .gpu-kit and DIR, an older
+#   checkout made with `git worktree add` or `git archive`): import times, then the smoke sweep on GPU
+#   workers with this checkout and with DIR's, one after the other on the same machine
 set -u
 what=${1:?say sweeps or gpu}
 source .gpu-kit/setup.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi -L; nproc; python3 -c "import torch, timm, ray; print(torch.__version__, timm.__version__, ray.__version__)"; } > "$OUT/machine.txt" 2>&1
-if [[ $what != gpu ]]; then
-  python3 - <<'PY'
+# the smoke spec with half a GPU per Train worker
+gpu_smoke() {
+  python3 -c '
 import yaml
 spec = yaml.safe_load(open("search_spaces/smoke.yaml"))
 for role in ("teacher", "student"):
     spec["sweep"]["resources"][role]["gpus_per_worker"] = 0.5
 open("/tmp/smoke_gpu.yaml", "w").write(yaml.safe_dump(spec))
-PY
+'
+}
+if [[ $what == compare ]]; then
+  base=${2:?compare needs the folder of an older checkout}
+  # a fresh machine's first imports read torch and CUDA from a cold disk: time them twice
+  for i in 1 2; do
+    timeout 60 python3 -X importtime -c "import remem_ray.train.phases" 2> "$OUT/importtime_$i.txt"
+    tail -1 "$OUT/importtime_$i.txt" >> "$OUT/imports.txt"
+  done
+  gpu_smoke
+  timeout 230 python3 -m benchmarks.sweep_overhead --spec /tmp/smoke_gpu.yaml --log "$OUT/new.log" \
+    > "$OUT/new.txt" 2>&1; echo "rc=$?" >> "$OUT/new.txt"
+  (cd "$base" && PYTHONPATH=/tmp/site:$PWD timeout 230 python3 -m benchmarks.sweep_overhead --spec /tmp/smoke_gpu.yaml \
+    --log "$OUT/base.log" > "$OUT/base.txt" 2>&1; echo "rc=$?" >> "$OUT/base.txt")
+  exit 0
+fi
+if [[ $what != gpu ]]; then
+  gpu_smoke
   timeout 270 python3 -m benchmarks.sweep_overhead --spec search_spaces/smoke.yaml --log "$OUT/sweep_smoke_cpu.log" \
     > "$OUT/sweep_smoke_cpu.txt" 2>&1; echo "rc=$?" >> "$OUT/sweep_smoke_cpu.txt"
   timeout 270 python3 -m benchmarks.sweep_overhead --spec /tmp/smoke_gpu.yaml --log "$OUT/sweep_smoke_gpu.log" \
