@@ -51,14 +51,31 @@ def make_trainer(loop, loop_config: dict[str, Any], resources: WorkerResources, 
     backend: "auto" lets Ray pick (nccl with GPUs); "gloo" suits logical GPUs and CPUs.
     """
     from ray.train.backend import BackendConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     common = dict(train_loop_config=loop_config, scaling_config=scaling_config(resources), run_config=run_config)
     if resources.num_workers == 1:
         return DataParallelTrainer(loop, backend_config=BackendConfig(), **common)
+    from ray.train.torch import TorchConfig, TorchTrainer  # imports torch: only where a process group is needed
+
     torch_config = TorchConfig() if backend == "auto" else TorchConfig(backend=backend)
     return TorchTrainer(loop, torch_config=torch_config, **common)
+
+
+def teach_then_distil_in_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """The Train loop of a trial that trains its teacher. The training code (torch, timm) is
+    imported here, in the Train worker: never in the trial's driver, nor in Train's controller,
+    which unpickle this function by reference."""
+    from remem_ray.train.phases import teach_then_distil
+
+    return teach_then_distil(config)
+
+
+def distill_student_in_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """The Train loop of a student on a stored teacher; imports as teach_then_distil_in_worker."""
+    from remem_ray.train.student import distill_student
+
+    return distill_student(config)
 
 
 def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=None):
@@ -208,8 +225,6 @@ class TrialRuns:
     def fit_teacher(self, spec, run_spec, registry: TeacherRegistry, key: str, lease: Lease, finished) -> None:
         """Train (or resume) the teacher under a held lease, and its student in the same run when
         the workers match; the loop stops if the lease goes."""
-        from remem_ray.train.phases import teach_then_distil
-
         resources = spec.sweep.resources
         together = resources.teacher == resources.student
         output = registry.training_output(key)
@@ -230,18 +245,17 @@ class TrialRuns:
         # pickled: Train's controller unpickles the config, and importing this module (torch) would
         # add about 6 s to every teacher's start on 2 cores
         config = {"teacher": teacher, "student": student, "on_teacher_done": pickle.dumps(finished)}
-        make_trainer(teach_then_distil, config, resources.teacher, resources.backend, run).fit()
+        make_trainer(teach_then_distil_in_worker, config, resources.teacher, resources.backend, run).fit()
         self.distilled = together and self.layout.trained_by(key) == self.trial_id
 
     def fit_student(self, trained: bool) -> None:
         """Distil from the stored teacher in a run of its own (resumed if the trial restarted)."""
-        from remem_ray.train.student import distill_student
-
         epoch = self.run_spec.student.teacher_epoch
         assert epoch is not None  # SweepSpec.run_spec sets the trial's choice
         config = self._student_config(self.registry.checkpoint_uri(self.key, epoch), trained)
         resources = self.spec.sweep.resources
-        make_trainer(distill_student, config, resources.student, resources.backend, self._student_run()).fit()
+        run = self._student_run()
+        make_trainer(distill_student_in_worker, config, resources.student, resources.backend, run).fit()
 
 
 def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
