@@ -7,7 +7,7 @@
 <root>/sweeps/<name>/tensorboard/<run>/   per-epoch scalars of each teacher and student Train run
 <root>/sweeps/<name>/optuna.db         the Optuna study (SQLite), kept up to date while the sweep runs
 <root>/sweeps/<name>/students/<trial>/best/   each trial's best student
-<root>/sweeps/<name>/train-runs/student-<trial>/   the students' Ray Train runs
+<root>/sweeps/<name>/train-runs/student-<trial>/   each trial's Ray Train run (its teacher too, if it trains one)
 <root>/sweeps/<name>/teacher-trainings/<key>.json  teachers this sweep trained
 <root>/sweeps/<name>/integrity-events/*.json       corrupt checkpoints found and retrained
 <root>/teachers/<key>/                 the teacher registry, shared by sweeps on this root
