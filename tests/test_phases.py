@@ -148,3 +148,44 @@ def test_a_run_restarted_in_its_student_phase_does_not_train_its_teacher_again(t
     assert result["teacher"] is None and events.seen == ["student 2/2"]
     assert student.reports[0]["replayed"] == 1  # its final result, handed over again
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "teacher").rglob("*") if p.is_file()} == teacher_files
+
+
+def _two_ranks(rank: int, world: int, tmp: str) -> None:
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    import remem_ray.train.teacher as teacher_module
+
+    tmp_path = Path(tmp)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=rank, world_size=world)
+    try:
+        if rank == 0:  # rank 0 takes its time over each checkpoint it writes; the others must wait for it
+            measure = teacher_module.checkpoint_information
+
+            def slowly(*args, **kwargs):
+                time.sleep(3)
+                return measure(*args, **kwargs)
+
+            teacher_module.checkpoint_information = slowly
+        spec = load_run_spec(None, SPEC)
+        events = Events()
+        teacher = TeacherLog(events)
+        teacher.world_rank, teacher.local_rank, teacher.world_size = rank, rank, world
+        student = StudentLog(tmp_path / "student.pt", events)
+        student.world_rank, student.local_rank, student.world_size = rank, rank, world
+        teach_then_distil(_config(spec, tmp_path, teacher, student, events))
+        assert [e for e in events.seen if e.startswith("student")] == ["student 1/2", "student 2/2"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_start_their_student_only_once_rank_0_has_written_the_teacher(tmp_path):
+    """Rank 0 writes the teacher's checkpoints; every rank loads the chosen one for its student."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_ranks, args=(2, str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "student" / "best").is_dir()

@@ -82,10 +82,11 @@ class TeacherRegistry:
         return retrain["train_run"] if retrain else TRAIN_RUN
 
     def schedule_retrain(self, key: str, epoch: int, problem: str) -> str:
-        """Retrain a teacher after a corrupt checkpoint, in a new Train run and folder; nothing in use is touched.
+        """Retrain a teacher after a corrupt checkpoint, into a new folder; nothing in use is touched.
 
         The marker is written first, so whoever trains next (this trial or, after a crash,
-        another) resumes that same run.
+        another) resumes that same retraining (its resume state is in the new folder).
+        Returns the name of its Train run, used where the teacher trains in a run of its own.
         """
         folder = self.folder(key)
         attempt = 1
@@ -106,10 +107,14 @@ class TeacherRegistry:
         )
         return run
 
-    def finish_training(self, key: str) -> None:
-        """After a training ends: a finished retraining becomes the set in use (one atomic write)."""
+    def finish_training(self, key: str, folder: str | None = None) -> None:
+        """After a training ends: a finished retraining becomes the set in use (one atomic write).
+
+        folder: the retraining's folder that training wrote; another one scheduled since (after
+        this holder lost the lease) is left alone.
+        """
         retrain = self.pending_retrain(key)
-        if retrain is not None:
+        if retrain is not None and folder in (None, retrain["folder"]):
             self.folder(key).write_text(
                 ACTIVE_FILE, json.dumps({"folder": retrain["folder"], "train_run": retrain["train_run"]})
             )

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import pickle
 import time
+import uuid
 from typing import Any
 
 from remem_ray.checkpoint_files import checkpoint_name
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.console import say
-from remem_ray.leases import Lease
+from remem_ray.leases import Lease, LeaseHandle
 from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
@@ -99,16 +100,29 @@ def _stored_and_whole(registry: TeacherRegistry, key: str, epochs: list[int], ep
 
 class TeacherFinished:
     """Run by the teacher run's rank 0 when its teacher phase ends (before any student phase):
-    a retraining becomes the set in use, and this sweep records which trial trained the key, so
-    a trial restarted in its student phase knows it trained the teacher."""
+    the retraining it wrote (if it wrote one) becomes the set in use, and this sweep records
+    which trial trained the key, so a trial restarted in its student phase knows it trained the
+    teacher. Nothing happens if the lease has passed on meanwhile: the new holder does it."""
 
-    def __init__(self, registry: TeacherRegistry, layout: SweepLayout, key: str, trial_id: str) -> None:
-        self.registry, self.layout, self.key, self.trial_id = registry, layout, key, trial_id
+    def __init__(
+        self, registry: TeacherRegistry, layout: SweepLayout, key: str, trial_id: str, lease: LeaseHandle | None = None
+    ) -> None:
+        self.registry, self.layout, self.key, self.trial_id, self.lease = registry, layout, key, trial_id, lease
+        retrain = registry.pending_retrain(key)
+        self.folder = retrain["folder"] if retrain else ""  # the set this training writes
+        self.token = uuid.uuid4().hex  # tells this training's record from an older one of the same trial
         self.fit_called_at = time.time()
 
     def __call__(self) -> None:
-        self.registry.finish_training(self.key)
-        self.layout.record_teacher_training(self.key, self.trial_id, fit_called_at=self.fit_called_at)
+        if self.lease is not None and self.lease.lost() is not None:
+            return
+        self.registry.finish_training(self.key, self.folder)
+        self.layout.record_teacher_training(self.key, self.trial_id, fit_called_at=self.fit_called_at, token=self.token)
+
+    def done(self) -> bool:
+        """Whether this very training marked the teacher finished."""
+        rel = f"teacher-trainings/{self.key}.json"
+        return self.layout.experiment.is_file(rel) and self.layout.teacher_training(self.key).get("token") == self.token
 
 
 def ensure_teacher(
@@ -177,8 +191,9 @@ def _train_under_lease(
                 say(f"trial {trial_id}: {problem}; retraining teacher {key[:8]} into {into}")
             teacher = run_spec.teacher
             say(f"trial {trial_id}: training teacher {key[:8]} (rho {teacher.rho}, alpha {teacher.alpha})")
-            fit(spec, run_spec, registry, key, lease, TeacherFinished(registry, layout, key, trial_id))
-        if layout.trained_by(key) == trial_id:  # its run marked the teacher finished
+            finished = TeacherFinished(registry, layout, key, trial_id, lease.handle())
+            fit(spec, run_spec, registry, key, lease, finished)
+        if finished.done():  # its run marked the teacher finished
             return True
         say(f"trial {trial_id}: lost the lease on teacher {key[:8]} while training it; waiting for its new holder")
         return False
@@ -197,6 +212,9 @@ class TrialRuns:
         self.registry = TeacherRegistry(self.layout.teachers)
         self.key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
         self.distilled = False
+
+    def _student_run_exists(self) -> bool:
+        return self.layout.train_runs.exists(f"student-{self.trial_id}")
 
     def _student_run(self):
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -226,7 +244,9 @@ class TrialRuns:
         """Train (or resume) the teacher under a held lease, and its student in the same run when
         the workers match; the loop stops if the lease goes."""
         resources = spec.sweep.resources
-        together = resources.teacher == resources.student
+        # A trial restarted with a student run of its own already (its teacher found corrupt
+        # since, say) keeps that run for its student: a run with a checkpoint skips its teacher phase.
+        together = resources.teacher == resources.student and not self._student_run_exists()
         output = registry.training_output(key)
         epoch = run_spec.student.teacher_epoch
         teacher = {
@@ -246,7 +266,7 @@ class TrialRuns:
         # add about 6 s to every teacher's start on 2 cores
         config = {"teacher": teacher, "student": student, "on_teacher_done": pickle.dumps(finished)}
         make_trainer(teach_then_distil_in_worker, config, resources.teacher, resources.backend, run).fit()
-        self.distilled = together and self.layout.trained_by(key) == self.trial_id
+        self.distilled = together and finished.done()
 
     def fit_student(self, trained: bool) -> None:
         """Distil from the stored teacher in a run of its own (resumed if the trial restarted)."""

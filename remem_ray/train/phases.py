@@ -1,16 +1,20 @@
 """A trial's two trainings in one run: the teacher phase, then the student phase.
 
 Each Ray Train run pays for fresh processes before its first epoch (10-14 s on 2 CPU cores,
-25-30 s on a GPU node; benchmarks/RESULTS.md), so a trial that trains its teacher distils from
+25-35 s on a GPU node; benchmarks/RESULTS.md), so a trial that trains its teacher distils from
 it in the same worker group and pays once.
 
 - The teacher phase keeps its resume state beside the checkpoints it writes
   (`StoredStateSession`), not in the run: whoever trains that teacher next (another trial, after
   this one died) resumes it. It reports nothing to Train, so the run's results, and the
   scheduler reading them, are student epochs only.
-- `on_teacher_done` runs on rank 0 between the phases (a sweep marks the teacher finished there).
+- `on_teacher_done` runs on rank 0 between the phases (a sweep marks the teacher finished there);
+  every rank waits there until rank 0 has written the teacher's last checkpoint and run it.
 - The student phase is the plain distillation with the run's own checkpoints: a restarted run
-  that has a checkpoint is past its teacher phase and resumes the student.
+  that has a checkpoint is past its teacher phase and resumes the student (so a sweep gives a
+  student run that exists already a run of its own). One restarted before its first student
+  checkpoint goes through the teacher phase again, which resumes at its end: the finished
+  teacher's result is reported to the console again and the hook runs again.
 
 Like the loops it calls, this runs in-process as well as under Ray Train.
 """
@@ -23,6 +27,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from remem_ray.storage import Storage
 from remem_ray.train.session import Session, StoredStateSession, current_session
@@ -73,9 +78,14 @@ def _teacher_phase(cfg: dict[str, Any], on_teacher_done) -> dict[str, Any]:
         prefix=f"{cfg.get('label') or 'teacher'}: ", quiet=bool(cfg.get("quiet", False))
     )
     result = fine_tune_teacher({**cfg, "session": StoredStateSession(base, state)})
-    if "stopped" not in result and on_teacher_done is not None and base.world_rank == 0:
+    if "stopped" in result:  # every rank stops at the same epoch (rank 0 decides)
+        return result
+    if on_teacher_done is not None and base.world_rank == 0:
         hook = pickle.loads(on_teacher_done) if isinstance(on_teacher_done, bytes) else on_teacher_done
         hook()
+    if dist.is_available() and dist.is_initialized():
+        # rank 0 writes the last checkpoint and runs the hook; the others load that checkpoint next
+        dist.barrier()
     return result
 
 

@@ -1,0 +1,104 @@
+"""A trial's own logic (remem_ray.sweep.trial) with Ray Train stood in for: which runs it starts,
+and how its teacher training is marked finished. The real runs are in tests/test_faults.py."""
+
+from __future__ import annotations
+
+import pickle
+
+from test_registry import _setup, _write_teacher
+
+from remem_ray.leases import Lease
+from remem_ray.sweep import trial as trial_module
+from remem_ray.sweep.trial import TeacherFinished, TrialRuns
+
+
+class Recorder:
+    """Stands in for make_trainer: records each run's loop function and config; fit() does nothing."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, dict]] = []
+
+    def __call__(self, loop, config, resources, backend, run_config):
+        self.runs.append((loop.__name__, config))
+        return self
+
+    def fit(self) -> None:
+        pass
+
+
+def _runs(tmp_path, monkeypatch):
+    spec, run_spec, layout, registry, key = _setup(tmp_path)
+    recorder = Recorder()
+    monkeypatch.setattr(trial_module, "make_trainer", recorder)
+    monkeypatch.setattr(trial_module, "train_run_config", lambda *args, **kwargs: None)
+    monkeypatch.setattr(TrialRuns, "_student_run", lambda self: None)
+    runs = TrialRuns(spec, run_spec, "t1", 0.0)
+    lease = Lease(registry.folder(key).child("lease"), "s/t1", 60)
+    assert lease.try_acquire()
+    return spec, run_spec, layout, registry, key, lease, runs, recorder
+
+
+def test_a_trial_training_its_teacher_distils_in_the_same_run(tmp_path, monkeypatch):
+    spec, run_spec, layout, registry, key, lease, runs, recorder = _runs(tmp_path, monkeypatch)
+    finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
+    runs.fit_teacher(spec, run_spec, registry, key, lease, finished)
+    ((loop, config),) = recorder.runs
+    assert loop == "teach_then_distil_in_worker" and config["student"]["teacher"].endswith(f"{key}/epoch_4")
+    assert config["teacher"]["state"] == registry.folder(key).uri("resume")
+    assert isinstance(config["on_teacher_done"], bytes)  # plain data for Train's controller
+    assert not runs.distilled  # the stand-in run never marked the teacher finished
+    pickle.loads(config["on_teacher_done"])()  # what the run's rank 0 does between the phases
+    runs.fit_teacher(spec, run_spec, registry, key, lease, finished)
+    assert runs.distilled
+
+
+def test_a_trial_with_a_student_run_already_trains_its_teacher_in_a_run_of_its_own(tmp_path, monkeypatch):
+    """A restarted trial whose teacher turned out corrupt: its student run has a checkpoint, and
+    such a run skips its teacher phase, so the retraining must not go there."""
+    spec, run_spec, layout, registry, key, lease, runs, recorder = _runs(tmp_path, monkeypatch)
+    layout.train_runs.write_text("student-t1/checkpoint_manager_snapshot.json", "{}")
+    finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
+    runs.fit_teacher(spec, run_spec, registry, key, lease, finished)
+    ((loop, config),) = recorder.runs
+    assert loop == "teach_then_distil_in_worker" and config["student"] is None
+    pickle.loads(config["on_teacher_done"])()
+    assert not runs.distilled
+    runs.fit_student(trained=True)
+    assert recorder.runs[-1][0] == "distill_student_in_worker"
+
+
+def test_an_older_record_of_the_same_trial_is_not_this_training_finished(tmp_path):
+    spec, run_spec, layout, registry, key = _setup(tmp_path)
+    layout.record_teacher_training(key, "t1")  # this trial trained the key once, before a restart
+    lease = Lease(registry.folder(key).child("lease"), "s/t1", 60)
+    assert lease.try_acquire()
+    finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
+    assert not finished.done()
+    finished()
+    assert finished.done() and layout.trained_by(key) == "t1"
+
+
+def test_a_holder_that_lost_its_lease_neither_switches_nor_records(tmp_path):
+    spec, run_spec, layout, registry, key = _setup(tmp_path)
+    _write_teacher(registry.folder(key), 1.0)
+    registry.schedule_retrain(key, 4, "corrupt")  # retrain-1, written by the first holder
+    clock = [0.0]
+    first = Lease(registry.folder(key).child("lease"), "s/t1", 1.0, clock=lambda: clock[0])
+    assert first.try_acquire()
+    finished = TeacherFinished(registry, layout, key, "t1", first.handle())
+    other = Lease(registry.folder(key).child("lease"), "s/t2", 1.0, clock=lambda: clock[0])
+    assert not other.try_acquire()
+    clock[0] = 5.0
+    assert other.try_acquire()  # the first holder looked stale
+    finished()
+    assert registry.pending_retrain(key) is not None and layout.trained_by(key) is None
+
+
+def test_a_retraining_scheduled_since_is_not_switched_to(tmp_path):
+    spec, run_spec, layout, registry, key = _setup(tmp_path)
+    _write_teacher(registry.folder(key), 1.0)
+    finished = TeacherFinished(registry, layout, key, "t1")  # this training writes the first set
+    registry.schedule_retrain(key, 4, "corrupt")  # another holder's, later
+    finished()
+    assert registry.pending_retrain(key) is not None  # still pending: its own holder switches to it
+    assert registry.checkpoint_uri(key, 4) == registry.folder(key).uri("epoch_4")
