@@ -44,13 +44,15 @@ class SweepLayout:
         record = {"teacher_key": key, "trial_id": trial_id, "time": time.time(), **extra}
         self.experiment.write_text(f"teacher-trainings/{key}.json", json.dumps(record))
 
-    def teacher_training(self, key: str) -> dict:
-        return json.loads(self.experiment.read_text(f"teacher-trainings/{key}.json"))
+    def teacher_training(self, key: str) -> dict | None:
+        """The record of this sweep's training of teacher `key`, if it trained it."""
+        rel = f"teacher-trainings/{key}.json"
+        return json.loads(self.experiment.read_text(rel)) if self.experiment.is_file(rel) else None
 
     def trained_by(self, key: str) -> str | None:
         """The trial of this sweep that trained teacher `key`, if one did."""
-        rel = f"teacher-trainings/{key}.json"
-        return self.teacher_training(key)["trial_id"] if self.experiment.is_file(rel) else None
+        record = self.teacher_training(key)
+        return record["trial_id"] if record else None
 
     def record_integrity_event(self, key: str, epoch: int, problem: str, trial_id: str, action: str) -> None:
         """A corrupt or truncated checkpoint found on load: kept for summary.json."""

@@ -121,8 +121,8 @@ class TeacherFinished:
 
     def done(self) -> bool:
         """Whether this very training marked the teacher finished."""
-        rel = f"teacher-trainings/{self.key}.json"
-        return self.layout.experiment.is_file(rel) and self.layout.teacher_training(self.key).get("token") == self.token
+        record = self.layout.teacher_training(self.key)
+        return record is not None and record.get("token") == self.token
 
 
 def ensure_teacher(

@@ -48,7 +48,7 @@ def teach_then_distil(config: dict[str, Any]) -> dict[str, Any]:
     result (None if the teacher phase stopped, its lease lost, or no student was asked for)}.
     """
     teacher_cfg, student_cfg = dict(config["teacher"]), config.get("student")
-    student_session = _session(student_cfg) if student_cfg is not None else None
+    student_session = _session(student_cfg, "student") if student_cfg is not None else None
     if student_session is not None and student_session.restore_state() is not None:
         teacher, switched_at = None, time.time()  # a restarted run, past its teacher phase
     else:
@@ -64,19 +64,17 @@ def teach_then_distil(config: dict[str, Any]) -> dict[str, Any]:
     return {"teacher": teacher, "student": student}
 
 
-def _session(cfg: dict[str, Any]) -> Session:
+def _session(cfg: dict[str, Any], role: str) -> Session:
     if cfg.get("session") is not None:  # in-process callers (tests) bring their own
         return cfg["session"]
-    return current_session(prefix=f"{cfg.get('label') or 'student'}: ", quiet=bool(cfg.get("quiet", False)))
+    return current_session(prefix=f"{cfg.get('label') or role}: ", quiet=bool(cfg.get("quiet", False)))
 
 
 def _teacher_phase(cfg: dict[str, Any], on_teacher_done) -> dict[str, Any]:
     spec = cfg["spec"]
     storage = spec.get("storage") or {}
     state = Storage(cfg.pop("state"), storage.get("endpoint"), storage.get("region") or "us-east-1")
-    base = cfg.get("session") or current_session(
-        prefix=f"{cfg.get('label') or 'teacher'}: ", quiet=bool(cfg.get("quiet", False))
-    )
+    base = _session(cfg, "teacher")
     result = fine_tune_teacher({**cfg, "session": StoredStateSession(base, state)})
     if "stopped" in result:  # every rank stops at the same epoch (rank 0 decides)
         return result
