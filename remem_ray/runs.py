@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from remem_ray.checkpoint_files import checkpoint_name
-from remem_ray.checkpoints import is_complete
+from remem_ray.checkpoint_files import checkpoint_name, is_complete
 from remem_ray.config import RunSpec
 from remem_ray.errors import ResourceError
 from remem_ray.spec_checks import check_spec

@@ -36,7 +36,7 @@ from remem_ray.train.common import (
 )
 from remem_ray.train.faultpoints import hold_if_asked
 from remem_ray.train.scalars import ScalarLog
-from remem_ray.train.session import Session, current_session
+from remem_ray.train.session import Session, StoredStateSession, current_session
 
 MODULE_IMPORTED_AT = time.time()  # in a Train worker: once its imports (torch, timm, ours) are done
 
@@ -84,6 +84,14 @@ class LoopContext:
         return None
 
 
+def base_session(config: dict[str, Any], role: str) -> Session:
+    """The config's own Session (in-process callers, tests bring one), else the console's or, in a
+    Ray Train worker, Train's; its lines start with the config's label, e.g. "trial 1a2b teacher 8e8b4b34"."""
+    if config.get("session") is not None:
+        return config["session"]
+    return current_session(prefix=f"{config.get('label') or role}: ", quiet=bool(config.get("quiet", False)))
+
+
 def prepare(config: dict[str, Any], role: str) -> LoopContext:
     """Parse the spec, seed, pick the device and build this rank's data pipeline.
 
@@ -97,9 +105,9 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     spec = RunSpec.model_validate(config["spec"])
     section = getattr(spec, role)
     model_name, model_kwargs, batch_size = section.model, section.model_kwargs, section.batch_size
-    # in-process callers (tests) may bring their own Session; Ray Train workers get theirs here
-    label = config.get("label") or role  # a sweep names the trial and teacher: "trial 1a2b teacher 8e8b4b34"
-    session = config.get("session") or current_session(prefix=f"{label}: ", quiet=bool(config.get("quiet", False)))
+    session = base_session(config, role)
+    if config.get("state"):  # the resume state kept in a folder of its own, not where the session keeps it
+        session = StoredStateSession(session, Storage(config["state"], spec.storage.endpoint, spec.storage.region))
     seed_everything(rank_seed(spec.seed, session.world_rank, 0))
     device = pick_device(spec.device, session.local_rank)
     eval_cfg = EvalTransformConfig.from_timm(resolved_data_config(model_name, model_kwargs, spec.data.img_size))

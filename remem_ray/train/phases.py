@@ -29,8 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from remem_ray.storage import Storage
-from remem_ray.train.session import Session, StoredStateSession, current_session
+from remem_ray.train.loop import base_session
 from remem_ray.train.student import distill_student
 from remem_ray.train.teacher import fine_tune_teacher
 
@@ -47,8 +46,8 @@ def teach_then_distil(config: dict[str, Any]) -> dict[str, Any]:
     Returns {"teacher": its result (None for a run restarted past it), "student": the student's
     result (None if the teacher phase stopped, its lease lost, or no student was asked for)}.
     """
-    teacher_cfg, student_cfg = dict(config["teacher"]), config.get("student")
-    student_session = _session(student_cfg, "student") if student_cfg is not None else None
+    teacher_cfg, student_cfg = config["teacher"], config.get("student")
+    student_session = base_session(student_cfg, "student") if student_cfg is not None else None
     if student_session is not None and student_session.restore_state() is not None:
         teacher, switched_at = None, time.time()  # a restarted run, past its teacher phase
     else:
@@ -64,18 +63,9 @@ def teach_then_distil(config: dict[str, Any]) -> dict[str, Any]:
     return {"teacher": teacher, "student": student}
 
 
-def _session(cfg: dict[str, Any], role: str) -> Session:
-    if cfg.get("session") is not None:  # in-process callers (tests) bring their own
-        return cfg["session"]
-    return current_session(prefix=f"{cfg.get('label') or role}: ", quiet=bool(cfg.get("quiet", False)))
-
-
 def _teacher_phase(cfg: dict[str, Any], on_teacher_done) -> dict[str, Any]:
-    spec = cfg["spec"]
-    storage = spec.get("storage") or {}
-    state = Storage(cfg.pop("state"), storage.get("endpoint"), storage.get("region") or "us-east-1")
-    base = _session(cfg, "teacher")
-    result = fine_tune_teacher({**cfg, "session": StoredStateSession(base, state)})
+    base = base_session(cfg, "teacher")
+    result = fine_tune_teacher({**cfg, "session": base})  # its "state" keeps the resume state
     if "stopped" in result:  # every rank stops at the same epoch (rank 0 decides)
         return result
     if on_teacher_done is not None and base.world_rank == 0:

@@ -76,7 +76,9 @@ def fine_tune_teacher(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train `train_loop_per_worker` and in-process entry point.
 
     config: {"spec": RunSpec as a dict, "output": teacher folder (path or s3:// URI), "quiet": bool,
-             "lease": optional LeaseHandle dict: stop, writing nothing more, once it is lost}
+             "lease": optional LeaseHandle dict: stop, writing nothing more, once it is lost,
+             "state": optional folder (path or s3:// URI) keeping the resume state, for whoever
+             trains this teacher next, instead of the session (remem_ray.train.phases)}
     Writes <output>/spec.json and <output>/epoch_<e>/ for each saved epoch.
     """
     ctx = prepare(config, "teacher")
