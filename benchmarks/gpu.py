@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.harness import machine, seconds_per_call, sync, table
 from remem_ray.checkpoints import model_meta, write_checkpoint
 from remem_ray.config import RunSpec
+from remem_ray.contract import LoopConfig
 from remem_ray.storage import Storage
 from remem_ray.train.common import to_device
 from remem_ray.train.loop import EpochClock, LoopContext, Task, prepare
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
         data_root = args.data or write_imagefolder(work / "imgs", args.images)
         print(f"data: {data_root} ({time.perf_counter() - began:.1f} s to write)", flush=True)
         spec = spec_for(args, data_root, work / "out")
-        teacher_ctx = prepare({"spec": spec.model_dump(mode="json"), "output": str(work / "teacher")}, "teacher")
+        teacher_ctx = prepare(LoopConfig(spec, str(work / "teacher")), "teacher")
         teacher = TeacherTask(teacher_ctx)
         location = teacher_checkpoint(teacher, teacher_ctx, work / "teacher-ckpt")
         cases: list[tuple[str, Task, LoopContext]] = []
@@ -224,9 +225,7 @@ def main(argv=None) -> int:
             if targets not in wanted:
                 continue
             s_spec = spec_for(args, data_root, work / "out", teacher_targets=targets)
-            ctx = prepare(
-                {"spec": s_spec.model_dump(mode="json"), "output": str(work / f"student-{targets}")}, "student"
-            )
+            ctx = prepare(LoopConfig(s_spec, str(work / f"student-{targets}")), "student")
             label = (
                 f"student {args.student} ({targets} {'teacher' if targets == 'online' else 'targets'}, "
                 f"batch {s_spec.student.batch_size})"

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.harness import machine, table
+from remem_ray.contract import EPOCH, EPOCHS, METRIC
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +60,7 @@ def run_grid(spec_path: str, out: str) -> None:
         for result_file in sorted(experiment.glob("trial_*/result.json")):
             rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
             params = json.loads((result_file.parent / "params.json").read_text())
-            curves[point_key(params["rho"], params["alpha"], params["teacher_epoch"])] = [
-                r["best_val_acc"] for r in rows
-            ]
+            curves[point_key(params["rho"], params["alpha"], params["teacher_epoch"])] = [r[METRIC] for r in rows]
     record = {
         "spec": spec_path,
         "teacher_epochs": spec["teacher"]["epochs"],
@@ -78,7 +77,7 @@ def table_trial(config: dict, curves: dict) -> None:
     curve = curves[point_key(config["rho"], config["alpha"], config["teacher_epoch"])]
     for epoch, value in enumerate(curve, start=1):
         # the keys a student's epoch reports: ASHA's rungs and the searcher's steps are "epoch"
-        tune.report({"best_val_acc": value, "epoch": epoch, "epochs": len(curve)})
+        tune.report({METRIC: value, EPOCH: epoch, EPOCHS: len(curve)})
 
 
 def replay(spec_path: str, table_path: str, seeds: int) -> None:
@@ -127,7 +126,7 @@ def replay(spec_path: str, table_path: str, seeds: int) -> None:
                         seen.add(teacher)
                         compute += t_epochs
                     compute += int(result.metrics["training_iteration"])
-                    best = max(best, result.metrics["best_val_acc"])
+                    best = max(best, result.metrics[METRIC])
                     if reach is None and best >= grid_best:
                         reach = compute
                 reached.append(reach)

@@ -194,10 +194,10 @@ def cmd_sweep_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from remem_ray.insight.report import write_report
     from remem_ray.storage import Storage
     from remem_ray.sweep import sweep_summary
     from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.report import write_report
 
     spec = _located(args)
     paths = write_report(sweep_summary(spec), SweepLayout(Storage.from_config(spec.storage), spec.name))
@@ -210,10 +210,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     import json
 
     from remem_ray.config import load_run_spec
-    from remem_ray.insight.checkpoint import checkpoint_report
+    from remem_ray.info import checkpoint_info
+    from remem_ray.train.common import pick_device
 
     spec = load_run_spec(args.data)
-    print(json.dumps(checkpoint_report(args.checkpoint, spec, samples=args.samples, endpoint=args.endpoint), indent=2))
+    device = pick_device(spec.device)
+    info = checkpoint_info(args.checkpoint, spec, device, samples=args.samples, endpoint=args.endpoint)
+    print(json.dumps(info, indent=2))
     return 0
 
 

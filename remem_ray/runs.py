@@ -6,6 +6,7 @@ from typing import Any
 
 from remem_ray.checkpoint_files import checkpoint_name, is_complete
 from remem_ray.config import RunSpec
+from remem_ray.contract import LoopConfig
 from remem_ray.errors import ResourceError
 from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage
@@ -33,10 +34,9 @@ def run_teacher(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
     from remem_ray.train.teacher import fine_tune_teacher
 
     check_spec(spec)
-    output = run_folder(spec).uri("teacher")
-    tensorboard = run_folder(spec).uri("tensorboard", "teacher")
+    folder = run_folder(spec)
     return fine_tune_teacher(
-        {"spec": spec.model_dump(mode="json"), "output": output, "quiet": quiet, "tensorboard": tensorboard}
+        LoopConfig(spec, folder.uri("teacher"), quiet=quiet, tensorboard=folder.uri("tensorboard", "teacher"))
     )
 
 
@@ -44,7 +44,12 @@ def run_student(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
     from remem_ray.train.student import distill_student
 
     check_spec(spec)
-    teacher = teacher_location(spec)
-    output = run_folder(spec).uri("student")
-    config = {"spec": spec.model_dump(mode="json"), "teacher": teacher, "output": output, "quiet": quiet}
-    return distill_student({**config, "tensorboard": run_folder(spec).uri("tensorboard", "student")})
+    folder = run_folder(spec)
+    config = LoopConfig(
+        spec,
+        folder.uri("student"),
+        teacher_checkpoint=teacher_location(spec),
+        quiet=quiet,
+        tensorboard=folder.uri("tensorboard", "student"),
+    )
+    return distill_student(config)

@@ -92,8 +92,9 @@ class SAM(torch.optim.Optimizer):
         device = norms[0].device
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
-    def _restore_buffers(self, index: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-group copies of w, kept across steps: allocating them every step costs more than holding them."""
+    def _backup_buffers(self, index: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Empty per-group buffers that first_step copies w into (second_step copies it back); kept
+        across steps: allocating them every step costs more than holding them."""
         key = tuple(id(p) for p in params)
         cached = self._buffers.get(index)
         if cached is None or cached[0] != key:
@@ -116,7 +117,7 @@ class SAM(torch.optim.Optimizer):
             if not params or group["rho"] == 0.0:
                 continue
             scale = group["rho"] / (norm + self.eps)
-            originals = self._restore_buffers(index, params)
+            originals = self._backup_buffers(index, params)
             torch._foreach_copy_(originals, params)
             grads = self._grads(params)
             scale = scale.to(grads[0].device, grads[0].dtype)

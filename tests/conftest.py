@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from servers import free_port
+from helpers.servers import free_port
 
 # A ViT small enough for CPU tests; avg pooling learns faster than a class token on tiny data.
 TINY_VIT = "vit_tiny_patch16_224"

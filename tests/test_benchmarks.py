@@ -58,7 +58,8 @@ def test_replay_trials_report_what_asha_and_the_searcher_read(monkeypatch):
     from ray import tune
 
     from benchmarks.search_efficiency import point_key, table_trial
-    from remem_ray.sweep.search import METRIC, TIME_ATTR, stopped_early
+    from remem_ray.contract import METRIC, stopped_early
+    from remem_ray.sweep.search import TIME_ATTR
 
     reported = []
     monkeypatch.setattr(tune, "report", reported.append)

@@ -17,8 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
-from servers import RayHead
+from helpers.servers import RayHead
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,16 +14,15 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
-from test_sweep_integration import (
+from helpers.sweeps import (
     SMOKE,
-    _env,
-    _experiment_trials,
-    _stored_study,
-    _student_checkpoint_epoch,
-    _study,
+    experiment_trials,
+    remem_env,
     run_remem,
+    searcher_study,
     start_remem,
+    stored_study,
+    student_checkpoint_epoch,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -79,7 +78,7 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     path = _spec(tmp_path, name, num_samples=num_trials)
     root = tmp_path / "results"
     experiment = root / "sweeps" / name
-    env = _env(tmp_path)
+    env = remem_env(tmp_path)
     holds = tmp_path / "holds"
     holds.mkdir()
     run_env = {**env, "REMEM_TEST_HOLD_AT": HOLDS[when], "REMEM_TEST_HOLD_DIR": str(holds)}
@@ -91,7 +90,7 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     try:
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
-            trials = _experiment_trials(experiment)
+            trials = experiment_trials(experiment)
             finished = {t for t, s in trials.items() if s["status"] == "TERMINATED"}
             if when == "teacher-training" and _claimed(holds, "teacher:1"):
                 killed = True  # a teacher held after its epoch 1 of 4
@@ -103,7 +102,7 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
                     # a student's Train worker, held after reporting epoch 2: kill it once Train
                     # has registered that checkpoint (the held run cannot move on meanwhile)
                     trial = Path(held["output"]).name
-                    if _student_checkpoint_epoch(experiment, trial) >= 2:
+                    if student_checkpoint_epoch(experiment, trial) >= 2:
                         worker_kill = {trial: len(_rows(experiment, trial))}
                         psutil.Process(held["pid"]).kill()
                 elif worker_kill is not None:
@@ -121,7 +120,7 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     log = proc.log_path.read_text()
     assert killed, log[-3000:]
     finished_rows = {t: (experiment / f"trial_{t}" / "result.json").read_text() for t in finished}
-    study_before = _study(experiment) if list(experiment.glob("searcher-state-*.pkl")) else None
+    study_before = searcher_study(experiment) if list(experiment.glob("searcher-state-*.pkl")) else None
 
     rc, out = run_remem(["sweep", "resume", name, "--storage", str(root)], tmp_path, env)
     assert rc == 0, out[-3000:]
@@ -135,10 +134,10 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     assert summary["teacher_reuses"] == num_trials - 2
     for t, text in finished_rows.items():  # no finished trial ran again
         assert (experiment / f"trial_{t}" / "result.json").read_text() == text
-    study = _study(experiment)
+    study = searcher_study(experiment)
     assert [t.number for t in study.trials] == list(range(num_trials))
     # the copy Optuna's tools open (optuna.db) is the resumed study, whole
-    stored = _stored_study(experiment, name)
+    stored = stored_study(experiment, name)
     assert [(t.number, t.state, t.params, t.value) for t in stored.trials] == [
         (t.number, t.state, t.params, t.value) for t in study.trials
     ]
@@ -160,7 +159,7 @@ def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
     """A stored teacher whose checkpoint was truncated after its manifest: detected on load,
     retrained into a folder of its own, never used; the event is in summary.json."""
     first = _spec(tmp_path, "first", num_samples=1, points_to_evaluate=[LEARNING_POINT])
-    env = _env(tmp_path)
+    env = remem_env(tmp_path)
     rc, out = run_remem(["sweep", "run", str(first)], tmp_path, env)
     assert rc == 0, out[-3000:]
     root = tmp_path / "results"

@@ -7,18 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from test_resume import SPEC as RESUME_SPEC
-from test_resume import FileSession, TakeoverSession, _assert_bitwise_equal
+from helpers.sessions import TINY_TEACHER_SPEC, FileSession, TakeoverSession, assert_bitwise_equal
 
 from remem_ray.checkpoints import load_model
 from remem_ray.config import load_run_spec
+from remem_ray.contract import LoopConfig, PhasesConfig
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
 from remem_ray.train.phases import teach_then_distil
-from remem_ray.train.session import StoredStateSession
+from remem_ray.train.session import STATE_FILE
 
 SPEC = {
-    **RESUME_SPEC,
+    **TINY_TEACHER_SPEC,
     "teacher.checkpoint_epochs": [1, 3],
     "student.epochs": 2,
     "student.batch_size": 16,
@@ -71,25 +71,24 @@ class StudentLog(FileSession):
         self.events.seen.append(f"student {metrics['epoch']}/{metrics['epochs']}")
 
 
-def _config(spec, tmp_path: Path, teacher_session, student_session, events: Events, lease=None) -> dict:
-    teacher = {
-        "spec": spec.model_dump(mode="json"),
-        "output": str(tmp_path / "teacher"),
-        "state": str(tmp_path / "teacher" / "resume"),
-        "session": teacher_session,
-    }
-    if lease is not None:
-        teacher["lease"] = lease.handle().to_dict()
+def _config(spec, tmp_path: Path, teacher_session, student_session, events: Events, lease=None) -> PhasesConfig:
+    teacher = LoopConfig(
+        spec,
+        str(tmp_path / "teacher"),
+        state=str(tmp_path / "teacher" / "resume"),
+        session=teacher_session,
+        lease=lease.handle() if lease is not None else None,
+    )
     student = None
     if student_session is not None:
-        student = {
-            "spec": spec.model_dump(mode="json"),
-            "teacher": str(tmp_path / "teacher" / "epoch_3"),
-            "output": str(tmp_path / "student"),
-            "session": student_session,
-            "report_extra": {"trial_started_at": 1.0},
-        }
-    return {"teacher": teacher, "student": student, "on_teacher_done": events.teacher_done}
+        student = LoopConfig(
+            spec,
+            str(tmp_path / "student"),
+            teacher_checkpoint=str(tmp_path / "teacher" / "epoch_3"),
+            session=student_session,
+            report_extra={"trial_started_at": 1.0},
+        )
+    return PhasesConfig(teacher, student, on_teacher_done=events.teacher_done)
 
 
 def test_the_student_starts_once_its_teacher_is_finished_and_reports_only_its_own_epochs(tmp_path):
@@ -101,7 +100,7 @@ def test_the_student_starts_once_its_teacher_is_finished_and_reports_only_its_ow
     assert [r["epoch"] for r in student.reports] == [1, 2]  # the run's results: student epochs only
     assert all(r["student_in_teacher_run"] == 1 and r["trial_started_at"] == 1.0 for r in student.reports)
     assert all(r["fit_called_at"] <= r["epoch_started_at"] for r in student.reports)
-    teacher_state = torch.load(tmp_path / "teacher" / "resume" / StoredStateSession.STATE_FILE, weights_only=False)
+    teacher_state = torch.load(tmp_path / "teacher" / "resume" / STATE_FILE, weights_only=False)
     assert teacher_state["epoch"] == 3  # the teacher's resume state, in the teacher's folder
     assert (tmp_path / "teacher" / "epoch_1").is_dir() and (tmp_path / "student" / "best").is_dir()
     assert result["student"]["best"]["epoch"] in (1, 2)
@@ -133,7 +132,7 @@ def test_a_teacher_stopped_by_a_lost_lease_is_resumed_by_the_next_holder_exactly
     assert events.seen[:3] == ["teacher 2/3", "teacher 3/3", "teacher done"]
     whole, _ = load_model(Storage(str(tmp_path / "whole" / "teacher")), "epoch_3")
     resumed, _ = load_model(Storage(str(tmp_path / "teacher")), "epoch_3")
-    _assert_bitwise_equal(whole.state_dict(), resumed.state_dict())
+    assert_bitwise_equal(whole.state_dict(), resumed.state_dict())
 
 
 def test_a_run_restarted_in_its_student_phase_does_not_train_its_teacher_again(tmp_path):

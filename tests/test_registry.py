@@ -7,35 +7,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
+from helpers.teachers import EPOCHS, registry_setup, write_teacher
 
-from remem_ray.checkpoints import write_checkpoint
-from remem_ray.config import SweepSpec
 from remem_ray.leases import Lease
-from remem_ray.storage import Storage
-from remem_ray.sweep.layout import SweepLayout
-from remem_ray.sweep.registry import TRAIN_RUN, TeacherRegistry
+from remem_ray.sweep.registry import TRAIN_RUN
 from remem_ray.sweep.results import summarize
 from remem_ray.sweep.trial import ensure_teacher
-
-EPOCHS = [2, 4]
-
-
-def _setup(tmp_path, name="s"):
-    spec = SweepSpec.model_validate(
-        {"name": name, "storage": {"root": str(tmp_path)}, "teacher": {"epochs": 4, "checkpoint_epochs": EPOCHS}}
-    )
-    run_spec = spec.run_spec({"rho": 0.1, "alpha": 0.9, "teacher_epoch": 4})
-    layout = SweepLayout(Storage(str(tmp_path)), name)
-    registry = TeacherRegistry(layout.teachers)
-    return spec, run_spec, layout, registry, run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
-
-
-def _write_teacher(folder: Storage, weight: float) -> None:
-    model = torch.nn.Linear(4, 2)
-    torch.nn.init.constant_(model.weight, weight)
-    for epoch in EPOCHS:
-        write_checkpoint(folder, f"epoch_{epoch}", model, {"epoch": epoch})
 
 
 class FakeFit:
@@ -50,12 +27,12 @@ class FakeFit:
         assert lease.handle().lost() is None  # trains only under its lease
         if self.before is not None and self.before(registry, key, lease) is False:
             return  # the loop found its lease lost and stopped
-        _write_teacher(registry.training_output(key), self.weight)
+        write_teacher(registry.training_output(key), self.weight)
         finished()
 
 
 def test_the_holder_trains_and_records_it(tmp_path):
-    spec, run_spec, layout, registry, key = _setup(tmp_path)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
     fit = FakeFit()
     assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit)
     assert fit.calls == 1 and layout.trained_by(key) == "t1"
@@ -69,7 +46,7 @@ def test_contenders_from_two_sweeps_train_a_key_once(tmp_path):
     fit, results, start = FakeFit(), {}, threading.Barrier(4)
 
     def trial(sweep, trial_id):
-        spec, run_spec, layout, registry, _ = _setup(tmp_path, sweep)
+        spec, run_spec, layout, registry, _ = registry_setup(tmp_path, sweep)
         start.wait()
         results[(sweep, trial_id)] = ensure_teacher(spec, run_spec, f"{sweep}/{trial_id}", registry, layout, fit=fit)
 
@@ -82,7 +59,7 @@ def test_contenders_from_two_sweeps_train_a_key_once(tmp_path):
 
 
 def test_a_holder_that_loses_its_lease_mid_run_waits_for_the_new_one(tmp_path):
-    spec, run_spec, layout, registry, key = _setup(tmp_path)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
 
     def taken_over(registry, key, lease):
         clock = [0.0]
@@ -90,7 +67,7 @@ def test_a_holder_that_loses_its_lease_mid_run_waits_for_the_new_one(tmp_path):
         assert not other.try_acquire()
         clock[0] = 5.0
         assert other.try_acquire()  # our holder looked stale to it
-        _write_teacher(registry.training_output(key), 2.0)  # ...and it finished the teacher
+        write_teacher(registry.training_output(key), 2.0)  # ...and it finished the teacher
         return False  # our run stops at its next epoch check, writing nothing
 
     fit = FakeFit(before=taken_over)
@@ -100,8 +77,8 @@ def test_a_holder_that_loses_its_lease_mid_run_waits_for_the_new_one(tmp_path):
 
 
 def test_a_corrupt_checkpoint_is_retrained_beside_the_one_in_use_and_switched_at_the_end(tmp_path):
-    spec, run_spec, layout, registry, key = _setup(tmp_path)
-    _write_teacher(registry.folder(key), 1.0)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    write_teacher(registry.folder(key), 1.0)
     assert registry.has_all(key, EPOCHS) and registry.verify(key, 4) is None
     assert registry.train_run_name(key) == TRAIN_RUN
     model_file = tmp_path / "teachers" / key / "epoch_4" / "model.pt"
@@ -128,8 +105,8 @@ def test_a_corrupt_checkpoint_is_retrained_beside_the_one_in_use_and_switched_at
 
 
 def test_an_interrupted_retraining_is_resumed_not_scheduled_again(tmp_path):
-    spec, run_spec, layout, registry, key = _setup(tmp_path)
-    _write_teacher(registry.folder(key), 1.0)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    write_teacher(registry.folder(key), 1.0)
     model_file = tmp_path / "teachers" / key / "epoch_4" / "model.pt"
     model_file.write_bytes(b"garbage")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -10,75 +9,24 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers.sessions import TINY_TEACHER_SPEC as SPEC
+from helpers.sessions import FileSession, Interrupted, TakeoverSession, assert_bitwise_equal
 
 from remem_ray.checkpoints import load_model
 from remem_ray.config import load_run_spec
+from remem_ray.contract import LoopConfig
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
 from remem_ray.train.teacher import fine_tune_teacher
 
-# drop path draws from the global RNG every step: a resume that restored the wrong RNG would show
-SPEC = {
-    "data.name": "synthetic",
-    "data.num_classes": 4,
-    "data.samples_per_class": 30,
-    "data.pipeline": "loader",
-    "teacher.model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "drop_path_rate": 0.2},
-    "teacher.epochs": 3,
-    "teacher.batch_size": 16,
-    "teacher.checkpoint_epochs": [3],
-}
-
-
-class Interrupted(Exception):
-    pass
-
-
-class FileSession:
-    """A Session keeping the last state in a file (rank 0 writes, every rank restores, as Ray Train
-    does), optionally interrupted right after epoch `stop_after` is reported."""
-
-    def __init__(self, state_file: Path, rank: int = 0, world_size: int = 1, stop_after: int | None = None):
-        self.state_file, self.stop_after = state_file, stop_after
-        self.world_rank, self.local_rank, self.world_size = rank, rank, world_size
-        self.reports: list[dict] = []
-
-    def report(self, metrics, state=None) -> None:
-        self.reports.append(dict(metrics))
-        if state is not None and self.world_rank == 0:
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            self.state_file.write_bytes(buf.getvalue())
-        if self.world_size > 1:
-            dist.barrier()  # the state is written before anyone goes on (or stops)
-        if metrics["epoch"] == self.stop_after:
-            raise Interrupted
-
-    def restore_state(self):
-        if not self.state_file.exists():
-            return None
-        return torch.load(io.BytesIO(self.state_file.read_bytes()), weights_only=False)
-
-    def log(self, message: str) -> None:
-        pass
-
-    def detail(self, message: str) -> None:
-        pass
-
 
 def _train(spec, output: Path, session) -> None:
-    fine_tune_teacher({"spec": spec.model_dump(mode="json"), "output": str(output), "session": session})
+    fine_tune_teacher(LoopConfig(spec, str(output), session=session))
 
 
 def _weights(output: Path) -> dict[str, torch.Tensor]:
     model, _ = load_model(Storage(str(output)), "epoch_3")
     return model.state_dict()
-
-
-def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.parametrize("pipeline", ["loader", "device"])
@@ -91,7 +39,7 @@ def test_one_worker_resumed_after_epoch_1_ends_bitwise_equal(tmp_path, pipeline)
     session = FileSession(tmp_path / "resumed.pt")
     _train(spec, tmp_path / "resumed", session)
     assert [r["epoch"] for r in session.reports] == [2, 3]
-    _assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(tmp_path / "resumed"))
+    assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(tmp_path / "resumed"))
 
 
 def _ddp_teacher(rank: int, world: int, tmp: str, phase: str) -> None:
@@ -118,7 +66,7 @@ def test_two_gloo_workers_resumed_after_epoch_1_end_bitwise_equal(tmp_path):
     """Each rank goes on with its own RNG stream (not rank 0's) and its own shard of the order."""
     for phase in ("whole", "resumed"):
         mp.spawn(_ddp_teacher, args=(2, str(tmp_path), phase), nprocs=2, join=True)
-    _assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(tmp_path / "resumed"))
+    assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(tmp_path / "resumed"))
 
 
 def test_a_run_resumed_after_its_last_epoch_reports_its_final_result_again(tmp_path):
@@ -140,28 +88,6 @@ def test_a_run_resumed_after_its_last_epoch_reports_its_final_result_again(tmp_p
     assert again.reports[0]["val_acc"] == first.reports[-1]["val_acc"] and again.reports[0]["epoch"] == 1
 
 
-class TakeoverSession(FileSession):
-    """After reporting epoch `after`, the holder's lease passes to another (its pause outlasted the
-    stale time): the run learns it at its next epoch's check."""
-
-    def __init__(self, state_file: Path, lease_folder: Storage, after: int):
-        super().__init__(state_file)
-        self.lease_folder, self.after, self.new_holder = lease_folder, after, None
-        self.logs: list[str] = []
-
-    def report(self, metrics, state=None) -> None:
-        super().report(metrics, state)
-        if metrics["epoch"] == self.after:
-            clock = [0.0]
-            self.new_holder = Lease(self.lease_folder, "sweep-2/trial_b", 1.0, clock=lambda: clock[0])
-            assert not self.new_holder.try_acquire()
-            clock[0] = 2.0
-            assert self.new_holder.try_acquire()
-
-    def log(self, message: str) -> None:
-        self.logs.append(message)
-
-
 def test_a_holder_that_loses_its_lease_stops_unsaved_and_the_new_holder_ends_it_exactly(tmp_path):
     spec = load_run_spec(None, {**SPEC, "teacher.checkpoint_epochs": [1, 2, 3]})
     _train(spec, tmp_path / "whole", FileSession(tmp_path / "whole.pt"))
@@ -171,14 +97,7 @@ def test_a_holder_that_loses_its_lease_stops_unsaved_and_the_new_holder_ends_it_
     first = Lease(lease_folder, "sweep-1/trial_a", 60.0)
     assert first.try_acquire()
     session = TakeoverSession(tmp_path / "shared.pt", lease_folder, after=1)
-    result = fine_tune_teacher(
-        {
-            "spec": spec.model_dump(mode="json"),
-            "output": str(output),
-            "session": session,
-            "lease": first.handle().to_dict(),
-        }
-    )
+    result = fine_tune_teacher(LoopConfig(spec, str(output), session=session, lease=first.handle()))
     assert "passed to sweep-2/trial_b" in result["stopped"]
     assert [r["epoch"] for r in session.reports] == [1]  # epoch 2 trained, then dropped: nothing reported
     assert (output / "epoch_1").is_dir() and not (output / "epoch_2").exists()
@@ -186,13 +105,6 @@ def test_a_holder_that_loses_its_lease_stops_unsaved_and_the_new_holder_ends_it_
     assert any("lease" in line and "lost" in line for line in session.logs)
 
     successor = FileSession(tmp_path / "shared.pt")  # the new holder resumes the same run
-    fine_tune_teacher(
-        {
-            "spec": spec.model_dump(mode="json"),
-            "output": str(output),
-            "session": successor,
-            "lease": session.new_holder.handle().to_dict(),
-        }
-    )
+    fine_tune_teacher(LoopConfig(spec, str(output), session=successor, lease=session.new_holder.handle()))
     assert [r["epoch"] for r in successor.reports] == [2, 3]
-    _assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(output))
+    assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(output))

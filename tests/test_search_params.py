@@ -6,6 +6,7 @@ import optuna
 import pytest
 
 from remem_ray.config import SweepSpec, field_bounds, parse_spec
+from remem_ray.contract import METRIC
 from remem_ray.errors import SpecError
 from remem_ray.search_params import SEARCH_PARAMS, SearchParam, register
 from remem_ray.sweep.results import SweepSummary, TrialRow, format_table
@@ -64,7 +65,7 @@ def test_adding_a_searchable_parameter_is_one_entry(kd_weight):
     summary = SweepSummary(
         "s",
         "/x",
-        "best_val_acc",
+        METRIC,
         trials=[TrialRow("t1", "TERMINATED", {"rho": 0.05, "alpha": 0.9, "teacher_epoch": 2, "kd_weight": 0.6})],
     )
     header, row = format_table(summary).splitlines()[:2]

@@ -7,7 +7,8 @@ import pickle
 import optuna
 
 from remem_ray.config import SweepSpec
-from remem_ray.sweep.search import METRIC, TIME_ATTR, DefineByRunSpace, stopped_early
+from remem_ray.contract import METRIC, stopped_early
+from remem_ray.sweep.search import TIME_ATTR, DefineByRunSpace
 from remem_ray.sweep.slots import SlotPolicy, slots_in_use
 from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
 

@@ -7,7 +7,6 @@ and ended by PID afterwards.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,86 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.servers import RayHead, SeaweedFS, free_port
+from helpers.sweeps import SMOKE, remem_env, run_remem, searcher_study, start_remem, stored_study
 
-from remem_ray.sweep.tune_adapter import study_from_searcher_state
-
-from servers import ProcessTree, RayHead, SeaweedFS, free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "search_spaces" / "smoke.yaml"
+from remem_ray.contract import METRIC
 
 pytestmark = pytest.mark.integration
-
-
-def _env(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    env.update(
-        {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "REMEM_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    )
-    env.update(extra or {})
-    return env
-
-
-def start_remem(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, ProcessTree]:
-    log = open(cwd / f"remem-{int(time.time() * 1000)}.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "remem_ray.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        text=True,
-    )
-    proc.log_path = Path(log.name)
-    return proc, ProcessTree(proc.pid)
-
-
-def run_remem(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 400) -> tuple[int, str]:
-    proc, tree = start_remem(args, cwd, env)
-    try:
-        proc.wait(timeout)
-    finally:
-        tree.kill_all()
-    return proc.returncode, proc.log_path.read_text()
-
-
-def _experiment_trials(experiment: Path) -> dict[str, dict]:
-    """Trial id -> {status, last_result} from Tune's newest experiment state file."""
-    states = sorted(experiment.glob("experiment_state-*.json"))
-    if not states:
-        return {}
-    try:
-        data = json.loads(states[-1].read_text())
-    except (json.JSONDecodeError, OSError):
-        return {}
-    out = {}
-    for trial_json, runtime in data["trial_data"]:
-        trial = json.loads(trial_json)
-        out[trial["trial_id"]] = {
-            "status": trial["status"],
-            "last_result": json.loads(runtime).get("last_result") or {},
-        }
-    return out
-
-
-def _student_checkpoint_epoch(experiment: Path, trial_id: str) -> int:
-    """The epoch of the newest checkpoint a trial's student Train run has registered (0 if none).
-
-    Read from Train's own checkpoint manager snapshot: a checkpoint folder uploaded by a worker
-    but not yet registered by the controller is not one Train resumes from.
-    """
-    snapshot = experiment / "train-runs" / f"student-{trial_id}" / "checkpoint_manager_snapshot.json"
-    try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    except (OSError, json.JSONDecodeError):
-        return 0
-    return int(latest.get("metrics", {}).get("epoch", 0))
-
-
-def _study(experiment: Path):
-    state = sorted(experiment.glob("searcher-state-*.pkl"))[-1]
-    return study_from_searcher_state(state.read_bytes())
 
 
 def _check_summary(summary: dict, num_trials: int) -> None:
@@ -128,12 +53,6 @@ def _check_console(out: str, experiment: Path, stopped: int) -> None:
     assert progress and f"{final} | best student val " in progress[-1], progress
     log = (experiment / "sweep.log").read_text()
     assert "TrainingReport(" in log and all(line in log for line in epoch_lines)  # everything is kept there
-
-
-def _stored_study(experiment: Path, name: str):
-    import optuna
-
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{experiment / 'optuna.db'}")
 
 
 def _tensorboard_series(folder: Path, tag: str) -> list[tuple[int, float]]:
@@ -177,7 +96,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def _check_report(experiment: Path) -> None:
-    from remem_ray.insight.report import PLOTS
+    from remem_ray.sweep.report import PLOTS
 
     report = (experiment / "report.md").read_text()
     for name in PLOTS.values():
@@ -187,7 +106,7 @@ def _check_report(experiment: Path) -> None:
 
 
 def test_smoke_sweep_local_end_to_end(tmp_path):
-    env = _env(tmp_path)
+    env = remem_env(tmp_path)
     rc, out = run_remem(["sweep", "run", str(SMOKE), "--storage", str(tmp_path / "results")], tmp_path, env)
     assert rc == 0, out[-3000:]
     root = tmp_path / "results"
@@ -212,7 +131,7 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
 
     # the Optuna study, as Tune keeps it and as Optuna's own tools open it: ASHA-stopped trials
     # are PRUNED (the third point by design), the others COMPLETE, with per-epoch values
-    for study in (_study(experiment), _stored_study(experiment, "smoke")):
+    for study in (searcher_study(experiment), stored_study(experiment, "smoke")):
         assert len(study.trials) == 4
         states = {r["trial_id"]: r["stopped_early"] for r in summary["trials"]}
         pruned = [t for t in study.trials if t.state.name == "PRUNED"]
@@ -295,7 +214,7 @@ def test_two_sweeps_at_once_on_one_root_train_a_shared_teacher_once(tmp_path):
     head.start()
     procs = []
     try:
-        env = _env(tmp_path, {k: head.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
+        env = remem_env(tmp_path, {k: head.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
         for name, teacher_epoch in (("sweep-a", 4), ("sweep-b", 2)):
             spec = _one_trial_spec(tmp_path, name, teacher_epoch)
             procs.append(start_remem(["sweep", "run", str(spec), "--address", head.gcs_address], tmp_path, env))
@@ -376,7 +295,7 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
     holds.mkdir()
     # the outage begins while a student is held after its epoch 2, and the sweep goes on during it
     hold = {"REMEM_TEST_HOLD_AT": "student:2", "REMEM_TEST_HOLD_DIR": str(holds)}
-    env = _env(tmp_path, {**seaweed.env(), **hold, "REMEM_KEEP_RAY_LOGS": "1"})  # scanned for credentials below
+    env = remem_env(tmp_path, {**seaweed.env(), **hold, "REMEM_KEEP_RAY_LOGS": "1"})  # scanned for credentials below
     ray_dirs_before = set(Path("/tmp").glob("remem-ray-*"))
     args = ["--storage", "s3://remem/exp", "--endpoint", seaweed.endpoint]
     proc, tree = start_remem(["sweep", "run", str(SMOKE), *args], tmp_path, env)
@@ -414,7 +333,7 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
     (tmp_path / "fetched" / "optuna.db").write_bytes(
         client.get_object(Bucket="remem", Key="exp/sweeps/smoke/optuna.db")["Body"].read()
     )
-    assert len(_stored_study(tmp_path / "fetched", "smoke").trials) == 4
+    assert len(stored_study(tmp_path / "fetched", "smoke").trials) == 4
     for key in {r["teacher_key"] for r in summary["trials"]}:
         for epoch in (2, 4):
             assert f"exp/teachers/{key}/epoch_{epoch}/manifest.json" in keys
@@ -486,8 +405,8 @@ def test_ray_job_submit_runs_a_sweep_that_rays_own_client_reads(tmp_path):
     analysis = ExperimentAnalysis(str(experiment))
     assert sorted(t.trial_id for t in analysis.trials) == sorted(r["trial_id"] for r in summary["trials"])
     assert all(t.status == "TERMINATED" for t in analysis.trials)
-    best = analysis.get_best_trial("best_val_acc", "max", scope="all")
+    best = analysis.get_best_trial(METRIC, "max", scope="all")
     assert best is not None and best.trial_id == summary["best"]["trial_id"]
-    assert analysis.dataframe(metric="best_val_acc", mode="max")["best_val_acc"].max() == pytest.approx(
+    assert analysis.dataframe(metric=METRIC, mode="max")[METRIC].max() == pytest.approx(
         summary["best"]["student_val_acc"]
     )

@@ -8,7 +8,8 @@ import yaml
 
 from remem_ray.cli import main
 from remem_ray.config import SweepSpec, load_sweep_spec
-from remem_ray.sweep.search import METRIC, TIME_ATTR, DefineByRunSpace, build_scheduler, stopped_early
+from remem_ray.contract import METRIC, stopped_early
+from remem_ray.sweep.search import TIME_ATTR, DefineByRunSpace, build_scheduler
 from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pickle
 
-from test_registry import _setup, _write_teacher
+from helpers.teachers import registry_setup, write_teacher
 
+from remem_ray.contract import PhasesConfig
 from remem_ray.leases import Lease
 from remem_ray.sweep import trial as trial_module
 from remem_ray.sweep.trial import TeacherFinished, TrialRuns
@@ -27,7 +28,7 @@ class Recorder:
 
 
 def _runs(tmp_path, monkeypatch):
-    spec, run_spec, layout, registry, key = _setup(tmp_path)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
     recorder = Recorder()
     monkeypatch.setattr(trial_module, "make_trainer", recorder)
     monkeypatch.setattr(trial_module, "train_run_config", lambda *args, **kwargs: None)
@@ -43,11 +44,12 @@ def test_a_trial_training_its_teacher_distils_in_the_same_run(tmp_path, monkeypa
     finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
     runs.fit_teacher(spec, run_spec, registry, key, lease, finished)
     ((loop, config),) = recorder.runs
-    assert loop == "teach_then_distil_in_worker" and config["student"]["teacher"].endswith(f"{key}/epoch_4")
-    assert config["teacher"]["state"] == registry.folder(key).uri("resume")
-    assert isinstance(config["on_teacher_done"], bytes)  # plain data for Train's controller
+    assert loop == "teach_then_distil_in_worker" and config.student.teacher_checkpoint.endswith(f"{key}/epoch_4")
+    assert config.teacher.state == registry.folder(key).uri("resume")
+    assert isinstance(config.to_dict()["on_teacher_done"], bytes)  # plain data for Train's controller
+    assert PhasesConfig.from_dict(config.to_dict()) == config
     assert not runs.distilled  # the stand-in run never marked the teacher finished
-    pickle.loads(config["on_teacher_done"])()  # what the run's rank 0 does between the phases
+    pickle.loads(config.on_teacher_done)()  # what the run's rank 0 does between the phases
     runs.fit_teacher(spec, run_spec, registry, key, lease, finished)
     assert runs.distilled
 
@@ -60,15 +62,15 @@ def test_a_trial_with_a_student_run_already_trains_its_teacher_in_a_run_of_its_o
     finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
     runs.fit_teacher(spec, run_spec, registry, key, lease, finished)
     ((loop, config),) = recorder.runs
-    assert loop == "teach_then_distil_in_worker" and config["student"] is None
-    pickle.loads(config["on_teacher_done"])()
+    assert loop == "teach_then_distil_in_worker" and config.student is None
+    pickle.loads(config.on_teacher_done)()
     assert not runs.distilled
     runs.fit_student(trained=True)
     assert recorder.runs[-1][0] == "distill_student_in_worker"
 
 
 def test_an_older_record_of_the_same_trial_is_not_this_training_finished(tmp_path):
-    spec, run_spec, layout, registry, key = _setup(tmp_path)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
     layout.record_teacher_training(key, "t1")  # this trial trained the key once, before a restart
     lease = Lease(registry.folder(key).child("lease"), "s/t1", 60)
     assert lease.try_acquire()
@@ -79,8 +81,8 @@ def test_an_older_record_of_the_same_trial_is_not_this_training_finished(tmp_pat
 
 
 def test_a_holder_that_lost_its_lease_neither_switches_nor_records(tmp_path):
-    spec, run_spec, layout, registry, key = _setup(tmp_path)
-    _write_teacher(registry.folder(key), 1.0)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    write_teacher(registry.folder(key), 1.0)
     registry.schedule_retrain(key, 4, "corrupt")  # retrain-1, written by the first holder
     clock = [0.0]
     first = Lease(registry.folder(key).child("lease"), "s/t1", 1.0, clock=lambda: clock[0])
@@ -95,8 +97,8 @@ def test_a_holder_that_lost_its_lease_neither_switches_nor_records(tmp_path):
 
 
 def test_a_retraining_scheduled_since_is_not_switched_to(tmp_path):
-    spec, run_spec, layout, registry, key = _setup(tmp_path)
-    _write_teacher(registry.folder(key), 1.0)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    write_teacher(registry.folder(key), 1.0)
     finished = TeacherFinished(registry, layout, key, "t1")  # this training writes the first set
     registry.schedule_retrain(key, 4, "corrupt")  # another holder's, later
     finished()

@@ -8,7 +8,8 @@ import inspect
 import optuna
 import pytest
 
-from remem_ray.sweep.search import METRIC, TIME_ATTR, stopped_early
+from remem_ray.contract import METRIC, stopped_early
+from remem_ray.sweep.search import TIME_ATTR
 from remem_ray.sweep.tune_adapter import (
     CREDENTIAL_ENV_VARS,
     budget_aware_optuna_search,

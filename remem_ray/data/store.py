@@ -59,20 +59,20 @@ class ImageStore:
 # --------------------------------------------------------------------------- what a split is made of
 
 
-def _unwrap(ds: Dataset, indices: np.ndarray | None = None) -> tuple[Dataset, np.ndarray]:
+def _base_and_indices(ds: Dataset, indices: np.ndarray | None = None) -> tuple[Dataset, np.ndarray]:
     """(the dataset holding the images, indices into it) through Subset layers."""
     if isinstance(ds, Subset):
         inner = np.asarray(ds.indices)
-        return _unwrap(ds.dataset, inner if indices is None else inner[indices])
+        return _base_and_indices(ds.dataset, inner if indices is None else inner[indices])
     return ds, np.arange(num_items(ds)) if indices is None else indices
 
 
 def is_in_memory(ds: Dataset) -> bool:
-    return isinstance(_unwrap(ds)[0], TensorImages)
+    return isinstance(_base_and_indices(ds)[0], TensorImages)
 
 
 def _pil_items(ds: Dataset) -> tuple[Dataset, np.ndarray]:
-    base, idx = _unwrap(ds)
+    base, idx = _base_and_indices(ds)
     if not isinstance(base, TransformedSubset):
         raise TypeError(f"no image store for {type(base).__name__}")
     return base.base, base.indices[idx]
@@ -80,7 +80,7 @@ def _pil_items(ds: Dataset) -> tuple[Dataset, np.ndarray]:
 
 def store_side(ds: Dataset, cfg: DataConfig) -> int:
     """The stored resolution of a split (see the module docstring)."""
-    base, idx = _unwrap(ds)
+    base, idx = _base_and_indices(ds)
     if isinstance(base, TensorImages):
         return int(base.images.shape[-1])
     if cfg.store_size is not None:
@@ -114,14 +114,15 @@ def _square(img, side: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def _decode(ds: Dataset, side: int) -> Iterator[np.ndarray]:
+def _decoded_images(ds: Dataset, side: int) -> Iterator[np.ndarray]:
+    """The split's PIL images, in order, as uint8 CHW arrays squared to `side`."""
     pil_base, items = _pil_items(ds)
     for i in items:
         yield _square(pil_base[int(i)][0], side).transpose(2, 0, 1)
 
 
 def _from_tensors(ds: Dataset) -> ImageStore:
-    base, idx = _unwrap(ds)
+    base, idx = _base_and_indices(ds)
     assert isinstance(base, TensorImages)  # is_in_memory said so
     index = torch.as_tensor(idx, dtype=torch.long)
     images = (base.images[index] * 255.0).round_().clamp_(0, 255).to(torch.uint8)
@@ -168,7 +169,7 @@ def load_or_build(ds: Dataset, cfg: DataConfig, seed: int, split: str, side: int
             images = np.lib.format.open_memmap(
                 staging / "images.npy", mode="w+", dtype=np.uint8, shape=(num_items(ds), 3, side, side)
             )
-            for i, image in enumerate(_decode(ds, side)):
+            for i, image in enumerate(_decoded_images(ds, side)):
                 images[i] = image
             images.flush()
             del images

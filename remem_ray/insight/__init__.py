@@ -1,10 +1,12 @@
-"""What a sweep teaches: teacher diagnostics and the sweep report.
+"""What a teacher has learnt, as maths on its outputs and activations.
 
 information   mutual information of a teacher's outputs (the information-plane estimates)
 expertness    how class-specific each ViT MLP block's neurons are (spectral co-clustering)
-checkpoint    `remem info`: both, for one saved checkpoint on a spec's validation data
-report        a sweep's report.md and plots
 
-Import the modules themselves: this package imports nothing, so that reading a sweep's
-report does not pull in torch.
+A leaf: nothing here imports training, sweeps, data or checkpoints (expertness borrows only the
+model helpers that find a ViT's MLP blocks), so any of those may use it. `remem info`
+(remem_ray/info.py) applies both to a saved checkpoint; the sweep report
+(remem_ray/sweep/report.py) plots the MI the trials recorded.
+
+Import the modules themselves: this package's __init__ imports nothing.
 """

@@ -17,6 +17,7 @@ from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage, preflight, preflight_config
 from remem_ray.sweep.layout import LOG_FILE, SPEC_FILE, SweepLayout
+from remem_ray.sweep.report import write_report
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
 from remem_ray.sweep.study import StudyExport
@@ -150,12 +151,6 @@ def _stable_working_dir():
             os.chdir(previous)
 
 
-def _write_report(summary, layout: SweepLayout) -> None:
-    from remem_ray.insight.report import write_report  # report imports the sweep package: import late
-
-    write_report(summary, layout)
-
-
 def _trainable(spec: SweepSpec):
     from ray import tune
 
@@ -241,7 +236,7 @@ def _finish(spec: SweepSpec, layout: SweepLayout, console, export: StudyExport) 
     """summary.json, the report and the Optuna study's copy, as the sweep ends."""
     summary = summarize(spec, layout)
     write_summary(layout, summary)
-    _write_report(summary, layout)
+    write_report(summary, layout)
     url = export()  # the study's last copy (none made if the last tick's is current)
     if url:
         console.show(f"optuna study {spec.name!r}: {url} (`remem sweep dashboard {spec.name}` serves it)")

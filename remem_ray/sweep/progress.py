@@ -21,11 +21,11 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from remem_ray.console import marked
+from remem_ray.contract import EPOCH, METRIC, TEACHER_TRAINED, best_trial, stopped_early
 from remem_ray.search_params import SEARCH_PARAMS
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import LOG_FILE
 from remem_ray.sweep.ray_adapter import kept_lines, worker_output_to
-from remem_ray.sweep.search import METRIC, stopped_early
 
 PROGRESS_EVERY_S = 30.0
 
@@ -148,16 +148,11 @@ def progress_line(trials: list, num_samples: int, elapsed: str) -> str:
     stopped = sum(1 for t, r in zip(trials, results) if t.status == "TERMINATED" and stopped_early(r))
     errored = status.count("ERROR")
     pending = status.count("PENDING") + status.count("PAUSED") + max(0, num_samples - len(trials))
-    reported = [r for r in results if "teacher_trained" in r]
-    trained = sum(int(r["teacher_trained"]) for r in reported)
-    # the rule summary.json keeps: never an errored trial; on a tie, a finished one, then the first id
-    scored = sorted(
-        (t.trial_id, r[METRIC], not stopped_early(r))
-        for t, r in zip(trials, results)
-        if METRIC in r and t.status != "ERROR"
-    )
-    top = max(scored, key=lambda s: (s[1], s[2]), default=None)
-    best = f"best student val {top[1]:.4f} (trial {top[0]})" if top else "no student yet"
+    reported = [r for r in results if TEACHER_TRAINED in r]
+    trained = sum(int(r[TEACHER_TRAINED]) for r in reported)
+    best_id = best_trial((t.trial_id, t.status, r) for t, r in zip(trials, results))
+    top = next((r for t, r in zip(trials, results) if t.trial_id == best_id), None)
+    best = f"best student val {top[METRIC]:.4f} (trial {best_id})" if top else "no student yet"
     return (
         f"progress {elapsed}: trials {done}/{num_samples} done ({stopped} stopped early, {errored} errored), "
         f"{status.count('RUNNING')} running, {pending} pending | teachers {trained} trained, "
@@ -197,7 +192,7 @@ class ProgressCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if _active:
             result = trial.last_result or {}
-            how = f"stopped early after student epoch {result.get('epoch')}" if stopped_early(result) else "done"
+            how = f"stopped early after student epoch {result.get(EPOCH)}" if stopped_early(result) else "done"
             acc = f"best student val {result[METRIC]:.4f}" if METRIC in result else "no student result"
             _active.show(f"trial {trial.trial_id} {how}: {acc}")
 

@@ -8,9 +8,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from remem_ray.config import SweepSpec
+from remem_ray.contract import (
+    BEST_TEST_ACC,
+    EPOCH,
+    METRIC,
+    TEACHER_KEY,
+    TEACHER_MI,
+    TEACHER_TRAINED,
+    TEACHER_VAL_ACC,
+    best_trial,
+    stopped_early,
+)
 from remem_ray.search_params import SEARCH_PARAMS
 from remem_ray.sweep.layout import SUMMARY_FILE, SweepLayout
-from remem_ray.sweep.search import METRIC, stopped_early
 
 
 @dataclass
@@ -61,13 +71,13 @@ def _row(trial, layout: SweepLayout) -> TrialRow:
         params={k: trial.config[k] for k in SEARCH_PARAMS if k in trial.config},
     )
     if METRIC in result:
-        row.epochs_done = int(result.get("epoch", 0))
-        row.student_val_acc = _num(result.get("best_val_acc"))
-        row.student_test_acc = _num(result.get("best_test_acc"))
-        row.teacher_val_acc = _num(result.get("teacher_val_acc"))
-        row.teacher_mi = _num(result.get("teacher_mi"))
-        row.teacher_key = result.get("teacher_key")
-        row.teacher_trained = bool(result.get("teacher_trained"))
+        row.epochs_done = int(result.get(EPOCH, 0))
+        row.student_val_acc = _num(result.get(METRIC))
+        row.student_test_acc = _num(result.get(BEST_TEST_ACC))
+        row.teacher_val_acc = _num(result.get(TEACHER_VAL_ACC))
+        row.teacher_mi = _num(result.get(TEACHER_MI))
+        row.teacher_key = result.get(TEACHER_KEY)
+        row.teacher_trained = bool(result.get(TEACHER_TRAINED))
         row.stopped_early = stopped_early(result)
         row.student_checkpoint = layout.student(trial.trial_id).uri("best")
     return row
@@ -85,11 +95,11 @@ def load_trials(layout: SweepLayout) -> list:
 
 
 def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
-    rows = [_row(t, layout) for t in load_trials(layout)]
+    trials = load_trials(layout)
+    rows = [_row(t, layout) for t in trials]
     scored = [r for r in rows if r.student_val_acc is not None]
-    # an errored trial's score is of a student whose training broke off: never the one kept
-    eligible = [r for r in scored if r.state != "ERROR"]
-    best = max(eligible, key=lambda r: (r.student_val_acc, not r.stopped_early), default=None)
+    best_id = best_trial((t.trial_id, t.status, t.last_result) for t in trials)
+    best = next((r for r in rows if r.trial_id == best_id), None)
     trained = set(layout.teacher_trainings())
     events = sorted(layout.integrity_events(), key=lambda e: e["time"])
     keys = {r.teacher_key for r in scored if r.teacher_key}

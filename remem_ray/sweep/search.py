@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from remem_ray.config import ParamRange, SweepSpec
+from remem_ray.contract import EPOCH, METRIC, MODE, stopped_early
 from remem_ray.search_params import SEARCH_PARAMS, TEACHER_EPOCH
 from remem_ray.sweep.slots import SlotPolicy
 from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
 
-METRIC = "best_val_acc"  # the best student val accuracy so far: what the sweep keeps
-MODE = "max"
 # Budgets count student epochs, as each result reports them; Tune's training_iteration restarts
 # at 1 when a student Train run is retried or the sweep resumes, while the student goes on at k + 1.
-TIME_ATTR = "epoch"
+TIME_ATTR = EPOCH
 
 
 def _suggest(trial, name: str, dim: ParamRange):
@@ -33,11 +32,6 @@ class DefineByRunSpace:
         for name, dim in self.dims.items():
             _suggest(trial, name, dim)
         trial.suggest_categorical(TEACHER_EPOCH.name, self.teacher_epochs)
-
-
-def stopped_early(result: dict[str, Any] | None) -> bool:
-    """A trial that reported fewer student epochs than it was given was stopped by the scheduler."""
-    return result is not None and "epochs" in result and result.get("epoch", 0) < result["epochs"]
 
 
 def _typed_point(point: dict[str, float]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ STUDY_FILE = "optuna.db"
 
 
 def newest_snapshot(layout: SweepLayout) -> bytes | None:
+    """The newest searcher-state-*.pkl Tune saved in the sweep folder, or None before the first."""
     names = sorted(n for n in layout.experiment.list_dir() if n.startswith("searcher-state-") and n.endswith(".pkl"))
     return layout.experiment.read_bytes(names[-1]) if names else None
 

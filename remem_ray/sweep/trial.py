@@ -22,6 +22,7 @@ from typing import Any
 from remem_ray.checkpoint_files import checkpoint_name
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.console import say
+from remem_ray.contract import TEACHER_KEY, TEACHER_TRAINED, LoopConfig, PhasesConfig
 from remem_ray.leases import Lease, LeaseHandle
 from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
@@ -44,8 +45,9 @@ def scaling_config(resources: WorkerResources):
     )
 
 
-def make_trainer(loop, loop_config: dict[str, Any], resources: WorkerResources, backend: str, run_config):
+def make_trainer(loop, loop_config: LoopConfig | PhasesConfig, resources: WorkerResources, backend: str, run_config):
     """A TorchTrainer (DDP process group) for several workers; one worker needs no process group.
+    The loop gets its config as plain data (remem_ray.contract says why).
 
     A single worker runs under the plain data-parallel trainer with a no-op backend: no
     torch.distributed rendezvous, so no TCP store listening on every interface.
@@ -54,7 +56,9 @@ def make_trainer(loop, loop_config: dict[str, Any], resources: WorkerResources, 
     from ray.train.backend import BackendConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    common = dict(train_loop_config=loop_config, scaling_config=scaling_config(resources), run_config=run_config)
+    common = dict(
+        train_loop_config=loop_config.to_dict(), scaling_config=scaling_config(resources), run_config=run_config
+    )
     if resources.num_workers == 1:
         return DataParallelTrainer(loop, backend_config=BackendConfig(), **common)
     from ray.train.torch import TorchConfig, TorchTrainer  # imports torch: only where a process group is needed
@@ -69,14 +73,14 @@ def teach_then_distil_in_worker(config: dict[str, Any]) -> dict[str, Any]:
     which unpickle this function by reference."""
     from remem_ray.train.phases import teach_then_distil
 
-    return teach_then_distil(config)
+    return teach_then_distil(PhasesConfig.from_dict(config))
 
 
 def distill_student_in_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The Train loop of a student on a stored teacher; imports as teach_then_distil_in_worker."""
     from remem_ray.train.student import distill_student
 
-    return distill_student(config)
+    return distill_student(LoopConfig.from_dict(config))
 
 
 def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=None):
@@ -223,22 +227,22 @@ class TrialRuns:
             f"student-{self.trial_id}", self.layout.train_runs, self.spec.sweep.max_failures, [TuneReportCallback()]
         )
 
-    def _student_config(self, teacher_checkpoint: str, trained: bool) -> dict[str, Any]:
-        return {
-            "spec": self.run_spec.model_dump(mode="json"),
-            "teacher": teacher_checkpoint,
-            "output": self.layout.student(self.trial_id).uri(),
-            "label": f"trial {self.trial_id} student",
-            "tensorboard": self.layout.tensorboard(f"trial_{self.trial_id}_student").uri(),
-            # timings and memory of this trial's driver, for benchmarks/sweep_overhead.py
-            "report_extra": {
-                "teacher_key": self.key,
-                "teacher_trained": int(trained),
+    def _student_config(self, teacher_checkpoint: str, trained: bool) -> LoopConfig:
+        return LoopConfig(
+            self.run_spec,
+            self.layout.student(self.trial_id).uri(),
+            teacher_checkpoint=teacher_checkpoint,
+            label=f"trial {self.trial_id} student",
+            tensorboard=self.layout.tensorboard(f"trial_{self.trial_id}_student").uri(),
+            report_extra={
+                TEACHER_KEY: self.key,
+                TEACHER_TRAINED: int(trained),
+                # timings and memory of this trial's driver, for benchmarks/sweep_overhead.py
                 "trial_started_at": self.started_at,
                 "fit_called_at": time.time(),
                 "trial_driver_rss_mb": peak_rss_mb(),
             },
-        }
+        )
 
     def fit_teacher(self, spec, run_spec, registry: TeacherRegistry, key: str, lease: Lease, finished) -> None:
         """Train (or resume) the teacher under a held lease, and its student in the same run when
@@ -249,22 +253,22 @@ class TrialRuns:
         together = resources.teacher == resources.student and not self._student_run_exists()
         output = registry.training_output(key)
         epoch = run_spec.student.teacher_epoch
-        teacher = {
-            "spec": run_spec.model_dump(mode="json"),
-            "output": output.uri(),
-            "state": output.uri(TEACHER_STATE_DIR),
-            "lease": lease.handle().to_dict(),
-            "label": f"trial {self.trial_id} teacher {key[:8]}",
-            "tensorboard": self.layout.tensorboard(f"teacher_{key}").uri(),
-        }
+        teacher = LoopConfig(
+            run_spec,
+            output.uri(),
+            state=output.uri(TEACHER_STATE_DIR),
+            lease=lease.handle(),
+            label=f"trial {self.trial_id} teacher {key[:8]}",
+            tensorboard=self.layout.tensorboard(f"teacher_{key}").uri(),
+        )
         student = self._student_config(output.uri(checkpoint_name(epoch)), True) if together else None
         if together:
             run = self._student_run()
         else:  # a teacher-only run: the student takes other workers
             run = train_run_config(registry.train_run_name(key), registry.folder(key), spec.sweep.max_failures)
-        # pickled: Train's controller unpickles the config, and importing this module (torch) would
-        # add about 6 s to every teacher's start on 2 cores
-        config = {"teacher": teacher, "student": student, "on_teacher_done": pickle.dumps(finished)}
+        # pickled: Train's controller unpickles the config, and importing this module would cost
+        # every teacher's start seconds
+        config = PhasesConfig(teacher, student, on_teacher_done=pickle.dumps(finished))
         make_trainer(teach_then_distil_in_worker, config, resources.teacher, resources.backend, run).fit()
         self.distilled = together and finished.done()
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from remem_ray.checkpoints import model_meta, write_checkpoint
 from remem_ray.config import RunSpec
+from remem_ray.contract import EPOCH, EPOCHS, LoopConfig, Session
 from remem_ray.data import DataPipeline, DataSplits, EvalTransformConfig, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
 from remem_ray.leases import LeaseHandle
@@ -36,7 +37,7 @@ from remem_ray.train.common import (
 )
 from remem_ray.train.faultpoints import hold_if_asked
 from remem_ray.train.scalars import ScalarLog
-from remem_ray.train.session import Session, StoredStateSession, current_session
+from remem_ray.train.session import StoredStateSession, current_session
 
 MODULE_IMPORTED_AT = time.time()  # in a Train worker: once its imports (torch, timm, ours) are done
 
@@ -84,16 +85,16 @@ class LoopContext:
         return None
 
 
-def base_session(config: dict[str, Any], role: str) -> Session:
+def base_session(config: LoopConfig, role: str) -> Session:
     """The config's own Session (in-process callers, tests bring one), else the console's or, in a
     Ray Train worker, Train's; its lines start with the config's label, e.g. "trial 1a2b teacher 8e8b4b34"."""
-    if config.get("session") is not None:
-        return config["session"]
-    return current_session(prefix=f"{config.get('label') or role}: ", quiet=bool(config.get("quiet", False)))
+    if config.session is not None:
+        return config.session
+    return current_session(prefix=f"{config.label or role}: ", quiet=config.quiet)
 
 
-def prepare(config: dict[str, Any], role: str) -> LoopContext:
-    """Parse the spec, seed, pick the device and build this rank's data pipeline.
+def prepare(config: LoopConfig, role: str) -> LoopContext:
+    """Seed, pick the device and build this rank's data pipeline for the config's spec.
 
     role: "teacher" or "student", the spec section whose model and batch size apply.
     """
@@ -102,12 +103,12 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     # where a run's start goes: this process's birth (Ray's scheduling before it), the loop's
     # entry (imports and Train's setup before it), the first epoch (data and models before it)
     entered_at = time.time()
-    spec = RunSpec.model_validate(config["spec"])
+    spec = config.spec
     section = getattr(spec, role)
     model_name, model_kwargs, batch_size = section.model, section.model_kwargs, section.batch_size
     session = base_session(config, role)
-    if config.get("state"):  # the resume state kept in a folder of its own, not where the session keeps it
-        session = StoredStateSession(session, Storage(config["state"], spec.storage.endpoint, spec.storage.region))
+    if config.state:  # the resume state kept in a folder of its own, not where the session keeps it
+        session = StoredStateSession(session, Storage(config.state, spec.storage.endpoint, spec.storage.region))
     seed_everything(rank_seed(spec.seed, session.world_rank, 0))
     device = pick_device(spec.device, session.local_rank)
     eval_cfg = EvalTransformConfig.from_timm(resolved_data_config(model_name, model_kwargs, spec.data.img_size))
@@ -117,19 +118,28 @@ def prepare(config: dict[str, Any], role: str) -> LoopContext:
     )
     session.detail(f"data: {data.describe()}; compile {'on' if compiles(spec.compile, device) else 'off'}")
     eval_batches = {split: data.eval(split, max(batch_size, 256)) for split in ("val", "test")}
-    output = Storage(config["output"], spec.storage.endpoint, spec.storage.region)
-    lease = LeaseHandle.from_dict(config["lease"]) if config.get("lease") else None
+    output = Storage(config.output, spec.storage.endpoint, spec.storage.region)
     scalars = None
-    if config.get("tensorboard") and session.world_rank == 0:
-        scalars = ScalarLog(Storage(config["tensorboard"], spec.storage.endpoint, spec.storage.region))
-    extra = dict(config.get("report_extra") or {})
+    if config.tensorboard and session.world_rank == 0:
+        scalars = ScalarLog(Storage(config.tensorboard, spec.storage.endpoint, spec.storage.region))
     started = {
         "process_started_at": process_started_at(),
         "module_imported_at": MODULE_IMPORTED_AT,
         "loop_entered_at": entered_at,
     }
     return LoopContext(
-        role, spec, session, device, output, splits, data, eval_batches, extra, lease, scalars=scalars, started=started
+        role,
+        spec,
+        session,
+        device,
+        output,
+        splits,
+        data,
+        eval_batches,
+        dict(config.report_extra),
+        config.lease,
+        scalars=scalars,
+        started=started,
     )
 
 
@@ -264,8 +274,8 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         seed_everything(rank_seed(ctx.spec.seed, ctx.session.world_rank, epoch))
         task.train_batches.set_epoch(epoch)
         metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "epochs": task.epochs,
+            EPOCH: epoch,
+            EPOCHS: task.epochs,
             "start_epoch": start,
             "epoch_started_at": began_at,
             **ctx.started,

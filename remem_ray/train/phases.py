@@ -1,15 +1,16 @@
 """A trial's two trainings in one run: the teacher phase, then the student phase.
 
-Each Ray Train run pays for fresh processes before its first epoch (10-14 s on 2 CPU cores,
-25-35 s on a GPU node; benchmarks/RESULTS.md), so a trial that trains its teacher distils from
-it in the same worker group and pays once.
+Each Ray Train run pays for fresh processes before its first epoch (benchmarks/RESULTS.md has
+the figures), so a trial that trains its teacher distils from it in the same worker group and
+pays once.
 
 - The teacher phase keeps its resume state beside the checkpoints it writes
   (`StoredStateSession`), not in the run: whoever trains that teacher next (another trial, after
   this one died) resumes it. It reports nothing to Train, so the run's results, and the
   scheduler reading them, are student epochs only.
-- `on_teacher_done` runs on rank 0 between the phases (a sweep marks the teacher finished there);
-  every rank waits there until rank 0 has written the teacher's last checkpoint and run it.
+- The config's `on_teacher_done` runs on rank 0 between the phases (a sweep marks the teacher
+  finished there); every rank waits until rank 0 has written the teacher's last checkpoint and
+  run it.
 - The student phase is the plain distillation with the run's own checkpoints: a restarted run
   that has a checkpoint is past its teacher phase and resumes the student (so a sweep gives a
   student run that exists already a run of its own). One restarted before its first student
@@ -22,54 +23,49 @@ Like the loops it calls, this runs in-process as well as under Ray Train.
 from __future__ import annotations
 
 import gc
-import pickle
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from remem_ray.contract import LoopConfig, PhasesConfig
 from remem_ray.train.loop import base_session
 from remem_ray.train.student import distill_student
 from remem_ray.train.teacher import fine_tune_teacher
 
 
-def teach_then_distil(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train `train_loop_per_worker` and in-process entry point.
+def teach_then_distil(config: PhasesConfig) -> dict[str, Any]:
+    """Run the teacher phase, then the student phase, in-process or on each Ray Train worker.
 
-    config: {"teacher": fine_tune_teacher's config plus "state" (folder URI of its resume state),
-             "student": distill_student's config, or None for a teacher-only run,
-             "on_teacher_done": optional callable, or its pickle, run by rank 0 once the teacher
-             is finished}
-    Under Ray Train, pass objects of your own pickled: Train's controller unpickles the config,
-    and an object whose module imports torch costs it seconds at every run's start.
     Returns {"teacher": its result (None for a run restarted past it), "student": the student's
     result (None if the teacher phase stopped, its lease lost, or no student was asked for)}.
     """
-    teacher_cfg, student_cfg = config["teacher"], config.get("student")
+    student_cfg = config.student
     student_session = base_session(student_cfg, "student") if student_cfg is not None else None
     if student_session is not None and student_session.restore_state() is not None:
         teacher, switched_at = None, time.time()  # a restarted run, past its teacher phase
     else:
-        teacher = _teacher_phase(teacher_cfg, config.get("on_teacher_done"))
+        teacher = _teacher_phase(config.teacher, config.teacher_done_hook)
         if "stopped" in teacher or student_cfg is None:
             return {"teacher": teacher, "student": None}
         _release_memory()
         switched_at = time.time()
     assert student_cfg is not None and student_session is not None
     # the student's start counts from the phase switch: this run's processes were already up
-    extra = {**(student_cfg.get("report_extra") or {}), "fit_called_at": switched_at, "student_in_teacher_run": 1}
-    student = distill_student({**student_cfg, "session": student_session, "report_extra": extra})
+    extra = {**student_cfg.report_extra, "fit_called_at": switched_at, "student_in_teacher_run": 1}
+    student = distill_student(student_cfg.but(session=student_session, report_extra=extra))
     return {"teacher": teacher, "student": student}
 
 
-def _teacher_phase(cfg: dict[str, Any], on_teacher_done) -> dict[str, Any]:
+def _teacher_phase(cfg: LoopConfig, teacher_done_hook: Callable[[], Callable[[], object] | None]) -> dict[str, Any]:
     base = base_session(cfg, "teacher")
-    result = fine_tune_teacher({**cfg, "session": base})  # its "state" keeps the resume state
+    result = fine_tune_teacher(cfg.but(session=base))  # its `state` folder keeps the resume state
     if "stopped" in result:  # every rank stops at the same epoch (rank 0 decides)
         return result
-    if on_teacher_done is not None and base.world_rank == 0:
-        hook = pickle.loads(on_teacher_done) if isinstance(on_teacher_done, bytes) else on_teacher_done
+    hook = teacher_done_hook() if base.world_rank == 0 else None  # unpickled where it runs, when it runs
+    if hook is not None:
         hook()
     if dist.is_available() and dist.is_initialized():
         # rank 0 writes the last checkpoint and runs the hook; the others load that checkpoint next

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from remem_ray.contract import EPOCH, METRIC
 from remem_ray.storage import Storage
 
 # result key -> TensorBoard tag (grouped into sections by the prefix)
@@ -25,7 +26,7 @@ TAGS = {
     "train_acc": "accuracy/train",
     "val_acc": "accuracy/val",
     "test_acc": "accuracy/test",
-    "best_val_acc": "accuracy/best_val",
+    METRIC: "accuracy/best_val",
     "lr": "optim/lr",
     "images_per_s": "speed/images_per_s",
     "data_wait_share": "speed/data_wait_share",
@@ -47,7 +48,7 @@ class ScalarLog:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
-        step, now = int(metrics["epoch"]), time.time()
+        step, now = int(metrics[EPOCH]), time.time()
         for key, tag in TAGS.items():
             value = metrics.get(key)
             if isinstance(value, int | float):

@@ -11,38 +11,21 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from remem_ray.console import say
+from remem_ray.contract import EPOCH, EPOCHS, METRIC, Session
 from remem_ray.storage import Storage
 
-
-class Session(Protocol):
-    world_rank: int
-    local_rank: int
-    world_size: int
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        """Per-epoch metrics, and the training state to resume from (saved where resumable)."""
-
-    def restore_state(self) -> dict[str, Any] | None:
-        """The last state reported by an earlier attempt of this run, if any."""
-
-    def log(self, message: str) -> None:
-        """A line worth the console: epoch results, resumption, stops."""
-
-    def detail(self, message: str) -> None:
-        """A line for the log file only under a sweep (shown in-process)."""
-
-
-_SHOWN = ("train_loss", "train_acc", "val_acc", "test_acc", "best_val_acc", "lr")
+_SHOWN = ("train_loss", "train_acc", "val_acc", "test_acc", METRIC, "lr")
+STATE_FILE = "state.pt"  # a resume state, in a Train checkpoint or a folder of its own
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:
     """One short progress line: epoch, loss, accuracies, lr, time."""
-    head = f"epoch {metrics['epoch']}/{metrics['epochs']}" if "epochs" in metrics else f"epoch {metrics.get('epoch')}"
+    head = f"epoch {metrics[EPOCH]}/{metrics[EPOCHS]}" if EPOCHS in metrics else f"epoch {metrics.get(EPOCH)}"
     parts = [head] + [f"{k} {metrics[k]:.4g}" for k in _SHOWN if k in metrics]
     if "images_per_s" in metrics:  # a starved GPU shows as a large data wait
         parts.append(f"{metrics['images_per_s']:.0f} img/s (data wait {metrics['data_wait_share']:.0%})")
@@ -79,8 +62,6 @@ class ConsoleSession:
 class RayTrainSession:
     """Inside a Ray Train worker: metrics through ray.train.report, state as a Train checkpoint."""
 
-    STATE_FILE = "state.pt"
-
     def __init__(self, prefix: str = "") -> None:
         import ray.train
 
@@ -99,7 +80,7 @@ class RayTrainSession:
             self._train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="remem-state-") as tmp:
-            torch.save(state, os.path.join(tmp, self.STATE_FILE))
+            torch.save(state, os.path.join(tmp, STATE_FILE))
             self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(tmp))
 
     def restore_state(self) -> dict[str, Any] | None:
@@ -107,7 +88,7 @@ class RayTrainSession:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as path:
-            with open(os.path.join(path, self.STATE_FILE), "rb") as f:
+            with open(os.path.join(path, STATE_FILE), "rb") as f:
                 return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
 
     def log(self, message: str) -> None:
@@ -128,8 +109,6 @@ class StoredStateSession:
     not the trial's results (Tune's scheduler sees student epochs only).
     """
 
-    STATE_FILE = "state.pt"
-
     def __init__(self, base: Session, storage: Storage) -> None:
         self.base, self.storage = base, storage
         self.world_rank, self.local_rank, self.world_size = base.world_rank, base.local_rank, base.world_size
@@ -141,12 +120,12 @@ class StoredStateSession:
         if state is not None and self.world_rank == 0:
             buffer = io.BytesIO()
             torch.save(state, buffer)
-            self.storage.write_bytes(self.STATE_FILE, buffer.getvalue())  # whole-object write: never half a state
+            self.storage.write_bytes(STATE_FILE, buffer.getvalue())  # whole-object write: never half a state
 
     def restore_state(self) -> dict[str, Any] | None:
-        if not self.storage.is_file(self.STATE_FILE):
+        if not self.storage.is_file(STATE_FILE):
             return None
-        data = self.storage.read_bytes(self.STATE_FILE)
+        data = self.storage.read_bytes(STATE_FILE)
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
     def log(self, message: str) -> None:

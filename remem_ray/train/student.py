@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from remem_ray.checkpoints import load_model, split_location
+from remem_ray.contract import BEST_TEST_ACC, BEST_VAL_ACC, TEACHER_MI, TEACHER_VAL_ACC, LoopConfig
 from remem_ray.data import Views
 from remem_ray.errors import SpecError
 from remem_ray.losses import DistillationLoss
@@ -72,7 +73,7 @@ class StudentTask(Task):
             "model": self.bare.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "best_val_acc": self.best_val_acc,
+            BEST_VAL_ACC: self.best_val_acc,
             "best": self.best,
         }
 
@@ -80,7 +81,7 @@ class StudentTask(Task):
         self.bare.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.best_val_acc, self.best = state["best_val_acc"], state["best"]
+        self.best_val_acc, self.best = state[BEST_VAL_ACC], state["best"]
 
     def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
         """Keep the student with the best val accuracy (test is reported beside it, never used)."""
@@ -89,21 +90,18 @@ class StudentTask(Task):
             self.best = {"epoch": epoch, "val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"]}
             if ctx.is_writer:
                 self.save_model(ctx, BEST, epoch, metrics, teacher=self.teacher_meta)
-        metrics["best_val_acc"] = self.best["val_acc"]
-        metrics["best_test_acc"] = self.best["test_acc"]
+        metrics[BEST_VAL_ACC] = self.best["val_acc"]
+        metrics[BEST_TEST_ACC] = self.best["test_acc"]
         teacher_metrics = self.teacher_meta.get("metrics", {})
-        metrics["teacher_val_acc"] = teacher_metrics.get("val_acc", float("nan"))
-        metrics["teacher_mi"] = teacher_metrics.get("teacher_mi", float("nan"))
+        metrics[TEACHER_VAL_ACC] = teacher_metrics.get("val_acc", float("nan"))
+        metrics[TEACHER_MI] = teacher_metrics.get(TEACHER_MI, float("nan"))
 
 
-def distill_student(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train `train_loop_per_worker` and in-process entry point.
-
-    config: {"spec": RunSpec as a dict, "teacher": teacher checkpoint folder (path or s3:// URI),
-             "output": student folder, "quiet": bool}. Writes <output>/best/.
-    """
+def distill_student(config: LoopConfig) -> dict[str, Any]:
+    """Distil the config's student from its teacher checkpoint, in-process or on each Ray Train
+    worker. Writes <output>/best/."""
     ctx = prepare(config, "student")
-    teacher = config.get("teacher") or ctx.spec.student.teacher_checkpoint
+    teacher = config.teacher_checkpoint or ctx.spec.student.teacher_checkpoint
     if not teacher:
         raise SpecError("student.teacher_checkpoint: no teacher checkpoint given")
     task = StudentTask(ctx, teacher)

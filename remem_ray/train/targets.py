@@ -116,13 +116,13 @@ def compute_targets(
     return torch.cat(chunks).view(num_items(pipeline.splits.train), views.count, -1)
 
 
-def _encode(table: torch.Tensor, key: str) -> bytes:
+def _table_to_bytes(table: torch.Tensor, key: str) -> bytes:
     buf = io.BytesIO()
     torch.save({"key": key, "format": CACHE_FORMAT, "logits": table}, buf)
     return buf.getvalue()
 
 
-def _decode(data: bytes, key: str) -> torch.Tensor | None:
+def _table_from_bytes(data: bytes, key: str) -> torch.Tensor | None:
     """The table if the file is whole and for this key; None if it must be rebuilt."""
     try:
         blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -155,16 +155,16 @@ def load_or_build_targets(
     rel = cache_location(name, key)
     views = Views(spec.student.target_views, spec.student.target_view_seed)
     info = {"key": key, "location": parent.uri(rel), "built": False}
-    table = _decode(parent.read_bytes(rel), key) if parent.is_file(rel) else None
+    table = _table_from_bytes(parent.read_bytes(rel), key) if parent.is_file(rel) else None
     if table is None and is_writer:
         log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
         table = compute_targets(teacher, normalizer, pipeline, views)
-        parent.write_bytes(rel, _encode(table, key))
+        parent.write_bytes(rel, _table_to_bytes(table, key))
         info["built"] = True
     if is_distributed():
         torch.distributed.barrier()
         if table is None:
-            table = _decode(parent.read_bytes(rel), key)
+            table = _table_from_bytes(parent.read_bytes(rel), key)
     if table is None:
         raise CheckpointError(f"student.teacher_targets: cache {info['location']} could not be read")
     if table.shape[0] != size:

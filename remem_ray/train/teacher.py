@@ -9,13 +9,14 @@ from typing import Any
 import torch
 
 from remem_ray.checkpoint_files import checkpoint_name
+from remem_ray.contract import TEACHER_MI, LoopConfig
 from remem_ray.insight.information import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
 from remem_ray.models import normalizer_for, reweight_mlp
 from remem_ray.train.common import PerStepSchedule, build_sam, runnable_model
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 from remem_ray.train.steps import sam_step
 
-SPEC_FILE = "spec.json"
+TEACHER_SPEC_FILE = "spec.json"  # the spec and key a teacher folder was trained from
 HISTORY_FILE = "history.json"
 
 
@@ -59,7 +60,7 @@ class TeacherTask(Task):
             information = checkpoint_information(
                 self.bare, self.normalizer, ctx.splits.val, ctx.device, MI_REFERENCE_TEMPERATURE, seed=ctx.spec.seed
             )
-            metrics["teacher_mi"] = headline_mi(information)
+            metrics[TEACHER_MI] = headline_mi(information)
             self.save_model(
                 ctx,
                 checkpoint_name(epoch),
@@ -72,20 +73,18 @@ class TeacherTask(Task):
             ctx.session.detail(f"saved checkpoint {ctx.output.uri(checkpoint_name(epoch))}")
 
 
-def fine_tune_teacher(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train `train_loop_per_worker` and in-process entry point.
+def fine_tune_teacher(config: LoopConfig) -> dict[str, Any]:
+    """Fine-tune the config's teacher, in-process or on each Ray Train worker.
 
-    config: {"spec": RunSpec as a dict, "output": teacher folder (path or s3:// URI), "quiet": bool,
-             "lease": optional LeaseHandle dict: stop, writing nothing more, once it is lost,
-             "state": optional folder (path or s3:// URI) keeping the resume state, for whoever
-             trains this teacher next, instead of the session (remem_ray.train.phases)}
+    With a lease, stop (writing nothing more) once it is lost; with a `state` folder, keep the
+    resume state there, for whoever trains this teacher next (remem_ray.train.phases).
     Writes <output>/spec.json and <output>/epoch_<e>/ for each saved epoch.
     """
     ctx = prepare(config, "teacher")
     task = TeacherTask(ctx)  # weights are fetched before anything is written
     if ctx.is_writer:
         record = {"teacher_key": ctx.spec.teacher_key(ctx.session.world_size), "spec": ctx.spec.model_dump(mode="json")}
-        ctx.output.write_text(SPEC_FILE, json.dumps(record, indent=2))
+        ctx.output.write_text(TEACHER_SPEC_FILE, json.dumps(record, indent=2))
     history = run_epochs(ctx, task)
     if ctx.stopped is not None:
         return {"history": history, "stopped": ctx.stopped}

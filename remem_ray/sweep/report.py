@@ -13,7 +13,8 @@ from typing import Any
 
 from remem_ray.search_params import ALPHA, RHO
 from remem_ray.sweep.layout import SweepLayout
-from remem_ray.sweep.results import SweepSummary
+from remem_ray.sweep.results import SweepSummary, format_table
+from remem_ray.sweep.study import newest_snapshot
 from remem_ray.sweep.tune_adapter import study_from_searcher_state
 
 REPORT_FILE = "report.md"
@@ -137,10 +138,10 @@ def param_importances(layout: SweepLayout) -> dict[str, float]:
     """Optuna's parameter importances from the searcher state Tune saved (empty if too few trials)."""
     import optuna
 
-    states = sorted(n for n in layout.experiment.list_dir() if n.startswith("searcher-state-"))
-    if not states:
+    snapshot = newest_snapshot(layout)
+    if snapshot is None:
         return {}
-    study = study_from_searcher_state(layout.experiment.read_bytes(states[-1]))
+    study = study_from_searcher_state(snapshot)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     varied = (
         {name for name in study.trials[0].params if len({t.params.get(name) for t in complete}) > 1}
@@ -202,8 +203,6 @@ def write_report(summary: SweepSummary, layout: SweepLayout) -> dict[str, str]:
 
 
 def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
-    from remem_ray.sweep.results import format_table
-
     lines = [f"# Sweep {summary.name}", "", f"Experiment: `{summary.experiment}`", ""]
     if summary.best is not None:
         b = summary.best

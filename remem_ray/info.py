@@ -1,23 +1,31 @@
-"""`remem info`: the MI family and per-block expertness of one saved checkpoint."""
+"""`remem info`: the MI family and per-block expertness of one saved checkpoint.
+
+The caller picks the device: this command joins the insight maths to checkpoints and data,
+and choosing hardware is the command line's business, not the diagnostics'.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from remem_ray.checkpoints import load_model, split_location
+from remem_ray.config import RunSpec
+from remem_ray.data import EvalTransformConfig, build_datasets, num_items
+from remem_ray.errors import UserInputError
 from remem_ray.insight.expertness import expertness_profile, neuron_by_class
 from remem_ray.insight.information import collect_logits, teacher_information
+from remem_ray.models import data_config_of, normalizer_for
 
 
-def checkpoint_report(location: str, spec, samples: int = 1000, endpoint: str | None = None) -> dict:
-    """`remem info`: MI family and per-layer expertness of a saved checkpoint on the spec's val data."""
-    from remem_ray.checkpoints import load_model, split_location
-    from remem_ray.data import EvalTransformConfig, build_datasets, num_items
-    from remem_ray.models import data_config_of, normalizer_for
-    from remem_ray.train.common import pick_device
-
+def checkpoint_info(
+    location: str, spec: RunSpec, device: torch.device | str, samples: int = 1000, endpoint: str | None = None
+) -> dict[str, Any]:
+    """MI family and per-block expertness of the checkpoint at `location` on the spec's val data."""
+    device = torch.device(device)
     storage, name = split_location(location, endpoint or spec.storage.endpoint)
     model, meta = load_model(storage, name)
-    device = pick_device(spec.device)
     model = model.to(device)
     normalizer = normalizer_for(model).to(device)
     splits = build_datasets(
@@ -27,8 +35,6 @@ def checkpoint_report(location: str, spec, samples: int = 1000, endpoint: str | 
         endpoint=endpoint or spec.storage.endpoint,
     )
     if meta["num_classes"] != splits.num_classes:
-        from remem_ray.errors import UserInputError
-
         raise UserInputError(
             f"data: the checkpoint has {meta['num_classes']} classes, {spec.data.name} has {splits.num_classes}"
         )

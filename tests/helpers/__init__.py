@@ -1,0 +1,1 @@
+"""What several test modules share (as optuna/testing/): no test module imports another."""
