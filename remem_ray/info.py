@@ -12,7 +12,7 @@ import torch
 
 from remem_ray.checkpoints import load_model, split_location
 from remem_ray.config import RunSpec
-from remem_ray.data import EvalTransformConfig, build_datasets, num_items
+from remem_ray.data import EvalResize, build_datasets, num_items
 from remem_ray.errors import UserInputError
 from remem_ray.insight.expertness import expertness_profile, neuron_by_class
 from remem_ray.insight.information import collect_logits, teacher_information
@@ -31,7 +31,7 @@ def checkpoint_info(
     splits = build_datasets(
         spec.data,
         spec.seed,
-        EvalTransformConfig.from_timm(data_config_of(model)),
+        EvalResize.from_timm(spec.data.img_size, data_config_of(model)),
         endpoint=endpoint or spec.storage.endpoint,
     )
     if meta["num_classes"] != splits.num_classes:

@@ -338,7 +338,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_no_trace(
         assert not sys.modules["ray"].is_initialized()
 
 
-def test_corpus_covers_the_issue():
+def test_corpus_covers_every_kind_of_bad_input():
     ids = {c.id for c in CORPUS}
     assert len(ids) == len(CORPUS) >= 30
     for required in (

@@ -9,7 +9,7 @@ import remem_ray
 
 
 def test_package_has_a_file_and_a_version():
-    """`remem sweep submit --ship-package` ships Path(remem_ray.__file__).parent (issue 12, item 10)."""
+    """`remem sweep submit --ship-package` ships Path(remem_ray.__file__).parent."""
     assert remem_ray.__file__ is not None
     assert (Path(remem_ray.__file__).parent / "cli.py").is_file()
     assert remem_ray.__version__ == version("remem-ray")

@@ -43,7 +43,7 @@ def test_first_step_matches_closed_form(adaptive):
 
 
 def test_asam_with_eta_is_kwon_et_al_reference_form():
-    """T_w = |w| + eta on weight matrices, 1 on biases (issue 12, item 11)."""
+    """T_w = |w| + eta on weight matrices, 1 on biases."""
     model = _model()
     x, y = _batch()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, adaptive=True, eta=0.01, lr=0.1)

@@ -1,4 +1,4 @@
-"""The slot logic: trials waiting for another trial's teacher hold no GPU slot (issue 15)."""
+"""The slot logic: trials waiting for another trial's teacher hold no GPU slot."""
 
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def _stop_epoch(scheduler, retried_after: int | None) -> int | None:
 
 
 def test_a_retried_student_is_stopped_at_the_same_rung_as_one_never_retried():
-    """Budgets count student epochs, not Tune iterations (issue 12, item 3)."""
+    """Budgets count student epochs, not Tune iterations."""
     spec = _spec(asha={"grace_period": 1, "reduction_factor": 2})
     spec = spec.model_copy(update={"student": spec.student.model_copy(update={"epochs": 8})})
     never = _stop_epoch(build_scheduler(spec), retried_after=None)
@@ -306,7 +306,7 @@ def test_locate_sweep_with_an_invalid_stored_spec_is_a_user_error(in_tmp, capsys
 
 
 def test_an_errored_trial_is_never_the_best_student(tmp_path, monkeypatch):
-    """A trial that broke off at epoch 3 of 8 keeps its score in the table, not as best (issue 12, item 5)."""
+    """A trial that broke off at epoch 3 of 8 keeps its score in the table, not as best."""
     from types import SimpleNamespace
 
     from remem_ray.storage import Storage

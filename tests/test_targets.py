@@ -81,7 +81,7 @@ def test_cache_is_reused_then_rebuilt_when_corrupt_or_the_data_changes(tmp_path)
 
 
 def test_same_weights_under_another_reweighting_get_their_own_cache(tmp_path):
-    """The cache key covers meta.json's logit-shaping fields, not only model.pt (issue 12, item 6)."""
+    """The cache key covers meta.json's logit-shaping fields, not only model.pt."""
     spec, splits, teacher, storage = _setup(tmp_path)
     location = storage.uri("epoch_1")
     args = (teacher, normalizer_for(teacher), _loader(splits), True)

@@ -182,7 +182,7 @@ def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys
 
 
 def test_teacher_mi_is_measured_at_the_reference_temperature_whatever_the_kd_temperature(tmp_path):
-    """A teacher shared by trials that search kd.temperature gets one MI (issue 12, item 7)."""
+    """A teacher shared by trials that search kd.temperature gets one MI."""
     mis, metas = [], []
     for temperature in (1.0, 8.0):
         spec = load_run_spec(
@@ -207,7 +207,7 @@ def test_teacher_mi_is_measured_at_the_reference_temperature_whatever_the_kd_tem
 
 
 def test_weight_decay_spares_biases_norms_and_tokens_as_timm_and_deit_do():
-    """The fine-tuning recipe (issue 12, item 11): decay on weight matrices only."""
+    """The fine-tuning recipe: decay on weight matrices only."""
     from remem_ray.config import OptimizerConfig
     from remem_ray.models import create_model
     from remem_ray.train.common import build_optimizer, build_sam

@@ -4,7 +4,6 @@ from remem_ray.data.augment import EvalResize, TrainAugment, augment_for
 from remem_ray.data.datasets import (
     DATASETS,
     DataSplits,
-    EvalTransformConfig,
     TensorImages,
     TransformedSubset,
     build_datasets,
@@ -29,7 +28,6 @@ __all__ = [
     "DataSplits",
     "DevicePipeline",
     "EvalResize",
-    "EvalTransformConfig",
     "FixedViews",
     "LoaderPipeline",
     "Shard",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,16 @@ class EvalResize:
     img_size: int
     crop_pct: float = 1.0
     interpolation: str = "bilinear"
+
+    @classmethod
+    def from_timm(cls, img_size: int, data_config: dict[str, Any]) -> EvalResize:
+        """The eval crop a timm model's data config asks for, at img_size."""
+        crop_pct = float(data_config.get("crop_pct") or 1.0)
+        return cls(img_size, crop_pct, str(data_config.get("interpolation") or "bilinear"))
+
+    @property
+    def resized_side(self) -> int:
+        return max(self.img_size, int(round(self.img_size / self.crop_pct)))
 
 
 def augment_for(img_size: int, hflip: bool) -> TrainAugment:
@@ -208,7 +218,7 @@ def train_views(images: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, a
 
 def eval_views(images: torch.Tensor, view: EvalResize) -> torch.Tensor:
     """uint8 stored images -> resized, centre-cropped float views in [0, 1]."""
-    resized = max(view.img_size, int(round(view.img_size / view.crop_pct)))
+    resized = view.resized_side
     x = resize(to_unit(images), resized, view.interpolation)
     top = (resized - view.img_size) // 2
     return x[..., top : top + view.img_size, top : top + view.img_size].clamp_(0.0, 1.0)

@@ -42,20 +42,8 @@ class DataSplits:
     eval_view: EvalResize
 
 
-@dataclass(frozen=True)
-class EvalTransformConfig:
-    """The part of a timm model's data config that shapes eval images."""
-
-    crop_pct: float = 1.0
-    interpolation: str = "bilinear"
-
-    @classmethod
-    def from_timm(cls, data_config: dict[str, Any]) -> EvalTransformConfig:
-        return cls(float(data_config.get("crop_pct") or 1.0), str(data_config.get("interpolation") or "bilinear"))
-
-
-# (data config, seed, eval transform config, S3 endpoint for s3:// roots) -> splits
-DatasetBuilder = Callable[["DataConfig", int, EvalTransformConfig, "str | None"], DataSplits]
+# (data config, seed, eval views at data.img_size, S3 endpoint for s3:// roots) -> splits
+DatasetBuilder = Callable[["DataConfig", int, EvalResize, "str | None"], DataSplits]
 DATASETS: dict[str, DatasetBuilder] = {}
 
 
@@ -68,9 +56,14 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
 
 
 def build_datasets(
-    cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig | None = None, endpoint: str | None = None
+    cfg: DataConfig, seed: int, eval_view: EvalResize | None = None, endpoint: str | None = None
 ) -> DataSplits:
-    splits = DATASETS[cfg.name](cfg, seed, eval_cfg or EvalTransformConfig(), endpoint)
+    """The data's splits; eval images as `eval_view` says (a model's timm crop, see
+    EvalResize.from_timm), by default a plain resize to data.img_size."""
+    eval_view = eval_view or EvalResize(cfg.img_size)
+    if eval_view.img_size != cfg.img_size:
+        raise ValueError(f"eval views of {eval_view.img_size} px for data of {cfg.img_size} px")
+    splits = DATASETS[cfg.name](cfg, seed, eval_view, endpoint)
     if cfg.max_train_samples is not None and num_items(splits.train) > cfg.max_train_samples:
         labels = dataset_targets(splits.train)
         keep, _ = _stratified_split(np.arange(len(labels)), labels, cfg.max_train_samples, seed + 3)
@@ -160,7 +153,7 @@ def _tensor_splits(
 
 
 @register_dataset("digits")
-def _digits(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endpoint: str | None = None) -> DataSplits:
+def _digits(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None) -> DataSplits:
     """scikit-learn's bundled 8x8 digits (1797 images): the embedded default, no download."""
     from sklearn.datasets import load_digits
 
@@ -170,7 +163,7 @@ def _digits(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endpoint:
 
 
 @register_dataset("synthetic")
-def _synthetic(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endpoint: str | None = None) -> DataSplits:
+def _synthetic(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None) -> DataSplits:
     """Class prototypes plus noise: learnable, tiny, generated from the seed (for tests)."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(cfg.num_classes, 3, 8, 8, generator=g)
@@ -200,16 +193,12 @@ def train_transform(aug: TrainAugment):
     return T.Compose([T.RandomResizedCrop(aug.img_size, scale=aug.scale, ratio=aug.ratio), *flip, T.ToTensor()])
 
 
-def eval_resize(img_size: int, eval_cfg: EvalTransformConfig) -> EvalResize:
-    return EvalResize(img_size, eval_cfg.crop_pct, eval_cfg.interpolation)
-
-
-def eval_transform(view: EvalResize):
+def pil_eval_transform(view: EvalResize):
+    """The loader path's eval views (the device path's: augment.eval_views)."""
     from torchvision import transforms as T
 
     interp = getattr(T.InterpolationMode, view.interpolation.upper(), T.InterpolationMode.BILINEAR)
-    resize = max(view.img_size, int(round(view.img_size / view.crop_pct)))
-    return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(view.img_size), T.ToTensor()])
+    return T.Compose([T.Resize(view.resized_side, interpolation=interp), T.CenterCrop(view.img_size), T.ToTensor()])
 
 
 class TransformedSubset(Dataset):
@@ -236,11 +225,11 @@ def _pil_splits(
     num_classes: int,
     cfg: DataConfig,
     seed: int,
-    eval_cfg: EvalTransformConfig,
+    eval_view: EvalResize,
     hflip: bool,
 ) -> DataSplits:
-    aug, view = augment_for(cfg.img_size, hflip), eval_resize(cfg.img_size, eval_cfg)
-    tr_tf, ev_tf = train_transform(aug), eval_transform(view)
+    aug, view = augment_for(cfg.img_size, hflip), eval_view
+    tr_tf, ev_tf = train_transform(aug), pil_eval_transform(view)
     labels = dataset_targets(train_base)
     if test_base is None:
         train_idx, val_idx, test_idx = _train_val_test(labels, cfg, seed, has_test=False)
@@ -281,7 +270,7 @@ _TORCHVISION: dict[str, TorchvisionEntry] = {
 
 
 def _torchvision_builder(name: str, entry: TorchvisionEntry) -> DatasetBuilder:
-    def build(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endpoint: str | None = None) -> DataSplits:
+    def build(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None) -> DataSplits:
         import torchvision.datasets as tvd
 
         root = Path(cfg.root or "./data").expanduser()
@@ -297,7 +286,7 @@ def _torchvision_builder(name: str, entry: TorchvisionEntry) -> DatasetBuilder:
                 raise ResourceError(f"data.root: {name} not found under {root}{hint} ({exc})".splitlines()[0]) from None
 
         train, val, test = (make(k) for k in entry.splits)
-        return _pil_splits(train, val, test, entry.num_classes, cfg, seed, eval_cfg, entry.hflip)
+        return _pil_splits(train, val, test, entry.num_classes, cfg, seed, eval_view, entry.hflip)
 
     build.__doc__ = f"torchvision {entry.cls_name} under data.root (download with data.download)."
     return build
@@ -308,7 +297,7 @@ for _name, _entry in _TORCHVISION.items():
 
 
 @register_dataset("imagefolder")
-def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endpoint: str | None = None) -> DataSplits:
+def _imagefolder(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None) -> DataSplits:
     """class-per-folder images at a path or s3:// URI; train/ val/ test/ subfolders optional."""
     from torchvision.datasets import ImageFolder
 
@@ -335,8 +324,8 @@ def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endp
         # A val folder but no test folder: hold out test from train, keep the given val.
         labels = dataset_targets(train)
         idx, test_idx = _stratified_split(np.arange(len(labels)), labels, 1.0 - cfg.test_fraction, seed)
-        aug, view = augment_for(cfg.img_size, True), eval_resize(cfg.img_size, eval_cfg)
-        tr_tf, ev_tf = train_transform(aug), eval_transform(view)
+        aug, view = augment_for(cfg.img_size, True), eval_view
+        tr_tf, ev_tf = train_transform(aug), pil_eval_transform(view)
         return DataSplits(
             TransformedSubset(train, np.sort(idx), tr_tf, labels),
             TransformedSubset(val, None, ev_tf, dataset_targets(val)),
@@ -345,4 +334,4 @@ def _imagefolder(cfg: DataConfig, seed: int, eval_cfg: EvalTransformConfig, endp
             aug,
             view,
         )
-    return _pil_splits(train, val, test, len(train.classes), cfg, seed, eval_cfg, hflip=True)
+    return _pil_splits(train, val, test, len(train.classes), cfg, seed, eval_view, hflip=True)

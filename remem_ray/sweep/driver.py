@@ -16,7 +16,7 @@ from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage, preflight, preflight_config
-from remem_ray.sweep.layout import LOG_FILE, SPEC_FILE, SweepLayout
+from remem_ray.sweep.layout import LOG_FILE, SWEEP_SPEC_FILE, SweepLayout
 from remem_ray.sweep.report import write_report
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
@@ -162,7 +162,7 @@ def _trainable(spec: SweepSpec):
 
 
 def _check_new(layout: SweepLayout) -> None:
-    if layout.experiment.exists(SPEC_FILE) or layout.experiment.exists("tuner.pkl"):
+    if layout.experiment.exists(SWEEP_SPEC_FILE) or layout.experiment.exists("tuner.pkl"):
         raise UserInputError(
             f"name: sweep {layout.name!r} already exists at {layout.experiment.uri()}; "
             f"resume it with `remem sweep resume {layout.name}` or pick another --name"
@@ -203,7 +203,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
                 callbacks=[ProgressCallback(spec.sweep.num_samples)],
             ),
         )
-        layout.experiment.write_text(SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
+        layout.experiment.write_text(SWEEP_SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
         with _tune_console(verbose):
             tuner.fit()
         summary = _finish(spec, layout, console, export)
@@ -256,13 +256,13 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
         root, endpoint, root_field="sweep" if by_uri else "--storage", endpoint_field="--endpoint", writable=False
     )
     folder = Storage(root, endpoint) if by_uri else Storage(root, endpoint).child("sweeps", name_or_uri)
-    if not folder.is_file(SPEC_FILE):
-        raise UserInputError(f"sweep: no sweep at {folder.uri()} ({SPEC_FILE} missing)")
+    if not folder.is_file(SWEEP_SPEC_FILE):
+        raise UserInputError(f"sweep: no sweep at {folder.uri()} ({SWEEP_SPEC_FILE} missing)")
     try:
-        raw = json.loads(folder.read_text(SPEC_FILE))
+        raw = json.loads(folder.read_text(SWEEP_SPEC_FILE))
         storage = raw.setdefault("storage", {})
     except (json.JSONDecodeError, AttributeError):
-        raise UserInputError(f"sweep: {folder.uri(SPEC_FILE)} is not a sweep spec") from None
+        raise UserInputError(f"sweep: {folder.uri(SWEEP_SPEC_FILE)} is not a sweep spec") from None
     if endpoint and not storage.get("endpoint"):
         storage["endpoint"] = endpoint
     spec = parse_spec(SweepSpec, raw)

@@ -20,7 +20,7 @@ import time
 
 from remem_ray.storage import Storage
 
-SPEC_FILE = "sweep_spec.json"
+SWEEP_SPEC_FILE = "sweep_spec.json"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "sweep.log"
 

@@ -19,7 +19,7 @@ from torch import nn
 from remem_ray.checkpoints import model_meta, write_checkpoint
 from remem_ray.config import RunSpec
 from remem_ray.contract import EPOCH, EPOCHS, LoopConfig, Session
-from remem_ray.data import DataPipeline, DataSplits, EvalTransformConfig, Shard, build_datasets, build_pipeline
+from remem_ray.data import DataPipeline, DataSplits, EvalResize, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
 from remem_ray.leases import LeaseHandle
 from remem_ray.models import create_model
@@ -111,8 +111,10 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
         session = StoredStateSession(session, Storage(config.state, spec.storage.endpoint, spec.storage.region))
     seed_everything(rank_seed(spec.seed, session.world_rank, 0))
     device = pick_device(spec.device, session.local_rank)
-    eval_cfg = EvalTransformConfig.from_timm(resolved_data_config(model_name, model_kwargs, spec.data.img_size))
-    splits = build_datasets(spec.data, spec.seed, eval_cfg, endpoint=spec.storage.endpoint)
+    data_config = resolved_data_config(model_name, model_kwargs, spec.data.img_size)
+    splits = build_datasets(
+        spec.data, spec.seed, EvalResize.from_timm(spec.data.img_size, data_config), endpoint=spec.storage.endpoint
+    )
     data = build_pipeline(
         spec.data, splits, device, spec.seed, Shard(session.world_rank, session.world_size), log=session.detail
     )
