@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers.servers import RayHead, SeaweedFS, free_port
+from helpers.servers import BystanderRay, RayHead, SeaweedFS, free_port
 from helpers.sweeps import SMOKE, remem_env, run_remem, searcher_study, start_remem, stored_study
 
 from remem_ray.contract import METRIC
@@ -106,13 +106,21 @@ def _check_report(experiment: Path) -> None:
 
 
 def test_smoke_sweep_local_end_to_end(tmp_path):
+    """The smoke sweep beside another Ray on the host (an everyday setup): every process of the
+    sweep addresses its own cluster, and the runs the scheduler stopped give their resources back."""
     env = remem_env(tmp_path)
-    rc, out = run_remem(["sweep", "run", str(SMOKE), "--storage", str(tmp_path / "results")], tmp_path, env)
+    with BystanderRay(tmp_path):
+        rc, out = run_remem(["sweep", "run", str(SMOKE), "--storage", str(tmp_path / "results")], tmp_path, env)
     assert rc == 0, out[-3000:]
     root = tmp_path / "results"
     experiment = root / "sweeps" / "smoke"
     summary = json.loads((experiment / "summary.json").read_text())
     _check_summary(summary, 4)
+    log = (experiment / "sweep.log").read_text()
+    assert "multiple active Ray instances" not in out + log and "waiting for 1 workers" not in log
+    # Train's cleaner found each stopped run's controller gone and freed its placement group
+    cleaned = log.count("Cleaning up placement group")
+    assert cleaned >= sum(r["stopped_early"] for r in summary["trials"]) >= 1, cleaned
     assert "best student checkpoint:" in out and "teacher trainings performed: 2" in out
     _check_console(out, experiment, stopped=sum(r["stopped_early"] for r in summary["trials"]))
 

@@ -3,11 +3,13 @@ and how its teacher training is marked finished. The real runs are in tests/test
 
 from __future__ import annotations
 
+import os
 import pickle
 
 from helpers.teachers import registry_setup, write_teacher
 
-from remem_ray.contract import PhasesConfig
+from remem_ray.config import WorkerResources
+from remem_ray.contract import LoopConfig, PhasesConfig
 from remem_ray.leases import Lease
 from remem_ray.sweep import trial as trial_module
 from remem_ray.sweep.trial import TeacherFinished, TrialRuns
@@ -19,7 +21,7 @@ class Recorder:
     def __init__(self) -> None:
         self.runs: list[tuple[str, dict]] = []
 
-    def __call__(self, loop, config, resources, backend, run_config):
+    def __call__(self, loop, config, resources, backend, run_config, start_timeout_s):
         self.runs.append((loop.__name__, config))
         return self
 
@@ -104,3 +106,20 @@ def test_a_retraining_scheduled_since_is_not_switched_to(tmp_path):
     finished()
     assert registry.pending_retrain(key) is not None  # still pending: its own holder switches to it
     assert registry.checkpoint_uri(key, 4) == registry.folder(key).uri("epoch_4")
+
+
+def test_a_train_run_waits_for_slow_workers_as_long_as_the_sweep_says(tmp_path, monkeypatch):
+    """Ray Train's own default (60 s) failed the trials of a loaded 2-core machine: the sweep's
+    `worker_start_timeout_s` reaches each run's controller through its driver's environment."""
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    monkeypatch.delenv(trial_module.WORKER_START_TIMEOUT_ENV, raising=False)
+    assert spec.sweep.worker_start_timeout_s == 600  # generous by default
+    run_config = trial_module.train_run_config("r", layout.train_runs, 0)
+    config = LoopConfig(run_spec, str(tmp_path / "out"))
+    trial_module.make_trainer(
+        trial_module.distill_student_in_worker, config, WorkerResources(), "auto", run_config, 321
+    )
+    assert os.environ[trial_module.WORKER_START_TIMEOUT_ENV] == "321"
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    assert trial_module.WORKER_START_TIMEOUT_ENV in ENV_VARS_TO_PROPAGATE  # Train passes it on

@@ -30,6 +30,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+API_SERVER_ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first
+
+
+@contextlib.contextmanager
+def _env_var(name: str, value: str):
+    """`name` set to `value` while the block runs (processes started meanwhile inherit it)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def _cluster_address(address: str | None) -> str | None:
     """The cluster to join, or None for a local Ray on loopback.
 
@@ -77,40 +94,45 @@ def ray_session(address: str | None = None, verbose: bool = False):
 
     # quiet: Ray's notices while it starts (token auth, ...) stay off the console entirely
     level = logging.INFO if verbose else logging.ERROR
-    if address:
-        _check_reachable(address)
+    temp_dir = None
+    with contextlib.ExitStack() as stack:
+        if address:
+            _check_reachable(address)
+            try:
+                context = ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=level)
+            except Exception as exc:  # ConnectionError, ValueError, TimeoutError, ...
+                raise ResourceError(
+                    f"--address: cannot connect to Ray at {address}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from exc
+        else:
+            temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")
+            # One machine is never drained for preemption: without the watcher each Train run starts
+            # one process fewer (processes inherit this through the raylet ray.init starts).
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            dashboard_port = _free_port()
+            # Every process of this Ray finds its State API here, not by auto-detection, which
+            # fails when another Ray runs on the host: Train's placement-group cleaner then never
+            # frees what runs the scheduler stopped held, and later runs wait for it forever.
+            stack.enter_context(_env_var(API_SERVER_ADDRESS_ENV, f"http://127.0.0.1:{dashboard_port}"))
+            context = ray.init(
+                _node_ip_address="127.0.0.1",
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                _temp_dir=temp_dir,
+                log_to_driver=True,
+                configure_logging=True,
+                logging_level=level,
+            )
+        stack.callback(ray.shutdown)
+        _ray_console_level(verbose)
         try:
-            context = ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=level)
-        except Exception as exc:  # ConnectionError, ValueError, TimeoutError, ...
-            raise ResourceError(
-                f"--address: cannot connect to Ray at {address}: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            ) from exc
-        temp_dir = None
-    else:
-        temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")
-        # One machine is never drained for preemption: without the watcher each Train run starts
-        # one process fewer (processes inherit this through the raylet ray.init starts).
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        context = ray.init(
-            _node_ip_address="127.0.0.1",
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=_free_port(),
-            _temp_dir=temp_dir,
-            log_to_driver=True,
-            configure_logging=True,
-            logging_level=level,
-        )
-    _ray_console_level(verbose)
-    try:
-        yield context.dashboard_url or None  # where Ray's dashboard is, for the console
-    except BaseException:
-        if temp_dir:  # its session logs are what explains a failed sweep: keep them, say where
-            print(f"remem: Ray's logs of this sweep are in {temp_dir}/session_latest/logs", file=sys.stderr)
-        raise
-    finally:
-        ray.shutdown()
+            yield context.dashboard_url or None  # where Ray's dashboard is, for the console
+        except BaseException:
+            if temp_dir:  # its session logs are what explains a failed sweep: keep them, say where
+                print(f"remem: Ray's logs of this sweep are in {temp_dir}/session_latest/logs", file=sys.stderr)
+            raise
     if temp_dir and os.environ.get("REMEM_KEEP_RAY_LOGS") != "1":
         shutil.rmtree(temp_dir, ignore_errors=True)
 

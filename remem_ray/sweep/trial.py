@@ -14,6 +14,7 @@ the trial, so a restarted trial resumes its student from the last reported check
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 import uuid
@@ -33,6 +34,7 @@ HEARTBEAT_S = 5.0
 TEACHER_STATE_DIR = "resume"  # a teacher's resume state, beside the checkpoints it writes
 STALE_AFTER_S = 60.0
 POLL_S = 2.0
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
 
 
 def scaling_config(resources: WorkerResources):
@@ -45,7 +47,14 @@ def scaling_config(resources: WorkerResources):
     )
 
 
-def make_trainer(loop, loop_config: LoopConfig | PhasesConfig, resources: WorkerResources, backend: str, run_config):
+def make_trainer(
+    loop,
+    loop_config: LoopConfig | PhasesConfig,
+    resources: WorkerResources,
+    backend: str,
+    run_config,
+    start_timeout_s: float,
+):
     """A TorchTrainer (DDP process group) for several workers; one worker needs no process group.
     The loop gets its config as plain data (remem_ray.contract says why).
 
@@ -59,6 +68,8 @@ def make_trainer(loop, loop_config: LoopConfig | PhasesConfig, resources: Worker
     common = dict(
         train_loop_config=loop_config.to_dict(), scaling_config=scaling_config(resources), run_config=run_config
     )
+    # Train passes this variable on from its driver (this trial) to the run's controller
+    os.environ[WORKER_START_TIMEOUT_ENV] = str(start_timeout_s)
     if resources.num_workers == 1:
         return DataParallelTrainer(loop, backend_config=BackendConfig(), **common)
     from ray.train.torch import TorchConfig, TorchTrainer  # imports torch: only where a process group is needed
@@ -269,7 +280,8 @@ class TrialRuns:
         # pickled: Train's controller unpickles the config, and importing this module would cost
         # every teacher's start seconds
         config = PhasesConfig(teacher, student, on_teacher_done=pickle.dumps(finished))
-        make_trainer(teach_then_distil_in_worker, config, resources.teacher, resources.backend, run).fit()
+        timeout = spec.sweep.worker_start_timeout_s
+        make_trainer(teach_then_distil_in_worker, config, resources.teacher, resources.backend, run, timeout).fit()
         self.distilled = together and finished.done()
 
     def fit_student(self, trained: bool) -> None:
@@ -279,7 +291,8 @@ class TrialRuns:
         config = self._student_config(self.registry.checkpoint_uri(self.key, epoch), trained)
         resources = self.spec.sweep.resources
         run = self._student_run()
-        make_trainer(distill_student_in_worker, config, resources.student, resources.backend, run).fit()
+        timeout = self.spec.sweep.worker_start_timeout_s
+        make_trainer(distill_student_in_worker, config, resources.student, resources.backend, run, timeout).fit()
 
 
 def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:

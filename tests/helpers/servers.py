@@ -289,3 +289,42 @@ class RayHead:
         self.proc.kill()
         self.proc.wait(30)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class BystanderRay:
+    """Another Ray on the same host, as a user's `ray.init()` in another process leaves one: its own
+    temp dir, on 127.0.0.1, unrelated to whatever the test runs beside it. Ended by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="rb-", dir="/tmp")
+        self.log = workdir / "bystander-ray.log"
+        code = (
+            "import ray, sys; "
+            f"ray.init(_temp_dir={self.temp_dir!r}, _node_ip_address='127.0.0.1', num_cpus=1, "
+            "include_dashboard=False); "
+            "print('up', flush=True); sys.stdin.read()"
+        )
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.tree = ProcessTree(self.proc.pid)
+
+    def __enter__(self) -> BystanderRay:
+        deadline = time.time() + 120
+        while "up" not in self.log.read_text().split():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.__exit__()
+                raise RuntimeError("the bystander Ray did not start: " + self.log.read_text()[-2000:])
+            time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tree.kill_all()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
