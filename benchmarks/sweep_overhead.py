@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import machine, table, verdict
+from remem_ray.storage import Storage
+from remem_ray.sweep.registry import TeacherRegistry
+from remem_ray.teacher_layout import HISTORY_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +66,9 @@ def collect(root: Path, name: str) -> dict:
     parts: dict[str, list[tuple[float, ...]]] = {"teacher": [], "student": []}
     for record_file in sorted((experiment / "teacher-trainings").glob("*.json")):
         record = json.loads(record_file.read_text())
-        history = json.loads((root / "teachers" / record["teacher_key"] / "history.json").read_text())
+        teacher = TeacherRegistry(Storage(str(root / "teachers"))).set_in_use(record["teacher_key"])
+        assert teacher is not None, record
+        history = json.loads(teacher.folder.read_text(HISTORY_FILE))
         for h in history:
             intervals.append((h["epoch_started_at"], h["epoch_started_at"] + h["epoch_seconds"]))
             loop_seconds += h["epoch_seconds"]

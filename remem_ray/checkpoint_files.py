@@ -16,6 +16,8 @@ from remem_ray.storage import Storage
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
+BEST_POINTER = "best.json"  # which best_epoch_<e>/ holds a student's best so far
+LEGACY_BEST = "best"  # where older versions kept it, rewritten in place
 
 
 class CheckpointError(ResourceError):
@@ -25,6 +27,32 @@ class CheckpointError(ResourceError):
 def checkpoint_name(epoch: int) -> str:
     """A teacher's checkpoint folder for one saved epoch."""
     return f"epoch_{epoch}"
+
+
+_BEST_PREFIX = "best_epoch_"
+
+
+def best_name(epoch: int) -> str:
+    """A student's best checkpoint as of one epoch: written once, then pointed at."""
+    return f"{_BEST_PREFIX}{epoch}"
+
+
+def is_best_name(name: str) -> bool:
+    return name.startswith(_BEST_PREFIX) and name[len(_BEST_PREFIX) :].isdigit()
+
+
+def point_best(storage: Storage, epoch: int) -> str | None:
+    """Point readers at best_epoch_<epoch> (one whole-object write); returns what it pointed at before."""
+    before = storage.read_text(BEST_POINTER) if storage.is_file(BEST_POINTER) else None
+    storage.write_text(BEST_POINTER, json.dumps({"epoch": epoch, "checkpoint": best_name(epoch)}))
+    return None if before is None else json.loads(before)["checkpoint"]
+
+
+def best_checkpoint(storage: Storage) -> str | None:
+    """The URI of a student's best checkpoint under `storage`, or None if it has none yet."""
+    if storage.is_file(BEST_POINTER):
+        return storage.uri(json.loads(storage.read_text(BEST_POINTER))["checkpoint"])
+    return storage.uri(LEGACY_BEST) if is_complete(storage, LEGACY_BEST) else None
 
 
 def manifest_for(files: dict[str, bytes]) -> str:
@@ -45,6 +73,17 @@ def verify_checkpoint(storage: Storage, rel: str) -> str | None:
     except CheckpointError as exc:
         return str(exc)
     return None
+
+
+def copy_checkpoint(source: Storage, target: Storage, rel: str) -> None:
+    """Copy a checkpoint, checked against its manifest, manifest last; a complete one at the target
+    is kept. Raises CheckpointError if the source is missing, unfinished or corrupt."""
+    if is_complete(target, rel):
+        return
+    files = read_checkpoint_files(source, rel)
+    for fname, data in files.items():
+        target.write_bytes(f"{rel}/{fname}", data)
+    target.write_text(f"{rel}/{MANIFEST_FILE}", manifest_for(files))
 
 
 def read_checkpoint_files(storage: Storage, rel: str) -> dict[str, bytes]:

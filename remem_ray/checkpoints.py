@@ -63,8 +63,13 @@ def model_meta(
     }
 
 
-def write_checkpoint(storage: Storage, rel: str, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Data first, manifest last: readers trust a folder only once its manifest exists."""
+def write_checkpoint(storage: Storage, rel: str, model: nn.Module, meta: dict[str, Any], once: bool = False) -> None:
+    """Data first, manifest last: readers trust a folder only once its manifest exists.
+
+    once: a complete checkpoint there is kept as it is (written once, read by others meanwhile).
+    """
+    if once and is_complete(storage, rel):
+        return
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}, buf)
     files = {MODEL_FILE: buf.getvalue(), META_FILE: json.dumps(meta, indent=2, sort_keys=True).encode()}

@@ -293,18 +293,78 @@ class RunSpec(StrictModel):
         return self
 
     def teacher_key(self, world_size: int = 1) -> str:
-        """Stable hash of everything that determines the teacher run (not which epoch is used).
+        """Stable hash of the teacher training this spec names: not which epoch is used, nor how
+        the training is spelled (see canonical_teacher and canonical_data).
 
         world_size counts: batch_size is per worker, so more workers train a different teacher.
+        A spec spelled canonically (checkpoint_epochs a sorted list, settings without effect left
+        at their defaults) keeps the key earlier versions gave it.
         """
-        payload = {
-            "seed": self.seed,
-            "world_size": world_size,
-            "data": self.data.model_dump(mode="json", exclude=DATA_FIELDS_WITHOUT_EFFECT),
-            "teacher": self.teacher.model_dump(mode="json"),
-        }
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _teacher_hash(self.seed, world_size, canonical_data(self.data), canonical_teacher(self.teacher))
+
+    def legacy_teacher_keys(self, world_size: int = 1) -> list[str]:
+        """Keys earlier versions gave this training, where they differ from teacher_key: they
+        hashed the spelling. Those of this spec as written and as canonically spelled, each with
+        checkpoint_epochs as written, as the sorted list and as null where null means the same."""
+        current = self.teacher_key(world_size)
+        keys: list[str] = []
+        for data, teacher in (
+            (_written_data(self.data), self.teacher.model_dump(mode="json")),
+            (canonical_data(self.data), canonical_teacher(self.teacher)),
+        ):
+            for epochs in _checkpoint_spellings(self.teacher):
+                key = _teacher_hash(self.seed, world_size, data, {**teacher, "checkpoint_epochs": epochs})
+                if key != current and key not in keys:
+                    keys.append(key)
+        return keys
+
+
+def _teacher_hash(seed: int, world_size: int, data: dict[str, Any], teacher: dict[str, Any]) -> str:
+    payload = {"seed": seed, "world_size": world_size, "data": data, "teacher": teacher}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _default(model: type[BaseModel], name: str) -> Any:
+    return model.model_fields[name].default
+
+
+def _written_data(data: DataConfig) -> dict[str, Any]:
+    return data.model_dump(mode="json", exclude=DATA_FIELDS_WITHOUT_EFFECT)
+
+
+def canonical_data(data: DataConfig) -> dict[str, Any]:
+    """The data fields that show the teacher its pictures, one spelling per meaning: store_size
+    is left at its default on the loader pipeline, which builds no store."""
+    values = _written_data(data)
+    if data.pipeline == "loader":
+        values["store_size"] = _default(DataConfig, "store_size")
+    return values
+
+
+def canonical_teacher(teacher: TeacherConfig) -> dict[str, Any]:
+    """The teacher section, one spelling per training: the saved epochs sorted and deduplicated
+    (null is [epochs]); settings the training never reads at their defaults: reweight_mode at
+    alpha 1 (no reweighting), adaptive and asam_eta at rho 0 (no perturbation), asam_eta
+    without adaptive. Floats and ints are one already (pydantic), model_kwargs keys sorted by
+    the hash, weights 'none' is None."""
+    values = teacher.model_dump(mode="json")
+    values["checkpoint_epochs"] = teacher.saved_epochs
+    if teacher.alpha == 1.0:
+        values["reweight_mode"] = _default(TeacherConfig, "reweight_mode")
+    if teacher.rho == 0.0:
+        values["adaptive"] = _default(TeacherConfig, "adaptive")
+    if teacher.rho == 0.0 or not teacher.adaptive:
+        values["asam_eta"] = _default(TeacherConfig, "asam_eta")
+    return values
+
+
+def _checkpoint_spellings(teacher: TeacherConfig) -> list[list[int] | None]:
+    """checkpoint_epochs as written, sorted and deduplicated, and null where it means the same."""
+    spellings: list[list[int] | None] = [teacher.checkpoint_epochs, teacher.saved_epochs]
+    if teacher.saved_epochs == [teacher.epochs]:
+        spellings.append(None)
+    return spellings
 
 
 def format_validation_error(err: ValidationError) -> str:

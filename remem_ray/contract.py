@@ -96,6 +96,7 @@ class LoopConfig:
     output: str  # where the loop writes its checkpoints
     teacher_checkpoint: str | None = None  # a student's teacher; None: spec.student.teacher_checkpoint
     state: str | None = None  # a folder keeping the resume state instead of the session (a shared teacher)
+    resume_from: str | None = None  # an earlier run's output to continue from, read only, while `state` is empty
     lease: LeaseHandle | None = None  # the right to write `output` when others may train it too
     label: str | None = None  # console prefix, e.g. "trial 1a2b teacher 8e8b4b34"
     quiet: bool = False

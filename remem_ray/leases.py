@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -84,6 +85,8 @@ class Lease:
         self.record: LeaseRecord | None = None  # ours, while we hold the lease
         self._seen: tuple[int, int, str] | None = None
         self._seen_since = 0.0
+        self._confirmed_at = 0.0  # when storage last confirmed the lease ours
+        self._lock = threading.Lock()  # a renew in flight and a release never interleave
 
     def try_acquire(self) -> bool:
         """Take the lease if it is free, released, ours from an earlier life, or stale."""
@@ -104,37 +107,44 @@ class Lease:
             winner = current_record(self.folder)
             if winner is None or winner.token != mine.token:
                 return False
-        self.record = mine
+        self.record, self._confirmed_at = mine, self._clock()
         self._prune(generation)
         return True
 
     def renew(self) -> bool:
-        """Beat once; False if the lease has passed to someone else (the holder must stop).
+        """Beat once; False if the lease has passed to someone else or was released (stop writing).
 
-        A storage error is not a loss: the record stays as it was, and others take the lease
-        only if that lasts `stale_after_s`, which the next renewal then finds out.
+        A storage error is not a loss while it lasts less than `stale_after_s`: others take the
+        lease only after that long without a beat. Past it the holder cannot know it still
+        holds, so it counts as lost.
         """
-        if self.record is None:
-            return False
-        try:
-            if lost_reason(self.folder, self.record.generation, self.record.token) is not None:
-                self.record = None
+        with self._lock:
+            if self.record is None:
                 return False
-            self.record = self._rewrite(self.record, beat=self.record.beat + 1)
-        except ResourceError:
-            pass
-        return True
+            try:
+                if lost_reason(self.folder, self.record.generation, self.record.token) is not None:
+                    self.record = None
+                    return False
+                self.record = self._rewrite(self.record, beat=self.record.beat + 1)
+                self._confirmed_at = self._clock()
+            except ResourceError:
+                if self._clock() - self._confirmed_at >= self.stale_after_s:
+                    self.record = None
+                    return False
+            return True
 
     def release(self) -> None:
-        """Give the lease up now (waiters need not wait for it to go stale); a no-op if lost."""
-        if self.record is None:
-            return
-        try:
-            if lost_reason(self.folder, self.record.generation, self.record.token) is None:
-                self._rewrite(self.record, released=True)
-        except ResourceError:
-            pass  # it goes stale instead
-        self.record = None
+        """Give the lease up now (waiters need not wait for it to go stale); a no-op if lost.
+        A renew still in flight finishes first, and none follows."""
+        with self._lock:
+            if self.record is None:
+                return
+            try:
+                if lost_reason(self.folder, self.record.generation, self.record.token) is None:
+                    self._rewrite(self.record, released=True)
+            except ResourceError:
+                pass  # it goes stale instead
+            self.record = None
 
     def _rewrite(self, record: LeaseRecord, **changes: Any) -> LeaseRecord:
         """Our own record again, changed (only the holder of a generation writes its record)."""
@@ -150,17 +160,23 @@ class Lease:
         if self.record is None:
             raise RuntimeError(f"lease {self.folder.uri()}: not held by {self.holder}")
         return LeaseHandle(
-            self.folder.uri(), self.folder.endpoint, self.folder.region, self.record.generation, self.record.token
+            self.folder.uri(),
+            self.folder.endpoint,
+            self.folder.region,
+            self.record.generation,
+            self.record.token,
+            self.stale_after_s,
         )
 
     def _prune(self, generation: int) -> None:
-        for name in self.folder.list_dir():
-            old = _generation_of(name)
-            if old is not None and old <= generation - KEEP_GENERATIONS:
-                try:
+        """Old records go; a storage error leaves them for the next taker (never fails a holder)."""
+        try:
+            for name in self.folder.list_dir():
+                old = _generation_of(name)
+                if old is not None and old <= generation - KEEP_GENERATIONS:
                     self.folder.delete_file(name)
-                except ResourceError:
-                    pass
+        except ResourceError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -172,6 +188,7 @@ class LeaseHandle:
     region: str
     generation: int
     token: str
+    stale_after_s: float = 60.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,5 +198,28 @@ class LeaseHandle:
         return cls(**data)
 
     def lost(self) -> str | None:
-        """None while the lease is still ours; else who has it now (read from storage)."""
+        """None while the lease is still ours; else who has it now (read from storage). Raises
+        ResourceError when storage does not answer (LeaseWatch decides what that means)."""
         return lost_reason(Storage(self.folder, self.endpoint, self.region), self.generation, self.token)
+
+
+class LeaseWatch:
+    """A worker's checks of its holder's lease, with the holder's rule for storage errors: an
+    outage shorter than the stale window is not a loss; past it the lease counts as lost (the
+    holder cannot know it still holds), so nothing more is written. Never raises."""
+
+    def __init__(self, handle: LeaseHandle, clock: Callable[[], float] = time.monotonic) -> None:
+        self.handle, self._clock = handle, clock
+        self._confirmed_at = clock()
+
+    def lost(self) -> str | None:
+        try:
+            reason = self.handle.lost()
+        except ResourceError as exc:
+            unreachable = self._clock() - self._confirmed_at
+            if unreachable < self.handle.stale_after_s:
+                return None
+            return f"storage unreachable for {unreachable:.0f} s, longer than the stale window ({exc})"
+        if reason is None:
+            self._confirmed_at = self._clock()
+        return reason

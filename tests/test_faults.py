@@ -8,6 +8,7 @@ The S3 outage and the credential scan run with the S3 sweep in test_sweep_integr
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from helpers.sweeps import (
     stored_study,
     student_checkpoint_epoch,
 )
+
+from remem_ray.storage import Storage
+from remem_ray.sweep.registry import TeacherRegistry
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -147,6 +151,19 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
             if old.state.name != "WAITING":  # enqueued points not yet asked have no params yet
                 assert old.params == new.params
 
+    if when == "teacher-training":
+        # the held teacher went on from its stored state (its resume/state.pt, written at epoch 1 before
+        # the hold), not from scratch: the resumed sweep's console shows it resuming at epoch 2 and its
+        # epochs from 2 on only (a retraining from scratch shows "epoch 1/4" again)
+        held_output = _claimed(holds, "teacher:1")["output"]
+        (held_key,) = [k for k in {r["teacher_key"] for r in rows} if k in held_output]
+        tag = f" teacher {held_key[:8]}: "  # its lines: "[time] trial <id> teacher <key[:8]>: epoch 2/4 ..."
+        lines = [line.split(tag, 1)[1] for line in out.splitlines() if tag in line]
+        teacher_epochs = yaml.safe_load(path.read_text())["teacher"]["epochs"]
+        epochs = {int(m[1]) for m in (re.match(rf"epoch (\d+)/{teacher_epochs}\b", line) for line in lines) if m}
+        assert f"resuming at epoch 2 of {teacher_epochs}" in lines, lines
+        assert sorted(epochs) == list(range(2, teacher_epochs + 1)), lines
+
     if when == "distillation":
         for trial, rows_then in worker_retry.items():
             retry = next(r for r in rows_then if r["start_epoch"] > 1)
@@ -164,25 +181,29 @@ def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
     assert rc == 0, out[-3000:]
     root = tmp_path / "results"
     (key,) = [p.name for p in (root / "teachers").iterdir()]
-    model_file = root / "teachers" / key / "epoch_4" / "model.pt"
+    registry = TeacherRegistry(Storage(str(root / "teachers")))
+    first_set = Path(registry.set_in_use(key).uri())
+    model_file = first_set / "epoch_4" / "model.pt"
     good = model_file.read_bytes()
     model_file.write_bytes(good[: len(good) // 2])
 
     second = _spec(tmp_path, "second", num_samples=1, points_to_evaluate=[LEARNING_POINT])
     rc, out = run_remem(["sweep", "run", str(second)], tmp_path, env)
     assert rc == 0, out[-3000:]
-    assert "does not match its sha256" in out and "retraining teacher" in out
+    assert "does not match its sha256" in out and "training teacher" in out and "again into" in out
     summary = json.loads((root / "sweeps" / "second" / "summary.json").read_text())
     assert summary["corrupt_checkpoints_retrained"] == 1
     event = summary["integrity_events"][0]
     assert event["teacher_key"] == key and event["epoch"] == 4 and "sha256" in event["problem"]
     assert summary["trials"][0]["teacher_trained"] is True  # retrained, not reused
-    retrained = root / "teachers" / key / "retrain-1" / "epoch_4"  # written beside the old set, then switched to
-    manifest = json.loads((retrained / "manifest.json").read_text())
+    retrained = Path(registry.set_in_use(key).uri())  # written beside the old set, then published
+    assert retrained != first_set and retrained.parent == first_set.parent
+    manifest = json.loads((retrained / "epoch_4" / "manifest.json").read_text())
     import hashlib
 
-    assert hashlib.sha256((retrained / "model.pt").read_bytes()).hexdigest() == manifest["files"]["model.pt"]
-    assert json.loads((root / "teachers" / key / "active.json").read_text())["folder"] == "retrain-1"
+    assert (
+        hashlib.sha256((retrained / "epoch_4" / "model.pt").read_bytes()).hexdigest() == manifest["files"]["model.pt"]
+    )
     assert model_file.read_bytes() == good[: len(good) // 2]  # the old set was never rewritten under readers
-    assert (root / "teachers" / key / "retrain-1" / "resume" / "state.pt").is_file()
+    assert (retrained / "resume" / "state.pt").is_file()
     assert summary["trials"][0]["student_val_acc"] > 0.3

@@ -6,7 +6,9 @@ import threading
 
 import pytest
 
-from remem_ray.leases import Lease, LeaseHandle, current_record
+from remem_ray.errors import ResourceError
+from remem_ray.leases import Lease, LeaseHandle, LeaseWatch, current_record
+from remem_ray.storage import Storage
 
 
 class FakeClock:
@@ -22,19 +24,48 @@ def lease(store, holder, clock=None, stale_after_s=60.0):
 
 
 def _race(contenders: list[Lease]) -> list[str]:
-    """All try to take the lease at the same moment; the holders that got it."""
-    start, winners = threading.Barrier(len(contenders)), []
+    """All take the lease at the same moment, forced: each contender's exclusive create waits at a barrier
+    until every contender has got there, so all of them pass the "is it free" check first and then race in
+    `create_exclusive` itself (without it, a late contender sees the winner's record and gives up before
+    reaching the create, and the race tests nothing). The holders that got the lease."""
+    n = len(contenders)
+    start, at_create = threading.Barrier(n), threading.Barrier(n, timeout=30)
+    winners: list[str] = []
+    creates: list[tuple[str, str, bool]] = []  # (holder, record name, created) for each exclusive create
+    errors: list[BaseException] = []
 
-    def race(contender):
-        start.wait()
-        if contender.try_acquire():
-            winners.append(contender.holder)
+    def gate(contender: Lease) -> None:
+        real = contender.folder.create_exclusive  # each contender has its own Storage of the folder
 
+        def create_exclusive(rel: str, data: bytes) -> bool:
+            at_create.wait()  # broken (the test fails) if some contender never reaches its create
+            created = real(rel, data)
+            creates.append((contender.holder, rel, created))
+            return created
+
+        contender.folder.create_exclusive = create_exclusive  # type: ignore[method-assign]
+
+    def race(contender: Lease) -> None:
+        try:
+            start.wait()
+            if contender.try_acquire():
+                winners.append(contender.holder)
+        except BaseException as exc:  # reported below, from the test thread
+            errors.append(exc)
+            at_create.abort()
+
+    for c in contenders:
+        gate(c)
     threads = [threading.Thread(target=race, args=(c,)) for c in contenders]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors, errors
+    assert sorted(holder for holder, _, _ in creates) == sorted(c.holder for c in contenders)  # all got there
+    assert len({rel for _, rel, _ in creates}) == 1  # all for the same generation's record
+    # the lease went to whoever's exclusive create won, and to nobody else (a lost create is no win)
+    assert sorted(holder for holder, _, created in creates if created) == sorted(winners), (creates, winners)
     return winners
 
 
@@ -115,3 +146,75 @@ def test_racing_takeovers_of_a_stale_lease_get_one_winner(store):
     assert len(winners) == 1
     record = current_record(store.child("lease"))
     assert record.holder == winners[0] and record.generation == 2
+
+
+def _unreachable(storage: Storage, monkeypatch) -> None:
+    """Every read and write of `storage` fails as an outage does (pyarrow's retries spent)."""
+
+    def fail(*args, **kwargs):
+        raise ResourceError(f"storage: cannot reach {storage.uri()}")
+
+    for name in ("read_text", "read_bytes", "write_text", "write_bytes", "list_dir", "exists", "is_file"):
+        monkeypatch.setattr(storage, name, fail)
+
+
+def test_a_holder_cut_off_from_storage_longer_than_the_stale_window_stops(tmp_path, monkeypatch):
+    """Shorter than the window an outage is not a loss; past it the holder cannot know it still
+    holds (others may have taken over), so the lease counts as lost: for the heartbeat's renew
+    and for a worker's checks alike, and neither raises."""
+    clock = [0.0]
+    lease = Lease(Storage(str(tmp_path / "lease")), "a", 60.0, clock=lambda: clock[0])
+    assert lease.try_acquire()
+    watch = LeaseWatch(lease.handle(), clock=lambda: clock[0])
+    assert watch.lost() is None
+    _unreachable(lease.folder, monkeypatch)
+    monkeypatch.setattr(LeaseHandle, "lost", lambda self: (_ for _ in ()).throw(ResourceError("unreachable")))
+    clock[0] = 30.0
+    assert lease.renew() and watch.lost() is None
+    clock[0] = 61.0
+    assert not lease.renew()
+    assert "storage unreachable for 61 s" in watch.lost()
+
+
+def test_a_release_is_never_undone_by_a_renewal_still_in_flight(tmp_path):
+    lease = Lease(Storage(str(tmp_path / "lease")), "a", 60.0)
+    assert lease.try_acquire()
+    in_flight, go_on = threading.Event(), threading.Event()
+    rewrite = lease._rewrite
+
+    def slow_rewrite(record, **changes):
+        if "beat" in changes:  # the renewal's write, held up (a slow S3 PUT)
+            in_flight.set()
+            go_on.wait(30)
+        return rewrite(record, **changes)
+
+    lease._rewrite = slow_rewrite
+    renewer = threading.Thread(target=lease.renew)
+    renewer.start()
+    assert in_flight.wait(30)
+    releaser = threading.Thread(target=lease.release)
+    releaser.start()
+    releaser.join(2)  # a release that does not wait for the renewal would be done by now
+    go_on.set()
+    renewer.join(30)
+    releaser.join(30)
+    assert current_record(lease.folder).released
+    assert not lease.renew()  # none follows a release
+
+
+def test_a_failing_prune_never_fails_the_new_holder(tmp_path, monkeypatch):
+    folder = Storage(str(tmp_path / "lease"))
+    for holder in ("a", "b"):  # generations worth pruning
+        old = Lease(folder, holder, 60.0)
+        assert old.try_acquire()
+        old.release()
+    lease = Lease(folder, "c", 60.0)
+    created = folder.create_exclusive
+
+    def create_then_break(rel, data):
+        won = created(rel, data)
+        _unreachable(folder, monkeypatch)  # storage goes away right after the create
+        return won
+
+    monkeypatch.setattr(folder, "create_exclusive", create_then_break)
+    assert lease.try_acquire() and lease.record is not None

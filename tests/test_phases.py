@@ -4,10 +4,13 @@ goes straight to the student."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
-from helpers.sessions import TINY_TEACHER_SPEC, FileSession, TakeoverSession, assert_bitwise_equal
+from helpers.sessions import TINY_TEACHER_SPEC, FileSession, Interrupted, TakeoverSession, assert_bitwise_equal
 
 from remem_ray.checkpoints import load_model
 from remem_ray.config import load_run_spec
@@ -16,6 +19,7 @@ from remem_ray.leases import Lease
 from remem_ray.storage import Storage
 from remem_ray.train.phases import teach_then_distil
 from remem_ray.train.session import STATE_FILE
+from remem_ray.train.student import StudentTask, distill_student
 
 SPEC = {
     **TINY_TEACHER_SPEC,
@@ -71,11 +75,14 @@ class StudentLog(FileSession):
         self.events.seen.append(f"student {metrics['epoch']}/{metrics['epochs']}")
 
 
-def _config(spec, tmp_path: Path, teacher_session, student_session, events: Events, lease=None) -> PhasesConfig:
-    teacher = LoopConfig(
+def _config(
+    spec, tmp_path: Path, teacher_session, student_session, events: Events, lease=None, teacher="teacher", earlier=None
+) -> PhasesConfig:
+    teacher_config = LoopConfig(
         spec,
-        str(tmp_path / "teacher"),
-        state=str(tmp_path / "teacher" / "resume"),
+        str(tmp_path / teacher),
+        state=str(tmp_path / teacher / "resume"),
+        resume_from=str(tmp_path / earlier) if earlier else None,
         session=teacher_session,
         lease=lease.handle() if lease is not None else None,
     )
@@ -84,11 +91,11 @@ def _config(spec, tmp_path: Path, teacher_session, student_session, events: Even
         student = LoopConfig(
             spec,
             str(tmp_path / "student"),
-            teacher_checkpoint=str(tmp_path / "teacher" / "epoch_3"),
+            teacher_checkpoint=str(tmp_path / teacher / "epoch_3"),
             session=student_session,
             report_extra={"trial_started_at": 1.0},
         )
-    return PhasesConfig(teacher, student, on_teacher_done=events.teacher_done)
+    return PhasesConfig(teacher_config, student, on_teacher_done=events.teacher_done)
 
 
 def test_the_student_starts_once_its_teacher_is_finished_and_reports_only_its_own_epochs(tmp_path):
@@ -102,12 +109,14 @@ def test_the_student_starts_once_its_teacher_is_finished_and_reports_only_its_ow
     assert all(r["fit_called_at"] <= r["epoch_started_at"] for r in student.reports)
     teacher_state = torch.load(tmp_path / "teacher" / "resume" / STATE_FILE, weights_only=False)
     assert teacher_state["epoch"] == 3  # the teacher's resume state, in the teacher's folder
-    assert (tmp_path / "teacher" / "epoch_1").is_dir() and (tmp_path / "student" / "best").is_dir()
+    assert (tmp_path / "teacher" / "epoch_1").is_dir() and (tmp_path / "student" / "best.json").is_file()
     assert result["student"]["best"]["epoch"] in (1, 2)
     assert result["student"]["best"]["val_acc"] > 0.25  # 4 classes: it learnt from its teacher
 
 
 def test_a_teacher_stopped_by_a_lost_lease_is_resumed_by_the_next_holder_exactly(tmp_path):
+    """The next holder writes into a folder of its own and continues from the first one's state,
+    read only; the first holder's folder is never written again."""
     spec = load_run_spec(None, SPEC)
     whole_events = Events()
     teach_then_distil(_config(spec, tmp_path / "whole", TeacherLog(whole_events), None, whole_events))
@@ -119,20 +128,39 @@ def test_a_teacher_stopped_by_a_lost_lease_is_resumed_by_the_next_holder_exactly
     takeover = TakeoverSession(tmp_path / "unused.pt", lease_folder, after=1)
     taken = TakenOverLog(events, takeover)
     student = StudentLog(tmp_path / "student.pt", events)
-    result = teach_then_distil(_config(spec, tmp_path, taken, student, events, lease=first))
+    result = teach_then_distil(_config(spec, tmp_path, taken, student, events, lease=first, teacher="gen-1"))
     assert "passed to sweep-2/trial_b" in result["teacher"]["stopped"] and result["student"] is None
     assert "teacher done" not in events.seen and not student.reports  # no student on an unfinished teacher
-    assert not (tmp_path / "teacher" / "epoch_3").exists()
+    first_files = {p: p.read_bytes() for p in (tmp_path / "gen-1").rglob("*") if p.is_file()}
+    assert (tmp_path / "gen-1" / "epoch_1").is_dir() and not (tmp_path / "gen-1" / "epoch_3").exists()
 
-    # the new holder (another trial) resumes from the state in the teacher's folder, then distils
+    # the new holder (another trial) resumes from the state in the first one's folder, then distils
     events = Events()
     student = StudentLog(tmp_path / "student.pt", events)
-    config = _config(spec, tmp_path, TeacherLog(events), student, events, lease=takeover.new_holder)
+    lease = takeover.new_holder
+    config = _config(spec, tmp_path, TeacherLog(events), student, events, lease=lease, teacher="gen-2", earlier="gen-1")
     teach_then_distil(config)
     assert events.seen[:3] == ["teacher 2/3", "teacher 3/3", "teacher done"]
+    assert {p: p.read_bytes() for p in (tmp_path / "gen-1").rglob("*") if p.is_file()} == first_files
     whole, _ = load_model(Storage(str(tmp_path / "whole" / "teacher")), "epoch_3")
-    resumed, _ = load_model(Storage(str(tmp_path / "teacher")), "epoch_3")
+    resumed, _ = load_model(Storage(str(tmp_path / "gen-2")), "epoch_3")
     assert_bitwise_equal(whole.state_dict(), resumed.state_dict())
+    copied, _ = load_model(Storage(str(tmp_path / "gen-2")), "epoch_1")  # checked and copied over
+    original, _ = load_model(Storage(str(tmp_path / "gen-1")), "epoch_1")
+    assert_bitwise_equal(copied.state_dict(), original.state_dict())
+
+
+def test_a_state_whose_checkpoints_are_gone_trains_from_the_first_epoch(tmp_path):
+    """Resuming needs every checkpoint saved before the state's epoch: without one, the teacher
+    trains again from epoch 1 (and ends whole) rather than resuming into a set that stays broken."""
+    spec = load_run_spec(None, SPEC)
+    events = Events()
+    teach_then_distil(_config(spec, tmp_path, TeacherLog(events), None, events, teacher="gen-1"))
+    shutil.rmtree(tmp_path / "gen-1" / "epoch_1")  # lost after the run ended
+    events = Events()
+    teach_then_distil(_config(spec, tmp_path, TeacherLog(events), None, events, teacher="gen-2", earlier="gen-1"))
+    assert events.seen == ["teacher 1/3", "teacher 2/3", "teacher 3/3", "teacher done"]
+    assert (tmp_path / "gen-2" / "epoch_1" / "manifest.json").is_file()
 
 
 def test_a_run_restarted_in_its_student_phase_does_not_train_its_teacher_again(tmp_path):
@@ -187,4 +215,43 @@ def test_two_gloo_ranks_start_their_student_only_once_rank_0_has_written_the_tea
     import torch.multiprocessing as mp
 
     mp.spawn(_two_ranks, args=(2, str(tmp_path)), nprocs=2, join=True)
-    assert (tmp_path / "student" / "best").is_dir()
+    assert (tmp_path / "student" / "best.json").is_file()
+
+
+def test_readers_of_a_students_best_follow_a_pointer_to_a_finished_folder(tmp_path, monkeypatch):
+    """Each best is a folder of its own and best.json points at it; a resumed run points readers
+    back at its state's best before it writes anything again (an interrupted attempt may have
+    written a later one), and a run starting afresh points them at none until its first best."""
+    spec = load_run_spec(None, {**SPEC, "student.epochs": 3})
+    events = Events()
+    teach_then_distil(_config(spec, tmp_path, TeacherLog(events), None, events))
+    student = LoopConfig(spec, str(tmp_path / "student"), teacher_checkpoint=str(tmp_path / "teacher" / "epoch_3"))
+    output = Storage(str(tmp_path / "student"))
+
+    with pytest.raises(Interrupted):
+        distill_student(student.but(session=FileSession(tmp_path / "s.pt", stop_after=1)))
+    assert json.loads(output.read_text("best.json")) == {"epoch": 1, "checkpoint": "best_epoch_1"}
+    # an attempt that got further before dying wrote a later best its state never saw
+    shutil.copytree(tmp_path / "student" / "best_epoch_1", tmp_path / "student" / "best_epoch_2")
+    output.write_text("best.json", json.dumps({"epoch": 2, "checkpoint": "best_epoch_2"}))
+    pointed_at_start = []
+    begin = StudentTask.begin
+
+    def watched_begin(self, ctx, state):
+        state = begin(self, ctx, state)
+        pointed_at_start.append(
+            json.loads(output.read_text("best.json"))["epoch"] if output.is_file("best.json") else None
+        )
+        return state
+
+    monkeypatch.setattr(StudentTask, "begin", watched_begin)
+    result = distill_student(student.but(session=FileSession(tmp_path / "s.pt")))
+    best = result["best"]["epoch"]
+    assert pointed_at_start == [1]  # re-pointed to the state's best before anything was written
+    assert result["checkpoint"] == output.uri(f"best_epoch_{best}")
+    kept = sorted(p.name for p in (tmp_path / "student").iterdir() if p.name.startswith("best_epoch_"))
+    assert f"best_epoch_{best}" in kept and len(kept) <= 2  # the best and the one before it
+
+    (tmp_path / "s.pt").unlink()  # a fresh run into the same folder: no best until its first
+    distill_student(student.but(session=FileSession(tmp_path / "s.pt")))
+    assert pointed_at_start == [1, None]

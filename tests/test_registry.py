@@ -4,31 +4,45 @@ runs in tests/test_sweep_integration.py."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
 from helpers.teachers import EPOCHS, registry_setup, write_teacher
 
 from remem_ray.leases import Lease
-from remem_ray.sweep.registry import TRAIN_RUN
+from remem_ray.sweep import trial as trial_module
 from remem_ray.sweep.results import summarize
-from remem_ray.sweep.trial import ensure_teacher
+from remem_ray.sweep.trial import TeacherFinished, ensure_teacher
+from remem_ray.teacher_layout import RESUME_DIR, generation_dir
 
 
 class FakeFit:
-    """Stands in for the Ray Train run: writes the checkpoints where the registry says, then marks
-    the teacher finished as the run's rank 0 does; counts calls."""
+    """Stands in for the Ray Train run: writes the checkpoints where the registry says (its lease
+    generation's folder), then marks the teacher finished as the run's rank 0 does; counts calls."""
 
     def __init__(self, weight: float = 1.0, before=None) -> None:
         self.calls, self.weight, self.before = 0, weight, before
+        self.resumed_from: list = []
 
-    def __call__(self, spec, run_spec, registry, key, lease, finished) -> None:
+    def __call__(self, spec, run_spec, registry, key, lease, finished, resume_from) -> None:
         self.calls += 1
+        self.resumed_from.append(resume_from)
         assert lease.handle().lost() is None  # trains only under its lease
         if self.before is not None and self.before(registry, key, lease) is False:
             return  # the loop found its lease lost and stopped
-        write_teacher(registry.training_output(key), self.weight)
+        write_teacher(registry.output(key, lease.handle().generation), self.weight)
         finished()
+
+
+def _take_over(registry, key, holder: str) -> Lease:
+    """Another holder finds the lease stale (its clock moves past the window) and takes it."""
+    clock = [0.0]
+    other = Lease(registry.folder(key).lease, holder, 1.0, clock=lambda: clock[0])
+    assert not other.try_acquire()
+    clock[0] = 5.0
+    assert other.try_acquire()
+    return other
 
 
 def test_the_holder_trains_and_records_it(tmp_path):
@@ -36,6 +50,7 @@ def test_the_holder_trains_and_records_it(tmp_path):
     fit = FakeFit()
     assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit)
     assert fit.calls == 1 and layout.trained_by(key) == "t1"
+    assert registry.set_in_use(key).uri() == registry.output(key, 1).uri()  # its generation's folder
     assert registry.lease(key, "other", 60).holder_now() is None  # released when done
     assert not ensure_teacher(spec, run_spec, "s/t2", registry, layout, fit=fit)  # stored: reused
     assert fit.calls == 1
@@ -58,45 +73,97 @@ def test_contenders_from_two_sweeps_train_a_key_once(tmp_path):
     assert fit.calls == 1 and sum(results.values()) == 1 and len(results) == 4
 
 
-def test_a_holder_that_loses_its_lease_mid_run_waits_for_the_new_one(tmp_path):
+def test_a_holder_that_loses_its_lease_mid_run_waits_for_the_new_one(tmp_path, monkeypatch):
+    """The stale holder's run stops; it goes back to waiting (the real wait loop) until the new
+    holder, which started after it, publishes; it is not counted as the trainer."""
+    monkeypatch.setattr(trial_module, "POLL_S", 0.05)
     spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    _, run_spec_b, layout_b, registry_b, _ = registry_setup(tmp_path, "sweep-b")
+    waiting = threading.Event()
+    new_holder: list[Lease] = []
 
     def taken_over(registry, key, lease):
-        clock = [0.0]
-        other = Lease(registry.folder(key).child("lease"), "sweep-b/t9", 1.0, clock=lambda: clock[0])
-        assert not other.try_acquire()
-        clock[0] = 5.0
-        assert other.try_acquire()  # our holder looked stale to it
-        write_teacher(registry.training_output(key), 2.0)  # ...and it finished the teacher
-        return False  # our run stops at its next epoch check, writing nothing
+        new_holder.append(_take_over(registry, key, "sweep-b/t9"))
+        return False  # our run finds its lease lost at its next epoch check and stops
 
-    fit = FakeFit(before=taken_over)
-    assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit) is False
-    assert fit.calls == 1 and layout.trained_by(key) is None  # not counted as ours
-    assert registry.lease(key, "x", 60).holder_now() == "sweep-b/t9"  # its lease left alone
+    def finish_later() -> None:
+        waiting.wait(30)
+        lease = new_holder[0]
+        assert registry_b.claim(key, lease.handle().generation)
+        write_teacher(registry_b.output(key, lease.handle().generation), 2.0)
+        TeacherFinished(registry_b, layout_b, key, "t9", lease.handle())()
+        lease.release()
+
+    real_usable = trial_module._usable
+
+    def usable(*args):
+        found = real_usable(*args)
+        if new_holder and not found:
+            waiting.set()  # our holder is back in the wait loop: now the new one finishes
+        return found
+
+    monkeypatch.setattr(trial_module, "_usable", usable)
+    other = threading.Thread(target=finish_later)
+    other.start()
+    assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=FakeFit(before=taken_over)) is False
+    other.join()
+    assert waiting.is_set() and layout.trained_by(key) is None and layout_b.trained_by(key) == "t9"
+    assert registry.set_in_use(key).uri() == registry.output(key, 2).uri()
+
+
+def test_a_stale_holder_changes_nothing_a_reader_or_the_new_holder_sees(tmp_path):
+    """Fencing: a holder paused right after its lease check (GC, swap, a preempted VM) wakes after
+    another has taken the lease over; whatever it writes then is never what anyone reads."""
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    first = registry.lease(key, "s/t1", 60.0)
+    assert first.try_acquire() and registry.claim(key, 1)
+    stale = TeacherFinished(registry, layout, key, "t1", first.handle())
+    # the pause: another holder takes over and claims the pointer before the first one publishes
+    second = _take_over(registry, key, "s/t2")
+    assert registry.claim(key, 2)
+    write_teacher(registry.output(key, 2), 2.0)
+    files = {p: p.read_bytes() for p in (tmp_path / "teachers" / key / generation_dir(2)).rglob("*") if p.is_file()}
+    # the first holder wakes: it finishes its writes (into its own folder) and tries to publish
+    write_teacher(registry.output(key, 1), 1.0)
+    assert not registry.publish(key, 1)
+    stale()
+    assert registry.set_in_use(key) is None and layout.trained_by(key) is None  # nothing published
+    TeacherFinished(registry, layout, key, "t2", second.handle())()
+    assert registry.set_in_use(key).uri() == registry.output(key, 2).uri() and layout.trained_by(key) == "t2"
+    stale()  # woken again, later: still nothing
+    assert registry.set_in_use(key).uri() == registry.output(key, 2).uri() and layout.trained_by(key) == "t2"
+    after = {p: p.read_bytes() for p in (tmp_path / "teachers" / key / generation_dir(2)).rglob("*") if p.is_file()}
+    assert after == files
+
+
+def test_a_holder_whose_lease_passed_before_it_claimed_trains_nothing(tmp_path):
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    first = registry.lease(key, "s/t1", 60.0)
+    assert first.try_acquire()
+    _take_over(registry, key, "s/t2")
+    assert registry.claim(key, 2)
+    assert not registry.claim(key, 1)  # generation 1 may no longer add a version
 
 
 def test_a_corrupt_checkpoint_is_retrained_beside_the_one_in_use_and_switched_at_the_end(tmp_path):
+    """A key trained by an older version (one set at the key's root) whose checkpoint got truncated."""
     spec, run_spec, layout, registry, key = registry_setup(tmp_path)
-    write_teacher(registry.folder(key), 1.0)
-    assert registry.has_all(key, EPOCHS) and registry.verify(key, 4) is None
-    assert registry.train_run_name(key) == TRAIN_RUN
+    write_teacher(registry.folder(key).storage, 1.0)
+    in_use = registry.set_in_use(key)
+    assert in_use.uri() == registry.folder(key).uri() and in_use.problem(EPOCHS, 4) is None
     model_file = tmp_path / "teachers" / key / "epoch_4" / "model.pt"
     model_file.write_bytes(model_file.read_bytes()[:-10])  # truncated after its manifest was written
     epoch_2 = (tmp_path / "teachers" / key / "epoch_2" / "model.pt").read_bytes()
-    in_use = registry.checkpoint_uri(key, 2)
 
     def during(registry, key, lease):
         # trials reading the checkpoints in use still find them, unchanged, while the retraining runs
-        assert registry.checkpoint_uri(key, 2) == in_use and registry.verify(key, 2) is None
-        assert registry.train_run_name(key) == f"{TRAIN_RUN}-retrain-1"
-        assert registry.training_output(key).uri() == registry.folder(key).uri("retrain-1")
+        assert registry.set_in_use(key).uri() == in_use.uri() and registry.set_in_use(key).verify(2) is None
 
     fit = FakeFit(weight=3.0, before=during)
     assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit)
-    assert fit.calls == 1
-    assert registry.checkpoint_uri(key, 4) == registry.folder(key).uri("retrain-1", "epoch_4")  # switched
-    assert registry.verify(key, 4) is None and registry.pending_retrain(key) is None
+    assert fit.calls == 1 and fit.resumed_from == [None]
+    assert registry.set_in_use(key).uri() == registry.output(key, 1).uri()  # switched
+    assert registry.set_in_use(key).problem(EPOCHS, 4) is None
     assert (tmp_path / "teachers" / key / "epoch_2" / "model.pt").read_bytes() == epoch_2  # old set untouched
 
     summary = summarize(spec, layout)
@@ -104,19 +171,49 @@ def test_a_corrupt_checkpoint_is_retrained_beside_the_one_in_use_and_switched_at
     assert "epoch_4/model.pt does not match its sha256" in summary.integrity_events[0]["problem"]
 
 
-def test_an_interrupted_retraining_is_resumed_not_scheduled_again(tmp_path):
+def test_a_set_with_a_checkpoint_gone_is_repaired_not_resumed_forever(tmp_path):
+    """A published set loses an epoch folder after its run ended: the next trial trains the key
+    again (resuming, if at all, only where the checkpoints are whole) and counts the repair once."""
     spec, run_spec, layout, registry, key = registry_setup(tmp_path)
-    write_teacher(registry.folder(key), 1.0)
+    assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=FakeFit())
+    (tmp_path / "teachers" / key / generation_dir(1) / RESUME_DIR).mkdir()  # the run left its state
+    shutil.rmtree(tmp_path / "teachers" / key / generation_dir(1) / "epoch_2")
+    fit = FakeFit(weight=2.0)
+    assert ensure_teacher(spec, run_spec, "s/t2", registry, layout, fit=fit)
+    assert fit.calls == 1 and fit.resumed_from[0].uri() == registry.output(key, 1).uri()  # its checks decide
+    assert registry.set_in_use(key).uri() == registry.output(key, 2).uri()
+    assert registry.set_in_use(key).problem(EPOCHS, 4) is None
+    assert not ensure_teacher(spec, run_spec, "s/t3", registry, layout, fit=fit) and fit.calls == 1  # repaired
+    assert summarize(spec, layout).corrupt_checkpoints_retrained == 1
+
+
+def test_an_interrupted_retraining_is_resumed_and_counted_once(tmp_path):
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    write_teacher(registry.folder(key).storage, 1.0)
     model_file = tmp_path / "teachers" / key / "epoch_4" / "model.pt"
     model_file.write_bytes(b"garbage")
 
     def crash(registry, key, lease):
+        registry.output(key, lease.handle().generation).write_text(f"{RESUME_DIR}/state.pt", "its state")
         raise RuntimeError("node lost")
 
     with pytest.raises(RuntimeError, match="node lost"):
         ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=FakeFit(before=crash))
-    runs = []
-    fit = FakeFit(before=lambda registry, key, lease: runs.append(registry.train_run_name(key)))
+    fit = FakeFit()
     assert ensure_teacher(spec, run_spec, "s/t2", registry, layout, fit=fit)  # the lease was released
-    assert runs == [f"{TRAIN_RUN}-retrain-1"]
+    assert fit.resumed_from[0].uri() == registry.output(key, 1).uri()  # the first retraining goes on
     assert len(layout.integrity_events()) == 1
+
+
+def test_a_teacher_stored_under_the_key_an_older_version_gave_it_is_reused(tmp_path):
+    """`checkpoint_epochs: null` hashed as written once; that folder still serves the training."""
+    spec, _, layout, registry, _ = registry_setup(tmp_path)
+    spec = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"checkpoint_epochs": None})})
+    run_spec = spec.run_spec({"rho": 0.1, "alpha": 0.9, "teacher_epoch": 4})
+    key = run_spec.teacher_key(1)
+    (older, *_) = run_spec.legacy_teacher_keys(1)
+    write_teacher(registry.folder(older).storage, 1.0)
+    fit = FakeFit()
+    assert not ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit) and fit.calls == 0
+    assert registry.set_in_use(key) is None
+    assert registry.set_in_use(key, [older]).uri() == registry.folder(older).uri()

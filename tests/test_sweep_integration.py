@@ -18,7 +18,10 @@ import yaml
 from helpers.servers import BystanderRay, RayHead, SeaweedFS, free_port
 from helpers.sweeps import SMOKE, remem_env, run_remem, searcher_study, start_remem, stored_study
 
+from remem_ray.checkpoint_files import best_checkpoint
 from remem_ray.contract import METRIC
+from remem_ray.storage import Storage
+from remem_ray.sweep.registry import TeacherRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -126,15 +129,18 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
 
     # objects written: Tune experiment, teacher registry, students
     assert (experiment / "tuner.pkl").is_file() and (experiment / "sweep_spec.json").is_file()
+    registry = TeacherRegistry(Storage(str(root / "teachers")))
     for key in {r["teacher_key"] for r in summary["trials"]}:
-        teacher = root / "teachers" / key
+        teacher = Path(registry.set_in_use(key).uri())  # the folder of the generation that trained it
+        assert teacher.parent == root / "teachers" / key
         assert json.loads((teacher / "spec.json").read_text())["teacher_key"] == key
         for epoch in (2, 4):
             manifest = json.loads((teacher / f"epoch_{epoch}" / "manifest.json").read_text())
             assert set(manifest["files"]) == {"model.pt", "meta.json"}
         assert (teacher / "resume" / "state.pt").is_file()  # its resume state, for whoever trains it next
     for row in summary["trials"]:
-        assert (experiment / "students" / row["trial_id"] / "best" / "manifest.json").is_file()
+        best = best_checkpoint(Storage(str(experiment / "students" / row["trial_id"])))
+        assert best is not None and (Path(best) / "manifest.json").is_file()
         assert not any(len(p.name) > 60 for p in experiment.iterdir())  # no constants in trial folder names
 
     # the Optuna study, as Tune keeps it and as Optuna's own tools open it: ASHA-stopped trials
@@ -343,10 +349,14 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
     )
     assert len(stored_study(tmp_path / "fetched", "smoke").trials) == 4
     for key in {r["teacher_key"] for r in summary["trials"]}:
-        for epoch in (2, 4):
-            assert f"exp/teachers/{key}/epoch_{epoch}/manifest.json" in keys
+        for epoch in (2, 4):  # in the folder of the generation that trained it
+            assert any(
+                k.startswith(f"exp/teachers/{key}/gen-") and k.endswith(f"/epoch_{epoch}/manifest.json") for k in keys
+            )
     for row in summary["trials"]:
-        assert f"exp/sweeps/smoke/students/{row['trial_id']}/best/model.pt" in keys
+        pointer = f"exp/sweeps/smoke/students/{row['trial_id']}/best.json"
+        best = json.loads(client.get_object(Bucket="remem", Key=pointer)["Body"].read())["checkpoint"]
+        assert f"exp/sweeps/smoke/students/{row['trial_id']}/{best}/model.pt" in keys
         run = f"exp/sweeps/smoke/train-runs/student-{row['trial_id']}"
         assert any(k.startswith(f"{run}/checkpoint_") and k.endswith("/state.pt") for k in keys)
         # Train keeps the newest two (its bookkeeping; deleted folders can linger in a listing on SeaweedFS)

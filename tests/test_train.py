@@ -5,10 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from remem_ray.checkpoint_files import best_checkpoint
 from remem_ray.checkpoints import load_model, write_checkpoint
 from remem_ray.cli import main
 from remem_ray.config import RunSpec, load_run_spec
 from remem_ray.runs import run_folder, run_student, run_teacher
+from remem_ray.storage import Storage
 from remem_ray.train.session import in_ray_train_worker
 
 TINY = {
@@ -158,7 +160,7 @@ def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys
         assert (run / "teacher" / f"epoch_{epoch}" / "manifest.json").is_file()
     saved = json.loads((run / "teacher" / "spec.json").read_text())
     assert saved["spec"]["teacher"]["alpha"] == 0.8 and len(saved["teacher_key"]) == 16
-    meta = json.loads((run / "student" / "best" / "meta.json").read_text())
+    meta = json.loads((Path(best_checkpoint(Storage(str(run / "student")))) / "meta.json").read_text())
     assert meta["teacher"]["epoch"] == 2
     info = meta["teacher"]["information"]  # the teacher's MI, recorded at its checkpoint
     assert set(info) == {"targets/fixed", "targets/relative", "logits/fixed", "logits/relative"}
@@ -166,7 +168,7 @@ def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys
     assert meta["teacher"]["metrics"]["teacher_mi"] == info["targets/relative"]["i_xt_upper"]
 
     assert main(["distill", str(spec), "--teacher-epoch", "1"]) == 0
-    meta = json.loads((run / "student" / "best" / "meta.json").read_text())
+    meta = json.loads((Path(best_checkpoint(Storage(str(run / "student")))) / "meta.json").read_text())
     assert meta["teacher"]["epoch"] == 1
 
     capsys.readouterr()
@@ -292,3 +294,28 @@ def _schedule_after(steps: int) -> dict:
     for _ in range(steps):
         schedule.step()
     return schedule.state_dict()
+
+
+def test_a_student_starts_from_the_same_weights_whether_its_targets_are_built_loaded_or_online(tmp_path):
+    """Initial weights are a function of (seed, role): building the target cache (which draws
+    views) must not move them."""
+    from remem_ray.contract import LoopConfig
+    from remem_ray.train.loop import prepare
+    from remem_ray.train.student import StudentTask
+
+    overrides = {**TINY, "teacher.epochs": 1, "teacher.checkpoint_epochs": [1], "data.pipeline": "loader"}
+    overrides.update({"student.target_views": 2, "storage.root": str(tmp_path), "name": "init"})
+    teacher = load_run_spec(None, overrides)
+    run_teacher(teacher, quiet=True)
+    location = run_folder(teacher).child("teacher").uri("epoch_1")
+
+    def initial(targets: str) -> tuple[dict, int | None]:
+        spec = load_run_spec(None, {**overrides, "student.teacher_targets": targets})
+        ctx = prepare(LoopConfig(spec, str(tmp_path / f"student-{targets}"), quiet=True), "student")
+        task = StudentTask(ctx, location)
+        return task.bare.state_dict(), ctx.report_extra.get("target_cache_built")
+
+    (built, was_built), (loaded, was_loaded), (online, _) = initial("cached"), initial("cached"), initial("online")
+    assert (was_built, was_loaded) == (1, 0)
+    for name, tensor in built.items():
+        assert torch.equal(tensor, loaded[name]) and torch.equal(tensor, online[name]), name

@@ -36,7 +36,7 @@ def _runs(tmp_path, monkeypatch):
     monkeypatch.setattr(trial_module, "train_run_config", lambda *args, **kwargs: None)
     monkeypatch.setattr(TrialRuns, "_student_run", lambda self: None)
     runs = TrialRuns(spec, run_spec, "t1", 0.0)
-    lease = Lease(registry.folder(key).child("lease"), "s/t1", 60)
+    lease = Lease(registry.folder(key).lease, "s/t1", 60)
     assert lease.try_acquire()
     return spec, run_spec, layout, registry, key, lease, runs, recorder
 
@@ -46,8 +46,9 @@ def test_a_trial_training_its_teacher_distils_in_the_same_run(tmp_path, monkeypa
     finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
     runs.fit_teacher(spec, run_spec, registry, key, lease, finished)
     ((loop, config),) = recorder.runs
-    assert loop == "teach_then_distil_in_worker" and config.student.teacher_checkpoint.endswith(f"{key}/epoch_4")
-    assert config.teacher.state == registry.folder(key).uri("resume")
+    output = registry.output(key, lease.handle().generation)  # the lease generation's own folder
+    assert loop == "teach_then_distil_in_worker" and config.student.teacher_checkpoint == output.uri("epoch_4")
+    assert config.teacher.output == output.uri() and config.teacher.state == output.uri("resume")
     assert isinstance(config.to_dict()["on_teacher_done"], bytes)  # plain data for Train's controller
     assert PhasesConfig.from_dict(config.to_dict()) == config
     assert not runs.distilled  # the stand-in run never marked the teacher finished
@@ -74,7 +75,7 @@ def test_a_trial_with_a_student_run_already_trains_its_teacher_in_a_run_of_its_o
 def test_an_older_record_of_the_same_trial_is_not_this_training_finished(tmp_path):
     spec, run_spec, layout, registry, key = registry_setup(tmp_path)
     layout.record_teacher_training(key, "t1")  # this trial trained the key once, before a restart
-    lease = Lease(registry.folder(key).child("lease"), "s/t1", 60)
+    lease = Lease(registry.folder(key).lease, "s/t1", 60)
     assert lease.try_acquire()
     finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
     assert not finished.done()
@@ -82,30 +83,19 @@ def test_an_older_record_of_the_same_trial_is_not_this_training_finished(tmp_pat
     assert finished.done() and layout.trained_by(key) == "t1"
 
 
-def test_a_holder_that_lost_its_lease_neither_switches_nor_records(tmp_path):
+def test_a_holder_that_lost_its_lease_neither_publishes_nor_records(tmp_path):
     spec, run_spec, layout, registry, key = registry_setup(tmp_path)
-    write_teacher(registry.folder(key), 1.0)
-    registry.schedule_retrain(key, 4, "corrupt")  # retrain-1, written by the first holder
     clock = [0.0]
-    first = Lease(registry.folder(key).child("lease"), "s/t1", 1.0, clock=lambda: clock[0])
-    assert first.try_acquire()
+    first = Lease(registry.folder(key).lease, "s/t1", 1.0, clock=lambda: clock[0])
+    assert first.try_acquire() and registry.claim(key, 1)
+    write_teacher(registry.output(key, 1), 1.0)
     finished = TeacherFinished(registry, layout, key, "t1", first.handle())
-    other = Lease(registry.folder(key).child("lease"), "s/t2", 1.0, clock=lambda: clock[0])
+    other = Lease(registry.folder(key).lease, "s/t2", 1.0, clock=lambda: clock[0])
     assert not other.try_acquire()
     clock[0] = 5.0
     assert other.try_acquire()  # the first holder looked stale
     finished()
-    assert registry.pending_retrain(key) is not None and layout.trained_by(key) is None
-
-
-def test_a_retraining_scheduled_since_is_not_switched_to(tmp_path):
-    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
-    write_teacher(registry.folder(key), 1.0)
-    finished = TeacherFinished(registry, layout, key, "t1")  # this training writes the first set
-    registry.schedule_retrain(key, 4, "corrupt")  # another holder's, later
-    finished()
-    assert registry.pending_retrain(key) is not None  # still pending: its own holder switches to it
-    assert registry.checkpoint_uri(key, 4) == registry.folder(key).uri("epoch_4")
+    assert registry.set_in_use(key) is None and layout.trained_by(key) is None
 
 
 def test_a_train_run_waits_for_slow_workers_as_long_as_the_sweep_says(tmp_path, monkeypatch):

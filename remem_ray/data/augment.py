@@ -57,7 +57,8 @@ class EvalResize:
 
     @property
     def resized_side(self) -> int:
-        return max(self.img_size, int(round(self.img_size / self.crop_pct)))
+        """The short side before the centre crop; floored, as timm's eval transform does."""
+        return max(self.img_size, math.floor(self.img_size / self.crop_pct))
 
 
 def augment_for(img_size: int, hflip: bool) -> TrainAugment:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from remem_ray.data.augment import EvalResize, TrainAugment, eval_views, stream_key, train_views, uniforms, view_keys
 from remem_ray.data.datasets import DataSplits, num_items
-from remem_ray.data.store import ImageStore, is_in_memory, load_or_build, store_bytes, store_side
+from remem_ray.data.store import ImageStore, is_in_memory, load_or_build, split_sources, store_bytes, store_side
 
 if TYPE_CHECKING:
     from remem_ray.config import DataConfig
@@ -396,7 +396,9 @@ def build_pipeline(
     if kind == "loader":
         return LoaderPipeline(splits, device, seed, shard, loader_workers(cfg.num_workers, device))
     assert side is not None
-    stores = {s: load_or_build(getattr(splits, s), cfg, seed, s, side, log=log)[0] for s in SPLITS}
+    datasets = {s: getattr(splits, s) for s in SPLITS}
+    sources = split_sources(datasets)
+    stores = {s: load_or_build(datasets[s], cfg, seed, s, side, log=log, source=sources[s])[0] for s in SPLITS}
     fits = sum(s.nbytes for s in stores.values()) <= cfg.store_budget_gb * 2**30
     in_memory = is_in_memory(splits.train)
     if fits:

@@ -6,8 +6,9 @@ Equal square images no larger than the default side (img_size / 0.875) keep thei
 square, so random crops are drawn from the central square of each image and the device-side
 resampling (no antialiasing) never shrinks a stored image by more than 1/0.875.
 Decoded PIL datasets are cached as .npy files under the cache folder, keyed by dataset, split
-seed, split and resolution, built once per node under a file lock and memory-mapped by every
-trial there; in-memory tensor datasets (digits, synthetic) are converted directly.
+seed, split, resolution and the files the images come from (resolved folder; names, sizes and
+mtimes), built once per node under a file lock and memory-mapped by every trial there; in-memory
+tensor datasets (digits, synthetic) are converted directly.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from remem_ray.storage import cache_root
 if TYPE_CHECKING:
     from remem_ray.config import DataConfig
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 _PROBE = 32  # images looked at to decide native vs resized
 
 
@@ -132,13 +133,61 @@ def _from_tensors(ds: Dataset) -> ImageStore:
 # --------------------------------------------------------------------------- the on-disk cache
 
 
-def store_key(cfg: DataConfig, seed: int, split: str, side: int, size: int) -> str:
+def _listed_files(base: Dataset, root: str) -> list[tuple[str, str]]:
+    """(path, label) of each file a dataset reads: its samples where it lists them (ImageFolder),
+    else every file in the folder it names under its root (torchvision's base_folder), else the
+    files directly in its root (SVHN's). Never a walk of the whole root: it may hold other
+    datasets, or results that change while this one is read."""
+    samples = getattr(base, "samples", None)
+    if samples is not None:
+        return [(str(path), str(label)) for path, label in samples]
+    own = getattr(base, "base_folder", None) or getattr(base, "_base_folder", None)
+    if own is not None and os.path.isdir(os.path.join(root, own)):
+        walked = os.walk(os.path.join(root, own))
+        return sorted((os.path.join(folder, name), "") for folder, _, names in walked for name in names)
+    return sorted((entry.path, "") for entry in os.scandir(root) if entry.is_file())
+
+
+def source_identity(base: Dataset) -> dict[str, str] | None:
+    """What a PIL dataset's images are read from: its resolved root and a fingerprint of its files
+    (name, label, size, mtime), so a moved, relabelled or rewritten image makes another store;
+    None for a dataset without a root folder. An s3:// root is read from its fetched copy, whose
+    folder is keyed by endpoint and URI."""
+    root = getattr(base, "root", None)
+    if root is None or not os.path.isdir(root):
+        return None
+    root = os.path.abspath(root)
+    digest = hashlib.sha256()
+    for path, label in _listed_files(base, root):
+        stat = os.stat(path)
+        name = os.path.relpath(os.path.abspath(path), root)
+        digest.update(f"{name}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return {"root": str(Path(root).resolve()), "files": digest.hexdigest()}
+
+
+def split_sources(splits: dict[str, Dataset]) -> dict[str, dict[str, str] | None]:
+    """source_identity of each split's PIL dataset, each distinct dataset looked at once."""
+    seen: dict[int, dict[str, str] | None] = {}
+    sources: dict[str, dict[str, str] | None] = {}
+    for name, ds in splits.items():
+        if is_in_memory(ds):
+            sources[name] = None
+            continue
+        base = _pil_items(ds)[0]
+        if id(base) not in seen:
+            seen[id(base)] = source_identity(base)
+        sources[name] = seen[id(base)]
+    return sources
+
+
+def store_key(cfg: DataConfig, seed: int, split: str, side: int, size: int, source: dict[str, str] | None) -> str:
     payload = {
         "format": STORE_FORMAT,
         "seed": seed,
         "split": split,
         "side": side,
         "size": size,
+        "source": source,
         "data": cfg.model_dump(
             mode="json", include={"name", "root", "img_size", "val_fraction", "test_fraction", "max_train_samples"}
         ),
@@ -153,11 +202,18 @@ def _open(folder: Path) -> ImageStore:
     return ImageStore(torch.from_numpy(images), torch.from_numpy(labels).long())
 
 
-def load_or_build(ds: Dataset, cfg: DataConfig, seed: int, split: str, side: int, log=print) -> tuple[ImageStore, bool]:
-    """(the split's store, whether this call built it). Decoded datasets go through the cache."""
+def load_or_build(
+    ds: Dataset, cfg: DataConfig, seed: int, split: str, side: int, log=print, source: dict[str, str] | None = None
+) -> tuple[ImageStore, bool]:
+    """(the split's store, whether this call built it). Decoded datasets go through the cache.
+
+    source: the split's source_identity where the caller has it (split_sources), else looked up.
+    """
     if is_in_memory(ds):
         return _from_tensors(ds), True
-    folder = cache_root() / "stores" / store_key(cfg, seed, split, side, num_items(ds))
+    if source is None:
+        source = source_identity(_pil_items(ds)[0])
+    folder = cache_root() / "stores" / store_key(cfg, seed, split, side, num_items(ds), source)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others wait, then map it

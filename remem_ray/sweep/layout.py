@@ -54,19 +54,25 @@ class SweepLayout:
         record = self.teacher_training(key)
         return record["trial_id"] if record else None
 
-    def record_integrity_event(self, key: str, epoch: int, problem: str, trial_id: str, action: str) -> None:
-        """A corrupt or truncated checkpoint found on load: kept for summary.json."""
+    def record_integrity_event(
+        self, key: str, epoch: int, problem: str, trial_id: str, action: str, teacher_set: str = ""
+    ) -> None:
+        """A teacher set found broken (a checkpoint missing, corrupt or truncated): kept for summary.json."""
         record = {
             "teacher_key": key,
             "epoch": epoch,
             "problem": problem,
             "trial_id": trial_id,
             "action": action,
+            "set": teacher_set,
             "time": time.time(),
         }
         self.experiment.write_text(
             f"integrity-events/{key}-epoch_{epoch}-{int(time.time() * 1000)}.json", json.dumps(record)
         )
+
+    def integrity_event_recorded(self, key: str, teacher_set: str) -> bool:
+        return any(e["teacher_key"] == key and e.get("set") == teacher_set for e in self.integrity_events())
 
     def integrity_events(self) -> list[dict]:
         names = [n for n in self.experiment.list_dir("integrity-events") if n.endswith(".json")]

@@ -1,123 +1,148 @@
-"""Teacher registry: <root>/teachers/<teacher_key>/ holds a teacher's checkpoints and its resume
-state (so whichever trial trains it next resumes it), shared by every sweep on the root.
-
-    <key>/spec.json, epoch_<e>/        the first training's checkpoints
-    <key>/resume/state.pt              its resume state (remem_ray.train.phases)
-    <key>/train-run/                   its Ray Train run, where the teacher trains in a run of its own
-    <key>/lease/<generation>.json      who trains this key now (remem_ray.leases)
-    <key>/retrain.json                 the newest retraining scheduled (after a corrupt checkpoint)
-    <key>/retrain-<n>/epoch_<e>/       that retraining's checkpoints (and resume/), beside the old ones
-    <key>/active.json                  which set of checkpoints is in use (absent: the first)
+"""Teacher registry: a teacher's checkpoints under <root>/teachers/<teacher_key>/, shared by every
+sweep on the root (remem_ray.teacher_layout names the tree).
 
 Exactly one trial, of any sweep, trains a key at a time: the holder of the key's lease in
-storage; the others wait for the checkpoints to appear. A retraining writes beside the
-checkpoints in use, which trials may be reading, and one write of active.json switches
-readers over once it is finished.
+storage; the others wait for the set in use to appear. Each holder writes only into its own
+generation's folder. Readers follow the pointer, a numbered series of records in which every
+new version is one exclusive create:
+
+- taking the lease, a holder first *claims* the pointer (a version naming its generation and
+  still the set in use before it): from then on no older holder can add a version, since an
+  older generation never writes after a newer one;
+- a holder publishes its finished folder with the next version, if no newer generation has
+  claimed the pointer since.
+
+So a holder paused past the stale window (and then woken) can write only into its own folder,
+which nobody reads any more; a retraining (after a corrupt checkpoint) writes beside the set in
+use, which trials may be reading, and one create switches readers over once it is finished.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from remem_ray.checkpoint_files import checkpoint_name, is_complete, verify_checkpoint
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
+from remem_ray.teacher_layout import RESUME_DIR, TeacherFolder, generation_dir, version_file
 
-TRAIN_RUN = "train-run"
-LEASE_DIR = "lease"
-RETRAIN_FILE = "retrain.json"
-ACTIVE_FILE = "active.json"
+CLAIM, PUBLISH = "claim", "publish"
+
+
+@dataclass(frozen=True)
+class TeacherSet:
+    """A set of checkpoints of one teacher key, in one folder."""
+
+    folder: Storage
+
+    def uri(self) -> str:
+        return self.folder.uri()
+
+    def checkpoint_uri(self, epoch: int) -> str:
+        return self.folder.uri(checkpoint_name(epoch))
+
+    def missing(self, epochs: list[int]) -> list[int]:
+        return [e for e in epochs if not is_complete(self.folder, checkpoint_name(e))]
+
+    def verify(self, epoch: int) -> str | None:
+        """None if that checkpoint is whole, else the problem (checked against its manifest's sha256)."""
+        return verify_checkpoint(self.folder, checkpoint_name(epoch))
+
+    def problem(self, epochs: list[int], epoch: int) -> str | None:
+        """Why a trial using checkpoint `epoch` cannot use this set, or None: every candidate
+        stored, the one used whole."""
+        missing = self.missing(epochs)
+        if missing:
+            names = ", ".join(checkpoint_name(e) for e in missing)
+            return f"checkpoint: {self.folder.uri()} lacks a complete {names}"
+        return self.verify(epoch)
 
 
 class TeacherRegistry:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
-    def folder(self, key: str) -> Storage:
-        """The key's root: Train runs, lease, markers."""
-        return self.storage.child(key)
+    def folder(self, key: str) -> TeacherFolder:
+        return TeacherFolder(self.storage.child(key))
 
     def lease(self, key: str, holder: str, stale_after_s: float) -> Lease:
-        return Lease(self.folder(key).child(LEASE_DIR), holder, stale_after_s)
+        return Lease(self.folder(key).lease, holder, stale_after_s)
 
-    # ------------------------------------------------------------- checkpoints in use
-    def _active_subdir(self, key: str) -> str:
+    def output(self, key: str, generation: int) -> Storage:
+        """Where the holder of that lease generation writes."""
+        return self.folder(key).generation(generation)
+
+    # ------------------------------------------------------------- the pointer
+    def _newest(self, key: str) -> tuple[int, dict] | None:
         folder = self.folder(key)
-        return json.loads(folder.read_text(ACTIVE_FILE))["folder"] if folder.is_file(ACTIVE_FILE) else ""
-
-    def checkpoints(self, key: str) -> Storage:
-        """Where the checkpoints in use live."""
-        return self.folder(key).child(self._active_subdir(key))
-
-    def checkpoint_uri(self, key: str, epoch: int) -> str:
-        return self.checkpoints(key).uri(checkpoint_name(epoch))
-
-    def has_all(self, key: str, epochs: list[int]) -> bool:
-        folder = self.checkpoints(key)
-        return all(is_complete(folder, checkpoint_name(e)) for e in epochs)
-
-    def verify(self, key: str, epoch: int) -> str | None:
-        """None if that checkpoint is whole, else the problem (checked against its manifest's sha256)."""
-        return verify_checkpoint(self.checkpoints(key), checkpoint_name(epoch))
-
-    # ------------------------------------------------------------- training and retraining
-    def pending_retrain(self, key: str) -> dict | None:
-        """The retraining scheduled and not yet switched to, if any."""
-        folder = self.folder(key)
-        if not folder.is_file(RETRAIN_FILE):
+        versions = folder.versions()
+        if not versions:
             return None
-        retrain = json.loads(folder.read_text(RETRAIN_FILE))
-        # a retrain.json without a folder is from a version that retrained in place
-        return None if retrain.get("folder", "") == self._active_subdir(key) else retrain
+        return versions[-1], json.loads(folder.sets.read_text(version_file(versions[-1])))
 
-    def training_output(self, key: str) -> Storage:
-        """Where the next training writes: a pending retraining's own folder, else the key's root."""
-        retrain = self.pending_retrain(key)
-        return self.folder(key).child(retrain["folder"]) if retrain else self.folder(key)
+    def set_in_use(self, key: str, older_keys: Sequence[str] = ()) -> TeacherSet | None:
+        """The set readers use: what the pointer names; for keys of older versions, their one set.
+        With none under `key`, the first found under `older_keys` (what earlier versions called
+        the same training: RunSpec.legacy_teacher_keys)."""
+        found = self._set_under(key)
+        for older in older_keys:
+            if found is not None:
+                break
+            found = self._set_under(older)
+        return found
 
-    def train_run_name(self, key: str) -> str:
-        """The teacher-only Train run (teacher and student on different workers); a retraining has its own."""
-        retrain = self.pending_retrain(key)
-        return retrain["train_run"] if retrain else TRAIN_RUN
-
-    def schedule_retrain(self, key: str, epoch: int, problem: str) -> str:
-        """Retrain a teacher after a corrupt checkpoint, into a new folder; nothing in use is touched.
-
-        The marker is written first, so whoever trains next (this trial or, after a crash,
-        another) resumes that same retraining (its resume state is in the new folder).
-        Returns the name of its Train run, used where the teacher trains in a run of its own.
-        """
+    def _set_under(self, key: str) -> TeacherSet | None:
         folder = self.folder(key)
-        attempt = 1
-        if folder.is_file(RETRAIN_FILE):
-            attempt = int(json.loads(folder.read_text(RETRAIN_FILE))["attempt"]) + 1
-        run = f"{TRAIN_RUN}-retrain-{attempt}"
-        folder.write_text(
-            RETRAIN_FILE,
-            json.dumps(
-                {
-                    "attempt": attempt,
-                    "train_run": run,
-                    "folder": f"retrain-{attempt}",
-                    "epoch": epoch,
-                    "reason": problem,
-                }
-            ),
-        )
-        return run
+        newest = self._newest(key)
+        if newest is not None:
+            named = newest[1].get("folder")  # "" is the key's root: a set an older version trained
+            return None if named is None else TeacherSet(folder.storage.child(named))
+        legacy = folder.legacy_set()
+        return TeacherSet(legacy) if _has_any_checkpoint(legacy) else None
 
-    def finish_training(self, key: str, folder: str | None = None) -> None:
-        """After a training ends: a finished retraining becomes the set in use (one atomic write).
+    def _append(self, key: str, generation: int, kind: str, named: str | None) -> bool:
+        """Add the pointer's next version for `generation`; False once a newer generation has one."""
+        folder = self.folder(key)
+        while True:
+            newest = self._newest(key)
+            version = 1 if newest is None else newest[0] + 1
+            if newest is not None and newest[1]["generation"] > generation:
+                return False
+            record = {"version": version, "generation": generation, "kind": kind, "folder": named}
+            if folder.sets.create_exclusive(version_file(version), json.dumps(record).encode()):
+                return True
 
-        folder: the retraining's folder that training wrote; another one scheduled since (after
-        this holder lost the lease) is left alone.
-        """
-        retrain = self.pending_retrain(key)
-        if retrain is not None and folder in (None, retrain["folder"]):
-            self.folder(key).write_text(
-                ACTIVE_FILE, json.dumps({"folder": retrain["folder"], "train_run": retrain["train_run"]})
-            )
+    def claim(self, key: str, generation: int) -> bool:
+        """Taken by the holder of `generation` right after it takes the lease: no older holder can
+        change the set in use from here on; readers keep the set they had. False if a newer
+        generation got there first (this holder's lease has passed on already)."""
+        current = self.set_in_use(key)
+        named = None if current is None else _relative(self.folder(key).storage, current.folder)
+        return self._append(key, generation, CLAIM, named)
+
+    def publish(self, key: str, generation: int) -> bool:
+        """Make that generation's folder the set in use; False if a newer generation claimed the
+        pointer meanwhile (its holder goes on; this one's lease had passed)."""
+        return self._append(key, generation, PUBLISH, generation_dir(generation))
+
+    def resume_source(self, key: str, generation: int) -> Storage | None:
+        """The newest earlier generation's folder holding a resume state, to continue from."""
+        folder = self.folder(key)
+        for older in reversed(folder.generations()):
+            if older < generation and folder.generation(older).exists(RESUME_DIR):
+                return folder.generation(older)
+        return None
+
+
+def _has_any_checkpoint(folder: Storage) -> bool:
+    return any(name.startswith("epoch_") for name in folder.list_dir())
+
+
+def _relative(root: Storage, folder: Storage) -> str:
+    return folder.path()[len(root.path()) :].strip("/")
 
 
 class Heartbeat:

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from remem_ray.checkpoint_files import best_checkpoint
 from remem_ray.config import SweepSpec
 from remem_ray.contract import (
     BEST_TEST_ACC,
@@ -79,7 +80,7 @@ def _row(trial, layout: SweepLayout) -> TrialRow:
         row.teacher_key = result.get(TEACHER_KEY)
         row.teacher_trained = bool(result.get(TEACHER_TRAINED))
         row.stopped_early = stopped_early(result)
-        row.student_checkpoint = layout.student(trial.trial_id).uri("best")
+        row.student_checkpoint = best_checkpoint(layout.student(trial.trial_id))
     return row
 
 

@@ -67,7 +67,8 @@ class SlotPolicy:
         from remem_ray.sweep.registry import TeacherRegistry
 
         registry = TeacherRegistry(SweepLayout(Storage.from_config(self.spec.storage), self.spec.name).teachers)
-        return registry.has_all(key, self.spec.teacher.saved_epochs)
+        in_use = registry.set_in_use(key)
+        return in_use is not None and not in_use.missing(self.spec.teacher.saved_epochs)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_checked": {}}  # monotonic times mean nothing after a restart

@@ -20,18 +20,18 @@ import time
 import uuid
 from typing import Any
 
-from remem_ray.checkpoint_files import checkpoint_name
+from remem_ray.checkpoint_files import best_checkpoint, checkpoint_name
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.console import say
 from remem_ray.contract import TEACHER_KEY, TEACHER_TRAINED, LoopConfig, PhasesConfig
-from remem_ray.leases import Lease, LeaseHandle
+from remem_ray.leases import Lease, LeaseHandle, LeaseWatch
 from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.registry import Heartbeat, TeacherRegistry
+from remem_ray.teacher_layout import RESUME_DIR, TRAIN_RUN
 
 HEARTBEAT_S = 5.0
-TEACHER_STATE_DIR = "resume"  # a teacher's resume state, beside the checkpoints it writes
 STALE_AFTER_S = 60.0
 POLL_S = 2.0
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
@@ -109,29 +109,26 @@ def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=N
     )
 
 
-def _stored_and_whole(registry: TeacherRegistry, key: str, epochs: list[int], epoch: int) -> bool:
-    return registry.has_all(key, epochs) and registry.verify(key, epoch) is None
+def _usable(registry: TeacherRegistry, key: str, older_keys: list[str], epochs: list[int], epoch: int) -> bool:
+    in_use = registry.set_in_use(key, older_keys)
+    return in_use is not None and in_use.problem(epochs, epoch) is None
 
 
 class TeacherFinished:
     """Run by the teacher run's rank 0 when its teacher phase ends (before any student phase):
-    the retraining it wrote (if it wrote one) becomes the set in use, and this sweep records
-    which trial trained the key, so a trial restarted in its student phase knows it trained the
-    teacher. Nothing happens if the lease has passed on meanwhile: the new holder does it."""
+    its generation's folder becomes the set in use, and this sweep records which trial trained
+    the key, so a trial restarted in its student phase knows it trained the teacher. Nothing
+    happens if the lease has passed on meanwhile: the registry refuses a holder whose
+    generation a newer one has claimed, and the new holder publishes its own."""
 
-    def __init__(
-        self, registry: TeacherRegistry, layout: SweepLayout, key: str, trial_id: str, lease: LeaseHandle | None = None
-    ) -> None:
+    def __init__(self, registry: TeacherRegistry, layout: SweepLayout, key: str, trial_id: str, lease: LeaseHandle):
         self.registry, self.layout, self.key, self.trial_id, self.lease = registry, layout, key, trial_id, lease
-        retrain = registry.pending_retrain(key)
-        self.folder = retrain["folder"] if retrain else ""  # the set this training writes
         self.token = uuid.uuid4().hex  # tells this training's record from an older one of the same trial
         self.fit_called_at = time.time()
 
     def __call__(self) -> None:
-        if self.lease is not None and self.lease.lost() is not None:
+        if LeaseWatch(self.lease).lost() is not None or not self.registry.publish(self.key, self.lease.generation):
             return
-        self.registry.finish_training(self.key, self.folder)
         self.layout.record_teacher_training(self.key, self.trial_id, fit_called_at=self.fit_called_at, token=self.token)
 
     def done(self) -> bool:
@@ -153,20 +150,22 @@ def ensure_teacher(
     is whole (sha256 against its manifest); True if this trial trained it.
 
     `holder` names this trial across sweeps (sweep/trial id). Whoever holds the key's lease
-    trains, calling `fit(spec, run_spec, registry, key, lease, finished)`, which calls
-    `finished()` (a TeacherFinished) once the teacher is whole; a holder that loses its lease
-    mid-run (declared stale) stops at the next epoch and waits like the others. A corrupt or
-    truncated checkpoint is never used: the trial holding the lease logs it, records it for
-    summary.json and retrains the teacher beside it.
+    trains, calling `fit(spec, run_spec, registry, key, lease, finished, resume_from)`, which
+    calls `finished()` (a TeacherFinished) once the teacher is whole; `resume_from` is an earlier
+    holder's folder to continue from, or None. A holder that loses its lease mid-run (declared
+    stale) stops at the next epoch and waits like the others. A set in use with a checkpoint
+    missing, unfinished, corrupt or truncated is never used: the trial holding the lease logs
+    it, records it for summary.json and trains the teacher again beside it.
     """
     key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
+    older_keys = run_spec.legacy_teacher_keys(spec.sweep.resources.teacher.num_workers)
     epochs, epoch = run_spec.teacher.saved_epochs, run_spec.student.teacher_epoch
     trial_id = holder.rsplit("/", 1)[-1]
     lease = registry.lease(key, holder, stale_after_s)
     deadline = time.monotonic() + spec.sweep.teacher_wait_timeout_s
     last_note = 0.0
     while True:
-        if _stored_and_whole(registry, key, epochs, epoch):
+        if _usable(registry, key, older_keys, epochs, epoch):
             # Stored already; still ours if this very trial trained it before Tune restarted it.
             return layout.trained_by(key) == trial_id
         if lease.try_acquire():
@@ -196,18 +195,26 @@ def _train_under_lease(
     heartbeat = Heartbeat(lease, HEARTBEAT_S)
     try:
         with heartbeat:
-            if registry.pending_retrain(key) is None and registry.has_all(key, epochs):
-                problem = registry.verify(key, epoch)
+            handle = lease.handle()
+            if not registry.claim(key, handle.generation):  # from here no older holder changes the set in use
+                say(f"trial {trial_id}: lost the lease on teacher {key[:8]} as it took it; waiting for its new holder")
+                return False
+            in_use = registry.set_in_use(key)
+            resume_from = registry.resume_source(key, handle.generation)
+            if in_use is not None:
+                problem = in_use.problem(epochs, epoch)
                 if problem is None:  # finished by another holder while we waited
                     return layout.trained_by(key) == trial_id
-                registry.schedule_retrain(key, epoch, problem)
-                into = registry.training_output(key).uri()
-                layout.record_integrity_event(key, epoch, problem, trial_id, action=f"retrained into {into}")
-                say(f"trial {trial_id}: {problem}; retraining teacher {key[:8]} into {into}")
+                into = registry.output(key, handle.generation).uri()
+                if not layout.integrity_event_recorded(key, in_use.uri()):  # once per broken set
+                    layout.record_integrity_event(key, epoch, problem, trial_id, f"retrained into {into}", in_use.uri())
+                # beside the set in use; resumed only where an earlier retraining's checkpoints are whole
+                say(f"trial {trial_id}: {problem}; training teacher {key[:8]} again into {into}")
             teacher = run_spec.teacher
-            say(f"trial {trial_id}: training teacher {key[:8]} (rho {teacher.rho}, alpha {teacher.alpha})")
-            finished = TeacherFinished(registry, layout, key, trial_id, lease.handle())
-            fit(spec, run_spec, registry, key, lease, finished)
+            resuming = f", resuming {resume_from.uri()}" if resume_from is not None else ""
+            say(f"trial {trial_id}: training teacher {key[:8]} (rho {teacher.rho}, alpha {teacher.alpha}{resuming})")
+            finished = TeacherFinished(registry, layout, key, trial_id, handle)
+            fit(spec, run_spec, registry, key, lease, finished, resume_from)
         if finished.done():  # its run marked the teacher finished
             return True
         say(f"trial {trial_id}: lost the lease on teacher {key[:8]} while training it; waiting for its new holder")
@@ -255,20 +262,24 @@ class TrialRuns:
             },
         )
 
-    def fit_teacher(self, spec, run_spec, registry: TeacherRegistry, key: str, lease: Lease, finished) -> None:
-        """Train (or resume) the teacher under a held lease, and its student in the same run when
-        the workers match; the loop stops if the lease goes."""
+    def fit_teacher(
+        self, spec, run_spec, registry: TeacherRegistry, key: str, lease: Lease, finished, resume_from=None
+    ) -> None:
+        """Train (or resume) the teacher under a held lease, into its generation's folder, and its
+        student in the same run when the workers match; the loop stops if the lease goes."""
         resources = spec.sweep.resources
         # A trial restarted with a student run of its own already (its teacher found corrupt
         # since, say) keeps that run for its student: a run with a checkpoint skips its teacher phase.
         together = resources.teacher == resources.student and not self._student_run_exists()
-        output = registry.training_output(key)
+        handle = lease.handle()
+        output = registry.output(key, handle.generation)
         epoch = run_spec.student.teacher_epoch
         teacher = LoopConfig(
             run_spec,
             output.uri(),
-            state=output.uri(TEACHER_STATE_DIR),
-            lease=lease.handle(),
+            state=output.uri(RESUME_DIR),
+            resume_from=resume_from.uri() if resume_from is not None else None,
+            lease=handle,
             label=f"trial {self.trial_id} teacher {key[:8]}",
             tensorboard=self.layout.tensorboard(f"teacher_{key}").uri(),
         )
@@ -276,7 +287,7 @@ class TrialRuns:
         if together:
             run = self._student_run()
         else:  # a teacher-only run: the student takes other workers
-            run = train_run_config(registry.train_run_name(key), registry.folder(key), spec.sweep.max_failures)
+            run = train_run_config(TRAIN_RUN, output, spec.sweep.max_failures)
         # pickled: Train's controller unpickles the config, and importing this module would cost
         # every teacher's start seconds
         config = PhasesConfig(teacher, student, on_teacher_done=pickle.dumps(finished))
@@ -288,7 +299,10 @@ class TrialRuns:
         """Distil from the stored teacher in a run of its own (resumed if the trial restarted)."""
         epoch = self.run_spec.student.teacher_epoch
         assert epoch is not None  # SweepSpec.run_spec sets the trial's choice
-        config = self._student_config(self.registry.checkpoint_uri(self.key, epoch), trained)
+        world_size = self.spec.sweep.resources.teacher.num_workers
+        in_use = self.registry.set_in_use(self.key, self.run_spec.legacy_teacher_keys(world_size))
+        assert in_use is not None  # ensure_teacher made sure of it
+        config = self._student_config(in_use.checkpoint_uri(epoch), trained)
         resources = self.spec.sweep.resources
         run = self._student_run()
         timeout = self.spec.sweep.worker_start_timeout_s
@@ -308,7 +322,7 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     trained = ensure_teacher(spec, run_spec, holder, runs.registry, runs.layout, fit=runs.fit_teacher)
     if not runs.distilled:
         runs.fit_student(trained)
-    print(f"trial {trial_id}: done; student at {runs.layout.student(trial_id).uri('best')}", flush=True)  # log only
+    print(f"trial {trial_id}: done; student at {best_checkpoint(runs.layout.student(trial_id))}", flush=True)  # log
 
 
 def trial_dirname(trial) -> str:

@@ -21,10 +21,11 @@ from remem_ray.config import RunSpec
 from remem_ray.contract import EPOCH, EPOCHS, LoopConfig, Session
 from remem_ray.data import DataPipeline, DataSplits, EvalResize, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
-from remem_ray.leases import LeaseHandle
+from remem_ray.leases import LeaseWatch
 from remem_ray.models import create_model
 from remem_ray.process import peak_rss_mb, process_started_at
 from remem_ray.storage import Storage
+from remem_ray.teacher_layout import RESUME_DIR
 from remem_ray.train.common import (
     Meter,
     PerStepSchedule,
@@ -53,27 +54,34 @@ class LoopContext:
     data: DataPipeline
     eval_batches: dict[str, Iterable] = field(default_factory=dict)
     report_extra: dict[str, Any] = field(default_factory=dict)
-    lease: LeaseHandle | None = None  # the right to write `output`, when it is shared (teacher keys)
+    lease: LeaseWatch | None = None  # the right to write `output`, when it is shared (teacher keys)
     stopped: str | None = None  # why the loop stopped early, if it did
     scalars: ScalarLog | None = None  # TensorBoard events of this run (rank 0), where asked for
     started: dict[str, float] = field(default_factory=dict)  # when this run's process and loop began
+    earlier_output: Storage | None = None  # an earlier run's output this one continues from (read only)
 
     @property
     def is_writer(self) -> bool:
         return self.session.world_rank == 0
 
     def create_model(self) -> nn.Module:
-        """This role's model as its spec section names it (weights fetched if given), on the CPU."""
+        """This role's model as its spec section names it (weights fetched if given), on the CPU.
+
+        Its initial weights are a function of (seed, role) alone: it is built under a CPU generator
+        of its own, so nothing drawn before (a dataset, a target cache built or loaded) moves them.
+        """
         section = getattr(self.spec, self.role)
-        return create_model(
-            section.model,
-            self.splits.num_classes,
-            self.spec.data.img_size,
-            section.model_kwargs,
-            weights=section.weights,
-            role=self.role,
-            endpoint=self.spec.storage.endpoint,
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_seed(self.spec.seed, self.role))
+            return create_model(
+                section.model,
+                self.splits.num_classes,
+                self.spec.data.img_size,
+                section.model_kwargs,
+                weights=section.weights,
+                role=self.role,
+                endpoint=self.spec.storage.endpoint,
+            )
 
     def lease_lost(self) -> str | None:
         """Why this run may no longer write its output (its lease passed on), or None; same on every rank."""
@@ -107,8 +115,12 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
     section = getattr(spec, role)
     model_name, model_kwargs, batch_size = section.model, section.model_kwargs, section.batch_size
     session = base_session(config, role)
+    earlier = None
+    if config.resume_from:  # an earlier run's, read only, until this run has a state of its own
+        earlier = Storage(config.resume_from, spec.storage.endpoint, spec.storage.region)
     if config.state:  # the resume state kept in a folder of its own, not where the session keeps it
-        session = StoredStateSession(session, Storage(config.state, spec.storage.endpoint, spec.storage.region))
+        own = Storage(config.state, spec.storage.endpoint, spec.storage.region)
+        session = StoredStateSession(session, own, earlier.child(RESUME_DIR) if earlier else None)
     seed_everything(rank_seed(spec.seed, session.world_rank, 0))
     device = pick_device(spec.device, session.local_rank)
     data_config = resolved_data_config(model_name, model_kwargs, spec.data.img_size)
@@ -139,9 +151,10 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
         data,
         eval_batches,
         dict(config.report_extra),
-        config.lease,
+        LeaseWatch(config.lease) if config.lease is not None else None,
         scalars=scalars,
         started=started,
+        earlier_output=earlier,
     )
 
 
@@ -227,11 +240,17 @@ class Task:
     def load_state(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def begin(self, ctx: LoopContext, state: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Before the first epoch: the state to resume from (the one restored, or None to start
+        afresh; a task that cannot resume, because what it needs is gone, says why)."""
+        return state
+
     def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
         """Save what this task keeps (rank 0 writes)."""
 
     def save_model(self, ctx: LoopContext, name: str, epoch: int, metrics: dict[str, Any], **meta: Any) -> None:
-        """Write the bare model as checkpoint `name` under the run's output, with what rebuilds it."""
+        """Write the bare model as checkpoint `name` under the run's output, with what rebuilds it.
+        A shared output (a teacher key's) keeps a complete checkpoint as it is: others read it."""
         section = getattr(ctx.spec, ctx.role)
         info = model_meta(
             self.bare,
@@ -244,12 +263,22 @@ class Task:
             metrics=metrics,
             **meta,
         )
-        write_checkpoint(ctx.output, name, self.bare, info)
+        write_checkpoint(ctx.output, name, self.bare, info, once=ctx.lease is not None)
 
 
 def rank_seed(seed: int, rank: int, epoch: int) -> int:
     """The RNG seed of one rank in one epoch (epoch 0: model building)."""
     return stream_key(seed, rank, epoch)
+
+
+_ROLE_STREAMS = {"teacher": 0, "student": 1}
+
+
+def model_seed(seed: int, role: str) -> int:
+    """The seed a role's model is built under, the same on every rank (DDP starts from rank 0's
+    anyway). The teacher's is the one rank 0 always built it under, so teachers stay as trained."""
+    teacher = rank_seed(seed, 0, 0)
+    return teacher if role == "teacher" else stream_key(teacher, _ROLE_STREAMS[role])
 
 
 def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
@@ -261,7 +290,7 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
     """
     history: list[dict[str, Any]] = []
     start = 1
-    state = ctx.session.restore_state()
+    state = task.begin(ctx, ctx.session.restore_state())
     if state is not None:
         task.load_state(state["task"])
         history = list(state["history"])

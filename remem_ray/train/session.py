@@ -106,13 +106,15 @@ class StoredStateSession:
 
     For a teacher trained inside a trial's Train run: its resume state belongs to the teacher
     (whichever trial holds the key's lease next resumes it), not to the run, and its epochs are
-    not the trial's results (Tune's scheduler sees student epochs only).
+    not the trial's results (Tune's scheduler sees student epochs only). Until this run has a
+    state of its own, it restores `earlier`'s (another holder's, only ever read).
     """
 
-    def __init__(self, base: Session, storage: Storage) -> None:
-        self.base, self.storage = base, storage
+    def __init__(self, base: Session, storage: Storage, earlier: Storage | None = None) -> None:
+        self.base, self.storage, self.earlier = base, storage, earlier
         self.world_rank, self.local_rank, self.world_size = base.world_rank, base.local_rank, base.world_size
         self.history: list[dict[str, Any]] = []
+        self.restored_from: Storage | None = None  # the folder whose state restore_state returned
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
         self.history.append(dict(metrics))
@@ -123,10 +125,11 @@ class StoredStateSession:
             self.storage.write_bytes(STATE_FILE, buffer.getvalue())  # whole-object write: never half a state
 
     def restore_state(self) -> dict[str, Any] | None:
-        if not self.storage.is_file(STATE_FILE):
-            return None
-        data = self.storage.read_bytes(STATE_FILE)
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        for folder in (self.storage, self.earlier):
+            if folder is not None and folder.is_file(STATE_FILE):
+                self.restored_from = folder
+                return torch.load(io.BytesIO(folder.read_bytes(STATE_FILE)), map_location="cpu", weights_only=False)
+        return None
 
     def log(self, message: str) -> None:
         self.base.log(message)

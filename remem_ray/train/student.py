@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from remem_ray.checkpoint_files import BEST_POINTER, best_checkpoint, best_name, is_best_name, is_complete, point_best
 from remem_ray.checkpoints import load_model, split_location
 from remem_ray.contract import BEST_TEST_ACC, BEST_VAL_ACC, TEACHER_MI, TEACHER_VAL_ACC, LoopConfig
 from remem_ray.data import Views
@@ -18,8 +19,6 @@ from remem_ray.train.common import PerStepSchedule, build_optimizer, runnable_mo
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 from remem_ray.train.steps import distillation_step
 from remem_ray.train.targets import CachedTargets, OnlineTargets, TargetSource, load_or_build_targets
-
-BEST = "best"
 
 
 def target_source(ctx: LoopContext, teacher_location: str, teacher, teacher_normalizer) -> TargetSource:
@@ -83,13 +82,34 @@ class StudentTask(Task):
         self.scheduler.load_state_dict(state["scheduler"])
         self.best_val_acc, self.best = state[BEST_VAL_ACC], state["best"]
 
+    def begin(self, ctx: LoopContext, state: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Readers follow the pointer to this state's best (or, starting afresh, to none), never to
+        one an interrupted attempt wrote later, which this run may write again."""
+        if ctx.is_writer:
+            best = state["task"]["best"] if state is not None else None
+            if best and is_complete(ctx.output, best_name(best["epoch"])):
+                point_best(ctx.output, best["epoch"])
+            elif ctx.output.is_file(BEST_POINTER):
+                ctx.output.delete_file(BEST_POINTER)
+        return state
+
     def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
-        """Keep the student with the best val accuracy (test is reported beside it, never used)."""
+        """Keep the student with the best val accuracy (test is reported beside it, never used).
+
+        Each best is a folder of its own, written, then pointed at: whoever reads the best student
+        (`sweep best`, the report, an export) follows the pointer to a finished folder that this
+        run does not write again. The one pointed at before stays, for a reader that had just
+        followed the pointer; older ones go.
+        """
         if metrics["val_acc"] > self.best_val_acc:
             self.best_val_acc = metrics["val_acc"]
             self.best = {"epoch": epoch, "val_acc": metrics["val_acc"], "test_acc": metrics["test_acc"]}
             if ctx.is_writer:
-                self.save_model(ctx, BEST, epoch, metrics, teacher=self.teacher_meta)
+                self.save_model(ctx, best_name(epoch), epoch, metrics, teacher=self.teacher_meta)
+                before = point_best(ctx.output, epoch)
+                for name in ctx.output.list_dir():
+                    if is_best_name(name) and name not in (best_name(epoch), before):
+                        ctx.output.delete_dir(name)
         metrics[BEST_VAL_ACC] = self.best["val_acc"]
         metrics[BEST_TEST_ACC] = self.best["test_acc"]
         teacher_metrics = self.teacher_meta.get("metrics", {})
@@ -99,11 +119,11 @@ class StudentTask(Task):
 
 def distill_student(config: LoopConfig) -> dict[str, Any]:
     """Distil the config's student from its teacher checkpoint, in-process or on each Ray Train
-    worker. Writes <output>/best/."""
+    worker. Writes <output>/best_epoch_<e>/ and <output>/best.json, which points at the best."""
     ctx = prepare(config, "student")
     teacher = config.teacher_checkpoint or ctx.spec.student.teacher_checkpoint
     if not teacher:
         raise SpecError("student.teacher_checkpoint: no teacher checkpoint given")
     task = StudentTask(ctx, teacher)
     history = run_epochs(ctx, task)
-    return {"history": history, "best": task.best, "checkpoint": ctx.output.uri(BEST)}
+    return {"history": history, "best": task.best, "checkpoint": best_checkpoint(ctx.output)}

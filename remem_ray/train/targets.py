@@ -28,9 +28,9 @@ from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, RunSpec
 from remem_ray.data.datasets import num_items
 from remem_ray.data.pipeline import DataPipeline, Views
 from remem_ray.storage import Storage
+from remem_ray.teacher_layout import TARGETS_DIR
 from remem_ray.train.common import autocast, is_distributed
 
-TARGETS_DIR = "targets"
 CACHE_FORMAT = 1
 
 

@@ -8,16 +8,14 @@ from typing import Any
 
 import torch
 
-from remem_ray.checkpoint_files import checkpoint_name
+from remem_ray.checkpoint_files import CheckpointError, checkpoint_name, copy_checkpoint, is_complete
 from remem_ray.contract import TEACHER_MI, LoopConfig
 from remem_ray.insight.information import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
 from remem_ray.models import normalizer_for, reweight_mlp
-from remem_ray.train.common import PerStepSchedule, build_sam, runnable_model
+from remem_ray.teacher_layout import HISTORY_FILE, SPEC_FILE
+from remem_ray.train.common import PerStepSchedule, build_sam, rank0_decides, runnable_model
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 from remem_ray.train.steps import sam_step
-
-TEACHER_SPEC_FILE = "spec.json"  # the spec and key a teacher folder was trained from
-HISTORY_FILE = "history.json"
 
 
 class TeacherTask(Task):
@@ -53,6 +51,32 @@ class TeacherTask(Task):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def begin(self, ctx: LoopContext, state: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Resume only with every checkpoint saved before the state's epoch in this run's output:
+        those an earlier holder wrote are copied over (checked against their sha256). If one is
+        gone or corrupt, the teacher trains again from its first epoch (never an endless resume
+        of a run that cannot end whole)."""
+        if state is None:
+            return None
+        problem = self._missing_checkpoints(ctx, state["epoch"]) if ctx.is_writer else None
+        if rank0_decides(problem is not None, ctx.device):
+            ctx.session.log(f"not resuming at epoch {state['epoch'] + 1}: {problem}; training from epoch 1")
+            return None
+        return state
+
+    def _missing_checkpoints(self, ctx: LoopContext, done: int) -> str | None:
+        for epoch in (e for e in self.cfg.saved_epochs if e <= done):
+            name = checkpoint_name(epoch)
+            if is_complete(ctx.output, name):
+                continue
+            if ctx.earlier_output is None:
+                return f"{ctx.output.uri(name)} is missing"
+            try:
+                copy_checkpoint(ctx.earlier_output, ctx.output, name)
+            except CheckpointError as exc:
+                return str(exc)
+        return None
+
     def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
         if epoch in self.cfg.saved_epochs and ctx.is_writer:
             # MI of this checkpoint's targets on a fixed val subset, at the reference temperature
@@ -84,7 +108,7 @@ def fine_tune_teacher(config: LoopConfig) -> dict[str, Any]:
     task = TeacherTask(ctx)  # weights are fetched before anything is written
     if ctx.is_writer:
         record = {"teacher_key": ctx.spec.teacher_key(ctx.session.world_size), "spec": ctx.spec.model_dump(mode="json")}
-        ctx.output.write_text(TEACHER_SPEC_FILE, json.dumps(record, indent=2))
+        ctx.output.write_text(SPEC_FILE, json.dumps(record, indent=2))
     history = run_epochs(ctx, task)
     if ctx.stopped is not None:
         return {"history": history, "stopped": ctx.stopped}
