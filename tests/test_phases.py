@@ -255,3 +255,68 @@ def test_readers_of_a_students_best_follow_a_pointer_to_a_finished_folder(tmp_pa
     (tmp_path / "s.pt").unlink()  # a fresh run into the same folder: no best until its first
     distill_student(student.but(session=FileSession(tmp_path / "s.pt")))
     assert pointed_at_start == [1, None]
+
+
+def test_a_holder_paused_between_its_lease_check_and_its_writes_changes_nothing_anyone_reads(tmp_path, monkeypatch):
+    """The fencing case: the first holder is held right after epoch 3's lease check; another takes
+    the lease over, resumes from the first one's state and publishes; then the first one wakes,
+    writes its epoch 3 and finishes its loop. The set in use, and every file in it, stay the
+    second holder's; the first one's writes land in its own folder only."""
+    import threading
+
+    from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.registry import TeacherRegistry
+    from remem_ray.sweep.trial import TeacherFinished
+
+    spec = load_run_spec(None, SPEC)
+    layout = SweepLayout(Storage(str(tmp_path / "root")), "s")
+    registry = TeacherRegistry(layout.teachers)
+    key = spec.teacher_key(1)
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    monkeypatch.setenv("REMEM_TEST_HOLD_AT", "teacher-checked:3")
+    monkeypatch.setenv("REMEM_TEST_HOLD_DIR", str(holds))
+
+    def holder_config(lease, trial_id: str, earlier=None) -> PhasesConfig:
+        handle = lease.handle()
+        output = registry.output(key, handle.generation)
+        teacher = LoopConfig(
+            spec,
+            output.uri(),
+            state=output.uri("resume"),
+            resume_from=earlier.uri() if earlier is not None else None,
+            lease=handle,
+            quiet=True,
+        )
+        return PhasesConfig(teacher, None, on_teacher_done=TeacherFinished(registry, layout, key, trial_id, handle))
+
+    first = registry.lease(key, "sweep-a/t1", 60.0)
+    assert first.try_acquire() and registry.claim(key, 1)
+    results: dict = {}
+    paused = threading.Thread(target=lambda: results.update(teach_then_distil(holder_config(first, "t1"))))
+    paused.start()
+    claimed = holds / "teacher-checked-3.claimed"
+    for _ in range(600):
+        if claimed.exists() or not paused.is_alive():
+            break
+        paused.join(0.5)
+    assert claimed.exists(), "the first holder never reached its pause"
+
+    clock = [0.0]  # the second holder's clock: the first one's record has not changed for the window
+    second = Lease(registry.folder(key).lease, "sweep-b/t9", 1.0, clock=lambda: clock[0])
+    assert not second.try_acquire()
+    clock[0] = 5.0
+    assert second.try_acquire() and registry.claim(key, 2)
+    earlier = registry.resume_source(key, 2)
+    assert earlier is not None and earlier.uri() == registry.output(key, 1).uri()
+    teach_then_distil(holder_config(second, "t9", earlier))
+    in_use = registry.set_in_use(key)
+    assert in_use is not None and in_use.uri() == registry.output(key, 2).uri() and layout.trained_by(key) == "t9"
+    published = {p: p.read_bytes() for p in Path(in_use.uri()).rglob("*") if p.is_file()}
+
+    (holds / "teacher-checked-3.release").touch()
+    paused.join(120)
+    assert not paused.is_alive()
+    assert (Path(registry.output(key, 1).uri()) / "epoch_3" / "manifest.json").is_file()  # it did write, at home
+    assert registry.set_in_use(key).uri() == in_use.uri() and layout.trained_by(key) == "t9"
+    assert {p: p.read_bytes() for p in Path(in_use.uri()).rglob("*") if p.is_file()} == published

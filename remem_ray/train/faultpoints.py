@@ -5,6 +5,9 @@ Fault tests must not race the machine's speed. With
     REMEM_TEST_HOLD_AT="student:2,student:4"   (role:epoch, after that epoch is reported)
     REMEM_TEST_HOLD_DIR=<folder>
 
+(`teacher-checked:2`: a teacher holding a lease, right after epoch 2's lease check and before
+anything of that epoch is written)
+
 the first run (its rank 0) to reach a point claims it by creating `<folder>/<role>-<epoch>.claimed`
 (JSON: its pid and output folder) and waits there until `<folder>/<role>-<epoch>.release` appears;
 every point holds once per folder, later runs pass it. A point written `role:epoch@text` holds only

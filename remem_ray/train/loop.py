@@ -333,6 +333,8 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
                 f"({ctx.stopped}); its new holder goes on"
             )
             break
+        if ctx.is_writer and ctx.lease is not None:  # the worst moment to pause: checked, not yet written
+            hold_if_asked(f"{ctx.role}-checked", epoch, ctx.output.uri())
         history.append(metrics)
         task.after_epoch(ctx, epoch, metrics)
         metrics.update(ctx.report_extra)
