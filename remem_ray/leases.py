@@ -85,7 +85,7 @@ class Lease:
         self.record: LeaseRecord | None = None  # ours, while we hold the lease
         self._seen: tuple[int, int, str] | None = None
         self._seen_since = 0.0
-        self._confirmed_at = 0.0  # when storage last confirmed the lease ours
+        self._failing_since: float | None = None  # when this run of storage errors began
         self._lock = threading.Lock()  # a renew in flight and a release never interleave
 
     def try_acquire(self) -> bool:
@@ -107,7 +107,7 @@ class Lease:
             winner = current_record(self.folder)
             if winner is None or winner.token != mine.token:
                 return False
-        self.record, self._confirmed_at = mine, self._clock()
+        self.record, self._failing_since = mine, None
         self._prune(generation)
         return True
 
@@ -126,9 +126,11 @@ class Lease:
                     self.record = None
                     return False
                 self.record = self._rewrite(self.record, beat=self.record.beat + 1)
-                self._confirmed_at = self._clock()
+                self._failing_since = None
             except ResourceError:
-                if self._clock() - self._confirmed_at >= self.stale_after_s:
+                now = self._clock()
+                self._failing_since = now if self._failing_since is None else self._failing_since
+                if now - self._failing_since >= self.stale_after_s:
                     self.record = None
                     return False
             return True
@@ -205,21 +207,28 @@ class LeaseHandle:
 
 class LeaseWatch:
     """A worker's checks of its holder's lease, with the holder's rule for storage errors: an
-    outage shorter than the stale window is not a loss; past it the lease counts as lost (the
-    holder cannot know it still holds), so nothing more is written. Never raises."""
+    outage shorter than the stale window is not a loss; one that lasts it is (the holder cannot
+    know it still holds), so nothing more is written. A check that meets an error asks again
+    every few seconds until storage answers or the window has passed. Never raises."""
 
-    def __init__(self, handle: LeaseHandle, clock: Callable[[], float] = time.monotonic) -> None:
-        self.handle, self._clock = handle, clock
-        self._confirmed_at = clock()
+    RETRY_S = 5.0
+
+    def __init__(
+        self,
+        handle: LeaseHandle,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.handle, self._clock, self._sleep = handle, clock, sleep
 
     def lost(self) -> str | None:
-        try:
-            reason = self.handle.lost()
-        except ResourceError as exc:
-            unreachable = self._clock() - self._confirmed_at
-            if unreachable < self.handle.stale_after_s:
-                return None
-            return f"storage unreachable for {unreachable:.0f} s, longer than the stale window ({exc})"
-        if reason is None:
-            self._confirmed_at = self._clock()
-        return reason
+        failing_since = None
+        while True:
+            try:
+                return self.handle.lost()
+            except ResourceError as exc:
+                now = self._clock()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since >= self.handle.stale_after_s:
+                    return f"storage unreachable for {now - failing_since:.0f} s, the stale window ({exc})"
+                self._sleep(min(self.RETRY_S, self.handle.stale_after_s - (now - failing_since)))

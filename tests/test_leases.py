@@ -159,21 +159,41 @@ def _unreachable(storage: Storage, monkeypatch) -> None:
 
 
 def test_a_holder_cut_off_from_storage_longer_than_the_stale_window_stops(tmp_path, monkeypatch):
-    """Shorter than the window an outage is not a loss; past it the holder cannot know it still
-    holds (others may have taken over), so the lease counts as lost: for the heartbeat's renew
-    and for a worker's checks alike, and neither raises."""
+    """Shorter than the window an outage is not a loss; one that lasts the window is (others may
+    have taken over; the holder cannot know), for the heartbeat's renew and for a worker's checks
+    alike, counted from the outage's first error. Neither raises."""
     clock = [0.0]
     lease = Lease(Storage(str(tmp_path / "lease")), "a", 60.0, clock=lambda: clock[0])
     assert lease.try_acquire()
-    watch = LeaseWatch(lease.handle(), clock=lambda: clock[0])
-    assert watch.lost() is None
+    handle = lease.handle()
     _unreachable(lease.folder, monkeypatch)
-    monkeypatch.setattr(LeaseHandle, "lost", lambda self: (_ for _ in ()).throw(ResourceError("unreachable")))
-    clock[0] = 30.0
-    assert lease.renew() and watch.lost() is None
-    clock[0] = 61.0
+    clock[0] = 300.0  # a long epoch since the last beat: the outage starts now
+    assert lease.renew()
+    clock[0] = 359.0
+    assert lease.renew()
+    clock[0] = 360.0
     assert not lease.renew()
-    assert "storage unreachable for 61 s" in watch.lost()
+
+    answers = iter([ResourceError("down"), ResourceError("down"), None])
+
+    def flaky(self):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(LeaseHandle, "lost", flaky)
+    watch = LeaseWatch(handle, clock=lambda: clock[0], sleep=sleep)
+    assert watch.lost() is None and clock[0] == 370.0  # asked again until storage answered
+
+    def down(self):
+        raise ResourceError("down")
+
+    monkeypatch.setattr(LeaseHandle, "lost", down)
+    assert "storage unreachable for 60 s" in watch.lost()
 
 
 def test_a_release_is_never_undone_by_a_renewal_still_in_flight(tmp_path):

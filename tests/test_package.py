@@ -51,7 +51,7 @@ assert lease.try_acquire()
 handle = lease.handle()
 assert runs.registry.claim(runs.key, handle.generation)
 finished = TeacherFinished(runs.registry, runs.layout, runs.key, "t1", handle)
-runs.fit_teacher(spec, run_spec, runs.registry, runs.key, lease, finished)
+runs.fit_teacher(spec, run_spec, runs.registry, runs.key, handle, finished)
 finished()  # what the (stubbed) teacher run's rank 0 does when its teacher phase ends
 runs.fit_student(trained=True)
 print(*(m in sys.modules for m in ("torch", "timm", "torchvision")))

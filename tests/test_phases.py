@@ -320,3 +320,12 @@ def test_a_holder_paused_between_its_lease_check_and_its_writes_changes_nothing_
     assert (Path(registry.output(key, 1).uri()) / "epoch_3" / "manifest.json").is_file()  # it did write, at home
     assert registry.set_in_use(key).uri() == in_use.uri() and layout.trained_by(key) == "t9"
     assert {p: p.read_bytes() for p in Path(in_use.uri()).rglob("*") if p.is_file()} == published
+
+
+def test_an_earlier_state_that_does_not_load_is_not_resumed_from(tmp_path):
+    spec = load_run_spec(None, SPEC)
+    (tmp_path / "gen-1" / "resume").mkdir(parents=True)
+    (tmp_path / "gen-1" / "resume" / STATE_FILE).write_bytes(b"truncated")
+    events = Events()
+    teach_then_distil(_config(spec, tmp_path, TeacherLog(events), None, events, teacher="gen-2", earlier="gen-1"))
+    assert events.seen == ["teacher 1/3", "teacher 2/3", "teacher 3/3", "teacher done"]

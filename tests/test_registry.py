@@ -14,7 +14,7 @@ from remem_ray.leases import Lease
 from remem_ray.sweep import trial as trial_module
 from remem_ray.sweep.results import summarize
 from remem_ray.sweep.trial import TeacherFinished, ensure_teacher
-from remem_ray.teacher_layout import RESUME_DIR, generation_dir
+from remem_ray.teacher_layout import RESUME_STATE, generation_dir
 
 
 class FakeFit:
@@ -25,13 +25,13 @@ class FakeFit:
         self.calls, self.weight, self.before = 0, weight, before
         self.resumed_from: list = []
 
-    def __call__(self, spec, run_spec, registry, key, lease, finished, resume_from) -> None:
+    def __call__(self, spec, run_spec, registry, key, handle, finished, resume_from) -> None:
         self.calls += 1
         self.resumed_from.append(resume_from)
-        assert lease.handle().lost() is None  # trains only under its lease
-        if self.before is not None and self.before(registry, key, lease) is False:
+        assert handle.lost() is None  # trains only under its lease
+        if self.before is not None and self.before(registry, key, handle) is False:
             return  # the loop found its lease lost and stopped
-        write_teacher(registry.output(key, lease.handle().generation), self.weight)
+        write_teacher(registry.output(key, handle.generation), self.weight)
         finished()
 
 
@@ -82,7 +82,7 @@ def test_a_holder_that_loses_its_lease_mid_run_waits_for_the_new_one(tmp_path, m
     waiting = threading.Event()
     new_holder: list[Lease] = []
 
-    def taken_over(registry, key, lease):
+    def taken_over(registry, key, handle):
         new_holder.append(_take_over(registry, key, "sweep-b/t9"))
         return False  # our run finds its lease lost at its next epoch check and stops
 
@@ -155,7 +155,7 @@ def test_a_corrupt_checkpoint_is_retrained_beside_the_one_in_use_and_switched_at
     model_file.write_bytes(model_file.read_bytes()[:-10])  # truncated after its manifest was written
     epoch_2 = (tmp_path / "teachers" / key / "epoch_2" / "model.pt").read_bytes()
 
-    def during(registry, key, lease):
+    def during(registry, key, handle):
         # trials reading the checkpoints in use still find them, unchanged, while the retraining runs
         assert registry.set_in_use(key).uri() == in_use.uri() and registry.set_in_use(key).verify(2) is None
 
@@ -176,7 +176,7 @@ def test_a_set_with_a_checkpoint_gone_is_repaired_not_resumed_forever(tmp_path):
     again (resuming, if at all, only where the checkpoints are whole) and counts the repair once."""
     spec, run_spec, layout, registry, key = registry_setup(tmp_path)
     assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=FakeFit())
-    (tmp_path / "teachers" / key / generation_dir(1) / RESUME_DIR).mkdir()  # the run left its state
+    registry.output(key, 1).write_text(RESUME_STATE, "its state")  # the run left its state
     shutil.rmtree(tmp_path / "teachers" / key / generation_dir(1) / "epoch_2")
     fit = FakeFit(weight=2.0)
     assert ensure_teacher(spec, run_spec, "s/t2", registry, layout, fit=fit)
@@ -193,8 +193,8 @@ def test_an_interrupted_retraining_is_resumed_and_counted_once(tmp_path):
     model_file = tmp_path / "teachers" / key / "epoch_4" / "model.pt"
     model_file.write_bytes(b"garbage")
 
-    def crash(registry, key, lease):
-        registry.output(key, lease.handle().generation).write_text(f"{RESUME_DIR}/state.pt", "its state")
+    def crash(registry, key, handle):
+        registry.output(key, handle.generation).write_text(RESUME_STATE, "its state")
         raise RuntimeError("node lost")
 
     with pytest.raises(RuntimeError, match="node lost"):
@@ -217,3 +217,34 @@ def test_a_teacher_stored_under_the_key_an_older_version_gave_it_is_reused(tmp_p
     assert not ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit) and fit.calls == 0
     assert registry.set_in_use(key) is None
     assert registry.set_in_use(key, [older]).uri() == registry.folder(older).uri()
+
+
+def test_a_claim_racing_an_older_holders_publication_keeps_it(tmp_path, monkeypatch):
+    """The older holder's publication lands between the new holder's read of the pointer and its
+    create: the claim, built again on the newest version, keeps that set in use (it was finished
+    before the claim), rather than naming what it had read before."""
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    assert registry.claim(key, 1)
+    write_teacher(registry.output(key, 1), 1.0)
+    sets = registry.folder(key).sets
+    create = type(sets).create_exclusive
+    raced = []
+
+    def create_after_the_publication(self, rel, data):
+        if not raced:
+            raced.append(True)
+            assert registry.publish(key, 1)  # the older holder, at just this moment
+        return create(self, rel, data)
+
+    monkeypatch.setattr(type(sets), "create_exclusive", create_after_the_publication)
+    assert registry.claim(key, 2)
+    assert registry.set_in_use(key).uri() == registry.output(key, 1).uri()
+    assert not registry.publish(key, 1)  # and from now on the older one adds nothing
+
+
+def test_the_next_holder_resumes_from_the_newest_generation_that_left_a_state(tmp_path):
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    registry.output(key, 1).write_text(RESUME_STATE, "epoch 30")
+    registry.output(key, 2).write_text("resume/state.pt.tmp-1234", "killed while writing its first")
+    assert registry.resume_source(key, 3).uri() == registry.output(key, 1).uri()
+    assert registry.resume_source(key, 1) is None

@@ -44,7 +44,7 @@ def _runs(tmp_path, monkeypatch):
 def test_a_trial_training_its_teacher_distils_in_the_same_run(tmp_path, monkeypatch):
     spec, run_spec, layout, registry, key, lease, runs, recorder = _runs(tmp_path, monkeypatch)
     finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
-    runs.fit_teacher(spec, run_spec, registry, key, lease, finished)
+    runs.fit_teacher(spec, run_spec, registry, key, lease.handle(), finished)
     ((loop, config),) = recorder.runs
     output = registry.output(key, lease.handle().generation)  # the lease generation's own folder
     assert loop == "teach_then_distil_in_worker" and config.student.teacher_checkpoint == output.uri("epoch_4")
@@ -53,7 +53,7 @@ def test_a_trial_training_its_teacher_distils_in_the_same_run(tmp_path, monkeypa
     assert PhasesConfig.from_dict(config.to_dict()) == config
     assert not runs.distilled  # the stand-in run never marked the teacher finished
     pickle.loads(config.on_teacher_done)()  # what the run's rank 0 does between the phases
-    runs.fit_teacher(spec, run_spec, registry, key, lease, finished)
+    runs.fit_teacher(spec, run_spec, registry, key, lease.handle(), finished)
     assert runs.distilled
 
 
@@ -63,7 +63,7 @@ def test_a_trial_with_a_student_run_already_trains_its_teacher_in_a_run_of_its_o
     spec, run_spec, layout, registry, key, lease, runs, recorder = _runs(tmp_path, monkeypatch)
     layout.train_runs.write_text("student-t1/checkpoint_manager_snapshot.json", "{}")
     finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
-    runs.fit_teacher(spec, run_spec, registry, key, lease, finished)
+    runs.fit_teacher(spec, run_spec, registry, key, lease.handle(), finished)
     ((loop, config),) = recorder.runs
     assert loop == "teach_then_distil_in_worker" and config.student is None
     pickle.loads(config.on_teacher_done)()

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from remem_ray.checkpoint_files import checkpoint_name, is_complete, verify_checkpoint
+from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
-from remem_ray.teacher_layout import RESUME_DIR, TeacherFolder, generation_dir, version_file
+from remem_ray.teacher_layout import RESUME_STATE, TeacherFolder, generation_dir, version_file
 
 CLAIM, PUBLISH = "claim", "publish"
+APPEND_TRIES = 12
 
 
 @dataclass(frozen=True)
@@ -96,43 +99,48 @@ class TeacherRegistry:
 
     def _set_under(self, key: str) -> TeacherSet | None:
         folder = self.folder(key)
-        newest = self._newest(key)
-        if newest is not None:
-            named = newest[1].get("folder")  # "" is the key's root: a set an older version trained
-            return None if named is None else TeacherSet(folder.storage.child(named))
-        legacy = folder.legacy_set()
-        return TeacherSet(legacy) if _has_any_checkpoint(legacy) else None
+        named = self._named(key, self._newest(key))
+        return None if named is None else TeacherSet(folder.storage.child(named))
 
-    def _append(self, key: str, generation: int, kind: str, named: str | None) -> bool:
-        """Add the pointer's next version for `generation`; False once a newer generation has one."""
-        folder = self.folder(key)
-        while True:
+    def _named(self, key: str, newest: tuple[int, dict] | None) -> str | None:
+        """The folder (relative to the key's) of the set in use, given the pointer's newest version."""
+        if newest is not None:
+            return newest[1].get("folder")  # "" is the key's root: a set an older version trained
+        legacy = self.folder(key).legacy_set()
+        return _relative(self.folder(key).storage, legacy) if _has_any_checkpoint(legacy) else None
+
+    def _append(self, key: str, generation: int, kind: str, folder_for) -> bool:
+        """Add the pointer's next version for `generation`, naming `folder_for(newest version)`;
+        False once a newer generation has a version. Each try reads the newest version again: a
+        version someone else added first (an older holder's publication) is built on, not lost."""
+        sets = self.folder(key).sets
+        for attempt in range(APPEND_TRIES):
             newest = self._newest(key)
-            version = 1 if newest is None else newest[0] + 1
             if newest is not None and newest[1]["generation"] > generation:
                 return False
-            record = {"version": version, "generation": generation, "kind": kind, "folder": named}
-            if folder.sets.create_exclusive(version_file(version), json.dumps(record).encode()):
+            version = 1 if newest is None else newest[0] + 1
+            record = {"version": version, "generation": generation, "kind": kind, "folder": folder_for(newest)}
+            if sets.create_exclusive(version_file(version), json.dumps(record).encode()):
                 return True
+            time.sleep(min(2.0, 0.05 * 2**attempt))  # a listing that lags the create (some S3 servers)
+        raise ResourceError(f"teacher {key}: {sets.uri()} did not take a new version in {APPEND_TRIES} tries")
 
     def claim(self, key: str, generation: int) -> bool:
         """Taken by the holder of `generation` right after it takes the lease: no older holder can
         change the set in use from here on; readers keep the set they had. False if a newer
         generation got there first (this holder's lease has passed on already)."""
-        current = self.set_in_use(key)
-        named = None if current is None else _relative(self.folder(key).storage, current.folder)
-        return self._append(key, generation, CLAIM, named)
+        return self._append(key, generation, CLAIM, lambda newest: self._named(key, newest))
 
     def publish(self, key: str, generation: int) -> bool:
         """Make that generation's folder the set in use; False if a newer generation claimed the
         pointer meanwhile (its holder goes on; this one's lease had passed)."""
-        return self._append(key, generation, PUBLISH, generation_dir(generation))
+        return self._append(key, generation, PUBLISH, lambda newest: generation_dir(generation))
 
     def resume_source(self, key: str, generation: int) -> Storage | None:
         """The newest earlier generation's folder holding a resume state, to continue from."""
         folder = self.folder(key)
         for older in reversed(folder.generations()):
-            if older < generation and folder.generation(older).exists(RESUME_DIR):
+            if older < generation and folder.generation(older).is_file(RESUME_STATE):
                 return folder.generation(older)
         return None
 

@@ -39,10 +39,14 @@ class SlotPolicy:
         self.max_live = 2 * self.max_concurrent
         self._stored: set[str] = set()
         self._checked: dict[str, float] = {}
+        self._older_keys: dict[str, list[str]] = {}  # what earlier versions called each key's training
 
     def key(self, config: dict[str, Any]) -> str:
         """The teacher key of the trial that `config` (a suggestion) describes."""
-        return self.spec.run_spec(config).teacher_key(self.spec.sweep.resources.teacher.num_workers)
+        run_spec, world_size = self.spec.run_spec(config), self.spec.sweep.resources.teacher.num_workers
+        key = run_spec.teacher_key(world_size)
+        self._older_keys.setdefault(key, run_spec.legacy_teacher_keys(world_size))
+        return key
 
     def may_start(self, live_keys: list[str]) -> bool:
         if len(live_keys) >= self.max_live:
@@ -67,7 +71,7 @@ class SlotPolicy:
         from remem_ray.sweep.registry import TeacherRegistry
 
         registry = TeacherRegistry(SweepLayout(Storage.from_config(self.spec.storage), self.spec.name).teachers)
-        in_use = registry.set_in_use(key)
+        in_use = registry.set_in_use(key, self._older_keys.get(key, []))
         return in_use is not None and not in_use.missing(self.spec.teacher.saved_epochs)
 
     def __getstate__(self) -> dict:

@@ -126,10 +126,12 @@ class TeacherFinished:
         self.token = uuid.uuid4().hex  # tells this training's record from an older one of the same trial
         self.fit_called_at = time.time()
 
-    def __call__(self) -> None:
+    def __call__(self) -> bool:
+        """True if this training's folder became the set in use."""
         if LeaseWatch(self.lease).lost() is not None or not self.registry.publish(self.key, self.lease.generation):
-            return
+            return False
         self.layout.record_teacher_training(self.key, self.trial_id, fit_called_at=self.fit_called_at, token=self.token)
+        return True
 
     def done(self) -> bool:
         """Whether this very training marked the teacher finished."""
@@ -150,7 +152,7 @@ def ensure_teacher(
     is whole (sha256 against its manifest); True if this trial trained it.
 
     `holder` names this trial across sweeps (sweep/trial id). Whoever holds the key's lease
-    trains, calling `fit(spec, run_spec, registry, key, lease, finished, resume_from)`, which
+    trains, calling `fit(spec, run_spec, registry, key, handle, finished, resume_from)`, which
     calls `finished()` (a TeacherFinished) once the teacher is whole; `resume_from` is an earlier
     holder's folder to continue from, or None. A holder that loses its lease mid-run (declared
     stale) stops at the next epoch and waits like the others. A set in use with a checkpoint
@@ -169,7 +171,7 @@ def ensure_teacher(
             # Stored already; still ours if this very trial trained it before Tune restarted it.
             return layout.trained_by(key) == trial_id
         if lease.try_acquire():
-            if _train_under_lease(spec, run_spec, trial_id, registry, layout, key, lease, fit):
+            if _train_under_lease(spec, run_spec, trial_id, registry, layout, key, older_keys, lease, fit):
                 return True
             continue  # lost the lease mid-run: the new holder finishes; wait for it
         if time.monotonic() - last_note > 30:
@@ -187,6 +189,7 @@ def _train_under_lease(
     registry: TeacherRegistry,
     layout: SweepLayout,
     key: str,
+    older_keys: list[str],
     lease: Lease,
     fit,
 ) -> bool:
@@ -199,7 +202,7 @@ def _train_under_lease(
             if not registry.claim(key, handle.generation):  # from here no older holder changes the set in use
                 say(f"trial {trial_id}: lost the lease on teacher {key[:8]} as it took it; waiting for its new holder")
                 return False
-            in_use = registry.set_in_use(key)
+            in_use = registry.set_in_use(key, older_keys)
             resume_from = registry.resume_source(key, handle.generation)
             if in_use is not None:
                 problem = in_use.problem(epochs, epoch)
@@ -214,7 +217,7 @@ def _train_under_lease(
             resuming = f", resuming {resume_from.uri()}" if resume_from is not None else ""
             say(f"trial {trial_id}: training teacher {key[:8]} (rho {teacher.rho}, alpha {teacher.alpha}{resuming})")
             finished = TeacherFinished(registry, layout, key, trial_id, handle)
-            fit(spec, run_spec, registry, key, lease, finished, resume_from)
+            fit(spec, run_spec, registry, key, handle, finished, resume_from)
         if finished.done():  # its run marked the teacher finished
             return True
         say(f"trial {trial_id}: lost the lease on teacher {key[:8]} while training it; waiting for its new holder")
@@ -263,7 +266,7 @@ class TrialRuns:
         )
 
     def fit_teacher(
-        self, spec, run_spec, registry: TeacherRegistry, key: str, lease: Lease, finished, resume_from=None
+        self, spec, run_spec, registry: TeacherRegistry, key: str, handle: LeaseHandle, finished, resume_from=None
     ) -> None:
         """Train (or resume) the teacher under a held lease, into its generation's folder, and its
         student in the same run when the workers match; the loop stops if the lease goes."""
@@ -271,7 +274,6 @@ class TrialRuns:
         # A trial restarted with a student run of its own already (its teacher found corrupt
         # since, say) keeps that run for its student: a run with a checkpoint skips its teacher phase.
         together = resources.teacher == resources.student and not self._student_run_exists()
-        handle = lease.handle()
         output = registry.output(key, handle.generation)
         epoch = run_spec.student.teacher_epoch
         teacher = LoopConfig(

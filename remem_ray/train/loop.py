@@ -119,8 +119,10 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
     if config.resume_from:  # an earlier run's, read only, until this run has a state of its own
         earlier = Storage(config.resume_from, spec.storage.endpoint, spec.storage.region)
     if config.state:  # the resume state kept in a folder of its own, not where the session keeps it
-        own = Storage(config.state, spec.storage.endpoint, spec.storage.region)
-        session = StoredStateSession(session, own, earlier.child(RESUME_DIR) if earlier else None)
+        stored = StoredStateSession(session, Storage(config.state, spec.storage.endpoint, spec.storage.region))
+        if earlier is not None:
+            stored.adopt(earlier.child(RESUME_DIR))
+        session = stored
     seed_everything(rank_seed(spec.seed, session.world_rank, 0))
     device = pick_device(spec.device, session.local_rank)
     data_config = resolved_data_config(model_name, model_kwargs, spec.data.img_size)

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from remem_ray.contract import LoopConfig, PhasesConfig
+from remem_ray.train.common import pick_device, rank0_decides
 from remem_ray.train.loop import base_session
 from remem_ray.train.student import distill_student
 from remem_ray.train.teacher import fine_tune_teacher
@@ -65,11 +65,11 @@ def _teacher_phase(cfg: LoopConfig, teacher_done_hook: Callable[[], Callable[[],
     if "stopped" in result:  # every rank stops at the same epoch (rank 0 decides)
         return result
     hook = teacher_done_hook() if base.world_rank == 0 else None  # unpickled where it runs, when it runs
-    if hook is not None:
-        hook()
-    if dist.is_available() and dist.is_initialized():
-        # rank 0 writes the last checkpoint and runs the hook; the others load that checkpoint next
-        dist.barrier()
+    published = hook() is not False if hook is not None else True
+    # rank 0 wrote the last checkpoint and ran the hook; the others load that checkpoint next
+    if not rank0_decides(published, pick_device(cfg.spec.device, base.local_rank)):
+        # refused: another holder took the lease over; no student on a set nobody will use
+        return {**result, "stopped": "its set was not published: the lease passed to another holder"}
     return result
 
 

@@ -14,13 +14,14 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from remem_ray.console import say
 from remem_ray.contract import EPOCH, EPOCHS, METRIC, Session
 from remem_ray.storage import Storage
+from remem_ray.teacher_layout import STATE_FILE
 
 _SHOWN = ("train_loss", "train_acc", "val_acc", "test_acc", METRIC, "lr")
-STATE_FILE = "state.pt"  # a resume state, in a Train checkpoint or a folder of its own
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:
@@ -106,15 +107,28 @@ class StoredStateSession:
 
     For a teacher trained inside a trial's Train run: its resume state belongs to the teacher
     (whichever trial holds the key's lease next resumes it), not to the run, and its epochs are
-    not the trial's results (Tune's scheduler sees student epochs only). Until this run has a
-    state of its own, it restores `earlier`'s (another holder's, only ever read).
+    not the trial's results (Tune's scheduler sees student epochs only).
     """
 
-    def __init__(self, base: Session, storage: Storage, earlier: Storage | None = None) -> None:
-        self.base, self.storage, self.earlier = base, storage, earlier
+    def __init__(self, base: Session, storage: Storage) -> None:
+        self.base, self.storage = base, storage
         self.world_rank, self.local_rank, self.world_size = base.world_rank, base.local_rank, base.world_size
         self.history: list[dict[str, Any]] = []
-        self.restored_from: Storage | None = None  # the folder whose state restore_state returned
+
+    def adopt(self, earlier: Storage) -> None:
+        """Continue from `earlier`'s state (another holder's, only ever read) while this run has
+        none: rank 0 copies it here if it loads, then every rank reads this run's folder alone,
+        so no two ranks can restore different states of a holder still writing there."""
+        if self.world_rank == 0 and not self.storage.is_file(STATE_FILE) and earlier.is_file(STATE_FILE):
+            data = earlier.read_bytes(STATE_FILE)
+            try:
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+            except Exception as exc:  # noqa: BLE001 (any unreadable state: train without it)
+                self.base.log(f"not resuming from {earlier.uri(STATE_FILE)}: it does not load ({exc})")
+            else:
+                self.storage.write_bytes(STATE_FILE, data)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
         self.history.append(dict(metrics))
@@ -125,11 +139,9 @@ class StoredStateSession:
             self.storage.write_bytes(STATE_FILE, buffer.getvalue())  # whole-object write: never half a state
 
     def restore_state(self) -> dict[str, Any] | None:
-        for folder in (self.storage, self.earlier):
-            if folder is not None and folder.is_file(STATE_FILE):
-                self.restored_from = folder
-                return torch.load(io.BytesIO(folder.read_bytes(STATE_FILE)), map_location="cpu", weights_only=False)
-        return None
+        if not self.storage.is_file(STATE_FILE):
+            return None
+        return torch.load(io.BytesIO(self.storage.read_bytes(STATE_FILE)), map_location="cpu", weights_only=False)
 
     def log(self, message: str) -> None:
         self.base.log(message)

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from remem_ray.checkpoint_files import CheckpointError, checkpoint_name, copy_checkpoint, is_complete
+from remem_ray.checkpoint_files import checkpoint_name, copy_checkpoint, is_complete
 from remem_ray.contract import TEACHER_MI, LoopConfig
+from remem_ray.errors import ResourceError
 from remem_ray.insight.information import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
 from remem_ray.models import normalizer_for, reweight_mlp
 from remem_ray.teacher_layout import HISTORY_FILE, SPEC_FILE
@@ -65,16 +66,16 @@ class TeacherTask(Task):
         return state
 
     def _missing_checkpoints(self, ctx: LoopContext, done: int) -> str | None:
-        for epoch in (e for e in self.cfg.saved_epochs if e <= done):
-            name = checkpoint_name(epoch)
-            if is_complete(ctx.output, name):
-                continue
-            if ctx.earlier_output is None:
-                return f"{ctx.output.uri(name)} is missing"
-            try:
+        try:
+            for epoch in (e for e in self.cfg.saved_epochs if e <= done):
+                name = checkpoint_name(epoch)
+                if is_complete(ctx.output, name):
+                    continue
+                if ctx.earlier_output is None:
+                    return f"{ctx.output.uri(name)} is missing"
                 copy_checkpoint(ctx.earlier_output, ctx.output, name)
-            except CheckpointError as exc:
-                return str(exc)
+        except ResourceError as exc:  # a missing or corrupt checkpoint, or storage that did not answer
+            return str(exc)
         return None
 
     def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
