@@ -336,7 +336,8 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
         )
         assert rc == 0, out[-3000:]
     keys = _bucket_keys(client, "exp/")
-    lost = {k for k in stored_before if "/checkpoint_" not in k} - keys  # Train prunes its own old checkpoints
+    # Train prunes its own old checkpoints, and each student its superseded bests (best.json names the one in use)
+    lost = {k for k in stored_before if "/checkpoint_" not in k and "/best_epoch_" not in k} - keys
     assert not lost, sorted(lost)[:10]
     summary = json.loads(client.get_object(Bucket="remem", Key="exp/sweeps/smoke/summary.json")["Body"].read())
     _check_summary(summary, 4)
