@@ -6,7 +6,7 @@
 <root>/sweeps/<name>/sweep.log         the driver's console and every line of the cluster's output
 <root>/sweeps/<name>/tensorboard/<run>/   per-epoch scalars of each teacher and student Train run
 <root>/sweeps/<name>/optuna.db         the Optuna study (SQLite), kept up to date while the sweep runs
-<root>/sweeps/<name>/students/<trial>/best/   each trial's best student
+<root>/sweeps/<name>/students/<trial>/   each trial's best student (best.json -> best_epoch_<e>/)
 <root>/sweeps/<name>/train-runs/student-<trial>/   each trial's Ray Train run (its teacher too, if it trains one)
 <root>/sweeps/<name>/teacher-trainings/<key>.json  teachers this sweep trained
 <root>/sweeps/<name>/integrity-events/*.json       corrupt checkpoints found and retrained
