@@ -8,8 +8,9 @@
 
 A trial that trains its teacher runs both in one Train run (remem_ray.train.phases: one start
 instead of two) when both phases take the same workers; the teacher's resume state lives in its
-registry folder, so whoever holds the key's lease next resumes it. Student runs are named after
-the trial, so a restarted trial resumes its student from the last reported checkpoint.
+lease generation's folder in the registry, so whoever holds the key's lease next continues from
+it. Student runs are named after the trial, so a restarted trial resumes its student from the
+last reported checkpoint.
 """
 
 from __future__ import annotations
