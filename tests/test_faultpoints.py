@@ -1,4 +1,4 @@
-"""Test-only fault points: a run holds at a named moment until released (remem_ray.train.faultpoints)."""
+"""Test-only fault points: a run holds at a named moment until released (remem_ray.faultpoints)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import threading
 import time
 
-from remem_ray.train.faultpoints import HOLD_AT, HOLD_DIR, hold_if_asked
+from remem_ray.faultpoints import HOLD_AT, HOLD_DIR, hold_if_asked
 
 
 def test_unset_or_other_points_do_not_hold(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ The S3 outage and the credential scan run with the S3 sweep in test_sweep_integr
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ def _rows(experiment: Path, trial_id: str) -> list[dict]:
 
 
 def _claimed(holds: Path, point: str) -> dict | None:
-    """Who holds a fault point (remem_ray.train.faultpoints): {"pid", "output"}, once claimed."""
+    """Who holds a fault point (remem_ray.faultpoints): {"pid", "output"}, once claimed."""
     path = holds / f"{point.replace(':', '-')}.claimed"
     try:
         return json.loads(path.read_text())
@@ -207,3 +208,73 @@ def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
     assert model_file.read_bytes() == good[: len(good) // 2]  # the old set was never rewritten under readers
     assert (retrained / "resume" / "state.pt").is_file()
     assert summary["trials"][0]["student_val_acc"] > 0.3
+
+
+def _wait_until(condition, proc, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the sweep ended while waiting for {what}: " + proc.log_path.read_text()[-3000:]
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_a_teacher_holder_paused_past_the_stale_window_changes_nothing_once_it_wakes(tmp_path):
+    """Two trials need one teacher. The first holds the lease and trains; its Train run is held
+    right after epoch 2's lease check, before that epoch's writes, and its driver (the lease's
+    heartbeat) is paused with SIGSTOP. After the stale window the second trial takes the lease
+    over, continues the teacher from the first one's state and publishes it. Then both wake:
+    the first run writes its epoch 2 into its own generation's folder, finds the lease lost at
+    its next check and stops; its trial distils from the second one's teacher. The set in use,
+    and every file the second holder wrote, stay as they were."""
+    import signal
+
+    points = [{**LEARNING_POINT, "teacher_epoch": 2}, {**LEARNING_POINT, "teacher_epoch": 4}]  # one teacher key
+    path = _spec(tmp_path, "paused", points_to_evaluate=points)
+    spec = yaml.safe_load(path.read_text())
+    spec["student"]["epochs"] = 2
+    path.write_text(yaml.safe_dump(spec))
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    env = {**remem_env(tmp_path), "REMEM_TEST_HOLD_AT": "holder:1,teacher-checked:2", "REMEM_TEST_HOLD_DIR": str(holds)}
+    registry = TeacherRegistry(Storage(str(tmp_path / "results" / "teachers")))
+    proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, env)
+    paused_driver = None
+    try:
+        _wait_until(lambda: _claimed(holds, "holder:1") is not None, proc, 300, "the first holder's claim")
+        paused_driver = _claimed(holds, "holder:1")["pid"]
+        (holds / "holder-1.release").touch()
+        _wait_until(lambda: _claimed(holds, "teacher-checked:2") is not None, proc, 300, "its epoch-2 lease check")
+        (key,) = [p.name for p in (tmp_path / "results" / "teachers").iterdir()]
+        os.kill(paused_driver, signal.SIGSTOP)  # the heartbeat stops: the lease goes stale
+        _wait_until(lambda: _published_by(registry, key, 2), proc, 400, "the second holder to publish")
+        in_use = Path(registry.set_in_use(key).uri())
+        published = {p: p.read_bytes() for p in in_use.rglob("*") if p.is_file()}
+        os.kill(paused_driver, signal.SIGCONT)
+        paused_driver = None
+        (holds / "teacher-checked-2.release").touch()
+        proc.wait(400)
+    finally:
+        if paused_driver is not None:
+            os.kill(paused_driver, signal.SIGCONT)
+        tree.kill_all()
+    out = proc.log_path.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "while training it; waiting for its new holder" in out
+    assert Path(registry.set_in_use(key).uri()) == in_use and in_use.name == "gen-00000002"
+    for file, data in published.items():  # later files are students' target caches only
+        assert file.read_bytes() == data, file
+    assert all(
+        "targets" in p.relative_to(in_use).parts for p in in_use.rglob("*") if p.is_file() and p not in published
+    )
+    stale = Path(registry.output(key, 1).uri())
+    assert (stale / "epoch_2" / "manifest.json").is_file()  # the woken holder wrote, but only at home
+    summary = json.loads((tmp_path / "results" / "sweeps" / "paused" / "summary.json").read_text())
+    assert [r["state"] for r in summary["trials"]] == ["TERMINATED", "TERMINATED"]
+    assert summary["teacher_trainings_performed"] == 1
+    trained = {r["params"]["teacher_epoch"]: r["teacher_trained"] for r in summary["trials"]}
+    assert trained == {2: False, 4: True}  # the second holder trained it; the first reused it
+
+
+def _published_by(registry: TeacherRegistry, key: str, generation: int) -> bool:
+    in_use = registry.set_in_use(key)
+    return in_use is not None and in_use.uri() == registry.output(key, generation).uri()

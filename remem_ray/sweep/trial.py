@@ -25,6 +25,7 @@ from remem_ray.checkpoint_files import best_checkpoint, checkpoint_name
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.console import say
 from remem_ray.contract import TEACHER_KEY, TEACHER_TRAINED, LoopConfig, PhasesConfig
+from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import Lease, LeaseHandle, LeaseWatch
 from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
@@ -203,6 +204,7 @@ def _train_under_lease(
             if not registry.claim(key, handle.generation):  # from here no older holder changes the set in use
                 say(f"trial {trial_id}: lost the lease on teacher {key[:8]} as it took it; waiting for its new holder")
                 return False
+            hold_if_asked("holder", handle.generation, layout.experiment.uri())
             in_use = registry.set_in_use(key, older_keys)
             resume_from = registry.resume_source(key, handle.generation)
             if in_use is not None:

@@ -21,6 +21,7 @@ from remem_ray.config import RunSpec
 from remem_ray.contract import EPOCH, EPOCHS, LoopConfig, Session
 from remem_ray.data import DataPipeline, DataSplits, EvalResize, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
+from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import LeaseWatch
 from remem_ray.models import create_model
 from remem_ray.process import peak_rss_mb, process_started_at
@@ -36,7 +37,6 @@ from remem_ray.train.common import (
     seed_everything,
     to_device,
 )
-from remem_ray.train.faultpoints import hold_if_asked
 from remem_ray.train.scalars import ScalarLog
 from remem_ray.train.session import StoredStateSession, current_session
 

@@ -6,7 +6,8 @@ Fault tests must not race the machine's speed. With
     REMEM_TEST_HOLD_DIR=<folder>
 
 (`teacher-checked:2`: a teacher holding a lease, right after epoch 2's lease check and before
-anything of that epoch is written)
+anything of that epoch is written; `holder:1`: a trial's driver that has just taken and claimed
+lease generation 1 of a teacher key, its heartbeat running: the claimed file's pid is the driver's)
 
 the first run (its rank 0) to reach a point claims it by creating `<folder>/<role>-<epoch>.claimed`
 (JSON: its pid and output folder) and waits there until `<folder>/<role>-<epoch>.release` appears;
