@@ -75,15 +75,22 @@ def verify_checkpoint(storage: Storage, rel: str) -> str | None:
     return None
 
 
-def copy_checkpoint(source: Storage, target: Storage, rel: str) -> None:
-    """Copy a checkpoint, checked against its manifest, manifest last; a complete one at the target
-    is kept. Raises CheckpointError if the source is missing, unfinished or corrupt."""
-    if is_complete(target, rel):
-        return
-    files = read_checkpoint_files(source, rel)
+def write_checkpoint_files(storage: Storage, rel: str, files: dict[str, bytes]) -> None:
+    """Data first, manifest last: readers trust a folder only once its manifest exists."""
+    if storage.is_file(f"{rel}/{MANIFEST_FILE}"):
+        # Rewriting: drop the old manifest first so no reader trusts half-replaced data.
+        # (One object delete; recursive folder deletes are asynchronous on some S3 servers.)
+        storage.delete_file(f"{rel}/{MANIFEST_FILE}")
     for fname, data in files.items():
-        target.write_bytes(f"{rel}/{fname}", data)
-    target.write_text(f"{rel}/{MANIFEST_FILE}", manifest_for(files))
+        storage.write_bytes(f"{rel}/{fname}", data)
+    storage.write_text(f"{rel}/{MANIFEST_FILE}", manifest_for(files))
+
+
+def copy_checkpoint(source: Storage, target: Storage, rel: str) -> None:
+    """Copy a checkpoint, checked against its manifest; a complete one at the target is kept.
+    Raises CheckpointError if the source is missing, unfinished or corrupt."""
+    if not is_complete(target, rel):
+        write_checkpoint_files(target, rel, read_checkpoint_files(source, rel))
 
 
 def read_checkpoint_files(storage: Storage, rel: str) -> dict[str, bytes]:

@@ -21,9 +21,9 @@ from remem_ray.checkpoint_files import (  # re-exported: the checkpoint API in o
     CheckpointError,
     checkpoint_name,
     is_complete,
-    manifest_for,
     read_checkpoint_files,
     verify_checkpoint,
+    write_checkpoint_files,
 )
 from remem_ray.models import create_model, reweight_mlp, reweighting_of
 from remem_ray.storage import Storage
@@ -73,13 +73,7 @@ def write_checkpoint(storage: Storage, rel: str, model: nn.Module, meta: dict[st
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}, buf)
     files = {MODEL_FILE: buf.getvalue(), META_FILE: json.dumps(meta, indent=2, sort_keys=True).encode()}
-    if storage.is_file(f"{rel}/{MANIFEST_FILE}"):
-        # Rewriting: drop the old manifest first so no reader trusts half-replaced data.
-        # (One object delete; recursive folder deletes are asynchronous on some S3 servers.)
-        storage.delete_file(f"{rel}/{MANIFEST_FILE}")
-    for fname, data in files.items():
-        storage.write_bytes(f"{rel}/{fname}", data)
-    storage.write_text(f"{rel}/{MANIFEST_FILE}", manifest_for(files))
+    write_checkpoint_files(storage, rel, files)
 
 
 def read_checkpoint(storage: Storage, rel: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

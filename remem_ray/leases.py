@@ -75,6 +75,21 @@ def lost_reason(folder: Storage, generation: int, token: str) -> str | None:
     return f"it passed to {current.holder} (generation {current.generation})"
 
 
+class _Outage:
+    """A run of storage errors without a success between them: a loss once it lasts the stale window."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+
+    def over(self) -> None:
+        self._since = None
+
+    def lasted(self, now: float) -> float:
+        """Seconds since the run's first error, counting this one (now)."""
+        self._since = now if self._since is None else self._since
+        return now - self._since
+
+
 class Lease:
     """One contender's view of one lease; not thread-safe (the heartbeat owns it while held)."""
 
@@ -85,7 +100,7 @@ class Lease:
         self.record: LeaseRecord | None = None  # ours, while we hold the lease
         self._seen: tuple[int, int, str] | None = None
         self._seen_since = 0.0
-        self._failing_since: float | None = None  # when this run of storage errors began
+        self._outage = _Outage()
         self._lock = threading.Lock()  # a renew in flight and a release never interleave
 
     def try_acquire(self) -> bool:
@@ -107,7 +122,8 @@ class Lease:
             winner = current_record(self.folder)
             if winner is None or winner.token != mine.token:
                 return False
-        self.record, self._failing_since = mine, None
+        self.record = mine
+        self._outage.over()
         self._prune(generation)
         return True
 
@@ -126,11 +142,9 @@ class Lease:
                     self.record = None
                     return False
                 self.record = self._rewrite(self.record, beat=self.record.beat + 1)
-                self._failing_since = None
+                self._outage.over()
             except ResourceError:
-                now = self._clock()
-                self._failing_since = now if self._failing_since is None else self._failing_since
-                if now - self._failing_since >= self.stale_after_s:
+                if self._outage.lasted(self._clock()) >= self.stale_after_s:
                     self.record = None
                     return False
             return True
@@ -222,13 +236,12 @@ class LeaseWatch:
         self.handle, self._clock, self._sleep = handle, clock, sleep
 
     def lost(self) -> str | None:
-        failing_since = None
+        outage = _Outage()
         while True:
             try:
                 return self.handle.lost()
             except ResourceError as exc:
-                now = self._clock()
-                failing_since = now if failing_since is None else failing_since
-                if now - failing_since >= self.handle.stale_after_s:
-                    return f"storage unreachable for {now - failing_since:.0f} s, the stale window ({exc})"
-                self._sleep(min(self.RETRY_S, self.handle.stale_after_s - (now - failing_since)))
+                lasted = outage.lasted(self._clock())
+                if lasted >= self.handle.stale_after_s:
+                    return f"storage unreachable for {lasted:.0f} s, the stale window ({exc})"
+                self._sleep(min(self.RETRY_S, self.handle.stale_after_s - lasted))

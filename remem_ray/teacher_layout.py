@@ -82,8 +82,9 @@ class TeacherFolder:
         found = (_number(name, suffix=".json") for name in self.sets.list_dir())
         return sorted(v for v in found if v is not None)
 
-    def legacy_set(self) -> Storage:
-        """Where an older version kept the set in use: the key's root, or what active.json names."""
+    def legacy_set(self) -> str:
+        """Where an older version kept the set in use, relative to the key's folder: its root
+        (""), or what active.json names."""
         if self.storage.is_file(_LEGACY_ACTIVE_FILE):
-            return self.storage.child(json.loads(self.storage.read_text(_LEGACY_ACTIVE_FILE))["folder"])
-        return self.storage
+            return json.loads(self.storage.read_text(_LEGACY_ACTIVE_FILE))["folder"]
+        return ""

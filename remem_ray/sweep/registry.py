@@ -106,8 +106,9 @@ class TeacherRegistry:
         """The folder (relative to the key's) of the set in use, given the pointer's newest version."""
         if newest is not None:
             return newest[1].get("folder")  # "" is the key's root: a set an older version trained
-        legacy = self.folder(key).legacy_set()
-        return _relative(self.folder(key).storage, legacy) if _has_any_checkpoint(legacy) else None
+        folder = self.folder(key)
+        legacy = folder.legacy_set()
+        return legacy if _has_any_checkpoint(folder.storage.child(legacy)) else None
 
     def _append(self, key: str, generation: int, kind: str, folder_for) -> bool:
         """Add the pointer's next version for `generation`, naming `folder_for(newest version)`;
@@ -147,10 +148,6 @@ class TeacherRegistry:
 
 def _has_any_checkpoint(folder: Storage) -> bool:
     return any(name.startswith("epoch_") for name in folder.list_dir())
-
-
-def _relative(root: Storage, folder: Storage) -> str:
-    return folder.path()[len(root.path()) :].strip("/")
 
 
 class Heartbeat:
