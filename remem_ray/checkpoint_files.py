@@ -48,11 +48,17 @@ def point_best(storage: Storage, epoch: int) -> str | None:
     return None if before is None else json.loads(before)["checkpoint"]
 
 
+def best_checkpoint_name(storage: Storage) -> str | None:
+    """The name (under `storage`) of a student's best checkpoint, or None if it has none yet."""
+    if storage.is_file(BEST_POINTER):
+        return str(json.loads(storage.read_text(BEST_POINTER))["checkpoint"])
+    return LEGACY_BEST if is_complete(storage, LEGACY_BEST) else None
+
+
 def best_checkpoint(storage: Storage) -> str | None:
     """The URI of a student's best checkpoint under `storage`, or None if it has none yet."""
-    if storage.is_file(BEST_POINTER):
-        return storage.uri(json.loads(storage.read_text(BEST_POINTER))["checkpoint"])
-    return storage.uri(LEGACY_BEST) if is_complete(storage, LEGACY_BEST) else None
+    name = best_checkpoint_name(storage)
+    return None if name is None else storage.uri(name)
 
 
 def manifest_for(files: dict[str, bytes]) -> str:
