@@ -25,7 +25,7 @@ from remem_ray.checkpoint_files import (  # re-exported: the checkpoint API in o
     verify_checkpoint,
     write_checkpoint_files,
 )
-from remem_ray.models import create_model, reweight_mlp, reweighting_of
+from remem_ray.models import create_model, data_config_of, reweight_mlp, reweighting_of
 from remem_ray.storage import Storage
 
 __all__ = [
@@ -53,12 +53,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def model_meta(
     model: nn.Module, name: str, kwargs: dict[str, Any], num_classes: int, img_size: int, **extra: Any
 ) -> dict[str, Any]:
+    normalization = data_config_of(_unwrap(model))  # what the model's InputNormalizer applied
     return {
         "model": name,
         "model_kwargs": kwargs,
         "num_classes": num_classes,
         "img_size": img_size,
         "reweighting": reweighting_of(_unwrap(model)),
+        "mean": list(normalization["mean"]),
+        "std": list(normalization["std"]),
         **extra,
     }
 

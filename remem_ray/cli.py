@@ -206,6 +206,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_export(args: argparse.Namespace) -> int:
+    from remem_ray.sweep.export import export_trial
+
+    _print_export(export_trial(_located(args), args.trial, args.to, onnx=args.onnx))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from remem_ray.checkpoints import split_location
+    from remem_ray.export import export_student
+    from remem_ray.storage import preflight
+
+    preflight(args.checkpoint, args.endpoint, root_field="CHECKPOINT", endpoint_field="--endpoint", writable=False)
+    source, rel = split_location(args.checkpoint, args.endpoint)
+    _print_export(export_student(source, rel, args.to, onnx=args.onnx, endpoint=args.endpoint))
+    return 0
+
+
+def _print_export(exported) -> None:
+    print(f"exported to {exported.target}: {', '.join(exported.files)}")
+    if exported.onnx_max_diff is not None:
+        print(f"ONNX logits match PyTorch's within {exported.onnx_max_diff:.1e} on a check batch")
+    print(f'load it: timm.create_model("local-dir:{exported.target}", pretrained=True)')
+
+
+def _add_export_args(p) -> None:
+    p.add_argument("--to", required=True, metavar="DIR", help="an empty or new folder, or s3:// URI")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxruntime)")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
@@ -270,6 +300,7 @@ def _add_sweep_verbs(verbs) -> None:
         ("status", cmd_sweep_status, "the trial table of a sweep"),
         ("best", cmd_sweep_best, "the best trial's parameters and student checkpoint"),
         ("dashboard", cmd_sweep_dashboard, "serve the sweep's Optuna study with optuna-dashboard on 127.0.0.1"),
+        ("export", cmd_sweep_export, "write a trial's student (default: the best) as a timm model folder"),
     ):
         p = sub.add_parser(verb, help=text, description=text)
         p.add_argument("sweep", metavar="NAME|URI", help="sweep name under --storage, or the sweep folder's path/URI")
@@ -280,6 +311,9 @@ def _add_sweep_verbs(verbs) -> None:
             p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         if verb == "dashboard":
             p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
+        if verb == "export":
+            p.add_argument("--trial", metavar="ID", help="the trial whose student to export (default: the best)")
+            _add_export_args(p)
         p.set_defaults(handler=handler)
     _add_job_verbs(sub)
 
@@ -326,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--storage", help="storage root the NAME lives under (default ./remem-results)")
     report.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs")
     report.set_defaults(handler=cmd_report)
+    export = verbs.add_parser(
+        "export",
+        help="write a student checkpoint (`remem run`'s) as a timm model folder",
+        description="write a student checkpoint folder as a timm model folder (config.json, "
+        "model.safetensors, a model card), loadable with timm alone",
+    )
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (path or s3:// URI)")
+    export.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs")
+    _add_export_args(export)
+    export.set_defaults(handler=cmd_export)
     info = verbs.add_parser(
         "info",
         help="a checkpoint's mutual information and MLP expertness",

@@ -24,6 +24,9 @@ default_cfgs = generate_default_cfgs(
     }
 )
 
+# what timm alone does not know: a model exported for plain timm must not be one of these
+REGISTERED_HERE = frozenset({"vit_micro_patch4"})
+
 
 @register_model
 def vit_micro_patch4(pretrained: bool = False, **kwargs):

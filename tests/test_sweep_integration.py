@@ -13,8 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from helpers.exports import score_in_fresh_process
 from helpers.servers import BystanderRay, RayHead, SeaweedFS, free_port
 from helpers.sweeps import SMOKE, remem_env, run_remem, searcher_study, start_remem, stored_study
 
@@ -187,6 +190,40 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
     assert best["trial_id"] == summary["best"]["trial_id"] and Path(best["student_checkpoint"]).is_dir()
     rc, out = run_remem(["sweep", "run", str(SMOKE), "--storage", str(root)], tmp_path, env, timeout=120)
     assert rc == 2 and "already exists" in out and "remem sweep resume smoke" in out
+    _check_export(root, summary, tmp_path, env)
+
+
+def _check_export(root: Path, summary: dict, tmp_path: Path, env: dict) -> None:
+    """The best student exported for timm and ONNX: a fresh process that never imports remem_ray
+    scores the sweep's test split as the sweep recorded it."""
+    from remem_ray.config import load_sweep_spec
+    from remem_ray.data import build_datasets
+
+    shipped = tmp_path / "shipped"
+    args = ["sweep", "export", "smoke", "--storage", str(root), "--to", str(shipped), "--onnx"]
+    rc, out = run_remem(args, tmp_path, env, timeout=300)
+    assert rc == 0, out[-3000:]
+    assert f'timm.create_model("local-dir:{shipped}", pretrained=True)' in out
+    spec = load_sweep_spec(SMOKE)
+    test = build_datasets(spec.data, spec.seed).test
+    images = torch.stack([test[i][0] for i in range(len(test))]).numpy()
+    labels = np.array([test[i][1] for i in range(len(test))])
+    seen = score_in_fresh_process(shipped, images, tmp_path / "fresh")
+    assert seen["remem_ray imported"] is False
+    accuracy = float((seen["logits"].argmax(1) == labels).mean())
+    assert accuracy == pytest.approx(summary["best"]["student_test_acc"], abs=1e-9), (accuracy, summary["best"])
+    assert np.abs(seen["onnx_logits"] - seen["logits"]).max() <= 1e-4
+    card = (shipped / "README.md").read_text()
+    assert summary["best"]["trial_id"] in card and f"{summary['best']['student_test_acc']:.4f}" in card
+
+    # a trial that does not exist, a target that is not empty: one line, exit 2, nothing written
+    for extra, expected in ((["--trial", "nope"], "--trial: no trial 'nope'"), ([], "exists and is not empty")):
+        target = tmp_path / "other" if extra else shipped
+        before = sorted(p.name for p in target.iterdir()) if target.exists() else None
+        args = ["sweep", "export", "smoke", "--storage", str(root), "--to", str(target), *extra]
+        rc, out = run_remem(args, tmp_path, env)
+        assert rc == 2 and expected in out, out[-2000:]
+        assert (sorted(p.name for p in target.iterdir()) if target.exists() else None) == before
 
 
 def _one_trial_spec(tmp_path: Path, name: str, teacher_epoch: int) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -263,6 +263,8 @@ class Task:
             role=ctx.role,
             epoch=epoch,
             metrics=metrics,
+            # how it was evaluated: what an export tells timm (remem_ray.export)
+            eval_view=asdict(ctx.splits.eval_view),
             **meta,
         )
         write_checkpoint(ctx.output, name, self.bare, info, once=ctx.lease is not None)

@@ -1,0 +1,248 @@
+"""A distilled student, ready to ship: a timm model folder, a model card, and ONNX on request.
+
+    <target>/config.json         timm's config: architecture, classes, input size, mean/std, eval crop
+    <target>/model.safetensors   the weights (no pickle on the way out)
+    <target>/README.md           the model card: where the student came from, its accuracy, sha256
+    <target>/model.onnx          with onnx=True: dynamic batch, checked against PyTorch on a batch
+
+`timm.create_model("local-dir:<target>", pretrained=True)` loads the folder with timm alone.
+The folder is written beside the target and renamed into place (a local target), or uploaded
+file by file with the card last (an s3:// target): a target that has a card is whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from remem_ray.checkpoints import read_checkpoint
+from remem_ray.errors import ResourceError, UserInputError
+from remem_ray.storage import Storage
+
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, ONNX_FILE = "config.json", "model.safetensors", "README.md", "model.onnx"
+ONNX_TOLERANCE = 1e-4  # largest |logit difference| between onnxruntime and PyTorch on the check batch
+# pretrained_cfg fields that describe the architecture's hub weights, not these
+_SOURCE_FIELDS = ("tag", "hf_hub_id", "url", "file", "license", "origin_url", "paper_ids", "paper_name", "notes")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the card says: a title and rows of facts (dataset, teacher, rho, accuracy...)."""
+
+    title: str
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    def render(self, weights_sha256: str, usage: str) -> str:
+        rows = [*self.facts.items(), ("weights sha256", f"`{weights_sha256}`")]
+        table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+        return f"# {self.title}\n\n| | |\n|---|---|\n{table}\n\n## Use\n\n{usage}\n"
+
+
+def checkpoint_facts(location: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint says of itself: architecture, classes, input, its epoch and accuracy."""
+    metrics = meta.get("metrics") or {}
+    facts: dict[str, Any] = {
+        "architecture": f"`{meta['model']}` (timm)",
+        "classes": meta["num_classes"],
+        "input size": f"{meta['img_size']} x {meta['img_size']}",
+        "checkpoint": f"`{location}`",
+    }
+    if meta.get("epoch") is not None:
+        facts["epoch"] = meta["epoch"]
+    for key, label in (("val_acc", "val accuracy"), ("test_acc", "test accuracy")):
+        if metrics.get(key) is not None:
+            facts[label] = f"{float(metrics[key]):.4f}"
+    return facts
+
+
+@dataclass(frozen=True)
+class Exported:
+    target: str
+    files: tuple[str, ...]
+    weights_sha256: str
+    onnx_max_diff: float | None
+
+
+def load_student(source: Storage, rel: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint's model (its files checked against their sha256) and meta, refused where
+    plain timm could not rebuild it."""
+    import timm
+
+    from remem_ray.models import create_model
+    from remem_ray.timm_models import REGISTERED_HERE
+
+    state, meta = read_checkpoint(source, rel)
+    name = meta["model"]
+    if meta.get("reweighting"):
+        raise UserInputError(f"export: {source.uri(rel)} is MLP-reweighted (a teacher?); plain timm cannot rebuild it")
+    if name in REGISTERED_HERE or not timm.is_model(name):
+        raise UserInputError(f"export: {name} is registered by remem_ray, not timm: timm alone cannot build it")
+    model = create_model(name, meta["num_classes"], meta["img_size"], meta["model_kwargs"])
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def data_config(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing the student was evaluated with: its checkpoint's record (newer runs),
+    else the timm defaults at the trained size."""
+    from remem_ray.models import data_config_of
+
+    timm_cfg = data_config_of(model)
+    view = meta.get("eval_view") or {}
+    size = int(view.get("img_size", meta["img_size"]))
+    return {
+        "input_size": (3, size, size),
+        "crop_pct": float(view.get("crop_pct", timm_cfg.get("crop_pct") or 1.0)),
+        "crop_mode": "center",
+        "interpolation": str(view.get("interpolation", timm_cfg.get("interpolation") or "bilinear")),
+        "mean": tuple(meta.get("mean") or timm_cfg["mean"]),
+        "std": tuple(meta.get("std") or timm_cfg["std"]),
+    }
+
+
+def write_timm_folder(model: nn.Module, meta: dict[str, Any], folder: Path) -> str:
+    """config.json and model.safetensors into `folder`; the weights file's sha256."""
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
+
+    weights = folder / WEIGHTS_FILE
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    config = folder / CONFIG_FILE
+    save_config_for_hf(model, str(config), data_config=data_config(model, meta))
+    cfg = json.loads(config.read_text())
+    for name in _SOURCE_FIELDS:
+        cfg["pretrained_cfg"].pop(name, None)
+    config.write_text(json.dumps(cfg, indent=2))
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def write_onnx(model: nn.Module, meta: dict[str, Any], folder: Path) -> float:
+    """model.onnx (dynamic batch), checked with onnxruntime on a batch; the largest logit difference."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserInputError("--onnx: needs onnx and onnxruntime (pip install 'remem-ray[export]')") from None
+    size = int((meta.get("eval_view") or {}).get("img_size", meta["img_size"]))
+    batch = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    path = folder / ONNX_FILE
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notes: not the user's to act on
+            torch.onnx.export(
+                model,
+                (batch[:1],),
+                str(path),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                dynamo=False,  # the TorchScript exporter: no onnxscript needed, dynamic batch as asked
+            )
+    except Exception as exc:  # many kinds; one line names the architecture
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserInputError(f"--onnx: {meta['model']} cannot be exported to ONNX: {first}") from exc
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": batch.numpy()})[0]
+    with torch.no_grad():
+        want = model(batch).numpy()
+    diff = float(abs(got - want).max())
+    if diff > ONNX_TOLERANCE:
+        raise UserInputError(f"--onnx: the ONNX model's logits differ from PyTorch by {diff:.1e} (> {ONNX_TOLERANCE})")
+    return diff
+
+
+def usage_text(target: str, onnx: bool) -> str:
+    lines = [
+        "```python",
+        "import timm, torch",
+        f'model = timm.create_model("local-dir:{target}", pretrained=True).eval()',
+        "cfg = timm.data.resolve_data_config({}, model=model)",
+        "transform = timm.data.create_transform(**cfg)  # PIL image -> normalised tensor",
+        "logits = model(transform(image).unsqueeze(0))",
+        "```",
+    ]
+    if onnx:
+        lines += [
+            "",
+            "```python",
+            "import onnxruntime",
+            f'session = onnxruntime.InferenceSession("{target}/{ONNX_FILE}")',
+            'logits = session.run(None, {"images": batch.numpy()})[0]  # batch: normalised, as above',
+            "```",
+        ]
+    return "\n".join(lines)
+
+
+def check_target(target: str, endpoint: str | None) -> Storage:
+    """The target's storage; refused if it is a file, or a folder that is not empty (nothing is
+    overwritten)."""
+    if not target.startswith("s3://") and Path(target).exists() and not Path(target).is_dir():
+        raise UserInputError(f"--to: {target} is a file")
+    storage = Storage(target, endpoint)
+    if storage.exists() and storage.list_dir():
+        raise UserInputError(f"--to: {target} exists and is not empty")
+    return storage
+
+
+def export_student(
+    source: Storage,
+    rel: str,
+    target: str,
+    facts: Mapping[str, Any] | None = None,
+    onnx: bool = False,
+    endpoint: str | None = None,
+) -> Exported:
+    """Export checkpoint `rel` under `source` to `target` (a folder or s3:// URI); all or nothing.
+    The card lists `facts` (where the student came from), then what the checkpoint says of itself."""
+    out = check_target(target, endpoint)
+    model, meta = load_student(source, rel)
+    card = ModelCard(
+        f"{meta['model']} distilled with remem-ray", {**(facts or {}), **checkpoint_facts(source.uri(rel), meta)}
+    )
+    local = None if target.startswith("s3://") else Path(target).expanduser().absolute()
+    # staged beside the target where its folder exists (one rename puts it in place), else in
+    # the temp folder; nothing is created at the target until the whole folder is written
+    staging = Path(
+        tempfile.mkdtemp(prefix=".remem-export-", dir=local.parent if local and local.parent.is_dir() else None)
+    )
+    try:
+        sha = write_timm_folder(model, meta, staging)
+        diff = write_onnx(model, meta, staging) if onnx else None
+        (staging / CARD_FILE).write_text(card.render(sha, usage_text(target, onnx)))
+        files = tuple(sorted(p.name for p in staging.iterdir()))
+        if local is None:
+            _upload(staging, out, files)
+        else:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if local.exists():
+                local.rmdir()  # empty (checked above): the folder takes its place
+            shutil.move(str(staging), str(local))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Exported(target, files, sha, diff)
+
+
+def _upload(staging: Path, out: Storage, files: tuple[str, ...]) -> None:
+    """Every file, the card last; on a failure, what was uploaded is removed again."""
+    order = [f for f in files if f != CARD_FILE] + [CARD_FILE]
+    done: list[str] = []
+    try:
+        for name in order:
+            out.write_bytes(name, (staging / name).read_bytes())
+            done.append(name)
+    except ResourceError:
+        for name in done:
+            try:
+                out.delete_file(name)
+            except ResourceError:
+                pass
+        raise

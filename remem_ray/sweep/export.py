@@ -1,0 +1,47 @@
+"""`remem sweep export`: a sweep's student as a timm folder (remem_ray.export), with a card that
+says which sweep, trial, teacher and point it came from."""
+
+from __future__ import annotations
+
+from remem_ray.checkpoint_files import best_checkpoint_name
+from remem_ray.config import SweepSpec
+from remem_ray.errors import UserInputError
+from remem_ray.export import Exported, export_student
+from remem_ray.storage import Storage
+from remem_ray.sweep.layout import SweepLayout
+from remem_ray.sweep.results import summarize
+
+
+def export_trial(spec: SweepSpec, trial_id: str | None, target: str, onnx: bool = False) -> Exported:
+    """The student of `trial_id` (default: the sweep's best) exported to `target`."""
+    layout = SweepLayout(Storage.from_config(spec.storage), spec.name)
+    summary = summarize(spec, layout)
+    if trial_id is None:
+        row = summary.best
+        if row is None:
+            raise UserInputError(f"sweep: {spec.name} has no finished student yet")
+    else:
+        row = next((r for r in summary.trials if r.trial_id == trial_id), None)
+        if row is None:
+            known = ", ".join(r.trial_id for r in summary.trials) or "none"
+            raise UserInputError(f"--trial: no trial {trial_id!r} in sweep {spec.name} (trials: {known})")
+    student = layout.student(row.trial_id)
+    rel = best_checkpoint_name(student)
+    if row.state != "TERMINATED" or rel is None:
+        raise UserInputError(f"--trial: trial {row.trial_id} has no finished student (state {row.state})")
+    params = {**row.params}
+    facts = {
+        "dataset": f"{spec.data.name} ({spec.data.img_size} px)",
+        "teacher": f"`{spec.teacher.model}`, fine-tuned with SAM and MLP reweighting (key `{row.teacher_key}`)",
+        "rho (SAM radius)": params.get("rho", spec.teacher.rho),
+        "alpha (MLP reweighting)": params.get("alpha", spec.teacher.alpha),
+        "teacher epoch": params.get("teacher_epoch"),
+        "student best val accuracy": _acc(row.student_val_acc),
+        "student test accuracy there": _acc(row.student_test_acc),
+        "sweep": f"{spec.name} (`{layout.experiment.uri()}`), trial {row.trial_id}",
+    }
+    return export_student(student, rel, target, facts, onnx=onnx, endpoint=spec.storage.endpoint)
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

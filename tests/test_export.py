@@ -1,0 +1,135 @@
+"""remem_ray.export: a student checkpoint as a timm folder (and ONNX) that timm alone loads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers.exports import score_in_fresh_process
+
+from remem_ray.checkpoints import model_meta, write_checkpoint
+from remem_ray.cli import main
+from remem_ray.export import CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, export_student
+from remem_ray.models import create_model, reweight_mlp
+from remem_ray.storage import Storage
+
+STUDENT, CLASSES, SIZE = "resnet10t", 5, 16
+EVAL_VIEW = {"img_size": SIZE, "crop_pct": 0.9, "interpolation": "bicubic"}
+
+
+def _student_checkpoint(folder, name=STUDENT, kwargs=None, reweight: float | None = None):
+    torch.manual_seed(0)
+    model = create_model(name, CLASSES, SIZE, kwargs or {})
+    if reweight is not None:
+        reweight_mlp(model, reweight, "remem")
+    metrics = {"val_acc": 0.75, "test_acc": 0.7}
+    meta = model_meta(model, name, kwargs or {}, CLASSES, SIZE, role="student", epoch=3, metrics=metrics)
+    write_checkpoint(Storage(str(folder)), "best_epoch_3", model, {**meta, "eval_view": EVAL_VIEW})
+    return model.eval()
+
+
+def test_an_exported_student_loads_in_plain_timm_and_computes_what_it_computed(tmp_path):
+    model = _student_checkpoint(tmp_path / "ck")
+    target = tmp_path / "shipped"
+    exported = export_student(Storage(str(tmp_path / "ck")), "best_epoch_3", str(target), {"sweep": "demo"}, onnx=True)
+    assert sorted(p.name for p in target.iterdir()) == sorted([CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE])
+    assert exported.onnx_max_diff is not None and exported.onnx_max_diff <= 1e-4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".remem-export-")]  # staging renamed away
+
+    images = torch.rand(7, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))  # a batch of 7: dynamic
+    seen = score_in_fresh_process(target, images.numpy(), tmp_path / "fresh")
+    assert seen["remem_ray imported"] is False
+    with torch.no_grad():
+        from remem_ray.models import normalizer_for
+
+        want = model(normalizer_for(model)(images)).numpy()
+    np.testing.assert_array_equal(seen["logits"], want)  # the same weights, the same normalisation
+    assert np.abs(seen["onnx_logits"] - want).max() <= 1e-4
+
+    config = json.loads((target / CONFIG_FILE).read_text())
+    assert config["architecture"] == STUDENT and config["num_classes"] == CLASSES
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, SIZE, SIZE] and seen["input_size"] == [3, SIZE, SIZE]
+    assert cfg["crop_pct"] == 0.9 and cfg["interpolation"] == "bicubic"  # how the checkpoint was evaluated
+    assert "tag" not in cfg and "license" not in cfg  # the hub weights' provenance is not these weights'
+    card = (target / CARD_FILE).read_text()
+    assert hashlib.sha256((target / WEIGHTS_FILE).read_bytes()).hexdigest() in card
+    assert "| sweep | demo |" in card and "| val accuracy | 0.7500 |" in card and "| epoch | 3 |" in card
+    assert b"pickle" not in (target / WEIGHTS_FILE).read_bytes()[:200]  # safetensors header, not a pickle
+    from safetensors import safe_open
+
+    with safe_open(str(target / WEIGHTS_FILE), "pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
+
+
+def test_export_to_s3_uploads_every_file_and_the_card_last(tmp_path, moto_endpoint, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="ship")
+    _student_checkpoint(tmp_path / "ck")
+    puts = []
+    original = Storage.write_bytes
+    monkeypatch.setattr(Storage, "write_bytes", lambda self, rel, data: (puts.append(rel), original(self, rel, data)))
+    export_student(Storage(str(tmp_path / "ck")), "best_epoch_3", "s3://ship/v1", endpoint=moto_endpoint)
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="ship")["Contents"]}
+    assert keys == {f"v1/{n}" for n in (CARD_FILE, CONFIG_FILE, WEIGHTS_FILE)}
+    assert puts[-1] == CARD_FILE  # a target with a card is whole
+    with pytest.raises(Exception, match="exists and is not empty"):
+        export_student(Storage(str(tmp_path / "ck")), "best_epoch_3", "s3://ship/v1", endpoint=moto_endpoint)
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("target-not-empty", "--to: "),
+        ("target-is-a-file", "is a file"),
+        ("no-checkpoint", "no complete checkpoint"),
+        ("reweighted-teacher", "MLP-reweighted"),
+        ("not-a-timm-architecture", "registered by remem_ray"),
+        ("onnx-cannot-trace", "--onnx: resnet10t cannot be exported to ONNX"),
+    ],
+)
+def test_bad_export_input_exits_2_with_one_line_and_writes_nothing(case, expected, tmp_path, capsys, monkeypatch):
+    ck, target = tmp_path / "ck", tmp_path / "out"
+    if case == "reweighted-teacher":
+        _student_checkpoint(ck, "vit_tiny_patch16_224", {"depth": 2, "embed_dim": 32, "num_heads": 2}, reweight=0.9)
+    elif case == "not-a-timm-architecture":
+        _student_checkpoint(ck, "vit_micro_patch4", {"depth": 1})
+    elif case != "no-checkpoint":
+        _student_checkpoint(ck)
+    if case == "target-not-empty":
+        target.mkdir()
+        (target / "keep.txt").write_text("mine")
+    if case == "target-is-a-file":
+        target.write_text("mine")
+    if case == "onnx-cannot-trace":
+
+        def untraceable(*args, **kwargs):
+            raise RuntimeError("Unsupported: an op the exporter does not know\nmore detail")
+
+        monkeypatch.setattr(torch.onnx, "export", untraceable)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    rc, err = _cli(["export", str(ck / "best_epoch_3"), "--to", str(target), "--onnx"], capsys)
+    assert rc == 2 and err.startswith("remem: error: ") and err.count("\n") == 1, err
+    assert expected in err and "Traceback" not in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, nothing left behind
+
+
+def test_export_into_an_empty_existing_folder_and_a_new_nested_one(tmp_path, capsys):
+    _student_checkpoint(tmp_path / "ck")
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "a" / "b" / "new"):
+        rc, err = _cli(["export", str(tmp_path / "ck" / "best_epoch_3"), "--to", str(target)], capsys)
+        assert rc == 0, err
+        assert (target / WEIGHTS_FILE).is_file() and (target / CARD_FILE).is_file()
