@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test suite's real servers: Seawee
 from helpers.servers import ProcessTree, RayHead, SeaweedFS, _venv_tool  # noqa: E402
 
 from remem_ray.checkpoint_files import best_checkpoint_name, checkpoint_name, verify_checkpoint  # noqa: E402
+from remem_ray.contract import BEST_TEST_ACC, BEST_VAL_ACC, EPOCH  # noqa: E402
 from remem_ray.leases import current_record  # noqa: E402
 from remem_ray.storage import Storage  # noqa: E402
 from remem_ray.sweep.registry import PUBLISH, TeacherRegistry  # noqa: E402
@@ -156,15 +157,7 @@ class ChaosCluster(RayHead):
         return f"raylet {raylet.pid} and {len(victims) - 1} processes on it; node {self.nodes_started} joined"
 
     def actors(self) -> list[dict]:
-        code = (
-            "import json, ray.util.state as s; "
-            f"print(json.dumps([a.__dict__ for a in s.list_actors(address='{self.address}', "
-            "filters=[('state', '=', 'ALIVE')], detail=True, limit=1000)], default=str))"
-        )
-        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            return []
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return self.state("list_actors", filters=[("state", "=", "ALIVE")], limit=1000) or []
 
     def stop(self) -> None:
         for tree in self.trees:
@@ -507,10 +500,10 @@ def compare(summaries: dict[str, dict], clean: dict[tuple, list[dict]]) -> list[
     for name, summary in summaries.items():
         for row in summary["trials"]:
             epochs = row["epochs_done"]
-            reference = [r for r in clean.get(_point(row["params"]), []) if r["epoch"] == epochs]
+            reference = [r for r in clean.get(_point(row["params"]), []) if r[EPOCH] == epochs]
             ref = reference[-1] if reference else {}
             chaos_metrics = (row["student_val_acc"], row["student_test_acc"])
-            clean_metrics = (ref.get("best_val_acc"), ref.get("best_test_acc"))
+            clean_metrics = (ref.get(BEST_VAL_ACC), ref.get(BEST_TEST_ACC))
             out.append(
                 {
                     "sweep": name,

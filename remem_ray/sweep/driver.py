@@ -257,6 +257,11 @@ def _url(address: str | None) -> str:
 def _finish(spec: SweepSpec, layout: SweepLayout, console, export: StudyExport) -> SweepSummary:
     """summary.json, the report and the Optuna study's copy, as the sweep ends."""
     summary = summarize(spec, layout)
+    if summary.space_exhausted:
+        console.show(
+            f"search space exhausted: all {summary.space_size} distinct points ran "
+            f"(sweep.num_samples {spec.sweep.num_samples}); no point runs twice"
+        )
     write_summary(layout, summary)
     write_report(summary, layout)
     url = export()  # the study's last copy (none made if the last tick's is current)

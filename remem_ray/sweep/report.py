@@ -83,28 +83,44 @@ def _no_data(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
-def plot_heatmap(summary: SweepSummary) -> bytes:
-    plt, fig, ax = _figure()
+def heatmap_cells(summary: SweepSummary):
+    """(rhos, alphas, grid[alpha][rho], stopped[alpha][rho]): each cell's best finished student's
+    val accuracy; a cell with only ASHA-stopped students has their best and is marked stopped."""
     rows = _scored(summary)
     rhos = sorted({r.params[RHO.name] for r in rows})
     alphas = sorted({r.params[ALPHA.name] for r in rows})
     grid = [[math.nan] * len(rhos) for _ in alphas]
+    stopped = [[False] * len(rhos) for _ in alphas]
     for i, a in enumerate(alphas):
         for j, rho in enumerate(rhos):
-            cell = [r.student_val_acc for r in rows if r.params[RHO.name] == rho and r.params[ALPHA.name] == a]
-            grid[i][j] = max(cell) if cell else math.nan
-    if rows:
+            cell = [r for r in rows if r.params[RHO.name] == rho and r.params[ALPHA.name] == a]
+            # a stopped student's score is from an early epoch: it never outranks a finished one
+            finished = [r.student_val_acc for r in cell if not r.stopped_early]
+            early = [r.student_val_acc for r in cell if r.stopped_early]
+            grid[i][j] = max(finished or early) if cell else math.nan
+            stopped[i][j] = bool(cell) and not finished
+    return rhos, alphas, grid, stopped
+
+
+def plot_heatmap(summary: SweepSummary) -> bytes:
+    plt, fig, ax = _figure()
+    rhos, alphas, grid, stopped = heatmap_cells(summary)
+    if rhos:
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
-        fig.colorbar(im, ax=ax, label="best student val accuracy (fraction)")
+        fig.colorbar(im, ax=ax, label="best finished student's val accuracy (fraction)")
         ax.set_xticks(range(len(rhos)), [f"{v:.3g}" for v in rhos])
         ax.set_yticks(range(len(alphas)), [f"{v:.3g}" for v in alphas])
         for i in range(len(alphas)):
             for j in range(len(rhos)):
                 if not math.isnan(grid[i][j]):
-                    ax.text(j, i, f"{grid[i][j]:.3f}", ha="center", va="center", color="white", fontsize=8)
+                    text = f"{grid[i][j]:.3f}" + ("\nstopped early" if stopped[i][j] else "")
+                    ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
+                    if stopped[i][j]:
+                        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", ec="white"))
     else:
         _no_data(ax, "no trial has reported a student yet")
-    return _finish(plt, fig, ax, RHO.axis, ALPHA.axis, "Student accuracy over rho x alpha (best trial per cell)")
+    title = "Student accuracy over rho x alpha (best finished trial per cell)"
+    return _finish(plt, fig, ax, RHO.axis, ALPHA.axis, title)
 
 
 def plot_student_vs_teacher(summary: SweepSummary) -> bytes:
@@ -223,7 +239,12 @@ def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
         lines += [f"## {caption}", "", f"![{caption}]({PLOTS[key]})", ""]
     if importances:
         lines += ["Importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
-    lines += ["Trials stopped early by ASHA enter the plots with the score they had reached.", ""]
+    lines += [
+        "The heat map colours a cell by its best finished student; a cell whose students ASHA all "
+        "stopped early shows the score they had reached, hatched and marked 'stopped early'. The "
+        "other plots show stopped trials with the score they had reached.",
+        "",
+    ]
     lines += [
         "Teacher MI: upper bound of I(X; T) on the distillation targets with the noise scale relative "
         "to each teacher's median pairwise distance, in nats (see remem_ray/insight/information.py).",

@@ -22,6 +22,7 @@ from remem_ray.contract import (
 )
 from remem_ray.search_params import SEARCH_PARAMS
 from remem_ray.sweep.layout import SUMMARY_FILE, SweepLayout
+from remem_ray.sweep.search import space_size
 
 
 @dataclass
@@ -52,6 +53,9 @@ class SweepSummary:
     distinct_teacher_keys: int = 0
     corrupt_checkpoints_retrained: int = 0
     integrity_events: list[dict[str, Any]] = field(default_factory=list)
+    duplicate_suggestions: int = 0  # searcher suggestions of a point already run, answered, never run again
+    space_size: int | None = None  # distinct points the space has (None: a continuous range)
+    space_exhausted: bool = False  # every point run: the sweep ended before num_samples trials
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +108,7 @@ def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
     trained = set(layout.teacher_trainings())
     events = sorted(layout.integrity_events(), key=lambda e: e["time"])
     keys = {r.teacher_key for r in scored if r.teacher_key}
+    size = space_size(spec)
     return SweepSummary(
         name=spec.name,
         experiment=layout.experiment.uri(),
@@ -115,7 +120,22 @@ def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
         distinct_teacher_keys=len(keys),
         corrupt_checkpoints_retrained=len(events),
         integrity_events=events,
+        duplicate_suggestions=_duplicates_answered(layout),
+        space_size=size,
+        space_exhausted=size is not None and spec.sweep.num_samples > len(rows) >= size,
     )
+
+
+def _duplicates_answered(layout: SweepLayout) -> int:
+    """Optuna trials the searcher answered as duplicates, from its newest snapshot (0 before one)."""
+    from remem_ray.sweep.distinct import DUPLICATE_OF
+    from remem_ray.sweep.study import newest_snapshot
+    from remem_ray.sweep.tune_adapter import study_from_searcher_state
+
+    snapshot = newest_snapshot(layout)
+    if snapshot is None:
+        return 0
+    return sum(1 for t in study_from_searcher_state(snapshot).trials if DUPLICATE_OF in t.user_attrs)
 
 
 def write_summary(layout: SweepLayout, summary: SweepSummary) -> None:
@@ -171,6 +191,13 @@ def format_table(summary: SweepSummary) -> str:
         f"teacher trainings performed: {summary.teacher_trainings_performed}, reused by trials: "
         f"{summary.teacher_reuses}, distinct teachers: {summary.distinct_teacher_keys}"
     )
+    if summary.duplicate_suggestions:
+        out.append(
+            f"duplicate suggestions answered from the trial of the same point: {summary.duplicate_suggestions} "
+            "(no point runs twice)"
+        )
+    if summary.space_exhausted:
+        out.append(f"search space exhausted: all {summary.space_size} distinct points ran")
     if summary.corrupt_checkpoints_retrained:
         out.append(f"corrupt teacher checkpoints found and retrained: {summary.corrupt_checkpoints_retrained}")
     if summary.best is not None:

@@ -7,6 +7,7 @@ from typing import Any
 from remem_ray.config import ParamRange, SweepSpec
 from remem_ray.contract import EPOCH, METRIC, MODE, stopped_early
 from remem_ray.search_params import SEARCH_PARAMS, TEACHER_EPOCH
+from remem_ray.sweep.distinct import PointLedger
 from remem_ray.sweep.slots import SlotPolicy
 from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
 
@@ -34,6 +35,21 @@ class DefineByRunSpace:
         trial.suggest_categorical(TEACHER_EPOCH.name, self.teacher_epochs)
 
 
+def space_grid(spec: SweepSpec) -> dict[str, list[Any]] | None:
+    """Each searched parameter's values where every one is categorical (a finite space), else None."""
+    space = DefineByRunSpace(spec)
+    if any(dim.values is None for dim in space.dims.values()):
+        return None
+    grid = {name: list(dim.values or []) for name, dim in space.dims.items()}
+    return {**grid, TEACHER_EPOCH.name: list(space.teacher_epochs)}
+
+
+def space_size(spec: SweepSpec) -> int | None:
+    """How many distinct points the sweep can run (None: a continuous range, no end)."""
+    grid = space_grid(spec)
+    return None if grid is None else PointLedger(list(grid), grid, 0).size()
+
+
 def _typed_point(point: dict[str, float]) -> dict[str, Any]:
     return {k: SEARCH_PARAMS[k].cast(v) for k, v in point.items()}
 
@@ -52,6 +68,7 @@ def build_searcher(spec: SweepSpec):
         # points past num_samples never run: enqueued, they would stay WAITING in the stored study
         [_typed_point(p) for p in spec.sweep.points_to_evaluate[: spec.sweep.num_samples]] or None,
         slots=SlotPolicy(spec),
+        ledger=PointLedger([*DefineByRunSpace(spec).dims, TEACHER_EPOCH.name], space_grid(spec), spec.sweep.seed),
     )
 
 

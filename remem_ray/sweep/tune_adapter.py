@@ -17,6 +17,8 @@ import pickle
 from typing import Any
 
 STUDY_NAME = "remem"
+MAX_ASKS = 50  # suggestions tried per new trial before Tune is told to ask again later
+ASK_BEFORE_DRAWING = 5  # duplicates in a row before a free point of a finite space is enqueued
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
 
@@ -29,15 +31,19 @@ def budget_aware_optuna_search(
     stopped_early,
     points_to_evaluate: list[dict[str, Any]] | None = None,
     slots=None,
+    ledger=None,
 ):
     """An OptunaSearch that reports intermediate values at `result[time_attr]` (stock: at
     training_iteration) and tells scheduler-stopped trials as PRUNED (stock: COMPLETE, so TPE
     would rank a 1-epoch student against full ones). `searcher.study` is the Optuna study.
 
     `slots` (a remem_ray.sweep.slots.SlotPolicy) limits concurrency in place of a
-    ConcurrencyLimiter: it counts what holds GPUs, not trials waiting for another's teacher."""
+    ConcurrencyLimiter: it counts what holds GPUs, not trials waiting for another's teacher.
+    `ledger` (a remem_ray.sweep.distinct.PointLedger): no point runs twice; a duplicate
+    suggestion is answered with the first run's outcome and another point is asked."""
     import optuna
     from optuna.trial import TrialState
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     class BudgetAwareOptunaSearch(OptunaSearch):
@@ -46,15 +52,46 @@ def budget_aware_optuna_search(
             self.told: set[str] = set()
             self.slots = slots
             self.live: dict[str, str] = {}  # trial id -> teacher key, while the trial runs
+            self.ledger = ledger
+            self.space_exhausted = False
             super().__init__(**kwargs)
 
         def suggest(self, trial_id: str):
             if self.slots is not None and not self.slots.may_start(list(self.live.values())):
                 return None  # Tune asks again later
-            config = super().suggest(trial_id)
-            if self.slots is not None and isinstance(config, dict):
-                self.live[trial_id] = self.slots.key(config)
-            return config
+            if self.ledger is not None and self.ledger.exhausted():
+                self.space_exhausted = True
+                return Searcher.FINISHED
+            for attempt in range(MAX_ASKS):
+                config = super().suggest(trial_id)
+                first = self.ledger.claim(trial_id, config) if self.ledger and isinstance(config, dict) else None
+                if first is None:
+                    if self.slots is not None and isinstance(config, dict):
+                        self.live[trial_id] = self.slots.key(config)
+                    return config
+                self.ledger.answer(self._ot_trials.pop(trial_id), first, self._tell_outcome)
+                if attempt + 1 >= ASK_BEFORE_DRAWING:  # TPE keeps proposing points it has: draw a free one
+                    free = self.ledger.unvisited()
+                    if free is not None:
+                        self.study.enqueue_trial(free)
+            return None  # every ask a duplicate: Tune asks again later
+
+        def _tell_outcome(self, trial, outcome) -> None:
+            from remem_ray.sweep.distinct import tell_outcome
+
+            try:
+                tell_outcome(self.study, trial, outcome)
+            except (ValueError, RuntimeError) as exc:  # as the stock class does: never let a tell crash the sweep
+                logging.getLogger(__name__).warning("could not tell duplicate trial %s: %s", trial.number, exc)
+
+        def _record_outcome(self, trial_id: str) -> None:
+            if self.ledger is None or trial_id not in self._ot_trials:
+                return
+            from remem_ray.sweep.distinct import outcome_of
+
+            frozen = self.study.trials[self._ot_trials[trial_id].number]
+            if frozen.state.is_finished():
+                self.ledger.finished(trial_id, outcome_of(frozen), self._tell_outcome)
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if trial_id in self.told or time_attr not in result or self.metric not in result:
@@ -67,7 +104,8 @@ def budget_aware_optuna_search(
                 return
             self.told.add(trial_id)
             if error or not stopped_early(result):
-                return super().on_trial_complete(trial_id, result=result, error=error)
+                super().on_trial_complete(trial_id, result=result, error=error)
+                return self._record_outcome(trial_id)
             assert result is not None  # stopped_early(None) is False
             ot_trial = self._ot_trials[trial_id]
             # Tune does not pass the result that triggered the stop to on_trial_result: record it
@@ -79,6 +117,7 @@ def budget_aware_optuna_search(
                 self.study.tell(ot_trial, state=TrialState.PRUNED)
             except (ValueError, RuntimeError) as exc:  # as the stock class does: never let a tell crash the sweep
                 logging.getLogger(__name__).warning("could not tell pruned trial %s: %s", trial_id, exc)
+            self._record_outcome(trial_id)
 
     storage = optuna.storages.InMemoryStorage()  # rolls back with Tune's searcher snapshot on resume
     study = optuna.create_study(

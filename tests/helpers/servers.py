@@ -264,10 +264,15 @@ class RayHead:
 
     def nodes(self) -> list[dict] | None:
         """All nodes the cluster has known (alive and dead), via the State API; None if unreachable."""
+        return self.state("list_nodes", limit=100)
+
+    def state(self, listing: str, **kwargs) -> list[dict] | None:
+        """A State API listing (`list_nodes`, `list_actors`...) as dicts, asked from a fresh
+        process (this one keeps no Ray client); None if the cluster does not answer."""
         code = (
             "import json, ray.util.state as s; "
-            f"print(json.dumps([n.__dict__ for n in s.list_nodes(address='{self.address}', "
-            "detail=True, limit=100)], default=str))"
+            f"print(json.dumps([n.__dict__ for n in s.{listing}(address='{self.address}', "
+            f"detail=True, **{kwargs!r})], default=str))"
         )
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
         if out.returncode != 0:

@@ -1,0 +1,119 @@
+"""remem_ray.sweep.distinct: a sweep never runs a point twice; duplicates are answered with the
+first run's outcome; a finite space ends the sweep once every point ran."""
+
+from __future__ import annotations
+
+import optuna
+from ray.tune.search import Searcher
+
+from remem_ray.contract import METRIC, stopped_early
+from remem_ray.sweep.distinct import DUPLICATE_OF, PointLedger
+from remem_ray.sweep.report import heatmap_cells
+from remem_ray.sweep.results import SweepSummary, TrialRow
+from remem_ray.sweep.search import TIME_ATTR
+from remem_ray.sweep.tune_adapter import budget_aware_optuna_search, study_from_searcher_state
+
+GRID = {"rho": [0.0, 0.05], "teacher_epoch": [2, 4]}
+P = [{"rho": r, "teacher_epoch": e} for r in GRID["rho"] for e in GRID["teacher_epoch"]]
+
+
+def _space(trial):
+    trial.suggest_categorical("rho", GRID["rho"])
+    trial.suggest_categorical("teacher_epoch", GRID["teacher_epoch"])
+
+
+def _searcher(points=None):
+    ledger = PointLedger(list(GRID), GRID, seed=0)
+    return budget_aware_optuna_search(
+        _space, METRIC, "max", optuna.samplers.TPESampler(seed=0), TIME_ATTR, stopped_early, points, ledger=ledger
+    )
+
+
+def _report(searcher, trial_id, values, epochs):
+    for epoch, value in enumerate(values, 1):
+        searcher.on_trial_result(trial_id, {METRIC: value, "epoch": epoch, "epochs": epochs})
+    searcher.on_trial_complete(trial_id, {METRIC: values[-1], "epoch": len(values), "epochs": epochs})
+
+
+def _duplicates(searcher, of: str):
+    return [t for t in searcher.study.trials if t.user_attrs.get(DUPLICATE_OF) == of]
+
+
+def test_a_duplicate_of_a_running_point_waits_for_its_outcome_and_a_new_point_runs():
+    searcher = _searcher([P[0], P[0]])  # the second enqueued point repeats the first
+    assert searcher.suggest("t1") == P[0]
+    second = searcher.suggest("t2")
+    assert second != P[0] and second in P  # the duplicate was not handed to Tune
+    (duplicate,) = _duplicates(searcher, "t1")
+    assert duplicate.state.name == "RUNNING" and duplicate.params == P[0]
+    _report(searcher, "t1", [0.5, 0.7], epochs=2)
+    (duplicate,) = _duplicates(searcher, "t1")
+    original = searcher.study.trials[searcher._ot_trials["t1"].number]
+    assert duplicate.state.name == "COMPLETE" and duplicate.value == original.value == 0.7
+    assert duplicate.intermediate_values == original.intermediate_values == {1: 0.5, 2: 0.7}
+
+
+def test_a_duplicate_of_a_stopped_point_is_told_pruned_at_once_with_the_same_curve():
+    searcher = _searcher([P[1]])
+    assert searcher.suggest("t1") == P[1]
+    # ASHA stopped it after epoch 1 of 3
+    searcher.on_trial_result("t1", {METRIC: 0.4, "epoch": 1, "epochs": 3})
+    searcher.on_trial_complete("t1", {METRIC: 0.4, "epoch": 1, "epochs": 3})
+    searcher.study.enqueue_trial(P[1])  # the sampler proposes it again
+    assert searcher.suggest("t2") != P[1]
+    (duplicate,) = _duplicates(searcher, "t1")
+    assert duplicate.state.name == "PRUNED" and duplicate.intermediate_values == {1: 0.4}
+
+
+def test_tune_trials_are_distinct_points_and_an_exhausted_space_finishes_the_search():
+    searcher = _searcher()
+    configs = [searcher.suggest(f"t{i}") for i in range(len(P))]
+    assert sorted(map(str, configs)) == sorted(map(str, P))  # four trials, four points
+    assert searcher.suggest("t-extra") is Searcher.FINISHED and searcher.space_exhausted
+    for i, _ in enumerate(P):
+        _report(searcher, f"t{i}", [0.1 * (i + 1)], epochs=1)
+    # every answered duplicate is finished, with the outcome of the trial of its point
+    for trial in searcher.study.trials:
+        assert trial.state.is_finished()
+        if DUPLICATE_OF in trial.user_attrs:
+            first = searcher.study.trials[searcher._ot_trials[trial.user_attrs[DUPLICATE_OF]].number]
+            assert (trial.params, trial.value) == (first.params, first.value)
+
+
+def test_the_ledger_survives_the_searchers_save_and_restore(tmp_path):
+    searcher = _searcher([P[0], P[0]])
+    searcher.suggest("t1")
+    searcher.suggest("t2")
+    path = tmp_path / "searcher-state-x.pkl"
+    searcher.save(str(path))
+    restored = _searcher()
+    restored.restore(str(path))
+    assert restored.ledger.runner == searcher.ledger.runner and len(restored.ledger.waiting["t1"]) == 1
+    _report(restored, "t1", [0.6], epochs=1)  # the waiting duplicate is answered after the restore
+    assert [t.state.name for t in _duplicates(restored, "t1")] == ["COMPLETE"]
+    assert len(study_from_searcher_state(path.read_bytes()).trials) == len(searcher.study.trials)
+
+
+def test_a_continuous_space_has_no_end():
+    ledger = PointLedger(["rho"], None, seed=0)
+    assert ledger.size() is None and not ledger.exhausted() and ledger.unvisited() is None
+
+
+def _row(trial, rho, alpha, val, stopped):
+    return TrialRow(trial, "TERMINATED", {"rho": rho, "alpha": alpha}, student_val_acc=val, stopped_early=stopped)
+
+
+def test_the_heat_map_ranks_finished_students_above_stopped_ones_and_marks_stopped_cells():
+    summary = SweepSummary(
+        "s",
+        "e",
+        METRIC,
+        trials=[
+            _row("a", 0.0, 0.9, 0.95, stopped=False),
+            _row("b", 0.0, 0.9, 0.97, stopped=True),  # an early epoch's score: never the cell's
+            _row("c", 0.05, 0.9, 0.85, stopped=True),  # the cell's only student was stopped
+        ],
+    )
+    rhos, alphas, grid, stopped = heatmap_cells(summary)
+    assert rhos == [0.0, 0.05] and alphas == [0.9]
+    assert grid == [[0.95, 0.85]] and stopped == [[False, True]]
