@@ -52,6 +52,7 @@ from helpers.servers import ProcessTree, RayHead, SeaweedFS, _venv_tool  # noqa:
 from remem_ray.checkpoint_files import best_checkpoint_name, checkpoint_name, verify_checkpoint  # noqa: E402
 from remem_ray.contract import BEST_TEST_ACC, BEST_VAL_ACC, EPOCH  # noqa: E402
 from remem_ray.leases import current_record  # noqa: E402
+from remem_ray.search_params import TEACHER_EPOCH  # noqa: E402
 from remem_ray.storage import Storage  # noqa: E402
 from remem_ray.sweep.registry import PUBLISH, TeacherRegistry  # noqa: E402
 from remem_ray.teacher_layout import version_file  # noqa: E402
@@ -59,6 +60,7 @@ from remem_ray.teacher_layout import version_file  # noqa: E402
 SPEC = ROOT / "search_spaces" / "default.yaml"
 SWEEPS = ("chaos-a", "chaos-b")
 JOURNAL = "journal.jsonl"
+REPAIR = "chaos-repair"  # the sweep that reads truncated sets no chaos trial read again
 NUM_SAMPLES = 8  # per sweep: long enough for the faults at their pace (the default spec has 6)
 BUCKET, PREFIX = "remem", "chaos"
 STALE_S = 60.0  # remem_ray.sweep.trial.STALE_AFTER_S
@@ -194,6 +196,7 @@ class Chaos:
         self.pauses: list[dict] = []  # each pause's outcome, once its holder is woken
         self.pausing: threading.Thread | None = None
         self.runs: list[dict] = []  # the chaos phase's wall time and S3 ports
+        self.checked: list[dict] = []  # the first check's findings, before any repair
         self.uri = f"s3://{BUCKET}/{PREFIX}"
 
     # ------------------------------------------------------------------ setup
@@ -203,12 +206,16 @@ class Chaos:
             f.write(json.dumps({"record": kind, **record}) + "\n")
 
     def load_journal(self) -> None:
+        lists = {
+            "fault": self.events,
+            "truncated": self.truncated,
+            "pause": self.pauses,
+            "run": self.runs,
+            "checked": self.checked,
+        }
         for line in (self.workdir / JOURNAL).read_text().splitlines():
             record = json.loads(line)
-            kind = record.pop("record")
-            {"fault": self.events, "truncated": self.truncated, "pause": self.pauses, "run": self.runs}[kind].append(
-                record
-            )
+            lists[record.pop("record")].append(record)
 
     def storage(self, *parts: str) -> Storage:
         return Storage("/".join([self.uri, *parts]), endpoint=self.server.endpoint)
@@ -437,19 +444,20 @@ class Chaos:
                     failures.append(f"{name}/{row['trial_id']}: {problem}")
         return failures
 
-    def repair_pass(self, spec: Path, keys: set[str], summaries: dict[str, dict]) -> None:
-        """Truncated sets no trial read after the fault are still in use: a short sweep with one
-        point per such key reads them, finds the damage and retrains (the self-repair path)."""
+    def repair_pass(self, spec: Path, unread: list[dict], summaries: dict[str, dict]) -> None:
+        """Truncated checkpoints no trial read after the fault are still in their set in use (a
+        trial verifies the epoch it distils from): a short sweep with one point per such key and
+        epoch reads them, finds the damage and retrains (the self-repair path)."""
         points = []
-        for key in sorted(keys):
-            row = next(r for s in summaries.values() for r in s["trials"] if r["teacher_key"] == key)
-            points.append(dict(row["params"]))
+        for broken in unread:
+            row = next(r for s in summaries.values() for r in s["trials"] if r["teacher_key"] == broken["key"])
+            points.append({**row["params"], TEACHER_EPOCH.name: broken["epoch"]})
         data = yaml.safe_load(spec.read_text())
         data["sweep"].update(num_samples=len(points), points_to_evaluate=points, asha={"enabled": False})
         data["student"]["epochs"] = 1
         path = self.workdir / "repair.yaml"
         path.write_text(yaml.safe_dump(data))
-        sweep = Sweep("chaos-repair")
+        sweep = Sweep(REPAIR)
         self.start_sweep(sweep, path)
         sweep.proc.wait()
         sweep.tree.kill_all()
@@ -458,6 +466,9 @@ class Chaos:
 
     def clean_sweep(self, spec: Path, points: list[dict]) -> dict[tuple, list[dict]]:
         """The same points on a fresh local root, no faults, embedded Ray: point -> result rows."""
+        experiment = self.workdir / "clean-results" / "sweeps" / "clean"
+        if (experiment / "summary.json").is_file():  # a --check after a finished clean sweep
+            return _result_rows(experiment)
         data = yaml.safe_load(spec.read_text())
         data["name"] = "clean"
         data["storage"]["root"] = str(self.workdir / "clean-results")
@@ -481,13 +492,17 @@ class Chaos:
             tree.kill_all()
         if proc.returncode != 0:
             raise RuntimeError(f"the clean sweep failed; see {log}")
-        experiment = self.workdir / "clean-results" / "sweeps" / "clean"
-        summary = json.loads((experiment / "summary.json").read_text())
-        rows = {}
-        for row in summary["trials"]:
-            lines = (experiment / f"trial_{row['trial_id']}" / "result.json").read_text().splitlines()
-            rows[_point(row["params"])] = [json.loads(x) for x in lines if x.strip()]
-        return rows
+        return _result_rows(experiment)
+
+
+def _result_rows(experiment: Path) -> dict[tuple, list[dict]]:
+    """A finished sweep's point -> its trial's result rows."""
+    summary = json.loads((experiment / "summary.json").read_text())
+    rows = {}
+    for row in summary["trials"]:
+        lines = (experiment / f"trial_{row['trial_id']}" / "result.json").read_text().splitlines()
+        rows[_point(row["params"])] = [json.loads(x) for x in lines if x.strip()]
+    return rows
 
 
 def _point(params: dict) -> tuple:
@@ -540,7 +555,8 @@ def run_chaos(chaos: Chaos) -> Path:
                 sweep.tree.kill_all()
         chaos.cluster.stop()
         chaos.server.stop()
-    chaos.journal("run", {"chaos_s": time.time() - began, "ports": chaos.server.ports})
+    chaos.runs.append({"chaos_s": time.time() - began, "ports": chaos.server.ports})
+    chaos.journal("run", chaos.runs[-1])
     say(f"both sweeps finished after {(time.time() - began) / 60:.1f} min")
     return spec
 
@@ -554,15 +570,19 @@ def check(chaos: Chaos, spec: Path) -> int:
     chaos.server.start()
     try:
         summaries = chaos.summaries()
-        before_repair = chaos.sha256_failures(summaries)
-        unread = {t["key"] for t in chaos.truncated if _in_use_broken(chaos, t)}
-        if unread:
+        if not chaos.checked:  # the first check: what the sweeps left, before any repair pass
+            unread = [{"key": t["key"], "epoch": t["epoch"]} for t in chaos.truncated if _in_use_broken(chaos, t)]
+            chaos.checked.append({"before_repair": chaos.sha256_failures(summaries), "unread": unread})
+            chaos.journal("checked", chaos.checked[-1])
+        before_repair, unread = chaos.checked[0]["before_repair"], chaos.checked[0]["unread"]
+        if unread and not chaos.storage("sweeps", REPAIR).is_file("summary.json"):
             say(f"{len(unread)} truncated set(s) still in use, never read since: a repair sweep reads them")
             chaos.cluster.start()
             try:
                 chaos.repair_pass(spec, unread, summaries)
             finally:
                 chaos.cluster.stop()
+        repair = json.loads(chaos.storage("sweeps", REPAIR).read_text("summary.json")) if unread else {}
         failures = chaos.sha256_failures(summaries)
         publications = chaos.publications()
     finally:
@@ -578,7 +598,7 @@ def check(chaos: Chaos, spec: Path) -> int:
     whole = [r for r in trials if r["state"] == "TERMINATED" and r["student_val_acc"] is not None]
     lost = len(SWEEPS) * num_samples - len(whole)
     keys = {r["teacher_key"] for r in trials}
-    forced = {e["teacher_set"] for s in summaries.values() for e in s["integrity_events"]}
+    forced = {e["set"] for s in [*summaries.values(), repair] for e in s.get("integrity_events", [])}
     taken_over = sum(1 for p in chaos.pauses if p["taken_over"])
     equal = sum(1 for c in compared if c["equal"])
     result = {
