@@ -113,12 +113,13 @@ def data_config(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
 def write_timm_folder(model: nn.Module, meta: dict[str, Any], folder: Path) -> str:
     """config.json and model.safetensors into `folder`; the weights file's sha256."""
     from safetensors.torch import save_file
-    from timm.models._hub import save_config_for_hf
+
+    from remem_ray.timm_adapter import write_timm_config
 
     weights = folder / WEIGHTS_FILE
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
     config = folder / CONFIG_FILE
-    save_config_for_hf(model, str(config), data_config=data_config(model, meta))
+    write_timm_config(model, str(config), data_config(model, meta))
     cfg = json.loads(config.read_text())
     for name in _SOURCE_FIELDS:
         cfg["pretrained_cfg"].pop(name, None)

@@ -5,6 +5,9 @@
   MLP reweighting recomputes that forward with the MLP branch scaled.
 - The MLP's activation module `mlp.act`: the expertness statistics hook its output.
 - `build_model_with_cfg` and `VisionTransformer`, public, to register small ViTs.
+- `timm.models._hub.save_config_for_hf(model, path, data_config=...)`: the config.json that
+  `timm.create_model("local-dir:...")` reads (public `save_for_hf` also writes the weights, and
+  needs huggingface_hub): exports write it (remem_ray/export.py).
 
 tests/test_timm_adapter.py fails loudly when any of these moves in a new timm.
 """
@@ -37,3 +40,10 @@ def mlp_activation(block: nn.Module) -> nn.Module:
 def build_vit(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
     """A VisionTransformer registered under `variant` (its default cfg from the registry)."""
     return build_model_with_cfg(VisionTransformer, variant, pretrained, **kwargs)
+
+
+def write_timm_config(model: nn.Module, path: str, data_config: dict[str, Any]) -> None:
+    """timm's config.json for `model` (architecture, args, classes, preprocessing) at `path`."""
+    from timm.models._hub import save_config_for_hf
+
+    save_config_for_hf(model, path, data_config=data_config)

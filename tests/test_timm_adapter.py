@@ -54,3 +54,11 @@ def test_public_builder_makes_the_registered_micro_vit():
     )
     assert type(model) is type(built) and list(model.state_dict()) == list(built.state_dict())
     assert model.pretrained_cfg["input_size"] == (3, 16, 16)
+
+
+def test_timm_still_writes_the_config_local_dir_loading_reads():
+    import inspect
+
+    from timm.models._hub import save_config_for_hf
+
+    assert {"model", "config_path", "data_config"} <= set(inspect.signature(save_config_for_hf).parameters)
