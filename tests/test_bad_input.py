@@ -31,6 +31,7 @@ BY_URI = (("sweep", "resume", "s3://bucket/p/sweeps/demo"), ("sweep", "status", 
 UNKNOWN_SWEEP = (("sweep", "status", "nothing-here"), ("sweep", "resume", "nothing-here"))
 S3_FLAGS = ("--storage", "s3://@BUCKET@/p", "--endpoint", "@ENDPOINT@")
 S3_NOT_A_URL = ("--storage", "s3://bucket/p", "--endpoint", "127.0.0.1:9000")
+EXPORT, SWEEP_EXPORT = ("export", "missing-ck", "--to", "out"), ("sweep", "export", "nothing-here", "--to", "out")
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,20 @@ CORPUS = [
     _bad("status-endpoint-not-a-url", None, "--endpoint", "127.0.0.1:9000", verbs=(STATUS,), flags=S3_NOT_A_URL),
     _bad("status-unknown-sweep", None, "sweep: no sweep at", "nothing-here", verbs=UNKNOWN_SWEEP),
     _bad("best-missing-credentials", None, "--storage", "AWS_ACCESS_KEY_ID", verbs=(BEST,), flags=S3_FLAGS),
+    # exports (tests/test_export.py and the smoke sweep test add those that need a checkpoint or a sweep)
+    _bad("export-no-checkpoint", None, "no complete checkpoint", "missing-ck", verbs=(EXPORT,)),
+    _bad("export-target-is-a-file", None, "--to", "is a file", verbs=(EXPORT,), file="out"),
+    _bad("export-unknown-sweep", None, "sweep: no sweep at", "nothing-here", verbs=(SWEEP_EXPORT,)),
+    _bad(
+        "export-missing-bucket",
+        None,
+        "CHECKPOINT",
+        "@MISSING@",
+        "does not exist",
+        verbs=(("export",),),
+        flags=("s3://@MISSING@/ck", "--to", "out", "--endpoint", "@ENDPOINT@"),
+        env=tuple(MOTO_KEYS.items()),
+    ),
 ]
 
 

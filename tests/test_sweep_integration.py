@@ -407,6 +407,11 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
         ["sweep", "status", "s3://remem/exp/sweeps/smoke", "--endpoint", seaweed.endpoint], tmp_path, env, timeout=120
     )
     assert rc == 0 and summary["best"]["trial_id"] in out
+    # the best student, exported from the bucket into the bucket (remem_ray.export; the card last)
+    args = ["sweep", "export", "s3://remem/exp/sweeps/smoke", "--endpoint", seaweed.endpoint, "--to", "s3://remem/ship"]
+    rc, out = run_remem(args, tmp_path, env, timeout=300)
+    assert rc == 0, out[-3000:]
+    assert _bucket_keys(client, "ship/") == {f"ship/{n}" for n in ("config.json", "model.safetensors", "README.md")}
 
     # credentials: nothing written holds them - logs, local files, Ray's session folders, the bucket
     secrets = [seaweed.ACCESS_KEY, seaweed.SECRET_KEY]
