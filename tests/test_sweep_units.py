@@ -334,12 +334,19 @@ def test_an_errored_trial_is_never_the_best_student(tmp_path, monkeypatch):
 class _FakeRay:
     """Stands in for ray.init/shutdown: these tests are about the driver's own bookkeeping."""
 
-    def __init__(self):
+    def __init__(self, fail_first: Exception | None = None):
         self.temp_dirs: list[str] = []
+        self.inits: list[dict] = []  # each call's dashboard port and the State API address then
+        self.fail_first = fail_first
 
     def init(self, **kwargs):
+        import os
         from types import SimpleNamespace
 
+        self.inits.append({"port": kwargs["dashboard_port"], "api": os.environ.get("RAY_API_SERVER_ADDRESS")})
+        if self.fail_first is not None:
+            error, self.fail_first = self.fail_first, None
+            raise error
         self.temp_dirs.append(kwargs["_temp_dir"])
         return SimpleNamespace(dashboard_url="127.0.0.1:8265")
 
@@ -373,3 +380,33 @@ def test_the_driver_gives_back_its_working_dir_and_removes_its_ray_temp_dir(tmp_
         pass
     assert os.path.isdir(fake.temp_dirs[2])
     os.rmdir(fake.temp_dirs[2])
+
+
+def test_a_dashboard_port_taken_before_ray_binds_it_is_replaced_not_fatal(monkeypatch):
+    """Seen in the suite: the port picked for the dashboard went to another process before Ray
+    bound it, and the sweep died ("Failed to find a valid port for dashboard ... address already
+    in use"). The driver picks ports below the kernel's ephemeral range and tries another."""
+    import os
+    import sys
+
+    from remem_ray.sweep import driver
+
+    taken = Exception(
+        "Failed to find a valid port for dashboard after 0 retries: [Errno 98] error while attempting "
+        "to bind on address ('127.0.0.1', 44217): address already in use"
+    )
+    fake = _FakeRay(fail_first=taken)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with driver.ray_session(None):
+        assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{fake.inits[-1]['port']}"
+    assert len(fake.inits) == 2 and fake.inits[0]["port"] != fake.inits[1]["port"]
+    assert all(i["api"] == f"http://127.0.0.1:{i['port']}" for i in fake.inits)  # each try names its own
+    assert all(19999 < i["port"] < driver._ephemeral_low() for i in fake.inits)
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # put back as it was
+
+    other = _FakeRay(fail_first=RuntimeError("the GCS would not start"))  # anything else still fails
+    monkeypatch.setitem(sys.modules, "ray", other)
+    with pytest.raises(RuntimeError, match="GCS"), driver.ray_session(None):
+        pass
+    assert len(other.inits) == 1

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import socket
@@ -23,11 +24,40 @@ from remem_ray.sweep.search import build_scheduler, build_searcher
 from remem_ray.sweep.study import StudyExport
 from remem_ray.sweep.tune_adapter import keep_credentials_out_of_runtime_envs
 
+DASHBOARD_PORT_TRIES = 3
+_RAY_WORKER_PORTS_END = 19999  # Ray's workers take 10002-19999 by default
 
-def _free_port() -> int:
-    with socket.socket() as s:
+
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _dashboard_port() -> int:
+    """A free loopback port between Ray's worker ports and the kernel's ephemeral range: a port
+    the kernel hands out, free when looked at, can go to any outgoing connection before the
+    dashboard binds it (seen in the suite: "address already in use", and the sweep failed)."""
+    rng = random.SystemRandom()
+    low = _RAY_WORKER_PORTS_END + 1
+    high = _ephemeral_low() - 1
+    for _ in range(100 if high > low else 0):
+        port = rng.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _port_taken(exc: BaseException) -> bool:
+    text = str(exc)
+    return "address already in use" in text or "valid port for dashboard" in text
 
 
 API_SERVER_ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first
@@ -110,21 +140,29 @@ def ray_session(address: str | None = None, verbose: bool = False):
             # One machine is never drained for preemption: without the watcher each Train run starts
             # one process fewer (processes inherit this through the raylet ray.init starts).
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-            dashboard_port = _free_port()
             # Every process of this Ray finds its State API here, not by auto-detection, which
             # fails when another Ray runs on the host: Train's placement-group cleaner then never
             # frees what runs the scheduler stopped held, and later runs wait for it forever.
-            stack.enter_context(_env_var(API_SERVER_ADDRESS_ENV, f"http://127.0.0.1:{dashboard_port}"))
-            context = ray.init(
-                _node_ip_address="127.0.0.1",
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=dashboard_port,
-                _temp_dir=temp_dir,
-                log_to_driver=True,
-                configure_logging=True,
-                logging_level=level,
-            )
+            stack.enter_context(_env_var(API_SERVER_ADDRESS_ENV, ""))
+            for attempt in range(1, DASHBOARD_PORT_TRIES + 1):
+                dashboard_port = _dashboard_port()
+                os.environ[API_SERVER_ADDRESS_ENV] = f"http://127.0.0.1:{dashboard_port}"
+                try:
+                    context = ray.init(
+                        _node_ip_address="127.0.0.1",
+                        include_dashboard=True,
+                        dashboard_host="127.0.0.1",
+                        dashboard_port=dashboard_port,
+                        _temp_dir=temp_dir,
+                        log_to_driver=True,
+                        configure_logging=True,
+                        logging_level=level,
+                    )
+                    break
+                except Exception as exc:  # the port went to another process before the dashboard bound it
+                    ray.shutdown()
+                    if attempt == DASHBOARD_PORT_TRIES or not _port_taken(exc):
+                        raise
         stack.callback(ray.shutdown)
         _ray_console_level(verbose)
         try:
