@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -220,6 +221,7 @@ def export_student(
         diff = write_onnx(model, meta, staging) if onnx else None
         (staging / CARD_FILE).write_text(card.render(sha, usage_text(target, onnx)))
         files = tuple(sorted(p.name for p in staging.iterdir()))
+        _usual_modes(staging)
         if local is None:
             _upload(staging, out, files)
         else:
@@ -230,6 +232,16 @@ def export_student(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Exported(target, files, sha, diff)
+
+
+def _usual_modes(folder: Path) -> None:
+    """The modes a folder made with mkdir and files written with open would have (the staging
+    folder is mkdtemp's 0700, some writers make 0600 files): others may read an export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _upload(staging: Path, out: Storage, files: tuple[str, ...]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -38,6 +40,10 @@ def test_an_exported_student_loads_in_plain_timm_and_computes_what_it_computed(t
     assert sorted(p.name for p in target.iterdir()) == sorted([CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE])
     assert exported.onnx_max_diff is not None and exported.onnx_max_diff <= 1e-4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".remem-export-")]  # staging renamed away
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask  # as mkdir makes it, not mkdtemp's 0700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()} == {0o666 & ~umask}
 
     images = torch.rand(7, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))  # a batch of 7: dynamic
     seen = score_in_fresh_process(target, images.numpy(), tmp_path / "fresh")

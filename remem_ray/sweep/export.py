@@ -32,9 +32,9 @@ def export_trial(spec: SweepSpec, trial_id: str | None, target: str, onnx: bool 
     params = {**row.params}
     facts = {
         "dataset": f"{spec.data.name} ({spec.data.img_size} px)",
-        "teacher": f"`{spec.teacher.model}`, fine-tuned with SAM and MLP reweighting (key `{row.teacher_key}`)",
-        "rho (SAM radius)": params.get("rho", spec.teacher.rho),
-        "alpha (MLP reweighting)": params.get("alpha", spec.teacher.alpha),
+        "teacher": f"`{spec.teacher.model}` (key `{row.teacher_key}`)",
+        "rho (SAM radius)": _described(params.get("rho", spec.teacher.rho), 0, "no SAM"),
+        "alpha (MLP reweighting)": _described(params.get("alpha", spec.teacher.alpha), 1, "no reweighting"),
         "teacher epoch": params.get("teacher_epoch"),
         "student best val accuracy": _acc(row.student_val_acc),
         "student test accuracy there": _acc(row.student_test_acc),
@@ -45,3 +45,8 @@ def export_trial(spec: SweepSpec, trial_id: str | None, target: str, onnx: bool 
 
 def _acc(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _described(value, neutral, meaning: str) -> str:
+    """A method parameter, said plainly where its value switches the method's part off."""
+    return f"{value} ({meaning})" if value == neutral else str(value)
