@@ -231,6 +231,12 @@ def _print_export(exported) -> None:
     print(f'load it: timm.create_model("local-dir:{exported.target}", pretrained=True)')
 
 
+def _add_checkpoint_args(p) -> None:
+    """A checkpoint folder to read, local or on S3 (`export`, `info`)."""
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (path or s3:// URI)")
+    p.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs")
+
+
 def _add_export_args(p) -> None:
     p.add_argument("--to", required=True, metavar="DIR", help="an empty or new folder, or s3:// URI")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxruntime)")
@@ -366,8 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="write a student checkpoint folder as a timm model folder (config.json, "
         "model.safetensors, a model card), loadable with timm alone",
     )
-    export.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (path or s3:// URI)")
-    export.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs")
+    _add_checkpoint_args(export)
     _add_export_args(export)
     export.set_defaults(handler=cmd_export)
     info = verbs.add_parser(
@@ -376,10 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="mutual information of a checkpoint's outputs and per-block "
         "expertness of its MLPs, on the val split of --data",
     )
-    info.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint folder (path or s3:// URI)")
+    _add_checkpoint_args(info)
     info.add_argument("--data", required=True, metavar="SPEC.yaml", help="spec whose data section to use")
     info.add_argument("--samples", type=int, default=1000, help="val images to use (default 1000)")
-    info.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs")
     info.set_defaults(handler=cmd_info)
     return parser
 

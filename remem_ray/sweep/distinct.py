@@ -11,12 +11,18 @@ every point run or running, the searcher says it is finished.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 DUPLICATE_OF = "duplicate_of"  # user attribute of an Optuna trial answered with another's outcome
+
+
+def grid_size(grid: Mapping[str, Sequence[Any]] | None) -> int | None:
+    """The distinct points of a finite space (None: a continuous one, no end)."""
+    return None if grid is None else math.prod(len(set(values)) for values in grid.values())
 
 
 @dataclass(frozen=True)
@@ -43,12 +49,7 @@ class PointLedger:
 
     def size(self) -> int | None:
         """How many distinct points the space has (None: infinite)."""
-        if self.grid is None:
-            return None
-        n = 1
-        for values in self.grid.values():
-            n *= len(set(values))
-        return n
+        return grid_size(self.grid)
 
     def exhausted(self) -> bool:
         size = self.size()

@@ -12,6 +12,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from pathlib import Path
 
 from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
@@ -30,7 +31,7 @@ _RAY_WORKER_PORTS_END = 19999  # Ray's workers take 10002-19999 by default
 
 def _ephemeral_low() -> int:
     try:
-        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
 

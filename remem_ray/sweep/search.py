@@ -7,7 +7,7 @@ from typing import Any
 from remem_ray.config import ParamRange, SweepSpec
 from remem_ray.contract import EPOCH, METRIC, MODE, stopped_early
 from remem_ray.search_params import SEARCH_PARAMS, TEACHER_EPOCH
-from remem_ray.sweep.distinct import PointLedger
+from remem_ray.sweep.distinct import PointLedger, grid_size
 from remem_ray.sweep.slots import SlotPolicy
 from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
 
@@ -46,8 +46,7 @@ def space_grid(spec: SweepSpec) -> dict[str, list[Any]] | None:
 
 def space_size(spec: SweepSpec) -> int | None:
     """How many distinct points the sweep can run (None: a continuous range, no end)."""
-    grid = space_grid(spec)
-    return None if grid is None else PointLedger(list(grid), grid, 0).size()
+    return grid_size(space_grid(spec))
 
 
 def _typed_point(point: dict[str, float]) -> dict[str, Any]:
