@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test suite's real servers: Seawee
 
 from helpers.servers import ProcessTree, RayHead, SeaweedFS, _venv_tool  # noqa: E402
 
-from remem_ray.checkpoint_files import best_checkpoint_name, checkpoint_name, verify_checkpoint  # noqa: E402
+from remem_ray.checkpoint_files import best_location, checkpoint_name, verify_checkpoint  # noqa: E402
 from remem_ray.contract import BEST_TEST_ACC, BEST_VAL_ACC, EPOCH  # noqa: E402
 from remem_ray.leases import current_record  # noqa: E402
 from remem_ray.search_params import TEACHER_EPOCH  # noqa: E402
@@ -438,8 +438,8 @@ class Chaos:
         for name, summary in summaries.items():
             for row in summary["trials"]:
                 student = self.storage("sweeps", name, "students", row["trial_id"])
-                best = best_checkpoint_name(student)
-                problem = "no best checkpoint" if best is None else verify_checkpoint(student, best)
+                best = best_location(student)  # its own, or a stored student's it replayed
+                problem = "no best checkpoint" if best is None else verify_checkpoint(*best)
                 if problem:
                     failures.append(f"{name}/{row['trial_id']}: {problem}")
         return failures

@@ -94,7 +94,17 @@ def replay(spec_path: str, table_path: str, seeds: int) -> None:
     curves, t_epochs = record["curves"], record["teacher_epochs"]
     grid_best = max(c[-1] for c in curves.values())
     grid_compute = len({k.rsplit("/", 1)[0] for k in curves}) * t_epochs + sum(len(c) for c in curves.values())
-    rows = [["seed", "best found", "compute to reach grid best", "total compute", "fraction of grid"]]
+    rows = [
+        [
+            "seed",
+            "best found",
+            "compute to reach grid best",
+            "total compute",
+            "fraction of grid",
+            "distinct points",
+            "duplicates answered",
+        ]
+    ]
     reached = []
     with tempfile.TemporaryDirectory(prefix="remem-replay-") as tmp:
         ray.init(
@@ -108,10 +118,11 @@ def replay(spec_path: str, table_path: str, seeds: int) -> None:
         try:
             for seed in range(seeds):
                 spec = load_sweep_spec(spec_path, {"sweep.seed": seed, "storage.root": str(Path(tmp) / "r")})
+                searcher = build_searcher(spec)
                 tuner = tune.Tuner(
                     tune.with_parameters(table_trial, curves=curves),
                     tune_config=tune.TuneConfig(
-                        search_alg=build_searcher(spec),
+                        search_alg=searcher,
                         scheduler=build_scheduler(spec),
                         num_samples=spec.sweep.num_samples,  # concurrency: the searcher's slots, as in a sweep
                     ),
@@ -137,6 +148,15 @@ def replay(spec_path: str, table_path: str, seeds: int) -> None:
                         "-" if reach is None else str(reach),
                         str(compute),
                         "-" if reach is None else f"{reach / grid_compute:.2f}",
+                        str(
+                            len(
+                                {
+                                    point_key(r.config["rho"], r.config["alpha"], r.config["teacher_epoch"])
+                                    for r in results
+                                }
+                            )
+                        ),
+                        str(searcher.ledger.answered),
                     ]
                 )
         finally:

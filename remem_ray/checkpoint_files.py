@@ -48,17 +48,37 @@ def point_best(storage: Storage, epoch: int) -> str | None:
     return None if before is None else json.loads(before)["checkpoint"]
 
 
+def point_stored_best(storage: Storage, epoch: int, folder_uri: str) -> None:
+    """Point readers of `storage` at best_epoch_<epoch> in another folder (a stored student's,
+    which a replayed trial reports as its own); one whole-object write."""
+    record = {"epoch": epoch, "checkpoint": best_name(epoch), "folder": folder_uri}
+    storage.write_text(BEST_POINTER, json.dumps(record))
+
+
 def best_checkpoint_name(storage: Storage) -> str | None:
-    """The name (under `storage`) of a student's best checkpoint, or None if it has none yet."""
+    """The name (under `storage`) of a student's best checkpoint written there, or None if it has
+    none yet (or its pointer names another folder's: see best_location)."""
     if storage.is_file(BEST_POINTER):
-        return str(json.loads(storage.read_text(BEST_POINTER))["checkpoint"])
+        pointer = json.loads(storage.read_text(BEST_POINTER))
+        return None if pointer.get("folder") else str(pointer["checkpoint"])
     return LEGACY_BEST if is_complete(storage, LEGACY_BEST) else None
 
 
+def best_location(storage: Storage) -> tuple[Storage, str] | None:
+    """(folder, name) of a student's best checkpoint, following a pointer to another folder; None
+    if it has none yet."""
+    if storage.is_file(BEST_POINTER):
+        pointer = json.loads(storage.read_text(BEST_POINTER))
+        folder = pointer.get("folder")
+        where = Storage(folder, storage.endpoint, storage.region) if folder else storage
+        return where, str(pointer["checkpoint"])
+    return (storage, LEGACY_BEST) if is_complete(storage, LEGACY_BEST) else None
+
+
 def best_checkpoint(storage: Storage) -> str | None:
-    """The URI of a student's best checkpoint under `storage`, or None if it has none yet."""
-    name = best_checkpoint_name(storage)
-    return None if name is None else storage.uri(name)
+    """The URI of a student's best checkpoint under `storage` (or where its pointer says), or None."""
+    location = best_location(storage)
+    return None if location is None else location[0].uri(location[1])
 
 
 def manifest_for(files: dict[str, bytes]) -> str:

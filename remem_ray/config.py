@@ -318,9 +318,32 @@ class RunSpec(StrictModel):
                     keys.append(key)
         return keys
 
+    def student_key(self, teacher_world_size: int = 1, world_size: int = 1) -> str:
+        """Stable hash of the distillation this spec names: its teacher's key and checkpoint epoch
+        (or the explicit checkpoint), the student section spelled canonically (canonical_student),
+        the data, the seed and the student's workers (batch_size is per worker). Like the teacher
+        key, not where or how fast it runs (device, compile, loader workers)."""
+        student = self.student
+        if student.teacher_checkpoint is not None:
+            teacher: dict[str, Any] = {"checkpoint": student.teacher_checkpoint}
+        else:
+            epoch = student.teacher_epoch or self.teacher.saved_epochs[-1]
+            teacher = {"key": self.teacher_key(teacher_world_size), "epoch": epoch}
+        payload = {
+            "seed": self.seed,
+            "world_size": world_size,
+            "data": canonical_data(self.data),
+            "teacher": teacher,
+            "student": canonical_student(student),
+        }
+        return _hash(payload)
+
 
 def _teacher_hash(seed: int, world_size: int, data: dict[str, Any], teacher: dict[str, Any]) -> str:
-    payload = {"seed": seed, "world_size": world_size, "data": data, "teacher": teacher}
+    return _hash({"seed": seed, "world_size": world_size, "data": data, "teacher": teacher})
+
+
+def _hash(payload: dict[str, Any]) -> str:
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -356,6 +379,21 @@ def canonical_teacher(teacher: TeacherConfig) -> dict[str, Any]:
         values["adaptive"] = _default(TeacherConfig, "adaptive")
     if teacher.rho == 0.0 or not teacher.adaptive:
         values["asam_eta"] = _default(TeacherConfig, "asam_eta")
+    return values
+
+
+def canonical_student(student: StudentConfig) -> dict[str, Any]:
+    """The student section, one spelling per distillation: without the teacher's choice (the key
+    holds the teacher's own key and epoch); the cache's views and their seed at their defaults
+    for online targets (no cache); the KD term's loss and temperature at their defaults when its
+    weight is 0 (no KD gradient)."""
+    values = student.model_dump(mode="json", exclude={"teacher_epoch", "teacher_checkpoint"})
+    if student.teacher_targets == "online":
+        values["target_views"] = _default(StudentConfig, "target_views")
+        values["target_view_seed"] = _default(StudentConfig, "target_view_seed")
+    if student.kd.weight == 0.0:
+        kd = {"loss": _default(KDConfig, "loss"), "temperature": _default(KDConfig, "temperature")}
+        values["kd"] = {**values["kd"], **kd}
     return values
 
 

@@ -32,6 +32,8 @@ TEACHER_VAL_ACC = "teacher_val_acc"
 TEACHER_MI = "teacher_mi"  # the teacher checkpoint's mutual information at the reference temperature
 TEACHER_KEY = "teacher_key"
 TEACHER_TRAINED = "teacher_trained"  # 1 if this trial trained its teacher, 0 if it reused a stored one
+STUDENT_KEY = "student_key"
+STUDENT_REPLAYED = "student_replayed"  # 1 if this trial replayed a stored student's curve instead of distilling
 
 METRIC = BEST_VAL_ACC  # what the sweep keeps: searcher, scheduler and summary agree on it
 MODE = "max"
@@ -103,6 +105,13 @@ class LoopConfig:
     tensorboard: str | None = None  # folder for per-epoch scalars (rank 0)
     report_extra: Mapping[str, Any] = field(default_factory=dict)  # added to every report
     session: Session | None = None  # in-process callers (tests) bring their own; never sent to Ray
+    # run on rank 0 once the last epoch is done, before its report, as hook(output, history, log);
+    # kept pickled for a Ray Train run, like PhasesConfig.on_teacher_done
+    on_finished: Callable[..., object] | bytes | None = None
+
+    def finished_hook(self) -> Callable[..., object] | None:
+        hook = self.on_finished
+        return pickle.loads(hook) if isinstance(hook, bytes) else hook
 
     def but(self, **changes: Any) -> LoopConfig:
         return replace(self, **changes)
@@ -114,6 +123,8 @@ class LoopConfig:
         data["spec"] = self.spec.model_dump(mode="json")
         data["lease"] = self.lease.to_dict() if self.lease is not None else None
         data["report_extra"] = dict(self.report_extra)
+        hook = self.on_finished
+        data["on_finished"] = pickle.dumps(hook) if hook is not None and not isinstance(hook, bytes) else hook
         return data
 
     @classmethod

@@ -189,6 +189,9 @@ def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
     model_file.write_bytes(good[: len(good) // 2])
 
     second = _spec(tmp_path, "second", num_samples=1, points_to_evaluate=[LEARNING_POINT])
+    spec = yaml.safe_load(second.read_text())
+    spec["student"]["kd"] = {"temperature": 3.0}  # another student of the same teacher: not a replay
+    second.write_text(yaml.safe_dump(spec))
     rc, out = run_remem(["sweep", "run", str(second)], tmp_path, env)
     assert rc == 0, out[-3000:]
     assert "does not match its sha256" in out and "training teacher" in out and "again into" in out

@@ -3,7 +3,7 @@ says which sweep, trial, teacher and point it came from."""
 
 from __future__ import annotations
 
-from remem_ray.checkpoint_files import best_checkpoint_name
+from remem_ray.checkpoint_files import best_location
 from remem_ray.config import SweepSpec
 from remem_ray.errors import UserInputError
 from remem_ray.export import Exported, export_student
@@ -25,9 +25,8 @@ def export_trial(spec: SweepSpec, trial_id: str | None, target: str, onnx: bool 
         if row is None:
             known = ", ".join(r.trial_id for r in summary.trials) or "none"
             raise UserInputError(f"--trial: no trial {trial_id!r} in sweep {spec.name} (trials: {known})")
-    student = layout.student(row.trial_id)
-    rel = best_checkpoint_name(student)
-    if row.state != "TERMINATED" or rel is None:
+    location = best_location(layout.student(row.trial_id))  # its own, or the stored student it replayed
+    if row.state != "TERMINATED" or location is None:
         raise UserInputError(f"--trial: trial {row.trial_id} has no finished student (state {row.state})")
     params = {**row.params}
     facts = {
@@ -40,7 +39,7 @@ def export_trial(spec: SweepSpec, trial_id: str | None, target: str, onnx: bool 
         "student test accuracy there": _acc(row.student_test_acc),
         "sweep": f"{spec.name} (`{layout.experiment.uri()}`), trial {row.trial_id}",
     }
-    return export_student(student, rel, target, facts, onnx=onnx, endpoint=spec.storage.endpoint)
+    return export_student(*location, target, facts, onnx=onnx, endpoint=spec.storage.endpoint)
 
 
 def _acc(value: float | None) -> str:

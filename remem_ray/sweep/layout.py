@@ -11,6 +11,7 @@
 <root>/sweeps/<name>/teacher-trainings/<key>.json  teachers this sweep trained
 <root>/sweeps/<name>/integrity-events/*.json       corrupt checkpoints found and retrained
 <root>/teachers/<key>/                 the teacher registry, shared by sweeps on this root
+<root>/students/<key>/                 the student registry (finished distillations), shared likewise
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ class SweepLayout:
         self.name = name
         self.experiment = storage.child("sweeps", name)
         self.teachers = storage.child("teachers")
+        self.students = storage.child("students")
         self.train_runs = self.experiment.child("train-runs")
 
     def student(self, trial_id: str) -> Storage:
+        """A trial's best student: best.json names its best_epoch_<e>/ here, or in the student
+        registry for a trial that replayed a stored student."""
         return self.experiment.child("students", trial_id)
 
     def tensorboard(self, run: str) -> Storage:

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from remem_ray.console import marked
-from remem_ray.contract import EPOCH, METRIC, TEACHER_TRAINED, best_trial, stopped_early
+from remem_ray.contract import EPOCH, METRIC, STUDENT_REPLAYED, TEACHER_TRAINED, best_trial, stopped_early
 from remem_ray.search_params import SEARCH_PARAMS
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import LOG_FILE
@@ -148,15 +148,17 @@ def progress_line(trials: list, num_samples: int, elapsed: str) -> str:
     stopped = sum(1 for t, r in zip(trials, results) if t.status == "TERMINATED" and stopped_early(r))
     errored = status.count("ERROR")
     pending = status.count("PENDING") + status.count("PAUSED") + max(0, num_samples - len(trials))
-    reported = [r for r in results if TEACHER_TRAINED in r]
+    replayed = sum(1 for r in results if r.get(STUDENT_REPLAYED))
+    reported = [r for r in results if TEACHER_TRAINED in r and not r.get(STUDENT_REPLAYED)]
     trained = sum(int(r[TEACHER_TRAINED]) for r in reported)
+    students = f" | students {replayed} replayed" if replayed else ""
     best_id = best_trial((t.trial_id, t.status, r) for t, r in zip(trials, results))
     top = next((r for t, r in zip(trials, results) if t.trial_id == best_id), None)
     best = f"best student val {top[METRIC]:.4f} (trial {best_id})" if top else "no student yet"
     return (
         f"progress {elapsed}: trials {done}/{num_samples} done ({stopped} stopped early, {errored} errored), "
         f"{status.count('RUNNING')} running, {pending} pending | teachers {trained} trained, "
-        f"{len(reported) - trained} reused | {best}"
+        f"{len(reported) - trained} reused{students} | {best}"
     )
 
 

@@ -13,6 +13,8 @@ from remem_ray.contract import (
     BEST_TEST_ACC,
     EPOCH,
     METRIC,
+    STUDENT_KEY,
+    STUDENT_REPLAYED,
     TEACHER_KEY,
     TEACHER_MI,
     TEACHER_TRAINED,
@@ -37,6 +39,8 @@ class TrialRow:
     teacher_mi: float | None = None
     teacher_key: str | None = None
     teacher_trained: bool | None = None
+    student_key: str | None = None
+    student_replayed: bool | None = None  # True: the curve of a stored student, replayed; no Train run
     stopped_early: bool = False
     student_checkpoint: str | None = None
 
@@ -50,6 +54,8 @@ class SweepSummary:
     best: TrialRow | None = None
     teacher_trainings_performed: int = 0
     teacher_reuses: int = 0
+    students_distilled: int = 0  # trials that ran a distillation (a Train run)
+    students_replayed: int = 0  # trials that replayed a student stored by an earlier trial or sweep
     distinct_teacher_keys: int = 0
     corrupt_checkpoints_retrained: int = 0
     integrity_events: list[dict[str, Any]] = field(default_factory=list)
@@ -83,6 +89,8 @@ def _row(trial, layout: SweepLayout) -> TrialRow:
         row.teacher_mi = _num(result.get(TEACHER_MI))
         row.teacher_key = result.get(TEACHER_KEY)
         row.teacher_trained = bool(result.get(TEACHER_TRAINED))
+        row.student_key = result.get(STUDENT_KEY)
+        row.student_replayed = bool(result.get(STUDENT_REPLAYED))
         row.stopped_early = stopped_early(result)
         row.student_checkpoint = best_checkpoint(layout.student(trial.trial_id))
     return row
@@ -107,7 +115,7 @@ def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
     best = next((r for r in rows if r.trial_id == best_id), None)
     trained = set(layout.teacher_trainings())
     events = sorted(layout.integrity_events(), key=lambda e: e["time"])
-    keys = {r.teacher_key for r in scored if r.teacher_key}
+    keys = {r.teacher_key for r in scored if r.teacher_key and not r.student_replayed}  # teachers it needed
     size = space_size(spec)
     return SweepSummary(
         name=spec.name,
@@ -116,7 +124,9 @@ def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
         trials=rows,
         best=best,
         teacher_trainings_performed=len(trained),
-        teacher_reuses=sum(1 for r in scored if not r.teacher_trained),
+        teacher_reuses=sum(1 for r in scored if not r.teacher_trained and not r.student_replayed),
+        students_distilled=sum(1 for r in scored if not r.student_replayed),
+        students_replayed=sum(1 for r in scored if r.student_replayed),
         distinct_teacher_keys=len(keys),
         corrupt_checkpoints_retrained=len(events),
         integrity_events=events,
@@ -167,10 +177,14 @@ def format_table(summary: SweepSummary) -> str:
         "teacher_val",
         "teacher_mi",
         "teacher",
+        "student",
     ]
     lines = [header]
     for r in summary.trials:
         teacher = "-" if r.teacher_trained is None else ("trained" if r.teacher_trained else "reused")
+        student = "-" if r.student_replayed is None else ("replayed" if r.student_replayed else "distilled")
+        if r.student_replayed:
+            teacher = "-"  # a replay needs no teacher
         state = r.state + (" (stopped)" if r.stopped_early else "")
         lines.append(
             [
@@ -183,6 +197,7 @@ def format_table(summary: SweepSummary) -> str:
                 _fmt(r.teacher_val_acc),
                 _fmt(r.teacher_mi, 3),
                 teacher,
+                student,
             ]
         )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
@@ -190,6 +205,10 @@ def format_table(summary: SweepSummary) -> str:
     out.append(
         f"teacher trainings performed: {summary.teacher_trainings_performed}, reused by trials: "
         f"{summary.teacher_reuses}, distinct teachers: {summary.distinct_teacher_keys}"
+    )
+    out.append(
+        f"students distilled: {summary.students_distilled}, replayed from the student registry: "
+        f"{summary.students_replayed}"
     )
     if summary.duplicate_suggestions:
         out.append(

@@ -24,13 +24,22 @@ from typing import Any
 from remem_ray.checkpoint_files import best_checkpoint, checkpoint_name
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.console import say
-from remem_ray.contract import TEACHER_KEY, TEACHER_TRAINED, LoopConfig, PhasesConfig
+from remem_ray.contract import STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED, LoopConfig, PhasesConfig
 from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import Lease, LeaseHandle, LeaseWatch
 from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.registry import Heartbeat, TeacherRegistry
+from remem_ray.sweep.students import (
+    StudentFinished,
+    StudentRecord,
+    StudentRegistry,
+    distil_once,
+    replay,
+    replay_extra,
+    usable_record,
+)
 from remem_ray.teacher_layout import RESUME_DIR, TRAIN_RUN
 
 HEARTBEAT_S = 5.0
@@ -238,10 +247,32 @@ class TrialRuns:
         self.spec, self.run_spec, self.trial_id, self.started_at = spec, run_spec, trial_id, started_at
         self.layout = SweepLayout(Storage.from_config(spec.storage), spec.name)
         self.registry = TeacherRegistry(self.layout.teachers)
-        self.key = run_spec.teacher_key(spec.sweep.resources.teacher.num_workers)
+        resources = spec.sweep.resources
+        self.key = run_spec.teacher_key(resources.teacher.num_workers)
+        self.student_key = run_spec.student_key(resources.teacher.num_workers, resources.student.num_workers)
+        self.students = StudentRegistry(self.layout.students)
+        self.finished: StudentFinished | None = None  # stores the student for reuse once distilled
         self.distilled = False
 
-    def _student_run_exists(self) -> bool:
+    def distil(self, holder: str, finished: StudentFinished | None = None) -> None:
+        """Distil this trial's student (training its teacher first where needed), the finished
+        student stored for reuse by `finished`."""
+        self.finished = finished
+        trained = ensure_teacher(self.spec, self.run_spec, holder, self.registry, self.layout, fit=self.fit_teacher)
+        if not self.distilled:
+            self.fit_student(trained)
+
+    def replay(self, record: StudentRecord) -> None:
+        from ray import tune
+
+        say(
+            f"trial {self.trial_id}: student {self.student_key[:8]} was distilled by {record.made_by}; "
+            f"replaying its {len(record.history)} epochs"
+        )
+        extra = replay_extra(self.key, self.student_key)
+        replay(record, self.layout.student(self.trial_id), tune.report, extra)
+
+    def student_run_exists(self) -> bool:
         return self.layout.train_runs.exists(f"student-{self.trial_id}")
 
     def _student_run(self):
@@ -255,12 +286,15 @@ class TrialRuns:
         return LoopConfig(
             self.run_spec,
             self.layout.student(self.trial_id).uri(),
+            on_finished=pickle.dumps(self.finished) if self.finished is not None else None,
             teacher_checkpoint=teacher_checkpoint,
             label=f"trial {self.trial_id} student",
             tensorboard=self.layout.tensorboard(f"trial_{self.trial_id}_student").uri(),
             report_extra={
                 TEACHER_KEY: self.key,
                 TEACHER_TRAINED: int(trained),
+                STUDENT_KEY: self.student_key,
+                STUDENT_REPLAYED: 0,
                 # timings and memory of this trial's driver, for benchmarks/sweep_overhead.py
                 "trial_started_at": self.started_at,
                 "fit_called_at": time.time(),
@@ -276,7 +310,7 @@ class TrialRuns:
         resources = spec.sweep.resources
         # A trial restarted with a student run of its own already (its teacher found corrupt
         # since, say) keeps that run for its student: a run with a checkpoint skips its teacher phase.
-        together = resources.teacher == resources.student and not self._student_run_exists()
+        together = resources.teacher == resources.student and not self.student_run_exists()
         output = registry.output(key, handle.generation)
         epoch = run_spec.student.teacher_epoch
         teacher = LoopConfig(
@@ -324,9 +358,13 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     runs = TrialRuns(spec, run_spec, trial_id, started_at)
     holder = f"{spec.name}/{trial_id}"
-    trained = ensure_teacher(spec, run_spec, holder, runs.registry, runs.layout, fit=runs.fit_teacher)
-    if not runs.distilled:
-        runs.fit_student(trained)
+    if runs.student_run_exists():  # restarted: it goes on with its own run, never replays beside it
+        record, seen = usable_record(runs.students, runs.student_key, trial_id)
+        store = StudentFinished(runs.students, runs.student_key, seen, holder) if record is None else None
+        runs.distil(holder, store)
+    else:
+        timeout = spec.sweep.teacher_wait_timeout_s
+        distil_once(runs.students, runs.student_key, holder, lambda f: runs.distil(holder, f), runs.replay, timeout)
     print(f"trial {trial_id}: done; student at {best_checkpoint(runs.layout.student(trial_id))}", flush=True)  # log
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ class LoopContext:
     scalars: ScalarLog | None = None  # TensorBoard events of this run (rank 0), where asked for
     started: dict[str, float] = field(default_factory=dict)  # when this run's process and loop began
     earlier_output: Storage | None = None  # an earlier run's output this one continues from (read only)
+    on_finished: Callable[..., object] | None = None  # LoopConfig.on_finished, unpickled
 
     @property
     def is_writer(self) -> bool:
@@ -157,6 +158,7 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
         scalars=scalars,
         started=started,
         earlier_output=earlier,
+        on_finished=config.finished_hook(),
     )
 
 
@@ -345,6 +347,8 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         state = {"epoch": epoch, "task": task.state(), "history": history}
         if ctx.scalars is not None:  # before the report: a scheduler's stop may end the run inside it
             ctx.scalars.write(metrics)
+        if epoch == task.epochs and ctx.is_writer and ctx.on_finished is not None:  # before it too
+            ctx.on_finished(ctx.output, history, ctx.session.log)
         ctx.session.report(metrics, state=state)
         if ctx.is_writer:
             hold_if_asked(ctx.role, epoch, ctx.output.uri())

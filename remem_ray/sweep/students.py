@@ -1,0 +1,216 @@
+"""Student registry: finished distillations under <root>/students/<student_key>/, shared by every
+sweep on the root, so no sweep distils a student another has finished (issue 25).
+
+    <key>/lease/<generation>.json     who distils the key now (remem_ray.leases)
+    <key>/records/<version>.json      a finished student: the curve its run reported, one entry
+                                      per epoch, its best epoch, and the folder of that checkpoint;
+                                      each version one exclusive create, the newest in force
+    <key>/run-<id>/best_epoch_<e>/    its best checkpoint: each publishing run writes a folder of
+                                      its own, whole before a record names it
+
+A trial whose key has a record does not distil: it replays the stored curve to Tune, epoch by
+epoch, so the scheduler and the searcher see what the original run reported, and points its
+student folder at the stored checkpoint. A trial whose key another trial is distilling waits
+for it holding no Train run, as trials wait for teachers. The lease only spares work: the record
+is the fence. Every publication is the exclusive create of the version after the one its writer
+found broken (or of the first), so of two holders (one paused past the stale window, one that
+took over) exactly one publishes, and a reader never sees a folder before its checkpoint is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from remem_ray.checkpoint_files import (
+    best_checkpoint_name,
+    best_name,
+    copy_checkpoint,
+    point_stored_best,
+    verify_checkpoint,
+)
+from remem_ray.console import say
+from remem_ray.contract import EPOCH, STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED
+from remem_ray.errors import ResourceError
+from remem_ray.leases import Lease
+from remem_ray.storage import Storage
+from remem_ray.sweep.registry import Heartbeat
+from remem_ray.teacher_layout import LEASE_DIR, version_file
+
+RECORDS_DIR = "records"
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 60.0
+POLL_S = 2.0
+# What a report said about the process that produced it, not about the student: a replay leaves
+# them out (a replayed trial has no Train run, and trained no teacher)
+ORIGINAL_RUN_ONLY = (
+    "trial_started_at",
+    "fit_called_at",
+    "trial_driver_rss_mb",
+    "student_in_teacher_run",
+    "replayed",
+    TEACHER_TRAINED,
+)
+
+
+@dataclass(frozen=True)
+class StudentRecord:
+    """A finished student as stored: `history` is what its run reported, epoch by epoch."""
+
+    key: str
+    version: int
+    folder: Storage  # the run's folder holding best_epoch_<best_epoch>/
+    best_epoch: int
+    history: tuple[dict[str, Any], ...]
+    made_by: str  # sweep/trial that distilled it
+
+    def checkpoint_uri(self) -> str:
+        return self.folder.uri(best_name(self.best_epoch))
+
+    def problem(self) -> str | None:
+        """None if its best checkpoint is whole (sha256 against its manifest), else what is wrong."""
+        return verify_checkpoint(self.folder, best_name(self.best_epoch))
+
+
+class StudentRegistry:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage  # <root>/students
+
+    def folder(self, key: str) -> Storage:
+        return self.storage.child(key)
+
+    def lease(self, key: str, holder: str, stale_after_s: float) -> Lease:
+        return Lease(self.folder(key).child(LEASE_DIR), holder, stale_after_s)
+
+    def newest(self, key: str) -> StudentRecord | None:
+        records = self.folder(key).child(RECORDS_DIR)
+        versions = sorted(int(n[: -len(".json")]) for n in records.list_dir() if n[: -len(".json")].isdigit())
+        if not versions:
+            return None
+        data = json.loads(records.read_text(version_file(versions[-1])))
+        return StudentRecord(
+            key,
+            versions[-1],
+            self.folder(key).child(data["folder"]),
+            int(data["best_epoch"]),
+            tuple(data["history"]),
+            data.get("made_by", ""),
+        )
+
+    def publish(self, key: str, after_version: int, output: Storage, history: list[dict], made_by: str) -> bool:
+        """Store the student finished in `output` (its best.json and that checkpoint) as version
+        `after_version + 1`: its checkpoint is copied (sha256-checked) into a folder of this
+        publication's own first, then the record is created. False if that version exists
+        already (another run published first; its student is the same distillation)."""
+        records = self.folder(key).child(RECORDS_DIR)
+        version = after_version + 1
+        if records.is_file(version_file(version)):
+            return False
+        best = best_checkpoint_name(output)
+        if best is None:
+            raise ResourceError(f"student {key}: {output.uri()} has no best checkpoint to publish")
+        epoch = int(best.rsplit("_", 1)[-1])
+        folder = f"run-{uuid.uuid4().hex[:12]}"
+        copy_checkpoint(output, self.folder(key).child(folder), best_name(epoch))
+        record = {
+            "student_key": key,
+            "version": version,
+            "folder": folder,
+            "best_epoch": epoch,
+            "history": history,
+            "made_by": made_by,
+            "time": time.time(),
+        }
+        return records.create_exclusive(version_file(version), json.dumps(record).encode())
+
+
+class StudentFinished:
+    """Run on a student run's rank 0 once its last epoch is done, before its report (a scheduler
+    may end the run inside that report): the student joins the registry. A failure to publish
+    costs only a later sweep's reuse, never this trial's result, so it is logged, not raised."""
+
+    def __init__(self, registry: StudentRegistry, key: str, after_version: int, made_by: str):
+        self.registry, self.key, self.after_version, self.made_by = registry, key, after_version, made_by
+
+    def __call__(self, output: Storage, history: list[dict[str, Any]], log: Callable[[str], None]) -> bool:
+        try:
+            published = self.registry.publish(self.key, self.after_version, output, history, self.made_by)
+        except ResourceError as exc:
+            log(f"student {self.key[:8]} not stored for reuse: {exc}")
+            return False
+        if not published:
+            log(f"student {self.key[:8]}: another run stored it first; this run's result stays its trial's")
+        return published
+
+
+def replay(record: StudentRecord, student_folder: Storage, report: Callable[[dict], None], extra: Mapping) -> None:
+    """Report the stored curve, one report per epoch, as the original run reported it (less what
+    described its process, plus `extra`). The trial's student folder points at the stored best
+    from its epoch on: a replay stopped before it has no checkpoint, as the stored best came later."""
+    for reported in record.history:
+        metrics = {k: v for k, v in reported.items() if k not in ORIGINAL_RUN_ONLY}
+        metrics.update(extra)
+        metrics[STUDENT_REPLAYED] = 1
+        if metrics[EPOCH] == record.best_epoch:
+            point_stored_best(student_folder, record.best_epoch, record.folder.uri())
+        report(metrics)
+
+
+def usable_record(registry: StudentRegistry, key: str, trial_id: str) -> tuple[StudentRecord | None, int]:
+    """(the key's record if its checkpoint is whole, else None; the newest version seen)."""
+    record = registry.newest(key)
+    if record is None:
+        return None, 0
+    problem = record.problem()
+    if problem is None:
+        return record, record.version
+    say(f"trial {trial_id}: stored student {key[:8]} is not usable ({problem}); distilling it again")
+    return None, record.version
+
+
+def distil_once(
+    registry: StudentRegistry,
+    key: str,
+    holder: str,
+    distil: Callable[[StudentFinished], None],
+    play: Callable[[StudentRecord], None],
+    wait_timeout_s: float,
+    stale_after_s: float = STALE_AFTER_S,
+) -> str:
+    """Replay the key's stored student, or distil it under the key's lease and store it:
+    "replayed" or "distilled". `distil(finished)` runs the Train run whose last epoch calls
+    `finished`; `play(record)` replays. Waits, with no Train run, while another holds the lease."""
+    trial_id = holder.rsplit("/", 1)[-1]
+    lease = registry.lease(key, holder, stale_after_s)
+    deadline = time.monotonic() + wait_timeout_s
+    last_note = 0.0
+    while True:
+        record, seen = usable_record(registry, key, trial_id)
+        if record is not None:
+            play(record)
+            return "replayed"
+        if lease.try_acquire():
+            try:
+                with Heartbeat(lease, HEARTBEAT_S):
+                    record, seen = usable_record(registry, key, trial_id)  # stored while we took the lease
+                    if record is not None:
+                        play(record)
+                        return "replayed"
+                    distil(StudentFinished(registry, key, seen, holder))
+                return "distilled"
+            finally:
+                lease.release()
+        if time.monotonic() - last_note > 30:
+            say(f"trial {trial_id}: waiting for student {key[:8]} (distilled by {lease.holder_now()})")
+            last_note = time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"student {key}: not ready after {wait_timeout_s:.0f} s")
+        time.sleep(POLL_S)
+
+
+def replay_extra(teacher_key: str, student_key: str) -> dict[str, Any]:
+    return {TEACHER_KEY: teacher_key, TEACHER_TRAINED: 0, STUDENT_KEY: student_key}
