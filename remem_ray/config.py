@@ -632,7 +632,9 @@ class SweepConfig(StrictModel):
     asha: AshaConfig = Field(default_factory=AshaConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_failures: int = Field(2, ge=0, le=100, description="retries of a failed trial / Train run")
-    teacher_wait_timeout_s: float = Field(6 * 3600, gt=0, description="longest a trial waits for another's teacher")
+    teacher_wait_timeout_s: float = Field(
+        6 * 3600, gt=0, description="longest a trial waits for another's teacher, or student"
+    )
     worker_start_timeout_s: float = Field(
         600.0, gt=0, description="longest a Train run's workers may take to start (a busy node starts them slowly)"
     )

@@ -84,6 +84,7 @@ def test_a_torchvision_dataset_is_fingerprinted_by_its_own_folder_only(tmp_path)
 # --------------------------------------------------------------------------- the teacher key
 
 BASE = {"teacher.epochs": 4, "teacher.checkpoint_epochs": [2, 4]}
+STUDENT_BASE = BASE
 
 
 # one training, several spellings: each group must give one key
@@ -177,3 +178,57 @@ def test_legacy_keys_are_those_earlier_versions_gave_other_spellings():
     unsorted = load_run_spec(None, {**BASE, "teacher.checkpoint_epochs": [4, 2]})
     assert unsorted.teacher_key() == "4214fd2ba0c858f0" and unsorted.legacy_teacher_keys() == ["663045d7a7577de2"]
     assert "457bdda9ae3bc669" in RunSpec().legacy_teacher_keys()  # the embedded default (null) as stored before
+
+
+# --------------------------------------------------------------------------- the student key
+
+# each group: spellings of one distillation (same result): one student key
+SAME_STUDENT = [
+    [{}, {"student.teacher_epoch": 4}],  # the default teacher checkpoint is the last saved
+    [{}, {"device": "cpu", "compile": False}, {"data.num_workers": 2, "data.store_budget_gb": 1.0}],
+    [{}, {"student.target_views": 3, "student.target_view_seed": 7}],  # online targets: no cache
+    [{"student.kd.weight": 0.0}, {"student.kd.weight": 0.0, "student.kd.temperature": 2.0, "student.kd.loss": "dist"}],
+    [{"student.optimizer.lr": 0.002}, {"student.optimizer.lr": 2e-3}],
+    [{"student.model_kwargs": {"a": 1, "b": 2}}, {"student.model_kwargs": {"b": 2, "a": 1}}],
+    [{}, {"teacher.checkpoint_epochs": [4, 2, 2]}],  # the teacher's key is one for both spellings
+]
+
+
+@pytest.mark.parametrize("spellings", SAME_STUDENT, ids=lambda group: str(group[-1]))
+def test_spellings_of_one_distillation_share_its_student_key(spellings):
+    keys = {load_run_spec(None, {**STUDENT_BASE, **s}).student_key() for s in spellings}
+    assert len(keys) == 1, spellings
+
+
+# each changes what the student learns: each must change the key
+OTHER_STUDENTS = [
+    {"seed": 1},
+    {"data.img_size": 24},
+    {"data.max_train_samples": 100},
+    {"teacher.rho": 0.1},  # another teacher
+    {"teacher.alpha": 0.8},
+    {"student.teacher_epoch": 2},  # another checkpoint of the same teacher
+    {"student.teacher_checkpoint": "/elsewhere/epoch_4"},
+    {"student.model": "mobilenetv2_035"},
+    {"student.model_kwargs": {"drop_rate": 0.1}},
+    {"student.weights": "timm"},
+    {"student.kd.loss": "dist"},
+    {"student.kd.temperature": 2.0},
+    {"student.kd.weight": 0.5},
+    {"student.optimizer.lr": 1e-3},
+    {"student.optimizer.name": "lamb"},
+    {"student.schedule.warmup_epochs": 0.0},
+    {"student.epochs": 5},
+    {"student.batch_size": 16},
+    {"student.teacher_targets": "cached"},
+    {"student.teacher_targets": "cached", "student.target_views": 3},
+    {"student.teacher_targets": "cached", "student.target_view_seed": 7},
+]
+
+
+def test_what_changes_the_distillation_changes_its_student_key():
+    keys = [load_run_spec(None, {**STUDENT_BASE, **change}).student_key() for change in OTHER_STUDENTS]
+    base = load_run_spec(None, STUDENT_BASE)
+    keys += [base.student_key(), base.student_key(teacher_world_size=2), base.student_key(world_size=2)]
+    assert len(set(keys)) == len(keys), [c for c, k in zip(OTHER_STUDENTS, keys) if keys.count(k) > 1]
+    assert base.student_key() not in {base.teacher_key(), base.teacher_key(2)}

@@ -191,6 +191,66 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
     rc, out = run_remem(["sweep", "run", str(SMOKE), "--storage", str(root)], tmp_path, env, timeout=120)
     assert rc == 2 and "already exists" in out and "remem sweep resume smoke" in out
     _check_export(root, summary, tmp_path, env)
+    _check_second_sweep_replays(root, summary, tmp_path, env)
+
+
+def _point(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def _curves(experiment: Path) -> dict[str, dict[int, float]]:
+    """Trial id -> {epoch: the metric it reported}, from Tune's result files."""
+    curves = {}
+    for result_file in experiment.glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        curves[result_file.parent.name[len("trial_") :]] = {r["epoch"]: r[METRIC] for r in rows if METRIC in r}
+    return curves
+
+
+def _check_second_sweep_replays(root: Path, first: dict, tmp_path: Path, env: dict) -> None:
+    """The smoke sweep again on the same root under another name: a student the first finished is
+    replayed (no Train run: none in its folder), one the first's scheduler stopped is distilled
+    again; every point reports the first's curve, to Tune and to Optuna, epoch for epoch."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["name"] = "smoke-again"
+    path = tmp_path / "smoke-again.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    rc, out = run_remem(["sweep", "run", str(path), "--storage", str(root)], tmp_path, env)
+    assert rc == 0, out[-3000:]
+    experiment = root / "sweeps" / "smoke-again"
+    second = json.loads((experiment / "summary.json").read_text())
+    by_point = {_point(r["params"]): r for r in first["trials"]}
+    assert sorted(by_point) == sorted(_point(r["params"]) for r in second["trials"])  # the same points
+    finished = {p for p, r in by_point.items() if not r["stopped_early"]}
+    replayed = {r["trial_id"] for r in second["trials"] if _point(r["params"]) in finished}
+    assert {r["trial_id"] for r in second["trials"] if r["student_replayed"]} == replayed and replayed
+    runs = {p.name for p in (experiment / "train-runs").iterdir()} if (experiment / "train-runs").exists() else set()
+    assert runs == {f"student-{r['trial_id']}" for r in second["trials"] if r["trial_id"] not in replayed}
+    assert second["students_replayed"] == len(replayed) and second["teacher_trainings_performed"] == 0
+    assert f"students {len(replayed)} replayed" in out and "replaying its 3 epochs" in out
+    # the same curve epoch by epoch (a scheduler may stop a point at another rung in either sweep)
+    first_curves, second_curves = _curves(root / "sweeps" / "smoke"), _curves(experiment)
+    first_study = stored_study(root / "sweeps" / "smoke", "smoke")
+    first_values = {_point(t.params): t.intermediate_values for t in first_study.trials}
+    for row in second["trials"]:
+        original = by_point[_point(row["params"])]
+        mine, theirs = second_curves[row["trial_id"]], first_curves[original["trial_id"]]
+        common = sorted(set(mine) & set(theirs))
+        assert common and [mine[e] for e in common] == [theirs[e] for e in common], row
+        if row["stopped_early"] == original["stopped_early"]:
+            same = ("student_val_acc", "student_test_acc", "teacher_val_acc", "teacher_mi", "epochs_done", "state")
+            assert {k: row[k] for k in same} == {k: original[k] for k in same}
+    for trial in stored_study(experiment, "smoke-again").trials:
+        theirs = first_values[_point(trial.params)]
+        common = sorted(set(trial.intermediate_values) & set(theirs))
+        assert common and all(trial.intermediate_values[e] == theirs[e] for e in common)
+    for trial_id in replayed:  # its student is the stored one, whole
+        best = best_checkpoint(Storage(str(experiment / "students" / trial_id)))
+        row = next(r for r in second["trials"] if r["trial_id"] == trial_id)
+        if best is not None:
+            assert Path(best).parent.parent.parent == root / "students" and (Path(best) / "manifest.json").is_file()
+        else:  # stopped by the scheduler before the stored best's epoch
+            assert row["stopped_early"]
 
 
 def _check_export(root: Path, summary: dict, tmp_path: Path, env: dict) -> None:

@@ -1,0 +1,261 @@
+"""The student registry (remem_ray.sweep.students): a finished student stored once by its run's last
+epoch, replayed to whoever asks for the same key, distilled by one trial at a time. The stored
+run here is a real in-process distillation; the Train runs of distil_once are fakes, as only our
+own logic is under test there (the real thing: tests/test_sweep_integration.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.sessions import TINY_TEACHER_SPEC, FileSession
+
+from remem_ray.checkpoint_files import best_checkpoint, best_location, point_best
+from remem_ray.checkpoints import write_checkpoint
+from remem_ray.config import load_run_spec
+from remem_ray.contract import STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED, LoopConfig
+from remem_ray.errors import ResourceError
+from remem_ray.leases import Lease
+from remem_ray.storage import Storage
+from remem_ray.sweep import students as students_module
+from remem_ray.sweep.students import (
+    ORIGINAL_RUN_ONLY,
+    StudentFinished,
+    StudentRecord,
+    StudentRegistry,
+    distil_once,
+    replay,
+    replay_extra,
+)
+from remem_ray.teacher_layout import version_file
+from remem_ray.train.student import distill_student
+from remem_ray.train.teacher import fine_tune_teacher
+
+KEY = "5eed5eed5eed5eed"
+
+
+class Recorder(FileSession):
+    """A student run's session that notes, in order, its reports and the registry's publications."""
+
+    def __init__(self, state_file: Path, events: list[str]) -> None:
+        super().__init__(state_file)
+        self.events = events
+
+    def report(self, metrics, state=None) -> None:
+        self.events.append(f"report {metrics['epoch']}")
+        super().report(metrics, state)
+
+
+class NotingFinished(StudentFinished):
+    def __init__(self, events: list[str], *args) -> None:
+        super().__init__(*args)
+        self.events = events
+
+    def __call__(self, output, history, log) -> bool:
+        self.events.append("stored" if super().__call__(output, history, log) else "not stored")
+        return True
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """A real distillation (tiny teacher, 2 student epochs) whose last epoch stores it."""
+    tmp = tmp_path_factory.mktemp("distilled")
+    spec = load_run_spec(None, {**TINY_TEACHER_SPEC, "student.epochs": 2, "student.batch_size": 16})
+    fine_tune_teacher(LoopConfig(spec, str(tmp / "teacher"), quiet=True))
+    registry = StudentRegistry(Storage(str(tmp / "students")))
+    events: list[str] = []
+    session = Recorder(tmp / "student.pt", events)
+    hook = NotingFinished(events, registry, KEY, 0, "sweep-a/t1")
+    config = LoopConfig(
+        spec,
+        str(tmp / "run"),
+        teacher_checkpoint=str(tmp / "teacher" / "epoch_3"),
+        session=session,
+        report_extra={TEACHER_KEY: "teacherkey", TEACHER_TRAINED: 1, "trial_started_at": 1.0},
+        on_finished=hook,
+    )
+    result = distill_student(config)
+    return tmp, registry, session, events, result
+
+
+def test_the_last_epoch_stores_the_student_before_its_report(distilled):
+    """Before: a scheduler stopping the run at its last report may end the run inside it."""
+    tmp, registry, session, events, result = distilled
+    assert events == ["report 1", "stored", "report 2"]
+    record = registry.newest(KEY)
+    assert record is not None and record.version == 1 and record.made_by == "sweep-a/t1"
+    assert list(record.history) == session.reports  # the curve exactly as reported, every key
+    assert record.best_epoch == result["best"]["epoch"] and record.problem() is None
+    stored = Path(record.checkpoint_uri())
+    own = Path(best_checkpoint(Storage(str(tmp / "run"))))
+    assert stored.parent.parent == tmp / "students" / KEY and stored.name == own.name
+    assert (stored / "model.pt").read_bytes() == (own / "model.pt").read_bytes()
+
+
+def test_a_replay_reports_the_stored_curve_and_points_at_the_stored_checkpoint(distilled, tmp_path):
+    _, registry, session, _, _ = distilled
+    record = registry.newest(KEY)
+    reports: list[dict] = []
+    folder = Storage(str(tmp_path / "trial"))
+    replay(record, folder, reports.append, replay_extra("teacherkey", KEY))
+    assert len(reports) == len(session.reports)
+    for original, replayed in zip(session.reports, reports):
+        kept = {k: v for k, v in original.items() if k not in ORIGINAL_RUN_ONLY}
+        assert {k: v for k, v in replayed.items() if k not in (STUDENT_KEY, STUDENT_REPLAYED, TEACHER_TRAINED)} == kept
+        assert replayed[STUDENT_REPLAYED] == 1 and replayed[TEACHER_TRAINED] == 0 and replayed[STUDENT_KEY] == KEY
+        assert "trial_started_at" not in replayed  # the original trial's process, not this one's
+    assert best_checkpoint(folder) == record.checkpoint_uri()
+    assert best_location(folder)[0].uri() == record.folder.uri()
+
+
+class Stop(Exception):
+    pass
+
+
+def _record(tmp_path, best_epoch: int, epochs: int = 3) -> StudentRecord:
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    history = tuple({"epoch": e, "epochs": epochs, "best_val_acc": 0.5 + e / 10} for e in range(1, epochs + 1))
+    return StudentRecord(KEY, 1, registry.folder(KEY).child("run-x"), best_epoch, history, "s/t0")
+
+
+def test_a_replay_stopped_before_the_stored_best_epoch_points_at_nothing(tmp_path):
+    """Its stored checkpoint is from a later epoch than the replay reached: not its student."""
+    record = _record(tmp_path, best_epoch=3)
+    folder = Storage(str(tmp_path / "trial"))
+
+    def report(metrics):
+        if metrics["epoch"] == 2:
+            raise Stop  # ASHA stops the trial at its rung
+
+    with pytest.raises(Stop):
+        replay(record, folder, report, {})
+    assert best_location(folder) is None
+
+
+def _store(registry: StudentRegistry, after_version: int, weight: float, made_by: str = "s/t1") -> bool:
+    run = registry.storage.child("..", "runs", made_by.replace("/", "-"))
+    model = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(model.weight, weight)
+    write_checkpoint(run, "best_epoch_2", model, {"epoch": 2})
+    point_best(run, 2)
+    history = [{"epoch": 1, "epochs": 2}, {"epoch": 2, "epochs": 2}]
+    return registry.publish(KEY, after_version, run, history, made_by)
+
+
+def test_one_version_is_published_once_and_a_broken_one_is_superseded(tmp_path):
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    assert _store(registry, 0, 1.0, "s/t1")
+    assert not _store(registry, 0, 2.0, "s/t2")  # a second holder (one that took over) finds it taken
+    first = registry.newest(KEY)
+    assert first.version == 1 and first.made_by == "s/t1" and first.problem() is None
+    model_file = Path(first.checkpoint_uri()) / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:10])  # truncated after publication
+    assert "sha256" in first.problem()
+    record, seen = students_module.usable_record(registry, KEY, "t3")
+    assert record is None and seen == 1
+    assert _store(registry, seen, 3.0, "s/t3")  # the one who found it broken publishes the next version
+    second = registry.newest(KEY)
+    assert second.version == 2 and second.problem() is None and second.folder.uri() != first.folder.uri()
+    assert model_file.stat().st_size == 10  # the broken version's files are never rewritten under readers
+
+
+def test_a_failed_publication_is_logged_and_costs_the_run_nothing(tmp_path):
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    lines: list[str] = []
+    finished = StudentFinished(registry, KEY, 0, "s/t1")
+    assert finished(Storage(str(tmp_path / "no-run")), [], lines.append) is False  # no best checkpoint
+    assert len(lines) == 1 and "not stored for reuse" in lines[0]
+
+
+class FakeDistil:
+    """Stands in for a trial's Train run: stores a student as the run's last epoch would."""
+
+    def __init__(self, registry: StudentRegistry, before=None) -> None:
+        self.registry, self.before, self.calls = registry, before, 0
+
+    def __call__(self, finished: StudentFinished) -> None:
+        self.calls += 1
+        if self.before is not None:
+            self.before()
+        run = self.registry.storage.child("..", "runs", f"run{self.calls}")
+        write_checkpoint(run, "best_epoch_1", torch.nn.Linear(2, 2), {"epoch": 1})
+        point_best(run, 1)
+        finished(run, [{"epoch": 1, "epochs": 1, "best_val_acc": 0.9}], print)
+
+
+def test_a_stored_key_is_replayed_and_a_new_one_distilled_once(tmp_path):
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    fake, played = FakeDistil(registry), []
+    assert distil_once(registry, KEY, "s/t1", fake, played.append, 60) == "distilled"
+    assert distil_once(registry, KEY, "s/t2", fake, played.append, 60) == "replayed"
+    assert fake.calls == 1 and [r.made_by for r in played] == ["s/t1"]
+    assert registry.lease(KEY, "x", 60).holder_now() is None  # released when done
+
+
+def test_a_trial_waits_for_the_holder_of_its_key_then_replays(tmp_path, monkeypatch):
+    """Two sweeps on one root want one student: the second waits (no Train run) while the first
+    distils, then replays the first's curve."""
+    monkeypatch.setattr(students_module, "POLL_S", 0.05)
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    holding, go_on = threading.Event(), threading.Event()
+
+    def hold():
+        holding.set()
+        assert go_on.wait(30)
+
+    first, second, played = FakeDistil(registry, before=hold), FakeDistil(registry), []
+    thread = threading.Thread(target=lambda: distil_once(registry, KEY, "sweep-a/t1", first, print, 60))
+    thread.start()
+    assert holding.wait(30)
+    waiter = threading.Thread(
+        target=lambda: played.append(distil_once(registry, KEY, "sweep-b/t1", second, lambda r: None, 60))
+    )
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and second.calls == 0  # waiting while the first holds the key
+    go_on.set()
+    thread.join(30)
+    waiter.join(30)
+    assert played == ["replayed"] and (first.calls, second.calls) == (1, 0)
+
+
+def test_a_holder_gone_stale_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(students_module, "POLL_S", 0.01)
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    dead = registry.lease(KEY, "sweep-a/t1", 60)
+    assert dead.try_acquire()  # its trial was killed: no heartbeat, no release
+    fake = FakeDistil(registry)
+    assert distil_once(registry, KEY, "sweep-b/t1", fake, print, 60, stale_after_s=0.2) == "distilled"
+    assert fake.calls == 1 and registry.newest(KEY).made_by == "sweep-b/t1"
+
+
+def test_waiting_past_the_timeout_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(students_module, "POLL_S", 0.01)
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    holder = Lease(registry.folder(KEY).child("lease"), "sweep-a/t1", 60)
+    assert holder.try_acquire()
+    with pytest.raises(TimeoutError, match=KEY):
+        distil_once(registry, KEY, "sweep-b/t1", FakeDistil(registry), print, 0.1)
+
+
+def test_the_record_is_one_file_written_once(tmp_path):
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    assert _store(registry, 0, 1.0)
+    records = tmp_path / "students" / KEY / "records"
+    assert sorted(p.name for p in records.iterdir()) == [version_file(1)]
+    data = json.loads((records / version_file(1)).read_text())
+    assert data["student_key"] == KEY and data["best_epoch"] == 2 and len(data["history"]) == 2
+
+
+def test_storage_errors_reach_the_caller_of_publish(tmp_path, monkeypatch):
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+
+    def broken(*args, **kwargs):
+        raise ResourceError("storage: down")
+
+    monkeypatch.setattr(Storage, "create_exclusive", broken)
+    with pytest.raises(ResourceError):
+        _store(registry, 0, 1.0)
