@@ -11,6 +11,7 @@ from remem_ray.sweep.ray_adapter import (
     OUR_HANDLER,
     STOCK_PRINTER,
     kept_lines,
+    trial_stopping_event,
     worker_output_to,
 )
 
@@ -54,3 +55,15 @@ def test_the_autoscaler_keeps_its_pid_and_event_token_and_only_its_events_are_ke
     status = ["======== Autoscaler status ========", "Active:", f"{AUTOSCALER_EVENT}Adding 1 node(s) of type gpu."]
     assert kept_lines({"pid": AUTOSCALER_PID, "lines": status}) == ["Adding 1 node(s) of type gpu."]
     assert kept_lines({"pid": 7, "lines": status}) == status
+
+
+def test_tune_stopping_a_function_trial_sets_the_event_we_watch():
+    """Trainable.stop -> FunctionTrainable.cleanup -> session.finish sets session.stop_event (the
+    real stop of a trial by ASHA is covered by the smoke sweep's released student leases)."""
+    from ray.train._internal.session import _TrainSession
+    from ray.tune.trainable.function_trainable import FunctionTrainable
+
+    assert "session.finish(" in inspect.getsource(FunctionTrainable.cleanup)
+    assert "self.stop_event.set()" in inspect.getsource(_TrainSession.finish)
+    assert "self.stop_event = threading.Event()" in inspect.getsource(_TrainSession)
+    assert trial_stopping_event() is None  # outside a Tune trial

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
 from remem_ray.sweep import students as students_module
+from remem_ray.sweep.registry import Heartbeat
 from remem_ray.sweep.students import (
     ORIGINAL_RUN_ONLY,
     StudentFinished,
@@ -259,3 +261,34 @@ def test_storage_errors_reach_the_caller_of_publish(tmp_path, monkeypatch):
     monkeypatch.setattr(Storage, "create_exclusive", broken)
     with pytest.raises(ResourceError):
         _store(registry, 0, 1.0)
+
+
+def test_a_trial_being_stopped_releases_its_lease_at_once(tmp_path):
+    """Tune stops a trial (ASHA) by setting its session's stop event, then ends its actor: no
+    finally runs in the thread blocked on the Train run. The heartbeat's watcher releases the
+    lease, so a waiter takes the key now, not after the stale window."""
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    lease, stopping = registry.lease(KEY, "s/t1", 60), threading.Event()
+    assert lease.try_acquire()
+    with Heartbeat(lease, 60, stopping):
+        stopping.set()
+        deadline = time.monotonic() + 10
+        while lease.holder_now() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lease.holder_now() is None
+        assert registry.lease(KEY, "s/t2", 60).try_acquire()
+
+
+def test_a_heartbeat_ended_normally_releases_nothing_when_the_event_comes_later(tmp_path):
+    """Tune sets the event at every trial's end, too: by then the holder may be someone else."""
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    lease, stopping = registry.lease(KEY, "s/t1", 60), threading.Event()
+    assert lease.try_acquire()
+    with Heartbeat(lease, 60, stopping):
+        pass
+    lease.release()
+    other = registry.lease(KEY, "s/t2", 60)
+    assert other.try_acquire()
+    stopping.set()
+    time.sleep(0.2)
+    assert other.holder_now() == "s/t2"

@@ -23,6 +23,7 @@ from helpers.sweeps import SMOKE, remem_env, run_remem, searcher_study, start_re
 
 from remem_ray.checkpoint_files import best_checkpoint
 from remem_ray.contract import METRIC
+from remem_ray.leases import current_record
 from remem_ray.storage import Storage
 from remem_ray.sweep.registry import TeacherRegistry
 
@@ -211,6 +212,8 @@ def _check_second_sweep_replays(root: Path, first: dict, tmp_path: Path, env: di
     """The smoke sweep again on the same root under another name: a student the first finished is
     replayed (no Train run: none in its folder), one the first's scheduler stopped is distilled
     again; every point reports the first's curve, to Tune and to Optuna, epoch for epoch."""
+    for row in first["trials"]:  # released by each trial, the ones the scheduler stopped included
+        assert current_record(Storage(str(root / "students" / row["student_key"] / "lease"))).released, row
     spec = yaml.safe_load(SMOKE.read_text())
     spec["name"] = "smoke-again"
     path = tmp_path / "smoke-again.yaml"
@@ -228,6 +231,7 @@ def _check_second_sweep_replays(root: Path, first: dict, tmp_path: Path, env: di
     assert runs == {f"student-{r['trial_id']}" for r in second["trials"] if r["trial_id"] not in replayed}
     assert second["students_replayed"] == len(replayed) and second["teacher_trainings_performed"] == 0
     assert f"students {len(replayed)} replayed" in out and "replaying its 3 epochs" in out
+    assert "waiting for student" not in out  # no lease left behind by a stopped trial
     # the same curve epoch by epoch (a scheduler may stop a point at another rung in either sweep)
     first_curves, second_curves = _curves(root / "sweeps" / "smoke"), _curves(experiment)
     first_study = stored_study(root / "sweeps" / "smoke", "smoke")

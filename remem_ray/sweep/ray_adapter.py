@@ -6,6 +6,10 @@ tests/test_ray_adapter.py guards it).
   registers the stock printer as "ray_print_logs". Ray has no public hook for this: the only
   public switch is all (`log_to_driver=True`) or nothing. A batch is a dict with at least
   "lines" (list of str), "is_err" (stderr or stdout), "pid" and "actor_name".
+- `ray.train._internal.session.get_session().stop_event`: in a Tune function trial, the
+  threading.Event that Tune sets (FunctionTrainable.cleanup -> session.finish) when it stops the
+  trial, a scheduler's stop included, before it ends the trial's actor. Nothing else tells a
+  trial blocked in a Train run's fit() that it is being stopped.
 - The autoscaler's batches come with pid "autoscaler": its whole status report every few
   seconds, in which its events (nodes added, removed) carry ":event_summary:". Ray's printer
   keeps the events only; so does `kept_lines`.
@@ -48,3 +52,12 @@ def worker_output_to(handler: Callable[[dict[str, Any]], None], keep_ray_printer
         dispatcher.remove_handler(OUR_HANDLER)
         for printer in stock:
             dispatcher.add_handler(STOCK_PRINTER, printer)
+
+
+def trial_stopping_event():
+    """The threading.Event Tune sets when it stops this trial (see the module's docstring), or
+    None outside a Tune trial."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    return getattr(session, "stop_event", None) if session is not None else None

@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from remem_ray.checkpoint_files import checkpoint_name, is_complete, verify_checkpoint
+from remem_ray.console import say
 from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
@@ -152,13 +153,24 @@ def _has_any_checkpoint(folder: Storage) -> bool:
 
 class Heartbeat:
     """Renews a held lease from a background thread while the holder trains; `lost` is set
-    (and renewing ends) once the lease has passed to another holder."""
+    (and renewing ends) once the lease has passed to another holder.
 
-    def __init__(self, lease: Lease, every_s: float) -> None:
-        self._lease, self._every = lease, every_s
+    `stopping`: an event set when the holder's process is about to be ended (Tune stopping the
+    trial, ASHA's stop included), with no `finally` to run in the thread blocked on the Train run:
+    the lease is released then, so waiters take the key at once, not after the stale window."""
+
+    def __init__(self, lease: Lease, every_s: float, stopping: threading.Event | None = None) -> None:
+        self._lease, self._every, self._stopping = lease, every_s, stopping
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._watch = threading.Thread(target=self._release_when_stopping, daemon=True)
+
+    def _release_when_stopping(self) -> None:
+        assert self._stopping is not None
+        self._stopping.wait()
+        if not self._stop.is_set():
+            self._lease.release()
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
@@ -168,8 +180,29 @@ class Heartbeat:
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
+        if self._stopping is not None:
+            self._watch.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+class Waiter:
+    """A trial's pace while another holds the lease on what it needs (a teacher, a student): a
+    line every `note_every_s`, a TimeoutError naming `what` past `timeout_s`, `poll_s` between looks."""
+
+    def __init__(self, what: str, timeout_s: float, poll_s: float, note_every_s: float = 30.0) -> None:
+        self.what, self.timeout_s, self.poll_s, self.note_every_s = what, timeout_s, poll_s, note_every_s
+        self._deadline = time.monotonic() + timeout_s
+        self._noted = -note_every_s
+
+    def wait(self, note: Callable[[], str]) -> None:
+        now = time.monotonic()
+        if now - self._noted >= self.note_every_s:
+            say(note())
+            self._noted = now
+        if now > self._deadline:
+            raise TimeoutError(f"{self.what}: not ready after {self.timeout_s:.0f} s")
+        time.sleep(self.poll_s)

@@ -20,6 +20,7 @@ took over) exactly one publishes, and a reader never sees a folder before its ch
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -38,7 +39,7 @@ from remem_ray.contract import EPOCH, STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY
 from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
-from remem_ray.sweep.registry import Heartbeat
+from remem_ray.sweep.registry import Heartbeat, Waiter
 from remem_ray.teacher_layout import LEASE_DIR, version_file
 
 RECORDS_DIR = "records"
@@ -180,14 +181,15 @@ def distil_once(
     play: Callable[[StudentRecord], None],
     wait_timeout_s: float,
     stale_after_s: float = STALE_AFTER_S,
+    stopping: threading.Event | None = None,
 ) -> str:
     """Replay the key's stored student, or distil it under the key's lease and store it:
     "replayed" or "distilled". `distil(finished)` runs the Train run whose last epoch calls
-    `finished`; `play(record)` replays. Waits, with no Train run, while another holds the lease."""
+    `finished`; `play(record)` replays. Waits, with no Train run, while another holds the lease.
+    `stopping`: set when this trial is being stopped (see Heartbeat)."""
     trial_id = holder.rsplit("/", 1)[-1]
     lease = registry.lease(key, holder, stale_after_s)
-    deadline = time.monotonic() + wait_timeout_s
-    last_note = 0.0
+    waiter = Waiter(f"student {key}", wait_timeout_s, POLL_S)
     while True:
         record, seen = usable_record(registry, key, trial_id)
         if record is not None:
@@ -195,7 +197,7 @@ def distil_once(
             return "replayed"
         if lease.try_acquire():
             try:
-                with Heartbeat(lease, HEARTBEAT_S):
+                with Heartbeat(lease, HEARTBEAT_S, stopping):
                     record, seen = usable_record(registry, key, trial_id)  # stored while we took the lease
                     if record is not None:
                         play(record)
@@ -204,12 +206,7 @@ def distil_once(
                 return "distilled"
             finally:
                 lease.release()
-        if time.monotonic() - last_note > 30:
-            say(f"trial {trial_id}: waiting for student {key[:8]} (distilled by {lease.holder_now()})")
-            last_note = time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"student {key}: not ready after {wait_timeout_s:.0f} s")
-        time.sleep(POLL_S)
+        waiter.wait(lambda: f"trial {trial_id}: waiting for student {key[:8]} (distilled by {lease.holder_now()})")
 
 
 def replay_extra(teacher_key: str, student_key: str) -> dict[str, Any]:

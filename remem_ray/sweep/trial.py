@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 import uuid
 from typing import Any
@@ -30,7 +31,8 @@ from remem_ray.leases import Lease, LeaseHandle, LeaseWatch
 from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
-from remem_ray.sweep.registry import Heartbeat, TeacherRegistry
+from remem_ray.sweep.ray_adapter import trial_stopping_event
+from remem_ray.sweep.registry import Heartbeat, TeacherRegistry, Waiter
 from remem_ray.sweep.students import (
     StudentFinished,
     StudentRecord,
@@ -158,6 +160,7 @@ def ensure_teacher(
     layout: SweepLayout,
     fit,
     stale_after_s: float = STALE_AFTER_S,
+    stopping: threading.Event | None = None,
 ) -> bool:
     """Make sure every candidate checkpoint of this teacher is stored and the one this trial uses
     is whole (sha256 against its manifest); True if this trial trained it.
@@ -175,22 +178,16 @@ def ensure_teacher(
     epochs, epoch = run_spec.teacher.saved_epochs, run_spec.student.teacher_epoch
     trial_id = holder.rsplit("/", 1)[-1]
     lease = registry.lease(key, holder, stale_after_s)
-    deadline = time.monotonic() + spec.sweep.teacher_wait_timeout_s
-    last_note = 0.0
+    waiter = Waiter(f"teacher {key}", spec.sweep.teacher_wait_timeout_s, POLL_S)
     while True:
         if _usable(registry, key, older_keys, epochs, epoch):
             # Stored already; still ours if this very trial trained it before Tune restarted it.
             return layout.trained_by(key) == trial_id
         if lease.try_acquire():
-            if _train_under_lease(spec, run_spec, trial_id, registry, layout, key, older_keys, lease, fit):
+            if _train_under_lease(spec, run_spec, trial_id, registry, layout, key, older_keys, lease, fit, stopping):
                 return True
             continue  # lost the lease mid-run: the new holder finishes; wait for it
-        if time.monotonic() - last_note > 30:
-            say(f"trial {trial_id}: waiting for teacher {key[:8]} (trained by {lease.holder_now()})")
-            last_note = time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"teacher {key}: not ready after {spec.sweep.teacher_wait_timeout_s:.0f} s")
-        time.sleep(POLL_S)
+        waiter.wait(lambda: f"trial {trial_id}: waiting for teacher {key[:8]} (trained by {lease.holder_now()})")
 
 
 def _train_under_lease(
@@ -203,10 +200,11 @@ def _train_under_lease(
     older_keys: list[str],
     lease: Lease,
     fit,
+    stopping: threading.Event | None = None,
 ) -> bool:
     """Train the teacher while holding its lease; False if the lease was lost on the way."""
     epochs, epoch = run_spec.teacher.saved_epochs, run_spec.student.teacher_epoch
-    heartbeat = Heartbeat(lease, HEARTBEAT_S)
+    heartbeat = Heartbeat(lease, HEARTBEAT_S, stopping)
     try:
         with heartbeat:
             handle = lease.handle()
@@ -252,13 +250,16 @@ class TrialRuns:
         self.student_key = run_spec.student_key(resources.teacher.num_workers, resources.student.num_workers)
         self.students = StudentRegistry(self.layout.students)
         self.finished: StudentFinished | None = None  # stores the student for reuse once distilled
+        self.stopping = trial_stopping_event()  # set when Tune stops this trial: its leases go at once
         self.distilled = False
 
     def distil(self, holder: str, finished: StudentFinished | None = None) -> None:
         """Distil this trial's student (training its teacher first where needed), the finished
         student stored for reuse by `finished`."""
         self.finished = finished
-        trained = ensure_teacher(self.spec, self.run_spec, holder, self.registry, self.layout, fit=self.fit_teacher)
+        trained = ensure_teacher(
+            self.spec, self.run_spec, holder, self.registry, self.layout, fit=self.fit_teacher, stopping=self.stopping
+        )
         if not self.distilled:
             self.fit_student(trained)
 
@@ -364,7 +365,15 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         runs.distil(holder, store)
     else:
         timeout = spec.sweep.teacher_wait_timeout_s
-        distil_once(runs.students, runs.student_key, holder, lambda f: runs.distil(holder, f), runs.replay, timeout)
+        distil_once(
+            runs.students,
+            runs.student_key,
+            holder,
+            lambda finished: runs.distil(holder, finished),
+            runs.replay,
+            timeout,
+            stopping=runs.stopping,
+        )
     print(f"trial {trial_id}: done; student at {best_checkpoint(runs.layout.student(trial_id))}", flush=True)  # log
 
 
