@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import machine, table, verdict
+from remem_ray.contract import STUDENT_REPLAYED
 from remem_ray.storage import Storage
 from remem_ray.sweep.registry import TeacherRegistry
 from remem_ray.teacher_layout import HISTORY_FILE
@@ -78,7 +79,7 @@ def collect(root: Path, name: str) -> dict:
             parts["teacher"].append(start_parts(history[0], record["fit_called_at"]))
     for result_file in sorted(experiment.glob("trial_*/result.json")):
         rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-        if not rows:
+        if not rows or rows[0].get(STUDENT_REPLAYED):  # a stored student's curve: no Train run here
             continue
         for h in rows:
             intervals.append((h["epoch_started_at"], h["epoch_started_at"] + h["epoch_seconds"]))
