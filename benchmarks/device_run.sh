@@ -7,8 +7,10 @@
 #   bash benchmarks/device_run.sh compare DIR          (about 8 min; carry .gpu-kit and DIR, an older
 #   checkout made with `git worktree add` or `git archive`): import times, then the smoke sweep on GPU
 #   workers with this checkout and with DIR's, one after the other on the same machine
+#   bash benchmarks/device_run.sh gpusweep            (carry .gpu-kit; up to 9.5 min): the whole-sweep GPU-busy
+#   share (benchmarks.gpu_sweep), then torch.compile's second run on the node (benchmarks.compile_cache)
 set -u
-what=${1:?say sweeps or gpu}
+what=${1:?say sweeps, gpu, gpusweep or compare}
 source .gpu-kit/setup.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi -L; nproc; python3 -c "import torch, timm, ray; print(torch.__version__, timm.__version__, ray.__version__)"; } > "$OUT/machine.txt" 2>&1
@@ -22,6 +24,12 @@ for role in ("teacher", "student"):
 open("/tmp/smoke_gpu.yaml", "w").write(yaml.safe_dump(spec))
 '
 }
+if [[ $what == gpusweep ]]; then
+  timeout 420 python3 -m benchmarks.gpu_sweep --log "$OUT/gpu_sweep.log" > "$OUT/gpu_sweep.txt" 2>&1
+  echo "rc=$?" >> "$OUT/gpu_sweep.txt"
+  timeout 140 python3 -m benchmarks.compile_cache > "$OUT/compile_cache.txt" 2>&1; echo "rc=$?" >> "$OUT/compile_cache.txt"
+  exit 0
+fi
 if [[ $what == compare ]]; then
   base=${2:?compare needs the folder of an older checkout}
   # a fresh machine's first imports read torch and CUDA from a cold disk: time them twice

@@ -49,6 +49,33 @@ def covered_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+# A Train run's start, fit() to its first epoch, as the loop marks it (remem_ray.train.loop.prepare):
+# (what the interval ending at the mark holds, the mark's report key)
+START_MARKS = (
+    ("worker process (Ray's scheduling, process boot)", "process_started_at"),
+    ("imports (torch, timm, ours)", "module_imported_at"),
+    ("Train's worker setup", "loop_entered_at"),
+    ("device (CUDA context)", "device_ready_at"),
+    ("data pipeline", "data_ready_at"),
+    ("models, teacher, targets", "task_built_at"),
+    ("resume state, first batch", "epoch_started_at"),
+)
+
+
+STUDENT_AFTER_TEACHER = "student phase in its teacher's run"
+
+
+def start_split(first_epoch: dict, fit_called_at: float, process_up: bool = False) -> dict[str, float]:
+    """Seconds of each part of a run's start (START_MARKS' names), from fit() to its first epoch;
+    a mark the run did not record (an older version) leaves NaN in the two parts beside it.
+    process_up: a student phase in its teacher's run, counted from the phase switch
+    (`fit_called_at`), its process and imports already there (0 s)."""
+    marks = [fit_called_at] + [first_epoch.get(key, math.nan) for _, key in START_MARKS]
+    if process_up:
+        marks[1] = marks[2] = fit_called_at
+    return {name: b - a for (name, _), a, b in zip(START_MARKS, marks, marks[1:])}
+
+
 def start_parts(first_epoch: dict, fit_called_at: float) -> tuple[float, ...]:
     """Seconds from fit() to the worker process, to its imports done, to the loop's entry, to the first epoch."""
     marks = [fit_called_at]
@@ -65,6 +92,7 @@ def collect(root: Path, name: str) -> dict:
     # of its teacher's run (phase switch -> first epoch: that run's processes were already up)
     latencies: dict[str, list[float]] = {"teacher": [], "student": [], "student_after_teacher": []}
     parts: dict[str, list[tuple[float, ...]]] = {"teacher": [], "student": []}
+    runs: list[dict] = []  # one row per Train run (or student phase) that started at its epoch 1
     for record_file in sorted((experiment / "teacher-trainings").glob("*.json")):
         record = json.loads(record_file.read_text())
         teacher = TeacherRegistry(Storage(str(root / "teachers"))).set_in_use(record["teacher_key"])
@@ -77,6 +105,7 @@ def collect(root: Path, name: str) -> dict:
         if history[0]["start_epoch"] == 1:
             latencies["teacher"].append(history[0]["epoch_started_at"] - record["fit_called_at"])
             parts["teacher"].append(start_parts(history[0], record["fit_called_at"]))
+            runs.append(run_row("teacher", history, record["fit_called_at"]))
     for result_file in sorted(experiment.glob("trial_*/result.json")):
         rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
         if not rows or rows[0].get(STUDENT_REPLAYED):  # a stored student's curve: no Train run here
@@ -90,18 +119,33 @@ def collect(root: Path, name: str) -> dict:
             latency = rows[0]["epoch_started_at"] - rows[0]["fit_called_at"]
             if rows[0].get("student_in_teacher_run"):
                 latencies["student_after_teacher"].append(latency)
+                runs.append(run_row(STUDENT_AFTER_TEACHER, rows, rows[0]["fit_called_at"]))
             else:
                 latencies["student"].append(latency)
                 parts["student"].append(start_parts(rows[0], rows[0]["fit_called_at"]))
+                runs.append(run_row("student", rows, rows[0]["fit_called_at"]))
     summary = json.loads((experiment / "summary.json").read_text())
     return {
         "intervals": intervals,
         "loop_seconds": loop_seconds,
         "latencies": latencies,
         "start_parts": parts,
+        "runs": runs,
         "worker_rss_mb": max(worker_rss),
         "driver_rss_mb": max(driver_rss),
         "summary": summary,
+    }
+
+
+def run_row(role: str, history: list[dict], fit_called_at: float) -> dict:
+    """One run's start split, compile seconds and first epoch against its later ones (median)."""
+    later = [h["epoch_seconds"] for h in history[1:]]
+    return {
+        "role": role,
+        "split": start_split(history[0], fit_called_at, process_up=role == STUDENT_AFTER_TEACHER),
+        "compile_seconds": history[0].get("compile_seconds", 0.0),
+        "first_epoch_seconds": history[0]["epoch_seconds"],
+        "later_epoch_seconds": statistics.median(later) if later else math.nan,
     }
 
 

@@ -108,10 +108,17 @@ class LoopConfig:
     # run on rank 0 once the last epoch is done, before its report, as hook(output, history, log);
     # kept pickled for a Ray Train run, like PhasesConfig.on_teacher_done
     on_finished: Callable[..., object] | bytes | None = None
+    # a student's: () -> where its teacher's checkpoint is now (a registry's set in use can move
+    # when a broken set is retrained), asked when the one it was given fails its sha256 check
+    teacher_now: Callable[[], str | None] | bytes | None = None
 
     def finished_hook(self) -> Callable[..., object] | None:
         hook = self.on_finished
         return pickle.loads(hook) if isinstance(hook, bytes) else hook
+
+    def teacher_finder(self) -> Callable[[], str | None] | None:
+        finder = self.teacher_now
+        return pickle.loads(finder) if isinstance(finder, bytes) else finder
 
     def but(self, **changes: Any) -> LoopConfig:
         return replace(self, **changes)
@@ -123,8 +130,9 @@ class LoopConfig:
         data["spec"] = self.spec.model_dump(mode="json")
         data["lease"] = self.lease.to_dict() if self.lease is not None else None
         data["report_extra"] = dict(self.report_extra)
-        hook = self.on_finished
-        data["on_finished"] = pickle.dumps(hook) if hook is not None and not isinstance(hook, bytes) else hook
+        for name in ("on_finished", "teacher_now"):  # callables travel pickled
+            hook = data[name]
+            data[name] = pickle.dumps(hook) if hook is not None and not isinstance(hook, bytes) else hook
         return data
 
     @classmethod

@@ -74,3 +74,93 @@ def test_sweep_overhead_gives_no_figures_for_a_sweep_with_an_errored_trial():
     refuse_errored({"trials": rows})
     with pytest.raises(SystemExit, match="trial.s. b errored"):
         refuse_errored({"trials": [rows[0], {"trial_id": "b", "state": "ERROR"}]})
+
+
+# ------------------------------------------------------------------ the whole-sweep GPU benchmark
+
+
+def test_gpu_busy_share_is_the_mean_utilization_of_the_samples():
+    """nvidia-smi's utilization.gpu is the share of each sample period with a kernel running."""
+    from benchmarks.gpu_sweep import busy_share, parse_samples
+
+    recorded = "100, 30000\n0, 30000\n[N/A], 1\n50, 31000\n\n90, 29000\n"
+    samples = parse_samples(recorded)
+    assert samples == [(100.0, 30000.0), (0.0, 30000.0), (50.0, 31000.0), (90.0, 29000.0)]
+    assert busy_share(samples) == pytest.approx(0.60)
+    assert busy_share([]) != busy_share([])  # NaN: no samples, no figure
+
+
+FIRST_EPOCH = {  # a recorded first epoch's marks (seconds since some origin)
+    "process_started_at": 12.0,
+    "module_imported_at": 20.5,
+    "loop_entered_at": 23.0,
+    "device_ready_at": 24.0,
+    "data_ready_at": 27.0,
+    "task_built_at": 30.0,
+    "epoch_started_at": 30.5,
+    "epoch_seconds": 9.0,
+    "compile_seconds": 4.0,
+}
+
+
+def test_a_runs_start_split_adds_up_to_fit_to_first_epoch():
+    from benchmarks.sweep_overhead import START_MARKS, start_parts, start_split
+
+    split = start_split(FIRST_EPOCH, fit_called_at=10.0)
+    assert list(split) == [name for name, _ in START_MARKS]
+    assert list(split.values()) == [2.0, 8.5, 2.5, 1.0, 3.0, 3.0, 0.5]
+    assert sum(split.values()) == pytest.approx(FIRST_EPOCH["epoch_started_at"] - 10.0)
+    assert start_parts(FIRST_EPOCH, 10.0) == (2.0, 8.5, 2.5, 7.5)  # sweep_overhead's coarser four
+    phase = start_split(FIRST_EPOCH, fit_called_at=22.0, process_up=True)  # the switch at 22
+    assert list(phase.values())[:3] == [0.0, 0.0, 1.0]
+    older = start_split({"epoch_started_at": 30.5}, 10.0)  # a run that recorded no marks
+    assert all(v != v for v in list(older.values())[:-1])
+
+
+def test_a_run_row_compares_its_first_epoch_with_the_later_ones():
+    from benchmarks.gpu_sweep import run_table
+    from benchmarks.sweep_overhead import run_row
+
+    history = [FIRST_EPOCH, {"epoch_seconds": 4.0}, {"epoch_seconds": 5.0}, {"epoch_seconds": 4.5}]
+    row = run_row("teacher", history, fit_called_at=10.0)
+    assert row["first_epoch_seconds"] == 9.0 and row["later_epoch_seconds"] == 4.5 and row["compile_seconds"] == 4.0
+    out = run_table([row, {**row, "role": "student"}])
+    assert "| teacher " in out and "| student " in out and "| 8.5 " in out and "| 4.5 " in out
+
+
+@pytest.mark.integration
+def test_the_gpu_sweep_benchmarks_cpu_smoke_accounts_every_train_run(tmp_path):
+    """`python -m benchmarks.gpu_sweep --smoke`: a real tiny sweep (one teacher trained with its
+    student in its run, one student in a run of its own), its runs' start splits from the loop's
+    marks, the epoch cover; no GPU, so no busy share."""
+    import subprocess
+    import sys
+
+    from helpers.servers import ProcessTree
+    from helpers.sweeps import ROOT, remem_env
+
+    log = tmp_path / "bench.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.gpu_sweep", "--smoke"],
+            cwd=ROOT,
+            env={**remem_env(tmp_path), "TMPDIR": str(tmp_path)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(400)
+        finally:
+            ProcessTree(proc.pid).kill_all()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    cells = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in text.splitlines() if row.count("|") == 3}
+    assert cells["GPU-busy share (mean utilization.gpu)"] == "-"  # no GPU here: no samples
+    cover = float(cells["epoch cover (wall time with an epoch running)"].rstrip("%"))
+    assert 0 < cover < 100
+    runs = [row for row in text.splitlines() if row.startswith("| teacher ") or row.startswith("| student")]
+    assert {r.split("|")[1].strip() for r in runs} == {"teacher", "student phase in its teacher's run", "student"}
+    for row in runs:
+        parts = [c.strip() for c in row.strip("|").split("|")][2:9]
+        assert all(float(p) >= 0 for p in parts), row  # every mark recorded, in order

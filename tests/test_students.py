@@ -292,3 +292,53 @@ def test_a_heartbeat_ended_normally_releases_nothing_when_the_event_comes_later(
     stopping.set()
     time.sleep(0.2)
     assert other.holder_now() == "s/t2"
+
+
+# ------------------------------------------------------- a teacher checkpoint broken under a student
+
+
+def test_a_student_given_a_broken_teacher_checkpoint_follows_the_teachers_set_in_use(distilled, tmp_path):
+    """Its trial verified the checkpoint, then it was truncated, and a retraining published a whole
+    set beside it: the run distils from that set instead of failing (and being retried, 21 times
+    in the chaos run) on the broken one. With nowhere else to go, the error stands."""
+    import shutil
+
+    from remem_ray.checkpoint_files import CheckpointError
+
+    tmp = distilled[0]
+    broken, whole = tmp_path / "gen-1" / "epoch_3", tmp_path / "gen-2" / "epoch_3"
+    shutil.copytree(tmp / "teacher" / "epoch_3", broken)
+    shutil.copytree(tmp / "teacher" / "epoch_3", whole)
+    model_file = broken / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    spec = load_run_spec(None, {**TINY_TEACHER_SPEC, "student.epochs": 1, "student.batch_size": 16})
+    lines: list[str] = []
+    session = FileSession(tmp_path / "s.pt")
+    session.log = lines.append
+    config = LoopConfig(spec, str(tmp_path / "run"), teacher_checkpoint=str(broken), session=session)
+    with pytest.raises(CheckpointError, match="sha256"):
+        distill_student(config)
+    result = distill_student(config.but(output=str(tmp_path / "run2"), teacher_now=lambda: str(whole)))
+    assert result["best"]["epoch"] == 1
+    assert any(f"distilling from {whole}" in line for line in lines)
+    meta = json.loads((Path(result["checkpoint"]) / "meta.json").read_text())
+    assert meta["teacher"]["epoch"] == 3
+
+
+def test_teacher_in_use_answers_the_published_set_only_if_whole(tmp_path):
+    from helpers.teachers import registry_setup, write_teacher
+
+    from remem_ray.sweep.registry import TeacherInUse
+
+    _, _, _, registry, key = registry_setup(tmp_path)
+    finder = TeacherInUse(registry, key, (), 4)
+    assert finder() is None  # nothing stored
+    for generation in (1, 2):
+        write_teacher(registry.output(key, generation), float(generation))
+    assert registry.claim(key, 1) and registry.publish(key, 1)
+    assert finder() == registry.output(key, 1).uri("epoch_4")
+    assert registry.claim(key, 2) and registry.publish(key, 2)  # a retraining, published beside it
+    assert finder() == registry.output(key, 2).uri("epoch_4")
+    model_file = Path(registry.output(key, 2).uri("epoch_4")) / "model.pt"
+    model_file.write_bytes(b"x")
+    assert finder() is None  # broken too: nowhere to go

@@ -147,6 +147,24 @@ class TeacherRegistry:
         return None
 
 
+@dataclass(frozen=True)
+class TeacherInUse:
+    """Where a key's checkpoint of one epoch is now: the set in use's, if whole (sha256), else None.
+    A student run asks it when the checkpoint it was given fails its check (a set broken after
+    its trial verified it and retrained since): plain data, it travels pickled to the worker."""
+
+    registry: TeacherRegistry
+    key: str
+    older_keys: tuple[str, ...]
+    epoch: int
+
+    def __call__(self) -> str | None:
+        in_use = self.registry.set_in_use(self.key, self.older_keys)
+        if in_use is None or in_use.verify(self.epoch) is not None:
+            return None
+        return in_use.checkpoint_uri(self.epoch)
+
+
 def _has_any_checkpoint(folder: Storage) -> bool:
     return any(name.startswith("epoch_") for name in folder.list_dir())
 

@@ -32,7 +32,7 @@ from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.ray_adapter import trial_stopping_event
-from remem_ray.sweep.registry import Heartbeat, TeacherRegistry, Waiter
+from remem_ray.sweep.registry import Heartbeat, TeacherInUse, TeacherRegistry, Waiter
 from remem_ray.sweep.students import (
     StudentFinished,
     StudentRecord,
@@ -284,10 +284,14 @@ class TrialRuns:
         )
 
     def _student_config(self, teacher_checkpoint: str, trained: bool) -> LoopConfig:
+        epoch = self.run_spec.student.teacher_epoch
+        assert epoch is not None  # SweepSpec.run_spec sets the trial's choice
+        older_keys = tuple(self.run_spec.legacy_teacher_keys(self.spec.sweep.resources.teacher.num_workers))
         return LoopConfig(
             self.run_spec,
             self.layout.student(self.trial_id).uri(),
             on_finished=pickle.dumps(self.finished) if self.finished is not None else None,
+            teacher_now=pickle.dumps(TeacherInUse(self.registry, self.key, older_keys, epoch)),
             teacher_checkpoint=teacher_checkpoint,
             label=f"trial {self.trial_id} student",
             tensorboard=self.layout.tensorboard(f"trial_{self.trial_id}_student").uri(),

@@ -126,6 +126,9 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
         session = stored
     seed_everything(rank_seed(spec.seed, session.world_rank, 0))
     device = pick_device(spec.device, session.local_rank)
+    if device.type == "cuda":  # the CUDA context now, so a run's start shows what it costs
+        torch.zeros(1, device=device)
+    device_ready_at = time.time()
     data_config = resolved_data_config(model_name, model_kwargs, spec.data.img_size)
     splits = build_datasets(
         spec.data, spec.seed, EvalResize.from_timm(spec.data.img_size, data_config), endpoint=spec.storage.endpoint
@@ -135,6 +138,7 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
     )
     session.detail(f"data: {data.describe()}; compile {'on' if compiles(spec.compile, device) else 'off'}")
     eval_batches = {split: data.eval(split, max(batch_size, 256)) for split in ("val", "test")}
+    data_ready_at = time.time()
     output = Storage(config.output, spec.storage.endpoint, spec.storage.region)
     scalars = None
     if config.tensorboard and session.world_rank == 0:
@@ -143,6 +147,8 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
         "process_started_at": process_started_at(),
         "module_imported_at": MODULE_IMPORTED_AT,
         "loop_entered_at": entered_at,
+        "device_ready_at": device_ready_at,
+        "data_ready_at": data_ready_at,
     }
     return LoopContext(
         role,
@@ -294,6 +300,7 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
     the pipelines draw order and views from (seed, epoch): a run resumed at epoch k + 1 goes on
     exactly as the uninterrupted one, with no RNG state to carry (or to get wrong per rank).
     """
+    ctx.started["task_built_at"] = time.time()  # its models built, teacher loaded, targets ready
     history: list[dict[str, Any]] = []
     start = 1
     state = task.begin(ctx, ctx.session.restore_state())

@@ -8,7 +8,15 @@ from typing import Any
 
 import torch
 
-from remem_ray.checkpoint_files import BEST_POINTER, best_checkpoint, best_name, is_best_name, is_complete, point_best
+from remem_ray.checkpoint_files import (
+    BEST_POINTER,
+    CheckpointError,
+    best_checkpoint,
+    best_name,
+    is_best_name,
+    is_complete,
+    point_best,
+)
 from remem_ray.checkpoints import load_model, split_location
 from remem_ray.contract import BEST_TEST_ACC, BEST_VAL_ACC, TEACHER_MI, TEACHER_VAL_ACC, LoopConfig
 from remem_ray.data import Views
@@ -34,12 +42,30 @@ def target_source(ctx: LoopContext, teacher_location: str, teacher, teacher_norm
     return CachedTargets(table, Views(cfg.target_views, cfg.target_view_seed), ctx.device)
 
 
+def load_teacher(ctx: LoopContext, location: str, teacher_now=None) -> tuple[Any, dict[str, Any], str]:
+    """(model, meta, location) of the teacher checkpoint, sha256-checked. One that fails its check
+    is given up for where `teacher_now()` says the teacher is now (a registry publishes a retrained
+    set beside a broken one), so a retried run reads the repaired set instead of failing again on
+    the broken one; with nowhere else to go, the error stands (the run fails or is retried)."""
+    storage, name = split_location(location, ctx.spec.storage.endpoint)
+    try:
+        model, meta = load_model(storage, name)
+        return model, meta, location
+    except CheckpointError as exc:
+        moved = teacher_now() if teacher_now is not None else None
+        if moved is None or moved.rstrip("/") == location.rstrip("/"):
+            raise
+        ctx.session.log(f"teacher checkpoint {location} is not usable ({exc}); distilling from {moved}, its set now")
+    storage, name = split_location(moved, ctx.spec.storage.endpoint)
+    model, meta = load_model(storage, name)
+    return model, meta, moved
+
+
 class StudentTask(Task):
-    def __init__(self, ctx: LoopContext, teacher_location: str) -> None:
+    def __init__(self, ctx: LoopContext, teacher_location: str, teacher_now=None) -> None:
         cfg = ctx.spec.student
         self.cfg, self.epochs = cfg, cfg.epochs
-        storage, name = split_location(teacher_location, ctx.spec.storage.endpoint)
-        teacher, self.teacher_meta = load_model(storage, name)
+        teacher, self.teacher_meta, teacher_location = load_teacher(ctx, teacher_location, teacher_now)
         if self.teacher_meta["num_classes"] != ctx.splits.num_classes:
             raise SpecError(
                 f"student.teacher_checkpoint: teacher has {self.teacher_meta['num_classes']} classes, "
@@ -124,6 +150,6 @@ def distill_student(config: LoopConfig) -> dict[str, Any]:
     teacher = config.teacher_checkpoint or ctx.spec.student.teacher_checkpoint
     if not teacher:
         raise SpecError("student.teacher_checkpoint: no teacher checkpoint given")
-    task = StudentTask(ctx, teacher)
+    task = StudentTask(ctx, teacher, config.teacher_finder())
     history = run_epochs(ctx, task)
     return {"history": history, "best": task.best, "checkpoint": best_checkpoint(ctx.output)}

@@ -1,0 +1,189 @@
+"""A whole sweep's GPU-busy share (issue 26): what users pay for is GPU-hours, what they get is the
+share of them with a kernel running.
+
+Runs `remem sweep run` as a user would (a fresh local Ray, a temporary root) on a sweep of the size
+users try first: a generated CIFAR-like ImageFolder (10 classes, --images training images) at
+224 px, a `vit_base_patch16_224` teacher from scratch (2 epochs, both candidate checkpoints),
+`resnet18` students on cached targets, 6 trials (rho x teacher epoch), half a GPU per Train
+worker, two trials at once. Meanwhile it samples the GPU every 0.5 s (nvidia-smi) and prints:
+
+- wall time; GPU-busy share = mean of nvidia-smi's utilization.gpu (the share of each sample
+  period with a kernel running) over the sweep; epoch cover = wall time covered by a running epoch;
+- per Train run: its start split, fit() -> first epoch (remem_ray.train.loop's marks: worker
+  process, imports, Train's setup, CUDA context, data, models and targets, first batch), compile
+  seconds, first epoch against the later ones;
+- peak GPU memory (nvidia-smi) and peak worker RSS.
+
+Without a GPU, `--smoke` runs a tiny sweep on the CPU with the same accounting from the loop's
+marks (no samples: the busy share is left out); the test suite runs it.
+
+    python -m benchmarks.gpu_sweep [--images 10000] [--trials 6]       # on a GPU machine
+    python -m benchmarks.gpu_sweep --smoke                              # CPU, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.harness import machine, table
+from benchmarks.sweep_overhead import START_MARKS, collect, covered_seconds, refuse_errored
+
+SAMPLE_MS = 500
+QUERY = "utilization.gpu,memory.used"
+
+
+def spec_for(smoke: bool, data_root: Path, trials: int, gpus_per_worker: float) -> dict:
+    """The benchmark's sweep: user-sized on a GPU, tiny with --smoke."""
+    if smoke:
+        teacher = {"model": "vit_micro_patch4", "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
+        teacher |= {"epochs": 2, "batch_size": 32}
+        student = {"model": "resnet10t", "epochs": 2, "batch_size": 32, "target_views": 2}
+        img_size, worker = 16, {"num_workers": 1, "cpus_per_worker": 0.9}
+    else:
+        teacher = {"model": "vit_base_patch16_224", "epochs": 2, "batch_size": 128}
+        student = {"model": "resnet18", "epochs": 3, "batch_size": 256, "target_views": 4}
+        img_size, worker = 224, {"num_workers": 1, "cpus_per_worker": 4, "gpus_per_worker": gpus_per_worker}
+    rhos = [0.0, 0.05, 0.1][: max(1, math.ceil(trials / 2))]
+    return {
+        "name": "gpu-sweep-smoke" if smoke else "gpu-sweep",
+        "data": {"name": "imagefolder", "root": str(data_root), "img_size": img_size},
+        "teacher": {**teacher, "checkpoint_epochs": [1, 2], "alpha": 0.9, "optimizer": {"lr": 1e-3}},
+        "student": {**student, "teacher_targets": "cached"},
+        "sweep": {
+            "num_samples": trials,
+            "max_concurrent_trials": 2,
+            "seed": 0,
+            "search": {"rho": {"values": rhos}, "alpha": {"values": [0.9]}, "teacher_epoch": [1, 2]},
+            "asha": {"enabled": False},  # every trial runs its epochs: the measure is the GPU's, not ASHA's
+            "resources": {"teacher": worker, "student": worker, "trial_cpus": 0.1},
+        },
+    }
+
+
+def parse_samples(text: str) -> list[tuple[float, float]]:
+    """nvidia-smi's CSV lines (utilization %, memory MiB), one per sample; others are skipped."""
+    samples = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        try:
+            samples.append((float(cells[0]), float(cells[1])))
+        except (ValueError, IndexError):
+            continue
+    return samples
+
+
+def busy_share(samples: list[tuple[float, float]]) -> float:
+    """Share of the sampled time with a kernel running: utilization.gpu is that share of each
+    sample period, so the mean over equal periods is the share of the whole."""
+    return statistics.fmean(u for u, _ in samples) / 100.0 if samples else math.nan
+
+
+class GpuSampler:
+    """nvidia-smi sampling every SAMPLE_MS into a file while the sweep runs (None without a GPU)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> GpuSampler:
+        if shutil.which("nvidia-smi"):
+            args = ["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", f"-lms={SAMPLE_MS}"]
+            self.proc = subprocess.Popen(args, stdout=self.out.open("w"), stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def samples(self) -> list[tuple[float, float]]:
+        return parse_samples(self.out.read_text()) if self.out.exists() else []
+
+
+def _seconds(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}"
+
+
+def run_table(runs: list[dict]) -> str:
+    """Per role, the median of each start part, compile seconds and first vs later epochs."""
+    header = ["Train run", "n", *(name for name, _ in START_MARKS), "compile s", "epoch 1 s", "later epochs s"]
+    rows = [header]
+    for role in dict.fromkeys(r["role"] for r in runs):
+        mine = [r for r in runs if r["role"] == role]
+
+        def median(values: list[float]) -> float:
+            kept = [v for v in values if not math.isnan(v)]
+            return statistics.median(kept) if kept else math.nan
+
+        parts = [_seconds(median([r["split"][name] for r in mine])) for name, _ in START_MARKS]
+        rows.append(
+            [
+                role,
+                str(len(mine)),
+                *parts,
+                _seconds(median([r["compile_seconds"] for r in mine])),
+                _seconds(median([r["first_epoch_seconds"] for r in mine])),
+                _seconds(median([r["later_epoch_seconds"] for r in mine])),
+            ]
+        )
+    return table(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny sweep on the CPU (no GPU needed)")
+    parser.add_argument("--images", type=int, default=10000, help="training images of the generated dataset")
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--gpus-per-worker", type=float, default=0.5)
+    parser.add_argument("--log", type=Path, default=None, help="write the sweep's console here as it runs")
+    args = parser.parse_args(argv)
+    from benchmarks.gpu import write_imagefolder
+
+    print(machine())
+    with tempfile.TemporaryDirectory(prefix="remem-gpu-sweep-") as tmp:
+        work = Path(tmp)
+        images = min(args.images, 200) if args.smoke else args.images
+        data_root = write_imagefolder(work / "imgs", images, eval_per_class=4 if args.smoke else 20)
+        spec = spec_for(args.smoke, data_root, 2 if args.smoke else args.trials, args.gpus_per_worker)
+        spec_path = work / "sweep.yaml"
+        spec_path.write_text(yaml.safe_dump(spec))
+        root = work / "results"
+        cmd = [sys.executable, "-m", "remem_ray.cli", "sweep", "run", str(spec_path), "--storage", str(root)]
+        log_path = args.log or work / "sweep-console.log"
+        with GpuSampler(work / "gpu.csv") as sampler, open(log_path, "w") as log:
+            began = time.time()
+            proc = subprocess.run(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+            wall = time.time() - began
+        if proc.returncode != 0:
+            print(log_path.read_text()[-6000:])
+            raise SystemExit(f"gpu_sweep: the sweep failed with exit code {proc.returncode}")
+        data = collect(root, spec["name"])
+        refuse_errored(data["summary"])
+        samples = sampler.samples()
+    peak_memory = max((memory for _, memory in samples), default=math.nan)
+    rows = [
+        ["measure", "value"],
+        ["sweep", f"{spec['sweep']['num_samples']} trials, {spec['teacher']['model']} -> {spec['student']['model']}"],
+        ["wall time", f"{wall:.1f} s"],
+        ["GPU-busy share (mean utilization.gpu)", "-" if not samples else f"{busy_share(samples):.1%}"],
+        ["epoch cover (wall time with an epoch running)", f"{covered_seconds(data['intervals']) / wall:.1%}"],
+        ["GPU samples / peak GPU memory", "-" if not samples else f"{len(samples)} / {peak_memory:.0f} MiB"],
+        ["peak worker RSS", f"{data['worker_rss_mb']:.0f} MB"],
+    ]
+    print(table(rows))
+    print(run_table(data["runs"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
