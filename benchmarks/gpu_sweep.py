@@ -15,10 +15,11 @@ worker, two trials at once. Meanwhile it samples the GPU every 0.5 s (nvidia-smi
 - peak GPU memory (nvidia-smi) and peak worker RSS.
 
 Without a GPU, `--smoke` runs a tiny sweep on the CPU with the same accounting from the loop's
-marks (no samples: the busy share is left out); the test suite runs it.
+marks (no samples: the busy share is left out); CI runs it with `--check` (.ci/run), which exits 1
+when a figure is missing.
 
     python -m benchmarks.gpu_sweep [--images 10000] [--trials 6]       # on a GPU machine
-    python -m benchmarks.gpu_sweep --smoke                              # CPU, about a minute
+    python -m benchmarks.gpu_sweep --smoke [--check]                    # CPU, about a minute
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--gpus-per-worker", type=float, default=0.5)
     parser.add_argument("--log", type=Path, default=None, help="write the sweep's console here as it runs")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless the accounting is complete (CI)")
     args = parser.parse_args(argv)
     from benchmarks.gpu import write_imagefolder
 
@@ -182,7 +184,28 @@ def main(argv=None) -> int:
     ]
     print(table(rows))
     print(run_table(data["runs"]))
-    return 0
+    problems = accounting_problems(data["runs"], covered_seconds(data["intervals"]) / wall, samples, args.smoke)
+    for problem in problems:
+        print(f"gpu_sweep: {problem}")
+    return 1 if args.check and problems else 0
+
+
+def accounting_problems(runs: list[dict], cover: float, samples: list, smoke: bool) -> list[str]:
+    """What the figures lack: a Train run of each kind, every start mark in order, an epoch cover
+    within (0, 1], and GPU samples unless on the CPU."""
+    problems = []
+    roles = {r["role"] for r in runs}
+    if "teacher" not in roles or not roles - {"teacher"}:
+        problems.append(f"expected teacher and student runs, found {sorted(roles)}")
+    for run in runs:
+        bad = [name for name, seconds in run["split"].items() if not seconds >= 0]  # NaN fails too
+        if bad:
+            problems.append(f"a {run['role']} run lacks or misorders its start marks: {bad}")
+    if not 0 < cover <= 1:
+        problems.append(f"epoch cover {cover:.3f} is outside (0, 1]")
+    if not smoke and not samples:
+        problems.append("no GPU samples (nvidia-smi missing or silent)")
+    return problems
 
 
 if __name__ == "__main__":

@@ -128,39 +128,33 @@ def test_a_run_row_compares_its_first_epoch_with_the_later_ones():
     assert "| teacher " in out and "| student " in out and "| 8.5 " in out and "| 4.5 " in out
 
 
-@pytest.mark.integration
-def test_the_gpu_sweep_benchmarks_cpu_smoke_accounts_every_train_run(tmp_path):
-    """`python -m benchmarks.gpu_sweep --smoke`: a real tiny sweep (one teacher trained with its
-    student in its run, one student in a run of its own), its runs' start splits from the loop's
-    marks, the epoch cover; no GPU, so no busy share."""
-    import subprocess
-    import sys
+def test_the_gpu_sweeps_check_names_what_its_accounting_lacks():
+    """CI runs `python -m benchmarks.gpu_sweep --smoke --check` (a real tiny sweep, .ci/run):
+    this is the rule it applies."""
+    from benchmarks.gpu_sweep import accounting_problems
+    from benchmarks.sweep_overhead import run_row
 
-    from helpers.servers import ProcessTree
-    from helpers.sweeps import ROOT, remem_env
+    teacher = run_row("teacher", [FIRST_EPOCH], 10.0)
+    student = run_row("student", [FIRST_EPOCH], 10.0)
+    assert accounting_problems([teacher, student], 0.4, [], smoke=True) == []
+    assert len(accounting_problems([teacher, student], 0.4, [], smoke=False)) == 1  # a GPU run with no samples
+    assert "teacher and student" in accounting_problems([teacher], 0.4, [], smoke=True)[0]
+    unmarked = run_row("student", [{"epoch_started_at": 30.5, "epoch_seconds": 1.0}], 10.0)
+    assert "start marks" in accounting_problems([teacher, unmarked], 0.4, [], smoke=True)[0]
+    assert "epoch cover" in accounting_problems([teacher, student], 0.0, [], smoke=True)[0]
 
-    log = tmp_path / "bench.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.gpu_sweep", "--smoke"],
-            cwd=ROOT,
-            env={**remem_env(tmp_path), "TMPDIR": str(tmp_path)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            proc.wait(400)
-        finally:
-            ProcessTree(proc.pid).kill_all()
-    text = log.read_text()
-    assert proc.returncode == 0, text[-3000:]
-    cells = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in text.splitlines() if row.count("|") == 3}
-    assert cells["GPU-busy share (mean utilization.gpu)"] == "-"  # no GPU here: no samples
-    cover = float(cells["epoch cover (wall time with an epoch running)"].rstrip("%"))
-    assert 0 < cover < 100
-    runs = [row for row in text.splitlines() if row.startswith("| teacher ") or row.startswith("| student")]
-    assert {r.split("|")[1].strip() for r in runs} == {"teacher", "student phase in its teacher's run", "student"}
-    for row in runs:
-        parts = [c.strip() for c in row.strip("|").split("|")][2:9]
-        assert all(float(p) >= 0 for p in parts), row  # every mark recorded, in order
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_the_gpu_sweeps_spec_is_valid_and_runs_each_point_once(tmp_path, smoke):
+    """The GPU sweep's spec validates here (no GPU needed to read it) and its space holds exactly
+    its trials' points: 6 trials are 6 distinct points, nothing asked twice."""
+    from benchmarks.gpu_sweep import spec_for
+    from remem_ray.config import SweepSpec
+    from remem_ray.sweep.search import space_size
+
+    trials = 2 if smoke else 6
+    spec = SweepSpec.model_validate({**spec_for(smoke, tmp_path, trials, 0.5), "storage": {"root": str(tmp_path)}})
+    assert space_size(spec) == trials and spec.student.teacher_targets == "cached"
+    if not smoke:
+        assert (spec.teacher.model, spec.student.model, spec.data.img_size) == ("vit_base_patch16_224", "resnet18", 224)
+        assert spec.sweep.resources.teacher.gpus_per_worker == 0.5 and spec.max_concurrent_trials() == 2

@@ -102,9 +102,13 @@ COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # read by inductor at each compil
 def use_node_compile_cache() -> str:
     """Where torch.compile keeps its caches (inductor's FX graphs, AOTAutograd's, kernels): a folder
     of the node's remem cache, shared by every trial's workers, so a model compiles once per node
-    and later runs load it (the caches key on the graph, shapes and torch version). One the user
-    set wins. Returns the folder."""
-    if not os.environ.get(COMPILE_CACHE_ENV):
+    and later runs load it (the caches key on the graph, shapes and torch version). A folder the
+    user set wins; inductor's own default (a temp folder, which importing timm already writes
+    into the environment) gives way. Returns the folder."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get(COMPILE_CACHE_ENV)
+    if not chosen or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
         os.environ[COMPILE_CACHE_ENV] = str(cache_root() / "torch-compile")
     return os.environ[COMPILE_CACHE_ENV]
 
