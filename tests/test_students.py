@@ -342,3 +342,25 @@ def test_teacher_in_use_answers_the_published_set_only_if_whole(tmp_path):
     model_file = Path(registry.output(key, 2).uri("epoch_4")) / "model.pt"
     model_file.write_bytes(b"x")
     assert finder() is None  # broken too: nowhere to go
+
+
+def test_an_unreadable_record_is_superseded_not_fatal(tmp_path):
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    records = tmp_path / "students" / KEY / "records"
+    records.mkdir(parents=True)
+    (records / version_file(1)).write_text('{"folder": "run-x", "best_ep')  # damaged after its create
+    record, seen = students_module.usable_record(registry, KEY, "t1")
+    assert record is None and seen == 1
+    assert _store(registry, seen, 1.0)
+    assert registry.newest(KEY).version == 2 and registry.newest(KEY).problem() is None
+
+
+def test_a_history_json_cannot_hold_is_logged_and_the_run_goes_on(tmp_path):
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    run = Storage(str(tmp_path / "run"))
+    write_checkpoint(run, "best_epoch_1", torch.nn.Linear(2, 2), {"epoch": 1})
+    point_best(run, 1)
+    lines: list[str] = []
+    finished = StudentFinished(registry, KEY, 0, "s/t1")
+    assert finished(run, [{"epoch": 1, "odd": object()}], lines.append) is False
+    assert "not stored for reuse: TypeError" in lines[0] and registry.newest(KEY) is None

@@ -31,6 +31,7 @@ from remem_ray.checkpoint_files import (
     best_checkpoint_name,
     best_name,
     copy_checkpoint,
+    is_best_name,
     point_stored_best,
     verify_checkpoint,
 )
@@ -68,13 +69,15 @@ class StudentRecord:
     best_epoch: int
     history: tuple[dict[str, Any], ...]
     made_by: str  # sweep/trial that distilled it
+    unreadable: str | None = None  # why the record itself could not be read, if it could not
 
     def checkpoint_uri(self) -> str:
         return self.folder.uri(best_name(self.best_epoch))
 
     def problem(self) -> str | None:
-        """None if its best checkpoint is whole (sha256 against its manifest), else what is wrong."""
-        return verify_checkpoint(self.folder, best_name(self.best_epoch))
+        """None if the record reads and its best checkpoint is whole (sha256 against its
+        manifest), else what is wrong."""
+        return self.unreadable or verify_checkpoint(self.folder, best_name(self.best_epoch))
 
 
 class StudentRegistry:
@@ -92,15 +95,20 @@ class StudentRegistry:
         versions = sorted(int(n[: -len(".json")]) for n in records.list_dir() if n[: -len(".json")].isdigit())
         if not versions:
             return None
-        data = json.loads(records.read_text(version_file(versions[-1])))
-        return StudentRecord(
-            key,
-            versions[-1],
-            self.folder(key).child(data["folder"]),
-            int(data["best_epoch"]),
-            tuple(data["history"]),
-            data.get("made_by", ""),
-        )
+        rel = version_file(versions[-1])
+        try:
+            data = json.loads(records.read_text(rel))
+            return StudentRecord(
+                key,
+                versions[-1],
+                self.folder(key).child(data["folder"]),
+                int(data["best_epoch"]),
+                tuple(data["history"]),
+                data.get("made_by", ""),
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            why = f"record {records.uri(rel)} is unreadable"
+            return StudentRecord(key, versions[-1], self.folder(key), 0, (), "", unreadable=why)
 
     def publish(self, key: str, after_version: int, output: Storage, history: list[dict], made_by: str) -> bool:
         """Store the student finished in `output` (its best.json and that checkpoint) as version
@@ -112,8 +120,8 @@ class StudentRegistry:
         if records.is_file(version_file(version)):
             return False
         best = best_checkpoint_name(output)
-        if best is None:
-            raise ResourceError(f"student {key}: {output.uri()} has no best checkpoint to publish")
+        if best is None or not is_best_name(best):
+            raise ResourceError(f"student {key}: {output.uri()} has no best_epoch_<e> checkpoint to publish")
         epoch = int(best.rsplit("_", 1)[-1])
         folder = f"run-{uuid.uuid4().hex[:12]}"
         copy_checkpoint(output, self.folder(key).child(folder), best_name(epoch))
@@ -140,8 +148,8 @@ class StudentFinished:
     def __call__(self, output: Storage, history: list[dict[str, Any]], log: Callable[[str], None]) -> bool:
         try:
             published = self.registry.publish(self.key, self.after_version, output, history, self.made_by)
-        except ResourceError as exc:
-            log(f"student {self.key[:8]} not stored for reuse: {exc}")
+        except Exception as exc:  # noqa: BLE001 (storage, a value JSON cannot hold: never fail a finished run)
+            log(f"student {self.key[:8]} not stored for reuse: {type(exc).__name__}: {exc}")
             return False
         if not published:
             log(f"student {self.key[:8]}: another run stored it first; this run's result stays its trial's")
