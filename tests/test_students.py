@@ -364,3 +364,33 @@ def test_a_history_json_cannot_hold_is_logged_and_the_run_goes_on(tmp_path):
     finished = StudentFinished(registry, KEY, 0, "s/t1")
     assert finished(run, [{"epoch": 1, "odd": object()}], lines.append) is False
     assert "not stored for reuse: TypeError" in lines[0] and registry.newest(KEY) is None
+
+
+def _runs(tmp_path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "students" / KEY).iterdir() if p.name.startswith("run-"))
+
+
+def test_the_loser_of_a_publication_race_removes_its_folder_and_a_retried_create_is_still_ours(tmp_path, monkeypatch):
+    """Two holders pass the "version free?" check together; one create wins. The loser's folder,
+    named by no record, goes. A create whose first PUT landed but whose retry was answered
+    "exists" (S3) finds the record naming its own folder: published."""
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    create = Storage.create_exclusive
+
+    def another_wins_first(self, rel, data):
+        record = json.loads(data)
+        create(self, rel, json.dumps({**record, "folder": "run-winner", "made_by": "s/other"}).encode())
+        return create(self, rel, data)
+
+    monkeypatch.setattr(Storage, "create_exclusive", another_wins_first)
+    assert not _store(registry, 0, 1.0)
+    assert _runs(tmp_path) == [] and registry.newest(KEY).made_by == "s/other"
+
+    def landed_then_answered_exists(self, rel, data):
+        create(self, rel, data)
+        return False
+
+    monkeypatch.setattr(Storage, "create_exclusive", landed_then_answered_exists)
+    assert _store(registry, 1, 1.0)
+    newest = registry.newest(KEY)
+    assert newest.version == 2 and _runs(tmp_path) == [Path(newest.folder.uri()).name]
