@@ -127,18 +127,3 @@ def test_weights_kind_is_the_one_reading_of_a_weights_string(weights, kind):
     from remem_ray.config import weights_kind
 
     assert weights_kind(weights) == kind
-
-
-def test_torch_compile_caches_go_to_the_node_cache_unless_the_user_chose_a_folder(monkeypatch, tmp_path):
-    """Every trial's workers on a node share one folder, so a model compiles once per node."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    from remem_ray.train.common import use_node_compile_cache
-
-    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing timm leaves there
-    assert use_node_compile_cache() == str(tmp_path / "torch-compile")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    assert use_node_compile_cache() == str(tmp_path / "torch-compile")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert use_node_compile_cache() == str(tmp_path / "mine")

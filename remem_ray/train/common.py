@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from collections.abc import Iterable
 from typing import Literal, cast
@@ -17,7 +16,6 @@ from torch import nn
 from remem_ray.config import OptimizerConfig, ScheduleConfig
 from remem_ray.errors import ResourceError
 from remem_ray.sam import SAM
-from remem_ray.storage.cache import cache_root
 
 
 def seed_everything(seed: int) -> None:
@@ -91,26 +89,8 @@ def runnable_model(
         model.to(memory_format=torch.channels_last)
     wrapped = wrap_distributed(model, device)
     if compiles(compile_model, device):
-        use_node_compile_cache()
         wrapped = cast(nn.Module, torch.compile(wrapped))  # an OptimizedModule: still an nn.Module
     return wrapped, channels_last
-
-
-COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # read by inductor at each compile, not at import
-
-
-def use_node_compile_cache() -> str:
-    """Where torch.compile keeps its caches (inductor's FX graphs, AOTAutograd's, kernels): a folder
-    of the node's remem cache, shared by every trial's workers, so a model compiles once per node
-    and later runs load it (the caches key on the graph, shapes and torch version). A folder the
-    user set wins; inductor's own default (a temp folder, which importing timm already writes
-    into the environment) gives way. Returns the folder."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    chosen = os.environ.get(COMPILE_CACHE_ENV)
-    if not chosen or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
-        os.environ[COMPILE_CACHE_ENV] = str(cache_root() / "torch-compile")
-    return os.environ[COMPILE_CACHE_ENV]
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
