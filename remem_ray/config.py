@@ -635,6 +635,13 @@ class SweepConfig(StrictModel):
     teacher_wait_timeout_s: float = Field(
         6 * 3600, gt=0, description="longest a trial waits for another's teacher, or student"
     )
+    lease_stale_after_s: float = Field(
+        60.0,
+        ge=10.0,
+        le=3600.0,
+        description="a teacher's or student's lease whose holder has not renewed it this long is taken over "
+        "(the holder renews every 5 s; a holder that finds it lost stops writing)",
+    )
     worker_start_timeout_s: float = Field(
         600.0, gt=0, description="longest a Train run's workers may take to start (a busy node starts them slowly)"
     )

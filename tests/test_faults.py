@@ -173,46 +173,6 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
             assert retry["epoch"] == retry["start_epoch"]
 
 
-def test_corrupt_teacher_checkpoint_is_retrained_and_counted(tmp_path):
-    """A stored teacher whose checkpoint was truncated after its manifest: detected on load,
-    retrained into a folder of its own, never used; the event is in summary.json."""
-    first = _spec(tmp_path, "first", num_samples=1, points_to_evaluate=[LEARNING_POINT])
-    env = remem_env(tmp_path)
-    rc, out = run_remem(["sweep", "run", str(first)], tmp_path, env)
-    assert rc == 0, out[-3000:]
-    root = tmp_path / "results"
-    (key,) = [p.name for p in (root / "teachers").iterdir()]
-    registry = TeacherRegistry(Storage(str(root / "teachers")))
-    first_set = Path(registry.set_in_use(key).uri())
-    model_file = first_set / "epoch_4" / "model.pt"
-    good = model_file.read_bytes()
-    model_file.write_bytes(good[: len(good) // 2])
-
-    second = _spec(tmp_path, "second", num_samples=1, points_to_evaluate=[LEARNING_POINT])
-    spec = yaml.safe_load(second.read_text())
-    spec["student"]["kd"] = {"temperature": 3.0}  # another student of the same teacher: not a replay
-    second.write_text(yaml.safe_dump(spec))
-    rc, out = run_remem(["sweep", "run", str(second)], tmp_path, env)
-    assert rc == 0, out[-3000:]
-    assert "does not match its sha256" in out and "training teacher" in out and "again into" in out
-    summary = json.loads((root / "sweeps" / "second" / "summary.json").read_text())
-    assert summary["corrupt_checkpoints_retrained"] == 1
-    event = summary["integrity_events"][0]
-    assert event["teacher_key"] == key and event["epoch"] == 4 and "sha256" in event["problem"]
-    assert summary["trials"][0]["teacher_trained"] is True  # retrained, not reused
-    retrained = Path(registry.set_in_use(key).uri())  # written beside the old set, then published
-    assert retrained != first_set and retrained.parent == first_set.parent
-    manifest = json.loads((retrained / "epoch_4" / "manifest.json").read_text())
-    import hashlib
-
-    assert (
-        hashlib.sha256((retrained / "epoch_4" / "model.pt").read_bytes()).hexdigest() == manifest["files"]["model.pt"]
-    )
-    assert model_file.read_bytes() == good[: len(good) // 2]  # the old set was never rewritten under readers
-    assert (retrained / "resume" / "state.pt").is_file()
-    assert summary["trials"][0]["student_val_acc"] > 0.3
-
-
 def _wait_until(condition, proc, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -235,6 +195,7 @@ def test_a_teacher_holder_paused_past_the_stale_window_changes_nothing_once_it_w
     path = _spec(tmp_path, "paused", points_to_evaluate=points)
     spec = yaml.safe_load(path.read_text())
     spec["student"]["epochs"] = 2
+    spec["sweep"]["lease_stale_after_s"] = 20  # the window the pause outlasts (60 s by default)
     path.write_text(yaml.safe_dump(spec))
     holds = tmp_path / "holds"
     holds.mkdir()

@@ -6,6 +6,7 @@ and ended by PID afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -214,6 +215,14 @@ def _check_second_sweep_replays(root: Path, first: dict, tmp_path: Path, env: di
     again; every point reports the first's curve, to Tune and to Optuna, epoch for epoch."""
     for row in first["trials"]:  # released by each trial, the ones the scheduler stopped included
         assert current_record(Storage(str(root / "students" / row["student_key"] / "lease"))).released, row
+    # the teacher checkpoint the by-design stopped point distils from, truncated after its manifest:
+    # that student is not stored, so the second sweep distils it again and must find the damage
+    stopped = next(r for r in first["trials"] if r["params"]["student_lr"] == 0.00001)
+    registry = TeacherRegistry(Storage(str(root / "teachers")))
+    first_set = Path(registry.set_in_use(stopped["teacher_key"]).uri())
+    model_file = first_set / f"epoch_{stopped['params']['teacher_epoch']}" / "model.pt"
+    truncated = model_file.read_bytes()[: model_file.stat().st_size // 2]
+    model_file.write_bytes(truncated)
     spec = yaml.safe_load(SMOKE.read_text())
     spec["name"] = "smoke-again"
     path = tmp_path / "smoke-again.yaml"
@@ -229,7 +238,22 @@ def _check_second_sweep_replays(root: Path, first: dict, tmp_path: Path, env: di
     assert {r["trial_id"] for r in second["trials"] if r["student_replayed"]} == replayed and replayed
     runs = {p.name for p in (experiment / "train-runs").iterdir()} if (experiment / "train-runs").exists() else set()
     assert runs == {f"student-{r['trial_id']}" for r in second["trials"] if r["trial_id"] not in replayed}
-    assert second["students_replayed"] == len(replayed) and second["teacher_trainings_performed"] == 0
+    assert second["students_replayed"] == len(replayed)
+    # the damage: found before use (sha256), counted once, retrained beside the set in use (readers
+    # may be in it), which is never rewritten; the retrained teacher is the same, bit for bit, so
+    # the student distilled from it reports the first sweep's curve (checked below)
+    assert "does not match its sha256" in out and "again into" in out
+    assert second["teacher_trainings_performed"] == second["corrupt_checkpoints_retrained"] == 1
+    (event,) = second["integrity_events"]
+    assert event["teacher_key"] == stopped["teacher_key"] and event["epoch"] == stopped["params"]["teacher_epoch"]
+    retrained = Path(registry.set_in_use(stopped["teacher_key"]).uri())
+    assert retrained != first_set and retrained.parent == first_set.parent
+    manifest = json.loads((retrained / model_file.parent.name / "manifest.json").read_text())
+    assert (
+        hashlib.sha256((retrained / model_file.parent.name / "model.pt").read_bytes()).hexdigest()
+        == (manifest["files"]["model.pt"])
+    )
+    assert model_file.read_bytes() == truncated and (retrained / "resume" / "state.pt").is_file()
     assert f"students {len(replayed)} replayed" in out and "replaying its 3 epochs" in out
     assert "waiting for student" not in out  # no lease left behind by a stopped trial
     # the same curve epoch by epoch (a scheduler may stop a point at another rung in either sweep)

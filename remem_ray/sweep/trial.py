@@ -258,7 +258,14 @@ class TrialRuns:
         student stored for reuse by `finished`."""
         self.finished = finished
         trained = ensure_teacher(
-            self.spec, self.run_spec, holder, self.registry, self.layout, fit=self.fit_teacher, stopping=self.stopping
+            self.spec,
+            self.run_spec,
+            holder,
+            self.registry,
+            self.layout,
+            fit=self.fit_teacher,
+            stale_after_s=self.spec.sweep.lease_stale_after_s,
+            stopping=self.stopping,
         )
         if not self.distilled:
             self.fit_student(trained)
@@ -376,6 +383,7 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             lambda finished: runs.distil(holder, finished),
             runs.replay,
             timeout,
+            stale_after_s=spec.sweep.lease_stale_after_s,
             stopping=runs.stopping,
         )
     print(f"trial {trial_id}: done; student at {best_checkpoint(runs.layout.student(trial_id))}", flush=True)  # log
