@@ -63,7 +63,7 @@ JOURNAL = "journal.jsonl"
 REPAIR = "chaos-repair"  # the sweep that reads truncated sets no chaos trial read again
 NUM_SAMPLES = 8  # per sweep: long enough for the faults at their pace (the default spec has 6)
 BUCKET, PREFIX = "remem", "chaos"
-STALE_S = 60.0  # remem_ray.sweep.trial.STALE_AFTER_S
+STALE_S = 60.0  # remem_ray.sweep.registry.STALE_AFTER_S
 KINDS = ("driver", "trial", "worker", "raylet", "s3", "pause", "truncate")
 # at least three pauses; the rest spread over every kind
 MINIMUM = {"pause": 4, "driver": 3, "trial": 3, "worker": 3, "raylet": 2, "s3": 3, "truncate": 2}

@@ -33,6 +33,11 @@ from remem_ray.storage import Storage
 from remem_ray.teacher_layout import RESUME_STATE, TeacherFolder, generation_dir, version_file
 
 CLAIM, PUBLISH = "claim", "publish"
+# a lease holder's pace, for teachers and students alike: renew every HEARTBEAT_S; a lease unrenewed
+# STALE_AFTER_S is taken over (sweep.lease_stale_after_s sets it per sweep); waiters look every POLL_S
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 60.0
+POLL_S = 2.0
 APPEND_TRIES = 12
 
 

@@ -40,13 +40,10 @@ from remem_ray.contract import EPOCH, STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY
 from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
-from remem_ray.sweep.registry import Heartbeat, Waiter
+from remem_ray.sweep.registry import HEARTBEAT_S, POLL_S, STALE_AFTER_S, Heartbeat, Waiter
 from remem_ray.teacher_layout import LEASE_DIR, version_file
 
 RECORDS_DIR = "records"
-HEARTBEAT_S = 5.0
-STALE_AFTER_S = 60.0
-POLL_S = 2.0
 # What a report said about the process that produced it, not about the student: a replay leaves
 # them out (a replayed trial has no Train run, and trained no teacher)
 ORIGINAL_RUN_ONLY = (

@@ -32,7 +32,15 @@ from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.ray_adapter import trial_stopping_event
-from remem_ray.sweep.registry import Heartbeat, TeacherInUse, TeacherRegistry, Waiter
+from remem_ray.sweep.registry import (
+    HEARTBEAT_S,
+    POLL_S,
+    STALE_AFTER_S,
+    Heartbeat,
+    TeacherInUse,
+    TeacherRegistry,
+    Waiter,
+)
 from remem_ray.sweep.students import (
     StudentFinished,
     StudentRecord,
@@ -44,9 +52,6 @@ from remem_ray.sweep.students import (
 )
 from remem_ray.teacher_layout import RESUME_DIR, TRAIN_RUN
 
-HEARTBEAT_S = 5.0
-STALE_AFTER_S = 60.0
-POLL_S = 2.0
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
 
 
