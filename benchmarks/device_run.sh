@@ -7,10 +7,12 @@
 #   bash benchmarks/device_run.sh compare DIR          (about 8 min; carry .gpu-kit and DIR, an older
 #   checkout made with `git worktree add` or `git archive`): import times, then the smoke sweep on GPU
 #   workers with this checkout and with DIR's, one after the other on the same machine
-#   bash benchmarks/device_run.sh gpusweep            (carry .gpu-kit; up to 9.5 min): the whole-sweep GPU-busy
-#   share (benchmarks.gpu_sweep), then torch.compile's second run on the node (benchmarks.compile_cache)
+#   bash benchmarks/device_run.sh gpusweep            (carry .gpu-kit; up to 9.7 min): the whole-sweep GPU-busy
+#   share (benchmarks.gpu_sweep), the teacher epoch's profile (benchmarks.teacher_profile, trace under
+#   $OUT/profile), then torch.compile's second run on the node (benchmarks.compile_cache) if time is left
+#   bash benchmarks/device_run.sh profile             (carry .gpu-kit; up to 8 min): the profile, then benchmarks.gpu
 set -u
-what=${1:?say sweeps, gpu, gpusweep or compare}
+what=${1:?say sweeps, gpu, gpusweep, profile or compare}
 source .gpu-kit/setup.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi -L; nproc; python3 -c "import torch, timm, ray; print(torch.__version__, timm.__version__, ray.__version__)"; } > "$OUT/machine.txt" 2>&1
@@ -25,9 +27,22 @@ open("/tmp/smoke_gpu.yaml", "w").write(yaml.safe_dump(spec))
 '
 }
 if [[ $what == gpusweep ]]; then
-  timeout 420 python3 -m benchmarks.gpu_sweep --log "$OUT/gpu_sweep.log" > "$OUT/gpu_sweep.txt" 2>&1
+  # the issue's GPU figures in order of need: the whole sweep, the teacher epoch's profile, then
+  # the compile cache with whatever is left of the call's 600 s
+  timeout 380 python3 -m benchmarks.gpu_sweep --log "$OUT/gpu_sweep.log" > "$OUT/gpu_sweep.txt" 2>&1
   echo "rc=$?" >> "$OUT/gpu_sweep.txt"
-  timeout 140 python3 -m benchmarks.compile_cache > "$OUT/compile_cache.txt" 2>&1; echo "rc=$?" >> "$OUT/compile_cache.txt"
+  timeout 150 python3 -m benchmarks.teacher_profile --out "$OUT/profile" > "$OUT/teacher_profile.txt" 2>&1
+  echo "rc=$?" >> "$OUT/teacher_profile.txt"; gzip -f "$OUT/profile/teacher_epoch.json" 2>/dev/null
+  left=$((580 - SECONDS))
+  if (( left > 60 )); then
+    timeout $left python3 -m benchmarks.compile_cache > "$OUT/compile_cache.txt" 2>&1; echo "rc=$?" >> "$OUT/compile_cache.txt"
+  fi
+  exit 0
+fi
+if [[ $what == profile ]]; then  # the teacher profile alone, then the end-to-end set (about 5 min)
+  timeout 200 python3 -m benchmarks.teacher_profile --out "$OUT/profile" > "$OUT/teacher_profile.txt" 2>&1
+  echo "rc=$?" >> "$OUT/teacher_profile.txt"; gzip -f "$OUT/profile/teacher_epoch.json" 2>/dev/null
+  timeout 280 python3 -m benchmarks.gpu --images 10000 > "$OUT/gpu.txt" 2>&1; echo "rc=$?" >> "$OUT/gpu.txt"
   exit 0
 fi
 if [[ $what == compare ]]; then

@@ -192,8 +192,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(machine())
         raise SystemExit("benchmarks.gpu: no CUDA device here (use --device cpu for a smoke run)")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # (fp32 parts outside autocast)
     print(machine())
     peak = card_peak(torch.cuda.get_device_name(0), args.peak_tflops) if device.type == "cuda" else None
     rows = [

@@ -116,8 +116,17 @@ def _seconds(value: float) -> str:
 
 
 def run_table(runs: list[dict]) -> str:
-    """Per role, the median of each start part, compile seconds and first vs later epochs."""
-    header = ["Train run", "n", *(name for name, _ in START_MARKS), "compile s", "epoch 1 s", "later epochs s"]
+    """Per role, the median of each start part, compile seconds and first vs later epochs and evals."""
+    header = [
+        "Train run",
+        "n",
+        *(name for name, _ in START_MARKS),
+        "compile s",
+        "epoch 1 s",
+        "later epochs s",
+        "eval 1 s",
+        "later evals s",
+    ]
     rows = [header]
     for role in dict.fromkeys(r["role"] for r in runs):
         mine = [r for r in runs if r["role"] == role]
@@ -135,6 +144,8 @@ def run_table(runs: list[dict]) -> str:
                 _seconds(median([r["compile_seconds"] for r in mine])),
                 _seconds(median([r["first_epoch_seconds"] for r in mine])),
                 _seconds(median([r["later_epoch_seconds"] for r in mine])),
+                _seconds(median([r["first_eval_seconds"] for r in mine])),
+                _seconds(median([r["later_eval_seconds"] for r in mine])),
             ]
         )
     return table(rows)

@@ -138,14 +138,21 @@ def collect(root: Path, name: str) -> dict:
 
 
 def run_row(role: str, history: list[dict], fit_called_at: float) -> dict:
-    """One run's start split, compile seconds and first epoch against its later ones (median)."""
-    later = [h["epoch_seconds"] for h in history[1:]]
+    """One run's start split, compile seconds, and first epoch (and its eval) against the later ones (median)."""
+
+    def later(key: str) -> float:
+        values = [h[key] for h in history[1:] if key in h]
+        return statistics.median(values) if values else math.nan
+
     return {
         "role": role,
         "split": start_split(history[0], fit_called_at, process_up=role == STUDENT_AFTER_TEACHER),
         "compile_seconds": history[0].get("compile_seconds", 0.0),
         "first_epoch_seconds": history[0]["epoch_seconds"],
-        "later_epoch_seconds": statistics.median(later) if later else math.nan,
+        "later_epoch_seconds": later("epoch_seconds"),
+        # the first eval of a compiled model compiles its eval graph too (older runs: NaN)
+        "first_eval_seconds": history[0].get("eval_seconds", math.nan),
+        "later_eval_seconds": later("eval_seconds"),
     }
 
 

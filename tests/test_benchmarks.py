@@ -121,11 +121,15 @@ def test_a_run_row_compares_its_first_epoch_with_the_later_ones():
     from benchmarks.gpu_sweep import run_table
     from benchmarks.sweep_overhead import run_row
 
-    history = [FIRST_EPOCH, {"epoch_seconds": 4.0}, {"epoch_seconds": 5.0}, {"epoch_seconds": 4.5}]
+    first = {**FIRST_EPOCH, "eval_seconds": 3.25}
+    history = [first, *({"epoch_seconds": s, "eval_seconds": 0.75} for s in (4.0, 5.0, 4.5))]
     row = run_row("teacher", history, fit_called_at=10.0)
     assert row["first_epoch_seconds"] == 9.0 and row["later_epoch_seconds"] == 4.5 and row["compile_seconds"] == 4.0
+    assert row["first_eval_seconds"] == 3.25 and row["later_eval_seconds"] == 0.75
     out = run_table([row, {**row, "role": "student"}])
-    assert "| teacher " in out and "| student " in out and "| 8.5 " in out and "| 4.5 " in out
+    assert "| teacher " in out and "| student " in out and "| 8.5 " in out and "| 4.5 " in out and "| 3.2 " in out
+    older = run_row("teacher", [FIRST_EPOCH, {"epoch_seconds": 4.0}], 10.0)  # before eval_seconds was kept
+    assert older["first_eval_seconds"] != older["first_eval_seconds"] and "| - " in run_table([older])
 
 
 def test_the_gpu_sweeps_check_names_what_its_accounting_lacks():
@@ -158,3 +162,27 @@ def test_the_gpu_sweeps_spec_is_valid_and_runs_each_point_once(tmp_path, smoke):
     if not smoke:
         assert (spec.teacher.model, spec.student.model, spec.data.img_size) == ("vit_base_patch16_224", "resnet18", 224)
         assert spec.sweep.resources.teacher.gpus_per_worker == 0.5 and spec.max_concurrent_trials() == 2
+
+
+def test_a_teacher_profile_summary_counts_device_time_and_host_syncs_per_step():
+    """benchmarks.teacher_profile's arithmetic on recorded key averages (CI runs the script itself
+    with --smoke --check): kernel time against the window's wall, the CUDA runtime's synchronize
+    calls per step (not aten::_local_scalar_dense: on AdamW's CPU step counts it waits for nothing)."""
+    from benchmarks.teacher_profile import OpRow, summarize, top
+
+    rows = [
+        OpRow("aten::mm", 40, 2_000.0, 150_000.0),
+        OpRow("void flash_fwd_kernel", 20, 0.0, 90_000.0),
+        OpRow("cudaStreamSynchronize", 10, 30_000.0, 0.0),
+        OpRow("aten::_local_scalar_dense", 300, 3_000.0, 0.0),
+        OpRow("cudaLaunchKernel", 900, 12_000.0, 0.0),
+    ]
+    summary = summarize(rows, steps=10, wall_s=0.3)
+    assert summary["wall_ms_per_step"] == pytest.approx(30.0)
+    assert summary["device_ms_per_step"] == pytest.approx(24.0)
+    assert summary["device_idle_share"] == pytest.approx(0.2)
+    assert summary["host_syncs_per_step"] == 1.0
+    cpu_only = summarize([OpRow("aten::mm", 4, 9_000.0, 0.0)], steps=2, wall_s=0.02)
+    assert cpu_only["device_idle_share"] != cpu_only["device_idle_share"] and cpu_only["host_syncs_per_step"] == 0
+    ranked = top(rows, "self_device_us", 2)
+    assert [r[0] for r in ranked[1:]] == ["aten::mm", "void flash_fwd_kernel"] and ranked[1][-1] == "62.5%"
