@@ -84,16 +84,27 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
 
     spec = load_sweep_spec(args.spec, _run_overrides(args))
     summary = run_sweep(spec, address=args.address, verbose=args.verbose)
-    _print_end(summary)
-    return 0
+    return _print_end(summary)
 
 
-def _print_end(summary) -> None:
+def _print_end(summary) -> int:
+    """The table and where the files are; exit code 1 when a trial failed (the sweep did less
+    than it was asked: a script's `remem sweep run ... && deploy` must not go on), else 0."""
     from remem_ray.sweep import format_table
 
     print(format_table(summary))
     print(f"summary: {summary.experiment}/summary.json")
     print(f"report: {summary.experiment}/report.md")
+    failed = [row.trial_id for row in summary.trials if row.state == "ERROR"]
+    if not failed:
+        return 0
+    print(
+        f"remem: error: {len(failed)} of {len(summary.trials)} trials failed ({', '.join(failed[:5])}"
+        f"{', ...' if len(failed) > 5 else ''}); each one's error is in its trial folder under "
+        f"{summary.experiment}; `remem sweep resume {summary.name}` runs them again",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _located(args: argparse.Namespace):
@@ -106,8 +117,7 @@ def cmd_sweep_resume(args: argparse.Namespace) -> int:
     from remem_ray.sweep import resume_sweep
 
     summary = resume_sweep(_located(args), address=args.address, verbose=args.verbose)
-    _print_end(summary)
-    return 0
+    return _print_end(summary)
 
 
 def cmd_sweep_status(args: argparse.Namespace) -> int:

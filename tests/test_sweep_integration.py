@@ -516,7 +516,11 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
 def test_ray_job_submit_runs_a_sweep_that_rays_own_client_reads(tmp_path):
     """`ray job submit --working-dir DIR -- remem sweep run spec.yaml` against a local
     `ray start --head` (127.0.0.1, its own PID namespace, ended by PID); then Ray Tune's own
-    ExperimentAnalysis reads the sweep folder and finds the same best trial as remem."""
+    ExperimentAnalysis reads the sweep folder and finds the same best trial as remem.
+
+    First, on the same cluster: `remem sweep run --address` with an s3:// root whose keys only
+    the driver holds (the cluster has none; drivers never send theirs) stops at once with one
+    line and exit 2, writing nothing (before the fix: every trial attempt failed, ACCESS_DENIED)."""
     (tmp_path / "head").mkdir()
     job_dir = tmp_path / "job"
     job_dir.mkdir()
@@ -531,8 +535,25 @@ def test_ray_job_submit_runs_a_sweep_that_rays_own_client_reads(tmp_path):
     spec["sweep"]["points_to_evaluate"] = [{**p, "teacher_epoch": 2} for p in spec["sweep"]["points_to_evaluate"][:2]]
     (job_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
     head = RayHead(tmp_path / "head", num_cpus=2, extra_env={"REMEM_CACHE_DIR": str(tmp_path / "cache")})
+    # a cluster with no AWS credentials of any kind (no keys, no profile files, no instance role)
+    head.env = {k: v for k, v in head.env.items() if not k.startswith("AWS_")} | {
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    seaweed = SeaweedFS(tmp_path / "seaweed")
+    seaweed.start()
     head.start()
     try:
+        seaweed.client().create_bucket(Bucket="remem")
+        direct = ["sweep", "run", str(job_dir / "spec.yaml"), "--address", head.gcs_address]
+        direct += ["--storage", "s3://remem/direct", "--endpoint", seaweed.endpoint]
+        rc, out = run_remem(direct, tmp_path, {**head.env, **seaweed.env()}, timeout=240)
+        errors = [line for line in out.splitlines() if line.startswith("remem: error")]
+        assert rc == 2 and len(errors) == 1, out[-3000:]
+        assert "no AWS credentials for storage.root s3://remem/direct" in errors[0]
+        assert f"checked from the Ray cluster at {head.gcs_address}" in errors[0]
+        assert _bucket_keys(seaweed.client(), "") == set() and not (tmp_path / "remem-results").exists()
         submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.address]
         proc = subprocess.run(
             [*submit, "--working-dir", str(job_dir), "--", "remem", "sweep", "run", "spec.yaml"],
@@ -543,6 +564,7 @@ def test_ray_job_submit_runs_a_sweep_that_rays_own_client_reads(tmp_path):
         )
     finally:
         head.stop()
+        seaweed.stop()
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "succeeded" in out, out[-3000:]
     assert "trials 2/2 done" in out  # remem's own progress lines reach `ray job submit`'s console

@@ -5,6 +5,7 @@ import json
 import optuna
 import pytest
 import yaml
+from helpers.sweeps import SMOKE
 
 from remem_ray.cli import main
 from remem_ray.config import SweepSpec, load_sweep_spec
@@ -329,6 +330,30 @@ def test_an_errored_trial_is_never_the_best_student(tmp_path, monkeypatch):
     assert [r.state for r in summary.trials] == ["TERMINATED", "ERROR", "TERMINATED"]
     trials[0].status = "ERROR"
     assert results.summarize(spec, SweepLayout(Storage(str(tmp_path)), "s")).best.trial_id == "c"
+
+
+@pytest.mark.parametrize("command", ["run", "resume"])
+def test_a_sweep_with_a_failed_trial_exits_1_and_says_which(tmp_path, monkeypatch, capsys, command):
+    """A sweep whose trials all errored used to exit 0 (seen: a cluster without the bucket's keys
+    failed every trial and `remem sweep run` still succeeded). Any ERROR row now makes run and
+    resume exit 1 with one line naming the trials and the way to retry them; a clean one exits 0."""
+    import remem_ray.sweep as sweep
+    from remem_ray.sweep.results import SweepSummary, TrialRow
+
+    rows = [TrialRow("a1", "TERMINATED", {}), TrialRow("b2", "ERROR", {}), TrialRow("c3", "ERROR", {})]
+    summary = SweepSummary("smoke", str(tmp_path / "sweeps" / "smoke"), METRIC, trials=rows)
+    monkeypatch.setattr(sweep, "run_sweep", lambda spec, address=None, verbose=False: summary)
+    monkeypatch.setattr(sweep, "resume_sweep", lambda spec, address=None, verbose=False: summary)
+    monkeypatch.setattr(sweep, "locate_sweep", lambda *a, **k: None)
+    args = ["sweep", command, str(SMOKE) if command == "run" else "smoke"]
+    assert main(args) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("remem: error")]
+    assert errors == [
+        f"remem: error: 2 of 3 trials failed (b2, c3); each one's error is in its trial folder under "
+        f"{tmp_path}/sweeps/smoke; `remem sweep resume smoke` runs them again"
+    ]
+    rows[1].state = rows[2].state = "TERMINATED"
+    assert main(args) == 0 and "remem: error" not in capsys.readouterr().err
 
 
 class _FakeRay:

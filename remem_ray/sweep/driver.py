@@ -17,7 +17,7 @@ from pathlib import Path
 from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.spec_checks import check_spec
-from remem_ray.storage import Storage, preflight, preflight_config
+from remem_ray.storage import Storage, one_line, preflight, preflight_config
 from remem_ray.sweep.layout import LOG_FILE, SWEEP_SPEC_FILE, SweepLayout
 from remem_ray.sweep.report import write_report
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
@@ -276,15 +276,56 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
     """The driver's run of a sweep: a stable cwd, Ray, the console and log (and the study's copy)."""
     from remem_ray.sweep.progress import sweep_console
 
-    with (
-        _stable_working_dir(),
-        ray_session(address, verbose) as dashboard,
-        sweep_console(layout.experiment, verbose, on_tick=export) as console,
-    ):
-        console.show(
-            f"sweep {spec.name}: {what}; log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
+    with _stable_working_dir(), ray_session(address, verbose) as dashboard:
+        if address:  # before the console: its log is the sweep's first write
+            preflight_from_cluster(spec, address)
+        with sweep_console(layout.experiment, verbose, on_tick=export) as console:
+            console.show(
+                f"sweep {spec.name}: {what}; log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
+            )
+            yield console
+
+
+CLUSTER_PREFLIGHT_TIMEOUT_S = 60.0
+
+
+def _preflight_here(storage: dict) -> str | None:
+    """The storage preflight where this runs (a node of the cluster): its one line, or None."""
+    from remem_ray.config import StorageConfig
+
+    try:
+        preflight_config(StorageConfig.model_validate(storage))
+    except ResourceError as exc:
+        return str(exc)
+    return None
+
+
+def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
+    """The storage preflight again, from a node of the cluster at `address`: trials reach the
+    storage with the cluster's credentials and network, never the driver's (which are not sent
+    along), so a cluster that cannot use the root would fail every trial attempt. A cluster that
+    does not run the check within a minute (no node free to take it) is not waited for."""
+    import ray
+
+    check = ray.remote(num_cpus=0, max_retries=0)(_preflight_here)
+    try:
+        problem = ray.get(check.remote(spec.storage.model_dump(mode="json")), timeout=CLUSTER_PREFLIGHT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        print(
+            f"remem: the Ray cluster at {address} did not check the storage within "
+            f"{CLUSTER_PREFLIGHT_TIMEOUT_S:.0f} s; going on",
+            file=sys.stderr,
         )
-        yield console
+        return
+    except ray.exceptions.RayError as exc:  # e.g. remem_ray missing on the cluster's nodes
+        raise ResourceError(
+            f"--address: the Ray cluster at {address} cannot run remem_ray's code: {one_line(exc)}"
+        ) from None
+    if problem:
+        raise ResourceError(
+            f"{problem} (checked from the Ray cluster at {address}: trials use "
+            f"its nodes' credentials and network, not this machine's)"
+        )
 
 
 def _url(address: str | None) -> str:
