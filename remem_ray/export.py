@@ -8,10 +8,18 @@
 `timm.create_model("local-dir:<target>", pretrained=True)` loads the folder with timm alone.
 The folder is written beside the target and renamed into place (a local target), or uploaded
 file by file with the card last (an s3:// target): a target that has a card is whole.
+
+Two exports to one target at once: exactly one lands, the other stops with one line and writes
+nothing there. Locally the rename is the fence (it replaces only an empty folder); on S3 an
+exclusive claim object (`.remem-export-claim`, If-None-Match) taken before the first upload and
+removed after the card, then a listing that must show nothing but the claim (an export that
+finished in between, claim and all, is seen there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +39,7 @@ from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.storage import Storage
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, ONNX_FILE = "config.json", "model.safetensors", "README.md", "model.onnx"
+CLAIM_FILE = ".remem-export-claim"  # an s3:// export's fence while it uploads (removed after the card)
 ONNX_TOLERANCE = 1e-4  # largest |logit difference| between onnxruntime and PyTorch on the check batch
 # pretrained_cfg fields that describe the architecture's hub weights, not these
 _SOURCE_FIELDS = ("tag", "hf_hub_id", "url", "file", "license", "origin_url", "paper_ids", "paper_name", "notes")
@@ -190,9 +199,19 @@ def check_target(target: str, endpoint: str | None) -> Storage:
     if not target.startswith("s3://") and Path(target).exists() and not Path(target).is_dir():
         raise UserInputError(f"--to: {target} is a file")
     storage = Storage(target, endpoint)
-    if storage.exists() and storage.list_dir():
+    present = storage.list_dir() if storage.exists() else []
+    if present == [CLAIM_FILE]:
+        raise UserInputError(
+            f"--to: an export to {target} is running, or one was cut off ({target}/{CLAIM_FILE} is there); "
+            f"if none is running, delete that object and export again"
+        )
+    if present:
         raise UserInputError(f"--to: {target} exists and is not empty")
     return storage
+
+
+def _filled_meanwhile(target: str) -> UserInputError:
+    return UserInputError(f"--to: {target} was filled by another export while this one ran; this one wrote nothing")
 
 
 def export_student(
@@ -211,11 +230,11 @@ def export_student(
         f"{meta['model']} distilled with remem-ray", {**(facts or {}), **checkpoint_facts(source.uri(rel), meta)}
     )
     local = None if target.startswith("s3://") else Path(target).expanduser().absolute()
-    # staged beside the target where its folder exists (one rename puts it in place), else in
-    # the temp folder; nothing is created at the target until the whole folder is written
-    staging = Path(
-        tempfile.mkdtemp(prefix=".remem-export-", dir=local.parent if local and local.parent.is_dir() else None)
-    )
+    # staged beside a local target (one rename puts it in place: the parents it needs are made
+    # now, and removed again if the export fails), in the temp folder for an s3:// one
+    made = _make_parents(local) if local else []
+    staging = Path(tempfile.mkdtemp(prefix=".remem-export-", dir=local.parent if local else None))
+    placed = False
     try:
         sha = write_timm_folder(model, meta, staging)
         diff = write_onnx(model, meta, staging) if onnx else None
@@ -223,15 +242,35 @@ def export_student(
         files = tuple(sorted(p.name for p in staging.iterdir()))
         _usual_modes(staging)
         if local is None:
-            _upload(staging, out, files)
+            _upload_fenced(staging, out, files, target)
         else:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            if local.exists():
-                local.rmdir()  # empty (checked above): the folder takes its place
-            shutil.move(str(staging), str(local))
+            _rename_into_place(staging, local, target)
+        placed = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not placed:
+            for folder in made:  # deepest first; only while empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     return Exported(target, files, sha, diff)
+
+
+def _make_parents(local: Path) -> list[Path]:
+    """Create the target's missing parent folders; those created, deepest first."""
+    missing = [p for p in [local.parent, *local.parent.parents] if not p.exists()]
+    local.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _rename_into_place(staging: Path, local: Path, target: str) -> None:
+    """One rename: it replaces nothing but an empty folder, so of two exports racing to one
+    target the second finds it filled and fails, writing nothing there."""
+    try:
+        os.rename(staging, local)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise _filled_meanwhile(target) from None
+        raise
 
 
 def _usual_modes(folder: Path) -> None:
@@ -244,6 +283,22 @@ def _usual_modes(folder: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
+def _upload_fenced(staging: Path, out: Storage, files: tuple[str, ...], target: str) -> None:
+    """Every file, the card last, under the target's claim; on a failure what was uploaded is
+    removed again. The claim is taken exclusively, then the target must hold nothing else: an
+    export that took it, filled the target and let it go between our check and our claim is
+    seen there, and one still uploading holds it."""
+    if not out.create_exclusive(CLAIM_FILE, os.urandom(8).hex().encode()):
+        raise UserInputError(f"--to: another export to {target} is uploading (it holds {target}/{CLAIM_FILE})")
+    try:
+        if set(out.list_dir()) - {CLAIM_FILE}:
+            raise _filled_meanwhile(target)
+        _upload(staging, out, files)
+    finally:
+        with contextlib.suppress(ResourceError):  # a claim left behind is named by the next export's check
+            out.delete_file(CLAIM_FILE)
+
+
 def _upload(staging: Path, out: Storage, files: tuple[str, ...]) -> None:
     """Every file, the card last; on a failure, what was uploaded is removed again."""
     order = [f for f in files if f != CARD_FILE] + [CARD_FILE]
@@ -254,8 +309,6 @@ def _upload(staging: Path, out: Storage, files: tuple[str, ...]) -> None:
             done.append(name)
     except ResourceError:
         for name in done:
-            try:
+            with contextlib.suppress(ResourceError):
                 out.delete_file(name)
-            except ResourceError:
-                pass
         raise

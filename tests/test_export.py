@@ -14,7 +14,8 @@ from helpers.exports import score_in_fresh_process
 
 from remem_ray.checkpoints import model_meta, write_checkpoint
 from remem_ray.cli import main
-from remem_ray.export import CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, export_student
+from remem_ray.errors import UserInputError
+from remem_ray.export import CARD_FILE, CLAIM_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, export_student
 from remem_ray.models import create_model, reweight_mlp
 from remem_ray.storage import Storage
 
@@ -139,3 +140,51 @@ def test_export_into_an_empty_existing_folder_and_a_new_nested_one(tmp_path, cap
         rc, err = _cli(["export", str(tmp_path / "ck" / "best_epoch_3"), "--to", str(target)], capsys)
         assert rc == 0, err
         assert (target / WEIGHTS_FILE).is_file() and (target / CARD_FILE).is_file()
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_of_two_exports_racing_to_one_target_one_lands_and_the_other_writes_nothing(
+    tmp_path, monkeypatch, request, backend
+):
+    """Export A passes its target check, then export B runs whole into the same target before A
+    places anything. A must stop with one line and leave B's folder as B wrote it. Before the
+    fence: locally A's rename raised a bare OSError (or nested its staging folder inside B's); on
+    S3 A uploaded over B's files, its card last (the target then said A of B's upload)."""
+    import remem_ray.export as export
+
+    _student_checkpoint(tmp_path / "ck")
+    if backend == "local":
+        target = str(tmp_path / "a" / "shipped")
+        endpoint = None
+    else:
+        s3 = request.getfixturevalue("s3")
+        target, endpoint = f"s3://{s3['bucket']}/v1", s3["endpoint"]
+    source = Storage(str(tmp_path / "ck"))
+    original = export.write_timm_folder
+    calls = []
+
+    def b_runs_whole_first(model, meta, folder):
+        calls.append(folder)
+        if len(calls) == 1:  # inside A, after its check: B starts and finishes
+            export_student(source, "best_epoch_3", target, {"sweep": "B"}, endpoint=endpoint)
+        return original(model, meta, folder)
+
+    monkeypatch.setattr(export, "write_timm_folder", b_runs_whole_first)
+    with pytest.raises(UserInputError, match="filled by another export while this one ran"):
+        export_student(source, "best_epoch_3", target, {"sweep": "A"}, endpoint=endpoint)
+    out = Storage(target, endpoint)
+    assert out.list_dir() == sorted([CARD_FILE, CONFIG_FILE, WEIGHTS_FILE])  # no claim, no staging left
+    assert "| sweep | B |" in out.read_text(CARD_FILE)
+    if backend == "local":
+        assert not list((tmp_path / "a").glob(".remem-export-*"))
+
+
+def test_an_s3_export_refuses_a_target_whose_claim_is_held(tmp_path, s3):
+    """A claim object alone: an export uploading now, or one cut off; named, and nothing written."""
+    _student_checkpoint(tmp_path / "ck")
+    target = f"s3://{s3['bucket']}/v2"
+    out = Storage(target, s3["endpoint"])
+    assert out.create_exclusive(CLAIM_FILE, b"someone")
+    with pytest.raises(UserInputError, match="an export to .* is running, or one was cut off"):
+        export_student(Storage(str(tmp_path / "ck")), "best_epoch_3", target, endpoint=s3["endpoint"])
+    assert out.list_dir() == [CLAIM_FILE]

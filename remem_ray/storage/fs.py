@@ -201,12 +201,27 @@ class Storage:
         return local_dir
 
     def delete_file(self, rel: str) -> None:
+        """Remove one file; a missing one is no error. On S3 a plain DeleteObject: pyarrow's
+        delete_file also writes an empty marker object for the parent folder, which would be left
+        in folders users ship (an export's)."""
         try:
-            self.fs.delete_file(self.path(rel))
+            if self.is_s3:
+                self._delete_object(self.path(rel))
+            else:
+                os.unlink(self.path(rel))
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise self._error("delete", rel, exc) from None
+
+    def _delete_object(self, target: str) -> None:
+        import botocore.exceptions
+
+        bucket, _, key = target.partition("/")
+        try:
+            self._boto3().delete_object(Bucket=bucket, Key=key)  # idempotent: a missing key is a success
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise OSError(one_line(exc)) from None
 
     def delete_dir(self, rel: str) -> None:
         if self.exists(rel):
