@@ -115,6 +115,10 @@ def _seconds(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}"
 
 
+def _mib(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0f}"
+
+
 def run_table(runs: list[dict]) -> str:
     """Per role, the median of each start part, compile seconds and first vs later epochs and evals."""
     header = [
@@ -126,6 +130,7 @@ def run_table(runs: list[dict]) -> str:
         "later epochs s",
         "eval 1 s",
         "later evals s",
+        "peak GPU MiB",
     ]
     rows = [header]
     for role in dict.fromkeys(r["role"] for r in runs):
@@ -146,6 +151,7 @@ def run_table(runs: list[dict]) -> str:
                 _seconds(median([r["later_epoch_seconds"] for r in mine])),
                 _seconds(median([r["first_eval_seconds"] for r in mine])),
                 _seconds(median([r["later_eval_seconds"] for r in mine])),
+                _mib(max((v for r in mine if not math.isnan(v := r["peak_gpu_memory_mb"])), default=math.nan)),
             ]
         )
     return table(rows)

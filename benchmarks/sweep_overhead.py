@@ -153,6 +153,7 @@ def run_row(role: str, history: list[dict], fit_called_at: float) -> dict:
         # the first eval of a compiled model compiles its eval graph too (older runs: NaN)
         "first_eval_seconds": history[0].get("eval_seconds", math.nan),
         "later_eval_seconds": later("eval_seconds"),
+        "peak_gpu_memory_mb": max((h.get("peak_gpu_memory_mb", math.nan) for h in history), default=math.nan),
     }
 
 

@@ -121,13 +121,16 @@ def test_a_run_row_compares_its_first_epoch_with_the_later_ones():
     from benchmarks.gpu_sweep import run_table
     from benchmarks.sweep_overhead import run_row
 
-    first = {**FIRST_EPOCH, "eval_seconds": 3.25}
-    history = [first, *({"epoch_seconds": s, "eval_seconds": 0.75} for s in (4.0, 5.0, 4.5))]
+    first = {**FIRST_EPOCH, "eval_seconds": 3.25, "peak_gpu_memory_mb": 9000.0}
+    later = ({"epoch_seconds": s, "eval_seconds": 0.75, "peak_gpu_memory_mb": 10752.4} for s in (4.0, 5.0, 4.5))
+    history = [first, *later]
     row = run_row("teacher", history, fit_called_at=10.0)
     assert row["first_epoch_seconds"] == 9.0 and row["later_epoch_seconds"] == 4.5 and row["compile_seconds"] == 4.0
     assert row["first_eval_seconds"] == 3.25 and row["later_eval_seconds"] == 0.75
+    assert row["peak_gpu_memory_mb"] == 10752.4  # the run's peak, over its epochs
     out = run_table([row, {**row, "role": "student"}])
     assert "| teacher " in out and "| student " in out and "| 8.5 " in out and "| 4.5 " in out and "| 3.2 " in out
+    assert "| 10752 " in out
     older = run_row("teacher", [FIRST_EPOCH, {"epoch_seconds": 4.0}], 10.0)  # before eval_seconds was kept
     assert older["first_eval_seconds"] != older["first_eval_seconds"] and "| - " in run_table([older])
 

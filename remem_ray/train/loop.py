@@ -341,6 +341,8 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         metrics["epoch_seconds"] = time.perf_counter() - began
         metrics["loop_seconds"] = sum(h["epoch_seconds"] for h in history) + metrics["epoch_seconds"]
         metrics["peak_rss_mb"] = peak_rss_mb()
+        if ctx.device.type == "cuda":  # what this run's process holds of the card: sizes GPU shares
+            metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_reserved(ctx.device) / 2**20
         ctx.stopped = ctx.lease_lost()
         if ctx.stopped is not None:
             # declared stale (a long pause, a network blip): another holder resumes this run
