@@ -677,6 +677,13 @@ class SweepSpec(RunSpec):
                         )
                 elif name not in ranges or not ranges[name].contains(value):
                     raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is outside sweep.search.{name}")
+        for role in ("teacher", "student"):
+            # Ray hides every GPU from a worker that asked for none: each Train run would fail
+            if self.device == "cuda" and getattr(self.sweep.resources, role).gpus_per_worker == 0:
+                raise ValueError(
+                    f"sweep.resources.{role}.gpus_per_worker: device cuda needs GPUs for the {role}'s "
+                    f"Train workers (e.g. 1, or 0.5 for two runs on one GPU)"
+                )
         return self
 
     def searches_reweighting(self) -> bool:

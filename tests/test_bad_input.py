@@ -130,6 +130,13 @@ CORPUS = [
     ),
     # the sweep section
     _bad(
+        "sweep-cuda-without-gpus",
+        "device: cuda\nsweep:\n  resources:\n    teacher: {gpus_per_worker: 1}\n",
+        "sweep.resources.student.gpus_per_worker",
+        "device cuda",
+        verbs=(SWEEP_RUN,),
+    ),
+    _bad(
         "sweep-num-samples-over-ceiling",
         "sweep:\n  num_samples: 10001\n",
         "sweep.num_samples",

@@ -435,3 +435,15 @@ def test_a_dashboard_port_taken_before_ray_binds_it_is_replaced_not_fatal(monkey
     with pytest.raises(RuntimeError, match="GCS"), driver.ray_session(None):
         pass
     assert len(other.inits) == 1
+
+
+def test_a_sweep_that_asks_no_gpus_on_a_gpu_cluster_is_told_so():
+    from remem_ray.sweep.driver import unused_gpus_note
+
+    cpu_only = SweepSpec.model_validate({"name": "s"})
+    note = unused_gpus_note(cpu_only, cluster_gpus=8)
+    assert note is not None and "8 GPU(s)" in note and "gpus_per_worker" in note
+    assert unused_gpus_note(cpu_only, cluster_gpus=0) is None  # nothing to use
+    assert unused_gpus_note(cpu_only.model_copy(update={"device": "cpu"}), 8) is None  # CPUs asked for
+    half = {"teacher": {"gpus_per_worker": 0.5}}
+    assert unused_gpus_note(SweepSpec.model_validate({"name": "s", "sweep": {"resources": half}}), 8) is None

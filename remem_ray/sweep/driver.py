@@ -283,7 +283,28 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
             console.show(
                 f"sweep {spec.name}: {what}; log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
             )
+            note = unused_gpus_note(spec, _cluster_gpus())
+            if note:
+                console.show(note)
             yield console
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def unused_gpus_note(spec: SweepSpec, cluster_gpus: float) -> str | None:
+    """A line when the cluster has GPUs that no Train run asks for: Ray hides a GPU from every
+    worker that did not ask for one, so such a sweep trains on CPUs beside idle GPUs."""
+    res = spec.sweep.resources
+    if cluster_gpus <= 0 or spec.device == "cpu" or res.teacher.gpus_per_worker or res.student.gpus_per_worker:
+        return None
+    return (
+        f"note: the cluster has {cluster_gpus:g} GPU(s) but sweep.resources.teacher/student.gpus_per_worker "
+        f"are 0: every Train run uses CPUs only (set gpus_per_worker: 1, or 0.5 for two runs per GPU)"
+    )
 
 
 CLUSTER_PREFLIGHT_TIMEOUT_S = 60.0
