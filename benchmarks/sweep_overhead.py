@@ -153,7 +153,9 @@ def run_row(role: str, history: list[dict], fit_called_at: float) -> dict:
         # the first eval of a compiled model compiles its eval graph too (older runs: NaN)
         "first_eval_seconds": history[0].get("eval_seconds", math.nan),
         "later_eval_seconds": later("eval_seconds"),
-        "peak_gpu_memory_mb": max((h.get("peak_gpu_memory_mb", math.nan) for h in history), default=math.nan),
+        "peak_gpu_memory_mb": max(
+            (h["peak_gpu_memory_mb"] for h in history if "peak_gpu_memory_mb" in h), default=math.nan
+        ),
     }
 
 

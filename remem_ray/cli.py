@@ -84,10 +84,10 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
 
     spec = load_sweep_spec(args.spec, _run_overrides(args))
     summary = run_sweep(spec, address=args.address, verbose=args.verbose)
-    return _print_end(summary)
+    return _print_end(summary, spec.storage.endpoint)
 
 
-def _print_end(summary) -> int:
+def _print_end(summary, endpoint: str | None = None) -> int:
     """The table and where the files are; exit code 1 when a trial failed (the sweep did less
     than it was asked: a script's `remem sweep run ... && deploy` must not go on), else 0."""
     from remem_ray.sweep import format_table
@@ -98,10 +98,11 @@ def _print_end(summary) -> int:
     failed = [row.trial_id for row in summary.trials if row.state == "ERROR"]
     if not failed:
         return 0
+    again = f"remem sweep resume {summary.experiment}" + (f" --endpoint {endpoint}" if endpoint else "")
     print(
         f"remem: error: {len(failed)} of {len(summary.trials)} trials failed ({', '.join(failed[:5])}"
         f"{', ...' if len(failed) > 5 else ''}); each one's error is in its trial folder under "
-        f"{summary.experiment}; `remem sweep resume {summary.name}` runs them again",
+        f"{summary.experiment}; `{again}` runs them again",
         file=sys.stderr,
     )
     return 1
@@ -116,8 +117,9 @@ def _located(args: argparse.Namespace):
 def cmd_sweep_resume(args: argparse.Namespace) -> int:
     from remem_ray.sweep import resume_sweep
 
-    summary = resume_sweep(_located(args), address=args.address, verbose=args.verbose)
-    return _print_end(summary)
+    spec = _located(args)
+    summary = resume_sweep(spec, address=args.address, verbose=args.verbose)
+    return _print_end(summary, spec.storage.endpoint)
 
 
 def cmd_sweep_status(args: argparse.Namespace) -> int:

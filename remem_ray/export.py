@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -36,7 +37,7 @@ from torch import nn
 
 from remem_ray.checkpoints import read_checkpoint
 from remem_ray.errors import ResourceError, UserInputError
-from remem_ray.storage import Storage
+from remem_ray.storage import Storage, one_line
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, ONNX_FILE = "config.json", "model.safetensors", "README.md", "model.onnx"
 CLAIM_FILE = ".remem-export-claim"  # an s3:// export's fence while it uploads (removed after the card)
@@ -229,13 +230,19 @@ def export_student(
     card = ModelCard(
         f"{meta['model']} distilled with remem-ray", {**(facts or {}), **checkpoint_facts(source.uri(rel), meta)}
     )
-    local = None if target.startswith("s3://") else Path(target).expanduser().absolute()
+    local = None if out.is_s3 else Path(out.path())  # (resolved: a link to an empty folder is followed)
     # staged beside a local target (one rename puts it in place: the parents it needs are made
     # now, and removed again if the export fails), in the temp folder for an s3:// one
-    made = _make_parents(local) if local else []
-    staging = Path(tempfile.mkdtemp(prefix=".remem-export-", dir=local.parent if local else None))
+    made: list[Path] = []
+    staging: Path | None = None
     placed = False
     try:
+        try:
+            if local is not None:
+                _make_parents(local, made)
+            staging = Path(tempfile.mkdtemp(prefix=".remem-export-", dir=local.parent if local else None))
+        except OSError as exc:
+            raise ResourceError(f"--to: cannot write {target}: {exc.strerror or one_line(exc)}") from None
         sha = write_timm_folder(model, meta, staging)
         diff = write_onnx(model, meta, staging) if onnx else None
         (staging / CARD_FILE).write_text(card.render(sha, usage_text(target, onnx)))
@@ -247,19 +254,26 @@ def export_student(
             _rename_into_place(staging, local, target)
         placed = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if not placed:
-            for folder in made:  # deepest first; only while empty
+            for folder in reversed(made):  # deepest first; only while empty
                 with contextlib.suppress(OSError):
                     folder.rmdir()
     return Exported(target, files, sha, diff)
 
 
-def _make_parents(local: Path) -> list[Path]:
-    """Create the target's missing parent folders; those created, deepest first."""
-    missing = [p for p in [local.parent, *local.parent.parents] if not p.exists()]
-    local.parent.mkdir(parents=True, exist_ok=True)
-    return missing
+def _make_parents(local: Path, made: list[Path]) -> None:
+    """Create the target's missing parent folders one level at a time, appending to `made` each one
+    this call created (a folder another process made meanwhile is not ours to remove)."""
+    for folder in [*reversed(local.parent.parents), local.parent]:
+        if folder.is_dir():
+            continue
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            continue
+        made.append(folder)
 
 
 def _rename_into_place(staging: Path, local: Path, target: str) -> None:
@@ -268,9 +282,9 @@ def _rename_into_place(staging: Path, local: Path, target: str) -> None:
     try:
         os.rename(staging, local)
     except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise _filled_meanwhile(target) from None
-        raise
+        raise ResourceError(f"--to: cannot write {target}: {exc.strerror or one_line(exc)}") from None
 
 
 def _usual_modes(folder: Path) -> None:
@@ -284,30 +298,57 @@ def _usual_modes(folder: Path) -> None:
 
 
 def _upload_fenced(staging: Path, out: Storage, files: tuple[str, ...], target: str) -> None:
-    """Every file, the card last, under the target's claim; on a failure what was uploaded is
+    """Every file, the card last, under the target's claim; on any failure what was uploaded is
     removed again. The claim is taken exclusively, then the target must hold nothing else: an
     export that took it, filled the target and let it go between our check and our claim is
-    seen there, and one still uploading holds it."""
-    if not out.create_exclusive(CLAIM_FILE, os.urandom(8).hex().encode()):
-        raise UserInputError(f"--to: another export to {target} is uploading (it holds {target}/{CLAIM_FILE})")
+    seen there, and one still uploading holds it. The claim carries a token of ours, read back
+    before the card: a claim not ours by then (a server that ignored If-None-Match, or one
+    removed by mistake) stops this export short of the card, so the target is never called whole."""
+    token = os.urandom(16).hex()
+    if not out.create_exclusive(CLAIM_FILE, token.encode()):
+        raise UserInputError(
+            f"--to: another export to {target} is uploading, or one was cut off (it holds {target}/{CLAIM_FILE}); "
+            f"if none is running, delete that object and export again"
+        )
+    ours = True
     try:
         if set(out.list_dir()) - {CLAIM_FILE}:
             raise _filled_meanwhile(target)
-        _upload(staging, out, files)
+
+        def still_ours() -> None:
+            nonlocal ours
+            ours = _claim_token(out) == token
+            if not ours:
+                raise _filled_meanwhile(target)
+
+        _upload(staging, out, files, before_card=still_ours)
     finally:
-        with contextlib.suppress(ResourceError):  # a claim left behind is named by the next export's check
-            out.delete_file(CLAIM_FILE)
+        if ours:
+            try:
+                out.delete_file(CLAIM_FILE)
+            except ResourceError as exc:
+                print(f"remem: warning: could not remove {target}/{CLAIM_FILE} ({exc}); delete it", file=sys.stderr)
 
 
-def _upload(staging: Path, out: Storage, files: tuple[str, ...]) -> None:
-    """Every file, the card last; on a failure, what was uploaded is removed again."""
+def _claim_token(out: Storage) -> str | None:
+    try:
+        return out.read_text(CLAIM_FILE)
+    except ResourceError:
+        return None
+
+
+def _upload(staging: Path, out: Storage, files: tuple[str, ...], before_card=lambda: None) -> None:
+    """Every file, the card last (`before_card` may stop it there); on any failure, Ctrl-C
+    included, what was uploaded is removed again."""
     order = [f for f in files if f != CARD_FILE] + [CARD_FILE]
     done: list[str] = []
     try:
         for name in order:
+            if name == CARD_FILE:
+                before_card()
             out.write_bytes(name, (staging / name).read_bytes())
             done.append(name)
-    except ResourceError:
+    except BaseException:
         for name in done:
             with contextlib.suppress(ResourceError):
                 out.delete_file(name)

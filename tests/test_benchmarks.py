@@ -174,13 +174,17 @@ def test_a_teacher_profile_summary_counts_device_time_and_host_syncs_per_step():
     from benchmarks.teacher_profile import OpRow, summarize, top
 
     rows = [
+        # a CPU op's self device time repeats its kernels'; an annotation spans them: neither counts
         OpRow("aten::mm", 40, 2_000.0, 150_000.0),
-        OpRow("void flash_fwd_kernel", 20, 0.0, 90_000.0),
+        OpRow("ProfilerStep#4", 10, 1_000.0, 300_000.0),
+        OpRow("sm90_xmma_gemm_bf16", 40, 0.0, 150_000.0, kernel=True),
+        OpRow("void flash_fwd_kernel", 20, 0.0, 90_000.0, kernel=True),
+        OpRow("cudaDeviceSynchronize", 1, 5_000.0, 0.0),  # the benchmark's own, at the window's end
         OpRow("cudaStreamSynchronize", 10, 30_000.0, 0.0),
         OpRow("aten::_local_scalar_dense", 300, 3_000.0, 0.0),
         OpRow("cudaLaunchKernel", 900, 12_000.0, 0.0),
     ]
-    summary = summarize(rows, steps=10, wall_s=0.3)
+    summary = summarize(rows, steps=10, wall_s=0.3, own_syncs=1)
     assert summary["wall_ms_per_step"] == pytest.approx(30.0)
     assert summary["device_ms_per_step"] == pytest.approx(24.0)
     assert summary["device_idle_share"] == pytest.approx(0.2)
@@ -188,4 +192,5 @@ def test_a_teacher_profile_summary_counts_device_time_and_host_syncs_per_step():
     cpu_only = summarize([OpRow("aten::mm", 4, 9_000.0, 0.0)], steps=2, wall_s=0.02)
     assert cpu_only["device_idle_share"] != cpu_only["device_idle_share"] and cpu_only["host_syncs_per_step"] == 0
     ranked = top(rows, "self_device_us", 2)
-    assert [r[0] for r in ranked[1:]] == ["aten::mm", "void flash_fwd_kernel"] and ranked[1][-1] == "62.5%"
+    assert [r[0] for r in ranked[1:]] == ["sm90_xmma_gemm_bf16", "void flash_fwd_kernel"] and ranked[1][-1] == "62.5%"
+    assert top(rows, "self_cpu_us", 1)[1][0] == "cudaStreamSynchronize"

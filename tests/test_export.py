@@ -188,3 +188,36 @@ def test_an_s3_export_refuses_a_target_whose_claim_is_held(tmp_path, s3):
     with pytest.raises(UserInputError, match="an export to .* is running, or one was cut off"):
         export_student(Storage(str(tmp_path / "ck")), "best_epoch_3", target, endpoint=s3["endpoint"])
     assert out.list_dir() == [CLAIM_FILE]
+
+
+@pytest.mark.parametrize("below", ["afile/sub", "afile/sub/deeper"])
+def test_a_target_below_a_file_is_one_line_and_leaves_nothing(tmp_path, capsys, below):
+    """Such targets failed with bare tracebacks (FileExistsError, NotADirectoryError) after the
+    model had loaded; any OSError placing the folder is now one line naming --to."""
+    _student_checkpoint(tmp_path / "ck")
+    (tmp_path / "afile").write_text("mine")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    rc, err = _cli(["export", str(tmp_path / "ck" / "best_epoch_3"), "--to", str(tmp_path / below)], capsys)
+    assert rc == 2 and err.startswith("remem: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "--to" in err or "storage" in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_s3_export_whose_claim_changed_hands_stops_short_of_the_card(tmp_path, s3, monkeypatch):
+    """A claim that is no longer ours before the card (a server that ignored If-None-Match let a
+    second export claim too): this one removes what it uploaded, writes no card and leaves the
+    other's claim alone."""
+    _student_checkpoint(tmp_path / "ck")
+    target = f"s3://{s3['bucket']}/v3"
+    original = Storage.write_bytes
+
+    def taken_over_midway(self, rel, data):
+        original(self, rel, data)
+        if rel == WEIGHTS_FILE:
+            original(self, CLAIM_FILE, b"another exporter's token")
+
+    monkeypatch.setattr(Storage, "write_bytes", taken_over_midway)
+    with pytest.raises(UserInputError, match="filled by another export"):
+        export_student(Storage(str(tmp_path / "ck")), "best_epoch_3", target, endpoint=s3["endpoint"])
+    out = Storage(target, s3["endpoint"])
+    assert out.list_dir() == [CLAIM_FILE] and out.read_text(CLAIM_FILE) == "another exporter's token"

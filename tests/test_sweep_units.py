@@ -344,13 +344,13 @@ def test_a_sweep_with_a_failed_trial_exits_1_and_says_which(tmp_path, monkeypatc
     summary = SweepSummary("smoke", str(tmp_path / "sweeps" / "smoke"), METRIC, trials=rows)
     monkeypatch.setattr(sweep, "run_sweep", lambda spec, address=None, verbose=False: summary)
     monkeypatch.setattr(sweep, "resume_sweep", lambda spec, address=None, verbose=False: summary)
-    monkeypatch.setattr(sweep, "locate_sweep", lambda *a, **k: None)
+    monkeypatch.setattr(sweep, "locate_sweep", lambda *a, **k: SweepSpec.model_validate({"name": "smoke"}))
     args = ["sweep", command, str(SMOKE) if command == "run" else "smoke"]
     assert main(args) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("remem: error")]
     assert errors == [
         f"remem: error: 2 of 3 trials failed (b2, c3); each one's error is in its trial folder under "
-        f"{tmp_path}/sweeps/smoke; `remem sweep resume smoke` runs them again"
+        f"{tmp_path}/sweeps/smoke; `remem sweep resume {tmp_path}/sweeps/smoke` runs them again"
     ]
     rows[1].state = rows[2].state = "TERMINATED"
     assert main(args) == 0 and "remem: error" not in capsys.readouterr().err
@@ -446,4 +446,7 @@ def test_a_sweep_that_asks_no_gpus_on_a_gpu_cluster_is_told_so():
     assert unused_gpus_note(cpu_only, cluster_gpus=0) is None  # nothing to use
     assert unused_gpus_note(cpu_only.model_copy(update={"device": "cpu"}), 8) is None  # CPUs asked for
     half = {"teacher": {"gpus_per_worker": 0.5}}
-    assert unused_gpus_note(SweepSpec.model_validate({"name": "s", "sweep": {"resources": half}}), 8) is None
+    teacher_only = unused_gpus_note(SweepSpec.model_validate({"name": "s", "sweep": {"resources": half}}), 8)
+    assert teacher_only is not None and "sweep.resources.student.gpus_per_worker is 0" in teacher_only
+    both = {**half, "student": {"gpus_per_worker": 0.5}}
+    assert unused_gpus_note(SweepSpec.model_validate({"name": "s", "sweep": {"resources": both}}), 8) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pyarrow.fs as pafs
 from remem_ray.errors import ResourceError
 
 S3_MAX_ATTEMPTS = 13
+
+
+_BOTO3_LOCK = threading.Lock()
 
 
 def s3_filesystem(endpoint: str | None = None, region: str = "us-east-1") -> pafs.S3FileSystem:
@@ -167,17 +171,22 @@ class Storage:
             raise OSError(one_line(exc)) from None
 
     def _boto3(self):
-        """boto3 for what pyarrow's filesystem cannot say (conditional writes); same credential chain."""
-        if self._client is None:
-            import boto3
-            import botocore.config
+        """boto3 for what pyarrow's filesystem cannot say (conditional writes, deletes that leave no
+        folder marker); same credential chain. Made once, under a lock and from a session of its
+        own: boto3's default session is not safe to make clients from in several threads (a lease's
+        renewer thread and the loop's both write)."""
+        with _BOTO3_LOCK:
+            if self._client is None:
+                import boto3
+                import botocore.config
 
-            config = botocore.config.Config(
-                connect_timeout=5, read_timeout=30, retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
-            )
-            endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-            self._client = boto3.client("s3", endpoint_url=endpoint, region_name=self.region, config=config)
-        return self._client
+                config = botocore.config.Config(
+                    connect_timeout=5, read_timeout=30, retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
+                )
+                endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+                session = boto3.session.Session()
+                self._client = session.client("s3", endpoint_url=endpoint, region_name=self.region, config=config)
+            return self._client
 
     # ----------------------------------------------------------------- folders
     def upload_dir(self, local_dir: str | Path, rel: str) -> None:

@@ -296,14 +296,16 @@ def _cluster_gpus() -> float:
 
 
 def unused_gpus_note(spec: SweepSpec, cluster_gpus: float) -> str | None:
-    """A line when the cluster has GPUs that no Train run asks for: Ray hides a GPU from every
-    worker that did not ask for one, so such a sweep trains on CPUs beside idle GPUs."""
+    """A line when the cluster has GPUs that a role's Train runs do not ask for: Ray hides GPUs from
+    every worker that did not ask for one, so those runs train on CPUs beside idle GPUs."""
     res = spec.sweep.resources
-    if cluster_gpus <= 0 or spec.device == "cpu" or res.teacher.gpus_per_worker or res.student.gpus_per_worker:
+    without = [role for role in ("teacher", "student") if not getattr(res, role).gpus_per_worker]
+    if cluster_gpus <= 0 or spec.device == "cpu" or not without:
         return None
+    fields = " and ".join(f"sweep.resources.{role}.gpus_per_worker" for role in without)
     return (
-        f"note: the cluster has {cluster_gpus:g} GPU(s) but sweep.resources.teacher/student.gpus_per_worker "
-        f"are 0: every Train run uses CPUs only (set gpus_per_worker: 1, or 0.5 for two runs per GPU)"
+        f"note: the cluster has {cluster_gpus:g} GPU(s) but {fields} {'is' if len(without) == 1 else 'are'} 0: "
+        f"those Train runs use CPUs only (set 1, or 0.5 for two runs per GPU)"
     )
 
 
@@ -329,23 +331,27 @@ def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
     import ray
 
     check = ray.remote(num_cpus=0, max_retries=0)(_preflight_here)
+    pending = check.remote(spec.storage.model_dump(mode="json"))  # the root, endpoint and region: no keys
     try:
-        problem = ray.get(check.remote(spec.storage.model_dump(mode="json")), timeout=CLUSTER_PREFLIGHT_TIMEOUT_S)
+        problem = ray.get(pending, timeout=CLUSTER_PREFLIGHT_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
+        ray.cancel(pending, force=True)
         print(
             f"remem: the Ray cluster at {address} did not check the storage within "
             f"{CLUSTER_PREFLIGHT_TIMEOUT_S:.0f} s; going on",
             file=sys.stderr,
         )
         return
-    except ray.exceptions.RayError as exc:  # e.g. remem_ray missing on the cluster's nodes
+    except ray.exceptions.RayError as exc:  # remem_ray missing on the node, the worker died, ...
+        cause = getattr(exc, "cause", None) or exc
         raise ResourceError(
-            f"--address: the Ray cluster at {address} cannot run remem_ray's code: {one_line(exc)}"
+            f"--address: the Ray cluster at {address} could not run the storage check: "
+            f"{type(cause).__name__}: {one_line(cause)[:300]}"
         ) from None
     if problem:
         raise ResourceError(
-            f"{problem} (checked from the Ray cluster at {address}: trials use "
-            f"its nodes' credentials and network, not this machine's)"
+            f"{problem} (checked from a node of the Ray cluster at {address}: trials reach the storage "
+            f"with the cluster's credentials and network, not this machine's)"
         )
 
 

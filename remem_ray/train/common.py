@@ -30,10 +30,6 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ResourceError("device: cuda requested but no CUDA device is available")
-    # cuDNN picks each convolution's fastest algorithm once per shape (training batches have one
-    # shape: drop_last), as the GPU benchmarks always measured; GPU runs were never bitwise
-    # deterministic (cuDNN's and atomics' backward kernels), so nothing promised is lost
-    torch.backends.cudnn.benchmark = True
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 

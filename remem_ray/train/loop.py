@@ -128,6 +128,10 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
     device = pick_device(spec.device, session.local_rank)
     if device.type == "cuda":  # the CUDA context now, so a run's start shows what it costs
         torch.zeros(1, device=device)
+        # cuDNN picks each convolution's fastest algorithm once per shape (training batches have
+        # one shape: drop_last), as the GPU benchmarks always measured; GPU runs were never bitwise
+        # deterministic (cuDNN's and atomics' backward kernels), so nothing promised is lost
+        torch.backends.cudnn.benchmark = True
     device_ready_at = time.time()
     data_config = resolved_data_config(model_name, model_kwargs, spec.data.img_size)
     splits = build_datasets(
@@ -341,7 +345,8 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         metrics["epoch_seconds"] = time.perf_counter() - began
         metrics["loop_seconds"] = sum(h["epoch_seconds"] for h in history) + metrics["epoch_seconds"]
         metrics["peak_rss_mb"] = peak_rss_mb()
-        if ctx.device.type == "cuda":  # what this run's process holds of the card: sizes GPU shares
+        if ctx.device.type == "cuda":  # what this run's allocator held of the card at its peak
+            # (the CUDA context, a few hundred MiB per process, comes on top): sizes GPU shares
             metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_reserved(ctx.device) / 2**20
         ctx.stopped = ctx.lease_lost()
         if ctx.stopped is not None:
