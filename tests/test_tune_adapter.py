@@ -83,3 +83,36 @@ def test_study_is_read_from_new_and_old_searcher_states(key):
 
     study = optuna.create_study()
     assert study_from_searcher_state(pickle.dumps({key: study})) is not None
+
+
+def test_asha_never_stops_a_replay_before_its_last_epoch_and_still_ranks_it():
+    """Four trials reach the epoch-2 rung; a replayed one with the rung's worst score goes on (it
+    costs nothing and its checkpoint exists only from the stored best's epoch: the chaos run found
+    four replays stopped early, each without a checkpoint); a distilling one with that score is
+    stopped; the replay's score is recorded in the rung like any other; at max_t it stops as all do."""
+    from types import SimpleNamespace
+
+    from ray import cloudpickle
+    from ray.tune.schedulers import TrialScheduler
+
+    from remem_ray.contract import STUDENT_REPLAYED
+    from remem_ray.sweep.tune_adapter import replay_aware_asha
+
+    asha = replay_aware_asha(
+        metric=METRIC, mode="max", time_attr=TIME_ATTR, max_t=8, grace_period=2, reduction_factor=2
+    )
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(6)]
+    for trial in trials:
+        asha.on_trial_add(None, trial)
+    for trial, score in zip(trials[:4], (0.6, 0.7, 0.8, 0.9)):  # each at or above the rung so far
+        assert asha.on_trial_result(None, trial, {TIME_ATTR: 2, METRIC: score}) == TrialScheduler.CONTINUE
+    replay = {TIME_ATTR: 2, METRIC: 0.1, STUDENT_REPLAYED: 1}
+    assert asha.on_trial_result(None, trials[4], replay) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, trials[5], {TIME_ATTR: 2, METRIC: 0.1}) == TrialScheduler.STOP
+    rung = next(recorded for milestone, recorded in asha._trial_info["t4"]._rungs if milestone == 2)
+    assert rung["t4"] == 0.1  # ranked, not hidden
+    assert asha._num_stopped == 1  # the replay's overruled stop is not counted
+    assert asha.on_trial_result(None, trials[4], {**replay, TIME_ATTR: 8}) == TrialScheduler.STOP
+    # Tune keeps it in tuner.pkl with ray.cloudpickle (a local class pickles by value) and resumes from it
+    restored = cloudpickle.loads(cloudpickle.dumps(asha))
+    assert restored.on_trial_result(None, trials[4], {**replay, TIME_ATTR: 4}) == TrialScheduler.CONTINUE

@@ -9,7 +9,7 @@ from remem_ray.contract import EPOCH, METRIC, MODE, stopped_early
 from remem_ray.search_params import SEARCH_PARAMS, TEACHER_EPOCH
 from remem_ray.sweep.distinct import PointLedger, grid_size
 from remem_ray.sweep.slots import SlotPolicy
-from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
+from remem_ray.sweep.tune_adapter import budget_aware_optuna_search, replay_aware_asha
 
 # Budgets count student epochs, as each result reports them; Tune's training_iteration restarts
 # at 1 when a student Train run is retried or the sweep resumes, while the student goes on at k + 1.
@@ -72,12 +72,12 @@ def build_searcher(spec: SweepSpec):
 
 
 def build_scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     asha = spec.sweep.asha
     if not asha.enabled:
         return FIFOScheduler()
-    return ASHAScheduler(
+    return replay_aware_asha(
         metric=METRIC,
         mode=MODE,
         time_attr=TIME_ATTR,

@@ -8,6 +8,8 @@
   metric is `self.metric`.
 - `ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE`: the environment variables Tune copies
   into every trainable's runtime env (AWS keys among them); no public switch exists.
+- `AsyncHyperBandScheduler._time_attr` / `._max_t` / `._num_stopped`: read (and the count mended)
+  by the ASHA that never stops a replay.
 """
 
 from __future__ import annotations
@@ -134,6 +136,31 @@ def budget_aware_optuna_search(
         study_name=STUDY_NAME,
         points_to_evaluate=points_to_evaluate,
     )
+
+
+def replay_aware_asha(**kwargs):
+    """Tune's ASHAScheduler (kwargs as its own), except that a replayed trial (a stored student's
+    curve, reported in seconds: remem_ray.sweep.students) is never stopped before its last epoch.
+    Stopping one saves no compute, and it would leave the trial without its student's checkpoint
+    (a replay points at the stored best only from that best's epoch on) while the finished student
+    exists. Its results still enter the rungs, as the original run's did."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from remem_ray.contract import STUDENT_REPLAYED
+
+    class ReplayAwareASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            if (
+                action == TrialScheduler.STOP
+                and result.get(STUDENT_REPLAYED)
+                and result.get(self._time_attr, self._max_t) < self._max_t
+            ):
+                self._num_stopped -= 1
+                return TrialScheduler.CONTINUE
+            return action
+
+    return ReplayAwareASHA(**kwargs)
 
 
 def study_from_searcher_state(data: bytes):
