@@ -272,13 +272,11 @@ def _check_second_sweep_replays(root: Path, first: dict, tmp_path: Path, env: di
         theirs = first_values[_point(trial.params)]
         common = sorted(set(trial.intermediate_values) & set(theirs))
         assert common and all(trial.intermediate_values[e] == theirs[e] for e in common)
-    for trial_id in replayed:  # its student is the stored one, whole
+    for trial_id in replayed:  # its student is the stored one, whole; ASHA never stops a replay early
         best = best_checkpoint(Storage(str(experiment / "students" / trial_id)))
         row = next(r for r in second["trials"] if r["trial_id"] == trial_id)
-        if best is not None:
-            assert Path(best).parent.parent.parent == root / "students" and (Path(best) / "manifest.json").is_file()
-        else:  # stopped by the scheduler before the stored best's epoch
-            assert row["stopped_early"]
+        assert best is not None and not row["stopped_early"], row
+        assert Path(best).parent.parent.parent == root / "students" and (Path(best) / "manifest.json").is_file()
 
 
 def _check_export(root: Path, summary: dict, tmp_path: Path, env: dict) -> None:
