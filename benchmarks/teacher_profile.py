@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.gpu import epoch_throughput, fixed_batch_step, warm_seconds_per_call, write_imagefolder
-from benchmarks.harness import machine, sync, table
+from benchmarks.harness import machine, seconds_per_call, sync, table
 from remem_ray.config import RunSpec
 from remem_ray.contract import LoopConfig
 from remem_ray.train.common import evaluate
@@ -121,14 +121,6 @@ def stepping(batches: Iterable, profile: torch.profiler.profile, last: int, mark
         profile.step()
 
 
-def seconds(fn) -> float:
-    sync()
-    began = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - began
-
-
 def graphs_made() -> int:
     from torch._dynamo.utils import counters
 
@@ -211,7 +203,7 @@ def main(argv=None) -> int:
         graphs_before = graphs_made()
         warm_train = epoch_throughput(task, ctx, 1)  # warm-up: compiles, allocator, autotuning
         graphs_train = graphs_made() - graphs_before
-        warm_eval_s = seconds(evaluate_all)
+        warm_eval_s = seconds_per_call(evaluate_all, 1)
         graphs_warm = graphs_made() - graphs_before
         keep(
             steps_per_epoch=steps_per_epoch,
@@ -221,7 +213,7 @@ def main(argv=None) -> int:
             graphs_made_warm_eval=graphs_warm - graphs_train,
         )
         e2e = epoch_throughput(task, ctx, 2)  # as the loop runs it, with no profiler on
-        keep(later_eval_s=seconds(evaluate_all))
+        keep(later_eval_s=seconds_per_call(evaluate_all, 1))
         step, batch = fixed_batch_step(task, ctx)
         step_ips = batch / warm_seconds_per_call(step, 10, 2)
         keep(

@@ -202,13 +202,17 @@ def check_target(target: str, endpoint: str | None) -> Storage:
     storage = Storage(target, endpoint)
     present = storage.list_dir() if storage.exists() else []
     if present == [CLAIM_FILE]:
-        raise UserInputError(
-            f"--to: an export to {target} is running, or one was cut off ({target}/{CLAIM_FILE} is there); "
-            f"if none is running, delete that object and export again"
-        )
+        raise _claim_held(target)
     if present:
         raise UserInputError(f"--to: {target} exists and is not empty")
     return storage
+
+
+def _claim_held(target: str) -> UserInputError:
+    return UserInputError(
+        f"--to: an export to {target} is running, or one was cut off ({target}/{CLAIM_FILE} is there); "
+        f"if none is running, delete that object and export again"
+    )
 
 
 def _filled_meanwhile(target: str) -> UserInputError:
@@ -306,10 +310,7 @@ def _upload_fenced(staging: Path, out: Storage, files: tuple[str, ...], target: 
     removed by mistake) stops this export short of the card, so the target is never called whole."""
     token = os.urandom(16).hex()
     if not out.create_exclusive(CLAIM_FILE, token.encode()):
-        raise UserInputError(
-            f"--to: another export to {target} is uploading, or one was cut off (it holds {target}/{CLAIM_FILE}); "
-            f"if none is running, delete that object and export again"
-        )
+        raise _claim_held(target)
     ours = True
     try:
         if set(out.list_dir()) - {CLAIM_FILE}:
