@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from remem_ray.errors import SpecError
 from remem_ray.search_params import SEARCH_PARAMS, ranged_params
@@ -584,10 +593,39 @@ class AshaConfig(StrictModel):
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
+AUTO: Literal["auto"] = "auto"
+MAX_GPUS_PER_WORKER = 16
+
+
+def _gpu_count(value: Any) -> float | Literal["auto"]:
+    """A number of GPUs in [0, 16] or "auto" (one message for both, not pydantic's two for a union)."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number of GPUs or auto, got {value!r}")
+    if not 0 <= value <= MAX_GPUS_PER_WORKER:
+        raise ValueError(f"must lie in [0, {MAX_GPUS_PER_WORKER}], got {value}")
+    return float(value)
+
+
+GpuCount = Annotated[float | Literal["auto"], PlainValidator(_gpu_count)]
+
+
 class WorkerResources(StrictModel):
     num_workers: int = Field(1, ge=1, le=1024)
     cpus_per_worker: float = Field(0.9, gt=0.0, le=512)
-    gpus_per_worker: float = Field(0.0, ge=0.0, le=16)
+    gpus_per_worker: GpuCount = Field(
+        0.0,
+        description="GPUs (or a share of one) per Train worker; auto: the share of one GPU that the "
+        "role's measured memory leaves room for, one GPU per worker of a multi-worker role "
+        "(remem_ray/sweep/gpu_shares.py)",
+    )
+
+    def gpus(self) -> float:
+        """GPUs per worker, once an `auto` has been resolved (sweep/gpu_shares.py does it)."""
+        if self.gpus_per_worker == AUTO:
+            raise ValueError("gpus_per_worker: auto is resolved by the sweep driver before it is used")
+        return float(self.gpus_per_worker)
 
 
 class ResourcesConfig(StrictModel):
@@ -613,7 +651,11 @@ class ResourcesConfig(StrictModel):
 
     def gpus_per_trial(self) -> float:
         """GPUs a trial holds at its peak (teacher and student phases run one after the other)."""
-        return max(r.num_workers * r.gpus_per_worker for r in (self.teacher, self.student))
+        return max(r.num_workers * r.gpus() for r in (self.teacher, self.student))
+
+    def auto_roles(self) -> list[str]:
+        """The roles whose GPU share the sweep driver sizes (gpus_per_worker: auto)."""
+        return [role for role in ("teacher", "student") if getattr(self, role).gpus_per_worker == AUTO]
 
 
 MAX_NUM_SAMPLES = 10000
@@ -678,11 +720,16 @@ class SweepSpec(RunSpec):
                 elif name not in ranges or not ranges[name].contains(value):
                     raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is outside sweep.search.{name}")
         for role in ("teacher", "student"):
+            gpus = getattr(self.sweep.resources, role).gpus_per_worker
+            if gpus == AUTO and self.device == "cpu":
+                raise ValueError(
+                    f"sweep.resources.{role}.gpus_per_worker: auto sizes a share of a GPU, and device cpu uses none"
+                )
             # Ray hides every GPU from a worker that asked for none: each Train run would fail
-            if self.device == "cuda" and getattr(self.sweep.resources, role).gpus_per_worker == 0:
+            if self.device == "cuda" and gpus == 0:
                 raise ValueError(
                     f"sweep.resources.{role}.gpus_per_worker: device cuda needs GPUs for the {role}'s "
-                    f"Train workers (e.g. 1, or 0.5 for two runs on one GPU)"
+                    f"Train workers (e.g. 1, 0.5 for two runs on one GPU, or auto)"
                 )
         return self
 

@@ -179,3 +179,17 @@ class PhasesConfig:
             LoopConfig.from_dict(student) if student is not None else None,
             data.get("on_teacher_done"),
         )
+
+
+# ------------------------------------------------------------------ what a GPU share is sized from
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """One role's training step on a device (remem_ray.train.memory_probe): the allocator's
+    reserved peak and the device's size, in MiB; None off CUDA, where there is nothing to size."""
+
+    role: str
+    device: str
+    peak_mb: float | None
+    total_mb: float | None

@@ -137,6 +137,20 @@ CORPUS = [
         verbs=(SWEEP_RUN,),
     ),
     _bad(
+        "sweep-gpus-neither-number-nor-auto",
+        "sweep:\n  resources:\n    student: {gpus_per_worker: half}\n",
+        "sweep.resources.student.gpus_per_worker",
+        "a number of GPUs or auto",
+        verbs=(SWEEP_RUN,),
+    ),
+    _bad(
+        "sweep-auto-gpus-on-cpu",
+        "device: cpu\nsweep:\n  resources:\n    teacher: {gpus_per_worker: auto}\n",
+        "sweep.resources.teacher.gpus_per_worker",
+        "device cpu",
+        verbs=(SWEEP_RUN,),
+    ),
+    _bad(
         "sweep-num-samples-over-ceiling",
         "sweep:\n  num_samples: 10001\n",
         "sweep.num_samples",

@@ -244,13 +244,12 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
     from remem_ray.sweep.progress import ProgressCallback
     from remem_ray.sweep.trial import trial_dirname
 
-    what = f"{spec.sweep.num_samples} trials, {spec.max_concurrent_trials()} at a time"
     export = StudyExport(spec, layout)
-    with _driving(spec, layout, address, verbose, what, export) as console:
+    with _driving(spec, layout, address, verbose, f"{spec.sweep.num_samples} trials", export) as (console, sized):
         tuner = tune.Tuner(
-            _trainable(spec),
+            _trainable(sized),
             tune_config=tune.TuneConfig(
-                search_alg=build_searcher(spec),  # bounds concurrency by GPU slots (sweep/slots.py)
+                search_alg=build_searcher(sized),  # bounds concurrency by GPU slots (sweep/slots.py)
                 scheduler=build_scheduler(spec),
                 num_samples=spec.sweep.num_samples,
                 trial_dirname_creator=trial_dirname,
@@ -264,6 +263,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
                 callbacks=[ProgressCallback(spec.sweep.num_samples)],
             ),
         )
+        # as written (gpus_per_worker: auto stays auto): a resume sizes its shares on the cluster it runs on
         layout.experiment.write_text(SWEEP_SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
         with _tune_console(verbose):
             tuner.fit()
@@ -273,26 +273,47 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
 
 @contextlib.contextmanager
 def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose: bool, what: str, export: StudyExport):
-    """The driver's run of a sweep: a stable cwd, Ray, the console and log (and the study's copy)."""
+    """The driver's run of a sweep: a stable cwd, Ray, the console and log (and the study's copy);
+    yields the console and the spec the trials run, its `auto` GPU shares sized (sweep/gpu_shares.py)."""
+    from remem_ray.sweep.gpu_shares import probe_on_cluster, resolve_gpu_shares
     from remem_ray.sweep.progress import sweep_console
 
     with _stable_working_dir(), ray_session(address, verbose) as dashboard:
         if address:  # before the console: its log is the sweep's first write
             preflight_from_cluster(spec, address)
         with sweep_console(layout.experiment, verbose, on_tick=export) as console:
+            cluster_gpus = _cluster_gpus()
+
+            def probe(spec: SweepSpec, roles: list[str]):
+                console.show(
+                    f"sweep {spec.name}: measuring a training step of the {' and '.join(roles)} on one GPU, "
+                    f"to size their shares (gpus_per_worker: auto)"
+                )
+                return probe_on_cluster(spec, roles)
+
+            sized, lines = resolve_gpu_shares(spec, cluster_gpus, probe, _cluster_cpus())
+            for line in lines:
+                console.show(line)
             console.show(
-                f"sweep {spec.name}: {what}; log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
+                f"sweep {spec.name}: {what}, {sized.max_concurrent_trials()} at a time; "
+                f"log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
             )
-            note = unused_gpus_note(spec, _cluster_gpus())
+            note = unused_gpus_note(sized, cluster_gpus)
             if note:
                 console.show(note)
-            yield console
+            yield console, sized
 
 
 def _cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
 
 
 def unused_gpus_note(spec: SweepSpec, cluster_gpus: float) -> str | None:
@@ -420,9 +441,9 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
     if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
         raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
     export = StudyExport(spec, layout)
-    with _driving(spec, layout, address, verbose, "resuming", export) as console:
+    with _driving(spec, layout, address, verbose, "resuming", export) as (console, sized):
         tuner = tune.Tuner.restore(
-            path, _trainable(spec), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
+            path, _trainable(sized), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
         )
         with _tune_console(verbose):
             tuner.fit()

@@ -60,8 +60,8 @@ def scaling_config(resources: WorkerResources):
 
     return ScalingConfig(
         num_workers=resources.num_workers,
-        use_gpu=resources.gpus_per_worker > 0,
-        resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
+        use_gpu=resources.gpus() > 0,
+        resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus()},
     )
 
 

@@ -1,0 +1,111 @@
+"""How much device memory one Train run of a role takes: a few training steps of its model at its
+batch size, on random inputs, measured by the CUDA caching allocator. What a share of a GPU is
+sized from (remem_ray.sweep.gpu_shares); knows nothing of Ray.
+
+The steps are the loops' own (train/steps.py) with the optimizer's state allocated (the first
+step creates it), SAM's second pass taken, the reweighted blocks in place where the sweep
+reweights, and for an online-target student the frozen teacher's forward pass. The model runs
+eager: compiling costs a minute, and eager keeps the larger set of activations, so the figure
+errs high. Left out: the device data pipeline's store (its budget is added by the caller) and
+eval, which keeps no gradients.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import torch
+
+from remem_ray.config import RunSpec
+from remem_ray.contract import StepMemory
+from remem_ray.losses import DistillationLoss
+from remem_ray.models import create_model, normalizer_for, reweight_mlp
+from remem_ray.train.common import build_optimizer, build_sam, pick_device, prefers_channels_last
+from remem_ray.train.steps import distillation_step, sam_step
+
+PROBE_STEPS = 3
+PROBE_RHO = 0.05  # any rho above 0 takes SAM's second pass and allocates its perturbation
+MB = 2**20
+
+
+def _images(spec: RunSpec, batch: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    size = spec.data.img_size
+    images = torch.rand(batch, 3, size, size, device=device)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def _model(spec: RunSpec, role: str, device: torch.device) -> tuple[torch.nn.Module, bool]:
+    section = getattr(spec, role)
+    # the architecture only: weights change no memory, and fetching them would cost the probe minutes
+    model = create_model(section.model, spec.data.num_classes, spec.data.img_size, section.model_kwargs).to(device)
+    channels_last = prefers_channels_last(model, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, channels_last
+
+
+def role_step(spec: RunSpec, role: str, device: torch.device, reweight: bool = False) -> Callable[[], None]:
+    """One training step of `role` as its loop takes it, ready to call repeatedly."""
+    section = getattr(spec, role)
+    batch, labels_max = section.batch_size, spec.data.num_classes
+    model, channels_last = _model(spec, role, device)
+    model.train()
+    normalizer = normalizer_for(model).to(device)
+    labels = torch.randint(0, labels_max, (batch,), device=device)
+    images = _images(spec, batch, device, channels_last)
+    if role == "teacher":
+        if reweight or section.alpha < 1.0:
+            reweight_mlp(model, min(section.alpha, 0.9), section.reweight_mode)
+        sam = build_sam(model, section.optimizer, max(section.rho, PROBE_RHO), section.adaptive, section.asam_eta)
+
+        def teacher_step() -> None:
+            sam_step(model, sam, normalizer(images), labels, section.grad_clip)
+
+        return teacher_step
+    optimizer = build_optimizer(model, section.optimizer)
+    loss_fn = DistillationLoss(section.kd.loss, section.kd.temperature, section.kd.weight)
+    if section.teacher_targets == "online":
+        teacher, teacher_channels_last = _model(spec, "teacher", device)
+        teacher.eval().requires_grad_(False)
+        teacher_normalizer = normalizer_for(teacher).to(device)
+        teacher_images = _images(spec, batch, device, teacher_channels_last)
+
+        def targets() -> torch.Tensor:
+            with torch.no_grad():
+                return teacher(teacher_normalizer(teacher_images)).float()
+    else:
+        cached = torch.randn(batch, labels_max, device=device)
+
+        def targets() -> torch.Tensor:
+            return cached
+
+    def student_step() -> None:
+        distillation_step(model, optimizer, loss_fn, normalizer(images), labels, targets())
+
+    return student_step
+
+
+def measure_step_memory(spec: RunSpec, roles: list[str], reweight: bool = False) -> list[StepMemory]:
+    """Each role's training-step memory on this process's device, one role after the other."""
+    device = pick_device(spec.device)
+    out = []
+    on_cuda = device.type == "cuda"
+    for role in roles:
+        gc.collect()  # the previous role's model and optimizer go before this role's arrive
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True  # as the loop runs (its workspaces count)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        step = role_step(spec, role, device, reweight)
+        for _ in range(PROBE_STEPS):
+            step()
+        del step
+        if not on_cuda:
+            out.append(StepMemory(role, str(device), None, None))
+            continue
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_reserved(device) / MB
+        total = torch.cuda.get_device_properties(device).total_memory / MB
+        out.append(StepMemory(role, torch.cuda.get_device_name(device), peak, total))
+    return out

@@ -1,0 +1,194 @@
+"""`gpus_per_worker: auto`: the arithmetic on recorded step figures, the rules around it (DDP
+roles, one run for both phases, a cluster without GPUs, a probe that fails), the concurrency it
+allows, and the probe itself run as a Ray task on a node with a logical GPU (no CUDA here)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import pytest
+
+from remem_ray.config import load_sweep_spec
+from remem_ray.contract import StepMemory
+from remem_ray.sweep.gpu_shares import (
+    ProbeFailed,
+    probe_on_cluster,
+    resolve_gpu_shares,
+    run_need_mb,
+    runs_per_gpu,
+    share_of,
+)
+
+H100_MB = 81559.0  # torch's total_memory of an H100 80GB HBM3, in MiB
+
+
+def _spec(teacher: object = "auto", student: object = "auto", **overrides):
+    values = {
+        "sweep.resources.teacher.gpus_per_worker": teacher,
+        "sweep.resources.student.gpus_per_worker": student,
+        **overrides,
+    }
+    return load_sweep_spec(None, values)
+
+
+class RecordedProbe:
+    """Answers with recorded peaks (MiB per role) and remembers what it was asked."""
+
+    def __init__(self, peaks: dict[str, float | None], total_mb: float | None = H100_MB) -> None:
+        self.peaks, self.total_mb, self.asked = peaks, total_mb, []
+
+    def __call__(self, spec, roles):
+        self.asked.append(list(roles))
+        total = self.total_mb if self.total_mb is not None else None
+        return [StepMemory(r, "NVIDIA H100 80GB HBM3", self.peaks[r], total) for r in roles]
+
+
+def test_the_share_leaves_room_for_headroom_the_store_and_each_process():
+    # 18,000 MiB x 1.25 + an 8 GiB store + 1 GiB = 31,716 MiB; 0.95 x 81,559 / 31,716 = 2.44
+    assert run_need_mb(18000, 8192) == pytest.approx(31716)
+    assert runs_per_gpu(31716, H100_MB) == 2
+    assert runs_per_gpu(4000, H100_MB) == 4  # at most four runs share a card
+    assert runs_per_gpu(90000, H100_MB) == 1  # a step that does not fit keeps a whole GPU (and fails there)
+    assert share_of(2) == 0.5 and share_of(4) == 0.25
+    assert share_of(3) == 0.3333 and 3 * share_of(3) <= 1.0  # three such shares fit on one GPU in Ray's books
+
+
+def test_both_roles_on_the_same_workers_take_the_larger_share_so_one_run_serves_both_phases():
+    spec = _spec()
+    probe = RecordedProbe({"teacher": 18000, "student": 3000})  # alone: teacher 0.5, student 0.25
+    sized, lines = resolve_gpu_shares(spec, 1, probe)
+    res = sized.sweep.resources
+    assert probe.asked == [["teacher", "student"]]  # one probe measures both
+    assert res.teacher.gpus_per_worker == res.student.gpus_per_worker == 0.5
+    assert res.teacher == res.student  # so the trial's teacher run distils in place
+    assert any("teacher 0.5 GPU per worker: a step at batch 32 peaks at 17.6 GiB" in line for line in lines), lines
+
+
+def test_roles_on_different_workers_keep_their_own_shares():
+    spec = _spec(**{"sweep.resources.student.cpus_per_worker": 0.5})
+    sized, _ = resolve_gpu_shares(spec, 1, RecordedProbe({"teacher": 18000, "student": 3000}))
+    assert sized.sweep.resources.teacher.gpus_per_worker == 0.5
+    assert sized.sweep.resources.student.gpus_per_worker == 0.25
+
+
+def test_the_loader_pipeline_keeps_no_store_on_the_gpu_so_more_runs_fit():
+    peaks = {"teacher": 18000, "student": 18000}
+    with_store, _ = resolve_gpu_shares(_spec(), 1, RecordedProbe(peaks))
+    loader, _ = resolve_gpu_shares(_spec(**{"data.pipeline": "loader"}), 1, RecordedProbe(peaks))
+    assert with_store.sweep.resources.teacher.gpus_per_worker == 0.5  # 31,716 MiB a run
+    assert loader.sweep.resources.teacher.gpus_per_worker == 0.3333  # 23,524 MiB a run: three fit
+
+
+def test_a_ddp_role_takes_a_gpu_per_worker_and_is_not_probed():
+    spec = _spec(student=1, **{"sweep.resources.teacher.num_workers": 4})
+    probe = RecordedProbe({})
+    sized, lines = resolve_gpu_shares(spec, 8, probe)
+    assert probe.asked == []
+    assert sized.sweep.resources.teacher.gpus_per_worker == 1.0
+    assert lines[0] == "GPU shares (auto): teacher 1 GPU per worker: 4 workers, a GPU each (DDP)"
+
+
+def test_a_probe_that_cannot_measure_leaves_a_whole_gpu_and_says_why():
+    def failing(spec, roles):
+        raise ProbeFailed("no GPU took the probe within 600 s")
+
+    sized, lines = resolve_gpu_shares(_spec(), 1, failing)
+    assert sized.sweep.resources.teacher.gpus_per_worker == 1.0
+    assert "not measured (no GPU took the probe within 600 s): a whole GPU" in lines[0]
+    sized, lines = resolve_gpu_shares(_spec(), 1, RecordedProbe({"teacher": None, "student": None}, None))
+    assert sized.sweep.resources.student.gpus_per_worker == 1.0
+    assert "no CUDA device where the probe ran" in lines[1]
+
+
+def test_without_gpus_in_the_cluster_auto_trains_on_cpus_unless_the_device_is_cuda():
+    probe = RecordedProbe({"teacher": 18000, "student": 3000})
+    sized, lines = resolve_gpu_shares(_spec(), 0, probe)
+    assert probe.asked == [] and sized.sweep.resources.teacher.gpus_per_worker == 0.0
+    assert sized.max_concurrent_trials() == 2 and "the cluster has no GPUs" in lines[0]
+    # device cuda: the probe asks for a GPU, which an autoscaler can add
+    sized, _ = resolve_gpu_shares(_spec(device="cuda"), 0, probe)
+    assert probe.asked == [["teacher", "student"]] and sized.sweep.resources.teacher.gpus_per_worker == 0.5
+
+
+def test_auto_runs_as_many_trials_at_once_as_the_cluster_gpus_hold_unless_told_otherwise():
+    probe = RecordedProbe({"teacher": 3000, "student": 3000})  # a quarter of a GPU each
+    sized, lines = resolve_gpu_shares(_spec(), 2, probe)
+    assert sized.max_concurrent_trials() == 8
+    assert lines[-1].startswith("GPU shares (auto): 8 trials at a time: the cluster's 2 GPU(s) at 0.25 per trial")
+    budget, _ = resolve_gpu_shares(_spec(**{"sweep.resources.gpu_budget": 1}), 2, probe)
+    assert budget.max_concurrent_trials() == 4  # the budget's GPU at 0.25 per trial
+    fixed, lines = resolve_gpu_shares(_spec(**{"sweep.max_concurrent_trials": 3}), 2, probe)
+    assert fixed.max_concurrent_trials() == 3 and not any("at a time" in line for line in lines)
+    whole, _ = resolve_gpu_shares(_spec(), 1, RecordedProbe({"teacher": 50000, "student": 50000}))
+    assert whole.max_concurrent_trials() == 2  # never below the default
+    # and no more than the CPUs hold: a run waiting for resources past worker_start_timeout_s fails
+    cpus, lines = resolve_gpu_shares(_spec(), 2, probe, cluster_cpus=6)
+    assert cpus.max_concurrent_trials() == 6  # 6 CPUs / (0.9 a worker + 0.1 a trial's driver)
+    assert "the cluster's 2 GPU(s) at 0.25 and 6 CPUs at 1 per trial" in lines[-1]
+
+
+def test_a_spec_without_auto_comes_back_as_it_is():
+    spec = _spec(teacher=1, student=0.5)
+    probe = RecordedProbe({})
+    assert resolve_gpu_shares(spec, 4, probe) == (spec, []) and probe.asked == []
+    with pytest.raises(ValueError, match="resolved by the sweep driver"):
+        _spec().sweep.resources.gpus_per_trial()
+
+
+@pytest.mark.integration
+def test_the_probe_runs_as_a_ray_task_holding_a_gpu(monkeypatch):
+    """A real Ray on loopback with one logical GPU: the task takes it, runs both roles' steps (on
+    the CPU here) and answers without a peak, so the sizing keeps a whole GPU."""
+    import ray
+
+    spec = _spec()
+    temp_dir = tempfile.mkdtemp(prefix="remem-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=2, num_gpus=1, _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=temp_dir)
+    try:
+        measured = probe_on_cluster(spec, ["teacher", "student"])
+        sized, lines = resolve_gpu_shares(spec, 1, probe_on_cluster)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert [(m.role, m.device, m.peak_mb) for m in measured] == [("teacher", "cpu", None), ("student", "cpu", None)]
+    assert sized.sweep.resources.teacher.gpus_per_worker == 1.0
+    assert "no CUDA device where the probe ran" in lines[0]
+
+
+def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, monkeypatch):
+    """What the trials get is the sized spec; the console says what was measured, then the
+    concurrency the shares allow, in the sweep's first line."""
+    import contextlib
+
+    from remem_ray.storage import Storage
+    from remem_ray.sweep import driver, gpu_shares, progress
+    from remem_ray.sweep.layout import SweepLayout
+
+    shown: list[str] = []
+
+    @contextlib.contextmanager
+    def console(*args, **kwargs):
+        yield type("Console", (), {"show": staticmethod(shown.append)})()
+
+    @contextlib.contextmanager
+    def no_ray(address, verbose):
+        yield None
+
+    probe = RecordedProbe({"teacher": 3000, "student": 3000})
+    monkeypatch.setattr(driver, "ray_session", no_ray)
+    monkeypatch.setattr(driver, "_cluster_gpus", lambda: 1.0)
+    monkeypatch.setattr(driver, "_cluster_cpus", lambda: 16.0)
+    monkeypatch.setattr(progress, "sweep_console", console)
+    monkeypatch.setattr(gpu_shares, "probe_on_cluster", probe)
+    spec = _spec(name="sized")
+    layout = SweepLayout(Storage(str(tmp_path)), spec.name)
+    with driver._driving(spec, layout, None, False, "4 trials", export=None) as (_, sized):
+        assert sized.sweep.resources.teacher.gpus_per_worker == 0.25
+    assert probe.asked == [["teacher", "student"]]
+    assert shown[0].startswith("sweep sized: measuring a training step of the teacher and student on one GPU")
+    assert shown[1].startswith("GPU shares (auto): teacher 0.25 GPU per worker: a step at batch 32 peaks at 2.9 GiB")
+    assert shown[3].startswith("GPU shares (auto): 4 trials at a time")
+    assert shown[4].startswith("sweep sized: 4 trials, 4 at a time; log ")
+    assert spec.sweep.resources.teacher.gpus_per_worker == "auto"  # what is stored stays as written
