@@ -4,8 +4,10 @@ share of them with a kernel running.
 Runs `remem sweep run` as a user would (a fresh local Ray, a temporary root) on a sweep of the size
 users try first: a generated CIFAR-like ImageFolder (10 classes, --images training images) at
 224 px, a `vit_base_patch16_224` teacher from scratch (2 epochs, both candidate checkpoints),
-`resnet18` students on cached targets, 6 trials (rho x teacher epoch), half a GPU per Train
-worker, two trials at once. Meanwhile it samples the GPU every 0.5 s (nvidia-smi) and prints:
+`resnet18` students on cached targets, 6 trials (rho x teacher epoch), `gpus_per_worker: auto`
+(the driver measures each role's step and sizes the shares and the trials at once; the sweep's
+"GPU shares" lines are printed) or a fixed share (`--gpus-per-worker 0.5`: two trials at once).
+Meanwhile it samples the GPU every 0.5 s (nvidia-smi) and prints:
 
 - wall time; GPU-busy share = mean of nvidia-smi's utilization.gpu (the share of each sample
   period with a kernel running) over the sweep; epoch cover = wall time covered by a running epoch;
@@ -43,7 +45,7 @@ SAMPLE_MS = 500
 QUERY = "utilization.gpu,memory.used"
 
 
-def spec_for(smoke: bool, data_root: Path, trials: int, gpus_per_worker: float) -> dict:
+def spec_for(smoke: bool, data_root: Path, trials: int, gpus_per_worker: float | str) -> dict:
     """The benchmark's sweep: user-sized on a GPU, tiny with --smoke."""
     if smoke:
         teacher = {"model": "vit_micro_patch4", "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}
@@ -62,7 +64,8 @@ def spec_for(smoke: bool, data_root: Path, trials: int, gpus_per_worker: float) 
         "student": {**student, "teacher_targets": "cached"},
         "sweep": {
             "num_samples": trials,
-            "max_concurrent_trials": 2,
+            # auto on the GPU: the shares the driver sizes decide how many trials fit at once
+            "max_concurrent_trials": None if gpus_per_worker == "auto" and not smoke else 2,
             "seed": 0,
             "search": {"rho": {"values": rhos}, "alpha": {"values": [0.9]}, "teacher_epoch": [1, 2]},
             "asha": {"enabled": False},  # every trial runs its epochs: the measure is the GPU's, not ASHA's
@@ -157,12 +160,23 @@ def run_table(runs: list[dict]) -> str:
     return table(rows)
 
 
+def _gpus(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
+def sizing_lines(console: str) -> list[str]:
+    """The sweep console's lines on its GPU shares and concurrency (what `auto` chose, and why)."""
+    return [line for line in console.splitlines() if "GPU shares" in line or " at a time; log " in line]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny sweep on the CPU (no GPU needed)")
     parser.add_argument("--images", type=int, default=10000, help="training images of the generated dataset")
     parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--gpus-per-worker", type=float, default=0.5)
+    parser.add_argument(
+        "--gpus-per-worker", type=_gpus, default="auto", help="a share of a GPU per Train worker, or auto (default)"
+    )
     parser.add_argument("--log", type=Path, default=None, help="write the sweep's console here as it runs")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the accounting is complete (CI)")
     args = parser.parse_args(argv)
@@ -186,6 +200,7 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             print(log_path.read_text()[-6000:])
             raise SystemExit(f"gpu_sweep: the sweep failed with exit code {proc.returncode}")
+        console = log_path.read_text()
         data = collect(root, spec["name"])
         refuse_errored(data["summary"])
         samples = sampler.samples()
@@ -200,6 +215,7 @@ def main(argv=None) -> int:
         ["peak worker RSS", f"{data['worker_rss_mb']:.0f} MB"],
     ]
     print(table(rows))
+    print("\n".join(sizing_lines(console)))
     print(run_table(data["runs"]))
     problems = accounting_problems(data["runs"], covered_seconds(data["intervals"]) / wall, samples, args.smoke)
     for problem in problems:

@@ -165,6 +165,10 @@ def test_the_gpu_sweeps_spec_is_valid_and_runs_each_point_once(tmp_path, smoke):
     if not smoke:
         assert (spec.teacher.model, spec.student.model, spec.data.img_size) == ("vit_base_patch16_224", "resnet18", 224)
         assert spec.sweep.resources.teacher.gpus_per_worker == 0.5 and spec.max_concurrent_trials() == 2
+        raw = spec_for(smoke, tmp_path, trials, "auto")
+        auto = SweepSpec.model_validate({**raw, "storage": {"root": str(tmp_path)}})
+        assert auto.sweep.resources.auto_roles() == ["teacher", "student"]
+        assert auto.sweep.max_concurrent_trials is None  # the sized shares decide it
 
 
 def test_a_teacher_profile_summary_counts_device_time_and_host_syncs_per_step():
