@@ -186,10 +186,13 @@ class PhasesConfig:
 
 @dataclass(frozen=True)
 class StepMemory:
-    """One role's training step on a device (remem_ray.train.memory_probe): the allocator's
-    reserved peak and the device's size, in MiB; None off CUDA, where there is nothing to size."""
+    """One role's Train run on a device (remem_ray.train.memory_probe), in MiB: the allocator's
+    reserved peak over a few training steps and an eval batch, what the run keeps on the device
+    beside them (the data pipeline's store, a cached-target table), and the device's size. The
+    peak and size are None off CUDA, where there is nothing to size."""
 
     role: str
     device: str
     peak_mb: float | None
     total_mb: float | None
+    resident_mb: float = 0.0

@@ -33,15 +33,17 @@ def _spec(teacher: object = "auto", student: object = "auto", **overrides):
 
 
 class RecordedProbe:
-    """Answers with recorded peaks (MiB per role) and remembers what it was asked."""
+    """Answers with recorded peaks (MiB per role; 8 GiB of data resident unless told) and
+    remembers what it was asked."""
 
-    def __init__(self, peaks: dict[str, float | None], total_mb: float | None = H100_MB) -> None:
-        self.peaks, self.total_mb, self.asked = peaks, total_mb, []
+    def __init__(
+        self, peaks: dict[str, float | None], total_mb: float | None = H100_MB, resident_mb: float = 8192
+    ) -> None:
+        self.peaks, self.total_mb, self.resident_mb, self.asked = peaks, total_mb, resident_mb, []
 
     def __call__(self, spec, roles):
         self.asked.append(list(roles))
-        total = self.total_mb if self.total_mb is not None else None
-        return [StepMemory(r, "NVIDIA H100 80GB HBM3", self.peaks[r], total) for r in roles]
+        return [StepMemory(r, "NVIDIA H100 80GB HBM3", self.peaks[r], self.total_mb, self.resident_mb) for r in roles]
 
 
 def test_the_share_leaves_room_for_headroom_the_store_and_each_process():
@@ -72,12 +74,37 @@ def test_roles_on_different_workers_keep_their_own_shares():
     assert sized.sweep.resources.student.gpus_per_worker == 0.25
 
 
-def test_the_loader_pipeline_keeps_no_store_on_the_gpu_so_more_runs_fit():
+def test_data_kept_on_the_gpu_counts_against_the_share():
     peaks = {"teacher": 18000, "student": 18000}
-    with_store, _ = resolve_gpu_shares(_spec(), 1, RecordedProbe(peaks))
-    loader, _ = resolve_gpu_shares(_spec(**{"data.pipeline": "loader"}), 1, RecordedProbe(peaks))
+    with_store, lines = resolve_gpu_shares(_spec(), 1, RecordedProbe(peaks))
+    without, _ = resolve_gpu_shares(_spec(), 1, RecordedProbe(peaks, resident_mb=0))
     assert with_store.sweep.resources.teacher.gpus_per_worker == 0.5  # 31,716 MiB a run
-    assert loader.sweep.resources.teacher.gpus_per_worker == 0.3333  # 23,524 MiB a run: three fit
+    assert without.sweep.resources.teacher.gpus_per_worker == 0.3333  # 23,524 MiB a run: three fit
+    assert "with 8.0 GiB of data kept on the GPU and 1.0 GiB per process, 2 run(s) fit on a 79.6 GiB" in lines[0]
+
+
+def test_the_probe_counts_the_device_store_and_a_cached_target_table_as_resident():
+    """What a run keeps on the GPU beside its steps, from the data as a run lists it: digits'
+    1,797 images (1,221 of them training) stored at their native 8 px, and a student's cached
+    targets."""
+    import torch
+
+    from remem_ray.data import build_datasets, num_items
+    from remem_ray.train.memory_probe import resident_mb
+
+    spec = _spec(**{"student.teacher_targets": "cached", "student.target_views": 4})
+    splits = build_datasets(spec.data, spec.seed)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # nothing is allocated: sizes only
+    store = 1797 * 3 * 8 * 8 / 2**20  # every split, uint8
+    assert resident_mb(spec, "teacher", splits, cuda) == pytest.approx(store)
+    assert num_items(splits.train) == 1221
+    table = 1221 * 4 * 10 * 2 / 2**20  # views x classes, float16
+    assert resident_mb(spec, "student", splits, cuda) == pytest.approx(store + table)
+    assert resident_mb(spec, "student", splits, cpu) == 0.0  # no GPU, nothing to size
+    loader = _spec(**{"data.pipeline": "loader"})
+    assert resident_mb(loader, "teacher", splits, cuda) == 0.0
+    tight = _spec(**{"data.store_budget_gb": 0.0001})  # the store stays on the host
+    assert resident_mb(tight, "teacher", splits, cuda) == 0.0
 
 
 def test_a_ddp_role_takes_a_gpu_per_worker_and_is_not_probed():

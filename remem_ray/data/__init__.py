@@ -19,6 +19,7 @@ from remem_ray.data.pipeline import (
     Shard,
     Views,
     build_pipeline,
+    device_store_bytes,
     loader_workers,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "build_datasets",
     "build_pipeline",
     "dataset_targets",
+    "device_store_bytes",
     "loader_workers",
     "num_items",
     "register_dataset",

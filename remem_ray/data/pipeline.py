@@ -389,6 +389,17 @@ def choose_pipeline(cfg: DataConfig, splits: DataSplits, device: torch.device) -
     return "device", side
 
 
+def device_store_bytes(cfg: DataConfig, splits: DataSplits, device: torch.device) -> int:
+    """What build_pipeline would keep on `device` for these splits: the device pipeline's uint8
+    store where it fits the budget, else nothing (the loader, or a store left on the host)."""
+    kind, side = choose_pipeline(cfg, splits, device)
+    if kind == "loader" or device.type != "cuda":
+        return 0
+    assert side is not None
+    size = store_bytes({s: len(getattr(splits, s)) for s in SPLITS}, side)
+    return size if size <= cfg.store_budget_gb * 2**30 else 0
+
+
 def build_pipeline(
     cfg: DataConfig, splits: DataSplits, device: torch.device, seed: int, shard: Shard, log=print
 ) -> DataPipeline:

@@ -4,8 +4,9 @@ starts from what a training step of the role takes on one of the cluster's GPUs.
 Ray's GPU shares are bookkeeping: two runs of half a GPU each land on one card, and nothing
 stops either from filling its memory. So a share is only as safe as the memory figure behind it:
 
-    need         = measured step peak x 1.25 + the device data store's budget + 1 GiB
-                   (the CUDA context and cuDNN/cuBLAS workspaces lie outside the allocator's figure)
+    need         = measured peak x 1.25 + the data the run keeps on the GPU (the device pipeline's
+                   store, a cached-target table) + 1 GiB (the CUDA context and cuDNN/cuBLAS
+                   workspaces lie outside the allocator's figure)
     runs per GPU = floor(0.95 x the card's memory / need), from 1 to 4
     share        = 1 / runs per GPU
 
@@ -40,13 +41,8 @@ class ProbeFailed(Exception):
 Probe = Callable[[SweepSpec, list[str]], list[StepMemory]]
 
 
-def store_mb(spec: SweepSpec) -> float:
-    """What the device data pipeline's store may take on the GPU (its budget; none for the loader)."""
-    return 0.0 if spec.data.pipeline == "loader" else spec.data.store_budget_gb * GIB
-
-
-def run_need_mb(peak_mb: float, store: float) -> float:
-    return peak_mb * HEADROOM + store + PROCESS_MB
+def run_need_mb(peak_mb: float, resident_mb: float) -> float:
+    return peak_mb * HEADROOM + resident_mb + PROCESS_MB
 
 
 def runs_per_gpu(need_mb: float, total_mb: float) -> int:
@@ -115,19 +111,17 @@ def _measured(spec: SweepSpec, roles: list[str], probe: Probe, shares: dict, why
         for role in roles:
             shares[role], why[role] = 1.0, f"not measured ({exc}): a whole GPU"
         return
-    store = store_mb(spec)
     for role in roles:
         m = measured.get(role)
         if m is None or m.peak_mb is None or m.total_mb is None:
             shares[role], why[role] = 1.0, "not measured (no CUDA device where the probe ran): a whole GPU"
             continue
-        runs = runs_per_gpu(run_need_mb(m.peak_mb, store), m.total_mb)
+        runs = runs_per_gpu(run_need_mb(m.peak_mb, m.resident_mb), m.total_mb)
         shares[role] = share_of(runs)
         batch = getattr(spec, role).batch_size
         why[role] = (
-            f"a step at batch {batch} peaks at {_gib(m.peak_mb)}; with the data store's "
-            f"{_gib(store)} and {_gib(PROCESS_MB)} per process, {runs} run(s) fit on a "
-            f"{_gib(m.total_mb)} {m.device}"
+            f"a step at batch {batch} peaks at {_gib(m.peak_mb)}; with {_gib(m.resident_mb)} of data kept "
+            f"on the GPU and {_gib(PROCESS_MB)} per process, {runs} run(s) fit on a {_gib(m.total_mb)} {m.device}"
         )
 
 

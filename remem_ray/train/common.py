@@ -33,6 +33,11 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def eval_batch_size(train_batch_size: int) -> int:
+    """Eval keeps no gradients, so it takes larger batches than training (at least 256)."""
+    return max(train_batch_size, 256)
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; full precision on CPU (CPU bf16 is slower than fp32 here)."""
     if device.type == "cuda":

@@ -31,6 +31,7 @@ from remem_ray.train.common import (
     Meter,
     PerStepSchedule,
     compiles,
+    eval_batch_size,
     evaluate,
     pick_device,
     rank0_decides,
@@ -141,7 +142,7 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
         spec.data, splits, device, spec.seed, Shard(session.world_rank, session.world_size), log=session.detail
     )
     session.detail(f"data: {data.describe()}; compile {'on' if compiles(spec.compile, device) else 'off'}")
-    eval_batches = {split: data.eval(split, max(batch_size, 256)) for split in ("val", "test")}
+    eval_batches = {split: data.eval(split, eval_batch_size(batch_size)) for split in ("val", "test")}
     data_ready_at = time.time()
     output = Storage(config.output, spec.storage.endpoint, spec.storage.region)
     scalars = None

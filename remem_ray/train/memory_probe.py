@@ -4,10 +4,10 @@ sized from (remem_ray.sweep.gpu_shares); knows nothing of Ray.
 
 The steps are the loops' own (train/steps.py) with the optimizer's state allocated (the first
 step creates it), SAM's second pass taken, the reweighted blocks in place where the sweep
-reweights, and for an online-target student the frozen teacher's forward pass. The model runs
-eager: compiling costs a minute, and eager keeps the larger set of activations, so the figure
-errs high. Left out: the device data pipeline's store (its budget is added by the caller) and
-eval, which keeps no gradients.
+reweights, for an online-target student the frozen teacher's forward pass, then one eval batch
+(larger than a training batch) with the optimizer's state still held. The model runs eager:
+compiling costs a minute, and eager keeps the larger set of activations, so the figure errs
+high. Beside it, what the run keeps resident: the data pipeline's store and cached targets.
 """
 
 from __future__ import annotations
@@ -19,9 +19,17 @@ import torch
 
 from remem_ray.config import RunSpec
 from remem_ray.contract import StepMemory
+from remem_ray.data import DataSplits, build_datasets, device_store_bytes, num_items
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import create_model, normalizer_for, reweight_mlp
-from remem_ray.train.common import build_optimizer, build_sam, pick_device, prefers_channels_last
+from remem_ray.train.common import (
+    autocast,
+    build_optimizer,
+    build_sam,
+    eval_batch_size,
+    pick_device,
+    prefers_channels_last,
+)
 from remem_ray.train.steps import distillation_step, sam_step
 
 PROBE_STEPS = 3
@@ -45,15 +53,25 @@ def _model(spec: RunSpec, role: str, device: torch.device) -> tuple[torch.nn.Mod
     return model, channels_last
 
 
-def role_step(spec: RunSpec, role: str, device: torch.device, reweight: bool = False) -> Callable[[], None]:
-    """One training step of `role` as its loop takes it, ready to call repeatedly."""
+def role_steps(
+    spec: RunSpec, role: str, device: torch.device, reweight: bool = False
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(one training step of `role` as its loop takes it, one eval batch as its loop evaluates),
+    each ready to call repeatedly."""
     section = getattr(spec, role)
     batch, labels_max = section.batch_size, spec.data.num_classes
     model, channels_last = _model(spec, role, device)
-    model.train()
     normalizer = normalizer_for(model).to(device)
     labels = torch.randint(0, labels_max, (batch,), device=device)
     images = _images(spec, batch, device, channels_last)
+    eval_images = _images(spec, eval_batch_size(batch), device, channels_last)
+
+    def eval_pass() -> None:
+        model.eval()
+        with torch.no_grad(), autocast(device):
+            model(normalizer(eval_images))
+        model.train()
+
     if role == "teacher":
         if reweight or section.alpha < 1.0:
             reweight_mlp(model, min(section.alpha, 0.9), section.reweight_mode)
@@ -62,7 +80,7 @@ def role_step(spec: RunSpec, role: str, device: torch.device, reweight: bool = F
         def teacher_step() -> None:
             sam_step(model, sam, normalizer(images), labels, section.grad_clip)
 
-        return teacher_step
+        return teacher_step, eval_pass
     optimizer = build_optimizer(model, section.optimizer)
     loss_fn = DistillationLoss(section.kd.loss, section.kd.temperature, section.kd.weight)
     if section.teacher_targets == "online":
@@ -72,7 +90,7 @@ def role_step(spec: RunSpec, role: str, device: torch.device, reweight: bool = F
         teacher_images = _images(spec, batch, device, teacher_channels_last)
 
         def targets() -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device):  # as OnlineTargets runs it
                 return teacher(teacher_normalizer(teacher_images)).float()
     else:
         cached = torch.randn(batch, labels_max, device=device)
@@ -83,29 +101,45 @@ def role_step(spec: RunSpec, role: str, device: torch.device, reweight: bool = F
     def student_step() -> None:
         distillation_step(model, optimizer, loss_fn, normalizer(images), labels, targets())
 
-    return student_step
+    return student_step, eval_pass
+
+
+def resident_mb(spec: RunSpec, role: str, splits: DataSplits, device: torch.device) -> float:
+    """What a run of `role` keeps on the device beside its steps: the device pipeline's store
+    (as build_pipeline decides it) and, for a student on cached targets, the targets' table
+    (train images x views x classes, float16: remem_ray.train.targets)."""
+    size = device_store_bytes(spec.data, splits, device)
+    if role == "student" and spec.student.teacher_targets == "cached" and device.type == "cuda":
+        size += num_items(splits.train) * spec.student.target_views * splits.num_classes * 2
+    return size / MB
 
 
 def measure_step_memory(spec: RunSpec, roles: list[str], reweight: bool = False) -> list[StepMemory]:
-    """Each role's training-step memory on this process's device, one role after the other."""
+    """Each role's Train-run memory on this process's device, one role after the other. The data
+    is listed as a run lists it, for its sizes and classes (a dataset on S3 is fetched into the
+    node's cache, where the runs find it)."""
     device = pick_device(spec.device)
-    out = []
     on_cuda = device.type == "cuda"
+    splits = build_datasets(spec.data, spec.seed, endpoint=spec.storage.endpoint)
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"num_classes": splits.num_classes})})
+    out = []
     for role in roles:
         gc.collect()  # the previous role's model and optimizer go before this role's arrive
         if on_cuda:
             torch.backends.cudnn.benchmark = True  # as the loop runs (its workspaces count)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        step = role_step(spec, role, device, reweight)
+        step, eval_pass = role_steps(spec, role, device, reweight)
         for _ in range(PROBE_STEPS):
             step()
-        del step
+        eval_pass()  # with the optimizer's state still held, as between a loop's epochs
+        del step, eval_pass
+        resident = resident_mb(spec, role, splits, device)
         if not on_cuda:
-            out.append(StepMemory(role, str(device), None, None))
+            out.append(StepMemory(role, str(device), None, None, resident))
             continue
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_reserved(device) / MB
         total = torch.cuda.get_device_properties(device).total_memory / MB
-        out.append(StepMemory(role, torch.cuda.get_device_name(device), peak, total))
+        out.append(StepMemory(role, torch.cuda.get_device_name(device), peak, total, resident))
     return out
