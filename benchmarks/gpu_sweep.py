@@ -14,7 +14,9 @@ Meanwhile it samples the GPU every 0.5 s (nvidia-smi) and prints:
 - per Train run: its start split, fit() -> first epoch (remem_ray.train.loop's marks: worker
   process, imports, Train's setup, CUDA context, data, models and targets, first batch), compile
   seconds, first epoch against the later ones;
-- peak GPU memory (nvidia-smi) and peak worker RSS.
+- peak GPU memory (nvidia-smi) and peak worker RSS;
+- with `auto`, each Train-run kind's reserved peak against the memory its share was sized for
+  (the probe's figure in the sweep's gpu_shares.json; `--check` fails a run over it).
 
 Without a GPU, `--smoke` runs a tiny sweep on the CPU with the same accounting from the loop's
 marks (no samples: the busy share is left out); CI runs it with `--check` (.ci/run), which exits 1
@@ -27,6 +29,7 @@ when a figure is missing.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import statistics
@@ -169,6 +172,32 @@ def sizing_lines(console: str) -> list[str]:
     return [line for line in console.splitlines() if "GPU shares" in line or " at a time; log " in line]
 
 
+def probe_check(record: dict | None, runs: list[dict]) -> tuple[list[list[str]], list[str]]:
+    """(table rows, problems): each Train-run kind's largest reserved peak against the memory the
+    probe gave its share (`gpus_per_worker: auto`, the sweep's gpu_shares.json): a run over it
+    overfills the card it shares. A teacher's run holds its student phase where both roles share
+    one figure; the process's own MiB (CUDA context, workspaces) lie outside the allocator's peak."""
+    if not record:
+        return [], []
+    roles = record["roles"]
+    merged = roles["teacher"]["gpus_per_worker"] == roles["student"]["gpus_per_worker"]
+    rows = [["Train run", "sized for MiB (need less the process)", "run's peak MiB", "within"]]
+    problems = []
+    for kind in dict.fromkeys(r["role"] for r in runs):
+        basis = ["student"] if kind == "student" else ["teacher", "student"] if merged else ["teacher"]
+        needs = [roles[role]["need_mb"] for role in basis if roles[role].get("need_mb") is not None]
+        peaks = [r["peak_gpu_memory_mb"] for r in runs if r["role"] == kind and not math.isnan(r["peak_gpu_memory_mb"])]
+        if not needs or not peaks:
+            continue
+        allowed, peak = max(needs) - record["process_mb"], max(peaks)
+        rows.append([kind, f"{allowed:.0f}", f"{peak:.0f}", "yes" if peak <= allowed else "NO"])
+        if peak > allowed:
+            problems.append(
+                f"a {kind} run reserved {peak:.0f} MiB, over the {allowed:.0f} MiB its GPU share was sized for"
+            )
+    return rows, problems
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny sweep on the CPU (no GPU needed)")
@@ -202,6 +231,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"gpu_sweep: the sweep failed with exit code {proc.returncode}")
         console = log_path.read_text()
         data = collect(root, spec["name"])
+        sizing = root / "sweeps" / spec["name"] / "gpu_shares.json"
+        record = json.loads(sizing.read_text()) if sizing.exists() else None
         refuse_errored(data["summary"])
         samples = sampler.samples()
     peak_memory = max((memory for _, memory in samples), default=math.nan)
@@ -217,7 +248,11 @@ def main(argv=None) -> int:
     print(table(rows))
     print("\n".join(sizing_lines(console)))
     print(run_table(data["runs"]))
+    sizing_rows, oversized = probe_check(record, data["runs"])
+    if sizing_rows:
+        print(table(sizing_rows))
     problems = accounting_problems(data["runs"], covered_seconds(data["intervals"]) / wall, samples, args.smoke)
+    problems += oversized
     for problem in problems:
         print(f"gpu_sweep: {problem}")
     return 1 if args.check and problems else 0

@@ -118,6 +118,8 @@ def replay(spec_path: str, table_path: str, seeds: int) -> None:
         try:
             for seed in range(seeds):
                 spec = load_sweep_spec(spec_path, {"sweep.seed": seed, "storage.root": str(Path(tmp) / "r")})
+                if spec.sweep.resources.auto_roles():  # sized on a cluster's GPUs; this replays a table
+                    raise SystemExit("search_efficiency: give a spec whose gpus_per_worker are numbers, not auto")
                 searcher = build_searcher(spec)
                 tuner = tune.Tuner(
                     tune.with_parameters(table_trial, curves=curves),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -166,6 +167,15 @@ def refuse_errored(summary: dict) -> None:
         raise SystemExit(f"sweep_overhead: trial(s) {', '.join(errored)} errored; no figures from this sweep")
 
 
+def trials_at_a_time(console: str) -> int:
+    """The concurrency the sweep ran at, from its first line ("sweep NAME: N trials, K at a time;
+    ..."): the stored spec does not have it where gpus_per_worker: auto sized it."""
+    found = re.search(r", (\d+) at a time; log ", console)
+    if found is None:
+        raise SystemExit("sweep_overhead: the sweep's console has no 'K at a time' line")
+    return int(found.group(1))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(ROOT / "search_spaces" / "smoke.yaml"))
@@ -197,10 +207,9 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             print(log_path.read_text()[-6000:])
             raise SystemExit(f"sweep failed with exit code {proc.returncode}")
-        spec = json.loads((root / "sweeps" / name / "sweep_spec.json").read_text())
         data = collect(root, name)
         refuse_errored(data["summary"])
-    slots = spec["sweep"]["max_concurrent_trials"] or 2
+        slots = trials_at_a_time(log_path.read_text())
     busy = covered_seconds(data["intervals"])
     overhead = 1.0 - busy / wall
     summary = data["summary"]

@@ -664,7 +664,11 @@ MAX_NUM_SAMPLES = 10000
 class SweepConfig(StrictModel):
     num_samples: int = Field(4, ge=1, le=MAX_NUM_SAMPLES)
     max_concurrent_trials: int | None = Field(
-        None, ge=1, le=1024, description="default: gpu_budget / GPUs per trial, else 2"
+        None,
+        ge=1,
+        le=1024,
+        description="default: gpu_budget / GPUs per trial; with gpus_per_worker auto, what the cluster's "
+        "GPU nodes hold; else 2",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the Optuna TPE sampler")
     search: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)

@@ -151,6 +151,36 @@ def test_the_gpu_sweeps_check_names_what_its_accounting_lacks():
     assert "epoch cover" in accounting_problems([teacher, student], 0.0, [], smoke=True)[0]
 
 
+def test_the_gpu_sweep_holds_each_run_to_the_memory_its_share_was_sized_for():
+    """`gpus_per_worker: auto` on the card: a run's reserved peak over what the probe sized its
+    share for is a problem --check reports (the share would overfill a card it shares)."""
+    from benchmarks.gpu_sweep import probe_check
+
+    def role(need):
+        return {"gpus_per_worker": 0.5, "need_mb": need}
+
+    record = {"roles": {"teacher": role(30000.0), "student": role(12000.0)}, "process_mb": 1024.0}
+    runs = [
+        {"role": "teacher", "peak_gpu_memory_mb": 25000.0},
+        {"role": "student phase in its teacher's run", "peak_gpu_memory_mb": 26000.0},
+        {"role": "student", "peak_gpu_memory_mb": 11500.0},  # over 12,000 - 1,024
+    ]
+    rows, problems = probe_check(record, runs)
+    assert [r[0] for r in rows[1:]] == ["teacher", "student phase in its teacher's run", "student"]
+    assert rows[1][1:] == ["28976", "25000", "yes"]  # the merged share: the larger need
+    assert problems == ["a student run reserved 11500 MiB, over the 10976 MiB its GPU share was sized for"]
+    assert probe_check(None, runs) == ([], [])  # fixed shares: nothing to hold them to
+
+
+def test_sweep_overhead_reads_the_concurrency_from_the_console():
+    from benchmarks.sweep_overhead import trials_at_a_time
+
+    console = "[08:11:02] GPU shares (auto): ...\n[08:11:02] sweep s: 6 trials, 4 at a time; log /x/sweep.log; Ray d\n"
+    assert trials_at_a_time(console) == 4
+    with pytest.raises(SystemExit):
+        trials_at_a_time("no such line")
+
+
 @pytest.mark.parametrize("smoke", [True, False])
 def test_the_gpu_sweeps_spec_is_valid_and_runs_each_point_once(tmp_path, smoke):
     """The GPU sweep's spec validates here (no GPU needed to read it) and its space holds exactly

@@ -4,6 +4,7 @@ allows, and the probe itself run as a Ray task on a node with a logical GPU (no 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 
@@ -11,8 +12,11 @@ import pytest
 
 from remem_ray.config import load_sweep_spec
 from remem_ray.contract import StepMemory
+from remem_ray.errors import ResourceError
 from remem_ray.sweep.gpu_shares import (
+    NodeResources,
     ProbeFailed,
+    fit_concurrency,
     probe_on_cluster,
     resolve_gpu_shares,
     run_need_mb,
@@ -21,6 +25,10 @@ from remem_ray.sweep.gpu_shares import (
 )
 
 H100_MB = 81559.0  # torch's total_memory of an H100 80GB HBM3, in MiB
+
+
+def _nodes(gpus: float = 1, cpus: float = 16, count: int = 1, kind: str = "H100") -> list[NodeResources]:
+    return [NodeResources(gpus, cpus, kind) for _ in range(count)]
 
 
 def _spec(teacher: object = "auto", student: object = "auto", **overrides):
@@ -59,7 +67,7 @@ def test_the_share_leaves_room_for_headroom_the_store_and_each_process():
 def test_both_roles_on_the_same_workers_take_the_larger_share_so_one_run_serves_both_phases():
     spec = _spec()
     probe = RecordedProbe({"teacher": 18000, "student": 3000})  # alone: teacher 0.5, student 0.25
-    sized, lines = resolve_gpu_shares(spec, 1, probe)
+    sized, lines = resolve_gpu_shares(spec, _nodes(1), probe)
     res = sized.sweep.resources
     assert probe.asked == [["teacher", "student"]]  # one probe measures both
     assert res.teacher.gpus_per_worker == res.student.gpus_per_worker == 0.5
@@ -69,15 +77,15 @@ def test_both_roles_on_the_same_workers_take_the_larger_share_so_one_run_serves_
 
 def test_roles_on_different_workers_keep_their_own_shares():
     spec = _spec(**{"sweep.resources.student.cpus_per_worker": 0.5})
-    sized, _ = resolve_gpu_shares(spec, 1, RecordedProbe({"teacher": 18000, "student": 3000}))
+    sized, _ = resolve_gpu_shares(spec, _nodes(1), RecordedProbe({"teacher": 18000, "student": 3000}))
     assert sized.sweep.resources.teacher.gpus_per_worker == 0.5
     assert sized.sweep.resources.student.gpus_per_worker == 0.25
 
 
 def test_data_kept_on_the_gpu_counts_against_the_share():
     peaks = {"teacher": 18000, "student": 18000}
-    with_store, lines = resolve_gpu_shares(_spec(), 1, RecordedProbe(peaks))
-    without, _ = resolve_gpu_shares(_spec(), 1, RecordedProbe(peaks, resident_mb=0))
+    with_store, lines = resolve_gpu_shares(_spec(), _nodes(1), RecordedProbe(peaks))
+    without, _ = resolve_gpu_shares(_spec(), _nodes(1), RecordedProbe(peaks, resident_mb=0))
     assert with_store.sweep.resources.teacher.gpus_per_worker == 0.5  # 31,716 MiB a run
     assert without.sweep.resources.teacher.gpus_per_worker == 0.3333  # 23,524 MiB a run: three fit
     assert "with 8.0 GiB of data kept on the GPU and 1.0 GiB per process, 2 run(s) fit on a 79.6 GiB" in lines[0]
@@ -110,7 +118,7 @@ def test_the_probe_counts_the_device_store_and_a_cached_target_table_as_resident
 def test_a_ddp_role_takes_a_gpu_per_worker_and_is_not_probed():
     spec = _spec(student=1, **{"sweep.resources.teacher.num_workers": 4})
     probe = RecordedProbe({})
-    sized, lines = resolve_gpu_shares(spec, 8, probe)
+    sized, lines = resolve_gpu_shares(spec, _nodes(8), probe)
     assert probe.asked == []
     assert sized.sweep.resources.teacher.gpus_per_worker == 1.0
     assert lines[0] == "GPU shares (auto): teacher 1 GPU per worker: 4 workers, a GPU each (DDP)"
@@ -120,45 +128,85 @@ def test_a_probe_that_cannot_measure_leaves_a_whole_gpu_and_says_why():
     def failing(spec, roles):
         raise ProbeFailed("no GPU took the probe within 600 s")
 
-    sized, lines = resolve_gpu_shares(_spec(), 1, failing)
+    sized, lines = resolve_gpu_shares(_spec(), _nodes(1), failing)
     assert sized.sweep.resources.teacher.gpus_per_worker == 1.0
     assert "not measured (no GPU took the probe within 600 s): a whole GPU" in lines[0]
-    sized, lines = resolve_gpu_shares(_spec(), 1, RecordedProbe({"teacher": None, "student": None}, None))
+    sized, lines = resolve_gpu_shares(_spec(), _nodes(1), RecordedProbe({"teacher": None, "student": None}, None))
     assert sized.sweep.resources.student.gpus_per_worker == 1.0
     assert "no CUDA device where the probe ran" in lines[1]
 
 
-def test_without_gpus_in_the_cluster_auto_trains_on_cpus_unless_the_device_is_cuda():
+def test_auto_on_a_cluster_without_gpus_needs_device_cuda_which_waits_for_one():
+    """device auto would train on CPUs for good: the runs would never ask an autoscaler for the
+    GPU nodes the user meant. device cuda probes, and the probe's GPU request is what scales up."""
     probe = RecordedProbe({"teacher": 18000, "student": 3000})
-    sized, lines = resolve_gpu_shares(_spec(), 0, probe)
-    assert probe.asked == [] and sized.sweep.resources.teacher.gpus_per_worker == 0.0
-    assert sized.max_concurrent_trials() == 2 and "the cluster has no GPUs" in lines[0]
-    # device cuda: the probe asks for a GPU, which an autoscaler can add
-    sized, _ = resolve_gpu_shares(_spec(device="cuda"), 0, probe)
+    with pytest.raises(ResourceError, match=r"^sweep.resources.teacher.gpus_per_worker: auto, but the Ray cluster"):
+        resolve_gpu_shares(_spec(), _nodes(0), probe)
+    assert probe.asked == []
+    sized, _ = resolve_gpu_shares(_spec(device="cuda"), _nodes(0), probe)
     assert probe.asked == [["teacher", "student"]] and sized.sweep.resources.teacher.gpus_per_worker == 0.5
 
 
-def test_auto_runs_as_many_trials_at_once_as_the_cluster_gpus_hold_unless_told_otherwise():
+def test_gpus_of_several_kinds_keep_a_whole_gpu_a_share_sized_on_one_would_overfill_another():
+    probe = RecordedProbe({"teacher": 3000, "student": 3000})
+    mixed = _nodes(1, kind="A10G") + _nodes(8, kind="A100")
+    sized, lines = resolve_gpu_shares(_spec(), mixed, probe)
+    assert probe.asked == [] and sized.sweep.resources.teacher.gpus_per_worker == 1.0
+    assert "GPUs of several kinds: A100, A10G" in lines[0]
+
+
+def _fit(spec, nodes, probe):
+    sized, _ = resolve_gpu_shares(spec, nodes, probe)
+    return fit_concurrency(spec, sized, nodes)
+
+
+def test_auto_runs_as_many_trials_at_once_as_the_gpu_nodes_hold_unless_told_otherwise():
     probe = RecordedProbe({"teacher": 3000, "student": 3000})  # a quarter of a GPU each
-    sized, lines = resolve_gpu_shares(_spec(), 2, probe)
-    assert sized.max_concurrent_trials() == 8
-    assert lines[-1].startswith("GPU shares (auto): 8 trials at a time: the cluster's 2 GPU(s) at 0.25 per trial")
-    budget, _ = resolve_gpu_shares(_spec(**{"sweep.resources.gpu_budget": 1}), 2, probe)
-    assert budget.max_concurrent_trials() == 4  # the budget's GPU at 0.25 per trial
-    fixed, lines = resolve_gpu_shares(_spec(**{"sweep.max_concurrent_trials": 3}), 2, probe)
-    assert fixed.max_concurrent_trials() == 3 and not any("at a time" in line for line in lines)
-    whole, _ = resolve_gpu_shares(_spec(), 1, RecordedProbe({"teacher": 50000, "student": 50000}))
-    assert whole.max_concurrent_trials() == 2  # never below the default
-    # and no more than the CPUs hold: a run waiting for resources past worker_start_timeout_s fails
-    cpus, lines = resolve_gpu_shares(_spec(), 2, probe, cluster_cpus=6)
-    assert cpus.max_concurrent_trials() == 6  # 6 CPUs / (0.9 a worker + 0.1 a trial's driver)
-    assert "the cluster's 2 GPU(s) at 0.25 and 6 CPUs at 1 per trial" in lines[-1]
+    sized, line = _fit(_spec(), _nodes(2, cpus=16), probe)
+    assert sized.max_concurrent_trials() == 8 and line is not None
+    assert line.startswith("GPU shares (auto): 8 trial(s) at a time: what the cluster's GPU nodes hold at 0.25 GPU")
+    budget, line = _fit(_spec(**{"sweep.resources.gpu_budget": 1}), _nodes(2), probe)
+    assert budget.max_concurrent_trials() == 4 and line is None  # the budget's GPU at 0.25 per trial
+    fixed, line = _fit(_spec(**{"sweep.max_concurrent_trials": 3}), _nodes(2), probe)
+    assert fixed.max_concurrent_trials() == 3 and line is None
+    # a whole GPU a run on one GPU: one trial at a time, not two (the second run's wait for the
+    # GPU would count as its start and fail it after worker_start_timeout_s)
+    whole, _ = _fit(_spec(), _nodes(1), RecordedProbe({"teacher": 50000, "student": 50000}))
+    assert whole.max_concurrent_trials() == 1
+    # each node holds what its own CPUs allow: 2 GPU nodes of 2 CPUs at 0.9 a run hold 2 runs
+    # each; a CPU-only head's 64 CPUs run no Train worker of a GPU run
+    nodes = _nodes(1, cpus=2, count=2) + [NodeResources(0, 64)]
+    cpus, line = _fit(_spec(), nodes, probe)
+    assert cpus.max_concurrent_trials() == 4
+
+
+def test_a_resumed_sweep_runs_at_the_concurrency_this_driver_sized():
+    """Tune restores the searcher, and its slot policy, as pickled when the sweep first ran: on
+    a cluster that shrank since, the old limit would start runs that wait for GPUs past their
+    start timeout. The driver's limit holds while it drives, whatever the pickle says."""
+    import pickle
+
+    from remem_ray.sweep.slots import SlotPolicy, driver_limit
+
+    spec = _spec(**{"sweep.max_concurrent_trials": 8})
+    restored = pickle.loads(pickle.dumps(SlotPolicy(spec)))
+    live = [f"key{i}" for i in range(2)]  # two teachers in training
+    restored.is_stored = lambda key: False
+    assert restored.may_start(live)
+    with driver_limit(spec.name, 2):
+        assert (restored.max_concurrent, restored.max_live) == (2, 4) and not restored.may_start(live)
+    assert restored.max_concurrent == 8 and restored.may_start(live)
+    state = restored.__getstate__()  # as a policy pickled before the limit became a property
+    state.update(max_concurrent=state.pop("_max_concurrent"), max_live=16)
+    older = SlotPolicy.__new__(SlotPolicy)
+    older.__setstate__(state)
+    assert (older.max_concurrent, older.max_live) == (8, 16)
 
 
 def test_a_spec_without_auto_comes_back_as_it_is():
     spec = _spec(teacher=1, student=0.5)
     probe = RecordedProbe({})
-    assert resolve_gpu_shares(spec, 4, probe) == (spec, []) and probe.asked == []
+    assert resolve_gpu_shares(spec, _nodes(4), probe) == (spec, []) and probe.asked == []
     with pytest.raises(ValueError, match="resolved by the sweep driver"):
         _spec().sweep.resources.gpus_per_trial()
 
@@ -175,7 +223,7 @@ def test_the_probe_runs_as_a_ray_task_holding_a_gpu(monkeypatch):
     ray.init(num_cpus=2, num_gpus=1, _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=temp_dir)
     try:
         measured = probe_on_cluster(spec, ["teacher", "student"])
-        sized, lines = resolve_gpu_shares(spec, 1, probe_on_cluster)
+        sized, lines = resolve_gpu_shares(spec, _nodes(1), probe_on_cluster)
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -192,6 +240,10 @@ def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, m
     from remem_ray.storage import Storage
     from remem_ray.sweep import driver, gpu_shares, progress
     from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.slots import _DRIVER_LIMITS
+
+    def driver_limits():
+        return dict(_DRIVER_LIMITS)
 
     shown: list[str] = []
 
@@ -205,17 +257,51 @@ def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, m
 
     probe = RecordedProbe({"teacher": 3000, "student": 3000})
     monkeypatch.setattr(driver, "ray_session", no_ray)
-    monkeypatch.setattr(driver, "_cluster_gpus", lambda: 1.0)
-    monkeypatch.setattr(driver, "_cluster_cpus", lambda: 16.0)
+    monkeypatch.setattr(driver, "cluster_nodes", lambda: _nodes(1, cpus=16))
     monkeypatch.setattr(progress, "sweep_console", console)
     monkeypatch.setattr(gpu_shares, "probe_on_cluster", probe)
     spec = _spec(name="sized")
     layout = SweepLayout(Storage(str(tmp_path)), spec.name)
     with driver._driving(spec, layout, None, False, "4 trials", export=None) as (_, sized):
         assert sized.sweep.resources.teacher.gpus_per_worker == 0.25
+        assert driver_limits() == {"sized": 4}  # what the searcher obeys while the driver runs
+    assert driver_limits() == {}
     assert probe.asked == [["teacher", "student"]]
     assert shown[0].startswith("sweep sized: measuring a training step of the teacher and student on one GPU")
     assert shown[1].startswith("GPU shares (auto): teacher 0.25 GPU per worker: a step at batch 32 peaks at 2.9 GiB")
-    assert shown[3].startswith("GPU shares (auto): 4 trials at a time")
+    assert shown[3].startswith("GPU shares (auto): 4 trial(s) at a time")
     assert shown[4].startswith("sweep sized: 4 trials, 4 at a time; log ")
     assert spec.sweep.resources.teacher.gpus_per_worker == "auto"  # what is stored stays as written
+    record = json.loads((tmp_path / "sweeps" / "sized" / "gpu_shares.json").read_text())
+    assert record["max_concurrent_trials"] == 4
+    teacher = record["roles"]["teacher"]
+    assert (teacher["gpus_per_worker"], teacher["peak_mb"], teacher["resident_mb"]) == (0.25, 3000, 8192)
+    assert teacher["need_mb"] == pytest.approx(3000 * 1.25 + 8192 + 1024)
+
+
+def test_the_driver_refuses_auto_without_gpus_before_its_first_write(tmp_path, monkeypatch):
+    import contextlib
+
+    from remem_ray.storage import Storage
+    from remem_ray.sweep import driver, progress
+    from remem_ray.sweep.layout import SweepLayout
+
+    opened = []
+
+    @contextlib.contextmanager
+    def console(*args, **kwargs):
+        opened.append(True)
+        yield None
+
+    @contextlib.contextmanager
+    def no_ray(address, verbose):
+        yield None
+
+    monkeypatch.setattr(driver, "ray_session", no_ray)
+    monkeypatch.setattr(driver, "cluster_nodes", lambda: [NodeResources(0, 8)])
+    monkeypatch.setattr(progress, "sweep_console", console)
+    spec = _spec(name="nogpu")
+    with pytest.raises(ResourceError, match="no GPUs now"):
+        with driver._driving(spec, SweepLayout(Storage(str(tmp_path)), spec.name), None, False, "4 trials", None):
+            pass
+    assert opened == [] and list(tmp_path.iterdir()) == []

@@ -407,6 +407,23 @@ def test_the_driver_gives_back_its_working_dir_and_removes_its_ray_temp_dir(tmp_
     os.rmdir(fake.temp_dirs[2])
 
 
+def test_input_refused_inside_the_ray_session_leaves_no_ray_temp_dir_and_no_logs_hint(monkeypatch, capsys):
+    """A refusal once Ray is up (gpus_per_worker: auto on a cluster without GPUs) is one line:
+    no pointer to Ray's logs (nothing ran), and the temp folder goes with Ray."""
+    import os
+    import sys
+
+    from remem_ray.errors import ResourceError
+    from remem_ray.sweep import driver
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(ResourceError), driver.ray_session(None):
+        raise ResourceError("sweep.resources.teacher.gpus_per_worker: auto, but the Ray cluster has no GPUs now")
+    assert not os.path.exists(fake.temp_dirs[0])
+    assert "Ray's logs" not in capsys.readouterr().err
+
+
 def test_a_dashboard_port_taken_before_ray_binds_it_is_replaced_not_fatal(monkeypatch):
     """Seen in the suite: the port picked for the dashboard went to another process before Ray
     bound it, and the sweep died ("Failed to find a valid port for dashboard ... address already

@@ -109,6 +109,9 @@ def teacher_information(logits: torch.Tensor, labels: torch.Tensor, temperature:
     return out
 
 
+LOGITS_BATCH = 256  # collect_logits' batch (remem_ray.train.memory_probe sizes GPU memory with it)
+
+
 @torch.no_grad()
 def collect_logits(
     model: nn.Module,
@@ -117,9 +120,10 @@ def collect_logits(
     device: torch.device,
     max_samples: int = 512,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int = LOGITS_BATCH,
 ):
-    """(logits, labels) of a model over a fixed, seeded subset of a dataset, in eval mode."""
+    """(logits, labels) of a model over a fixed, seeded subset of a dataset, in eval mode (full
+    precision: the MI figures are compared across runs and devices)."""
     g = torch.Generator().manual_seed(seed)
     n = len(dataset)
     indices = torch.randperm(n, generator=g)[:max_samples].tolist() if n > max_samples else list(range(n))

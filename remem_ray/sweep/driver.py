@@ -18,7 +18,7 @@ from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage, one_line, preflight, preflight_config
-from remem_ray.sweep.layout import LOG_FILE, SWEEP_SPEC_FILE, SweepLayout
+from remem_ray.sweep.layout import GPU_SHARES_FILE, LOG_FILE, SWEEP_SPEC_FILE, SweepLayout
 from remem_ray.sweep.report import write_report
 from remem_ray.sweep.results import SweepSummary, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
@@ -168,10 +168,18 @@ def ray_session(address: str | None = None, verbose: bool = False):
         _ray_console_level(verbose)
         try:
             yield context.dashboard_url or None  # where Ray's dashboard is, for the console
+        except UserInputError:  # refused before any trial ran: Ray's logs explain nothing
+            ray.shutdown()  # first: the temp folder goes once Ray is down
+            _remove_temp_dir(temp_dir)
+            raise
         except BaseException:
             if temp_dir:  # its session logs are what explains a failed sweep: keep them, say where
                 print(f"remem: Ray's logs of this sweep are in {temp_dir}/session_latest/logs", file=sys.stderr)
             raise
+    _remove_temp_dir(temp_dir)
+
+
+def _remove_temp_dir(temp_dir: str | None) -> None:
     if temp_dir and os.environ.get("REMEM_KEEP_RAY_LOGS") != "1":
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -275,45 +283,69 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
 def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose: bool, what: str, export: StudyExport):
     """The driver's run of a sweep: a stable cwd, Ray, the console and log (and the study's copy);
     yields the console and the spec the trials run, its `auto` GPU shares sized (sweep/gpu_shares.py)."""
-    from remem_ray.sweep.gpu_shares import probe_on_cluster, resolve_gpu_shares
+    from remem_ray.sweep.gpu_shares import (
+        fit_concurrency,
+        probe_on_cluster,
+        refuse_auto_without_gpus,
+        resolve_gpu_shares,
+        sizing_record,
+    )
     from remem_ray.sweep.progress import sweep_console
+    from remem_ray.sweep.slots import driver_limit
 
     with _stable_working_dir(), ray_session(address, verbose) as dashboard:
-        if address:  # before the console: its log is the sweep's first write
+        # before the console: its log is the sweep's first write
+        if address:
             preflight_from_cluster(spec, address)
+        nodes = cluster_nodes()
+        refuse_auto_without_gpus(spec, nodes)
         with sweep_console(layout.experiment, verbose, on_tick=export) as console:
-            cluster_gpus = _cluster_gpus()
+            measured: list = []
 
             def probe(spec: SweepSpec, roles: list[str]):
                 console.show(
                     f"sweep {spec.name}: measuring a training step of the {' and '.join(roles)} on one GPU, "
                     f"to size their shares (gpus_per_worker: auto)"
                 )
-                return probe_on_cluster(spec, roles)
+                measured.extend(probe_on_cluster(spec, roles))
+                return measured
 
-            sized, lines = resolve_gpu_shares(spec, cluster_gpus, probe, _cluster_cpus())
-            for line in lines:
-                console.show(line)
+            sized, lines = resolve_gpu_shares(spec, nodes, probe)
+            if lines:  # the probe may have brought a GPU node up
+                nodes = cluster_nodes()
+            sized, line = fit_concurrency(spec, sized, nodes)
+            if lines:  # only this driver writes it, before any trial reads the sweep folder
+                record = sizing_record(sized, measured)
+                layout.experiment.write_text(GPU_SHARES_FILE, json.dumps(record, indent=2))
+            for shown in [*lines, line] if line else lines:
+                console.show(shown)
             console.show(
                 f"sweep {spec.name}: {what}, {sized.max_concurrent_trials()} at a time; "
                 f"log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
             )
-            note = unused_gpus_note(sized, cluster_gpus)
+            note = unused_gpus_note(sized, sum(n.gpus for n in nodes))
             if note:
                 console.show(note)
-            yield console, sized
+            # a resumed sweep's searcher comes back with the limit it was first sized with
+            with driver_limit(spec.name, sized.max_concurrent_trials()):
+                yield console, sized
 
 
-def _cluster_gpus() -> float:
+def cluster_nodes():
+    """The connected cluster's alive nodes: GPUs, CPUs and GPU model of each."""
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    from remem_ray.sweep.gpu_shares import NodeResources
 
-
-def _cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0.0))
+    found = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources") or {}
+        kinds = [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+        gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 0.0))
+        found.append(NodeResources(gpus, cpus, kinds[0] if kinds else None))
+    return found
 
 
 def unused_gpus_note(spec: SweepSpec, cluster_gpus: float) -> str | None:
@@ -326,7 +358,7 @@ def unused_gpus_note(spec: SweepSpec, cluster_gpus: float) -> str | None:
     fields = " and ".join(f"sweep.resources.{role}.gpus_per_worker" for role in without)
     return (
         f"note: the cluster has {cluster_gpus:g} GPU(s) but {fields} {'is' if len(without) == 1 else 'are'} 0: "
-        f"those Train runs use CPUs only (set 1, or 0.5 for two runs per GPU)"
+        f"those Train runs use CPUs only (set 1, 0.5 for two runs per GPU, or auto)"
     )
 
 

@@ -14,18 +14,22 @@ A role with several workers takes a GPU per worker (DDP's ranks need devices of 
 both roles are auto on the same workers they take the larger of their two shares, so a trial
 that trains its teacher still distils in the same run. A probe that cannot measure (no CUDA
 where it ran, an error, no GPU free within worker_start_timeout_s) leaves a whole GPU per
-worker and says why. With no sweep.max_concurrent_trials nor gpu_budget, as many trials run at
-once as the cluster's GPUs hold at these shares (at least 2).
+worker and says why, as do GPUs of several kinds (a share sized on one card overfills a smaller
+one). On a cluster without GPUs, `auto` needs `device: cuda` (the probe then waits for a GPU node,
+which an autoscaler adds). With neither sweep.max_concurrent_trials nor gpu_budget, as many trials
+run at once as the cluster's GPU nodes hold at these shares (fit_concurrency).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from remem_ray.config import SweepSpec
 from remem_ray.contract import StepMemory
+from remem_ray.errors import ResourceError, UserInputError
 
 HEADROOM = 1.25
 PROCESS_MB = 1024.0
@@ -58,20 +62,36 @@ def _gib(mb: float) -> str:
     return f"{mb / GIB:.1f} GiB"
 
 
-def resolve_gpu_shares(
-    spec: SweepSpec, cluster_gpus: float, probe: Probe, cluster_cpus: float = math.inf
-) -> tuple[SweepSpec, list[str]]:
-    """The spec with every `auto` replaced by a share (and the concurrency it allows), and the
-    console lines that say how each was found. A spec without `auto` comes back as it is."""
+@dataclass(frozen=True)
+class NodeResources:
+    """An alive node's GPUs, CPUs and GPU model (Ray's accelerator_type resource; None if unknown)."""
+
+    gpus: float
+    cpus: float
+    accelerator: str | None = None
+
+
+def refuse_auto_without_gpus(spec: SweepSpec, nodes: list[NodeResources]) -> None:
+    """ResourceError where `auto` cannot mean a GPU: device auto on a cluster without GPUs now
+    (CPU-only runs would never ask an autoscaler for the GPU nodes the user meant)."""
+    roles = spec.sweep.resources.auto_roles()
+    if roles and spec.device == "auto" and sum(n.gpus for n in nodes) <= 0:
+        raise ResourceError(
+            f"sweep.resources.{roles[0]}.gpus_per_worker: auto, but the Ray cluster has no GPUs now: set "
+            f"device: cuda to wait for a GPU node (an autoscaler adds one), or a number (0: CPUs only)"
+        )
+
+
+def resolve_gpu_shares(spec: SweepSpec, nodes: list[NodeResources], probe: Probe) -> tuple[SweepSpec, list[str]]:
+    """The spec with every `auto` replaced by a share, and the console lines that say how each
+    was found. A spec without `auto` comes back as it is. Raises ResourceError where `auto`
+    cannot mean a GPU: device auto on a cluster without GPUs (an autoscaling one would never be
+    asked for them)."""
     res = spec.sweep.resources
     roles = res.auto_roles()
     if not roles:
         return spec, []
-    if cluster_gpus <= 0 and spec.device == "auto":
-        names = " and ".join(roles)
-        shares = {role: 0.0 for role in roles}
-        lines = [f"GPU shares (auto): the cluster has no GPUs: the {names} train on CPUs (device: cuda waits for GPUs)"]
-        return _with_shares(spec, shares, cluster_gpus, cluster_cpus), lines
+    refuse_auto_without_gpus(spec, nodes)
     shares, why = {}, {}
     single = []
     for role in roles:
@@ -80,28 +100,21 @@ def resolve_gpu_shares(
             shares[role], why[role] = 1.0, f"{workers} workers, a GPU each (DDP)"
         else:
             single.append(role)
-    if single:
+    kinds = sorted({n.accelerator or "unknown" for n in nodes if n.gpus > 0})
+    if single and len(kinds) > 1:  # a share sized on one card would overfill a smaller one
+        for role in single:
+            shares[role], why[role] = 1.0, f"not measured (GPUs of several kinds: {', '.join(kinds)}): a whole GPU"
+    elif single:
         _measured(spec, single, probe, shares, why)
     if len(roles) == 2 and res.teacher.num_workers == res.student.num_workers:
         if res.teacher.cpus_per_worker == res.student.cpus_per_worker:  # one run for both phases
             larger = max(shares.values())
             shares = {role: larger for role in roles}
+    raw: dict[str, Any] = spec.model_dump(mode="json")
+    for role, share in shares.items():
+        raw["sweep"]["resources"][role]["gpus_per_worker"] = share
     lines = [f"GPU shares (auto): {role} {shares[role]:g} GPU per worker: {why[role]}" for role in roles]
-    sized = _with_shares(spec, shares, cluster_gpus, cluster_cpus)
-    if sized.sweep.max_concurrent_trials != spec.sweep.max_concurrent_trials:
-        cpus = "" if math.isinf(cluster_cpus) else f" and {cluster_cpus:g} CPUs at {_cpus_per_trial(sized):g}"
-        lines.append(
-            f"GPU shares (auto): {sized.max_concurrent_trials()} trials at a time: the cluster's "
-            f"{cluster_gpus:g} GPU(s) at {sized.sweep.resources.gpus_per_trial():g}{cpus} per trial "
-            f"(sweep.max_concurrent_trials or gpu_budget set it otherwise)"
-        )
-    return sized, lines
-
-
-def _cpus_per_trial(spec: SweepSpec) -> float:
-    """CPUs a trial holds at its peak: its driver's and its larger Train run's."""
-    res = spec.sweep.resources
-    return res.trial_cpus + max(r.num_workers * r.cpus_per_worker for r in (res.teacher, res.student))
+    return SweepSpec.model_validate(raw), lines
 
 
 def _measured(spec: SweepSpec, roles: list[str], probe: Probe, shares: dict, why: dict) -> None:
@@ -125,23 +138,56 @@ def _measured(spec: SweepSpec, roles: list[str], probe: Probe, shares: dict, why
         )
 
 
-def _with_shares(spec: SweepSpec, shares: dict[str, float], cluster_gpus: float, cluster_cpus: float) -> SweepSpec:
-    """The spec with these shares and, unless the user chose the concurrency, as many trials at
-    once as the cluster's GPUs and CPUs hold: a Train run left waiting for resources longer than
-    worker_start_timeout_s fails (Ray Train counts the wait as its start)."""
-    raw: dict[str, Any] = spec.model_dump(mode="json")
-    for role, share in shares.items():
-        raw["sweep"]["resources"][role]["gpus_per_worker"] = share
-    sized = SweepSpec.model_validate(raw)
-    sweep = sized.sweep
-    per_trial = sweep.resources.gpus_per_trial()
-    if sweep.max_concurrent_trials is None and sweep.resources.gpu_budget is None and per_trial > 0 < cluster_gpus:
-        fits = math.floor(cluster_gpus / per_trial + 1e-9)
-        if not math.isinf(cluster_cpus):
-            fits = min(fits, math.floor(cluster_cpus / _cpus_per_trial(sized) + 1e-9))
-        raw["sweep"]["max_concurrent_trials"] = max(2, fits)
-        sized = SweepSpec.model_validate(raw)
-    return sized
+def fit_concurrency(spec: SweepSpec, sized: SweepSpec, nodes: list[NodeResources]) -> tuple[SweepSpec, str | None]:
+    """`sized` with as many trials at once as the cluster's nodes hold at its shares, where the
+    user (`spec`, as written) chose `auto` and neither max_concurrent_trials nor gpu_budget: a
+    Train run left waiting for resources past worker_start_timeout_s fails (Ray Train counts the
+    wait as its start), and a run of one worker takes its GPU share and its CPUs on one node."""
+    sweep, res = spec.sweep, sized.sweep.resources
+    if not spec.sweep.resources.auto_roles() or sweep.max_concurrent_trials is not None or res.gpu_budget is not None:
+        return sized, None
+    if res.gpus_per_trial() <= 0:
+        return sized, None
+    runs = (res.teacher, res.student)
+    if all(r.num_workers == 1 for r in runs):
+        gpus, cpus = max(r.gpus() for r in runs), max(r.cpus_per_worker for r in runs)
+        fits = sum(min(_whole(n.gpus / gpus), _whole(n.cpus / cpus)) for n in nodes if n.gpus > 0)
+    else:  # DDP ranks spread over nodes: the cluster's totals
+        cpus = max(r.num_workers * r.cpus_per_worker for r in runs)
+        fits = min(_whole(sum(n.gpus for n in nodes) / res.gpus_per_trial()), _whole(sum(n.cpus for n in nodes) / cpus))
+    concurrency = max(1, fits)
+    raw: dict[str, Any] = sized.model_dump(mode="json")
+    raw["sweep"]["max_concurrent_trials"] = concurrency
+    line = (
+        f"GPU shares (auto): {concurrency} trial(s) at a time: what the cluster's GPU nodes hold at "
+        f"{res.gpus_per_trial():g} GPU and {cpus:g} CPUs a run (sweep.max_concurrent_trials or gpu_budget "
+        f"set it otherwise; set gpu_budget where an autoscaler adds GPU nodes)"
+    )
+    return SweepSpec.model_validate(raw), line
+
+
+def sizing_record(sized: SweepSpec, measured: list[StepMemory]) -> dict[str, Any]:
+    """What `auto` measured and chose, as stored beside the sweep (benchmarks.gpu_sweep checks
+    the runs' own peaks against each role's need)."""
+    res = sized.sweep.resources
+    roles: dict[str, Any] = {}
+    for m in measured:
+        need = run_need_mb(m.peak_mb, m.resident_mb) if m.peak_mb is not None else None
+        roles[m.role] = {
+            "gpus_per_worker": getattr(res, m.role).gpus(),
+            "device": m.device,
+            "peak_mb": m.peak_mb,
+            "resident_mb": m.resident_mb,
+            "total_mb": m.total_mb,
+            "need_mb": need,
+        }
+    for role in ("teacher", "student"):
+        roles.setdefault(role, {"gpus_per_worker": getattr(res, role).gpus()})
+    return {"roles": roles, "max_concurrent_trials": sized.max_concurrent_trials(), "process_mb": PROCESS_MB}
+
+
+def _whole(x: float) -> int:
+    return math.floor(x + 1e-9)
 
 
 PROBE_CPUS = 1.0
@@ -159,15 +205,20 @@ def probe_on_cluster(spec: SweepSpec, roles: list[str]) -> list[StepMemory]:
     """The roles' step memory, measured by a task holding one GPU of the connected cluster."""
     import ray
 
-    task = ray.remote(num_gpus=1, num_cpus=PROBE_CPUS, max_retries=0)(_probe_here)
+    # max_calls=1: the worker process exits with the task, and its CUDA context with it
+    task = ray.remote(num_gpus=1, num_cpus=PROBE_CPUS, max_retries=0, max_calls=1)(_probe_here)
     pending = task.remote(spec.model_dump(mode="json"), roles)
     timeout = spec.sweep.worker_start_timeout_s
     try:
         return ray.get(pending, timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         ray.cancel(pending, force=True)
-        raise ProbeFailed(f"no GPU took the probe within {timeout:.0f} s") from None
+        raise ProbeFailed(
+            f"the probe did not finish within {timeout:.0f} s: waiting for a GPU, or listing the data"
+        ) from None
     except ray.exceptions.RayError as exc:
         cause = getattr(exc, "cause", None) or exc
+        if isinstance(cause, UserInputError):  # the data or a model the runs would fail on too
+            raise type(cause)(str(cause)) from None
         first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
         raise ProbeFailed(f"{type(cause).__name__}: {first}") from None

@@ -24,6 +24,7 @@ from remem_ray.storage import Storage
 SWEEP_SPEC_FILE = "sweep_spec.json"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "sweep.log"
+GPU_SHARES_FILE = "gpu_shares.json"  # what gpus_per_worker: auto measured and chose (the driver's, rewritten on resume)
 
 
 class SweepLayout:

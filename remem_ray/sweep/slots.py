@@ -13,6 +13,7 @@ fewer than twice max_concurrent trials are live.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,6 +29,21 @@ def slots_in_use(live_keys: Iterable[str], stored: Callable[[str], bool]) -> int
     return distilling + training
 
 
+_DRIVER_LIMITS: dict[str, int] = {}  # sweep name -> the concurrency this driver sized (see `driver_limit`)
+
+
+@contextlib.contextmanager
+def driver_limit(sweep_name: str, max_concurrent: int):
+    """While the block runs, the sweep's policy in this process allows `max_concurrent` trials,
+    whatever its pickled state says: a resumed sweep's searcher comes back with the limit sized
+    on the cluster it first ran on, and `gpus_per_worker: auto` sizes it again on this one."""
+    _DRIVER_LIMITS[sweep_name] = max_concurrent
+    try:
+        yield
+    finally:
+        _DRIVER_LIMITS.pop(sweep_name, None)
+
+
 class SlotPolicy:
     """Whether the searcher may start another trial now (plain data: pickled with its state)."""
 
@@ -35,11 +51,18 @@ class SlotPolicy:
 
     def __init__(self, spec: SweepSpec) -> None:
         self.spec = spec
-        self.max_concurrent = spec.max_concurrent_trials()
-        self.max_live = 2 * self.max_concurrent
+        self._max_concurrent = spec.max_concurrent_trials()
         self._stored: set[str] = set()
         self._checked: dict[str, float] = {}
         self._older_keys: dict[str, list[str]] = {}  # what earlier versions called each key's training
+
+    @property
+    def max_concurrent(self) -> int:
+        return _DRIVER_LIMITS.get(self.spec.name, self._max_concurrent)
+
+    @property
+    def max_live(self) -> int:
+        return 2 * self.max_concurrent
 
     def key(self, config: dict[str, Any]) -> str:
         """The teacher key of the trial that `config` (a suggestion) describes."""
@@ -76,3 +99,9 @@ class SlotPolicy:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_checked": {}}  # monotonic times mean nothing after a restart
+
+    def __setstate__(self, state: dict) -> None:
+        if "max_concurrent" in state:  # pickled before the limit became a property
+            state["_max_concurrent"] = state.pop("max_concurrent")
+            state.pop("max_live", None)
+        self.__dict__.update(state)

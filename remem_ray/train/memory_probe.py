@@ -5,7 +5,8 @@ sized from (remem_ray.sweep.gpu_shares); knows nothing of Ray.
 The steps are the loops' own (train/steps.py) with the optimizer's state allocated (the first
 step creates it), SAM's second pass taken, the reweighted blocks in place where the sweep
 reweights, for an online-target student the frozen teacher's forward pass, then one eval batch
-(larger than a training batch) with the optimizer's state still held. The model runs eager:
+(larger than a training batch) with the optimizer's state still held, and the teacher's
+full-precision MI pass; a student on cached targets first runs its teacher over a batch of views. The model runs eager:
 compiling costs a minute, and eager keeps the larger set of activations, so the figure errs
 high. Beside it, what the run keeps resident: the data pipeline's store and cached targets.
 """
@@ -20,6 +21,7 @@ import torch
 from remem_ray.config import RunSpec
 from remem_ray.contract import StepMemory
 from remem_ray.data import DataSplits, build_datasets, device_store_bytes, num_items
+from remem_ray.insight.information import LOGITS_BATCH
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import create_model, normalizer_for, reweight_mlp
 from remem_ray.train.common import (
@@ -31,6 +33,7 @@ from remem_ray.train.common import (
     prefers_channels_last,
 )
 from remem_ray.train.steps import distillation_step, sam_step
+from remem_ray.train.targets import TARGETS_BATCH
 
 PROBE_STEPS = 3
 PROBE_RHO = 0.05  # any rho above 0 takes SAM's second pass and allocates its perturbation
@@ -53,13 +56,25 @@ def _model(spec: RunSpec, role: str, device: torch.device) -> tuple[torch.nn.Mod
     return model, channels_last
 
 
+def _cached_targets_pass(spec: RunSpec, device: torch.device) -> None:
+    """A student's run on cached targets builds them first: its teacher on the device, a batch
+    of views through it as compute_targets runs them; then the teacher goes, as in StudentTask."""
+    teacher, channels_last = _model(spec, "teacher", device)
+    teacher.eval().requires_grad_(False)
+    with torch.no_grad(), autocast(device):
+        teacher(normalizer_for(teacher).to(device)(_images(spec, TARGETS_BATCH, device, channels_last)))
+
+
 def role_steps(
     spec: RunSpec, role: str, device: torch.device, reweight: bool = False
 ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(one training step of `role` as its loop takes it, one eval batch as its loop evaluates),
-    each ready to call repeatedly."""
+    """(one training step of `role` as its loop takes it, one eval batch as its loop evaluates:
+    for the teacher also the full-precision pass that measures a checkpoint's MI), each ready to
+    call repeatedly. A student on cached targets first builds a batch of them."""
     section = getattr(spec, role)
     batch, labels_max = section.batch_size, spec.data.num_classes
+    if role == "student" and section.teacher_targets == "cached":
+        _cached_targets_pass(spec, device)
     model, channels_last = _model(spec, role, device)
     normalizer = normalizer_for(model).to(device)
     labels = torch.randint(0, labels_max, (batch,), device=device)
@@ -76,11 +91,19 @@ def role_steps(
         if reweight or section.alpha < 1.0:
             reweight_mlp(model, min(section.alpha, 0.9), section.reweight_mode)
         sam = build_sam(model, section.optimizer, max(section.rho, PROBE_RHO), section.adaptive, section.asam_eta)
+        mi_images = _images(spec, LOGITS_BATCH, device, channels_last)
 
         def teacher_step() -> None:
             sam_step(model, sam, normalizer(images), labels, section.grad_clip)
 
-        return teacher_step, eval_pass
+        def teacher_evals() -> None:
+            eval_pass()
+            model.eval()
+            with torch.no_grad():  # collect_logits: no autocast
+                model(normalizer(mi_images))
+            model.train()
+
+        return teacher_step, teacher_evals
     optimizer = build_optimizer(model, section.optimizer)
     loss_fn = DistillationLoss(section.kd.loss, section.kd.temperature, section.kd.weight)
     if section.teacher_targets == "online":

@@ -101,9 +101,12 @@ def teacher_identity(checkpoint_storage: Storage, checkpoint_name: str) -> dict[
     return {"model_sha256": manifest["files"][MODEL_FILE], **{k: meta.get(k) for k in LOGIT_SHAPING_META}}
 
 
+TARGETS_BATCH = 256  # compute_targets' batch (remem_ray.train.memory_probe sizes GPU memory with it)
+
+
 @torch.no_grad()
 def compute_targets(
-    teacher: nn.Module, normalizer: nn.Module, pipeline: DataPipeline, views: Views, batch_size: int = 256
+    teacher: nn.Module, normalizer: nn.Module, pipeline: DataPipeline, views: Views, batch_size: int = TARGETS_BATCH
 ) -> torch.Tensor:
     """Teacher logits for every view of every training image: float16 [N, views, classes]."""
     teacher.eval()
