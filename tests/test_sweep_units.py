@@ -428,6 +428,7 @@ def test_a_dashboard_port_taken_before_ray_binds_it_is_replaced_not_fatal(monkey
     """Seen in the suite: the port picked for the dashboard went to another process before Ray
     bound it, and the sweep died ("Failed to find a valid port for dashboard ... address already
     in use"). The driver picks ports below the kernel's ephemeral range and tries another."""
+    import glob
     import os
     import sys
 
@@ -449,9 +450,11 @@ def test_a_dashboard_port_taken_before_ray_binds_it_is_replaced_not_fatal(monkey
 
     other = _FakeRay(fail_first=RuntimeError("the GCS would not start"))  # anything else still fails
     monkeypatch.setitem(sys.modules, "ray", other)
+    before = set(glob.glob("/tmp/remem-ray-*"))
     with pytest.raises(RuntimeError, match="GCS"), driver.ray_session(None):
         pass
     assert len(other.inits) == 1
+    assert set(glob.glob("/tmp/remem-ray-*")) <= before  # an empty temp folder does not stay behind
 
 
 def test_a_sweep_that_asks_no_gpus_on_a_gpu_cluster_is_told_so():

@@ -163,6 +163,7 @@ def ray_session(address: str | None = None, verbose: bool = False):
                 except Exception as exc:  # the port went to another process before the dashboard bound it
                     ray.shutdown()
                     if attempt == DASHBOARD_PORT_TRIES or not _port_taken(exc):
+                        _keep_logs_if_any(temp_dir)
                         raise
         stack.callback(ray.shutdown)
         _ray_console_level(verbose)
@@ -177,6 +178,14 @@ def ray_session(address: str | None = None, verbose: bool = False):
                 print(f"remem: Ray's logs of this sweep are in {temp_dir}/session_latest/logs", file=sys.stderr)
             raise
     _remove_temp_dir(temp_dir)
+
+
+def _keep_logs_if_any(temp_dir: str) -> None:
+    """A Ray that would not start: its logs say why, so a folder with any stays and is named."""
+    if any(Path(temp_dir).iterdir()):
+        print(f"remem: Ray's logs of this start are in {temp_dir}", file=sys.stderr)
+    else:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _remove_temp_dir(temp_dir: str | None) -> None:
