@@ -312,9 +312,11 @@ def _check_export(root: Path, summary: dict, tmp_path: Path, env: dict) -> None:
         assert (sorted(p.name for p in target.iterdir()) if target.exists() else None) == before
 
 
-def _one_trial_spec(tmp_path: Path, name: str, teacher_epoch: int) -> Path:
+def _one_trial_spec(tmp_path: Path, name: str, teacher_epoch: int, gpus: object = None) -> Path:
     spec = yaml.safe_load(SMOKE.read_text())
     spec["name"] = name
+    for role in ("teacher", "student") if gpus is not None else ():
+        spec["sweep"]["resources"][role]["gpus_per_worker"] = gpus
     spec["student"]["epochs"] = 2
     spec["storage"]["root"] = str(tmp_path / "results")
     spec["sweep"].update(
@@ -341,19 +343,26 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 def test_two_sweeps_at_once_on_one_root_train_a_shared_teacher_once(tmp_path):
     """Two `remem sweep run` drivers on one Ray cluster and one storage root, needing the same
     teacher: sweep a trains it (held at its epoch 1 until sweep b is seen waiting for it: the
-    overlap happens by design), sweep b reuses it. Trainings over both = distinct keys = 1."""
+    overlap happens by design), sweep b reuses it. Trainings over both = distinct keys = 1.
+
+    The cluster has one logical GPU, which sweep b's runs ask for with `gpus_per_worker: auto`:
+    its driver's probe takes the GPU (no CUDA behind it here), keeps a whole GPU per worker and
+    says so, and b's student run holds that GPU (trained on the CPU, device auto)."""
     holds = tmp_path / "holds"
     holds.mkdir()
     (tmp_path / "head").mkdir()
     head = RayHead(
-        tmp_path / "head", num_cpus=2, extra_env={"REMEM_TEST_HOLD_AT": "teacher:1", "REMEM_TEST_HOLD_DIR": str(holds)}
+        tmp_path / "head",
+        num_cpus=2,
+        extra_args=["--num-gpus=1"],
+        extra_env={"REMEM_TEST_HOLD_AT": "teacher:1", "REMEM_TEST_HOLD_DIR": str(holds)},
     )
     head.start()
     procs = []
     try:
         env = remem_env(tmp_path, {k: head.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
-        for name, teacher_epoch in (("sweep-a", 4), ("sweep-b", 2)):
-            spec = _one_trial_spec(tmp_path, name, teacher_epoch)
+        for name, teacher_epoch, gpus in (("sweep-a", 4, 0), ("sweep-b", 2, "auto")):
+            spec = _one_trial_spec(tmp_path, name, teacher_epoch, gpus)
             procs.append(start_remem(["sweep", "run", str(spec), "--address", head.gcs_address], tmp_path, env))
             if name == "sweep-a":  # a holds the lease and trains, held after its epoch 1
                 _wait_for(
@@ -385,6 +394,17 @@ def test_two_sweeps_at_once_on_one_root_train_a_shared_teacher_once(tmp_path):
     assert sum(s["teacher_trainings_performed"] for s in summaries) == len(keys)
     assert [s["trials"][0]["teacher_trained"] for s in summaries] == [True, False]
     assert all(s["best"]["student_val_acc"] > 0.3 for s in summaries)
+    assert "GPU shares" not in logs[0]
+    assert "GPU shares (auto): student 1 GPU per worker: not measured (no CUDA device where the probe ran)" in logs[1]
+    sizing = json.loads((root / "sweeps" / "sweep-b" / "gpu_shares.json").read_text())
+    assert sizing["roles"]["student"] == {
+        "gpus_per_worker": 1.0,
+        "device": "cpu",
+        "peak_mb": None,
+        "resident_mb": 0.0,
+        "total_mb": None,
+        "need_mb": None,
+    }
 
 
 @pytest.fixture

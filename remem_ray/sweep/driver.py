@@ -262,7 +262,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
     from remem_ray.sweep.trial import trial_dirname
 
     export = StudyExport(spec, layout)
-    with _driving(spec, layout, address, verbose, f"{spec.sweep.num_samples} trials", export) as (console, sized):
+    trials = f"{spec.sweep.num_samples} trial{'s' if spec.sweep.num_samples != 1 else ''}"
+    with _driving(spec, layout, address, verbose, trials, export) as (console, sized):
         tuner = tune.Tuner(
             _trainable(sized),
             tune_config=tune.TuneConfig(
