@@ -659,6 +659,7 @@ class ResourcesConfig(StrictModel):
 
 
 MAX_NUM_SAMPLES = 10000
+LEASE_STALE_AFTER_S = 60.0  # the default; remem_ray.sweep.registry holds leases to it
 
 
 class SweepConfig(StrictModel):
@@ -682,7 +683,7 @@ class SweepConfig(StrictModel):
         6 * 3600, gt=0, description="longest a trial waits for another's teacher, or student"
     )
     lease_stale_after_s: float = Field(
-        60.0,
+        LEASE_STALE_AFTER_S,
         ge=10.0,
         le=3600.0,
         description="a teacher's or student's lease whose holder has not renewed it this long is taken over "

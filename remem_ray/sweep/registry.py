@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from remem_ray.checkpoint_files import checkpoint_name, is_complete, verify_checkpoint
+from remem_ray.config import LEASE_STALE_AFTER_S
 from remem_ray.console import say
 from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease
@@ -36,7 +37,7 @@ CLAIM, PUBLISH = "claim", "publish"
 # a lease holder's pace, for teachers and students alike: renew every HEARTBEAT_S; a lease unrenewed
 # STALE_AFTER_S is taken over (sweep.lease_stale_after_s sets it per sweep); waiters look every POLL_S
 HEARTBEAT_S = 5.0
-STALE_AFTER_S = 60.0
+STALE_AFTER_S = LEASE_STALE_AFTER_S
 POLL_S = 2.0
 APPEND_TRIES = 12
 
