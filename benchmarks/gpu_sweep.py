@@ -179,8 +179,7 @@ def probe_check(record: dict | None, runs: list[dict]) -> tuple[list[list[str]],
     one figure; the process's own MiB (CUDA context, workspaces) lie outside the allocator's peak."""
     if not record:
         return [], []
-    roles = record["roles"]
-    merged = roles["teacher"]["gpus_per_worker"] == roles["student"]["gpus_per_worker"]
+    roles, merged = record["roles"], record["teacher_run_distils"]
     rows = [["Train run", "sized for MiB (need less the process)", "run's peak MiB", "within"]]
     problems = []
     for kind in dict.fromkeys(r["role"] for r in runs):

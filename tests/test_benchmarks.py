@@ -159,7 +159,11 @@ def test_the_gpu_sweep_holds_each_run_to_the_memory_its_share_was_sized_for():
     def role(need):
         return {"gpus_per_worker": 0.5, "need_mb": need}
 
-    record = {"roles": {"teacher": role(30000.0), "student": role(12000.0)}, "process_mb": 1024.0}
+    record = {
+        "roles": {"teacher": role(30000.0), "student": role(12000.0)},
+        "teacher_run_distils": True,
+        "process_mb": 1024.0,
+    }
     runs = [
         {"role": "teacher", "peak_gpu_memory_mb": 25000.0},
         {"role": "student phase in its teacher's run", "peak_gpu_memory_mb": 26000.0},

@@ -178,6 +178,15 @@ def test_auto_runs_as_many_trials_at_once_as_the_gpu_nodes_hold_unless_told_othe
     nodes = _nodes(1, cpus=2, count=2) + [NodeResources(0, 64)]
     cpus, line = _fit(_spec(), nodes, probe)
     assert cpus.max_concurrent_trials() == 4
+    # the trials' drivers need CPUs too: one node of 4 CPUs holds 4 runs of 0.9 CPUs, not 4
+    # runs and 4 drivers of 0.1 each (the fourth run would wait out its start timeout)
+    lone, _ = _fit(_spec(**{"sweep.resources.trial_cpus": 0.5}), _nodes(1, cpus=4), probe)
+    assert lone.max_concurrent_trials() == 2  # 4 CPUs / (0.9 + 0.5)
+    # DDP: a 2-worker teacher on GPU nodes of 2 GPUs but 2 CPUs each holds one worker a node, so
+    # one run over both; the CPU-only head's CPUs run no worker
+    ddp = _spec(student=1, **{"sweep.resources.teacher.num_workers": 2, "sweep.resources.teacher.cpus_per_worker": 2})
+    nodes = _nodes(2, cpus=2, count=2) + [NodeResources(0, 64)]
+    assert _fit(ddp, nodes, probe)[0].max_concurrent_trials() == 1
 
 
 def test_a_resumed_sweep_runs_at_the_concurrency_this_driver_sized():
@@ -193,8 +202,12 @@ def test_a_resumed_sweep_runs_at_the_concurrency_this_driver_sized():
     live = [f"key{i}" for i in range(2)]  # two teachers in training
     restored.is_stored = lambda key: False
     assert restored.may_start(live)
-    with driver_limit(spec.name, 2):
+    with driver_limit(spec, 2):
         assert (restored.max_concurrent, restored.max_live) == (2, 4) and not restored.may_start(live)
+        other_root = _spec(**{"sweep.max_concurrent_trials": 8, "storage.root": "/elsewhere"})
+        with driver_limit(other_root, 5):  # the same name on another root is another sweep
+            assert restored.max_concurrent == 2
+        assert restored.max_concurrent == 2
     assert restored.max_concurrent == 8 and restored.may_start(live)
     state = restored.__getstate__()  # as a policy pickled before the limit became a property
     state.update(max_concurrent=state.pop("_max_concurrent"), max_live=16)
@@ -264,7 +277,7 @@ def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, m
     layout = SweepLayout(Storage(str(tmp_path)), spec.name)
     with driver._driving(spec, layout, None, False, "4 trials", export=None) as (_, sized):
         assert sized.sweep.resources.teacher.gpus_per_worker == 0.25
-        assert driver_limits() == {"sized": 4}  # what the searcher obeys while the driver runs
+        assert list(driver_limits().values()) == [4]  # what the searcher obeys while the driver runs
     assert driver_limits() == {}
     assert probe.asked == [["teacher", "student"]]
     assert shown[0].startswith("sweep sized: measuring a training step of the teacher and student on one GPU")
@@ -305,3 +318,13 @@ def test_the_driver_refuses_auto_without_gpus_before_its_first_write(tmp_path, m
         with driver._driving(spec, SweepLayout(Storage(str(tmp_path)), spec.name), None, False, "4 trials", None):
             pass
     assert opened == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_bigger_than_the_card_gets_a_whole_gpu_and_a_warning():
+    sized, lines = resolve_gpu_shares(_spec(), _nodes(1), RecordedProbe({"teacher": 70000, "student": 3000}))
+    assert sized.sweep.resources.teacher.gpus_per_worker == 1.0
+    assert (
+        "more than a 79.6 GiB NVIDIA H100 80GB HBM3 holds with the margins: the runs may run out of memory"
+        in (lines[0])
+    )
+    assert "4 run(s) fit" in lines[1]  # the student alone would fit four (it shares the teacher's run)

@@ -337,7 +337,7 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
             if note:
                 console.show(note)
             # a resumed sweep's searcher comes back with the limit it was first sized with
-            with driver_limit(spec.name, sized.max_concurrent_trials()):
+            with driver_limit(spec, sized.max_concurrent_trials()):
                 yield console, sized
 
 

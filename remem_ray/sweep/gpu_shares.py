@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from remem_ray.config import SweepSpec
+from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.contract import StepMemory
 from remem_ray.errors import ResourceError, UserInputError
 
@@ -109,6 +109,9 @@ def resolve_gpu_shares(spec: SweepSpec, nodes: list[NodeResources], probe: Probe
     if len(roles) == 2 and res.teacher.num_workers == res.student.num_workers:
         if res.teacher.cpus_per_worker == res.student.cpus_per_worker:  # one run for both phases
             larger = max(shares.values())
+            for role in roles:
+                if shares[role] != larger:
+                    why[role] += "; it shares a run with the other role, so it takes that role's larger share"
             shares = {role: larger for role in roles}
     raw: dict[str, Any] = spec.model_dump(mode="json")
     for role, share in shares.items():
@@ -129,41 +132,55 @@ def _measured(spec: SweepSpec, roles: list[str], probe: Probe, shares: dict, why
         if m is None or m.peak_mb is None or m.total_mb is None:
             shares[role], why[role] = 1.0, "not measured (no CUDA device where the probe ran): a whole GPU"
             continue
-        runs = runs_per_gpu(run_need_mb(m.peak_mb, m.resident_mb), m.total_mb)
+        need = run_need_mb(m.peak_mb, m.resident_mb)
+        runs = runs_per_gpu(need, m.total_mb)
         shares[role] = share_of(runs)
         batch = getattr(spec, role).batch_size
+        fit = (
+            f"{runs} run(s) fit on a {_gib(m.total_mb)} {m.device}"
+            if need <= USABLE * m.total_mb
+            else f"that is more than a {_gib(m.total_mb)} {m.device} holds with the margins: the runs may "
+            f"run out of memory (a smaller batch_size, or data.pipeline: loader)"
+        )
         why[role] = (
             f"a step at batch {batch} peaks at {_gib(m.peak_mb)}; with {_gib(m.resident_mb)} of data kept "
-            f"on the GPU and {_gib(PROCESS_MB)} per process, {runs} run(s) fit on a {_gib(m.total_mb)} {m.device}"
+            f"on the GPU and {_gib(PROCESS_MB)} per process, {fit}"
         )
 
 
 def fit_concurrency(spec: SweepSpec, sized: SweepSpec, nodes: list[NodeResources]) -> tuple[SweepSpec, str | None]:
-    """`sized` with as many trials at once as the cluster's nodes hold at its shares, where the
-    user (`spec`, as written) chose `auto` and neither max_concurrent_trials nor gpu_budget: a
+    """`sized` with as many trials at once as the cluster's GPU nodes hold at its shares, where
+    the user (`spec`, as written) chose `auto` and neither max_concurrent_trials nor gpu_budget: a
     Train run left waiting for resources past worker_start_timeout_s fails (Ray Train counts the
-    wait as its start), and a run of one worker takes its GPU share and its CPUs on one node."""
+    wait as its start). Each GPU node holds workers by its own GPUs and CPUs, and the cluster's
+    CPUs hold the runs' and the trial drivers' together. The sweep sizes as if it had the
+    cluster to itself (set gpu_budget where it shares one)."""
     sweep, res = spec.sweep, sized.sweep.resources
     if not spec.sweep.resources.auto_roles() or sweep.max_concurrent_trials is not None or res.gpu_budget is not None:
         return sized, None
-    if res.gpus_per_trial() <= 0:
+    on_gpus = [r for r in (res.teacher, res.student) if r.gpus() > 0]
+    if not on_gpus:
         return sized, None
-    runs = (res.teacher, res.student)
-    if all(r.num_workers == 1 for r in runs):
-        gpus, cpus = max(r.gpus() for r in runs), max(r.cpus_per_worker for r in runs)
-        fits = sum(min(_whole(n.gpus / gpus), _whole(n.cpus / cpus)) for n in nodes if n.gpus > 0)
-    else:  # DDP ranks spread over nodes: the cluster's totals
-        cpus = max(r.num_workers * r.cpus_per_worker for r in runs)
-        fits = min(_whole(sum(n.gpus for n in nodes) / res.gpus_per_trial()), _whole(sum(n.cpus for n in nodes) / cpus))
-    concurrency = max(1, fits)
+    by_nodes = min(_runs_fit(r, nodes) for r in on_gpus)
+    # the trials' drivers sit on any node: the cluster's CPUs hold them beside the widest runs
+    run_cpus = max(r.num_workers * r.cpus_per_worker for r in on_gpus) + res.trial_cpus
+    concurrency = max(1, min(by_nodes, _whole(sum(n.cpus for n in nodes) / run_cpus)))
     raw: dict[str, Any] = sized.model_dump(mode="json")
     raw["sweep"]["max_concurrent_trials"] = concurrency
+    widest = max(on_gpus, key=lambda r: r.num_workers * r.gpus())
     line = (
         f"GPU shares (auto): {concurrency} trial(s) at a time: what the cluster's GPU nodes hold at "
-        f"{res.gpus_per_trial():g} GPU and {cpus:g} CPUs a run (sweep.max_concurrent_trials or gpu_budget "
-        f"set it otherwise; set gpu_budget where an autoscaler adds GPU nodes)"
+        f"{widest.gpus():g} GPU and {widest.cpus_per_worker:g} CPUs a worker (sweep.max_concurrent_trials or "
+        f"gpu_budget set it otherwise; set gpu_budget where an autoscaler adds GPU nodes)"
     )
     return SweepSpec.model_validate(raw), line
+
+
+def _runs_fit(role: WorkerResources, nodes: list[NodeResources]) -> int:
+    """Runs of `role` that the GPU nodes hold at once, each node by its own GPUs and CPUs."""
+    cpus = role.cpus_per_worker
+    workers = sum(min(_whole(n.gpus / role.gpus()), _whole(n.cpus / cpus)) for n in nodes if n.gpus > 0)
+    return workers // role.num_workers
 
 
 def sizing_record(sized: SweepSpec, measured: list[StepMemory]) -> dict[str, Any]:
@@ -183,7 +200,12 @@ def sizing_record(sized: SweepSpec, measured: list[StepMemory]) -> dict[str, Any
         }
     for role in ("teacher", "student"):
         roles.setdefault(role, {"gpus_per_worker": getattr(res, role).gpus()})
-    return {"roles": roles, "max_concurrent_trials": sized.max_concurrent_trials(), "process_mb": PROCESS_MB}
+    return {
+        "roles": roles,
+        "teacher_run_distils": res.teacher == res.student,  # one run for both phases (sweep/trial.py)
+        "max_concurrent_trials": sized.max_concurrent_trials(),
+        "process_mb": PROCESS_MB,
+    }
 
 
 def _whole(x: float) -> int:

@@ -29,19 +29,29 @@ def slots_in_use(live_keys: Iterable[str], stored: Callable[[str], bool]) -> int
     return distilling + training
 
 
-_DRIVER_LIMITS: dict[str, int] = {}  # sweep name -> the concurrency this driver sized (see `driver_limit`)
+_DRIVER_LIMITS: dict[tuple[str, str], int] = {}  # (storage root, sweep name) -> what this driver sized
+
+
+def _sweep_id(spec: SweepSpec) -> tuple[str, str]:
+    return (spec.storage.root, spec.name)
 
 
 @contextlib.contextmanager
-def driver_limit(sweep_name: str, max_concurrent: int):
+def driver_limit(spec: SweepSpec, max_concurrent: int):
     """While the block runs, the sweep's policy in this process allows `max_concurrent` trials,
     whatever its pickled state says: a resumed sweep's searcher comes back with the limit sized
-    on the cluster it first ran on, and `gpus_per_worker: auto` sizes it again on this one."""
-    _DRIVER_LIMITS[sweep_name] = max_concurrent
+    on the cluster it first ran on, and `gpus_per_worker: auto` sizes it again on this one.
+    (Under Ray Client the searcher runs elsewhere and keeps its pickled limit.)"""
+    key = _sweep_id(spec)
+    previous = _DRIVER_LIMITS.get(key)
+    _DRIVER_LIMITS[key] = max_concurrent
     try:
         yield
     finally:
-        _DRIVER_LIMITS.pop(sweep_name, None)
+        if previous is None:
+            _DRIVER_LIMITS.pop(key, None)
+        else:
+            _DRIVER_LIMITS[key] = previous
 
 
 class SlotPolicy:
@@ -58,7 +68,7 @@ class SlotPolicy:
 
     @property
     def max_concurrent(self) -> int:
-        return _DRIVER_LIMITS.get(self.spec.name, self._max_concurrent)
+        return _DRIVER_LIMITS.get(_sweep_id(self.spec), self._max_concurrent)
 
     @property
     def max_live(self) -> int:
