@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from types import SimpleNamespace
 
 from remem_ray.console import MARK
@@ -117,3 +118,22 @@ def test_the_study_copy_is_made_once_per_snapshot_and_opens_in_optuna(tmp_path, 
     layout.experiment.write_bytes("searcher-state-2.pkl", pickle.dumps({"study": study}))
     export()
     assert len(stores) == 2 and len(optuna.load_study(study_name="s", storage=url).trials) == 2
+
+
+def test_an_s3_sweep_log_leaves_no_local_copy_once_copied_and_keeps_it_when_the_copy_fails(s3, capsys):
+    """The driver's log of an s3:// sweep is written locally, then copied up: the local folder
+    goes once the bucket has the log, and stays (named) when the copy failed."""
+    experiment = Storage(f"s3://{s3['bucket']}/root", endpoint=s3["endpoint"]).child("sweeps", "s")
+    log = SweepLog(experiment)
+    log.write("trial 1 started")
+    log.close()
+    assert not log.path.parent.exists()
+    assert "trial 1 started" in experiment.read_text("sweep.log")
+
+    failing = SweepLog(experiment)
+    failing.write("trial 2 started")
+    failing.experiment = Storage("s3://no-such-bucket-remem/x", endpoint=s3["endpoint"])
+    failing.close()
+    assert failing.path.exists() and "trial 2 started" in failing.path.read_text()
+    assert f"it stays in {failing.path}" in capsys.readouterr().err
+    shutil.rmtree(failing.path.parent)

@@ -18,6 +18,8 @@ def test_scalar_log_writes_per_epoch_series_tensorboard_reads(store, tmp_path):
     for epoch, acc in ((1, 0.25), (2, 0.5), (3, 0.75)):
         log.write({"epoch": epoch, "val_acc": acc, "train_loss": 1.0 / epoch, "lr": 1e-3, "note": "not a scalar"})
     log.close()
+    if log.remote:  # an s3:// run's local copy goes with it (a GPU node runs many runs)
+        assert not log.folder.exists()
     local = tmp_path / "events"
     local.mkdir()
     folder = store.child("tensorboard", "trial_1_student")

@@ -470,3 +470,35 @@ def test_a_sweep_that_asks_no_gpus_on_a_gpu_cluster_is_told_so():
     assert teacher_only is not None and "sweep.resources.student.gpus_per_worker is 0" in teacher_only
     both = {**half, "student": {"gpus_per_worker": 0.5}}
     assert unused_gpus_note(SweepSpec.model_validate({"name": "s", "sweep": {"resources": both}}), 8) is None
+
+
+def test_a_submitted_sweep_leaves_no_staging_folder_behind(monkeypatch, tmp_path):
+    """`remem sweep submit` stages the spec in a folder Ray uploads as the job's working dir
+    while submit_job runs; the folder goes afterwards, submitted or refused."""
+    from pathlib import Path
+
+    from remem_ray.config import load_sweep_spec
+    from remem_ray.errors import ResourceError
+    from remem_ray.sweep import jobs
+
+    seen: list[Path] = []
+
+    class Client:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def submit_job(self, entrypoint, runtime_env, submission_id, metadata):
+            staging = Path(runtime_env["working_dir"])
+            assert (staging / "sweep.yaml").is_file()  # there while Ray uploads it
+            seen.append(staging)
+            if self.fail:
+                raise RuntimeError("the dashboard refused the job")
+            return submission_id
+
+    spec = load_sweep_spec(None, {"storage.root": str(tmp_path / "r")})
+    monkeypatch.setattr(jobs, "jobs_client", lambda address: Client(fail=False))
+    assert jobs.submit_sweep(spec, "http://127.0.0.1:8265").startswith("remem-")
+    monkeypatch.setattr(jobs, "jobs_client", lambda address: Client(fail=True))
+    with pytest.raises(ResourceError, match="job submission"):
+        jobs.submit_sweep(spec, "http://127.0.0.1:8265")
+    assert len(seen) == 2 and not any(p.exists() for p in seen)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +63,8 @@ def submit_sweep(spec: SweepSpec, address: str, ship_package: bool = False) -> s
             f"--address: job submission to {address} failed: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
+    finally:  # submit_job has uploaded the working dir to the cluster by the time it returns
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _known_job(client, job_id: str):

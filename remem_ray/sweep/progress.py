@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sys
 import tempfile
 import threading
@@ -58,15 +59,20 @@ class SweepLog:
             self.experiment.write_bytes(LOG_FILE, data)
 
     def close(self) -> None:
+        copied = True
         try:
             self.sync()
         except Exception as exc:  # noqa: BLE001 (the sweep's own outcome matters more than its log's copy)
+            copied = False
             print(
-                f"remem: warning: could not copy the sweep log to {self.experiment.uri(LOG_FILE)}: {exc}",
+                f"remem: warning: could not copy the sweep log to {self.experiment.uri(LOG_FILE)} "
+                f"(it stays in {self.path}): {exc}",
                 file=sys.stderr,
             )
         with self._lock:
             self._file.close()
+        if self.remote and copied:  # the bucket has it
+            shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 class LogFileHandler(logging.Handler):

@@ -10,6 +10,7 @@ s3:// roots. A resumed run adds a file beside the first; TensorBoard reads them 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -60,3 +61,5 @@ class ScalarLog:
 
     def close(self) -> None:
         self.writer.close()
+        if self.remote:  # its files are in the bucket: a GPU node runs many runs and keeps none
+            shutil.rmtree(self.folder, ignore_errors=True)
