@@ -502,3 +502,93 @@ def test_a_submitted_sweep_leaves_no_staging_folder_behind(monkeypatch, tmp_path
     with pytest.raises(ResourceError, match="job submission"):
         jobs.submit_sweep(spec, "http://127.0.0.1:8265")
     assert len(seen) == 2 and not any(p.exists() for p in seen)
+
+
+class _FakeClusterRay:
+    """Stands in for Ray's task API over a cluster of named nodes: each node answers the storage
+    check with what `answers` says for it ("late": never within the wait)."""
+
+    def __init__(self, answers: dict[str, object]) -> None:
+        import types
+
+        self.answers, self.cancelled, self.placed = answers, [], []
+        self.exceptions = types.SimpleNamespace(RayError=RuntimeError)
+        strategies = types.ModuleType("ray.util.scheduling_strategies")
+        strategies.NodeAffinitySchedulingStrategy = lambda node_id, soft: (node_id, soft)
+        self.modules = {
+            "ray": self,
+            "ray.util": types.ModuleType("ray.util"),
+            "ray.util.scheduling_strategies": strategies,
+        }
+
+    def install(self, monkeypatch) -> None:
+        import sys
+
+        for name, module in self.modules.items():
+            monkeypatch.setitem(sys.modules, name, module)
+
+    def nodes(self):
+        dead = {"NodeID": "dead0000dead", "Alive": False, "NodeManagerAddress": "10.0.0.9"}
+        return [dead] + [
+            {"NodeID": f"{name}{'0' * 8}", "Alive": True, "NodeManagerAddress": f"10.0.0.{i}"}
+            for i, name in enumerate(self.answers)
+        ]
+
+    def remote(self, **options):
+        fake = self
+
+        class Task:
+            def __init__(self, strategy=None):
+                self.strategy = strategy
+
+            def options(self, scheduling_strategy):
+                return Task(scheduling_strategy)
+
+            def remote(self, storage):
+                node_id, soft = self.strategy
+                assert soft is False and options["num_cpus"] == 0
+                fake.placed.append(node_id)
+                return node_id[:-8]  # the "object ref": the node's name
+
+        return lambda fn: Task()
+
+    def wait(self, refs, num_returns, timeout):
+        late = [r for r in refs if self.answers[r] == "late"]
+        return [r for r in refs if r not in late], late
+
+    def cancel(self, ref, force):
+        self.cancelled.append(ref)
+
+    def get(self, ref):
+        answer = self.answers[ref]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_the_cluster_storage_check_runs_on_every_alive_node_and_names_the_one_that_fails(monkeypatch, capsys):
+    """A GPU node group with other credentials than the head's fails every trial placed on it:
+    the check runs once on each alive node, pinned there, and the refusal names the node."""
+    from remem_ray.config import load_sweep_spec
+    from remem_ray.errors import ResourceError
+    from remem_ray.sweep import driver
+
+    spec = load_sweep_spec(None, {"storage.root": "/tmp/remem-units-root"})
+    fake = _FakeClusterRay({"head": None, "gpua": None, "gpub": "storage: access denied to s3://b/p"})
+    fake.install(monkeypatch)
+    with pytest.raises(ResourceError) as refused:
+        driver.preflight_from_cluster(spec, "10.0.0.0:6379")
+    assert fake.placed == ["head00000000", "gpua00000000", "gpub00000000"]  # the dead node is skipped
+    message = str(refused.value)
+    assert message.startswith("storage: access denied to s3://b/p (checked from a node of the Ray cluster at")
+    assert "10.0.0.2 (gpub0000)" in message
+
+    late = _FakeClusterRay({"head": None, "gpua": "late"})  # a busy node is not waited for
+    late.install(monkeypatch)
+    driver.preflight_from_cluster(spec, "10.0.0.0:6379")
+    assert late.cancelled == ["gpua"] and "1 of the 2 nodes" in capsys.readouterr().err
+
+    broken = _FakeClusterRay({"head": None, "gpua": RuntimeError("ModuleNotFoundError: remem_ray")})
+    broken.install(monkeypatch)
+    with pytest.raises(ResourceError, match=r"node 10.0.0.1 \(gpua0000\) of the Ray cluster .* could not run"):
+        driver.preflight_from_cluster(spec, "10.0.0.0:6379")

@@ -387,35 +387,47 @@ def _preflight_here(storage: dict) -> str | None:
 
 
 def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
-    """The storage preflight again, from a node of the cluster at `address`: trials reach the
-    storage with the cluster's credentials and network, never the driver's (which are not sent
-    along), so a cluster that cannot use the root would fail every trial attempt. A cluster that
-    does not run the check within a minute (no node free to take it) is not waited for."""
+    """The storage preflight again, from every alive node of the cluster at `address`: trials
+    reach the storage with the nodes' credentials and network, never the driver's (which are not
+    sent along), so a node group that cannot use the root would fail every trial attempt placed
+    on it. Nodes that do not run the check within a minute are not waited for; nodes an
+    autoscaler starts later are not checked."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     check = ray.remote(num_cpus=0, max_retries=0)(_preflight_here)
-    pending = check.remote(spec.storage.model_dump(mode="json"))  # the root, endpoint and region: no keys
-    try:
-        problem = ray.get(pending, timeout=CLUSTER_PREFLIGHT_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
-        ray.cancel(pending, force=True)
+    storage = spec.storage.model_dump(mode="json")  # the root, endpoint and region: no keys
+    pending = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            where = f"{node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
+            pending[check.options(scheduling_strategy=on_node).remote(storage)] = where
+    _, late = ray.wait(list(pending), num_returns=len(pending), timeout=CLUSTER_PREFLIGHT_TIMEOUT_S)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    if late:
         print(
-            f"remem: the Ray cluster at {address} did not check the storage within "
-            f"{CLUSTER_PREFLIGHT_TIMEOUT_S:.0f} s; going on",
+            f"remem: {len(late)} of the {len(pending)} nodes of the Ray cluster at {address} did not check "
+            f"the storage within {CLUSTER_PREFLIGHT_TIMEOUT_S:.0f} s; going on",
             file=sys.stderr,
         )
-        return
-    except ray.exceptions.RayError as exc:  # remem_ray missing on the node, the worker died, ...
-        cause = getattr(exc, "cause", None) or exc
-        raise ResourceError(
-            f"--address: the Ray cluster at {address} could not run the storage check: "
-            f"{type(cause).__name__}: {one_line(cause)[:300]}"
-        ) from None
-    if problem:
-        raise ResourceError(
-            f"{problem} (checked from a node of the Ray cluster at {address}: trials reach the storage "
-            f"with the cluster's credentials and network, not this machine's)"
-        )
+    for ref, where in pending.items():
+        if ref in late:
+            continue
+        try:
+            problem = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # remem_ray missing on the node, the worker died, ...
+            cause = getattr(exc, "cause", None) or exc
+            raise ResourceError(
+                f"--address: node {where} of the Ray cluster at {address} could not run the storage check: "
+                f"{type(cause).__name__}: {one_line(cause)[:300]}"
+            ) from None
+        if problem:
+            raise ResourceError(
+                f"{problem} (checked from a node of the Ray cluster at {address}, {where}: trials reach the "
+                f"storage with the cluster's credentials and network, not this machine's)"
+            )
 
 
 def _url(address: str | None) -> str:
