@@ -511,7 +511,7 @@ class _FakeClusterRay:
     def __init__(self, answers: dict[str, object]) -> None:
         import types
 
-        self.answers, self.cancelled, self.placed = answers, [], []
+        self.answers, self.cancelled, self.placed, self.left = answers, [], [], set()
         self.exceptions = types.SimpleNamespace(RayError=RuntimeError)
         strategies = types.ModuleType("ray.util.scheduling_strategies")
         strategies.NodeAffinitySchedulingStrategy = lambda node_id, soft: (node_id, soft)
@@ -530,7 +530,7 @@ class _FakeClusterRay:
     def nodes(self):
         dead = {"NodeID": "dead0000dead", "Alive": False, "NodeManagerAddress": "10.0.0.9"}
         return [dead] + [
-            {"NodeID": f"{name}{'0' * 8}", "Alive": True, "NodeManagerAddress": f"10.0.0.{i}"}
+            {"NodeID": f"{name}{'0' * 8}", "Alive": name not in self.left, "NodeManagerAddress": f"10.0.0.{i}"}
             for i, name in enumerate(self.answers)
         ]
 
@@ -561,34 +561,40 @@ class _FakeClusterRay:
 
     def get(self, ref):
         answer = self.answers[ref]
+        if answer == "leaves":  # the node left the cluster before the check ran there
+            self.left.add(ref)
+            raise RuntimeError("TaskUnschedulableError: the node is gone")
         if isinstance(answer, Exception):
             raise answer
         return answer
 
 
-def test_the_cluster_storage_check_runs_on_every_alive_node_and_names_the_one_that_fails(monkeypatch, capsys):
+def test_the_cluster_storage_check_runs_on_every_alive_node_and_names_the_ones_that_fail(monkeypatch, capsys):
     """A GPU node group with other credentials than the head's fails every trial placed on it:
-    the check runs once on each alive node, pinned there, and the refusal names the node."""
+    the check runs once on each alive node, pinned there, and the refusal names every node that
+    failed (all answers read: none left for Ray to report as an unhandled error)."""
     from remem_ray.config import load_sweep_spec
     from remem_ray.errors import ResourceError
     from remem_ray.sweep import driver
 
     spec = load_sweep_spec(None, {"storage.root": "/tmp/remem-units-root"})
-    fake = _FakeClusterRay({"head": None, "gpua": None, "gpub": "storage: access denied to s3://b/p"})
+    denied = "storage: access denied to s3://b/p"
+    fake = _FakeClusterRay({"head": None, "gpua": denied, "gpub": denied, "gpuc": "late"})
     fake.install(monkeypatch)
     with pytest.raises(ResourceError) as refused:
         driver.preflight_from_cluster(spec, "10.0.0.0:6379")
-    assert fake.placed == ["head00000000", "gpua00000000", "gpub00000000"]  # the dead node is skipped
+    assert fake.placed == ["head00000000", "gpua00000000", "gpub00000000", "gpuc00000000"]  # not the dead node
     message = str(refused.value)
-    assert message.startswith("storage: access denied to s3://b/p (checked from a node of the Ray cluster at")
-    assert "10.0.0.2 (gpub0000)" in message
+    assert message.startswith(f"{denied} (checked from a node of the Ray cluster at 10.0.0.0:6379, ")
+    assert "10.0.0.1 (gpua0000), 10.0.0.2 (gpub0000)" in message
+    assert "going on" not in capsys.readouterr().err  # no "going on" before a stop
 
-    late = _FakeClusterRay({"head": None, "gpua": "late"})  # a busy node is not waited for
+    late = _FakeClusterRay({"head": None, "gpua": "late", "gpub": "leaves"})  # not waited for, not blamed
     late.install(monkeypatch)
     driver.preflight_from_cluster(spec, "10.0.0.0:6379")
-    assert late.cancelled == ["gpua"] and "1 of the 2 nodes" in capsys.readouterr().err
+    assert late.cancelled == ["gpua"] and "not checked from 2 of the 3 nodes" in capsys.readouterr().err
 
     broken = _FakeClusterRay({"head": None, "gpua": RuntimeError("ModuleNotFoundError: remem_ray")})
     broken.install(monkeypatch)
-    with pytest.raises(ResourceError, match=r"node 10.0.0.1 \(gpua0000\) of the Ray cluster .* could not run"):
+    with pytest.raises(ResourceError, match=r"could not run: RuntimeError: .* 10.0.0.1 \(gpua0000\)"):
         driver.preflight_from_cluster(spec, "10.0.0.0:6379")

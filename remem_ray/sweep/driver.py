@@ -390,8 +390,8 @@ def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
     """The storage preflight again, from every alive node of the cluster at `address`: trials
     reach the storage with the nodes' credentials and network, never the driver's (which are not
     sent along), so a node group that cannot use the root would fail every trial attempt placed
-    on it. Nodes that do not run the check within a minute are not waited for; nodes an
-    autoscaler starts later are not checked."""
+    on it. Nodes that do not run the check within a minute are not waited for, nor are nodes
+    that left the cluster meanwhile; nodes an autoscaler starts later are not checked."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -402,32 +402,46 @@ def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
         if node.get("Alive"):
             on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
             where = f"{node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
-            pending[check.options(scheduling_strategy=on_node).remote(storage)] = where
-    _, late = ray.wait(list(pending), num_returns=len(pending), timeout=CLUSTER_PREFLIGHT_TIMEOUT_S)
+            pending[check.options(scheduling_strategy=on_node).remote(storage)] = (node["NodeID"], where)
+    _, late_refs = ray.wait(list(pending), num_returns=len(pending), timeout=CLUSTER_PREFLIGHT_TIMEOUT_S)
+    late = set(late_refs)
     for ref in late:
         ray.cancel(ref, force=True)
-    if late:
-        print(
-            f"remem: {len(late)} of the {len(pending)} nodes of the Ray cluster at {address} did not check "
-            f"the storage within {CLUSTER_PREFLIGHT_TIMEOUT_S:.0f} s; going on",
-            file=sys.stderr,
-        )
-    for ref, where in pending.items():
+    problems: dict[str, list[str]] = {}  # message -> the nodes that gave it
+    gone = []
+    for ref, (node_id, where) in pending.items():
         if ref in late:
             continue
         try:
             problem = ray.get(ref)
-        except ray.exceptions.RayError as exc:  # remem_ray missing on the node, the worker died, ...
+        except ray.exceptions.RayError as exc:  # remem_ray missing on the node, the node left, ...
+            if not _node_alive(node_id):
+                gone.append(where)
+                continue
             cause = getattr(exc, "cause", None) or exc
-            raise ResourceError(
-                f"--address: node {where} of the Ray cluster at {address} could not run the storage check: "
-                f"{type(cause).__name__}: {one_line(cause)[:300]}"
-            ) from None
+            problem = f"--address: the storage check could not run: {type(cause).__name__}: {one_line(cause)[:300]}"
         if problem:
-            raise ResourceError(
-                f"{problem} (checked from a node of the Ray cluster at {address}, {where}: trials reach the "
-                f"storage with the cluster's credentials and network, not this machine's)"
-            )
+            problems.setdefault(problem, []).append(where)
+    if problems:
+        problem, nodes = next(iter(problems.items()))
+        more = f"; {len(problems) - 1} other problem(s) on other nodes" if len(problems) > 1 else ""
+        raise ResourceError(
+            f"{problem} (checked from a node of the Ray cluster at {address}, {', '.join(nodes)}{more}: trials "
+            f"reach the storage with the cluster's credentials and network, not this machine's)"
+        )
+    if late or gone:
+        print(
+            f"remem: the storage was not checked from {len(late) + len(gone)} of the {len(pending)} nodes of "
+            f"the Ray cluster at {address} (no answer within {CLUSTER_PREFLIGHT_TIMEOUT_S:.0f} s, or left the "
+            f"cluster); going on",
+            file=sys.stderr,
+        )
+
+
+def _node_alive(node_id: str) -> bool:
+    import ray
+
+    return any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
 
 
 def _url(address: str | None) -> str:

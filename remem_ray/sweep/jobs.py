@@ -41,6 +41,13 @@ def submit_sweep(spec: SweepSpec, address: str, ship_package: bool = False) -> s
     """Submit a validated sweep as a Ray job; returns the job id."""
     client = jobs_client(address)
     staging = Path(tempfile.mkdtemp(prefix="remem-job-"))
+    try:  # submit_job has uploaded the working dir to the cluster by the time it returns
+        return _submit(client, spec, address, staging, ship_package)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _submit(client, spec: SweepSpec, address: str, staging: Path, ship_package: bool) -> str:
     (staging / "sweep.yaml").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     runtime_env: dict = {
         "working_dir": str(staging),
@@ -63,8 +70,6 @@ def submit_sweep(spec: SweepSpec, address: str, ship_package: bool = False) -> s
             f"--address: job submission to {address} failed: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
-    finally:  # submit_job has uploaded the working dir to the cluster by the time it returns
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _known_job(client, job_id: str):

@@ -37,10 +37,13 @@ class SweepLog:
     def __init__(self, experiment: Storage) -> None:
         self.experiment = experiment
         self.remote = experiment.uri().startswith("s3://")
+        self._closed = False
         if self.remote:
+            # a resumed sweep goes on with its log (read first: a failed read leaves no folder)
+            earlier = experiment.read_bytes(LOG_FILE) if experiment.is_file(LOG_FILE) else None
             self.path = Path(tempfile.mkdtemp(prefix="remem-log-")) / LOG_FILE
-            if experiment.is_file(LOG_FILE):  # a resumed sweep goes on with its log
-                self.path.write_bytes(experiment.read_bytes(LOG_FILE))
+            if earlier is not None:
+                self.path.write_bytes(earlier)
         else:
             self.path = Path(experiment.path(LOG_FILE))
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +52,8 @@ class SweepLog:
 
     def write(self, line: str) -> None:
         with self._lock:
+            if self._closed:  # a line in flight from another thread as the sweep ends
+                return
             self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line.rstrip()}\n")
             self._file.flush()
 
@@ -59,6 +64,9 @@ class SweepLog:
             self.experiment.write_bytes(LOG_FILE, data)
 
     def close(self) -> None:
+        with self._lock:  # first: no line lands after the copy is taken
+            self._closed = True
+            self._file.close()
         copied = True
         try:
             self.sync()
@@ -69,8 +77,6 @@ class SweepLog:
                 f"(it stays in {self.path}): {exc}",
                 file=sys.stderr,
             )
-        with self._lock:
-            self._file.close()
         if self.remote and copied:  # the bucket has it
             shutil.rmtree(self.path.parent, ignore_errors=True)
 

@@ -305,6 +305,14 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
     the pipelines draw order and views from (seed, epoch): a run resumed at epoch k + 1 goes on
     exactly as the uninterrupted one, with no RNG state to carry (or to get wrong per rank).
     """
+    try:
+        return _epochs(ctx, task)
+    finally:  # a failed run's too (a stopped run's process is ended: the next ScalarLog sweeps it)
+        if ctx.scalars is not None:
+            ctx.scalars.close()
+
+
+def _epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
     ctx.started["task_built_at"] = time.time()  # its models built, teacher loaded, targets ready
     history: list[dict[str, Any]] = []
     start = 1
@@ -370,6 +378,4 @@ def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         ctx.session.report(metrics, state=state)
         if ctx.is_writer:
             hold_if_asked(ctx.role, epoch, ctx.output.uri())
-    if ctx.scalars is not None:
-        ctx.scalars.close()
     return history

@@ -35,13 +35,48 @@ TAGS = {
 }
 
 
+STAGING_ROOT = Path(tempfile.gettempdir()) / "remem-tb"  # s3:// runs' local copies, one folder a run
+STALE_STAGING_S = 24 * 3600.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale_staging(root: Path = STAGING_ROOT, older_than_s: float = STALE_STAGING_S) -> None:
+    """Remove the staging folders of runs whose process is gone (a stopped run's process is
+    ended, so its close() never ran). Named `<pid>-...`; a folder is removed only if that pid is
+    not alive here and it was untouched for `older_than_s`: a live run in another PID namespace
+    sharing this /tmp writes its folder every epoch."""
+    now = time.time()
+    for folder in root.iterdir() if root.is_dir() else ():
+        pid = folder.name.split("-", 1)[0]
+        try:
+            stale = pid.isdigit() and not _alive(int(pid)) and now - folder.stat().st_mtime > older_than_s
+        except OSError:  # removed meanwhile by another run's sweep
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class ScalarLog:
     def __init__(self, target: Storage) -> None:
         from tensorboardX.event_file_writer import EventsWriter
 
         self.target = target
         self.remote = target.uri().startswith("s3://")
-        self.folder = Path(tempfile.mkdtemp(prefix="remem-tb-")) if self.remote else Path(target.path())
+        if self.remote:
+            STAGING_ROOT.mkdir(parents=True, exist_ok=True)
+            sweep_stale_staging()
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=STAGING_ROOT))
+        else:
+            self.folder = Path(target.path())
         self.folder.mkdir(parents=True, exist_ok=True)
         self.writer = EventsWriter(str(self.folder / "events"), filename_suffix=f".{os.getpid()}")
 
