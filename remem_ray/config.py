@@ -653,6 +653,11 @@ class ResourcesConfig(StrictModel):
         """GPUs a trial holds at its peak (teacher and student phases run one after the other)."""
         return max(r.num_workers * r.gpus() for r in (self.teacher, self.student))
 
+    def one_run_for_both_phases(self) -> bool:
+        """Whether a trial that trains its teacher distils in the same Train run: only when both
+        phases take the same workers (an `auto` share counts as the same until it is sized)."""
+        return self.teacher == self.student
+
     def auto_roles(self) -> list[str]:
         """The roles whose GPU share the sweep driver sizes (gpus_per_worker: auto)."""
         return [role for role in ("teacher", "student") if getattr(self, role).gpus_per_worker == AUTO]

@@ -341,16 +341,19 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
                 yield console, sized
 
 
-def cluster_nodes():
-    """The connected cluster's alive nodes: GPUs, CPUs and GPU model of each."""
+def _alive_nodes() -> list[dict]:
+    """Ray's records of the connected cluster's alive nodes."""
     import ray
 
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def cluster_nodes():
+    """The connected cluster's alive nodes: GPUs, CPUs and GPU model of each."""
     from remem_ray.sweep.gpu_shares import NodeResources
 
     found = []
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
+    for node in _alive_nodes():
         resources = node.get("Resources") or {}
         kinds = [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
         gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 0.0))
@@ -398,11 +401,10 @@ def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
     check = ray.remote(num_cpus=0, max_retries=0)(_preflight_here)
     storage = spec.storage.model_dump(mode="json")  # the root, endpoint and region: no keys
     pending = {}
-    for node in ray.nodes():
-        if node.get("Alive"):
-            on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            where = f"{node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
-            pending[check.options(scheduling_strategy=on_node).remote(storage)] = (node["NodeID"], where)
+    for node in _alive_nodes():
+        on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        where = f"{node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
+        pending[check.options(scheduling_strategy=on_node).remote(storage)] = (node["NodeID"], where)
     _, late_refs = ray.wait(list(pending), num_returns=len(pending), timeout=CLUSTER_PREFLIGHT_TIMEOUT_S)
     late = set(late_refs)
     for ref in late:
@@ -415,7 +417,7 @@ def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
         try:
             problem = ray.get(ref)
         except ray.exceptions.RayError as exc:  # remem_ray missing on the node, the node left, ...
-            if not _node_alive(node_id):
+            if node_id not in {n["NodeID"] for n in _alive_nodes()}:
                 gone.append(where)
                 continue
             cause = getattr(exc, "cause", None) or exc
@@ -436,12 +438,6 @@ def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
             f"cluster); going on",
             file=sys.stderr,
         )
-
-
-def _node_alive(node_id: str) -> bool:
-    import ray
-
-    return any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
 
 
 def _url(address: str | None) -> str:

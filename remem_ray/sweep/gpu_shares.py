@@ -106,13 +106,12 @@ def resolve_gpu_shares(spec: SweepSpec, nodes: list[NodeResources], probe: Probe
             shares[role], why[role] = 1.0, f"not measured (GPUs of several kinds: {', '.join(kinds)}): a whole GPU"
     elif single:
         _measured(spec, single, probe, shares, why)
-    if len(roles) == 2 and res.teacher.num_workers == res.student.num_workers:
-        if res.teacher.cpus_per_worker == res.student.cpus_per_worker:  # one run for both phases
-            larger = max(shares.values())
-            for role in roles:
-                if shares[role] != larger:
-                    why[role] += "; it shares a run with the other role, so it takes that role's larger share"
-            shares = {role: larger for role in roles}
+    if res.one_run_for_both_phases():  # both auto on the same workers: keep them so once sized
+        larger = max(shares.values())
+        for role in roles:
+            if shares[role] != larger:
+                why[role] += "; it shares a run with the other role, so it takes that role's larger share"
+        shares = {role: larger for role in roles}
     raw: dict[str, Any] = spec.model_dump(mode="json")
     for role, share in shares.items():
         raw["sweep"]["resources"][role]["gpus_per_worker"] = share
@@ -202,7 +201,7 @@ def sizing_record(sized: SweepSpec, measured: list[StepMemory]) -> dict[str, Any
         roles.setdefault(role, {"gpus_per_worker": getattr(res, role).gpus()})
     return {
         "roles": roles,
-        "teacher_run_distils": res.teacher == res.student,  # one run for both phases (sweep/trial.py)
+        "teacher_run_distils": res.one_run_for_both_phases(),
         "max_concurrent_trials": sized.max_concurrent_trials(),
         "process_mb": PROCESS_MB,
     }

@@ -327,7 +327,7 @@ class TrialRuns:
         resources = spec.sweep.resources
         # A trial restarted with a student run of its own already (its teacher found corrupt
         # since, say) keeps that run for its student: a run with a checkpoint skips its teacher phase.
-        together = resources.teacher == resources.student and not self.student_run_exists()
+        together = resources.one_run_for_both_phases() and not self.student_run_exists()
         output = registry.output(key, handle.generation)
         epoch = run_spec.student.teacher_epoch
         teacher = LoopConfig(

@@ -24,14 +24,7 @@ from remem_ray.data import DataSplits, build_datasets, device_store_bytes, num_i
 from remem_ray.insight.information import LOGITS_BATCH
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import create_model, normalizer_for, reweight_mlp
-from remem_ray.train.common import (
-    autocast,
-    build_optimizer,
-    build_sam,
-    eval_batch_size,
-    pick_device,
-    prefers_channels_last,
-)
+from remem_ray.train.common import autocast, build_optimizer, build_sam, eval_batch_size, pick_device, runnable_model
 from remem_ray.train.steps import distillation_step, sam_step
 from remem_ray.train.targets import TARGETS_BATCH
 
@@ -50,19 +43,21 @@ def _model(spec: RunSpec, role: str, device: torch.device) -> tuple[torch.nn.Mod
     section = getattr(spec, role)
     # the architecture only: weights change no memory, and fetching them would cost the probe minutes
     model = create_model(section.model, spec.data.num_classes, spec.data.img_size, section.model_kwargs).to(device)
-    channels_last = prefers_channels_last(model, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model, channels_last
+    return runnable_model(model, device, compile_model=False)  # eager: see the module's docstring
 
 
-def _cached_targets_pass(spec: RunSpec, device: torch.device) -> None:
-    """A student's run on cached targets builds them first: its teacher on the device, a batch
-    of views through it as compute_targets runs them; then the teacher goes, as in StudentTask."""
+def _teacher_forward(spec: RunSpec, device: torch.device, batch: int) -> Callable[[], torch.Tensor]:
+    """The frozen teacher's forward over a batch, as OnlineTargets and compute_targets run it."""
     teacher, channels_last = _model(spec, "teacher", device)
     teacher.eval().requires_grad_(False)
-    with torch.no_grad(), autocast(device):
-        teacher(normalizer_for(teacher).to(device)(_images(spec, TARGETS_BATCH, device, channels_last)))
+    normalizer = normalizer_for(teacher).to(device)
+    images = _images(spec, batch, device, channels_last)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad(), autocast(device):
+            return teacher(normalizer(images)).float()
+
+    return forward
 
 
 def role_steps(
@@ -74,7 +69,8 @@ def role_steps(
     section = getattr(spec, role)
     batch, labels_max = section.batch_size, spec.data.num_classes
     if role == "student" and section.teacher_targets == "cached":
-        _cached_targets_pass(spec, device)
+        # the run builds its targets first; the teacher goes before the student arrives (StudentTask)
+        _teacher_forward(spec, device, TARGETS_BATCH)()
     model, channels_last = _model(spec, role, device)
     normalizer = normalizer_for(model).to(device)
     labels = torch.randint(0, labels_max, (batch,), device=device)
@@ -107,14 +103,7 @@ def role_steps(
     optimizer = build_optimizer(model, section.optimizer)
     loss_fn = DistillationLoss(section.kd.loss, section.kd.temperature, section.kd.weight)
     if section.teacher_targets == "online":
-        teacher, teacher_channels_last = _model(spec, "teacher", device)
-        teacher.eval().requires_grad_(False)
-        teacher_normalizer = normalizer_for(teacher).to(device)
-        teacher_images = _images(spec, batch, device, teacher_channels_last)
-
-        def targets() -> torch.Tensor:
-            with torch.no_grad(), autocast(device):  # as OnlineTargets runs it
-                return teacher(teacher_normalizer(teacher_images)).float()
+        targets = _teacher_forward(spec, device, batch)
     else:
         cached = torch.randn(batch, labels_max, device=device)
 
