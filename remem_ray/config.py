@@ -685,7 +685,7 @@ class SweepConfig(StrictModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_failures: int = Field(2, ge=0, le=100, description="retries of a failed trial / Train run")
     teacher_wait_timeout_s: float = Field(
-        6 * 3600, gt=0, description="longest a trial waits for another's teacher, or student"
+        6 * 3600, gt=0, description="longest a trial waits for another's teacher or student, or for a Train run slot"
     )
     lease_stale_after_s: float = Field(
         LEASE_STALE_AFTER_S,

@@ -242,3 +242,51 @@ def test_a_teacher_holder_paused_past_the_stale_window_changes_nothing_once_it_w
 def _published_by(registry: TeacherRegistry, key: str, generation: int) -> bool:
     in_use = registry.set_in_use(key)
     return in_use is not None and in_use.uri() == registry.output(key, generation).uri()
+
+
+def test_trials_released_at_once_by_a_stored_teacher_wait_for_a_run_slot_not_in_rays_queue(tmp_path):
+    """Three trials, two slots: two share a teacher (one trains it, one waits for it without a
+    slot) and the third trains another. The shared teacher is stored while both Train runs are
+    held: the waiting trial must queue for a run slot in the trial (holding nothing), not start
+    a third Train run whose workers Ray would queue against `worker_start_timeout_s`. It runs
+    once the trial holding its teacher's run has finished. (Before run slots existed, it called
+    fit() at once.)"""
+    shared = {**LEARNING_POINT, "rho": 0.05, "teacher_epoch": 2}
+    other = {**LEARNING_POINT, "rho": 0.0, "teacher_epoch": 4}
+    points = [shared, {**shared, "teacher_epoch": 4}, other]
+    path = _spec(tmp_path, "crowd", points_to_evaluate=points, num_samples=3, max_concurrent_trials=2)
+    spec = yaml.safe_load(path.read_text())
+    spec["student"]["epochs"] = 2
+    # a third run's workers would fit beside two (2 CPUs): without the gate it would start
+    spec["sweep"]["resources"].update({"teacher": {"num_workers": 1, "cpus_per_worker": 0.5}})
+    spec["sweep"]["resources"].update({"student": {"num_workers": 1, "cpus_per_worker": 0.5}})
+    path.write_text(yaml.safe_dump(spec))
+    from remem_ray.config import SweepSpec
+
+    other_key = SweepSpec.model_validate(spec).run_spec(other).teacher_key(1)
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    # the shared teacher's run, at its first student epoch; the other teacher's run, at its first epoch
+    hold_at = f"student:1,teacher:1@{other_key}"
+    env = {**remem_env(tmp_path), "REMEM_TEST_HOLD_AT": hold_at, "REMEM_TEST_HOLD_DIR": str(holds)}
+    proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, env)
+    try:
+        _wait_until(lambda: _claimed(holds, "student:1") is not None, proc, 300, "the shared teacher's student")
+        _wait_until(lambda: _claimed(holds, "teacher:1") is not None, proc, 300, "the other teacher's run")
+        waiting = "waiting for a Train run slot (2 of 2 running, 0 ahead)"
+        _wait_until(lambda: waiting in proc.log_path.read_text(), proc, 120, "the third trial to queue")
+        released_at = time.time()
+        (holds / "student-1.release").touch()
+        (holds / "teacher-1.release").touch()
+        proc.wait(400)
+    finally:
+        tree.kill_all()
+    out = proc.log_path.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    experiment = tmp_path / "results" / "sweeps" / "crowd"
+    summary = json.loads((experiment / "summary.json").read_text())
+    assert [r["state"] for r in summary["trials"]] == ["TERMINATED"] * 3
+    assert summary["teacher_trainings_performed"] == 2
+    (reuser,) = [r for r in summary["trials"] if not r["teacher_trained"]]
+    rows = _rows(experiment, reuser["trial_id"])
+    assert len(rows) == 2 and all(row["fit_called_at"] > released_at for row in rows)

@@ -301,6 +301,7 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
         sizing_record,
     )
     from remem_ray.sweep.progress import sweep_console
+    from remem_ray.sweep.run_slots import run_slot_book
     from remem_ray.sweep.slots import driver_limit
 
     with _stable_working_dir(), ray_session(address, verbose) as dashboard:
@@ -337,7 +338,7 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
             if note:
                 console.show(note)
             # a resumed sweep's searcher comes back with the limit it was first sized with
-            with driver_limit(spec, sized.max_concurrent_trials()):
+            with driver_limit(spec, sized.max_concurrent_trials()), run_slot_book(spec, sized.max_concurrent_trials()):
                 yield console, sized
 
 

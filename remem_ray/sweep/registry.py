@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from remem_ray.checkpoint_files import checkpoint_name, is_complete, verify_checkpoint
 from remem_ray.config import LEASE_STALE_AFTER_S
@@ -175,6 +176,14 @@ def _has_any_checkpoint(folder: Storage) -> bool:
     return any(name.startswith("epoch_") for name in folder.list_dir())
 
 
+class Renewable(Protocol):
+    """What a heartbeat keeps alive: a Lease, or a run slot (sweep/run_slots.py)."""
+
+    def renew(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
 class Heartbeat:
     """Renews a held lease from a background thread while the holder trains; `lost` is set
     (and renewing ends) once the lease has passed to another holder.
@@ -183,7 +192,7 @@ class Heartbeat:
     trial, ASHA's stop included), with no `finally` to run in the thread blocked on the Train run:
     the lease is released then, so waiters take the key at once, not after the stale window."""
 
-    def __init__(self, lease: Lease, every_s: float, stopping: threading.Event | None = None) -> None:
+    def __init__(self, lease: Renewable, every_s: float, stopping: threading.Event | None = None) -> None:
         self._lease, self._every, self._stopping = lease, every_s, stopping
         self.lost = threading.Event()
         self._stop = threading.Event()

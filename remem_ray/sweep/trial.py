@@ -41,6 +41,7 @@ from remem_ray.sweep.registry import (
     TeacherRegistry,
     Waiter,
 )
+from remem_ray.sweep.run_slots import run_slot
 from remem_ray.sweep.students import (
     StudentFinished,
     StudentRecord,
@@ -339,16 +340,16 @@ class TrialRuns:
             label=f"trial {self.trial_id} teacher {key[:8]}",
             tensorboard=self.layout.tensorboard(f"teacher_{key}").uri(),
         )
-        student = self._student_config(output.uri(checkpoint_name(epoch)), True) if together else None
         if together:
             run = self._student_run()
         else:  # a teacher-only run: the student takes other workers
             run = train_run_config(TRAIN_RUN, output, spec.sweep.max_failures)
-        # pickled: Train's controller unpickles the config, and importing this module would cost
-        # every teacher's start seconds
-        config = PhasesConfig(teacher, student, on_teacher_done=pickle.dumps(finished))
-        timeout = spec.sweep.worker_start_timeout_s
-        make_trainer(teach_then_distil_in_worker, config, resources.teacher, resources.backend, run, timeout).fit()
+        with self._run_slot():
+            student = self._student_config(output.uri(checkpoint_name(epoch)), True) if together else None
+            # pickled: Train's controller unpickles the config, and importing this module would cost
+            # every teacher's start seconds
+            config = PhasesConfig(teacher, student, on_teacher_done=pickle.dumps(finished))
+            self._fit(teach_then_distil_in_worker, config, resources.teacher, run)
         self.distilled = together and finished.done()
 
     def fit_student(self, trained: bool) -> None:
@@ -358,11 +359,19 @@ class TrialRuns:
         world_size = self.spec.sweep.resources.teacher.num_workers
         in_use = self.registry.set_in_use(self.key, self.run_spec.legacy_teacher_keys(world_size))
         assert in_use is not None  # ensure_teacher made sure of it
-        config = self._student_config(in_use.checkpoint_uri(epoch), trained)
-        resources = self.spec.sweep.resources
         run = self._student_run()
-        timeout = self.spec.sweep.worker_start_timeout_s
-        make_trainer(distill_student_in_worker, config, resources.student, resources.backend, run, timeout).fit()
+        with self._run_slot():
+            config = self._student_config(in_use.checkpoint_uri(epoch), trained)
+            self._fit(distill_student_in_worker, config, self.spec.sweep.resources.student, run)
+
+    def _run_slot(self):
+        """Held around each Train run, from before its config is built (`fit_called_at` then
+        counts from the end of the wait): sweep/run_slots.py says why."""
+        return run_slot(self.spec, self.trial_id, self.spec.sweep.teacher_wait_timeout_s, self.stopping)
+
+    def _fit(self, loop, config: LoopConfig | PhasesConfig, resources: WorkerResources, run) -> None:
+        sweep = self.spec.sweep
+        make_trainer(loop, config, resources, sweep.resources.backend, run, sweep.worker_start_timeout_s).fit()
 
 
 def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:

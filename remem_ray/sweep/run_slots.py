@@ -1,0 +1,182 @@
+"""At most `max_concurrent` Train runs of a sweep at once: a trial takes a run slot before each
+fit() and gives it back after, in the order trials asked, from one small actor the driver owns.
+
+Why: the searcher (sweep/slots.py) admits trials that wait for another's teacher without
+counting them, since they hold no GPU while they wait. Once that teacher is stored they all want
+a Train run at the same moment, up to twice `max_concurrent` of them. Without this gate Ray would
+queue their workers, the queued time would count against `worker_start_timeout_s`, and Train
+would fail and retry runs that only waited their turn. Here they wait before fit(), holding
+nothing, and each run's start timeout measures a start.
+
+The book describes what runs rather than granting a right to write, so it needs no fencing:
+a holder renews its slot from a heartbeat thread while its run goes; a slot not renewed for the
+stale window is freed (its trial died without its `finally`); a renewal of a freed slot counts
+the run again (the book then shows more runs than slots, which is the truth); a restarted trial
+(the same trial id) finds its slot still its own. A trial that stopped asking (it died while
+queued) leaves the queue after QUEUE_FORGET_S.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from remem_ray.config import SweepSpec
+from remem_ray.console import say
+
+POLL_S = 1.0  # a queued trial asks again this often
+QUEUE_FORGET_S = 30.0  # a queued trial not heard from this long has gone
+CALL_TIMEOUT_S = 30.0  # one call to the book's actor
+
+
+@dataclass(frozen=True)
+class SlotState:
+    running: int
+    slots: int
+    ahead: int  # trials queued before the one asking
+
+
+class RunSlotBook:
+    """Who runs a Train run now, and who waits for one, in arrival order (plain logic; the driver
+    runs it as a Ray actor)."""
+
+    def __init__(self, slots: int, stale_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.slots, self.stale_after_s, self._clock = slots, stale_after_s, clock
+        self._running: dict[str, float] = {}  # holder -> last renewal
+        self._queue: dict[str, float] = {}  # holder -> last ask, in arrival order
+
+    def take(self, holder: str) -> bool:
+        """Take a slot for `holder` if one is free and nobody asked before it; else queue it."""
+        now = self._clock()
+        self._forget(now)
+        if holder in self._running:  # its own, from before a restart
+            self._running[holder] = now
+            return True
+        self._queue.setdefault(holder, now)
+        self._queue[holder] = now
+        free = self.slots - len(self._running)
+        if free > 0 and holder in list(self._queue)[:free]:
+            del self._queue[holder]
+            self._running[holder] = now
+            return True
+        return False
+
+    def renew(self, holder: str) -> None:
+        self._running[holder] = self._clock()
+        self._queue.pop(holder, None)
+
+    def release(self, holder: str) -> None:
+        self._running.pop(holder, None)
+        self._queue.pop(holder, None)
+
+    def state(self, holder: str) -> SlotState:
+        queued = list(self._queue)
+        ahead = queued.index(holder) if holder in queued else len(queued)
+        return SlotState(len(self._running), self.slots, ahead)
+
+    def _forget(self, now: float) -> None:
+        for holder, renewed in list(self._running.items()):
+            if now - renewed > self.stale_after_s:
+                del self._running[holder]
+        for holder, asked in list(self._queue.items()):
+            if now - asked > QUEUE_FORGET_S:
+                del self._queue[holder]
+
+
+def book_name(spec: SweepSpec) -> str:
+    """The book's actor name: one per sweep (two sweeps may run from one process)."""
+    digest = hashlib.sha1(f"{spec.storage.root}\n{spec.name}".encode()).hexdigest()[:16]
+    return f"remem-run-slots-{digest}"
+
+
+@contextlib.contextmanager
+def run_slot_book(spec: SweepSpec, slots: int) -> Iterator[None]:
+    """The driver's side: the sweep's book, as a named actor, while the block runs. The actor
+    takes no CPU and dies with the driver, as the trials do."""
+    import ray
+
+    # no resources: Ray's default (hybrid) policy places it on its owner's node, the driver's, when it can;
+    # if its node goes, trials run ungated (each says so), never fail for it
+    actor_class: Any = ray.remote(num_cpus=0, max_restarts=0)(RunSlotBook)
+    book = actor_class.options(name=book_name(spec)).remote(slots, spec.sweep.lease_stale_after_s)
+    ray.get(book.state.remote(""), timeout=CALL_TIMEOUT_S)  # up before the first trial asks
+    try:
+        yield
+    finally:
+        ray.kill(book)
+
+
+class _Slot:
+    """One trial's hold on a run slot, renewed by a registry.Heartbeat (renew/release as a lease's)."""
+
+    def __init__(self, book, holder: str) -> None:
+        self._book, self._holder = book, holder
+
+    def renew(self) -> bool:
+        with contextlib.suppress(Exception):  # a book gone (the driver ending) stops nothing
+            _call(self._book.renew, self._holder)
+        return True  # a run that is going goes on: the book counts it again if it had dropped it
+
+    def release(self) -> None:
+        with contextlib.suppress(Exception):
+            _call(self._book.release, self._holder)
+
+
+def _call(method, *args):
+    import ray
+
+    return ray.get(method.remote(*args), timeout=CALL_TIMEOUT_S)
+
+
+def _queued_note(book, trial_id: str) -> str:
+    """The waiting line (asked of the book only when the Waiter prints it)."""
+    state: SlotState = _call(book.state, trial_id)
+    ahead = f"{state.running} of {state.slots} running, {state.ahead} ahead"
+    return f"trial {trial_id}: waiting for a Train run slot ({ahead})"
+
+
+def _find_book(spec: SweepSpec):
+    import ray
+
+    if not ray.is_initialized():  # the runs called outside Ray (tests of the trial's own logic)
+        return None
+    try:
+        return ray.get_actor(book_name(spec))
+    except ValueError:  # the trial runs without our driver (a Tuner built by hand): no gate
+        return None
+
+
+@contextlib.contextmanager
+def run_slot(
+    spec: SweepSpec, trial_id: str, timeout_s: float, stopping: threading.Event | None = None
+) -> Iterator[None]:
+    """A trial's side: hold a run slot while the block (one fit()) runs. Waits in line first,
+    with a line now and then; a book that cannot be reached lets the run go (a lost gate costs
+    at worst the queueing it exists to spare, never the trial)."""
+    import ray
+
+    from remem_ray.sweep.registry import HEARTBEAT_S, Heartbeat, Waiter
+
+    book = _find_book(spec)
+    if book is not None:
+        waiter = Waiter("a Train run slot", timeout_s, POLL_S)
+        try:
+            while not _call(book.take, trial_id):
+                waiter.wait(lambda: _queued_note(book, trial_id))
+        except ray.exceptions.RayError as exc:  # the actor gone, or a call timed out
+            say(f"trial {trial_id}: the sweep's run-slot book is unreachable ({type(exc).__name__}); starting its run")
+            book = None
+    if book is None:
+        yield
+        return
+    slot = _Slot(book, trial_id)
+    try:
+        with Heartbeat(slot, HEARTBEAT_S, stopping):
+            yield
+    finally:
+        slot.release()

@@ -1,0 +1,169 @@
+"""The run-slot book: at most `slots` Train runs at once, taken in the order trials asked."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from remem_ray.config import SweepSpec
+from remem_ray.sweep import run_slots
+from remem_ray.sweep.run_slots import QUEUE_FORGET_S, RunSlotBook, SlotState, book_name
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _book(slots: int = 2, stale_after_s: float = 60.0) -> tuple[RunSlotBook, Clock]:
+    clock = Clock()
+    return RunSlotBook(slots, stale_after_s, clock), clock
+
+
+def test_a_crowd_released_at_once_runs_slots_at_a_time_in_the_order_it_asked():
+    book, _ = _book(slots=2)
+    assert book.take("a") and book.take("b")
+    for waiter in ("c", "d", "e"):
+        assert not book.take(waiter)
+    assert book.state("d") == SlotState(running=2, slots=2, ahead=1)
+    book.release("a")
+    assert not book.take("e")  # c asked first: the free slot is c's, even if e asks before c again
+    assert not book.take("d")
+    assert book.take("c")
+    book.release("b")
+    book.release("c")
+    assert book.take("e") and book.take("d")  # two free slots: the first two in line take them
+    assert book.state("x") == SlotState(running=2, slots=2, ahead=0)
+
+
+def test_a_restarted_trial_finds_its_slot_still_its_own():
+    book, _ = _book(slots=1)
+    assert book.take("a")
+    assert not book.take("b")
+    assert book.take("a")  # the same trial id, after Tune restarted it
+    assert book.state("b").running == 1
+
+
+def test_a_slot_whose_holder_stopped_renewing_is_freed_after_the_stale_window():
+    book, clock = _book(slots=1, stale_after_s=60)
+    assert book.take("a")
+    clock.now = 50
+    book.renew("a")
+    assert not book.take("b")
+    clock.now = 105  # 55 s since a's last renewal: still a's
+    assert not book.take("b")
+    clock.now = 111  # 61 s: a died without its finally
+    assert book.take("b")
+    book.renew("a")  # a was only slow: the book counts its run again (the truth) rather than lose it
+    assert book.state("c") == SlotState(running=2, slots=1, ahead=0)
+    assert not book.take("c")
+
+
+def test_a_trial_that_stopped_asking_leaves_the_line():
+    book, clock = _book(slots=1)
+    assert book.take("a")
+    assert not book.take("gone")  # asks once, then dies while queued
+    clock.now = 10
+    assert not book.take("b")
+    book.release("a")
+    assert not book.take("b")  # "gone" is still first in line
+    clock.now = QUEUE_FORGET_S + 1
+    assert book.take("b")
+
+
+def test_each_sweep_has_its_own_book():
+    a = SweepSpec.model_validate({"name": "a", "storage": {"root": "/r1"}})
+    assert book_name(a) == book_name(SweepSpec.model_validate({"name": "a", "storage": {"root": "/r1"}}))
+    assert book_name(a) != book_name(SweepSpec.model_validate({"name": "a", "storage": {"root": "/r2"}}))
+    assert book_name(a) != book_name(SweepSpec.model_validate({"name": "b", "storage": {"root": "/r1"}}))
+
+
+class FakeMethod:
+    def __init__(self, book: RunSlotBook, name: str, calls: list) -> None:
+        self.book, self.name, self.calls = book, name, calls
+
+    def remote(self, *args):
+        self.calls.append((self.name, *args))
+        return getattr(self.book, self.name)(*args)
+
+
+class FakeActor:
+    """The book's actor, in process: each method's .remote() answers at once."""
+
+    def __init__(self, book: RunSlotBook) -> None:
+        self.calls: list = []
+        for name in ("take", "renew", "release", "state"):
+            setattr(self, name, FakeMethod(book, name, self.calls))
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def in_process_book(monkeypatch):
+    book, _ = _book(slots=1)
+    actor = FakeActor(book)
+    monkeypatch.setattr(run_slots, "_find_book", lambda spec: actor)
+    monkeypatch.setattr(run_slots, "_call", lambda method, *args: method.remote(*args))
+    monkeypatch.setattr(run_slots, "POLL_S", 0.01)
+    return book, actor
+
+
+def test_a_trial_waits_in_line_then_holds_its_slot_for_its_run_and_gives_it_back(in_process_book, capsys):
+    book, actor = in_process_book
+    spec = SweepSpec.model_validate({"name": "s"})
+    assert book.take("t0")  # another trial's run holds the only slot
+    entered = threading.Event()
+
+    def trial() -> None:
+        with run_slots.run_slot(spec, "t1", timeout_s=30):
+            entered.set()
+            assert book.state("x").running == 1
+
+    thread = threading.Thread(target=trial)
+    thread.start()
+    _wait_for(lambda: ("state", "t1") in actor.calls)  # refused once: queued behind t0
+    assert not entered.is_set()
+    book.release("t0")
+    thread.join(10)
+    assert entered.is_set() and not thread.is_alive()
+    assert book.state("x").running == 0  # given back after the run
+    assert ("release", "t1") in actor.calls
+    out = capsys.readouterr().out
+    assert "trial t1: waiting for a Train run slot (1 of 1 running, 0 ahead)" in out, (out, actor.calls)
+
+
+def test_a_trial_gives_its_slot_back_when_its_run_fails(in_process_book):
+    book, _ = in_process_book
+    spec = SweepSpec.model_validate({"name": "s"})
+    with pytest.raises(RuntimeError, match="run failed"):
+        with run_slots.run_slot(spec, "t1", timeout_s=30):
+            raise RuntimeError("run failed")
+    assert book.take("t2")
+
+
+def test_a_trial_waiting_past_its_timeout_fails_with_a_line_naming_the_slot(in_process_book):
+    book, _ = in_process_book
+    spec = SweepSpec.model_validate({"name": "s"})
+    assert book.take("t0")
+    with pytest.raises(TimeoutError, match="a Train run slot: not ready after"):
+        with run_slots.run_slot(spec, "t1", timeout_s=0.05):
+            pass
+
+
+def test_outside_a_driver_run_the_run_goes_without_a_book():
+    # no Ray here: the trial's logic tested on its own (tests/test_trial.py) runs ungated
+    spec = SweepSpec.model_validate({"name": "s"})
+    ran = []
+    with run_slots.run_slot(spec, "t1", timeout_s=1):
+        ran.append(1)
+    assert ran == [1]
