@@ -692,7 +692,8 @@ class SweepConfig(StrictModel):
         ge=10.0,
         le=3600.0,
         description="a teacher's or student's lease whose holder has not renewed it this long is taken over "
-        "(the holder renews every 5 s; a holder that finds it lost stops writing)",
+        "(the holder renews every 5 s; a holder that finds it lost stops writing); a Train run slot unrenewed "
+        "this long is freed",
     )
     worker_start_timeout_s: float = Field(
         600.0, gt=0, description="longest a Train run's workers may take to start (a busy node starts them slowly)"

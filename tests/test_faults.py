@@ -27,6 +27,7 @@ from helpers.sweeps import (
     student_checkpoint_epoch,
 )
 
+from remem_ray.config import SweepSpec
 from remem_ray.storage import Storage
 from remem_ray.sweep.registry import TeacherRegistry
 
@@ -261,18 +262,20 @@ def test_trials_released_at_once_by_a_stored_teacher_wait_for_a_run_slot_not_in_
     spec["sweep"]["resources"].update({"teacher": {"num_workers": 1, "cpus_per_worker": 0.5}})
     spec["sweep"]["resources"].update({"student": {"num_workers": 1, "cpus_per_worker": 0.5}})
     path.write_text(yaml.safe_dump(spec))
-    from remem_ray.config import SweepSpec
-
-    other_key = SweepSpec.model_validate(spec).run_spec(other).teacher_key(1)
+    sized = SweepSpec.model_validate(spec)
+    shared_key, other_key = (sized.run_spec(point).teacher_key(1) for point in (shared, other))
     holds = tmp_path / "holds"
     holds.mkdir()
-    # the shared teacher's run, at its first student epoch; the other teacher's run, at its first epoch
-    hold_at = f"student:1,teacher:1@{other_key}"
+    # the shared teacher held at its first epoch until the other teacher's run has its slot (and is
+    # held after its first epoch); then the shared teacher's run is held at its first student epoch
+    hold_at = f"teacher-checked:1@{shared_key},teacher:1@{other_key},student:1"
     env = {**remem_env(tmp_path), "REMEM_TEST_HOLD_AT": hold_at, "REMEM_TEST_HOLD_DIR": str(holds)}
     proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, env)
     try:
-        _wait_until(lambda: _claimed(holds, "student:1") is not None, proc, 300, "the shared teacher's student")
+        _wait_until(lambda: _claimed(holds, "teacher-checked:1") is not None, proc, 300, "the shared teacher's run")
         _wait_until(lambda: _claimed(holds, "teacher:1") is not None, proc, 300, "the other teacher's run")
+        (holds / "teacher-checked-1.release").touch()
+        _wait_until(lambda: _claimed(holds, "student:1") is not None, proc, 300, "the shared teacher's student")
         waiting = "waiting for a Train run slot (2 of 2 running, 0 ahead)"
         _wait_until(lambda: waiting in proc.log_path.read_text(), proc, 120, "the third trial to queue")
         released_at = time.time()

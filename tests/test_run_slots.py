@@ -112,7 +112,7 @@ def _wait_for(condition, timeout_s: float = 10.0) -> None:
 def in_process_book(monkeypatch):
     book, _ = _book(slots=1)
     actor = FakeActor(book)
-    monkeypatch.setattr(run_slots, "_find_book", lambda spec: actor)
+    monkeypatch.setattr(run_slots, "_find_book", lambda spec, trial_id: actor)
     monkeypatch.setattr(run_slots, "_call", lambda method, *args: method.remote(*args))
     monkeypatch.setattr(run_slots, "POLL_S", 0.01)
     return book, actor
@@ -123,11 +123,12 @@ def test_a_trial_waits_in_line_then_holds_its_slot_for_its_run_and_gives_it_back
     spec = SweepSpec.model_validate({"name": "s"})
     assert book.take("t0")  # another trial's run holds the only slot
     entered = threading.Event()
+    running_inside: list[int] = []
 
     def trial() -> None:
         with run_slots.run_slot(spec, "t1", timeout_s=30):
+            running_inside.append(book.state("x").running)
             entered.set()
-            assert book.state("x").running == 1
 
     thread = threading.Thread(target=trial)
     thread.start()
@@ -135,7 +136,7 @@ def test_a_trial_waits_in_line_then_holds_its_slot_for_its_run_and_gives_it_back
     assert not entered.is_set()
     book.release("t0")
     thread.join(10)
-    assert entered.is_set() and not thread.is_alive()
+    assert entered.is_set() and not thread.is_alive() and running_inside == [1]
     assert book.state("x").running == 0  # given back after the run
     assert ("release", "t1") in actor.calls
     out = capsys.readouterr().out
@@ -167,3 +168,43 @@ def test_outside_a_driver_run_the_run_goes_without_a_book():
     with run_slots.run_slot(spec, "t1", timeout_s=1):
         ran.append(1)
     assert ran == [1]
+
+
+def test_no_renewal_brings_a_released_slot_back(in_process_book):
+    """Tune stopping a trial releases its slot from the heartbeat's watch thread while the renewal
+    thread still runs: a renewal after the release must not count the ended run again (it did:
+    the book held the slot of a gone trial for the stale window)."""
+    book, actor = in_process_book
+    slot = run_slots._Slot(actor, "t1")
+    assert book.take("t1")
+    assert slot.renew()
+    slot.release()
+    assert not slot.renew()
+    assert book.state("x").running == 0 and book.take("t2")
+    slot.release()  # once only
+    assert actor.calls.count(("release", "t1")) == 1
+
+
+def test_a_queued_trial_that_tune_stops_leaves_the_line_at_once(in_process_book):
+    book, _ = in_process_book
+    spec = SweepSpec.model_validate({"name": "s"})
+    assert book.take("t0")
+    stopping = threading.Event()
+    stopping.set()
+    with pytest.raises(SystemExit) as ended:  # as Train's own report ends a stopped trial's thread
+        with run_slots.run_slot(spec, "t1", timeout_s=30, stopping=stopping):
+            pass
+    assert ended.value.code == 0
+    book.release("t0")
+    assert book.state("t2").ahead == 0 and book.take("t2")  # t1 is out of the line
+
+
+def test_a_trial_whose_wait_timed_out_leaves_the_line(in_process_book):
+    book, _ = in_process_book
+    spec = SweepSpec.model_validate({"name": "s"})
+    assert book.take("t0")
+    with pytest.raises(TimeoutError):
+        with run_slots.run_slot(spec, "t1", timeout_s=0.05):
+            pass
+    book.release("t0")
+    assert book.take("t2")

@@ -9,7 +9,9 @@ tests/test_ray_adapter.py guards it).
 - `ray.train._internal.session.get_session().stop_event`: in a Tune function trial, the
   threading.Event that Tune sets (FunctionTrainable.cleanup -> session.finish) when it stops the
   trial, a scheduler's stop included, before it ends the trial's actor. Nothing else tells a
-  trial blocked in a Train run's fit() that it is being stopped.
+  trial blocked in a Train run's fit() that it is being stopped. A trial's thread that finds it
+  set ends with `SystemExit(0)`, as Train's own `report` does: Tune's runner thread
+  (`ray.air._internal.util.RunnerThread`) takes that as an end without error.
 - The autoscaler's batches come with pid "autoscaler": its whole status report every few
   seconds, in which its events (nodes added, removed) carry ":event_summary:". Ray's printer
   keeps the events only; so does `kept_lines`.
@@ -61,3 +63,8 @@ def trial_stopping_event():
 
     session = get_session()
     return getattr(session, "stop_event", None) if session is not None else None
+
+
+def end_stopped_trial() -> None:
+    """End this trial's thread quietly: Tune is stopping it (its stop event is set)."""
+    raise SystemExit(0)

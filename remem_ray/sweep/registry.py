@@ -201,7 +201,9 @@ class Heartbeat:
 
     def _release_when_stopping(self) -> None:
         assert self._stopping is not None
-        self._stopping.wait()
+        while not self._stopping.wait(0.5):  # wakes at once when set; ends soon after the heartbeat does
+            if self._stop.is_set():
+                return
         if not self._stop.is_set():
             self._lease.release()
 

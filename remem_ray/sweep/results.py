@@ -204,7 +204,7 @@ def format_table(summary: SweepSummary) -> str:
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
     out.append(
         f"teacher trainings performed: {summary.teacher_trainings_performed}, reused by trials: "
-        f"{summary.teacher_reuses}, distinct teachers: {summary.distinct_teacher_keys}"
+        f"{summary.teacher_reuses}, distinct teachers of the distilled students: {summary.distinct_teacher_keys}"
     )
     out.append(
         f"students distilled: {summary.students_distilled}, replayed from the student registry: "

@@ -6,7 +6,7 @@ counting them, since they hold no GPU while they wait. Once that teacher is stor
 a Train run at the same moment, up to twice `max_concurrent` of them. Without this gate Ray would
 queue their workers, the queued time would count against `worker_start_timeout_s`, and Train
 would fail and retry runs that only waited their turn. Here they wait before fit(), holding
-nothing, and each run's start timeout measures a start.
+no Train run (only their leases), and each run's start timeout measures a start.
 
 The book describes what runs rather than granting a right to write, so it needs no fencing:
 a holder renews its slot from a heartbeat thread while its run goes; a slot not renewed for the
@@ -32,6 +32,7 @@ from remem_ray.console import say
 POLL_S = 1.0  # a queued trial asks again this often
 QUEUE_FORGET_S = 30.0  # a queued trial not heard from this long has gone
 CALL_TIMEOUT_S = 30.0  # one call to the book's actor
+BOOK_START_TIMEOUT_S = 120.0  # the actor's process start, on a loaded head node
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,7 @@ class RunSlotBook:
         if holder in self._running:  # its own, from before a restart
             self._running[holder] = now
             return True
-        self._queue.setdefault(holder, now)
-        self._queue[holder] = now
+        self._queue[holder] = now  # a new holder goes to the end; one already in line keeps its place
         free = self.slots - len(self._running)
         if free > 0 and holder in list(self._queue)[:free]:
             del self._queue[holder]
@@ -97,14 +97,22 @@ def book_name(spec: SweepSpec) -> str:
 @contextlib.contextmanager
 def run_slot_book(spec: SweepSpec, slots: int) -> Iterator[None]:
     """The driver's side: the sweep's book, as a named actor, while the block runs. The actor
-    takes no CPU and dies with the driver, as the trials do."""
+    takes no CPU and dies with the driver, as the trials do. A book that does not start leaves
+    the sweep ungated (it says so), never failed."""
     import ray
 
-    # no resources: Ray's default (hybrid) policy places it on its owner's node, the driver's, when it can;
-    # if its node goes, trials run ungated (each says so), never fail for it
     actor_class: Any = ray.remote(num_cpus=0, max_restarts=0)(RunSlotBook)
-    book = actor_class.options(name=book_name(spec)).remote(slots, spec.sweep.lease_stale_after_s)
-    ray.get(book.state.remote(""), timeout=CALL_TIMEOUT_S)  # up before the first trial asks
+    options: dict[str, Any] = {"name": book_name(spec)}
+    with contextlib.suppress(Exception):  # on the driver's node where it has one (not under Ray Client)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+    book = actor_class.options(**options).remote(slots, spec.sweep.lease_stale_after_s)
+    try:
+        ray.get(book.state.remote(""), timeout=BOOK_START_TIMEOUT_S)  # up before the first trial asks
+    except ray.exceptions.RayError as exc:
+        say(f"sweep {spec.name}: its run-slot book did not start ({type(exc).__name__}); Train runs start ungated")
     try:
         yield
     finally:
@@ -112,19 +120,33 @@ def run_slot_book(spec: SweepSpec, slots: int) -> Iterator[None]:
 
 
 class _Slot:
-    """One trial's hold on a run slot, renewed by a registry.Heartbeat (renew/release as a lease's)."""
+    """One trial's hold on a run slot, renewed by a registry.Heartbeat (renew/release as a lease's:
+    once released, from whichever thread, no renewal follows)."""
 
     def __init__(self, book, holder: str) -> None:
         self._book, self._holder = book, holder
+        self._lock = threading.Lock()
+        self._released = False
 
     def renew(self) -> bool:
-        with contextlib.suppress(Exception):  # a book gone (the driver ending) stops nothing
-            _call(self._book.renew, self._holder)
-        return True  # a run that is going goes on: the book counts it again if it had dropped it
+        with self._lock:
+            if self._released:
+                return False
+            with contextlib.suppress(Exception):  # a book gone (the driver ending) stops nothing
+                _call(self._book.renew, self._holder)
+            return True  # a run that is going goes on: the book counts it again if it had dropped it
 
     def release(self) -> None:
-        with contextlib.suppress(Exception):
-            _call(self._book.release, self._holder)
+        with self._lock:
+            if not self._released:
+                self._released = True
+                _leave(self._book, self._holder)
+
+
+def _leave(book, holder: str) -> None:
+    """Give a slot or a place in line back; a book gone has forgotten it anyway."""
+    with contextlib.suppress(Exception):
+        _call(book.release, holder)
 
 
 def _call(method, *args):
@@ -140,14 +162,15 @@ def _queued_note(book, trial_id: str) -> str:
     return f"trial {trial_id}: waiting for a Train run slot ({ahead})"
 
 
-def _find_book(spec: SweepSpec):
+def _find_book(spec: SweepSpec, trial_id: str):
     import ray
 
     if not ray.is_initialized():  # the runs called outside Ray (tests of the trial's own logic)
         return None
     try:
         return ray.get_actor(book_name(spec))
-    except ValueError:  # the trial runs without our driver (a Tuner built by hand): no gate
+    except ValueError:  # its driver's book died, or the trial runs under a Tuner built by hand
+        say(f"trial {trial_id}: the sweep has no run-slot book; its Train run starts without waiting for a slot")
         return None
 
 
@@ -156,21 +179,29 @@ def run_slot(
     spec: SweepSpec, trial_id: str, timeout_s: float, stopping: threading.Event | None = None
 ) -> Iterator[None]:
     """A trial's side: hold a run slot while the block (one fit()) runs. Waits in line first,
-    with a line now and then; a book that cannot be reached lets the run go (a lost gate costs
-    at worst the queueing it exists to spare, never the trial)."""
+    with a line now and then; leaves the line if Tune stops the trial meanwhile. A book that
+    cannot be reached lets the run go (a lost gate costs at worst the queueing it exists to
+    spare, never the trial)."""
     import ray
 
+    from remem_ray.sweep.ray_adapter import end_stopped_trial
     from remem_ray.sweep.registry import HEARTBEAT_S, Heartbeat, Waiter
 
-    book = _find_book(spec)
+    book = _find_book(spec, trial_id)
     if book is not None:
         waiter = Waiter("a Train run slot", timeout_s, POLL_S)
         try:
             while not _call(book.take, trial_id):
+                if stopping is not None and stopping.is_set():
+                    end_stopped_trial()
                 waiter.wait(lambda: _queued_note(book, trial_id))
         except ray.exceptions.RayError as exc:  # the actor gone, or a call timed out
+            _leave(book, trial_id)  # a take that timed out here may have landed there
             say(f"trial {trial_id}: the sweep's run-slot book is unreachable ({type(exc).__name__}); starting its run")
             book = None
+        except BaseException:  # the wait timed out, the trial is being stopped: out of the line at once
+            _leave(book, trial_id)
+            raise
     if book is None:
         yield
         return

@@ -345,6 +345,7 @@ class TrialRuns:
         else:  # a teacher-only run: the student takes other workers
             run = train_run_config(TRAIN_RUN, output, spec.sweep.max_failures)
         with self._run_slot():
+            finished.fit_called_at = time.time()  # the run's start, for benchmarks/sweep_overhead.py
             student = self._student_config(output.uri(checkpoint_name(epoch)), True) if together else None
             # pickled: Train's controller unpickles the config, and importing this module would cost
             # every teacher's start seconds
