@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -279,6 +280,7 @@ def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, m
         assert sized.sweep.resources.teacher.gpus_per_worker == 0.25
         assert list(driver_limits().values()) == [4]  # what the searcher obeys while the driver runs
     assert driver_limits() == {}
+    assert not sys.modules["ray"].is_initialized()  # nothing in the driver's run starts a Ray of its own
     assert probe.asked == [["teacher", "student"]]
     assert shown[0].startswith("sweep sized: measuring a training step of the teacher and student on one GPU")
     assert shown[1].startswith("GPU shares (auto): teacher 0.25 GPU per worker: a step at batch 32 peaks at 2.9 GiB")

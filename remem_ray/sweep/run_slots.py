@@ -101,6 +101,9 @@ def run_slot_book(spec: SweepSpec, slots: int) -> Iterator[None]:
     the sweep ungated (it says so), never failed."""
     import ray
 
+    if not ray.is_initialized():  # never a Ray of its own (an actor's .remote() would start one)
+        yield
+        return
     actor_class: Any = ray.remote(num_cpus=0, max_restarts=0)(RunSlotBook)
     options: dict[str, Any] = {"name": book_name(spec)}
     with contextlib.suppress(Exception):  # on the driver's node where it has one (not under Ray Client)
