@@ -111,15 +111,18 @@ def run_slot_book(spec: SweepSpec, slots: int) -> Iterator[None]:
 
         node = ray.get_runtime_context().get_node_id()
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
-    book = actor_class.options(**options).remote(slots, spec.sweep.lease_stale_after_s)
+    book = None
     try:
+        book = actor_class.options(**options).remote(slots, spec.sweep.lease_stale_after_s)
         ray.get(book.state.remote(""), timeout=BOOK_START_TIMEOUT_S)  # up before the first trial asks
-    except ray.exceptions.RayError as exc:
-        say(f"sweep {spec.name}: its run-slot book did not start ({type(exc).__name__}); Train runs start ungated")
+    except Exception as exc:  # a gate that cannot start must not stop the sweep
+        say(f"sweep {spec.name}: its run-slot book did not start ({type(exc).__name__}); Train runs may start ungated")
     try:
         yield
     finally:
-        ray.kill(book)
+        if book is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(book)
 
 
 class _Slot:
@@ -194,9 +197,11 @@ def run_slot(
     if book is not None:
         waiter = Waiter("a Train run slot", timeout_s, POLL_S)
         try:
-            while not _call(book.take, trial_id):
-                if stopping is not None and stopping.is_set():
+            while True:
+                if stopping is not None and stopping.is_set():  # checked first: no run starts after it
                     end_stopped_trial()
+                if _call(book.take, trial_id):
+                    break
                 waiter.wait(lambda: _queued_note(book, trial_id))
         except ray.exceptions.RayError as exc:  # the actor gone, or a call timed out
             _leave(book, trial_id)  # a take that timed out here may have landed there
