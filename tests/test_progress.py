@@ -36,6 +36,21 @@ def test_the_console_shows_marked_lines_and_tracebacks_and_the_log_keeps_everyth
         assert line in kept
 
 
+def test_the_raylets_worker_count_warning_goes_to_the_log_and_other_notices_to_the_console_too(tmp_path):
+    console, out, log = _console(tmp_path)
+    size = (
+        "WARNING: 8 PYTHON worker processes have been started on node: 9b69 with address: 127.0.0.1, "
+        "which is 4x the maximum expected startup concurrency (2)."
+    )
+    killed = "Task was killed due to the node running low on memory."
+    console.driver_notice({"lines": [size], "pid": "raylet", "is_err": False})
+    console.driver_notice({"lines": [killed], "pid": "raylet", "is_err": False})
+    log.close()
+    assert out.getvalue() == f"(raylet) {killed}\n"
+    kept = (tmp_path / "sweeps" / "s" / "sweep.log").read_text()
+    assert f"(raylet) {size}" in kept and f"(raylet) {killed}" in kept
+
+
 def test_verbose_leaves_the_cluster_output_to_rays_printer(tmp_path):
     console, out, log = _console(tmp_path, verbose=True)
     console.worker_output({"lines": [f"{MARK}epoch 1"], "pid": 9, "is_err": False})

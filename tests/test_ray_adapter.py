@@ -10,6 +10,7 @@ from remem_ray.sweep.ray_adapter import (
     AUTOSCALER_PID,
     OUR_HANDLER,
     STOCK_PRINTER,
+    driver_notices_to,
     kept_lines,
     trial_stopping_event,
     worker_output_to,
@@ -67,3 +68,15 @@ def test_tune_stopping_a_function_trial_sets_the_event_we_watch():
     assert "self.stop_event.set()" in inspect.getsource(_TrainSession.finish)
     assert "self.stop_event = threading.Event()" in inspect.getsource(_TrainSession)
     assert trial_stopping_event() is None  # outside a Tune trial
+
+
+def test_the_drivers_notices_are_printed_through_the_name_we_swap_and_come_back_after():
+    import ray._private.worker as worker
+
+    listener = inspect.getsource(worker.listen_error_messages)
+    assert "print_to_stdstream(" in listener and '"pid": "raylet"' in listener
+    stock, seen = worker.print_to_stdstream, []
+    notice = {"lines": ["WARNING: 8 PYTHON worker processes have been started on node: ..."], "pid": "raylet"}
+    with driver_notices_to(seen.append):
+        worker.print_to_stdstream({**notice, "is_err": False}, ignore_prefix=False)  # as the listener calls it
+    assert seen == [{**notice, "is_err": False}] and worker.print_to_stdstream is stock

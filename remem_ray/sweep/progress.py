@@ -26,9 +26,13 @@ from remem_ray.contract import EPOCH, METRIC, STUDENT_REPLAYED, TEACHER_TRAINED,
 from remem_ray.search_params import SEARCH_PARAMS
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import LOG_FILE
-from remem_ray.sweep.ray_adapter import kept_lines, worker_output_to
+from remem_ray.sweep.ray_adapter import driver_notices_to, kept_lines, worker_output_to
 
 PROGRESS_EVERY_S = 30.0
+# The raylet's warning that a node started 4x as many worker processes as it has CPUs: every trial
+# driver, Train controller and worker is a process here, so a sweep on a small node meets it by
+# design. The log keeps it; other notices (tasks killed for memory...) reach the console.
+WORKER_POOL_SIZE_NOTICE = "worker processes have been started on node"
 
 
 class SweepLog:
@@ -143,6 +147,13 @@ class SweepConsole:
             if message is not None:
                 self._print(message)
 
+    def driver_notice(self, batch: dict[str, Any]) -> None:
+        """A notice the cluster pushed to this driver (see sweep/ray_adapter.py)."""
+        for line in batch.get("lines") or []:
+            self.log.write(f"(raylet) {line}")
+            if WORKER_POOL_SIZE_NOTICE not in line:
+                print(f"(raylet) {line}", file=self.out, flush=True)
+
     def elapsed(self) -> str:
         seconds = int(time.monotonic() - self.started)
         return (
@@ -243,9 +254,10 @@ def sweep_console(
     optuna_level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     routing = worker_output_to(console.worker_output, keep_ray_printer=verbose)
+    notices = contextlib.nullcontext() if verbose else driver_notices_to(console.driver_notice)
     _active = console
     try:
-        with routing:
+        with routing, notices:
             yield console
     finally:
         _active = None

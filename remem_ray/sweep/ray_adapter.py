@@ -12,6 +12,11 @@ tests/test_ray_adapter.py guards it).
   trial blocked in a Train run's fit() that it is being stopped. A trial's thread that finds it
   set ends with `SystemExit(0)`, as Train's own `report` does: Tune's runner thread
   (`ray.air._internal.util.RunnerThread`) takes that as an end without error.
+- `ray._private.worker.print_to_stdstream`: `listen_error_messages`, the driver's thread for the
+  notices the cluster pushes to drivers (the raylet's "N PYTHON worker processes have been
+  started" size warning, tasks killed for memory), prints each one with it, straight to stdout,
+  past the dispatcher; it looks the name up at each call, so `driver_notices_to` can swap it.
+  A notice is a batch with "lines" (one notice), pid "raylet", "is_err" False.
 - The autoscaler's batches come with pid "autoscaler": its whole status report every few
   seconds, in which its events (nodes added, removed) carry ":event_summary:". Ray's printer
   keeps the events only; so does `kept_lines`.
@@ -63,6 +68,24 @@ def trial_stopping_event():
 
     session = get_session()
     return getattr(session, "stop_event", None) if session is not None else None
+
+
+@contextlib.contextmanager
+def driver_notices_to(handler: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Send the notices the cluster pushes to this driver to `handler` instead of stdout.
+    Call after ray.init; Ray's printer is put back on the way out."""
+    import ray._private.worker as worker
+
+    stock = worker.print_to_stdstream
+
+    def to_handler(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        handler(data)
+
+    worker.print_to_stdstream = to_handler
+    try:
+        yield
+    finally:
+        worker.print_to_stdstream = stock
 
 
 def end_stopped_trial() -> None:
