@@ -80,3 +80,23 @@ def test_the_drivers_notices_are_printed_through_the_name_we_swap_and_come_back_
     with driver_notices_to(seen.append):
         worker.print_to_stdstream({**notice, "is_err": False}, ignore_prefix=False)  # as the listener calls it
     assert seen == [{**notice, "is_err": False}] and worker.print_to_stdstream is stock
+
+
+def test_a_trial_thread_ending_with_system_exit_0_ends_without_error():
+    """end_stopped_trial relies on Tune's runner thread taking SystemExit(0) as a clean end, as
+    Train's own report does for a stopped trial."""
+    import queue
+
+    from ray.air._internal.util import RunnerThread
+
+    from remem_ray.sweep.ray_adapter import end_stopped_trial
+
+    errors: queue.Queue = queue.Queue()
+    thread = RunnerThread(target=end_stopped_trial, daemon=True, error_queue=errors)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and errors.empty()
+    failing = RunnerThread(target=lambda: (_ for _ in ()).throw(SystemExit(3)), daemon=True, error_queue=errors)
+    failing.start()
+    failing.join(10)
+    assert isinstance(errors.get(timeout=5), SystemExit)  # any other code is an error: the test can fail
