@@ -337,8 +337,10 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
             note = unused_gpus_note(sized, sum(n.gpus for n in nodes))
             if note:
                 console.show(note)
-            # a resumed sweep's searcher comes back with the limit it was first sized with
-            with driver_limit(spec, sized.max_concurrent_trials()), run_slot_book(spec, sized.max_concurrent_trials()):
+            # a resumed sweep's searcher comes back with the limit it was first sized with; the
+            # run slots hold its Train runs to the same limit
+            limit = sized.max_concurrent_trials()
+            with driver_limit(spec, limit), run_slot_book(spec, limit):
                 yield console, sized
 
 

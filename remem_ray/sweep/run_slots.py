@@ -28,6 +28,7 @@ from typing import Any
 
 from remem_ray.config import SweepSpec
 from remem_ray.console import say
+from remem_ray.sweep.slots import sweep_id
 
 POLL_S = 1.0  # a queued trial asks again this often
 QUEUE_FORGET_S = 30.0  # a queued trial not heard from this long has gone
@@ -90,7 +91,7 @@ class RunSlotBook:
 
 def book_name(spec: SweepSpec) -> str:
     """The book's actor name: one per sweep (two sweeps may run from one process)."""
-    digest = hashlib.sha1(f"{spec.storage.root}\n{spec.name}".encode()).hexdigest()[:16]
+    digest = hashlib.sha1("\n".join(sweep_id(spec)).encode()).hexdigest()[:16]
     return f"remem-run-slots-{digest}"
 
 

@@ -32,7 +32,8 @@ def slots_in_use(live_keys: Iterable[str], stored: Callable[[str], bool]) -> int
 _DRIVER_LIMITS: dict[tuple[str, str], int] = {}  # (storage root, sweep name) -> what this driver sized
 
 
-def _sweep_id(spec: SweepSpec) -> tuple[str, str]:
+def sweep_id(spec: SweepSpec) -> tuple[str, str]:
+    """Which sweep a spec runs, within one process: its storage root and name."""
     return (spec.storage.root, spec.name)
 
 
@@ -42,7 +43,7 @@ def driver_limit(spec: SweepSpec, max_concurrent: int):
     whatever its pickled state says: a resumed sweep's searcher comes back with the limit sized
     on the cluster it first ran on, and `gpus_per_worker: auto` sizes it again on this one.
     (Under Ray Client the searcher runs elsewhere and keeps its pickled limit.)"""
-    key = _sweep_id(spec)
+    key = sweep_id(spec)
     previous = _DRIVER_LIMITS.get(key)
     _DRIVER_LIMITS[key] = max_concurrent
     try:
@@ -68,7 +69,7 @@ class SlotPolicy:
 
     @property
     def max_concurrent(self) -> int:
-        return _DRIVER_LIMITS.get(_sweep_id(self.spec), self._max_concurrent)
+        return _DRIVER_LIMITS.get(sweep_id(self.spec), self._max_concurrent)
 
     @property
     def max_live(self) -> int:
