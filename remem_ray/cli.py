@@ -17,15 +17,15 @@ VERBOSE_HELP = "show all of Ray's and Tune's console output (sweep.log keeps it 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    if getattr(args, "name", None):
+    if getattr(args, "name", None) is not None:
         overrides["name"] = args.name
-    if getattr(args, "storage", None):
+    if getattr(args, "storage", None) is not None:
         overrides["storage.root"] = args.storage
-    if getattr(args, "endpoint", None):
+    if getattr(args, "endpoint", None) is not None:
         overrides["storage.endpoint"] = args.endpoint
     if getattr(args, "teacher_epoch", None) is not None:
         overrides["student.teacher_epoch"] = args.teacher_epoch
-    if getattr(args, "teacher", None):
+    if getattr(args, "teacher", None) is not None:
         overrides["student.teacher_checkpoint"] = args.teacher
     return overrides
 
@@ -87,18 +87,31 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     return _print_end(summary, spec.storage.endpoint)
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
+
+
 def _print_end(summary, endpoint: str | None = None) -> int:
-    """The table and where the files are; exit code 1 when a trial failed (the sweep did less
-    than it was asked: a script's `remem sweep run ... && deploy` must not go on), else 0."""
+    """The table and where the files are; exit code 130 when the sweep was interrupted (Ctrl-C:
+    Tune saves its state and returns), 1 when a trial failed (the sweep did less than it was
+    asked: a script's `remem sweep run ... && deploy` must not go on), else 0."""
     from remem_ray.sweep import format_table
+    from remem_ray.sweep.driver import resume_command
 
     print(format_table(summary))
     print(f"summary: {summary.experiment}/summary.json")
     print(f"report: {summary.experiment}/report.md")
     failed = [row.trial_id for row in summary.trials if row.state == "ERROR"]
+    again = resume_command(summary.experiment, endpoint)
+    if summary.interrupted:
+        print(
+            f"remem: interrupted: {summary.unfinished} trial{'s' if summary.unfinished != 1 else ''} not run "
+            f"to the end{f', {len(failed)} failed' if failed else ''}; `{again}` continues the sweep "
+            f"(finished trials are kept)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     if not failed:
         return 0
-    again = f"remem sweep resume {summary.experiment}" + (f" --endpoint {endpoint}" if endpoint else "")
     print(
         f"remem: error: {len(failed)} of {len(summary.trials)} trials failed ({', '.join(failed[:5])}"
         f"{', ...' if len(failed) > 5 else ''}); each one's error is in its trial folder under "
@@ -325,7 +338,9 @@ def _add_sweep_verbs(verbs) -> None:
         p.add_argument("--storage", help="storage root the NAME lives under (default ./remem-results)")
         p.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs (or AWS_ENDPOINT_URL)")
         if verb == "resume":
-            p.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+            p.add_argument(
+                "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)"
+            )
             p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         if verb == "dashboard":
             p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
@@ -413,10 +428,38 @@ def print_cause_chain(err: BaseException) -> None:
             print("\nbehind it:", file=sys.stderr)
 
 
+# a value of these given empty (an unset shell variable, `--storage "$ROOT"`) would be read as
+# "not given" and silently fall back to a default: refused instead
+_NON_EMPTY = {
+    "name": "--name",
+    "storage": "--storage",
+    "endpoint": "--endpoint",
+    "address": "--address",
+    "teacher": "--teacher",
+    "to": "--to",
+    "trial": "--trial",
+    "data": "--data",
+    "spec": "SPEC.yaml",
+    "sweep": "NAME|URI",
+    "checkpoint": "CHECKPOINT",
+}
+
+
+def _refuse_empty_values(args: argparse.Namespace) -> None:
+    for dest, flag in _NON_EMPTY.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            raise UserInputError(f"{flag}: empty value")
+    samples = getattr(args, "samples", None)
+    if samples is not None and samples < 2:
+        raise UserInputError(f"--samples: need at least 2 val images, got {samples}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _refuse_empty_values(args)
         return args.handler(args)
     except UserInputError as err:
         print(f"remem: error: {err}", file=sys.stderr)
@@ -425,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("remem: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

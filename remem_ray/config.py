@@ -631,11 +631,14 @@ class WorkerResources(StrictModel):
 class ResourcesConfig(StrictModel):
     teacher: WorkerResources = Field(default_factory=WorkerResources)
     student: WorkerResources = Field(default_factory=WorkerResources)
-    trial_cpus: float = Field(0.1, gt=0.0, le=64, description="CPU of each trial's driver (it only waits)")
+    trial_cpus: float = Field(
+        0.1, gt=0.0, le=64, description="CPU of each trial's driver (it only waits); none with driver_resource"
+    )
     driver_resource: str | None = Field(
         None,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
-        description="custom resource that trial drivers need (define it on on-demand nodes only)",
+        description="custom resource that places trial drivers (define it on on-demand nodes only, e.g. a head "
+        "started with --num-cpus=0): they then ask for it alone, no CPU",
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend for multi-worker runs; gloo for logical GPUs"
@@ -643,11 +646,12 @@ class ResourcesConfig(StrictModel):
     gpu_budget: int | None = Field(None, ge=1, description="GPUs the sweep may use at once")
 
     def trial_resources(self) -> dict[str, float]:
-        """What each trial's driver process asks Tune for."""
-        out = {"cpu": self.trial_cpus}
+        """What each trial's driver process asks Tune for. With a driver resource, a sliver of it
+        and no CPU: the nodes that define it are kept for drivers, and a head started with
+        --num-cpus=0 (Ray's advice for a large cluster; cluster/) has no CPU to give."""
         if self.driver_resource:
-            out[self.driver_resource] = 0.001
-        return out
+            return {"cpu": 0.0, self.driver_resource: 0.001}
+        return {"cpu": self.trial_cpus}
 
     def gpus_per_trial(self) -> float:
         """GPUs a trial holds at its peak (teacher and student phases run one after the other)."""
@@ -712,6 +716,13 @@ class SweepSpec(RunSpec):
 
     @model_validator(mode="after")
     def _search_matches_run(self) -> SweepSpec:
+        if self.student.teacher_checkpoint is not None:
+            # every trial distils its own fine-tuned teacher; a fixed one would give every trial the
+            # same student key (the first one's student replayed) and leave the search meaningless
+            raise ValueError(
+                "student.teacher_checkpoint: a sweep distils each trial's own teacher; remove it "
+                "(it is for `remem distill`)"
+            )
         saved = self.teacher.saved_epochs
         for epoch in self.sweep.search.teacher_epoch or []:
             if epoch not in saved:
@@ -730,6 +741,12 @@ class SweepSpec(RunSpec):
                         )
                 elif name not in ranges or not ranges[name].contains(value):
                     raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is outside sweep.search.{name}")
+        res = self.sweep.resources
+        if res.gpu_budget is not None and not res.auto_roles() and res.gpus_per_trial() > res.gpu_budget:
+            raise ValueError(
+                f"sweep.resources.gpu_budget: {res.gpu_budget} GPUs cannot hold one trial, which takes "
+                f"{res.gpus_per_trial():g} (workers x gpus_per_worker of its larger phase)"
+            )
         for role in ("teacher", "student"):
             gpus = getattr(self.sweep.resources, role).gpus_per_worker
             if gpus == AUTO and self.device == "cpu":

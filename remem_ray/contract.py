@@ -51,16 +51,18 @@ def _score(result: Mapping[str, Any] | None) -> float | None:
     return float(value)
 
 
-def best_trial(trials: Iterable[tuple[str, str, Mapping[str, Any] | None]]) -> str | None:
+def best_trial(trials: Iterable[tuple[str, str, Mapping[str, Any] | None]], live: bool = False) -> str | None:
     """The id of the trial whose student the sweep keeps, from (trial id, status, last result).
 
-    The best METRIC; never an errored trial (its student's training broke off); on a tie a
+    The best METRIC of an ended trial (TERMINATED: finished or stopped by the scheduler); never an
+    errored one (its student's training broke off) nor one still running, whose student may yet
+    change or never be saved; `live`: the best so far, running trials included. On a tie a
     finished trial before a stopped one, then the first id.
     """
     scored = sorted(
         (trial_id, score, not stopped_early(result))
         for trial_id, status, result in trials
-        if status != "ERROR" and (score := _score(result)) is not None
+        if (status != "ERROR" if live else status == "TERMINATED") and (score := _score(result)) is not None
     )
     top = max(scored, key=lambda s: (s[1], s[2]), default=None)
     return None if top is None else top[0]

@@ -246,6 +246,34 @@ CORPUS = [
         flags=("--storage", "s3://@MISSING@/p", "--endpoint", "@ENDPOINT@"),
         env=tuple(MOTO_KEYS.items()),
     ),
+    # a fixed teacher would give every trial one student key: the first trial's student replayed by all
+    _bad(
+        "sweep-fixed-teacher-checkpoint",
+        "student:\n  teacher_checkpoint: t\n",
+        "student.teacher_checkpoint",
+        verbs=(SWEEP_RUN,),
+    ),
+    _bad(
+        "gpu-budget-below-one-trial",
+        "sweep:\n  resources:\n    teacher: {num_workers: 2, gpus_per_worker: 1}\n    gpu_budget: 1\n",
+        "sweep.resources.gpu_budget",
+        verbs=(SWEEP_RUN,),
+    ),
+    # an unset shell variable (`--storage "$ROOT"`) fell back to the default root
+    _bad(
+        "empty-storage-flag", "name: x\n", "--storage: empty value", flags=("--storage", ""), verbs=(TEACHER, SWEEP_RUN)
+    ),
+    _bad("empty-sweep-name", None, "NAME|URI: empty value", verbs=(("sweep", "status", ""), ("sweep", "resume", " "))),
+    # set for `ray job` users: it named --address, which was never given
+    _bad(
+        "ray-address-is-a-dashboard-url",
+        "name: x\n",
+        "RAY_ADDRESS: expected HOST:PORT",
+        "dashboard",
+        verbs=(SWEEP_RUN,),
+        env=(("RAY_ADDRESS", "http://127.0.0.1:8265"),),
+    ),
+    _bad("info-samples-zero", "name: x\n", "--samples", verbs=(("info", "ck", "--data", "SPEC", "--samples", "0"),)),
     _bad("resume-unreachable-endpoint", None, "--endpoint", "@DEAD@", verbs=BY_URI, flags=("--endpoint", "@DEAD@")),
     _bad("status-endpoint-not-a-url", None, "--endpoint", "127.0.0.1:9000", verbs=(STATUS,), flags=S3_NOT_A_URL),
     _bad("status-unknown-sweep", None, "sweep: no sweep at", "nothing-here", verbs=UNKNOWN_SWEEP),

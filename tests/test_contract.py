@@ -64,6 +64,19 @@ def test_the_kept_student_is_the_best_finished_never_an_errored_one():
     assert stopped_early(result(0.5, 1)) and not stopped_early(result(0.5)) and not stopped_early({})
 
 
+def test_the_kept_student_is_never_a_running_trials_but_the_live_best_so_far_may_be():
+    """A running trial's score may still change and its student is not saved yet: `sweep best`
+    and export picked it (and export then refused it) while finished trials were there."""
+
+    def result(score, epoch=2):
+        return {METRIC: score, "epoch": epoch, "epochs": 3}
+
+    trials = [("a", "TERMINATED", result(0.9, 3)), ("b", "RUNNING", result(0.95))]
+    assert best_trial(trials) == "a"
+    assert best_trial(trials, live=True) == "b"
+    assert best_trial([("b", "RUNNING", result(0.95)), ("c", "PENDING", None)]) is None
+
+
 def test_the_metric_and_the_loop_settings_are_spelled_in_the_contract_only():
     sources = [p for d in ("remem_ray", "benchmarks") for p in (ROOT / d).rglob("*.py")]
     spelled = [p.relative_to(ROOT).as_posix() for p in sources if f'"{METRIC}"' in p.read_text()]

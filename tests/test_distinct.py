@@ -117,3 +117,41 @@ def test_the_heat_map_ranks_finished_students_above_stopped_ones_and_marks_stopp
     rhos, alphas, grid, stopped = heatmap_cells(summary)
     assert rhos == [0.0, 0.05] and alphas == [0.9]
     assert grid == [[0.95, 0.85]] and stopped == [[False, True]]
+
+
+def test_the_heat_map_leaves_out_failed_and_running_trials_partial_scores():
+    """A failed or running trial's score is from the epoch it got to: it drew as a cell (hatched
+    as if ASHA had stopped it) and could top the best-so-far line."""
+    failed = TrialRow("d", "ERROR", {"rho": 0.1, "alpha": 0.9}, student_val_acc=0.99)
+    running = TrialRow("e", "RUNNING", {"rho": 0.0, "alpha": 0.9}, student_val_acc=0.98)
+    summary = SweepSummary("s", "e", METRIC, trials=[_row("a", 0.0, 0.9, 0.95, stopped=False), failed, running])
+    rhos, alphas, grid, stopped = heatmap_cells(summary)
+    assert rhos == [0.0] and alphas == [0.9] and grid == [[0.95]] and stopped == [[False]]
+
+
+def test_importances_count_each_point_run_once_not_each_duplicate_answered():
+    import optuna
+
+    from remem_ray.sweep.distinct import DUPLICATE_OF
+    from remem_ray.sweep.report import importances_of
+
+    dist = {
+        "rho": optuna.distributions.CategoricalDistribution([0.0, 0.05, 0.1]),
+        "alpha": optuna.distributions.CategoricalDistribution([0.8, 0.9, 1.0]),
+    }
+
+    def trial(rho, alpha, value, duplicate=False):
+        return optuna.trial.create_trial(
+            params={"rho": rho, "alpha": alpha},
+            distributions=dist,
+            value=value,
+            user_attrs={DUPLICATE_OF: 0} if duplicate else {},
+        )
+
+    ran = [trial(0.0, 0.8, 0.5), trial(0.05, 0.9, 0.9), trial(0.1, 1.0, 0.6), trial(0.0, 1.0, 0.55)]
+    study = optuna.create_study(direction="maximize")
+    study.add_trials(ran)
+    with_duplicates = optuna.create_study(direction="maximize")
+    with_duplicates.add_trials(ran + [trial(0.05, 0.9, 0.9, duplicate=True)] * 3)
+    once = importances_of(study)
+    assert set(once) == {"rho", "alpha"} and once == importances_of(with_duplicates)

@@ -33,7 +33,7 @@ class FakeCluster(RayHead):
         self.holds.mkdir()
         super().__init__(
             workdir,
-            num_cpus=1,
+            num_cpus=0,  # as cluster/'s heads: trial drivers find their place by the driver resource alone
             extra_args=['--resources={"remem_driver": 8}', f"--autoscaling-config={config}"],
             extra_env={
                 "RAY_FAKE_CLUSTER": "1",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -180,6 +181,53 @@ def _wait_until(condition, proc, timeout: float, what: str) -> None:
         assert proc.poll() is None, f"the sweep ended while waiting for {what}: " + proc.log_path.read_text()[-3000:]
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.5)
+
+
+def test_ctrl_c_ends_the_sweep_with_code_130_and_its_resume_command_and_resume_completes_it(tmp_path):
+    """SIGINT (Ctrl-C) makes Tune save its state and return normally: the sweep must not then end
+    as if it were done (exit 0, a final summary), or `remem sweep run ... && deploy` goes on with
+    half a sweep. Failed before: exit code 0."""
+    name = "ctrl-c"
+    path = _spec(tmp_path, name)
+    root = tmp_path / "results"
+    experiment = root / "sweeps" / name
+    env = remem_env(tmp_path)
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    run_env = {**env, "REMEM_TEST_HOLD_AT": "student:2", "REMEM_TEST_HOLD_DIR": str(holds)}
+    proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, run_env)
+    try:
+        deadline = time.time() + 400
+        held = None
+        while time.time() < deadline and proc.poll() is None:
+            held = _claimed(holds, "student:2")
+            # a student held after its epoch 2, that checkpoint registered: the interrupt comes mid-sweep
+            if held and student_checkpoint_epoch(experiment, Path(held["output"]).name) >= 2:
+                break
+            time.sleep(0.3)
+        assert held and proc.poll() is None, proc.log_path.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=180)
+    finally:
+        tree.kill_all()
+    log = proc.log_path.read_text()
+    assert rc == 130, log[-3000:]
+    resume = f"remem sweep resume {experiment}"
+    assert "remem: interrupted: " in log and f"`{resume}` continues the sweep" in log, log[-3000:]
+    assert "interrupted: saving the sweep's state and stopping its trials" in log  # at once, not only at the end
+    # the last progress line counts what is stored: the held trial is not done (it read "2/2 done")
+    progress = [line for line in log.splitlines() if "] progress " in line]
+    assert progress and "trials 2/2 done" not in progress[-1] and " 0 pending" not in progress[-1], progress
+    summary = json.loads((experiment / "summary.json").read_text())
+    assert summary["unfinished"] >= 1
+    assert summary["best"] is None or summary["best"]["state"] == "TERMINATED"  # never a running trial's
+
+    rc, out = run_remem(["sweep", "resume", str(experiment)], tmp_path, env)
+    assert rc == 0, out[-3000:]
+    summary = json.loads((experiment / "summary.json").read_text())
+    assert summary["unfinished"] == 0
+    assert [r["state"] for r in summary["trials"]] == ["TERMINATED", "TERMINATED"]
+    assert all(r["epochs_done"] == STUDENT_EPOCHS for r in summary["trials"])
 
 
 def test_a_teacher_holder_paused_past_the_stale_window_changes_nothing_once_it_wakes(tmp_path):

@@ -100,3 +100,30 @@ def test_a_trial_thread_ending_with_system_exit_0_ends_without_error():
     failing.start()
     failing.join(10)
     assert isinstance(errors.get(timeout=5), SystemExit)  # any other code is an error: the test can fail
+
+
+def test_tunes_first_ctrl_c_warning_starts_with_the_text_our_console_turns_into_a_line(tmp_path):
+    """Tune's SIGINT handler logs a warning and stops the run gracefully; the quiet console shows
+    Ray's errors only, so it shows its own line when it sees that warning."""
+    import io
+    import logging
+
+    import ray.tune.tune as tune_module
+
+    from remem_ray.storage import Storage
+    from remem_ray.sweep.progress import TUNE_STOP_SIGNAL, StopSignalNotice, SweepConsole, SweepLog
+
+    source = inspect.getsource(tune_module._setup_signal_catching)
+    assert f'"{TUNE_STOP_SIGNAL}' in source and "logger.warning(" in source
+    out = io.StringIO()
+    console = SweepConsole(SweepLog(Storage(str(tmp_path))), out=out)
+    notice = StopSignalNotice(console)
+    logger = logging.getLogger("ray.tune.tune")
+    logger.addHandler(notice)
+    try:
+        logger.warning("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run. ...")
+        logger.warning("another warning")
+    finally:
+        logger.removeHandler(notice)
+    shown = out.getvalue()
+    assert "interrupted: saving the sweep's state and stopping its trials" in shown and "another" not in shown

@@ -192,7 +192,7 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
     best = json.loads(out[out.index("{") :])
     assert best["trial_id"] == summary["best"]["trial_id"] and Path(best["student_checkpoint"]).is_dir()
     rc, out = run_remem(["sweep", "run", str(SMOKE), "--storage", str(root)], tmp_path, env, timeout=120)
-    assert rc == 2 and "already exists" in out and "remem sweep resume smoke" in out
+    assert rc == 2 and "already exists" in out and f"remem sweep resume {experiment}" in out
     _check_export(root, summary, tmp_path, env)
     _check_second_sweep_replays(root, summary, tmp_path, env)
 

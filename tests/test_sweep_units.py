@@ -195,16 +195,29 @@ def test_bad_sweep_spec_exits_2_before_ray_starts(case, patch, expected, in_tmp,
     assert sorted(p.name for p in in_tmp.iterdir()) == ["s.yaml"]
 
 
-def test_existing_sweep_name_refused_before_ray_starts(in_tmp, capsys):
+def test_existing_sweep_name_refused_before_ray_starts_naming_a_resume_command_that_finds_it(
+    in_tmp, capsys, monkeypatch
+):
+    """The command named works as given, from anywhere: it named the sweep by name alone, which
+    `resume` looks for under ./remem-results, not under the --storage root the run was given."""
     import ray
 
+    from remem_ray.sweep import locate_sweep
+
     (in_tmp / "s.yaml").write_text(yaml.safe_dump({"name": "taken"}))
-    folder = in_tmp / "remem-results" / "sweeps" / "taken"
+    root = in_tmp / "elsewhere"
+    folder = root / "sweeps" / "taken"
     folder.mkdir(parents=True)
-    (folder / "sweep_spec.json").write_text(json.dumps(SweepSpec(name="taken").model_dump(mode="json")))
-    assert main(["sweep", "run", "s.yaml"]) == 2
+    spec = SweepSpec(name="taken", storage={"root": str(root)})
+    (folder / "sweep_spec.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    assert main(["sweep", "run", "s.yaml", "--storage", str(root)]) == 2
     err = capsys.readouterr().err
-    assert "already exists" in err and "remem sweep resume taken" in err
+    assert "already exists" in err
+    command = err.split("resume it with `", 1)[1].split("`", 1)[0].split()
+    assert command[:3] == ["remem", "sweep", "resume"]
+    (in_tmp / "other").mkdir()
+    monkeypatch.chdir(in_tmp / "other")
+    assert locate_sweep(command[3]).name == "taken"
     assert not ray.is_initialized()
 
 
@@ -272,7 +285,7 @@ def test_concurrency_defaults_from_the_gpu_budget():
     assert spec.max_concurrent_trials() == 3
     assert SweepSpec().max_concurrent_trials() == 2
     res = SweepSpec.model_validate({"sweep": {"resources": {"driver_resource": "remem_driver"}}}).sweep.resources
-    assert res.trial_resources() == {"cpu": 0.1, "remem_driver": 0.001}
+    assert res.trial_resources() == {"cpu": 0.0, "remem_driver": 0.001}  # a head with no CPUs can run it
 
 
 @pytest.mark.parametrize(
@@ -598,3 +611,18 @@ def test_the_cluster_storage_check_runs_on_every_alive_node_and_names_the_ones_t
     broken.install(monkeypatch)
     with pytest.raises(ResourceError, match=r"could not run: RuntimeError: .* 10.0.0.1 \(gpua0000\)"):
         driver.preflight_from_cluster(spec, "10.0.0.0:6379")
+
+
+def test_an_interrupted_sweep_ends_with_code_130_and_the_command_that_continues_it(capsys):
+    """Ctrl-C makes Tune return normally, running trials and all: the end printed the table and
+    returned 0 (1 only for failed trials), so a script went on as if the sweep were done."""
+    from remem_ray.cli import _print_end
+    from remem_ray.sweep.results import SweepSummary, TrialRow
+
+    rows = [TrialRow("a", "TERMINATED", {}), TrialRow("b", "RUNNING", {}), TrialRow("c", "ERROR", {})]
+    summary = SweepSummary("s", "/r/sweeps/s", "m", trials=rows, unfinished=2)
+    assert _print_end(summary, endpoint="http://127.0.0.1:9000") == 130
+    err = capsys.readouterr().err
+    assert err.startswith("remem: interrupted: 2 trials not run to the end, 1 failed;")
+    assert "`remem sweep resume /r/sweeps/s --endpoint http://127.0.0.1:9000` continues the sweep" in err
+    assert _print_end(SweepSummary("s", "/r/sweeps/s", "m", trials=rows[:1])) == 0

@@ -20,7 +20,7 @@ from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage, one_line, preflight, preflight_config
 from remem_ray.sweep.layout import GPU_SHARES_FILE, LOG_FILE, SWEEP_SPEC_FILE, SweepLayout
 from remem_ray.sweep.report import write_report
-from remem_ray.sweep.results import SweepSummary, summarize, write_summary
+from remem_ray.sweep.results import SweepSummary, load_trials, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
 from remem_ray.sweep.study import StudyExport
 from remem_ray.sweep.tune_adapter import keep_credentials_out_of_runtime_envs
@@ -87,20 +87,41 @@ def _cluster_address(address: str | None) -> str | None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    else:
+        _address_parts(address)  # a malformed one is bad input: refused before anything starts
     return address
+
+
+def _address_field(address: str) -> str:
+    """What an error about `address` names: where the user set it."""
+    return "RAY_ADDRESS" if address == os.environ.get("RAY_ADDRESS") else "--address"
+
+
+def _address_parts(address: str) -> tuple[str, int] | None:
+    """(host, port) of a cluster address; None for auto."""
+    if address == "auto":
+        return None
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/\s]+?)\]?:(\d{1,5})/?", address)
+    if not match:
+        web = address.startswith(("http://", "https://"))
+        dashboard = " (an http:// address is a dashboard's: `remem sweep submit` takes it)" if web else ""
+        raise UserInputError(
+            f"{_address_field(address)}: expected HOST:PORT, ray://HOST:PORT or auto, got {address!r}{dashboard}"
+        )
+    return match.group(1), int(match.group(2))
 
 
 def _check_reachable(address: str) -> None:
     """Fail fast on a dead HOST:PORT: ray.init would retry for minutes."""
-    if address == "auto":
+    parts = _address_parts(address)
+    if parts is None:
         return
-    match = re.fullmatch(r"(?:ray://)?\[?([^\]/\s]+?)\]?:(\d{1,5})/?", address)
-    if not match:
-        raise UserInputError(f"--address: expected HOST:PORT, ray://HOST:PORT or auto, got {address!r}")
     try:
-        socket.create_connection((match.group(1), int(match.group(2))), timeout=5).close()
+        socket.create_connection(parts, timeout=5).close()
     except OSError as exc:
-        raise ResourceError(f"--address: cannot reach Ray at {address}: {exc.strerror or exc}") from None
+        raise ResourceError(
+            f"{_address_field(address)}: cannot reach Ray at {address}: {exc.strerror or exc}"
+        ) from None
 
 
 def _ray_console_level(verbose: bool) -> None:
@@ -133,7 +154,7 @@ def ray_session(address: str | None = None, verbose: bool = False):
                 context = ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=level)
             except Exception as exc:  # ConnectionError, ValueError, TimeoutError, ...
                 raise ResourceError(
-                    f"--address: cannot connect to Ray at {address}: "
+                    f"{_address_field(address)}: cannot connect to Ray at {address}: "
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                 ) from exc
         else:
@@ -239,11 +260,16 @@ def _trainable(spec: SweepSpec):
     return tune.with_resources(trainable, spec.sweep.resources.trial_resources())
 
 
-def _check_new(layout: SweepLayout) -> None:
+def resume_command(folder_uri: str, endpoint: str | None) -> str:
+    """The command that resumes the sweep in `folder_uri`, from any working directory."""
+    return f"remem sweep resume {folder_uri}" + (f" --endpoint {endpoint}" if endpoint else "")
+
+
+def _check_new(layout: SweepLayout, endpoint: str | None) -> None:
     if layout.experiment.exists(SWEEP_SPEC_FILE) or layout.experiment.exists("tuner.pkl"):
         raise UserInputError(
             f"name: sweep {layout.name!r} already exists at {layout.experiment.uri()}; "
-            f"resume it with `remem sweep resume {layout.name}` or pick another --name"
+            f"resume it with `{resume_command(layout.experiment.uri(), endpoint)}` or pick another --name"
         )
 
 
@@ -255,7 +281,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
     preflight_config(spec.storage)  # endpoint, credentials, bucket, writable root: before Ray is imported
     storage = Storage.from_config(spec.storage)
     layout = SweepLayout(storage, spec.name)
-    _check_new(layout)
+    _check_new(layout, spec.storage.endpoint)
     from ray import tune
 
     from remem_ray.sweep.progress import ProgressCallback
@@ -450,8 +476,12 @@ def _url(address: str | None) -> str:
 
 
 def _finish(spec: SweepSpec, layout: SweepLayout, console, export: StudyExport) -> SweepSummary:
-    """summary.json, the report and the Optuna study's copy, as the sweep ends."""
-    summary = summarize(spec, layout)
+    """The last progress line, summary.json, the report and the Optuna study's copy, as the sweep ends."""
+    from remem_ray.sweep.progress import final_progress
+
+    trials = load_trials(layout)
+    final_progress(trials, spec.sweep.num_samples)
+    summary = summarize(spec, layout, trials)
     if summary.space_exhausted:
         console.show(
             f"search space exhausted: all {summary.space_size} distinct points ran "

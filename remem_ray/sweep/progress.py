@@ -175,7 +175,7 @@ def progress_line(trials: list, num_samples: int, elapsed: str) -> str:
     reported = [r for r in results if TEACHER_TRAINED in r and not r.get(STUDENT_REPLAYED)]
     trained = sum(int(r[TEACHER_TRAINED]) for r in reported)
     students = f" | students {replayed} replayed" if replayed else ""
-    best_id = best_trial((t.trial_id, t.status, r) for t, r in zip(trials, results))
+    best_id = best_trial(((t.trial_id, t.status, r) for t, r in zip(trials, results)), live=True)
     top = next((r for t, r in zip(trials, results) if t.trial_id == best_id), None)
     best = f"best student val {top[METRIC]:.4f} (trial {best_id})" if top else "no student yet"
     return (
@@ -231,9 +231,30 @@ class ProgressCallback(Callback):
             _active.show(progress_line(trials, self.num_samples, _active.elapsed()))
             _active.tick()
 
-    def on_experiment_end(self, trials, **info):
-        if _active:
-            _active.show(progress_line(trials, self.num_samples, _active.elapsed()))
+    # No line at the experiment's end: after Ctrl-C Tune ends the interrupted trials as TERMINATED
+    # in memory (stored: PENDING, to run again), so a line from these objects read "2/2 done
+    # (2 stopped early)"; the driver prints the last line from the stored state (`final_progress`).
+
+
+def final_progress(trials: list, num_samples: int) -> None:
+    """The sweep's last progress line, from its stored trials (what a resume would see)."""
+    if _active:
+        _active.show(progress_line(trials, num_samples, _active.elapsed()))
+
+
+# Tune's warning as the first Ctrl-C arrives (ray/tune/tune.py); the console otherwise shows
+# Ray's errors only, and the user would see nothing until the trials have been stopped
+TUNE_STOP_SIGNAL = "Stop signal received"
+
+
+class StopSignalNotice(logging.Handler):
+    def __init__(self, console: SweepConsole) -> None:
+        super().__init__(logging.WARNING)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith(TUNE_STOP_SIGNAL):
+            self.console.show("interrupted: saving the sweep's state and stopping its trials (Ctrl-C again skips it)")
 
 
 @contextlib.contextmanager
@@ -251,6 +272,9 @@ def sweep_console(
     loggers = [logging.getLogger("ray"), logging.getLogger("optuna")]
     for logger in loggers:
         logger.addHandler(file_handler)
+    stop_notice = None if verbose else StopSignalNotice(console)  # verbose: Ray's own warning shows
+    if stop_notice:
+        loggers[0].addHandler(stop_notice)
     optuna_level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     routing = worker_output_to(console.worker_output, keep_ray_printer=verbose)
@@ -264,4 +288,6 @@ def sweep_console(
         optuna.logging.set_verbosity(optuna_level)
         for logger in loggers:
             logger.removeHandler(file_handler)
+        if stop_notice:
+            loggers[0].removeHandler(stop_notice)
         log.close()

@@ -76,7 +76,9 @@ def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
 
 
 def _scored(summary: SweepSummary):
-    return [r for r in summary.trials if r.student_val_acc is not None]
+    """Rows whose student's score is final: ended trials (finished or stopped by the scheduler),
+    never a failed one's partial score nor a running one's."""
+    return [r for r in summary.trials if r.state == "TERMINATED" and r.student_val_acc is not None]
 
 
 def _no_data(ax, text: str) -> None:
@@ -152,22 +154,33 @@ def plot_information_plane(summary: SweepSummary) -> bytes:
 
 def param_importances(layout: SweepLayout) -> dict[str, float]:
     """Optuna's parameter importances from the searcher state Tune saved (empty if too few trials)."""
-    import optuna
-
     snapshot = newest_snapshot(layout)
     if snapshot is None:
         return {}
-    study = study_from_searcher_state(snapshot)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return importances_of(study_from_searcher_state(snapshot))
+
+
+def importances_of(searched) -> dict[str, float]:
+    """fANOVA importances (seeded: the same study gives the same report) over the distinct points run."""
+    import optuna
+
+    from remem_ray.sweep.distinct import DUPLICATE_OF
+
+    # a duplicate suggestion is answered with its first trial's outcome: counted, it would weigh the
+    # points the sampler returns to more than once, though each ran once
+    complete = [
+        t for t in searched.trials if t.state == optuna.trial.TrialState.COMPLETE and DUPLICATE_OF not in t.user_attrs
+    ]
     varied = (
-        {name for name in study.trials[0].params if len({t.params.get(name) for t in complete}) > 1}
-        if study.trials
-        else set()
+        {name for name in complete[0].params if len({t.params.get(name) for t in complete}) > 1} if complete else set()
     )
     if len(complete) < 2 or not varied:
         return {}
+    study = optuna.create_study(direction=searched.direction)
+    study.add_trials(complete)
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     try:
-        return dict(optuna.importance.get_param_importances(study, params=sorted(varied)))
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator, params=sorted(varied)))
     except (RuntimeError, ValueError):
         return {}
 

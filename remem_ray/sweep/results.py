@@ -26,6 +26,8 @@ from remem_ray.search_params import SEARCH_PARAMS
 from remem_ray.sweep.layout import SUMMARY_FILE, SweepLayout
 from remem_ray.sweep.search import space_size
 
+ENDED_STATES = ("TERMINATED", "ERROR")  # Tune's states of a trial that will not run again in this sweep
+
 
 @dataclass
 class TrialRow:
@@ -62,6 +64,11 @@ class SweepSummary:
     duplicate_suggestions: int = 0  # searcher suggestions of a point already run, answered, never run again
     space_size: int | None = None  # distinct points the space has (None: a continuous range)
     space_exhausted: bool = False  # every point run: the sweep ended before num_samples trials
+    unfinished: int = 0  # trials asked for that have not ended (running, pending, not started): interrupted
+
+    @property
+    def interrupted(self) -> bool:
+        return self.unfinished > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +98,7 @@ def _row(trial, layout: SweepLayout) -> TrialRow:
         row.teacher_trained = bool(result.get(TEACHER_TRAINED))
         row.student_key = result.get(STUDENT_KEY)
         row.student_replayed = bool(result.get(STUDENT_REPLAYED))
-        row.stopped_early = stopped_early(result)
+        row.stopped_early = trial.status == "TERMINATED" and stopped_early(result)  # not a failed or running one
         row.student_checkpoint = best_checkpoint(layout.student(trial.trial_id))
     return row
 
@@ -107,10 +114,12 @@ def load_trials(layout: SweepLayout) -> list:
     return sorted(analysis.trials, key=lambda t: t.trial_id)
 
 
-def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
-    trials = load_trials(layout)
+def summarize(spec: SweepSpec, layout: SweepLayout, trials: list | None = None) -> SweepSummary:
+    """The sweep's summary from its stored trials (`trials`: those already loaded by the caller)."""
+    trials = load_trials(layout) if trials is None else trials
     rows = [_row(t, layout) for t in trials]
     scored = [r for r in rows if r.student_val_acc is not None]
+    ended = [r for r in rows if r.state in ENDED_STATES]
     best_id = best_trial((t.trial_id, t.status, t.last_result) for t in trials)
     best = next((r for r in rows if r.trial_id == best_id), None)
     trained = set(layout.teacher_trainings())
@@ -133,6 +142,7 @@ def summarize(spec: SweepSpec, layout: SweepLayout) -> SweepSummary:
         duplicate_suggestions=_duplicates_answered(layout),
         space_size=size,
         space_exhausted=size is not None and spec.sweep.num_samples > len(rows) >= size,
+        unfinished=max(0, min(spec.sweep.num_samples, size or spec.sweep.num_samples) - len(ended)),
     )
 
 
