@@ -96,9 +96,10 @@ def load_model(storage: Storage, rel: str) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
-def split_location(location: str, endpoint: str | None = None) -> tuple[Storage, str]:
-    """A checkpoint folder given as a path or s3:// URI -> (storage of its parent, its name)."""
+def split_location(location: str, endpoint: str | None = None, region: str | None = None) -> tuple[Storage, str]:
+    """A checkpoint folder given as a path or s3:// URI -> (storage of its parent, its name); a
+    spec's checkpoints are read with its storage's endpoint and region."""
     parent, _, name = location.rstrip("/").rpartition("/")
     if not name:
         raise CheckpointError(f"checkpoint: not a folder location: {location!r}")
-    return Storage(parent or ".", endpoint), name
+    return Storage(parent or ".", endpoint, region), name

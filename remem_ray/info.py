@@ -24,7 +24,7 @@ def checkpoint_info(
 ) -> dict[str, Any]:
     """MI family and per-block expertness of the checkpoint at `location` on the spec's val data."""
     device = torch.device(device)
-    storage, name = split_location(location, endpoint or spec.storage.endpoint)
+    storage, name = split_location(location, endpoint or spec.storage.endpoint, spec.storage.region)
     model, meta = load_model(storage, name)
     model = model.to(device)
     normalizer = normalizer_for(model).to(device)

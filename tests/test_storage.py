@@ -170,3 +170,63 @@ def test_bucket_error_maps_s3_answers_to_one_line(code, expected):
 def test_preflight_refuses_an_endpoint_that_is_not_a_url(endpoint):
     with pytest.raises(ResourceError, match=r"--endpoint must look like http://host:port"):
         preflight("s3://b/p", endpoint, endpoint_field="--endpoint")
+
+
+def test_a_node_fetches_an_s3_object_once_while_its_other_processes_wait_and_reuse_it(s3, tmp_path, monkeypatch):
+    """Every DDP rank and trial on a node asks for the same weights or dataset at once. Each fetched
+    its own copy, and one finishing second removed the copy another had put in place and was
+    reading. Failed before: the second caller downloaded too, while the first was still fetching."""
+    import threading
+
+    from remem_ray.storage import fetch_to_cache
+
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
+    s3["client"].put_object(Bucket=s3["bucket"], Key="w/weights.pt", Body=b"weights")
+    uri = f"s3://{s3['bucket']}/w/weights.pt"
+    downloads, first_in, go_on = [], threading.Event(), threading.Event()
+    read_bytes = Storage.read_bytes
+
+    def slow_read(self, rel):
+        downloads.append(rel)
+        first_in.set()
+        assert go_on.wait(30)
+        return read_bytes(self, rel)
+
+    monkeypatch.setattr(Storage, "read_bytes", slow_read)
+    paths = []
+    first = threading.Thread(target=lambda: paths.append(fetch_to_cache(uri, s3["endpoint"])))
+    first.start()
+    assert first_in.wait(30)
+    second = threading.Thread(target=lambda: paths.append(fetch_to_cache(uri, s3["endpoint"])))
+    second.start()
+    second.join(3)  # waits on the node lock (before: it was off downloading a copy of its own)
+    go_on.set()
+    first.join(30)
+    second.join(30)
+    assert downloads == ["weights.pt"]
+    assert len(paths) == 2 and paths[0] == paths[1] and paths[0].read_bytes() == b"weights"
+
+
+def test_a_spec_checkpoint_location_is_read_in_the_specs_region(monkeypatch):
+    """A student read its teacher with us-east-1 whatever storage.region said: on AWS, every student
+    of a sweep with its bucket elsewhere failed with pyarrow's wrong-region error."""
+    from remem_ray.checkpoints import split_location
+    from remem_ray.config import RunSpec
+    from remem_ray.train import student
+
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    assert split_location("s3://b/p/teacher/epoch_4", "http://127.0.0.1:1", "eu-west-1")[0].region == "eu-west-1"
+    spec = RunSpec.model_validate({"storage": {"root": "s3://b/p", "region": "eu-west-1"}})
+    seen = []
+
+    def fake_load_model(storage, name):
+        seen.append((storage.region, name))
+        return object(), {}
+
+    monkeypatch.setattr(student, "load_model", fake_load_model)
+    ctx = type("Ctx", (), {"spec": spec})()
+    student.load_teacher(ctx, "s3://b/p/teachers/k/epoch_4")
+    assert seen == [("eu-west-1", "epoch_4")]
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")  # where nothing is configured: the SDK's variable
+    assert Storage("s3://b/p").region == "ap-south-1"

@@ -319,3 +319,38 @@ def test_a_student_starts_from_the_same_weights_whether_its_targets_are_built_lo
     assert (was_built, was_loaded) == (1, 0)
     for name, tensor in built.items():
         assert torch.equal(tensor, loaded[name]) and torch.equal(tensor, online[name]), name
+
+
+def test_a_storage_outage_while_copying_an_earlier_holders_checkpoints_keeps_the_resume_state(tmp_path):
+    """A teacher resuming from an earlier holder's state copies that holder's checkpoints first. One
+    read failing on a storage outage made it give the state up and train from epoch 1 (hours of a
+    big ViT); only a missing or corrupt checkpoint may. Failed before: begin() returned None."""
+    from types import SimpleNamespace
+
+    from remem_ray.checkpoint_files import checkpoint_name, write_checkpoint_files
+    from remem_ray.errors import ResourceError
+    from remem_ray.storage import Storage
+    from remem_ray.train.teacher import TeacherTask
+
+    class Unreachable(Storage):
+        def read_bytes(self, rel):
+            raise ResourceError(f"storage: cannot read {self.uri(rel)}: connection timed out")
+
+    earlier = Unreachable(str(tmp_path / "gen-1"))
+    for epoch in (1, 2):
+        write_checkpoint_files(earlier, checkpoint_name(epoch), {"model.pt": b"w%d" % epoch})
+    task = TeacherTask.__new__(TeacherTask)
+    task.cfg = SimpleNamespace(saved_epochs=[1, 2, 4])
+    logged = []
+    ctx = SimpleNamespace(
+        is_writer=True,
+        device=torch.device("cpu"),
+        output=Storage(str(tmp_path / "gen-2")),
+        earlier_output=earlier,
+        session=SimpleNamespace(log=logged.append),
+    )
+    with pytest.raises(ResourceError, match="connection timed out"):
+        task.begin(ctx, {"epoch": 3})
+    # a checkpoint really gone still means training from epoch 1
+    ctx.earlier_output = Storage(str(tmp_path / "gen-0"))
+    assert task.begin(ctx, {"epoch": 3}) is None and "training from epoch 1" in logged[-1]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -19,15 +22,39 @@ def cache_root() -> Path:
     return Path(os.environ.get("REMEM_CACHE_DIR", Path.home() / ".cache" / "remem-ray"))
 
 
-def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri") -> Path:
-    """Fetch an s3:// file or folder once into the local cache; later calls reuse it."""
+@contextlib.contextmanager
+def _node_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` among this node's processes (flock: freed if the holder dies)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri", region: str | None = None) -> Path:
+    """Fetch an s3:// file or folder once into the local cache; later calls reuse it.
+
+    One fetch per node: every DDP rank and every trial on a node asks at once, and each fetching
+    its own copy multiplied the traffic; worse, one finishing second removed the folder another had
+    just put in place and was reading. The others wait on a node lock and then reuse the copy."""
     key = hashlib.sha256(f"{endpoint or ''}|{uri}".encode()).hexdigest()[:16]
     dest = cache_root() / "s3" / key
     done = dest / ".complete"
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
     if done.exists():
         return Path(done.read_text())
-    fs = s3_filesystem(endpoint)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _node_lock(dest.parent / f"{key}.lock"):
+        if done.exists():  # fetched while this one waited
+            return Path(done.read_text())
+        return _fetch(uri, endpoint, region, field, dest)
+
+
+def _fetch(uri: str, endpoint: str | None, region: str | None, field: str, dest: Path) -> Path:
+    """Download into a staging folder, then move it into place whole (under the node lock)."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    fs = s3_filesystem(endpoint, region)
     path = split_s3_uri(uri)
     try:
         info = fs.get_file_info(path)
@@ -35,28 +62,18 @@ def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri") ->
         raise ResourceError(f"{field}: cannot reach {uri}: {str(exc).splitlines()[0]}") from None
     if info.type == pafs.FileType.NotFound:
         raise ResourceError(f"{field}: not found: {uri}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{key}.partial-"))
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{dest.name}.partial-"))
     try:
         parent, _, base = path.rpartition("/")
-        store = Storage(f"s3://{parent}", endpoint)
+        store = Storage(f"s3://{parent}", endpoint, region)
         if info.type == pafs.FileType.File:
             (staging / name).write_bytes(store.read_bytes(base))
-            result = dest / name
         else:
             store.download_dir(base, staging / name)
-            result = dest / name
+        result = dest / name
         (staging / ".complete").write_text(str(result))
-        if done.exists():  # another process (a DDP rank, a trial on this node) finished first
-            shutil.rmtree(staging, ignore_errors=True)
-            return Path(done.read_text())
-        shutil.rmtree(dest, ignore_errors=True)  # a partial copy from a crashed fetch
-        try:
-            os.replace(staging, dest)
-        except OSError:
-            if not done.exists():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(dest, ignore_errors=True)  # a partial copy from a fetch that crashed mid-move
+        os.replace(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -17,10 +17,19 @@ S3_MAX_ATTEMPTS = 13
 _BOTO3_LOCK = threading.Lock()
 
 
-def s3_filesystem(endpoint: str | None = None, region: str = "us-east-1") -> pafs.S3FileSystem:
+DEFAULT_REGION = "us-east-1"
+
+
+def default_region() -> str:
+    """The region where none is configured (a CLI given only a URI, an s3:// dataset or weights
+    file): the AWS SDK's variables, else us-east-1. A spec's storage.region is passed explicitly."""
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
+def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     kwargs: dict = {
-        "region": region,
+        "region": region or default_region(),
         "connect_timeout": 5,
         "request_timeout": 30,
         # Ray's checkpoint uploads and Tune's syncs use this filesystem too: exponential backoff
@@ -52,12 +61,12 @@ def _write_temp_beside(target: str, data: bytes) -> str:
 class Storage:
     """A root folder on a pyarrow filesystem; every path below is relative to it."""
 
-    def __init__(self, root: str, endpoint: str | None = None, region: str = "us-east-1") -> None:
+    def __init__(self, root: str, endpoint: str | None = None, region: str | None = None) -> None:
         self.is_s3 = root.startswith("s3://")
-        self.endpoint, self.region = endpoint, region
+        self.endpoint, self.region = endpoint, region or default_region()
         self._client = None
         if self.is_s3:
-            self.fs: pafs.FileSystem = s3_filesystem(endpoint, region)
+            self.fs: pafs.FileSystem = s3_filesystem(endpoint, self.region)
             self.base = split_s3_uri(root)
         else:
             self.fs = pafs.LocalFileSystem()

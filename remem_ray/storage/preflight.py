@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from remem_ray.errors import ResourceError
-from remem_ray.storage.fs import one_line, split_s3_uri
+from remem_ray.storage.fs import default_region, one_line, split_s3_uri
 
 PREFLIGHT_TIMEOUT_S = 3.0  # connect timeout of the preflight: a dead endpoint fails in seconds, not minutes
 
@@ -23,7 +23,7 @@ PREFLIGHT_TIMEOUT_S = 3.0  # connect timeout of the preflight: a dead endpoint f
 def preflight(
     root: str,
     endpoint: str | None = None,
-    region: str = "us-east-1",
+    region: str | None = None,
     *,
     root_field: str = "storage.root",
     endpoint_field: str = "storage.endpoint",
@@ -35,7 +35,7 @@ def preflight(
     Local roots (only when `writable`): the root is a folder, or can be created as one.
     """
     if root.startswith("s3://"):
-        _preflight_s3(root, endpoint, region, root_field, endpoint_field)
+        _preflight_s3(root, endpoint, region or default_region(), root_field, endpoint_field)
     elif writable:
         _preflight_local(root, root_field)
 

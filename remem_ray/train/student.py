@@ -47,7 +47,7 @@ def load_teacher(ctx: LoopContext, location: str, teacher_now=None) -> tuple[Any
     is given up for where `teacher_now()` says the teacher is now (a registry publishes a retrained
     set beside a broken one), so a retried run reads the repaired set instead of failing again on
     the broken one; with nowhere else to go, the error stands (the run fails or is retried)."""
-    storage, name = split_location(location, ctx.spec.storage.endpoint)
+    storage, name = split_location(location, ctx.spec.storage.endpoint, ctx.spec.storage.region)
     try:
         model, meta = load_model(storage, name)
         return model, meta, location
@@ -56,7 +56,7 @@ def load_teacher(ctx: LoopContext, location: str, teacher_now=None) -> tuple[Any
         if moved is None or moved.rstrip("/") == location.rstrip("/"):
             raise
         ctx.session.log(f"teacher checkpoint {location} is not usable ({exc}); distilling from {moved}, its set now")
-    storage, name = split_location(moved, ctx.spec.storage.endpoint)
+    storage, name = split_location(moved, ctx.spec.storage.endpoint, ctx.spec.storage.region)
     model, meta = load_model(storage, name)
     return model, meta, moved
 

@@ -152,7 +152,7 @@ def load_or_build_targets(
     """
     from remem_ray.checkpoints import split_location
 
-    parent, name = split_location(teacher_location, spec.storage.endpoint)
+    parent, name = split_location(teacher_location, spec.storage.endpoint, spec.storage.region)
     size = num_items(pipeline.splits.train)
     key = cache_key(spec, teacher_identity(parent, name), size, pipeline.identity())
     rel = cache_location(name, key)

@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from remem_ray.checkpoint_files import checkpoint_name, copy_checkpoint, is_complete
+from remem_ray.checkpoint_files import CheckpointError, checkpoint_name, copy_checkpoint, is_complete
 from remem_ray.contract import TEACHER_MI, LoopConfig
-from remem_ray.errors import ResourceError
 from remem_ray.insight.information import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
 from remem_ray.models import normalizer_for, reweight_mlp
 from remem_ray.teacher_layout import HISTORY_FILE, SPEC_FILE
@@ -74,7 +73,8 @@ class TeacherTask(Task):
                 if ctx.earlier_output is None:
                     return f"{ctx.output.uri(name)} is missing"
                 copy_checkpoint(ctx.earlier_output, ctx.output, name)
-        except ResourceError as exc:  # a missing or corrupt checkpoint, or storage that did not answer
+        # missing, unfinished or corrupt; storage that does not answer raises (Train retries the run, state kept)
+        except CheckpointError as exc:
             return str(exc)
         return None
 
