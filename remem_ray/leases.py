@@ -65,6 +65,24 @@ def current_record(folder: Storage) -> LeaseRecord | None:
     raise ResourceError(f"lease {folder.uri()}: cannot read its newest record")
 
 
+def process_gone(record: LeaseRecord) -> bool:
+    """Whether the record's holder was a process on this host that has ended (a reused pid reads
+    as alive: the waiter then waits the stale window, the safe side)."""
+    if record.host != socket.gethostname() or record.pid <= 0:
+        return False
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:  # ended but not yet reaped by its parent (a zombie answers signal 0 too)
+        with open(f"/proc/{record.pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def lost_reason(folder: Storage, generation: int, token: str) -> str | None:
     """None while the lease taken as (generation, token) is in force; else who has it now."""
     current = current_record(folder)
@@ -103,10 +121,16 @@ class Lease:
         self._outage = _Outage()
         self._lock = threading.Lock()  # a renew in flight and a release never interleave
 
-    def try_acquire(self) -> bool:
-        """Take the lease if it is free, released, ours from an earlier life, or stale."""
+    def try_acquire(self, gone: Callable[[LeaseRecord], bool] | None = None) -> bool:
+        """Take the lease if it is free, released, ours from an earlier life, or stale; or held by
+        a holder that `gone` knows has ended (its process on this host, say): no need to wait."""
         current = current_record(self.folder)
-        if current is not None and not current.released and current.holder != self.holder:
+        if (
+            current is not None
+            and not current.released
+            and current.holder != self.holder
+            and not (gone and gone(current))
+        ):
             signature = (current.generation, current.beat, current.token)
             now = self._clock()
             if signature != self._seen:

@@ -188,7 +188,7 @@ def test_ctrl_c_ends_the_sweep_with_code_130_and_its_resume_command_and_resume_c
     as if it were done (exit 0, a final summary), or `remem sweep run ... && deploy` goes on with
     half a sweep. Failed before: exit code 0."""
     name = "ctrl-c"
-    path = _spec(tmp_path, name)
+    path = _spec(tmp_path, name, lease_stale_after_s=20)  # the refused resume below waits this long
     root = tmp_path / "results"
     experiment = root / "sweeps" / name
     env = remem_env(tmp_path)
@@ -206,6 +206,10 @@ def test_ctrl_c_ends_the_sweep_with_code_130_and_its_resume_command_and_resume_c
                 break
             time.sleep(0.3)
         assert held and proc.poll() is None, proc.log_path.read_text()[-3000:]
+        # a second driver of the running sweep is refused (it restarted the same trials twice)
+        rc, out = run_remem(["sweep", "resume", str(experiment)], tmp_path, env, timeout=300)
+        assert rc == 2 and "remem: error: sweep: 'ctrl-c' is being run by driver " in out, out[-3000:]
+        assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=180)
     finally:

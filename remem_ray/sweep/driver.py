@@ -12,6 +12,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from remem_ray.config import SweepSpec, parse_spec
@@ -319,6 +320,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
 def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose: bool, what: str, export: StudyExport):
     """The driver's run of a sweep: a stable cwd, Ray, the console and log (and the study's copy);
     yields the console and the spec the trials run, its `auto` GPU shares sized (sweep/gpu_shares.py)."""
+    from remem_ray.sweep.driver_lease import driving_lease
     from remem_ray.sweep.gpu_shares import (
         fit_concurrency,
         probe_on_cluster,
@@ -336,7 +338,12 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
             preflight_from_cluster(spec, address)
         nodes = cluster_nodes()
         refuse_auto_without_gpus(spec, nodes)
-        with sweep_console(layout.experiment, verbose, on_tick=export) as console:
+        # one driver per sweep, taken before the first write (the console's log); its lines go
+        # to the console once there is one
+        with (
+            driving_lease(layout, spec.sweep.lease_stale_after_s, _driver_line),
+            sweep_console(layout.experiment, verbose, on_tick=export) as console,
+        ):
             measured: list = []
 
             def probe(spec: SweepSpec, roles: list[str]):
@@ -368,6 +375,16 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
             limit = sized.max_concurrent_trials()
             with driver_limit(spec, limit), run_slot_book(spec, limit):
                 yield console, sized
+
+
+def _driver_line(message: str) -> None:
+    """A line of the driver's own, through the sweep's console while it has one."""
+    from remem_ray.sweep import progress
+
+    if progress._active is not None:
+        progress._active.show(message)
+    else:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _alive_nodes() -> list[dict]:

@@ -4,6 +4,7 @@
 <root>/sweeps/<name>/sweep_spec.json   the validated spec (resume rebuilds the trial from it)
 <root>/sweeps/<name>/summary.json      written at the end of run and resume
 <root>/sweeps/<name>/sweep.log         the driver's console and every line of the cluster's output
+<root>/sweeps/<name>/driver-lease/      the lease of the one driver (run or resume) driving the sweep
 <root>/sweeps/<name>/tensorboard/<run>/   per-epoch scalars of each teacher and student Train run
 <root>/sweeps/<name>/optuna.db         the Optuna study (SQLite), kept up to date while the sweep runs
 <root>/sweeps/<name>/students/<trial>/   each trial's best student (best.json -> best_epoch_<e>/)

@@ -1,0 +1,98 @@
+"""One driver per sweep (remem_ray/sweep/driver_lease.py), on local storage with a fake clock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time as pytime
+
+import psutil
+import pytest
+
+from remem_ray.leases import Lease, current_record
+from remem_ray.storage import Storage
+from remem_ray.sweep.driver_lease import DRIVER_LEASE, SweepDriven, _take, driving_lease
+from remem_ray.sweep.layout import SweepLayout
+
+STALE_S = 60.0
+
+
+class FakeTime:
+    def __init__(self, on_sleep=None) -> None:
+        self.now, self.on_sleep = 0.0, on_sleep
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        if self.on_sleep:
+            self.on_sleep()
+
+
+def _folder(tmp_path) -> Storage:
+    return SweepLayout(Storage(str(tmp_path)), "s").experiment.child(DRIVER_LEASE)
+
+
+def test_a_second_driver_of_a_sweep_whose_driver_still_renews_is_refused_with_one_line(tmp_path):
+    """A `resume` while the first driver runs (or two `run`s of one name) restarted the same trials
+    twice: two copies of a trial then took each other's teacher lease in turn, forever."""
+    first = Lease(_folder(tmp_path), "driver a", STALE_S)
+    assert first.try_acquire()
+    time = FakeTime(on_sleep=first.renew)  # alive: it renews while the second one waits
+    second = Lease(_folder(tmp_path), "driver b", STALE_S, clock=time.clock)
+    lines: list[str] = []
+    with pytest.raises(SweepDriven, match=r"^sweep: 's' is being run by driver a \(its lease at .* is renewed\)"):
+        _take(second, STALE_S, lines.append, "s", clock=time.clock, sleep=time.sleep)
+    assert len(lines) == 1 and "waiting up to 60 s" in lines[0]
+    assert current_record(_folder(tmp_path)).holder == "driver a"
+
+
+def test_a_driver_silent_past_the_stale_window_is_taken_over(tmp_path):
+    first = Lease(_folder(tmp_path), "driver a", STALE_S)
+    assert first.try_acquire()  # this process: alive, so only its silence frees the lease
+    time = FakeTime()
+    second = Lease(_folder(tmp_path), "driver b", STALE_S, clock=time.clock)
+    _take(second, STALE_S, lambda line: None, "s", clock=time.clock, sleep=time.sleep)
+    assert STALE_S <= time.now < STALE_S + 10
+    assert current_record(_folder(tmp_path)).holder == "driver b" and not first.renew()
+
+
+@pytest.mark.parametrize("how", ["released", "its process ended", "its process ended, not reaped yet"])
+def test_a_resume_after_a_driver_ended_takes_the_lease_at_once(tmp_path, how):
+    if how == "released":
+        first = Lease(_folder(tmp_path), "driver a", STALE_S)
+        assert first.try_acquire()
+        first.release()
+    else:  # a driver on this host killed (SIGKILL, a crash): its pid is gone
+        code = (
+            "import sys; from remem_ray.leases import Lease; from remem_ray.storage import Storage; "
+            "sys.exit(0 if Lease(Storage(sys.argv[1]), 'driver a', 60).try_acquire() else 1)"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code, _folder(tmp_path).path()])
+        if how == "its process ended":
+            assert proc.wait() == 0
+        else:  # a zombie still answers kill(pid, 0): found so in the SIGKILL fault tests (60 s waits)
+            while current_record(_folder(tmp_path)) is None or psutil.Process(proc.pid).status() != "zombie":
+                pytime.sleep(0.05)
+    time = FakeTime()
+    _take(Lease(_folder(tmp_path), "driver b", STALE_S, clock=time.clock), STALE_S, print, "s", time.clock, time.sleep)
+    assert time.now == 0 and current_record(_folder(tmp_path)).holder == "driver b"
+
+
+def test_a_driver_whose_lease_was_taken_over_stops_its_sweep_and_the_lease_is_released_at_the_end(tmp_path):
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    lost, lines = threading.Event(), []
+    with driving_lease(layout, STALE_S, lines.append, renew_every_s=0.05, on_lost=lost.set) as lease:
+        record = current_record(_folder(tmp_path))
+        assert record.holder == lease.holder and not record.released
+        # another driver took it over (this one was paused past the window, as far as it could tell)
+        assert Lease(_folder(tmp_path), "driver b", STALE_S).try_acquire(gone=lambda r: True)
+        assert lost.wait(30)
+    assert "passed to another driver" in lines[-1]
+    assert current_record(_folder(tmp_path)).holder == "driver b"  # the loser's release changed nothing
+
+    with driving_lease(SweepLayout(Storage(str(tmp_path)), "t"), STALE_S, lines.append):
+        pass
+    assert current_record(SweepLayout(Storage(str(tmp_path)), "t").experiment.child(DRIVER_LEASE)).released
