@@ -118,7 +118,7 @@ class Lease:
         self.record: LeaseRecord | None = None  # ours, while we hold the lease
         self._seen: tuple[int, int, str] | None = None
         self._seen_since = 0.0
-        self._outage = _Outage()
+        self._last_ok = 0.0  # when storage last took our beat: an outage counts from there
         self._lock = threading.Lock()  # a renew in flight and a release never interleave
 
     def try_acquire(self, gone: Callable[[LeaseRecord], bool] | None = None) -> bool:
@@ -147,16 +147,26 @@ class Lease:
             if winner is None or winner.token != mine.token:
                 return False
         self.record = mine
-        self._outage.over()
+        self._last_ok = self._clock()
         self._prune(generation)
         return True
+
+    def exclusive_create_refused(self) -> bool:
+        """Whether storage refuses to create the record we hold a second time, as an exclusive
+        create must. An S3 server that ignores If-None-Match accepts it (the same bytes: nothing
+        changes), and then no lease on it excludes anyone. Ask right after taking the lease."""
+        if self.record is None:
+            raise RuntimeError(f"lease {self.folder.uri()}: not held by {self.holder}")
+        again = json.dumps(asdict(self.record)).encode()
+        return not self.folder.create_exclusive(_record_name(self.record.generation), again)
 
     def renew(self) -> bool:
         """Beat once; False if the lease has passed to someone else or was released (stop writing).
 
-        A storage error is not a loss while it lasts less than `stale_after_s`: others take the
-        lease only after that long without a beat. Past it the holder cannot know it still
-        holds, so it counts as lost.
+        A storage error is not a loss while less than `stale_after_s` has passed since the last
+        beat storage took: others take the lease only after that long without a beat. Past it the
+        holder cannot know it still holds, so it counts as lost. (Counted from the last beat, not
+        from the first error: one call can spend a minute in retries before it fails.)
         """
         with self._lock:
             if self.record is None:
@@ -166,9 +176,9 @@ class Lease:
                     self.record = None
                     return False
                 self.record = self._rewrite(self.record, beat=self.record.beat + 1)
-                self._outage.over()
+                self._last_ok = self._clock()
             except ResourceError:
-                if self._outage.lasted(self._clock()) >= self.stale_after_s:
+                if self._clock() - self._last_ok >= self.stale_after_s:
                     self.record = None
                     return False
             return True

@@ -155,3 +155,22 @@ def test_importances_count_each_point_run_once_not_each_duplicate_answered():
     with_duplicates.add_trials(ran + [trial(0.05, 0.9, 0.9, duplicate=True)] * 3)
     once = importances_of(study)
     assert set(once) == {"rho", "alpha"} and once == importances_of(with_duplicates)
+
+
+def test_a_sweep_expects_num_samples_trials_or_every_point_of_a_smaller_space():
+    """The last progress line counted num_samples: after a 4-point space ran out in a 6-trial
+    sweep it said "4/6 done, ..., 2 pending", and nothing was left to run."""
+    from remem_ray.config import SweepSpec
+    from remem_ray.sweep.results import expected_trials
+
+    search = {"rho": {"values": [0.0, 0.05]}, "alpha": {"values": [0.9, 1.0]}, "teacher_epoch": [4]}
+    spec = SweepSpec.model_validate({"teacher": {"epochs": 4}, "sweep": {"num_samples": 6, "search": search}})
+    assert expected_trials(spec) == 4
+    assert expected_trials(spec.model_copy(update={"sweep": spec.sweep.model_copy(update={"num_samples": 3})})) == 3
+    continuous = {**search, "alpha": {"low": 0.8, "high": 1.0}}
+    assert (
+        expected_trials(
+            SweepSpec.model_validate({"teacher": {"epochs": 4}, "sweep": {"num_samples": 6, "search": continuous}})
+        )
+        == 6
+    )

@@ -10,6 +10,7 @@ import time as pytime
 import psutil
 import pytest
 
+from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease, current_record
 from remem_ray.storage import Storage
 from remem_ray.sweep.driver_lease import DRIVER_LEASE, SweepDriven, _take, driving_lease
@@ -96,3 +97,21 @@ def test_a_driver_whose_lease_was_taken_over_stops_its_sweep_and_the_lease_is_re
     with driving_lease(SweepLayout(Storage(str(tmp_path)), "t"), STALE_S, lines.append):
         pass
     assert current_record(SweepLayout(Storage(str(tmp_path)), "t").experiment.child(DRIVER_LEASE)).released
+
+
+def test_an_s3_server_that_ignores_conditional_writes_stops_the_sweep_at_its_first_lease(s3, monkeypatch):
+    """Preflight only lists; a server ignoring If-None-Match made every exclusive create succeed:
+    two contenders both took a lease and wrote into one generation's folder."""
+    layout = SweepLayout(Storage(f"s3://{s3['bucket']}/p", s3["endpoint"]), "s")
+    with driving_lease(layout, STALE_S, print) as lease:  # moto honours it
+        assert lease.exclusive_create_refused()
+
+    def put_ignoring_the_condition(self, target: str, data: bytes) -> bool:
+        bucket, _, key = target.partition("/")
+        self._boto3().put_object(Bucket=bucket, Key=key, Body=data)
+        return True
+
+    monkeypatch.setattr(Storage, "_put_if_absent", put_ignoring_the_condition)
+    with pytest.raises(ResourceError, match=r"^storage.root: the S3 server at .* ignores conditional writes"):
+        with driving_lease(layout, STALE_S, print):
+            raise AssertionError("the sweep went on")

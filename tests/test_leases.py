@@ -160,18 +160,20 @@ def _unreachable(storage: Storage, monkeypatch) -> None:
 
 def test_a_holder_cut_off_from_storage_longer_than_the_stale_window_stops(tmp_path, monkeypatch):
     """Shorter than the window an outage is not a loss; one that lasts the window is (others may
-    have taken over; the holder cannot know), for the heartbeat's renew and for a worker's checks
-    alike, counted from the outage's first error. Neither raises."""
+    have taken over; the holder cannot know): for the heartbeat's renew counted from the last beat
+    storage took, for a worker's checks from the check's first error. Neither raises."""
     clock = [0.0]
     lease = Lease(Storage(str(tmp_path / "lease")), "a", 60.0, clock=lambda: clock[0])
     assert lease.try_acquire()
     handle = lease.handle()
+    clock[0] = 5.0
+    assert lease.renew()  # the last beat storage takes
     _unreachable(lease.folder, monkeypatch)
-    clock[0] = 300.0  # a long epoch since the last beat: the outage starts now
+    clock[0] = 30.0
     assert lease.renew()
-    clock[0] = 359.0
+    clock[0] = 64.9
     assert lease.renew()
-    clock[0] = 360.0
+    clock[0] = 65.0
     assert not lease.renew()
 
     answers = iter([ResourceError("down"), ResourceError("down"), None])
@@ -187,13 +189,27 @@ def test_a_holder_cut_off_from_storage_longer_than_the_stale_window_stops(tmp_pa
 
     monkeypatch.setattr(LeaseHandle, "lost", flaky)
     watch = LeaseWatch(handle, clock=lambda: clock[0], sleep=sleep)
-    assert watch.lost() is None and clock[0] == 370.0  # asked again until storage answered
+    assert watch.lost() is None and clock[0] == 75.0  # asked again until storage answered
 
     def down(self):
         raise ResourceError("down")
 
     monkeypatch.setattr(LeaseHandle, "lost", down)
     assert "storage unreachable for 60 s" in watch.lost()
+
+
+def test_a_renewal_that_fails_after_a_minute_of_retries_counts_the_outage_from_the_last_beat(tmp_path, monkeypatch):
+    """One renewal can spend about a minute in S3 retries before it fails. The outage was counted
+    from that first failure, so the holder went on for another window while waiters, who saw no
+    beat since the last one, had taken over. Failed before: this renew returned True."""
+    clock = [0.0]
+    lease = Lease(Storage(str(tmp_path / "lease")), "a", 60.0, clock=lambda: clock[0])
+    assert lease.try_acquire()
+    clock[0] = 5.0
+    assert lease.renew()
+    _unreachable(lease.folder, monkeypatch)
+    clock[0] = 70.0  # the next renewal's retries ran out 65 s after the last beat
+    assert not lease.renew()
 
 
 def test_a_release_is_never_undone_by_a_renewal_still_in_flight(tmp_path):

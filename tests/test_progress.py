@@ -74,7 +74,7 @@ def test_progress_line_counts_trials_teachers_and_the_best_student():
     ]
     line = progress_line(trials, num_samples=6, elapsed="1m05s")
     assert line == (
-        "progress 1m05s: trials 2/6 done (1 stopped early, 1 errored), 1 running, 2 pending | "
+        "progress 1m05s: trials 2/6 done (1 stopped early), 1 failed, 1 running, 2 pending | "
         "teachers 1 trained, 2 reused | best student val 0.8000 (trial b)"
     )
     assert "no student yet" in progress_line([_trial("c", "PENDING")], 2, "0m01s")

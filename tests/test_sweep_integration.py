@@ -58,7 +58,7 @@ def _check_console(out: str, experiment: Path, stopped: int) -> None:
     assert "Configuration for experiment" not in out and "tensorboard --logdir" not in out
     progress = [line for line in out.splitlines() if "] progress " in line]
     # the third point is stopped by design; the first may be too, when the second reaches the rung first
-    final = f"trials 4/4 done ({stopped} stopped early, 0 errored), 0 running, 0 pending | teachers 2 trained, 2 reused"
+    final = f"trials 4/4 done ({stopped} stopped early), 0 failed, 0 running, 0 pending | teachers 2 trained, 2 reused"
     assert progress and f"{final} | best student val " in progress[-1], progress
     log = (experiment / "sweep.log").read_text()
     assert "TrainingReport(" in log and all(line in log for line in epoch_lines)  # everything is kept there

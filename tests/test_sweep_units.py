@@ -626,3 +626,20 @@ def test_an_interrupted_sweep_ends_with_code_130_and_the_command_that_continues_
     assert err.startswith("remem: interrupted: 2 trials not run to the end, 1 failed;")
     assert "`remem sweep resume /r/sweeps/s --endpoint http://127.0.0.1:9000` continues the sweep" in err
     assert _print_end(SweepSummary("s", "/r/sweeps/s", "m", trials=rows[:1])) == 0
+
+
+def test_a_resume_checks_the_stored_spec_on_this_machine_before_ray_starts(in_tmp, capsys):
+    """A resume on a machine without the spec's local weights file failed trial by trial (each one
+    retried): the spec was checked only by `run`. Failed before: Ray started."""
+    import ray
+
+    spec = SweepSpec(
+        name="weights-gone", storage={"root": str(in_tmp / "results")}, teacher={"weights": str(in_tmp / "gone.pth")}
+    )
+    folder = in_tmp / "results" / "sweeps" / "weights-gone"
+    folder.mkdir(parents=True)
+    (folder / "sweep_spec.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    assert main(["sweep", "resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("remem: error: teacher.weights: weights file not found") and err.count("\n") == 1
+    assert not ray.is_initialized()

@@ -21,7 +21,7 @@ from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage, one_line, preflight, preflight_config
 from remem_ray.sweep.layout import GPU_SHARES_FILE, LOG_FILE, SWEEP_SPEC_FILE, SweepLayout
 from remem_ray.sweep.report import write_report
-from remem_ray.sweep.results import SweepSummary, load_trials, summarize, write_summary
+from remem_ray.sweep.results import SweepSummary, expected_trials, load_trials, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
 from remem_ray.sweep.study import StudyExport
 from remem_ray.sweep.tune_adapter import keep_credentials_out_of_runtime_envs
@@ -497,7 +497,7 @@ def _finish(spec: SweepSpec, layout: SweepLayout, console, export: StudyExport) 
     from remem_ray.sweep.progress import final_progress
 
     trials = load_trials(layout)
-    final_progress(trials, spec.sweep.num_samples)
+    final_progress(trials, expected_trials(spec))
     summary = summarize(spec, layout, trials)
     if summary.space_exhausted:
         console.show(
@@ -546,6 +546,7 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
 
 def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False) -> SweepSummary:
     address = _cluster_address(address)
+    check_spec(spec)  # the stored spec against this machine: a weights file the first driver had, say
     preflight_config(spec.storage)  # resume writes: the root must be writable too
     from ray import tune
 

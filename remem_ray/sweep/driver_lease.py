@@ -53,6 +53,14 @@ def driving_lease(
 
     lease = Lease(layout.experiment.child(DRIVER_LEASE), _holder(), stale_after_s)
     _take(lease, stale_after_s, show, layout.name)
+    if not lease.exclusive_create_refused():  # the sweep's first exclusive create: is it one?
+        lease.release()
+        where = f" at {layout.root.endpoint}" if layout.root.endpoint else ""
+        raise ResourceError(
+            f"storage.root: the S3 server{where} ignores conditional writes (If-None-Match: *), on which "
+            f"every lease of remem-ray relies (one trainer per teacher, one driver per sweep): use a "
+            f"server that honours them (AWS S3, SeaweedFS and moto do)"
+        )
     heartbeat = Heartbeat(lease, renew_every_s)
     stop = threading.Event()
     watch = threading.Thread(target=_stop_when_lost, args=(heartbeat, stop, show, on_lost or _interrupt), daemon=True)

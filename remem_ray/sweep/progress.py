@@ -179,7 +179,7 @@ def progress_line(trials: list, num_samples: int, elapsed: str) -> str:
     top = next((r for t, r in zip(trials, results) if t.trial_id == best_id), None)
     best = f"best student val {top[METRIC]:.4f} (trial {best_id})" if top else "no student yet"
     return (
-        f"progress {elapsed}: trials {done}/{num_samples} done ({stopped} stopped early, {errored} errored), "
+        f"progress {elapsed}: trials {done}/{num_samples} done ({stopped} stopped early), {errored} failed, "
         f"{status.count('RUNNING')} running, {pending} pending | teachers {trained} trained, "
         f"{len(reported) - trained} reused{students} | {best}"
     )

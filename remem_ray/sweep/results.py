@@ -142,8 +142,15 @@ def summarize(spec: SweepSpec, layout: SweepLayout, trials: list | None = None) 
         duplicate_suggestions=_duplicates_answered(layout),
         space_size=size,
         space_exhausted=size is not None and spec.sweep.num_samples > len(rows) >= size,
-        unfinished=max(0, min(spec.sweep.num_samples, size or spec.sweep.num_samples) - len(ended)),
+        unfinished=max(0, expected_trials(spec) - len(ended)),
     )
+
+
+def expected_trials(spec: SweepSpec) -> int:
+    """The trials a sweep runs: num_samples, or every point of a smaller finite space (no point
+    runs twice, so the search ends when the space runs out)."""
+    size = space_size(spec)
+    return spec.sweep.num_samples if size is None else min(spec.sweep.num_samples, size)
 
 
 def _duplicates_answered(layout: SweepLayout) -> int:
