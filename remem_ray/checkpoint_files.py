@@ -55,11 +55,22 @@ def point_stored_best(storage: Storage, epoch: int, folder_uri: str) -> None:
     storage.write_text(BEST_POINTER, json.dumps(record))
 
 
+def _best_pointer(storage: Storage) -> dict | None:
+    """The best pointer's record, or None if there is none. Read by `sweep status` while trials
+    run: a restarted student removes its pointer as it begins, between a look and a read."""
+    try:
+        return json.loads(storage.read_text(BEST_POINTER))
+    except ResourceError:
+        if storage.is_file(BEST_POINTER):  # there, yet unreadable: storage's error stands
+            raise
+        return None
+
+
 def best_checkpoint_name(storage: Storage) -> str | None:
     """The name (under `storage`) of a student's best checkpoint written there, or None if it has
     none yet (or its pointer names another folder's: see best_location)."""
-    if storage.is_file(BEST_POINTER):
-        pointer = json.loads(storage.read_text(BEST_POINTER))
+    pointer = _best_pointer(storage)
+    if pointer is not None:
         return None if pointer.get("folder") else str(pointer["checkpoint"])
     return LEGACY_BEST if is_complete(storage, LEGACY_BEST) else None
 
@@ -67,8 +78,8 @@ def best_checkpoint_name(storage: Storage) -> str | None:
 def best_location(storage: Storage) -> tuple[Storage, str] | None:
     """(folder, name) of a student's best checkpoint, following a pointer to another folder; None
     if it has none yet."""
-    if storage.is_file(BEST_POINTER):
-        pointer = json.loads(storage.read_text(BEST_POINTER))
+    pointer = _best_pointer(storage)
+    if pointer is not None:
         folder = pointer.get("folder")
         where = Storage(folder, storage.endpoint, storage.region) if folder else storage
         return where, str(pointer["checkpoint"])

@@ -248,3 +248,31 @@ def test_the_next_holder_resumes_from_the_newest_generation_that_left_a_state(tm
     registry.output(key, 2).write_text("resume/state.pt.tmp-1234", "killed while writing its first")
     assert registry.resume_source(key, 3).uri() == registry.output(key, 1).uri()
     assert registry.resume_source(key, 1) is None
+
+
+def test_a_waiter_reads_a_corrupt_set_in_use_once_not_at_every_poll(tmp_path, monkeypatch):
+    """While another trial retrains a key whose set in use is corrupt, each waiting trial checked
+    that set's sha256 at every poll (2 s): the whole checkpoint read again and again, a ViT-L's
+    gigabyte a time, in a driver process with a tenth of a CPU (a read per poll before)."""
+    from remem_ray.sweep import registry as registry_module
+
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    write_teacher(registry.folder(key).storage, 1.0)
+    model_file = tmp_path / "teachers" / key / "epoch_4" / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:-10])
+    reads = []
+    real_verify = registry_module.verify_checkpoint
+
+    def counting_verify(storage, rel):
+        reads.append(rel)
+        return real_verify(storage, rel)
+
+    monkeypatch.setattr(registry_module, "verify_checkpoint", counting_verify)
+    corrupt: set[str] = set()
+    for _ in range(3):
+        assert not trial_module._usable(registry, key, [], EPOCHS, 4, corrupt)
+    assert reads == ["epoch_4"] and corrupt == {registry.folder(key).uri()}
+    # the retrained set, published, is read (once) and used
+    write_teacher(registry.output(key, 1), 3.0)
+    assert registry.claim(key, 1) and registry.publish(key, 1)
+    assert trial_module._usable(registry, key, [], EPOCHS, 4, corrupt) and reads == ["epoch_4", "epoch_4"]

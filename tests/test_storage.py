@@ -230,3 +230,20 @@ def test_a_spec_checkpoint_location_is_read_in_the_specs_region(monkeypatch):
     assert seen == [("eu-west-1", "epoch_4")]
     monkeypatch.setenv("AWS_REGION", "ap-south-1")  # where nothing is configured: the SDK's variable
     assert Storage("s3://b/p").region == "ap-south-1"
+
+
+def test_a_best_pointer_removed_between_a_look_and_a_read_reads_as_none(tmp_path):
+    """`sweep status` reads each trial's best pointer while trials run; a restarted student removes
+    its pointer as it begins. A removal between is_file and the read raised (status failed)."""
+    from remem_ray.checkpoint_files import BEST_POINTER, best_checkpoint, point_best
+
+    student = Storage(str(tmp_path / "student"))
+    point_best(student, 3)
+    read_text = student.read_text
+
+    def removed_first(rel: str) -> str:
+        (tmp_path / "student" / BEST_POINTER).unlink()
+        return read_text(rel)
+
+    student.read_text = removed_first  # type: ignore[method-assign]
+    assert best_checkpoint(student) is None

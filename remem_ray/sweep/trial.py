@@ -128,9 +128,19 @@ def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=N
     )
 
 
-def _usable(registry: TeacherRegistry, key: str, older_keys: list[str], epochs: list[int], epoch: int) -> bool:
+def _usable(
+    registry: TeacherRegistry, key: str, older_keys: list[str], epochs: list[int], epoch: int, corrupt: set[str]
+) -> bool:
+    """Whether the key's set in use has every candidate and the one used whole. A set found corrupt
+    (its sha256 check reads the whole checkpoint) goes into `corrupt` and is not read again: a
+    published set is never rewritten, and waiters poll every few seconds while it is retrained."""
     in_use = registry.set_in_use(key, older_keys)
-    return in_use is not None and in_use.problem(epochs, epoch) is None
+    if in_use is None or in_use.uri() in corrupt or in_use.missing(epochs):
+        return False
+    if in_use.verify(epoch) is None:
+        return True
+    corrupt.add(in_use.uri())
+    return False
 
 
 class TeacherFinished:
@@ -185,8 +195,9 @@ def ensure_teacher(
     trial_id = holder.rsplit("/", 1)[-1]
     lease = registry.lease(key, holder, stale_after_s)
     waiter = Waiter(f"teacher {key}", spec.sweep.teacher_wait_timeout_s, POLL_S)
+    corrupt: set[str] = set()
     while True:
-        if _usable(registry, key, older_keys, epochs, epoch):
+        if _usable(registry, key, older_keys, epochs, epoch, corrupt):
             # Stored already; still ours if this very trial trained it before Tune restarted it.
             return layout.trained_by(key) == trial_id
         if lease.try_acquire():
