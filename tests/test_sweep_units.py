@@ -10,6 +10,8 @@ from helpers.sweeps import SMOKE
 from remem_ray.cli import main
 from remem_ray.config import SweepSpec, load_sweep_spec
 from remem_ray.contract import METRIC, stopped_early
+from remem_ray.storage import Storage
+from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.search import TIME_ATTR, DefineByRunSpace, build_scheduler
 from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
 
@@ -210,6 +212,7 @@ def test_existing_sweep_name_refused_before_ray_starts_naming_a_resume_command_t
     folder.mkdir(parents=True)
     spec = SweepSpec(name="taken", storage={"root": str(root)})
     (folder / "sweep_spec.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    (folder / "tuner.pkl").write_bytes(b"Tune's")  # a Tune experiment: something to resume
     assert main(["sweep", "run", "s.yaml", "--storage", str(root)]) == 2
     err = capsys.readouterr().err
     assert "already exists" in err
@@ -643,3 +646,17 @@ def test_a_resume_checks_the_stored_spec_on_this_machine_before_ray_starts(in_tm
     err = capsys.readouterr().err
     assert err.startswith("remem: error: teacher.weights: weights file not found") and err.count("\n") == 1
     assert not ray.is_initialized()
+
+
+def test_a_sweep_stopped_before_its_tune_experiment_existed_can_be_run_again(in_tmp, capsys):
+    """Killed between writing its spec and creating the Tuner, a sweep was stuck: `run` refused the
+    name (its spec existed) and `resume` found nothing to restore. Failed before: run refused."""
+    from remem_ray.sweep.driver import _check_new
+
+    spec = SweepSpec(name="early", storage={"root": str(in_tmp / "results")})
+    layout = SweepLayout(Storage.from_config(spec.storage), "early")
+    layout.experiment.write_text("sweep_spec.json", json.dumps(spec.model_dump(mode="json")))
+    _check_new(layout, None)  # nothing to resume: run may start it over
+    assert main(["sweep", "resume", layout.experiment.path()]) == 2
+    err = capsys.readouterr().err
+    assert "stopped before its first trial" in err and "`remem sweep run`" in err

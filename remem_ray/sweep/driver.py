@@ -19,7 +19,7 @@ from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage, one_line, preflight, preflight_config
-from remem_ray.sweep.layout import GPU_SHARES_FILE, LOG_FILE, SWEEP_SPEC_FILE, SweepLayout
+from remem_ray.sweep.layout import GPU_SHARES_FILE, LOG_FILE, SWEEP_SPEC_FILE, TUNER_FILE, SweepLayout
 from remem_ray.sweep.report import write_report
 from remem_ray.sweep.results import SweepSummary, expected_trials, load_trials, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
@@ -267,7 +267,11 @@ def resume_command(folder_uri: str, endpoint: str | None) -> str:
 
 
 def _check_new(layout: SweepLayout, endpoint: str | None) -> None:
-    if layout.experiment.exists(SWEEP_SPEC_FILE) or layout.experiment.exists("tuner.pkl"):
+    """Refuse a name whose sweep can be resumed. A folder without Tune's experiment (a run stopped
+    between writing its spec and creating the Tuner, which writes tuner.pkl) holds nothing to
+    resume: `run` starts it over (a driver still running it holds the driver lease, which the new
+    one then waits for and is refused)."""
+    if layout.experiment.exists(TUNER_FILE):
         raise UserInputError(
             f"name: sweep {layout.name!r} already exists at {layout.experiment.uri()}; "
             f"resume it with `{resume_command(layout.experiment.uri(), endpoint)}` or pick another --name"
@@ -291,6 +295,9 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
     export = StudyExport(spec, layout)
     trials = f"{spec.sweep.num_samples} trial{'s' if spec.sweep.num_samples != 1 else ''}"
     with _driving(spec, layout, address, verbose, trials, export) as (console, sized):
+        # first, then the Tuner (it writes tuner.pkl): a sweep with an experiment always has its spec.
+        # As written (gpus_per_worker: auto stays auto): a resume sizes its shares on its cluster.
+        layout.experiment.write_text(SWEEP_SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
         tuner = tune.Tuner(
             _trainable(sized),
             tune_config=tune.TuneConfig(
@@ -308,8 +315,6 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
                 callbacks=[ProgressCallback(spec.sweep.num_samples)],
             ),
         )
-        # as written (gpus_per_worker: auto stays auto): a resume sizes its shares on the cluster it runs on
-        layout.experiment.write_text(SWEEP_SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
         with _tune_console(verbose):
             tuner.fit()
         summary = _finish(spec, layout, console, export)
@@ -554,7 +559,10 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
     layout = SweepLayout(storage, spec.name)
     path = layout.experiment.path()
     if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
-        raise UserInputError(f"sweep: {layout.experiment.uri()} holds no restorable Tune experiment")
+        raise UserInputError(
+            f"sweep: {layout.experiment.uri()} stopped before its first trial (no Tune experiment in it): "
+            f"start it again with `remem sweep run`"
+        )
     export = StudyExport(spec, layout)
     with _driving(spec, layout, address, verbose, "resuming", export) as (console, sized):
         tuner = tune.Tuner.restore(

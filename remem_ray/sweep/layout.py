@@ -25,6 +25,7 @@ from remem_ray.storage import Storage
 SWEEP_SPEC_FILE = "sweep_spec.json"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "sweep.log"
+TUNER_FILE = "tuner.pkl"  # Tune's: written as the Tuner is created; what Tuner.can_restore looks for
 GPU_SHARES_FILE = "gpu_shares.json"  # what gpus_per_worker: auto measured and chose (the driver's, rewritten on resume)
 
 
