@@ -242,6 +242,12 @@ class StudentConfig(StrictModel):
     target_view_seed: int = Field(0, ge=0, le=2**31 - 1, description="cached targets: seed of the fixed views")
 
 
+def default_region() -> str:
+    """The AWS region where none is configured: the AWS SDK's variables, else us-east-1. A spec's
+    storage.region takes it as its default when read (stored specs keep the value)."""
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 class StorageConfig(StrictModel):
     root: str = Field(
         "./remem-results",
@@ -249,7 +255,10 @@ class StorageConfig(StrictModel):
         description="local folder or s3://bucket/prefix; local paths are made absolute",
     )
     endpoint: EndpointUrl = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
-    region: str = "us-east-1"
+    region: str = Field(
+        default_factory=default_region,
+        description="the bucket's region (default: AWS_REGION, AWS_DEFAULT_REGION, else us-east-1)",
+    )
 
     @field_validator("root")
     @classmethod
@@ -716,13 +725,6 @@ class SweepSpec(RunSpec):
 
     @model_validator(mode="after")
     def _search_matches_run(self) -> SweepSpec:
-        if self.student.teacher_checkpoint is not None:
-            # every trial distils its own fine-tuned teacher; a fixed one would give every trial the
-            # same student key (the first one's student replayed) and leave the search meaningless
-            raise ValueError(
-                "student.teacher_checkpoint: a sweep distils each trial's own teacher; remove it "
-                "(it is for `remem distill`)"
-            )
         saved = self.teacher.saved_epochs
         for epoch in self.sweep.search.teacher_epoch or []:
             if epoch not in saved:
@@ -741,12 +743,6 @@ class SweepSpec(RunSpec):
                         )
                 elif name not in ranges or not ranges[name].contains(value):
                     raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is outside sweep.search.{name}")
-        res = self.sweep.resources
-        if res.gpu_budget is not None and not res.auto_roles() and res.gpus_per_trial() > res.gpu_budget:
-            raise ValueError(
-                f"sweep.resources.gpu_budget: {res.gpu_budget} GPUs cannot hold one trial, which takes "
-                f"{res.gpus_per_trial():g} (workers x gpus_per_worker of its larger phase)"
-            )
         for role in ("teacher", "student"):
             gpus = getattr(self.sweep.resources, role).gpus_per_worker
             if gpus == AUTO and self.device == "cpu":

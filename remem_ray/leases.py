@@ -65,10 +65,29 @@ def current_record(folder: Storage) -> LeaseRecord | None:
     raise ResourceError(f"lease {folder.uri()}: cannot read its newest record")
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_space() -> str:
+    """Where this process's pid means something: the host name, the kernel's boot and the pid
+    namespace. Two records with the same one name the same process table (a container sharing
+    the host's name but not its pids, or a cloned VM, has another). Kept in a record's `host`."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()} boot {_read('/proc/sys/kernel/random/boot_id')[:8]} pidns {namespace}"
+
+
 def process_gone(record: LeaseRecord) -> bool:
-    """Whether the record's holder was a process on this host that has ended (a reused pid reads
-    as alive: the waiter then waits the stale window, the safe side)."""
-    if record.host != socket.gethostname() or record.pid <= 0:
+    """Whether the record's holder was a process in this process table that has ended (a reused
+    pid reads as alive: the waiter then waits the stale window, the safe side)."""
+    if record.host != process_space() or record.pid <= 0:
         return False
     try:
         os.kill(record.pid, 0)
@@ -112,9 +131,17 @@ class Lease:
     """One contender's view of one lease; not thread-safe (the heartbeat owns it while held)."""
 
     def __init__(
-        self, folder: Storage, holder: str, stale_after_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        folder: Storage,
+        holder: str,
+        stale_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        outage_is_loss: bool = True,
     ) -> None:
+        """`outage_is_loss=False`: a holder whose own writes fail along with storage (a sweep's
+        driver) keeps its lease through an outage and gives it up only to a newer generation."""
         self.folder, self.holder, self.stale_after_s, self._clock = folder, holder, stale_after_s, clock
+        self.outage_is_loss = outage_is_loss
         self.record: LeaseRecord | None = None  # ours, while we hold the lease
         self._seen: tuple[int, int, str] | None = None
         self._seen_since = 0.0
@@ -139,7 +166,7 @@ class Lease:
             if now - self._seen_since < self.stale_after_s:
                 return False
         generation = 1 if current is None else current.generation + 1
-        mine = LeaseRecord(generation, self.holder, uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid())
+        mine = LeaseRecord(generation, self.holder, uuid.uuid4().hex, host=process_space(), pid=os.getpid())
         created = self.folder.create_exclusive(_record_name(generation), json.dumps(asdict(mine)).encode())
         if not created:
             # a retried PUT whose first try landed answers 412 too: it is ours if the token is
@@ -178,7 +205,7 @@ class Lease:
                 self.record = self._rewrite(self.record, beat=self.record.beat + 1)
                 self._last_ok = self._clock()
             except ResourceError:
-                if self._clock() - self._last_ok >= self.stale_after_s:
+                if self.outage_is_loss and self._clock() - self._last_ok >= self.stale_after_s:
                     self.record = None
                     return False
             return True

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from remem_ray.config import RunSpec, SweepSpec, weights_kind
+from remem_ray.config import AUTO, RunSpec, SweepSpec, weights_kind
 from remem_ray.errors import ResourceError, SpecError
 
 
 def check_spec(spec: RunSpec) -> None:
-    """Raise SpecError/ResourceError naming the field: unknown dataset, missing weights, unbuildable model."""
+    """Raise SpecError/ResourceError naming the field: unknown dataset, missing weights, unbuildable
+    model; for a sweep, settings it cannot run (kept out of the validators: a stored sweep spec must
+    still read, for status and reports)."""
+    if isinstance(spec, SweepSpec):
+        _check_sweep(spec)
     from remem_ray.data import DATASETS  # an open registry (register_dataset): known only once imported
     from remem_ray.models import check_model_spec
 
@@ -42,3 +46,28 @@ def _check_local_weights(role: str, weights: str | None) -> None:
     """Local files only: hub names and s3:// URIs are fetched (and checked) where they are used."""
     if weights and weights_kind(weights) == "file" and not Path(weights).is_file():
         raise ResourceError(f"{role}.weights: weights file not found: {weights}")
+
+
+def _check_sweep(spec: SweepSpec) -> None:
+    if spec.student.teacher_checkpoint is not None:
+        # every trial distils its own fine-tuned teacher; a fixed one gave every trial the same
+        # student key (the first one's student replayed by all) and left the search meaningless
+        raise SpecError(
+            "student.teacher_checkpoint: a sweep distils each trial's own teacher; "
+            "remove it (it is for `remem distill`)"
+        )
+    res = spec.sweep.resources
+    if res.gpu_budget is not None and res.gpu_budget < _fewest_gpus_per_trial(res):
+        raise SpecError(
+            f"sweep.resources.gpu_budget: {res.gpu_budget} GPUs cannot hold one trial, which takes "
+            f"{_fewest_gpus_per_trial(res):g} (workers x gpus_per_worker of its larger phase)"
+        )
+
+
+def _fewest_gpus_per_trial(res) -> float:
+    """GPUs a trial holds at its peak, at least: an `auto` role takes a share of one GPU (single
+    worker) or a whole GPU per worker (several), sweep/gpu_shares.py."""
+    return max(
+        (r.num_workers if r.num_workers > 1 else 0.0) if r.gpus_per_worker == AUTO else r.num_workers * r.gpus()
+        for r in (res.teacher, res.student)
+    )

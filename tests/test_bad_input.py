@@ -254,6 +254,12 @@ CORPUS = [
         verbs=(SWEEP_RUN,),
     ),
     _bad(
+        "gpu-budget-below-one-auto-trial",  # a multi-worker auto role takes a GPU per worker
+        "sweep:\n  resources:\n    teacher: {num_workers: 4, gpus_per_worker: auto}\n    gpu_budget: 2\n",
+        "sweep.resources.gpu_budget: 2 GPUs cannot hold one trial, which takes 4",
+        verbs=(SWEEP_RUN,),
+    ),
+    _bad(
         "gpu-budget-below-one-trial",
         "sweep:\n  resources:\n    teacher: {num_workers: 2, gpus_per_worker: 1}\n    gpu_budget: 1\n",
         "sweep.resources.gpu_budget",

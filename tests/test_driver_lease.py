@@ -13,7 +13,7 @@ import pytest
 from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease, current_record
 from remem_ray.storage import Storage
-from remem_ray.sweep.driver_lease import DRIVER_LEASE, SweepDriven, _take, driving_lease
+from remem_ray.sweep.driver_lease import DRIVER_LEASE, POLL_S, SweepDriven, _take, driving_lease
 from remem_ray.sweep.layout import SweepLayout
 
 STALE_S = 60.0
@@ -47,6 +47,7 @@ def test_a_second_driver_of_a_sweep_whose_driver_still_renews_is_refused_with_on
     with pytest.raises(SweepDriven, match=r"^sweep: 's' is being run by driver a \(its lease at .* is renewed\)"):
         _take(second, STALE_S, lines.append, "s", clock=time.clock, sleep=time.sleep)
     assert len(lines) == 1 and "waiting up to 60 s" in lines[0]
+    assert time.now == POLL_S  # refused at its first sign of life, not after the whole window
     assert current_record(_folder(tmp_path)).holder == "driver a"
 
 
@@ -85,13 +86,16 @@ def test_a_resume_after_a_driver_ended_takes_the_lease_at_once(tmp_path, how):
 def test_a_driver_whose_lease_was_taken_over_stops_its_sweep_and_the_lease_is_released_at_the_end(tmp_path):
     layout = SweepLayout(Storage(str(tmp_path)), "s")
     lost, lines = threading.Event(), []
-    with driving_lease(layout, STALE_S, lines.append, renew_every_s=0.05, on_lost=lost.set) as lease:
+    with driving_lease(layout, STALE_S, lines.append, renew_every_s=0.05, on_lost=lost.set) as driving:
         record = current_record(_folder(tmp_path))
-        assert record.holder == lease.holder and not record.released
+        assert record.holder == driving.lease.holder and not record.released
+        driving.raise_if_lost()  # still ours
         # another driver took it over (this one was paused past the window, as far as it could tell)
         assert Lease(_folder(tmp_path), "driver b", STALE_S).try_acquire(gone=lambda r: True)
         assert lost.wait(30)
-    assert "passed to another driver" in lines[-1]
+        with pytest.raises(SweepDriven, match="^sweep: this driver's lease passed to driver b, which runs the sweep"):
+            driving.raise_if_lost()  # after Tune stops: no summary written into the other driver's sweep
+    assert lines[-1] == "this driver's lease on the sweep passed to driver b: stopping"
     assert current_record(_folder(tmp_path)).holder == "driver b"  # the loser's release changed nothing
 
     with driving_lease(SweepLayout(Storage(str(tmp_path)), "t"), STALE_S, lines.append):
@@ -103,8 +107,8 @@ def test_an_s3_server_that_ignores_conditional_writes_stops_the_sweep_at_its_fir
     """Preflight only lists; a server ignoring If-None-Match made every exclusive create succeed:
     two contenders both took a lease and wrote into one generation's folder."""
     layout = SweepLayout(Storage(f"s3://{s3['bucket']}/p", s3["endpoint"]), "s")
-    with driving_lease(layout, STALE_S, print) as lease:  # moto honours it
-        assert lease.exclusive_create_refused()
+    with driving_lease(layout, STALE_S, print) as driving:  # moto honours it
+        assert driving.lease.exclusive_create_refused()
 
     def put_ignoring_the_condition(self, target: str, data: bytes) -> bool:
         bucket, _, key = target.partition("/")
@@ -115,3 +119,39 @@ def test_an_s3_server_that_ignores_conditional_writes_stops_the_sweep_at_its_fir
     with pytest.raises(ResourceError, match=r"^storage.root: the S3 server at .* ignores conditional writes"):
         with driving_lease(layout, STALE_S, print):
             raise AssertionError("the sweep went on")
+
+
+def test_the_driver_lease_is_released_however_the_driving_ends(tmp_path):
+    """An error in the driving (a probe, the Tuner, a second Ctrl-C) left the lease held: a resume
+    elsewhere then waited the stale window, a retry in the same process always did."""
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    with pytest.raises(RuntimeError, match="the probe failed"):
+        with driving_lease(layout, STALE_S, print):
+            raise RuntimeError("the probe failed")
+    assert current_record(_folder(tmp_path)).released
+
+    def found_a_sweep():
+        raise ValueError("name: sweep 's' already exists")  # a run's look again once it holds the lease
+
+    with pytest.raises(ValueError, match="already exists"):
+        with driving_lease(layout, STALE_S, print, after_taking=found_a_sweep):
+            raise AssertionError("not reached")
+    assert current_record(_folder(tmp_path)).released
+
+
+def test_a_storage_outage_does_not_take_the_drivers_lease_away(tmp_path, monkeypatch):
+    """The driver's own writes fail with storage, and nobody can take over without it: a driver
+    stopping its healthy sweep over an outage (and calling it a takeover) would only lose work."""
+    clock = [0.0]
+    lease = Lease(_folder(tmp_path), "driver a", STALE_S, clock=lambda: clock[0], outage_is_loss=False)
+    assert lease.try_acquire()
+    real = Storage.read_text
+
+    def down(self, rel):
+        raise ResourceError("storage: cannot reach it")
+
+    monkeypatch.setattr(Storage, "read_text", down)
+    clock[0] = 10 * STALE_S
+    assert lease.renew()  # an hour of outage: still held
+    monkeypatch.setattr(Storage, "read_text", real)
+    assert lease.renew() and current_record(_folder(tmp_path)).holder == "driver a"

@@ -188,7 +188,7 @@ def test_ctrl_c_ends_the_sweep_with_code_130_and_its_resume_command_and_resume_c
     as if it were done (exit 0, a final summary), or `remem sweep run ... && deploy` goes on with
     half a sweep. Failed before: exit code 0."""
     name = "ctrl-c"
-    path = _spec(tmp_path, name, lease_stale_after_s=20)  # the refused resume below waits this long
+    path = _spec(tmp_path, name)
     root = tmp_path / "results"
     experiment = root / "sweeps" / name
     env = remem_env(tmp_path)

@@ -183,6 +183,9 @@ def test_auto_runs_as_many_trials_at_once_as_the_gpu_nodes_hold_unless_told_othe
     # runs and 4 drivers of 0.1 each (the fourth run would wait out its start timeout)
     lone, _ = _fit(_spec(**{"sweep.resources.trial_cpus": 0.5}), _nodes(1, cpus=4), probe)
     assert lone.max_concurrent_trials() == 2  # 4 CPUs / (0.9 + 0.5)
+    # drivers placed by a driver resource ask for no CPU (a head with none runs them): 4 runs fit
+    placed = _spec(**{"sweep.resources.trial_cpus": 0.5, "sweep.resources.driver_resource": "remem_driver"})
+    assert _fit(placed, _nodes(1, cpus=4), probe)[0].max_concurrent_trials() == 4
     # DDP: a 2-worker teacher on GPU nodes of 2 GPUs but 2 CPUs each holds one worker a node, so
     # one run over both; the CPU-only head's CPUs run no worker
     ddp = _spec(student=1, **{"sweep.resources.teacher.num_workers": 2, "sweep.resources.teacher.cpus_per_worker": 2})
@@ -276,7 +279,7 @@ def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, m
     monkeypatch.setattr(gpu_shares, "probe_on_cluster", probe)
     spec = _spec(name="sized")
     layout = SweepLayout(Storage(str(tmp_path)), spec.name)
-    with driver._driving(spec, layout, None, False, "4 trials", export=None) as (_, sized):
+    with driver._driving(spec, layout, None, False, "4 trials", export=None) as (_, sized, _driving):
         assert sized.sweep.resources.teacher.gpus_per_worker == 0.25
         assert list(driver_limits().values()) == [4]  # what the searcher obeys while the driver runs
     assert driver_limits() == {}

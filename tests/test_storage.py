@@ -229,7 +229,7 @@ def test_a_spec_checkpoint_location_is_read_in_the_specs_region(monkeypatch):
     student.load_teacher(ctx, "s3://b/p/teachers/k/epoch_4")
     assert seen == [("eu-west-1", "epoch_4")]
     monkeypatch.setenv("AWS_REGION", "ap-south-1")  # where nothing is configured: the SDK's variable
-    assert Storage("s3://b/p").region == "ap-south-1"
+    assert Storage("s3://b/p").region == "ap-south-1" and RunSpec().storage.region == "ap-south-1"
 
 
 def test_a_best_pointer_removed_between_a_look_and_a_read_reads_as_none(tmp_path):

@@ -660,3 +660,12 @@ def test_a_sweep_stopped_before_its_tune_experiment_existed_can_be_run_again(in_
     assert main(["sweep", "resume", layout.experiment.path()]) == 2
     err = capsys.readouterr().err
     assert "stopped before its first trial" in err and "`remem sweep run`" in err
+
+
+def test_a_stored_sweep_spec_that_a_run_now_refuses_still_reads_for_status_and_reports():
+    from remem_ray.errors import SpecError
+    from remem_ray.spec_checks import check_spec
+
+    spec = SweepSpec.model_validate({"student": {"teacher_checkpoint": "/old/teacher/epoch_4"}})
+    with pytest.raises(SpecError, match="^student.teacher_checkpoint: a sweep distils each trial's own teacher"):
+        check_spec(spec)

@@ -9,21 +9,13 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from remem_ray.config import default_region
 from remem_ray.errors import ResourceError
 
 S3_MAX_ATTEMPTS = 13
 
 
 _BOTO3_LOCK = threading.Lock()
-
-
-DEFAULT_REGION = "us-east-1"
-
-
-def default_region() -> str:
-    """The region where none is configured (a CLI given only a URI, an s3:// dataset or weights
-    file): the AWS SDK's variables, else us-east-1. A spec's storage.region is passed explicitly."""
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
 
 
 def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from remem_ray.config import SweepSpec, parse_spec
@@ -294,7 +296,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
 
     export = StudyExport(spec, layout)
     trials = f"{spec.sweep.num_samples} trial{'s' if spec.sweep.num_samples != 1 else ''}"
-    with _driving(spec, layout, address, verbose, trials, export) as (console, sized):
+    again = functools.partial(_check_new, layout, spec.storage.endpoint)  # a driver waited for may have made it
+    with _driving(spec, layout, address, verbose, trials, export, after_taking=again) as (console, sized, driving):
         # first, then the Tuner (it writes tuner.pkl): a sweep with an experiment always has its spec.
         # As written (gpus_per_worker: auto stays auto): a resume sizes its shares on its cluster.
         layout.experiment.write_text(SWEEP_SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
@@ -312,19 +315,29 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
                 storage_filesystem=storage.fs,
                 failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
                 verbose=1 if verbose else 0,
-                callbacks=[ProgressCallback(spec.sweep.num_samples)],
+                callbacks=[ProgressCallback(expected_trials(spec))],
             ),
         )
         with _tune_console(verbose):
             tuner.fit()
+        driving.raise_if_lost()
         summary = _finish(spec, layout, console, export)
     return summary
 
 
 @contextlib.contextmanager
-def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose: bool, what: str, export: StudyExport):
-    """The driver's run of a sweep: a stable cwd, Ray, the console and log (and the study's copy);
-    yields the console and the spec the trials run, its `auto` GPU shares sized (sweep/gpu_shares.py)."""
+def _driving(
+    spec: SweepSpec,
+    layout: SweepLayout,
+    address: str | None,
+    verbose: bool,
+    what: str,
+    export: StudyExport,
+    after_taking: Callable[[], None] | None = None,
+):
+    """The driver's run of a sweep: a stable cwd, Ray, the sweep's driver lease, the console and
+    log (and the study's copy); yields the console, the spec the trials run, its `auto` GPU shares
+    sized (sweep/gpu_shares.py), and the held lease (sweep/driver_lease.py)."""
     from remem_ray.sweep.driver_lease import driving_lease
     from remem_ray.sweep.gpu_shares import (
         fit_concurrency,
@@ -346,7 +359,7 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
         # one driver per sweep, taken before the first write (the console's log); its lines go
         # to the console once there is one
         with (
-            driving_lease(layout, spec.sweep.lease_stale_after_s, _driver_line),
+            driving_lease(layout, spec.sweep.lease_stale_after_s, _driver_line, after_taking=after_taking) as driving,
             sweep_console(layout.experiment, verbose, on_tick=export) as console,
         ):
             measured: list = []
@@ -379,7 +392,19 @@ def _driving(spec: SweepSpec, layout: SweepLayout, address: str | None, verbose:
             # run slots hold its Train runs to the same limit
             limit = sized.max_concurrent_trials()
             with driver_limit(spec, limit), run_slot_book(spec, limit):
-                yield console, sized
+                yield console, sized, driving
+
+
+def _starting_driver(layout: SweepLayout) -> str | None:
+    """The holder of the sweep's driver lease, if one holds it."""
+    from remem_ray.leases import current_record
+    from remem_ray.sweep.driver_lease import DRIVER_LEASE
+
+    try:
+        current = current_record(layout.experiment.child(DRIVER_LEASE))
+    except ResourceError:
+        return None
+    return None if current is None or current.released else current.holder
 
 
 def _driver_line(message: str) -> None:
@@ -559,17 +584,24 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
     layout = SweepLayout(storage, spec.name)
     path = layout.experiment.path()
     if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
+        starting = _starting_driver(layout)
+        if starting:
+            raise UserInputError(
+                f"sweep: {layout.experiment.uri()} is being started by {starting} (no Tune experiment yet): "
+                f"wait for it, or run it again with `remem sweep run` if that driver has ended"
+            )
         raise UserInputError(
             f"sweep: {layout.experiment.uri()} stopped before its first trial (no Tune experiment in it): "
             f"start it again with `remem sweep run`"
         )
     export = StudyExport(spec, layout)
-    with _driving(spec, layout, address, verbose, "resuming", export) as (console, sized):
+    with _driving(spec, layout, address, verbose, "resuming", export) as (console, sized, driving):
         tuner = tune.Tuner.restore(
             path, _trainable(sized), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
         )
         with _tune_console(verbose):
             tuner.fit()
+        driving.raise_if_lost()
         summary = _finish(spec, layout, console, export)
     return summary
 

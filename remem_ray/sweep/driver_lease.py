@@ -6,11 +6,12 @@ and two copies of a trial take each other's teacher lease in turn, forever, whil
 write the experiment's state. So the driver takes `<sweep>/driver-lease/` before its first write
 (leases.py: an exclusive create of the next generation) and renews it while the sweep runs.
 
-A driver finding it held waits: a released lease or one whose holder was a process on this host
-that has ended is taken at once (the usual resume after Ctrl-C or a crash); a holder elsewhere
-that stops renewing is taken over after the stale window; one that keeps renewing is alive, and
-the driver refuses with one line. A holder that finds its lease taken over (it was paused past the
-window, a laptop asleep under Ray Client) stops its sweep as Ctrl-C would: the other one drives it now.
+A driver finding it held: a released lease, or one whose holder was a process of this process
+table that has ended, is taken at once (the usual resume after Ctrl-C or a crash); a holder that
+shows life (a beat) is alive, and the driver refuses with one line; one that stays silent for the
+stale window is taken over. A holder that finds its lease taken over (it was paused past the
+window) stops its trials as Ctrl-C would and ends without a summary: the other one drives the
+sweep now. A storage outage alone takes nothing away (leases.Lease, outage_is_loss).
 """
 
 from __future__ import annotations
@@ -36,6 +37,20 @@ class SweepDriven(ResourceError):
     """Another live driver runs this sweep."""
 
 
+class DriverLease:
+    """The sweep's driver lease while this driver holds it, and to whom it passed if it did."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.lost_to: str | None = None
+
+    def raise_if_lost(self) -> None:
+        """After Tune stops: a driver whose lease passed on ends here, writing no summary into the
+        sweep another driver runs now (nor telling the user to resume it)."""
+        if self.lost_to is not None:
+            raise SweepDriven(f"sweep: this driver's lease passed to {self.lost_to}, which runs the sweep now")
+
+
 def _holder() -> str:
     return f"driver {socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
 
@@ -47,30 +62,41 @@ def driving_lease(
     show: Callable[[str], None],
     renew_every_s: float = 5.0,
     on_lost: Callable[[], None] | None = None,
-) -> Iterator[Lease]:
-    """Hold the sweep's driver lease while the block runs (see the module doc)."""
+    after_taking: Callable[[], None] | None = None,
+) -> Iterator[DriverLease]:
+    """Hold the sweep's driver lease while the block runs (see the module doc); released on every
+    way out. `after_taking`: checks that need the lease held (a `run` looks again for a sweep
+    that a driver it waited for may have created meanwhile)."""
     from remem_ray.sweep.registry import Heartbeat
 
-    lease = Lease(layout.experiment.child(DRIVER_LEASE), _holder(), stale_after_s)
+    # a storage outage is no loss here: the driver's own writes fail with it, and another driver
+    # could take over only through storage; a newer generation, once seen, is
+    lease = Lease(layout.experiment.child(DRIVER_LEASE), _holder(), stale_after_s, outage_is_loss=False)
     _take(lease, stale_after_s, show, layout.name)
-    if not lease.exclusive_create_refused():  # the sweep's first exclusive create: is it one?
-        lease.release()
-        where = f" at {layout.root.endpoint}" if layout.root.endpoint else ""
-        raise ResourceError(
-            f"storage.root: the S3 server{where} ignores conditional writes (If-None-Match: *), on which "
-            f"every lease of remem-ray relies (one trainer per teacher, one driver per sweep): use a "
-            f"server that honours them (AWS S3, SeaweedFS and moto do)"
+    try:
+        if not lease.exclusive_create_refused():  # the sweep's first exclusive create: is it one?
+            where = f" at {layout.root.endpoint}" if layout.root.endpoint else ""
+            raise ResourceError(
+                f"storage.root: the S3 server{where} ignores conditional writes (If-None-Match: *), on which "
+                f"every lease of remem-ray relies (one trainer per teacher, one driver per sweep): use a "
+                f"server that honours them (AWS S3, SeaweedFS and moto do)"
+            )
+        if after_taking is not None:
+            after_taking()
+        driver = DriverLease(lease)
+        heartbeat = Heartbeat(lease, renew_every_s)
+        stop = threading.Event()
+        watch = threading.Thread(
+            target=_stop_when_lost, args=(heartbeat, stop, driver, show, on_lost or _interrupt), daemon=True
         )
-    heartbeat = Heartbeat(lease, renew_every_s)
-    stop = threading.Event()
-    watch = threading.Thread(target=_stop_when_lost, args=(heartbeat, stop, show, on_lost or _interrupt), daemon=True)
-    with heartbeat:
-        watch.start()
-        try:
-            yield lease
-        finally:
-            stop.set()
-    lease.release()
+        with heartbeat:
+            watch.start()
+            try:
+                yield driver
+            finally:
+                stop.set()
+    finally:
+        lease.release()  # a no-op once lost
 
 
 def _take(
@@ -81,32 +107,42 @@ def _take(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
+    """Take the lease, waiting while its holder may have ended; refuse as soon as it shows life
+    (a beat, a newer generation) or once the wait is over."""
     deadline = clock() + stale_after_s + 3 * POLL_S
-    said = False
+    first = None
     while not lease.try_acquire(gone=process_gone):
         current = current_record(lease.folder)
-        who = current.holder if current else "another driver"
-        if clock() >= deadline:
+        if current is None or current.released:
+            continue  # released or pruned meanwhile: take it
+        signature = (current.generation, current.beat, current.token)
+        alive = first is not None and signature != first
+        if alive or clock() >= deadline:
             raise SweepDriven(
-                f"sweep: {name!r} is being run by {who} (its lease at {lease.folder.uri()} is renewed): "
+                f"sweep: {name!r} is being run by {current.holder} (its lease at {lease.folder.uri()} is renewed): "
                 f"stop that driver or wait for it to end"
             )
-        if not said:
+        if first is None:
+            first = signature
             show(
-                f"sweep {name}: its driver lease is held by {who}; waiting up to {stale_after_s:.0f} s "
-                f"for it to go stale (a driver still running keeps it)"
+                f"sweep {name}: its driver lease is held by {current.holder}; waiting up to {stale_after_s:.0f} s "
+                f"for a sign of life (a driver still running renews it every few seconds)"
             )
-            said = True
         sleep(POLL_S)
 
 
-def _stop_when_lost(heartbeat, stop: threading.Event, show: Callable[[str], None], on_lost: Callable[[], None]) -> None:
+def _stop_when_lost(
+    heartbeat, stop: threading.Event, driver: DriverLease, show: Callable[[str], None], on_lost: Callable[[], None]
+) -> None:
     while not stop.is_set():
         if heartbeat.lost.wait(1.0):
             if not stop.is_set():
-                show(
-                    "this driver's lease on the sweep passed to another driver (this one was silent too long): stopping"
-                )
+                try:
+                    current = current_record(driver.lease.folder)
+                    driver.lost_to = current.holder if current is not None else "another driver"
+                except ResourceError:
+                    driver.lost_to = "another driver"
+                show(f"this driver's lease on the sweep passed to {driver.lost_to}: stopping")
                 on_lost()
             return
 

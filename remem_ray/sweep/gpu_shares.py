@@ -162,7 +162,7 @@ def fit_concurrency(spec: SweepSpec, sized: SweepSpec, nodes: list[NodeResources
         return sized, None
     by_nodes = min(_runs_fit(r, nodes) for r in on_gpus)
     # the trials' drivers sit on any node: the cluster's CPUs hold them beside the widest runs
-    run_cpus = max(r.num_workers * r.cpus_per_worker for r in on_gpus) + res.trial_cpus
+    run_cpus = max(r.num_workers * r.cpus_per_worker for r in on_gpus) + res.trial_resources()["cpu"]
     concurrency = max(1, min(by_nodes, _whole(sum(n.cpus for n in nodes) / run_cpus)))
     raw: dict[str, Any] = sized.model_dump(mode="json")
     raw["sweep"]["max_concurrent_trials"] = concurrency
