@@ -704,9 +704,9 @@ class SweepConfig(StrictModel):
         LEASE_STALE_AFTER_S,
         ge=10.0,
         le=3600.0,
-        description="a teacher's or student's lease whose holder has not renewed it this long is taken over "
-        "(the holder renews every 5 s; a holder that finds it lost stops writing); a Train run slot unrenewed "
-        "this long is freed",
+        description="a teacher's, student's or sweep driver's lease whose holder has not renewed it this long is "
+        "taken over (the holder renews every 5 s; a holder that finds it lost stops writing); a Train run slot "
+        "unrenewed this long is freed",
     )
     worker_start_timeout_s: float = Field(
         600.0, gt=0, description="longest a Train run's workers may take to start (a busy node starts them slowly)"

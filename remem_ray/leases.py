@@ -65,6 +65,9 @@ def current_record(folder: Storage) -> LeaseRecord | None:
     raise ResourceError(f"lease {folder.uri()}: cannot read its newest record")
 
 
+_PROCESS_TOKEN = uuid.uuid4().hex[:12]
+
+
 def _read(path: str) -> str:
     try:
         with open(path) as f:
@@ -81,7 +84,10 @@ def process_space() -> str:
         namespace = str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:
         namespace = ""
-    return f"{socket.gethostname()} boot {_read('/proc/sys/kernel/random/boot_id')[:8]} pidns {namespace}"
+    boot = _read("/proc/sys/kernel/random/boot_id")[:8]
+    if not namespace or not boot:  # no /proc (macOS): only this process is sure to be in it
+        return f"{socket.gethostname()} process {_PROCESS_TOKEN}"
+    return f"{socket.gethostname()} boot {boot} pidns {namespace}"
 
 
 def process_gone(record: LeaseRecord) -> bool:
@@ -131,17 +137,9 @@ class Lease:
     """One contender's view of one lease; not thread-safe (the heartbeat owns it while held)."""
 
     def __init__(
-        self,
-        folder: Storage,
-        holder: str,
-        stale_after_s: float,
-        clock: Callable[[], float] = time.monotonic,
-        outage_is_loss: bool = True,
+        self, folder: Storage, holder: str, stale_after_s: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        """`outage_is_loss=False`: a holder whose own writes fail along with storage (a sweep's
-        driver) keeps its lease through an outage and gives it up only to a newer generation."""
         self.folder, self.holder, self.stale_after_s, self._clock = folder, holder, stale_after_s, clock
-        self.outage_is_loss = outage_is_loss
         self.record: LeaseRecord | None = None  # ours, while we hold the lease
         self._seen: tuple[int, int, str] | None = None
         self._seen_since = 0.0
@@ -205,7 +203,7 @@ class Lease:
                 self.record = self._rewrite(self.record, beat=self.record.beat + 1)
                 self._last_ok = self._clock()
             except ResourceError:
-                if self.outage_is_loss and self._clock() - self._last_ok >= self.stale_after_s:
+                if self._clock() - self._last_ok >= self.stale_after_s:
                     self.record = None
                     return False
             return True

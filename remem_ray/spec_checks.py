@@ -14,11 +14,11 @@ from remem_ray.config import AUTO, RunSpec, SweepSpec, weights_kind
 from remem_ray.errors import ResourceError, SpecError
 
 
-def check_spec(spec: RunSpec) -> None:
+def check_spec(spec: RunSpec, sweep_settings: bool = True) -> None:
     """Raise SpecError/ResourceError naming the field: unknown dataset, missing weights, unbuildable
     model; for a sweep, settings it cannot run (kept out of the validators: a stored sweep spec must
     still read, for status and reports)."""
-    if isinstance(spec, SweepSpec):
+    if isinstance(spec, SweepSpec) and sweep_settings:
         _check_sweep(spec)
     from remem_ray.data import DATASETS  # an open registry (register_dataset): known only once imported
     from remem_ray.models import check_model_spec

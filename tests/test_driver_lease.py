@@ -44,7 +44,7 @@ def test_a_second_driver_of_a_sweep_whose_driver_still_renews_is_refused_with_on
     time = FakeTime(on_sleep=first.renew)  # alive: it renews while the second one waits
     second = Lease(_folder(tmp_path), "driver b", STALE_S, clock=time.clock)
     lines: list[str] = []
-    with pytest.raises(SweepDriven, match=r"^sweep: 's' is being run by driver a \(its lease at .* is renewed\)"):
+    with pytest.raises(SweepDriven, match=r"^sweep: 's' is being run by driver a \(its lease at .* is held\)"):
         _take(second, STALE_S, lines.append, "s", clock=time.clock, sleep=time.sleep)
     assert len(lines) == 1 and "waiting up to 60 s" in lines[0]
     assert time.now == POLL_S  # refused at its first sign of life, not after the whole window
@@ -95,7 +95,7 @@ def test_a_driver_whose_lease_was_taken_over_stops_its_sweep_and_the_lease_is_re
         assert lost.wait(30)
         with pytest.raises(SweepDriven, match="^sweep: this driver's lease passed to driver b, which runs the sweep"):
             driving.raise_if_lost()  # after Tune stops: no summary written into the other driver's sweep
-    assert lines[-1] == "this driver's lease on the sweep passed to driver b: stopping"
+    assert lines[-1] == "this driver's lease passed to driver b, which runs the sweep now: stopping"
     assert current_record(_folder(tmp_path)).holder == "driver b"  # the loser's release changed nothing
 
     with driving_lease(SweepLayout(Storage(str(tmp_path)), "t"), STALE_S, lines.append):
@@ -139,19 +139,35 @@ def test_the_driver_lease_is_released_however_the_driving_ends(tmp_path):
     assert current_record(_folder(tmp_path)).released
 
 
-def test_a_storage_outage_does_not_take_the_drivers_lease_away(tmp_path, monkeypatch):
-    """The driver's own writes fail with storage, and nobody can take over without it: a driver
-    stopping its healthy sweep over an outage (and calling it a takeover) would only lose work."""
-    clock = [0.0]
-    lease = Lease(_folder(tmp_path), "driver a", STALE_S, clock=lambda: clock[0], outage_is_loss=False)
-    assert lease.try_acquire()
-    real = Storage.read_text
+def test_a_driver_cut_off_from_storage_for_the_stale_window_stops_and_says_why(tmp_path, monkeypatch):
+    """Others may reach storage when this driver cannot (its laptop's network, a broken NAT), and
+    take over after the window: it must stop then too, saying it was cut off, not taken over."""
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    lost, lines = threading.Event(), []
+    with driving_lease(layout, 10.0, lines.append, renew_every_s=0.05, on_lost=lost.set, resume="again") as driving:
+        clock = [0.0]
+        driving.lease._clock = lambda: clock[0]
+        driving.lease._last_ok = 0.0
 
-    def down(self, rel):
-        raise ResourceError("storage: cannot reach it")
+        def down(*args, **kwargs):
+            raise ResourceError("storage: cannot reach it")
 
-    monkeypatch.setattr(Storage, "read_text", down)
-    clock[0] = 10 * STALE_S
-    assert lease.renew()  # an hour of outage: still held
-    monkeypatch.setattr(Storage, "read_text", real)
-    assert lease.renew() and current_record(_folder(tmp_path)).holder == "driver a"
+        for name in ("read_text", "write_text", "list_dir"):
+            monkeypatch.setattr(driving.lease.folder, name, down)
+        clock[0] = 10.0  # the stale window since the last beat storage took
+        assert lost.wait(30)
+        with pytest.raises(SweepDriven, match=r"could not reach storage for 10 s, .* `again` continues it"):
+            driving.raise_if_lost()
+    assert "could not reach storage" in lines[-1] and "passed to" not in lines[-1]
+
+
+def test_the_interrupt_a_lost_lease_sends_outside_tunes_run_ends_as_the_loss(tmp_path):
+    """The loss stops the sweep with SIGINT; outside Tune's run (the GPU probe, the summary) it
+    arrived as a plain KeyboardInterrupt: "interrupted", exit 130, the resume advice."""
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    lost = threading.Event()
+    with pytest.raises(SweepDriven, match="passed to driver b"):
+        with driving_lease(layout, STALE_S, print, renew_every_s=0.05, on_lost=lost.set):
+            assert Lease(_folder(tmp_path), "driver b", STALE_S).try_acquire(gone=lambda r: True)
+            assert lost.wait(30)
+            raise KeyboardInterrupt  # what the loss's SIGINT raises here

@@ -669,3 +669,21 @@ def test_a_stored_sweep_spec_that_a_run_now_refuses_still_reads_for_status_and_r
     spec = SweepSpec.model_validate({"student": {"teacher_checkpoint": "/old/teacher/epoch_4"}})
     with pytest.raises(SpecError, match="^student.teacher_checkpoint: a sweep distils each trial's own teacher"):
         check_spec(spec)
+
+
+def test_a_resume_does_not_refuse_settings_a_new_run_would(in_tmp, capsys):
+    """Sweeps started before a run refused a gpu_budget below one trial must still resume: the
+    resume cannot change the stored setting, and it ran once."""
+    spec = SweepSpec.model_validate(
+        {
+            "name": "old",
+            "storage": {"root": str(in_tmp / "results")},
+            "sweep": {"resources": {"teacher": {"num_workers": 2, "gpus_per_worker": 1}, "gpu_budget": 1}},
+        }
+    )
+    folder = in_tmp / "results" / "sweeps" / "old"
+    folder.mkdir(parents=True)
+    (folder / "sweep_spec.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    assert main(["sweep", "resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "gpu_budget" not in err and "stopped before its first trial" in err  # past the spec's checks

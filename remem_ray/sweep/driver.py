@@ -359,7 +359,13 @@ def _driving(
         # one driver per sweep, taken before the first write (the console's log); its lines go
         # to the console once there is one
         with (
-            driving_lease(layout, spec.sweep.lease_stale_after_s, _driver_line, after_taking=after_taking) as driving,
+            driving_lease(
+                layout,
+                spec.sweep.lease_stale_after_s,
+                _driver_line,
+                after_taking=after_taking,
+                resume=resume_command(layout.experiment.uri(), spec.storage.endpoint),
+            ) as driving,
             sweep_console(layout.experiment, verbose, on_tick=export) as console,
         ):
             measured: list = []
@@ -576,7 +582,9 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
 
 def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False) -> SweepSummary:
     address = _cluster_address(address)
-    check_spec(spec)  # the stored spec against this machine: a weights file the first driver had, say
+    # the stored spec against this machine (a weights file the first driver had, say); not the
+    # settings a new run refuses: a resume cannot change them, and they ran once
+    check_spec(spec, sweep_settings=False)
     preflight_config(spec.storage)  # resume writes: the root must be writable too
     from ray import tune
 

@@ -38,17 +38,17 @@ class SweepDriven(ResourceError):
 
 
 class DriverLease:
-    """The sweep's driver lease while this driver holds it, and to whom it passed if it did."""
+    """The sweep's driver lease while this driver holds it, and why it was lost if it was."""
 
-    def __init__(self, lease: Lease) -> None:
-        self.lease = lease
-        self.lost_to: str | None = None
+    def __init__(self, lease: Lease, resume: str) -> None:
+        self.lease, self.resume = lease, resume
+        self.lost: str | None = None
 
     def raise_if_lost(self) -> None:
-        """After Tune stops: a driver whose lease passed on ends here, writing no summary into the
-        sweep another driver runs now (nor telling the user to resume it)."""
-        if self.lost_to is not None:
-            raise SweepDriven(f"sweep: this driver's lease passed to {self.lost_to}, which runs the sweep now")
+        """After Tune stops (or an interrupt the loss sent): a driver that lost its lease ends here,
+        writing no summary into a sweep another driver may run now."""
+        if self.lost is not None:
+            raise SweepDriven(f"sweep: {self.lost}")
 
 
 def _holder() -> str:
@@ -63,15 +63,14 @@ def driving_lease(
     renew_every_s: float = 5.0,
     on_lost: Callable[[], None] | None = None,
     after_taking: Callable[[], None] | None = None,
+    resume: str = "remem sweep resume",
 ) -> Iterator[DriverLease]:
     """Hold the sweep's driver lease while the block runs (see the module doc); released on every
     way out. `after_taking`: checks that need the lease held (a `run` looks again for a sweep
     that a driver it waited for may have created meanwhile)."""
     from remem_ray.sweep.registry import Heartbeat
 
-    # a storage outage is no loss here: the driver's own writes fail with it, and another driver
-    # could take over only through storage; a newer generation, once seen, is
-    lease = Lease(layout.experiment.child(DRIVER_LEASE), _holder(), stale_after_s, outage_is_loss=False)
+    lease = Lease(layout.experiment.child(DRIVER_LEASE), _holder(), stale_after_s)
     _take(lease, stale_after_s, show, layout.name)
     try:
         if not lease.exclusive_create_refused():  # the sweep's first exclusive create: is it one?
@@ -83,7 +82,7 @@ def driving_lease(
             )
         if after_taking is not None:
             after_taking()
-        driver = DriverLease(lease)
+        driver = DriverLease(lease, resume)
         heartbeat = Heartbeat(lease, renew_every_s)
         stop = threading.Event()
         watch = threading.Thread(
@@ -93,6 +92,9 @@ def driving_lease(
             watch.start()
             try:
                 yield driver
+            except KeyboardInterrupt:  # the loss's own interrupt, outside Tune's run: say why
+                driver.raise_if_lost()
+                raise
             finally:
                 stop.set()
     finally:
@@ -113,13 +115,16 @@ def _take(
     first = None
     while not lease.try_acquire(gone=process_gone):
         current = current_record(lease.folder)
-        if current is None or current.released:
-            continue  # released or pruned meanwhile: take it
+        if current is None or current.released:  # released or pruned meanwhile: take it next time
+            if clock() >= deadline:
+                raise SweepDriven(f"sweep: cannot take the driver lease at {lease.folder.uri()} (storage lags?)")
+            sleep(POLL_S / 4)
+            continue
         signature = (current.generation, current.beat, current.token)
         alive = first is not None and signature != first
         if alive or clock() >= deadline:
             raise SweepDriven(
-                f"sweep: {name!r} is being run by {current.holder} (its lease at {lease.folder.uri()} is renewed): "
+                f"sweep: {name!r} is being run by {current.holder} (its lease at {lease.folder.uri()} is held): "
                 f"stop that driver or wait for it to end"
             )
         if first is None:
@@ -137,14 +142,24 @@ def _stop_when_lost(
     while not stop.is_set():
         if heartbeat.lost.wait(1.0):
             if not stop.is_set():
-                try:
-                    current = current_record(driver.lease.folder)
-                    driver.lost_to = current.holder if current is not None else "another driver"
-                except ResourceError:
-                    driver.lost_to = "another driver"
-                show(f"this driver's lease on the sweep passed to {driver.lost_to}: stopping")
+                driver.lost = _why_lost(driver)
+                show(f"{driver.lost}: stopping")
                 on_lost()
             return
+
+
+def _why_lost(driver: DriverLease) -> str:
+    """A newer holder, or storage out of reach for the stale window (then nobody can say who drives
+    the sweep: this driver stops as a teacher's holder would, and a resume continues it)."""
+    try:
+        current = current_record(driver.lease.folder)
+    except ResourceError:
+        return (
+            f"this driver could not reach storage for {driver.lease.stale_after_s:.0f} s, so another driver "
+            f"may take the sweep over; once storage answers, `{driver.resume}` continues it"
+        )
+    who = current.holder if current is not None else "another driver"
+    return f"this driver's lease passed to {who}, which runs the sweep now"
 
 
 def _interrupt() -> None:
