@@ -16,6 +16,7 @@ worker), from storage alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -76,6 +77,7 @@ def _read(path: str) -> str:
         return ""
 
 
+@functools.cache  # one process's answer never changes
 def process_space() -> str:
     """Where this process's pid means something: the host name, the kernel's boot and the pid
     namespace. Two records with the same one name the same process table (a container sharing

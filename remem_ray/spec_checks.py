@@ -57,10 +57,11 @@ def _check_sweep(spec: SweepSpec) -> None:
             "remove it (it is for `remem distill`)"
         )
     res = spec.sweep.resources
-    if res.gpu_budget is not None and res.gpu_budget < _fewest_gpus_per_trial(res):
+    fewest = _fewest_gpus_per_trial(res)
+    if res.gpu_budget is not None and res.gpu_budget < fewest:
         raise SpecError(
             f"sweep.resources.gpu_budget: {res.gpu_budget} GPUs cannot hold one trial, which takes "
-            f"{_fewest_gpus_per_trial(res):g} (workers x gpus_per_worker of its larger phase)"
+            f"{fewest:g} (workers x gpus_per_worker of its larger phase)"
         )
 
 

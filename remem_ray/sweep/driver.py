@@ -13,7 +13,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -346,7 +345,7 @@ def _driving(
         resolve_gpu_shares,
         sizing_record,
     )
-    from remem_ray.sweep.progress import sweep_console
+    from remem_ray.sweep.progress import driver_line, sweep_console
     from remem_ray.sweep.run_slots import run_slot_book
     from remem_ray.sweep.slots import driver_limit
 
@@ -362,7 +361,7 @@ def _driving(
             driving_lease(
                 layout,
                 spec.sweep.lease_stale_after_s,
-                _driver_line,
+                driver_line,
                 after_taking=after_taking,
                 resume=resume_command(layout.experiment.uri(), spec.storage.endpoint),
             ) as driving,
@@ -399,28 +398,6 @@ def _driving(
             limit = sized.max_concurrent_trials()
             with driver_limit(spec, limit), run_slot_book(spec, limit):
                 yield console, sized, driving
-
-
-def _starting_driver(layout: SweepLayout) -> str | None:
-    """The holder of the sweep's driver lease, if one holds it."""
-    from remem_ray.leases import current_record
-    from remem_ray.sweep.driver_lease import DRIVER_LEASE
-
-    try:
-        current = current_record(layout.experiment.child(DRIVER_LEASE))
-    except ResourceError:
-        return None
-    return None if current is None or current.released else current.holder
-
-
-def _driver_line(message: str) -> None:
-    """A line of the driver's own, through the sweep's console while it has one."""
-    from remem_ray.sweep import progress
-
-    if progress._active is not None:
-        progress._active.show(message)
-    else:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _alive_nodes() -> list[dict]:
@@ -592,7 +569,9 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
     layout = SweepLayout(storage, spec.name)
     path = layout.experiment.path()
     if not tune.Tuner.can_restore(path, storage_filesystem=storage.fs):
-        starting = _starting_driver(layout)
+        from remem_ray.sweep.driver_lease import driving_holder
+
+        starting = driving_holder(layout)
         if starting:
             raise UserInputError(
                 f"sweep: {layout.experiment.uri()} is being started by {starting} (no Tune experiment yet): "

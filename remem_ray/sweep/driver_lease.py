@@ -11,7 +11,7 @@ table that has ended, is taken at once (the usual resume after Ctrl-C or a crash
 shows life (a beat) is alive, and the driver refuses with one line; one that stays silent for the
 stale window is taken over. A holder that finds its lease taken over (it was paused past the
 window) stops its trials as Ctrl-C would and ends without a summary: the other one drives the
-sweep now. A storage outage alone takes nothing away (leases.Lease, outage_is_loss).
+sweep now. So does one cut off from storage for the stale window (others may reach it, and take over).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import contextlib
 import os
 import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,6 +48,15 @@ class DriverLease:
         writing no summary into a sweep another driver may run now."""
         if self.lost is not None:
             raise SweepDriven(f"sweep: {self.lost}")
+
+
+def driving_holder(layout: SweepLayout) -> str | None:
+    """Who holds the sweep's driver lease now, if anyone (storage not answering: unknown, None)."""
+    try:
+        current = current_record(layout.experiment.child(DRIVER_LEASE))
+    except ResourceError:
+        return None
+    return None if current is None or current.released else current.holder
 
 
 def _holder() -> str:
@@ -83,20 +91,18 @@ def driving_lease(
         if after_taking is not None:
             after_taking()
         driver = DriverLease(lease, resume)
-        heartbeat = Heartbeat(lease, renew_every_s)
-        stop = threading.Event()
-        watch = threading.Thread(
-            target=_stop_when_lost, args=(heartbeat, stop, driver, show, on_lost or _interrupt), daemon=True
-        )
-        with heartbeat:
-            watch.start()
+
+        def lost() -> None:
+            driver.lost = _why_lost(driver)
+            show(f"{driver.lost}: stopping")
+            (on_lost or _interrupt)()
+
+        with Heartbeat(lease, renew_every_s, on_lost=lost):
             try:
                 yield driver
             except KeyboardInterrupt:  # the loss's own interrupt, outside Tune's run: say why
                 driver.raise_if_lost()
                 raise
-            finally:
-                stop.set()
     finally:
         lease.release()  # a no-op once lost
 
@@ -134,18 +140,6 @@ def _take(
                 f"for a sign of life (a driver still running renews it every few seconds)"
             )
         sleep(POLL_S)
-
-
-def _stop_when_lost(
-    heartbeat, stop: threading.Event, driver: DriverLease, show: Callable[[str], None], on_lost: Callable[[], None]
-) -> None:
-    while not stop.is_set():
-        if heartbeat.lost.wait(1.0):
-            if not stop.is_set():
-                driver.lost = _why_lost(driver)
-                show(f"{driver.lost}: stopping")
-                on_lost()
-            return
 
 
 def _why_lost(driver: DriverLease) -> str:

@@ -236,6 +236,14 @@ class ProgressCallback(Callback):
     # (2 stopped early)"; the driver prints the last line from the stored state (`final_progress`).
 
 
+def driver_line(message: str) -> None:
+    """A line of the driver's own: through the sweep's console while it has one, else printed."""
+    if _active is not None:
+        _active.show(message)
+    else:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def final_progress(trials: list, num_samples: int) -> None:
     """The sweep's last progress line, from its stored trials (what a resume would see)."""
     if _active:

@@ -190,10 +190,17 @@ class Heartbeat:
 
     `stopping`: an event set when the holder's process is about to be ended (Tune stopping the
     trial, ASHA's stop included), with no `finally` to run in the thread blocked on the Train run:
-    the lease is released then, so waiters take the key at once, not after the stale window."""
+    the lease is released then, so waiters take the key at once, not after the stale window.
+    `on_lost`: called from the heartbeat's thread once the lease is lost while the block runs."""
 
-    def __init__(self, lease: Renewable, every_s: float, stopping: threading.Event | None = None) -> None:
-        self._lease, self._every, self._stopping = lease, every_s, stopping
+    def __init__(
+        self,
+        lease: Renewable,
+        every_s: float,
+        stopping: threading.Event | None = None,
+        on_lost: Callable[[], object] | None = None,
+    ) -> None:
+        self._lease, self._every, self._stopping, self._on_lost = lease, every_s, stopping, on_lost
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -211,6 +218,8 @@ class Heartbeat:
         while not self._stop.wait(self._every):
             if not self._lease.renew():
                 self.lost.set()
+                if self._on_lost is not None and not self._stop.is_set():
+                    self._on_lost()
                 return
 
     def __enter__(self) -> Heartbeat:
