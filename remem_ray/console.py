@@ -1,6 +1,6 @@
 """What a sweep's console shows: lines our code marks, from any process of the cluster.
 
-Trial and Train worker processes write their few console-worthy lines (one per epoch, trial
+Trial and Train worker processes write their few console-worthy lines (epoch results, trial
 events) with `say`, which tags them with MARK. The sweep driver receives every process's output
 from Ray; it shows the tagged lines (tag removed) and sends everything to the sweep's log file.
 

@@ -76,8 +76,9 @@ class Session(Protocol):
     local_rank: int
     world_size: int
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        """Per-epoch metrics, and the training state to resume from (saved where resumable)."""
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None, show: bool = True) -> None:
+        """Per-epoch metrics, and the training state to resume from (saved where resumable);
+        the epoch's line goes to the console if `show`, else to the log only."""
 
     def restore_state(self) -> dict[str, Any] | None:
         """The last state reported by an earlier attempt of this run, if any."""

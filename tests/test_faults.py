@@ -156,16 +156,25 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
 
     if when == "teacher-training":
         # the held teacher went on from its stored state (its resume/state.pt, written at epoch 1 before
-        # the hold), not from scratch: the resumed sweep's console shows it resuming at epoch 2 and its
-        # epochs from 2 on only (a retraining from scratch shows "epoch 1/4" again)
+        # the hold), not from scratch: the resumed sweep's console shows it resuming at epoch 2, and
+        # the log, from that line on, its epochs from 2 on, each once (a retraining from scratch shows
+        # "epoch 1/4" again; the console shows a teacher's first, saved and last epochs)
         held_output = _claimed(holds, "teacher:1")["output"]
         (held_key,) = [k for k in {r["teacher_key"] for r in rows} if k in held_output]
         tag = f" teacher {held_key[:8]}: "  # its lines: "[time] trial <id> teacher <key[:8]>: epoch 2/4 ..."
-        lines = [line.split(tag, 1)[1] for line in out.splitlines() if tag in line]
         teacher_epochs = yaml.safe_load(path.read_text())["teacher"]["epochs"]
-        epochs = {int(m[1]) for m in (re.match(rf"epoch (\d+)/{teacher_epochs}\b", line) for line in lines) if m}
-        assert f"resuming at epoch 2 of {teacher_epochs}" in lines, lines
-        assert sorted(epochs) == list(range(2, teacher_epochs + 1)), lines
+        resumed = f"resuming at epoch 2 of {teacher_epochs}"
+
+        def epochs(lines: list[str]) -> list[int]:
+            held = [line.split(tag, 1)[1] for line in lines if tag in line]
+            return [int(m[1]) for m in (re.match(rf"epoch (\d+)/{teacher_epochs}\b", line) for line in held) if m]
+
+        console = [line.split(tag, 1)[1] for line in out.splitlines() if tag in line]
+        assert resumed in console and min(epochs(out.splitlines())) == 2, console
+        assert max(epochs(out.splitlines())) == teacher_epochs, console
+        log = (experiment / "sweep.log").read_text().splitlines()
+        since = next(i for i, line in enumerate(log) if tag in line and line.endswith(resumed))
+        assert sorted(epochs(log[since:])) == list(range(2, teacher_epochs + 1)), log[since:]
 
     if when == "distillation":
         for trial, rows_then in worker_retry.items():

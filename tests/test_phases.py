@@ -5,6 +5,7 @@ goes straight to the student."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,12 @@ SPEC = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_timed_epoch_lines(monkeypatch):
+    """Which epoch lines show then depends on the epochs alone (see EpochLines), never on speed."""
+    monkeypatch.setattr("remem_ray.train.session.EPOCH_LINE_EVERY_S", math.inf)
+
+
 class Events:
     """What happened, in order: teacher epochs (through the base session's log), the phase switch, student epochs."""
 
@@ -51,6 +58,10 @@ class TeacherLog(FileSession):
         if message.startswith("epoch "):
             self.events.seen.append("teacher " + message.split()[1])
 
+    def detail(self, message: str) -> None:  # a sweep's log only, not its console
+        if message.startswith("epoch "):
+            self.events.seen.append(f"teacher {message.split()[1]} (log only)")
+
 
 class TakenOverLog(TeacherLog):
     """A teacher whose lease passes to another holder (a TakeoverSession's) once epoch `after` is logged."""
@@ -70,7 +81,7 @@ class StudentLog(FileSession):
         super().__init__(state_file)
         self.events = events
 
-    def report(self, metrics, state=None) -> None:
+    def report(self, metrics, state=None, show=True) -> None:
         super().report(metrics, state)
         self.events.seen.append(f"student {metrics['epoch']}/{metrics['epochs']}")
 
@@ -103,7 +114,8 @@ def test_the_student_starts_once_its_teacher_is_finished_and_reports_only_its_ow
     events = Events()
     student = StudentLog(tmp_path / "student.pt", events)
     result = teach_then_distil(_config(spec, tmp_path, TeacherLog(events), student, events))
-    assert events.seen == ["teacher 1/3", "teacher 2/3", "teacher 3/3", "teacher done", "student 1/2", "student 2/2"]
+    teacher = ["teacher 1/3", "teacher 2/3 (log only)", "teacher 3/3"]  # saved: 1 and 3
+    assert events.seen == [*teacher, "teacher done", "student 1/2", "student 2/2"]
     assert [r["epoch"] for r in student.reports] == [1, 2]  # the run's results: student epochs only
     assert all(r["student_in_teacher_run"] == 1 and r["trial_started_at"] == 1.0 for r in student.reports)
     assert all(r["fit_called_at"] <= r["epoch_started_at"] for r in student.reports)
@@ -159,7 +171,7 @@ def test_a_state_whose_checkpoints_are_gone_trains_from_the_first_epoch(tmp_path
     shutil.rmtree(tmp_path / "gen-1" / "epoch_1")  # lost after the run ended
     events = Events()
     teach_then_distil(_config(spec, tmp_path, TeacherLog(events), None, events, teacher="gen-2", earlier="gen-1"))
-    assert events.seen == ["teacher 1/3", "teacher 2/3", "teacher 3/3", "teacher done"]
+    assert events.seen == ["teacher 1/3", "teacher 2/3 (log only)", "teacher 3/3", "teacher done"]
     assert (tmp_path / "gen-2" / "epoch_1" / "manifest.json").is_file()
 
 
@@ -328,4 +340,4 @@ def test_an_earlier_state_that_does_not_load_is_not_resumed_from(tmp_path):
     (tmp_path / "gen-1" / "resume" / STATE_FILE).write_bytes(b"truncated")
     events = Events()
     teach_then_distil(_config(spec, tmp_path, TeacherLog(events), None, events, teacher="gen-2", earlier="gen-1"))
-    assert events.seen == ["teacher 1/3", "teacher 2/3", "teacher 3/3", "teacher done"]
+    assert events.seen == ["teacher 1/3", "teacher 2/3 (log only)", "teacher 3/3", "teacher done"]

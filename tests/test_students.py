@@ -46,7 +46,7 @@ class Recorder(FileSession):
         super().__init__(state_file)
         self.events = events
 
-    def report(self, metrics, state=None) -> None:
+    def report(self, metrics, state=None, show=True) -> None:
         self.events.append(f"report {metrics['epoch']}")
         super().report(metrics, state)
 

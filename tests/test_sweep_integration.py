@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -48,12 +49,25 @@ def _check_summary(summary: dict, num_trials: int) -> None:
     assert {"rho", "alpha", "teacher_epoch"} <= set(best["params"])
 
 
+def _teacher_epochs(lines: list[str]) -> dict[str, set[int]]:
+    """{teacher key: the epochs with a line} of lines "... teacher <key>: epoch <e>/<n> ..."."""
+    epochs: dict[str, set[int]] = {}
+    for m in (re.search(r" teacher (\w+): epoch (\d+)/\d+ ", line) for line in lines):
+        if m:
+            epochs.setdefault(m[1], set()).add(int(m[2]))
+    return epochs
+
+
 def _check_console(out: str, experiment: Path, stopped: int) -> None:
-    """One line per epoch per Train run, none twice; Ray's per-epoch chatter only in sweep.log;
-    the last progress line has the final counts."""
+    """Epoch lines, none twice: every student epoch, a teacher's first, saved and last (the smoke
+    teachers: 4 epochs, saved 2 and 4; epoch 3 only if a minute passed since epoch 2's line), the
+    log every epoch; Ray's per-epoch chatter only in sweep.log; the last progress line has the
+    final counts."""
     epoch_lines = [line.split("] ", 1)[1] for line in out.splitlines() if "epoch " in line and ": epoch " in line]
     assert len(epoch_lines) == len(set(epoch_lines)) > 0, epoch_lines
-    assert sum("teacher" in line for line in epoch_lines) == 2 * 4  # two teachers, four epochs each
+    shown = _teacher_epochs(epoch_lines)
+    assert len(shown) == 2 and all({1, 2, 4} <= epochs <= {1, 2, 3, 4} for epochs in shown.values()), shown
+    assert _teacher_epochs((experiment / "sweep.log").read_text().splitlines()) == {k: {1, 2, 3, 4} for k in shown}
     assert "TrainingReport(" not in out and "Checkpoint successfully created" not in out
     assert "Configuration for experiment" not in out and "tensorboard --logdir" not in out
     progress = [line for line in out.splitlines() if "] progress " in line]

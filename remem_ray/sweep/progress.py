@@ -1,8 +1,8 @@
 """The sweep driver's console and log file.
 
-By default the console shows one line per epoch of each Train run (marked by the workers, see
-remem_ray.console), a line when a trial starts and ends, a compact progress line at a steady
-cadence, and worker tracebacks; Ray's and Tune's own chatter goes only to the log file,
+By default the console shows the epoch lines the workers mark (see remem_ray.console; which
+epochs: remem_ray.train.session.EpochLines), a line when a trial starts and ends, a compact
+progress line at a steady cadence, and worker tracebacks; Ray's and Tune's own chatter goes only to the log file,
 `<sweep folder>/sweep.log`, which holds everything. `--verbose` puts Ray's console back.
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from remem_ray.train.common import (
     to_device,
 )
 from remem_ray.train.scalars import ScalarLog
-from remem_ray.train.session import StoredStateSession, current_session
+from remem_ray.train.session import EpochLines, StoredStateSession, current_session
 
 MODULE_IMPORTED_AT = time.time()  # in a Train worker: once its imports (torch, timm, ours) are done
 
@@ -263,6 +263,11 @@ class Task:
     def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
         """Save what this task keeps (rank 0 writes)."""
 
+    def console_epochs(self) -> Collection[int]:
+        """The epochs whose line always reaches a sweep's console (see EpochLines): all of them,
+        unless a task's in-between epochs matter to nobody watching."""
+        return range(1, self.epochs + 1)
+
     def save_model(self, ctx: LoopContext, name: str, epoch: int, metrics: dict[str, Any], **meta: Any) -> None:
         """Write the bare model as checkpoint `name` under the run's output, with what rebuilds it.
         A shared output (a teacher key's) keeps a complete checkpoint as it is: others read it."""
@@ -326,6 +331,7 @@ def _epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
             # Finished before an interruption that lost the news (e.g. Tune had not saved the
             # trial's completion): report the final result again so whoever waits for it gets it.
             ctx.session.report({**history[-1], **ctx.report_extra, "replayed": 1})
+    lines = EpochLines(start, task.epochs, task.console_epochs())
     for epoch in range(start, task.epochs + 1):
         began, began_at = time.perf_counter(), time.time()
         seed_everything(rank_seed(ctx.spec.seed, ctx.session.world_rank, epoch))
@@ -375,7 +381,7 @@ def _epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
             ctx.scalars.write(metrics)
         if epoch == task.epochs and ctx.is_writer and ctx.on_finished is not None:  # before it too
             ctx.on_finished(ctx.output, history, ctx.session.log)
-        ctx.session.report(metrics, state=state)
+        ctx.session.report(metrics, state=state, show=lines.show(epoch))
         if ctx.is_writer:
             hold_if_asked(ctx.role, epoch, ctx.output.uri())
     return history

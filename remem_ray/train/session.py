@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -35,6 +36,40 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+# Between the epochs a run always shows, one line at least this often: a long run's every epoch
+# shows, a fast one's (the digits demo: 1-2 s a teacher epoch) only the few that matter
+EPOCH_LINE_EVERY_S = 60.0
+
+
+class EpochLines:
+    """Which of a run's epochs get a line on the sweep's console (every epoch's is in its log).
+
+    Always the run's first and last epoch and those the task names (a teacher's saved epochs, the
+    checkpoints students distil from); in between, an epoch when `every_s` has passed since the
+    last line shown. A sweep of many fast teachers would otherwise print a screen a minute.
+    """
+
+    def __init__(
+        self,
+        first: int,
+        last: int,
+        named: Collection[int],
+        every_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.always = {first, last, *named}
+        self.every_s = EPOCH_LINE_EVERY_S if every_s is None else every_s
+        self.clock = clock
+        self.shown_at = clock()
+
+    def show(self, epoch: int) -> bool:
+        now = self.clock()
+        if epoch in self.always or now - self.shown_at >= self.every_s:
+            self.shown_at = now
+            return True
+        return False
+
+
 class ConsoleSession:
     """In-process: one line of progress per epoch on stderr; nothing to resume from."""
 
@@ -46,9 +81,9 @@ class ConsoleSession:
         self.prefix, self.quiet = prefix, quiet
         self.history: list[dict[str, Any]] = []
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None, show: bool = True) -> None:
         self.history.append(dict(metrics))
-        self.log(_format_metrics(metrics))
+        self.log(_format_metrics(metrics))  # one run in a terminal: every epoch shows
 
     def restore_state(self) -> dict[str, Any] | None:
         return None
@@ -74,9 +109,9 @@ class RayTrainSession:
         self.prefix = prefix
         self.history: list[dict[str, Any]] = []
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None, show: bool = True) -> None:
         self.history.append(dict(metrics))
-        self.log(_format_metrics(metrics))
+        (self.log if show else self.detail)(_format_metrics(metrics))
         if state is None or self.world_rank != 0:
             self._train.report(metrics)
             return
@@ -130,9 +165,9 @@ class StoredStateSession:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None, show: bool = True) -> None:
         self.history.append(dict(metrics))
-        self.base.log(_format_metrics(metrics))
+        (self.base.log if show else self.base.detail)(_format_metrics(metrics))
         if state is not None and self.world_rank == 0:
             buffer = io.BytesIO()
             torch.save(state, buffer)

@@ -78,6 +78,9 @@ class TeacherTask(Task):
             return str(exc)
         return None
 
+    def console_epochs(self) -> list[int]:
+        return self.cfg.saved_epochs  # the checkpoints students distil from
+
     def after_epoch(self, ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
         if epoch in self.cfg.saved_epochs and ctx.is_writer:
             # MI of this checkpoint's targets on a fixed val subset, at the reference temperature

@@ -38,7 +38,7 @@ class FileSession:
         self.world_rank, self.local_rank, self.world_size = rank, rank, world_size
         self.reports: list[dict] = []
 
-    def report(self, metrics, state=None) -> None:
+    def report(self, metrics, state=None, show=True) -> None:
         self.reports.append(dict(metrics))
         if state is not None and self.world_rank == 0:
             buf = io.BytesIO()
@@ -70,7 +70,7 @@ class TakeoverSession(FileSession):
         self.lease_folder, self.after, self.new_holder = lease_folder, after, None
         self.logs: list[str] = []
 
-    def report(self, metrics, state=None) -> None:
+    def report(self, metrics, state=None, show=True) -> None:
         super().report(metrics, state)
         if metrics["epoch"] == self.after:
             clock = [0.0]

@@ -1,0 +1,64 @@
+"""Where a loop's lines go (remem_ray.train.session): which epochs reach a sweep's console."""
+
+from __future__ import annotations
+
+from remem_ray.train.session import EpochLines, StoredStateSession
+from remem_ray.train.student import StudentTask
+from remem_ray.train.teacher import TeacherTask
+
+
+def test_a_run_shows_its_first_last_and_named_epochs_and_one_a_minute_between():
+    now = [0.0]
+    lines = EpochLines(first=1, last=20, named=[10, 15, 20], every_s=60.0, clock=lambda: now[0])
+    shown = []
+    for epoch in range(1, 21):
+        now[0] += 2.0  # fast epochs: only the ones that matter
+        if lines.show(epoch):
+            shown.append(epoch)
+    assert shown == [1, 10, 15, 20]
+
+    now[0] = 0.0
+    lines = EpochLines(first=1, last=20, named=[20], every_s=60.0, clock=lambda: now[0])
+    shown = []
+    for epoch in range(1, 21):
+        now[0] += 25.0  # slow ones: a line at least every minute, counted from the last shown
+        if lines.show(epoch):
+            shown.append(epoch)
+    assert shown == [1, 4, 7, 10, 13, 16, 19, 20]
+
+
+def test_a_resumed_run_shows_the_epoch_it_resumes_at():
+    lines = EpochLines(first=7, last=20, named=[10], every_s=60.0, clock=lambda: 0.0)
+    assert [e for e in range(7, 21) if lines.show(e)] == [7, 10, 20]
+
+
+def test_a_teacher_names_its_saved_epochs_and_a_student_every_epoch():
+    teacher = TeacherTask.__new__(TeacherTask)
+    teacher.cfg = type("Cfg", (), {"saved_epochs": [10, 15, 20]})()
+    assert list(teacher.console_epochs()) == [10, 15, 20]
+    student = StudentTask.__new__(StudentTask)
+    student.epochs = 8  # ASHA judges every student epoch: all of them show
+    assert list(student.console_epochs()) == list(range(1, 9))
+
+
+def test_an_epoch_not_shown_goes_to_the_log(tmp_path):
+    from remem_ray.storage import Storage
+
+    class Base:
+        world_rank, local_rank, world_size = 0, 0, 1
+
+        def __init__(self):
+            self.console, self.log_only = [], []
+
+        def log(self, message):
+            self.console.append(message)
+
+        def detail(self, message):
+            self.log_only.append(message)
+
+    base = Base()
+    session = StoredStateSession(base, Storage(str(tmp_path)))
+    session.report({"epoch": 1, "epochs": 3, "val_acc": 0.5})
+    session.report({"epoch": 2, "epochs": 3, "val_acc": 0.6}, show=False)
+    assert [m.split()[1] for m in base.console] == ["1/3"] and [m.split()[1] for m in base.log_only] == ["2/3"]
+    assert len(session.history) == 2  # reported all the same
