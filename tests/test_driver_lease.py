@@ -171,3 +171,57 @@ def test_the_interrupt_a_lost_lease_sends_outside_tunes_run_ends_as_the_loss(tmp
             assert Lease(_folder(tmp_path), "driver b", STALE_S).try_acquire(gone=lambda r: True)
             assert lost.wait(30)
             raise KeyboardInterrupt  # what the loss's SIGINT raises here
+
+
+def test_a_loss_once_tune_has_ended_sends_no_interrupt_and_stops_the_next_write(tmp_path):
+    """Once Tune's run is over, the loss's interrupt landed anywhere in the summary's writing: a
+    summary.json without its report, the study's copy half made. Settled, the loss is only noted
+    and each of the last writes checks it first."""
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    interrupted, lines = threading.Event(), []
+    with driving_lease(layout, STALE_S, lines.append, renew_every_s=0.05, on_lost=interrupted.set) as driving:
+        driving.settle()  # what the driver does as Tune returns
+        assert Lease(_folder(tmp_path), "driver b", STALE_S).try_acquire(gone=lambda r: True)
+        deadline = pytime.monotonic() + 30
+        while not lines and pytime.monotonic() < deadline:
+            pytime.sleep(0.05)
+        assert lines == ["this driver's lease passed to driver b, which runs the sweep now: stopping"]
+        assert not interrupted.is_set()
+        with pytest.raises(SweepDriven, match="passed to driver b"):
+            driving.raise_if_lost()
+
+
+def test_the_sweeps_last_writes_stop_at_a_loss_between_them(tmp_path, monkeypatch):
+    """The driver's last writes (summary.json, the report, the study's copy), each after a check of
+    its lease: a loss between two of them leaves the rest unwritten, and the driver ends with it."""
+    from types import SimpleNamespace
+
+    from remem_ray.sweep import driver
+
+    written: list[str] = []
+
+    class Driving:
+        lost = False
+
+        def settle(self):
+            written.append("settled")
+
+        def raise_if_lost(self):
+            if self.lost:
+                raise SweepDriven("sweep: lost")
+
+    driving = Driving()
+
+    def write_summary(layout, summary):
+        written.append("summary")
+        driving.lost = True  # the loss lands while the summary is written
+
+    spec = SimpleNamespace(sweep=SimpleNamespace(num_samples=2), name="s")
+    monkeypatch.setattr(driver, "load_trials", lambda layout: [])
+    monkeypatch.setattr(driver, "expected_trials", lambda spec: 2)
+    monkeypatch.setattr(driver, "summarize", lambda spec, layout, trials: SimpleNamespace(space_exhausted=False))
+    monkeypatch.setattr(driver, "write_summary", write_summary)
+    monkeypatch.setattr(driver, "write_report", lambda summary, layout: written.append("report"))
+    with pytest.raises(SweepDriven, match="lost"):
+        driver._finish(spec, None, None, lambda: written.append("study copy"), driving)
+    assert written == ["settled", "summary"]

@@ -20,6 +20,7 @@ from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage, one_line, preflight, preflight_config
+from remem_ray.sweep.driver_lease import DriverLease
 from remem_ray.sweep.layout import GPU_SHARES_FILE, LOG_FILE, SWEEP_SPEC_FILE, TUNER_FILE, SweepLayout
 from remem_ray.sweep.report import write_report
 from remem_ray.sweep.results import SweepSummary, expected_trials, load_trials, summarize, write_summary
@@ -319,8 +320,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
         )
         with _tune_console(verbose):
             tuner.fit()
-        driving.raise_if_lost()
-        summary = _finish(spec, layout, console, export)
+        summary = _finish(spec, layout, console, export, driving)
     return summary
 
 
@@ -505,10 +505,13 @@ def _url(address: str | None) -> str:
     return address if "://" in address else f"http://{address}"
 
 
-def _finish(spec: SweepSpec, layout: SweepLayout, console, export: StudyExport) -> SweepSummary:
-    """The last progress line, summary.json, the report and the Optuna study's copy, as the sweep ends."""
+def _finish(spec: SweepSpec, layout: SweepLayout, console, export: StudyExport, driving: DriverLease) -> SweepSummary:
+    """The last progress line, summary.json, the report and the Optuna study's copy, as the sweep
+    ends; each written only while this driver still holds the sweep's lease (`driving`)."""
     from remem_ray.sweep.progress import final_progress
 
+    driving.settle()  # a loss from now on stops no Tune run: it is checked before each write
+    driving.raise_if_lost()
     trials = load_trials(layout)
     final_progress(trials, expected_trials(spec))
     summary = summarize(spec, layout, trials)
@@ -517,8 +520,11 @@ def _finish(spec: SweepSpec, layout: SweepLayout, console, export: StudyExport) 
             f"search space exhausted: all {summary.space_size} distinct points ran "
             f"(sweep.num_samples {spec.sweep.num_samples}); no point runs twice"
         )
+    driving.raise_if_lost()
     write_summary(layout, summary)
+    driving.raise_if_lost()
     write_report(summary, layout)
+    driving.raise_if_lost()
     url = export()  # the study's last copy (none made if the last tick's is current)
     if url:
         console.show(f"optuna study {spec.name!r}: {url} (`remem sweep dashboard {spec.name}` serves it)")
@@ -588,8 +594,7 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
         )
         with _tune_console(verbose):
             tuner.fit()
-        driving.raise_if_lost()
-        summary = _finish(spec, layout, console, export)
+        summary = _finish(spec, layout, console, export, driving)
     return summary
 
 

@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,12 +43,26 @@ class DriverLease:
     def __init__(self, lease: Lease, resume: str) -> None:
         self.lease, self.resume = lease, resume
         self.lost: str | None = None
+        self._interrupting = True
+        self._lock = threading.Lock()
 
     def raise_if_lost(self) -> None:
-        """After Tune stops (or an interrupt the loss sent): a driver that lost its lease ends here,
-        writing no summary into a sweep another driver may run now."""
+        """After Tune stops (or an interrupt the loss sent), and before each of the driver's last
+        writes: a driver that lost its lease ends here, writing nothing more into a sweep another
+        driver may run now."""
         if self.lost is not None:
             raise SweepDriven(f"sweep: {self.lost}")
+
+    def settle(self) -> None:
+        """Tune has ended: from now on a loss is only noted, for `raise_if_lost` before each write.
+        Its interrupt would otherwise land anywhere in the summary's writing, leaving half of it."""
+        with self._lock:
+            self._interrupting = False
+
+    def _stop(self, interrupt: Callable[[], None]) -> None:
+        with self._lock:  # never after `settle` has returned
+            if self._interrupting:
+                interrupt()
 
 
 def driving_holder(layout: SweepLayout) -> str | None:
@@ -95,7 +110,7 @@ def driving_lease(
         def lost() -> None:
             driver.lost = _why_lost(driver)
             show(f"{driver.lost}: stopping")
-            (on_lost or _interrupt)()
+            driver._stop(on_lost or _interrupt)
 
         with Heartbeat(lease, renew_every_s, on_lost=lost):
             try:
