@@ -191,7 +191,7 @@ class TeacherConfig(StrictModel):
         ge=0.0,
         le=1.0,
         description="ASAM: 0 scales every tensor by |w| (pytorch-optimizer); > 0 is Kwon "
-        "et al.'s reference, |w| + eta on weight matrices, 1 on 1-D tensors",
+        "et al.'s reference, |w| + eta on the parameters named weight (norms' too), 1 on the others",
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

@@ -22,7 +22,7 @@ base optimiser steps on the averaged gradient at the perturbed point. The loops 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import cast
 
 import torch
@@ -37,11 +37,13 @@ class SAM(torch.optim.Optimizer):
         adaptive: bool = False,
         eps: float = 1e-12,
         eta: float = 0.0,
+        scaled: Collection[torch.Tensor] | None = None,
         **base_kwargs,
     ) -> None:
         """eta (ASAM only): 0 scales every tensor by T_w = |w| (pytorch-optimizer's form); eta > 0 is
-        Kwon et al.'s reference: T_w = |w| + eta for weight matrices and kernels, 1 for biases and
-        other 1-D tensors."""
+        Kwon et al.'s reference: T_w = |w| + eta for the tensors in `scaled` (the reference: those
+        whose name holds "weight", norms' included: `weights_by_name`), 1 for the others (biases,
+        position embeddings). Without `scaled`, the tensors of more than one dimension."""
         if rho < 0.0:
             raise ValueError(f"rho must be >= 0, got {rho}")
         if eta < 0.0:
@@ -52,6 +54,7 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.eps = eps
+        self._scaled = {id(p) for p in scaled} if scaled is not None else None
         self._saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
         self._buffers: dict[int, tuple[tuple[int, ...], list[torch.Tensor]]] = {}
 
@@ -67,13 +70,21 @@ class SAM(torch.optim.Optimizer):
         """The gradients of parameters known to have one (from _params_with_grad)."""
         return [cast(torch.Tensor, p.grad) for p in params]
 
-    @staticmethod
-    def _scales(group, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """ASAM's T_w per tensor (see __init__)."""
+    def _scales(
+        self, group, params: list[torch.Tensor], values: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """ASAM's T_w per tensor (see __init__), of `values` (copies of w) where given."""
+        values = params if values is None else values
         eta = group.get("eta", 0.0)
         if eta == 0.0:
-            return list(torch._foreach_abs([p.float() for p in params]))
-        return [p.float().abs().add_(eta) if p.ndim > 1 else torch.ones_like(p, dtype=torch.float32) for p in params]
+            return list(torch._foreach_abs([w.float() for w in values]))
+        return [
+            w.float().abs().add_(eta) if self._is_scaled(p) else torch.ones_like(w, dtype=torch.float32)
+            for p, w in zip(params, values)
+        ]
+
+    def _is_scaled(self, p: torch.Tensor) -> bool:
+        return id(p) in self._scaled if self._scaled is not None else p.ndim > 1
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
@@ -127,7 +138,7 @@ class SAM(torch.optim.Optimizer):
             else:
                 perturb = list(torch._foreach_mul(grads, scale))
             if group["adaptive"]:
-                scales = self._scales(group, originals)
+                scales = self._scales(group, params, values=originals)
                 squares = [t.to(p.dtype) for t, p in zip(torch._foreach_mul(scales, scales), perturb)]
                 torch._foreach_mul_(perturb, squares)
             torch._foreach_add_(params, perturb)
@@ -168,3 +179,8 @@ class SAM(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
+
+
+def weights_by_name(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors Kwon et al.'s ASAM reference scales when eta > 0: those named "...weight"."""
+    return [p for name, p in model.named_parameters() if "weight" in name]

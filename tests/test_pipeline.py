@@ -303,10 +303,19 @@ def test_auto_takes_the_device_pipeline_on_cuda_when_the_store_fits():
     "img_size, crop_pct", [(224, 0.9), (224, 0.875), (224, 0.95), (384, 1.0), (16, 0.875), (32, 0.96), (288, 0.95)]
 )
 def test_eval_resize_matches_timms_own_eval_transform(img_size, crop_pct):
-    """Eval images are resized as timm resizes them (it floors img_size / crop_pct)."""
+    """Eval images are resized as timm resizes them (it floors img_size / crop_pct), then centre-
+    cropped as its CenterCrop crops: an odd margin (224 at 0.95: 235 - 224) puts the extra pixel
+    above and left. The device path floored it and evaluated other pixels than the loader path."""
     from timm.data.transforms_factory import transforms_imagenet_eval
     from torchvision import transforms as T
 
+    from remem_ray.data.augment import eval_views, to_unit
+
     timm_eval = transforms_imagenet_eval(img_size=img_size, crop_pct=crop_pct)
     (resize,) = [t for t in timm_eval.transforms if isinstance(t, T.Resize)]
-    assert EvalResize(img_size, crop_pct).resized_side == resize.size
+    (crop,) = [t for t in timm_eval.transforms if isinstance(t, T.CenterCrop)]
+    view = EvalResize(img_size, crop_pct)
+    assert view.resized_side == resize.size
+    side = view.resized_side  # an image of that side already: the crop alone is compared
+    images = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(eval_views(images, view), crop(to_unit(images)))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from remem_ray.sam import SAM
+from remem_ray.sam import SAM, weights_by_name
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -43,14 +43,20 @@ def test_first_step_matches_closed_form(adaptive):
 
 
 def test_asam_with_eta_is_kwon_et_al_reference_form():
-    """T_w = |w| + eta on weight matrices, 1 on biases."""
-    model = _model()
+    """T_w = |w| + eta on the parameters named weight, a norm's 1-D weight included (Kwon et al.'s
+    asam.py: `if 'weight' in n`), 1 on the others (biases). Failed before: 1 on every 1-D tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3))
     x, y = _batch()
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, adaptive=True, eta=0.01, lr=0.1)
+    opt = SAM(
+        model.parameters(), torch.optim.SGD, rho=0.3, adaptive=True, eta=0.01, scaled=weights_by_name(model), lr=0.1
+    )
     _loss(model, x, y).backward()
+    names = [name for name, _ in model.named_parameters()]
     w = [p.detach().clone() for p in model.parameters()]
     g = [p.grad.detach().clone() for p in model.parameters()]
-    t = [wi.abs() + 0.01 if wi.ndim > 1 else torch.ones_like(wi) for wi in w]
+    t = [wi.abs() + 0.01 if "weight" in name else torch.ones_like(wi) for name, wi in zip(names, w)]
+    assert names[2] == "1.weight" and w[2].ndim == 1  # the norm's weight: scaled
     norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
     expected = [wi + 0.3 * ti**2 * gi / norm for wi, ti, gi in zip(w, t, g)]
     opt.first_step()
@@ -213,3 +219,39 @@ def test_ddp_first_pass_local_second_pass_synced(tmp_path):
     # ... while the step uses the synchronised second-pass gradient, so replicas stay identical
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: BatchNorm's cumulative average
+def test_sams_second_pass_leaves_batchnorm_statistics_as_the_first_pass_left_them(momentum):
+    """Both passes run in train mode: BatchNorm's running statistics took the batch twice, the
+    second time at the perturbed weights (w + e, far from w at ReMem's rho), and those statistics
+    are what the teacher is evaluated, measured and distilled with. A CNN teacher takes SAM
+    (`sam_only.yaml`). Failed before: num_batches_tracked 2, running_mean twice moved."""
+    from remem_ray.train.steps import sam_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    )
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    bn = model[1]
+    once = copy.deepcopy(model)
+    once(x)  # one train-mode forward at w: what the step's statistics should be
+    sam_step(model, SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0), x, y)
+    assert int(bn.num_batches_tracked) == 1
+    torch.testing.assert_close(bn.running_mean, once[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_var, once[1].running_var, rtol=0, atol=0)
+
+
+def test_the_teachers_sam_scales_the_named_weights_of_a_vit_and_nothing_else():
+    import timm
+
+    from remem_ray.config import OptimizerConfig
+    from remem_ray.train.common import build_sam
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    opt = build_sam(model, OptimizerConfig(), rho=0.1, adaptive=True, eta=0.01)
+    scaled = {name for name, p in model.named_parameters() if opt._is_scaled(p)}
+    assert "blocks.0.norm1.weight" in scaled and "blocks.0.attn.qkv.weight" in scaled
+    assert not scaled & {"pos_embed", "cls_token", "blocks.0.attn.qkv.bias", "head.bias"}

@@ -221,5 +221,5 @@ def eval_views(images: torch.Tensor, view: EvalResize) -> torch.Tensor:
     """uint8 stored images -> resized, centre-cropped float views in [0, 1]."""
     resized = view.resized_side
     x = resize(to_unit(images), resized, view.interpolation)
-    top = (resized - view.img_size) // 2
+    top = int(round((resized - view.img_size) / 2.0))  # torchvision's CenterCrop (the loader path's), not a floor
     return x[..., top : top + view.img_size, top : top + view.img_size].clamp_(0.0, 1.0)

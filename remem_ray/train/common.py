@@ -15,7 +15,7 @@ from torch import nn
 
 from remem_ray.config import OptimizerConfig, ScheduleConfig
 from remem_ray.errors import ResourceError
-from remem_ray.sam import SAM
+from remem_ray.sam import SAM, weights_by_name
 
 
 def seed_everything(seed: int) -> None:
@@ -186,6 +186,7 @@ def build_sam(model: nn.Module, cfg: OptimizerConfig, rho: float, adaptive: bool
         rho=rho,
         adaptive=adaptive,
         eta=eta,
+        scaled=weights_by_name(model),
         **_optimizer_kwargs(cfg),
     )
 

@@ -3,7 +3,8 @@ measured is what runs). Inputs arrive normalised and on the device."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +19,39 @@ def _cross_entropy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return F.cross_entropy(logits.float(), labels), logits
 
 
+@contextlib.contextmanager
+def _batchnorm_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """BatchNorm's running statistics as they are now, whatever the forwards inside do to them
+    (a ViT has none: nothing to keep)."""
+    kept = [
+        buffer
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+        if buffer is not None
+    ]
+    saved = [buffer.clone() for buffer in kept]
+    yield
+    with torch.no_grad():
+        for buffer, value in zip(kept, saved):
+            buffer.copy_(value)
+
+
 def sam_step(
     model: nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor, grad_clip: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's step: SAM's two passes (the first without DDP's all-reduce: only the second
-    pass's gradients are averaged), clipping the second; a plain step when no second pass is needed
-    (rho = 0). `optimizer` is a SAM (or anything with its first_step/second_step/needs_second_pass)."""
+    pass's gradients are averaged; only the first updates BatchNorm's statistics), clipping the
+    second; a plain step when no second pass is needed (rho = 0). `optimizer` is a SAM (or
+    anything with its first_step/second_step/needs_second_pass)."""
     if optimizer.needs_second_pass:
         with no_sync(model):
             loss, logits = _cross_entropy(model, images, labels)
             loss.backward()
         optimizer.first_step(zero_grad=True)
-        _cross_entropy(model, images, labels)[0].backward()
+        # at w + e: only its gradients count, not the batch statistics it sees (the first pass's, at w, do)
+        with _batchnorm_statistics_kept(model):
+            _cross_entropy(model, images, labels)[0].backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.second_step(zero_grad=True)
