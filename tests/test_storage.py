@@ -1,5 +1,7 @@
 """One suite for every storage backend (local folder and S3), like Optuna's storage tests."""
 
+import os
+import socket
 import uuid
 
 import pytest
@@ -172,10 +174,13 @@ def test_preflight_refuses_an_endpoint_that_is_not_a_url(endpoint):
         preflight("s3://b/p", endpoint, endpoint_field="--endpoint")
 
 
-def test_a_node_fetches_an_s3_object_once_while_its_other_processes_wait_and_reuse_it(s3, tmp_path, monkeypatch):
+def test_a_node_fetches_an_s3_object_once_while_its_other_processes_wait_and_reuse_it(
+    s3, tmp_path, monkeypatch, capsys
+):
     """Every DDP rank and trial on a node asks for the same weights or dataset at once. Each fetched
     its own copy, and one finishing second removed the copy another had put in place and was
-    reading. Failed before: the second caller downloaded too, while the first was still fetching."""
+    reading. Failed before: the second caller downloaded too, while the first was still fetching.
+    The waiter says whom it waits for (it waited in silence)."""
     import threading
 
     from remem_ray.storage import fetch_to_cache
@@ -205,6 +210,45 @@ def test_a_node_fetches_an_s3_object_once_while_its_other_processes_wait_and_reu
     second.join(30)
     assert downloads == ["weights.pt"]
     assert len(paths) == 2 and paths[0] == paths[1] and paths[0].read_bytes() == b"weights"
+    waits = [line for line in capsys.readouterr().out.splitlines() if "waiting for" in line]
+    assert waits == [
+        f"[remem] waiting for pid {os.getpid()} on {socket.gethostname()} to finish fetching {uri} "
+        "into this node's cache"
+    ], waits
+
+
+def test_a_node_lock_waiter_says_so_at_once_and_every_minute_after(tmp_path):
+    import threading
+
+    from remem_ray.storage.cache import _node_lock
+
+    lock = tmp_path / "k.lock"
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with _node_lock(lock, lambda who, s: None):
+            held.set()
+            assert release.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(30)
+    now, said = [0.0], []
+
+    def clock():  # a second passes at each look
+        now[0] += 1.0
+        return now[0]
+
+    def waiting(who, seconds):
+        said.append((who, seconds))
+        if len(said) == 3:
+            release.set()
+
+    with _node_lock(lock, waiting, every_s=60.0, poll_s=0.001, clock=clock):
+        assert lock.read_text().startswith(f"pid {os.getpid()} on ")  # now this one holds it
+    thread.join(30)
+    assert said[0] == (f"pid {os.getpid()} on {socket.gethostname()}", 0.0)
+    assert 60 <= said[1][1] <= 62 and 120 <= said[2][1] <= 124, said
 
 
 def test_a_spec_checkpoint_location_is_read_in_the_specs_region(monkeypatch):

@@ -7,12 +7,15 @@ import fcntl
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from remem_ray.console import say
 from remem_ray.errors import ResourceError
 from remem_ray.storage.fs import Storage, s3_filesystem, split_s3_uri
 
@@ -22,15 +25,62 @@ def cache_root() -> Path:
     return Path(os.environ.get("REMEM_CACHE_DIR", Path.home() / ".cache" / "remem-ray"))
 
 
+# While another process of the node fetches what this one needs: a line now and then, naming it
+# (a big dataset takes minutes; a stalled one otherwise held the node's other ranks in silence)
+WAIT_NOTICE_EVERY_S = 60.0
+
+
+def _try_flock(f) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def _node_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` among this node's processes (flock: freed if the holder dies)."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+def _node_lock(
+    path: Path,
+    waiting: Callable[[str, float], None],
+    every_s: float | None = None,
+    poll_s: float = 0.2,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[None]:
+    """An exclusive lock on `path` among this node's processes (flock: freed if the holder dies).
+    The holder writes who it is into the file; a waiter calls `waiting(holder, seconds waited)`
+    at once and every `every_s` (WAIT_NOTICE_EVERY_S) while it waits."""
+    every_s = WAIT_NOTICE_EVERY_S if every_s is None else every_s
+    with open(path, "a+") as f:
+        if not _try_flock(f):
+            began = noticed = clock()
+            waiting(_holder_of(path), 0.0)
+            while not _try_flock(f):
+                time.sleep(poll_s)
+                if clock() - noticed >= every_s:
+                    noticed = clock()
+                    waiting(_holder_of(path), noticed - began)
         try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _holder_of(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _say_waiting(what: str) -> Callable[[str, float], None]:
+    def waiting(holder: str, seconds: float) -> None:
+        since = f" ({seconds:.0f} s so far)" if seconds else ""
+        say(f"waiting for {holder} to finish fetching {what} into this node's cache{since}")
+
+    return waiting
 
 
 def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri", region: str | None = None) -> Path:
@@ -45,7 +95,7 @@ def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri", re
     if done.exists():
         return Path(done.read_text())
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _node_lock(dest.parent / f"{key}.lock"):
+    with _node_lock(dest.parent / f"{key}.lock", _say_waiting(uri)):
         if done.exists():  # fetched while this one waited
             return Path(done.read_text())
         return _fetch(uri, endpoint, region, field, dest)
