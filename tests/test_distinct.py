@@ -129,6 +129,26 @@ def test_the_heat_map_leaves_out_failed_and_running_trials_partial_scores():
     assert rhos == [0.0] and alphas == [0.9] and grid == [[0.95]] and stopped == [[False]]
 
 
+def test_the_best_so_far_curve_follows_the_order_trials_ended_not_their_ids():
+    """Trial ids are random hex: the plot's "best so far" in id order told no story at all (the
+    default sweep's showed its first finished trial fourth). Running and failed trials stay out."""
+    from remem_ray.sweep.report import best_so_far
+
+    def ended(trial, val, at, stopped=False):
+        return TrialRow(trial, "TERMINATED", {}, student_val_acc=val, stopped_early=stopped, last_report_at=at)
+
+    rows = [
+        ended("0e44", 0.87, at=300.0, stopped=True),
+        ended("7ace", 0.94, at=100.0),
+        ended("accb", 0.90, at=100.0, stopped=True),  # the same second: by id
+        ended("e812", 0.93, at=200.0),
+        TrialRow("ffff", "RUNNING", {}, student_val_acc=0.99, last_report_at=50.0),
+    ]
+    curve = best_so_far(SweepSummary("s", "e", METRIC, trials=rows))
+    assert [(r.trial_id, best) for r, best in curve] == [("7ace", 0.94), ("accb", 0.94), ("e812", 0.94), ("0e44", 0.94)]
+    assert [r.student_val_acc for r, _ in curve] == [0.94, 0.90, 0.93, 0.87]
+
+
 def test_importances_count_each_point_run_once_not_each_duplicate_answered():
     import optuna
 

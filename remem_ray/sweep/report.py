@@ -13,7 +13,7 @@ from typing import Any
 
 from remem_ray.search_params import ALPHA, RHO
 from remem_ray.sweep.layout import SweepLayout
-from remem_ray.sweep.results import SweepSummary, format_table
+from remem_ray.sweep.results import SweepSummary, TrialRow, format_table
 from remem_ray.sweep.study import newest_snapshot
 from remem_ray.sweep.tune_adapter import study_from_searcher_state
 
@@ -196,21 +196,37 @@ def plot_importances(importances: dict[str, float]) -> bytes:
     return _finish(plt, fig, ax, *AXES["importances"])
 
 
+def best_so_far(summary: SweepSummary) -> list[tuple[TrialRow, float]]:
+    """Each ended trial, in the order the trials ended (trial ids are random: their order is
+    none), with the best student accuracy of the sweep once it had ended."""
+    rows = sorted(_scored(summary), key=lambda r: (r.last_report_at or math.inf, r.trial_id))
+    curve, best = [], -math.inf
+    for r in rows:
+        best = max(best, r.student_val_acc)
+        curve.append((r, best))
+    return curve
+
+
 def plot_best_so_far(summary: SweepSummary) -> bytes:
     plt, fig, ax = _figure()
-    rows = _scored(summary)
-    best, running = [], -1.0
-    for r in rows:
-        running = max(running, r.student_val_acc)
-        best.append(running)
-    ax.plot(range(1, len(rows) + 1), [r.student_val_acc for r in rows], "o", label="trial", color="tab:gray")
-    ax.plot(range(1, len(rows) + 1), best, "-", label="best so far", color="tab:red")
-    if rows:
+    curve = best_so_far(summary)
+    x = range(1, len(curve) + 1)
+    for stopped, label, face in ((False, "trial run to its end", "tab:gray"), (True, "trial stopped early", "none")):
+        points = [(i, r.student_val_acc) for i, (r, _) in zip(x, curve) if r.stopped_early == stopped]
+        if points:
+            ax.plot(*zip(*points), "o", label=label, color="tab:gray", markerfacecolor=face)
+    ax.plot(x, [best for _, best in curve], "-", label="best so far", color="tab:red")
+    if curve:
         ax.legend()
     else:
         _no_data(ax, "no trial has reported a student yet")
     return _finish(
-        plt, fig, ax, "trial (in order of trial id)", "student val accuracy (fraction)", "Best student accuracy so far"
+        plt,
+        fig,
+        ax,
+        "trials in the order they ended",
+        "student val accuracy (fraction)",
+        "Best student accuracy so far",
     )
 
 
@@ -246,7 +262,7 @@ def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
         "student_vs_teacher": "Student vs teacher accuracy per trial",
         "information_plane": "Information plane: teacher MI vs teacher error, coloured by student accuracy",
         "importances": "Optuna parameter importances",
-        "best_so_far": "Best student accuracy so far, by trial",
+        "best_so_far": "Best student accuracy so far, in the order trials ended",
     }
     for key, caption in captions.items():
         lines += [f"## {caption}", "", f"![{caption}]({PLOTS[key]})", ""]
@@ -255,7 +271,8 @@ def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
     lines += [
         "The heat map colours a cell by its best finished student; a cell whose students ASHA all "
         "stopped early shows the score they had reached, hatched and marked 'stopped early'. The "
-        "other plots show stopped trials with the score they had reached.",
+        "other plots show stopped trials with the score they had reached (hollow dots in the "
+        "best-so-far plot, whose line counts them: their students are kept as any other).",
         "",
     ]
     lines += [

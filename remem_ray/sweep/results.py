@@ -45,6 +45,7 @@ class TrialRow:
     student_replayed: bool | None = None  # True: the curve of a stored student, replayed; no Train run
     stopped_early: bool = False
     student_checkpoint: str | None = None
+    last_report_at: float | None = None  # Tune's timestamp of its last result: an ended trial's end
 
 
 @dataclass
@@ -100,6 +101,7 @@ def _row(trial, layout: SweepLayout) -> TrialRow:
         row.student_replayed = bool(result.get(STUDENT_REPLAYED))
         row.stopped_early = trial.status == "TERMINATED" and stopped_early(result)  # not a failed or running one
         row.student_checkpoint = best_checkpoint(layout.student(trial.trial_id))
+        row.last_report_at = _num(result.get("timestamp"))
     return row
 
 
