@@ -8,8 +8,6 @@ from ray.tune.search import Searcher
 
 from remem_ray.contract import METRIC, stopped_early
 from remem_ray.sweep.distinct import DUPLICATE_OF, PointLedger
-from remem_ray.sweep.report import heatmap_cells
-from remem_ray.sweep.results import SweepSummary, TrialRow
 from remem_ray.sweep.search import TIME_ATTR
 from remem_ray.sweep.tune_adapter import budget_aware_optuna_search, study_from_searcher_state
 
@@ -97,56 +95,6 @@ def test_the_ledger_survives_the_searchers_save_and_restore(tmp_path):
 def test_a_continuous_space_has_no_end():
     ledger = PointLedger(["rho"], None, seed=0)
     assert ledger.size() is None and not ledger.exhausted() and ledger.unvisited() is None
-
-
-def _row(trial, rho, alpha, val, stopped):
-    return TrialRow(trial, "TERMINATED", {"rho": rho, "alpha": alpha}, student_val_acc=val, stopped_early=stopped)
-
-
-def test_the_heat_map_ranks_finished_students_above_stopped_ones_and_marks_stopped_cells():
-    summary = SweepSummary(
-        "s",
-        "e",
-        METRIC,
-        trials=[
-            _row("a", 0.0, 0.9, 0.95, stopped=False),
-            _row("b", 0.0, 0.9, 0.97, stopped=True),  # an early epoch's score: never the cell's
-            _row("c", 0.05, 0.9, 0.85, stopped=True),  # the cell's only student was stopped
-        ],
-    )
-    rhos, alphas, grid, stopped = heatmap_cells(summary)
-    assert rhos == [0.0, 0.05] and alphas == [0.9]
-    assert grid == [[0.95, 0.85]] and stopped == [[False, True]]
-
-
-def test_the_heat_map_leaves_out_failed_and_running_trials_partial_scores():
-    """A failed or running trial's score is from the epoch it got to: it drew as a cell (hatched
-    as if ASHA had stopped it) and could top the best-so-far line."""
-    failed = TrialRow("d", "ERROR", {"rho": 0.1, "alpha": 0.9}, student_val_acc=0.99)
-    running = TrialRow("e", "RUNNING", {"rho": 0.0, "alpha": 0.9}, student_val_acc=0.98)
-    summary = SweepSummary("s", "e", METRIC, trials=[_row("a", 0.0, 0.9, 0.95, stopped=False), failed, running])
-    rhos, alphas, grid, stopped = heatmap_cells(summary)
-    assert rhos == [0.0] and alphas == [0.9] and grid == [[0.95]] and stopped == [[False]]
-
-
-def test_the_best_so_far_curve_follows_the_order_trials_ended_not_their_ids():
-    """Trial ids are random hex: the plot's "best so far" in id order told no story at all (the
-    default sweep's showed its first finished trial fourth). Running and failed trials stay out."""
-    from remem_ray.sweep.report import best_so_far
-
-    def ended(trial, val, at, stopped=False):
-        return TrialRow(trial, "TERMINATED", {}, student_val_acc=val, stopped_early=stopped, last_report_at=at)
-
-    rows = [
-        ended("0e44", 0.87, at=300.0, stopped=True),
-        ended("7ace", 0.94, at=100.0),
-        ended("accb", 0.90, at=100.0, stopped=True),  # the same second: by id
-        ended("e812", 0.93, at=200.0),
-        TrialRow("ffff", "RUNNING", {}, student_val_acc=0.99, last_report_at=50.0),
-    ]
-    curve = best_so_far(SweepSummary("s", "e", METRIC, trials=rows))
-    assert [(r.trial_id, best) for r, best in curve] == [("7ace", 0.94), ("accb", 0.94), ("e812", 0.94), ("0e44", 0.94)]
-    assert [r.student_val_acc for r, _ in curve] == [0.94, 0.90, 0.93, 0.87]
 
 
 def test_importances_count_each_point_run_once_not_each_duplicate_answered():

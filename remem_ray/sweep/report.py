@@ -125,28 +125,49 @@ def plot_heatmap(summary: SweepSummary) -> bytes:
     return _finish(plt, fig, ax, RHO.axis, ALPHA.axis, title)
 
 
+# A student stopped early by ASHA scored at an early epoch: drawn hollow beside those run to the end
+ENDINGS = ((False, "student run to its end"), (True, "student stopped early"))
+
+
 def plot_student_vs_teacher(summary: SweepSummary) -> bytes:
     plt, fig, ax = _figure()
     rows = [r for r in _scored(summary) if r.teacher_val_acc is not None]
-    ax.scatter([r.teacher_val_acc for r in rows], [r.student_val_acc for r in rows], c="tab:blue")
+    for stopped, label in ENDINGS:
+        group = [r for r in rows if r.stopped_early == stopped]
+        if group:
+            x, y = [r.teacher_val_acc for r in group], [r.student_val_acc for r in group]
+            ax.scatter(x, y, label=label, edgecolors="tab:blue", facecolors="none" if stopped else "tab:blue")
     for r in rows:
         ax.annotate(r.trial_id, (r.teacher_val_acc, r.student_val_acc), fontsize=7)
-    if not rows:
+    if rows:
+        ax.legend()
+    else:
         _no_data(ax, "no trial has reported a student yet")
     return _finish(plt, fig, ax, *AXES["student_vs_teacher"])
 
 
 def plot_information_plane(summary: SweepSummary) -> bytes:
+    from matplotlib.colors import Normalize
+
     plt, fig, ax = _figure()
     rows = [r for r in _scored(summary) if r.teacher_mi is not None and r.teacher_val_acc is not None]
     if rows:
-        sc = ax.scatter(
-            [r.teacher_mi for r in rows],
-            [1.0 - r.teacher_val_acc for r in rows],
-            c=[r.student_val_acc for r in rows],
-            cmap="viridis",
-        )
-        fig.colorbar(sc, ax=ax, label="student val accuracy (fraction)")
+        norm = Normalize(min(r.student_val_acc for r in rows), max(r.student_val_acc for r in rows))
+        cmap = plt.get_cmap("viridis")
+        for stopped, label in ENDINGS:
+            group = [r for r in rows if r.stopped_early == stopped]
+            if group:
+                colours = [cmap(norm(r.student_val_acc)) for r in group]
+                ax.scatter(
+                    [r.teacher_mi for r in group],
+                    [1.0 - r.teacher_val_acc for r in group],
+                    edgecolors=colours,
+                    facecolors="none" if stopped else colours,
+                    linewidths=1.5,
+                    label=label,
+                )
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="student val accuracy (fraction)")
+        ax.legend()
     else:
         _no_data(ax, "no teacher MI recorded")
     return _finish(plt, fig, ax, *AXES["information_plane"])
@@ -211,10 +232,12 @@ def plot_best_so_far(summary: SweepSummary) -> bytes:
     plt, fig, ax = _figure()
     curve = best_so_far(summary)
     x = range(1, len(curve) + 1)
-    for stopped, label, face in ((False, "trial run to its end", "tab:gray"), (True, "trial stopped early", "none")):
+    for stopped, label in ENDINGS:
         points = [(i, r.student_val_acc) for i, (r, _) in zip(x, curve) if r.stopped_early == stopped]
         if points:
-            ax.plot(*zip(*points), "o", label=label, color="tab:gray", markerfacecolor=face)
+            ax.plot(
+                *zip(*points), "o", label=label, color="tab:gray", markerfacecolor="none" if stopped else "tab:gray"
+            )
     ax.plot(x, [best for _, best in curve], "-", label="best so far", color="tab:red")
     if curve:
         ax.legend()
@@ -271,8 +294,8 @@ def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
     lines += [
         "The heat map colours a cell by its best finished student; a cell whose students ASHA all "
         "stopped early shows the score they had reached, hatched and marked 'stopped early'. The "
-        "other plots show stopped trials with the score they had reached (hollow dots in the "
-        "best-so-far plot, whose line counts them: their students are kept as any other).",
+        "other plots draw stopped trials hollow, with the score they had reached (the best-so-far "
+        "line counts them: their students are kept as any other).",
         "",
     ]
     lines += [

@@ -1,0 +1,77 @@
+"""remem_ray.sweep.report: what its plots draw from a sweep's summary."""
+
+from __future__ import annotations
+
+import pytest
+
+from remem_ray.contract import METRIC
+from remem_ray.sweep.report import (
+    best_so_far,
+    heatmap_cells,
+    plot_best_so_far,
+    plot_information_plane,
+    plot_student_vs_teacher,
+)
+from remem_ray.sweep.results import SweepSummary, TrialRow
+
+
+def _row(trial, rho, alpha, val, stopped):
+    return TrialRow(trial, "TERMINATED", {"rho": rho, "alpha": alpha}, student_val_acc=val, stopped_early=stopped)
+
+
+def test_the_heat_map_ranks_finished_students_above_stopped_ones_and_marks_stopped_cells():
+    summary = SweepSummary(
+        "s",
+        "e",
+        METRIC,
+        trials=[
+            _row("a", 0.0, 0.9, 0.95, stopped=False),
+            _row("b", 0.0, 0.9, 0.97, stopped=True),  # an early epoch's score: never the cell's
+            _row("c", 0.05, 0.9, 0.85, stopped=True),  # the cell's only student was stopped
+        ],
+    )
+    rhos, alphas, grid, stopped = heatmap_cells(summary)
+    assert rhos == [0.0, 0.05] and alphas == [0.9]
+    assert grid == [[0.95, 0.85]] and stopped == [[False, True]]
+
+
+def test_the_heat_map_leaves_out_failed_and_running_trials_partial_scores():
+    """A failed or running trial's score is from the epoch it got to: it drew as a cell (hatched
+    as if ASHA had stopped it) and could top the best-so-far line."""
+    failed = TrialRow("d", "ERROR", {"rho": 0.1, "alpha": 0.9}, student_val_acc=0.99)
+    running = TrialRow("e", "RUNNING", {"rho": 0.0, "alpha": 0.9}, student_val_acc=0.98)
+    summary = SweepSummary("s", "e", METRIC, trials=[_row("a", 0.0, 0.9, 0.95, stopped=False), failed, running])
+    rhos, alphas, grid, stopped = heatmap_cells(summary)
+    assert rhos == [0.0] and alphas == [0.9] and grid == [[0.95]] and stopped == [[False]]
+
+
+def test_the_best_so_far_curve_follows_the_order_trials_ended_not_their_ids():
+    """Trial ids are random hex: the plot's "best so far" in id order told no story at all (the
+    default sweep's showed its first finished trial fourth). Running and failed trials stay out."""
+
+    def ended(trial, val, at, stopped=False):
+        return TrialRow(trial, "TERMINATED", {}, student_val_acc=val, stopped_early=stopped, last_report_at=at)
+
+    rows = [
+        ended("0e44", 0.87, at=300.0, stopped=True),
+        ended("7ace", 0.94, at=100.0),
+        ended("accb", 0.90, at=100.0, stopped=True),  # the same second: by id
+        ended("e812", 0.93, at=200.0),
+        TrialRow("ffff", "RUNNING", {}, student_val_acc=0.99, last_report_at=50.0),
+    ]
+    curve = best_so_far(SweepSummary("s", "e", METRIC, trials=rows))
+    assert [(r.trial_id, best) for r, best in curve] == [("7ace", 0.94), ("accb", 0.94), ("e812", 0.94), ("0e44", 0.94)]
+    assert [r.student_val_acc for r, _ in curve] == [0.94, 0.90, 0.93, 0.87]
+
+
+@pytest.mark.parametrize("stopped", [(), (False,), (True,), (False, True)])
+def test_the_scatter_plots_draw_any_mix_of_finished_and_stopped_students(stopped):
+    rows = [
+        TrialRow(f"t{i}", "TERMINATED", {}, student_val_acc=0.8 + i / 100, teacher_val_acc=0.7, teacher_mi=4.0 + i)
+        for i in range(len(stopped))
+    ]
+    for row, early in zip(rows, stopped):
+        row.stopped_early, row.last_report_at = early, 1.0
+    summary = SweepSummary("s", "e", METRIC, trials=rows)
+    for plot in (plot_best_so_far, plot_information_plane, plot_student_vs_teacher):
+        assert plot(summary).startswith(b"\x89PNG")
