@@ -26,6 +26,10 @@ def checkpoint_info(
     device = torch.device(device)
     storage, name = split_location(location, endpoint or spec.storage.endpoint, spec.storage.region)
     model, meta = load_model(storage, name)
+    # a ViT would fail at its first forward; a CNN would be measured at a size it never trained at
+    if meta["img_size"] != spec.data.img_size:
+        trained, given = meta["img_size"], spec.data.img_size
+        raise UserInputError(f"data.img_size: the checkpoint was trained at {trained} px, the data spec says {given}")
     model = model.to(device)
     normalizer = normalizer_for(model).to(device)
     splits = build_datasets(
@@ -33,6 +37,7 @@ def checkpoint_info(
         spec.seed,
         EvalResize.from_timm(spec.data.img_size, data_config_of(model)),
         endpoint=endpoint or spec.storage.endpoint,
+        region=spec.storage.region,
     )
     if meta["num_classes"] != splits.num_classes:
         raise UserInputError(

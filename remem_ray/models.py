@@ -32,10 +32,23 @@ def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any], 
     return timm.create_model(name, num_classes=num_classes, **kwargs, **extra)
 
 
+# model_kwargs the rest of the spec sets: given there too, timm's "multiple values" error made the
+# build fall back without data.img_size, and the model came out at the kwarg's size
+SET_ELSEWHERE = {
+    "num_classes": "the data's classes",
+    "img_size": "data.img_size",
+    "in_chans": "the data (3-channel RGB images)",
+    "pretrained": "{role}.weights",
+    "pretrained_cfg_overlay": "{role}.weights",
+}
+
+
 def check_model_spec(
     role: str, name: str, kwargs: dict[str, Any], num_classes: int, img_size: int, reweight: bool
 ) -> None:
     """Build the model on the meta device (no memory, no download) to validate a spec cheaply."""
+    for key in sorted(set(kwargs) & set(SET_ELSEWHERE)):
+        raise SpecError(f"{role}.model_kwargs.{key}: set by {SET_ELSEWHERE[key].format(role=role)}; remove it here")
     if not name.startswith("hf-hub:") and not timm.is_model(name):
         raise SpecError(f"{role}.model: unknown timm model {name!r}")
     try:
@@ -57,6 +70,7 @@ def create_model(
     weights: str | None = None,
     role: str = "model",
     endpoint: str | None = None,
+    region: str | None = None,
 ) -> nn.Module:
     """A timm model with a fresh head of `num_classes`; body weights from `weights` if given.
 
@@ -72,7 +86,7 @@ def create_model(
     elif kind == "hf-hub":
         overlay = dict(hf_hub_id=weights[len("hf-hub:") :])
     else:
-        local = _local_weights_file(weights, role, endpoint)
+        local = _local_weights_file(weights, role, endpoint, region)
         overlay = dict(file=str(local))
     try:
         extra: dict[str, Any] = {"pretrained": True}
@@ -86,11 +100,11 @@ def create_model(
         raise ResourceError(f"{role}.weights: cannot load {weights!r} for {name}: {reason}") from exc
 
 
-def _local_weights_file(weights: str, role: str, endpoint: str | None) -> Path:
+def _local_weights_file(weights: str, role: str, endpoint: str | None, region: str | None) -> Path:
     if weights_kind(weights) == "s3":
         from remem_ray.storage import fetch_to_cache
 
-        return fetch_to_cache(weights, endpoint=endpoint, field=f"{role}.weights")
+        return fetch_to_cache(weights, endpoint=endpoint, field=f"{role}.weights", region=region)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ResourceError(f"{role}.weights: file not found: {weights}")

@@ -279,6 +279,26 @@ CORPUS = [
         verbs=(SWEEP_RUN,),
         env=(("RAY_ADDRESS", "http://127.0.0.1:8265"),),
     ),
+    # timm's "multiple values for img_size" made the build fall back without data.img_size
+    _bad(
+        "model-kwargs-img-size",
+        "teacher:\n  model_kwargs: {img_size: 32}\n",
+        "teacher.model_kwargs.img_size: set by data.img_size",
+        verbs=(TEACHER, SWEEP_RUN),
+    ),
+    _bad(
+        "model-kwargs-in-chans",
+        "student:\n  model_kwargs: {in_chans: 1}\n",
+        "student.model_kwargs.in_chans",
+        verbs=(RUN,),
+    ),
+    # sklearn's stratification error escaped as a traceback, in every Train worker of a sweep
+    _bad(
+        "data-too-few-images-for-its-classes",
+        "data: {name: synthetic, num_classes: 20, max_train_samples: 10}\n",
+        "data.max_train_samples: cannot split",
+        verbs=(TEACHER,),
+    ),
     _bad("info-samples-zero", "name: x\n", "--samples", verbs=(("info", "ck", "--data", "SPEC", "--samples", "0"),)),
     _bad("resume-unreachable-endpoint", None, "--endpoint", "@DEAD@", verbs=BY_URI, flags=("--endpoint", "@DEAD@")),
     _bad("status-endpoint-not-a-url", None, "--endpoint", "127.0.0.1:9000", verbs=(STATUS,), flags=S3_NOT_A_URL),

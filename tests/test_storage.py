@@ -291,3 +291,38 @@ def test_a_best_pointer_removed_between_a_look_and_a_read_reads_as_none(tmp_path
 
     student.read_text = removed_first  # type: ignore[method-assign]
     assert best_checkpoint(student) is None
+
+
+def test_s3_data_and_weights_are_fetched_in_the_specs_region(monkeypatch, tmp_path):
+    """The data and the weights on s3:// were fetched in us-east-1 (or the node's AWS_REGION)
+    whatever storage.region said: on AWS, a bucket elsewhere failed on every node without the
+    variable. Failed before: the fetch got no region."""
+    import remem_ray.storage
+    from remem_ray.config import DataConfig
+    from remem_ray.data import build_datasets
+    from remem_ray.models import create_model
+
+    asked = []
+
+    def fetch(uri, endpoint=None, field="uri", region=None):
+        asked.append((field, region))
+        raise ResourceError(f"{field}: stop here")
+
+    monkeypatch.setattr(remem_ray.storage, "fetch_to_cache", fetch)
+    with pytest.raises(ResourceError, match="data.root: stop here"):
+        build_datasets(DataConfig(name="imagefolder", root="s3://b/images"), 0, region="eu-west-1")
+    with pytest.raises(ResourceError, match="teacher.weights: stop here"):
+        create_model("resnet10t", 3, 32, weights="s3://b/w.pt", role="teacher", region="eu-west-1")
+    assert asked == [("data.root", "eu-west-1"), ("teacher.weights", "eu-west-1")]
+
+    # and a run's loop passes its spec's region on
+    from remem_ray.config import load_run_spec
+    from remem_ray.contract import LoopConfig
+    from remem_ray.train.loop import prepare
+
+    spec = load_run_spec(
+        None, {"data.name": "imagefolder", "data.root": "s3://b/images", "storage.region": "eu-west-1"}
+    )
+    with pytest.raises(ResourceError, match="data.root: stop here"):
+        prepare(LoopConfig(spec, str(tmp_path / "out")), "teacher")
+    assert asked[-1] == ("data.root", "eu-west-1")

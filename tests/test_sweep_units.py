@@ -520,6 +520,55 @@ def test_a_submitted_sweep_leaves_no_staging_folder_behind(monkeypatch, tmp_path
     assert len(seen) == 2 and not any(p.exists() for p in seen)
 
 
+class _JobOfLines:
+    """A Ray Jobs client whose job writes one more log line between two status reads, and has
+    ended once its last line is written."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines, self.written = lines, 0
+
+    def get_job_info(self, job_id):
+        if job_id != "j":
+            raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
+        return {}
+
+    def get_job_logs(self, job_id):
+        return "".join(self.lines[: self.written])
+
+    def get_job_status(self, job_id):
+        from types import SimpleNamespace
+
+        self.written = min(self.written + 1, len(self.lines))
+        return SimpleNamespace(value="SUCCEEDED" if self.written == len(self.lines) else "RUNNING")
+
+
+def test_following_a_jobs_logs_prints_its_last_lines_and_says_what_failed(monkeypatch):
+    """The loop read the logs, then the status, and stopped once the status said the job ended:
+    what the job printed between the two (the trial table, the summary's path) was never shown.
+    Failed before: the output stopped before its last line."""
+    import io
+
+    from remem_ray.errors import ResourceError, UserInputError
+    from remem_ray.sweep import jobs
+
+    lines = ["sweep started\n", "trial table\n", "summary: s/summary.json\n"]
+    client = _JobOfLines(lines)
+    monkeypatch.setattr(jobs, "jobs_client", lambda address: client)
+    monkeypatch.setattr(jobs.time, "sleep", lambda seconds: None)
+    out = io.StringIO()
+    assert jobs.job_logs("http://h:8265", "j", follow=True, out=out) == "SUCCEEDED"
+    assert out.getvalue() == "".join(lines)
+    with pytest.raises(UserInputError, match="^job: no job 'k' on this cluster$"):
+        jobs.job_logs("http://h:8265", "k")
+
+    def unreachable(job_id):
+        raise ConnectionError("HTTPConnectionPool(host='h', port=8265): Max retries exceeded\nmore")
+
+    client.get_job_info = unreachable  # not "no such job": the dashboard did not answer
+    with pytest.raises(ResourceError, match=r"^--address: could not ask for job 'j': HTTPConnectionPool"):
+        jobs.job_logs("http://h:8265", "j")
+
+
 class _FakeClusterRay:
     """Stands in for Ray's task API over a cluster of named nodes: each node answers the storage
     check with what `answers` says for it ("late": never within the wait)."""

@@ -181,6 +181,17 @@ def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys
     mi = report["mutual_information"]["targets/relative"]
     assert 0.0 <= mi["i_xt_lower"] <= mi["i_xt_upper"] <= math.log(15) + 1e-9
     assert main(["info", str(run / "teacher" / "epoch_9"), "--data", str(spec)]) == 2
+    # data at another size than the checkpoint's: one line (a ViT failed with a traceback at its first forward)
+    other = in_tmp / "other-size.yaml"
+    raw = json.loads(spec.read_text())
+    other.write_text(json.dumps({**raw, "data": {**raw["data"], "img_size": 48}}))
+    capsys.readouterr()
+    assert main(["info", str(run / "teacher" / "epoch_2"), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("remem: error: data.img_size: the checkpoint was trained at 16 px, the data spec says 48")
+        and err.count("\n") == 1
+    )
 
 
 def test_teacher_mi_is_measured_at_the_reference_temperature_whatever_the_kd_temperature(tmp_path):

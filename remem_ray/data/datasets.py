@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from remem_ray.data.augment import EvalResize, TrainAugment, augment_for
-from remem_ray.errors import ResourceError
+from remem_ray.errors import ResourceError, SpecError
 
 if TYPE_CHECKING:
     from remem_ray.config import DataConfig
@@ -42,8 +42,8 @@ class DataSplits:
     eval_view: EvalResize
 
 
-# (data config, seed, eval views at data.img_size, S3 endpoint for s3:// roots) -> splits
-DatasetBuilder = Callable[["DataConfig", int, EvalResize, "str | None"], DataSplits]
+# (data config, seed, eval views at data.img_size, S3 endpoint and region for s3:// roots) -> splits
+DatasetBuilder = Callable[["DataConfig", int, EvalResize, "str | None", "str | None"], DataSplits]
 DATASETS: dict[str, DatasetBuilder] = {}
 
 
@@ -56,17 +56,23 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
 
 
 def build_datasets(
-    cfg: DataConfig, seed: int, eval_view: EvalResize | None = None, endpoint: str | None = None
+    cfg: DataConfig,
+    seed: int,
+    eval_view: EvalResize | None = None,
+    endpoint: str | None = None,
+    region: str | None = None,
 ) -> DataSplits:
     """The data's splits; eval images as `eval_view` says (a model's timm crop, see
     EvalResize.from_timm), by default a plain resize to data.img_size."""
     eval_view = eval_view or EvalResize(cfg.img_size)
     if eval_view.img_size != cfg.img_size:
         raise ValueError(f"eval views of {eval_view.img_size} px for data of {cfg.img_size} px")
-    splits = DATASETS[cfg.name](cfg, seed, eval_view, endpoint)
+    splits = DATASETS[cfg.name](cfg, seed, eval_view, endpoint, region)
     if cfg.max_train_samples is not None and num_items(splits.train) > cfg.max_train_samples:
         labels = dataset_targets(splits.train)
-        keep, _ = _stratified_split(np.arange(len(labels)), labels, cfg.max_train_samples, seed + 3)
+        keep, _ = _stratified_split(
+            np.arange(len(labels)), labels, cfg.max_train_samples, seed + 3, "data.max_train_samples"
+        )
         splits = dataclasses.replace(splits, train=torch.utils.data.Subset(splits.train, keep.tolist()))
     return splits
 
@@ -74,11 +80,18 @@ def build_datasets(
 # --------------------------------------------------------------------------- splitting
 
 
-def _stratified_split(indices: np.ndarray, labels: np.ndarray, first_size: int | float, seed: int):
-    """Split indices into (first, rest), stratified by label and seeded."""
+def _stratified_split(indices: np.ndarray, labels: np.ndarray, first_size: int | float, seed: int, field: str):
+    """Split indices into (first, rest), stratified by label and seeded; a split the data is too
+    small for (a part without room for one image of each class) is a one-line error on `field`."""
     from sklearn.model_selection import train_test_split
 
-    return train_test_split(indices, train_size=first_size, stratify=labels, random_state=seed)
+    try:
+        return train_test_split(indices, train_size=first_size, stratify=labels, random_state=seed)
+    except ValueError as exc:
+        classes = len(np.unique(labels))
+        raise SpecError(
+            f"{field}: cannot split {len(indices)} images of {classes} classes by class: {exc}".splitlines()[0]
+        ) from None
 
 
 def _train_val_test(labels: np.ndarray, cfg: DataConfig, seed: int, has_test: bool):
@@ -86,8 +99,8 @@ def _train_val_test(labels: np.ndarray, cfg: DataConfig, seed: int, has_test: bo
     idx = np.arange(len(labels))
     test = np.array([], dtype=int)
     if not has_test:
-        idx, test = _stratified_split(idx, labels, 1.0 - cfg.test_fraction, seed)
-    train, val = _stratified_split(idx, labels[idx], 1.0 - cfg.val_fraction, seed + 1)
+        idx, test = _stratified_split(idx, labels, 1.0 - cfg.test_fraction, seed, "data.test_fraction")
+    train, val = _stratified_split(idx, labels[idx], 1.0 - cfg.val_fraction, seed + 1, "data.val_fraction")
     return np.sort(train), np.sort(val), np.sort(test)
 
 
@@ -153,7 +166,9 @@ def _tensor_splits(
 
 
 @register_dataset("digits")
-def _digits(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None) -> DataSplits:
+def _digits(
+    cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None, region: str | None = None
+) -> DataSplits:
     """scikit-learn's bundled 8x8 digits (1797 images): the embedded default, no download."""
     from sklearn.datasets import load_digits
 
@@ -163,7 +178,9 @@ def _digits(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | N
 
 
 @register_dataset("synthetic")
-def _synthetic(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None) -> DataSplits:
+def _synthetic(
+    cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None, region: str | None = None
+) -> DataSplits:
     """Class prototypes plus noise: learnable, tiny, generated from the seed (for tests)."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(cfg.num_classes, 3, 8, 8, generator=g)
@@ -270,7 +287,9 @@ _TORCHVISION: dict[str, TorchvisionEntry] = {
 
 
 def _torchvision_builder(name: str, entry: TorchvisionEntry) -> DatasetBuilder:
-    def build(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None) -> DataSplits:
+    def build(
+        cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None, region: str | None = None
+    ) -> DataSplits:
         import torchvision.datasets as tvd
 
         root = Path(cfg.root or "./data").expanduser()
@@ -297,7 +316,9 @@ for _name, _entry in _TORCHVISION.items():
 
 
 @register_dataset("imagefolder")
-def _imagefolder(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None) -> DataSplits:
+def _imagefolder(
+    cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None, region: str | None = None
+) -> DataSplits:
     """class-per-folder images at a path or s3:// URI; train/ val/ test/ subfolders optional."""
     from torchvision.datasets import ImageFolder
 
@@ -305,7 +326,7 @@ def _imagefolder(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: st
     if root.startswith("s3://"):
         from remem_ray.storage import fetch_to_cache
 
-        local = fetch_to_cache(root, endpoint=endpoint, field="data.root")
+        local = fetch_to_cache(root, endpoint=endpoint, field="data.root", region=region)
     else:
         local = Path(root).expanduser()
     if not local.is_dir():
@@ -323,7 +344,9 @@ def _imagefolder(cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: st
     if test is None and val is not None:
         # A val folder but no test folder: hold out test from train, keep the given val.
         labels = dataset_targets(train)
-        idx, test_idx = _stratified_split(np.arange(len(labels)), labels, 1.0 - cfg.test_fraction, seed)
+        idx, test_idx = _stratified_split(
+            np.arange(len(labels)), labels, 1.0 - cfg.test_fraction, seed, "data.test_fraction"
+        )
         aug, view = augment_for(cfg.img_size, True), eval_view
         tr_tf, ev_tf = train_transform(aug), pil_eval_transform(view)
         return DataSplits(

@@ -72,11 +72,23 @@ def _submit(client, spec: SweepSpec, address: str, staging: Path, ship_package: 
         ) from None
 
 
+def _asked(what: str, call, *args):
+    """One call to the dashboard; its failure is one line naming the address."""
+    try:
+        return call(*args)
+    except Exception as exc:  # requests' errors, RuntimeError from the client
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ResourceError(f"--address: could not {what}: {reason}") from None
+
+
 def _known_job(client, job_id: str):
     try:
         return client.get_job_info(job_id)
-    except Exception:
-        raise UserInputError(f"job: no job {job_id!r} on this cluster") from None
+    except Exception as exc:  # the client says a missing job with a 404; anything else is the dashboard's
+        if "404" in str(exc) or "does not exist" in str(exc):
+            raise UserInputError(f"job: no job {job_id!r} on this cluster") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ResourceError(f"--address: could not ask for job {job_id!r}: {reason}") from None
 
 
 def job_logs(address: str, job_id: str, follow: bool = False, out=None) -> str:
@@ -88,11 +100,13 @@ def job_logs(address: str, job_id: str, follow: bool = False, out=None) -> str:
     _known_job(client, job_id)
     shown = 0
     while True:
-        logs = client.get_job_logs(job_id)
+        # the status first: logs read after it said the job ended hold its last lines (the table,
+        # the summary's path, the error), which the other order could drop
+        status = str(_asked("read the job's status", client.get_job_status, job_id).value)
+        logs = _asked("read the job's logs", client.get_job_logs, job_id)
         out.write(logs[shown:])
         out.flush()
         shown = len(logs)
-        status = str(client.get_job_status(job_id).value)
         if not follow or status in TERMINAL:
             return status
         time.sleep(2.0)
@@ -101,5 +115,5 @@ def job_logs(address: str, job_id: str, follow: bool = False, out=None) -> str:
 def stop_job(address: str, job_id: str) -> str:
     client = jobs_client(address)
     _known_job(client, job_id)
-    client.stop_job(job_id)
-    return str(client.get_job_status(job_id).value)
+    _asked("stop the job", client.stop_job, job_id)
+    return str(_asked("read the job's status", client.get_job_status, job_id).value)

@@ -83,6 +83,7 @@ class LoopContext:
                 weights=section.weights,
                 role=self.role,
                 endpoint=self.spec.storage.endpoint,
+                region=self.spec.storage.region,
             )
 
     def lease_lost(self) -> str | None:
@@ -136,7 +137,11 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
     device_ready_at = time.time()
     data_config = resolved_data_config(model_name, model_kwargs, spec.data.img_size)
     splits = build_datasets(
-        spec.data, spec.seed, EvalResize.from_timm(spec.data.img_size, data_config), endpoint=spec.storage.endpoint
+        spec.data,
+        spec.seed,
+        EvalResize.from_timm(spec.data.img_size, data_config),
+        endpoint=spec.storage.endpoint,
+        region=spec.storage.region,
     )
     data = build_pipeline(
         spec.data, splits, device, spec.seed, Shard(session.world_rank, session.world_size), log=session.detail

@@ -132,7 +132,7 @@ def measure_step_memory(spec: RunSpec, roles: list[str], reweight: bool = False)
     node's cache, where the runs find it)."""
     device = pick_device(spec.device)
     on_cuda = device.type == "cuda"
-    splits = build_datasets(spec.data, spec.seed, endpoint=spec.storage.endpoint)
+    splits = build_datasets(spec.data, spec.seed, endpoint=spec.storage.endpoint, region=spec.storage.region)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"num_classes": splits.num_classes})})
     out = []
     for role in roles:
