@@ -96,6 +96,8 @@ def load_student(source: Storage, rel: str) -> tuple[nn.Module, dict[str, Any]]:
     name = meta["model"]
     if meta.get("reweighting"):
         raise UserInputError(f"export: {source.uri(rel)} is MLP-reweighted (a teacher?); plain timm cannot rebuild it")
+    if name.startswith("hf-hub:"):
+        raise UserInputError(f"export: {name} names a hub repo, not a timm architecture the export's config could name")
     if name in REGISTERED_HERE or not timm.is_model(name):
         raise UserInputError(f"export: {name} is registered by remem_ray, not timm: timm alone cannot build it")
     model = create_model(name, meta["num_classes"], meta["img_size"], meta["model_kwargs"])

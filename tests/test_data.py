@@ -99,3 +99,39 @@ def test_missing_imagefolder_and_torchvision_roots_are_clear(tmp_path):
         build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "none")), 0)
     with pytest.raises(ResourceError, match=r"^data\.root: cifar10 not found under .*data\.download"):
         build_datasets(DataConfig(name="cifar10", root=str(tmp_path / "none")), 0)
+
+
+def test_a_torchvision_download_runs_once_at_a_time_on_a_node(tmp_path, monkeypatch):
+    """data.download: every rank and trial of a node called torchvision's download at once, each
+    writing and extracting the same archive in place. Failed before: the two calls overlapped."""
+    import threading
+    import time
+
+    import torchvision.datasets as tvd
+
+    inside, overlapped = [0], []
+
+    class Downloading:
+        def __init__(self, root, download, **kwargs):
+            inside[0] += 1
+            overlapped.append(inside[0] > 1)
+            time.sleep(0.3)  # the download
+            inside[0] -= 1
+            raise RuntimeError("stop after the download")
+
+    monkeypatch.setattr(tvd, "CIFAR10", Downloading)
+    cfg = DataConfig(name="cifar10", root=str(tmp_path / "data"), download=True)
+    errors = []
+
+    def build():
+        try:
+            build_datasets(cfg, 0)
+        except ResourceError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 2 and overlapped and not any(overlapped)

@@ -221,3 +221,12 @@ def test_an_s3_export_whose_claim_changed_hands_stops_short_of_the_card(tmp_path
         export_student(Storage(str(tmp_path / "ck")), "best_epoch_3", target, endpoint=s3["endpoint"])
     out = Storage(target, s3["endpoint"])
     assert out.list_dir() == [CLAIM_FILE] and out.read_text(CLAIM_FILE) == "another exporter's token"
+
+
+def test_a_student_named_by_a_hub_repo_is_refused_for_what_it_is(monkeypatch, tmp_path):
+    """`hf-hub:ORG/REPO` was refused as "registered by remem_ray, not timm", which it is not."""
+    import remem_ray.export as export
+
+    monkeypatch.setattr(export, "read_checkpoint", lambda source, rel: ({}, {"model": "hf-hub:org/repo"}))
+    with pytest.raises(UserInputError, match=r"^export: hf-hub:org/repo names a hub repo, not a timm architecture"):
+        export.load_student(Storage(str(tmp_path)), "best_epoch_1")

@@ -220,13 +220,13 @@ def test_a_node_fetches_an_s3_object_once_while_its_other_processes_wait_and_reu
 def test_a_node_lock_waiter_says_so_at_once_and_every_minute_after(tmp_path):
     import threading
 
-    from remem_ray.storage.cache import _node_lock
+    from remem_ray.storage.cache import node_lock
 
     lock = tmp_path / "k.lock"
     held, release = threading.Event(), threading.Event()
 
     def holder():
-        with _node_lock(lock, lambda who, s: None):
+        with node_lock(lock, "w", lambda who, s: None):
             held.set()
             assert release.wait(30)
 
@@ -244,7 +244,7 @@ def test_a_node_lock_waiter_says_so_at_once_and_every_minute_after(tmp_path):
         if len(said) == 3:
             release.set()
 
-    with _node_lock(lock, waiting, every_s=60.0, poll_s=0.001, clock=clock):
+    with node_lock(lock, "w", waiting, every_s=60.0, poll_s=0.001, clock=clock):
         assert lock.read_text().startswith(f"pid {os.getpid()} on ")  # now this one holds it
     thread.join(30)
     assert said[0] == (f"pid {os.getpid()} on {socket.gethostname()}", 0.0)
@@ -326,3 +326,15 @@ def test_s3_data_and_weights_are_fetched_in_the_specs_region(monkeypatch, tmp_pa
     with pytest.raises(ResourceError, match="data.root: stop here"):
         prepare(LoopConfig(spec, str(tmp_path / "out")), "teacher")
     assert asked[-1] == ("data.root", "eu-west-1")
+
+
+def test_a_whole_bucket_as_data_or_weights_is_one_line(s3, tmp_path, monkeypatch):
+    """s3://bucket (no folder) reached pyarrow as the path '/bucket' and escaped as ArrowInvalid.
+    Failed before: that traceback."""
+    from remem_ray.storage import fetch_to_cache
+
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
+    s3["client"].put_object(Bucket=s3["bucket"], Key="cat/1.png", Body=b"png")
+    uri = f"s3://{s3['bucket']}/"
+    with pytest.raises(ResourceError, match=rf"^data.root: {uri} is a whole bucket: .* \(s3://{s3['bucket']}/NAME\)$"):
+        fetch_to_cache(uri, endpoint=s3["endpoint"], field="data.root")

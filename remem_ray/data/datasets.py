@@ -304,7 +304,14 @@ def _torchvision_builder(name: str, entry: TorchvisionEntry) -> DatasetBuilder:
                 hint = "" if cfg.download else "; set data.download: true to fetch it"
                 raise ResourceError(f"data.root: {name} not found under {root}{hint} ({exc})".splitlines()[0]) from None
 
-        train, val, test = (make(k) for k in entry.splits)
+        if cfg.download:  # once per node: every rank and trial would download and extract in place at once
+            from remem_ray.storage.cache import node_lock
+
+            root.mkdir(parents=True, exist_ok=True)
+            with node_lock(root / f".remem-{name}.lock", f"{name} (data.download)"):
+                train, val, test = (make(k) for k in entry.splits)
+        else:
+            train, val, test = (make(k) for k in entry.splits)
         return _pil_splits(train, val, test, entry.num_classes, cfg, seed, eval_view, entry.hflip)
 
     build.__doc__ = f"torchvision {entry.cls_name} under data.root (download with data.download)."

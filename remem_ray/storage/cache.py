@@ -39,17 +39,20 @@ def _try_flock(f) -> bool:
 
 
 @contextlib.contextmanager
-def _node_lock(
+def node_lock(
     path: Path,
-    waiting: Callable[[str, float], None],
+    what: str,
+    waiting: Callable[[str, float], None] | None = None,
     every_s: float | None = None,
     poll_s: float = 0.2,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[None]:
-    """An exclusive lock on `path` among this node's processes (flock: freed if the holder dies).
-    The holder writes who it is into the file; a waiter calls `waiting(holder, seconds waited)`
-    at once and every `every_s` (WAIT_NOTICE_EVERY_S) while it waits."""
+    """An exclusive lock on `path` among this node's processes (flock: freed if the holder dies),
+    for fetching `what` once per node. The holder writes who it is into the file; a waiter calls
+    `waiting(holder, seconds waited)` (by default: a console line) at once and every `every_s`
+    (WAIT_NOTICE_EVERY_S) while it waits."""
     every_s = WAIT_NOTICE_EVERY_S if every_s is None else every_s
+    waiting = waiting or _say_waiting(what)
     with open(path, "a+") as f:
         if not _try_flock(f):
             began = noticed = clock()
@@ -95,7 +98,7 @@ def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri", re
     if done.exists():
         return Path(done.read_text())
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _node_lock(dest.parent / f"{key}.lock", _say_waiting(uri)):
+    with node_lock(dest.parent / f"{key}.lock", uri):
         if done.exists():  # fetched while this one waited
             return Path(done.read_text())
         return _fetch(uri, endpoint, region, field, dest)
@@ -106,6 +109,8 @@ def _fetch(uri: str, endpoint: str | None, region: str | None, field: str, dest:
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     fs = s3_filesystem(endpoint, region)
     path = split_s3_uri(uri)
+    if "/" not in path:  # pyarrow cannot address a bucket's root as a folder of another
+        raise ResourceError(f"{field}: {uri} is a whole bucket: put the files in a folder of it (s3://{path}/NAME)")
     try:
         info = fs.get_file_info(path)
     except OSError as exc:
