@@ -55,7 +55,9 @@ def check_model_spec(
         with torch.device("meta"):
             model = _create(name, num_classes, img_size, kwargs)
     except Exception as exc:  # timm raises many kinds for bad kwargs; all are spec errors here (cause kept for --debug)
-        raise SpecError(f"{role}.model_kwargs: {name} cannot be built: {exc}".splitlines()[0]) from exc
+        # a hub name's config comes from the hub (or its local cache): a failure there is the name's
+        field = "model" if name.startswith("hf-hub:") and not kwargs else "model_kwargs"
+        raise SpecError(f"{role}.{field}: {name} cannot be built: {exc}".splitlines()[0]) from exc
     if reweight and not vit_block_modules(model):
         raise SpecError(
             f"{role}.alpha: MLP reweighting needs a ViT built from timm's Block; {name} has none (use alpha: 1)"

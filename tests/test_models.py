@@ -169,3 +169,18 @@ def test_a_block_subclass_with_its_own_forward_is_not_reweighted():
     model.blocks[0] = PostNormBlock(dim=model.embed_dim, num_heads=2)
     reweight_mlp(model, alpha=0.5)
     assert isinstance(model.blocks[0], PostNormBlock) and isinstance(model.blocks[1], ReweightedBlock)
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_blamed_on_its_name(monkeypatch):
+    """An hf-hub: name's config is fetched from the hub: offline, the failure named model_kwargs."""
+    import timm
+
+    from remem_ray.errors import SpecError
+    from remem_ray.models import check_model_spec
+
+    def offline(name, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(SpecError, match=r"^student.model: hf-hub:org/repo cannot be built: We couldn't connect"):
+        check_model_spec("student", "hf-hub:org/repo", {}, 10, 32, reweight=False)
