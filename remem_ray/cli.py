@@ -253,7 +253,10 @@ def _print_export(exported) -> None:
     print(f"exported to {exported.target}: {', '.join(exported.files)}")
     if exported.onnx_max_diff is not None:
         print(f"ONNX logits match PyTorch's within {exported.onnx_max_diff:.1e} on a check batch")
-    print(f'load it: timm.create_model("local-dir:{exported.target}", pretrained=True)')
+    from remem_ray.export import local_dir_of
+
+    copy = " once copied to a local folder" if exported.target.startswith("s3://") else ""
+    print(f'load it{copy}: timm.create_model("local-dir:{local_dir_of(exported.target)}", pretrained=True)')
 
 
 def _add_checkpoint_args(p) -> None:

@@ -174,11 +174,18 @@ def write_onnx(model: nn.Module, meta: dict[str, Any], folder: Path) -> float:
     return diff
 
 
+def local_dir_of(target: str) -> str:
+    """What timm's `local-dir:` takes for an export at `target`: a local folder (an s3:// export
+    is copied down first, e.g. `aws s3 cp --recursive`)."""
+    return "PATH/TO/A/LOCAL/COPY" if target.startswith("s3://") else target
+
+
 def usage_text(target: str, onnx: bool) -> str:
     lines = [
         "```python",
         "import timm, torch",
-        f'model = timm.create_model("local-dir:{target}", pretrained=True).eval()',
+        *(["# copy the folder down first: timm reads local folders only"] if target.startswith("s3://") else []),
+        f'model = timm.create_model("local-dir:{local_dir_of(target)}", pretrained=True).eval()',
         "cfg = timm.data.resolve_data_config({}, model=model)",
         "transform = timm.data.create_transform(**cfg)  # PIL image -> normalised tensor",
         "logits = model(transform(image).unsqueeze(0))",

@@ -87,6 +87,9 @@ def test_export_to_s3_uploads_every_file_and_the_card_last(tmp_path, moto_endpoi
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="ship")["Contents"]}
     assert keys == {f"v1/{n}" for n in (CARD_FILE, CONFIG_FILE, WEIGHTS_FILE)}
     assert puts[-1] == CARD_FILE  # a target with a card is whole
+    # timm reads local folders only: the card's usage said local-dir:s3://..., which timm cannot load
+    card = client.get_object(Bucket="ship", Key=f"v1/{CARD_FILE}")["Body"].read().decode()
+    assert "local-dir:s3://" not in card and "copy the folder down first" in card
     with pytest.raises(Exception, match="exists and is not empty"):
         export_student(Storage(str(tmp_path / "ck")), "best_epoch_3", "s3://ship/v1", endpoint=moto_endpoint)
 

@@ -34,7 +34,7 @@ def export_trial(spec: SweepSpec, trial_id: str | None, target: str, onnx: bool 
         "teacher": f"`{spec.teacher.model}` (key `{row.teacher_key}`)",
         "rho (SAM radius)": _described(params.get("rho", spec.teacher.rho), 0, "no SAM"),
         "alpha (MLP reweighting)": _described(params.get("alpha", spec.teacher.alpha), 1, "no reweighting"),
-        "teacher epoch": params.get("teacher_epoch"),
+        "teacher epoch": params.get("teacher_epoch", spec.student.teacher_epoch or spec.teacher.saved_epochs[-1]),
         "student best val accuracy": _acc(row.student_val_acc),
         "student test accuracy there": _acc(row.student_test_acc),
         "sweep": f"{spec.name} (`{layout.experiment.uri()}`), trial {row.trial_id}",
