@@ -132,7 +132,7 @@ def write_timm_folder(model: nn.Module, meta: dict[str, Any], folder: Path) -> s
     weights = folder / WEIGHTS_FILE
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
     config = folder / CONFIG_FILE
-    write_timm_config(model, str(config), data_config(model, meta))
+    write_timm_config(model, str(config), data_config(model, meta), label_names=meta.get("class_names"))
     cfg = json.loads(config.read_text())
     for name in _SOURCE_FIELDS:
         cfg["pretrained_cfg"].pop(name, None)

@@ -42,8 +42,12 @@ def build_vit(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransforme
     return build_model_with_cfg(VisionTransformer, variant, pretrained, **kwargs)
 
 
-def write_timm_config(model: nn.Module, path: str, data_config: dict[str, Any]) -> None:
-    """timm's config.json for `model` (architecture, args, classes, preprocessing) at `path`."""
+def write_timm_config(
+    model: nn.Module, path: str, data_config: dict[str, Any], label_names: list[str] | None = None
+) -> None:
+    """timm's config.json for `model` (architecture, args, classes and their names, preprocessing)
+    at `path`; timm loads the names into the model's `pretrained_cfg["label_names"]`."""
     from timm.models._hub import save_config_for_hf
 
-    save_config_for_hf(model, path, data_config=data_config)
+    model_config = {"label_names": list(label_names)} if label_names else None
+    save_config_for_hf(model, path, model_config=model_config, data_config=data_config)

@@ -72,6 +72,7 @@ def test_imagefolder_single_folder_carves_val_and_test(tmp_path):
     _write_imagefolder(tmp_path / "ds", splits=("",), per_class=20)
     s = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "ds"), img_size=16), 0)
     assert s.num_classes == 2 and len(s.train) + len(s.val) + len(s.test) == 40
+    assert s.class_names == ("cat", "dog")  # by label index: what an exported student's outputs mean
     img, label = s.val[0]
     assert img.shape == (3, 16, 16) and label in (0, 1)
 
@@ -80,6 +81,10 @@ def test_imagefolder_with_splits_uses_them(tmp_path):
     _write_imagefolder(tmp_path / "ds", splits=("train", "test"), per_class=12)
     s = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "ds"), img_size=16), 0)
     assert len(s.test) == 24 and len(s.train) + len(s.val) == 24
+    assert s.class_names == ("cat", "dog")
+    digits = build_datasets(DataConfig(name="digits"), 0)
+    assert digits.class_names == tuple(str(d) for d in range(10))
+    assert build_datasets(DataConfig(name="synthetic", num_classes=3), 0).class_names is None  # nameless
 
 
 def test_imagefolder_from_s3_fetched_into_cache(tmp_path, s3, monkeypatch):
@@ -90,7 +95,7 @@ def test_imagefolder_from_s3_fetched_into_cache(tmp_path, s3, monkeypatch):
         s3["client"].upload_file(str(f), s3["bucket"], f"data/ds/{f.relative_to(tmp_path / 'ds').as_posix()}")
     cfg = DataConfig(name="imagefolder", root=f"s3://{s3['bucket']}/data/ds", img_size=16)
     s = build_datasets(cfg, 0)
-    assert (len(s.train), len(s.val), len(s.test)) == (12, 12, 12)
+    assert (len(s.train), len(s.val), len(s.test)) == (12, 12, 12) and s.class_names == ("cat", "dog")
     assert s.train[0][0].shape == (3, 16, 16)
 
 

@@ -23,13 +23,18 @@ STUDENT, CLASSES, SIZE = "resnet10t", 5, 16
 EVAL_VIEW = {"img_size": SIZE, "crop_pct": 0.9, "interpolation": "bicubic"}
 
 
-def _student_checkpoint(folder, name=STUDENT, kwargs=None, reweight: float | None = None):
+NAMES = [f"class {i}" for i in range(CLASSES)]
+
+
+def _student_checkpoint(folder, name=STUDENT, kwargs=None, reweight: float | None = None, names=NAMES):
     torch.manual_seed(0)
     model = create_model(name, CLASSES, SIZE, kwargs or {})
     if reweight is not None:
         reweight_mlp(model, reweight, "remem")
     metrics = {"val_acc": 0.75, "test_acc": 0.7}
-    meta = model_meta(model, name, kwargs or {}, CLASSES, SIZE, role="student", epoch=3, metrics=metrics)
+    meta = model_meta(
+        model, name, kwargs or {}, CLASSES, SIZE, role="student", epoch=3, metrics=metrics, class_names=names
+    )
     write_checkpoint(Storage(str(folder)), "best_epoch_3", model, {**meta, "eval_view": EVAL_VIEW})
     return model.eval()
 
@@ -58,6 +63,8 @@ def test_an_exported_student_loads_in_plain_timm_and_computes_what_it_computed(t
 
     config = json.loads((target / CONFIG_FILE).read_text())
     assert config["architecture"] == STUDENT and config["num_classes"] == CLASSES
+    # what each output means, as timm gives it (an image-folder student exported bare indices)
+    assert config["label_names"] == NAMES and seen["label_names"] == NAMES
     cfg = config["pretrained_cfg"]
     assert cfg["input_size"] == [3, SIZE, SIZE] and seen["input_size"] == [3, SIZE, SIZE]
     assert cfg["crop_pct"] == 0.9 and cfg["interpolation"] == "bicubic"  # how the checkpoint was evaluated

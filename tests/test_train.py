@@ -59,6 +59,7 @@ def test_teacher_and_student_learn_on_digits(digits_teacher, digits_online_stude
     assert student_val >= 0.85
     loaded, meta = load_model(run_folder(spec).child("teacher"), "epoch_20")
     assert meta["reweighting"] == {"alpha": 0.9, "mode": "remem"}
+    assert meta["class_names"] == [str(d) for d in range(10)]  # what an export's outputs mean
     assert meta["metrics"]["val_acc"] == pytest.approx(teacher_val)
     curve = json.loads((Path(run_folder(spec).uri("teacher")) / "history.json").read_text())
     assert [h["epoch"] for h in curve] == list(range(1, 21))

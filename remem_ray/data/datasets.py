@@ -40,6 +40,13 @@ class DataSplits:
     num_classes: int
     augment: TrainAugment
     eval_view: EvalResize
+    class_names: tuple[str, ...] | None = None  # by label index, where the dataset names its classes
+
+
+def class_names_of(dataset: Dataset, num_classes: int) -> tuple[str, ...] | None:
+    """A torchvision dataset's (or ImageFolder's) class names, one per label index, if it has them."""
+    names = getattr(dataset, "classes", None)
+    return tuple(str(n) for n in names) if names is not None and len(names) == num_classes else None
 
 
 # (data config, seed, eval views at data.img_size, S3 endpoint and region for s3:// roots) -> splits
@@ -151,7 +158,13 @@ def random_translate(img: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def _tensor_splits(
-    images: torch.Tensor, labels: np.ndarray, cfg: DataConfig, seed: int, num_classes: int, hflip: bool = False
+    images: torch.Tensor,
+    labels: np.ndarray,
+    cfg: DataConfig,
+    seed: int,
+    num_classes: int,
+    hflip: bool = False,
+    class_names: tuple[str, ...] | None = None,
 ) -> DataSplits:
     train, val, test = _train_val_test(labels, cfg, seed, has_test=False)
     lab = torch.as_tensor(labels)
@@ -160,8 +173,9 @@ def _tensor_splits(
         return TensorImages(images[idx], lab[idx], cfg.img_size, train=is_train, hflip=hflip)
 
     train_part = part(train, True)
+    view = EvalResize(cfg.img_size)
     return DataSplits(
-        train_part, part(val, False), part(test, False), num_classes, train_part.augment, EvalResize(cfg.img_size)
+        train_part, part(val, False), part(test, False), num_classes, train_part.augment, view, class_names
     )
 
 
@@ -174,7 +188,8 @@ def _digits(
 
     bunch = load_digits()
     images = torch.as_tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1).repeat(1, 3, 1, 1)
-    return _tensor_splits(images, bunch.target.astype(np.int64), cfg, seed, num_classes=10)
+    names = tuple(str(n) for n in bunch.target_names)
+    return _tensor_splits(images, bunch.target.astype(np.int64), cfg, seed, num_classes=10, class_names=names)
 
 
 @register_dataset("synthetic")
@@ -262,7 +277,7 @@ def _pil_splits(
         val = TransformedSubset(val_base, None, ev_tf, dataset_targets(val_base))
     else:
         val = TransformedSubset(train_base, val_idx, ev_tf, labels)
-    return DataSplits(train, val, test, num_classes, aug, view)
+    return DataSplits(train, val, test, num_classes, aug, view, class_names_of(train_base, num_classes))
 
 
 @dataclass(frozen=True)
@@ -363,5 +378,6 @@ def _imagefolder(
             len(train.classes),
             aug,
             view,
+            tuple(train.classes),
         )
     return _pil_splits(train, val, test, len(train.classes), cfg, seed, eval_view, hflip=True)

@@ -288,6 +288,8 @@ class Task:
             metrics=metrics,
             # how it was evaluated: what an export tells timm (remem_ray.export)
             eval_view=asdict(ctx.splits.eval_view),
+            # what each output means, where the data names its classes (an export's label_names)
+            class_names=list(ctx.splits.class_names) if ctx.splits.class_names else None,
             **meta,
         )
         write_checkpoint(ctx.output, name, self.bare, info, once=ctx.lease is not None)

@@ -29,12 +29,14 @@ if (folder / "model.onnx").is_file():
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     np.save(work / "onnx_logits.npy", session.run(None, {"images": x.numpy()})[0])
 json.dump({"remem_ray imported": any(m.split(".")[0] == "remem_ray" for m in sys.modules),
-           "input_size": list(cfg["input_size"])}, open(work / "seen.json", "w"))
+           "input_size": list(cfg["input_size"]),
+           "label_names": model.pretrained_cfg.get("label_names")}, open(work / "seen.json", "w"))
 """
 
 
 def score_in_fresh_process(folder: Path, images: np.ndarray, work: Path) -> dict:
-    """{"logits", "onnx_logits" (or None), "remem_ray imported", "input_size"} from a fresh process."""
+    """{"logits", "onnx_logits" (or None), "remem_ray imported", "input_size", "label_names"} from a
+    fresh process."""
     work.mkdir(parents=True, exist_ok=True)
     np.save(work / "images.npy", images.astype(np.float32))
     out = subprocess.run(
