@@ -338,3 +338,34 @@ def test_a_whole_bucket_as_data_or_weights_is_one_line(s3, tmp_path, monkeypatch
     uri = f"s3://{s3['bucket']}/"
     with pytest.raises(ResourceError, match=rf"^data.root: {uri} is a whole bucket: .* \(s3://{s3['bucket']}/NAME\)$"):
         fetch_to_cache(uri, endpoint=s3["endpoint"], field="data.root")
+
+
+@pytest.mark.parametrize("fails", ["write", "rename"])
+def test_a_failed_local_write_leaves_no_temp_file_behind(tmp_path, monkeypatch, fails):
+    """A full disk or a failed rename left `<name>.tmp-XXXX` beside the target, forever."""
+    import builtins
+
+    storage = Storage(str(tmp_path))
+    if fails == "rename":
+        monkeypatch.setattr("os.replace", lambda a, b: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    else:
+        real_open = builtins.open
+
+        class Full:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, data):
+                raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(builtins, "open", lambda p, mode="r", *a, **k: Full(real_open(p, mode, *a, **k)))
+    with pytest.raises(ResourceError, match="No space left"):
+        storage.write_bytes("state.pt", b"x")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -40,14 +41,30 @@ def split_s3_uri(uri: str) -> str:
 
 
 def _write_temp_beside(target: str, data: bytes) -> str:
-    """A finished, fsynced temp file next to `target`, to be renamed or linked into place."""
+    """A finished, fsynced temp file next to `target`, to be renamed or linked into place (a
+    failed write, a full disk, leaves none behind)."""
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return tmp
+
+
+def _replace_with_temp(target: str, data: bytes) -> None:
+    tmp = _write_temp_beside(target, data)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class Storage:
@@ -126,7 +143,7 @@ class Storage:
                 with self.fs.open_output_stream(target) as f:
                     f.write(data)
                 return
-            os.replace(_write_temp_beside(target, data), target)
+            _replace_with_temp(target, data)
         except OSError as exc:
             raise self._error("write", rel, exc) from None
 
