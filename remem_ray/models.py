@@ -23,7 +23,10 @@ ReweightMode = Literal["remem", "mlp"]
 
 
 def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
-    """timm.create_model, passing img_size only to architectures that take it (ViTs do, CNNs don't)."""
+    """timm.create_model, passing img_size only to architectures that take it (ViTs do, CNNs don't).
+    The data's classes and size are passed here: model_kwargs repeating them (`check_spec` refuses
+    other values) are not passed twice."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("num_classes", "img_size")}
     try:
         return timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs, **extra)
     except TypeError as exc:
@@ -33,22 +36,28 @@ def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any], 
 
 
 # model_kwargs the rest of the spec sets: given there too, timm's "multiple values" error made the
-# build fall back without data.img_size, and the model came out at the kwarg's size
-SET_ELSEWHERE = {
-    "num_classes": "the data's classes",
-    "img_size": "data.img_size",
-    "in_chans": "the data (3-channel RGB images)",
-    "pretrained": "{role}.weights",
-    "pretrained_cfg_overlay": "{role}.weights",
-}
+# build fall back without data.img_size, and the model came out at the kwarg's size. The same
+# value as the data's is harmless (a stored spec with it still resumes); another is refused.
+def _set_elsewhere(role: str, kwargs: dict[str, Any], num_classes: int | None, img_size: int) -> None:
+    checks: tuple[tuple[str, int | None, str], ...] = (
+        ("img_size", img_size, "data.img_size"),
+        ("num_classes", num_classes, "the data's classes"),
+        ("in_chans", 3, "the data (3-channel RGB images)"),
+    )
+    for key, value, by in checks:
+        if key in kwargs and kwargs[key] != value:
+            given = f"where {by} gives {value}" if value is not None else f"but {by} set it"
+            raise SpecError(f"{role}.model_kwargs.{key}: {kwargs[key]!r} {given}; remove it here")
+    for key in ("pretrained", "pretrained_cfg_overlay"):
+        if kwargs.get(key):
+            raise SpecError(f"{role}.model_kwargs.{key}: set by {role}.weights; remove it here")
 
 
 def check_model_spec(
     role: str, name: str, kwargs: dict[str, Any], num_classes: int, img_size: int, reweight: bool
 ) -> None:
     """Build the model on the meta device (no memory, no download) to validate a spec cheaply."""
-    for key in sorted(set(kwargs) & set(SET_ELSEWHERE)):
-        raise SpecError(f"{role}.model_kwargs.{key}: set by {SET_ELSEWHERE[key].format(role=role)}; remove it here")
+    _set_elsewhere(role, kwargs, num_classes, img_size)
     if not name.startswith("hf-hub:") and not timm.is_model(name):
         raise SpecError(f"{role}.model: unknown timm model {name!r}")
     try:

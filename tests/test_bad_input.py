@@ -282,8 +282,8 @@ CORPUS = [
     # timm's "multiple values for img_size" made the build fall back without data.img_size
     _bad(
         "model-kwargs-img-size",
-        "teacher:\n  model_kwargs: {img_size: 32}\n",
-        "teacher.model_kwargs.img_size: set by data.img_size",
+        "teacher:\n  model_kwargs: {img_size: 48}\n",
+        "teacher.model_kwargs.img_size: 48 where data.img_size gives",
         verbs=(TEACHER, SWEEP_RUN),
     ),
     _bad(

@@ -140,3 +140,43 @@ def test_a_torchvision_download_runs_once_at_a_time_on_a_node(tmp_path, monkeypa
     for t in threads:
         t.join(30)
     assert len(errors) == 2 and overlapped and not any(overlapped)
+
+
+def test_a_dataset_builder_of_four_arguments_still_builds():
+    """Builders took (cfg, seed, eval_view, endpoint) before the S3 region joined them: one
+    registered that way by a user must not fail in every Train worker."""
+    from remem_ray.data import datasets as ds
+    from remem_ray.data import register_dataset
+
+    seen = []
+
+    @register_dataset("mine")
+    def mine(cfg, seed, eval_view, endpoint=None):
+        seen.append(endpoint)
+        return ds.DATASETS["digits"](cfg, seed, eval_view, endpoint, None)
+
+    try:
+        splits = build_datasets(DataConfig(name="mine"), 0, endpoint="http://e", region="eu-west-1")
+    finally:
+        ds.DATASETS.pop("mine")
+    assert seen == ["http://e"] and splits.num_classes == 10
+
+
+def test_a_download_into_a_root_that_takes_no_lock_file_goes_on_unlocked(tmp_path, monkeypatch):
+    """A read-only data.root holding the whole dataset worked with download: true (torchvision
+    checks it and downloads nothing); the lock file it cannot create must not break that."""
+    import torchvision.datasets as tvd
+
+    root = tmp_path / "data"
+    (root / ".remem-cifar10.lock").mkdir(parents=True)  # opening it fails as a read-only root does
+    built = []
+
+    class Present:
+        def __init__(self, root, download, **kwargs):
+            built.append(kwargs)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(tvd, "CIFAR10", Present)
+    with pytest.raises(ResourceError, match="^data.root: cifar10 not found under"):
+        build_datasets(DataConfig(name="cifar10", root=str(root), download=True), 0)
+    assert built == [{"train": True}]

@@ -7,7 +7,9 @@ has no validation split it is carved from train, stratified and seeded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +51,20 @@ def class_names_of(dataset: Dataset, num_classes: int) -> tuple[str, ...] | None
     return tuple(str(n) for n in names) if names is not None and len(names) == num_classes else None
 
 
-# (data config, seed, eval views at data.img_size, S3 endpoint and region for s3:// roots) -> splits
+# (data config, seed, eval views at data.img_size, S3 endpoint and region for s3:// roots) -> splits;
+# builders of four arguments (no region) are still called, without it
 DatasetBuilder = Callable[["DataConfig", int, EvalResize, "str | None", "str | None"], DataSplits]
 DATASETS: dict[str, DatasetBuilder] = {}
+
+
+def _call_builder(
+    builder: DatasetBuilder, cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None, region: str | None
+) -> DataSplits:
+    """A builder registered before builders took the S3 region (four arguments) is called as it was."""
+    params = inspect.signature(builder).parameters.values()
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "region" for p in params):
+        return builder(cfg, seed, eval_view, endpoint, region)
+    return builder(cfg, seed, eval_view, endpoint)  # type: ignore[call-arg]
 
 
 def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
@@ -74,7 +87,7 @@ def build_datasets(
     eval_view = eval_view or EvalResize(cfg.img_size)
     if eval_view.img_size != cfg.img_size:
         raise ValueError(f"eval views of {eval_view.img_size} px for data of {cfg.img_size} px")
-    splits = DATASETS[cfg.name](cfg, seed, eval_view, endpoint, region)
+    splits = _call_builder(DATASETS[cfg.name], cfg, seed, eval_view, endpoint, region)
     if cfg.max_train_samples is not None and num_items(splits.train) > cfg.max_train_samples:
         labels = dataset_targets(splits.train)
         keep, _ = _stratified_split(
@@ -319,13 +332,17 @@ def _torchvision_builder(name: str, entry: TorchvisionEntry) -> DatasetBuilder:
                 hint = "" if cfg.download else "; set data.download: true to fetch it"
                 raise ResourceError(f"data.root: {name} not found under {root}{hint} ({exc})".splitlines()[0]) from None
 
-        if cfg.download:  # once per node: every rank and trial would download and extract in place at once
-            from remem_ray.storage.cache import node_lock
+        with contextlib.ExitStack() as once:
+            if cfg.download:  # once per node at a time: every rank and trial downloaded and extracted in place at once
+                from remem_ray.storage.cache import node_lock
 
-            root.mkdir(parents=True, exist_ok=True)
-            with node_lock(root / f".remem-{name}.lock", f"{name} (data.download)"):
-                train, val, test = (make(k) for k in entry.splits)
-        else:
+                try:
+                    root.mkdir(parents=True, exist_ok=True)
+                    once.enter_context(
+                        node_lock(root / f".remem-{name}.lock", f"checking or downloading {name} in {root}")
+                    )
+                except OSError:  # a read-only root: nothing can be downloaded there; torchvision checks what is
+                    pass
             train, val, test = (make(k) for k in entry.splits)
         return _pil_splits(train, val, test, entry.num_classes, cfg, seed, eval_view, entry.hflip)
 

@@ -26,7 +26,9 @@ def cache_root() -> Path:
 
 
 # While another process of the node fetches what this one needs: a line now and then, naming it
-# (a big dataset takes minutes; a stalled one otherwise held the node's other ranks in silence)
+# (a big dataset takes minutes; a stalled one otherwise held the node's other ranks in silence).
+# A short wait, the usual one, says nothing.
+WAIT_NOTICE_AFTER_S = 10.0
 WAIT_NOTICE_EVERY_S = 60.0
 
 
@@ -41,33 +43,34 @@ def _try_flock(f) -> bool:
 @contextlib.contextmanager
 def node_lock(
     path: Path,
-    what: str,
+    doing: str,
     waiting: Callable[[str, float], None] | None = None,
-    every_s: float | None = None,
     poll_s: float = 0.2,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[None]:
     """An exclusive lock on `path` among this node's processes (flock: freed if the holder dies),
-    for fetching `what` once per node. The holder writes who it is into the file; a waiter calls
-    `waiting(holder, seconds waited)` (by default: a console line) at once and every `every_s`
-    (WAIT_NOTICE_EVERY_S) while it waits."""
-    every_s = WAIT_NOTICE_EVERY_S if every_s is None else every_s
-    waiting = waiting or _say_waiting(what)
+    while the holder is `doing` something once for the node. The holder writes who it is into the
+    file (and clears it as it lets go); a waiter calls `waiting(holder, seconds waited)` (by
+    default a console line) once it has waited WAIT_NOTICE_AFTER_S, then every WAIT_NOTICE_EVERY_S."""
+    waiting = waiting or _say_waiting(doing)
     with open(path, "a+") as f:
         if not _try_flock(f):
-            began = noticed = clock()
-            waiting(_holder_of(path), 0.0)
+            began = clock()
+            next_notice = began + WAIT_NOTICE_AFTER_S
             while not _try_flock(f):
                 time.sleep(poll_s)
-                if clock() - noticed >= every_s:
-                    noticed = clock()
-                    waiting(_holder_of(path), noticed - began)
+                now = clock()
+                if now >= next_notice:
+                    next_notice = now + WAIT_NOTICE_EVERY_S
+                    waiting(_holder_of(path), now - began)
         try:
             f.truncate(0)
             f.write(f"pid {os.getpid()} on {socket.gethostname()}")
             f.flush()
             yield
         finally:
+            f.truncate(0)  # a waiter reading it from now on names no process that let go
+            f.flush()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -78,10 +81,9 @@ def _holder_of(path: Path) -> str:
         return "another process"
 
 
-def _say_waiting(what: str) -> Callable[[str, float], None]:
+def _say_waiting(doing: str) -> Callable[[str, float], None]:
     def waiting(holder: str, seconds: float) -> None:
-        since = f" ({seconds:.0f} s so far)" if seconds else ""
-        say(f"waiting for {holder} to finish fetching {what} into this node's cache{since}")
+        say(f"waiting for {holder} to finish {doing} ({seconds:.0f} s so far)")
 
     return waiting
 
@@ -98,7 +100,7 @@ def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri", re
     if done.exists():
         return Path(done.read_text())
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with node_lock(dest.parent / f"{key}.lock", uri):
+    with node_lock(dest.parent / f"{key}.lock", f"fetching {uri} into this node's cache"):
         if done.exists():  # fetched while this one waited
             return Path(done.read_text())
         return _fetch(uri, endpoint, region, field, dest)

@@ -526,6 +526,7 @@ def _finish(spec: SweepSpec, layout: SweepLayout, console, export: StudyExport, 
     write_report(summary, layout)
     driving.raise_if_lost()
     url = export()  # the study's last copy (none made if the last tick's is current)
+    driving.raise_if_lost()  # lost meanwhile: this driver's results are not the sweep's to report
     if url:
         console.show(f"optuna study {spec.name!r}: {url} (`remem sweep dashboard {spec.name}` serves it)")
     return summary

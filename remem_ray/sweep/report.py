@@ -129,6 +129,18 @@ def plot_heatmap(summary: SweepSummary) -> bytes:
 ENDINGS = ((False, "student run to its end"), (True, "student stopped early"))
 
 
+def _ending_legend(ax, endings: set[bool]) -> None:
+    """A legend of the marker shapes alone (grey: the colours mean accuracy)."""
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color="tab:gray", markerfacecolor="none" if stopped else "tab:gray")
+        for stopped, _ in ENDINGS
+        if stopped in endings
+    ]
+    ax.legend(handles, [label for stopped, label in ENDINGS if stopped in endings])
+
+
 def plot_student_vs_teacher(summary: SweepSummary) -> bytes:
     plt, fig, ax = _figure()
     rows = [r for r in _scored(summary) if r.teacher_val_acc is not None]
@@ -167,7 +179,7 @@ def plot_information_plane(summary: SweepSummary) -> bytes:
                     label=label,
                 )
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="student val accuracy (fraction)")
-        ax.legend()
+        _ending_legend(ax, {r.stopped_early for r in rows})
     else:
         _no_data(ax, "no teacher MI recorded")
     return _finish(plt, fig, ax, *AXES["information_plane"])

@@ -36,8 +36,9 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-# Between the epochs a run always shows, one line at least this often: a long run's every epoch
-# shows, a fast one's (the digits demo: 1-2 s a teacher epoch) only the few that matter
+# Between the epochs a run always shows, the first epoch to end this long after the last line
+# shown: a run of minute-long epochs shows every one, a fast one's (the digits demo: 1-2 s a
+# teacher epoch) only the few that matter
 EPOCH_LINE_EVERY_S = 60.0
 
 

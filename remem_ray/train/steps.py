@@ -31,10 +31,12 @@ def _batchnorm_statistics_kept(model: nn.Module) -> Iterator[None]:
         if buffer is not None
     ]
     saved = [buffer.clone() for buffer in kept]
-    yield
-    with torch.no_grad():
-        for buffer, value in zip(kept, saved):
-            buffer.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(kept, saved):
+                buffer.copy_(value)
 
 
 def sam_step(
