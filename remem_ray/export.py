@@ -59,12 +59,22 @@ class ModelCard:
         return f"# {self.title}\n\n| | |\n|---|---|\n{table}\n\n## Use\n\n{usage}\n"
 
 
+def _classes(meta: dict[str, Any], shown: int = 10) -> str:
+    """The class count, and their names by output index where the data named them."""
+    names = meta.get("class_names")
+    if not names:
+        return str(meta["num_classes"])
+    listed = ", ".join(f"{i}: {n}" for i, n in enumerate(names[:shown]))
+    more = f", ... ({len(names) - shown} more in config.json's label_names)" if len(names) > shown else ""
+    return f"{meta['num_classes']} ({listed}{more})"
+
+
 def checkpoint_facts(location: str, meta: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint says of itself: architecture, classes, input, its epoch and accuracy."""
     metrics = meta.get("metrics") or {}
     facts: dict[str, Any] = {
         "architecture": f"`{meta['model']}` (timm)",
-        "classes": meta["num_classes"],
+        "classes": _classes(meta),
         "input size": f"{meta['img_size']} x {meta['img_size']}",
         "checkpoint": f"`{location}`",
     }

@@ -65,6 +65,7 @@ def test_an_exported_student_loads_in_plain_timm_and_computes_what_it_computed(t
     assert config["architecture"] == STUDENT and config["num_classes"] == CLASSES
     # what each output means, as timm gives it (an image-folder student exported bare indices)
     assert config["label_names"] == NAMES and seen["label_names"] == NAMES
+    assert f"| classes | {CLASSES} (0: class 0, 1: class 1," in (target / CARD_FILE).read_text()
     cfg = config["pretrained_cfg"]
     assert cfg["input_size"] == [3, SIZE, SIZE] and seen["input_size"] == [3, SIZE, SIZE]
     assert cfg["crop_pct"] == 0.9 and cfg["interpolation"] == "bicubic"  # how the checkpoint was evaluated
