@@ -75,3 +75,13 @@ def test_the_scatter_plots_draw_any_mix_of_finished_and_stopped_students(stopped
     summary = SweepSummary("s", "e", METRIC, trials=rows)
     for plot in (plot_best_so_far, plot_information_plane, plot_student_vs_teacher):
         assert plot(summary).startswith(b"\x89PNG")
+
+
+def test_a_final_result_sent_again_after_a_resume_counts_from_when_its_run_ended():
+    """A run restarted after its last epoch reports that epoch again (`replayed`): Tune's timestamp
+    is the resume's, long after the trial really ended."""
+    from remem_ray.sweep.results import ended_at
+
+    assert ended_at({"timestamp": 500, "epoch_started_at": 100.0, "epoch_seconds": 4.0}) == 500.0
+    assert ended_at({"timestamp": 900, "epoch_started_at": 100.0, "epoch_seconds": 4.0, "replayed": 1}) == 104.0
+    assert ended_at({}) is None

@@ -45,7 +45,7 @@ class TrialRow:
     student_replayed: bool | None = None  # True: the curve of a stored student, replayed; no Train run
     stopped_early: bool = False
     student_checkpoint: str | None = None
-    last_report_at: float | None = None  # Tune's timestamp of its last result: an ended trial's end
+    last_report_at: float | None = None  # when its last result's run ended (see ended_at)
 
 
 @dataclass
@@ -101,8 +101,16 @@ def _row(trial, layout: SweepLayout) -> TrialRow:
         row.student_replayed = bool(result.get(STUDENT_REPLAYED))
         row.stopped_early = trial.status == "TERMINATED" and stopped_early(result)  # not a failed or running one
         row.student_checkpoint = best_checkpoint(layout.student(trial.trial_id))
-        row.last_report_at = _num(result.get("timestamp"))
+        row.last_report_at = ended_at(result)
     return row
+
+
+def ended_at(result: dict[str, Any]) -> float | None:
+    """When the run behind a trial's last result ended: Tune's timestamp of that result, or, for a
+    final result a restarted run sent again (`replayed`), the end of the epoch it reports."""
+    if result.get("replayed") and result.get("epoch_started_at") is not None:
+        return _num(result["epoch_started_at"] + result.get("epoch_seconds", 0.0))
+    return _num(result.get("timestamp"))
 
 
 def load_trials(layout: SweepLayout) -> list:
