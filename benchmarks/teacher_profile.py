@@ -108,6 +108,13 @@ def top(rows: list[OpRow], key: str, n: int) -> list[list[str]]:
     return out
 
 
+def last_recorded_step(steps: int) -> int:
+    """The profiler waits WAIT_STEPS steps, warms up over one, then records `steps`: batches
+    WAIT_STEPS + 1 .. WAIT_STEPS + steps (0-based). The window ends after the last of them, before
+    the profiler's step() that stops and collects (a mark one step later ran that collection in)."""
+    return WAIT_STEPS + steps
+
+
 def stepping(batches: Iterable, profile: torch.profiler.profile, last: int, marks: list[float]) -> Iterator:
     """The batches, advancing the profiler's schedule after each step. The window's marks are taken
     after step WAIT_STEPS (the profiler warming up, not recording) and after step `last` (recording,
@@ -192,7 +199,7 @@ def main(argv=None) -> int:
         ctx = prepare(LoopConfig(spec, str(work / "teacher"), quiet=True), "teacher")
         task = TeacherTask(ctx)
         steps_per_epoch = len(task.train_batches)
-        last = WAIT_STEPS + 1 + args.steps  # the last recorded step
+        last = last_recorded_step(args.steps)
         if steps_per_epoch <= last:
             raise SystemExit(f"--steps: {args.steps} and {WAIT_STEPS + 1} before exceed the epoch's {steps_per_epoch}")
 

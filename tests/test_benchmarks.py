@@ -232,3 +232,25 @@ def test_a_teacher_profile_summary_counts_device_time_and_host_syncs_per_step():
     ranked = top(rows, "self_device_us", 2)
     assert [r[0] for r in ranked[1:]] == ["sm90_xmma_gemm_bf16", "void flash_fwd_kernel"] and ranked[1][-1] == "62.5%"
     assert top(rows, "self_cpu_us", 1)[1][0] == "cudaStreamSynchronize"
+
+
+def test_the_teacher_profiles_window_is_the_steps_the_profiler_records(monkeypatch):
+    """The window's end mark came one step late: after an unrecorded step and after the profiler's
+    stop-and-collect, so a step's wall read about 1/12 high and the device's idle share with it."""
+    import benchmarks.teacher_profile as tp
+
+    events = []
+
+    class Profile:
+        def step(self):
+            events.append("profiler step")
+
+    monkeypatch.setattr(tp, "sync", lambda: None)
+    monkeypatch.setattr(tp.time, "perf_counter", lambda: float(len(events)))
+    steps, marks = 3, []
+    last = tp.last_recorded_step(steps)
+    for index in tp.stepping(range(10), Profile(), last, marks):
+        events.append(f"batch {index}")
+    # wait (WAIT_STEPS steps), warm up (1), record `steps`: the batches between the marks are those
+    recorded = [e for e in events[int(marks[0]) : int(marks[1])] if e.startswith("batch")]
+    assert recorded == [f"batch {i}" for i in range(tp.WAIT_STEPS + 1, tp.WAIT_STEPS + 1 + steps)]
