@@ -75,10 +75,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--target", type=float, default=0.25, help="second compile / first, at most")
     args = parser.parse_args(argv)
-    print(machine())
+    print(machine(), flush=True)
     with tempfile.TemporaryDirectory(prefix="remem-compile-") as tmp:
         cold = one_run(Path(tmp), args.model, args.img, args.batch, args.device)
+        print(f"first run: {json.dumps(cold)}", flush=True)  # kept if the second is cut short
         warm = one_run(Path(tmp), args.model, args.img, args.batch, args.device)
+        print(f"second run: {json.dumps(warm)}", flush=True)
     assert cold["cache"] == warm["cache"] == tmp, (cold, warm)  # torch kept the folder it was given
     ratio = warm["compile_seconds"] / cold["compile_seconds"]
     rows = [

@@ -8,14 +8,18 @@
 #   checkout made with `git worktree add` or `git archive`): import times, then the smoke sweep on GPU
 #   workers with this checkout and with DIR's, one after the other on the same machine
 #   bash benchmarks/device_run.sh gpusweep            (carry .gpu-kit; up to 9.7 min): the whole-sweep GPU-busy
-#   share (benchmarks.gpu_sweep), the teacher epoch's profile (benchmarks.teacher_profile, trace under
-#   $OUT/profile), then torch.compile's second run on the node (benchmarks.compile_cache) if time is left
+#   share (benchmarks.gpu_sweep, stopped as Ctrl-C does at 300 s and accounted for as far as it got;
+#   nvidia-smi's samples kept in $OUT), the teacher epoch's profile (benchmarks.teacher_profile, trace
+#   under $OUT/profile), then torch.compile's second run on the node (benchmarks.compile_cache) if time is
+#   left; at most 8 files come back from $OUT, and this writes 8
+#   bash benchmarks/device_run.sh compile             (carry .gpu-kit; up to 5 min): compile_cache alone, for
+#   the call right after gpusweep while the machine is still warm (gpusweep rarely has time left for it)
 #   bash benchmarks/device_run.sh profile             (carry .gpu-kit; up to 8 min): the profile, then benchmarks.gpu
 set -u
-what=${1:?say sweeps, gpu, gpusweep, profile or compare}
+what=${1:?say sweeps, gpu, gpusweep, compile, profile or compare}
 source .gpu-kit/setup.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-{ nvidia-smi -L; nproc; python3 -c "import torch, timm, ray; print(torch.__version__, timm.__version__, ray.__version__)"; } > "$OUT/machine.txt" 2>&1
+{ nvidia-smi -L; nproc; timeout 120 python3 -c "import torch, timm, ray; print(torch.__version__, timm.__version__, ray.__version__)"; } > "$OUT/machine.txt" 2>&1
 # the smoke spec with half a GPU per Train worker
 gpu_smoke() {
   python3 -c '
@@ -29,14 +33,19 @@ open("/tmp/smoke_gpu.yaml", "w").write(yaml.safe_dump(spec))
 if [[ $what == gpusweep ]]; then
   # the issue's GPU figures in order of need: the whole sweep, the teacher epoch's profile, then
   # the compile cache with whatever is left of the call's 600 s
-  timeout 380 python3 -m benchmarks.gpu_sweep --log "$OUT/gpu_sweep.log" > "$OUT/gpu_sweep.txt" 2>&1
+  timeout -k 10 420 python3 -m benchmarks.gpu_sweep --deadline 300 --samples "$OUT/gpu_samples.csv" \
+    --log "$OUT/gpu_sweep.log" > "$OUT/gpu_sweep.txt" 2>&1
   echo "rc=$?" >> "$OUT/gpu_sweep.txt"
-  timeout 150 python3 -m benchmarks.teacher_profile --out "$OUT/profile" > "$OUT/teacher_profile.txt" 2>&1
+  timeout -k 10 150 python3 -m benchmarks.teacher_profile --out "$OUT/profile" > "$OUT/teacher_profile.txt" 2>&1
   echo "rc=$?" >> "$OUT/teacher_profile.txt"; gzip -f "$OUT/profile/teacher_epoch.json" 2>/dev/null
   left=$((580 - SECONDS))
   if (( left > 60 )); then
-    timeout $left python3 -m benchmarks.compile_cache > "$OUT/compile_cache.txt" 2>&1; echo "rc=$?" >> "$OUT/compile_cache.txt"
+    timeout -k 10 $left python3 -m benchmarks.compile_cache > "$OUT/compile_cache.txt" 2>&1; echo "rc=$?" >> "$OUT/compile_cache.txt"
   fi
+  exit 0
+fi
+if [[ $what == compile ]]; then
+  timeout -k 10 280 python3 -m benchmarks.compile_cache > "$OUT/compile_cache.txt" 2>&1; echo "rc=$?" >> "$OUT/compile_cache.txt"
   exit 0
 fi
 if [[ $what == profile ]]; then  # the teacher profile alone, then the end-to-end set (about 5 min)

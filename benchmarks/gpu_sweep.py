@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -206,6 +207,13 @@ def main(argv=None) -> int:
         "--gpus-per-worker", type=_gpus, default="auto", help="a share of a GPU per Train worker, or auto (default)"
     )
     parser.add_argument("--log", type=Path, default=None, help="write the sweep's console here as it runs")
+    parser.add_argument("--samples", type=Path, default=None, help="write nvidia-smi's samples here as they come")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds: then stop the sweep as Ctrl-C does (Tune saves it) and account for what it stored",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 unless the accounting is complete (CI)")
     args = parser.parse_args(argv)
     from benchmarks.gpu import write_imagefolder
@@ -221,18 +229,20 @@ def main(argv=None) -> int:
         root = work / "results"
         cmd = [sys.executable, "-m", "remem_ray.cli", "sweep", "run", str(spec_path), "--storage", str(root)]
         log_path = args.log or work / "sweep-console.log"
-        with GpuSampler(work / "gpu.csv") as sampler, open(log_path, "w") as log:
+        with GpuSampler(args.samples or work / "gpu.csv") as sampler, open(log_path, "w") as log:
             began = time.time()
-            proc = subprocess.run(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+            returncode = run_until(cmd, tmp, log, args.deadline)
             wall = time.time() - began
-        if proc.returncode != 0:
+        # 1: a trial failed (its table still says how far the runs got); 130: stopped at the deadline
+        if returncode not in (0, 1, INTERRUPTED):
             print(log_path.read_text()[-6000:])
-            raise SystemExit(f"gpu_sweep: the sweep failed with exit code {proc.returncode}")
+            raise SystemExit(f"gpu_sweep: the sweep failed with exit code {returncode}")
+        if returncode == INTERRUPTED:
+            print(f"gpu_sweep: the sweep was stopped at its deadline ({args.deadline:.0f} s): figures of what ran")
         console = log_path.read_text()
         data = collect(root, spec["name"])
         sizing = root / "sweeps" / spec["name"] / "gpu_shares.json"
         record = json.loads(sizing.read_text()) if sizing.exists() else None
-        refuse_errored(data["summary"])
         samples = sampler.samples()
     peak_memory = max((memory for _, memory in samples), default=math.nan)
     rows = [
@@ -254,7 +264,28 @@ def main(argv=None) -> int:
     problems += oversized
     for problem in problems:
         print(f"gpu_sweep: {problem}")
+    refuse_errored(data["summary"])  # after the tables: how far a failed trial's runs got is the news
+    if returncode != 0:
+        return 1
     return 1 if args.check and problems else 0
+
+
+INTERRUPTED = 130  # remem's exit code after Ctrl-C (the sweep's state saved)
+
+
+def run_until(cmd: list[str], cwd: str, log, deadline: float | None) -> int:
+    """Run the sweep; past `deadline` seconds stop it as Ctrl-C does (SIGINT: Tune saves its state
+    and ends the trials), and kill it if it has not ended 120 s later. Its exit code."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        return proc.wait(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
 
 def accounting_problems(runs: list[dict], cover: float, samples: list, smoke: bool) -> list[str]:
