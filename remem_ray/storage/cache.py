@@ -109,10 +109,10 @@ def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri", re
 def _fetch(uri: str, endpoint: str | None, region: str | None, field: str, dest: Path) -> Path:
     """Download into a staging folder, then move it into place whole (under the node lock)."""
     name = uri.rstrip("/").rsplit("/", 1)[-1]
-    fs = s3_filesystem(endpoint, region)
     path = split_s3_uri(uri)
     if "/" not in path:  # pyarrow cannot address a bucket's root as a folder of another
         raise ResourceError(f"{field}: {uri} is a whole bucket: put the files in a folder of it (s3://{path}/NAME)")
+    fs = s3_filesystem(endpoint, region)
     try:
         info = fs.get_file_info(path)
     except OSError as exc:

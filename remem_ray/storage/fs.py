@@ -6,6 +6,7 @@ import contextlib
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -40,9 +41,10 @@ def split_s3_uri(uri: str) -> str:
     return uri[len("s3://") :].strip("/")
 
 
-def _write_temp_beside(target: str, data: bytes) -> str:
-    """A finished, fsynced temp file next to `target`, to be renamed or linked into place (a
-    failed write, a full disk, leaves none behind)."""
+@contextlib.contextmanager
+def _temp_beside(target: str, data: bytes) -> Iterator[str]:
+    """A finished, fsynced temp file next to `target`, to be renamed or linked into place inside the
+    block; whatever is left of it afterwards is removed (a failed write or rename, a full disk)."""
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -50,21 +52,10 @@ def _write_temp_beside(target: str, data: bytes) -> str:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):  # renamed into place: nothing left
             os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _replace_with_temp(target: str, data: bytes) -> None:
-    tmp = _write_temp_beside(target, data)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class Storage:
@@ -143,7 +134,8 @@ class Storage:
                 with self.fs.open_output_stream(target) as f:
                     f.write(data)
                 return
-            _replace_with_temp(target, data)
+            with _temp_beside(target, data) as tmp:
+                os.replace(tmp, target)
         except OSError as exc:
             raise self._error("write", rel, exc) from None
 
@@ -161,14 +153,12 @@ class Storage:
         try:
             if self.is_s3:
                 return self._put_if_absent(target, data)
-            tmp = _write_temp_beside(target, data)
-            try:
-                os.link(tmp, target)
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
+            with _temp_beside(target, data) as tmp:
+                try:
+                    os.link(tmp, target)
+                    return True
+                except FileExistsError:
+                    return False
         except OSError as exc:
             raise self._error("write", rel, exc) from None
 
