@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from remem_ray.search_params import ALPHA, RHO
@@ -129,26 +130,36 @@ def plot_heatmap(summary: SweepSummary) -> bytes:
 ENDINGS = ((False, "student run to its end"), (True, "student stopped early"))
 
 
-def _ending_legend(ax, endings: set[bool]) -> None:
+def _by_ending(items: list, stopped_early: Callable[[Any], bool] = lambda r: r.stopped_early) -> Iterator:
+    """(stopped, label, the items of that ending) for each ending among `items`."""
+    for stopped, label in ENDINGS:
+        group = [item for item in items if stopped_early(item) == stopped]
+        if group:
+            yield stopped, label, group
+
+
+def _face(stopped: bool, colour: Any) -> Any:
+    return "none" if stopped else colour  # hollow: stopped early
+
+
+def _ending_legend(ax, rows: list) -> None:
     """A legend of the marker shapes alone (grey: the colours mean accuracy)."""
     from matplotlib.lines import Line2D
 
+    endings = list(_by_ending(rows))
     handles = [
-        Line2D([], [], marker="o", linestyle="", color="tab:gray", markerfacecolor="none" if stopped else "tab:gray")
-        for stopped, _ in ENDINGS
-        if stopped in endings
+        Line2D([], [], marker="o", linestyle="", color="tab:gray", markerfacecolor=_face(stopped, "tab:gray"))
+        for stopped, _, _ in endings
     ]
-    ax.legend(handles, [label for stopped, label in ENDINGS if stopped in endings])
+    ax.legend(handles, [label for _, label, _ in endings])
 
 
 def plot_student_vs_teacher(summary: SweepSummary) -> bytes:
     plt, fig, ax = _figure()
     rows = [r for r in _scored(summary) if r.teacher_val_acc is not None]
-    for stopped, label in ENDINGS:
-        group = [r for r in rows if r.stopped_early == stopped]
-        if group:
-            x, y = [r.teacher_val_acc for r in group], [r.student_val_acc for r in group]
-            ax.scatter(x, y, label=label, edgecolors="tab:blue", facecolors="none" if stopped else "tab:blue")
+    for stopped, label, group in _by_ending(rows):
+        x, y = [r.teacher_val_acc for r in group], [r.student_val_acc for r in group]
+        ax.scatter(x, y, label=label, edgecolors="tab:blue", facecolors=_face(stopped, "tab:blue"))
     for r in rows:
         ax.annotate(r.trial_id, (r.teacher_val_acc, r.student_val_acc), fontsize=7)
     if rows:
@@ -166,20 +177,18 @@ def plot_information_plane(summary: SweepSummary) -> bytes:
     if rows:
         norm = Normalize(min(r.student_val_acc for r in rows), max(r.student_val_acc for r in rows))
         cmap = plt.get_cmap("viridis")
-        for stopped, label in ENDINGS:
-            group = [r for r in rows if r.stopped_early == stopped]
-            if group:
-                colours = [cmap(norm(r.student_val_acc)) for r in group]
-                ax.scatter(
-                    [r.teacher_mi for r in group],
-                    [1.0 - r.teacher_val_acc for r in group],
-                    edgecolors=colours,
-                    facecolors="none" if stopped else colours,
-                    linewidths=1.5,
-                    label=label,
-                )
+        for stopped, label, group in _by_ending(rows):
+            colours = [cmap(norm(r.student_val_acc)) for r in group]
+            ax.scatter(
+                [r.teacher_mi for r in group],
+                [1.0 - r.teacher_val_acc for r in group],
+                edgecolors=colours,
+                facecolors=_face(stopped, colours),
+                linewidths=1.5,
+                label=label,
+            )
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="student val accuracy (fraction)")
-        _ending_legend(ax, {r.stopped_early for r in rows})
+        _ending_legend(ax, rows)
     else:
         _no_data(ax, "no teacher MI recorded")
     return _finish(plt, fig, ax, *AXES["information_plane"])
@@ -232,7 +241,9 @@ def plot_importances(importances: dict[str, float]) -> bytes:
 def best_so_far(summary: SweepSummary) -> list[tuple[TrialRow, float]]:
     """Each ended trial, in the order the trials ended (trial ids are random: their order is
     none), with the best student accuracy of the sweep once it had ended."""
-    rows = sorted(_scored(summary), key=lambda r: (r.last_report_at or math.inf, r.trial_id))
+    rows = sorted(
+        _scored(summary), key=lambda r: (math.inf if r.last_report_at is None else r.last_report_at, r.trial_id)
+    )
     curve, best = [], -math.inf
     for r in rows:
         best = max(best, r.student_val_acc)
@@ -244,12 +255,10 @@ def plot_best_so_far(summary: SweepSummary) -> bytes:
     plt, fig, ax = _figure()
     curve = best_so_far(summary)
     x = range(1, len(curve) + 1)
-    for stopped, label in ENDINGS:
-        points = [(i, r.student_val_acc) for i, (r, _) in zip(x, curve) if r.stopped_early == stopped]
-        if points:
-            ax.plot(
-                *zip(*points), "o", label=label, color="tab:gray", markerfacecolor="none" if stopped else "tab:gray"
-            )
+    points = [(i, r) for i, (r, _) in zip(x, curve)]
+    for stopped, label, group in _by_ending(points, lambda point: point[1].stopped_early):
+        xs, ys = [i for i, _ in group], [r.student_val_acc for _, r in group]
+        ax.plot(xs, ys, "o", label=label, color="tab:gray", markerfacecolor=_face(stopped, "tab:gray"))
     ax.plot(x, [best for _, best in curve], "-", label="best so far", color="tab:red")
     if curve:
         ax.legend()
