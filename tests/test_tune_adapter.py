@@ -116,3 +116,61 @@ def test_asha_never_stops_a_replay_before_its_last_epoch_and_still_ranks_it():
     # Tune keeps it in tuner.pkl with ray.cloudpickle (a local class pickles by value) and resumes from it
     restored = cloudpickle.loads(cloudpickle.dumps(asha))
     assert restored.on_trial_result(None, trials[4], {**replay, TIME_ATTR: 4}) == TrialScheduler.CONTINUE
+
+
+class KeyBySlots:
+    """The slot policy's interface, every trial startable; its teacher key names the point."""
+
+    def may_start(self, live):
+        return True
+
+    def key(self, config):
+        return f"teacher-rho-{config['rho']}"
+
+
+def _two_rhos(trial):
+    trial.suggest_categorical("rho", [0.0, 0.05])
+
+
+def test_an_errored_trial_rerun_by_a_resume_reaches_the_study_and_the_slots_again(tmp_path):
+    """Tune's resume reruns an errored trial under its id without telling the searcher: before the
+    searcher reopened it, the rerun's results were dropped and the study kept the point FAIL."""
+    from remem_ray.sweep.distinct import PointLedger
+    from remem_ray.sweep.tune_adapter import RERUN_OF
+
+    def searcher():
+        ledger = PointLedger(["rho"], {"rho": [0.0, 0.05]}, seed=0)
+        return budget_aware_optuna_search(
+            _two_rhos,
+            METRIC,
+            "max",
+            optuna.samplers.TPESampler(seed=0),
+            TIME_ATTR,
+            stopped_early,
+            slots=KeyBySlots(),
+            ledger=ledger,
+        )
+
+    first = searcher()
+    point = first.suggest("t1")
+    first.on_trial_complete("t1", error=True)  # retries spent: Tune tells the searcher once
+    assert "t1" not in first.live and first.ledger.outcomes["t1"].state == "FAIL"
+    path = tmp_path / "searcher-state-x.pkl"
+    first.save(str(path))
+
+    resumed = searcher()
+    resumed.restore(str(path))
+    assert resumed.live == {"t1": f"teacher-rho-{point['rho']}"}  # it holds a slot again
+    assert "t1" not in resumed.ledger.outcomes  # a duplicate of its point waits for the rerun
+    resumed.on_trial_result("t1", {METRIC: 0.6, "epoch": 1, "epochs": 2})
+    resumed.on_trial_complete("t1", {METRIC: 0.8, "epoch": 2, "epochs": 2})
+    failed, rerun = resumed.study.trials
+    assert failed.state.name == "FAIL" and failed.params == rerun.params == point
+    assert rerun.state.name == "COMPLETE" and rerun.value == 0.8 and rerun.intermediate_values == {1: 0.6}
+    assert rerun.user_attrs[RERUN_OF] == failed.number
+    assert resumed.ledger.outcomes["t1"].value == 0.8 and not resumed.live
+    # a second save and restore reopens nothing more
+    resumed.save(str(path))
+    again = searcher()
+    again.restore(str(path))
+    assert len(again.study.trials) == 2 and not again.live

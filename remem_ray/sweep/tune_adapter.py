@@ -10,6 +10,10 @@
   into every trainable's runtime env (AWS keys among them); no public switch exists.
 - `AsyncHyperBandScheduler._time_attr` / `._max_t` / `._num_stopped`: read (and the count mended)
   by the ASHA that never stops a replay.
+- Tune's resume (`resume_errored=True`) sets an errored trial back to PENDING under its id without
+  telling the searcher; `OptunaSearch._completed_trials` then drops the rerun's completion. The
+  searcher reopens such trials itself on restore (Optuna: `Study.add_trial` of a RUNNING trial,
+  `optuna.trial.Trial(study, FrozenTrial._trial_id)`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 STUDY_NAME = "remem"
 MAX_ASKS = 50  # suggestions tried per new trial before Tune is told to ask again later
 ASK_BEFORE_DRAWING = 5  # duplicates in a row before a free point of a finite space is enqueued
+RERUN_OF = "rerun_of"  # user attribute of an Optuna trial: the number of the failed attempt it reruns
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
 
@@ -56,7 +61,38 @@ def budget_aware_optuna_search(
             self.live: dict[str, str] = {}  # trial id -> teacher key, while the trial runs
             self.ledger = ledger
             self.space_exhausted = False
+            self.errored: set[str] = set()  # failed for good; a resume reruns them (resume_errored)
             super().__init__(**kwargs)
+
+        def restore(self, checkpoint_path: str) -> None:
+            super().restore(checkpoint_path)
+            self._reopen_errored()
+
+        def _reopen_errored(self) -> None:
+            """Give each errored trial, which the resume reruns under its id, a new Optuna trial at
+            its point: its results reach the study again, the slot policy counts it again and a
+            duplicate of its point waits for the rerun. The failed attempt stays FAIL in the study."""
+            from optuna.trial import Trial, TrialState, create_trial
+            from ray.tune.utils.util import unflatten_dict
+
+            for trial_id in sorted(self.errored):
+                failed = self.study.trials[self._ot_trials[trial_id].number]
+                self.study.add_trial(
+                    create_trial(
+                        state=TrialState.RUNNING,
+                        params=failed.params,
+                        distributions=failed.distributions,
+                        user_attrs={RERUN_OF: failed.number},
+                    )
+                )
+                self._ot_trials[trial_id] = Trial(self.study, self.study.trials[-1]._trial_id)
+                self.told.discard(trial_id)
+                self._completed_trials.discard(trial_id)
+                if self.slots is not None:
+                    self.live[trial_id] = self.slots.key(unflatten_dict(failed.params))
+                if self.ledger is not None:
+                    self.ledger.outcomes.pop(trial_id, None)
+            self.errored = set()
 
         def suggest(self, trial_id: str):
             if self.slots is not None and not self.slots.may_start(list(self.live.values())):
@@ -105,6 +141,8 @@ def budget_aware_optuna_search(
             if trial_id in self.told:
                 return
             self.told.add(trial_id)
+            if error:
+                self.errored.add(trial_id)
             if error or not stopped_early(result):
                 super().on_trial_complete(trial_id, result=result, error=error)
                 return self._record_outcome(trial_id)
