@@ -4,14 +4,17 @@ runs in tests/test_sweep_integration.py."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import threading
 
 import pytest
 from helpers.teachers import EPOCHS, registry_setup, write_teacher
 
+from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease
 from remem_ray.sweep import trial as trial_module
+from remem_ray.sweep.registry import Waiter
 from remem_ray.sweep.results import summarize
 from remem_ray.sweep.trial import TeacherFinished, ensure_teacher
 from remem_ray.teacher_layout import RESUME_STATE, generation_dir
@@ -75,14 +78,19 @@ def test_contenders_from_two_sweeps_train_a_key_once(tmp_path):
 
 def test_a_holder_that_loses_its_lease_mid_run_waits_for_the_new_one(tmp_path, monkeypatch):
     """The stale holder's run stops; it goes back to waiting (the real wait loop) until the new
-    holder, which started after it, publishes; it is not counted as the trainer."""
+    holder, which started after it, publishes; it is not counted as the trainer. Its own training
+    took longer than the sweep's teacher wait: the wait for the new holder starts afresh (before,
+    the trial timed out at its first look)."""
     monkeypatch.setattr(trial_module, "POLL_S", 0.05)
+    clock = [0.0]
+    monkeypatch.setattr(trial_module, "Waiter", functools.partial(Waiter, clock=lambda: clock[0]))
     spec, run_spec, layout, registry, key = registry_setup(tmp_path)
     _, run_spec_b, layout_b, registry_b, _ = registry_setup(tmp_path, "sweep-b")
     waiting = threading.Event()
     new_holder: list[Lease] = []
 
     def taken_over(registry, key, handle):
+        clock[0] += spec.sweep.teacher_wait_timeout_s + 1  # a long teacher, trained until its lease was lost
         new_holder.append(_take_over(registry, key, "sweep-b/t9"))
         return False  # our run finds its lease lost at its next epoch check and stops
 
@@ -276,3 +284,28 @@ def test_a_waiter_reads_a_corrupt_set_in_use_once_not_at_every_poll(tmp_path, mo
     write_teacher(registry.output(key, 1), 3.0)
     assert registry.claim(key, 1) and registry.publish(key, 1)
     assert trial_module._usable(registry, key, [], EPOCHS, 4, corrupt) and reads == ["epoch_4", "epoch_4"]
+
+
+def test_waiters_ride_out_a_storage_outage_as_holders_do_and_fail_on_a_longer_one(tmp_path, monkeypatch):
+    """A holder's renewals survive an outage shorter than the stale window; a waiter's looks did
+    not (the trial failed at its first unanswered look, burning a retry per look)."""
+    monkeypatch.setattr(trial_module, "POLL_S", 0.01)
+    clock = [0.0]
+    monkeypatch.setattr(trial_module, "Waiter", functools.partial(Waiter, clock=lambda: clock[0]))
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    real_usable, unanswered = trial_module._usable, [5]
+
+    def usable(*args):
+        if unanswered[0] > 0:
+            unanswered[0] -= 1
+            clock[0] += 10.0  # 5 looks: 40 s between the first failure and the last, inside the 60 s window
+            raise ResourceError("storage: s3://bucket/teachers: connection refused")
+        return real_usable(*args)
+
+    monkeypatch.setattr(trial_module, "_usable", usable)
+    fit = FakeFit()
+    assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit, stale_after_s=60) and fit.calls == 1
+    unanswered[0] = 1000  # an outage that outlasts the window: the trial fails, naming storage
+    with pytest.raises(ResourceError, match="connection refused"):
+        ensure_teacher(spec, run_spec, "s/t2", registry, layout, fit=fit, stale_after_s=60)
+    assert 1000 - unanswered[0] == 8  # looks 10 s apart until 70 s > 60 s had failed

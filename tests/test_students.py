@@ -5,6 +5,7 @@ own logic is under test there (the real thing: tests/test_sweep_integration.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -22,7 +23,7 @@ from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease
 from remem_ray.storage import Storage
 from remem_ray.sweep import students as students_module
-from remem_ray.sweep.registry import Heartbeat
+from remem_ray.sweep.registry import Heartbeat, Waiter
 from remem_ray.sweep.students import (
     ORIGINAL_RUN_ONLY,
     StudentFinished,
@@ -394,3 +395,27 @@ def test_the_loser_of_a_publication_race_removes_its_folder_and_a_retried_create
     assert _store(registry, 1, 1.0)
     newest = registry.newest(KEY)
     assert newest.version == 2 and _runs(tmp_path) == [Path(newest.folder.uri()).name]
+
+
+def test_a_waiting_student_rides_out_a_storage_outage_as_its_holder_does(tmp_path, monkeypatch):
+    """Before, the first look storage did not answer failed the trial."""
+    monkeypatch.setattr(students_module, "POLL_S", 0.01)
+    clock = [0.0]
+    monkeypatch.setattr(students_module, "Waiter", functools.partial(Waiter, clock=lambda: clock[0]))
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    real, unanswered = students_module.usable_record, [3]
+
+    def usable_record(*args):
+        if unanswered[0] > 0:
+            unanswered[0] -= 1
+            clock[0] += 15.0
+            raise ResourceError("storage: s3://bucket/students: connection refused")
+        return real(*args)
+
+    monkeypatch.setattr(students_module, "usable_record", usable_record)
+    fake = FakeDistil(registry)
+    assert distil_once(registry, KEY, "s/t1", fake, print, 600, stale_after_s=60) == "distilled" and fake.calls == 1
+    unanswered[0] = 1000
+    with pytest.raises(ResourceError, match="connection refused"):
+        distil_once(registry, KEY, "s/t2", fake, print, 600, stale_after_s=60)
+    assert fake.calls == 1

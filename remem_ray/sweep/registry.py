@@ -13,8 +13,10 @@ new version is one exclusive create:
   claimed the pointer since.
 
 So a holder paused past the stale window (and then woken) can write only into its own folder,
-which nobody reads any more; a retraining (after a corrupt checkpoint) writes beside the set in
-use, which trials may be reading, and one create switches readers over once it is finished.
+which is never published; the next holder reads it only to resume from its state, written whole
+(atomic renames, checkpoints complete only once their manifest is); a retraining (after a
+corrupt checkpoint) writes beside the set in use, which trials may be reading, and one create
+switches readers over once it is finished.
 """
 
 from __future__ import annotations
@@ -235,18 +237,47 @@ class Heartbeat:
 
 class Waiter:
     """A trial's pace while another holds the lease on what it needs (a teacher, a student): a
-    line every `note_every_s`, a TimeoutError naming `what` past `timeout_s`, `poll_s` between looks."""
+    line every `note_every_s`, a TimeoutError naming `what` past `timeout_s`, `poll_s` between looks.
+    A look that storage does not answer is waited through for as long as holders ride out an
+    outage (their lease's stale window), so an outage that spares the holder spares its waiters."""
 
-    def __init__(self, what: str, timeout_s: float, poll_s: float, note_every_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        what: str,
+        timeout_s: float,
+        poll_s: float,
+        note_every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.what, self.timeout_s, self.poll_s, self.note_every_s = what, timeout_s, poll_s, note_every_s
-        self._deadline = time.monotonic() + timeout_s
+        self.clock = clock
+        self._deadline = clock() + timeout_s
         self._noted = -note_every_s
+        self._failing_since: float | None = None
 
     def wait(self, note: Callable[[], str]) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now - self._noted >= self.note_every_s:
-            say(note())
+            try:
+                line = note()
+            except ResourceError as exc:  # the note names the holder, read from storage
+                line = f"waiting for {self.what}; storage did not answer: {exc}"
+            say(line)
             self._noted = now
         if now > self._deadline:
             raise TimeoutError(f"{self.what}: not ready after {self.timeout_s:.0f} s")
         time.sleep(self.poll_s)
+
+    def ride_out(self, exc: ResourceError, outage_limit_s: float) -> None:
+        """A look at storage failed: wait and look again, until storage has failed every look for
+        `outage_limit_s` (the lease's stale window); then `exc` is raised."""
+        now = self.clock()
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._failing_since > outage_limit_s:
+            raise exc
+        self.wait(lambda: f"waiting for {self.what}; storage did not answer ({exc}), looking again")
+
+    def answered(self) -> None:
+        """A look at storage was answered: an outage, if there was one, is over."""
+        self._failing_since = None

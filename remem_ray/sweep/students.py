@@ -205,11 +205,17 @@ def distil_once(
     lease = registry.lease(key, holder, stale_after_s)
     waiter = Waiter(f"student {key}", wait_timeout_s, POLL_S)
     while True:
-        record, seen = usable_record(registry, key, trial_id)
+        try:
+            record, seen = usable_record(registry, key, trial_id)
+            taken = record is None and lease.try_acquire()
+        except ResourceError as exc:  # an outage: the holder rides it out, and so do its waiters
+            waiter.ride_out(exc, stale_after_s)
+            continue
+        waiter.answered()
         if record is not None:
             play(record)
             return "replayed"
-        if lease.try_acquire():
+        if taken:
             try:
                 with Heartbeat(lease, HEARTBEAT_S, stopping):
                     record, seen = usable_record(registry, key, trial_id)  # stored while we took the lease

@@ -26,6 +26,7 @@ from remem_ray.checkpoint_files import best_checkpoint, checkpoint_name
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.console import say
 from remem_ray.contract import STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED, LoopConfig, PhasesConfig
+from remem_ray.errors import ResourceError
 from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import Lease, LeaseHandle, LeaseWatch
 from remem_ray.process import peak_rss_mb
@@ -194,16 +195,26 @@ def ensure_teacher(
     epochs, epoch = run_spec.teacher.saved_epochs, run_spec.student.teacher_epoch
     trial_id = holder.rsplit("/", 1)[-1]
     lease = registry.lease(key, holder, stale_after_s)
-    waiter = Waiter(f"teacher {key}", spec.sweep.teacher_wait_timeout_s, POLL_S)
+    waiting_for = f"teacher {key}"
+    waiter = Waiter(waiting_for, spec.sweep.teacher_wait_timeout_s, POLL_S)
     corrupt: set[str] = set()
     while True:
-        if _usable(registry, key, older_keys, epochs, epoch, corrupt):
-            # Stored already; still ours if this very trial trained it before Tune restarted it.
-            return layout.trained_by(key) == trial_id
-        if lease.try_acquire():
+        try:
+            if _usable(registry, key, older_keys, epochs, epoch, corrupt):
+                # Stored already; still ours if this very trial trained it before Tune restarted it.
+                return layout.trained_by(key) == trial_id
+            taken = lease.try_acquire()
+        except ResourceError as exc:  # an outage: the holder rides it out, and so do its waiters
+            waiter.ride_out(exc, stale_after_s)
+            continue
+        waiter.answered()
+        if taken:
             if _train_under_lease(spec, run_spec, trial_id, registry, layout, key, older_keys, lease, fit, stopping):
                 return True
-            continue  # lost the lease mid-run: the new holder finishes; wait for it
+            # lost the lease mid-run: the new holder finishes; wait for it as long as for any
+            # holder (its training, not the time this trial spent training, is what is waited for)
+            waiter = Waiter(waiting_for, spec.sweep.teacher_wait_timeout_s, POLL_S)
+            continue
         waiter.wait(lambda: f"trial {trial_id}: waiting for teacher {key[:8]} (trained by {lease.holder_now()})")
 
 
@@ -412,7 +423,11 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             stale_after_s=spec.sweep.lease_stale_after_s,
             stopping=runs.stopping,
         )
-    print(f"trial {trial_id}: done; student at {best_checkpoint(runs.layout.student(trial_id))}", flush=True)  # log
+    try:  # a line for the log: the student is stored, and a storage blip must not fail the trial now
+        where = f"student at {best_checkpoint(runs.layout.student(trial_id))}"
+    except ResourceError as exc:
+        where = f"its student's path not read ({exc})"
+    print(f"trial {trial_id}: done; {where}", flush=True)  # log
 
 
 def trial_dirname(trial) -> str:
