@@ -167,14 +167,16 @@ class Lease:
                 return False
         generation = 1 if current is None else current.generation + 1
         mine = LeaseRecord(generation, self.holder, uuid.uuid4().hex, host=process_space(), pid=os.getpid())
-        created = self.folder.create_exclusive(_record_name(generation), json.dumps(asdict(mine)).encode())
-        if not created:
-            # a retried PUT whose first try landed answers 412 too: it is ours if the token is
-            winner = current_record(self.folder)
-            if winner is None or winner.token != mine.token:
-                return False
+        sent = self._clock()
+        self.folder.create_exclusive(_record_name(generation), json.dumps(asdict(mine)).encode())
+        # Ours only if it is the newest record now. Refused, a retried PUT whose first try landed
+        # answers 412 too (then the token is ours); created, a contender that stalled after its
+        # look may have created a generation that newer takers had already pruned.
+        winner = current_record(self.folder)
+        if winner is None or winner.token != mine.token:
+            return False
         self.record = mine
-        self._last_ok = self._clock()
+        self._last_ok = sent
         self._prune(generation)
         return True
 
@@ -198,12 +200,13 @@ class Lease:
         with self._lock:
             if self.record is None:
                 return False
+            sent = self._clock()  # a beat counts from when it was sent: retries may land it long before they return
             try:
                 if lost_reason(self.folder, self.record.generation, self.record.token) is not None:
                     self.record = None
                     return False
                 self.record = self._rewrite(self.record, beat=self.record.beat + 1)
-                self._last_ok = self._clock()
+                self._last_ok = sent
             except ResourceError:
                 if self._clock() - self._last_ok >= self.stale_after_s:
                     self.record = None

@@ -245,12 +245,63 @@ def test_a_failing_prune_never_fails_the_new_holder(tmp_path, monkeypatch):
         assert old.try_acquire()
         old.release()
     lease = Lease(folder, "c", 60.0)
-    created = folder.create_exclusive
+    real_prune = lease._prune
 
-    def create_then_break(rel, data):
-        won = created(rel, data)
-        _unreachable(folder, monkeypatch)  # storage goes away right after the create
-        return won
+    def break_then_prune(generation):
+        _unreachable(folder, monkeypatch)  # storage goes away once the lease is ours
+        real_prune(generation)
 
-    monkeypatch.setattr(folder, "create_exclusive", create_then_break)
+    monkeypatch.setattr(lease, "_prune", break_then_prune)
     assert lease.try_acquire() and lease.record is not None
+
+
+def test_a_contender_that_stalled_while_others_came_and_went_does_not_take_the_lease(store, monkeypatch):
+    """It saw generation 1 released and stalled while three holders took the lease in turn (the
+    last one pruning generations up to 2); its exclusive create of generation 2 then succeeds in an
+    empty slot, but the lease is the fourth generation's. Before, it believed it held it."""
+    import remem_ray.leases as leases_module
+
+    first = lease(store, "h1")
+    assert first.try_acquire()
+    first.release()
+    seen_before_the_stall = current_record(first.folder)
+    for name in ("h2", "h3"):
+        taker = lease(store, name)
+        assert taker.try_acquire()
+        taker.release()
+    holder = lease(store, "h4")
+    assert holder.try_acquire() and current_record(holder.folder).generation == 4
+    assert not store.child("lease").is_file("00000002.json")  # pruned
+
+    real, looks = leases_module.current_record, []
+
+    def stale_first_look(folder):
+        looks.append(folder)
+        return seen_before_the_stall if len(looks) == 1 else real(folder)
+
+    monkeypatch.setattr(leases_module, "current_record", stale_first_look)
+    stalled = lease(store, "stalled")
+    assert not stalled.try_acquire() and stalled.record is None
+    monkeypatch.setattr(leases_module, "current_record", real)
+    assert holder.renew() and current_record(holder.folder).holder == "h4"
+
+
+def test_a_beat_that_took_retries_to_return_counts_from_when_it_was_sent(tmp_path, monkeypatch):
+    """A renewal whose PUT landed at once but returned after 50 s of retries (a lost answer):
+    waiters saw the beat at once and count their window from then. The holder counted from the
+    return and went on 50 s past the window in the outage that followed."""
+    clock = [0.0]
+    lease = Lease(Storage(str(tmp_path / "lease")), "a", 60.0, clock=lambda: clock[0])
+    assert lease.try_acquire()
+    real_write = lease.folder.write_text
+
+    def write_then_slow_answer(rel, text):
+        real_write(rel, text)
+        clock[0] += 50.0
+
+    monkeypatch.setattr(lease.folder, "write_text", write_then_slow_answer)
+    clock[0] = 5.0
+    assert lease.renew() and clock[0] == 55.0
+    _unreachable(lease.folder, monkeypatch)
+    clock[0] = 66.0  # 61 s after the beat was sent (and landed)
+    assert not lease.renew()
