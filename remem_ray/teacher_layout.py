@@ -3,17 +3,20 @@
     <key>/lease/<generation>.json    who may train the key now (remem_ray.leases)
     <key>/sets/<version>.json        the pointer to the set in use; each version names the
                                      generation folder whose checkpoints readers use
-    <key>/gen-<generation>/          what the holder of that lease generation wrote, and nobody else:
+    <key>/gen-<generation>/          what the holder of that lease generation wrote (targets/ aside):
         spec.json                      the spec and key it trained from
         epoch_<e>/                     its checkpoints (manifest last; unchanged once complete)
         history.json                   the whole curve, once finished
         resume/state.pt                its resume state, read by whoever trains the key next
         train-run/                     its Ray Train run, where the teacher trains in a run of its own
-        targets/                       students' target caches of its checkpoints
+        targets/                       students' target caches of its checkpoints, written by any
+                                       student once the set is published (named by content hash,
+                                       each file written whole)
 
 A holder writes only into its own generation's folder and publishes it with one exclusive
 create of the pointer's next version (remem_ray.sweep.registry): a holder whose lease passed on
-can write nothing that a reader or the next holder looks at.
+can write nothing that a reader uses; the next holder reads its folder only to resume from its
+state, which is written whole.
 
 Keys trained by older versions keep their one set at <key>/epoch_<e>/ (or in the folder that
 <key>/active.json names, after a retraining); with no pointer, that set is the one in use.

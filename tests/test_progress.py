@@ -6,6 +6,8 @@ import io
 import shutil
 from types import SimpleNamespace
 
+import pytest
+
 from remem_ray.console import MARK
 from remem_ray.storage import Storage
 from remem_ray.sweep.progress import ProgressCallback, SweepConsole, SweepLog, progress_line
@@ -152,3 +154,57 @@ def test_an_s3_sweep_log_leaves_no_local_copy_once_copied_and_keeps_it_when_the_
     assert failing.path.exists() and "trial 2 started" in failing.path.read_text()
     assert f"it stays in {failing.path}" in capsys.readouterr().err
     shutil.rmtree(failing.path.parent)
+
+
+def test_a_driver_that_lost_the_sweep_never_copies_its_log_over_the_new_drivers(s3, capsys):
+    """The log of a driver whose lease passed to another (it was paused past the stale window)
+    is kept locally: before, its tick and its close copied it over the new driver's log."""
+    experiment = Storage(f"s3://{s3['bucket']}/root", endpoint=s3["endpoint"]).child("sweeps", "lost")
+    holds = [True]
+    log = SweepLog(experiment, may_write=lambda: holds[0])
+    console = SweepConsole(log, on_tick=lambda: experiment.write_text("study-copy", "old driver"))
+    log.write("old driver's line")
+    holds[0] = False  # the lease passed; the new driver writes its log
+    experiment.write_text("sweep.log", "new driver's log\n")
+    console.tick()
+    log.close()
+    assert experiment.read_text("sweep.log") == "new driver's log\n" and not experiment.is_file("study-copy")
+    assert "old driver's line" in log.path.read_text()
+    assert f"this driver's sweep log stays in {log.path}" in capsys.readouterr().err
+    shutil.rmtree(log.path.parent)
+
+
+def test_a_snapshot_caught_half_written_is_read_again_and_a_broken_one_named_in_one_line(tmp_path, monkeypatch):
+    """`remem sweep status` during a sweep on a local root: Tune rewrites searcher-state-*.pkl in
+    place, and a reader can catch it half written. Before, the unpickling error ended status with
+    a traceback."""
+    import pickle
+
+    import optuna
+
+    from remem_ray.errors import ResourceError
+    from remem_ray.sweep import study as study_module
+    from remem_ray.sweep.distinct import DUPLICATE_OF
+    from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.results import _duplicates_answered
+
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 1})
+    trial = study.ask()
+    trial.set_user_attr(DUPLICATE_OF, "t1")
+    study.tell(trial, 0.5)
+    whole = pickle.dumps({"study": study})
+    layout.experiment.write_bytes("searcher-state-1.pkl", whole[: len(whole) // 2])
+    pauses: list[float] = []
+
+    def tune_finishes_writing(seconds):
+        pauses.append(seconds)
+        layout.experiment.write_bytes("searcher-state-1.pkl", whole)
+
+    monkeypatch.setattr(study_module.time, "sleep", tune_finishes_writing)
+    assert _duplicates_answered(layout) == 1 and len(pauses) == 1
+    layout.experiment.write_bytes("searcher-state-1.pkl", whole[:100])
+    monkeypatch.setattr(study_module.time, "sleep", pauses.append)
+    with pytest.raises(ResourceError, match="searcher state in .* cannot be read"):
+        _duplicates_answered(layout)

@@ -365,7 +365,7 @@ def _driving(
                 after_taking=after_taking,
                 resume=resume_command(layout.experiment.uri(), spec.storage.endpoint),
             ) as driving,
-            sweep_console(layout.experiment, verbose, on_tick=export) as console,
+            sweep_console(layout.experiment, verbose, on_tick=export, may_write=driving.holds) as console,
         ):
             measured: list = []
 

@@ -46,10 +46,17 @@ class DriverLease:
         self._interrupting = True
         self._lock = threading.Lock()
 
+    def holds(self) -> bool:
+        """Whether this driver still drives the sweep, as far as it knows (the copies it keeps for
+        readers, the study's and an s3:// log's, are written only then)."""
+        return self.lost is None
+
     def raise_if_lost(self) -> None:
         """After Tune stops (or an interrupt the loss sent), and before each of the driver's last
-        writes: a driver that lost its lease ends here, writing nothing more into a sweep another
-        driver may run now."""
+        writes: a driver that lost its lease ends here, writing none of its own files into a sweep
+        another driver may run now. Tune's own last save as it stops is not held back: its
+        experiment state carries its session's name (a resume reads the newer driver's), but the
+        per-trial result files it rewrites stay older copies until the running driver syncs again."""
         if self.lost is not None:
             raise SweepDriven(f"sweep: {self.lost}")
 

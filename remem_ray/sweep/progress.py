@@ -38,8 +38,11 @@ WORKER_POOL_SIZE_NOTICE = "worker processes have been started on node"
 class SweepLog:
     """Append-only text log of the sweep; an s3:// sweep folder gets a copy at each sync()."""
 
-    def __init__(self, experiment: Storage) -> None:
+    def __init__(self, experiment: Storage, may_write: Callable[[], bool] = lambda: True) -> None:
+        """may_write: whether this driver still drives the sweep (its driver lease); an s3:// log is
+        copied up only then, never over the log of a driver that took the sweep over."""
         self.experiment = experiment
+        self.may_write = may_write
         self.remote = experiment.uri().startswith("s3://")
         self._closed = False
         if self.remote:
@@ -62,7 +65,7 @@ class SweepLog:
             self._file.flush()
 
     def sync(self) -> None:
-        if self.remote:
+        if self.remote and self.may_write():
             with self._lock:
                 data = self.path.read_bytes()
             self.experiment.write_bytes(LOG_FILE, data)
@@ -71,7 +74,12 @@ class SweepLog:
         with self._lock:  # first: no line lands after the copy is taken
             self._closed = True
             self._file.close()
-        copied = True
+        copied = self.may_write()
+        if not copied and self.remote:
+            print(
+                f"remem: this driver's sweep log stays in {self.path}: another driver runs the sweep now",
+                file=sys.stderr,
+            )
         try:
             self.sync()
         except Exception as exc:  # noqa: BLE001 (the sweep's own outcome matters more than its log's copy)
@@ -116,6 +124,8 @@ class SweepConsole:
     def tick(self) -> None:
         """Bring the copies others read up to date (the study's, an s3:// log's); a failure, such
         as a storage outage the sweep itself rides out, is logged and never stops the sweep."""
+        if not self.log.may_write():  # another driver runs the sweep now: its copies are its own
+            return
         for update in (self.on_tick, self.log.sync):
             try:
                 if update is not None:
@@ -267,14 +277,18 @@ class StopSignalNotice(logging.Handler):
 
 @contextlib.contextmanager
 def sweep_console(
-    experiment: Storage, verbose: bool = False, on_tick: Callable[[], object] | None = None
+    experiment: Storage,
+    verbose: bool = False,
+    on_tick: Callable[[], object] | None = None,
+    may_write: Callable[[], bool] = lambda: True,
 ) -> Iterator[SweepConsole]:
     """While a sweep runs on this driver: its log file takes Ray's, Tune's and Optuna's records and
-    every line of the cluster's output; the console shows what SweepConsole lets through."""
+    every line of the cluster's output; the console shows what SweepConsole lets through.
+    `may_write`: whether this driver still drives the sweep (see SweepLog)."""
     global _active
     import optuna
 
-    log = SweepLog(experiment)
+    log = SweepLog(experiment, may_write)
     console = SweepConsole(log, verbose, on_tick=on_tick)
     file_handler = LogFileHandler(log)
     loggers = [logging.getLogger("ray"), logging.getLogger("optuna")]

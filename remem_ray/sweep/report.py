@@ -15,8 +15,7 @@ from typing import Any
 from remem_ray.search_params import ALPHA, RHO
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.results import SweepSummary, TrialRow, format_table
-from remem_ray.sweep.study import newest_snapshot
-from remem_ray.sweep.tune_adapter import study_from_searcher_state
+from remem_ray.sweep.study import newest_study
 
 REPORT_FILE = "report.md"
 PLOTS = {
@@ -196,10 +195,8 @@ def plot_information_plane(summary: SweepSummary) -> bytes:
 
 def param_importances(layout: SweepLayout) -> dict[str, float]:
     """Optuna's parameter importances from the searcher state Tune saved (empty if too few trials)."""
-    snapshot = newest_snapshot(layout)
-    if snapshot is None:
-        return {}
-    return importances_of(study_from_searcher_state(snapshot))
+    study = newest_study(layout)
+    return {} if study is None else importances_of(study)
 
 
 def importances_of(searched) -> dict[str, float]:

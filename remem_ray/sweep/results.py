@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -116,12 +117,19 @@ def ended_at(result: dict[str, Any]) -> float | None:
 def load_trials(layout: SweepLayout) -> list:
     from ray.tune import ExperimentAnalysis
 
+    from remem_ray.sweep.study import SETTLE_PAUSE_S, SETTLE_TRIES
+
     path = layout.experiment.path()
-    try:
-        analysis = ExperimentAnalysis(path, storage_filesystem=layout.root.fs)
-    except (FileNotFoundError, ValueError, RuntimeError):
-        return []
-    return sorted(analysis.trials, key=lambda t: t.trial_id)
+    for attempt in range(SETTLE_TRIES):
+        try:
+            analysis = ExperimentAnalysis(path, storage_filesystem=layout.root.fs)
+            return sorted(analysis.trials, key=lambda t: t.trial_id)
+        except FileNotFoundError:
+            return []  # no experiment state yet
+        except (ValueError, RuntimeError):  # none yet, or one Tune is rewriting in place: look again
+            if attempt + 1 < SETTLE_TRIES:
+                time.sleep(SETTLE_PAUSE_S)
+    return []
 
 
 def summarize(spec: SweepSpec, layout: SweepLayout, trials: list | None = None) -> SweepSummary:
@@ -166,13 +174,10 @@ def expected_trials(spec: SweepSpec) -> int:
 def _duplicates_answered(layout: SweepLayout) -> int:
     """Optuna trials the searcher answered as duplicates, from its newest snapshot (0 before one)."""
     from remem_ray.sweep.distinct import DUPLICATE_OF
-    from remem_ray.sweep.study import newest_snapshot
-    from remem_ray.sweep.tune_adapter import study_from_searcher_state
+    from remem_ray.sweep.study import newest_study
 
-    snapshot = newest_snapshot(layout)
-    if snapshot is None:
-        return 0
-    return sum(1 for t in study_from_searcher_state(snapshot).trials if DUPLICATE_OF in t.user_attrs)
+    study = newest_study(layout)
+    return 0 if study is None else sum(1 for t in study.trials if DUPLICATE_OF in t.user_attrs)
 
 
 def write_summary(layout: SweepLayout, summary: SweepSummary) -> None:

@@ -12,19 +12,44 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from remem_ray.config import SweepSpec
+from remem_ray.errors import ResourceError
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.tune_adapter import study_from_searcher_state
 
 STUDY_FILE = "optuna.db"
 
 
+SETTLE_TRIES, SETTLE_PAUSE_S = 3, 0.5  # looks at a file Tune may be rewriting in place
+
+
 def newest_snapshot(layout: SweepLayout) -> bytes | None:
     """The newest searcher-state-*.pkl Tune saved in the sweep folder, or None before the first."""
     names = sorted(n for n in layout.experiment.list_dir() if n.startswith("searcher-state-") and n.endswith(".pkl"))
     return layout.experiment.read_bytes(names[-1]) if names else None
+
+
+def newest_study(layout: SweepLayout):
+    """The Optuna study in Tune's newest snapshot, or None before the first. Tune rewrites the
+    snapshot of a local root in place while the sweep runs, so a reader (`remem sweep status`)
+    can catch it half written: it reads again, and says so in one line if it never reads whole."""
+    for attempt in range(SETTLE_TRIES):
+        snapshot = newest_snapshot(layout)
+        if snapshot is None:
+            return None
+        try:
+            return study_from_searcher_state(snapshot)
+        except Exception as exc:  # noqa: BLE001 (a truncated pickle fails in many ways)
+            if attempt + 1 == SETTLE_TRIES:
+                raise ResourceError(
+                    f"storage.root: the searcher state in {layout.experiment.uri()} cannot be read: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+            time.sleep(SETTLE_PAUSE_S)
+    return None  # not reached
 
 
 def study_url(spec: SweepSpec, layout: SweepLayout) -> str:
