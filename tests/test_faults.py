@@ -243,6 +243,47 @@ def test_ctrl_c_ends_the_sweep_with_code_130_and_its_resume_command_and_resume_c
     assert all(r["epochs_done"] == STUDENT_EPOCHS for r in summary["trials"])
 
 
+def test_a_trial_failed_for_good_runs_again_on_resume_and_its_score_reaches_the_study(tmp_path):
+    """Its Train worker killed with no retries left (max_failures 0): the trial errors, the sweep
+    exits 1 naming the resume command. Resume reruns it under its id (from its student's last
+    checkpoint); Tune does not tell the searcher, which reopens it itself. Failed before: the rerun
+    finished (summary: TERMINATED, its score) while the study kept only the FAIL."""
+    name = "failed-trial"
+    path = _spec(tmp_path, name, num_samples=1, max_failures=0)
+    root = tmp_path / "results"
+    experiment = root / "sweeps" / name
+    env = remem_env(tmp_path)
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    run_env = {**env, "REMEM_TEST_HOLD_AT": "student:2", "REMEM_TEST_HOLD_DIR": str(holds)}
+    proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, run_env)
+
+    def held_with_its_checkpoint() -> bool:
+        held = _claimed(holds, "student:2")
+        return held is not None and student_checkpoint_epoch(experiment, Path(held["output"]).name) >= 2
+
+    try:
+        _wait_until(held_with_its_checkpoint, proc, 400, "a student held after its epoch 2, that checkpoint registered")
+        psutil.Process(_claimed(holds, "student:2")["pid"]).kill()  # no retry left: the trial errors
+        rc = proc.wait(timeout=180)
+    finally:
+        tree.kill_all()
+    log = proc.log_path.read_text()
+    assert rc == 1 and f"`remem sweep resume {experiment}` runs them again" in log, log[-3000:]
+    assert [t.state.name for t in searcher_study(experiment).trials] == ["FAIL"]
+
+    rc, out = run_remem(["sweep", "resume", str(experiment)], tmp_path, env)
+    assert rc == 0, out[-3000:]
+    (row,) = json.loads((experiment / "summary.json").read_text())["trials"]
+    assert row["state"] == "TERMINATED" and row["epochs_done"] == STUDENT_EPOCHS
+    failed, rerun = searcher_study(experiment).trials
+    assert (failed.state.name, rerun.state.name) == ("FAIL", "COMPLETE") and rerun.params == failed.params
+    assert rerun.value == row["student_val_acc"] and rerun.user_attrs["rerun_of"] == failed.number
+    assert len(rerun.intermediate_values) == STUDENT_EPOCHS - 2  # the epochs it ran again, from its checkpoint
+    stored = stored_study(experiment, name)  # the copy Optuna's tools open
+    assert [(t.state.name, t.value) for t in stored.trials] == [("FAIL", None), ("COMPLETE", rerun.value)]
+
+
 def test_a_teacher_holder_paused_past_the_stale_window_changes_nothing_once_it_wakes(tmp_path):
     """Two trials need one teacher. The first holds the lease and trains; its Train run is held
     right after epoch 2's lease check, before that epoch's writes, and its driver (the lease's
