@@ -270,6 +270,9 @@ def test_a_trial_failed_for_good_runs_again_on_resume_and_its_score_reaches_the_
         tree.kill_all()
     log = proc.log_path.read_text()
     assert rc == 1 and f"`remem sweep resume {experiment}` runs them again" in log, log[-3000:]
+    # the console names the failure in one line; Tune's traceback of it is in the sweep log only
+    assert "failed: WorkerGroupError: Training failed due to worker errors: A worker health check failed." in log
+    assert "Traceback" not in log and "Trial task failed" in (experiment / "sweep.log").read_text()
     assert [t.state.name for t in searcher_study(experiment).trials] == ["FAIL"]
 
     rc, out = run_remem(["sweep", "resume", str(experiment)], tmp_path, env)

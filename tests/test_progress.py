@@ -208,3 +208,87 @@ def test_a_snapshot_caught_half_written_is_read_again_and_a_broken_one_named_in_
     monkeypatch.setattr(study_module.time, "sleep", pauses.append)
     with pytest.raises(ResourceError, match="searcher state in .* cannot be read"):
         _duplicates_answered(layout)
+
+
+# A dead Train worker's failure as Tune writes it to error.txt (trimmed), then a second failure of
+# the same trial: an exception a worker raised, inside the run's error snippet.
+TUNE_ERROR_FILE = """Failure # 1 (occurred at 2026-12-06_21-05-52)
+\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=11859, ip=127.0.0.1, repr=remem_trial)
+  File "/work/main/.venv/lib/python3.11/site-packages/ray/train/v2/api/data_parallel_trainer.py", line 195, in fit
+    raise result.error
+ray.train.WorkerGroupError: Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+A worker health check failed.
+Worker info: Worker(
+  actor=Actor(RayTrainWorker, 88def2d2b8d9bdc4fece662001000000),
+)
+The actor died unexpectedly before finishing this task.
+	class_name: RayTrainWorker
+The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: ...
+"""
+SECOND_FAILURE = """Failure # 2 (occurred at 2026-12-06_21-07-01)
+ray::ImplicitFunc.train() (pid=12001)
+ray.train.WorkerGroupError: Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+Traceback (most recent call last):
+  File "/work/main/remem_ray/train/loop.py", line 120, in run_epochs
+    raise ValueError("data.img_size: 16 is not what the teacher was built for")
+ValueError: data.img_size: 16 is not what the teacher was built for
+"""
+
+
+def test_a_failure_is_one_line_naming_its_exception_and_tunes_traceback_stays_in_the_log(tmp_path, monkeypatch):
+    """Before, the console had Tune's whole traceback (76 lines for one dead worker) and then a line
+    that named only the trial folder."""
+    import logging
+
+    from remem_ray.sweep import progress as progress_module
+    from remem_ray.sweep.progress import failure_line
+    from remem_ray.sweep.tune_adapter import TuneFailureRecordsOffConsole
+
+    assert failure_line(TUNE_ERROR_FILE) == (
+        "WorkerGroupError: Training failed due to worker errors: A worker health check failed."
+    )
+    assert failure_line(TUNE_ERROR_FILE + SECOND_FAILURE) == (
+        "ValueError: data.img_size: 16 is not what the teacher was built for"
+    )  # the newest failure's, where the worker raised
+    assert failure_line("Failure # 1\nremem_ray.errors.ResourceError: storage: s3://b/x: refused\n") == (
+        "ResourceError: storage: s3://b/x: refused"
+    )
+    assert failure_line("no exception named here") is None
+
+    console, out, log = _console(tmp_path)
+    monkeypatch.setattr(progress_module, "_active", console)
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(TUNE_ERROR_FILE)
+    trial = SimpleNamespace(trial_id="8f46bef6", path="/r/sweeps/s/trial_8f46bef6", error_file=str(error_file))
+    callback = ProgressCallback(num_samples=2)
+    callback.on_trial_recover(0, [], SimpleNamespace(**vars(trial), num_failures=1))
+    callback.on_trial_error(0, [], trial)
+    assert (
+        out.getvalue()
+        .splitlines()[-2]
+        .endswith(
+            "trial 8f46bef6 failed, Tune runs it again (failure 1): WorkerGroupError: Training failed due to "
+            "worker errors: A worker health check failed."
+        )
+    )
+    assert (
+        out.getvalue()
+        .splitlines()[-1]
+        .endswith(
+            "trial 8f46bef6 failed: WorkerGroupError: Training failed due to worker errors: A worker health check "
+            "failed. (the whole error: error.txt in /r/sweeps/s/trial_8f46bef6)"
+        )
+    )
+
+    keep = TuneFailureRecordsOffConsole()
+
+    def record(name, msg):
+        return logging.LogRecord(name, logging.ERROR, "x.py", 1, msg, (), None)
+
+    assert not keep.filter(record("ray.tune.execution.tune_controller", "Trial task failed for trial remem_trial_1"))
+    assert not keep.filter(record("ray.tune.tune", "Trials did not complete: %s"))
+    assert keep.filter(record("ray.tune.execution.tune_controller", "Experiment state snapshotting failed:"))
+    assert keep.filter(record("ray.train", "Trial task failed for trial x"))  # only Tune's own records
+    log.close()

@@ -174,3 +174,16 @@ def test_an_errored_trial_rerun_by_a_resume_reaches_the_study_and_the_slots_agai
     again = searcher()
     again.restore(str(path))
     assert len(again.study.trials) == 2 and not again.live
+
+
+def test_tune_still_logs_trial_failures_with_the_records_kept_off_the_console():
+    """TuneFailureRecordsOffConsole matches these records by their text: a Ray that rewords them
+    would put the whole tracebacks back on the console."""
+    import ray.tune.execution.tune_controller as controller
+    import ray.tune.tune as tune_module
+
+    from remem_ray.sweep.tune_adapter import TUNE_FAILURE_RECORDS
+
+    assert f'logger.error(f"{TUNE_FAILURE_RECORDS[0]}{{trial}}"' in inspect.getsource(controller)
+    assert f'logger.error("{TUNE_FAILURE_RECORDS[1]}%s"' in inspect.getsource(tune_module)
+    assert controller.logger.name.startswith("ray.tune") and tune_module.logger.name.startswith("ray.tune")

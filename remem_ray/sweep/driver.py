@@ -129,11 +129,16 @@ def _check_reachable(address: str) -> None:
 
 def _ray_console_level(verbose: bool) -> None:
     """Ray's driver-side records from here on: INFO and up reach the sweep log (progress.py adds
-    its handler); Ray's console handler shows errors only, or everything with --verbose."""
+    its handler); Ray's console handler shows errors only (Tune's failure tracebacks not even
+    those: progress.py prints a line per failure), or everything with --verbose."""
+    from remem_ray.sweep.tune_adapter import TuneFailureRecordsOffConsole
+
     ray_logger = logging.getLogger("ray")
     ray_logger.setLevel(logging.INFO)
     for handler in ray_logger.handlers:
         handler.setLevel(logging.INFO if verbose else logging.ERROR)
+        if not verbose:  # a failed trial's whole traceback: the log has it, the console one line
+            handler.addFilter(TuneFailureRecordsOffConsole())
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -233,7 +234,14 @@ class ProgressCallback(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if _active:
-            _active.show(f"trial {trial.trial_id} failed: its error is in {trial.path or 'its trial folder'}")
+            where = trial.path or "its trial folder"
+            _active.show(f"trial {trial.trial_id} failed: {_failure(trial)} (the whole error: error.txt in {where})")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if _active:
+            _active.show(
+                f"trial {trial.trial_id} failed, Tune runs it again (failure {trial.num_failures}): {_failure(trial)}"
+            )
 
     def on_step_end(self, iteration, trials, **info):
         if _active and time.monotonic() - self.last >= self.every_s:
@@ -244,6 +252,43 @@ class ProgressCallback(Callback):
     # No line at the experiment's end: after Ctrl-C Tune ends the interrupted trials as TERMINATED
     # in memory (stored: PENDING, to run again), so a line from these objects read "2/2 done
     # (2 stopped early)"; the driver prints the last line from the stored state (`final_progress`).
+
+
+def _failure(trial) -> str:
+    """One line for a trial's newest failure, from the error file Tune has just written."""
+    try:
+        text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else ""
+    except OSError:
+        text = ""
+    return failure_line(text) or "see its error file"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# "pkg.module.SomeError: message", "SomeError(Cause): message", "KeyboardInterrupt"
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_]\w*\.)*([A-Z]\w*(?:Error|Exception|Exit|Interrupt|Timeout)\w*)(\(\w+\))?(?::\s*(.*))?$"
+)
+_SNIPPET_HEADERS = ("[Rank ", "Traceback (most recent call last)")
+
+
+def failure_line(error_text: str, limit: int = 240) -> str | None:
+    """The exception of the newest failure in a Tune error file (`Failure # n ...` blocks), as one
+    line: the last exception line of its traceback (a Train worker's own, where it raised), and,
+    when that message ends in a colon, the line that completes it (a dead worker's reason)."""
+    newest = _ANSI.sub("", error_text).rsplit("Failure # ", 1)[-1]
+    lines = [line.strip() for line in newest.splitlines()]
+    found = None
+    for i, line in enumerate(lines):
+        match = _EXCEPTION_LINE.match(line)
+        if match:
+            found = (i, f"{match[1]}: {match[3]}" if match[3] else match[1])
+    if found is None:
+        return None
+    i, line = found
+    if line.endswith(":"):
+        rest = (x for x in lines[i + 1 :] if x and not x.startswith(_SNIPPET_HEADERS))
+        line = f"{line} {next(rest, '')}".rstrip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def driver_line(message: str) -> None:

@@ -10,6 +10,9 @@
   into every trainable's runtime env (AWS keys among them); no public switch exists.
 - `AsyncHyperBandScheduler._time_attr` / `._max_t` / `._num_stopped`: read (and the count mended)
   by the ASHA that never stops a replay.
+- Tune logs each trial failure's whole traceback at ERROR ("Trial task failed for trial ...",
+  ray/tune/execution/tune_controller.py) and, at the end, "Trials did not complete: ...":
+  the console shows one line per failure instead (remem_ray.sweep.progress), the log keeps them.
 - Tune's resume (`resume_errored=True`) sets an errored trial back to PENDING under its id without
   telling the searcher; `OptunaSearch._completed_trials` then drops the rerun's completion. The
   searcher reopens such trials itself on restore (Optuna: `Study.add_trial` of a RUNNING trial,
@@ -27,6 +30,17 @@ MAX_ASKS = 50  # suggestions tried per new trial before Tune is told to ask agai
 ASK_BEFORE_DRAWING = 5  # duplicates in a row before a free point of a finite space is enqueued
 RERUN_OF = "rerun_of"  # user attribute of an Optuna trial: the number of the failed attempt it reruns
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+TUNE_FAILURE_RECORDS = ("Trial task failed for trial ", "Trials did not complete: ")
+
+
+class TuneFailureRecordsOffConsole(logging.Filter):
+    """For Ray's console handler: Tune's failure tracebacks go to the sweep log only (its own
+    handler takes them), the console has the trial's one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("ray.tune") and str(record.msg).startswith(TUNE_FAILURE_RECORDS))
 
 
 def budget_aware_optuna_search(
