@@ -200,11 +200,11 @@ class Lease:
         with self._lock:
             if self.record is None:
                 return False
-            sent = self._clock()  # a beat counts from when it was sent: retries may land it long before they return
             try:
                 if lost_reason(self.folder, self.record.generation, self.record.token) is not None:
                     self.record = None
                     return False
+                sent = self._clock()  # a beat counts from its sending: retries may land it long before they return
                 self.record = self._rewrite(self.record, beat=self.record.beat + 1)
                 self._last_ok = sent
             except ResourceError:

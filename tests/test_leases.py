@@ -305,3 +305,26 @@ def test_a_beat_that_took_retries_to_return_counts_from_when_it_was_sent(tmp_pat
     _unreachable(lease.folder, monkeypatch)
     clock[0] = 66.0  # 61 s after the beat was sent (and landed)
     assert not lease.renew()
+
+
+def test_an_outage_right_after_the_create_raises_and_the_same_holder_takes_its_record_back(tmp_path, monkeypatch):
+    """The check that the new record is the newest reads storage once more: an outage there is an
+    error of the take (the caller rides it out or fails in one line), never a lease believed held;
+    the record it left is this holder's to take back at once, and another's only once stale."""
+    folder = Storage(str(tmp_path / "lease"))
+    lease = Lease(folder, "s/t1", 60.0)
+    created = folder.create_exclusive
+
+    def create_then_break(rel, data):
+        won = created(rel, data)
+        _unreachable(folder, monkeypatch)
+        return won
+
+    monkeypatch.setattr(folder, "create_exclusive", create_then_break)
+    with pytest.raises(ResourceError):
+        lease.try_acquire()
+    assert lease.record is None
+    monkeypatch.undo()  # storage is back
+    other = Lease(Storage(str(tmp_path / "lease")), "s/t2", 60.0)
+    assert not other.try_acquire()
+    assert lease.try_acquire() and current_record(folder).generation == 2 and current_record(folder).holder == "s/t1"

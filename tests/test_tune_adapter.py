@@ -135,7 +135,7 @@ def _two_rhos(trial):
 def test_an_errored_trial_rerun_by_a_resume_reaches_the_study_and_the_slots_again(tmp_path):
     """Tune's resume reruns an errored trial under its id without telling the searcher: before the
     searcher reopened it, the rerun's results were dropped and the study kept the point FAIL."""
-    from remem_ray.sweep.distinct import PointLedger
+    from remem_ray.sweep.distinct import DUPLICATE_OF, PointLedger
     from remem_ray.sweep.tune_adapter import RERUN_OF
 
     def searcher():
@@ -162,18 +162,42 @@ def test_an_errored_trial_rerun_by_a_resume_reaches_the_study_and_the_slots_agai
     resumed.restore(str(path))
     assert resumed.live == {"t1": f"teacher-rho-{point['rho']}"}  # it holds a slot again
     assert "t1" not in resumed.ledger.outcomes  # a duplicate of its point waits for the rerun
+    resumed.study.enqueue_trial(point)  # the sampler proposes the point again while it reruns
+    assert resumed.suggest("t2") != point
     resumed.on_trial_result("t1", {METRIC: 0.6, "epoch": 1, "epochs": 2})
     resumed.on_trial_complete("t1", {METRIC: 0.8, "epoch": 2, "epochs": 2})
-    failed, rerun = resumed.study.trials
+    failed, rerun = resumed.study.trials[:2]
     assert failed.state.name == "FAIL" and failed.params == rerun.params == point
     assert rerun.state.name == "COMPLETE" and rerun.value == 0.8 and rerun.intermediate_values == {1: 0.6}
     assert rerun.user_attrs[RERUN_OF] == failed.number
-    assert resumed.ledger.outcomes["t1"].value == 0.8 and not resumed.live
+    assert resumed.ledger.outcomes["t1"].value == 0.8 and "t1" not in resumed.live
+    # a duplicate of the point suggested while the rerun ran waited for it and has its outcome
+    (duplicate,) = [t for t in resumed.study.trials[2:] if t.user_attrs.get(DUPLICATE_OF) == "t1"]
+    assert duplicate.state.name == "COMPLETE" and duplicate.value == 0.8
     # a second save and restore reopens nothing more
     resumed.save(str(path))
     again = searcher()
     again.restore(str(path))
-    assert len(again.study.trials) == 2 and not again.live
+    assert len(again.study.trials) == len(resumed.study.trials) and again.live == {"t2": resumed.live["t2"]}
+
+
+def test_a_trial_told_complete_that_then_errors_is_reopened_on_resume_too(tmp_path):
+    """Tune can end a trial as ERROR after telling the searcher it completed (a stop that then
+    failed): resume reruns it, so its results must reach the study then too."""
+    first = budget_aware_optuna_search(
+        _two_rhos, METRIC, "max", optuna.samplers.TPESampler(seed=0), TIME_ATTR, stopped_early
+    )
+    first.suggest("t1")
+    first.on_trial_complete("t1", {METRIC: 0.5, "epoch": 2, "epochs": 2})
+    first.on_trial_complete("t1", error=True)
+    path = tmp_path / "searcher-state-x.pkl"
+    first.save(str(path))
+    resumed = budget_aware_optuna_search(
+        _two_rhos, METRIC, "max", optuna.samplers.TPESampler(seed=0), TIME_ATTR, stopped_early
+    )
+    resumed.restore(str(path))
+    resumed.on_trial_complete("t1", {METRIC: 0.7, "epoch": 2, "epochs": 2})
+    assert [(t.state.name, t.value) for t in resumed.study.trials] == [("COMPLETE", 0.5), ("COMPLETE", 0.7)]
 
 
 def test_tune_still_logs_trial_failures_with_the_records_kept_off_the_console():

@@ -115,6 +115,7 @@ def driving_lease(
         driver = DriverLease(lease, resume)
 
         def lost() -> None:
+            driver.lost = "this driver lost its lease"  # at once: why takes a storage read, maybe a minute's retries
             driver.lost = _why_lost(driver)
             show(f"{driver.lost}: stopping")
             driver._stop(on_lost or _interrupt)

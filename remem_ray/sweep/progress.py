@@ -67,22 +67,26 @@ class SweepLog:
 
     def sync(self) -> None:
         if self.remote and self.may_write():
-            with self._lock:
-                data = self.path.read_bytes()
-            self.experiment.write_bytes(LOG_FILE, data)
+            self._upload()
+
+    def _upload(self) -> None:
+        with self._lock:
+            data = self.path.read_bytes()
+        self.experiment.write_bytes(LOG_FILE, data)
 
     def close(self) -> None:
         with self._lock:  # first: no line lands after the copy is taken
             self._closed = True
             self._file.close()
-        copied = self.may_write()
+        copied = self.may_write()  # asked once: a loss between two asks left no copy, yet removed this one
         if not copied and self.remote:
             print(
                 f"remem: this driver's sweep log stays in {self.path}: another driver runs the sweep now",
                 file=sys.stderr,
             )
         try:
-            self.sync()
+            if copied and self.remote:
+                self._upload()
         except Exception as exc:  # noqa: BLE001 (the sweep's own outcome matters more than its log's copy)
             copied = False
             print(

@@ -1,11 +1,13 @@
 """What remem_ray relies on inside Ray Tune and its Optuna searcher, in one place
-(checked against ray 2.60.0 and optuna 5.0.0; tests/test_tune_adapter.py guards each).
+(checked against ray 2.60.0 and optuna 5.1.0; tests/test_tune_adapter.py guards each).
 
 - `OptunaSearch` keeps Tune trial id -> Optuna trial in `_ot_trials` (no public accessor):
   needed to report intermediate values at the student's epoch and to tell a stopped trial
-  as PRUNED. Everything else goes through public names: the study is ours (created here and
-  handed to OptunaSearch through its public storage / study_name / sampler arguments), the
-  metric is `self.metric`.
+  as PRUNED; and the ids it has told in `_completed_trials` (reopened below). Otherwise the
+  study is ours (created here and handed to OptunaSearch through its public storage /
+  study_name / sampler arguments), the metric is `self.metric`.
+- Tune pickles the searcher whole into tuner.pkl, this class by value (it is local): a sweep
+  resumes with the searcher code it started with, so a change here reaches new sweeps only.
 - `ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE`: the environment variables Tune copies
   into every trainable's runtime env (AWS keys among them); no public switch exists.
 - `AsyncHyperBandScheduler._time_attr` / `._max_t` / `._num_stopped`: read (and the count mended)
@@ -16,7 +18,8 @@
 - Tune's resume (`resume_errored=True`) sets an errored trial back to PENDING under its id without
   telling the searcher; `OptunaSearch._completed_trials` then drops the rerun's completion. The
   searcher reopens such trials itself on restore (Optuna: `Study.add_trial` of a RUNNING trial,
-  `optuna.trial.Trial(study, FrozenTrial._trial_id)`).
+  then `optuna.trial.Trial(study, FrozenTrial._trial_id)`, the constructor Optuna's own ask
+  uses, with a private id).
 """
 
 from __future__ import annotations
@@ -152,11 +155,11 @@ def budget_aware_optuna_search(
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             self.live.pop(trial_id, None)
+            if error:  # even one told already (a stop that then failed): resume reruns it
+                self.errored.add(trial_id)
             if trial_id in self.told:
                 return
             self.told.add(trial_id)
-            if error:
-                self.errored.add(trial_id)
             if error or not stopped_early(result):
                 super().on_trial_complete(trial_id, result=result, error=error)
                 return self._record_outcome(trial_id)
