@@ -9,6 +9,7 @@ import shutil
 import threading
 
 import pytest
+from helpers.leases import leave_lease_held_by_an_ended_process
 from helpers.teachers import EPOCHS, registry_setup, write_teacher
 
 from remem_ray.errors import ResourceError
@@ -309,3 +310,14 @@ def test_waiters_ride_out_a_storage_outage_as_holders_do_and_fail_on_a_longer_on
     with pytest.raises(ResourceError, match="connection refused"):
         ensure_teacher(spec, run_spec, "s/t2", registry, layout, fit=fit, stale_after_s=60)
     assert 1000 - unanswered[0] == 8  # looks 10 s apart until 70 s > 60 s had failed
+
+
+def test_a_teacher_holder_whose_process_ended_is_taken_over_at_once(tmp_path, monkeypatch):
+    """A trial process that ended holding a teacher's lease (killed, or ended by Tune before its
+    release landed): before, its waiters waited out the stale window."""
+    monkeypatch.setattr(trial_module, "POLL_S", 0.01)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    leave_lease_held_by_an_ended_process(registry.folder(key).lease, "s/t0")
+    spec = spec.model_copy(update={"sweep": spec.sweep.model_copy(update={"teacher_wait_timeout_s": 2.0})})
+    fit = FakeFit()
+    assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit) and fit.calls == 1

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.leases import leave_lease_held_by_an_ended_process
 from helpers.sessions import TINY_TEACHER_SPEC, FileSession
 
 from remem_ray.checkpoint_files import best_checkpoint, best_location, point_best
@@ -419,3 +420,13 @@ def test_a_waiting_student_rides_out_a_storage_outage_as_its_holder_does(tmp_pat
     with pytest.raises(ResourceError, match="connection refused"):
         distil_once(registry, KEY, "s/t2", fake, print, 600, stale_after_s=60)
     assert fake.calls == 1
+
+
+def test_a_holder_whose_process_ended_is_taken_over_at_once(tmp_path, monkeypatch):
+    """Before, its waiters waited out the stale window (60 s): a second sweep's trial printed
+    'waiting for student' (the smoke test's lease check failed so on a loaded machine)."""
+    monkeypatch.setattr(students_module, "POLL_S", 0.01)
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    leave_lease_held_by_an_ended_process(registry.folder(KEY).child("lease"), "sweep-a/t1")
+    fake = FakeDistil(registry)
+    assert distil_once(registry, KEY, "sweep-b/t1", fake, print, 2) == "distilled" and fake.calls == 1

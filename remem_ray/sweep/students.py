@@ -38,7 +38,7 @@ from remem_ray.checkpoint_files import (
 from remem_ray.console import say
 from remem_ray.contract import EPOCH, STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED
 from remem_ray.errors import ResourceError
-from remem_ray.leases import Lease
+from remem_ray.leases import Lease, process_gone
 from remem_ray.storage import Storage
 from remem_ray.sweep.registry import HEARTBEAT_S, POLL_S, STALE_AFTER_S, Heartbeat, Waiter
 from remem_ray.teacher_layout import LEASE_DIR, version_file
@@ -207,7 +207,7 @@ def distil_once(
     while True:
         try:
             record, seen = usable_record(registry, key, trial_id)
-            taken = record is None and lease.try_acquire()
+            taken = record is None and lease.try_acquire(gone=process_gone)  # a holder whose process ended: at once
         except ResourceError as exc:  # an outage: the holder rides it out, and so do its waiters
             waiter.ride_out(exc, stale_after_s)
             continue

@@ -28,7 +28,7 @@ from remem_ray.console import say
 from remem_ray.contract import STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED, LoopConfig, PhasesConfig
 from remem_ray.errors import ResourceError
 from remem_ray.faultpoints import hold_if_asked
-from remem_ray.leases import Lease, LeaseHandle, LeaseWatch
+from remem_ray.leases import Lease, LeaseHandle, LeaseWatch, process_gone
 from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
@@ -203,7 +203,7 @@ def ensure_teacher(
             if _usable(registry, key, older_keys, epochs, epoch, corrupt):
                 # Stored already; still ours if this very trial trained it before Tune restarted it.
                 return layout.trained_by(key) == trial_id
-            taken = lease.try_acquire()
+            taken = lease.try_acquire(gone=process_gone)  # a holder whose process ended: at once
         except ResourceError as exc:  # an outage: the holder rides it out, and so do its waiters
             waiter.ride_out(exc, stale_after_s)
             continue
