@@ -36,10 +36,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 STUDENT_EPOCHS = 5
 # Two trials with distinct teachers (the smoke spec's first two points) suffice for a kill during
-# a teacher's training or a student's distillation: one can finish while the other is held. The
-# between-trials kill runs a third (the smoke spec's third point) on the first trial's teacher,
+# a teacher's training. The distillation kill comes between trials too (one finished, one held
+# unfinished), and runs a third (the smoke spec's third point) on the first trial's teacher,
 # started before or after the kill: a stored teacher is reused across the resume.
-TRIALS = {"teacher-training": 2, "distillation": 2, "between-trials": 3}
+TRIALS = {"teacher-training": 2, "distillation": 3}
 # a point whose student learns (the smoke spec also searches a student_lr at which it barely does)
 LEARNING_POINT = {"rho": 0.05, "alpha": 0.9, "teacher_epoch": 4, "student_lr": 0.002}
 
@@ -73,12 +73,12 @@ def _claimed(holds: Path, point: str) -> dict | None:
 
 # Each kill happens at a moment the sweep is made to wait at (a held Train run), never at one a
 # polling loop hopes to catch: the verdict must not depend on the machine's speed.
-# between-trials: a student held at epoch 4 of 5 cannot finish, so another trial finishes first
+# distillation: a student held at epoch 4 of 5 cannot finish, so another trial finishes first
 # and the sweep cannot end under the test.
-HOLDS = {"teacher-training": "teacher:1", "distillation": "student:2,student:4", "between-trials": "student:4"}
+HOLDS = {"teacher-training": "teacher:1", "distillation": "student:2,student:4"}
 
 
-@pytest.mark.parametrize("when", ["teacher-training", "distillation", "between-trials"])
+@pytest.mark.parametrize("when", ["teacher-training", "distillation"])
 def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(tmp_path, when):
     name = f"kill-{when}"
     num_trials = TRIALS[when]
@@ -101,8 +101,6 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
             finished = {t for t, s in trials.items() if s["status"] == "TERMINATED"}
             if when == "teacher-training" and _claimed(holds, "teacher:1"):
                 killed = True  # a teacher held after its epoch 1 of 4
-            elif when == "between-trials" and finished and _claimed(holds, "student:4"):
-                killed = True  # one trial finished, one held unfinished
             elif when == "distillation":
                 held = _claimed(holds, "student:2")
                 if worker_kill is None and held:
@@ -115,7 +113,8 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
                 elif worker_kill is not None:
                     now = {t: _rows(experiment, t) for t in worker_kill}
                     retried = {t: rows for t, rows in now.items() if any(r["start_epoch"] > 1 for r in rows)}
-                    # a student held at epoch 4 of 5 keeps the sweep from finishing under us
+                    # between trials: one finished, and a student held at epoch 4 of 5 keeps the
+                    # sweep from finishing under us
                     if retried and finished and _claimed(holds, "student:4"):
                         worker_retry = retried
                         killed = True
@@ -192,29 +191,44 @@ def _wait_until(condition, proc, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def test_ctrl_c_ends_the_sweep_with_code_130_and_its_resume_command_and_resume_completes_it(tmp_path):
+def test_ctrl_c_ends_the_sweep_with_code_130_and_resume_completes_it_a_trial_failed_for_good_included(tmp_path):
     """SIGINT (Ctrl-C) makes Tune save its state and return normally: the sweep must not then end
     as if it were done (exit 0, a final summary), or `remem sweep run ... && deploy` goes on with
-    half a sweep. Failed before: exit code 0."""
+    half a sweep. Failed before: exit code 0.
+
+    Before the interrupt, the other trial fails for good (its student's worker killed, no retries
+    left: max_failures 0): the console names its exception in one line (Tune's traceback goes to
+    the log). Resume reruns it under its id from its last checkpoint; Tune does not tell the
+    searcher, which reopens it itself. Failed before: the rerun finished (summary: TERMINATED, its
+    score) while the study kept only its FAIL."""
     name = "ctrl-c"
-    path = _spec(tmp_path, name)
+    path = _spec(tmp_path, name, max_failures=0)
     root = tmp_path / "results"
     experiment = root / "sweeps" / name
     env = remem_env(tmp_path)
     holds = tmp_path / "holds"
     holds.mkdir()
-    run_env = {**env, "REMEM_TEST_HOLD_AT": "student:2", "REMEM_TEST_HOLD_DIR": str(holds)}
+    # the first student to finish epoch 2 is held there (and killed); the other passes it and is
+    # held after epoch 4, so the sweep cannot end under the test
+    run_env = {**env, "REMEM_TEST_HOLD_AT": "student:2,student:4", "REMEM_TEST_HOLD_DIR": str(holds)}
     proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, run_env)
+
+    def held_with_its_checkpoint(point: str, epoch: int):
+        def check() -> bool:
+            held = _claimed(holds, point)
+            return held is not None and student_checkpoint_epoch(experiment, Path(held["output"]).name) >= epoch
+
+        return check
+
     try:
-        deadline = time.time() + 400
-        held = None
-        while time.time() < deadline and proc.poll() is None:
-            held = _claimed(holds, "student:2")
-            # a student held after its epoch 2, that checkpoint registered: the interrupt comes mid-sweep
-            if held and student_checkpoint_epoch(experiment, Path(held["output"]).name) >= 2:
-                break
-            time.sleep(0.3)
-        assert held and proc.poll() is None, proc.log_path.read_text()[-3000:]
+        _wait_until(held_with_its_checkpoint("student:2", 2), proc, 400, "a student held after epoch 2, registered")
+        failed_trial = Path(_claimed(holds, "student:2")["output"]).name
+        psutil.Process(_claimed(holds, "student:2")["pid"]).kill()  # no retry left: the trial errors
+        _wait_until(
+            lambda: f"trial {failed_trial} failed: " in proc.log_path.read_text(), proc, 180, "the trial's failure"
+        )
+        # the interrupt comes mid-sweep: the other student held after its epoch 4, that checkpoint registered
+        _wait_until(held_with_its_checkpoint("student:4", 4), proc, 400, "a student held after epoch 4, registered")
         # a second driver of the running sweep is refused (it restarted the same trials twice)
         rc, out = run_remem(["sweep", "resume", str(experiment)], tmp_path, env, timeout=300)
         assert rc == 2 and "remem: error: sweep: 'ctrl-c' is being run by driver " in out, out[-3000:]
@@ -228,12 +242,16 @@ def test_ctrl_c_ends_the_sweep_with_code_130_and_its_resume_command_and_resume_c
     resume = f"remem sweep resume {experiment}"
     assert "remem: interrupted: " in log and f"`{resume}` continues the sweep" in log, log[-3000:]
     assert "interrupted: saving the sweep's state and stopping its trials" in log  # at once, not only at the end
+    # the failure in one line on the console; Tune's traceback of it in the sweep log only
+    failure = f"trial {failed_trial} failed: WorkerGroupError: Training failed due to worker errors: A worker health"
+    assert failure in log and "Traceback" not in log and "Trial task failed" in (experiment / "sweep.log").read_text()
     # the last progress line counts what is stored: the held trial is not done (it read "2/2 done")
     progress = [line for line in log.splitlines() if "] progress " in line]
-    assert progress and "trials 2/2 done" not in progress[-1] and " 0 pending" not in progress[-1], progress
+    assert progress and "trials 0/2 done (0 stopped early), 1 failed" in progress[-1], progress
     summary = json.loads((experiment / "summary.json").read_text())
     assert summary["unfinished"] >= 1
     assert summary["best"] is None or summary["best"]["state"] == "TERMINATED"  # never a running trial's
+    assert [t.state.name for t in searcher_study(experiment).trials].count("FAIL") == 1
 
     rc, out = run_remem(["sweep", "resume", str(experiment)], tmp_path, env)
     assert rc == 0, out[-3000:]
@@ -241,50 +259,15 @@ def test_ctrl_c_ends_the_sweep_with_code_130_and_its_resume_command_and_resume_c
     assert summary["unfinished"] == 0
     assert [r["state"] for r in summary["trials"]] == ["TERMINATED", "TERMINATED"]
     assert all(r["epochs_done"] == STUDENT_EPOCHS for r in summary["trials"])
-
-
-def test_a_trial_failed_for_good_runs_again_on_resume_and_its_score_reaches_the_study(tmp_path):
-    """Its Train worker killed with no retries left (max_failures 0): the trial errors, the sweep
-    exits 1 naming the resume command. Resume reruns it under its id (from its student's last
-    checkpoint); Tune does not tell the searcher, which reopens it itself. Failed before: the rerun
-    finished (summary: TERMINATED, its score) while the study kept only the FAIL."""
-    name = "failed-trial"
-    path = _spec(tmp_path, name, num_samples=1, max_failures=0)
-    root = tmp_path / "results"
-    experiment = root / "sweeps" / name
-    env = remem_env(tmp_path)
-    holds = tmp_path / "holds"
-    holds.mkdir()
-    run_env = {**env, "REMEM_TEST_HOLD_AT": "student:2", "REMEM_TEST_HOLD_DIR": str(holds)}
-    proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, run_env)
-
-    def held_with_its_checkpoint() -> bool:
-        held = _claimed(holds, "student:2")
-        return held is not None and student_checkpoint_epoch(experiment, Path(held["output"]).name) >= 2
-
-    try:
-        _wait_until(held_with_its_checkpoint, proc, 400, "a student held after its epoch 2, that checkpoint registered")
-        psutil.Process(_claimed(holds, "student:2")["pid"]).kill()  # no retry left: the trial errors
-        rc = proc.wait(timeout=180)
-    finally:
-        tree.kill_all()
-    log = proc.log_path.read_text()
-    assert rc == 1 and f"`remem sweep resume {experiment}` runs them again" in log, log[-3000:]
-    # the console names the failure in one line; Tune's traceback of it is in the sweep log only
-    assert "failed: WorkerGroupError: Training failed due to worker errors: A worker health check failed." in log
-    assert "Traceback" not in log and "Trial task failed" in (experiment / "sweep.log").read_text()
-    assert [t.state.name for t in searcher_study(experiment).trials] == ["FAIL"]
-
-    rc, out = run_remem(["sweep", "resume", str(experiment)], tmp_path, env)
-    assert rc == 0, out[-3000:]
-    (row,) = json.loads((experiment / "summary.json").read_text())["trials"]
-    assert row["state"] == "TERMINATED" and row["epochs_done"] == STUDENT_EPOCHS
-    failed, rerun = searcher_study(experiment).trials
-    assert (failed.state.name, rerun.state.name) == ("FAIL", "COMPLETE") and rerun.params == failed.params
-    assert rerun.value == row["student_val_acc"] and rerun.user_attrs["rerun_of"] == failed.number
-    assert len(rerun.intermediate_values) == STUDENT_EPOCHS - 2  # the epochs it ran again, from its checkpoint
-    stored = stored_study(experiment, name)  # the copy Optuna's tools open
-    assert [(t.state.name, t.value) for t in stored.trials] == [("FAIL", None), ("COMPLETE", rerun.value)]
+    # the failed trial's rerun is in the study: a new trial at its point, its score the summary's
+    row = next(r for r in summary["trials"] if r["trial_id"] == failed_trial)
+    for study in (searcher_study(experiment), stored_study(experiment, name)):  # Tune's and Optuna tools' copy
+        (failed,) = [t for t in study.trials if t.state.name == "FAIL"]
+        (rerun,) = [t for t in study.trials if t.user_attrs.get("rerun_of") == failed.number]
+        assert rerun.state.name == "COMPLETE" and rerun.params == failed.params == row["params"]
+        assert rerun.value == row["student_val_acc"]
+        assert len(rerun.intermediate_values) == STUDENT_EPOCHS - 2  # the epochs it ran again, from its checkpoint
+        assert [t.state.name for t in study.trials].count("COMPLETE") == 2  # the other trial's too
 
 
 def test_a_teacher_holder_paused_past_the_stale_window_changes_nothing_once_it_wakes(tmp_path):
