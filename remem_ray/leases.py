@@ -120,8 +120,9 @@ def lost_reason(folder: Storage, generation: int, token: str) -> str | None:
     return f"it passed to {current.holder} (generation {current.generation})"
 
 
-class _Outage:
-    """A run of storage errors without a success between them: a loss once it lasts the stale window."""
+class Outage:
+    """A run of storage errors without a success between them: a loss once it lasts the stale
+    window (a worker's lease checks here, a waiter's looks in remem_ray.sweep.registry.Waiter)."""
 
     def __init__(self) -> None:
         self._since: float | None = None
@@ -300,7 +301,7 @@ class LeaseWatch:
         self.handle, self._clock, self._sleep = handle, clock, sleep
 
     def lost(self) -> str | None:
-        outage = _Outage()
+        outage = Outage()
         while True:
             try:
                 return self.handle.lost()

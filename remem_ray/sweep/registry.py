@@ -32,7 +32,7 @@ from remem_ray.checkpoint_files import checkpoint_name, is_complete, verify_chec
 from remem_ray.config import LEASE_STALE_AFTER_S
 from remem_ray.console import say
 from remem_ray.errors import ResourceError
-from remem_ray.leases import Lease
+from remem_ray.leases import Lease, Outage
 from remem_ray.storage import Storage
 from remem_ray.teacher_layout import RESUME_STATE, TeacherFolder, generation_dir, version_file
 
@@ -253,7 +253,7 @@ class Waiter:
         self.clock = clock
         self._deadline = clock() + timeout_s
         self._noted = -note_every_s
-        self._failing_since: float | None = None
+        self._outage = Outage()
 
     def wait(self, note: Callable[[], str]) -> None:
         now = self.clock()
@@ -271,13 +271,10 @@ class Waiter:
     def ride_out(self, exc: ResourceError, outage_limit_s: float) -> None:
         """A look at storage failed: wait and look again, until storage has failed every look for
         `outage_limit_s` (the lease's stale window); then `exc` is raised."""
-        now = self.clock()
-        if self._failing_since is None:
-            self._failing_since = now
-        if now - self._failing_since > outage_limit_s:
+        if self._outage.lasted(self.clock()) > outage_limit_s:
             raise exc
         self.wait(lambda: f"waiting for {self.what}; storage did not answer ({exc}), looking again")
 
     def answered(self) -> None:
         """A look at storage was answered: an outage, if there was one, is over."""
-        self._failing_since = None
+        self._outage.over()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -117,19 +116,16 @@ def ended_at(result: dict[str, Any]) -> float | None:
 def load_trials(layout: SweepLayout) -> list:
     from ray.tune import ExperimentAnalysis
 
-    from remem_ray.sweep.study import SETTLE_PAUSE_S, SETTLE_TRIES
+    from remem_ray.sweep.study import read_settled
 
     path = layout.experiment.path()
-    for attempt in range(SETTLE_TRIES):
-        try:
-            analysis = ExperimentAnalysis(path, storage_filesystem=layout.root.fs)
-            return sorted(analysis.trials, key=lambda t: t.trial_id)
-        except FileNotFoundError:
-            return []  # no experiment state yet
-        except (ValueError, RuntimeError):  # none yet, or one Tune is rewriting in place: look again
-            if attempt + 1 < SETTLE_TRIES:
-                time.sleep(SETTLE_PAUSE_S)
-    return []
+    try:  # none yet, or one Tune is rewriting in place (ValueError, RuntimeError): looked at again
+        analysis = read_settled(
+            lambda: ExperimentAnalysis(path, storage_filesystem=layout.root.fs), (ValueError, RuntimeError)
+        )
+    except (FileNotFoundError, ValueError, RuntimeError):
+        return []
+    return sorted(analysis.trials, key=lambda t: t.trial_id)
 
 
 def summarize(spec: SweepSpec, layout: SweepLayout, trials: list | None = None) -> SweepSummary:

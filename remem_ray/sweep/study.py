@@ -13,7 +13,9 @@ import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from remem_ray.config import SweepSpec
 from remem_ray.errors import ResourceError
@@ -21,6 +23,7 @@ from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.tune_adapter import study_from_searcher_state
 
 STUDY_FILE = "optuna.db"
+T = TypeVar("T")
 
 
 SETTLE_TRIES, SETTLE_PAUSE_S = 3, 0.5  # looks at a file Tune may be rewriting in place
@@ -32,24 +35,41 @@ def newest_snapshot(layout: SweepLayout) -> bytes | None:
     return layout.experiment.read_bytes(names[-1]) if names else None
 
 
+def read_settled(read: Callable[[], T], half_written: type[Exception] | tuple[type[Exception], ...]) -> T:
+    """read(), looked at again while it fails as a file caught half written does: Tune rewrites a
+    local root's experiment state and searcher snapshot in place while the sweep runs. The last
+    failure is raised."""
+    for _ in range(SETTLE_TRIES - 1):
+        try:
+            return read()
+        except half_written:
+            time.sleep(SETTLE_PAUSE_S)
+    return read()
+
+
+class _Unreadable(Exception):
+    """A snapshot's bytes that did not unpickle (a truncated pickle fails in many ways)."""
+
+
 def newest_study(layout: SweepLayout):
-    """The Optuna study in Tune's newest snapshot, or None before the first. Tune rewrites the
-    snapshot of a local root in place while the sweep runs, so a reader (`remem sweep status`)
-    can catch it half written: it reads again, and says so in one line if it never reads whole."""
-    for attempt in range(SETTLE_TRIES):
+    """The Optuna study in Tune's newest snapshot, or None before the first; a reader (`remem
+    sweep status`) that never finds it whole says so in one line."""
+
+    def read():
         snapshot = newest_snapshot(layout)
         if snapshot is None:
             return None
         try:
             return study_from_searcher_state(snapshot)
-        except Exception as exc:  # noqa: BLE001 (a truncated pickle fails in many ways)
-            if attempt + 1 == SETTLE_TRIES:
-                raise ResourceError(
-                    f"storage.root: the searcher state in {layout.experiment.uri()} cannot be read: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from None
-            time.sleep(SETTLE_PAUSE_S)
-    return None  # not reached
+        except Exception as exc:  # noqa: BLE001
+            raise _Unreadable(f"{type(exc).__name__}: {exc}") from None
+
+    try:
+        return read_settled(read, _Unreadable)
+    except _Unreadable as exc:
+        raise ResourceError(
+            f"storage.root: the searcher state in {layout.experiment.uri()} cannot be read: {exc}"
+        ) from None
 
 
 def study_url(spec: SweepSpec, layout: SweepLayout) -> str:
