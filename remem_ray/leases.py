@@ -150,15 +150,10 @@ class Lease:
         self._lock = threading.Lock()  # a renew in flight and a release never interleave
 
     def try_acquire(self, gone: Callable[[LeaseRecord], bool] | None = None) -> bool:
-        """Take the lease if it is free, released, ours from an earlier life, or stale; or held by
-        a holder that `gone` knows has ended (its process on this host, say): no need to wait."""
+        """Take the lease if it is free, released, this process's own, or stale; or held by a
+        holder that `gone` knows has ended (its process on this host, say): no need to wait."""
         current = current_record(self.folder)
-        if (
-            current is not None
-            and not current.released
-            and current.holder != self.holder
-            and not (gone and gone(current))
-        ):
+        if current is not None and not current.released and not self._own(current) and not (gone and gone(current)):
             signature = (current.generation, current.beat, current.token)
             now = self._clock()
             if signature != self._seen:
@@ -180,6 +175,14 @@ class Lease:
         self._last_ok = sent
         self._prune(generation)
         return True
+
+    def _own(self, record: LeaseRecord) -> bool:
+        """Taken by this holder in this very process (an outage hid whether our create landed).
+        The same holder name in another process is another copy of it, say a trial rerun by a new
+        driver while the old driver's copy still trains: it waits as anyone does, until that copy
+        ends (`gone`) or goes stale; taking at once, the two copies would take it from each other
+        in turn, each losing its work."""
+        return record.holder == self.holder and record.host == process_space() and record.pid == os.getpid()
 
     def exclusive_create_refused(self) -> bool:
         """Whether storage refuses to create the record we hold a second time, as an exclusive

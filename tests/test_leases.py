@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+from helpers.leases import lease_held_by_a_live_process, leave_lease_held_by_an_ended_process
 
 from remem_ray.errors import ResourceError
-from remem_ray.leases import Lease, LeaseHandle, LeaseWatch, current_record
+from remem_ray.leases import Lease, LeaseHandle, LeaseWatch, current_record, process_gone
 from remem_ray.storage import Storage
 
 
@@ -103,13 +104,35 @@ def test_a_stale_holder_is_taken_over_and_finds_out(store):
 
 
 def test_a_restarted_holder_takes_its_lease_back_at_once(store):
-    first = lease(store, "sweep/trial_1")
-    assert first.try_acquire()
-    stale_handle = first.handle()
-    again = lease(store, "sweep/trial_1")  # the same trial after a crash, a new process
-    assert again.try_acquire()
+    """The same trial after a crash, in a new process of this host: the record's process has ended."""
+    folder = store.child("lease")
+    leave_lease_held_by_an_ended_process(folder, "sweep/trial_1")
+    ended = current_record(folder)
+    stale_handle = LeaseHandle(folder.uri(), folder.endpoint, folder.region, ended.generation, ended.token)
+    again = lease(store, "sweep/trial_1")
+    assert again.try_acquire(gone=process_gone)
     assert stale_handle.lost() is not None and again.handle().lost() is None
-    assert not first.renew()
+
+
+def test_a_live_copy_of_the_same_holder_waits_for_it_to_end_or_go_stale(store):
+    """Two copies of one trial at once (a driver frozen while its trials train on, and the new
+    driver's rerun of them): one holder name, two live processes. The second waits as anyone does;
+    taking the lease at once, the two copies took it from each other in turn, forever."""
+    clock = FakeClock()
+    copy = lease(store, "sweep/trial_1", clock)
+    with lease_held_by_a_live_process(store.child("lease"), "sweep/trial_1"):
+        assert not copy.try_acquire(gone=process_gone)
+        clock.now = 59.0
+        assert not copy.try_acquire(gone=process_gone)
+        assert current_record(store.child("lease")).generation == 1
+    assert copy.try_acquire(gone=process_gone)  # ended: at once, long before the stale window
+    assert current_record(store.child("lease")).generation == 2
+
+    with lease_held_by_a_live_process(store.child("lease2"), "sweep/trial_2"):
+        stale = Lease(store.child("lease2"), "sweep/trial_2", 60.0, clock)
+        assert not stale.try_acquire(gone=process_gone)
+        clock.now += 60.0  # no beat for the stale window: taken over, alive or not
+        assert stale.try_acquire(gone=process_gone)
 
 
 def test_handle_travels_as_plain_data(store):
