@@ -109,34 +109,6 @@ def test_a_failing_copy_is_logged_and_the_sweep_goes_on(tmp_path):
     )
 
 
-def test_the_study_copy_is_made_once_per_snapshot_and_opens_in_optuna(tmp_path, monkeypatch):
-    import pickle
-
-    import optuna
-
-    from remem_ray.config import SweepSpec
-    from remem_ray.sweep import study as study_module
-    from remem_ray.sweep.layout import SweepLayout
-
-    spec = SweepSpec.model_validate({"name": "s", "storage": {"root": str(tmp_path)}})
-    layout = SweepLayout(Storage(str(tmp_path)), "s")
-    export = study_module.StudyExport(spec, layout)
-    assert export() is None  # before Tune saved a snapshot
-    study = optuna.create_study(direction="maximize")
-    study.tell(study.ask(), 0.5)
-    layout.experiment.write_bytes("searcher-state-1.pkl", pickle.dumps({"study": study}))
-    stores = []
-    real_store = study_module._store
-    monkeypatch.setattr(study_module, "_store", lambda *a: (stores.append(1), real_store(*a)))
-    url = export()
-    assert export() == url and len(stores) == 1  # the same snapshot: not copied again
-    assert len(optuna.load_study(study_name="s", storage=url).trials) == 1
-    study.tell(study.ask(), 0.7)
-    layout.experiment.write_bytes("searcher-state-2.pkl", pickle.dumps({"study": study}))
-    export()
-    assert len(stores) == 2 and len(optuna.load_study(study_name="s", storage=url).trials) == 2
-
-
 def test_an_s3_sweep_log_leaves_no_local_copy_once_copied_and_keeps_it_when_the_copy_fails(s3, capsys):
     """The driver's log of an s3:// sweep is written locally, then copied up: the local folder
     goes once the bucket has the log, and stays (named) when the copy failed."""

@@ -2,9 +2,10 @@
 
 The live study stays in memory inside Tune's searcher, whose pickled snapshots (searcher-state-
 *.pkl) roll back with the experiment on resume, so the study and Tune never disagree. What Optuna
-tools read is a copy of the newest snapshot, replaced whole at each progress tick and at the end:
-by default `optuna.db` (SQLite) in the sweep folder (uploaded there for s3:// roots), or the
-spec's `sweep.optuna_storage` URL; the study is named after the sweep.
+tools read is a copy of the newest snapshot, made at each progress tick and at the end: by
+default `optuna.db` (SQLite) in the sweep folder, replaced whole (uploaded there for s3:// roots),
+or the study at the spec's `sweep.optuna_storage` URL, brought up to it in place; the study is
+named after the sweep.
 """
 
 from __future__ import annotations
@@ -101,11 +102,11 @@ class StudyExport:
 
 def _store(study, spec: SweepSpec, layout: SweepLayout) -> None:
     if spec.sweep.optuna_storage:
-        _replace(study, spec.sweep.optuna_storage, spec.name)
+        bring_up_to(study, spec.sweep.optuna_storage, spec.name)
         return
     with tempfile.TemporaryDirectory(prefix="remem-study-") as tmp:
         fresh = Path(tmp) / STUDY_FILE
-        _replace(study, f"sqlite:///{fresh}", spec.name)
+        bring_up_to(study, f"sqlite:///{fresh}", spec.name)
         if _is_local(layout):  # readers never see a half-written database
             target = Path(layout.experiment.path(STUDY_FILE))
             staged = target.with_suffix(".db.tmp")
@@ -115,19 +116,72 @@ def _store(study, spec: SweepSpec, layout: SweepLayout) -> None:
             layout.experiment.write_bytes(STUDY_FILE, fresh.read_bytes())
 
 
-def _replace(study, url: str, name: str) -> None:
-    """The study under `name` at `url`, as `study` is now (public Optuna API, as copy_study does)."""
+def bring_up_to(study, url: str, name: str) -> None:
+    """The study under `name` at `url` made what `study` is now, in place (public Optuna API):
+    new trials added, running ones updated, finished ones left alone, so a reader (a dashboard)
+    keeps its study and trial ids, never finds the study missing, and notes written there stay.
+    A stored study that is not an earlier state of this one (a study of another sweep by that
+    name, say) is replaced whole."""
     import optuna
 
     storage = optuna.storages.get_storage(url)
-    if name in optuna.study.get_all_study_names(storage):
-        optuna.delete_study(study_name=name, storage=storage)
-    target = optuna.create_study(storage=storage, study_name=name, directions=study.directions)
-    for key, value in study.user_attrs.items():
-        target.set_user_attr(key, value)
-    target.add_trials(study.get_trials(deepcopy=False))
-    if hasattr(storage, "remove_session"):
-        storage.remove_session()  # let go of the SQLite file before it is moved or uploaded
+    try:
+        try:
+            target = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            target = None
+        trials = study.get_trials(deepcopy=False)
+        if target is not None and not _earlier_state(target.get_trials(deepcopy=False), trials):
+            optuna.delete_study(study_name=name, storage=storage)
+            target = None
+        if target is None:
+            target = optuna.create_study(storage=storage, study_name=name, directions=study.directions)
+        for key, value in study.user_attrs.items():
+            if target.user_attrs.get(key, _MISSING) != value:
+                target.set_user_attr(key, value)
+        stored = {t.number: t for t in target.get_trials(deepcopy=False)}
+        study_id = storage.get_study_id_from_name(name)
+        for trial in trials:  # in number order: an added trial takes the next number, its own
+            mine = stored.get(trial.number)
+            if mine is None:
+                target.add_trial(trial)
+            elif not mine.state.is_finished():
+                _update(storage, storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), mine, trial)
+    finally:
+        if hasattr(storage, "remove_session"):
+            storage.remove_session()  # let go of the SQLite file before it is moved or uploaded
+
+
+_MISSING = object()
+
+
+def _earlier_state(stored: list, trials: list) -> bool:
+    """Whether `stored` could be an earlier copy of `trials`: as many or fewer, each at its number
+    with the same point, and each finished one finished alike."""
+    if len(stored) > len(trials):
+        return False
+    return all(
+        mine.number == trial.number
+        and mine.params == trial.params
+        and (not mine.state.is_finished() or (mine.state == trial.state and mine.values == trial.values))
+        for mine, trial in zip(stored, trials, strict=False)
+    )
+
+
+def _update(storage, trial_id: int, mine, trial) -> None:
+    """A running trial's stored copy brought up to `trial`; its state last (a finished trial is
+    immutable in Optuna's storages)."""
+    for step, value in trial.intermediate_values.items():
+        if mine.intermediate_values.get(step) != value:
+            storage.set_trial_intermediate_value(trial_id, step, value)
+    for key, value in trial.user_attrs.items():
+        if mine.user_attrs.get(key, _MISSING) != value:
+            storage.set_trial_user_attr(trial_id, key, value)
+    for key, value in trial.system_attrs.items():
+        if mine.system_attrs.get(key, _MISSING) != value:
+            storage.set_trial_system_attr(trial_id, key, value)
+    if trial.state != mine.state:
+        storage.set_trial_state_values(trial_id, trial.state, trial.values)
 
 
 def _is_local(layout: SweepLayout) -> bool:
