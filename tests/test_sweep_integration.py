@@ -471,7 +471,6 @@ def _files_holding(folders: list[Path], secrets: list[str], skip: Path) -> list[
 
 
 @pytest.mark.faults
-@pytest.mark.faults
 def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed):
     """The S3 smoke sweep; the server is stopped for about 20 s mid-sweep, then restarted over
     its data. The sweep completes (storage retries with backoff) or stops with a resumable
