@@ -20,7 +20,7 @@ from remem_ray.data import (
     build_pipeline,
 )
 from remem_ray.data.augment import crop_resize, resized_crop_params, translate, uniforms
-from remem_ray.data.pipeline import choose_pipeline
+from remem_ray.data.pipeline import EpochLoader, choose_pipeline
 from remem_ray.data.store import ImageStore, store_side
 
 CPU = torch.device("cpu")
@@ -217,6 +217,32 @@ def test_loader_path_order_and_views_are_a_function_of_the_epoch_too(workers):
     epoch_b = _epoch(b, 2)  # straight to epoch 2, as a resumed run does
     for x, y in zip(epoch_a, epoch_b):
         assert torch.equal(x[1], y[1]) and torch.equal(x[0], y[0])
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Each item one draw of the torch RNG, as an augmentation makes in a loader worker."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(1)
+
+
+def _draws(shard: Shard, epoch: int) -> torch.Tensor:
+    loader = EpochLoader(_Draws(), 8, 0, 1, CPU, shard)
+    loader.set_epoch(epoch)
+    return torch.cat(list(loader))
+
+
+def test_loader_workers_of_different_ranks_augment_with_their_own_streams():
+    """DDP through the loader path: each rank's worker draws its own crops and flips. Before, the
+    workers' seeds came from a generator seeded by (seed, epoch) alone, so worker w of every rank
+    drew the same stream, and each augmentation came world_size times in a global batch."""
+    ranks = [_draws(Shard(rank, 2), 3) for rank in (0, 1)]
+    assert not torch.equal(ranks[0], ranks[1])
+    assert torch.equal(_draws(Shard(1, 2), 3), ranks[1])  # still a function of (seed, epoch, rank)
+    assert not torch.equal(_draws(Shard(1, 2), 4), ranks[1])
 
 
 def test_cached_target_views_equal_the_views_training_sees_exactly():

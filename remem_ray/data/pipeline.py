@@ -143,7 +143,7 @@ class EpochLoader:
     def __init__(
         self, ds: Dataset, batch_size: int, seed: int, num_workers: int, device: torch.device, shard: Shard
     ) -> None:
-        self.seed = seed
+        self.seed, self.shard = seed, shard
         self.generator = torch.Generator().manual_seed(seed)
         self.sampler: torch.utils.data.DistributedSampler | None = None
         if shard.world_size > 1:
@@ -166,7 +166,12 @@ class EpochLoader:
         )
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        # worker processes seed their augmentation from this generator: one stream per rank, or
+        # every rank's worker w would draw the same crops and flips for its own images
+        if self.shard.world_size > 1:
+            self.generator.manual_seed(stream_key(self.seed, epoch, self.shard.rank))
+        else:
+            self.generator.manual_seed(epoch_seed(self.seed, epoch))
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
 
