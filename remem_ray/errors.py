@@ -14,3 +14,7 @@ class SpecError(UserInputError):
 
 class ResourceError(UserInputError):
     """Weights, data or storage named by the spec cannot be reached."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A run's loss went NaN or infinite: nothing of that epoch is kept (the CLI: one line, exit 1)."""

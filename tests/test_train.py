@@ -268,6 +268,37 @@ def test_rho_zero_trains_with_one_pass_and_differs_from_sam(in_tmp):
     assert not torch.allclose(results[0.0], results[0.5])
 
 
+def test_a_diverged_teacher_stops_before_its_epoch_is_kept_with_one_line_and_exit_1(in_tmp, capsys):
+    """SAM at rho 10 with SGD at lr 10 diverges in epoch 2 (its weights NaN, seeded). Before, the
+    run went on: a NaN checkpoint passed for a chance-level teacher (argmax of NaN is class 0), was
+    saved, and students distilled from it."""
+    spec = in_tmp / "spec.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "name": "diverges",
+                "data": {"name": "synthetic", "num_classes": 4, "samples_per_class": 30},
+                "teacher": {
+                    "epochs": 2,
+                    "checkpoint_epochs": [1, 2],
+                    "rho": 10.0,
+                    "optimizer": {"name": "sgd", "lr": 10.0},
+                    "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+                },
+            }
+        )
+    )
+    assert main(["teacher", str(spec)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1].startswith("remem: teacher diverged in epoch 2 (")
+        and "lower teacher.optimizer.lr or teacher.rho" in err[-1]
+    )
+    teacher = in_tmp / "remem-results" / "runs" / "diverges" / "teacher"
+    assert (teacher / "epoch_1" / "manifest.json").is_file() and not (teacher / "epoch_2").exists()
+    assert "Traceback" not in "\n".join(err)
+
+
 def test_in_process_is_not_a_ray_train_worker():
     assert not in_ray_train_worker()
 

@@ -7,6 +7,7 @@ training images per second and the share of it spent waiting for data.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -21,6 +22,7 @@ from remem_ray.config import RunSpec
 from remem_ray.contract import EPOCH, EPOCHS, LoopConfig, Session
 from remem_ray.data import DataPipeline, DataSplits, EvalResize, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
+from remem_ray.errors import TrainingDiverged
 from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import LeaseWatch
 from remem_ray.models import create_model
@@ -310,6 +312,19 @@ def model_seed(seed: int, role: str) -> int:
     return teacher if role == "teacher" else stream_key(teacher, _ROLE_STREAMS[role])
 
 
+def _refuse_divergence(ctx: LoopContext, epoch: int, metrics: dict[str, Any]) -> None:
+    """Stop before a diverged epoch is saved, reported or published: its NaN weights would pass
+    for a chance-level model (argmax of NaN is class 0), and students would distil from them.
+    The losses are totals over every rank, so every rank stops alike."""
+    bad = {k: metrics[k] for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])}
+    if bad:
+        losses = ", ".join(f"{k} {v}" for k, v in bad.items())
+        hint = f"{ctx.role}.optimizer.lr" + (" or teacher.rho" if ctx.role == "teacher" else "")
+        raise TrainingDiverged(
+            f"{ctx.role} diverged in epoch {epoch} ({losses}); nothing of that epoch is kept: lower {hint}"
+        )
+
+
 def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
     """Train from the last reported state (or the start), evaluating and reporting each epoch.
 
@@ -364,6 +379,7 @@ def _epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = loss, acc
         # a compiled model's first eval also compiles its eval-mode graph (grad mode is a guard)
         metrics["eval_seconds"] = time.perf_counter() - evaluated
+        _refuse_divergence(ctx, epoch, metrics)
         metrics["epoch_seconds"] = time.perf_counter() - began
         metrics["loop_seconds"] = sum(h["epoch_seconds"] for h in history) + metrics["epoch_seconds"]
         metrics["peak_rss_mb"] = peak_rss_mb()
