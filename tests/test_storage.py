@@ -332,3 +332,50 @@ def test_a_failed_local_write_leaves_no_temp_file_behind(tmp_path, monkeypatch, 
         storage.write_bytes("state.pt", b"x")
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_s3_storage_keeps_its_retries_when_pickled(monkeypatch):
+    """Ray's checkpoint uploads, Tune's syncs and the Train workers' writes run on pickled copies of
+    the filesystem. Before, a copy tried 3 times (pyarrow's pickling drops the retry strategy), about
+    2 s of outage instead of the minute S3_MAX_ATTEMPTS rides out. A server answering 503 to all."""
+    import importlib
+    import pickle
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from remem_ray.storage import fs as fs_module
+
+    requests = []
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            requests.append(self.command)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_PUT = _refuse
+
+        def log_message(self, *args) -> None:
+            pass
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(fs_module, "S3_MAX_ATTEMPTS", 4)  # the backoff of 13 would take a minute
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        storage = Storage("s3://bucket/root", endpoint=f"http://127.0.0.1:{server.server_port}")
+        copies = [pickle.loads(importlib.import_module(p).dumps(storage)) for p in ("pickle", "ray.cloudpickle")]
+        for store in (storage, *copies):
+            requests.clear()
+            with pytest.raises(ResourceError):
+                store.read_text("spec.json")
+            assert len(requests) == 4, requests
+    finally:
+        server.shutdown()
+        server.server_close()

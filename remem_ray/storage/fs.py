@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import os
 import threading
 import uuid
@@ -34,6 +35,21 @@ def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> paf
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
     return pafs.S3FileSystem(**kwargs)
+
+
+def _s3_filesystem_again(kwargs: dict, max_attempts: int) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(**{**kwargs, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)})
+
+
+def _reduce_s3_filesystem(fs: pafs.S3FileSystem):
+    """pyarrow's own pickling of an S3FileSystem drops its retry strategy (pyarrow 26: a copy
+    tries 3 times, about 2 s of outage), and Ray's checkpoint uploads, Tune's syncs and every
+    Train worker's writes run on pickled copies: those keep S3_MAX_ATTEMPTS."""
+    _, (kwargs,) = fs.__reduce__()
+    return _s3_filesystem_again, (kwargs, S3_MAX_ATTEMPTS)
+
+
+copyreg.pickle(pafs.S3FileSystem, _reduce_s3_filesystem)  # pickle's and cloudpickle's (Ray's) dispatch
 
 
 def split_s3_uri(uri: str) -> str:
