@@ -284,7 +284,11 @@ class LeaseHandle:
     def lost(self) -> str | None:
         """None while the lease is still ours; else who has it now (read from storage). Raises
         ResourceError when storage does not answer (LeaseWatch decides what that means)."""
-        return lost_reason(Storage(self.folder, self.endpoint, self.region), self.generation, self.token)
+        return lost_reason(self._storage, self.generation, self.token)
+
+    @functools.cached_property
+    def _storage(self) -> Storage:  # one per handle: each check would make its S3 clients again
+        return Storage(self.folder, self.endpoint, self.region)
 
 
 class LeaseWatch:

@@ -1,8 +1,12 @@
 """One suite for every storage backend (local folder and S3), like Optuna's storage tests."""
 
+import contextlib
 import os
 import socket
+import threading
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -334,14 +338,30 @@ def test_a_failed_local_write_leaves_no_temp_file_behind(tmp_path, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@contextlib.contextmanager
+def _served(handler: type[BaseHTTPRequestHandler], monkeypatch) -> Iterator[str]:
+    """An S3 endpoint on loopback answered by `handler`, with credentials in the environment."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_an_s3_storage_keeps_its_retries_when_pickled(monkeypatch):
     """Ray's checkpoint uploads, Tune's syncs and the Train workers' writes run on pickled copies of
     the filesystem. Before, a copy tried 3 times (pyarrow's pickling drops the retry strategy), about
     2 s of outage instead of the minute S3_MAX_ATTEMPTS rides out. A server answering 503 to all."""
     import importlib
     import pickle
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from remem_ray.storage import fs as fs_module
 
@@ -359,23 +379,43 @@ def test_an_s3_storage_keeps_its_retries_when_pickled(monkeypatch):
         def log_message(self, *args) -> None:
             pass
 
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "k",
-        "AWS_SECRET_ACCESS_KEY": "s",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
     monkeypatch.setattr(fs_module, "S3_MAX_ATTEMPTS", 4)  # the backoff of 13 would take a minute
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        storage = Storage("s3://bucket/root", endpoint=f"http://127.0.0.1:{server.server_port}")
+    with _served(Unavailable, monkeypatch) as endpoint:
+        storage = Storage("s3://bucket/root", endpoint=endpoint)
         copies = [pickle.loads(importlib.import_module(p).dumps(storage)) for p in ("pickle", "ray.cloudpickle")]
         for store in (storage, *copies):
             requests.clear()
             with pytest.raises(ResourceError):
-                store.read_text("spec.json")
+                store.exists("spec.json")  # on the pyarrow filesystem (reads take one boto3 GET)
             assert len(requests) == 4, requests
-    finally:
-        server.shutdown()
-        server.server_close()
+
+
+def test_an_s3_object_rewritten_between_its_size_and_its_bytes_reads_whole(monkeypatch):
+    """A student's best.json, a lease record, the study's copy: rewritten while others read them.
+    A server whose object is replaced by a longer one right after the size was asked (HEAD answers
+    the old length, GET serves the new bytes, ranges honoured as S3 does). Before, pyarrow's stream
+    read the range of the old length from the new version: a torn JSON."""
+    old, new = b'{"epoch": 9, "checkpoint": "best_epoch_9"}', b'{"epoch": 10, "checkpoint": "best_epoch_10", "more": 1}'
+
+    class Replaced(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(old)))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            body, status = new, 200
+            wanted = self.headers.get("Range")
+            if wanted:  # bytes=A-B
+                start, end = (int(x) for x in wanted.split("=")[1].split("-"))
+                body, status = new[start : end + 1], 206
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with _served(Replaced, monkeypatch) as endpoint:
+        assert Storage("s3://bucket/root", endpoint=endpoint).child("students").read_bytes("best.json") == new

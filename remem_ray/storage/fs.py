@@ -80,7 +80,7 @@ class Storage:
     def __init__(self, root: str, endpoint: str | None = None, region: str | None = None) -> None:
         self.is_s3 = root.startswith("s3://")
         self.endpoint, self.region = endpoint, region or default_region()
-        self._client = None
+        self._clients: dict = {}  # its boto3 client, made on first use and shared with its children
         if self.is_s3:
             self.fs: pafs.FileSystem = s3_filesystem(endpoint, self.region)
             self.base = split_s3_uri(root)
@@ -89,7 +89,7 @@ class Storage:
             self.base = str(Path(root).expanduser().resolve())
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None}  # boto3 clients do not pickle; made again on use
+        return {**self.__dict__, "_clients": {}}  # boto3 clients do not pickle; made again on use
 
     @classmethod
     def from_config(cls, cfg) -> Storage:
@@ -106,7 +106,7 @@ class Storage:
         """A Storage rooted at a sub-folder, sharing this filesystem."""
         sub = object.__new__(Storage)
         sub.is_s3, sub.endpoint, sub.region, sub.fs = self.is_s3, self.endpoint, self.region, self.fs
-        sub.base, sub._client = self.path(*parts), None
+        sub.base, sub._clients = self.path(*parts), self._clients
         return sub
 
     # ----------------------------------------------------------------- queries
@@ -134,10 +134,29 @@ class Storage:
     # ----------------------------------------------------------------- bytes
     def read_bytes(self, rel: str) -> bytes:
         try:
+            if self.is_s3:
+                return self._get_object(self.path(rel))
             with self.fs.open_input_stream(self.path(rel)) as f:
                 return f.read()
         except (OSError, FileNotFoundError) as exc:
             raise self._error("read", rel, exc) from None
+
+    def _get_object(self, target: str) -> bytes:
+        """One GET: pyarrow's stream asks for the size first (HEAD) and then GETs that range, so a
+        file rewritten between the two (a student's best.json, the study's copy, a lease record)
+        read torn: the new version cut to the old length, or padded."""
+        import botocore.exceptions
+
+        bucket, _, key = target.partition("/")
+        try:
+            return self._boto3().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(f"no such object {target}") from None
+            raise OSError(one_line(exc)) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise OSError(one_line(exc)) from None
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode()
@@ -198,9 +217,10 @@ class Storage:
         """boto3 for what pyarrow's filesystem cannot say (conditional writes, deletes that leave no
         folder marker); same credential chain. Made once, under a lock and from a session of its
         own: boto3's default session is not safe to make clients from in several threads (a lease's
-        renewer thread and the loop's both write)."""
+        renewer thread and the loop's both write). One per Storage and its children: making one
+        takes about 0.1 s of CPU, and readers poll."""
         with _BOTO3_LOCK:
-            if self._client is None:
+            if "s3" not in self._clients:
                 import boto3
                 import botocore.config
 
@@ -209,8 +229,10 @@ class Storage:
                 )
                 endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
                 session = boto3.session.Session()
-                self._client = session.client("s3", endpoint_url=endpoint, region_name=self.region, config=config)
-            return self._client
+                self._clients["s3"] = session.client(
+                    "s3", endpoint_url=endpoint, region_name=self.region, config=config
+                )
+            return self._clients["s3"]
 
     # ----------------------------------------------------------------- folders
     def upload_dir(self, local_dir: str | Path, rel: str) -> None:
@@ -227,10 +249,14 @@ class Storage:
         prefix = self.path(rel).rstrip("/") + "/"
         for info in infos:
             if info.type == pafs.FileType.File:
-                dest = local_dir / info.path[len(prefix) :]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with self.fs.open_input_stream(info.path) as f:
-                    dest.write_bytes(f.read())
+                name = info.path[len(prefix) :]
+                try:
+                    dest = local_dir / name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with self.fs.open_input_stream(info.path) as f:
+                        dest.write_bytes(f.read())
+                except OSError as exc:  # the bucket mid-copy, or the local disk (full, a file in the way)
+                    raise self._error("copy", f"{rel}/{name}", exc) from None
         return local_dir
 
     def delete_file(self, rel: str) -> None:
