@@ -166,6 +166,24 @@ def test_one_version_is_published_once_and_a_broken_one_is_superseded(tmp_path):
     assert model_file.stat().st_size == 10  # the broken version's files are never rewritten under readers
 
 
+def test_a_waiter_reads_a_broken_stored_student_once_while_its_key_is_distilled_again(tmp_path, monkeypatch):
+    """Another trial distils the key again (its stored version found truncated); this one waits.
+    Before, each of its looks (every 2 s) read and hashed the whole broken checkpoint again, and
+    said so on the console."""
+    monkeypatch.setattr(students_module, "POLL_S", 0.01)
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    assert _store(registry, 0, 1.0, "s/t1")
+    model_file = Path(registry.newest(KEY).checkpoint_uri()) / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:10])
+    holder = registry.lease(KEY, "s/t2", 60)
+    assert holder.try_acquire()  # the trial distilling it again
+    lines: list[str] = []
+    monkeypatch.setattr(students_module, "say", lines.append)
+    with pytest.raises(TimeoutError, match=KEY):
+        distil_once(registry, KEY, "s/t3", FakeDistil(registry), print, 0.3)
+    assert len([line for line in lines if "not usable" in line]) == 1, lines
+
+
 def test_a_failed_publication_is_logged_and_costs_the_run_nothing(tmp_path):
     registry = StudentRegistry(Storage(str(tmp_path / "students")))
     lines: list[str] = []

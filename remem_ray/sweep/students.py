@@ -175,14 +175,23 @@ def replay(record: StudentRecord, student_folder: Storage, report: Callable[[dic
         report(metrics)
 
 
-def usable_record(registry: StudentRegistry, key: str, trial_id: str) -> tuple[StudentRecord | None, int]:
-    """(the key's record if its checkpoint is whole, else None; the newest version seen)."""
+def usable_record(
+    registry: StudentRegistry, key: str, trial_id: str, broken: set[int] | None = None
+) -> tuple[StudentRecord | None, int]:
+    """(the key's record if its checkpoint is whole, else None; the newest version seen).
+    `broken`: the versions found broken so far, not read again (a version is never rewritten, and
+    a waiter looks every few seconds while the key is distilled again: each look would read and
+    hash the whole checkpoint, and say so)."""
     record = registry.newest(key)
     if record is None:
         return None, 0
+    if broken is not None and record.version in broken:
+        return None, record.version
     problem = record.problem()
     if problem is None:
         return record, record.version
+    if broken is not None:
+        broken.add(record.version)
     say(f"trial {trial_id}: stored student {key[:8]} is not usable ({problem}); distilling it again")
     return None, record.version
 
@@ -204,9 +213,10 @@ def distil_once(
     trial_id = holder.rsplit("/", 1)[-1]
     lease = registry.lease(key, holder, stale_after_s)
     waiter = Waiter(f"student {key}", wait_timeout_s, POLL_S)
+    broken: set[int] = set()
     while True:
         try:
-            record, seen = usable_record(registry, key, trial_id)
+            record, seen = usable_record(registry, key, trial_id, broken)
             taken = record is None and lease.try_acquire(gone=process_gone)  # a holder whose process ended: at once
         except ResourceError as exc:  # an outage: the holder rides it out, and so do its waiters
             waiter.ride_out(exc, stale_after_s)
@@ -218,7 +228,7 @@ def distil_once(
         if taken:
             try:
                 with Heartbeat(lease, HEARTBEAT_S, stopping):
-                    record, seen = usable_record(registry, key, trial_id)  # stored while we took the lease
+                    record, seen = usable_record(registry, key, trial_id, broken)  # stored while we took the lease
                     if record is not None:
                         play(record)
                         return "replayed"
