@@ -94,6 +94,10 @@ EndpointUrl = Annotated[
     str | None,
     _matching(r"https?://[^/\s@]+/?", "must look like http://host:port or https://host (no credentials in it)"),
 ]
+RegionName = Annotated[  # botocore's own check of a region name, which would fail later in a traceback
+    str,
+    _matching(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?", "must look like us-east-1 (letters, digits, dashes)"),
+]
 OptunaUrl = Annotated[
     str | None,
     _matching(
@@ -255,7 +259,7 @@ class StorageConfig(StrictModel):
         description="local folder or s3://bucket/prefix; local paths are made absolute",
     )
     endpoint: EndpointUrl = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
-    region: str = Field(
+    region: RegionName = Field(
         default_factory=default_region,
         description="the bucket's region (default: AWS_REGION, AWS_DEFAULT_REGION, else us-east-1)",
     )

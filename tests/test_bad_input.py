@@ -71,6 +71,7 @@ CORPUS = [
     _bad("only-comments", "# teacher:\n#   rho: 0.1\n", "is empty", verbs=ALL_VERBS),
     _bad("unsupported-scheme", "storage:\n  root: ftp://host/x\n", "storage.root"),
     _bad("endpoint-without-scheme", "storage:\n  root: s3://b/p\n  endpoint: 127.0.0.1:9000\n", "storage.endpoint"),
+    _bad("region-with-spaces", "storage:\n  root: s3://b/p\n  region: us east 1\n", "storage.region: must look like"),
     _bad("reweight-non-vit", "teacher:\n  model: resnet18\n  alpha: 0.9\n", "teacher.alpha"),
     _bad("img-size-too-small", "data:\n  img_size: 4\n", "data.img_size"),
     _bad("missing-weights-file", "teacher:\n  weights: /nonexistent/w.pth\n", "teacher.weights"),

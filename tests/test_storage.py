@@ -178,6 +178,21 @@ def test_preflight_refuses_an_endpoint_that_is_not_a_url(endpoint):
         preflight("s3://b/p", endpoint, endpoint_field="--endpoint")
 
 
+def test_preflight_names_an_endpoint_boto3_refuses_in_one_line(monkeypatch):
+    """A compose service name (`minio_1`) resolves on the user's network and passes the URL and
+    TCP checks, but boto3 refuses the host name. Before, that ValueError came out as a traceback."""
+    import importlib
+
+    preflight_module = importlib.import_module("remem_ray.storage.preflight")  # the package exports the function
+    monkeypatch.setattr(preflight_module, "_check_endpoint", lambda endpoint, field: None)  # reachable there
+    for name, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(
+        ResourceError, match=r"^storage: cannot address bucket 'b' at http://minio_1:9000 for storage.root"
+    ):
+        preflight("s3://b/p", "http://minio_1:9000")
+
+
 def test_a_node_fetches_an_s3_object_once_while_its_other_processes_wait_and_reuse_it(
     s3, tmp_path, monkeypatch, capsys
 ):

@@ -121,8 +121,13 @@ def _check_bucket(session, root: str, endpoint: str | None, region: str, field: 
     config = botocore.config.Config(
         connect_timeout=PREFLIGHT_TIMEOUT_S, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"}
     )
-    client = session.client("s3", endpoint_url=endpoint or None, region_name=region, config=config)
     where = f" at {endpoint}" if endpoint else ""
+    try:  # boto3 refuses some endpoints the URL check lets by (a host name with "_", as compose names go)
+        client = session.client("s3", endpoint_url=endpoint or None, region_name=region, config=config)
+    except (ValueError, botocore.exceptions.BotoCoreError) as exc:
+        raise ResourceError(
+            f"storage: cannot address bucket {bucket!r}{where} for {field} {root}: {one_line(exc)}"
+        ) from None
     try:
         client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
     except botocore.exceptions.ClientError as exc:
