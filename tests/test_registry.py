@@ -321,3 +321,17 @@ def test_a_teacher_holder_whose_process_ended_is_taken_over_at_once(tmp_path, mo
     spec = spec.model_copy(update={"sweep": spec.sweep.model_copy(update={"teacher_wait_timeout_s": 2.0})})
     fit = FakeFit()
     assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit) and fit.calls == 1
+
+
+def test_a_pointer_version_damaged_from_outside_is_one_line_naming_it(tmp_path):
+    """Versions are exclusive creates, so only something outside can damage one; before, every
+    trial of the key failed on it with a JSONDecodeError traceback, for good."""
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=FakeFit())
+    sets = registry.folder(key).sets
+    newest = sorted(sets.list_dir())[-1]
+    sets.write_text(newest, '{"generation": ')
+    with pytest.raises(ResourceError, match=rf"pointer version {sets.uri(newest)} is unreadable .*: remove it"):
+        registry.set_in_use(key)
+    sets.delete_file(newest)
+    assert registry.set_in_use(key) is None  # the version before it in force: the claim, made before any set

@@ -94,7 +94,17 @@ class TeacherRegistry:
         versions = folder.versions()
         if not versions:
             return None
-        return versions[-1], json.loads(folder.sets.read_text(version_file(versions[-1])))
+        name = version_file(versions[-1])
+        try:
+            record = json.loads(folder.sets.read_text(name))
+            if not isinstance(record.get("generation"), int):
+                raise ValueError("no generation in it")
+        except (ValueError, AttributeError) as exc:  # versions are exclusive creates: damaged from outside
+            raise ResourceError(
+                f"storage: teacher {key}'s pointer version {folder.sets.uri(name)} is unreadable ({exc}): "
+                f"remove it (the version before it is in use again)"
+            ) from None
+        return versions[-1], record
 
     def set_in_use(self, key: str, older_keys: Sequence[str] = ()) -> TeacherSet | None:
         """The set readers use: what the pointer names; for keys of older versions, their one set.
