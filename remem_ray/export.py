@@ -328,7 +328,8 @@ def _upload_fenced(staging: Path, out: Storage, files: tuple[str, ...], target: 
     before the card: a claim not ours by then (a server that ignored If-None-Match, or one
     removed by mistake) stops this export short of the card, so the target is never called whole."""
     token = os.urandom(16).hex()
-    if not out.create_exclusive(CLAIM_FILE, token.encode()):
+    # refused, a retried PUT whose first try landed answers 412 too: then the claim holds our token
+    if not out.create_exclusive(CLAIM_FILE, token.encode()) and _claim_token(out) != token:
         raise _claim_held(target)
     ours = True
     try:

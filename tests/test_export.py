@@ -234,6 +234,23 @@ def test_an_s3_export_whose_claim_changed_hands_stops_short_of_the_card(tmp_path
     assert out.list_dir() == [CLAIM_FILE] and out.read_text(CLAIM_FILE) == "another exporter's token"
 
 
+def test_an_s3_export_whose_claim_put_was_retried_after_it_landed_goes_on(tmp_path, s3, monkeypatch):
+    """The claim's conditional PUT landed, its answer was lost and the retry got 412: the claim is
+    ours (our token). Before, the export called it another's, stopped and left its own claim, which
+    refused every later export to that target."""
+    _student_checkpoint(tmp_path / "ck")
+    target = f"s3://{s3['bucket']}/v4"
+    original = Storage.create_exclusive
+
+    def landed_then_refused(self, rel, data):
+        created = original(self, rel, data)
+        return False if rel == CLAIM_FILE else created
+
+    monkeypatch.setattr(Storage, "create_exclusive", landed_then_refused)
+    export_student(Storage(str(tmp_path / "ck")), "best_epoch_3", target, endpoint=s3["endpoint"])
+    assert Storage(target, s3["endpoint"]).list_dir() == sorted([CARD_FILE, CONFIG_FILE, WEIGHTS_FILE])
+
+
 def test_a_student_named_by_a_hub_repo_is_refused_for_what_it_is(monkeypatch, tmp_path):
     """`hf-hub:ORG/REPO` was refused as "registered by remem_ray, not timm", which it is not."""
     import remem_ray.export as export
