@@ -7,6 +7,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -238,6 +239,32 @@ def test_a_node_fetches_an_s3_object_once_while_its_other_processes_wait_and_reu
         )
         for w in waits
     ), waits
+
+
+def test_a_fetch_clears_copies_left_by_fetches_killed_midway_and_a_full_disk_is_one_line(s3, tmp_path, monkeypatch):
+    """A fetch killed mid-copy (OOM, SIGKILL) left `<key>.partial-*` behind for good, a dataset's
+    size each, until the disk filled; then the write failed with a bare OSError traceback."""
+    from remem_ray.storage import fetch_to_cache
+
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
+    s3["client"].put_object(Bucket=s3["bucket"], Key="w/weights.pt", Body=b"weights")
+    uri = f"s3://{s3['bucket']}/w/weights.pt"
+    real_write = Path.write_bytes
+
+    def disk_full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(ResourceError, match=r"^uri: cannot keep .* in this node's cache .*: No space left on device"):
+        fetch_to_cache(uri, s3["endpoint"])
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+    folder = tmp_path / "cache" / "s3"
+    dead = [folder / f"{name}.partial-{n}" for name in {p.name.split(".")[0] for p in folder.iterdir()} for n in "ab"]
+    for partial in dead:  # what two killed fetches of that key left
+        partial.mkdir()
+        (partial / "weights.pt").write_bytes(b"wei")
+    assert fetch_to_cache(uri, s3["endpoint"]).read_bytes() == b"weights"
+    assert not any(p.exists() for p in dead) and not list(folder.glob("*.partial-*"))
 
 
 def test_a_node_lock_waiter_says_whom_it_waits_for_after_a_while_and_every_minute_after(tmp_path):

@@ -119,18 +119,25 @@ def _fetch(uri: str, endpoint: str | None, region: str | None, field: str, dest:
         raise ResourceError(f"{field}: cannot reach {uri}: {str(exc).splitlines()[0]}") from None
     if info.type == pafs.FileType.NotFound:
         raise ResourceError(f"{field}: not found: {uri}")
+    for dead in dest.parent.glob(f"{dest.name}.partial-*"):  # fetches killed mid-copy (we hold the lock)
+        shutil.rmtree(dead, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{dest.name}.partial-"))
     try:
         parent, _, base = path.rpartition("/")
         store = Storage(f"s3://{parent}", endpoint, region)
         if info.type == pafs.FileType.File:
-            (staging / name).write_bytes(store.read_bytes(base))
+            data = store.read_bytes(base)
+            (staging / name).write_bytes(data)
         else:
             store.download_dir(base, staging / name)
         result = dest / name
         (staging / ".complete").write_text(str(result))
         shutil.rmtree(dest, ignore_errors=True)  # a partial copy from a fetch that crashed mid-move
         os.replace(staging, dest)
+    except OSError as exc:  # the local disk: full, or the cache folder not writable
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = exc.strerror or str(exc).splitlines()[0]
+        raise ResourceError(f"{field}: cannot keep {uri} in this node's cache {dest.parent}: {reason}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
