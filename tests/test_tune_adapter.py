@@ -118,6 +118,52 @@ def test_asha_never_stops_a_replay_before_its_last_epoch_and_still_ranks_it():
     assert restored.on_trial_result(None, trials[4], {**replay, TIME_ATTR: 4}) == TrialScheduler.CONTINUE
 
 
+def test_asha_after_a_resume_ranks_new_trials_against_the_results_before_it():
+    """Tune saves no scheduler state: after a resume the rungs were empty, so the first trial to
+    reach a rung went on whatever its score (failed before: CONTINUE). The restored trials' rung
+    scores come back from the study, which the searcher's state keeps."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from remem_ray.sweep.tune_adapter import replay_aware_asha
+
+    searcher = budget_aware_optuna_search(
+        _space, METRIC, "max", optuna.samplers.TPESampler(seed=0), TIME_ATTR, stopped_early
+    )
+    for trial_id, scores in {"t1": (0.7, 0.8, 0.85), "t2": (0.6, 0.9), "t3": (0.5,)}.items():
+        searcher.suggest(trial_id)
+        for epoch, score in enumerate(scores, start=1):
+            searcher.on_trial_result(trial_id, {METRIC: score, TIME_ATTR: epoch, "epochs": 8})
+    controller = SimpleNamespace(search_alg=SimpleNamespace(searcher=searcher))  # as schedulers see it
+
+    def fresh_asha():
+        return replay_aware_asha(
+            metric=METRIC, mode="max", time_attr=TIME_ATTR, max_t=8, grace_period=2, reduction_factor=2
+        )
+
+    asha = fresh_asha()  # as a resume unpickles it from tuner.pkl: empty
+    for trial_id in ("t1", "t2", "t3"):
+        asha.on_trial_add(controller, SimpleNamespace(trial_id=trial_id))
+    rung = next(recorded for milestone, recorded in asha._trial_info["t1"]._rungs if milestone == 2)
+    assert rung == {"t1": 0.8, "t2": 0.9}  # t3 never reached epoch 2
+    new = SimpleNamespace(trial_id="t4")
+    asha.on_trial_add(controller, new)  # a new trial, unknown to the study: nothing recalled
+    assert asha.on_trial_result(controller, new, {TIME_ATTR: 2, METRIC: 0.75}) == TrialScheduler.STOP
+    forgetful = fresh_asha()  # what the resume had before
+    forgetful.on_trial_add(controller, new)
+    assert forgetful.on_trial_result(controller, new, {TIME_ATTR: 2, METRIC: 0.75}) == TrialScheduler.CONTINUE
+
+
+def test_tune_hands_schedulers_a_controller_with_the_search_algorithm():
+    from ray.tune.execution import tune_controller
+
+    assert '"search_alg"' in inspect.getsource(tune_controller.TuneController._wrapped)
+    from ray.tune.search.search_generator import SearchGenerator
+
+    assert "self.searcher = searcher" in inspect.getsource(SearchGenerator.__init__)
+
+
 class KeyBySlots:
     """The slot policy's interface, every trial startable; its teacher key names the point."""
 

@@ -11,7 +11,10 @@
 - `ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE`: the environment variables Tune copies
   into every trainable's runtime env (AWS keys among them); no public switch exists.
 - `AsyncHyperBandScheduler._time_attr` / `._max_t` / `._num_stopped`: read (and the count mended)
-  by the ASHA that never stops a replay.
+  by the ASHA that never stops a replay; `._trial_info` (trial id -> its bracket), the bracket's
+  `_rungs` ([(epoch, {trial id: score x `_metric_op`})]): filled again for restored trials, from
+  the study (Tune saves no scheduler state). A scheduler reaches the searcher through the
+  controller's `search_alg` (whitelisted for schedulers) and its `searcher`.
 - Tune logs each trial failure's whole traceback at ERROR ("Trial task failed for trial ...",
   ray/tune/execution/tune_controller.py) and, at the end, "Trials did not complete: ...":
   the console shows one line per failure instead (remem_ray.sweep.progress), the log keeps them.
@@ -204,6 +207,26 @@ def replay_aware_asha(**kwargs):
     from remem_ray.contract import STUDENT_REPLAYED
 
     class ReplayAwareASHA(ASHAScheduler):
+        def on_trial_add(self, tune_controller, trial) -> None:
+            super().on_trial_add(tune_controller, trial)
+            self._recall_rungs(tune_controller, trial)
+
+        def _recall_rungs(self, tune_controller, trial) -> None:
+            """A trial a resume restores: its place in each rung it had reached, from the study
+            (one intermediate value per epoch), as ASHA recorded it then (the first result at or
+            past the rung's epoch). Tune saves no scheduler state (ray 2.60), so the rungs came
+            back empty, and trials after a resume were judged against only each other."""
+            searcher = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
+            ot_trial = getattr(searcher, "_ot_trials", {}).get(trial.trial_id)
+            bracket = self._trial_info.get(trial.trial_id)
+            if ot_trial is None or bracket is None:  # a new trial: nothing reported yet
+                return
+            values = searcher.study.trials[ot_trial.number].intermediate_values
+            for milestone, recorded in bracket._rungs:
+                reached = [step for step in values if step >= milestone]
+                if reached and trial.trial_id not in recorded:
+                    recorded[trial.trial_id] = self._metric_op * values[min(reached)]
+
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:
             action = super().on_trial_result(tune_controller, trial, result)
             if (
