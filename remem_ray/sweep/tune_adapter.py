@@ -219,7 +219,7 @@ def replay_aware_asha(**kwargs):
             searcher = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
             ot_trial = getattr(searcher, "_ot_trials", {}).get(trial.trial_id)
             bracket = self._trial_info.get(trial.trial_id)
-            if ot_trial is None or bracket is None:  # a new trial: nothing reported yet
+            if searcher is None or ot_trial is None or bracket is None:  # a new trial: nothing reported yet
                 return
             values = searcher.study.trials[ot_trial.number].intermediate_values
             for milestone, recorded in bracket._rungs:
