@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from remem_ray.errors import TrainingDiverged, UserInputError
+from remem_ray.errors import TrainingDivergedError, UserInputError
 
 EXIT_USAGE = 2
 VERBOSE_HELP = "show all of Ray's and Tune's console output (sweep.log keeps it either way)"
@@ -469,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug or os.environ.get("REMEM_DEBUG") == "1":
             print_cause_chain(err)
         return EXIT_USAGE
-    except TrainingDiverged as err:  # not bad input: the run itself failed
+    except TrainingDivergedError as err:  # not bad input: the run itself failed
         print(f"remem: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

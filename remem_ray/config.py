@@ -96,7 +96,10 @@ EndpointUrl = Annotated[
 ]
 RegionName = Annotated[  # botocore's own check of a region name, which would fail later in a traceback
     str,
-    _matching(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?", "must look like us-east-1 (letters, digits, dashes)"),
+    _matching(
+        r"(?![0-9]+$)[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?",
+        "must look like us-east-1 (letters, digits, dashes)",
+    ),
 ]
 OptunaUrl = Annotated[
     str | None,

@@ -16,5 +16,5 @@ class ResourceError(UserInputError):
     """Weights, data or storage named by the spec cannot be reached."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDivergedError(RuntimeError):
     """A run's loss went NaN or infinite: nothing of that epoch is kept (the CLI: one line, exit 1)."""

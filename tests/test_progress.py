@@ -227,6 +227,10 @@ def test_a_failure_is_one_line_naming_its_exception_and_tunes_traceback_stays_in
     assert failure_line("Failure # 1\nremem_ray.errors.ResourceError: storage: s3://b/x: refused\n") == (
         "ResourceError: storage: s3://b/x: refused"
     )
+    diverged = "teacher diverged in epoch 2 (val_loss nan); nothing of that epoch is kept: lower teacher.optimizer.lr"
+    assert failure_line(f"Failure # 1\n  raise X\nremem_ray.errors.TrainingDivergedError: {diverged}\n") == (
+        f"TrainingDivergedError: {diverged}"
+    )
     assert failure_line("no exception named here") is None
 
     console, out, log = _console(tmp_path)

@@ -1,6 +1,7 @@
 """One suite for every storage backend (local folder and S3), like Optuna's storage tests."""
 
 import contextlib
+import hashlib
 import os
 import socket
 import threading
@@ -254,12 +255,17 @@ def test_a_fetch_clears_copies_left_by_fetches_killed_midway_and_a_full_disk_is_
     def disk_full(self, data):
         raise OSError(28, "No space left on device")
 
+    s3["client"].put_object(Bucket=s3["bucket"], Key="data/train/a.png", Body=b"png")
     monkeypatch.setattr(Path, "write_bytes", disk_full)
-    with pytest.raises(ResourceError, match=r"^uri: cannot keep .* in this node's cache .*: No space left on device"):
-        fetch_to_cache(uri, s3["endpoint"])
+    for fetched in (uri, f"s3://{s3['bucket']}/data"):  # a file, a folder
+        with pytest.raises(
+            ResourceError, match=r"^uri: cannot keep .* in this node's cache .*: No space left on device"
+        ):
+            fetch_to_cache(fetched, s3["endpoint"])
     monkeypatch.setattr(Path, "write_bytes", real_write)
     folder = tmp_path / "cache" / "s3"
-    dead = [folder / f"{name}.partial-{n}" for name in {p.name.split(".")[0] for p in folder.iterdir()} for n in "ab"]
+    key = hashlib.sha256(f"{s3['endpoint']}|{uri}".encode()).hexdigest()[:16]  # the file's, as the cache names it
+    dead = [folder / f"{key}.partial-{n}" for n in "ab"]
     for partial in dead:  # what two killed fetches of that key left
         partial.mkdir()
         (partial / "weights.pt").write_bytes(b"wei")

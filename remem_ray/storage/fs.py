@@ -45,8 +45,10 @@ def _reduce_s3_filesystem(fs: pafs.S3FileSystem):
     """pyarrow's own pickling of an S3FileSystem drops its retry strategy (pyarrow 26: a copy
     tries 3 times, about 2 s of outage), and Ray's checkpoint uploads, Tune's syncs and every
     Train worker's writes run on pickled copies: those keep S3_MAX_ATTEMPTS."""
-    _, (kwargs,) = fs.__reduce__()
-    return _s3_filesystem_again, (kwargs, S3_MAX_ATTEMPTS)
+    reduced = fs.__reduce__()
+    if len(reduced) != 2 or len(reduced[1]) != 1 or not isinstance(reduced[1][0], dict):
+        return reduced  # another pyarrow's shape: its own pickling, whatever it keeps
+    return _s3_filesystem_again, (reduced[1][0], S3_MAX_ATTEMPTS)
 
 
 copyreg.pickle(pafs.S3FileSystem, _reduce_s3_filesystem)  # pickle's and cloudpickle's (Ray's) dispatch
@@ -251,12 +253,13 @@ class Storage:
             if info.type == pafs.FileType.File:
                 name = info.path[len(prefix) :]
                 try:
-                    dest = local_dir / name
-                    dest.parent.mkdir(parents=True, exist_ok=True)
                     with self.fs.open_input_stream(info.path) as f:
-                        dest.write_bytes(f.read())
-                except OSError as exc:  # the bucket mid-copy, or the local disk (full, a file in the way)
-                    raise self._error("copy", f"{rel}/{name}", exc) from None
+                        data = f.read()
+                except OSError as exc:
+                    raise self._error("read", f"{rel}/{name}", exc) from None
+                dest = local_dir / name  # the local disk's errors are the caller's to name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
         return local_dir
 
     def delete_file(self, rel: str) -> None:

@@ -81,7 +81,7 @@ def study_url(spec: SweepSpec, layout: SweepLayout) -> str:
 
 
 class StudyExport:
-    """Replaces the stored study with Tune's newest snapshot of it; called at each progress line
+    """Brings the stored study up to Tune's newest snapshot of it; called at each progress line
     and at the end, it copies a snapshot only once (Tune saves one every few trial events)."""
 
     def __init__(self, spec: SweepSpec, layout: SweepLayout) -> None:
@@ -131,7 +131,9 @@ def bring_up_to(study, url: str, name: str) -> None:
         except KeyError:
             target = None
         trials = study.get_trials(deepcopy=False)
-        if target is not None and not _earlier_state(target.get_trials(deepcopy=False), trials):
+        if target is not None and (
+            target.directions != study.directions or not _earlier_state(target.get_trials(deepcopy=False), trials)
+        ):
             optuna.delete_study(study_name=name, storage=storage)
             target = None
         if target is None:

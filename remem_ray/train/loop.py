@@ -22,7 +22,7 @@ from remem_ray.config import RunSpec
 from remem_ray.contract import EPOCH, EPOCHS, LoopConfig, Session
 from remem_ray.data import DataPipeline, DataSplits, EvalResize, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
-from remem_ray.errors import TrainingDiverged
+from remem_ray.errors import TrainingDivergedError
 from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import LeaseWatch
 from remem_ray.models import create_model
@@ -320,7 +320,7 @@ def _refuse_divergence(ctx: LoopContext, epoch: int, metrics: dict[str, Any]) ->
     if bad:
         losses = ", ".join(f"{k} {v}" for k, v in bad.items())
         hint = f"{ctx.role}.optimizer.lr" + (" or teacher.rho" if ctx.role == "teacher" else "")
-        raise TrainingDiverged(
+        raise TrainingDivergedError(
             f"{ctx.role} diverged in epoch {epoch} ({losses}); nothing of that epoch is kept: lower {hint}"
         )
 
