@@ -3,6 +3,8 @@
     <key>/lease/<generation>.json    who may train the key now (remem_ray.leases)
     <key>/sets/<version>.json        the pointer to the set in use; each version names the
                                      generation folder whose checkpoints readers use
+    <key>/diverged.json              written once its training diverged (NaN or infinite loss):
+                                     the key is not trained again until it is removed
     <key>/gen-<generation>/          what the holder of that lease generation wrote (targets/ aside):
         spec.json                      the spec and key it trained from
         epoch_<e>/                     its checkpoints (manifest last; unchanged once complete)
@@ -37,6 +39,7 @@ STATE_FILE = "state.pt"  # a resume state's file, in resume/ or in a Train check
 RESUME_STATE = f"{RESUME_DIR}/{STATE_FILE}"
 TRAIN_RUN = "train-run"
 TARGETS_DIR = "targets"
+DIVERGED_FILE = "diverged.json"
 _GENERATION_PREFIX = "gen-"
 _LEGACY_ACTIVE_FILE = "active.json"
 

@@ -341,3 +341,33 @@ def test_an_earlier_state_that_does_not_load_is_not_resumed_from(tmp_path):
     events = Events()
     teach_then_distil(_config(spec, tmp_path, TeacherLog(events), None, events, teacher="gen-2", earlier="gen-1"))
     assert events.seen == ["teacher 1/3", "teacher 2/3 (log only)", "teacher 3/3", "teacher done"]
+
+
+def test_a_diverged_teacher_is_recorded_for_its_key_and_not_trained_again(tmp_path):
+    """A divergence is deterministic (seeded): before, each of Train's retries trained it again to
+    the same NaN, then each of Tune's, then every other trial of the key. Now its sweep hook keeps
+    it for the key: the retry stops before its first epoch, and trials never start a run for it."""
+    from helpers.teachers import registry_setup
+
+    from remem_ray.errors import TrainingDivergedError
+    from remem_ray.sweep.trial import TeacherFinished, ensure_teacher
+
+    diverging = {**SPEC, "teacher.rho": 10.0, "teacher.optimizer": {"name": "sgd", "lr": 10.0}}
+    spec = load_run_spec(None, diverging)
+    sweep, run_spec, layout, registry, key = registry_setup(tmp_path / "root")
+    hook = TeacherFinished(registry, layout, key, "t1", lease=None)  # its divergence record needs no lease
+    for attempt in ("first", "retry"):
+        events = Events()
+        config = _config(spec, tmp_path, TeacherLog(events), None, events)
+        with pytest.raises(TrainingDivergedError, match="teacher diverged in epoch 1"):
+            teach_then_distil(PhasesConfig(config.teacher, None, on_teacher_done=hook))
+        if attempt == "retry":
+            assert events.seen == []  # not one epoch
+    assert "remove it to train this teacher again" in registry.divergence(key)
+
+    class NeverFit:
+        def __call__(self, *args):
+            raise AssertionError("a Train run for a teacher that diverged")
+
+    with pytest.raises(TrainingDivergedError, match=f"recorded in .*{key}/diverged.json"):
+        ensure_teacher(sweep, run_spec, "s/t2", registry, layout, fit=NeverFit())

@@ -34,7 +34,7 @@ from remem_ray.console import say
 from remem_ray.errors import ResourceError
 from remem_ray.leases import Lease, Outage
 from remem_ray.storage import Storage
-from remem_ray.teacher_layout import RESUME_STATE, TeacherFolder, generation_dir, version_file
+from remem_ray.teacher_layout import DIVERGED_FILE, RESUME_STATE, TeacherFolder, generation_dir, version_file
 
 CLAIM, PUBLISH = "claim", "publish"
 # a lease holder's pace, for teachers and students alike: renew every HEARTBEAT_S; a lease unrenewed
@@ -156,6 +156,22 @@ class TeacherRegistry:
         """Make that generation's folder the set in use; False if a newer generation claimed the
         pointer meanwhile (its holder goes on; this one's lease had passed)."""
         return self._append(key, generation, PUBLISH, lambda newest: generation_dir(generation))
+
+    def record_divergence(self, key: str, message: str) -> None:
+        """The key's training diverged: its settings and seed give NaN again, so no trial trains
+        it again (each would spend its retries re-diverging) until someone removes the record."""
+        self.folder(key).storage.write_text(DIVERGED_FILE, json.dumps({"message": message, "time": time.time()}))
+
+    def divergence(self, key: str) -> str | None:
+        """Why the key's training was given up, with what lifts it; None if it never diverged."""
+        folder = self.folder(key).storage
+        if not folder.is_file(DIVERGED_FILE):
+            return None
+        try:
+            message = json.loads(folder.read_text(DIVERGED_FILE))["message"]
+        except (ValueError, KeyError, TypeError):
+            message = "its training diverged"
+        return f"{message} (recorded in {folder.uri(DIVERGED_FILE)}: remove it to train this teacher again)"
 
     def resume_source(self, key: str, generation: int) -> Storage | None:
         """The newest earlier generation's folder holding a resume state, to continue from."""

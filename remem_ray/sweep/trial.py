@@ -26,7 +26,7 @@ from remem_ray.checkpoint_files import best_checkpoint, checkpoint_name
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.console import say
 from remem_ray.contract import STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED, LoopConfig, PhasesConfig
-from remem_ray.errors import ResourceError
+from remem_ray.errors import ResourceError, TrainingDivergedError
 from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import Lease, LeaseHandle, LeaseWatch, process_gone
 from remem_ray.process import peak_rss_mb
@@ -163,6 +163,13 @@ class TeacherFinished:
         self.layout.record_teacher_training(self.key, self.trial_id, fit_called_at=self.fit_called_at, token=self.token)
         return True
 
+    def diverged(self, message: str) -> None:
+        """Its training diverged (rank 0): kept for the key, so none trains it again."""
+        self.registry.record_divergence(self.key, message)
+
+    def divergence(self) -> str | None:
+        return self.registry.divergence(self.key)
+
     def done(self) -> bool:
         """Whether this very training marked the teacher finished."""
         record = self.layout.teacher_training(self.key)
@@ -203,6 +210,9 @@ def ensure_teacher(
             if _usable(registry, key, older_keys, epochs, epoch, corrupt):
                 # Stored already; still ours if this very trial trained it before Tune restarted it.
                 return layout.trained_by(key) == trial_id
+            diverged = registry.divergence(key)
+            if diverged is not None:  # its settings and seed diverge: no Train run to find it again
+                raise TrainingDivergedError(diverged)
             taken = lease.try_acquire(gone=process_gone)  # a holder whose process ended: at once
         except ResourceError as exc:  # an outage: the holder rides it out, and so do its waiters
             waiter.ride_out(exc, stale_after_s)

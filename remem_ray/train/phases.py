@@ -10,7 +10,8 @@ pays once.
   scheduler reading them, are student epochs only.
 - The config's `on_teacher_done` runs on rank 0 between the phases (a sweep marks the teacher
   finished there); every rank waits until rank 0 has written the teacher's last checkpoint and
-  run it.
+  run it. A hook with `divergence()` and `diverged(message)` (a sweep's) is asked first whether
+  the teacher diverged before, and told when it diverges.
 - The student phase is the plain distillation with the run's own checkpoints: a restarted run
   that has a checkpoint is past its teacher phase and resumes the student (so a sweep gives a
   student run that exists already a run of its own). One restarted before its first student
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from remem_ray.contract import LoopConfig, PhasesConfig
+from remem_ray.errors import TrainingDivergedError
 from remem_ray.train.common import pick_device, rank0_decides
 from remem_ray.train.loop import base_session
 from remem_ray.train.student import distill_student
@@ -61,13 +63,23 @@ def teach_then_distil(config: PhasesConfig) -> dict[str, Any]:
 
 def _teacher_phase(cfg: LoopConfig, teacher_done_hook: Callable[[], Callable[[], object] | None]) -> dict[str, Any]:
     base = base_session(cfg, "teacher")
-    result = fine_tune_teacher(cfg.but(session=base))  # its `state` folder keeps the resume state
+    device = pick_device(cfg.spec.device, base.local_rank)
+    hook = teacher_done_hook() if base.world_rank == 0 else None  # unpickled where it runs
+    # a hook that keeps divergences (a sweep's): a retry of a run that diverged, or another trial
+    # of its key, stops before its first epoch instead of diverging again
+    recorded = getattr(hook, "divergence", lambda: None)()
+    if rank0_decides(recorded is not None, device):
+        raise TrainingDivergedError(recorded or "teacher: its training diverged before (rank 0 read the record)")
+    try:
+        result = fine_tune_teacher(cfg.but(session=base))  # its `state` folder keeps the resume state
+    except TrainingDivergedError as exc:
+        getattr(hook, "diverged", lambda message: None)(str(exc))
+        raise
     if "stopped" in result:  # every rank stops at the same epoch (rank 0 decides)
         return result
-    hook = teacher_done_hook() if base.world_rank == 0 else None  # unpickled where it runs, when it runs
     published = hook() is not False if hook is not None else True
     # rank 0 wrote the last checkpoint and ran the hook; the others load that checkpoint next
-    if not rank0_decides(published, pick_device(cfg.spec.device, base.local_rank)):
+    if not rank0_decides(published, device):
         # refused: another holder took the lease over; no student on a set nobody will use
         return {**result, "stopped": "its set was not published: the lease passed to another holder"}
     return result
