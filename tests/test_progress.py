@@ -38,6 +38,54 @@ def test_the_console_shows_marked_lines_and_tracebacks_and_the_log_keeps_everyth
         assert line in kept
 
 
+WORKER_TRACEBACK = """Error in training function:
+Traceback (most recent call last):
+  File "/work/main/remem_ray/train/loop.py", line 323, in _refuse_divergence
+    raise TrainingDivergedError(
+remem_ray.errors.TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan); nothing of that epoch is kept
+"""
+CONTROLLER_RETRY = """[FailurePolicy] RETRY
+  Source: worker group
+  Error count: 1 (max allowed: 1)
+Error: Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+Traceback (most recent call last):
+  File "/work/main/remem_ray/sweep/trial.py", line 107, in teach_then_distil_in_worker
+remem_ray.errors.TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan); nothing of that epoch is kept
+ray.train.WorkerGroupError: Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+Traceback (most recent call last):
+  File "/work/main/remem_ray/sweep/trial.py", line 107, in teach_then_distil_in_worker
+remem_ray.errors.TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan); nothing of that epoch is kept
+"""
+
+
+def test_a_workers_traceback_and_trains_retry_are_a_line_each_on_the_console(tmp_path):
+    """A diverged teacher put 80 lines on the console: the worker's traceback, then Train's
+    controller's RETRY block holding it twice, per attempt. Now a line each; the log keeps all."""
+    console, out, log = _console(tmp_path)
+    for who, text in (("RayTrainWorker", WORKER_TRACEBACK), ("TrainController", CONTROLLER_RETRY)):
+        console.worker_output({"lines": text.splitlines(), "pid": 7, "actor_name": who, "is_err": True})
+    console.worker_output(
+        {
+            "lines": CONTROLLER_RETRY.replace("RETRY", "RAISE").replace("count: 1", "count: 2").splitlines(),
+            "pid": 7,
+            "actor_name": "TrainController",
+            "is_err": True,
+        }
+    )
+    shown = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+    diverged = "TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan); nothing of that epoch is kept"
+    assert shown == [
+        f"(RayTrainWorker pid=7) {diverged} (the traceback: sweep.log)",
+        f"(TrainController pid=7) a Train run failed (failure 1, 1 allowed), Train runs it again: {diverged}",
+        f"(TrainController pid=7) a Train run failed (failure 2, 1 allowed), Train gives up: {diverged}",
+    ]
+    log.close()
+    kept = (tmp_path / "sweeps" / "s" / "sweep.log").read_text()
+    assert kept.count("Traceback (most recent call last)") == 5 and "[FailurePolicy] RAISE" in kept
+
+
 def test_the_raylets_worker_count_warning_goes_to_the_log_and_other_notices_to_the_console_too(tmp_path):
     console, out, log = _console(tmp_path)
     size = (

@@ -2,8 +2,9 @@
 
 By default the console shows the epoch lines the workers mark (see remem_ray.console; which
 epochs: remem_ray.train.session.EpochLines), a line when a trial starts and ends, a compact
-progress line at a steady cadence, and worker tracebacks; Ray's and Tune's own chatter goes only to the log file,
-`<sweep folder>/sweep.log`, which holds everything. `--verbose` puts Ray's console back.
+progress line at a steady cadence, and one line per worker traceback or failed trial; Ray's and
+Tune's own chatter, and the tracebacks, go only to the log file, `<sweep folder>/sweep.log`,
+which holds everything. `--verbose` puts Ray's console back.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class SweepConsole:
         if self.verbose:
             return  # Ray's own printer shows them
         if batch.get("is_err") and any(line.startswith("Traceback") for line in lines):
-            print("\n".join(f"{who} {line}" for line in lines), file=self.out, flush=True)
+            self._print(f"{who} {traceback_line(lines)}")  # the whole traceback is in the log
             return
         for line in lines:
             message = marked(line)
@@ -293,6 +294,25 @@ def failure_line(error_text: str, limit: int = 240) -> str | None:
         rest = (x for x in lines[i + 1 :] if x and not x.startswith(_SNIPPET_HEADERS))
         line = f"{line} {next(rest, '')}".rstrip()
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_TRAIN_DECISION = re.compile(r"\[FailurePolicy\] (RETRY|RAISE)")
+_TRAIN_FAILURES = re.compile(r"Error count: (\d+) \(max allowed: (\S+)\)")
+
+
+def traceback_line(lines: list[str]) -> str:
+    """One console line for a process's traceback: its exception, and what Train decided where it
+    is Train's controller telling of a failed run (a worker's traceback and the controller's two
+    copies of it were 80 lines on the console for one diverged teacher)."""
+    text = "\n".join(lines)
+    exception = failure_line(text) or "a traceback"
+    decision = _TRAIN_DECISION.search(text)
+    if decision is None:
+        return f"{exception} (the traceback: sweep.log)"
+    failures = _TRAIN_FAILURES.search(text)
+    counted = f" (failure {failures[1]}, {failures[2]} allowed)" if failures else ""
+    what = "Train runs it again" if decision[1] == "RETRY" else "Train gives up"
+    return f"a Train run failed{counted}, {what}: {exception}"
 
 
 def driver_line(message: str) -> None:
