@@ -10,6 +10,7 @@ from helpers.sweeps import SMOKE
 from remem_ray.cli import main
 from remem_ray.config import SweepSpec, load_sweep_spec
 from remem_ray.contract import METRIC, stopped_early
+from remem_ray.errors import ResourceError
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.search import TIME_ATTR, DefineByRunSpace, build_scheduler
@@ -736,3 +737,17 @@ def test_a_resume_does_not_refuse_settings_a_new_run_would(in_tmp, capsys):
     assert main(["sweep", "resume", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "gpu_budget" not in err and "stopped before its first trial" in err  # past the spec's checks
+
+
+def test_an_unreadable_experiment_state_is_one_line_not_an_empty_sweep(tmp_path, capsys):
+    """Before, `sweep status` showed an empty table (exit 0), `sweep best` said no trial had
+    reported yet, and `remem report` replaced the sweep's report with empty plots."""
+    from remem_ray.sweep.results import load_trials
+
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    assert load_trials(layout) == []  # no state saved yet: no trials, no error
+    layout.experiment.write_text(
+        "experiment_state-2026-12-07_00-39-46.json", '{"trial_data": [["{\\"trial_id\\": \\"ab'
+    )
+    with pytest.raises(ResourceError, match=r"^sweep: Tune's experiment state in .*/sweeps/s cannot be read \("):
+        load_trials(layout)

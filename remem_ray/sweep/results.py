@@ -22,6 +22,7 @@ from remem_ray.contract import (
     best_trial,
     stopped_early,
 )
+from remem_ray.errors import ResourceError
 from remem_ray.search_params import SEARCH_PARAMS
 from remem_ray.sweep.layout import SUMMARY_FILE, SweepLayout
 from remem_ray.sweep.search import space_size
@@ -123,8 +124,18 @@ def load_trials(layout: SweepLayout) -> list:
         analysis = read_settled(
             lambda: ExperimentAnalysis(path, storage_filesystem=layout.root.fs), (ValueError, RuntimeError)
         )
-    except (FileNotFoundError, ValueError, RuntimeError):
+    except FileNotFoundError:
         return []
+    except (ValueError, RuntimeError) as exc:
+        states = [n for n in layout.experiment.list_dir() if n.startswith("experiment_state-")]
+        if not states:  # no trial saved yet
+            return []
+        # one there but unreadable: an empty table would pass for a sweep without trials (and a
+        # report written from it would replace the good one)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ResourceError(
+            f"sweep: Tune's experiment state in {layout.experiment.uri()} cannot be read ({reason})"
+        ) from None
     return sorted(analysis.trials, key=lambda t: t.trial_id)
 
 
