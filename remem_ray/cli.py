@@ -275,9 +275,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from remem_ray.config import load_run_spec
     from remem_ray.info import checkpoint_info
+    from remem_ray.spec_checks import check_data
     from remem_ray.train.common import pick_device
 
     spec = load_run_spec(args.data)
+    check_data(spec)
     device = pick_device(spec.device)
     info = checkpoint_info(args.checkpoint, spec, device, samples=args.samples, endpoint=args.endpoint)
     print(json.dumps(info, indent=2))

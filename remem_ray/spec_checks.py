@@ -20,17 +20,23 @@ def check_spec(spec: RunSpec, sweep_settings: bool = True) -> None:
     still read, for status and reports)."""
     if isinstance(spec, SweepSpec) and sweep_settings:
         _check_sweep(spec)
-    from remem_ray.data import DATASETS  # an open registry (register_dataset): known only once imported
     from remem_ray.models import check_model_spec
 
-    if spec.data.name not in DATASETS:
-        raise SpecError(f"data.name: unknown dataset {spec.data.name!r}; known: {', '.join(sorted(DATASETS))}")
+    check_data(spec)
     reweight = spec.teacher.alpha < 1.0 or (isinstance(spec, SweepSpec) and spec.searches_reweighting())
     size, classes = spec.data.img_size, spec.data.num_classes
     for role, model, reweights in (("teacher", spec.teacher, reweight), ("student", spec.student, False)):
         check_model_spec(role, model.model, model.model_kwargs, classes, size, reweight=reweights)
         _check_local_weights(role, model.weights)
         _check_optimizer(role, model.optimizer.name)
+
+
+def check_data(spec: RunSpec) -> None:
+    """The data section alone (`remem info --data` reads nothing else of its spec)."""
+    from remem_ray.data import DATASETS  # an open registry (register_dataset): known only once imported
+
+    if spec.data.name not in DATASETS:
+        raise SpecError(f"data.name: unknown dataset {spec.data.name!r}; known: {', '.join(sorted(DATASETS))}")
 
 
 def _check_optimizer(role: str, name: str) -> None:

@@ -301,6 +301,7 @@ CORPUS = [
         verbs=(TEACHER,),
     ),
     _bad("info-samples-zero", "name: x\n", "--samples", verbs=(("info", "ck", "--data", "SPEC", "--samples", "0"),)),
+    _bad("info-unknown-dataset", "data:\n  name: imagenet9\n", "data.name", verbs=(("info", "ck", "--data", "SPEC"),)),
     _bad("resume-unreachable-endpoint", None, "--endpoint", "@DEAD@", verbs=BY_URI, flags=("--endpoint", "@DEAD@")),
     _bad("status-endpoint-not-a-url", None, "--endpoint", "127.0.0.1:9000", verbs=(STATUS,), flags=S3_NOT_A_URL),
     _bad("status-unknown-sweep", None, "sweep: no sweep at", "nothing-here", verbs=UNKNOWN_SWEEP),
