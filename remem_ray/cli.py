@@ -24,6 +24,8 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "endpoint", None) is not None:
         overrides["storage.endpoint"] = args.endpoint
     if getattr(args, "teacher_epoch", None) is not None:
+        if getattr(args, "teacher", None) is not None:  # a checkpoint folder is one epoch's already
+            raise UserInputError("--teacher-epoch: give it or --teacher (a checkpoint of one epoch), not both")
         overrides["student.teacher_epoch"] = args.teacher_epoch
     if getattr(args, "teacher", None) is not None:
         overrides["student.teacher_checkpoint"] = args.teacher

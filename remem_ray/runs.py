@@ -18,7 +18,12 @@ def run_folder(spec: RunSpec) -> Storage:
 
 def teacher_location(spec: RunSpec) -> str:
     """The teacher checkpoint a student distils from: explicit, or this run's chosen epoch."""
-    if spec.student.teacher_checkpoint:
+    if spec.student.teacher_checkpoint:  # whole before the run writes anything (its scalars)
+        from remem_ray.checkpoints import split_location
+
+        parent, name = split_location(spec.student.teacher_checkpoint, spec.storage.endpoint, spec.storage.region)
+        if not is_complete(parent, name):
+            raise ResourceError(f"student.teacher_checkpoint (--teacher): no complete checkpoint at {parent.uri(name)}")
         return spec.student.teacher_checkpoint
     epoch = spec.student.teacher_epoch or spec.teacher.saved_epochs[-1]
     folder = run_folder(spec).child("teacher")

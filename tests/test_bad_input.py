@@ -301,6 +301,18 @@ CORPUS = [
         verbs=(TEACHER,),
     ),
     _bad("info-samples-zero", "name: x\n", "--samples", verbs=(("info", "ck", "--data", "SPEC", "--samples", "0"),)),
+    _bad(
+        "distill-teacher-missing",
+        "name: x\n",
+        "student.teacher_checkpoint (--teacher): no complete checkpoint at",
+        verbs=(("distill", "SPEC", "--teacher", "nothere"),),
+    ),
+    _bad(
+        "distill-teacher-and-epoch",
+        "name: x\n",
+        "--teacher-epoch: give it or --teacher",
+        verbs=(("distill", "SPEC", "--teacher", "nothere", "--teacher-epoch", "2"),),
+    ),
     _bad("info-unknown-dataset", "data:\n  name: imagenet9\n", "data.name", verbs=(("info", "ck", "--data", "SPEC"),)),
     _bad("resume-unreachable-endpoint", None, "--endpoint", "@DEAD@", verbs=BY_URI, flags=("--endpoint", "@DEAD@")),
     _bad("status-endpoint-not-a-url", None, "--endpoint", "127.0.0.1:9000", verbs=(STATUS,), flags=S3_NOT_A_URL),
