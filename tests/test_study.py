@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optuna
+import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
@@ -95,3 +96,24 @@ def test_the_study_copy_is_made_once_per_snapshot_and_opens_in_optuna(tmp_path, 
     layout.experiment.write_bytes("searcher-state-2.pkl", pickle.dumps({"study": study}))
     export()
     assert len(stores) == 2 and len(optuna.load_study(study_name="s", storage=url).trials) == 2
+
+
+def test_the_dashboard_on_a_taken_port_is_one_line_before_any_address_is_printed(tmp_path, capsys):
+    """Before, it printed the dashboard's address, then failed with an OSError traceback."""
+    import socket
+
+    from remem_ray.config import SweepSpec
+    from remem_ray.errors import UserInputError
+    from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.study import STUDY_FILE, serve_dashboard
+
+    spec = SweepSpec.model_validate({"name": "s", "storage": {"root": str(tmp_path)}})
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    layout.experiment.write_bytes(STUDY_FILE, b"")  # there: the port is checked next
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserInputError, match=rf"^--port: 127.0.0.1:{port} is taken .*pick another --port"):
+            serve_dashboard(spec, layout, port)
+    assert "Optuna dashboard" not in capsys.readouterr().out

@@ -208,5 +208,20 @@ def serve_dashboard(spec: SweepSpec, layout: SweepLayout, port: int) -> None:
             local = Path(tempfile.mkdtemp(prefix="remem-study-")) / STUDY_FILE
             local.write_bytes(layout.experiment.read_bytes(STUDY_FILE))
             url = f"sqlite:///{local}"
+    _check_port_free(port)
     print(f"Optuna dashboard of sweep {spec.name!r}: http://127.0.0.1:{port}  (Ctrl-C stops it)", flush=True)
     optuna_dashboard.run_server(url, host="127.0.0.1", port=port)
+
+
+def _check_port_free(port: int) -> None:
+    """Before the dashboard's address is printed: its server failed on a taken port with an
+    OSError traceback, after the line that said where it was."""
+    import socket
+
+    from remem_ray.errors import UserInputError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise UserInputError(f"--port: 127.0.0.1:{port} is taken ({exc.strerror}); pick another --port") from None
