@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
@@ -109,7 +111,8 @@ def test_the_dashboard_on_a_taken_port_is_one_line_before_any_address_is_printed
 
     spec = SweepSpec.model_validate({"name": "s", "storage": {"root": str(tmp_path)}})
     layout = SweepLayout(Storage(str(tmp_path)), "s")
-    layout.experiment.write_bytes(STUDY_FILE, b"")  # there: the port is checked next
+    Path(layout.experiment.path()).mkdir(parents=True)
+    bring_up_to(optuna.create_study(), f"sqlite:///{layout.experiment.path(STUDY_FILE)}", "s")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

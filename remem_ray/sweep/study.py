@@ -221,6 +221,7 @@ def _check_port_free(port: int) -> None:
     from remem_ray.errors import UserInputError
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no refusal
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as exc:
