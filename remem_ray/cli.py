@@ -114,10 +114,17 @@ def _print_end(summary, endpoint: str | None = None) -> int:
         return EXIT_INTERRUPTED
     if not failed:
         return 0
+    diverged = sum(1 for row in summary.trials if (row.failure or "").startswith("TrainingDivergedError"))
     print(
         f"remem: error: {len(failed)} of {len(summary.trials)} trials failed ({', '.join(failed[:5])}"
         f"{', ...' if len(failed) > 5 else ''}); each one's error is in its trial folder under "
-        f"{summary.experiment}; `{again}` runs them again",
+        f"{summary.experiment}; `{again}` runs them again"
+        + (
+            f" ({diverged} of them on a teacher that diverged: refused at once until the diverged.json "
+            f"their line names is removed)"
+            if diverged
+            else ""
+        ),
         file=sys.stderr,
     )
     return 1
@@ -210,7 +217,7 @@ def cmd_sweep_logs(args: argparse.Namespace) -> int:
 
     status = job_logs(args.address, args.job, follow=args.follow)
     print(f"job {args.job}: {status}", file=sys.stderr)
-    return 0 if status != "FAILED" else 1
+    return 1 if status in ("FAILED", "STOPPED") else 0  # `logs --follow && next-step` must not go on
 
 
 def cmd_sweep_stop(args: argparse.Namespace) -> int:

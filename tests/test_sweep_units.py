@@ -342,9 +342,17 @@ def test_an_errored_trial_is_never_the_best_student(tmp_path, monkeypatch):
     trials = [trial("a", "TERMINATED", 0.80, 8), trial("b", "ERROR", 0.90, 3), trial("c", "TERMINATED", 0.70, 2)]
     monkeypatch.setattr(results, "load_trials", lambda layout: trials)
     spec = SweepSpec.model_validate({"name": "s", "storage": {"root": str(tmp_path)}})
-    summary = results.summarize(spec, SweepLayout(Storage(str(tmp_path)), "s"))
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    error = "Failure # 1\nremem_ray.errors.TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan)\n"
+    layout.trial_folder("b").write_text("error.txt", error)  # Tune's, as it writes it
+    summary = results.summarize(spec, layout)
     assert summary.best.trial_id == "a"
     assert [r.state for r in summary.trials] == ["TERMINATED", "ERROR", "TERMINATED"]
+    assert [r.failure for r in summary.trials] == [
+        None,
+        "TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan)",
+        None,
+    ]
     trials[0].status = "ERROR"
     assert results.summarize(spec, SweepLayout(Storage(str(tmp_path)), "s")).best.trial_id == "c"
 
@@ -358,6 +366,7 @@ def test_a_sweep_with_a_failed_trial_exits_1_and_says_which(tmp_path, monkeypatc
     from remem_ray.sweep.results import SweepSummary, TrialRow
 
     rows = [TrialRow("a1", "TERMINATED", {}), TrialRow("b2", "ERROR", {}), TrialRow("c3", "ERROR", {})]
+    rows[2].failure = "TrainingDivergedError: teacher diverged in epoch 2 (...): remove it to train this teacher again"
     summary = SweepSummary("smoke", str(tmp_path / "sweeps" / "smoke"), METRIC, trials=rows)
     monkeypatch.setattr(sweep, "run_sweep", lambda spec, address=None, verbose=False: summary)
     monkeypatch.setattr(sweep, "resume_sweep", lambda spec, address=None, verbose=False: summary)
@@ -367,7 +376,8 @@ def test_a_sweep_with_a_failed_trial_exits_1_and_says_which(tmp_path, monkeypatc
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("remem: error")]
     assert errors == [
         f"remem: error: 2 of 3 trials failed (b2, c3); each one's error is in its trial folder under "
-        f"{tmp_path}/sweeps/smoke; `remem sweep resume {tmp_path}/sweeps/smoke` runs them again"
+        f"{tmp_path}/sweeps/smoke; `remem sweep resume {tmp_path}/sweeps/smoke` runs them again (1 of them on "
+        f"a teacher that diverged: refused at once until the diverged.json their line names is removed)"
     ]
     rows[1].state = rows[2].state = "TERMINATED"
     assert main(args) == 0 and "remem: error" not in capsys.readouterr().err
@@ -568,6 +578,15 @@ def test_following_a_jobs_logs_prints_its_last_lines_and_says_what_failed(monkey
     client.get_job_info = unreachable  # not "no such job": the dashboard did not answer
     with pytest.raises(ResourceError, match=r"^--address: could not ask for job 'j': HTTPConnectionPool"):
         jobs.job_logs("http://h:8265", "j")
+
+
+@pytest.mark.parametrize(("status", "code"), [("SUCCEEDED", 0), ("RUNNING", 0), ("FAILED", 1), ("STOPPED", 1)])
+def test_sweep_logs_exits_1_for_a_job_that_failed_or_was_stopped(status, code, monkeypatch):
+    """`remem sweep logs J --follow && deploy` went on after someone stopped the job (exit 0)."""
+    from remem_ray.sweep import jobs
+
+    monkeypatch.setattr(jobs, "job_logs", lambda address, job, follow=False: status)
+    assert main(["sweep", "logs", "j", "--address", "http://h:8265", "--follow"]) == code
 
 
 class _FakeClusterRay:

@@ -26,6 +26,7 @@ SWEEP_SPEC_FILE = "sweep_spec.json"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "sweep.log"
 TUNER_FILE = "tuner.pkl"  # Tune's: written as the Tuner is created; what Tuner.can_restore looks for
+ERROR_FILE = "error.txt"  # Tune's, in a failed trial's folder
 GPU_SHARES_FILE = "gpu_shares.json"  # what gpus_per_worker: auto measured and chose (the driver's, rewritten on resume)
 
 
@@ -37,6 +38,15 @@ class SweepLayout:
         self.teachers = storage.child("teachers")
         self.students = storage.child("students")
         self.train_runs = self.experiment.child("train-runs")
+
+    @staticmethod
+    def trial_dirname(trial_id: str) -> str:
+        """Short, constant-free trial folder names (the spec never leaks into paths)."""
+        return f"trial_{trial_id}"
+
+    def trial_folder(self, trial_id: str) -> Storage:
+        """Tune's folder of a trial (its results, error.txt)."""
+        return self.experiment.child(self.trial_dirname(trial_id))
 
     def student(self, trial_id: str) -> Storage:
         """A trial's best student: best.json names its best_epoch_<e>/ here, or in the student

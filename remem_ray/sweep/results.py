@@ -24,7 +24,7 @@ from remem_ray.contract import (
 )
 from remem_ray.errors import ResourceError
 from remem_ray.search_params import SEARCH_PARAMS
-from remem_ray.sweep.layout import SUMMARY_FILE, SweepLayout
+from remem_ray.sweep.layout import ERROR_FILE, SUMMARY_FILE, SweepLayout
 from remem_ray.sweep.search import space_size
 
 ENDED_STATES = ("TERMINATED", "ERROR")  # Tune's states of a trial that will not run again in this sweep
@@ -47,6 +47,7 @@ class TrialRow:
     stopped_early: bool = False
     student_checkpoint: str | None = None
     last_report_at: float | None = None  # when its last result's run ended (see ended_at)
+    failure: str | None = None  # a failed trial's exception, one line (its error.txt has the traceback)
 
 
 @dataclass
@@ -90,6 +91,8 @@ def _row(trial, layout: SweepLayout) -> TrialRow:
         state=trial.status,
         params={k: trial.config[k] for k in SEARCH_PARAMS if k in trial.config},
     )
+    if trial.status == "ERROR":
+        row.failure = _failure_of(layout, trial.trial_id)
     if METRIC in result:
         row.epochs_done = int(result.get(EPOCH, 0))
         row.student_val_acc = _num(result.get(METRIC))
@@ -104,6 +107,15 @@ def _row(trial, layout: SweepLayout) -> TrialRow:
         row.student_checkpoint = best_checkpoint(layout.student(trial.trial_id))
         row.last_report_at = ended_at(result)
     return row
+
+
+def _failure_of(layout: SweepLayout, trial_id: str) -> str | None:
+    from remem_ray.sweep.progress import failure_line
+
+    try:
+        return failure_line(layout.trial_folder(trial_id).read_text(ERROR_FILE))
+    except ResourceError:  # none written, or storage not answering: the state says ERROR either way
+        return None
 
 
 def ended_at(result: dict[str, Any]) -> float | None:

@@ -441,5 +441,5 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
 
 
 def trial_dirname(trial) -> str:
-    """Short, constant-free trial folder names (the spec never leaks into paths)."""
-    return f"trial_{trial.trial_id}"
+    """Tune's trial_dirname_creator: SweepLayout's name for the trial's folder."""
+    return SweepLayout.trial_dirname(trial.trial_id)
