@@ -85,3 +85,11 @@ def test_a_final_result_sent_again_after_a_resume_counts_from_when_its_run_ended
     assert ended_at({"timestamp": 500, "epoch_started_at": 100.0, "epoch_seconds": 4.0}) == 500.0
     assert ended_at({"timestamp": 900, "epoch_started_at": 100.0, "epoch_seconds": 4.0, "replayed": 1}) == 104.0
     assert ended_at({}) is None
+
+
+def test_one_student_score_is_coloured_mid_scale_not_at_its_bottom():
+    from remem_ray.sweep.report import score_norm
+
+    assert score_norm([0.8565])(0.8565) == pytest.approx(0.5)
+    assert score_norm([0.8565, 0.8565])(0.8565) == pytest.approx(0.5)
+    assert (score_norm([0.7, 0.9])(0.7), score_norm([0.7, 0.9])(0.9)) == (0.0, 1.0)

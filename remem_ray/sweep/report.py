@@ -168,13 +168,20 @@ def plot_student_vs_teacher(summary: SweepSummary) -> bytes:
     return _finish(plt, fig, ax, *AXES["student_vs_teacher"])
 
 
-def plot_information_plane(summary: SweepSummary) -> bytes:
+def score_norm(scores: list[float]):
+    """The colour scale of student scores; one score alone (or all equal) sits mid-scale: a
+    zero-width scale coloured it as its bottom, under a bar that widened to show otherwise."""
     from matplotlib.colors import Normalize
 
+    lo, hi = min(scores), max(scores)
+    return Normalize(lo - 0.05, hi + 0.05) if hi <= lo else Normalize(lo, hi)
+
+
+def plot_information_plane(summary: SweepSummary) -> bytes:
     plt, fig, ax = _figure()
     rows = [r for r in _scored(summary) if r.teacher_mi is not None and r.teacher_val_acc is not None]
     if rows:
-        norm = Normalize(min(r.student_val_acc for r in rows), max(r.student_val_acc for r in rows))
+        norm = score_norm([r.student_val_acc for r in rows])
         cmap = plt.get_cmap("viridis")
         for stopped, label, group in _by_ending(rows):
             colours = [cmap(norm(r.student_val_acc)) for r in group]
