@@ -183,6 +183,8 @@ def cmd_sweep_best(args: argparse.Namespace) -> int:
                 "student_val_acc": best.student_val_acc,
                 "student_test_acc": best.student_test_acc,
                 "teacher_val_acc": best.teacher_val_acc,
+                "stopped_early": best.stopped_early,  # its score at the epoch the scheduler stopped it
+                "epochs_done": best.epochs_done,
                 "student_checkpoint": best.student_checkpoint,
             },
             indent=2,

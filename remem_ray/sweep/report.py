@@ -14,7 +14,7 @@ from typing import Any
 
 from remem_ray.search_params import ALPHA, RHO
 from remem_ray.sweep.layout import SweepLayout
-from remem_ray.sweep.results import SweepSummary, TrialRow, format_table
+from remem_ray.sweep.results import SweepSummary, TrialRow, format_table, stopped_note
 from remem_ray.sweep.study import newest_study
 
 REPORT_FILE = "report.md"
@@ -301,7 +301,7 @@ def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
         b = summary.best
         lines += [
             f"Best student: trial `{b.trial_id}`, params `{b.params}`, val {b.student_val_acc:.4f}, "
-            f"test {b.student_test_acc:.4f}; checkpoint `{b.student_checkpoint}`.",
+            f"test {b.student_test_acc:.4f}{stopped_note(b)}; checkpoint `{b.student_checkpoint}`.",
             "",
         ]
     lines += ["```", format_table(summary), "```", ""]

@@ -109,6 +109,12 @@ def _row(trial, layout: SweepLayout) -> TrialRow:
     return row
 
 
+def stopped_note(row: TrialRow) -> str:
+    """What a best row's score is, where the scheduler stopped its student early: its score at
+    the epoch it reached, which a finished student may have passed by its last."""
+    return f"; stopped early after student epoch {row.epochs_done}" if row.stopped_early else ""
+
+
 def _failure_of(layout: SweepLayout, trial_id: str) -> str | None:
     from remem_ray.sweep.progress import failure_line
 
@@ -274,7 +280,7 @@ def format_table(summary: SweepSummary) -> str:
         b = summary.best
         out.append(
             f"best: trial {b.trial_id} {json.dumps(b.params)} student val {_fmt(b.student_val_acc)} "
-            f"test {_fmt(b.student_test_acc)} (teacher val {_fmt(b.teacher_val_acc)})"
+            f"test {_fmt(b.student_test_acc)} (teacher val {_fmt(b.teacher_val_acc)}){stopped_note(b)}"
         )
         out.append(f"best student checkpoint: {b.student_checkpoint}")
     return "\n".join(out)
