@@ -404,38 +404,6 @@ def _served(handler: type[BaseHTTPRequestHandler], monkeypatch) -> Iterator[str]
         server.server_close()
 
 
-def test_an_s3_storage_keeps_its_retries_when_pickled(monkeypatch):
-    """Ray's checkpoint uploads, Tune's syncs and the Train workers' writes run on pickled copies of
-    the filesystem. Before, a copy tried 3 times (pyarrow's pickling drops the retry strategy), about
-    2 s of outage instead of the minute S3_MAX_ATTEMPTS rides out. A server answering 503 to all."""
-    import importlib
-    import pickle
-
-    from remem_ray.storage import fs as fs_module
-
-    requests = []
-
-    class Unavailable(BaseHTTPRequestHandler):
-        def _refuse(self) -> None:
-            requests.append(self.command)
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_HEAD = do_PUT = _refuse
-
-        def log_message(self, *args) -> None:
-            pass
-
-    monkeypatch.setattr(fs_module, "S3_MAX_ATTEMPTS", 4)  # the backoff of 13 would take a minute
-    with _served(Unavailable, monkeypatch) as endpoint:
-        storage = Storage("s3://bucket/root", endpoint=endpoint)
-        copy = pickle.loads(importlib.import_module("ray.cloudpickle").dumps(storage))  # as Ray pickles it
-        with pytest.raises(ResourceError):
-            copy.exists("spec.json")  # on the pyarrow filesystem (reads take one boto3 GET)
-        assert len(requests) == 4, requests
-
-
 def test_an_s3_object_rewritten_between_its_size_and_its_bytes_reads_whole(monkeypatch):
     """A student's best.json, a lease record, the study's copy: rewritten while others read them.
     A server whose object is replaced by a longer one right after the size was asked (HEAD answers

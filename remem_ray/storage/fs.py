@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copyreg
 import os
 import threading
 import uuid
@@ -27,31 +26,17 @@ def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> paf
         "region": region or default_region(),
         "connect_timeout": 5,
         "request_timeout": 30,
-        # Ray's checkpoint uploads and Tune's syncs use this filesystem too: exponential backoff
-        # (capped at 20 s a wait) over 13 attempts rides out about a minute of S3 outage.
+        # exponential backoff (capped at 20 s a wait) over 13 attempts rides out about a minute of
+        # S3 outage. Copies pickled into Ray's workers (Tune's syncs, Train's checkpoint uploads)
+        # lose it (pyarrow does not pickle it) and try 3 times; Train's and Tune's retries take over.
+        # Keeping it there was tried: a trial's last sync after an S3 restart then blocked its trial
+        # for minutes (the S3 outage test, once in three runs), so it stays as pyarrow has it.
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
     }
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
     return pafs.S3FileSystem(**kwargs)
-
-
-def _s3_filesystem_again(kwargs: dict, max_attempts: int) -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(**{**kwargs, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)})
-
-
-def _reduce_s3_filesystem(fs: pafs.S3FileSystem):
-    """pyarrow's own pickling of an S3FileSystem drops its retry strategy (pyarrow 26: a copy
-    tries 3 times, about 2 s of outage), and Ray's checkpoint uploads, Tune's syncs and every
-    Train worker's writes run on pickled copies: those keep S3_MAX_ATTEMPTS."""
-    reduced = fs.__reduce__()
-    if len(reduced) != 2 or len(reduced[1]) != 1 or not isinstance(reduced[1][0], dict):
-        return reduced  # another pyarrow's shape: its own pickling, whatever it keeps
-    return _s3_filesystem_again, (reduced[1][0], S3_MAX_ATTEMPTS)
-
-
-copyreg.pickle(pafs.S3FileSystem, _reduce_s3_filesystem)  # pickle's and cloudpickle's (Ray's) dispatch
 
 
 def split_s3_uri(uri: str) -> str:
