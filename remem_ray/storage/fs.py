@@ -29,8 +29,8 @@ def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> paf
         # exponential backoff (capped at 20 s a wait) over 13 attempts rides out about a minute of
         # S3 outage. Copies pickled into Ray's workers (Tune's syncs, Train's checkpoint uploads)
         # lose it (pyarrow does not pickle it) and try 3 times; Train's and Tune's retries take over.
-        # Keeping it there was tried: a trial's last sync after an S3 restart then blocked its trial
-        # for minutes (the S3 outage test, once in three runs), so it stays as pyarrow has it.
+        # Keeping it there was tried: in one of three runs of the S3 outage test a trial then never
+        # ended after an S3 restart (its last sync in retries, most likely), so it stays as it was.
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
     }
     if endpoint:
