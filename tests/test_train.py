@@ -135,23 +135,21 @@ def test_device_pipeline_run_learns_as_well_as_the_loader_path(digits_teacher, d
         assert h["images_per_s"] > 0 and 0.0 <= h["data_wait_share"] <= 1.0
 
 
+def _tiny_spec_file(folder: Path, name: str, teacher: dict, **sections) -> Path:
+    """A spec file of a 2-epoch micro ViT teacher on synthetic data, `teacher` merged in."""
+    spec = folder / "spec.yaml"
+    tiny_teacher = {
+        "epochs": 2,
+        "checkpoint_epochs": [1, 2],
+        "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+    }
+    data = {"name": "synthetic", "num_classes": 4, "samples_per_class": 30}
+    spec.write_text(json.dumps({"name": name, "data": data, "teacher": {**tiny_teacher, **teacher}, **sections}))
+    return spec
+
+
 def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys):
-    spec = in_tmp / "spec.yaml"
-    spec.write_text(
-        json.dumps(
-            {
-                "name": "tiny",
-                "data": {"name": "synthetic", "num_classes": 4, "samples_per_class": 30},
-                "teacher": {
-                    "epochs": 2,
-                    "checkpoint_epochs": [1, 2],
-                    "alpha": 0.8,
-                    "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
-                },
-                "student": {"epochs": 1},
-            }
-        )
-    )
+    spec = _tiny_spec_file(in_tmp, "tiny", {"alpha": 0.8}, student={"epochs": 1})
     assert main(["run", str(spec)]) == 0
     out = capsys.readouterr()
     assert "student: best val_acc" in out.out
@@ -272,22 +270,7 @@ def test_a_diverged_teacher_stops_before_its_epoch_is_kept_with_one_line_and_exi
     """SAM at rho 10 with SGD at lr 10 diverges in epoch 2 (its weights NaN, seeded). Before, the
     run went on: a NaN checkpoint passed for a chance-level teacher (argmax of NaN is class 0), was
     saved, and students distilled from it."""
-    spec = in_tmp / "spec.yaml"
-    spec.write_text(
-        json.dumps(
-            {
-                "name": "diverges",
-                "data": {"name": "synthetic", "num_classes": 4, "samples_per_class": 30},
-                "teacher": {
-                    "epochs": 2,
-                    "checkpoint_epochs": [1, 2],
-                    "rho": 10.0,
-                    "optimizer": {"name": "sgd", "lr": 10.0},
-                    "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
-                },
-            }
-        )
-    )
+    spec = _tiny_spec_file(in_tmp, "diverges", {"rho": 10.0, "optimizer": {"name": "sgd", "lr": 10.0}})
     assert main(["teacher", str(spec)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert (
