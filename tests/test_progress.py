@@ -86,6 +86,36 @@ def test_a_workers_traceback_and_trains_retry_are_a_line_each_on_the_console(tmp
     assert kept.count("Traceback (most recent call last)") == 5 and "[FailurePolicy] RAISE" in kept
 
 
+def test_a_tracebacks_line_names_the_trial_whose_process_raised_it(tmp_path):
+    """Ray's batches name a process only ("RayTrainWorker pid=7"): with two trials training, a
+    traceback line did not say whose it was. A Train worker's session writes one line, to the log
+    alone, naming its trial (the smoke sweep checks the real one's); the console names the trial
+    on that process's traceback."""
+    console, out, log = _console(tmp_path)
+    worker = {"pid": 7, "ip": "10.0.0.1", "actor_name": "RayTrainWorker"}
+    announce = "trial 1d233b08 teacher 9374df30: worker rank 1 of 2, pid 7"  # as RayTrainSession writes it
+    console.worker_output({**worker, "lines": [announce], "is_err": False})
+    console.worker_output({**worker, "lines": WORKER_TRACEBACK.splitlines(), "is_err": True})
+    # the same pid on another node, and a process that never named a trial: as before
+    for other in ({**worker, "ip": "10.0.0.2"}, {**worker, "pid": 8}):
+        console.worker_output({**other, "lines": WORKER_TRACEBACK.splitlines(), "is_err": True})
+    # a trial driver's marked line names its process too
+    driver = {"pid": 9, "ip": "10.0.0.1", "actor_name": "ImplicitFunc"}
+    console.worker_output({**driver, "lines": [f"{MARK}trial ab12cd34: training teacher 564f4fc8"], "is_err": False})
+    console.worker_output({**driver, "lines": WORKER_TRACEBACK.splitlines(), "is_err": True})
+    shown = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+    diverged = "TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan); nothing of that epoch is kept"
+    assert shown == [
+        f"trial 1d233b08 (RayTrainWorker pid=7) {diverged} (the traceback: sweep.log)",
+        f"(RayTrainWorker pid=7) {diverged} (the traceback: sweep.log)",
+        f"(RayTrainWorker pid=8) {diverged} (the traceback: sweep.log)",
+        "trial ab12cd34: training teacher 564f4fc8",
+        f"trial ab12cd34 (ImplicitFunc pid=9) {diverged} (the traceback: sweep.log)",
+    ]
+    log.close()
+    assert announce in (tmp_path / "sweeps" / "s" / "sweep.log").read_text()  # the log keeps it
+
+
 def test_the_raylets_worker_count_warning_goes_to_the_log_and_other_notices_to_the_console_too(tmp_path):
     console, out, log = _console(tmp_path)
     size = (

@@ -76,6 +76,10 @@ def _check_console(out: str, experiment: Path, stopped: int) -> None:
     assert progress and f"{final} | best student val " in progress[-1], progress
     log = (experiment / "sweep.log").read_text()
     assert "TrainingReport(" in log and all(line in log for line in epoch_lines)  # everything is kept there
+    # each Train worker names its trial once, in the log: the console names the trial on its tracebacks
+    worker_line = r"\(RayTrainWorker pid=\d+\) trial [0-9a-f]{8} (?:teacher \w+|student): worker rank 0 of 1"
+    announced = re.findall(worker_line, log)
+    assert len(announced) >= 4 and "worker rank" not in out, announced
 
 
 def _tensorboard_series(folder: Path, tag: str) -> list[tuple[int, float]]:

@@ -31,6 +31,8 @@ from remem_ray.sweep.layout import LOG_FILE
 from remem_ray.sweep.ray_adapter import driver_notices_to, kept_lines, worker_output_to
 
 PROGRESS_EVERY_S = 30.0
+# a line of a trial's process: "trial 1d233b08 student: epoch 1/8 ...", "trial 1d233b08: training teacher ..."
+_TRIAL_LINE = re.compile(r"trial ([0-9a-f]{8}(?:_\d+)?)[ :]")
 # The raylet's warning that a node started 4x as many worker processes as it has CPUs: every trial
 # driver, Train controller and worker is a process here, so a sweep on a small node meets it by
 # design. The log keeps it; other notices (tasks killed for memory...) reach the console.
@@ -126,6 +128,7 @@ class SweepConsole:
         self.out = out or sys.stdout
         self.started = time.monotonic()
         self.on_tick = on_tick  # e.g. the Optuna study's export, at each progress line
+        self._trial_of: dict[tuple[Any, Any], str] = {}  # (node ip, pid) -> the trial its lines named
 
     def tick(self) -> None:
         """Bring the copies others read up to date (the study's, an s3:// log's); a failure, such
@@ -150,9 +153,15 @@ class SweepConsole:
     def worker_output(self, batch: dict[str, Any]) -> None:
         """A batch of output lines from a process of the cluster (see sweep/ray_adapter.py)."""
         lines = kept_lines(batch)
+        process = (batch.get("ip"), batch.get("pid"))
         who = f"({batch.get('actor_name') or batch.get('task_name') or 'worker'} pid={batch.get('pid')})"
         for line in lines:
             self.log.write(f"{who} {line}")
+            named = _TRIAL_LINE.match(marked(line) or line)
+            if named:  # a trial's driver or Train worker: its lines start with the trial's name
+                self._trial_of[process] = named[1]
+        if process in self._trial_of:  # Ray's batches name the process only
+            who = f"trial {self._trial_of[process]} {who}"
         if self.verbose:
             return  # Ray's own printer shows them
         if batch.get("is_err") and any(line.startswith("Traceback") for line in lines):

@@ -109,6 +109,10 @@ class RayTrainSession:
         self.world_size = ctx.get_world_size()
         self.prefix = prefix
         self.history: list[dict[str, Any]] = []
+        # every rank, for the sweep's log only: a sweep's driver learns from it whose process this
+        # is, and names the trial on a traceback of it (Ray names the process alone)
+        sys.stdout.write(f"{prefix}worker rank {self.world_rank} of {self.world_size}, pid {os.getpid()}\n")
+        sys.stdout.flush()
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None, show: bool = True) -> None:
         self.history.append(dict(metrics))
