@@ -120,8 +120,8 @@ def _print_end(summary, endpoint: str | None = None) -> int:
         f"{', ...' if len(failed) > 5 else ''}); each one's error is in its trial folder under "
         f"{summary.experiment}; `{again}` runs them again"
         + (
-            f" ({diverged} of them on a teacher that diverged: refused at once until the diverged.json "
-            f"their line names is removed)"
+            f" ({diverged} of them diverged, a teacher or a student: refused at once until the diverged.json "
+            f"their error names is removed)"
             if diverged
             else ""
         ),

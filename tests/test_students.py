@@ -448,3 +448,40 @@ def test_a_holder_whose_process_ended_is_taken_over_at_once(tmp_path, monkeypatc
     leave_lease_held_by_an_ended_process(registry.folder(KEY).child("lease"), "sweep-a/t1")
     fake = FakeDistil(registry)
     assert distil_once(registry, KEY, "sweep-b/t1", fake, print, 2) == "distilled" and fake.calls == 1
+
+
+def test_a_diverged_student_is_recorded_for_its_key_and_not_distilled_again(distilled, tmp_path, monkeypatch):
+    """Only teachers' divergences were kept: a student diverging (seeded: every time alike) spent
+    each of Train's retries, then each of Tune's, re-diverging, and so did a resume's rerun and a
+    later sweep's trial of its key. Now the sweep's hook keeps it for the key: a retry stops before
+    its teacher is even loaded, and distil_once never starts a run for it."""
+    from remem_ray.errors import TrainingDivergedError
+    from remem_ray.train import student as student_module
+
+    teacher_dir, registry = distilled[0] / "teacher", StudentRegistry(Storage(str(tmp_path / "students")))
+    # SGD at lr 10, weight decay 1, momentum 0.99: NaN in epoch 1, seeded (resnet10t rides out lr 10 alone)
+    sgd = {"name": "sgd", "lr": 10.0, "weight_decay": 1.0, "momentum": 0.99}
+    diverging = {**TINY_TEACHER_SPEC, "student.epochs": 2, "student.batch_size": 16, "student.optimizer": sgd}
+    spec = load_run_spec(None, diverging)
+    hook = StudentFinished(registry, KEY, 0, "s/t1")
+    events: list[str] = []
+
+    def config() -> LoopConfig:
+        teacher = str(teacher_dir / "epoch_3")
+        session = Recorder(tmp_path / "student.pt", events)
+        return LoopConfig(spec, str(tmp_path / "run"), teacher_checkpoint=teacher, session=session, on_finished=hook)
+
+    recorded = f"recorded in {tmp_path}/students/{KEY}/diverged.json: remove it to distil this student again"
+    with pytest.raises(TrainingDivergedError, match=f"student diverged in epoch 1 .*{recorded}"):
+        distill_student(config())
+    assert events == [] and registry.divergence(KEY).endswith(f"({recorded})")
+
+    def never_built(*args, **kwargs):
+        raise AssertionError("a student task built for a key that diverged")
+
+    monkeypatch.setattr(student_module, "StudentTask", never_built)
+    with pytest.raises(TrainingDivergedError, match=recorded):  # Train's retry: not one epoch
+        distill_student(config())
+    with pytest.raises(TrainingDivergedError, match=recorded):  # any trial of the key: no run
+        distil_once(registry, KEY, "s/t2", never_built, print, 60)
+    assert events == [] and registry.lease(KEY, "x", 60).holder_now() is None

@@ -376,8 +376,8 @@ def test_a_sweep_with_a_failed_trial_exits_1_and_says_which(tmp_path, monkeypatc
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("remem: error")]
     assert errors == [
         f"remem: error: 2 of 3 trials failed (b2, c3); each one's error is in its trial folder under "
-        f"{tmp_path}/sweeps/smoke; `remem sweep resume {tmp_path}/sweeps/smoke` runs them again (1 of them on "
-        f"a teacher that diverged: refused at once until the diverged.json their line names is removed)"
+        f"{tmp_path}/sweeps/smoke; `remem sweep resume {tmp_path}/sweeps/smoke` runs them again (1 of them "
+        f"diverged, a teacher or a student: refused at once until the diverged.json their error names is removed)"
     ]
     rows[1].state = rows[2].state = "TERMINATED"
     assert main(args) == 0 and "remem: error" not in capsys.readouterr().err

@@ -45,6 +45,29 @@ POLL_S = 2.0
 APPEND_TRIES = 12
 
 
+def record_divergence(folder: Storage, message: str, again: str) -> str:
+    """A training of a registry key (a teacher's, a student's) diverged. Its settings and seed give
+    the same NaN again (training is seeded), so nobody trains the key again, each try spending its
+    retries re-diverging, until someone removes the record. Returns the message as read back."""
+    folder.write_text(DIVERGED_FILE, json.dumps({"message": message, "time": time.time()}))
+    return _divergence_message(folder, message, again)
+
+
+def recorded_divergence(folder: Storage, again: str) -> str | None:
+    """The key's recorded divergence, saying what lifts it; None if it never diverged."""
+    if not folder.is_file(DIVERGED_FILE):
+        return None
+    try:
+        message = json.loads(folder.read_text(DIVERGED_FILE))["message"]
+    except (ValueError, KeyError, TypeError):
+        message = "its training diverged"
+    return _divergence_message(folder, message, again)
+
+
+def _divergence_message(folder: Storage, message: str, again: str) -> str:
+    return f"{message} (recorded in {folder.uri(DIVERGED_FILE)}: remove it to {again} again)"
+
+
 @dataclass(frozen=True)
 class TeacherSet:
     """A set of checkpoints of one teacher key, in one folder."""
@@ -157,21 +180,13 @@ class TeacherRegistry:
         pointer meanwhile (its holder goes on; this one's lease had passed)."""
         return self._append(key, generation, PUBLISH, lambda newest: generation_dir(generation))
 
-    def record_divergence(self, key: str, message: str) -> None:
-        """The key's training diverged: its settings and seed give NaN again, so no trial trains
-        it again (each would spend its retries re-diverging) until someone removes the record."""
-        self.folder(key).storage.write_text(DIVERGED_FILE, json.dumps({"message": message, "time": time.time()}))
+    def record_divergence(self, key: str, message: str) -> str:
+        """The key's training diverged: no trial trains it again (see `record_divergence`)."""
+        return record_divergence(self.folder(key).storage, message, "train this teacher")
 
     def divergence(self, key: str) -> str | None:
         """Why the key's training was given up, with what lifts it; None if it never diverged."""
-        folder = self.folder(key).storage
-        if not folder.is_file(DIVERGED_FILE):
-            return None
-        try:
-            message = json.loads(folder.read_text(DIVERGED_FILE))["message"]
-        except (ValueError, KeyError, TypeError):
-            message = "its training diverged"
-        return f"{message} (recorded in {folder.uri(DIVERGED_FILE)}: remove it to train this teacher again)"
+        return recorded_divergence(self.folder(key).storage, "train this teacher")
 
     def resume_source(self, key: str, generation: int) -> Storage | None:
         """The newest earlier generation's folder holding a resume state, to continue from."""

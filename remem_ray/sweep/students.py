@@ -7,6 +7,8 @@ sweep on the root, so no sweep distils a student another has finished (issue 25)
                                       each version one exclusive create, the newest in force
     <key>/run-<id>/best_epoch_<e>/    its best checkpoint: each publishing run writes a folder of
                                       its own, whole before a record names it
+    <key>/diverged.json               written once its distillation diverged (NaN or infinite
+                                      loss): the key is not distilled again until it is removed
 
 A trial whose key has a record does not distil: it replays the stored curve to Tune, epoch by
 epoch, so the scheduler and the searcher see what the original run reported, and points its
@@ -37,10 +39,18 @@ from remem_ray.checkpoint_files import (
 )
 from remem_ray.console import say
 from remem_ray.contract import EPOCH, STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED
-from remem_ray.errors import ResourceError
+from remem_ray.errors import ResourceError, TrainingDivergedError
 from remem_ray.leases import Lease, process_gone
 from remem_ray.storage import Storage
-from remem_ray.sweep.registry import HEARTBEAT_S, POLL_S, STALE_AFTER_S, Heartbeat, Waiter
+from remem_ray.sweep.registry import (
+    HEARTBEAT_S,
+    POLL_S,
+    STALE_AFTER_S,
+    Heartbeat,
+    Waiter,
+    record_divergence,
+    recorded_divergence,
+)
 from remem_ray.teacher_layout import LEASE_DIR, version_file
 
 RECORDS_DIR = "records"
@@ -107,6 +117,14 @@ class StudentRegistry:
             why = f"record {records.uri(rel)} is unreadable"
             return StudentRecord(key, versions[-1], self.folder(key), 0, (), "", unreadable=why)
 
+    def record_divergence(self, key: str, message: str) -> str:
+        """The key's distillation diverged: no trial distils it again (registry.record_divergence)."""
+        return record_divergence(self.folder(key), message, "distil this student")
+
+    def divergence(self, key: str) -> str | None:
+        """Why the key's distillation was given up, with what lifts it; None if it never diverged."""
+        return recorded_divergence(self.folder(key), "distil this student")
+
     def publish(self, key: str, after_version: int, output: Storage, history: list[dict], made_by: str) -> bool:
         """Store the student finished in `output` (its best.json and that checkpoint) as version
         `after_version + 1`: its checkpoint is copied (sha256-checked) into a folder of this
@@ -160,6 +178,13 @@ class StudentFinished:
         if not published:
             log(f"student {self.key[:8]}: another run stored it first; this run's result stays its trial's")
         return published
+
+    def diverged(self, message: str) -> str:
+        """Its distillation diverged (rank 0): kept for the key, so none distils it again."""
+        return self.registry.record_divergence(self.key, message)
+
+    def divergence(self) -> str | None:
+        return self.registry.divergence(self.key)
 
 
 def replay(record: StudentRecord, student_folder: Storage, report: Callable[[dict], None], extra: Mapping) -> None:
@@ -217,6 +242,9 @@ def distil_once(
     while True:
         try:
             record, seen = usable_record(registry, key, trial_id, broken)
+            diverged = registry.divergence(key) if record is None else None
+            if diverged is not None:  # seeded: a Train run would only diverge again
+                raise TrainingDivergedError(diverged)
             taken = record is None and lease.try_acquire(gone=process_gone)  # a holder whose process ended: at once
         except ResourceError as exc:  # an outage: the holder rides it out, and so do its waiters
             waiter.ride_out(exc, stale_after_s)

@@ -163,9 +163,9 @@ class TeacherFinished:
         self.layout.record_teacher_training(self.key, self.trial_id, fit_called_at=self.fit_called_at, token=self.token)
         return True
 
-    def diverged(self, message: str) -> None:
+    def diverged(self, message: str) -> str:
         """Its training diverged (rank 0): kept for the key, so none trains it again."""
-        self.registry.record_divergence(self.key, message)
+        return self.registry.record_divergence(self.key, message)
 
     def divergence(self) -> str | None:
         return self.registry.divergence(self.key)
@@ -419,6 +419,9 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     holder = f"{spec.name}/{trial_id}"
     if runs.student_run_exists():  # restarted: it goes on with its own run, never replays beside it
         record, seen = usable_record(runs.students, runs.student_key, trial_id)
+        diverged = runs.students.divergence(runs.student_key) if record is None else None
+        if diverged is not None:  # seeded: its run would only diverge again
+            raise TrainingDivergedError(diverged)
         store = StudentFinished(runs.students, runs.student_key, seen, holder) if record is None else None
         runs.distil(holder, store)
     else:

@@ -7,6 +7,7 @@ training images per second and the share of it spent waiting for data.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -323,6 +324,24 @@ def _refuse_divergence(ctx: LoopContext, epoch: int, metrics: dict[str, Any]) ->
         raise TrainingDivergedError(
             f"{ctx.role} diverged in epoch {epoch} ({losses}); nothing of that epoch is kept: lower {hint}"
         )
+
+
+@contextlib.contextmanager
+def divergence_kept(hook: object | None, device: torch.device, role: str) -> Iterator[None]:
+    """Around a training whose hook keeps divergences (a sweep's, on rank 0: `divergence()`,
+    `diverged(message)`): one that diverged before stops on every rank before its first epoch (a
+    divergence is seeded: a retry, another trial of the key, would only diverge again), and one that
+    diverges now is recorded, its error then naming the record. Ranks without the hook pass None."""
+    recorded = getattr(hook, "divergence", lambda: None)()
+    if rank0_decides(recorded is not None, device):
+        raise TrainingDivergedError(recorded or f"{role}: its training diverged before (rank 0 read the record)")
+    try:
+        yield
+    except TrainingDivergedError as exc:
+        where = getattr(hook, "diverged", lambda message: None)(str(exc))
+        if where is None:
+            raise
+        raise TrainingDivergedError(where) from exc
 
 
 def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:

@@ -31,9 +31,8 @@ from typing import Any
 import torch
 
 from remem_ray.contract import LoopConfig, PhasesConfig
-from remem_ray.errors import TrainingDivergedError
 from remem_ray.train.common import pick_device, rank0_decides
-from remem_ray.train.loop import base_session
+from remem_ray.train.loop import base_session, divergence_kept
 from remem_ray.train.student import distill_student
 from remem_ray.train.teacher import fine_tune_teacher
 
@@ -65,16 +64,8 @@ def _teacher_phase(cfg: LoopConfig, teacher_done_hook: Callable[[], Callable[[],
     base = base_session(cfg, "teacher")
     device = pick_device(cfg.spec.device, base.local_rank)
     hook = teacher_done_hook() if base.world_rank == 0 else None  # unpickled where it runs
-    # a hook that keeps divergences (a sweep's): a retry of a run that diverged, or another trial
-    # of its key, stops before its first epoch instead of diverging again
-    recorded = getattr(hook, "divergence", lambda: None)()
-    if rank0_decides(recorded is not None, device):
-        raise TrainingDivergedError(recorded or "teacher: its training diverged before (rank 0 read the record)")
-    try:
+    with divergence_kept(hook, device, "teacher"):
         result = fine_tune_teacher(cfg.but(session=base))  # its `state` folder keeps the resume state
-    except TrainingDivergedError as exc:
-        getattr(hook, "diverged", lambda message: None)(str(exc))
-        raise
     if "stopped" in result:  # every rank stops at the same epoch (rank 0 decides)
         return result
     published = hook() is not False if hook is not None else True

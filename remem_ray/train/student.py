@@ -24,7 +24,7 @@ from remem_ray.errors import SpecError
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import normalizer_for
 from remem_ray.train.common import PerStepSchedule, build_optimizer, runnable_model
-from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
+from remem_ray.train.loop import LoopContext, Task, divergence_kept, prepare, run_epochs
 from remem_ray.train.steps import distillation_step
 from remem_ray.train.targets import CachedTargets, OnlineTargets, TargetSource, load_or_build_targets
 
@@ -150,6 +150,8 @@ def distill_student(config: LoopConfig) -> dict[str, Any]:
     teacher = config.teacher_checkpoint or ctx.spec.student.teacher_checkpoint
     if not teacher:
         raise SpecError("student.teacher_checkpoint: no teacher checkpoint given")
-    task = StudentTask(ctx, teacher, config.teacher_finder())
-    history = run_epochs(ctx, task)
+    # a sweep's on_finished keeps its key's divergence: before the teacher is loaded and targets built
+    with divergence_kept(ctx.on_finished if ctx.is_writer else None, ctx.device, "student"):
+        task = StudentTask(ctx, teacher, config.teacher_finder())
+        history = run_epochs(ctx, task)
     return {"history": history, "best": task.best, "checkpoint": best_checkpoint(ctx.output)}
