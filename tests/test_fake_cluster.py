@@ -97,7 +97,10 @@ def _gpu_spec(path: Path, name: str, student_epochs: int, num_samples: int, stor
 def _wait_job(cluster: FakeCluster, job_id: str, timeout: float) -> str:
     out = cluster.remem("sweep", "logs", job_id, "--address", cluster.address, "--follow", timeout=timeout)
     assert f"job {job_id}: " in out.stderr, out.stderr
-    return out.stderr.strip().splitlines()[-1].split(": ")[-1]
+    status = out.stderr.strip().splitlines()[-1].split(": ")[-1]
+    if status == "SUCCEEDED":  # the dashboard's stream ends after the job's last line
+        assert "\nreport: " in out.stdout, out.stdout[-2000:]
+    return status
 
 
 def test_submitted_sweep_scales_gpu_nodes_up_and_down(fake_cluster, tmp_path):

@@ -532,11 +532,11 @@ def test_a_submitted_sweep_leaves_no_staging_folder_behind(monkeypatch, tmp_path
 
 
 class _JobOfLines:
-    """A Ray Jobs client whose job writes one more log line between two status reads, and has
-    ended once its last line is written."""
+    """A Ray Jobs client whose job has printed `lines` and ended; its dashboard streams them in
+    chunks, as a job writes them, and the whole log is one read."""
 
     def __init__(self, lines: list[str]) -> None:
-        self.lines, self.written = lines, 0
+        self.lines, self.whole_reads = lines, 0
 
     def get_job_info(self, job_id):
         if job_id != "j":
@@ -544,19 +544,23 @@ class _JobOfLines:
         return {}
 
     def get_job_logs(self, job_id):
-        return "".join(self.lines[: self.written])
+        self.whole_reads += 1
+        return "".join(self.lines)
+
+    async def tail_job_logs(self, job_id):
+        for line in self.lines:
+            yield line
 
     def get_job_status(self, job_id):
         from types import SimpleNamespace
 
-        self.written = min(self.written + 1, len(self.lines))
-        return SimpleNamespace(value="SUCCEEDED" if self.written == len(self.lines) else "RUNNING")
+        return SimpleNamespace(value="SUCCEEDED")
 
 
-def test_following_a_jobs_logs_prints_its_last_lines_and_says_what_failed(monkeypatch):
-    """The loop read the logs, then the status, and stopped once the status said the job ended:
-    what the job printed between the two (the trial table, the summary's path) was never shown.
-    Failed before: the output stopped before its last line."""
+def test_following_a_jobs_logs_prints_each_chunk_once_and_says_what_failed(monkeypatch):
+    """`--follow` read the job's whole log every 2 s, to print what was new: megabytes a read as a
+    long sweep's log grew. It follows the dashboard's stream now (which ends after the job's last
+    lines), never reading the whole log. Failed before: the whole log was read on every loop."""
     import io
 
     from remem_ray.errors import ResourceError, UserInputError
@@ -565,10 +569,22 @@ def test_following_a_jobs_logs_prints_its_last_lines_and_says_what_failed(monkey
     lines = ["sweep started\n", "trial table\n", "summary: s/summary.json\n"]
     client = _JobOfLines(lines)
     monkeypatch.setattr(jobs, "jobs_client", lambda address: client)
-    monkeypatch.setattr(jobs.time, "sleep", lambda seconds: None)
     out = io.StringIO()
     assert jobs.job_logs("http://h:8265", "j", follow=True, out=out) == "SUCCEEDED"
-    assert out.getvalue() == "".join(lines)
+    assert out.getvalue() == "".join(lines) and client.whole_reads == 0
+    out = io.StringIO()
+    assert jobs.job_logs("http://h:8265", "j", out=out) == "SUCCEEDED"  # no --follow: the log as it is
+    assert out.getvalue() == "".join(lines) and client.whole_reads == 1
+
+    async def cut(job_id):
+        yield "sweep started\n"
+        raise RuntimeError("WebSocket connection closed unexpectedly with close code 1006")
+
+    client.tail_job_logs = cut  # the dashboard went away mid-stream: one line, what was shown stays
+    out = io.StringIO()
+    with pytest.raises(ResourceError, match=r"^--address: could not follow the job's logs: WebSocket connection"):
+        jobs.job_logs("http://h:8265", "j", follow=True, out=out)
+    assert out.getvalue() == "sweep started\n"
     with pytest.raises(UserInputError, match="^job: no job 'k' on this cluster$"):
         jobs.job_logs("http://h:8265", "k")
 

@@ -8,6 +8,7 @@ from the submitting machine, because runtime_env values are visible in the dashb
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -98,18 +99,23 @@ def job_logs(address: str, job_id: str, follow: bool = False, out=None) -> str:
     out = out or sys.stdout
     client = jobs_client(address)
     _known_job(client, job_id)
-    shown = 0
-    while True:
-        # the status first: logs read after it said the job ended hold its last lines (the table,
-        # the summary's path, the error), which the other order could drop
-        status = str(_asked("read the job's status", client.get_job_status, job_id).value)
-        logs = _asked("read the job's logs", client.get_job_logs, job_id)
-        out.write(logs[shown:])
+    if follow:
+        # the dashboard streams each new chunk once and ends the stream after the job's last lines
+        # (it reads its status, then the log to its end); polling the whole log every 2 s grew
+        # with the log: megabytes a read in a long sweep
+        _asked("follow the job's logs", asyncio.run, _stream_logs(client, job_id, out))
+        return str(_asked("read the job's status", client.get_job_status, job_id).value)
+    # the status first: logs read after it said the job ended hold its last lines
+    status = str(_asked("read the job's status", client.get_job_status, job_id).value)
+    out.write(_asked("read the job's logs", client.get_job_logs, job_id))
+    out.flush()
+    return status
+
+
+async def _stream_logs(client, job_id: str, out) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        out.write(chunk)
         out.flush()
-        shown = len(logs)
-        if not follow or status in TERMINAL:
-            return status
-        time.sleep(2.0)
 
 
 def stop_job(address: str, job_id: str) -> str:
