@@ -74,6 +74,8 @@ def _check_console(out: str, experiment: Path, stopped: int) -> None:
     # the third point is stopped by design; the first may be too, when the second reaches the rung first
     final = f"trials 4/4 done ({stopped} stopped early), 0 failed, 0 running, 0 pending | teachers 2 trained, 2 reused"
     assert progress and f"{final} | best student val " in progress[-1], progress
+    reused = re.findall(r"trial \w+: teacher \w+ is stored \(trained by trial \w+\); distilling from epoch \d", out)
+    assert len(reused) == 2, reused  # each reuse says where its teacher came from
     log = (experiment / "sweep.log").read_text()
     assert "TrainingReport(" in log and all(line in log for line in epoch_lines)  # everything is kept there
     # each Train worker names its trial once, in the log: the console names the trial on its tracebacks

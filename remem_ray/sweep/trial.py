@@ -305,6 +305,12 @@ class TrialRuns:
             stale_after_s=self.spec.sweep.lease_stale_after_s,
             stopping=self.stopping,
         )
+        if not trained:  # the console shows a training, not a reuse: say where the teacher came from
+            by = self.layout.trained_by(self.key)
+            source = f"trial {by}" if by else "another sweep on this root"
+            epoch = self.run_spec.student.teacher_epoch
+            stored = f"teacher {self.key[:8]} is stored (trained by {source})"
+            say(f"trial {self.trial_id}: {stored}; distilling from epoch {epoch}")
         if not self.distilled:
             self.fit_student(trained)
 
