@@ -8,11 +8,13 @@ work starts; both give one line naming the field, which the CLI prints with exit
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -430,19 +432,53 @@ def _checkpoint_spellings(teacher: TeacherConfig) -> list[list[int] | None]:
     return spellings
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line naming the first bad field; pydantic's own text is multi-line."""
+def format_validation_error(err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line naming the first bad field; pydantic's own text is multi-line. An unknown key of
+    `model`'s tree comes with the known key it most looks like (a typo: `epochz`, `rhoo`)."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        known = _keys_beside(model, first["loc"]) if model is not None else []
+        typed = str(first["loc"][-1])
+        close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
+        close = close or [k for k in known if len(typed) >= 4 and k.startswith(typed)][:1]  # grace: grace_period
+        msg = f"unknown key; did you mean {close[0]}?" if close else "unknown key"
     more = len(err.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     text = f"{loc}: {msg}" if loc else msg
     return f"{text}{suffix}".replace("\n", " ")
+
+
+def _keys_beside(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys the section holding `loc`'s last key takes (none where the path leaves the tree of
+    models: a search space's or a model's own kwargs)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a list's item: the item's model, found below
+            continue
+        if not _is_model(current):
+            return []
+        field = current.model_fields.get(part)
+        # a key of a section that takes any key (sweep.search's parameters): its values' model
+        extra = typing.get_type_hints(current).get("__pydantic_extra__") if field is None else None
+        if field is None and extra is None:
+            return []
+        current = _model_in(field.annotation if field is not None else extra)
+    return list(current.model_fields) if _is_model(current) else []
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _model_in(annotation: Any) -> Any:
+    """The model class an annotation holds (itself, or inside Optional[...], list[...]), if any."""
+    if _is_model(annotation):
+        return annotation
+    return next((m for m in map(_model_in, typing.get_args(annotation)) if m is not None), None)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -473,7 +509,7 @@ def parse_spec(model: type[BaseModel], raw: dict[str, Any]) -> Any:
     try:
         return model.model_validate(raw)
     except ValidationError as err:
-        raise SpecError(format_validation_error(err)) from None
+        raise SpecError(format_validation_error(err, model)) from None
 
 
 def load_run_spec(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunSpec:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from remem_ray.cli import main
-from remem_ray.config import RunSpec, load_run_spec
+from remem_ray.config import RunSpec, load_run_spec, load_sweep_spec
 from remem_ray.errors import ResourceError, SpecError
 from remem_ray.spec_checks import check_spec
 
@@ -127,3 +127,26 @@ def test_weights_kind_is_the_one_reading_of_a_weights_string(weights, kind):
     from remem_ray.config import weights_kind
 
     assert weights_kind(weights) == kind
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"teacher.epochz": 3}, "teacher.epochz: unknown key; did you mean epochs?"),
+        ({"studnt": {}}, "studnt: unknown key; did you mean student?"),
+        ({"teacher.optimizer": {"nme": "sgd"}}, "teacher.optimizer.nme: unknown key; did you mean name?"),
+        ({"sweep": {"num_sample": 3}}, "sweep.num_sample: unknown key; did you mean num_samples?"),
+        ({"sweep": {"asha": {"grace": 2}}}, "sweep.asha.grace: unknown key; did you mean grace_period?"),
+        ({"sweep": {"search": {"rho": {"value": [0.1]}}}}, "sweep.search.rho.value: unknown key; did you mean values?"),
+        (
+            {"sweep": {"resources": {"teacher": {"num_worker": 2}}}},
+            "sweep.resources.teacher.num_worker: unknown key; did you mean num_workers?",
+        ),
+        ({"foo": 1}, "foo: unknown key"),  # nothing like it: no guess
+    ],
+)
+def test_an_unknown_key_names_the_known_one_it_most_looks_like(overrides, message):
+    """A typo in a spec (`epochz`) said only "unknown key": the user had to find the field's name."""
+    with pytest.raises(SpecError) as caught:
+        load_sweep_spec(None, overrides)
+    assert str(caught.value) == message
