@@ -96,8 +96,9 @@ def test_a_tracebacks_line_names_the_trial_whose_process_raised_it(tmp_path):
     announce = "trial 1d233b08 teacher 9374df30: worker rank 1 of 2, pid 7"  # as RayTrainSession writes it
     console.worker_output({**worker, "lines": [announce], "is_err": False})
     console.worker_output({**worker, "lines": WORKER_TRACEBACK.splitlines(), "is_err": True})
-    # the same pid on another node, and a process that never named a trial: as before
-    for other in ({**worker, "ip": "10.0.0.2"}, {**worker, "pid": 8}):
+    # the same pid on another node or in a process of another kind (a pid reused), and a process
+    # that never named a trial: as before
+    for other in ({**worker, "ip": "10.0.0.2"}, {**worker, "actor_name": "TrainController"}, {**worker, "pid": 8}):
         console.worker_output({**other, "lines": WORKER_TRACEBACK.splitlines(), "is_err": True})
     # a trial driver's marked line names its process too
     driver = {"pid": 9, "ip": "10.0.0.1", "actor_name": "ImplicitFunc"}
@@ -108,6 +109,7 @@ def test_a_tracebacks_line_names_the_trial_whose_process_raised_it(tmp_path):
     assert shown == [
         f"trial 1d233b08 (RayTrainWorker pid=7) {diverged} (the traceback: sweep.log)",
         f"(RayTrainWorker pid=7) {diverged} (the traceback: sweep.log)",
+        f"(TrainController pid=7) {diverged} (the traceback: sweep.log)",
         f"(RayTrainWorker pid=8) {diverged} (the traceback: sweep.log)",
         "trial ab12cd34: training teacher 564f4fc8",
         f"trial ab12cd34 (ImplicitFunc pid=9) {diverged} (the traceback: sweep.log)",

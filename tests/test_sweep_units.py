@@ -562,6 +562,7 @@ def test_following_a_jobs_logs_prints_each_chunk_once_and_says_what_failed(monke
     long sweep's log grew. It follows the dashboard's stream now (which ends after the job's last
     lines), never reading the whole log. Failed before: the whole log was read on every loop."""
     import io
+    from types import SimpleNamespace
 
     from remem_ray.errors import ResourceError, UserInputError
     from remem_ray.sweep import jobs
@@ -575,6 +576,22 @@ def test_following_a_jobs_logs_prints_each_chunk_once_and_says_what_failed(monke
     out = io.StringIO()
     assert jobs.job_logs("http://h:8265", "j", out=out) == "SUCCEEDED"  # no --follow: the log as it is
     assert out.getvalue() == "".join(lines) and client.whole_reads == 1
+
+    # the stream ended normally with the job still running (a dashboard restart): followed again
+    # from where it was; before, `logs --follow` returned "RUNNING" with exit 0
+    statuses = iter(["RUNNING", "SUCCEEDED"])
+    streams = iter([lines[:2], ["sweep st", "arted\ntrial table\nsumm", "ary: s/summary.json\n"]])
+
+    async def restarted(job_id):
+        for chunk in next(streams):
+            yield chunk
+
+    client.tail_job_logs = restarted
+    client.get_job_status = lambda job_id: SimpleNamespace(value=next(statuses))
+    monkeypatch.setattr(jobs.time, "sleep", lambda seconds: None)
+    out = io.StringIO()
+    assert jobs.job_logs("http://h:8265", "j", follow=True, out=out) == "SUCCEEDED"
+    assert out.getvalue() == "".join(lines)
 
     async def cut(job_id):
         yield "sweep started\n"

@@ -102,9 +102,15 @@ def job_logs(address: str, job_id: str, follow: bool = False, out=None) -> str:
     if follow:
         # the dashboard streams each new chunk once and ends the stream after the job's last lines
         # (it reads its status, then the log to its end); polling the whole log every 2 s grew
-        # with the log: megabytes a read in a long sweep
-        _asked("follow the job's logs", asyncio.run, _stream_logs(client, job_id, out))
-        return str(_asked("read the job's status", client.get_job_status, job_id).value)
+        # with the log: megabytes a read in a long sweep. A stream that ends with the job still
+        # running (the dashboard restarted) is opened again, from its start: what was shown is skipped.
+        shown = 0
+        while True:
+            shown = _asked("follow the job's logs", asyncio.run, _stream_logs(client, job_id, out, shown))
+            status = str(_asked("read the job's status", client.get_job_status, job_id).value)
+            if status in TERMINAL:
+                return status
+            time.sleep(2.0)
     # the status first: logs read after it said the job ended hold its last lines
     status = str(_asked("read the job's status", client.get_job_status, job_id).value)
     out.write(_asked("read the job's logs", client.get_job_logs, job_id))
@@ -112,10 +118,16 @@ def job_logs(address: str, job_id: str, follow: bool = False, out=None) -> str:
     return status
 
 
-async def _stream_logs(client, job_id: str, out) -> None:
+async def _stream_logs(client, job_id: str, out, skip: int) -> int:
+    """Print the job's log stream past its first `skip` characters; returns how far it has shown."""
+    seen = 0
     async for chunk in client.tail_job_logs(job_id):
-        out.write(chunk)
-        out.flush()
+        new = chunk[max(0, skip - seen) :]
+        seen += len(chunk)
+        if new:
+            out.write(new)
+            out.flush()
+    return max(seen, skip)
 
 
 def stop_job(address: str, job_id: str) -> str:

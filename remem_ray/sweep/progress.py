@@ -128,7 +128,7 @@ class SweepConsole:
         self.out = out or sys.stdout
         self.started = time.monotonic()
         self.on_tick = on_tick  # e.g. the Optuna study's export, at each progress line
-        self._trial_of: dict[tuple[Any, Any], str] = {}  # (node ip, pid) -> the trial its lines named
+        self._trial_of: dict[tuple[Any, ...], str] = {}  # (node ip, pid, actor) -> the trial its lines named
 
     def tick(self) -> None:
         """Bring the copies others read up to date (the study's, an s3:// log's); a failure, such
@@ -153,7 +153,8 @@ class SweepConsole:
     def worker_output(self, batch: dict[str, Any]) -> None:
         """A batch of output lines from a process of the cluster (see sweep/ray_adapter.py)."""
         lines = kept_lines(batch)
-        process = (batch.get("ip"), batch.get("pid"))
+        # named as well: a process of another kind that gets a finished worker's pid is not its trial's
+        process = (batch.get("ip"), batch.get("pid"), batch.get("actor_name"))
         who = f"({batch.get('actor_name') or batch.get('task_name') or 'worker'} pid={batch.get('pid')})"
         for line in lines:
             self.log.write(f"{who} {line}")

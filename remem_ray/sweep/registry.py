@@ -48,7 +48,7 @@ APPEND_TRIES = 12
 def record_divergence(folder: Storage, message: str, again: str) -> str:
     """A training of a registry key (a teacher's, a student's) diverged. Its settings and seed give
     the same NaN again (training is seeded), so nobody trains the key again, each try spending its
-    retries re-diverging, until someone removes the record. Returns the message as read back."""
+    retries re-diverging, until someone removes the record. Returns the message naming the record."""
     folder.write_text(DIVERGED_FILE, json.dumps({"message": message, "time": time.time()}))
     return _divergence_message(folder, message, again)
 

@@ -306,8 +306,11 @@ class TrialRuns:
             stopping=self.stopping,
         )
         if not trained:  # the console shows a training, not a reuse: say where the teacher came from
-            by = self.layout.trained_by(self.key)
-            source = f"trial {by}" if by else "another sweep on this root"
+            try:
+                by = self.layout.trained_by(self.key)
+                source = f"trial {by}" if by else "another sweep on this root"
+            except (ResourceError, ValueError, KeyError):  # a line for the console must not fail the trial
+                source = "a run whose record did not read"
             epoch = self.run_spec.student.teacher_epoch
             stored = f"teacher {self.key[:8]} is stored (trained by {source})"
             say(f"trial {self.trial_id}: {stored}; distilling from epoch {epoch}")

@@ -58,6 +58,15 @@ def rank0_decides(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+def rank0_says(text: str | None, device: torch.device) -> str | None:
+    """Rank 0's text on every rank (a collective: every rank calls it at the same point)."""
+    if not is_distributed():
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
+
+
 def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
     if not is_distributed():
         return model

@@ -23,7 +23,7 @@ from remem_ray.config import RunSpec
 from remem_ray.contract import EPOCH, EPOCHS, LoopConfig, Session
 from remem_ray.data import DataPipeline, DataSplits, EvalResize, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
-from remem_ray.errors import TrainingDivergedError
+from remem_ray.errors import ResourceError, TrainingDivergedError
 from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import LeaseWatch
 from remem_ray.models import create_model
@@ -38,6 +38,7 @@ from remem_ray.train.common import (
     evaluate,
     pick_device,
     rank0_decides,
+    rank0_says,
     seed_everything,
     to_device,
 )
@@ -331,17 +332,30 @@ def divergence_kept(hook: object | None, device: torch.device, role: str) -> Ite
     """Around a training whose hook keeps divergences (a sweep's, on rank 0: `divergence()`,
     `diverged(message)`): one that diverged before stops on every rank before its first epoch (a
     divergence is seeded: a retry, another trial of the key, would only diverge again), and one that
-    diverges now is recorded, its error then naming the record. Ranks without the hook pass None."""
-    recorded = getattr(hook, "divergence", lambda: None)()
-    if rank0_decides(recorded is not None, device):
-        raise TrainingDivergedError(recorded or f"{role}: its training diverged before (rank 0 read the record)")
+    diverges now is recorded, every rank's error then naming the record. Ranks without the hook
+    pass None and take rank 0's word."""
+    recorded = rank0_says(getattr(hook, "divergence", lambda: None)(), device)
+    if recorded is not None:
+        raise TrainingDivergedError(recorded)
     try:
         yield
     except TrainingDivergedError as exc:
-        where = getattr(hook, "diverged", lambda message: None)(str(exc))
-        if where is None:
+        # every rank gets here in the same epoch (the losses are totals over every rank); the others
+        # wait for rank 0's record: a rank that raised first would have Train end the group before
+        # the record is written, and its error (the one a trial's failure line shows) not name it
+        message = rank0_says(_record_divergence(hook, str(exc)), device)
+        if message is None:  # a hook that keeps nothing (or none at all)
             raise
-        raise TrainingDivergedError(where) from exc
+        raise TrainingDivergedError(message) from exc
+
+
+def _record_divergence(hook: object | None, message: str) -> str | None:
+    """The hook's record of the divergence (its message naming the record), or None if it keeps
+    none; a record that cannot be written leaves the divergence the error, saying so."""
+    try:
+        return getattr(hook, "diverged", lambda message: None)(message)
+    except (ResourceError, OSError) as err:
+        return f"{message} (not recorded: {err})"
 
 
 def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
