@@ -2,7 +2,8 @@
 
     <key>/lease/<generation>.json    who may train the key now (remem_ray.leases)
     <key>/sets/<version>.json        the pointer to the set in use; each version names the
-                                     generation folder whose checkpoints readers use
+                                     generation folder whose checkpoints readers use, and the
+                                     trial (sweep/trial) that published that folder
     <key>/diverged.json              written once its training diverged (NaN or infinite loss):
                                      the key is not trained again until it is removed
     <key>/gen-<generation>/          what the holder of that lease generation wrote (targets/ aside):

@@ -335,3 +335,28 @@ def test_a_pointer_version_damaged_from_outside_is_one_line_naming_it(tmp_path):
         registry.set_in_use(key)
     sets.delete_file(newest)
     assert registry.set_in_use(key) is None  # the version before it in force: the claim, made before any set
+
+
+def test_a_trial_whose_run_ended_between_publishing_its_teacher_and_its_record_still_trained_it(tmp_path, monkeypatch):
+    """A run publishes its teacher, then writes the sweep's record of who trained it: a run ended
+    between the two (its node lost) left a teacher nobody trained. Tune's restart of the trial found
+    it stored and called it reused, and the sweep counted one training fewer. The pointer names its
+    publisher now, and the restarted trial writes the record. Failed before: the restart said reused."""
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    record = layout.record_teacher_training
+
+    def node_lost(*args, **kwargs):
+        raise RuntimeError("node lost")
+
+    monkeypatch.setattr(layout, "record_teacher_training", node_lost)
+    with pytest.raises(RuntimeError, match="node lost"):
+        ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=FakeFit())
+    assert registry.published_by(key) == "s/t1" and layout.trained_by(key) is None
+    monkeypatch.setattr(layout, "record_teacher_training", record)
+    fit = FakeFit()
+    assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit)  # the restarted trial: its own
+    assert fit.calls == 0 and layout.trained_by(key) == "t1" and layout.teacher_trainings() == [key]
+    assert not ensure_teacher(spec, run_spec, "s/t2", registry, layout, fit=fit)  # another trial: reused
+    other = registry_setup(tmp_path, name="other")  # another sweep on the root, a trial of the same id
+    assert not ensure_teacher(other[0], other[1], "other/t1", other[3], other[2], fit=fit)
+    assert fit.calls == 0 and other[2].teacher_trainings() == []

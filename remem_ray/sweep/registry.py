@@ -153,17 +153,24 @@ class TeacherRegistry:
         legacy = folder.legacy_set()
         return legacy if _has_any_checkpoint(folder.storage.child(legacy)) else None
 
-    def _append(self, key: str, generation: int, kind: str, folder_for) -> bool:
-        """Add the pointer's next version for `generation`, naming `folder_for(newest version)`;
-        False once a newer generation has a version. Each try reads the newest version again: a
-        version someone else added first (an older holder's publication) is built on, not lost."""
+    def _append(self, key: str, generation: int, kind: str, folder_for, by_for) -> bool:
+        """Add the pointer's next version for `generation`, naming `folder_for(newest version)` and
+        who published that folder, `by_for(newest version)`; False once a newer generation has a
+        version. Each try reads the newest version again: a version someone else added first (an
+        older holder's publication) is built on, not lost."""
         sets = self.folder(key).sets
         for attempt in range(APPEND_TRIES):
             newest = self._newest(key)
             if newest is not None and newest[1]["generation"] > generation:
                 return False
             version = 1 if newest is None else newest[0] + 1
-            record = {"version": version, "generation": generation, "kind": kind, "folder": folder_for(newest)}
+            record = {
+                "version": version,
+                "generation": generation,
+                "kind": kind,
+                "folder": folder_for(newest),
+                "by": by_for(newest),
+            }
             if sets.create_exclusive(version_file(version), json.dumps(record).encode()):
                 return True
             time.sleep(min(2.0, 0.05 * 2**attempt))  # a listing that lags the create (some S3 servers)
@@ -173,12 +180,17 @@ class TeacherRegistry:
         """Taken by the holder of `generation` right after it takes the lease: no older holder can
         change the set in use from here on; readers keep the set they had. False if a newer
         generation got there first (this holder's lease has passed on already)."""
-        return self._append(key, generation, CLAIM, lambda newest: self._named(key, newest))
+        return self._append(key, generation, CLAIM, lambda newest: self._named(key, newest), _published_by)
 
-    def publish(self, key: str, generation: int) -> bool:
-        """Make that generation's folder the set in use; False if a newer generation claimed the
-        pointer meanwhile (its holder goes on; this one's lease had passed)."""
-        return self._append(key, generation, PUBLISH, lambda newest: generation_dir(generation))
+    def publish(self, key: str, generation: int, by: str = "") -> bool:
+        """Make that generation's folder the set in use, published `by` its holder (sweep/trial);
+        False if a newer generation claimed the pointer meanwhile (its holder goes on; this one's
+        lease had passed)."""
+        return self._append(key, generation, PUBLISH, lambda newest: generation_dir(generation), lambda newest: by)
+
+    def published_by(self, key: str) -> str | None:
+        """The holder (sweep/trial) that published the key's set in use, where its pointer says."""
+        return _published_by(self._newest(key)) or None
 
     def record_divergence(self, key: str, message: str) -> str:
         """The key's training diverged: no trial trains it again (see `record_divergence`)."""
@@ -213,6 +225,11 @@ class TeacherInUse:
         if in_use is None or in_use.verify(self.epoch) is not None:
             return None
         return in_use.checkpoint_uri(self.epoch)
+
+
+def _published_by(newest: tuple[int, dict] | None) -> str:
+    """Who published the folder a pointer version names (a claim carries it on)."""
+    return str(newest[1].get("by") or "") if newest is not None else ""
 
 
 def _has_any_checkpoint(folder: Storage) -> bool:

@@ -158,8 +158,12 @@ class TeacherFinished:
 
     def __call__(self) -> bool:
         """True if this training's folder became the set in use."""
-        if LeaseWatch(self.lease).lost() is not None or not self.registry.publish(self.key, self.lease.generation):
+        holder = f"{self.layout.name}/{self.trial_id}"
+        if LeaseWatch(self.lease).lost() is not None:
             return False
+        if not self.registry.publish(self.key, self.lease.generation, by=holder):
+            return False
+        # the pointer names this trial now; a run ended before the record below is told by it (`trained_here`)
         self.layout.record_teacher_training(self.key, self.trial_id, fit_called_at=self.fit_called_at, token=self.token)
         return True
 
@@ -174,6 +178,19 @@ class TeacherFinished:
         """Whether this very training marked the teacher finished."""
         record = self.layout.teacher_training(self.key)
         return record is not None and record.get("token") == self.token
+
+
+def trained_here(registry: TeacherRegistry, layout: SweepLayout, key: str, holder: str) -> bool:
+    """Whether the trial `holder` (sweep/trial) trained the key's set in use: this sweep's record
+    says so, or the pointer does (its run published the set and ended before writing the record,
+    which is written now: the sweep's count of trainings would miss it, and the trial show "reused")."""
+    trial_id = holder.rsplit("/", 1)[-1]
+    if layout.trained_by(key) == trial_id:
+        return True
+    if registry.published_by(key) != holder:
+        return False
+    layout.record_teacher_training(key, trial_id, recorded_late=True)
+    return True
 
 
 def ensure_teacher(
@@ -209,7 +226,7 @@ def ensure_teacher(
         try:
             if _usable(registry, key, older_keys, epochs, epoch, corrupt):
                 # Stored already; still ours if this very trial trained it before Tune restarted it.
-                return layout.trained_by(key) == trial_id
+                return trained_here(registry, layout, key, holder)
             diverged = registry.divergence(key)
             if diverged is not None:  # its settings and seed diverge: no Train run to find it again
                 raise TrainingDivergedError(diverged)
@@ -255,7 +272,7 @@ def _train_under_lease(
             if in_use is not None:
                 problem = in_use.problem(epochs, epoch)
                 if problem is None:  # finished by another holder while we waited
-                    return layout.trained_by(key) == trial_id
+                    return trained_here(registry, layout, key, f"{layout.name}/{trial_id}")
                 into = registry.output(key, handle.generation).uri()
                 if not layout.integrity_event_recorded(key, in_use.uri()):  # once per broken set
                     layout.record_integrity_event(key, epoch, problem, trial_id, f"retrained into {into}", in_use.uri())
