@@ -376,8 +376,8 @@ def test_a_diverged_teacher_is_recorded_for_its_key_and_not_trained_again(tmp_pa
 class _SlowRecord:
     """Rank 0's divergence hook: takes its time over the record, or cannot write it at all."""
 
-    def __init__(self, folder: Path, fails: bool = False, before: str | None = None) -> None:
-        self.folder, self.fails, self.before = folder, fails, before
+    def __init__(self, record: Path, fails: bool = False, before: str | None = None) -> None:
+        self.record, self.fails, self.before = record, fails, before
 
     def divergence(self) -> str | None:
         return self.before
@@ -387,14 +387,17 @@ class _SlowRecord:
 
         from remem_ray.errors import ResourceError
 
-        time.sleep(2)
+        time.sleep(1)
         if self.fails:
             raise ResourceError("storage: cannot write diverged.json: Access Denied")
-        (self.folder / "diverged.json").write_text(message)
+        self.record.write_text(message)
         return f"{message} (recorded in diverged.json)"
 
 
-def _diverging_ranks(rank: int, world: int, tmp: str, case: str) -> None:
+DIVERGENCE_CASES = ("diverges", "write-fails", "recorded-before")
+
+
+def _diverging_ranks(rank: int, world: int, tmp: str) -> None:
     import torch.distributed as dist
 
     from remem_ray.errors import TrainingDivergedError
@@ -403,22 +406,23 @@ def _diverging_ranks(rank: int, world: int, tmp: str, case: str) -> None:
     tmp_path = Path(tmp)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=rank, world_size=world)
     try:
-        before = "student diverged in epoch 1 (recorded in diverged.json)" if case == "recorded-before" else None
-        hook = _SlowRecord(tmp_path, fails=case == "write-fails", before=before) if rank == 0 else None
-        ran = False
-        try:
-            with divergence_kept(hook, torch.device("cpu"), "student"):
-                ran = True
-                raise TrainingDivergedError("student diverged in epoch 3 (val_loss nan)")  # every rank, as the loop
-        except TrainingDivergedError as exc:
-            written = (tmp_path / "diverged.json").exists()  # when this rank's error left
-            (tmp_path / f"rank{rank}.json").write_text(json.dumps({"error": str(exc), "ran": ran, "written": written}))
+        for case in DIVERGENCE_CASES:  # one after the other, on one process group
+            record = tmp_path / f"{case}-diverged.json"
+            before = "student diverged in epoch 1 (recorded in diverged.json)" if case == "recorded-before" else None
+            hook = _SlowRecord(record, fails=case == "write-fails", before=before) if rank == 0 else None
+            ran = False
+            try:
+                with divergence_kept(hook, torch.device("cpu"), "student"):
+                    ran = True
+                    raise TrainingDivergedError("student diverged in epoch 3 (val_loss nan)")  # every rank, as the loop
+            except TrainingDivergedError as exc:
+                outcome = {"error": str(exc), "ran": ran, "written": record.exists()}  # as this rank's error left
+                (tmp_path / f"{case}-rank{rank}.json").write_text(json.dumps(outcome))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("case", ["diverges", "write-fails", "recorded-before"])
-def test_every_rank_raises_rank_0s_record_of_a_divergence_once_it_is_written(tmp_path, case):
+def test_every_rank_raises_rank_0s_record_of_a_divergence_once_it_is_written(tmp_path):
     """With several workers every rank raises in the same epoch, but only rank 0 records: the
     others raised at once, so Train could end the group before the record was written (the retry
     diverged again), and a trial's failure line (rank 1's error, the last of Train's snippets) did
@@ -426,14 +430,15 @@ def test_every_rank_raises_rank_0s_record_of_a_divergence_once_it_is_written(tmp
     error. Now each rank waits for rank 0's record and raises its text."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_diverging_ranks, args=(2, str(tmp_path), case), nprocs=2, join=True)
-    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    mp.spawn(_diverging_ranks, args=(2, str(tmp_path)), nprocs=2, join=True)
     expected = {
         "diverges": "student diverged in epoch 3 (val_loss nan) (recorded in diverged.json)",
         "write-fails": "student diverged in epoch 3 (val_loss nan) (not recorded: storage: cannot write "
         "diverged.json: Access Denied)",
         "recorded-before": "student diverged in epoch 1 (recorded in diverged.json)",
-    }[case]
-    assert [o["error"] for o in outcomes] == [expected, expected]
-    assert [o["ran"] for o in outcomes] == [case != "recorded-before"] * 2  # refused before the training
-    assert [o["written"] for o in outcomes] == [case == "diverges"] * 2  # rank 1 left after rank 0's write
+    }
+    for case in DIVERGENCE_CASES:
+        outcomes = [json.loads((tmp_path / f"{case}-rank{r}.json").read_text()) for r in (0, 1)]
+        assert [o["error"] for o in outcomes] == [expected[case]] * 2, case
+        assert [o["ran"] for o in outcomes] == [case != "recorded-before"] * 2, case  # refused before training
+        assert [o["written"] for o in outcomes] == [case == "diverges"] * 2, case  # rank 1 left after the write
