@@ -175,6 +175,29 @@ def test_a_state_whose_checkpoints_are_gone_trains_from_the_first_epoch(tmp_path
     assert (tmp_path / "gen-2" / "epoch_1" / "manifest.json").is_file()
 
 
+class AllLines(TeacherLog):
+    def __init__(self, events: Events) -> None:
+        super().__init__(events)
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        super().log(message)
+        self.lines.append(message)
+
+
+def test_a_teacher_restarted_after_its_last_epoch_says_its_epochs_were_done(tmp_path):
+    """A run Train restarted after its teacher's last epoch (its student diverged, say) said
+    "resuming at epoch 4 of 3" on the sweep's console."""
+    spec = load_run_spec(None, SPEC)
+    teach_then_distil(_config(spec, tmp_path, TeacherLog(Events()), None, Events()))
+    events = Events()
+    again = AllLines(events)
+    teach_then_distil(_config(spec, tmp_path, again, None, events))
+    assert "all 3 epochs were done before this run restarted" in again.lines
+    assert not any(line.startswith("resuming at epoch") for line in again.lines), again.lines
+    assert events.seen == ["teacher 3/3", "teacher done"]  # its last result handed over again, no epoch run
+
+
 def test_a_run_restarted_in_its_student_phase_does_not_train_its_teacher_again(tmp_path):
     spec = load_run_spec(None, SPEC)
     events = Events()

@@ -381,7 +381,10 @@ def _epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         task.load_state(state["task"])
         history = list(state["history"])
         start = state["epoch"] + 1
-        ctx.session.log(f"resuming at epoch {start} of {task.epochs}")
+        if start > task.epochs:  # a run restarted after its last epoch (its result is handed over below)
+            ctx.session.log(f"all {task.epochs} epochs were done before this run restarted")
+        else:
+            ctx.session.log(f"resuming at epoch {start} of {task.epochs}")
         if start > task.epochs and history:
             # Finished before an interruption that lost the news (e.g. Tune had not saved the
             # trial's completion): report the final result again so whoever waits for it gets it.
