@@ -18,3 +18,8 @@ class ResourceError(UserInputError):
 
 class TrainingDivergedError(RuntimeError):
     """A run's loss went NaN or infinite: nothing of that epoch is kept (the CLI: one line, exit 1)."""
+
+
+class RecordedDivergence(TrainingDivergedError):
+    """A divergence kept for its key in storage (registry.record_divergence), now or before: a
+    retry of the run could only meet it again, so a sweep's Train run ends without one."""

@@ -439,7 +439,7 @@ def _diverging_ranks(rank: int, world: int, tmp: str) -> None:
                     ran = True
                     raise TrainingDivergedError("student diverged in epoch 3 (val_loss nan)")  # every rank, as the loop
             except TrainingDivergedError as exc:
-                outcome = {"error": str(exc), "ran": ran, "written": record.exists()}  # as this rank's error left
+                outcome = {"error": str(exc), "type": type(exc).__name__, "ran": ran, "written": record.exists()}
                 (tmp_path / f"{case}-rank{rank}.json").write_text(json.dumps(outcome))
     finally:
         dist.destroy_process_group()
@@ -463,5 +463,9 @@ def test_every_rank_raises_rank_0s_record_of_a_divergence_once_it_is_written(tmp
     for case in DIVERGENCE_CASES:
         outcomes = [json.loads((tmp_path / f"{case}-rank{r}.json").read_text()) for r in (0, 1)]
         assert [o["error"] for o in outcomes] == [expected[case]] * 2, case
+        # kept for the key: a sweep's Train run ends without an error (no retry to meet the record)
+        kept = "TrainingDivergedError" if case == "write-fails" else "RecordedDivergence"
+        assert [o["type"] for o in outcomes] == [kept] * 2, case
         assert [o["ran"] for o in outcomes] == [case != "recorded-before"] * 2, case  # refused before training
         assert [o["written"] for o in outcomes] == [case == "diverges"] * 2, case  # rank 1 left after the write
+        # ("written": whether the record was there as this rank's error left)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import pytest
 from helpers.teachers import registry_setup, write_teacher
 
 from remem_ray.config import WorkerResources
@@ -113,3 +114,23 @@ def test_a_train_run_waits_for_slow_workers_as_long_as_the_sweep_says(tmp_path, 
     from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
 
     assert trial_module.WORKER_START_TIMEOUT_ENV in ENV_VARS_TO_PROPAGATE  # Train passes it on
+
+
+def test_a_recorded_divergence_ends_a_sweeps_train_run_without_an_error():
+    """Train retries a run that raised (max_failures times), each retry booting its workers only
+    to meet the divergence's record at once: a recorded one ends the run, and the trial's driver
+    fails the trial from the record (TrialRuns._fit). One not recorded still fails the run."""
+    from remem_ray.errors import RecordedDivergence, TrainingDivergedError
+    from remem_ray.sweep.trial import _ended_by_a_recorded_divergence
+
+    def recorded(config):
+        raise RecordedDivergence("student diverged in epoch 1 (recorded in students/k/diverged.json: ...)")
+
+    def not_recorded(config):
+        raise TrainingDivergedError("student diverged in epoch 1 (not recorded: Access Denied)")
+
+    ended = _ended_by_a_recorded_divergence(recorded, None)
+    assert ended == {"diverged": "student diverged in epoch 1 (recorded in students/k/diverged.json: ...)"}
+    with pytest.raises(TrainingDivergedError, match="not recorded"):
+        _ended_by_a_recorded_divergence(not_recorded, None)
+    assert _ended_by_a_recorded_divergence(lambda config: {"student": config}, 7) == {"student": 7}

@@ -26,7 +26,7 @@ from remem_ray.checkpoint_files import best_checkpoint, checkpoint_name
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.console import say
 from remem_ray.contract import STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED, LoopConfig, PhasesConfig
-from remem_ray.errors import ResourceError, TrainingDivergedError
+from remem_ray.errors import RecordedDivergence, ResourceError, TrainingDivergedError
 from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import Lease, LeaseHandle, LeaseWatch, process_gone
 from remem_ray.process import peak_rss_mb
@@ -104,14 +104,24 @@ def teach_then_distil_in_worker(config: dict[str, Any]) -> dict[str, Any]:
     which unpickle this function by reference."""
     from remem_ray.train.phases import teach_then_distil
 
-    return teach_then_distil(PhasesConfig.from_dict(config))
+    return _ended_by_a_recorded_divergence(teach_then_distil, PhasesConfig.from_dict(config))
 
 
 def distill_student_in_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The Train loop of a student on a stored teacher; imports as teach_then_distil_in_worker."""
     from remem_ray.train.student import distill_student
 
-    return distill_student(LoopConfig.from_dict(config))
+    return _ended_by_a_recorded_divergence(distill_student, LoopConfig.from_dict(config))
+
+
+def _ended_by_a_recorded_divergence(loop, config) -> dict[str, Any]:
+    """A divergence kept for its key ends the run without an error: Train would retry a failed run
+    (each retry booting its workers, on a GPU node, to meet the record at once); the trial's driver
+    finds the record once the run has ended, and fails the trial with it (TrialRuns._fit)."""
+    try:
+        return loop(config)
+    except RecordedDivergence as exc:
+        return {"diverged": str(exc)}
 
 
 def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=None):
@@ -431,6 +441,10 @@ class TrialRuns:
     def _fit(self, loop, config: LoopConfig | PhasesConfig, resources: WorkerResources, run) -> None:
         sweep = self.spec.sweep
         make_trainer(loop, config, resources, sweep.resources.backend, run, sweep.worker_start_timeout_s).fit()
+        # a run that met a recorded divergence ended without an error (_ended_by_a_recorded_divergence)
+        for diverged in (self.registry.divergence(self.key), self.students.divergence(self.student_key)):
+            if diverged is not None:
+                raise TrainingDivergedError(diverged)
 
 
 def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:

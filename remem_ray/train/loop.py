@@ -8,6 +8,7 @@ training images per second and the share of it spent waiting for data.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import statistics
 import time
@@ -23,7 +24,7 @@ from remem_ray.config import RunSpec
 from remem_ray.contract import EPOCH, EPOCHS, LoopConfig, Session
 from remem_ray.data import DataPipeline, DataSplits, EvalResize, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
-from remem_ray.errors import ResourceError, TrainingDivergedError
+from remem_ray.errors import RecordedDivergence, ResourceError, TrainingDivergedError
 from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import LeaseWatch
 from remem_ray.models import create_model
@@ -336,26 +337,29 @@ def divergence_kept(hook: object | None, device: torch.device, role: str) -> Ite
     pass None and take rank 0's word."""
     recorded = rank0_says(getattr(hook, "divergence", lambda: None)(), device)
     if recorded is not None:
-        raise TrainingDivergedError(recorded)
+        raise RecordedDivergence(recorded)
     try:
         yield
     except TrainingDivergedError as exc:
         # every rank gets here in the same epoch (the losses are totals over every rank); the others
         # wait for rank 0's record: a rank that raised first would have Train end the group before
         # the record is written, and its error (the one a trial's failure line shows) not name it
-        message = rank0_says(_record_divergence(hook, str(exc)), device)
+        said = rank0_says(json.dumps(_record_divergence(hook, str(exc))), device)
+        message, kept = json.loads(said) if said is not None else (None, False)
         if message is None:  # a hook that keeps nothing (or none at all)
             raise
-        raise TrainingDivergedError(message) from exc
+        raise (RecordedDivergence if kept else TrainingDivergedError)(message) from exc
 
 
-def _record_divergence(hook: object | None, message: str) -> str | None:
-    """The hook's record of the divergence (its message naming the record), or None if it keeps
-    none; a record that cannot be written leaves the divergence the error, saying so."""
+def _record_divergence(hook: object | None, message: str) -> tuple[str | None, bool]:
+    """(the hook's record of the divergence: its message naming the record, or None if it keeps
+    none; whether it was kept): a record that cannot be written leaves the divergence the error,
+    saying so."""
     try:
-        return getattr(hook, "diverged", lambda message: None)(message)
+        where = getattr(hook, "diverged", lambda message: None)(message)
+        return where, where is not None
     except (ResourceError, OSError) as err:
-        return f"{message} (not recorded: {err})"
+        return f"{message} (not recorded: {err})", False
 
 
 def run_epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
