@@ -103,7 +103,7 @@ def collect(root: Path, name: str) -> dict:
             intervals.append((h["epoch_started_at"], h["epoch_started_at"] + h["epoch_seconds"]))
             loop_seconds += h["epoch_seconds"]
             worker_rss.append(h["peak_rss_mb"])
-        if history[0]["start_epoch"] == 1:
+        if history[0]["start_epoch"] == 1 and record.get("fit_called_at") is not None:  # a late record: no start
             latencies["teacher"].append(history[0]["epoch_started_at"] - record["fit_called_at"])
             parts["teacher"].append(start_parts(history[0], record["fit_called_at"]))
             runs.append(run_row("teacher", history, record["fit_called_at"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from types import SimpleNamespace
 
 import pytest
 from helpers.teachers import registry_setup, write_teacher
@@ -17,17 +18,19 @@ from remem_ray.sweep.trial import TeacherFinished, TrialRuns
 
 
 class Recorder:
-    """Stands in for make_trainer: records each run's loop function and config; fit() does nothing."""
+    """Stands in for make_trainer: records each run's loop function and config; fit() trains
+    nothing and returns a result whose last report is `last` (default: a student's last epoch)."""
 
     def __init__(self) -> None:
         self.runs: list[tuple[str, dict]] = []
+        self.last: dict = {"epoch": 3, "epochs": 3}
 
     def __call__(self, loop, config, resources, backend, run_config, start_timeout_s):
         self.runs.append((loop.__name__, config))
         return self
 
-    def fit(self) -> None:
-        pass
+    def fit(self):
+        return SimpleNamespace(metrics=self.last)
 
 
 def _runs(tmp_path, monkeypatch):
@@ -134,3 +137,53 @@ def test_a_recorded_divergence_ends_a_sweeps_train_run_without_an_error():
     with pytest.raises(TrainingDivergedError, match="not recorded"):
         _ended_by_a_recorded_divergence(not_recorded, None)
     assert _ended_by_a_recorded_divergence(lambda config: {"student": config}, 7) == {"student": 7}
+
+
+def test_a_run_that_ended_short_of_its_students_last_epoch_fails_the_trial_with_the_record(tmp_path, monkeypatch):
+    """A sweep's Train run that meets a recorded divergence ends without an error (no retries):
+    the trial must then fail with the record, never count its half-trained student as distilled
+    (in the teacher's run) or go on as if it had one (in a run of its own)."""
+    from remem_ray.errors import TrainingDivergedError
+
+    spec, run_spec, layout, registry, key, lease, runs, recorder = _runs(tmp_path, monkeypatch)
+    finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
+    finished()  # the teacher phase published; then the student phase stopped at epoch 1 of 3
+    recorder.last = {"epoch": 1, "epochs": 3}
+    runs.fit_teacher(spec, run_spec, registry, key, lease.handle(), finished)
+    assert not runs.distilled  # no record to say why: its own student run goes on from its checkpoint
+    runs.students.record_divergence(runs.student_key, "student diverged in epoch 2 (val_loss nan)")
+    teacher_run = lambda: runs.fit_teacher(spec, run_spec, registry, key, lease.handle(), finished)  # noqa: E731
+    for fit in (teacher_run, lambda: runs.fit_student(trained=True)):
+        with pytest.raises(TrainingDivergedError, match="student diverged in epoch 2 .*diverged.json"):
+            fit()
+    assert not runs.distilled
+    recorder.last = {"epoch": 3, "epochs": 3}  # a run that reached its end is never failed by a record
+    runs.fit_student(trained=True)
+
+
+def test_a_teacher_run_that_ended_on_its_recorded_divergence_fails_the_trial_not_loses_the_lease(tmp_path):
+    """Its run ended without an error and without publishing: before, the trial said it lost the
+    lease and waited for a new holder."""
+    from remem_ray.errors import TrainingDivergedError
+    from remem_ray.sweep.trial import ensure_teacher
+
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+
+    def diverges(spec, run_spec, registry, key, handle, finished, resume_from) -> None:
+        registry.record_divergence(key, "teacher diverged in epoch 1 (val_loss nan)")
+
+    with pytest.raises(TrainingDivergedError, match="teacher diverged in epoch 1 .*diverged.json"):
+        ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=diverges)
+    assert registry.lease(key, "x", 60).holder_now() is None  # released
+
+
+def test_a_late_record_never_replaces_a_newer_trainings(tmp_path, monkeypatch):
+    """A restarted trial writes the record its run did not (the pointer named it as publisher when
+    it looked); a retraining another trial published and recorded meanwhile keeps its record."""
+    from remem_ray.sweep.trial import trained_here
+
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    monkeypatch.setattr(registry, "published_by", lambda key: "s/t1")  # as t1 read it
+    layout.record_teacher_training(key, "t2")  # t2's retraining, published and recorded since
+    assert not trained_here(registry, layout, key, "s/t1")
+    assert layout.trained_by(key) == "t2"

@@ -57,9 +57,15 @@ class SweepLayout:
         """TensorBoard event files of one Train run: teacher_<key> or trial_<id>_student."""
         return self.experiment.child("tensorboard", run)
 
-    def record_teacher_training(self, key: str, trial_id: str, **extra) -> None:
+    def record_teacher_training(self, key: str, trial_id: str, only_if_none: bool = False, **extra) -> bool:
+        """Record that trial `trial_id` trained teacher `key` (False: `only_if_none` and a record
+        was there already, a newer training's, which is kept)."""
         record = {"teacher_key": key, "trial_id": trial_id, "time": time.time(), **extra}
-        self.experiment.write_text(f"teacher-trainings/{key}.json", json.dumps(record))
+        rel, data = f"teacher-trainings/{key}.json", json.dumps(record)
+        if only_if_none:
+            return self.experiment.create_exclusive(rel, data.encode())
+        self.experiment.write_text(rel, data)
+        return True
 
     def teacher_training(self, key: str) -> dict | None:
         """The record of this sweep's training of teacher `key`, if it trained it."""

@@ -25,7 +25,16 @@ from typing import Any
 from remem_ray.checkpoint_files import best_checkpoint, checkpoint_name
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.console import say
-from remem_ray.contract import STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED, LoopConfig, PhasesConfig
+from remem_ray.contract import (
+    EPOCH,
+    EPOCHS,
+    STUDENT_KEY,
+    STUDENT_REPLAYED,
+    TEACHER_KEY,
+    TEACHER_TRAINED,
+    LoopConfig,
+    PhasesConfig,
+)
 from remem_ray.errors import RecordedDivergence, ResourceError, TrainingDivergedError
 from remem_ray.faultpoints import hold_if_asked
 from remem_ray.leases import Lease, LeaseHandle, LeaseWatch, process_gone
@@ -199,8 +208,10 @@ def trained_here(registry: TeacherRegistry, layout: SweepLayout, key: str, holde
         return True
     if registry.published_by(key) != holder:
         return False
-    layout.record_teacher_training(key, trial_id, recorded_late=True)
-    return True
+    # never over a record of a retraining that another trial published since
+    if layout.record_teacher_training(key, trial_id, only_if_none=True, recorded_late=True, fit_called_at=None):
+        return True
+    return layout.trained_by(key) == trial_id
 
 
 def ensure_teacher(
@@ -295,6 +306,9 @@ def _train_under_lease(
             fit(spec, run_spec, registry, key, handle, finished, resume_from)
         if finished.done():  # its run marked the teacher finished
             return True
+        diverged = registry.divergence(key)  # its run ended without an error: _ended_by_a_recorded_divergence
+        if diverged is not None:
+            raise TrainingDivergedError(diverged)
         say(f"trial {trial_id}: lost the lease on teacher {key[:8]} while training it; waiting for its new holder")
         return False
     finally:
@@ -335,7 +349,7 @@ class TrialRuns:
         if not trained:  # the console shows a training, not a reuse: say where the teacher came from
             try:
                 by = self.layout.trained_by(self.key)
-                source = f"trial {by}" if by else "another sweep on this root"
+                source = f"trial {by}" if by else (self.registry.published_by(self.key) or "an earlier version")
             except (ResourceError, ValueError, KeyError):  # a line for the console must not fail the trial
                 source = "a run whose record did not read"
             epoch = self.run_spec.student.teacher_epoch
@@ -418,8 +432,11 @@ class TrialRuns:
             # pickled: Train's controller unpickles the config, and importing this module would cost
             # every teacher's start seconds
             config = PhasesConfig(teacher, student, on_teacher_done=pickle.dumps(finished))
-            self._fit(teach_then_distil_in_worker, config, resources.teacher, run)
-        self.distilled = together and finished.done()
+            result = self._fit(teach_then_distil_in_worker, config, resources.teacher, run)
+        # its teacher published, the student phase ended short of its last epoch: it diverged (the
+        # run ended without an error: _ended_by_a_recorded_divergence); a teacher that diverged is
+        # found where the trial waits for its teacher (_train_under_lease)
+        self.distilled = together and finished.done() and self._student_finished(result)
 
     def fit_student(self, trained: bool) -> None:
         """Distil from the stored teacher in a run of its own (resumed if the trial restarted)."""
@@ -431,20 +448,29 @@ class TrialRuns:
         run = self._student_run()
         with self._run_slot():
             config = self._student_config(in_use.checkpoint_uri(epoch), trained)
-            self._fit(distill_student_in_worker, config, self.spec.sweep.resources.student, run)
+            result = self._fit(distill_student_in_worker, config, self.spec.sweep.resources.student, run)
+        self._student_finished(result)
 
     def _run_slot(self):
         """Held around each Train run, from before its config is built (`fit_called_at` then
         counts from the end of the wait): sweep/run_slots.py says why."""
         return run_slot(self.spec, self.trial_id, self.spec.sweep.teacher_wait_timeout_s, self.stopping)
 
-    def _fit(self, loop, config: LoopConfig | PhasesConfig, resources: WorkerResources, run) -> None:
+    def _fit(self, loop, config: LoopConfig | PhasesConfig, resources: WorkerResources, run):
         sweep = self.spec.sweep
-        make_trainer(loop, config, resources, sweep.resources.backend, run, sweep.worker_start_timeout_s).fit()
-        # a run that met a recorded divergence ended without an error (_ended_by_a_recorded_divergence)
-        for diverged in (self.registry.divergence(self.key), self.students.divergence(self.student_key)):
-            if diverged is not None:
-                raise TrainingDivergedError(diverged)
+        return make_trainer(loop, config, resources, sweep.resources.backend, run, sweep.worker_start_timeout_s).fit()
+
+    def _student_finished(self, result) -> bool:
+        """Whether a run's student reached its last epoch; one that ended short of it, without an
+        error, met its key's divergence record (_ended_by_a_recorded_divergence): the trial fails
+        with it. A run whose teacher phase did not publish reports no student epoch: False."""
+        metrics = getattr(result, "metrics", None) or {}
+        if EPOCH in metrics and metrics[EPOCH] == metrics.get(EPOCHS):
+            return True
+        diverged = self.students.divergence(self.student_key)
+        if diverged is not None:
+            raise TrainingDivergedError(diverged)
+        return False
 
 
 def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:

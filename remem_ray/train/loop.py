@@ -386,7 +386,7 @@ def _epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
         history = list(state["history"])
         start = state["epoch"] + 1
         if start > task.epochs:  # a run restarted after its last epoch (its result is handed over below)
-            ctx.session.log(f"all {task.epochs} epochs were done before this run restarted")
+            ctx.session.log(f"all {task.epochs} epochs were done already (its resume state says so)")
         else:
             ctx.session.log(f"resuming at epoch {start} of {task.epochs}")
         if start > task.epochs and history:
