@@ -435,7 +435,7 @@ def _diverging_ranks(rank: int, world: int, tmp: str) -> None:
             hook = _SlowRecord(record, fails=case == "write-fails", before=before) if rank == 0 else None
             ran = False
             try:
-                with divergence_kept(hook, torch.device("cpu"), "student"):
+                with divergence_kept(hook, torch.device("cpu")):
                     ran = True
                     raise TrainingDivergedError("student diverged in epoch 3 (val_loss nan)")  # every rank, as the loop
             except TrainingDivergedError as exc:

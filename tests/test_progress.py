@@ -60,6 +60,14 @@ remem_ray.errors.TrainingDivergedError: teacher diverged in epoch 2 (val_loss na
 """
 
 
+DIVERGED = "TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan); nothing of that epoch is kept"
+
+
+def _shown(out) -> list[str]:
+    """The console's lines, less their time."""
+    return [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+
+
 def test_a_workers_traceback_and_trains_retry_are_a_line_each_on_the_console(tmp_path):
     """A diverged teacher put 80 lines on the console: the worker's traceback, then Train's
     controller's RETRY block holding it twice, per attempt. Now a line each; the log keeps all."""
@@ -74,8 +82,7 @@ def test_a_workers_traceback_and_trains_retry_are_a_line_each_on_the_console(tmp
             "is_err": True,
         }
     )
-    shown = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
-    diverged = "TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan); nothing of that epoch is kept"
+    shown, diverged = _shown(out), DIVERGED
     assert shown == [
         f"(RayTrainWorker pid=7) {diverged} (the traceback: sweep.log)",
         f"(TrainController pid=7) a Train run failed (failure 1, 1 allowed), Train runs it again: {diverged}",
@@ -104,8 +111,7 @@ def test_a_tracebacks_line_names_the_trial_whose_process_raised_it(tmp_path):
     driver = {"pid": 9, "ip": "10.0.0.1", "actor_name": "ImplicitFunc"}
     console.worker_output({**driver, "lines": [f"{MARK}trial ab12cd34: training teacher 564f4fc8"], "is_err": False})
     console.worker_output({**driver, "lines": WORKER_TRACEBACK.splitlines(), "is_err": True})
-    shown = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
-    diverged = "TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan); nothing of that epoch is kept"
+    shown, diverged = _shown(out), DIVERGED
     assert shown == [
         f"trial 1d233b08 (RayTrainWorker pid=7) {diverged} (the traceback: sweep.log)",
         f"(RayTrainWorker pid=7) {diverged} (the traceback: sweep.log)",

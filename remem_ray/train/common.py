@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterable
-from typing import Literal, cast
+from typing import Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ from torch import nn
 from remem_ray.config import OptimizerConfig, ScheduleConfig
 from remem_ray.errors import ResourceError
 from remem_ray.sam import SAM, weights_by_name
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -58,11 +60,12 @@ def rank0_decides(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
-def rank0_says(text: str | None, device: torch.device) -> str | None:
-    """Rank 0's text on every rank (a collective: every rank calls it at the same point)."""
+def rank0_says(value: T, device: torch.device) -> T:
+    """Rank 0's value (anything picklable) on every rank (a collective: every rank calls it at the
+    same point)."""
     if not is_distributed():
-        return text
-    box = [text]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
     return box[0]
 

@@ -8,7 +8,6 @@ training images per second and the share of it spent waiting for data.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import statistics
 import time
@@ -329,7 +328,7 @@ def _refuse_divergence(ctx: LoopContext, epoch: int, metrics: dict[str, Any]) ->
 
 
 @contextlib.contextmanager
-def divergence_kept(hook: object | None, device: torch.device, role: str) -> Iterator[None]:
+def divergence_kept(hook: object | None, device: torch.device) -> Iterator[None]:
     """Around a training whose hook keeps divergences (a sweep's, on rank 0: `divergence()`,
     `diverged(message)`): one that diverged before stops on every rank before its first epoch (a
     divergence is seeded: a retry, another trial of the key, would only diverge again), and one that
@@ -344,8 +343,7 @@ def divergence_kept(hook: object | None, device: torch.device, role: str) -> Ite
         # every rank gets here in the same epoch (the losses are totals over every rank); the others
         # wait for rank 0's record: a rank that raised first would have Train end the group before
         # the record is written, and its error (the one a trial's failure line shows) not name it
-        said = rank0_says(json.dumps(_record_divergence(hook, str(exc))), device)
-        message, kept = json.loads(said) if said is not None else (None, False)
+        message, kept = rank0_says(_record_divergence(hook, str(exc)), device)
         if message is None:  # a hook that keeps nothing (or none at all)
             raise
         raise (RecordedDivergence if kept else TrainingDivergedError)(message) from exc

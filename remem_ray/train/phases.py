@@ -64,7 +64,7 @@ def _teacher_phase(cfg: LoopConfig, teacher_done_hook: Callable[[], Callable[[],
     base = base_session(cfg, "teacher")
     device = pick_device(cfg.spec.device, base.local_rank)
     hook = teacher_done_hook() if base.world_rank == 0 else None  # unpickled where it runs
-    with divergence_kept(hook, device, "teacher"):
+    with divergence_kept(hook, device):
         result = fine_tune_teacher(cfg.but(session=base))  # its `state` folder keeps the resume state
     if "stopped" in result:  # every rank stops at the same epoch (rank 0 decides)
         return result

@@ -151,7 +151,7 @@ def distill_student(config: LoopConfig) -> dict[str, Any]:
     if not teacher:
         raise SpecError("student.teacher_checkpoint: no teacher checkpoint given")
     # a sweep's on_finished keeps its key's divergence: before the teacher is loaded and targets built
-    with divergence_kept(ctx.on_finished if ctx.is_writer else None, ctx.device, "student"):
+    with divergence_kept(ctx.on_finished if ctx.is_writer else None, ctx.device):
         task = StudentTask(ctx, teacher, config.teacher_finder())
         history = run_epochs(ctx, task)
     return {"history": history, "best": task.best, "checkpoint": best_checkpoint(ctx.output)}
