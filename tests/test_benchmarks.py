@@ -44,7 +44,7 @@ def test_gpu_script_runs_all_workloads_end_to_end_on_tiny_models(capsys, tmp_pat
 def test_step_script_runs_on_tiny_models(capsys):
     assert steps.main([*TINY, "--rounds", "2", "--sam-model", "vit_micro_patch4", "--batch", "4"]) == 0
     out = capsys.readouterr().out
-    for measure in ("SAM step / AdamW step", "cached targets / student only", "per-parameter loop"):
+    for measure in ("SAM step / AdamW step", "cached targets / student only", "per-parameter loop", "fused AdamW"):
         assert measure in out
 
 

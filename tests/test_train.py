@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from remem_ray.checkpoint_files import best_checkpoint
 from remem_ray.checkpoints import load_model, write_checkpoint
@@ -237,6 +238,41 @@ def test_weight_decay_spares_biases_norms_and_tokens_as_timm_and_deit_do():
         assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "head.bias"} <= spared
         assert {"blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.weight"} <= decayed
         assert all(g["weight_decay"] in (0.0, 0.05) for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "momentum", "lamb"])
+def test_optimisers_torch_can_fuse_update_fused_and_step_as_the_default_implementation(name):
+    """One fused kernel for all tensors where torch has one (Adam, AdamW, SGD): on CPU AdamW's
+    step over resnet10t took 62 ms in torch's default implementation and 10 ms fused, more than
+    the student's forward pass at 16 px. The update is the same: a few steps agree with the
+    default implementation's; other optimisers are built as before."""
+    from timm.optim import get_optimizer_class
+
+    from remem_ray.config import OptimizerConfig
+    from remem_ray.models import create_model
+    from remem_ray.train.common import build_optimizer, build_sam, decay_groups, fuses
+
+    cfg = OptimizerConfig(name=name, lr=0.01)
+    torch.manual_seed(0)
+    models = [create_model("resnet10t", 10, 16) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    built = build_optimizer(models[0], cfg)
+    cls = get_optimizer_class(name)
+    kwargs = {"momentum": cfg.momentum} if "momentum" in built.defaults else {}
+    default = cls(decay_groups(models[1], cfg.weight_decay), lr=cfg.lr, **kwargs)
+    assert bool(built.defaults.get("fused")) == (name != "lamb") and not default.defaults.get("fused")
+    assert bool(build_sam(models[0], cfg, 0.05, False).base_optimizer.defaults.get("fused")) == (name != "lamb")
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        for model, optimizer in zip(models, (built, default)):
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    # within 1 % of one step (lr 0.01): the two implementations round differently, and Adam's
+    # normalised update magnifies that where a gradient is tiny; a wrong setting moves by a step
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=1e-4)
+    assert not fuses(cls, create_model("resnet10t", 10, 16).to("meta"))  # a device without fused kernels
 
 
 def test_distill_without_teacher_exits_2(in_tmp, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal, TypeVar, cast
 
 import numpy as np
@@ -173,33 +173,54 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
-def _optimizer_kwargs(cfg: OptimizerConfig) -> dict:
+# torch optimisers whose update runs as one fused kernel on CPU and CUDA alike (`fused=True`)
+FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+FUSED_DEVICES = {"cpu", "cuda"}
+
+
+def fuses(optimizer_cls: Callable[..., torch.optim.Optimizer], model: nn.Module) -> bool:
+    """Whether the update runs fused: one kernel for all tensors instead of several per tensor.
+    On CPU AdamW's step over resnet10t takes 10 ms instead of 62 (SGD 3 instead of 12), more than
+    the forward pass at small images; on CUDA it launches one kernel where foreach launches many."""
+    cls = getattr(optimizer_cls, "func", optimizer_cls)  # timm names some as partials (sgd: nesterov)
+    devices = {p.device.type for p in model.parameters()}
+    return isinstance(cls, type) and issubclass(cls, FUSABLE) and devices <= FUSED_DEVICES
+
+
+def _optimizer_kwargs(
+    cfg: OptimizerConfig, optimizer_cls: Callable[..., torch.optim.Optimizer], model: nn.Module
+) -> dict:
     from timm.optim import get_optimizer_info
 
     kwargs: dict = {"lr": cfg.lr}
     if get_optimizer_info(cfg.name).has_momentum:
         kwargs["momentum"] = cfg.momentum
+    if fuses(optimizer_cls, model):
+        kwargs["fused"] = True
     return kwargs
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """timm's optimiser by name over the bare model's parameters (the same tensors DDP and compile wrap)."""
+    """timm's optimiser by name over the bare model's parameters (the same tensors DDP and compile
+    wrap), fused where torch has it. Call it once the model is on its device."""
     from timm.optim import get_optimizer_class
 
-    return get_optimizer_class(cfg.name)(decay_groups(model, cfg.weight_decay), **_optimizer_kwargs(cfg))
+    cls = get_optimizer_class(cfg.name)
+    return cls(decay_groups(model, cfg.weight_decay), **_optimizer_kwargs(cfg, cls, model))
 
 
 def build_sam(model: nn.Module, cfg: OptimizerConfig, rho: float, adaptive: bool, eta: float = 0.0) -> SAM:
     from timm.optim import get_optimizer_class
 
+    cls = get_optimizer_class(cfg.name)
     return SAM(
         decay_groups(model, cfg.weight_decay),
-        get_optimizer_class(cfg.name),
+        cls,
         rho=rho,
         adaptive=adaptive,
         eta=eta,
         scaled=weights_by_name(model),
-        **_optimizer_kwargs(cfg),
+        **_optimizer_kwargs(cfg, cls, model),
     )
 
 
