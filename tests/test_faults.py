@@ -1,6 +1,7 @@
-"""Fault injection on real local sweeps: the driver SIGKILLed at three points, a Train worker
-killed mid-epoch, a corrupt teacher checkpoint. Each sweep runs as a `remem` process; every
-process it starts is recorded and ended by PID (see servers.ProcessTree).
+"""Fault injection on real local sweeps: the driver SIGKILLed during a teacher's training and
+between trials, a Train worker killed mid-epoch, Ctrl-C, a teacher's holder paused past its
+lease, trials queued for a run slot. Each sweep runs as a `remem` process; every process it
+starts is recorded and ended by PID (see servers.ProcessTree).
 
 The S3 outage and the credential scan run with the S3 sweep in test_sweep_integration.py.
 """
@@ -35,11 +36,6 @@ from remem_ray.sweep.registry import TeacherRegistry
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 STUDENT_EPOCHS = 5
-# Two trials with distinct teachers (the smoke spec's first two points) suffice for a kill during
-# a teacher's training. The distillation kill comes between trials too (one finished, one held
-# unfinished), and runs a third (the smoke spec's third point) on the first trial's teacher,
-# started before or after the kill: a stored teacher is reused across the resume.
-TRIALS = {"teacher-training": 2, "distillation": 3}
 # a point whose student learns (the smoke spec also searches a student_lr at which it barely does)
 LEARNING_POINT = {"rho": 0.05, "alpha": 0.9, "teacher_epoch": 4, "student_lr": 0.002}
 
@@ -71,64 +67,82 @@ def _claimed(holds: Path, point: str) -> dict | None:
         return None
 
 
-# Each kill happens at a moment the sweep is made to wait at (a held Train run), never at one a
-# polling loop hopes to catch: the verdict must not depend on the machine's speed.
-# distillation: a student held at epoch 4 of 5 cannot finish, so another trial finishes first
-# and the sweep cannot end under the test.
-HOLDS = {"teacher-training": "teacher:1", "distillation": "student:2,student:4"}
+def _finished(experiment: Path) -> dict[str, str]:
+    """{trial: its result.json} of every trial Tune has recorded as finished."""
+    trials = experiment_trials(experiment)
+    done = [t for t, s in trials.items() if s["status"] == "TERMINATED"]
+    return {t: (experiment / f"trial_{t}" / "result.json").read_text() for t in done}
 
 
-@pytest.mark.parametrize("when", ["teacher-training", "distillation"])
-def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(tmp_path, when):
-    name = f"kill-{when}"
-    num_trials = TRIALS[when]
+def test_driver_sigkilled_in_teacher_training_then_in_distillation_resumes_without_rerunning_finished_trials(tmp_path):
+    """One sweep, its driver SIGKILLed twice, then resumed to the end (one sweep, not two: the
+    suite's time). Three trials: the smoke spec's first two points (distinct teachers) and its
+    third, which distils from the first one's teacher, started before or after a kill: a stored
+    teacher is reused across a resume.
+
+    Each kill comes at a moment the sweep is made to wait at (a held Train run), never at one a
+    polling loop hopes to catch: the verdict must not depend on the machine's speed.
+    1. During a teacher's training: a teacher held after its epoch 1 of 4.
+    2. During distillation, between trials: a student's Train worker, held after reporting epoch
+       2, is killed once Train has registered that checkpoint (Train retries it from there); the
+       driver is killed once one trial has finished and a student is held at epoch 4 of 5 (so
+       the sweep cannot end under the test)."""
+    name = "kill"
+    num_trials = 3
     path = _spec(tmp_path, name, num_samples=num_trials)
     root = tmp_path / "results"
     experiment = root / "sweeps" / name
     env = remem_env(tmp_path)
-    holds = tmp_path / "holds"
-    holds.mkdir()
-    run_env = {**env, "REMEM_TEST_HOLD_AT": HOLDS[when], "REMEM_TEST_HOLD_DIR": str(holds)}
-    proc, tree = start_remem(["sweep", "run", str(path)], tmp_path, run_env)
-    finished: set[str] = set()
-    worker_kill = None  # trial -> epochs it had reported when its Train worker was killed
-    worker_retry = {}  # trial -> its result rows once Train had retried it (before the driver kill)
-    killed = False
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            trials = experiment_trials(experiment)
-            finished = {t for t, s in trials.items() if s["status"] == "TERMINATED"}
-            if when == "teacher-training" and _claimed(holds, "teacher:1"):
-                killed = True  # a teacher held after its epoch 1 of 4
-            elif when == "distillation":
-                held = _claimed(holds, "student:2")
-                if worker_kill is None and held:
-                    # a student's Train worker, held after reporting epoch 2: kill it once Train
-                    # has registered that checkpoint (the held run cannot move on meanwhile)
-                    trial = Path(held["output"]).name
-                    if student_checkpoint_epoch(experiment, trial) >= 2:
-                        worker_kill = {trial: len(_rows(experiment, trial))}
-                        psutil.Process(held["pid"]).kill()
-                elif worker_kill is not None:
-                    now = {t: _rows(experiment, t) for t in worker_kill}
-                    retried = {t: rows for t, rows in now.items() if any(r["start_epoch"] > 1 for r in rows)}
-                    # between trials: one finished, and a student held at epoch 4 of 5 keeps the
-                    # sweep from finishing under us
-                    if retried and finished and _claimed(holds, "student:4"):
-                        worker_retry = retried
-                        killed = True
-            if killed:
-                break
-            time.sleep(0.3)
-    finally:
-        tree.kill_all()  # the driver (if still running) and everything it started
-    log = proc.log_path.read_text()
-    assert killed, log[-3000:]
-    finished_rows = {t: (experiment / f"trial_{t}" / "result.json").read_text() for t in finished}
-    study_before = searcher_study(experiment) if list(experiment.glob("searcher-state-*.pkl")) else None
+    resume = ["sweep", "resume", name, "--storage", str(root)]
+    finished: dict[str, str] = {}  # trial -> its result.json, as it was when a kill found it finished
+    studies_before = []  # the searcher's study at each kill
 
-    rc, out = run_remem(["sweep", "resume", name, "--storage", str(root)], tmp_path, env)
+    def killed_sweep(args: list[str], hold_at: str, holds: Path, killed) -> Path:
+        """Runs `remem args` with `hold_at` held, SIGKILLs it (and all it started) once `killed()`."""
+        holds.mkdir()
+        hold_env = {"REMEM_TEST_HOLD_AT": hold_at, "REMEM_TEST_HOLD_DIR": str(holds)}
+        proc, tree = start_remem(args, tmp_path, {**env, **hold_env})
+        try:
+            deadline = time.time() + 400
+            while not killed():
+                assert proc.poll() is None, proc.log_path.read_text()[-3000:]
+                assert time.time() < deadline, "the kill's moment never came: " + proc.log_path.read_text()[-3000:]
+                time.sleep(0.3)
+        finally:
+            tree.kill_all()  # the driver (if still running) and everything it started
+        finished.update(_finished(experiment))
+        if list(experiment.glob("searcher-state-*.pkl")):
+            studies_before.append(searcher_study(experiment))
+        return proc.log_path
+
+    # 1. a teacher held after its epoch 1 of 4
+    teacher_holds = tmp_path / "holds-teacher"
+    killed_sweep(["sweep", "run", str(path)], "teacher:1", teacher_holds, lambda: _claimed(teacher_holds, "teacher:1"))
+
+    # 2. resumed: a student's worker killed at epoch 2 and retried; then the driver, between trials
+    holds = tmp_path / "holds-student"
+    worker_kill = {}  # trial -> epochs it had reported when its Train worker was killed
+    worker_retry = {}  # trial -> its result rows once Train had retried it (before the driver kill)
+
+    def between_trials() -> bool:
+        held = _claimed(holds, "student:2")
+        if not worker_kill:
+            # the held run cannot move on: kill its worker once Train has registered its checkpoint
+            if held and student_checkpoint_epoch(experiment, trial := Path(held["output"]).name) >= 2:
+                worker_kill[trial] = len(_rows(experiment, trial))
+                psutil.Process(held["pid"]).kill()
+            return False
+        now = {t: _rows(experiment, t) for t in worker_kill}
+        retried = {t: rows for t, rows in now.items() if any(r["start_epoch"] > 1 for r in rows)}
+        if retried and _finished(experiment) and _claimed(holds, "student:4"):
+            worker_retry.update(retried)
+            return True
+        return False
+
+    resumed_log = killed_sweep(resume, "student:2,student:4", holds, between_trials)
+
+    # 3. resumed again, to the end
+    rc, out = run_remem(resume, tmp_path, env)
     assert rc == 0, out[-3000:]
     summary = json.loads((experiment / "summary.json").read_text())
     rows = summary["trials"]
@@ -138,8 +152,9 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
     # every distinct teacher trained (to completion) once, whatever was interrupted
     assert summary["teacher_trainings_performed"] == summary["distinct_teacher_keys"] == 2
     assert summary["teacher_reuses"] == num_trials - 2
-    for t, text in finished_rows.items():  # no finished trial ran again
-        assert (experiment / f"trial_{t}" / "result.json").read_text() == text
+    assert finished  # the second kill came between trials
+    for t, text in finished.items():  # no finished trial ran again
+        assert (experiment / f"trial_{t}" / "result.json").read_text() == text, t
     study = searcher_study(experiment)
     assert [t.number for t in study.trials] == list(range(num_trials))
     # the copy Optuna's tools open (optuna.db) is the resumed study, whole
@@ -148,39 +163,40 @@ def test_driver_sigkill_then_resume_completes_without_rerunning_finished_trials(
         (t.number, t.state, t.params, t.value) for t in study.trials
     ]
     assert all(t.state.name == "COMPLETE" for t in stored.trials)
-    if study_before is not None:
+    for study_before in studies_before:
         for old, new in zip(study_before.trials, study.trials):
             if old.state.name != "WAITING":  # enqueued points not yet asked have no params yet
                 assert old.params == new.params
 
-    if when == "teacher-training":
-        # the held teacher went on from its stored state (its resume/state.pt, written at epoch 1 before
-        # the hold), not from scratch: the resumed sweep's console shows it resuming at epoch 2, and
-        # the log, from that line on, its epochs from 2 on, each once (a retraining from scratch shows
-        # "epoch 1/4" again; the console shows a teacher's first, saved and last epochs)
-        held_output = _claimed(holds, "teacher:1")["output"]
-        (held_key,) = [k for k in {r["teacher_key"] for r in rows} if k in held_output]
-        tag = f" teacher {held_key[:8]}: "  # its lines: "[time] trial <id> teacher <key[:8]>: epoch 2/4 ..."
-        teacher_epochs = yaml.safe_load(path.read_text())["teacher"]["epochs"]
-        resumed = f"resuming at epoch 2 of {teacher_epochs}"
+    # 1: the held teacher went on from its stored state (its resume/state.pt, written at epoch 1
+    # before the hold), not from scratch: the first resume's console shows it resuming at epoch 2,
+    # and the log, from that line on, its epochs from 2 on, each once (a retraining from scratch
+    # shows "epoch 1/4" again; the console shows a teacher's first, saved and last epochs). It was
+    # done before the second kill: a trial finished and another student was held at epoch 4, one of
+    # them on that teacher.
+    held_output = _claimed(teacher_holds, "teacher:1")["output"]
+    (held_key,) = [k for k in {r["teacher_key"] for r in rows} if k in held_output]
+    tag = f" teacher {held_key[:8]}: "  # its lines: "[time] trial <id> teacher <key[:8]>: epoch 2/4 ..."
+    teacher_epochs = yaml.safe_load(path.read_text())["teacher"]["epochs"]
+    resumed = f"resuming at epoch 2 of {teacher_epochs}"
 
-        def epochs(lines: list[str]) -> list[int]:
-            held = [line.split(tag, 1)[1] for line in lines if tag in line]
-            return [int(m[1]) for m in (re.match(rf"epoch (\d+)/{teacher_epochs}\b", line) for line in held) if m]
+    def epochs(lines: list[str]) -> list[int]:
+        held = [line.split(tag, 1)[1] for line in lines if tag in line]
+        return [int(m[1]) for m in (re.match(rf"epoch (\d+)/{teacher_epochs}\b", line) for line in held) if m]
 
-        console = [line.split(tag, 1)[1] for line in out.splitlines() if tag in line]
-        assert resumed in console and min(epochs(out.splitlines())) == 2, console
-        assert max(epochs(out.splitlines())) == teacher_epochs, console
-        log = (experiment / "sweep.log").read_text().splitlines()
-        since = next(i for i, line in enumerate(log) if tag in line and line.endswith(resumed))
-        assert sorted(epochs(log[since:])) == list(range(2, teacher_epochs + 1)), log[since:]
+    console = resumed_log.read_text().splitlines()
+    assert resumed in [line.split(tag, 1)[1] for line in console if tag in line], console
+    assert min(epochs(console)) == 2 and max(epochs(console)) == teacher_epochs, console
+    log = (experiment / "sweep.log").read_text().splitlines()
+    since = next(i for i, line in enumerate(log) if tag in line and line.endswith(resumed))
+    assert sorted(epochs(log[since:])) == list(range(2, teacher_epochs + 1)), log[since:]
 
-    if when == "distillation":
-        for trial, rows_then in worker_retry.items():
-            retry = next(r for r in rows_then if r["start_epoch"] > 1)
-            # Train restarted the worker from the last checkpoint: at most one epoch's work was lost
-            assert retry["start_epoch"] >= worker_kill[trial], (retry, worker_kill[trial])
-            assert retry["epoch"] == retry["start_epoch"]
+    # 2: Train restarted the killed worker from its last checkpoint: at most one epoch's work was lost
+    assert worker_retry, worker_kill
+    for trial, rows_then in worker_retry.items():
+        retry = next(r for r in rows_then if r["start_epoch"] > 1)
+        assert retry["start_epoch"] >= worker_kill[trial], (retry, worker_kill[trial])
+        assert retry["epoch"] == retry["start_epoch"]
 
 
 def _wait_until(condition, proc, timeout: float, what: str) -> None:
