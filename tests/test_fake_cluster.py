@@ -45,6 +45,9 @@ class FakeCluster(RayHead):
         )
         cfg = yaml.safe_load((ROOT / "cluster" / "local-fake.yaml").read_text())
         cfg["provider"]["gcs_address"] = self.gcs_address
+        # idle nodes go after 12 s instead of the 30 s users get: the scale-down is waited for below,
+        # and a trial's next Train run asks for its node within a few seconds of the last one's end
+        cfg["idle_timeout_minutes"] = 0.2
         config.write_text(yaml.safe_dump(cfg))
         self.config = config
 
@@ -121,7 +124,7 @@ def test_submitted_sweep_scales_gpu_nodes_up_and_down(fake_cluster, tmp_path):
     assert len(launched) >= 1  # the autoscaler launched GPU nodes for the Train workers
     deadline = time.time() + 180
     while time.time() < deadline and any(n["state"] == "ALIVE" for n in fake_cluster.gpu_nodes()):
-        time.sleep(5)
+        time.sleep(1)
     assert not any(n["state"] == "ALIVE" for n in fake_cluster.gpu_nodes()), fake_cluster.gpu_nodes()
 
 
