@@ -149,3 +149,12 @@ def read_checkpoint_files(storage: Storage, rel: str) -> dict[str, bytes]:
             raise CheckpointError(f"checkpoint: {where}/{fname} does not match its sha256 (corrupt or truncated)")
         blobs[fname] = data
     return blobs
+
+
+def split_location(location: str, endpoint: str | None = None, region: str | None = None) -> tuple[Storage, str]:
+    """A checkpoint folder given as a path or s3:// URI -> (storage of its parent, its name); a
+    spec's checkpoints are read with its storage's endpoint and region."""
+    parent, _, name = location.rstrip("/").rpartition("/")
+    if not name:
+        raise CheckpointError(f"checkpoint: not a folder location: {location!r}")
+    return Storage(parent or ".", endpoint, region), name

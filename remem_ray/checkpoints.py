@@ -22,6 +22,7 @@ from remem_ray.checkpoint_files import (  # re-exported: the checkpoint API in o
     checkpoint_name,
     is_complete,
     read_checkpoint_files,
+    split_location,
     verify_checkpoint,
     write_checkpoint_files,
 )
@@ -94,12 +95,3 @@ def load_model(storage: Storage, rel: str) -> tuple[nn.Module, dict[str, Any]]:
         reweight_mlp(model, meta["reweighting"]["alpha"], meta["reweighting"]["mode"])
     model.load_state_dict(state)
     return model, meta
-
-
-def split_location(location: str, endpoint: str | None = None, region: str | None = None) -> tuple[Storage, str]:
-    """A checkpoint folder given as a path or s3:// URI -> (storage of its parent, its name); a
-    spec's checkpoints are read with its storage's endpoint and region."""
-    parent, _, name = location.rstrip("/").rpartition("/")
-    if not name:
-        raise CheckpointError(f"checkpoint: not a folder location: {location!r}")
-    return Storage(parent or ".", endpoint, region), name

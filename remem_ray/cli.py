@@ -250,7 +250,7 @@ def cmd_sweep_export(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from remem_ray.checkpoints import split_location
+    from remem_ray.checkpoint_files import split_location
     from remem_ray.export import export_student
     from remem_ray.storage import preflight
 

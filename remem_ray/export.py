@@ -30,14 +30,13 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from remem_ray.checkpoints import read_checkpoint
 from remem_ray.errors import ResourceError, UserInputError
 from remem_ray.storage import Storage, one_line
+
+if TYPE_CHECKING:  # torch and timm are imported where a model is read: an export's bad --to or
+    from torch import nn  # --trial is refused in a second, not after their 4 s of imports
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, ONNX_FILE = "config.json", "model.safetensors", "README.md", "model.onnx"
 CLAIM_FILE = ".remem-export-claim"  # an s3:// export's fence while it uploads (removed after the card)
@@ -99,6 +98,7 @@ def load_student(source: Storage, rel: str) -> tuple[nn.Module, dict[str, Any]]:
     plain timm could not rebuild it."""
     import timm
 
+    from remem_ray.checkpoints import read_checkpoint
     from remem_ray.models import create_model
     from remem_ray.timm_models import REGISTERED_HERE
 
@@ -152,6 +152,8 @@ def write_timm_folder(model: nn.Module, meta: dict[str, Any], folder: Path) -> s
 
 def write_onnx(model: nn.Module, meta: dict[str, Any], folder: Path) -> float:
     """model.onnx (dynamic batch), checked with onnxruntime on a batch; the largest logit difference."""
+    import torch
+
     try:
         import onnxruntime
     except ImportError:

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -142,6 +144,32 @@ def test_bad_export_input_exits_2_with_one_line_and_writes_nothing(case, expecte
     assert rc == 2 and err.startswith("remem: error: ") and err.count("\n") == 1, err
     assert expected in err and "Traceback" not in err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, nothing left behind
+
+
+@pytest.mark.parametrize("command", ["export", "sweep export"])
+def test_an_export_to_a_folder_that_is_not_empty_is_refused_before_torch_is_imported(command, tmp_path):
+    """The target is checked before any model is read: in a fresh process the refusal came after 4 s
+    of torch and timm imports (7 s in all for `remem sweep export --trial nope`, 1.8 s now), and the
+    smoke test's two refused exports spent 12 s on them. Failed before: torch and timm imported."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    if command == "export":
+        _student_checkpoint(tmp_path / "ck")
+        args = ["export", str(tmp_path / "ck" / "best_epoch_3")]
+    else:  # a sweep that does not exist: refused while the sweep is looked up, before the target
+        args = ["sweep", "export", "nothing-here", "--storage", str(tmp_path / "results")]
+    probe = (
+        "import sys; from remem_ray.cli import main; rc = main(sys.argv[1:]); "
+        "print([m for m in ('torch', 'timm') if m in sys.modules]); sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, *args, "--to", str(target)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("remem: error: ") and proc.stderr.count("\n") == 1
+    assert ("exists and is not empty" if command == "export" else "nothing-here") in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
 
 
 def test_export_into_an_empty_existing_folder_and_a_new_nested_one(tmp_path, capsys):
