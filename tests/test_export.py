@@ -281,8 +281,10 @@ def test_an_s3_export_whose_claim_put_was_retried_after_it_landed_goes_on(tmp_pa
 
 def test_a_student_named_by_a_hub_repo_is_refused_for_what_it_is(monkeypatch, tmp_path):
     """`hf-hub:ORG/REPO` was refused as "registered by remem_ray, not timm", which it is not."""
+    import remem_ray.checkpoints as checkpoints
     import remem_ray.export as export
 
-    monkeypatch.setattr(export, "read_checkpoint", lambda source, rel: ({}, {"model": "hf-hub:org/repo"}))
+    # load_student imports read_checkpoint when it runs (torch comes with it)
+    monkeypatch.setattr(checkpoints, "read_checkpoint", lambda source, rel: ({}, {"model": "hf-hub:org/repo"}))
     with pytest.raises(UserInputError, match=r"^export: hf-hub:org/repo names a hub repo, not a timm architecture"):
         export.load_student(Storage(str(tmp_path)), "best_epoch_1")
