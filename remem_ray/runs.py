@@ -19,7 +19,7 @@ def run_folder(spec: RunSpec) -> Storage:
 def teacher_location(spec: RunSpec) -> str:
     """The teacher checkpoint a student distils from: explicit, or this run's chosen epoch."""
     if spec.student.teacher_checkpoint:  # whole before the run writes anything (its scalars)
-        from remem_ray.checkpoints import split_location
+        from remem_ray.checkpoint_files import split_location
 
         parent, name = split_location(spec.student.teacher_checkpoint, spec.storage.endpoint, spec.storage.region)
         if not is_complete(parent, name):

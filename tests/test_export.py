@@ -147,10 +147,11 @@ def test_bad_export_input_exits_2_with_one_line_and_writes_nothing(case, expecte
 
 
 @pytest.mark.parametrize("command", ["export", "sweep export"])
-def test_an_export_to_a_folder_that_is_not_empty_is_refused_before_torch_is_imported(command, tmp_path):
-    """The target is checked before any model is read: in a fresh process the refusal came after 4 s
-    of torch and timm imports (7 s in all for `remem sweep export --trial nope`, 1.8 s now), and the
-    smoke test's two refused exports spent 12 s on them. Failed before: torch and timm imported."""
+def test_an_exports_bad_arguments_are_refused_before_torch_is_imported(command, tmp_path):
+    """The arguments are checked before any model is read: in a fresh process a refusal came after
+    4 s of torch and timm imports (7 s in all for `remem sweep export --trial nope`, 1.8 s now; the
+    smoke test refuses a --trial and a --to in full sweeps). `export`: a --to that is not empty;
+    `sweep export`: a sweep that is not there. Failed before, both: torch and timm imported."""
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("mine")

@@ -110,7 +110,8 @@ def test_driver_sigkilled_in_teacher_training_then_in_distillation_resumes_witho
                 time.sleep(0.3)
         finally:
             tree.kill_all()  # the driver (if still running) and everything it started
-        finished.update(_finished(experiment))
+        for trial, result in _finished(experiment).items():  # as the first kill that found it finished saw it
+            finished.setdefault(trial, result)
         if list(experiment.glob("searcher-state-*.pkl")):
             studies_before.append(searcher_study(experiment))
         return proc.log_path
@@ -118,6 +119,13 @@ def test_driver_sigkilled_in_teacher_training_then_in_distillation_resumes_witho
     # 1. a teacher held after its epoch 1 of 4
     teacher_holds = tmp_path / "holds-teacher"
     killed_sweep(["sweep", "run", str(path)], "teacher:1", teacher_holds, lambda: _claimed(teacher_holds, "teacher:1"))
+
+    registry = TeacherRegistry(Storage(str(root / "teachers")))
+    held_in_run_1 = _claimed(teacher_holds, "teacher:1")["output"]
+
+    def held_teacher_stored() -> bool:
+        keys = [folder.name for folder in (root / "teachers").iterdir() if folder.name in held_in_run_1]
+        return any(registry.set_in_use(key) is not None for key in keys)
 
     # 2. resumed: a student's worker killed at epoch 2 and retried; then the driver, between trials
     holds = tmp_path / "holds-student"
@@ -134,7 +142,10 @@ def test_driver_sigkilled_in_teacher_training_then_in_distillation_resumes_witho
             return False
         now = {t: _rows(experiment, t) for t in worker_kill}
         retried = {t: rows for t, rows in now.items() if any(r["start_epoch"] > 1 for r in rows)}
-        if retried and _finished(experiment) and _claimed(holds, "student:4"):
+        # and the teacher held in the first run is stored: its checks below read this run's console
+        # (it is finished by now where the first run held the first point's teacher, which usually
+        # gets there first, but a trial on the other could finish and the third be held meanwhile)
+        if retried and _finished(experiment) and _claimed(holds, "student:4") and held_teacher_stored():
             worker_retry.update(retried)
             return True
         return False
@@ -171,11 +182,9 @@ def test_driver_sigkilled_in_teacher_training_then_in_distillation_resumes_witho
     # 1: the held teacher went on from its stored state (its resume/state.pt, written at epoch 1
     # before the hold), not from scratch: the first resume's console shows it resuming at epoch 2,
     # and the log, from that line on, its epochs from 2 on, each once (a retraining from scratch
-    # shows "epoch 1/4" again; the console shows a teacher's first, saved and last epochs). It was
-    # done before the second kill: a trial finished and another student was held at epoch 4, one of
-    # them on that teacher.
-    held_output = _claimed(teacher_holds, "teacher:1")["output"]
-    (held_key,) = [k for k in {r["teacher_key"] for r in rows} if k in held_output]
+    # shows "epoch 1/4" again; the console shows a teacher's first, saved and last epochs). The
+    # second kill waited for it to be stored.
+    (held_key,) = [k for k in {r["teacher_key"] for r in rows} if k in held_in_run_1]
     tag = f" teacher {held_key[:8]}: "  # its lines: "[time] trial <id> teacher <key[:8]>: epoch 2/4 ..."
     teacher_epochs = yaml.safe_load(path.read_text())["teacher"]["epochs"]
     resumed = f"resuming at epoch 2 of {teacher_epochs}"

@@ -275,6 +275,34 @@ def test_optimisers_torch_can_fuse_update_fused_and_step_as_the_default_implemen
     assert not fuses(cls, create_model("resnet10t", 10, 16).to("meta"))  # a device without fused kernels
 
 
+@pytest.mark.parametrize("wrapped", ["plain", "sam"])
+def test_a_state_saved_unfused_resumes_fused(wrapped):
+    """torch's load_state_dict takes each group's settings from the saved state: a teacher or
+    student resumed from a state saved before updates were fused stepped unfused from then on.
+    Failed before (plain load_state_dict): fused None after the load."""
+    from remem_ray.config import OptimizerConfig
+    from remem_ray.models import create_model
+    from remem_ray.train.common import build_optimizer, build_sam, decay_groups, load_optimizer_state
+
+    model = create_model("resnet10t", 10, 16)
+    cfg = OptimizerConfig()
+    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    old = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)  # as runs saved it until now
+    F.cross_entropy(model(x), y).backward()
+    old.step()
+    saved = old.state_dict()
+    assert all(g["fused"] is None for g in saved["param_groups"])
+    built = build_optimizer(model, cfg) if wrapped == "plain" else build_sam(model, cfg, 0.05, False)
+    load_optimizer_state(built, saved)
+    groups = built.param_groups if wrapped == "plain" else built.base_optimizer.param_groups
+    assert all(g["fused"] is True for g in groups)
+    base = built if wrapped == "plain" else built.base_optimizer
+    steps = [s["step"] for s in base.state.values()]
+    assert steps and all(t.dtype == torch.float32 and float(t) == 1.0 for t in steps)  # its state came along
+    base.step()  # the fused kernel takes the loaded state
+    assert all(float(s["step"]) == 2.0 for s in base.state.values())
+
+
 def test_distill_without_teacher_exits_2(in_tmp, capsys):
     assert main(["distill", "--name", "never-trained"]) == 2
     err = capsys.readouterr().err

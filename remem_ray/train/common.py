@@ -200,6 +200,17 @@ def _optimizer_kwargs(
     return kwargs
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping how this optimiser updates: torch takes each
+    group's settings from the saved state, so a state saved unfused (before updates were fused, or
+    on a device without fused kernels) would turn the fused update off for the rest of the run."""
+    groups = [
+        {**saved, "fused": now["fused"]} if "fused" in now else saved
+        for saved, now in zip(state["param_groups"], optimizer.param_groups)
+    ]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """timm's optimiser by name over the bare model's parameters (the same tensors DDP and compile
     wrap), fused where torch has it. Call it once the model is on its device."""

@@ -23,7 +23,7 @@ from remem_ray.data import Views
 from remem_ray.errors import SpecError
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import normalizer_for
-from remem_ray.train.common import PerStepSchedule, build_optimizer, runnable_model
+from remem_ray.train.common import PerStepSchedule, build_optimizer, load_optimizer_state, runnable_model
 from remem_ray.train.loop import LoopContext, Task, divergence_kept, prepare, run_epochs
 from remem_ray.train.steps import distillation_step
 from remem_ray.train.targets import CachedTargets, OnlineTargets, TargetSource, load_or_build_targets
@@ -104,7 +104,7 @@ class StudentTask(Task):
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.bare.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.best_val_acc, self.best = state[BEST_VAL_ACC], state["best"]
 

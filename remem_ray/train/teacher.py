@@ -13,7 +13,7 @@ from remem_ray.contract import TEACHER_MI, LoopConfig
 from remem_ray.insight.information import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
 from remem_ray.models import normalizer_for, reweight_mlp
 from remem_ray.teacher_layout import HISTORY_FILE, SPEC_FILE
-from remem_ray.train.common import PerStepSchedule, build_sam, rank0_decides, runnable_model
+from remem_ray.train.common import PerStepSchedule, build_sam, load_optimizer_state, rank0_decides, runnable_model
 from remem_ray.train.loop import LoopContext, Task, prepare, run_epochs
 from remem_ray.train.steps import sam_step
 
@@ -48,7 +48,7 @@ class TeacherTask(Task):
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.bare.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def begin(self, ctx: LoopContext, state: dict[str, Any] | None) -> dict[str, Any] | None:
