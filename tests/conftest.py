@@ -35,12 +35,55 @@ def pytest_addoption(parser):
     )
 
 
+# Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) the tests that start Ray
+# clusters and S3 servers (marker integration, about four fifths of the suite's time) run one at a
+# time on one worker, first: their sweeps leave part of the CPU idle while drivers and Train runs
+# start, and the other worker's unit tests fill it. Never two Ray clusters at once: on 2 cores they
+# would only slow each other. Tests sharing a module-scoped fixture (a trained teacher) stay on one
+# worker, so it is built once.
+RAY_CLUSTERS = "ray-clusters"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.xdist_group(RAY_CLUSTERS))
+        elif any(d.scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)  # stable: the rest keeps its order
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What the learning tests measured (their `learning` properties), from any worker, at the end."""
+    lines = [
+        value
+        for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
+        if report.when == "call"
+        for name, value in report.user_properties
+        if name == "learning"
+    ]
+    if lines:
+        terminalreporter.write_sep("-", "what the learning tests measured")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: one torch thread each (two workers, two
+        import torch  # cores; two threads each made OpenMP spin, and the learning tests took 10x longer)
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def busy_cores(request):
-    """With --busy-cores N: N processes spinning at full speed while the tests run, ended by PID."""
+    """With --busy-cores N: N processes spinning at full speed while the tests run, ended by PID
+    (under pytest-xdist, by the first worker only)."""
+    worker = getattr(request.config, "workerinput", {}).get("workerid", "gw0")
     procs = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        for _ in range(request.config.getoption("--busy-cores"))
+        for _ in range(request.config.getoption("--busy-cores") if worker == "gw0" else 0)
     ]
     yield len(procs)
     for proc in procs:

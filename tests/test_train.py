@@ -43,18 +43,18 @@ def digits_online_student(digits_teacher):
 
 
 @pytest.mark.learning
-def test_teacher_and_student_learn_on_digits(digits_teacher, digits_online_student, capsys):
+def test_teacher_and_student_learn_on_digits(digits_teacher, digits_online_student, record_property):
     spec, teacher = digits_teacher
     student = digits_online_student
     assert spec.data.name == "digits" and spec.teacher.model == "vit_micro_patch4"
     teacher_val = teacher["history"][-1]["val_acc"]
     student_val = student["best"]["val_acc"]
-    with capsys.disabled():
-        print(
-            f"\n[learning] digits teacher {spec.teacher.model} (rho {spec.teacher.rho}, alpha "
-            f"{spec.teacher.alpha}): val {teacher_val:.3f} test {teacher['history'][-1]['test_acc']:.3f}; "
-            f"student {spec.student.model}: val {student_val:.3f} test {student['best']['test_acc']:.3f}"
-        )
+    record_property(  # shown at the end of the run (tests/conftest.py), under pytest-xdist too
+        "learning",
+        f"[learning] digits teacher {spec.teacher.model} (rho {spec.teacher.rho}, alpha "
+        f"{spec.teacher.alpha}): val {teacher_val:.3f} test {teacher['history'][-1]['test_acc']:.3f}; "
+        f"student {spec.student.model}: val {student_val:.3f} test {student['best']['test_acc']:.3f}",
+    )
     assert teacher["history"][0]["val_acc"] < 0.5  # from scratch: it really had to learn
     assert teacher_val >= 0.80
     assert student_val >= 0.85
@@ -69,7 +69,7 @@ def test_teacher_and_student_learn_on_digits(digits_teacher, digits_online_stude
 
 @pytest.mark.learning
 def test_cached_targets_distil_as_well_as_online_and_follow_the_checkpoint(
-    digits_teacher, digits_online_student, capsys
+    digits_teacher, digits_online_student, record_property
 ):
     spec, _ = digits_teacher
     cached_spec = RunSpec.model_validate(
@@ -79,12 +79,12 @@ def test_cached_targets_distil_as_well_as_online_and_follow_the_checkpoint(
         }
     )
     online, cached = digits_online_student, run_student(cached_spec, quiet=True)
-    with capsys.disabled():
-        print(
-            f"\n[learning] digits student, same seeds: online targets val {online['best']['val_acc']:.3f} "
-            f"test {online['best']['test_acc']:.3f}; cached (8 views) val {cached['best']['val_acc']:.3f} "
-            f"test {cached['best']['test_acc']:.3f}"
-        )
+    record_property(  # shown at the end of the run (tests/conftest.py), under pytest-xdist too
+        "learning",
+        f"[learning] digits student, same seeds: online targets val {online['best']['val_acc']:.3f} "
+        f"test {online['best']['test_acc']:.3f}; cached (8 views) val {cached['best']['val_acc']:.3f} "
+        f"test {cached['best']['test_acc']:.3f}",
+    )
     assert cached["history"][-1]["target_cache_built"] == 1
     # within noise: 0.03 is about 6 of the 216 val / 360 test images
     assert cached["best"]["val_acc"] == pytest.approx(online["best"]["val_acc"], abs=0.03)
@@ -106,7 +106,7 @@ def test_cached_targets_distil_as_well_as_online_and_follow_the_checkpoint(
 
 
 @pytest.mark.learning
-def test_device_pipeline_run_learns_as_well_as_the_loader_path(digits_teacher, digits_online_student, capsys):
+def test_device_pipeline_run_learns_as_well_as_the_loader_path(digits_teacher, digits_online_student, record_property):
     """The whole `remem run` (teacher, then student) on digits with data.pipeline: device, same seeds."""
     spec, loader_teacher = digits_teacher
     device_spec = RunSpec.model_validate(
@@ -119,13 +119,13 @@ def test_device_pipeline_run_learns_as_well_as_the_loader_path(digits_teacher, d
     teacher = run_teacher(device_spec, quiet=True)
     student = run_student(device_spec, quiet=True)
     loader_val, device_val = loader_teacher["history"][-1]["val_acc"], teacher["history"][-1]["val_acc"]
-    with capsys.disabled():
-        print(
-            f"\n[learning] digits, same seeds: loader pipeline teacher val {loader_val:.3f}, student val "
-            f"{digits_online_student['best']['val_acc']:.3f} test {digits_online_student['best']['test_acc']:.3f}; "
-            f"device pipeline teacher val {device_val:.3f}, student val {student['best']['val_acc']:.3f} "
-            f"test {student['best']['test_acc']:.3f}"
-        )
+    record_property(  # shown at the end of the run (tests/conftest.py), under pytest-xdist too
+        "learning",
+        f"[learning] digits, same seeds: loader pipeline teacher val {loader_val:.3f}, student val "
+        f"{digits_online_student['best']['val_acc']:.3f} test {digits_online_student['best']['test_acc']:.3f}; "
+        f"device pipeline teacher val {device_val:.3f}, student val {student['best']['val_acc']:.3f} "
+        f"test {student['best']['test_acc']:.3f}",
+    )
     # within noise: two runs that differ in their augmentation draws differ by the binomial noise of
     # 216 val / 360 test images (sd of a difference about 0.021 / 0.016 at 95 %), plus the teacher's
     # own; 0.05 is under 2.5 sd on val and 3 sd on test (measured gaps: 0.004-0.04)

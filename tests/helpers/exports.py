@@ -4,11 +4,13 @@ onnxruntime), never remem_ray."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 # loads the folder with timm alone, normalises with the config's mean/std, and writes the
 # logits (and onnxruntime's, where model.onnx exists) beside the inputs
@@ -39,8 +41,16 @@ def score_in_fresh_process(folder: Path, images: np.ndarray, work: Path) -> dict
     fresh process."""
     work.mkdir(parents=True, exist_ok=True)
     np.save(work / "images.npy", images.astype(np.float32))
+    # as many torch threads as this process (one under pytest-xdist): logits are compared bit for bit,
+    # and a float sum's rounding depends on how many threads split it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     out = subprocess.run(
-        [sys.executable, "-c", _SCORE, str(folder), str(work)], capture_output=True, text=True, timeout=300, cwd=work
+        [sys.executable, "-c", _SCORE, str(folder), str(work)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=work,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads((work / "seen.json").read_text())
