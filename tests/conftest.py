@@ -54,6 +54,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("integration") is None)  # stable: the rest keeps its order
 
 
+def pytest_collection_finish(session):
+    """Refuse to run the Ray-cluster tests on two workers at once: pytest-xdist applies its groups by
+    rewriting node ids, which pytest 9 ignores (hence pytest < 9 in the test extras)."""
+    if not getattr(session.config.option, "loadgroup", False):  # set on pytest-xdist's workers under --dist loadgroup
+        return
+    ungrouped = [i.nodeid for i in session.items if i.get_closest_marker("integration") and "@" not in i.nodeid]
+    if ungrouped:
+        raise pytest.UsageError(f"pytest-xdist did not group {ungrouped[0]}: run with pytest < 9, or without -n")
+
+
 def pytest_terminal_summary(terminalreporter):
     """What the learning tests measured (their `learning` properties), from any worker, at the end."""
     lines = [
