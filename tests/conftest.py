@@ -55,13 +55,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    """Refuse to run the Ray-cluster tests on two workers at once: pytest-xdist applies its groups by
-    rewriting node ids, which pytest 9 ignores (hence pytest < 9 in the test extras)."""
-    if not getattr(session.config.option, "loadgroup", False):  # set on pytest-xdist's workers under --dist loadgroup
+    """Refuse to run the Ray-cluster tests on two workers at once: pytest-xdist applies its groups
+    (under --dist loadgroup only) by rewriting node ids, which pytest 9 ignores (hence pytest < 9 in
+    the test extras; the controller says so in pytest_configure)."""
+    if not hasattr(session.config, "workerinput"):
         return
-    ungrouped = [i.nodeid for i in session.items if i.get_closest_marker("integration") and "@" not in i.nodeid]
+    ungrouped = [
+        i.nodeid
+        for i in session.items
+        if i.get_closest_marker("integration") and not i.nodeid.endswith(f"@{RAY_CLUSTERS}")
+    ]
     if ungrouped:
-        raise pytest.UsageError(f"pytest-xdist did not group {ungrouped[0]}: run with pytest < 9, or without -n")
+        raise pytest.UsageError(f"{ungrouped[0]} would share the CPU with another Ray test: use --dist loadgroup")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -80,23 +85,28 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and int(pytest.__version__.split(".")[0]) >= 9:
+        raise pytest.UsageError("pytest-xdist cannot group these tests under pytest 9: pip install 'pytest<9'")
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: one torch thread each (two workers, two
         import torch  # cores; two threads each made OpenMP spin, and the learning tests took 10x longer)
 
         torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def busy_cores(request):
-    """With --busy-cores N: N processes spinning at full speed while the tests run, ended by PID
-    (under pytest-xdist, by the first worker only)."""
-    worker = getattr(request.config, "workerinput", {}).get("workerid", "gw0")
-    procs = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        for _ in range(request.config.getoption("--busy-cores") if worker == "gw0" else 0)
-    ]
-    yield len(procs)
-    for proc in procs:
+_BUSY: list[subprocess.Popen] = []
+
+
+def pytest_sessionstart(session):
+    """With --busy-cores N: N processes spinning at full speed while the tests run, started by the
+    run's main process (under pytest-xdist, the controller: a worker may end or be shut down early)."""
+    if not hasattr(session.config, "workerinput"):
+        for _ in range(session.config.getoption("--busy-cores")):
+            _BUSY.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+
+
+def pytest_sessionfinish(session):
+    while _BUSY:  # ended by PID
+        proc = _BUSY.pop()
         proc.kill()
         proc.wait(10)
 
