@@ -1,6 +1,7 @@
 """Sweep logic without a cluster: search space, pruning of ASHA-stopped trials, bad specs."""
 
 import json
+import pickle
 
 import optuna
 import pytest
@@ -803,3 +804,27 @@ def test_an_unreadable_experiment_state_is_one_line_not_an_empty_sweep(tmp_path,
     )
     with pytest.raises(ResourceError, match=r"^sweep: Tune's experiment state in .*/sweeps/s cannot be read \("):
         load_trials(layout)
+
+
+def test_the_searchers_divergence_lookup_reads_the_teacher_and_student_records(tmp_path):
+    """What the searcher reads when a trial errors (DivergenceLookup): the point's teacher record,
+    else its student's, from the registries a trial writes them to; None where neither diverged."""
+    from remem_ray.sweep.registry import TeacherRegistry
+    from remem_ray.sweep.search import DivergenceLookup
+    from remem_ray.sweep.students import StudentRegistry
+
+    spec = SweepSpec.model_validate({**_spec().model_dump(), "storage": {"root": str(tmp_path)}})
+    layout = SweepLayout(Storage.from_config(spec.storage), spec.name)
+    lookup = pickle.loads(pickle.dumps(DivergenceLookup(spec)))  # pickled with the searcher
+    point = {"rho": 0.2, "alpha": 0.8, "teacher_epoch": 2, "kd_temperature": 2.0}
+    other = {**point, "kd_temperature": 4.0}  # same teacher, another student
+    assert lookup(point) is None and lookup(other) is None
+
+    run = spec.run_spec(other)
+    StudentRegistry(layout.students).record_divergence(run.student_key(), "student loss nan at epoch 2")
+    assert lookup(point) is None
+    assert lookup(other).startswith("student loss nan at epoch 2 (recorded in ")
+
+    TeacherRegistry(layout.teachers).record_divergence(run.teacher_key(), "teacher loss inf at epoch 1")
+    assert lookup(point).startswith("teacher loss inf at epoch 1 (recorded in ")
+    assert lookup(other).startswith("teacher loss inf")  # the teacher's record first: it ended the trial

@@ -178,24 +178,24 @@ def _two_rhos(trial):
     trial.suggest_categorical("rho", [0.0, 0.05])
 
 
+def _two_rho_searcher(**kwargs):
+    """A searcher over _two_rhos with its point ledger; kwargs: slots, divergence."""
+    from remem_ray.sweep.distinct import PointLedger
+
+    ledger = PointLedger(["rho"], {"rho": [0.0, 0.05]}, seed=0)
+    return budget_aware_optuna_search(
+        _two_rhos, METRIC, "max", optuna.samplers.TPESampler(seed=0), TIME_ATTR, stopped_early, ledger=ledger, **kwargs
+    )
+
+
 def test_an_errored_trial_rerun_by_a_resume_reaches_the_study_and_the_slots_again(tmp_path):
     """Tune's resume reruns an errored trial under its id without telling the searcher: before the
     searcher reopened it, the rerun's results were dropped and the study kept the point FAIL."""
-    from remem_ray.sweep.distinct import DUPLICATE_OF, PointLedger
+    from remem_ray.sweep.distinct import DUPLICATE_OF
     from remem_ray.sweep.tune_adapter import RERUN_OF
 
     def searcher():
-        ledger = PointLedger(["rho"], {"rho": [0.0, 0.05]}, seed=0)
-        return budget_aware_optuna_search(
-            _two_rhos,
-            METRIC,
-            "max",
-            optuna.samplers.TPESampler(seed=0),
-            TIME_ATTR,
-            stopped_early,
-            slots=KeyBySlots(),
-            ledger=ledger,
-        )
+        return _two_rho_searcher(slots=KeyBySlots())
 
     first = searcher()
     point = first.suggest("t1")
@@ -257,3 +257,73 @@ def test_tune_still_logs_trial_failures_with_the_records_kept_off_the_console():
     assert f'logger.error(f"{TUNE_FAILURE_RECORDS[0]}{{trial}}"' in inspect.getsource(controller)
     assert f'logger.error("{TUNE_FAILURE_RECORDS[1]}%s"' in inspect.getsource(tune_module)
     assert controller.logger.name.startswith("ray.tune") and tune_module.logger.name.startswith("ray.tune")
+
+
+def _rho_in_unit(trial):
+    trial.suggest_float("rho", 0.0, 1.0)
+
+
+def _diverged_above_half(config):
+    return "teacher diverged (recorded)" if config["rho"] > 0.5 else None
+
+
+def test_an_errored_trial_whose_point_diverged_is_told_pruned_and_its_duplicates_too():
+    """A diverged point told FAIL (as before) is ignored by TPE, which then proposes its region
+    again; told PRUNED with no value, it ranks below every finished trial."""
+    from remem_ray.sweep.tune_adapter import DIVERGED
+
+    def lookup(config):
+        if config["rho"] == 0.05:
+            return "teacher 1234 diverged (recorded in teachers/1234/diverged.json)"
+        if config["rho"] == 0.0:
+            raise OSError("storage not answering")  # read failed: the trial stays FAIL
+        return None
+
+    searcher = _two_rho_searcher(divergence=lookup)
+    ledger = searcher.ledger
+    points = {tid: searcher.suggest(tid)["rho"] for tid in ("t1", "t2")}
+    diverged = next(tid for tid, rho in points.items() if rho == 0.05)
+    unread = next(tid for tid, rho in points.items() if rho == 0.0)
+    searcher.on_trial_result(diverged, {METRIC: 0.4, "epoch": 1, "epochs": 3})  # a student that diverged later
+    searcher.on_trial_complete(diverged, error=True)
+    searcher.on_trial_complete(unread, error=True)
+    by_rho = {t.params["rho"]: t for t in searcher.study.trials}
+    # Optuna gives a pruned trial its last intermediate value: a student that diverged after k epochs
+    # ranks as one stopped there; a teacher that diverged reports none and ranks last
+    assert by_rho[0.05].state.name == "PRUNED" and by_rho[0.05].value == 0.4
+    assert by_rho[0.05].user_attrs[DIVERGED].startswith("teacher 1234 diverged")
+    assert by_rho[0.05].intermediate_values == {1: 0.4}
+    assert by_rho[0.0].state.name == "FAIL" and DIVERGED not in by_rho[0.0].user_attrs
+    assert ledger.outcomes[diverged].state == "PRUNED" and ledger.outcomes[unread].state == "FAIL"
+    assert diverged in searcher.errored and unread in searcher.errored  # a resume reruns both, as before
+
+
+def test_tpe_steers_away_from_a_diverged_region_only_when_told_it_diverged():
+    """The reason for telling PRUNED: with the same seeded sampler and the same outcomes, the
+    searcher told of divergences proposes far fewer points in the diverging region (seeds 0-5:
+    3-12 of 32 against 26-31 told FAIL; with the objective rising towards the region's edge,
+    12-15 against 26-31)."""
+
+    def proposals_above_half(divergence) -> int:
+        searcher = budget_aware_optuna_search(
+            _rho_in_unit,
+            METRIC,
+            "max",
+            optuna.samplers.TPESampler(seed=3, n_startup_trials=8),
+            TIME_ATTR,
+            stopped_early,
+            divergence=divergence,
+        )
+        above = 0
+        for n in range(40):
+            tid = f"t{n}"
+            rho = searcher.suggest(tid)["rho"]
+            if rho > 0.5:
+                above += n >= 8  # counted once TPE, not the random start, proposes
+                searcher.on_trial_complete(tid, error=True)
+            else:
+                searcher.on_trial_complete(tid, {METRIC: 0.5, "epoch": 3, "epochs": 3})
+        return above
+
+    told, ignored = proposals_above_half(_diverged_above_half), proposals_above_half(None)
+    assert told <= ignored / 2, (told, ignored)

@@ -53,6 +53,28 @@ def _typed_point(point: dict[str, float]) -> dict[str, Any]:
     return {k: SEARCH_PARAMS[k].cast(v) for k, v in point.items()}
 
 
+class DivergenceLookup:
+    """Why a point's training diverged: its teacher's or its student's record in the registries,
+    read by the searcher when a trial errors (plain data: pickled with the searcher's state)."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, config: dict[str, Any]) -> str | None:
+        from remem_ray.storage import Storage
+        from remem_ray.sweep.layout import SweepLayout
+        from remem_ray.sweep.registry import TeacherRegistry
+        from remem_ray.sweep.students import StudentRegistry
+
+        run_spec, resources = self.spec.run_spec(config), self.spec.sweep.resources
+        layout = SweepLayout(Storage.from_config(self.spec.storage), self.spec.name)
+        teacher = TeacherRegistry(layout.teachers).divergence(run_spec.teacher_key(resources.teacher.num_workers))
+        if teacher is not None:
+            return teacher
+        student_key = run_spec.student_key(resources.teacher.num_workers, resources.student.num_workers)
+        return StudentRegistry(layout.students).divergence(student_key)
+
+
 def build_searcher(spec: SweepSpec):
     """The Optuna searcher; it also bounds concurrency, by GPU slots (see sweep/slots.py)."""
     import optuna
@@ -68,6 +90,7 @@ def build_searcher(spec: SweepSpec):
         [_typed_point(p) for p in spec.sweep.points_to_evaluate[: spec.sweep.num_samples]] or None,
         slots=SlotPolicy(spec),
         ledger=PointLedger([*DefineByRunSpace(spec).dims, TEACHER_EPOCH.name], space_grid(spec), spec.sweep.seed),
+        divergence=DivergenceLookup(spec),
     )
 
 

@@ -35,6 +35,7 @@ STUDY_NAME = "remem"
 MAX_ASKS = 50  # suggestions tried per new trial before Tune is told to ask again later
 ASK_BEFORE_DRAWING = 5  # duplicates in a row before a free point of a finite space is enqueued
 RERUN_OF = "rerun_of"  # user attribute of an Optuna trial: the number of the failed attempt it reruns
+DIVERGED = "diverged"  # user attribute of an Optuna trial told PRUNED because its training diverged
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
 
@@ -59,6 +60,7 @@ def budget_aware_optuna_search(
     points_to_evaluate: list[dict[str, Any]] | None = None,
     slots=None,
     ledger=None,
+    divergence=None,
 ):
     """An OptunaSearch that reports intermediate values at `result[time_attr]` (stock: at
     training_iteration) and tells scheduler-stopped trials as PRUNED (stock: COMPLETE, so TPE
@@ -67,7 +69,11 @@ def budget_aware_optuna_search(
     `slots` (a remem_ray.sweep.slots.SlotPolicy) limits concurrency in place of a
     ConcurrencyLimiter: it counts what holds GPUs, not trials waiting for another's teacher.
     `ledger` (a remem_ray.sweep.distinct.PointLedger): no point runs twice; a duplicate
-    suggestion is answered with the first run's outcome and another point is asked."""
+    suggestion is answered with the first run's outcome and another point is asked.
+    `divergence` (config -> why its training diverged, or None; sweep.search.DivergenceLookup):
+    an errored trial whose point diverged is told PRUNED with no value, which TPE ranks below
+    every finished trial, so it steers away from the point's region; a FAIL it would ignore, and
+    propose the region again (on a GPU cluster, another teacher training to NaN)."""
     import optuna
     from optuna.trial import TrialState
     from ray.tune.search import Searcher
@@ -163,6 +169,9 @@ def budget_aware_optuna_search(
             if trial_id in self.told:
                 return
             self.told.add(trial_id)
+            why = self._divergence(trial_id) if error else None
+            if why is not None:
+                return self._tell_pruned(trial_id, why)
             if error or not stopped_early(result):
                 super().on_trial_complete(trial_id, result=result, error=error)
                 return self._record_outcome(trial_id)
@@ -173,11 +182,30 @@ def budget_aware_optuna_search(
             # (Optuna ignores, with a warning, a step that was reported already.)
             if result.get(self.metric) is not None:
                 ot_trial.report(float(result[self.metric]), int(result[time_attr]))
+            self._tell_pruned(trial_id)
+
+        def _tell_pruned(self, trial_id: str, diverged: str | None = None) -> None:
+            ot_trial = self._ot_trials[trial_id]
             try:
+                if diverged is not None:
+                    ot_trial.set_user_attr(DIVERGED, diverged)
                 self.study.tell(ot_trial, state=TrialState.PRUNED)
             except (ValueError, RuntimeError) as exc:  # as the stock class does: never let a tell crash the sweep
                 logging.getLogger(__name__).warning("could not tell pruned trial %s: %s", trial_id, exc)
             self._record_outcome(trial_id)
+
+        def _divergence(self, trial_id: str) -> str | None:
+            """Why an errored trial's point diverged, if it did (its key's record); a lookup that
+            fails (storage out) leaves the trial FAIL, as before the lookup existed."""
+            if divergence is None or trial_id not in self._ot_trials:
+                return None
+            from ray.tune.utils.util import unflatten_dict
+
+            try:
+                return divergence(unflatten_dict(self._ot_trials[trial_id].params))
+            except Exception as exc:  # noqa: BLE001  never let the lookup crash the sweep's driver
+                logging.getLogger(__name__).warning("could not read whether trial %s diverged: %s", trial_id, exc)
+                return None
 
     storage = optuna.storages.InMemoryStorage()  # rolls back with Tune's searcher snapshot on resume
     study = optuna.create_study(
