@@ -108,3 +108,41 @@ def test_same_weights_under_another_reweighting_get_their_own_cache(tmp_path):
     )
     _, third = load_or_build_targets(spec, location, *args, log=lambda m: None)
     assert not third["built"] and third["key"] == second["key"]  # metrics do not shape logits
+
+
+class _NaNForSomeImages(torch.nn.Module):
+    """A teacher whose logits are NaN where an image's first pixel is bright (a few views)."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x):
+        logits = self.teacher(x)
+        return torch.where(x[:, :1, 0, 0] > 0.5, torch.full_like(logits, float("nan")), logits)
+
+
+def test_a_teacher_giving_non_finite_logits_is_refused_with_nothing_cached(tmp_path):
+    """Before, the NaN targets were cached and served: the student's loss went NaN and its
+    divergence was recorded against the student's key (and settings) for good."""
+    import pytest
+
+    from remem_ray.checkpoints import CheckpointError
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    location = storage.uri("epoch_1")
+    bad_teacher = _NaNForSomeImages(teacher)
+    args = (bad_teacher, normalizer_for(teacher), _loader(splits), True)
+    with pytest.raises(CheckpointError, match=r"non-finite logits .* for 6 of 69 views; nothing cached"):
+        load_or_build_targets(spec, location, *args, log=lambda m: None)
+    assert not (tmp_path / "teacher" / "targets").exists() or not any((tmp_path / "teacher" / "targets").iterdir())
+    # a cache written before the check (same key) is refused when read, not served
+    table = compute_targets(bad_teacher, normalizer_for(teacher), _loader(splits), Views(3, 0))
+    assert not torch.isfinite(table).all()
+    good, info = load_or_build_targets(
+        spec, location, teacher, normalizer_for(teacher), _loader(splits), True, log=lambda m: None
+    )
+    path = tmp_path / "teacher" / "targets" / info["location"].rsplit("/", 1)[1]
+    torch.save({"key": info["key"], "format": 1, "logits": table}, path)
+    with pytest.raises(CheckpointError, match="non-finite logits"):
+        load_or_build_targets(spec, location, *args, log=lambda m: None)

@@ -162,6 +162,7 @@ def load_or_build_targets(
     if table is None and is_writer:
         log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
         table = compute_targets(teacher, normalizer, pipeline, views)
+        _refuse_non_finite(table, teacher_location)  # before it is kept: the key would serve it forever
         parent.write_bytes(rel, _table_to_bytes(table, key))
         info["built"] = True
     if is_distributed():
@@ -172,4 +173,17 @@ def load_or_build_targets(
         raise CheckpointError(f"student.teacher_targets: cache {info['location']} could not be read")
     if table.shape[0] != size:
         raise CheckpointError(f"student.teacher_targets: cache holds {table.shape[0]} images, the training set {size}")
+    _refuse_non_finite(table, teacher_location)  # a cache written before this check existed
     return table, info
+
+
+def _refuse_non_finite(table: torch.Tensor, teacher_location: str) -> None:
+    """Targets with a NaN or an infinity would fail the student as "diverged", blaming (and
+    recording) the student's settings for its teacher's outputs."""
+    bad = int((~torch.isfinite(table)).flatten(2).any(dim=2).sum())
+    if bad:
+        raise CheckpointError(
+            f"student.teacher_targets: teacher {teacher_location} gives non-finite logits (NaN or beyond "
+            f"float16's +-65504) for {bad} of {table.shape[0] * table.shape[1]} views; nothing cached: "
+            f"use student.teacher_targets: online, or another teacher checkpoint"
+        )
