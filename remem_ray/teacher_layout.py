@@ -11,6 +11,8 @@
         epoch_<e>/                     its checkpoints (manifest last; unchanged once complete)
         history.json                   the whole curve, once finished
         resume/state.pt                its resume state, read by whoever trains the key next
+        resume/adopted.pt              an earlier holder's state it continues from, until it has
+                                       a state.pt of its own (with the checkpoints that one names)
         train-run/                     its Ray Train run, where the teacher trains in a run of its own
         targets/                       students' target caches of its checkpoints, written by any
                                        student once the set is published (named by content hash,
@@ -38,6 +40,9 @@ HISTORY_FILE = "history.json"
 RESUME_DIR = "resume"
 STATE_FILE = "state.pt"  # a resume state's file, in resume/ or in a Train checkpoint
 RESUME_STATE = f"{RESUME_DIR}/{STATE_FILE}"
+# an earlier holder's state, copied by a new holder before it has copied that holder's checkpoints:
+# not a state.pt, so no later holder takes this generation for one it can resume (resume_source)
+ADOPTED_STATE_FILE = "adopted.pt"
 TRAIN_RUN = "train-run"
 TARGETS_DIR = "targets"
 DIVERGED_FILE = "diverged.json"

@@ -62,3 +62,45 @@ def test_an_epoch_not_shown_goes_to_the_log(tmp_path):
     session.report({"epoch": 2, "epochs": 3, "val_acc": 0.6}, show=False)
     assert [m.split()[1] for m in base.console] == ["1/3"] and [m.split()[1] for m in base.log_only] == ["2/3"]
     assert len(session.history) == 2  # reported all the same
+
+
+def test_a_holder_that_ends_before_its_own_first_state_leaves_the_next_one_resuming_from_the_earlier(tmp_path):
+    """Holder 5 trains to epoch 6 (checkpoints in gen-5); holder 6 adopts its state and ends
+    before copying the checkpoints or writing a state of its own (preempted at start). Before,
+    the adopted copy was gen-6's state.pt: holder 7 resumed from gen-6, found no checkpoints
+    there and trained the teacher again from epoch 1, gen-5's six epochs ignored."""
+    from remem_ray.storage import Storage
+    from remem_ray.sweep.registry import TeacherRegistry
+    from remem_ray.teacher_layout import RESUME_DIR
+
+    class Base:
+        world_rank, local_rank, world_size = 0, 0, 1
+
+        def log(self, message):
+            pass
+
+        detail = log
+
+    registry = TeacherRegistry(Storage(str(tmp_path)))
+    key = "k" * 16
+
+    def holder(generation: int) -> StoredStateSession:
+        session = StoredStateSession(Base(), registry.output(key, generation).child(RESUME_DIR))
+        earlier = registry.resume_source(key, generation)
+        if earlier is not None:
+            session.adopt(earlier.child(RESUME_DIR))
+        return session
+
+    first = holder(5)
+    assert first.restore_state() is None
+    first.report({"epoch": 6, "epochs": 10}, state={"epoch": 6})
+
+    second = holder(6)
+    assert second.restore_state() == {"epoch": 6}  # it continues from holder 5's state ...
+    assert registry.resume_source(key, 7).uri() == registry.output(key, 5).uri()  # ... and ends here
+
+    third = holder(7)
+    assert third.restore_state() == {"epoch": 6}
+    third.report({"epoch": 7, "epochs": 10}, state={"epoch": 7})  # its own state, beside its checkpoints
+    assert third.restore_state() == {"epoch": 7}  # a Train retry of its run reads its own
+    assert registry.resume_source(key, 8).uri() == registry.output(key, 7).uri()

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from remem_ray.console import say
 from remem_ray.contract import EPOCH, EPOCHS, METRIC, Session
 from remem_ray.storage import Storage
-from remem_ray.teacher_layout import STATE_FILE
+from remem_ray.teacher_layout import ADOPTED_STATE_FILE, STATE_FILE
 
 _SHOWN = ("train_loss", "train_acc", "val_acc", "test_acc", METRIC, "lr")
 
@@ -158,15 +158,22 @@ class StoredStateSession:
     def adopt(self, earlier: Storage) -> None:
         """Continue from `earlier`'s state (another holder's, only ever read) while this run has
         none: rank 0 copies it here if it loads, then every rank reads this run's folder alone,
-        so no two ranks can restore different states of a holder still writing there."""
-        if self.world_rank == 0 and not self.storage.is_file(STATE_FILE) and earlier.is_file(STATE_FILE):
+        so no two ranks can restore different states of a holder still writing there.
+
+        The copy is kept apart from this run's own state.pt until the run writes one (after its
+        first epoch, by then holding every earlier checkpoint): a state.pt names epochs whose
+        checkpoints are in its folder, and a holder that ends before that leaves the next one
+        to resume from `earlier`, which has them (before, it resumed from this folder, found
+        no checkpoints and trained from epoch 1)."""
+        mine = self.storage.is_file(STATE_FILE) or self.storage.is_file(ADOPTED_STATE_FILE)
+        if self.world_rank == 0 and not mine and earlier.is_file(STATE_FILE):
             data = earlier.read_bytes(STATE_FILE)
             try:
                 torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
             except Exception as exc:  # noqa: BLE001 (any unreadable state: train without it)
                 self.base.log(f"not resuming from {earlier.uri(STATE_FILE)}: it does not load ({exc})")
             else:
-                self.storage.write_bytes(STATE_FILE, data)
+                self.storage.write_bytes(ADOPTED_STATE_FILE, data)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
@@ -179,9 +186,11 @@ class StoredStateSession:
             self.storage.write_bytes(STATE_FILE, buffer.getvalue())  # whole-object write: never half a state
 
     def restore_state(self) -> dict[str, Any] | None:
-        if not self.storage.is_file(STATE_FILE):
-            return None
-        return torch.load(io.BytesIO(self.storage.read_bytes(STATE_FILE)), map_location="cpu", weights_only=False)
+        """This run's own state, else the one it adopted, else None."""
+        for name in (STATE_FILE, ADOPTED_STATE_FILE):
+            if self.storage.is_file(name):
+                return torch.load(io.BytesIO(self.storage.read_bytes(name)), map_location="cpu", weights_only=False)
+        return None
 
     def log(self, message: str) -> None:
         self.base.log(message)
