@@ -452,6 +452,47 @@ def test_input_refused_inside_the_ray_session_leaves_no_ray_temp_dir_and_no_logs
     assert "Ray's logs" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["before trials", "after trials"])
+def test_a_storage_error_or_lost_lease_after_trials_ran_keeps_rays_logs_a_refusal_before_does_not(
+    where, tmp_path, monkeypatch, capsys
+):
+    """A lost driver lease (SweepDriven) or a storage error while Tune runs or the summary is
+    written is a UserInputError, as a refusal at the start is: before, it too removed Ray's temp
+    folder, the logs of a sweep whose trials ran, with no word of them."""
+    import contextlib
+    import os
+    import sys
+
+    from remem_ray.sweep import driver, progress
+    from remem_ray.sweep.driver_lease import SweepDriven
+    from remem_ray.sweep.gpu_shares import NodeResources
+
+    @contextlib.contextmanager
+    def console(*args, **kwargs):
+        yield type("Console", (), {"show": staticmethod(lambda line: None)})()
+
+    fake = _FakeRay()
+    fake.is_initialized = lambda: False  # no run-slot book actor
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(progress, "sweep_console", console)
+    monkeypatch.setattr(driver, "cluster_nodes", lambda: [NodeResources(0, 8)])
+    if where == "before trials":  # refused while the driver sets up, as auto without GPUs is
+        spec, error = _spec(resources={"teacher": {"gpus_per_worker": "auto"}}), ResourceError
+    else:
+        spec, error = _spec(), SweepDriven
+    spec = SweepSpec.model_validate({**spec.model_dump(), "storage": {"root": str(tmp_path)}})
+    layout = SweepLayout(Storage(str(tmp_path)), spec.name)
+    with pytest.raises(error), driver._driving(spec, layout, None, False, "4 trials", export=None):
+        raise SweepDriven("sweep: its driver lease was taken over by another driver")
+    kept = os.path.exists(fake.temp_dirs[0])
+    named = f"Ray's logs of this sweep are in {fake.temp_dirs[0]}" in capsys.readouterr().err
+    assert (kept, named) == ((False, False) if where == "before trials" else (True, True))
+    if kept:
+        import shutil
+
+        shutil.rmtree(fake.temp_dirs[0])
+
+
 def test_a_dashboard_port_taken_before_ray_binds_it_is_replaced_not_fatal(monkeypatch):
     """Seen in the suite: the port picked for the dashboard went to another process before Ray
     bound it, and the sweep died ("Failed to find a valid port for dashboard ... address already

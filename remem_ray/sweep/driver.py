@@ -13,7 +13,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from remem_ray.config import SweepSpec, parse_spec
@@ -198,15 +198,31 @@ def ray_session(address: str | None = None, verbose: bool = False):
         _ray_console_level(verbose)
         try:
             yield context.dashboard_url or None  # where Ray's dashboard is, for the console
-        except UserInputError:  # refused before any trial ran: Ray's logs explain nothing
-            ray.shutdown()  # first: the temp folder goes once Ray is down
-            _remove_temp_dir(temp_dir)
-            raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, UserInputError) and not getattr(exc, _TRIALS_MAY_HAVE_RUN, False):
+                # refused before any trial ran: Ray's logs explain nothing
+                ray.shutdown()  # first: the temp folder goes once Ray is down
+                _remove_temp_dir(temp_dir)
+                raise
             if temp_dir:  # its session logs are what explains a failed sweep: keep them, say where
                 print(f"remem: Ray's logs of this sweep are in {temp_dir}/session_latest/logs", file=sys.stderr)
             raise
     _remove_temp_dir(temp_dir)
+
+
+_TRIALS_MAY_HAVE_RUN = "remem_trials_may_have_run"
+
+
+@contextlib.contextmanager
+def trials_may_run() -> Iterator[None]:
+    """Around the part of a driver's run where trials may run: a storage error or a lost driver
+    lease raised there (UserInputErrors, as a refusal at the start is) comes after trials ran,
+    and ray_session keeps Ray's logs for it and says where, as for any failed sweep."""
+    try:
+        yield
+    except UserInputError as exc:
+        setattr(exc, _TRIALS_MAY_HAVE_RUN, True)
+        raise
 
 
 def _keep_logs_if_any(temp_dir: str) -> None:
@@ -401,7 +417,7 @@ def _driving(
             # a resumed sweep's searcher comes back with the limit it was first sized with; the
             # run slots hold its Train runs to the same limit
             limit = sized.max_concurrent_trials()
-            with driver_limit(spec, limit), run_slot_book(spec, limit):
+            with driver_limit(spec, limit), run_slot_book(spec, limit), trials_may_run():
                 yield console, sized, driving
 
 
