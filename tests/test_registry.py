@@ -360,3 +360,29 @@ def test_a_trial_whose_run_ended_between_publishing_its_teacher_and_its_record_s
     other = registry_setup(tmp_path, name="other")  # another sweep on the root, a trial of the same id
     assert not ensure_teacher(other[0], other[1], "other/t1", other[3], other[2], fit=fit)
     assert fit.calls == 0 and other[2].teacher_trainings() == []
+
+
+def test_a_set_whose_check_failed_once_is_used_once_the_holder_finds_it_whole(tmp_path, monkeypatch):
+    """A stored set's sha256 check fails once (a bad read), so the trial takes the lease to train
+    again, and, holding it, finds the set whole. Before, that read as "lost the lease": the trial
+    skipped the set it had marked corrupt and took its own released lease again, forever, with
+    no wait and no timeout, a new lease record and pointer version each turn."""
+    from remem_ray.sweep.registry import TeacherSet
+
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=FakeFit())
+    verify, failures = TeacherSet.verify, ["checkpoint: epoch_4/model.pt does not match its sha256"]
+    monkeypatch.setattr(TeacherSet, "verify", lambda self, epoch: failures.pop() if failures else verify(self, epoch))
+    takes = []
+    try_acquire = Lease.try_acquire
+
+    def counted(self, *args, **kwargs):
+        takes.append(self.holder)
+        assert len(takes) < 5, "the trial keeps taking the lease"
+        return try_acquire(self, *args, **kwargs)
+
+    monkeypatch.setattr(Lease, "try_acquire", counted)
+    fit = FakeFit(weight=2.0)
+    assert ensure_teacher(spec, run_spec, "s/t2", registry, layout, fit=fit) is False  # stored: reused
+    assert fit.calls == 0 and takes == ["s/t2"] and layout.trained_by(key) == "t1"
+    assert registry.set_in_use(key).uri() == registry.output(key, 1).uri()

@@ -257,8 +257,10 @@ def ensure_teacher(
             continue
         waiter.answered()
         if taken:
-            if _train_under_lease(spec, run_spec, trial_id, registry, layout, key, older_keys, lease, fit, stopping):
-                return True
+            args = (spec, run_spec, trial_id, registry, layout, key, older_keys, lease, fit, stopping)
+            trained = _train_under_lease(*args)
+            if trained is not None:
+                return trained
             # lost the lease mid-run: the new holder finishes; wait for it as long as for any
             # holder (its training, not the time this trial spent training, is what is waited for)
             waiter = Waiter(waiting_for, spec.sweep.teacher_wait_timeout_s, POLL_S)
@@ -277,8 +279,9 @@ def _train_under_lease(
     lease: Lease,
     fit,
     stopping: threading.Event | None = None,
-) -> bool:
-    """Train the teacher while holding its lease; False if the lease was lost on the way."""
+) -> bool | None:
+    """Train the teacher while holding its lease: True if this trial trained it, False if the
+    set in use turned out whole (trained by another), None if the lease was lost on the way."""
     epochs, epoch = run_spec.teacher.saved_epochs, run_spec.student.teacher_epoch
     heartbeat = Heartbeat(lease, HEARTBEAT_S, stopping)
     try:
@@ -286,13 +289,13 @@ def _train_under_lease(
             handle = lease.handle()
             if not registry.claim(key, handle.generation):  # from here no older holder changes the set in use
                 say(f"trial {trial_id}: lost the lease on teacher {key[:8]} as it took it; waiting for its new holder")
-                return False
+                return None
             hold_if_asked("holder", handle.generation, layout.experiment.uri())
             in_use = registry.set_in_use(key, older_keys)
             resume_from = registry.resume_source(key, handle.generation)
             if in_use is not None:
                 problem = in_use.problem(epochs, epoch)
-                if problem is None:  # finished by another holder while we waited
+                if problem is None:  # finished by another holder while we waited (or a check that failed once)
                     return trained_here(registry, layout, key, f"{layout.name}/{trial_id}")
                 into = registry.output(key, handle.generation).uri()
                 if not layout.integrity_event_recorded(key, in_use.uri()):  # once per broken set
@@ -310,7 +313,7 @@ def _train_under_lease(
         if diverged is not None:
             raise TrainingDivergedError(diverged)
         say(f"trial {trial_id}: lost the lease on teacher {key[:8]} while training it; waiting for its new holder")
-        return False
+        return None
     finally:
         lease.release()
 
