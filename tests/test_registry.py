@@ -386,3 +386,39 @@ def test_a_set_whose_check_failed_once_is_used_once_the_holder_finds_it_whole(tm
     assert ensure_teacher(spec, run_spec, "s/t2", registry, layout, fit=fit) is False  # stored: reused
     assert fit.calls == 0 and takes == ["s/t2"] and layout.trained_by(key) == "t1"
     assert registry.set_in_use(key).uri() == registry.output(key, 1).uri()
+
+
+@pytest.mark.parametrize("where", ["claim", "finished record"])
+def test_a_storage_blip_right_after_the_lease_is_taken_or_the_run_ends_is_ridden_out(where, tmp_path, monkeypatch):
+    """The looks around the teacher's Train run ride out an outage as the looks before the lease
+    do. Before, a failed claim failed the trial; a failed read of the finished record, after
+    the run had published the teacher, failed a trial whose teacher was stored (one of Tune's
+    retries spent, or with none left the finished work marked ERROR)."""
+    from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.registry import TeacherRegistry
+
+    monkeypatch.setattr(trial_module, "POLL_S", 0.01)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    method = (TeacherRegistry, "claim") if where == "claim" else (SweepLayout, "teacher_training")
+    real, blips = getattr(*method), [ResourceError("storage: s3://bucket/teachers: connection reset")]
+
+    def once_unanswered(self, *args, **kwargs):
+        if blips:
+            raise blips.pop()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(*method, once_unanswered)
+    fit = FakeFit()
+    assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit, stale_after_s=60) is True
+    assert not blips and fit.calls == 1 and layout.trained_by(key) == "t1"  # trained once, counted as its own
+
+
+def test_a_storage_error_from_the_teacher_run_itself_is_not_retried_by_the_trial(tmp_path, monkeypatch):
+    """Only the looks around the run are ridden out: a run that raised is Tune's to retry (looping
+    here could train again and again while storage answers every look)."""
+    monkeypatch.setattr(trial_module, "POLL_S", 0.01)
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    fit = FakeFit(before=lambda registry, key, handle: (_ for _ in ()).throw(ResourceError("storage: run's write")))
+    with pytest.raises(ResourceError, match="run's write"):
+        ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit, stale_after_s=60)
+    assert fit.calls == 1 and registry.lease(key, "other", 60).holder_now() is None  # released

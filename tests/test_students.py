@@ -485,3 +485,23 @@ def test_a_diverged_student_is_recorded_for_its_key_and_not_distilled_again(dist
     with pytest.raises(TrainingDivergedError, match=recorded):  # any trial of the key: no run
         distil_once(registry, KEY, "s/t2", never_built, print, 60)
     assert events == [] and registry.lease(KEY, "x", 60).holder_now() is None
+
+
+def test_a_storage_blip_on_the_look_after_taking_the_lease_is_ridden_out(tmp_path, monkeypatch):
+    """The holder looks again, once it holds the lease, whether the student was stored meanwhile;
+    before, that look failing failed the trial, where every look before it rode out the outage."""
+    monkeypatch.setattr(students_module, "POLL_S", 0.01)
+    registry = StudentRegistry(Storage(str(tmp_path / "students")))
+    real, looks = registry.newest, []
+
+    def newest(key):
+        looks.append(key)
+        if len(looks) == 2:  # the look under the lease
+            raise ResourceError("storage: s3://bucket/students: connection reset")
+        return real(key)
+
+    monkeypatch.setattr(registry, "newest", newest)
+    distil = FakeDistil(registry)
+    assert distil_once(registry, KEY, "s/t1", distil, print, 30.0, stale_after_s=60) == "distilled"
+    assert distil.calls == 1 and registry.newest(KEY) is not None
+    assert registry.lease(KEY, "other", 60).holder_now() is None

@@ -256,7 +256,11 @@ def distil_once(
         if taken:
             try:
                 with Heartbeat(lease, HEARTBEAT_S, stopping):
-                    record, seen = usable_record(registry, key, trial_id, broken)  # stored while we took the lease
+                    try:
+                        record, seen = usable_record(registry, key, trial_id, broken)  # stored while we took it
+                    except ResourceError as exc:  # ridden out as the looks before; the lease is given back
+                        waiter.ride_out(exc, stale_after_s)
+                        continue
                     if record is not None:
                         play(record)
                         return "replayed"

@@ -257,8 +257,18 @@ def ensure_teacher(
             continue
         waiter.answered()
         if taken:
-            args = (spec, run_spec, trial_id, registry, layout, key, older_keys, lease, fit, stopping)
-            trained = _train_under_lease(*args)
+            fitting = _Fitting()
+            try:
+                trained = _train_under_lease(
+                    spec, run_spec, trial_id, registry, layout, key, older_keys, lease, fit, fitting, stopping
+                )
+            except ResourceError as exc:
+                if fitting.now:  # the Train run's own: Tune's retry of the trial decides
+                    raise
+                # a look before or after the run (claim, checks, the finished record: the teacher may
+                # be published already), ridden out as the looks before the lease was taken are
+                waiter.ride_out(exc, stale_after_s)
+                continue
             if trained is not None:
                 return trained
             # lost the lease mid-run: the new holder finishes; wait for it as long as for any
@@ -266,6 +276,13 @@ def ensure_teacher(
             waiter = Waiter(waiting_for, spec.sweep.teacher_wait_timeout_s, POLL_S)
             continue
         waiter.wait(lambda: f"trial {trial_id}: waiting for teacher {key[:8]} (trained by {lease.holder_now()})")
+
+
+class _Fitting:
+    """Whether a teacher's Train run is under way (set while `fit` runs, left set if it raises)."""
+
+    def __init__(self) -> None:
+        self.now = False
 
 
 def _train_under_lease(
@@ -278,6 +295,7 @@ def _train_under_lease(
     older_keys: list[str],
     lease: Lease,
     fit,
+    fitting: _Fitting,
     stopping: threading.Event | None = None,
 ) -> bool | None:
     """Train the teacher while holding its lease: True if this trial trained it, False if the
@@ -306,7 +324,9 @@ def _train_under_lease(
             resuming = f", resuming {resume_from.uri()}" if resume_from is not None else ""
             say(f"trial {trial_id}: training teacher {key[:8]} (rho {teacher.rho}, alpha {teacher.alpha}{resuming})")
             finished = TeacherFinished(registry, layout, key, trial_id, handle)
+            fitting.now = True
             fit(spec, run_spec, registry, key, handle, finished, resume_from)
+            fitting.now = False
         if finished.done():  # its run marked the teacher finished
             return True
         diverged = registry.divergence(key)  # its run ended without an error: _ended_by_a_recorded_divergence
