@@ -180,3 +180,31 @@ def test_a_download_into_a_root_that_takes_no_lock_file_goes_on_unlocked(tmp_pat
     with pytest.raises(ResourceError, match="^data.root: cifar10 not found under"):
         build_datasets(DataConfig(name="cifar10", root=str(root), download=True), 0)
     assert built == [{"train": True}]
+
+
+@pytest.mark.parametrize("splits", [("",), ("train", "val")])  # the two folder layouts' code paths
+def test_small_images_are_evaluated_whole_as_trained_large_ones_with_the_models_crop(tmp_path, splits):
+    """Images of <= 64 px train on translations of the whole image: a model's timm crop (resnet10t:
+    0.875) at eval showed a 32-px CIFAR image resized to 36 and cropped, its objects 1.125x
+    larger than in any training view (digits and synthetic data were always evaluated whole)."""
+    from torchvision.transforms.functional import to_tensor
+
+    from remem_ray.data import EvalResize
+
+    rng = np.random.default_rng(1)
+    for split in splits:
+        for cls in ("cat", "dog"):
+            folder = tmp_path / "ds" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(10):
+                Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    model_view = EvalResize(32, 0.875, "bicubic")
+    small = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "ds"), img_size=32), 0, model_view)
+    assert small.augment.mode == "translate" and small.eval_view == EvalResize(32, 1.0, "bicubic")
+    image, _ = small.val[0]
+    source = small.val.base.samples[int(small.val.indices[0])][0]
+    assert torch.equal(image, to_tensor(Image.open(source).convert("RGB")))  # the whole image, unchanged
+
+    large_view = EvalResize(72, 0.875, "bicubic")
+    large = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "ds"), img_size=72), 0, large_view)
+    assert large.augment.mode == "resized_crop" and large.eval_view == large_view

@@ -68,6 +68,16 @@ def augment_for(img_size: int, hflip: bool) -> TrainAugment:
     return TrainAugment(img_size, "resized_crop", hflip)
 
 
+def eval_view_for(augment: TrainAugment, model_view: EvalResize) -> EvalResize:
+    """The eval view that matches the training views: the model's timm crop where training crops
+    and resizes (its crop_pct is the scale those views average), the whole image resized where
+    training only translates (a 0.875 crop of a 32-px image would show objects 1/0.875 larger
+    than any training view, as the in-memory datasets never did)."""
+    if augment.mode == "translate":
+        return EvalResize(augment.img_size, 1.0, model_view.interpolation)
+    return model_view
+
+
 # --------------------------------------------------------------------------- counter-based randomness
 
 

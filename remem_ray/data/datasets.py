@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from remem_ray.data.augment import EvalResize, TrainAugment, augment_for
+from remem_ray.data.augment import EvalResize, TrainAugment, augment_for, eval_view_for
 from remem_ray.errors import ResourceError, SpecError
 
 if TYPE_CHECKING:
@@ -83,7 +83,8 @@ def build_datasets(
     region: str | None = None,
 ) -> DataSplits:
     """The data's splits; eval images as `eval_view` says (a model's timm crop, see
-    EvalResize.from_timm), by default a plain resize to data.img_size."""
+    EvalResize.from_timm) where training takes resized crops (augment.eval_view_for), else and
+    by default a plain resize to data.img_size."""
     eval_view = eval_view or EvalResize(cfg.img_size)
     if eval_view.img_size != cfg.img_size:
         raise ValueError(f"eval views of {eval_view.img_size} px for data of {cfg.img_size} px")
@@ -273,7 +274,8 @@ def _pil_splits(
     eval_view: EvalResize,
     hflip: bool,
 ) -> DataSplits:
-    aug, view = augment_for(cfg.img_size, hflip), eval_view
+    aug = augment_for(cfg.img_size, hflip)
+    view = eval_view_for(aug, eval_view)
     tr_tf, ev_tf = train_transform(aug), pil_eval_transform(view)
     labels = dataset_targets(train_base)
     if test_base is None:
@@ -386,7 +388,8 @@ def _imagefolder(
         idx, test_idx = _stratified_split(
             np.arange(len(labels)), labels, 1.0 - cfg.test_fraction, seed, "data.test_fraction"
         )
-        aug, view = augment_for(cfg.img_size, True), eval_view
+        aug = augment_for(cfg.img_size, True)
+        view = eval_view_for(aug, eval_view)
         tr_tf, ev_tf = train_transform(aug), pil_eval_transform(view)
         return DataSplits(
             TransformedSubset(train, np.sort(idx), tr_tf, labels),
