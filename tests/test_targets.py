@@ -146,3 +146,54 @@ def test_a_teacher_giving_non_finite_logits_is_refused_with_nothing_cached(tmp_p
     torch.save({"key": info["key"], "format": 1, "logits": table}, path)
     with pytest.raises(CheckpointError, match="non-finite logits"):
         load_or_build_targets(spec, location, *args, log=lambda m: None)
+
+
+def _ranks_meeting_non_finite_targets(rank: int, world: int, tmp: str) -> None:
+    import json
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from remem_ray.checkpoints import CheckpointError
+
+    torch.set_num_threads(1)
+    tmp_path = Path(tmp)
+    # a barrier rank 0 never reaches ends in 20 s, not gloo's 30 minutes
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'init'}", rank=rank, world_size=world, timeout=timedelta(seconds=20)
+    )
+    try:
+        spec = load_run_spec(None, {**SPEC, "storage.root": str(tmp_path)})
+        splits = build_datasets(spec.data, spec.seed)
+        torch.manual_seed(0)
+        teacher = create_model(spec.teacher.model, 3, spec.data.img_size, spec.teacher.model_kwargs).eval()
+        location = Storage(str(tmp_path / "teacher")).uri("epoch_1")
+        try:
+            args = (_NaNForSomeImages(teacher), normalizer_for(teacher), _loader(splits), rank == 0)
+            load_or_build_targets(spec, location, *args, log=lambda m: None)
+            outcome = "served"
+        except CheckpointError as exc:
+            outcome = f"CheckpointError: {exc}"
+        except Exception as exc:  # noqa: BLE001  (the barrier's timeout, before)
+            outcome = f"{type(exc).__name__}: {exc}"
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps(outcome))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_refuses_non_finite_targets_none_waits_at_the_barrier(tmp_path):
+    """Rank 0 builds the cache while the others wait at a barrier: before, its refusal was raised
+    before the barrier, and the others waited there until Train ended the group."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    _setup(tmp_path)  # the teacher's checkpoint, written once
+    mp.spawn(_ranks_meeting_non_finite_targets, args=(2, str(tmp_path)), nprocs=2, join=True)
+    outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert (
+        outcomes[0].startswith("CheckpointError: student.teacher_targets: teacher ") and "6 of 69 views" in outcomes[0]
+    )
+    assert outcomes[1].startswith("CheckpointError: student.teacher_targets: teacher "), outcomes[1]
+    assert not (tmp_path / "teacher" / "targets").exists() or not any((tmp_path / "teacher" / "targets").iterdir())

@@ -29,7 +29,7 @@ from remem_ray.data.datasets import num_items
 from remem_ray.data.pipeline import DataPipeline, Views
 from remem_ray.storage import Storage
 from remem_ray.teacher_layout import TARGETS_DIR
-from remem_ray.train.common import autocast, is_distributed
+from remem_ray.train.common import autocast, is_distributed, rank0_decides
 
 CACHE_FORMAT = 1
 
@@ -159,12 +159,17 @@ def load_or_build_targets(
     views = Views(spec.student.target_views, spec.student.target_view_seed)
     info = {"key": key, "location": parent.uri(rel), "built": False}
     table = _table_from_bytes(parent.read_bytes(rel), key) if parent.is_file(rel) else None
+    problem = None
     if table is None and is_writer:
         log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
         table = compute_targets(teacher, normalizer, pipeline, views)
-        _refuse_non_finite(table, teacher_location)  # before it is kept: the key would serve it forever
-        parent.write_bytes(rel, _table_to_bytes(table, key))
-        info["built"] = True
+        problem = _non_finite(table, teacher_location)
+        if problem is None:  # never kept otherwise: its key would serve it forever
+            parent.write_bytes(rel, _table_to_bytes(table, key))
+            info["built"] = True
+    # every rank, before the barrier: a rank 0 that raised alone would leave the others waiting there
+    if rank0_decides(problem is not None, pipeline.device):
+        raise CheckpointError(problem or f"student.teacher_targets: teacher {teacher_location} gives non-finite logits")
     if is_distributed():
         torch.distributed.barrier()
         if table is None:
@@ -173,17 +178,20 @@ def load_or_build_targets(
         raise CheckpointError(f"student.teacher_targets: cache {info['location']} could not be read")
     if table.shape[0] != size:
         raise CheckpointError(f"student.teacher_targets: cache holds {table.shape[0]} images, the training set {size}")
-    _refuse_non_finite(table, teacher_location)  # a cache written before this check existed
+    problem = _non_finite(table, teacher_location)  # a cache written before this check existed
+    if problem is not None:  # every rank read the same file: all raise
+        raise CheckpointError(problem)
     return table, info
 
 
-def _refuse_non_finite(table: torch.Tensor, teacher_location: str) -> None:
-    """Targets with a NaN or an infinity would fail the student as "diverged", blaming (and
-    recording) the student's settings for its teacher's outputs."""
+def _non_finite(table: torch.Tensor, teacher_location: str) -> str | None:
+    """Why targets with a NaN or an infinity are refused (None if there are none): served, they
+    would fail the student as "diverged", recording that against the student's settings."""
     bad = int((~torch.isfinite(table)).flatten(2).any(dim=2).sum())
-    if bad:
-        raise CheckpointError(
-            f"student.teacher_targets: teacher {teacher_location} gives non-finite logits (NaN or beyond "
-            f"float16's +-65504) for {bad} of {table.shape[0] * table.shape[1]} views; nothing cached: "
-            f"use student.teacher_targets: online, or another teacher checkpoint"
-        )
+    if not bad:
+        return None
+    return (
+        f"student.teacher_targets: teacher {teacher_location} gives non-finite logits (NaN or beyond "
+        f"float16's +-65504) for {bad} of {table.shape[0] * table.shape[1]} views; nothing cached: "
+        f"use student.teacher_targets: online, or another teacher checkpoint"
+    )
