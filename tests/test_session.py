@@ -101,6 +101,9 @@ def test_a_holder_that_ends_before_its_own_first_state_leaves_the_next_one_resum
 
     third = holder(7)
     assert third.restore_state() == {"epoch": 6}
+    adopted = tmp_path / key / "gen-00000007" / RESUME_DIR / "adopted.pt"
+    assert adopted.is_file()
     third.report({"epoch": 7, "epochs": 10}, state={"epoch": 7})  # its own state, beside its checkpoints
     assert third.restore_state() == {"epoch": 7}  # a Train retry of its run reads its own
+    assert not adopted.exists()  # the copy goes once its own state is written (a ViT-B's: 0.7 GB)
     assert registry.resume_source(key, 8).uri() == registry.output(key, 7).uri()

@@ -6,6 +6,7 @@ The loops call only this small interface, so the same function runs in a test, u
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from remem_ray.console import say
 from remem_ray.contract import EPOCH, EPOCHS, METRIC, Session
+from remem_ray.errors import ResourceError
 from remem_ray.storage import Storage
 from remem_ray.teacher_layout import ADOPTED_STATE_FILE, STATE_FILE
 
@@ -154,6 +156,7 @@ class StoredStateSession:
         self.base, self.storage = base, storage
         self.world_rank, self.local_rank, self.world_size = base.world_rank, base.local_rank, base.world_size
         self.history: list[dict[str, Any]] = []
+        self._adopted_removed = False
 
     def adopt(self, earlier: Storage) -> None:
         """Continue from `earlier`'s state (another holder's, only ever read) while this run has
@@ -184,6 +187,10 @@ class StoredStateSession:
             buffer = io.BytesIO()
             torch.save(state, buffer)
             self.storage.write_bytes(STATE_FILE, buffer.getvalue())  # whole-object write: never half a state
+            if not self._adopted_removed:  # read only by this run, and from now on its own state is read
+                with contextlib.suppress(ResourceError):  # left, it only takes room (a ViT-B's: 0.7 GB)
+                    self.storage.delete_file(ADOPTED_STATE_FILE)
+                self._adopted_removed = True
 
     def restore_state(self) -> dict[str, Any] | None:
         """This run's own state, else the one it adopted, else None."""
