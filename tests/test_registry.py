@@ -422,3 +422,44 @@ def test_a_storage_error_from_the_teacher_run_itself_is_not_retried_by_the_trial
     with pytest.raises(ResourceError, match="run's write"):
         ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=fit, stale_after_s=60)
     assert fit.calls == 1 and registry.lease(key, "other", 60).holder_now() is None  # released
+
+
+def test_the_looks_under_the_lease_ride_out_on_their_own_clock(tmp_path, monkeypatch):
+    """A blip on the finished record after a run longer than teacher_wait_timeout_s is ridden out
+    (it raised the waiter's TimeoutError: the run counted as a wait), and a look that fails every
+    time under the lease fails the trial after the stale window (the looks before the lease
+    answered, resetting the outage: it was retried until the wait's deadline, hours on)."""
+    from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.registry import TeacherRegistry
+
+    monkeypatch.setattr(trial_module, "POLL_S", 0.001)
+    clock = [0.0]
+    monkeypatch.setattr(trial_module, "Waiter", functools.partial(Waiter, clock=lambda: clock[0]))
+    spec, run_spec, layout, registry, key = registry_setup(tmp_path)
+    spec = spec.model_copy(update={"sweep": spec.sweep.model_copy(update={"teacher_wait_timeout_s": 600.0})})
+    real_record, blips = SweepLayout.teacher_training, [ResourceError("storage: connection reset")]
+
+    def record_after_a_blip(self, *args, **kwargs):
+        if blips:
+            raise blips.pop()
+        return real_record(self, *args, **kwargs)
+
+    def a_long_run(registry, key, handle):
+        clock[0] += 3600.0  # an hour of training, past the 10-minute wait for a teacher
+
+    monkeypatch.setattr(SweepLayout, "teacher_training", record_after_a_blip)
+    assert ensure_teacher(spec, run_spec, "s/t1", registry, layout, fit=FakeFit(before=a_long_run), stale_after_s=60)
+    assert not blips
+
+    claims = []
+
+    def claim_never_answered(self, *args, **kwargs):
+        claims.append(clock[0])
+        clock[0] += 10.0
+        raise ResourceError("storage: s3://bucket/teachers/sets: access denied")
+
+    other = run_spec.model_copy(update={"teacher": run_spec.teacher.model_copy(update={"rho": 0.2})})
+    monkeypatch.setattr(TeacherRegistry, "claim", claim_never_answered)
+    with pytest.raises(ResourceError, match="access denied"):
+        ensure_teacher(spec, other, "s/t2", registry, layout, fit=FakeFit(), stale_after_s=60)
+    assert len(claims) == 8  # 10 s apart until 70 s > 60 s had failed

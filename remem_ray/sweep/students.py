@@ -238,6 +238,7 @@ def distil_once(
     trial_id = holder.rsplit("/", 1)[-1]
     lease = registry.lease(key, holder, stale_after_s)
     waiter = Waiter(f"student {key}", wait_timeout_s, POLL_S)
+    held: Waiter | None = None  # rides out the look under the lease: its own outage clock and deadline
     broken: set[int] = set()
     while True:
         try:
@@ -259,8 +260,10 @@ def distil_once(
                     try:
                         record, seen = usable_record(registry, key, trial_id, broken)  # stored while we took it
                     except ResourceError as exc:  # ridden out as the looks before; the lease is given back
-                        waiter.ride_out(exc, stale_after_s)
+                        held = held or Waiter(f"student {key}", wait_timeout_s, POLL_S)
+                        held.ride_out(exc, stale_after_s)
                         continue
+                    held = None
                     if record is not None:
                         play(record)
                         return "replayed"

@@ -242,6 +242,7 @@ def ensure_teacher(
     lease = registry.lease(key, holder, stale_after_s)
     waiting_for = f"teacher {key}"
     waiter = Waiter(waiting_for, spec.sweep.teacher_wait_timeout_s, POLL_S)
+    held: Waiter | None = None  # rides out the looks under the lease: its own outage clock and deadline
     corrupt: set[str] = set()
     while True:
         try:
@@ -266,9 +267,12 @@ def ensure_teacher(
                 if fitting.now:  # the Train run's own: Tune's retry of the trial decides
                     raise
                 # a look before or after the run (claim, checks, the finished record: the teacher may
-                # be published already), ridden out as the looks before the lease was taken are
-                waiter.ride_out(exc, stale_after_s)
+                # be published already), ridden out as the looks before the lease are, on a clock of
+                # its own: the looks before answer, and a long run is not a wait for a teacher
+                held = held or Waiter(waiting_for, spec.sweep.teacher_wait_timeout_s, POLL_S)
+                held.ride_out(exc, stale_after_s)
                 continue
+            held = None
             if trained is not None:
                 return trained
             # lost the lease mid-run: the new holder finishes; wait for it as long as for any
