@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from remem_ray.contract import METRIC, stopped_early
+from remem_ray.sweep.distinct import Outcome
 from remem_ray.sweep.search import TIME_ATTR
 from remem_ray.sweep.tune_adapter import (
     CREDENTIAL_ENV_VARS,
@@ -267,42 +268,52 @@ def _diverged_above_half(config):
     return "teacher diverged (recorded)" if config["rho"] > 0.5 else None
 
 
-def test_an_errored_trial_whose_point_diverged_is_told_pruned_and_its_duplicates_too():
+@pytest.mark.parametrize("reported", [0, 2])  # a teacher diverged (no student epoch), a student after 2
+def test_an_errored_trial_whose_point_diverged_reaches_the_study_as_pruned_without_values(reported):
     """A diverged point told FAIL (as before) is ignored by TPE, which then proposes its region
-    again; told PRUNED with no value, it ranks below every finished trial."""
-    from remem_ray.sweep.tune_adapter import DIVERGED
+    again. PRUNED with no intermediate value, it ranks below every other trial; a student that
+    reported epochs before it diverged keeps them (Optuna would rank it by its deepest step,
+    above trials ASHA stopped earlier), so it is told FAIL and a valueless PRUNED trial of its
+    point is added in its name. Its duplicates are told the same; a failed lookup leaves FAIL."""
+    from remem_ray.sweep.tune_adapter import DIVERGED, DIVERGED_IN_PLACE_OF
 
     def lookup(config):
         if config["rho"] == 0.05:
             return "teacher 1234 diverged (recorded in teachers/1234/diverged.json)"
-        if config["rho"] == 0.0:
-            raise OSError("storage not answering")  # read failed: the trial stays FAIL
-        return None
+        raise OSError("storage not answering")  # read failed: the trial stays FAIL
 
     searcher = _two_rho_searcher(divergence=lookup)
-    ledger = searcher.ledger
     points = {tid: searcher.suggest(tid)["rho"] for tid in ("t1", "t2")}
     diverged = next(tid for tid, rho in points.items() if rho == 0.05)
     unread = next(tid for tid, rho in points.items() if rho == 0.0)
-    searcher.on_trial_result(diverged, {METRIC: 0.4, "epoch": 1, "epochs": 3})  # a student that diverged later
+    for epoch in range(1, reported + 1):
+        searcher.on_trial_result(diverged, {METRIC: 0.4, "epoch": epoch, "epochs": 3})
     searcher.on_trial_complete(diverged, error=True)
     searcher.on_trial_complete(unread, error=True)
-    by_rho = {t.params["rho"]: t for t in searcher.study.trials}
-    # Optuna gives a pruned trial its last intermediate value: a student that diverged after k epochs
-    # ranks as one stopped there; a teacher that diverged reports none and ranks last
-    assert by_rho[0.05].state.name == "PRUNED" and by_rho[0.05].value == 0.4
-    assert by_rho[0.05].user_attrs[DIVERGED].startswith("teacher 1234 diverged")
-    assert by_rho[0.05].intermediate_values == {1: 0.4}
-    assert by_rho[0.0].state.name == "FAIL" and DIVERGED not in by_rho[0.0].user_attrs
-    assert ledger.outcomes[diverged].state == "PRUNED" and ledger.outcomes[unread].state == "FAIL"
+    trials = searcher.study.trials
+    told = [t for t in trials if t.params["rho"] == 0.05 and t.state.name == "PRUNED"]
+    assert len(told) == 1 and told[0].value is None and told[0].intermediate_values == {}
+    assert told[0].user_attrs[DIVERGED].startswith("teacher 1234 diverged")
+    (first,) = [t for t in trials if t.number == searcher._ot_trials[diverged].number]
+    if reported:  # the trial itself FAIL, its epochs kept; the PRUNED one stands for it
+        assert first.state.name == "FAIL" and first.intermediate_values == {1: 0.4, 2: 0.4}
+        assert told[0].user_attrs[DIVERGED_IN_PLACE_OF] == first.number and len(trials) == 3
+    else:
+        assert first is told[0] and len(trials) == 2
+    (failed,) = [t for t in trials if t.params["rho"] == 0.0]
+    assert failed.state.name == "FAIL" and DIVERGED not in failed.user_attrs
+    ledger = searcher.ledger
+    assert ledger.outcomes[diverged] == Outcome("PRUNED", None, ()) and ledger.outcomes[unread].state == "FAIL"
     assert diverged in searcher.errored and unread in searcher.errored  # a resume reruns both, as before
 
 
-def test_tpe_steers_away_from_a_diverged_region_only_when_told_it_diverged():
-    """The reason for telling PRUNED: with the same seeded sampler and the same outcomes, the
-    searcher told of divergences proposes far fewer points in the diverging region (seeds 0-5:
-    3-12 of 32 against 26-31 told FAIL; with the objective rising towards the region's edge,
-    12-15 against 26-31)."""
+@pytest.mark.parametrize("reported", [0, 3])
+def test_tpe_steers_away_from_a_diverged_region_only_when_told_it_diverged(reported):
+    """The reason for telling PRUNED without values: with the same seeded sampler and outcomes,
+    the searcher told of divergences proposes far fewer points in the diverging region, whether
+    it diverged at once (a teacher) or after `reported` student epochs beside trials ASHA
+    stopped at its first rung (seeds 0-5: 3-12 of 32 against 26-31 told FAIL, either way; told
+    PRUNED with its epochs, the late case got 20-28)."""
 
     def proposals_above_half(divergence) -> int:
         searcher = budget_aware_optuna_search(
@@ -320,7 +331,12 @@ def test_tpe_steers_away_from_a_diverged_region_only_when_told_it_diverged():
             rho = searcher.suggest(tid)["rho"]
             if rho > 0.5:
                 above += n >= 8  # counted once TPE, not the random start, proposes
+                for epoch in range(1, reported + 1):
+                    searcher.on_trial_result(tid, {METRIC: 0.6, "epoch": epoch, "epochs": 4})
                 searcher.on_trial_complete(tid, error=True)
+            elif reported:  # stopped by ASHA at its first rung
+                searcher.on_trial_result(tid, {METRIC: 0.5, "epoch": 1, "epochs": 4})
+                searcher.on_trial_complete(tid, {METRIC: 0.5, "epoch": 1, "epochs": 4})
             else:
                 searcher.on_trial_complete(tid, {METRIC: 0.5, "epoch": 3, "epochs": 3})
         return above

@@ -35,7 +35,8 @@ STUDY_NAME = "remem"
 MAX_ASKS = 50  # suggestions tried per new trial before Tune is told to ask again later
 ASK_BEFORE_DRAWING = 5  # duplicates in a row before a free point of a finite space is enqueued
 RERUN_OF = "rerun_of"  # user attribute of an Optuna trial: the number of the failed attempt it reruns
-DIVERGED = "diverged"  # user attribute of an Optuna trial told PRUNED because its training diverged
+DIVERGED = "diverged"  # user attribute of an Optuna trial whose training diverged: the record's line
+DIVERGED_IN_PLACE_OF = "diverged_in_place_of"  # a PRUNED trial added for a diverged one told FAIL: its number
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
 
@@ -71,9 +72,10 @@ def budget_aware_optuna_search(
     `ledger` (a remem_ray.sweep.distinct.PointLedger): no point runs twice; a duplicate
     suggestion is answered with the first run's outcome and another point is asked.
     `divergence` (config -> why its training diverged, or None; sweep.search.DivergenceLookup):
-    an errored trial whose point diverged is told PRUNED with no value, which TPE ranks below
-    every finished trial, so it steers away from the point's region; a FAIL it would ignore, and
-    propose the region again (on a GPU cluster, another teacher training to NaN)."""
+    an errored trial whose point diverged reaches the study as PRUNED with no intermediate value,
+    which TPE ranks below every other trial, so it steers away from the point's region; a FAIL
+    it would ignore, and propose the region again (on a GPU cluster, another teacher training to
+    NaN). See `_tell_diverged`."""
     import optuna
     from optuna.trial import TrialState
     from ray.tune.search import Searcher
@@ -171,7 +173,7 @@ def budget_aware_optuna_search(
             self.told.add(trial_id)
             why = self._divergence(trial_id) if error else None
             if why is not None:
-                return self._tell_pruned(trial_id, why)
+                return self._tell_diverged(trial_id, why)
             if error or not stopped_early(result):
                 super().on_trial_complete(trial_id, result=result, error=error)
                 return self._record_outcome(trial_id)
@@ -184,15 +186,42 @@ def budget_aware_optuna_search(
                 ot_trial.report(float(result[self.metric]), int(result[time_attr]))
             self._tell_pruned(trial_id)
 
-        def _tell_pruned(self, trial_id: str, diverged: str | None = None) -> None:
-            ot_trial = self._ot_trials[trial_id]
+        def _tell_pruned(self, trial_id: str) -> None:
             try:
-                if diverged is not None:
-                    ot_trial.set_user_attr(DIVERGED, diverged)
-                self.study.tell(ot_trial, state=TrialState.PRUNED)
+                self.study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
             except (ValueError, RuntimeError) as exc:  # as the stock class does: never let a tell crash the sweep
                 logging.getLogger(__name__).warning("could not tell pruned trial %s: %s", trial_id, exc)
             self._record_outcome(trial_id)
+
+        def _tell_diverged(self, trial_id: str, why: str) -> None:
+            """The point as PRUNED with no intermediate value, which TPE ranks below every other
+            trial. Optuna ranks a pruned trial by its deepest reported step, and a student that
+            diverged after some epochs cannot take them back: that trial is told FAIL, and a
+            PRUNED trial of its point, without values, is added in its name."""
+            from optuna.trial import create_trial
+
+            from remem_ray.sweep.distinct import Outcome
+
+            ot_trial = self._ot_trials[trial_id]
+            try:
+                ot_trial.set_user_attr(DIVERGED, why)
+                reported = self.study.trials[ot_trial.number]
+                if not reported.intermediate_values:
+                    self.study.tell(ot_trial, state=TrialState.PRUNED)
+                else:
+                    self.study.tell(ot_trial, state=TrialState.FAIL)
+                    self.study.add_trial(
+                        create_trial(
+                            state=TrialState.PRUNED,
+                            params=reported.params,
+                            distributions=reported.distributions,
+                            user_attrs={DIVERGED: why, DIVERGED_IN_PLACE_OF: reported.number},
+                        )
+                    )
+            except (ValueError, RuntimeError) as exc:  # as the stock class does: never let a tell crash the sweep
+                logging.getLogger(__name__).warning("could not tell diverged trial %s: %s", trial_id, exc)
+            if self.ledger is not None:  # its duplicates: the same, without values
+                self.ledger.finished(trial_id, Outcome(TrialState.PRUNED.name, None, ()), self._tell_outcome)
 
         def _divergence(self, trial_id: str) -> str | None:
             """Why an errored trial's point diverged, if it did (its key's record); a lookup that
