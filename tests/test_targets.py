@@ -148,14 +148,14 @@ def test_a_teacher_giving_non_finite_logits_is_refused_with_nothing_cached(tmp_p
         load_or_build_targets(spec, location, *args, log=lambda m: None)
 
 
-def _ranks_meeting_non_finite_targets(rank: int, world: int, tmp: str) -> None:
+def _ranks_meeting_a_refused_cache(rank: int, world: int, tmp: str) -> None:
     import json
     from datetime import timedelta
     from pathlib import Path
 
     import torch.distributed as dist
 
-    from remem_ray.checkpoints import CheckpointError
+    from remem_ray.errors import ResourceError
 
     torch.set_num_threads(1)
     tmp_path = Path(tmp)
@@ -169,31 +169,39 @@ def _ranks_meeting_non_finite_targets(rank: int, world: int, tmp: str) -> None:
         torch.manual_seed(0)
         teacher = create_model(spec.teacher.model, 3, spec.data.img_size, spec.teacher.model_kwargs).eval()
         location = Storage(str(tmp_path / "teacher")).uri("epoch_1")
-        try:
-            args = (_NaNForSomeImages(teacher), normalizer_for(teacher), _loader(splits), rank == 0)
-            load_or_build_targets(spec, location, *args, log=lambda m: None)
-            outcome = "served"
-        except CheckpointError as exc:
-            outcome = f"CheckpointError: {exc}"
-        except Exception as exc:  # noqa: BLE001  (the barrier's timeout, before)
-            outcome = f"{type(exc).__name__}: {exc}"
-        (tmp_path / f"rank{rank}.json").write_text(json.dumps(outcome))
+        outcomes = {}
+        for case in ("non-finite", "write-fails"):
+            if case == "write-fails" and rank == 0:
+
+                def refused(self, rel, data):
+                    raise ResourceError(f"storage: cannot write {rel}: Access Denied")
+
+                Storage.write_bytes = refused
+            source = _NaNForSomeImages(teacher) if case == "non-finite" else teacher
+            try:
+                load_or_build_targets(spec, location, source, normalizer_for(teacher), _loader(splits), rank == 0)
+                outcomes[case] = "served"
+            except Exception as exc:  # noqa: BLE001  (the barrier's timeout, before)
+                outcomes[case] = f"{type(exc).__name__}: {exc}"
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps(outcomes))
     finally:
         dist.destroy_process_group()
 
 
-def test_every_rank_refuses_non_finite_targets_none_waits_at_the_barrier(tmp_path):
-    """Rank 0 builds the cache while the others wait at a barrier: before, its refusal was raised
-    before the barrier, and the others waited there until Train ended the group."""
+def test_every_rank_hears_rank_0_refuse_or_fail_to_build_the_cache_none_waits_at_the_barrier(tmp_path):
+    """Rank 0 builds the cache while the others wait at a barrier: before, its refusal of non-finite
+    targets, or its failure to write the cache, was raised before the barrier, and the others
+    waited there until Train ended the group (or died on a gloo error, naming nothing)."""
     import json
 
     import torch.multiprocessing as mp
 
     _setup(tmp_path)  # the teacher's checkpoint, written once
-    mp.spawn(_ranks_meeting_non_finite_targets, args=(2, str(tmp_path)), nprocs=2, join=True)
-    outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert (
-        outcomes[0].startswith("CheckpointError: student.teacher_targets: teacher ") and "6 of 69 views" in outcomes[0]
-    )
-    assert outcomes[1].startswith("CheckpointError: student.teacher_targets: teacher "), outcomes[1]
+    mp.spawn(_ranks_meeting_a_refused_cache, args=(2, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["non-finite"].startswith("CheckpointError: student.teacher_targets: teacher ")
+    assert "6 of 69 views" in rank0["non-finite"] and rank1["non-finite"] == rank0["non-finite"]
+    assert rank0["write-fails"].startswith("ResourceError: storage: cannot write targets/")  # its own error
+    assert rank1["write-fails"].startswith("CheckpointError: student.teacher_targets: rank 0 could not build")
+    assert "Access Denied" in rank1["write-fails"]
     assert not (tmp_path / "teacher" / "targets").exists() or not any((tmp_path / "teacher" / "targets").iterdir())

@@ -29,7 +29,7 @@ from remem_ray.data.datasets import num_items
 from remem_ray.data.pipeline import DataPipeline, Views
 from remem_ray.storage import Storage
 from remem_ray.teacher_layout import TARGETS_DIR
-from remem_ray.train.common import autocast, is_distributed, rank0_decides
+from remem_ray.train.common import autocast, is_distributed, rank0_says
 
 CACHE_FORMAT = 1
 
@@ -159,17 +159,23 @@ def load_or_build_targets(
     views = Views(spec.student.target_views, spec.student.target_view_seed)
     info = {"key": key, "location": parent.uri(rel), "built": False}
     table = _table_from_bytes(parent.read_bytes(rel), key) if parent.is_file(rel) else None
-    problem = None
+    problem, failure = None, None
     if table is None and is_writer:
         log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
-        table = compute_targets(teacher, normalizer, pipeline, views)
-        problem = _non_finite(table, teacher_location)
-        if problem is None:  # never kept otherwise: its key would serve it forever
-            parent.write_bytes(rel, _table_to_bytes(table, key))
-            info["built"] = True
+        try:
+            table = compute_targets(teacher, normalizer, pipeline, views)
+            problem = _non_finite(table, teacher_location)
+            if problem is None:  # never kept otherwise: its key would serve it forever
+                parent.write_bytes(rel, _table_to_bytes(table, key))
+                info["built"] = True
+        except Exception as exc:  # out of memory, storage: the other ranks must hear of it too
+            problem, failure = f"student.teacher_targets: rank 0 could not build the cache: {exc}", exc
     # every rank, before the barrier: a rank 0 that raised alone would leave the others waiting there
-    if rank0_decides(problem is not None, pipeline.device):
-        raise CheckpointError(problem or f"student.teacher_targets: teacher {teacher_location} gives non-finite logits")
+    problem = rank0_says(problem, pipeline.device)
+    if failure is not None:
+        raise failure
+    if problem is not None:
+        raise CheckpointError(problem)
     if is_distributed():
         torch.distributed.barrier()
         if table is None:
@@ -178,16 +184,18 @@ def load_or_build_targets(
         raise CheckpointError(f"student.teacher_targets: cache {info['location']} could not be read")
     if table.shape[0] != size:
         raise CheckpointError(f"student.teacher_targets: cache holds {table.shape[0]} images, the training set {size}")
-    problem = _non_finite(table, teacher_location)  # a cache written before this check existed
-    if problem is not None:  # every rank read the same file: all raise
-        raise CheckpointError(problem)
+    if not info["built"]:  # read: a cache written before this check existed (every rank reads the same)
+        problem = _non_finite(table, teacher_location)
+        if problem is not None:
+            raise CheckpointError(problem)
     return table, info
 
 
 def _non_finite(table: torch.Tensor, teacher_location: str) -> str | None:
     """Why targets with a NaN or an infinity are refused (None if there are none): served, they
     would fail the student as "diverged", recording that against the student's settings."""
-    bad = int((~torch.isfinite(table)).flatten(2).any(dim=2).sum())
+    # by chunks of images: a mask of the whole table would take half its size again (ImageNet, 8 views: 10 GB)
+    bad = sum(int((~torch.isfinite(chunk)).flatten(2).any(dim=2).sum()) for chunk in table.split(4096))
     if not bad:
         return None
     return (
