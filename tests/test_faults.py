@@ -202,6 +202,12 @@ def test_driver_sigkilled_in_teacher_training_then_in_distillation_resumes_witho
 
     # 2: Train restarted the killed worker from its last checkpoint: at most one epoch's work was lost
     assert worker_retry, worker_kill
+    # and its controller's line on the console said whose run it was (train_callbacks.NamesItsTrial)
+    for trial in worker_kill:
+        assert any(
+            line.split("] ", 1)[-1].startswith(f"trial {trial} (TrainController pid=") and "Train runs it again" in line
+            for line in console
+        ), [line for line in console if "Train run" in line]
     for trial, rows_then in worker_retry.items():
         retry = next(r for r in rows_then if r["start_epoch"] > 1)
         assert retry["start_epoch"] >= worker_kill[trial], (retry, worker_kill[trial])

@@ -124,6 +124,58 @@ def test_a_tracebacks_line_names_the_trial_whose_process_raised_it(tmp_path):
     assert announce in (tmp_path / "sweeps" / "s" / "sweep.log").read_text()  # the log keeps it
 
 
+def test_a_train_controllers_failure_line_names_the_trial_whose_run_failed(tmp_path, capsys):
+    """Train's controller said "a Train run failed ..., Train runs it again" with no trial: with
+    several trials training, whose run? Each run's controller now has a callback that names the
+    trial on its stderr as its workers' errors arrive, before Train's decision on that stream."""
+    from remem_ray.sweep.train_callbacks import NamesItsTrial
+
+    NamesItsTrial("3c143118").after_exception(None, {1: RuntimeError("x"), 0: RuntimeError("y")})
+    named = capsys.readouterr().err.splitlines()
+    assert named == ["trial 3c143118: its Train run's workers failed (rank 0, 1)"]
+    console, out, log = _console(tmp_path)
+    controller = {"pid": 11, "ip": "10.0.0.1", "actor_name": "TrainController", "is_err": True}
+    console.worker_output({**controller, "lines": [*named, *CONTROLLER_RETRY.splitlines()]})  # one batch
+    again = CONTROLLER_RETRY.replace("RETRY", "RAISE").replace("count: 1", "count: 2").splitlines()
+    console.worker_output({**controller, "lines": named})  # or a batch of its own first
+    console.worker_output({**controller, "lines": again})
+    assert _shown(out) == [
+        f"trial 3c143118 (TrainController pid=11) a Train run failed (failure 1, 1 allowed), Train runs it again: "
+        f"{DIVERGED}",
+        f"trial 3c143118 (TrainController pid=11) a Train run failed (failure 2, 1 allowed), Train gives up: "
+        f"{DIVERGED}",
+    ]  # the naming line itself stays in the log
+    log.close()
+
+
+# Train's controller on a Train worker SIGKILLed (tests/test_faults.py): no traceback in it
+WORKER_DIED_RETRY = """trial 68468f5c: its Train run's workers failed (rank 0)
+[FailurePolicy] RETRY
+  Source: worker group
+  Error count: 1 (max allowed: 2)
+Error: Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+A worker health check failed.
+The actor died unexpectedly before finishing this task.
+ray.train.WorkerGroupError: Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+A worker health check failed."""
+
+
+@pytest.mark.parametrize("is_err", [False, True])
+def test_train_retrying_a_run_whose_worker_died_is_a_line_naming_the_trial(is_err, tmp_path):
+    """Its block has no traceback (the worker's death is not an exception raised anywhere): the
+    console showed nothing of it, a raylet notice naming no trial aside."""
+    console, out, log = _console(tmp_path)
+    batch = {"pid": 11, "ip": "10.0.0.1", "actor_name": "TrainController", "is_err": is_err}
+    console.worker_output({**batch, "lines": WORKER_DIED_RETRY.splitlines()})
+    assert _shown(out) == [
+        "trial 68468f5c (TrainController pid=11) a Train run failed (failure 1, 2 allowed), Train runs it again: "
+        "WorkerGroupError: Training failed due to worker errors: A worker health check failed."
+    ]
+    log.close()
+
+
 def test_the_raylets_worker_count_warning_goes_to_the_log_and_other_notices_to_the_console_too(tmp_path):
     console, out, log = _console(tmp_path)
     size = (

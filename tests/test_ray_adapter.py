@@ -127,3 +127,18 @@ def test_tunes_first_ctrl_c_warning_starts_with_the_text_our_console_turns_into_
         logger.removeHandler(notice)
     shown = out.getvalue()
     assert "interrupted: saving the sweep's state and stopping its trials" in shown and "another" not in shown
+
+
+def test_train_calls_a_runs_user_callbacks_on_worker_errors_as_it_polls_before_its_failure_policy_logs():
+    """remem_ray/sweep/train_callbacks.NamesItsTrial relies on this order: the worker group's poll
+    runs the callbacks (UserCallbackHandler -> after_exception), then the controller's failure
+    policy decides and logs on the same stream."""
+    from ray.train.v2._internal.callbacks.user_callback import UserCallbackHandler
+    from ray.train.v2._internal.execution.controller.controller import TrainController
+    from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
+
+    assert "after_exception" in inspect.getsource(UserCallbackHandler.after_worker_group_poll_status)
+    assert "after_worker_group_poll_status" in inspect.getsource(WorkerGroup.poll_status)
+    step = inspect.getsource(TrainController._step)
+    assert "_poll_workers()" in step and step.index("_poll_workers()") < step.index("make_decision")
+    assert "poll_status" in inspect.getsource(TrainController._poll_workers)

@@ -108,7 +108,7 @@ def test_a_train_run_waits_for_slow_workers_as_long_as_the_sweep_says(tmp_path, 
     spec, run_spec, layout, registry, key = registry_setup(tmp_path)
     monkeypatch.delenv(trial_module.WORKER_START_TIMEOUT_ENV, raising=False)
     assert spec.sweep.worker_start_timeout_s == 600  # generous by default
-    run_config = trial_module.train_run_config("r", layout.train_runs, 0)
+    run_config = trial_module.train_run_config("r", layout.train_runs, 0, "t1")
     config = LoopConfig(run_spec, str(tmp_path / "out"))
     trial_module.make_trainer(
         trial_module.distill_student_in_worker, config, WorkerResources(), "auto", run_config, 321

@@ -165,8 +165,10 @@ class SweepConsole:
             who = f"trial {self._trial_of[process]} {who}"
         if self.verbose:
             return  # Ray's own printer shows them
-        if batch.get("is_err") and any(line.startswith("Traceback") for line in lines):
-            self._print(f"{who} {traceback_line(lines)}")  # the whole traceback is in the log
+        traceback = batch.get("is_err") and any(line.startswith("Traceback") for line in lines)
+        # Train's decision on a failed run: a worker that died gives no traceback, on either stream
+        if traceback or any(_TRAIN_DECISION.search(line) for line in lines):
+            self._print(f"{who} {traceback_line(lines)}")  # the whole of it is in the log
             return
         for line in lines:
             message = marked(line)

@@ -133,9 +133,12 @@ def _ended_by_a_recorded_divergence(loop, config) -> dict[str, Any]:
         return {"diverged": str(exc)}
 
 
-def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=None):
+def train_run_config(name: str, storage: Storage, max_failures: int, trial_id: str, callbacks=None):
     import ray.train
 
+    from remem_ray.sweep.train_callbacks import NamesItsTrial
+
+    every: list[Any] = [NamesItsTrial(trial_id), *(callbacks or [])]
     # Train checkpoints only serve resumption (kept models live in the registry and students/),
     # so two per run bound storage: a ViT-B teacher's state with momentum is about 0.7 GB.
     return ray.train.RunConfig(
@@ -144,7 +147,7 @@ def train_run_config(name: str, storage: Storage, max_failures: int, callbacks=N
         storage_filesystem=storage.fs,
         failure_config=ray.train.FailureConfig(max_failures=max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        callbacks=callbacks or [],
+        callbacks=every,
     )
 
 
@@ -402,7 +405,11 @@ class TrialRuns:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         return train_run_config(
-            f"student-{self.trial_id}", self.layout.train_runs, self.spec.sweep.max_failures, [TuneReportCallback()]
+            f"student-{self.trial_id}",
+            self.layout.train_runs,
+            self.spec.sweep.max_failures,
+            self.trial_id,
+            [TuneReportCallback()],
         )
 
     def _student_config(self, teacher_checkpoint: str, trained: bool) -> LoopConfig:
@@ -452,7 +459,7 @@ class TrialRuns:
         if together:
             run = self._student_run()
         else:  # a teacher-only run: the student takes other workers
-            run = train_run_config(TRAIN_RUN, output, spec.sweep.max_failures)
+            run = train_run_config(TRAIN_RUN, output, spec.sweep.max_failures, self.trial_id)
         with self._run_slot():
             finished.fit_called_at = time.time()  # the run's start, for benchmarks/sweep_overhead.py
             student = self._student_config(output.uri(checkpoint_name(epoch)), True) if together else None
