@@ -334,8 +334,7 @@ def test_tpe_steers_away_from_a_diverged_region_only_when_told_it_diverged(repor
                 for epoch in range(1, reported + 1):
                     searcher.on_trial_result(tid, {METRIC: 0.6, "epoch": epoch, "epochs": 4})
                 searcher.on_trial_complete(tid, error=True)
-            elif reported:  # stopped by ASHA at its first rung
-                searcher.on_trial_result(tid, {METRIC: 0.5, "epoch": 1, "epochs": 4})
+            elif reported:  # stopped by ASHA at its first rung (Tune passes that result to the completion only)
                 searcher.on_trial_complete(tid, {METRIC: 0.5, "epoch": 1, "epochs": 4})
             else:
                 searcher.on_trial_complete(tid, {METRIC: 0.5, "epoch": 3, "epochs": 3})
