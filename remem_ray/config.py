@@ -825,6 +825,12 @@ class SweepSpec(RunSpec):
                 _set_dotted(raw, SEARCH_PARAMS[name].target, SEARCH_PARAMS[name].cast(value))
         return RunSpec.model_validate(raw)
 
+    def trial_keys(self, run_spec: RunSpec) -> tuple[str, str]:
+        """The teacher and student registry keys of one trial's run, under this sweep's workers
+        (a key names the world size it trains at)."""
+        teacher, student = self.sweep.resources.teacher.num_workers, self.sweep.resources.student.num_workers
+        return run_spec.teacher_key(teacher), run_spec.student_key(teacher, student)
+
 
 def load_sweep_spec(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> SweepSpec:
     """Read a sweep spec; without a path, the model defaults (a 4-trial sweep) with the overrides."""

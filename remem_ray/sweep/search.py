@@ -66,12 +66,11 @@ class DivergenceLookup:
         from remem_ray.sweep.registry import TeacherRegistry
         from remem_ray.sweep.students import StudentRegistry
 
-        run_spec, resources = self.spec.run_spec(config), self.spec.sweep.resources
+        teacher_key, student_key = self.spec.trial_keys(self.spec.run_spec(config))
         layout = SweepLayout(Storage.from_config(self.spec.storage), self.spec.name)
-        teacher = TeacherRegistry(layout.teachers).divergence(run_spec.teacher_key(resources.teacher.num_workers))
+        teacher = TeacherRegistry(layout.teachers).divergence(teacher_key)
         if teacher is not None:
             return teacher
-        student_key = run_spec.student_key(resources.teacher.num_workers, resources.student.num_workers)
         return StudentRegistry(layout.students).divergence(student_key)
 
 

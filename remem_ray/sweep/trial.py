@@ -354,9 +354,7 @@ class TrialRuns:
         self.spec, self.run_spec, self.trial_id, self.started_at = spec, run_spec, trial_id, started_at
         self.layout = SweepLayout(Storage.from_config(spec.storage), spec.name)
         self.registry = TeacherRegistry(self.layout.teachers)
-        resources = spec.sweep.resources
-        self.key = run_spec.teacher_key(resources.teacher.num_workers)
-        self.student_key = run_spec.student_key(resources.teacher.num_workers, resources.student.num_workers)
+        self.key, self.student_key = spec.trial_keys(run_spec)
         self.students = StudentRegistry(self.layout.students)
         self.finished: StudentFinished | None = None  # stores the student for reuse once distilled
         self.stopping = trial_stopping_event()  # set when Tune stops this trial: its leases go at once

@@ -184,11 +184,8 @@ def budget_aware_optuna_search(
             # (Optuna ignores, with a warning, a step that was reported already.)
             if result.get(self.metric) is not None:
                 ot_trial.report(float(result[self.metric]), int(result[time_attr]))
-            self._tell_pruned(trial_id)
-
-        def _tell_pruned(self, trial_id: str) -> None:
             try:
-                self.study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+                self.study.tell(ot_trial, state=TrialState.PRUNED)
             except (ValueError, RuntimeError) as exc:  # as the stock class does: never let a tell crash the sweep
                 logging.getLogger(__name__).warning("could not tell pruned trial %s: %s", trial_id, exc)
             self._record_outcome(trial_id)

@@ -168,8 +168,7 @@ class StoredStateSession:
         checkpoints are in its folder, and a holder that ends before that leaves the next one
         to resume from `earlier`, which has them (before, it resumed from this folder, found
         no checkpoints and trained from epoch 1)."""
-        mine = self.storage.is_file(STATE_FILE) or self.storage.is_file(ADOPTED_STATE_FILE)
-        if self.world_rank == 0 and not mine and earlier.is_file(STATE_FILE):
+        if self.world_rank == 0 and not self._holds_a_state() and earlier.is_file(STATE_FILE):
             data = earlier.read_bytes(STATE_FILE)
             try:
                 torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
@@ -191,6 +190,9 @@ class StoredStateSession:
                 with contextlib.suppress(ResourceError):  # left, it only takes room (a ViT-B's: 0.7 GB)
                     self.storage.delete_file(ADOPTED_STATE_FILE)
                 self._adopted_removed = True
+
+    def _holds_a_state(self) -> bool:
+        return any(self.storage.is_file(name) for name in (STATE_FILE, ADOPTED_STATE_FILE))
 
     def restore_state(self) -> dict[str, Any] | None:
         """This run's own state, else the one it adopted, else None."""
