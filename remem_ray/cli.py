@@ -152,7 +152,6 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_dashboard(args: argparse.Namespace) -> int:
-    from remem_ray.storage import Storage
     from remem_ray.sweep.layout import SweepLayout
     from remem_ray.sweep.study import serve_dashboard
 
@@ -160,7 +159,7 @@ def cmd_sweep_dashboard(args: argparse.Namespace) -> int:
         raise UserInputError(f"--port: {args.port} is not a port number (1-65535)")
     spec = _located(args)
     try:
-        serve_dashboard(spec, SweepLayout(Storage.from_config(spec.storage), spec.name), args.port)
+        serve_dashboard(spec, SweepLayout.of(spec), args.port)
     except KeyboardInterrupt:
         pass
     return 0
@@ -230,13 +229,12 @@ def cmd_sweep_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from remem_ray.storage import Storage
     from remem_ray.sweep import sweep_summary
     from remem_ray.sweep.layout import SweepLayout
     from remem_ray.sweep.report import write_report
 
     spec = _located(args)
-    paths = write_report(sweep_summary(spec), SweepLayout(Storage.from_config(spec.storage), spec.name))
+    paths = write_report(sweep_summary(spec), SweepLayout.of(spec))
     for uri in paths.values():
         print(uri)
     return 0

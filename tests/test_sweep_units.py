@@ -855,7 +855,7 @@ def test_the_searchers_divergence_lookup_reads_the_teacher_and_student_records(t
     from remem_ray.sweep.students import StudentRegistry
 
     spec = SweepSpec.model_validate({**_spec().model_dump(), "storage": {"root": str(tmp_path)}})
-    layout = SweepLayout(Storage.from_config(spec.storage), spec.name)
+    layout = SweepLayout.of(spec)
     lookup = pickle.loads(pickle.dumps(DivergenceLookup(spec)))  # pickled with the searcher
     point = {"rho": 0.2, "alpha": 0.8, "teacher_epoch": 2, "kd_temperature": 2.0}
     other = {**point, "kd_temperature": 4.0}  # same teacher, another student

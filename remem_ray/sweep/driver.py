@@ -576,7 +576,7 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
     if endpoint and not storage.get("endpoint"):
         storage["endpoint"] = endpoint
     spec = parse_spec(SweepSpec, raw)
-    expected = SweepLayout(Storage.from_config(spec.storage), spec.name).experiment.uri()
+    expected = SweepLayout.of(spec).experiment.uri()
     if expected != folder.uri():
         raise UserInputError(
             f"sweep: {folder.uri()} is not under its configured storage root "
@@ -622,4 +622,4 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
 
 def sweep_summary(spec: SweepSpec) -> SweepSummary:
     """Status from storage alone (no Ray needed)."""
-    return summarize(spec, SweepLayout(Storage.from_config(spec.storage), spec.name))
+    return summarize(spec, SweepLayout.of(spec))

@@ -7,14 +7,13 @@ from remem_ray.checkpoint_files import best_location
 from remem_ray.config import SweepSpec
 from remem_ray.errors import UserInputError
 from remem_ray.export import Exported, export_student
-from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.results import summarize
 
 
 def export_trial(spec: SweepSpec, trial_id: str | None, target: str, onnx: bool = False) -> Exported:
     """The student of `trial_id` (default: the sweep's best) exported to `target`."""
-    layout = SweepLayout(Storage.from_config(spec.storage), spec.name)
+    layout = SweepLayout.of(spec)
     summary = summarize(spec, layout)
     if trial_id is None:
         row = summary.best

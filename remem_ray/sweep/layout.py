@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 from remem_ray.storage import Storage
+
+if TYPE_CHECKING:
+    from remem_ray.config import SweepSpec
 
 SWEEP_SPEC_FILE = "sweep_spec.json"
 SUMMARY_FILE = "summary.json"
@@ -38,6 +42,11 @@ class SweepLayout:
         self.teachers = storage.child("teachers")
         self.students = storage.child("students")
         self.train_runs = self.experiment.child("train-runs")
+
+    @classmethod
+    def of(cls, spec: SweepSpec) -> SweepLayout:
+        """The layout of the spec's sweep under its storage root."""
+        return cls(Storage.from_config(spec.storage), spec.name)
 
     @staticmethod
     def trial_dirname(trial_id: str) -> str:

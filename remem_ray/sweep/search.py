@@ -61,13 +61,12 @@ class DivergenceLookup:
         self.spec = spec
 
     def __call__(self, config: dict[str, Any]) -> str | None:
-        from remem_ray.storage import Storage
         from remem_ray.sweep.layout import SweepLayout
         from remem_ray.sweep.registry import TeacherRegistry
         from remem_ray.sweep.students import StudentRegistry
 
         teacher_key, student_key = self.spec.trial_keys(self.spec.run_spec(config))
-        layout = SweepLayout(Storage.from_config(self.spec.storage), self.spec.name)
+        layout = SweepLayout.of(self.spec)
         teacher = TeacherRegistry(layout.teachers).divergence(teacher_key)
         if teacher is not None:
             return teacher

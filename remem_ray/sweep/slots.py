@@ -100,11 +100,10 @@ class SlotPolicy:
         return False
 
     def _registry_has(self, key: str) -> bool:
-        from remem_ray.storage import Storage
         from remem_ray.sweep.layout import SweepLayout
         from remem_ray.sweep.registry import TeacherRegistry
 
-        registry = TeacherRegistry(SweepLayout(Storage.from_config(self.spec.storage), self.spec.name).teachers)
+        registry = TeacherRegistry(SweepLayout.of(self.spec).teachers)
         in_use = registry.set_in_use(key, self._older_keys.get(key, []))
         return in_use is not None and not in_use.missing(self.spec.teacher.saved_epochs)
 

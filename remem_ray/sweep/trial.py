@@ -352,7 +352,7 @@ class TrialRuns:
 
     def __init__(self, spec: SweepSpec, run_spec, trial_id: str, started_at: float) -> None:
         self.spec, self.run_spec, self.trial_id, self.started_at = spec, run_spec, trial_id, started_at
-        self.layout = SweepLayout(Storage.from_config(spec.storage), spec.name)
+        self.layout = SweepLayout.of(spec)
         self.registry = TeacherRegistry(self.layout.teachers)
         self.key, self.student_key = spec.trial_keys(run_spec)
         self.students = StudentRegistry(self.layout.students)
