@@ -120,7 +120,11 @@ class StrictModel(BaseModel):
 
 class DataConfig(StrictModel):
     name: str = Field("digits", description="dataset registry name (see remem_ray.data.DATASETS)")
-    root: Location = Field(None, description="dataset folder, or for imagefolder a path or s3:// URI")
+    root: Location = Field(
+        None,
+        description="dataset folder (a torchvision set's default: ~/.cache/remem-ray/datasets, or "
+        "$REMEM_CACHE_DIR/datasets), or for imagefolder a path or s3:// URI",
+    )
     download: bool = Field(False, description="let torchvision download the dataset into root")
     img_size: int = Field(16, ge=8, le=1024, description="side of the square images both models see")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of train carved out for validation")

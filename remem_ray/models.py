@@ -38,6 +38,8 @@ def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any], 
 # model_kwargs the rest of the spec sets: given there too, timm's "multiple values" error made the
 # build fall back without data.img_size, and the model came out at the kwarg's size. The same
 # value as the data's is harmless (a stored spec with it still resumes); another is refused.
+# num_classes None: the data's classes are known only once it is read (an image folder); the
+# kwarg is not passed on, the data's count is.
 def _set_elsewhere(role: str, kwargs: dict[str, Any], num_classes: int | None, img_size: int) -> None:
     checks: tuple[tuple[str, int | None, str], ...] = (
         ("img_size", img_size, "data.img_size"),
@@ -45,32 +47,58 @@ def _set_elsewhere(role: str, kwargs: dict[str, Any], num_classes: int | None, i
         ("in_chans", 3, "the data (3-channel RGB images)"),
     )
     for key, value, by in checks:
-        if key in kwargs and kwargs[key] != value:
-            given = f"where {by} gives {value}" if value is not None else f"but {by} set it"
-            raise SpecError(f"{role}.model_kwargs.{key}: {kwargs[key]!r} {given}; remove it here")
+        if key in kwargs and value is not None and kwargs[key] != value:
+            raise SpecError(f"{role}.model_kwargs.{key}: {kwargs[key]!r} where {by} gives {value}; remove it here")
     for key in ("pretrained", "pretrained_cfg_overlay"):
         if kwargs.get(key):
             raise SpecError(f"{role}.model_kwargs.{key}: set by {role}.weights; remove it here")
 
 
 def check_model_spec(
-    role: str, name: str, kwargs: dict[str, Any], num_classes: int, img_size: int, reweight: bool
+    role: str,
+    name: str,
+    kwargs: dict[str, Any],
+    num_classes: int | None,
+    img_size: int,
+    reweighted_by: str | None = None,
 ) -> None:
-    """Build the model on the meta device (no memory, no download) to validate a spec cheaply."""
+    """Build the model on the meta device (no memory, no download) to validate a spec cheaply.
+    num_classes None: not known before the data is read (built with 10 here). reweighted_by: the
+    field asking for MLP reweighting, which needs a ViT."""
     _set_elsewhere(role, kwargs, num_classes, img_size)
     if not name.startswith("hf-hub:") and not timm.is_model(name):
         raise SpecError(f"{role}.model: unknown timm model {name!r}")
     try:
         with torch.device("meta"):
-            model = _create(name, num_classes, img_size, kwargs)
+            model = _create(name, num_classes or 10, img_size, kwargs)
     except Exception as exc:  # timm raises many kinds for bad kwargs; all are spec errors here (cause kept for --debug)
         # a hub name's config comes from the hub (or its local cache): a failure there is the name's
         field = "model" if name.startswith("hf-hub:") and not kwargs else "model_kwargs"
         raise SpecError(f"{role}.{field}: {name} cannot be built: {exc}".splitlines()[0]) from exc
-    if reweight and not vit_block_modules(model):
+    _check_forward(role, name, model, img_size)
+    if reweighted_by is not None and not vit_block_modules(model):
+        use = "alpha: {values: [1.0]}" if reweighted_by.startswith("sweep.") else "alpha: 1"
         raise SpecError(
-            f"{role}.alpha: MLP reweighting needs a ViT built from timm's Block; {name} has none (use alpha: 1)"
+            f"{reweighted_by}: MLP reweighting (alpha < 1) needs a ViT built from timm's Block; {role}.model "
+            f"{name} has none (use {use})"
         )
+
+
+def _check_forward(role: str, name: str, model: nn.Module, img_size: int) -> None:
+    """One forward pass on the meta device: images too small for the model (a ViT's patch, a
+    CNN's downsampling) failed at the first batch of every run, in a traceback. An op without a
+    meta kernel proves nothing: passed over."""
+    try:
+        with torch.device("meta"), torch.no_grad():
+            model.eval()(torch.empty(2, 3, img_size, img_size))
+    except NotImplementedError:
+        return
+    except Exception as exc:  # noqa: BLE001  shape errors come as several kinds
+        if "meta" in str(exc).lower():
+            return
+        raise SpecError(
+            f"data.img_size: {role}.model {name} cannot take {img_size}-px images: {exc}".splitlines()[0]
+        ) from exc
 
 
 def create_model(

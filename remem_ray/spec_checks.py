@@ -20,13 +20,13 @@ def check_spec(spec: RunSpec, sweep_settings: bool = True) -> None:
     still read, for status and reports)."""
     if isinstance(spec, SweepSpec) and sweep_settings:
         _check_sweep(spec)
+    from remem_ray.data.datasets import classes_without_reading
     from remem_ray.models import check_model_spec
 
     check_data(spec)
-    reweight = spec.teacher.alpha < 1.0 or (isinstance(spec, SweepSpec) and spec.searches_reweighting())
-    size, classes = spec.data.img_size, spec.data.num_classes
-    for role, model, reweights in (("teacher", spec.teacher, reweight), ("student", spec.student, False)):
-        check_model_spec(role, model.model, model.model_kwargs, classes, size, reweight=reweights)
+    size, classes = spec.data.img_size, classes_without_reading(spec.data)
+    for role, model, reweights in (("teacher", spec.teacher, _reweighting(spec)), ("student", spec.student, None)):
+        check_model_spec(role, model.model, model.model_kwargs, classes, size, reweighted_by=reweights)
         _check_local_weights(role, model.weights)
         _check_optimizer(role, model.optimizer.name)
 
@@ -34,9 +34,26 @@ def check_spec(spec: RunSpec, sweep_settings: bool = True) -> None:
 def check_data(spec: RunSpec) -> None:
     """The data section alone (`remem info --data` reads nothing else of its spec)."""
     from remem_ray.data import DATASETS  # an open registry (register_dataset): known only once imported
+    from remem_ray.data.datasets import missing_local_root
 
     if spec.data.name not in DATASETS:
         raise SpecError(f"data.name: unknown dataset {spec.data.name!r}; known: {', '.join(sorted(DATASETS))}")
+    missing = missing_local_root(spec.data)
+    if missing is not None:
+        hint = (
+            ""
+            if spec.data.name == "imagefolder"
+            else f" (set data.root to the folder holding {spec.data.name}, or data.download: true)"
+        )
+        raise ResourceError(f"data.root: folder not found: {missing}{hint}")
+
+
+def _reweighting(spec: RunSpec) -> str | None:
+    """The field that asks for MLP reweighting (alpha < 1), if any: a sweep's search of alpha,
+    which sets every trial's, else the teacher's own alpha."""
+    if isinstance(spec, SweepSpec) and "alpha" in spec.sweep.search.ranges():
+        return "sweep.search.alpha" if spec.searches_reweighting() else None
+    return "teacher.alpha" if spec.teacher.alpha < 1.0 else None
 
 
 def _check_optimizer(role: str, name: str) -> None:

@@ -74,6 +74,25 @@ CORPUS = [
     _bad("region-with-spaces", "storage:\n  root: s3://b/p\n  region: us east 1\n", "storage.region: must look like"),
     _bad("reweight-non-vit", "teacher:\n  model: resnet18\n  alpha: 0.9\n", "teacher.alpha"),
     _bad("img-size-too-small", "data:\n  img_size: 4\n", "data.img_size"),
+    # found by each trial's first batch (a traceback) or by each trial's data (exit 1), before
+    _bad(
+        "img-size-below-a-vit-patch",
+        "teacher:\n  model: vit_tiny_patch16_224\n  model_kwargs: {depth: 1}\ndata:\n  img_size: 8\n",
+        "data.img_size: teacher.model vit_tiny_patch16_224 cannot take 8-px images",
+        verbs=(TEACHER, SWEEP_RUN),
+    ),
+    _bad(
+        "imagefolder-root-missing",
+        "data:\n  name: imagefolder\n  root: /nonexistent/images\n",
+        "data.root: folder not found: /nonexistent/images",
+        verbs=(TEACHER, RUN, SWEEP_RUN),
+    ),
+    _bad(
+        "sweep-searches-reweighting-of-a-cnn",
+        "teacher:\n  model: resnet18\n",
+        "sweep.search.alpha: MLP reweighting",
+        verbs=(SWEEP_RUN,),
+    ),
     _bad("missing-weights-file", "teacher:\n  weights: /nonexistent/w.pth\n", "teacher.weights"),
     _bad("zero-temperature", "student:\n  kd:\n    temperature: 0\n", "student.kd.temperature"),
     _bad("bad-name", "name: a/b\n", "name"),

@@ -150,3 +150,54 @@ def test_an_unknown_key_names_the_known_one_it_most_looks_like(overrides, messag
     with pytest.raises(SpecError) as caught:
         load_sweep_spec(None, overrides)
     assert str(caught.value) == message
+
+
+def test_the_entry_check_knows_the_classes_of_a_named_dataset(tmp_path):
+    """model_kwargs.num_classes was compared with data.num_classes (synthetic only, 10 by default):
+    cifar100's right 100 was refused and a wrong 10 passed."""
+    cifar100 = {"data.name": "cifar100", "data.root": str(tmp_path)}
+    check_spec(load_run_spec(None, {**cifar100, "teacher.model_kwargs": {"num_classes": 100}}))
+    with pytest.raises(SpecError, match=r"^teacher\.model_kwargs\.num_classes: 10 where the data's classes gives 100"):
+        check_spec(load_run_spec(None, {**cifar100, "teacher.model_kwargs": {"num_classes": 10}}))
+    # an image folder's classes are known once it is read: the kwarg is not passed on, the data's count is
+    folder = {"data.name": "imagefolder", "data.root": str(tmp_path)}
+    check_spec(load_run_spec(None, {**folder, "student.model_kwargs": {"num_classes": 3}}))
+
+
+def test_the_entry_check_refuses_a_missing_local_data_folder(tmp_path, monkeypatch):
+    """Sweeps found a missing folder only in their trials (every trial failed, exit 1); a
+    torchvision set without data.root lives in the node's cache folder, never the working folder
+    (a sweep's processes run in other folders: `./data` was found by `remem run` only)."""
+    from remem_ray.data.datasets import torchvision_root
+
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ResourceError, match=r"^data\.root: folder not found: .*/nowhere$"):
+        check_spec(load_run_spec(None, {"data.name": "imagefolder", "data.root": str(tmp_path / "nowhere")}))
+    cifar10 = load_run_spec(None, {"data.name": "cifar10"})
+    assert torchvision_root(cifar10.data) == tmp_path / "cache" / "datasets"
+    with pytest.raises(ResourceError, match=r"^data\.root: folder not found: .*/cache/datasets \(set data\.root"):
+        check_spec(cifar10)
+    check_spec(load_run_spec(None, {"data.name": "cifar10", "data.download": True}))  # torchvision makes it
+    (tmp_path / "cache" / "datasets").mkdir(parents=True)
+    check_spec(cifar10)
+
+
+def test_the_entry_check_names_the_field_that_asks_for_reweighting_and_too_small_images():
+    """A CNN teacher in a sweep whose search has alpha < 1 (the default search) was refused as
+    `teacher.alpha` although its alpha was 1; images smaller than a ViT's patch failed at the first
+    batch of every run, in a traceback."""
+    from remem_ray.config import load_sweep_spec
+
+    with pytest.raises(
+        SpecError, match=r"^sweep\.search\.alpha: MLP reweighting .* resnet18 has none \(use alpha: \{values"
+    ):
+        check_spec(load_sweep_spec(None, {"teacher.model": "resnet18"}))
+    with pytest.raises(SpecError, match=r"^teacher\.alpha: MLP reweighting .*\(use alpha: 1\)"):
+        check_spec(load_run_spec(None, {"teacher.model": "resnet18", "teacher.alpha": 0.9}))
+    check_spec(load_sweep_spec(None, {"teacher.model": "resnet18", "sweep.search.alpha": {"values": [1.0]}}))
+    tiny_vit = {"teacher.model": "vit_tiny_patch16_224", "teacher.model_kwargs": {"depth": 1}}
+    with pytest.raises(
+        SpecError, match=r"^data\.img_size: teacher\.model vit_tiny_patch16_224 cannot take 8-px images"
+    ):
+        check_spec(load_run_spec(None, {**tiny_vit, "data.img_size": 8}))
+    check_spec(load_run_spec(None, {**tiny_vit, "data.img_size": 16}))

@@ -183,7 +183,7 @@ def test_a_hub_model_that_cannot_be_fetched_is_blamed_on_its_name(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(SpecError, match=r"^student.model: hf-hub:org/repo cannot be built: We couldn't connect"):
-        check_model_spec("student", "hf-hub:org/repo", {}, 10, 32, reweight=False)
+        check_model_spec("student", "hf-hub:org/repo", {}, 10, 32)
 
 
 def test_model_kwargs_repeating_the_datas_size_and_classes_build_as_without_them():
@@ -193,13 +193,13 @@ def test_model_kwargs_repeating_the_datas_size_and_classes_build_as_without_them
     from remem_ray.models import check_model_spec, create_model
 
     kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
-    check_model_spec("teacher", "vit_micro_patch4", {**kwargs, "img_size": 16, "num_classes": 4}, 4, 16, False)
+    check_model_spec("teacher", "vit_micro_patch4", {**kwargs, "img_size": 16, "num_classes": 4}, 4, 16)
     torch.manual_seed(0)
     repeated = create_model("vit_micro_patch4", 4, 16, {**kwargs, "img_size": 16, "num_classes": 4})
     torch.manual_seed(0)
     plain = create_model("vit_micro_patch4", 4, 16, kwargs)
     assert all(torch.equal(a, b) for a, b in zip(repeated.state_dict().values(), plain.state_dict().values()))
     with pytest.raises(SpecError, match=r"^teacher.model_kwargs.img_size: 32 where data.img_size gives 16;"):
-        check_model_spec("teacher", "vit_micro_patch4", {**kwargs, "img_size": 32}, 4, 16, False)
+        check_model_spec("teacher", "vit_micro_patch4", {**kwargs, "img_size": 32}, 4, 16)
     with pytest.raises(SpecError, match=r"^student.model_kwargs.pretrained: set by student.weights"):
-        check_model_spec("student", "resnet10t", {"pretrained": True}, 4, 16, False)
+        check_model_spec("student", "resnet10t", {"pretrained": True}, 4, 16)

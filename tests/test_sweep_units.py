@@ -179,7 +179,7 @@ BAD_SWEEPS = [
     (
         "reweight-search-on-cnn",
         {"teacher": {"model": "resnet10t", "alpha": 1.0}, "sweep": {"search": {"alpha": {"values": [0.9]}}}},
-        "teacher.alpha",
+        "sweep.search.alpha: MLP reweighting",
     ),
 ]
 

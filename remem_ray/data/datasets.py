@@ -193,6 +193,9 @@ def _tensor_splits(
     )
 
 
+DIGITS_CLASSES = 10
+
+
 @register_dataset("digits")
 def _digits(
     cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None, region: str | None = None
@@ -203,7 +206,9 @@ def _digits(
     bunch = load_digits()
     images = torch.as_tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1).repeat(1, 3, 1, 1)
     names = tuple(str(n) for n in bunch.target_names)
-    return _tensor_splits(images, bunch.target.astype(np.int64), cfg, seed, num_classes=10, class_names=names)
+    return _tensor_splits(
+        images, bunch.target.astype(np.int64), cfg, seed, num_classes=DIGITS_CLASSES, class_names=names
+    )
 
 
 @register_dataset("synthetic")
@@ -322,7 +327,7 @@ def _torchvision_builder(name: str, entry: TorchvisionEntry) -> DatasetBuilder:
     ) -> DataSplits:
         import torchvision.datasets as tvd
 
-        root = Path(cfg.root or "./data").expanduser()
+        root = torchvision_root(cfg)
         cls = getattr(tvd, entry.cls_name)
 
         def make(kwargs):
@@ -354,6 +359,41 @@ def _torchvision_builder(name: str, entry: TorchvisionEntry) -> DatasetBuilder:
 
 for _name, _entry in _TORCHVISION.items():
     register_dataset(_name)(_torchvision_builder(_name, _entry))
+
+
+def torchvision_root(cfg: DataConfig) -> Path:
+    """Where a torchvision set lives: data.root, else the node's cache folder. Never the working
+    folder: a sweep's driver and its Ray workers each run in another one, so `./data` found the
+    set under `remem run` and missed it in every trial."""
+    if cfg.root:
+        return Path(cfg.root).expanduser()
+    from remem_ray.storage.cache import cache_root
+
+    return cache_root() / "datasets"
+
+
+def classes_without_reading(cfg: DataConfig) -> int | None:
+    """The data's class count where its name says it (digits, synthetic, a torchvision set);
+    None where only reading the data tells (imagefolder, a builder registered elsewhere)."""
+    if cfg.name == "digits":
+        return DIGITS_CLASSES
+    if cfg.name == "synthetic":
+        return cfg.num_classes
+    entry = _TORCHVISION.get(cfg.name)
+    return entry.num_classes if entry is not None else None
+
+
+def missing_local_root(cfg: DataConfig) -> Path | None:
+    """The data's local folder where it must exist before anything runs but does not: an
+    imagefolder's root, a torchvision set's without data.download. s3:// roots are fetched,
+    and checked, where they are used."""
+    if cfg.name == "imagefolder":
+        root = None if not cfg.root or cfg.root.startswith("s3://") else Path(cfg.root).expanduser()
+    elif cfg.name in _TORCHVISION and not cfg.download:
+        root = torchvision_root(cfg)
+    else:
+        return None
+    return root if root is not None and not root.is_dir() else None
 
 
 @register_dataset("imagefolder")
