@@ -1,7 +1,8 @@
 """Checks of a valid spec against the outside world, before any work starts.
 
 Kept out of the pydantic validators so that reading a spec has no side effects: these build
-the models on the meta device (imports torch and timm) and look for local weights files.
+the models on the meta device (imports torch and timm) and look for local weights files and data
+folders (only where the runs read them: a sweep on a cluster reads them on its nodes).
 The entry points (CLI verbs, `run_teacher`, `run_student`, `run_sweep`) call `check_spec`
 first; trials and `remem sweep status` only read specs and skip it.
 """
@@ -14,31 +15,33 @@ from remem_ray.config import AUTO, RunSpec, SweepSpec, weights_kind
 from remem_ray.errors import ResourceError, SpecError
 
 
-def check_spec(spec: RunSpec, sweep_settings: bool = True) -> None:
-    """Raise SpecError/ResourceError naming the field: unknown dataset, missing weights, unbuildable
-    model; for a sweep, settings it cannot run (kept out of the validators: a stored sweep spec must
-    still read, for status and reports)."""
+def check_spec(spec: RunSpec, sweep_settings: bool = True, local_files: bool = True) -> None:
+    """Raise SpecError/ResourceError naming the field: unknown dataset, unbuildable model, missing
+    local files; for a sweep, settings it cannot run (kept out of the validators: a stored sweep
+    spec must still read, for status and reports). local_files: whether this machine is where the
+    runs read them (a local Ray, not a cluster's nodes)."""
     if isinstance(spec, SweepSpec) and sweep_settings:
         _check_sweep(spec)
     from remem_ray.data.datasets import classes_without_reading
     from remem_ray.models import check_model_spec
 
-    check_data(spec)
+    check_data(spec, local_files)
     size, classes = spec.data.img_size, classes_without_reading(spec.data)
     for role, model, reweights in (("teacher", spec.teacher, _reweighting(spec)), ("student", spec.student, None)):
         check_model_spec(role, model.model, model.model_kwargs, classes, size, reweighted_by=reweights)
-        _check_local_weights(role, model.weights)
+        if local_files:
+            _check_local_weights(role, model.weights)
         _check_optimizer(role, model.optimizer.name)
 
 
-def check_data(spec: RunSpec) -> None:
+def check_data(spec: RunSpec, local_files: bool = True) -> None:
     """The data section alone (`remem info --data` reads nothing else of its spec)."""
     from remem_ray.data import DATASETS  # an open registry (register_dataset): known only once imported
     from remem_ray.data.datasets import missing_local_root
 
     if spec.data.name not in DATASETS:
         raise SpecError(f"data.name: unknown dataset {spec.data.name!r}; known: {', '.join(sorted(DATASETS))}")
-    missing = missing_local_root(spec.data)
+    missing = missing_local_root(spec.data) if local_files else None
     if missing is not None:
         hint = (
             ""
