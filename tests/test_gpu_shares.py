@@ -5,6 +5,7 @@ allows, and the probe itself run as a Ray task on a node with a logical GPU (no 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from remem_ray.sweep.gpu_shares import (
     ProbeFailed,
     fit_concurrency,
     probe_on_cluster,
+    refuse_what_this_machine_cannot_hold,
     resolve_gpu_shares,
     run_need_mb,
     runs_per_gpu,
@@ -323,6 +325,60 @@ def test_the_driver_refuses_auto_without_gpus_before_its_first_write(tmp_path, m
         with driver._driving(spec, SweepLayout(Storage(str(tmp_path)), spec.name), None, False, "4 trials", None):
             pass
     assert opened == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "teacher, nodes, refused",
+    [
+        ({"gpus_per_worker": 1}, [NodeResources(0, 2)], "teacher.gpus_per_worker: 1 worker(s) of 0.9 CPUs and 1 GPUs"),
+        ({"cpus_per_worker": 4}, [NodeResources(0, 2)], "teacher.cpus_per_worker: 1 worker(s) of 4 CPUs"),
+        ({"num_workers": 2, "cpus_per_worker": 1}, [NodeResources(0, 2)], "teacher.cpus_per_worker"),  # + the trial's
+        ({"num_workers": 2, "gpus_per_worker": 1}, [NodeResources(1, 16)], "teacher.gpus_per_worker"),
+        ({"gpus_per_worker": 1}, [NodeResources(1, 16)], None),
+        ({"num_workers": 2, "gpus_per_worker": 0.5}, [NodeResources(1, 16)], None),
+        ({"gpus_per_worker": "auto"}, [NodeResources(1, 16)], None),  # sized to the card later
+        ({}, [NodeResources(0, 2)], None),  # the embedded default on 2 cores
+    ],
+)
+def test_a_private_ray_refuses_a_run_it_can_never_place(teacher, nodes, refused, tmp_path, monkeypatch):
+    """gpus_per_worker: 1 on a machine without GPUs, or more CPUs than it has: each Train run
+    waited worker_start_timeout_s (600 s) for workers that never came, on every retry of every
+    trial, then the sweep exited 1. A private local Ray has no autoscaler: refused at once,
+    before the sweep's first write."""
+    import contextlib
+
+    from remem_ray.storage import Storage
+    from remem_ray.sweep import driver, driver_lease
+    from remem_ray.sweep.layout import SweepLayout
+
+    spec = load_sweep_spec(
+        None, {"sweep.resources.teacher": teacher, "sweep.resources.student": {"gpus_per_worker": 0}}
+    )
+    if refused is None:
+        refuse_what_this_machine_cannot_hold(spec, nodes)
+        return
+
+    @contextlib.contextmanager
+    def no_ray(address, verbose):
+        yield None
+
+    class LeaseTaken(Exception):
+        pass
+
+    def lease(*args, **kwargs):
+        raise LeaseTaken
+
+    monkeypatch.setattr(driver, "ray_session", no_ray)
+    monkeypatch.setattr(driver, "cluster_nodes", lambda: nodes)
+    monkeypatch.setattr(driver, "preflight_from_cluster", lambda spec, address: None)
+    monkeypatch.setattr(driver_lease, "driving_lease", lease)  # the sweep's first write
+    layout = SweepLayout(Storage(str(tmp_path)), spec.name)
+    with pytest.raises(ResourceError, match=rf"^sweep\.resources\.{re.escape(refused)}.*this machine's Ray"):
+        with driver._driving(spec, layout, None, False, "4 trials", None):
+            pass
+    # on a cluster (--address) an autoscaler may add what it lacks: not refused there
+    with pytest.raises(LeaseTaken), driver._driving(spec, layout, "10.0.0.0:6379", False, "4 trials", None):
+        pass
 
 
 def test_a_run_bigger_than_the_card_gets_a_whole_gpu_and_a_warning():

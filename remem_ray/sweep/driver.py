@@ -363,6 +363,7 @@ def _driving(
         fit_concurrency,
         probe_on_cluster,
         refuse_auto_without_gpus,
+        refuse_what_this_machine_cannot_hold,
         resolve_gpu_shares,
         sizing_record,
     )
@@ -376,6 +377,8 @@ def _driving(
             preflight_from_cluster(spec, address)
         nodes = cluster_nodes()
         refuse_auto_without_gpus(spec, nodes)
+        if not address:  # a private Ray: no autoscaler will add what it lacks
+            refuse_what_this_machine_cannot_hold(spec, nodes)
         # one driver per sweep, taken before the first write (the console's log); its lines go
         # to the console once there is one
         with (

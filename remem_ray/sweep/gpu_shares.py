@@ -82,6 +82,31 @@ def refuse_auto_without_gpus(spec: SweepSpec, nodes: list[NodeResources]) -> Non
         )
 
 
+def refuse_what_this_machine_cannot_hold(spec: SweepSpec, nodes: list[NodeResources]) -> None:
+    """ResourceError where a private local Ray (no autoscaler: its nodes are all it will ever have)
+    cannot place one trial's Train run beside the trial's own driver: the run waited
+    worker_start_timeout_s for workers that never came, on each of its retries, then failed.
+    `auto` shares are sized to the cards later (refuse_auto_without_gpus)."""
+    res = spec.sweep.resources
+    cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
+    trial_cpus = res.trial_resources()["cpu"]
+    for role in ("teacher", "student"):
+        if role in res.auto_roles():
+            continue
+        r: WorkerResources = getattr(res, role)
+        per_gpu = r.gpus()
+        by_gpus = sum(_whole(n.gpus / per_gpu) for n in nodes) if per_gpu > 0 else r.num_workers
+        by_cpus = sum(_whole(n.cpus / r.cpus_per_worker) for n in nodes)
+        if min(by_gpus, by_cpus) >= r.num_workers and r.num_workers * r.cpus_per_worker + trial_cpus <= cpus + 1e-9:
+            continue
+        field = "gpus_per_worker" if by_gpus < r.num_workers else "cpus_per_worker"
+        raise ResourceError(
+            f"sweep.resources.{role}.{field}: {r.num_workers} worker(s) of {r.cpus_per_worker:g} CPUs and "
+            f"{per_gpu:g} GPUs, beside the trial's own {trial_cpus:g} CPUs, do not fit this machine's Ray "
+            f"({cpus:g} CPUs, {gpus:g} GPUs): lower them, or run on a cluster (--address)"
+        )
+
+
 def resolve_gpu_shares(spec: SweepSpec, nodes: list[NodeResources], probe: Probe) -> tuple[SweepSpec, list[str]]:
     """The spec with every `auto` replaced by a share, and the console lines that say how each
     was found. A spec without `auto` comes back as it is. Raises ResourceError where `auto`
