@@ -65,6 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from remem_ray.runs import run_student, run_teacher
 
     spec = _load(args)
+    if spec.student.teacher_checkpoint is not None:  # it trained a whole teacher, then distilled from another
+        raise UserInputError(
+            "student.teacher_checkpoint (--teacher): `remem run` distils from the teacher it trains; "
+            "`remem distill` distils from a saved one"
+        )
     teacher = run_teacher(spec)
     last = teacher["history"][-1]
     print(f"teacher: val_acc {last['val_acc']:.4f}  test_acc {last['test_acc']:.4f}")

@@ -332,6 +332,13 @@ CORPUS = [
         "--teacher-epoch: give it or --teacher",
         verbs=(("distill", "SPEC", "--teacher", "nothere", "--teacher-epoch", "2"),),
     ),
+    # it trained a whole teacher, then distilled from the other one (or failed on a missing one)
+    _bad(
+        "run-with-a-saved-teacher",
+        "name: x\n",
+        "student.teacher_checkpoint (--teacher): `remem run` distils from the teacher it trains",
+        verbs=(("run", "SPEC", "--teacher", "nothere"),),
+    ),
     _bad("info-unknown-dataset", "data:\n  name: imagenet9\n", "data.name", verbs=(("info", "ck", "--data", "SPEC"),)),
     _bad("resume-unreachable-endpoint", None, "--endpoint", "@DEAD@", verbs=BY_URI, flags=("--endpoint", "@DEAD@")),
     _bad("status-endpoint-not-a-url", None, "--endpoint", "127.0.0.1:9000", verbs=(STATUS,), flags=S3_NOT_A_URL),
