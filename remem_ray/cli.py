@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args)
     if spec.student.teacher_checkpoint is not None:  # it trained a whole teacher, then distilled from another
         raise UserInputError(
-            "student.teacher_checkpoint (--teacher): `remem run` distils from the teacher it trains; "
+            "student.teacher_checkpoint: `remem run` distils from the teacher it trains; "
             "`remem distill` distils from a saved one"
         )
     teacher = run_teacher(spec)
@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
 
-    def run_verb(name: str, help_text: str, handler, with_teacher: bool) -> None:
+    def run_verb(name: str, help_text: str, handler, with_teacher: str | None) -> None:
+        """with_teacher: which teacher the student distils from: "saved" (any, --teacher) or "own"."""
         p = verbs.add_parser(name, help=help_text, description=help_text)
         p.add_argument(
             "spec",
@@ -394,14 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--name", help="run name (folder under <storage>/runs/)")
         p.add_argument("--storage", help="storage root: a folder or s3://bucket/prefix")
-        if with_teacher:
+        if with_teacher == "saved":
             p.add_argument("--teacher", help="teacher checkpoint folder (path or s3:// URI)")
+        if with_teacher:
             p.add_argument("--teacher-epoch", type=int, help="which saved teacher epoch to distil from")
         p.set_defaults(handler=handler)
 
-    run_verb("teacher", "fine-tune the teacher (SAM + MLP reweighting) and save its checkpoints", cmd_teacher, False)
-    run_verb("distill", "distil the student from a saved teacher checkpoint", cmd_distill, True)
-    run_verb("run", "teacher then student, one run", cmd_run, True)
+    run_verb("teacher", "fine-tune the teacher (SAM + MLP reweighting) and save its checkpoints", cmd_teacher, None)
+    run_verb("distill", "distil the student from a saved teacher checkpoint", cmd_distill, "saved")
+    run_verb("run", "teacher then student, one run", cmd_run, "own")
     _add_sweep_verbs(verbs)
     report = verbs.add_parser(
         "report",

@@ -335,9 +335,9 @@ CORPUS = [
     # it trained a whole teacher, then distilled from the other one (or failed on a missing one)
     _bad(
         "run-with-a-saved-teacher",
-        "name: x\n",
-        "student.teacher_checkpoint (--teacher): `remem run` distils from the teacher it trains",
-        verbs=(("run", "SPEC", "--teacher", "nothere"),),
+        "student:\n  teacher_checkpoint: nothere\n",
+        "student.teacher_checkpoint: `remem run` distils from the teacher it trains",
+        verbs=(RUN,),
     ),
     _bad("info-unknown-dataset", "data:\n  name: imagenet9\n", "data.name", verbs=(("info", "ck", "--data", "SPEC"),)),
     _bad("resume-unreachable-endpoint", None, "--endpoint", "@DEAD@", verbs=BY_URI, flags=("--endpoint", "@DEAD@")),
