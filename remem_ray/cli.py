@@ -203,7 +203,7 @@ def cmd_sweep_submit(args: argparse.Namespace) -> int:
     from remem_ray.sweep.jobs import submit_sweep
 
     spec = load_sweep_spec(args.spec, _run_overrides(args))
-    check_spec(spec, local_files=False)  # weights files and data folders are read on the cluster
+    check_spec(spec, inputs_here=False)  # weights files and data folders are read on the cluster
     # No storage preflight here: the job reaches storage from the cluster, with its network
     # and instance role, not this machine's; `sweep run` on the cluster checks it first thing.
     job_id = submit_sweep(spec, args.address, ship_package=args.ship_package)

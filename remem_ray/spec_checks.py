@@ -1,8 +1,8 @@
 """Checks of a valid spec against the outside world, before any work starts.
 
 Kept out of the pydantic validators so that reading a spec has no side effects: these build
-the models on the meta device (imports torch and timm) and look for local weights files and data
-folders (only where the runs read them: a sweep on a cluster reads them on its nodes).
+the models on the meta device (imports torch and timm) and look for the weights and data, local or
+s3:// (only where the runs read them: a sweep on a cluster reads them on its nodes).
 The entry points (CLI verbs, `run_teacher`, `run_student`, `run_sweep`) call `check_spec`
 first; trials and `remem sweep status` only read specs and skip it.
 """
@@ -15,33 +15,36 @@ from remem_ray.config import AUTO, RunSpec, SweepSpec, weights_kind
 from remem_ray.errors import ResourceError, SpecError
 
 
-def check_spec(spec: RunSpec, sweep_settings: bool = True, local_files: bool = True) -> None:
+def check_spec(spec: RunSpec, sweep_settings: bool = True, inputs_here: bool = True) -> None:
     """Raise SpecError/ResourceError naming the field: unknown dataset, unbuildable model, missing
-    local files; for a sweep, settings it cannot run (kept out of the validators: a stored sweep
-    spec must still read, for status and reports). local_files: whether this machine is where the
-    runs read them (a local Ray, not a cluster's nodes)."""
+    inputs (weights files, data folders, their s3:// objects); for a sweep, settings it cannot run
+    (kept out of the validators: a stored sweep spec must still read, for status and reports).
+    inputs_here: whether the runs read their inputs from this machine, with its credentials (a
+    local Ray), not from a cluster's nodes."""
     if isinstance(spec, SweepSpec) and sweep_settings:
         _check_sweep(spec)
     from remem_ray.data.datasets import classes_without_reading
     from remem_ray.models import check_model_spec
 
-    check_data(spec, local_files)
+    check_data(spec, inputs_here)
     size, classes = spec.data.img_size, classes_without_reading(spec.data)
     for role, model, reweights in (("teacher", spec.teacher, _reweighting(spec)), ("student", spec.student, None)):
         check_model_spec(role, model.model, model.model_kwargs, classes, size, reweighted_by=reweights)
-        if local_files:
+        if inputs_here:
             _check_local_weights(role, model.weights)
         _check_optimizer(role, model.optimizer.name)
+    if inputs_here:
+        _check_s3_inputs(spec)
 
 
-def check_data(spec: RunSpec, local_files: bool = True) -> None:
+def check_data(spec: RunSpec, inputs_here: bool = True) -> None:
     """The data section alone (`remem info --data` reads nothing else of its spec)."""
     from remem_ray.data import DATASETS  # an open registry (register_dataset): known only once imported
     from remem_ray.data.datasets import missing_local_root
 
     if spec.data.name not in DATASETS:
         raise SpecError(f"data.name: unknown dataset {spec.data.name!r}; known: {', '.join(sorted(DATASETS))}")
-    missing = missing_local_root(spec.data) if local_files else None
+    missing = missing_local_root(spec.data) if inputs_here else None
     if missing is not None:
         hint = (
             ""
@@ -72,6 +75,24 @@ def _check_local_weights(role: str, weights: str | None) -> None:
     """Local files only: hub names and s3:// URIs are fetched (and checked) where they are used."""
     if weights and weights_kind(weights) == "file" and not Path(weights).is_file():
         raise ResourceError(f"{role}.weights: weights file not found: {weights}")
+
+
+def _check_s3_inputs(spec: RunSpec) -> None:
+    """s3:// weights and data exist: the endpoint, credentials and bucket first, each in seconds
+    (the storage preflight's checks), then the object."""
+    from remem_ray.storage import preflight
+    from remem_ray.storage.cache import fetchable
+
+    inputs = (
+        ("teacher.weights", spec.teacher.weights),
+        ("student.weights", spec.student.weights),
+        ("data.root", spec.data.root if spec.data.name == "imagefolder" else None),
+    )
+    endpoint, region = spec.storage.endpoint, spec.storage.region
+    for field, uri in inputs:
+        if uri and uri.startswith("s3://"):
+            preflight(uri, endpoint, region, root_field=field, writable=False)
+            fetchable(uri, endpoint, field, region)
 
 
 def _check_sweep(spec: SweepSpec) -> None:

@@ -118,6 +118,14 @@ CORPUS = [
     _bad("parent-dir-in-storage", "storage:\n  root: ../elsewhere\n", "storage.root"),
     _bad("parent-dir-in-s3-root", "storage:\n  root: s3://bucket/a/../b\n", "storage.root"),
     _bad("parent-dir-in-data-root", "data:\n  root: data/../../secrets\n", "data.root"),
+    # found as the run starts, after its TensorBoard folder was made (remem-results/runs/x/tensorboard/)
+    _bad(
+        "s3-weights-not-found",
+        "name: x\nteacher:\n  weights: s3://@BUCKET@/models/nothere.pth\n",
+        "teacher.weights: not found: s3://",
+        verbs=RUN_VERBS,
+        env=(("AWS_ENDPOINT_URL", "@ENDPOINT@"), *MOTO_KEYS.items()),
+    ),
     _bad("parent-dir-in-s3-weights", "teacher:\n  weights: s3://bucket/models/../../w.pth\n", "teacher.weights"),
     _bad(
         "parent-dir-in-teacher-checkpoint",

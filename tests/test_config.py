@@ -180,7 +180,7 @@ def test_the_entry_check_refuses_a_missing_local_data_folder(tmp_path, monkeypat
     check_spec(load_run_spec(None, {"data.name": "cifar10", "data.download": True}))  # torchvision makes it
     # a cluster's trials read local files on its nodes: `sweep submit` and `--address` leave them to them
     elsewhere = {"data.name": "imagefolder", "data.root": str(tmp_path / "nowhere")}
-    check_spec(load_run_spec(None, {**elsewhere, "teacher.weights": str(tmp_path / "w.pth")}), local_files=False)
+    check_spec(load_run_spec(None, {**elsewhere, "teacher.weights": str(tmp_path / "w.pth")}), inputs_here=False)
     (tmp_path / "cache" / "datasets").mkdir(parents=True)
     check_spec(cifar10)
 

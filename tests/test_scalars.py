@@ -13,6 +13,16 @@ def _read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def test_a_run_refused_before_its_first_epoch_leaves_no_tensorboard_folder(tmp_path):
+    """`remem teacher` with weights not found left runs/<name>/tensorboard/teacher/events.* (the
+    log was opened as the run was prepared, before its model fetched the weights)."""
+    from remem_ray.storage import Storage
+
+    log = ScalarLog(Storage(str(tmp_path)).child("runs", "x", "tensorboard", "teacher"))
+    log.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_scalar_log_writes_per_epoch_series_tensorboard_reads(store, tmp_path):
     log = ScalarLog(store.child("tensorboard", "trial_1_student"))
     for epoch, acc in ((1, 0.25), (2, 0.5), (3, 0.75)):

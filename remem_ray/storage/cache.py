@@ -106,9 +106,9 @@ def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri", re
         return _fetch(uri, endpoint, region, field, dest)
 
 
-def _fetch(uri: str, endpoint: str | None, region: str | None, field: str, dest: Path) -> Path:
-    """Download into a staging folder, then move it into place whole (under the node lock)."""
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
+def fetchable(uri: str, endpoint: str | None, field: str, region: str | None = None) -> pafs.FileInfo:
+    """What fetch_to_cache finds at an s3:// URI (a file or a folder), or its one-line
+    ResourceError naming the field: a whole bucket, unreachable, not found."""
     path = split_s3_uri(uri)
     if "/" not in path:  # pyarrow cannot address a bucket's root as a folder of another
         raise ResourceError(f"{field}: {uri} is a whole bucket: put the files in a folder of it (s3://{path}/NAME)")
@@ -119,6 +119,14 @@ def _fetch(uri: str, endpoint: str | None, region: str | None, field: str, dest:
         raise ResourceError(f"{field}: cannot reach {uri}: {str(exc).splitlines()[0]}") from None
     if info.type == pafs.FileType.NotFound:
         raise ResourceError(f"{field}: not found: {uri}")
+    return info
+
+
+def _fetch(uri: str, endpoint: str | None, region: str | None, field: str, dest: Path) -> Path:
+    """Download into a staging folder, then move it into place whole (under the node lock)."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    path = split_s3_uri(uri)
+    info = fetchable(uri, endpoint, field, region)
     for dead in dest.parent.glob(f"{dest.name}.partial-*"):  # fetches killed mid-copy (we hold the lock)
         shutil.rmtree(dead, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{dest.name}.partial-"))

@@ -305,7 +305,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
     """Run a new sweep to the end; the console shows epochs, trial events and progress (all of
     Ray's output with `verbose`), `<sweep folder>/sweep.log` keeps everything."""
     address = _cluster_address(address)
-    check_spec(spec, local_files=address is None)  # a cluster's trials read files on its nodes
+    check_spec(spec, inputs_here=address is None)  # a cluster's trials read files on its nodes
     preflight_config(spec.storage)  # endpoint, credentials, bucket, writable root: before Ray is imported
     storage = Storage.from_config(spec.storage)
     layout = SweepLayout(storage, spec.name)
@@ -592,7 +592,7 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
     address = _cluster_address(address)
     # the stored spec against this machine (a weights file the first driver had, say); not the
     # settings a new run refuses: a resume cannot change them, and they ran once
-    check_spec(spec, sweep_settings=False, local_files=address is None)
+    check_spec(spec, sweep_settings=False, inputs_here=address is None)
     preflight_config(spec.storage)  # resume writes: the root must be writable too
     from ray import tune
 

@@ -66,35 +66,46 @@ def sweep_stale_staging(root: Path = STAGING_ROOT, older_than_s: float = STALE_S
 
 
 class ScalarLog:
-    def __init__(self, target: Storage) -> None:
-        from tensorboardX.event_file_writer import EventsWriter
+    """A run's per-epoch scalars as TensorBoard events. Nothing is created before the first
+    epoch's write: a run refused at its start (weights not found, say) leaves no folder behind."""
 
+    def __init__(self, target: Storage) -> None:
         self.target = target
         self.remote = target.uri().startswith("s3://")
+        self.writer: Any = None  # tensorboardX's EventsWriter, from the first write
+
+    def _open(self):
+        from tensorboardX.event_file_writer import EventsWriter
+
         if self.remote:
             STAGING_ROOT.mkdir(parents=True, exist_ok=True)
             sweep_stale_staging()
             self.folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=STAGING_ROOT))
         else:
-            self.folder = Path(target.path())
+            self.folder = Path(self.target.path())
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.writer = EventsWriter(str(self.folder / "events"), filename_suffix=f".{os.getpid()}")
+        return EventsWriter(str(self.folder / "events"), filename_suffix=f".{os.getpid()}")
 
     def write(self, metrics: dict[str, Any]) -> None:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
+        if self.writer is None:
+            self.writer = self._open()
+        writer = self.writer
         step, now = int(metrics[EPOCH]), time.time()
         for key, tag in TAGS.items():
             value = metrics.get(key)
             if isinstance(value, int | float):
-                self.writer.write_event(Event(wall_time=now, step=step, summary=scalar(tag, float(value))))
-        self.writer.flush()
+                writer.write_event(Event(wall_time=now, step=step, summary=scalar(tag, float(value))))
+        writer.flush()
         if self.remote:
             for path in self.folder.iterdir():
                 self.target.write_bytes(path.name, path.read_bytes())
 
     def close(self) -> None:
+        if self.writer is None:
+            return
         self.writer.close()
         if self.remote:  # its files are in the bucket: a GPU node runs many runs and keeps none
             shutil.rmtree(self.folder, ignore_errors=True)
