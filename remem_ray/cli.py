@@ -370,8 +370,22 @@ def _add_sweep_verbs(verbs) -> None:
     _add_job_verbs(sub)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end as every bad input does: one line naming the argument, exit 2 (argparse
+    printed its usage first, two or three lines more); `--help` shows the usage. No abbreviated
+    flags: `remem run --teacher 5` was taken as --teacher-epoch 5."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # the verbs' parsers are made by add_parser: this class
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"remem: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="remem",
         description="ReMem on Ray: fine-tune a ViT teacher with SAM and MLP reweighting, distil a student.",
     )

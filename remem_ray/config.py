@@ -187,7 +187,7 @@ class OptimizerConfig(StrictModel):
 class ScheduleConfig(StrictModel):
     """Linear warmup then cosine decay, stepped per batch (timm's CosineLRScheduler)."""
 
-    warmup_epochs: float = Field(1.0, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0, le=1000.0)  # bounded: .inf overflowed in the scheduler
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
 
 

@@ -94,6 +94,7 @@ CORPUS = [
         verbs=(SWEEP_RUN,),
     ),
     _bad("missing-weights-file", "teacher:\n  weights: /nonexistent/w.pth\n", "teacher.weights"),
+    _bad("warmup-infinite", "teacher:\n  schedule:\n    warmup_epochs: .inf\n", "teacher.schedule.warmup_epochs"),
     _bad("zero-temperature", "student:\n  kd:\n    temperature: 0\n", "student.kd.temperature"),
     _bad("bad-name", "name: a/b\n", "name"),
     _bad("bad-model-kwargs", "teacher:\n  model_kwargs: {no_such_arg: 1}\n", "teacher.model_kwargs"),
@@ -474,6 +475,24 @@ def test_bad_input_exits_2_with_one_line_and_leaves_no_trace(
     assert ray_was_imported or "ray" not in sys.modules, "bad input imported Ray"
     if "ray" in sys.modules:
         assert not sys.modules["ray"].is_initialized()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "--teacher-epoch", "x"], "argument --teacher-epoch: invalid int value: 'x' (see `remem run --help`)"),
+        (["sweep", "dashboard", "s", "--port", "abc"], "argument --port: invalid int value: 'abc'"),
+        (["run", "--teacher", "ck"], "unrecognized arguments: --teacher "),  # not --teacher-epoch ck
+        (["frob"], "argument VERB: invalid choice: 'frob'"),
+    ],
+)
+def test_bad_arguments_get_one_line_too(argv, expected, capsys):
+    """argparse printed its usage (two or three lines) before the error."""
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.startswith("remem: error: ") and err.count("\n") == 1, err
+    assert expected in err
 
 
 def test_corpus_covers_every_kind_of_bad_input():
