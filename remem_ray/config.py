@@ -70,6 +70,10 @@ def _safe_location(location: str | None) -> str | None:
     if location is None:
         return None
     _reject_parent_refs(location)
+    if "://" in location and not location.startswith("s3://"):
+        raise ValueError(f"unsupported scheme in {location!r}; use a local path or s3://bucket/folder")
+    if location.startswith("s3://") and "/" not in location[len("s3://") :].strip("/"):
+        raise ValueError(f"{location!r} is a whole bucket; use s3://bucket/folder")
     return _absolute_local(location)
 
 

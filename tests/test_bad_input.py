@@ -94,6 +94,8 @@ CORPUS = [
         verbs=(SWEEP_RUN,),
     ),
     _bad("missing-weights-file", "teacher:\n  weights: /nonexistent/w.pth\n", "teacher.weights"),
+    _bad("data-root-unsupported-scheme", "data:\n  root: ftp://host/images\n", "data.root: unsupported scheme"),
+    _bad("data-root-whole-bucket", "data:\n  name: imagefolder\n  root: s3://bucket\n", "data.root", "whole bucket"),
     _bad("warmup-infinite", "teacher:\n  schedule:\n    warmup_epochs: .inf\n", "teacher.schedule.warmup_epochs"),
     _bad("zero-temperature", "student:\n  kd:\n    temperature: 0\n", "student.kd.temperature"),
     _bad("bad-name", "name: a/b\n", "name"),
