@@ -1,8 +1,8 @@
 """The storage layer: a local folder or s3://bucket/prefix through pyarrow.fs, with boto3 where
 pyarrow cannot say it (a whole object in one GET, conditional writes, plain deletes).
 
-Credentials come only from the environment or the instance role (the AWS default chain, which
-pyarrow and boto3 share); nothing here takes or writes keys.
+Credentials come from the AWS default chain (environment, AWS_PROFILE and its files, the instance
+role), which pyarrow and boto3 share; nothing here takes or writes keys.
 """
 
 from remem_ray.storage.cache import cache_root, fetch_to_cache

@@ -1,5 +1,6 @@
-"""Training loops. Each is a plain function of one config dict: it runs in-process and also
-serves as a Ray Train `train_loop_per_worker`. Nothing here knows about Tune."""
+"""Training loops. Each is a function of one frozen config (contract.LoopConfig, PhasesConfig): it
+runs in-process, and on each Ray Train worker through the shims in sweep/trial.py, which hand it
+the config Train passed as plain data. Nothing here knows about Tune."""
 
 from remem_ray.train.phases import teach_then_distil
 from remem_ray.train.session import ConsoleSession, RayTrainSession, StoredStateSession, current_session
