@@ -32,14 +32,15 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _load(args: argparse.Namespace):
-    """The validated run spec, its storage proven usable before anything is written."""
+def _load(args: argparse.Namespace, weights_of: tuple[str, ...]):
+    """The validated run spec, its storage proven usable before anything is written; weights_of:
+    the roles whose weights the verb loads."""
     from remem_ray.config import load_run_spec
     from remem_ray.spec_checks import check_spec
     from remem_ray.storage import preflight_config
 
     spec = load_run_spec(args.spec, _run_overrides(args))
-    check_spec(spec)
+    check_spec(spec, weights_of=weights_of)
     preflight_config(spec.storage)
     return spec
 
@@ -47,7 +48,7 @@ def _load(args: argparse.Namespace):
 def cmd_teacher(args: argparse.Namespace) -> int:
     from remem_ray.runs import run_teacher
 
-    result = run_teacher(_load(args))
+    result = run_teacher(_load(args, ("teacher",)), checked=True)
     for epoch, location in result["checkpoints"].items():
         val = next(h["val_acc"] for h in result["history"] if h["epoch"] == epoch)
         print(f"teacher epoch {epoch}: val_acc {val:.4f}  {location}")
@@ -57,23 +58,23 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from remem_ray.runs import run_student
 
-    _print_student(run_student(_load(args)))
+    _print_student(run_student(_load(args, ("student",)), checked=True))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from remem_ray.runs import run_student, run_teacher
 
-    spec = _load(args)
+    spec = _load(args, ("teacher", "student"))
     if spec.student.teacher_checkpoint is not None:  # it trained a whole teacher, then distilled from another
         raise UserInputError(
             "student.teacher_checkpoint: `remem run` distils from the teacher it trains; "
             "`remem distill` distils from a saved one"
         )
-    teacher = run_teacher(spec)
+    teacher = run_teacher(spec, checked=True)
     last = teacher["history"][-1]
     print(f"teacher: val_acc {last['val_acc']:.4f}  test_acc {last['test_acc']:.4f}")
-    _print_student(run_student(spec))
+    _print_student(run_student(spec, checked=True))
     return 0
 
 

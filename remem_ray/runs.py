@@ -35,20 +35,24 @@ def teacher_location(spec: RunSpec) -> str:
     return folder.uri(checkpoint_name(epoch))
 
 
-def run_teacher(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
+def run_teacher(spec: RunSpec, quiet: bool = False, checked: bool = False) -> dict[str, Any]:
+    """checked: the caller ran check_spec on it already (the CLI, before its storage preflight)."""
     from remem_ray.train.teacher import fine_tune_teacher
 
-    check_spec(spec)
+    if not checked:
+        check_spec(spec, weights_of=("teacher",))
     folder = run_folder(spec)
     return fine_tune_teacher(
         LoopConfig(spec, folder.uri("teacher"), quiet=quiet, tensorboard=folder.uri("tensorboard", "teacher"))
     )
 
 
-def run_student(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
+def run_student(spec: RunSpec, quiet: bool = False, checked: bool = False) -> dict[str, Any]:
+    """checked: as run_teacher's."""
     from remem_ray.train.student import distill_student
 
-    check_spec(spec)
+    if not checked:
+        check_spec(spec, weights_of=("student",))
     folder = run_folder(spec)
     config = LoopConfig(
         spec,

@@ -14,13 +14,18 @@ from pathlib import Path
 from remem_ray.config import AUTO, RunSpec, SweepSpec, weights_kind
 from remem_ray.errors import ResourceError, SpecError
 
+ROLES = ("teacher", "student")
 
-def check_spec(spec: RunSpec, sweep_settings: bool = True, inputs_here: bool = True) -> None:
+
+def check_spec(
+    spec: RunSpec, sweep_settings: bool = True, inputs_here: bool = True, weights_of: tuple[str, ...] = ROLES
+) -> None:
     """Raise SpecError/ResourceError naming the field: unknown dataset, unbuildable model, missing
     inputs (weights files, data folders, their s3:// objects); for a sweep, settings it cannot run
     (kept out of the validators: a stored sweep spec must still read, for status and reports).
     inputs_here: whether the runs read their inputs from this machine, with its credentials (a
-    local Ray), not from a cluster's nodes."""
+    local Ray), not from a cluster's nodes (preflight_from_cluster looks there). weights_of: the
+    roles whose weights the runs load (`remem distill` builds its teacher from a checkpoint)."""
     if isinstance(spec, SweepSpec) and sweep_settings:
         _check_sweep(spec)
     from remem_ray.data.datasets import classes_without_reading
@@ -30,11 +35,11 @@ def check_spec(spec: RunSpec, sweep_settings: bool = True, inputs_here: bool = T
     size, classes = spec.data.img_size, classes_without_reading(spec.data)
     for role, model, reweights in (("teacher", spec.teacher, _reweighting(spec)), ("student", spec.student, None)):
         check_model_spec(role, model.model, model.model_kwargs, classes, size, reweighted_by=reweights)
-        if inputs_here:
+        if inputs_here and role in weights_of:
             _check_local_weights(role, model.weights)
         _check_optimizer(role, model.optimizer.name)
     if inputs_here:
-        _check_s3_inputs(spec)
+        check_s3_inputs(s3_inputs(spec, weights_of), spec.storage.endpoint, spec.storage.region)
 
 
 def check_data(spec: RunSpec, inputs_here: bool = True) -> None:
@@ -77,22 +82,20 @@ def _check_local_weights(role: str, weights: str | None) -> None:
         raise ResourceError(f"{role}.weights: weights file not found: {weights}")
 
 
-def _check_s3_inputs(spec: RunSpec) -> None:
-    """s3:// weights and data exist: the endpoint, credentials and bucket first, each in seconds
-    (the storage preflight's checks), then the object."""
-    from remem_ray.storage import preflight
-    from remem_ray.storage.cache import fetchable
+def s3_inputs(spec: RunSpec, weights_of: tuple[str, ...] = ROLES) -> list[tuple[str, str]]:
+    """The spec's s3:// inputs, as (field, URI): the roles' weights, an image folder."""
+    inputs = [(f"{role}.weights", getattr(spec, role).weights) for role in weights_of]
+    if spec.data.name == "imagefolder":
+        inputs.append(("data.root", spec.data.root))
+    return [(field, uri) for field, uri in inputs if uri and uri.startswith("s3://")]
 
-    inputs = (
-        ("teacher.weights", spec.teacher.weights),
-        ("student.weights", spec.student.weights),
-        ("data.root", spec.data.root if spec.data.name == "imagefolder" else None),
-    )
-    endpoint, region = spec.storage.endpoint, spec.storage.region
+
+def check_s3_inputs(inputs: list[tuple[str, str]], endpoint: str | None, region: str | None) -> None:
+    """Each input is there, in seconds (storage.preflight_input)."""
+    from remem_ray.storage.preflight import preflight_input
+
     for field, uri in inputs:
-        if uri and uri.startswith("s3://"):
-            preflight(uri, endpoint, region, root_field=field, writable=False)
-            fetchable(uri, endpoint, field, region)
+        preflight_input(uri, endpoint, region, field)
 
 
 def _check_sweep(spec: SweepSpec) -> None:

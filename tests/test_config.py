@@ -178,6 +178,8 @@ def test_the_entry_check_refuses_a_missing_local_data_folder(tmp_path, monkeypat
     with pytest.raises(ResourceError, match=r"^data\.root: folder not found: .*/cache/datasets \(set data\.root"):
         check_spec(cifar10)
     check_spec(load_run_spec(None, {"data.name": "cifar10", "data.download": True}))  # torchvision makes it
+    # `remem distill` builds its teacher from a checkpoint: the weights it started from may be gone
+    check_spec(load_run_spec(None, {"teacher.weights": str(tmp_path / "w.pth")}), weights_of=("student",))
     # a cluster's trials read local files on its nodes: `sweep submit` and `--address` leave them to them
     elsewhere = {"data.name": "imagefolder", "data.root": str(tmp_path / "nowhere")}
     check_spec(load_run_spec(None, {**elsewhere, "teacher.weights": str(tmp_path / "w.pth")}), inputs_here=False)

@@ -330,9 +330,9 @@ def test_the_driver_refuses_auto_without_gpus_before_its_first_write(tmp_path, m
 @pytest.mark.parametrize(
     "teacher, nodes, refused",
     [
-        ({"gpus_per_worker": 1}, [NodeResources(0, 2)], "teacher.gpus_per_worker: 1 worker(s) of 0.9 CPUs and 1 GPUs"),
-        ({"cpus_per_worker": 4}, [NodeResources(0, 2)], "teacher.cpus_per_worker: 1 worker(s) of 4 CPUs"),
-        ({"num_workers": 2, "cpus_per_worker": 1}, [NodeResources(0, 2)], "teacher.cpus_per_worker"),  # + the trial's
+        ({"gpus_per_worker": 1}, [NodeResources(0, 2)], "teacher.gpus_per_worker: 1 worker(s) of 0.9 CPU(s) and 1 GPU"),
+        ({"cpus_per_worker": 4}, [NodeResources(0, 2)], "teacher.cpus_per_worker: 1 worker(s) of 4 CPU(s)"),
+        ({"num_workers": 2, "cpus_per_worker": 1}, [NodeResources(0, 2)], "trial_cpus: 0.1 CPU(s) for each trial"),
         ({"num_workers": 2, "gpus_per_worker": 1}, [NodeResources(1, 16)], "teacher.gpus_per_worker"),
         ({"gpus_per_worker": 1}, [NodeResources(1, 16)], None),
         ({"num_workers": 2, "gpus_per_worker": 0.5}, [NodeResources(1, 16)], None),
@@ -373,12 +373,18 @@ def test_a_private_ray_refuses_a_run_it_can_never_place(teacher, nodes, refused,
     monkeypatch.setattr(driver, "preflight_from_cluster", lambda spec, address: None)
     monkeypatch.setattr(driver_lease, "driving_lease", lease)  # the sweep's first write
     layout = SweepLayout(Storage(str(tmp_path)), spec.name)
-    with pytest.raises(ResourceError, match=rf"^sweep\.resources\.{re.escape(refused)}.*this machine's Ray"):
+    with pytest.raises(ResourceError, match=rf"^sweep\.resources\.{re.escape(refused)}.*this machine's Ray \("):
         with driver._driving(spec, layout, None, False, "4 trials", None):
             pass
     # on a cluster (--address) an autoscaler may add what it lacks: not refused there
     with pytest.raises(LeaseTaken), driver._driving(spec, layout, "10.0.0.0:6379", False, "4 trials", None):
         pass
+
+
+def test_a_private_ray_refuses_a_driver_resource_no_node_of_it_has():
+    spec = load_sweep_spec(None, {"sweep.resources.driver_resource": "driver"})
+    with pytest.raises(ResourceError, match=r"^sweep\.resources\.driver_resource: 'driver' is a resource of a"):
+        refuse_what_this_machine_cannot_hold(spec, [NodeResources(0, 2)])
 
 
 def test_a_run_bigger_than_the_card_gets_a_whole_gpu_and_a_warning():

@@ -433,3 +433,27 @@ def test_an_s3_object_rewritten_between_its_size_and_its_bytes_reads_whole(monke
 
     with _served(Replaced, monkeypatch) as endpoint:
         assert Storage("s3://bucket/root", endpoint=endpoint).child("students").read_bytes("best.json") == new
+
+
+def test_an_s3_input_is_looked_up_quickly_with_only_what_its_run_reads(s3, dead_endpoint):
+    """The entry check of s3:// weights and image folders: the object's own lookup (a read-only
+    grant passes: no bucket listing), in seconds on a dead endpoint (the runs' client retries for
+    a minute), and one line for a path pyarrow refuses (`a//b` raised ArrowInvalid, a traceback)."""
+    import time
+
+    from remem_ray.errors import ResourceError
+    from remem_ray.storage.preflight import preflight_input
+
+    s3["client"].put_object(Bucket=s3["bucket"], Key="w/weights.pt", Body=b"weights")
+    s3["client"].put_object(Bucket=s3["bucket"], Key="images/train/a/1.png", Body=b"png")
+    bucket, endpoint = s3["bucket"], s3["endpoint"]
+    preflight_input(f"s3://{bucket}/w/weights.pt", endpoint, None, "teacher.weights")
+    preflight_input(f"s3://{bucket}/images", endpoint, None, "data.root")  # a folder
+    with pytest.raises(ResourceError, match=rf"^student\.weights: not found: s3://{bucket}/w/nothere\.pt$"):
+        preflight_input(f"s3://{bucket}/w/nothere.pt", endpoint, None, "student.weights")
+    with pytest.raises(ResourceError, match=r"^teacher\.weights: cannot reach s3://.*//w\.pt: "):
+        preflight_input(f"s3://{bucket}/a//w.pt", endpoint, None, "teacher.weights")
+    began = time.monotonic()
+    with pytest.raises(ResourceError, match=r"^storage: cannot reach the S3 endpoint .* \(teacher\.weights\)"):
+        preflight_input(f"s3://{bucket}/w/weights.pt", dead_endpoint, None, "teacher.weights")
+    assert time.monotonic() - began < 10

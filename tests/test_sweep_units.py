@@ -704,10 +704,11 @@ class _FakeClusterRay:
             def options(self, scheduling_strategy):
                 return Task(scheduling_strategy)
 
-            def remote(self, storage):
+            def remote(self, storage, inputs):
                 node_id, soft = self.strategy
                 assert soft is False and options["num_cpus"] == 0
                 fake.placed.append(node_id)
+                fake.inputs = inputs
                 return node_id[:-8]  # the "object ref": the node's name
 
         return lambda fn: Task()
@@ -737,13 +738,15 @@ def test_the_cluster_storage_check_runs_on_every_alive_node_and_names_the_ones_t
     from remem_ray.errors import ResourceError
     from remem_ray.sweep import driver
 
-    spec = load_sweep_spec(None, {"storage.root": "/tmp/remem-units-root"})
+    weights = {"teacher.weights": "s3://b/w/teacher.pth", "student.weights": "/on/the/nodes.pth"}
+    spec = load_sweep_spec(None, {"storage.root": "/tmp/remem-units-root", **weights})
     denied = "storage: access denied to s3://b/p"
     fake = _FakeClusterRay({"head": None, "gpua": denied, "gpub": denied, "gpuc": "late"})
     fake.install(monkeypatch)
     with pytest.raises(ResourceError) as refused:
         driver.preflight_from_cluster(spec, "10.0.0.0:6379")
     assert fake.placed == ["head00000000", "gpua00000000", "gpub00000000", "gpuc00000000"]  # not the dead node
+    assert fake.inputs == [("teacher.weights", "s3://b/w/teacher.pth")]  # the nodes look at the s3:// inputs too
     message = str(refused.value)
     assert message.startswith(f"{denied} (checked from a node of the Ray cluster at 10.0.0.0:6379, ")
     assert "10.0.0.1 (gpua0000), 10.0.0.2 (gpub0000)" in message

@@ -106,16 +106,19 @@ def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri", re
         return _fetch(uri, endpoint, region, field, dest)
 
 
-def fetchable(uri: str, endpoint: str | None, field: str, region: str | None = None) -> pafs.FileInfo:
+def fetchable(
+    uri: str, endpoint: str | None, field: str, region: str | None = None, fs: pafs.S3FileSystem | None = None
+) -> pafs.FileInfo:
     """What fetch_to_cache finds at an s3:// URI (a file or a folder), or its one-line
-    ResourceError naming the field: a whole bucket, unreachable, not found."""
+    ResourceError naming the field: a whole bucket, unreachable, not found. `fs`: another client
+    (a quick check's, with fewer attempts)."""
     path = split_s3_uri(uri)
     if "/" not in path:  # pyarrow cannot address a bucket's root as a folder of another
         raise ResourceError(f"{field}: {uri} is a whole bucket: put the files in a folder of it (s3://{path}/NAME)")
-    fs = s3_filesystem(endpoint, region)
+    fs = fs or s3_filesystem(endpoint, region)
     try:
         info = fs.get_file_info(path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: pyarrow's ArrowInvalid, e.g. an empty part (a//b)
         raise ResourceError(f"{field}: cannot reach {uri}: {str(exc).splitlines()[0]}") from None
     if info.type == pafs.FileType.NotFound:
         raise ResourceError(f"{field}: not found: {uri}")

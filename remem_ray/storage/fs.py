@@ -20,18 +20,24 @@ S3_MAX_ATTEMPTS = 13
 _BOTO3_LOCK = threading.Lock()
 
 
-def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
+def s3_filesystem(
+    endpoint: str | None = None,
+    region: str | None = None,
+    max_attempts: int | None = None,
+    request_timeout_s: float = 30,
+) -> pafs.S3FileSystem:
+    """pyarrow's S3 client; max_attempts None: ride out about a minute of outage (below)."""
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     kwargs: dict = {
         "region": region or default_region(),
         "connect_timeout": 5,
-        "request_timeout": 30,
+        "request_timeout": request_timeout_s,
         # exponential backoff (capped at 20 s a wait) over 13 attempts rides out about a minute of
         # S3 outage. Copies pickled into Ray's workers (Tune's syncs, Train's checkpoint uploads)
         # lose it (pyarrow does not pickle it) and try 3 times; Train's and Tune's retries take over.
         # Keeping it there was tried: in one of three runs of the S3 outage test a trial then never
         # ended after an S3 restart (its last sync in retries, most likely), so it stays as it was.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts or S3_MAX_ATTEMPTS),
     }
     if endpoint:
         scheme, _, host = endpoint.partition("://")

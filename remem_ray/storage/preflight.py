@@ -45,6 +45,23 @@ def preflight_config(cfg, writable: bool = True) -> None:
     preflight(cfg.root, cfg.endpoint, cfg.region, writable=writable)
 
 
+INPUT_CHECK_ATTEMPTS = 2  # a quick look, not the minute of retries a run's own reads ride out
+
+
+def preflight_input(uri: str, endpoint: str | None, region: str | None, field: str) -> None:
+    """An s3:// input (weights, an image folder) is there, in seconds: the endpoint answers, then
+    one lookup of the object. Only what the run's own fetch does (no bucket listing, no credential
+    check of our own): a read-only grant on the object, or a public one, passes."""
+    from remem_ray.storage.cache import fetchable
+    from remem_ray.storage.fs import s3_filesystem
+
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    if endpoint:
+        _check_endpoint(endpoint, field)
+    quick = s3_filesystem(endpoint, region, max_attempts=INPUT_CHECK_ATTEMPTS, request_timeout_s=10)
+    fetchable(uri, endpoint, field, region, fs=quick)
+
+
 def _preflight_local(root: str, field: str) -> None:
     path = Path(root).expanduser().absolute()
     if path.exists():

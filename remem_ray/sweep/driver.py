@@ -18,7 +18,7 @@ from pathlib import Path
 
 from remem_ray.config import SweepSpec, parse_spec
 from remem_ray.errors import ResourceError, UserInputError
-from remem_ray.spec_checks import check_spec
+from remem_ray.spec_checks import check_spec, s3_inputs
 from remem_ray.storage import Storage, one_line, preflight, preflight_config
 from remem_ray.sweep.driver_lease import DriverLease
 from remem_ray.sweep.layout import GPU_SHARES_FILE, LOG_FILE, SWEEP_SPEC_FILE, TUNER_FILE, SweepLayout
@@ -461,33 +461,39 @@ def unused_gpus_note(spec: SweepSpec, cluster_gpus: float) -> str | None:
 CLUSTER_PREFLIGHT_TIMEOUT_S = 60.0
 
 
-def _preflight_here(storage: dict) -> str | None:
-    """The storage preflight where this runs (a node of the cluster): its one line, or None."""
+def _preflight_here(storage: dict, inputs: list[tuple[str, str]]) -> str | None:
+    """The storage preflight where this runs (a node of the cluster), then a look at the spec's
+    s3:// inputs (weights, an image folder): the first one line, or None."""
     from remem_ray.config import StorageConfig
+    from remem_ray.spec_checks import check_s3_inputs
 
     try:
-        preflight_config(StorageConfig.model_validate(storage))
+        config = StorageConfig.model_validate(storage)
+        preflight_config(config)
+        check_s3_inputs(inputs, config.endpoint, config.region)
     except ResourceError as exc:
         return str(exc)
     return None
 
 
 def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
-    """The storage preflight again, from every alive node of the cluster at `address`: trials
-    reach the storage with the nodes' credentials and network, never the driver's (which are not
-    sent along), so a node group that cannot use the root would fail every trial attempt placed
-    on it. Nodes that do not run the check within a minute are not waited for, nor are nodes
-    that left the cluster meanwhile; nodes an autoscaler starts later are not checked."""
+    """The storage preflight again, and a look at the spec's s3:// inputs, from every alive node
+    of the cluster at `address`: trials reach the storage with the nodes' credentials and network,
+    never the driver's (which are not sent along), so a node group that cannot use the root (or
+    read the weights) would fail every trial attempt placed on it. Nodes that do not run the
+    check within a minute are not waited for, nor are nodes that left the cluster meanwhile;
+    nodes an autoscaler starts later are not checked."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     check = ray.remote(num_cpus=0, max_retries=0)(_preflight_here)
     storage = spec.storage.model_dump(mode="json")  # the root, endpoint and region: no keys
+    inputs = s3_inputs(spec)
     pending = {}
     for node in _alive_nodes():
         on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
         where = f"{node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
-        pending[check.options(scheduling_strategy=on_node).remote(storage)] = (node["NodeID"], where)
+        pending[check.options(scheduling_strategy=on_node).remote(storage, inputs)] = (node["NodeID"], where)
     _, late_refs = ray.wait(list(pending), num_returns=len(pending), timeout=CLUSTER_PREFLIGHT_TIMEOUT_S)
     late = set(late_refs)
     for ref in late:

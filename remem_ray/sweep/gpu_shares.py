@@ -89,6 +89,12 @@ def refuse_what_this_machine_cannot_hold(spec: SweepSpec, nodes: list[NodeResour
     `auto` shares are sized to the cards later (refuse_auto_without_gpus)."""
     res = spec.sweep.resources
     cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
+    here = f"this machine's Ray ({cpus:g} CPUs, {gpus:g} GPUs)"
+    if res.driver_resource:
+        raise ResourceError(
+            f"sweep.resources.driver_resource: {res.driver_resource!r} is a resource of a cluster's nodes; "
+            f"{here} has none: remove it, or run on the cluster (--address)"
+        )
     trial_cpus = res.trial_resources()["cpu"]
     for role in ("teacher", "student"):
         if role in res.auto_roles():
@@ -97,14 +103,18 @@ def refuse_what_this_machine_cannot_hold(spec: SweepSpec, nodes: list[NodeResour
         per_gpu = r.gpus()
         by_gpus = sum(_whole(n.gpus / per_gpu) for n in nodes) if per_gpu > 0 else r.num_workers
         by_cpus = sum(_whole(n.cpus / r.cpus_per_worker) for n in nodes)
-        if min(by_gpus, by_cpus) >= r.num_workers and r.num_workers * r.cpus_per_worker + trial_cpus <= cpus + 1e-9:
-            continue
-        field = "gpus_per_worker" if by_gpus < r.num_workers else "cpus_per_worker"
-        raise ResourceError(
-            f"sweep.resources.{role}.{field}: {r.num_workers} worker(s) of {r.cpus_per_worker:g} CPUs and "
-            f"{per_gpu:g} GPUs, beside the trial's own {trial_cpus:g} CPUs, do not fit this machine's Ray "
-            f"({cpus:g} CPUs, {gpus:g} GPUs): lower them, or run on a cluster (--address)"
-        )
+        workers = f"{r.num_workers} worker(s) of {r.cpus_per_worker:g} CPU(s) and {per_gpu:g} GPU(s)"
+        if min(by_gpus, by_cpus) < r.num_workers:
+            field = "gpus_per_worker" if by_gpus < r.num_workers else "cpus_per_worker"
+            raise ResourceError(
+                f"sweep.resources.{role}.{field}: {workers} do not fit {here}: lower them, or run on a cluster "
+                f"(--address)"
+            )
+        if r.num_workers * r.cpus_per_worker + trial_cpus > cpus + 1e-9:
+            raise ResourceError(
+                f"sweep.resources.trial_cpus: {trial_cpus:g} CPU(s) for each trial's driver beside its {role}'s "
+                f"{workers} do not fit {here}: lower it or the workers' cpus_per_worker"
+            )
 
 
 def resolve_gpu_shares(spec: SweepSpec, nodes: list[NodeResources], probe: Probe) -> tuple[SweepSpec, list[str]]:
