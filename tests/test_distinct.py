@@ -122,7 +122,8 @@ def test_importances_count_each_point_run_once_not_each_duplicate_answered():
     with_duplicates = optuna.create_study(direction="maximize")
     with_duplicates.add_trials(ran + [trial(0.05, 0.9, 0.9, duplicate=True)] * 3)
     once = importances_of(study)
-    assert set(once) == {"rho", "alpha"} and once == importances_of(with_duplicates)
+    assert set(once.values) == {"rho", "alpha"} and once == importances_of(with_duplicates)
+    assert once.basis == "the 4 finished trials' best student val accuracy"
 
 
 def test_a_sweep_expects_num_samples_trials_or_every_point_of_a_smaller_space():
@@ -142,3 +143,47 @@ def test_a_sweep_expects_num_samples_trials_or_every_point_of_a_smaller_space():
         )
         == 6
     )
+
+
+def test_importances_under_asha_compare_the_deepest_epoch_every_trial_reached():
+    """ASHA stops most trials early: with one finished trial of six (the default sweep) the plot
+    was always "too few finished trials". The scores the trials had at the deepest student epoch
+    all of them reached are compared; a diverged trial (pruned without values) is left out."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from remem_ray.sweep.report import importances_of
+
+    dist = {
+        "rho": optuna.distributions.CategoricalDistribution([0.0, 0.05, 0.1]),
+        "alpha": optuna.distributions.CategoricalDistribution([0.9, 1.0]),
+    }
+
+    def trial(rho, alpha, curve, state=TrialState.PRUNED):
+        return create_trial(
+            params={"rho": rho, "alpha": alpha},
+            distributions=dist,
+            state=state,
+            value=curve[-1] if state == TrialState.COMPLETE else None,
+            intermediate_values=dict(enumerate(curve, start=1)),
+        )
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trials(
+        [
+            trial(0.0, 1.0, [0.80, 0.86, 0.90, 0.92, 0.93, 0.94], TrialState.COMPLETE),
+            trial(0.05, 1.0, [0.78, 0.85, 0.90]),
+            trial(0.0, 0.9, [0.60, 0.70, 0.83]),
+            trial(0.05, 0.9, [0.65, 0.75, 0.86, 0.88, 0.89, 0.89]),
+            trial(0.1, 0.9, [0.66, 0.80, 0.89]),
+            trial(0.1, 1.0, []),  # diverged: told PRUNED with no values
+        ]
+    )
+    found = importances_of(study)
+    assert set(found.values) == {"rho", "alpha"} and abs(sum(found.values.values()) - 1.0) < 1e-6
+    assert found.basis == (
+        "5 trials' best student val accuracy at student epoch 3, the deepest all of them reached "
+        "(ASHA stopped 4 of them early)"
+    )
+    # alpha alone separates the scores at epoch 3 (1.0: 0.90, 0.90; 0.9: 0.83 to 0.89): it matters more
+    assert found.values["alpha"] > found.values["rho"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from remem_ray.search_params import ALPHA, RHO
@@ -200,46 +202,75 @@ def plot_information_plane(summary: SweepSummary) -> bytes:
     return _finish(plt, fig, ax, *AXES["information_plane"])
 
 
-def param_importances(layout: SweepLayout) -> dict[str, float]:
+@dataclass(frozen=True)
+class Importances:
+    """fANOVA shares per parameter, and what they were computed on (`basis`, for the reader)."""
+
+    values: dict[str, float]
+    basis: str = ""
+
+
+def param_importances(layout: SweepLayout) -> Importances:
     """Optuna's parameter importances from the searcher state Tune saved (empty if too few trials)."""
     study = newest_study(layout)
-    return {} if study is None else importances_of(study)
+    return Importances({}) if study is None else importances_of(study)
 
 
-def importances_of(searched) -> dict[str, float]:
-    """fANOVA importances (seeded: the same study gives the same report) over the distinct points run."""
+def importances_of(searched) -> Importances:
+    """fANOVA importances (seeded: the same study gives the same report) over the distinct points
+    run. Under ASHA most trials end early (the default sweep finished one of six, and the plot was
+    always empty): where more trials reached some student epoch than finished, the scores all of
+    them had at the deepest such epoch are compared instead."""
     import optuna
+    from optuna.trial import TrialState
 
     from remem_ray.sweep.distinct import DUPLICATE_OF
 
     # a duplicate suggestion is answered with its first trial's outcome: counted, it would weigh the
     # points the sampler returns to more than once, though each ran once
-    complete = [
-        t for t in searched.trials if t.state == optuna.trial.TrialState.COMPLETE and DUPLICATE_OF not in t.user_attrs
-    ]
+    distinct = [t for t in searched.trials if DUPLICATE_OF not in t.user_attrs]
+    complete = [t for t in distinct if t.state == TrialState.COMPLETE]
+    scored = [(t, t.value) for t in complete]
+    basis = f"the {len(complete)} finished trials' best student val accuracy"
+    ended = [t for t in distinct if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
+    if len(ended) > len(complete):
+        step = min(max(t.intermediate_values) for t in ended)
+        at_step = [(t, t.intermediate_values[step]) for t in ended if step in t.intermediate_values]
+        if len(at_step) > len(complete):
+            scored = at_step
+            basis = (
+                f"{len(at_step)} trials' best student val accuracy at student epoch {step}, the deepest all of "
+                f"them reached (ASHA stopped {len(at_step) - len(complete)} of them early)"
+            )
     varied = (
-        {name for name in complete[0].params if len({t.params.get(name) for t in complete}) > 1} if complete else set()
+        {name for name in scored[0][0].params if len({t.params.get(name) for t, _ in scored}) > 1} if scored else set()
     )
-    if len(complete) < 2 or not varied:
-        return {}
+    if len(scored) < 2 or not varied:
+        return Importances({})
     study = optuna.create_study(direction=searched.direction)
-    study.add_trials(complete)
+    study.add_trials(
+        [optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=v) for t, v in scored]
+    )
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     try:
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator, params=sorted(varied)))
+        values = optuna.importance.get_param_importances(study, evaluator=evaluator, params=sorted(varied))
     except (RuntimeError, ValueError):
-        return {}
+        return Importances({})
+    return Importances(dict(values), basis)
 
 
-def plot_importances(importances: dict[str, float]) -> bytes:
+def plot_importances(importances: Importances) -> bytes:
     plt, fig, ax = _figure()
-    if importances:
-        names = list(importances)
-        ax.barh(names, [importances[n] for n in names], color="tab:green")
+    if importances.values:
+        names = list(importances.values)
+        ax.barh(names, [importances.values[n] for n in names], color="tab:green")
         ax.invert_yaxis()
     else:
-        _no_data(ax, "too few finished trials for importances")
-    return _finish(plt, fig, ax, *AXES["importances"])
+        _no_data(ax, "too few trials with comparable scores for importances")
+    xlabel, ylabel, title = AXES["importances"]
+    if importances.values:  # what the shares compare, under the axis's own label
+        xlabel += "\n" + textwrap.fill(f"on {importances.basis}", 64)
+    return _finish(plt, fig, ax, xlabel, ylabel, title)
 
 
 def best_so_far(summary: SweepSummary) -> list[tuple[TrialRow, float]]:
@@ -295,7 +326,7 @@ def write_report(summary: SweepSummary, layout: SweepLayout) -> dict[str, str]:
     return {**{k: folder.uri(PLOTS[k]) for k in images}, "report": folder.uri(REPORT_FILE)}
 
 
-def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
+def _markdown(summary: SweepSummary, importances: Importances) -> str:
     lines = [f"# Sweep {summary.name}", "", f"Experiment: `{summary.experiment}`", ""]
     if summary.best is not None:
         b = summary.best
@@ -314,8 +345,9 @@ def _markdown(summary: SweepSummary, importances: dict[str, Any]) -> str:
     }
     for key, caption in captions.items():
         lines += [f"## {caption}", "", f"![{caption}]({PLOTS[key]})", ""]
-    if importances:
-        lines += ["Importances: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
+    if importances.values:
+        shares = ", ".join(f"{k} {v:.2f}" for k, v in importances.values.items())
+        lines += [f"Importances: {shares} (on {importances.basis}; few trials make them a rough guide)", ""]
     lines += [
         "The heat map colours a cell by its best finished student; a cell whose students ASHA all "
         "stopped early shows the score they had reached, hatched and marked 'stopped early'. The "
