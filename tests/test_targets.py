@@ -133,9 +133,18 @@ def test_a_teacher_giving_non_finite_logits_is_refused_with_nothing_cached(tmp_p
     location = storage.uri("epoch_1")
     bad_teacher = _NaNForSomeImages(teacher)
     args = (bad_teacher, normalizer_for(teacher), _loader(splits), True)
-    with pytest.raises(CheckpointError, match=r"non-finite logits .* for 6 of 69 views; nothing cached"):
+    with pytest.raises(CheckpointError, match=r"non-finite logits .* for 6 of 69 views; nothing cached") as first:
         load_or_build_targets(spec, location, *args, log=lambda m: None)
-    assert not (tmp_path / "teacher" / "targets").exists() or not any((tmp_path / "teacher" / "targets").iterdir())
+    targets = tmp_path / "teacher" / "targets"
+    assert [p.suffix for p in targets.iterdir()] == [".refused"]  # no table
+    # a retry (Train's, Tune's) or another trial of these weights and data is refused at once: it
+    # computed them again (minutes on a GPU for a large set). Its teacher's logits are not even asked for.
+    computed = []
+    asked = (lambda *a, **k: computed.append(1)), normalizer_for(teacher), _loader(splits), True
+    with pytest.raises(CheckpointError) as again:
+        load_or_build_targets(spec, location, *asked, log=lambda m: None)
+    assert str(again.value) == str(first.value) and computed == []
+    next(targets.iterdir()).unlink()
     # a cache written before the check (same key) is refused when read, not served
     table = compute_targets(bad_teacher, normalizer_for(teacher), _loader(splits), Views(3, 0))
     assert not torch.isfinite(table).all()
@@ -177,6 +186,8 @@ def _ranks_meeting_a_refused_cache(rank: int, world: int, tmp: str) -> None:
                     raise ResourceError(f"storage: cannot write {rel}: Access Denied")
 
                 Storage.write_bytes = refused
+                for note in (tmp_path / "teacher" / "targets").glob("*.refused"):  # the same weights, sound now
+                    note.unlink()
             source = _NaNForSomeImages(teacher) if case == "non-finite" else teacher
             try:
                 load_or_build_targets(spec, location, source, normalizer_for(teacher), _loader(splits), rank == 0)

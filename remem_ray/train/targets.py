@@ -89,6 +89,13 @@ def cache_location(checkpoint_name: str, key: str) -> str:
     return f"{TARGETS_DIR}/{checkpoint_name}-{key}.pt"
 
 
+def refusal_location(checkpoint_name: str, key: str) -> str:
+    """Beside the cache: why its targets were refused (non-finite), so a retry of the run, or
+    another trial of the same checkpoint and data, fails at once instead of computing them again
+    (ImageNet x 8 views is many minutes of a GPU). The key holds the weights' sha256."""
+    return f"{TARGETS_DIR}/{checkpoint_name}-{key}.refused"
+
+
 # What, besides the weights, shapes a checkpoint's logits (meta.json's metrics do not).
 LOGIT_SHAPING_META = ("model", "model_kwargs", "num_classes", "img_size", "reweighting")
 
@@ -160,14 +167,19 @@ def load_or_build_targets(
     info = {"key": key, "location": parent.uri(rel), "built": False}
     table = _table_from_bytes(parent.read_bytes(rel), key) if parent.is_file(rel) else None
     problem, failure = None, None
+    refused = refusal_location(name, key)
     if table is None and is_writer:
-        log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
         try:
-            table = compute_targets(teacher, normalizer, pipeline, views)
-            problem = _non_finite(table, teacher_location)
-            if problem is None:  # never kept otherwise: its key would serve it forever
-                parent.write_bytes(rel, _table_to_bytes(table, key))
-                info["built"] = True
+            problem = parent.read_text(refused).strip() if parent.is_file(refused) else None
+            if problem is None:
+                log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
+                table = compute_targets(teacher, normalizer, pipeline, views)
+                problem = _non_finite(table, teacher_location)
+                if problem is None:  # never kept otherwise: its key would serve it forever
+                    parent.write_bytes(rel, _table_to_bytes(table, key))
+                    info["built"] = True
+                else:
+                    _keep_refusal(parent, refused, problem, log)
         except Exception as exc:  # out of memory, storage: the other ranks must hear of it too
             problem, failure = f"student.teacher_targets: rank 0 could not build the cache: {exc}", exc
     # every rank, before the barrier: a rank 0 that raised alone would leave the others waiting there
@@ -189,6 +201,14 @@ def load_or_build_targets(
         if problem is not None:
             raise CheckpointError(problem)
     return table, info
+
+
+def _keep_refusal(parent: Storage, refused: str, problem: str, log) -> None:
+    """Best effort: without the note a retry computes the targets again and refuses them again."""
+    try:
+        parent.write_text(refused, problem + "\n")  # the same words from whoever writes it
+    except Exception as exc:  # noqa: BLE001  the refusal itself must reach the run
+        log(f"could not keep the refusal beside the cache ({exc}); a retry computes the targets again")
 
 
 def _non_finite(table: torch.Tensor, teacher_location: str) -> str | None:
