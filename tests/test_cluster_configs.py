@@ -23,10 +23,12 @@ def test_aws_launcher_config_passes_ray_validation():
     gpus = {name: t for name, t in types.items() if t["resources"].get("GPU")}
     assert {t["resources"]["GPU"] for t in gpus.values()} >= {1, 8}
     assert all(t.get("min_workers", 0) == 0 for t in gpus.values())
-    spot = [n for n, t in gpus.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
-    on_demand = [n for n, t in gpus.items() if "InstanceMarketOptions" not in t["node_config"]]
-    assert spot and on_demand
+    assert all(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in gpus.values())
+    # one GPU kind (a share sized on one overfills another): g5 nodes of 1 and 8 A10Gs
+    assert {t["node_config"]["InstanceType"].split(".")[0] for t in gpus.values()} == {"g5"}
     assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
+    # the head runs the autoscaler: its profile has EC2 rights the workers' must not need
+    assert head["node_config"]["IamInstanceProfile"] != next(iter(gpus.values()))["node_config"]["IamInstanceProfile"]
     assert cfg["idle_timeout_minutes"] > 0 and cfg["docker"]["image"]
     text = (CLUSTER / "aws-gpu.yaml").read_text().lower()
     assert "aws_secret_access_key" not in text and "aws_access_key_id" not in text
@@ -52,7 +54,17 @@ def test_fake_cluster_config_passes_schema_validation():
 
 
 def test_kuberay_manifests_have_the_required_fields():
-    docs = {d["kind"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay.yaml").read_text())}
+    docs = {
+        d["kind"]: d
+        for name in ("kuberay.yaml", "kuberay-job.yaml")
+        for d in yaml.safe_load_all((CLUSTER / name).read_text())
+    }
+    # the cluster alone starts no sweep: its manifest once held the RayJob, which ran a placeholder spec at once
+    assert {d["kind"] for d in yaml.safe_load_all((CLUSTER / "kuberay.yaml").read_text())} == {
+        "ServiceAccount",
+        "ConfigMap",
+        "RayCluster",
+    }
     cluster = docs["RayCluster"]
     assert cluster["apiVersion"] == "ray.io/v1"
     spec = cluster["spec"]
@@ -71,4 +83,10 @@ def test_kuberay_manifests_have_the_required_fields():
     from remem_ray.config import SweepSpec
 
     SweepSpec.model_validate(yaml.safe_load(docs["ConfigMap"]["data"]["sweep.yaml"]))
-    assert "secret" not in (CLUSTER / "kuberay.yaml").read_text().lower()
+    assert all("secret" not in (CLUSTER / name).read_text().lower() for name in ("kuberay.yaml", "kuberay-job.yaml"))
+    # a GPU pod asks for what a g5.2xlarge can give (8 vCPU, 32 GiB, less the kubelet's share),
+    # and the spec's workers for no more than the pod has
+    requests = gpu["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert int(requests["cpu"]) < 8 and int(requests["memory"].removesuffix("Gi")) < 32
+    job_spec = SweepSpec.model_validate(yaml.safe_load(docs["ConfigMap"]["data"]["sweep.yaml"]))
+    assert job_spec.sweep.resources.teacher.cpus_per_worker <= int(requests["cpu"])
