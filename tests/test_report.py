@@ -98,11 +98,11 @@ def test_one_student_score_is_coloured_mid_scale_not_at_its_bottom():
 def test_a_best_student_the_scheduler_stopped_says_so_where_it_is_named():
     """Its score is the one at the epoch it reached; the best line, report.md and `sweep best`
     named it without saying so, beside a heat map that calls finished students the best."""
-    from remem_ray.sweep.report import _markdown
+    from remem_ray.sweep.report import Importances, _markdown
     from remem_ray.sweep.results import format_table
 
     best = TrialRow("bbbb", "TERMINATED", {"rho": 0.05}, epochs_done=3, student_val_acc=0.9, student_test_acc=0.88)
     best.stopped_early = True
     summary = SweepSummary("s", "e", METRIC, trials=[best], best=best)
     assert "(teacher val -); stopped early after student epoch 3" in format_table(summary)
-    assert "test 0.8800; stopped early after student epoch 3; checkpoint" in _markdown(summary, {})
+    assert "test 0.8800; stopped early after student epoch 3; checkpoint" in _markdown(summary, Importances({}))
