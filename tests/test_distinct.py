@@ -187,3 +187,13 @@ def test_importances_under_asha_compare_the_deepest_epoch_every_trial_reached():
     )
     # alpha alone separates the scores at epoch 3 (1.0: 0.90, 0.90; 0.9: 0.83 to 0.89): it matters more
     assert found.values["alpha"] > found.values["rho"]
+    # where most ended trials finished, their final scores are compared, not a shallow rung's
+    mostly_finished = optuna.create_study(direction="maximize")
+    mostly_finished.add_trials(
+        [
+            trial(rho, alpha, [0.5, 0.6 + rho + alpha / 10], TrialState.COMPLETE)
+            for rho, alpha in ((0.0, 1.0), (0.05, 0.9), (0.1, 1.0))
+        ]
+        + [trial(0.1, 0.9, [0.4])]
+    )
+    assert importances_of(mostly_finished).basis == "the 3 finished trials' best student val accuracy"

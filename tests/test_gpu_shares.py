@@ -332,7 +332,8 @@ def test_the_driver_refuses_auto_without_gpus_before_its_first_write(tmp_path, m
     [
         ({"gpus_per_worker": 1}, [NodeResources(0, 2)], "teacher.gpus_per_worker: 1 worker(s) of 0.9 CPU(s) and 1 GPU"),
         ({"cpus_per_worker": 4}, [NodeResources(0, 2)], "teacher.cpus_per_worker: 1 worker(s) of 4 CPU(s)"),
-        ({"num_workers": 2, "cpus_per_worker": 1}, [NodeResources(0, 2)], "trial_cpus: 0.1 CPU(s) for each trial"),
+        ({"num_workers": 2, "cpus_per_worker": 1}, [NodeResources(0, 2)], "teacher.cpus_per_worker: 2 worker(s)"),
+        ({"cpus_per_worker": 1.5}, [NodeResources(0, 1.55)], "trial_cpus: 0.1 CPU(s) for each trial"),
         ({"num_workers": 2, "gpus_per_worker": 1}, [NodeResources(1, 16)], "teacher.gpus_per_worker"),
         ({"gpus_per_worker": 1}, [NodeResources(1, 16)], None),
         ({"num_workers": 2, "gpus_per_worker": 0.5}, [NodeResources(1, 16)], None),

@@ -118,8 +118,15 @@ def fetchable(
     fs = fs or s3_filesystem(endpoint, region)
     try:
         info = fs.get_file_info(path)
-    except (OSError, ValueError) as exc:  # ValueError: pyarrow's ArrowInvalid, e.g. an empty part (a//b)
-        raise ResourceError(f"{field}: cannot reach {uri}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # pyarrow's ArrowInvalid, e.g. an empty part (a//b)
+        raise ResourceError(f"{field}: not a valid S3 path: {uri}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        reason = str(exc).splitlines()[0]
+        if "ACCESS_DENIED" in reason or "HTTP status 403" in reason:
+            raise ResourceError(
+                f"{field}: access denied to {uri}: check the credentials and the bucket's policy ({reason})"
+            ) from None
+        raise ResourceError(f"{field}: cannot reach {uri}: {reason}") from None
     if info.type == pafs.FileType.NotFound:
         raise ResourceError(f"{field}: not found: {uri}")
     return info

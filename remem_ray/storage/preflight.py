@@ -46,6 +46,7 @@ def preflight_config(cfg, writable: bool = True) -> None:
 
 
 INPUT_CHECK_ATTEMPTS = 2  # a quick look, not the minute of retries a run's own reads ride out
+INPUT_CHECK_REQUEST_S = 10.0  # an endpoint that takes the connection but never answers: 2 x 10 s
 
 
 def preflight_input(uri: str, endpoint: str | None, region: str | None, field: str) -> None:
@@ -58,7 +59,7 @@ def preflight_input(uri: str, endpoint: str | None, region: str | None, field: s
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
     if endpoint:
         _check_endpoint(endpoint, field)
-    quick = s3_filesystem(endpoint, region, max_attempts=INPUT_CHECK_ATTEMPTS, request_timeout_s=10)
+    quick = s3_filesystem(endpoint, region, max_attempts=INPUT_CHECK_ATTEMPTS, request_timeout_s=INPUT_CHECK_REQUEST_S)
     fetchable(uri, endpoint, field, region, fs=quick)
 
 

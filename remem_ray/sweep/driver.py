@@ -458,7 +458,8 @@ def unused_gpus_note(spec: SweepSpec, cluster_gpus: float) -> str | None:
     )
 
 
-CLUSTER_PREFLIGHT_TIMEOUT_S = 60.0
+CLUSTER_PREFLIGHT_TIMEOUT_S = 60.0  # the storage's checks; each s3:// input adds INPUT_CHECK_S
+INPUT_CHECK_S = 30.0  # two attempts of storage.preflight_input, with room
 
 
 def _preflight_here(storage: dict, inputs: list[tuple[str, str]]) -> str | None:
@@ -494,7 +495,8 @@ def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
         on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
         where = f"{node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
         pending[check.options(scheduling_strategy=on_node).remote(storage, inputs)] = (node["NodeID"], where)
-    _, late_refs = ray.wait(list(pending), num_returns=len(pending), timeout=CLUSTER_PREFLIGHT_TIMEOUT_S)
+    budget = CLUSTER_PREFLIGHT_TIMEOUT_S + INPUT_CHECK_S * len(inputs)
+    _, late_refs = ray.wait(list(pending), num_returns=len(pending), timeout=budget)
     late = set(late_refs)
     for ref in late:
         ray.cancel(ref, force=True)
@@ -510,7 +512,10 @@ def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
                 gone.append(where)
                 continue
             cause = getattr(exc, "cause", None) or exc
-            problem = f"--address: the storage check could not run: {type(cause).__name__}: {one_line(cause)[:300]}"
+            problem = (
+                f"--address: the storage and input checks could not run: {type(cause).__name__}: "
+                f"{one_line(cause)[:300]}"
+            )
         if problem:
             problems.setdefault(problem, []).append(where)
     if problems:
@@ -522,8 +527,9 @@ def preflight_from_cluster(spec: SweepSpec, address: str) -> None:
         )
     if late or gone:
         print(
-            f"remem: the storage was not checked from {len(late) + len(gone)} of the {len(pending)} nodes of "
-            f"the Ray cluster at {address} (no answer within {CLUSTER_PREFLIGHT_TIMEOUT_S:.0f} s, or left the "
+            f"remem: the storage{' and the s3:// inputs' if inputs else ''} were not checked from "
+            f"{len(late) + len(gone)} of the {len(pending)} nodes of "
+            f"the Ray cluster at {address} (no answer within {budget:.0f} s, or left the "
             f"cluster); going on",
             file=sys.stderr,
         )

@@ -110,10 +110,16 @@ def refuse_what_this_machine_cannot_hold(spec: SweepSpec, nodes: list[NodeResour
                 f"sweep.resources.{role}.{field}: {workers} do not fit {here}: lower them, or run on a cluster "
                 f"(--address)"
             )
-        if r.num_workers * r.cpus_per_worker + trial_cpus > cpus + 1e-9:
+        run_cpus = r.num_workers * r.cpus_per_worker
+        if run_cpus + trial_cpus > cpus + 1e-9:
+            if run_cpus >= cpus - 1e-9:  # the trial's driver needs some CPU (trial_cpus > 0): the run must leave it
+                raise ResourceError(
+                    f"sweep.resources.{role}.cpus_per_worker: {workers} take all {here}'s CPUs, and each "
+                    f"trial's driver needs some too (trial_cpus {trial_cpus:g}): lower cpus_per_worker"
+                )
             raise ResourceError(
                 f"sweep.resources.trial_cpus: {trial_cpus:g} CPU(s) for each trial's driver beside its {role}'s "
-                f"{workers} do not fit {here}: lower it or the workers' cpus_per_worker"
+                f"{workers} do not fit {here}: at most {cpus - run_cpus:g} fits"
             )
 
 

@@ -219,8 +219,8 @@ def param_importances(layout: SweepLayout) -> Importances:
 def importances_of(searched) -> Importances:
     """fANOVA importances (seeded: the same study gives the same report) over the distinct points
     run. Under ASHA most trials end early (the default sweep finished one of six, and the plot was
-    always empty): where more trials reached some student epoch than finished, the scores all of
-    them had at the deepest such epoch are compared instead."""
+    always empty): where fewer than half of the ended trials finished, every ended trial's score
+    at the deepest student epoch all of them reached is compared instead."""
     import optuna
     from optuna.trial import TrialState
 
@@ -233,7 +233,7 @@ def importances_of(searched) -> Importances:
     scored = [(t, t.value) for t in complete]
     basis = f"the {len(complete)} finished trials' best student val accuracy"
     ended = [t for t in distinct if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
-    if len(ended) > len(complete):
+    if 2 * len(complete) < len(ended):  # ASHA stopped most: the finished few say little
         step = min(max(t.intermediate_values) for t in ended)
         at_step = [(t, t.intermediate_values[step]) for t in ended if step in t.intermediate_values]
         if len(at_step) > len(complete):

@@ -92,7 +92,8 @@ def cache_location(checkpoint_name: str, key: str) -> str:
 def refusal_location(checkpoint_name: str, key: str) -> str:
     """Beside the cache: why its targets were refused (non-finite), so a retry of the run, or
     another trial of the same checkpoint and data, fails at once instead of computing them again
-    (ImageNet x 8 views is many minutes of a GPU). The key holds the weights' sha256."""
+    (ImageNet x 8 views is many minutes of a GPU). The key holds the weights' sha256; the note,
+    the device and torch build it held for (_computed_on)."""
     return f"{TARGETS_DIR}/{checkpoint_name}-{key}.refused"
 
 
@@ -170,7 +171,7 @@ def load_or_build_targets(
     refused = refusal_location(name, key)
     if table is None and is_writer:
         try:
-            problem = parent.read_text(refused).strip() if parent.is_file(refused) else None
+            problem = _earlier_refusal(parent, refused, pipeline.device)
             if problem is None:
                 log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
                 table = compute_targets(teacher, normalizer, pipeline, views)
@@ -179,7 +180,7 @@ def load_or_build_targets(
                     parent.write_bytes(rel, _table_to_bytes(table, key))
                     info["built"] = True
                 else:
-                    _keep_refusal(parent, refused, problem, log)
+                    _keep_refusal(parent, refused, problem, pipeline.device, log)
         except Exception as exc:  # out of memory, storage: the other ranks must hear of it too
             problem, failure = f"student.teacher_targets: rank 0 could not build the cache: {exc}", exc
     # every rank, before the barrier: a rank 0 that raised alone would leave the others waiting there
@@ -203,10 +204,31 @@ def load_or_build_targets(
     return table, info
 
 
-def _keep_refusal(parent: Storage, refused: str, problem: str, log) -> None:
-    """Best effort: without the note a retry computes the targets again and refuses them again."""
+def _computed_on(device: torch.device) -> dict[str, str]:
+    """What a refusal depends on besides the key: bf16 on CUDA, fp32 on CPU (a logit near float16's
+    limit falls either side), and the torch build (a kernel's bug is a version's)."""
+    return {"device": device.type, "torch": torch.__version__}
+
+
+def _earlier_refusal(parent: Storage, refused: str, device: torch.device) -> str | None:
+    """The refusal kept for these targets where they would be computed the same way again; None
+    (compute them) where there is none, or it came from another device or torch build."""
+    if not parent.is_file(refused):
+        return None
     try:
-        parent.write_text(refused, problem + "\n")  # the same words from whoever writes it
+        note = json.loads(parent.read_text(refused))
+    except ValueError:  # unreadable: compute, and refuse or serve on what they are
+        return None
+    if not isinstance(note, dict) or not note.get("problem") or note.get("computed_on") != _computed_on(device):
+        return None
+    return f"{note['problem']} (refused before: {parent.uri(refused)}; remove it to compute them again)"
+
+
+def _keep_refusal(parent: Storage, refused: str, problem: str, device: torch.device, log) -> None:
+    """Best effort: without the note a retry computes the targets again and refuses them again."""
+    note = {"problem": problem, "computed_on": _computed_on(device)}
+    try:
+        parent.write_text(refused, json.dumps(note, indent=1))  # the same words from whoever writes it
     except Exception as exc:  # noqa: BLE001  the refusal itself must reach the run
         log(f"could not keep the refusal beside the cache ({exc}); a retry computes the targets again")
 
