@@ -73,7 +73,10 @@ def check_model_spec(
             model = _create(name, num_classes or 10, img_size, kwargs)
     except Exception as exc:  # timm raises many kinds for bad kwargs; all are spec errors here (cause kept for --debug)
         # a hub name's config comes from the hub (or its local cache): a failure there is the name's
-        field = "model" if name.startswith("hf-hub:") and not kwargs else "model_kwargs"
+        # and so is a tag timm does not know (resnet18.no_such_tag)
+        field = (
+            "model" if (name.startswith("hf-hub:") and not kwargs) or "pretrained tag" in str(exc) else "model_kwargs"
+        )
         raise SpecError(f"{role}.{field}: {name} cannot be built: {exc}".splitlines()[0]) from exc
     _check_forward(role, name, model, img_size)
     if reweighted_by is not None and not vit_block_modules(model):

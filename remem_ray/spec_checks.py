@@ -35,6 +35,8 @@ def check_spec(
     size, classes = spec.data.img_size, classes_without_reading(spec.data)
     for role, model, reweights in (("teacher", spec.teacher, _reweighting(spec)), ("student", spec.student, None)):
         check_model_spec(role, model.model, model.model_kwargs, classes, size, reweighted_by=reweights)
+        if role in weights_of:
+            _check_timm_weights(role, model.model, model.weights)
         if inputs_here and role in weights_of:
             _check_local_weights(role, model.weights)
         _check_optimizer(role, model.optimizer.name)
@@ -74,6 +76,28 @@ def _check_optimizer(role: str, name: str) -> None:
         raise SpecError(f"{role}.optimizer.name: unknown optimizer {name!r}; see timm.optim.list_optimizers()")
     if get_optimizer_info(name).second_order:
         raise SpecError(f"{role}.optimizer.name: {name} needs second-order gradients; pick a first-order optimizer")
+
+
+def _check_timm_weights(role: str, name: str, weights: str | None) -> None:
+    """`weights: timm` on a name timm has no weights for (an architecture without a pretrained tag,
+    a mistyped tag) failed every run as it built its model; timm's registry says so offline."""
+    if weights != "timm" or name.startswith("hf-hub:"):
+        return
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError as exc:  # no pretrained cfg for the architecture, or an unknown tag
+        reason = str(exc).rstrip(".")
+    else:
+        if cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file):
+            return
+        reason = "its pretrained config names no weights"
+    base = name.split(".", 1)[0]
+    raise SpecError(
+        f"{role}.weights: timm has no weights for {name} ({reason}); pick a tag of "
+        f"timm.list_pretrained('{base}*'), or give hf-hub:ORG/REPO, a file, or none"
+    )
 
 
 def _check_local_weights(role: str, weights: str | None) -> None:

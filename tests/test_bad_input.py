@@ -93,6 +93,18 @@ CORPUS = [
         "sweep.search.alpha: MLP reweighting",
         verbs=(SWEEP_RUN,),
     ),
+    # found as every run built its model (timm: "No pretrained weights exist or were found")
+    _bad(
+        "timm-weights-for-an-architecture-without-any",
+        "teacher:\n  weights: timm\n",
+        "teacher.weights: timm has no weights for vit_micro_patch4",
+        verbs=(TEACHER, SWEEP_RUN),
+    ),
+    _bad(
+        "unknown-timm-tag",
+        "student:\n  model: resnet18.no_such_tag\n  weights: timm\n",
+        "student.model: resnet18.no_such_tag cannot be built: Invalid pretrained tag (no_such_tag)",
+    ),
     _bad("missing-weights-file", "teacher:\n  weights: /nonexistent/w.pth\n", "teacher.weights"),
     _bad("data-root-unsupported-scheme", "data:\n  root: ftp://host/images\n", "data.root: unsupported scheme"),
     _bad("data-root-whole-bucket", "data:\n  name: imagefolder\n  root: s3://bucket\n", "data.root", "whole bucket"),
