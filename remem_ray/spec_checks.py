@@ -101,7 +101,7 @@ def _check_timm_weights(role: str, name: str, weights: str | None) -> None:
 
 
 def _check_local_weights(role: str, weights: str | None) -> None:
-    """Local files only: hub names and s3:// URIs are fetched (and checked) where they are used."""
+    """Local files (s3:// ones: check_s3_inputs; hub names are fetched, and checked, where used)."""
     if weights and weights_kind(weights) == "file" and not Path(weights).is_file():
         raise ResourceError(f"{role}.weights: weights file not found: {weights}")
 
