@@ -37,8 +37,8 @@ def check_spec(
         check_model_spec(role, model.model, model.model_kwargs, classes, size, reweighted_by=reweights)
         if role in weights_of:
             _check_timm_weights(role, model.model, model.weights)
-        if inputs_here and role in weights_of:
-            _check_local_weights(role, model.weights)
+            if inputs_here:
+                _check_local_weights(role, model.weights)
         _check_optimizer(role, model.optimizer.name)
     if inputs_here:
         check_s3_inputs(s3_inputs(spec, weights_of), spec.storage.endpoint, spec.storage.region)

@@ -20,6 +20,11 @@ S3_MAX_ATTEMPTS = 13
 _BOTO3_LOCK = threading.Lock()
 
 
+def endpoint_or_env(endpoint: str | None) -> str | None:
+    """The S3 endpoint to use: the one given, else AWS_ENDPOINT_URL, else None (AWS itself)."""
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def s3_filesystem(
     endpoint: str | None = None,
     region: str | None = None,
@@ -27,7 +32,7 @@ def s3_filesystem(
     request_timeout_s: float = 30,
 ) -> pafs.S3FileSystem:
     """pyarrow's S3 client; max_attempts None: ride out about a minute of outage (below)."""
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = endpoint_or_env(endpoint)
     kwargs: dict = {
         "region": region or default_region(),
         "connect_timeout": 5,
@@ -220,7 +225,7 @@ class Storage:
                 config = botocore.config.Config(
                     connect_timeout=5, read_timeout=30, retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
                 )
-                endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+                endpoint = endpoint_or_env(self.endpoint)
                 session = boto3.session.Session()
                 self._clients["s3"] = session.client(
                     "s3", endpoint_url=endpoint, region_name=self.region, config=config

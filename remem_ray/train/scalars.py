@@ -92,13 +92,12 @@ class ScalarLog:
 
         if self.writer is None:
             self.writer = self._open()
-        writer = self.writer
         step, now = int(metrics[EPOCH]), time.time()
         for key, tag in TAGS.items():
             value = metrics.get(key)
             if isinstance(value, int | float):
-                writer.write_event(Event(wall_time=now, step=step, summary=scalar(tag, float(value))))
-        writer.flush()
+                self.writer.write_event(Event(wall_time=now, step=step, summary=scalar(tag, float(value))))
+        self.writer.flush()
         if self.remote:
             for path in self.folder.iterdir():
                 self.target.write_bytes(path.name, path.read_bytes())
