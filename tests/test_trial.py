@@ -100,6 +100,10 @@ def test_a_holder_that_lost_its_lease_neither_publishes_nor_records(tmp_path):
     assert other.try_acquire()  # the first holder looked stale
     finished()
     assert registry.set_in_use(key) is None and layout.trained_by(key) is None
+    # nor records its divergence: bf16 kernels are not bit-deterministic, so the new holder,
+    # resumed from the same epoch, may train on where this one diverged
+    assert finished.diverged("teacher diverged in epoch 3 (train_loss nan)") is None
+    assert registry.divergence(key) is None
 
 
 def test_a_train_run_waits_for_slow_workers_as_long_as_the_sweep_says(tmp_path, monkeypatch):

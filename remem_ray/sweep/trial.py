@@ -189,8 +189,12 @@ class TeacherFinished:
         self.layout.record_teacher_training(self.key, self.trial_id, fit_called_at=self.fit_called_at, token=self.token)
         return True
 
-    def diverged(self, message: str) -> str:
-        """Its training diverged (rank 0): kept for the key, so none trains it again."""
+    def diverged(self, message: str) -> str | None:
+        """Its training diverged (rank 0): kept for the key, so none trains it again. Not by a
+        holder whose lease has passed on (None: the error stays its run's own): the new holder
+        trains on, and a record would fail every waiter of the key, and that holder, with it."""
+        if LeaseWatch(self.lease).lost() is not None:
+            return None
         return self.registry.record_divergence(self.key, message)
 
     def divergence(self) -> str | None:
