@@ -227,3 +227,27 @@ def test_every_rank_hears_rank_0_refuse_or_fail_to_build_the_cache_none_waits_at
     assert rank1["write-fails"].startswith("CheckpointError: student.teacher_targets: rank 0 could not build")
     assert "Access Denied" in rank1["write-fails"]
     assert not (tmp_path / "teacher" / "targets").exists() or not any((tmp_path / "teacher" / "targets").iterdir())
+
+
+def test_targets_that_cannot_be_kept_still_serve_the_run_of_one_worker(tmp_path, monkeypatch):
+    """A teacher in a folder the run may read but not write (`remem distill` from another's
+    `s3://` checkpoint) failed the run once its targets were computed, and each retry again."""
+    from remem_ray.errors import ResourceError
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    location = storage.uri("epoch_1")
+    args = (teacher, normalizer_for(teacher), _loader(splits), True)
+    written = Storage.write_bytes
+
+    def read_only_targets(self, rel, data):
+        if "targets" in self.uri(rel):
+            raise ResourceError(f"storage: cannot write {self.uri(rel)}: Access Denied")
+        written(self, rel, data)
+
+    monkeypatch.setattr(Storage, "write_bytes", read_only_targets)
+    said: list[str] = []
+    table, info = load_or_build_targets(spec, location, *args, log=said.append)
+    expected = compute_targets(teacher, normalizer_for(teacher), _loader(splits), Views(3, 0))
+    assert info["built"] and torch.equal(table, expected)
+    assert not (tmp_path / "teacher" / "targets").exists()
+    assert said[-1].startswith("teacher targets not kept (storage: cannot write") and "Access Denied" in said[-1]

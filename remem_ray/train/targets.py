@@ -27,6 +27,7 @@ from remem_ray.checkpoints import MANIFEST_FILE, META_FILE, MODEL_FILE, Checkpoi
 from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, RunSpec
 from remem_ray.data.datasets import num_items
 from remem_ray.data.pipeline import DataPipeline, Views
+from remem_ray.errors import ResourceError
 from remem_ray.storage import Storage
 from remem_ray.teacher_layout import TARGETS_DIR
 from remem_ray.train.common import autocast, is_distributed, rank0_says
@@ -177,7 +178,7 @@ def load_or_build_targets(
                 table = compute_targets(teacher, normalizer, pipeline, views)
                 problem = _non_finite(table, teacher_location)
                 if problem is None:  # never kept otherwise: its key would serve it forever
-                    parent.write_bytes(rel, _table_to_bytes(table, key))
+                    _keep_table(parent, rel, table, key, log)
                     info["built"] = True
                 else:
                     _keep_refusal(parent, refused, problem, pipeline.device, log)
@@ -202,6 +203,19 @@ def load_or_build_targets(
         if problem is not None:
             raise CheckpointError(problem)
     return table, info
+
+
+def _keep_table(parent: Storage, rel: str, table: torch.Tensor, key: str, log) -> None:
+    """Write the table for later runs. Best effort in a run of one worker, which holds the table
+    already: a teacher in a folder this run may read but not write (`remem distill` from another's
+    `s3://` checkpoint, a read-only grant) or a full disk would otherwise fail it, and each retry
+    after computing the targets again. The other ranks of a DDP run read it back: there it must be."""
+    try:
+        parent.write_bytes(rel, _table_to_bytes(table, key))
+    except ResourceError as exc:
+        if is_distributed():
+            raise
+        log(f"teacher targets not kept ({exc}); this run uses them, the next one computes them again")
 
 
 def _computed_on(device: torch.device) -> dict[str, str]:
