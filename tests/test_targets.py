@@ -251,3 +251,23 @@ def test_targets_that_cannot_be_kept_still_serve_the_run_of_one_worker(tmp_path,
     assert info["built"] and torch.equal(table, expected)
     assert not (tmp_path / "teacher" / "targets").exists()
     assert said[-1].startswith("teacher targets not kept (storage: cannot write") and "Access Denied" in said[-1]
+
+
+def test_a_cache_is_never_served_to_views_drawn_another_way(tmp_path, monkeypatch):
+    """The key held the data spec and the pipeline's kind, not how views are drawn: a release
+    changing the crop's constants or draw order, on the shared teacher registry, would pair the
+    stored logits with other pictures than the student sees, silently."""
+    from dataclasses import replace
+
+    from remem_ray.data import augment
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    location = storage.uri("epoch_1")
+    norm = normalizer_for(teacher)
+    _, first = load_or_build_targets(spec, location, teacher, norm, _loader(splits), True, log=lambda m: None)
+    wider = replace(splits, augment=replace(splits.augment, pad=splits.augment.pad + 1))
+    _, other = load_or_build_targets(spec, location, teacher, norm, _loader(wider), True, log=lambda m: None)
+    assert other["built"] and other["key"] != first["key"]
+    monkeypatch.setattr(augment, "VIEWS_VERSION", augment.VIEWS_VERSION + 1)
+    _, redrawn = load_or_build_targets(spec, location, teacher, norm, _loader(splits), True, log=lambda m: None)
+    assert redrawn["built"] and redrawn["key"] not in (first["key"], other["key"])

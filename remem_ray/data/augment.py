@@ -41,6 +41,17 @@ class TrainAugment:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
+# Bump when how a training view is drawn from its seed changes (draw order, constants, the crop
+# arithmetic): caches of teacher targets key on it, and an old one would pair its logits with
+# other pictures than the student sees, silently.
+VIEWS_VERSION = 1
+
+
+def views_identity(aug: TrainAugment) -> str:
+    """What decides a training view besides its seed: part of the target caches' keys."""
+    return f"views-v{VIEWS_VERSION}:{aug.mode},{aug.img_size},{aug.hflip},{aug.pad},{aug.scale},{aug.ratio}"
+
+
 @dataclass(frozen=True)
 class EvalResize:
     """A dataset's eval views: resize the short side to img_size / crop_pct, centre-crop img_size."""

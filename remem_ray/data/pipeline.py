@@ -26,7 +26,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from remem_ray.data.augment import EvalResize, TrainAugment, eval_views, stream_key, train_views, uniforms, view_keys
+from remem_ray.data.augment import (
+    EvalResize,
+    TrainAugment,
+    eval_views,
+    stream_key,
+    train_views,
+    uniforms,
+    view_keys,
+    views_identity,
+)
 from remem_ray.data.datasets import DataSplits, num_items
 from remem_ray.data.store import ImageStore, is_in_memory, load_or_build, split_sources, store_bytes, store_side
 
@@ -87,7 +96,7 @@ class DataPipeline(ABC):
 
     def identity(self) -> str:
         """What decides the pictures this pipeline draws (keys of caches built from its views)."""
-        return self.kind
+        return f"{self.kind}|{views_identity(self.splits.augment)}"
 
 
 # --------------------------------------------------------------------------- the DataLoader path
@@ -198,6 +207,14 @@ class LoaderPipeline(DataPipeline):
     def __init__(self, splits: DataSplits, device: torch.device, seed: int, shard: Shard, num_workers: int) -> None:
         super().__init__(splits, device, seed, shard)
         self.num_workers = num_workers
+
+    def identity(self) -> str:
+        """Its resized crops are torchvision's RandomResizedCrop, drawn under the view's seed."""
+        if self.splits.augment.mode != "resized_crop":
+            return super().identity()
+        import torchvision
+
+        return f"{super().identity()}|torchvision-{torchvision.__version__}"
 
     def train(self, batch_size: int, views: Views | None = None) -> EpochLoader:
         ds = self.splits.train if views is None else FixedViews(self.splits.train, views.count, views.seed)
@@ -370,7 +387,7 @@ class DevicePipeline(DataPipeline):
             )
 
     def identity(self) -> str:
-        return f"device-{self.stores['train'].images.shape[-1]}"
+        return f"device-{self.stores['train'].images.shape[-1]}|{views_identity(self.splits.augment)}"
 
     def describe(self) -> str:
         store = self.stores["train"]
