@@ -255,3 +255,29 @@ def test_the_teachers_sam_scales_the_named_weights_of_a_vit_and_nothing_else():
     scaled = {name for name, p in model.named_parameters() if opt._is_scaled(p)}
     assert "blocks.0.norm1.weight" in scaled and "blocks.0.attn.qkv.weight" in scaled
     assert not scaled & {"pos_embed", "cls_token", "blocks.0.attn.qkv.bias", "head.bias"}
+
+
+def test_sams_two_passes_draw_the_same_dropout_masks():
+    """The ascent direction came from one dropout mask and the descent gradient from another: two
+    different nets (a ViT fine-tuned with `drop_path_rate`, as is common, would meet this)."""
+    from remem_ray.train.steps import sam_step
+
+    class Masks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop, self.seen = nn.Dropout(0.5), []
+
+        def forward(self, x):
+            out = self.drop(x)
+            self.seen.append(out.detach() != 0)
+            return out
+
+    torch.manual_seed(0)
+    masks = Masks()
+    model = nn.Sequential(nn.Linear(6, 16), masks, nn.Linear(16, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    sam_step(model, SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1), x, y)
+    sam_step(model, SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1), x, y)
+    first, second, third, fourth = masks.seen
+    assert torch.equal(first, second) and torch.equal(third, fourth)
+    assert not torch.equal(first, third)  # the next step draws anew

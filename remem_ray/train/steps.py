@@ -39,19 +39,38 @@ def _batchnorm_statistics_kept(model: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+class _RandomDraws:
+    """The random generators' state now (the CPU's, and the device's), to draw the same again:
+    SAM's second pass must see the dropout and drop-path masks its first pass saw, or its ascent
+    direction (from the first) and descent gradient (from the second) are of two different nets."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def again(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
 def sam_step(
     model: nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor, grad_clip: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's step: SAM's two passes (the first without DDP's all-reduce: only the second
-    pass's gradients are averaged; only the first updates BatchNorm's statistics), clipping the
+    pass's gradients are averaged; only the first updates BatchNorm's statistics; both draw the
+    same dropout and drop-path masks), clipping the
     second; a plain step when no second pass is needed (rho = 0). `optimizer` is a SAM (or
     anything with its first_step/second_step/needs_second_pass)."""
     if optimizer.needs_second_pass:
+        draws = _RandomDraws(images.device)
         with no_sync(model):
             loss, logits = _cross_entropy(model, images, labels)
             loss.backward()
         optimizer.first_step(zero_grad=True)
         # at w + e: only its gradients count, not the batch statistics it sees (the first pass's, at w, do)
+        draws.again()
         with _batchnorm_statistics_kept(model):
             _cross_entropy(model, images, labels)[0].backward()
         if grad_clip:
