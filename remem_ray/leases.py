@@ -25,12 +25,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from remem_ray.errors import ResourceError
 from remem_ray.storage import Storage
 
 KEEP_GENERATIONS = 2  # older records are pruned by whoever takes the lease
+HEARTBEAT_S = 5.0  # a holder's pace: it renews this often
 
 
 @dataclass(frozen=True)
@@ -317,3 +318,60 @@ class LeaseWatch:
                 if lasted >= self.handle.stale_after_s:
                     return f"storage unreachable for {lasted:.0f} s, the stale window ({exc})"
                 self._sleep(min(self.RETRY_S, self.handle.stale_after_s - lasted))
+
+
+class Renewable(Protocol):
+    """What a heartbeat keeps alive: a Lease, or a run slot (sweep/run_slots.py)."""
+
+    def renew(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class Heartbeat:
+    """Renews a held lease from a background thread while the holder trains; `lost` is set
+    (and renewing ends) once the lease has passed to another holder.
+
+    `stopping`: an event set when the holder's process is about to be ended (Tune stopping the
+    trial, ASHA's stop included), with no `finally` to run in the thread blocked on the Train run:
+    the lease is released then, so waiters take the key at once, not after the stale window.
+    `on_lost`: called from the heartbeat's thread once the lease is lost while the block runs."""
+
+    def __init__(
+        self,
+        lease: Renewable,
+        every_s: float,
+        stopping: threading.Event | None = None,
+        on_lost: Callable[[], object] | None = None,
+    ) -> None:
+        self._lease, self._every, self._stopping, self._on_lost = lease, every_s, stopping, on_lost
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._watch = threading.Thread(target=self._release_when_stopping, daemon=True)
+
+    def _release_when_stopping(self) -> None:
+        assert self._stopping is not None
+        while not self._stopping.wait(0.5):  # wakes at once when set; ends soon after the heartbeat does
+            if self._stop.is_set():
+                return
+        if not self._stop.is_set():
+            self._lease.release()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            if not self._lease.renew():
+                self.lost.set()
+                if self._on_lost is not None and not self._stop.is_set():
+                    self._on_lost()
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        if self._stopping is not None:
+            self._watch.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

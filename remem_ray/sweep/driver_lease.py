@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from remem_ray.errors import ResourceError
-from remem_ray.leases import Lease, current_record, process_gone
+from remem_ray.leases import Heartbeat, Lease, current_record, process_gone
 from remem_ray.sweep.layout import SweepLayout
 
 DRIVER_LEASE = "driver-lease"
@@ -98,8 +98,6 @@ def driving_lease(
     """Hold the sweep's driver lease while the block runs (see the module doc); released on every
     way out. `after_taking`: checks that need the lease held (a `run` looks again for a sweep
     that a driver it waited for may have created meanwhile)."""
-    from remem_ray.sweep.registry import Heartbeat
-
     lease = Lease(layout.experiment.child(DRIVER_LEASE), _holder(), stale_after_s)
     _take(lease, stale_after_s, show, layout.name)
     try:

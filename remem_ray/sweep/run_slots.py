@@ -127,7 +127,7 @@ def run_slot_book(spec: SweepSpec, slots: int) -> Iterator[None]:
 
 
 class _Slot:
-    """One trial's hold on a run slot, renewed by a registry.Heartbeat (renew/release as a lease's:
+    """One trial's hold on a run slot, renewed by a leases.Heartbeat (renew/release as a lease's:
     once released, from whichever thread, no renewal follows)."""
 
     def __init__(self, book, holder: str) -> None:
@@ -191,8 +191,9 @@ def run_slot(
     spare, never the trial)."""
     import ray
 
+    from remem_ray.leases import HEARTBEAT_S, Heartbeat
     from remem_ray.sweep.ray_adapter import end_stopped_trial
-    from remem_ray.sweep.registry import HEARTBEAT_S, Heartbeat, Waiter
+    from remem_ray.sweep.registry import Waiter
 
     book = _find_book(spec, trial_id)
     if book is not None:

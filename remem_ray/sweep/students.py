@@ -40,17 +40,9 @@ from remem_ray.checkpoint_files import (
 from remem_ray.console import say
 from remem_ray.contract import EPOCH, STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED
 from remem_ray.errors import ResourceError, TrainingDivergedError
-from remem_ray.leases import Lease, process_gone
+from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, process_gone
 from remem_ray.storage import Storage
-from remem_ray.sweep.registry import (
-    HEARTBEAT_S,
-    POLL_S,
-    STALE_AFTER_S,
-    Heartbeat,
-    Waiter,
-    record_divergence,
-    recorded_divergence,
-)
+from remem_ray.sweep.registry import POLL_S, STALE_AFTER_S, Waiter, record_divergence, recorded_divergence
 from remem_ray.teacher_layout import LEASE_DIR, version_file
 
 RECORDS_DIR = "records"

@@ -37,20 +37,12 @@ from remem_ray.contract import (
 )
 from remem_ray.errors import RecordedDivergence, ResourceError, TrainingDivergedError
 from remem_ray.faultpoints import hold_if_asked
-from remem_ray.leases import Lease, LeaseHandle, LeaseWatch, process_gone
+from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, LeaseHandle, LeaseWatch, process_gone
 from remem_ray.process import peak_rss_mb
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.ray_adapter import trial_stopping_event
-from remem_ray.sweep.registry import (
-    HEARTBEAT_S,
-    POLL_S,
-    STALE_AFTER_S,
-    Heartbeat,
-    TeacherInUse,
-    TeacherRegistry,
-    Waiter,
-)
+from remem_ray.sweep.registry import POLL_S, STALE_AFTER_S, TeacherInUse, TeacherRegistry, Waiter
 from remem_ray.sweep.run_slots import run_slot
 from remem_ray.sweep.students import (
     StudentFinished,
