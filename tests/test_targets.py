@@ -26,6 +26,11 @@ SPEC = {
 }
 
 
+def _kept(targets) -> list:
+    """What a run kept in a targets folder (a table, a refusal), less the leases of who built them."""
+    return sorted(p for p in targets.iterdir() if p.suffix != ".lease") if targets.exists() else []
+
+
 def _setup(tmp_path, **overrides):
     spec = load_run_spec(None, {**SPEC, "storage.root": str(tmp_path), **overrides})
     splits = build_datasets(spec.data, spec.seed)
@@ -136,14 +141,14 @@ def test_a_teacher_giving_non_finite_logits_is_refused_with_nothing_cached(tmp_p
     with pytest.raises(CheckpointError, match=r"non-finite logits .* for 6 of 69 views; nothing cached") as first:
         load_or_build_targets(spec, location, *args, log=lambda m: None)
     targets = tmp_path / "teacher" / "targets"
-    assert [p.suffix for p in targets.iterdir()] == [".refused"]  # no table
+    assert [p.suffix for p in _kept(targets)] == [".refused"]  # no table
     # a retry (Train's, Tune's) or another trial of these weights and data is refused at once: it
     # computed them again (minutes on a GPU for a large set). Its teacher's logits are not even asked for.
     computed = []
     asked = (lambda *a, **k: computed.append(1)), normalizer_for(teacher), _loader(splits), True
     with pytest.raises(CheckpointError) as again:
         load_or_build_targets(spec, location, *asked, log=lambda m: None)
-    note = next(targets.iterdir())
+    (note,) = _kept(targets)
     assert str(again.value) == f"{first.value} (refused before: {note}; remove it to compute them again)"
     assert computed == []
     # a refusal on another device or torch build (bf16 on CUDA, a kernel's bug) does not hold here;
@@ -226,7 +231,7 @@ def test_every_rank_hears_rank_0_refuse_or_fail_to_build_the_cache_none_waits_at
     assert rank0["write-fails"].startswith("ResourceError: storage: cannot write targets/")  # its own error
     assert rank1["write-fails"].startswith("CheckpointError: student.teacher_targets: rank 0 could not build")
     assert "Access Denied" in rank1["write-fails"]
-    assert not (tmp_path / "teacher" / "targets").exists() or not any((tmp_path / "teacher" / "targets").iterdir())
+    assert _kept(tmp_path / "teacher" / "targets") == []
 
 
 def test_targets_that_cannot_be_kept_still_serve_the_run_of_one_worker(tmp_path, monkeypatch):
@@ -239,17 +244,26 @@ def test_targets_that_cannot_be_kept_still_serve_the_run_of_one_worker(tmp_path,
     args = (teacher, normalizer_for(teacher), _loader(splits), True)
     written = Storage.write_bytes
 
+    created = Storage.create_exclusive
+
     def read_only_targets(self, rel, data):
         if "targets" in self.uri(rel):
             raise ResourceError(f"storage: cannot write {self.uri(rel)}: Access Denied")
         written(self, rel, data)
 
+    def no_lease(self, rel, data):
+        if "targets" in self.uri(rel):
+            raise ResourceError(f"storage: cannot create {self.uri(rel)}: Access Denied")
+        return created(self, rel, data)
+
     monkeypatch.setattr(Storage, "write_bytes", read_only_targets)
+    monkeypatch.setattr(Storage, "create_exclusive", no_lease)
     said: list[str] = []
     table, info = load_or_build_targets(spec, location, *args, log=said.append)
     expected = compute_targets(teacher, normalizer_for(teacher), _loader(splits), Views(3, 0))
     assert info["built"] and torch.equal(table, expected)
     assert not (tmp_path / "teacher" / "targets").exists()
+    assert said[0].startswith("teacher targets: no lease to take (storage: cannot create")
     assert said[-1].startswith("teacher targets not kept (storage: cannot write") and "Access Denied" in said[-1]
 
 
@@ -271,3 +285,51 @@ def test_a_cache_is_never_served_to_views_drawn_another_way(tmp_path, monkeypatc
     monkeypatch.setattr(augment, "VIEWS_VERSION", augment.VIEWS_VERSION + 1)
     _, redrawn = load_or_build_targets(spec, location, teacher, norm, _loader(splits), True, log=lambda m: None)
     assert redrawn["built"] and redrawn["key"] not in (first["key"], other["key"])
+
+
+def test_runs_that_want_the_same_targets_compute_them_once(tmp_path, monkeypatch):
+    """Trials that differ only in student settings start their runs together once their teacher
+    is stored, and each computed the same table (minutes of a GPU each on a large set). The
+    second run now waits on the first's lease and reads its table."""
+    import threading
+
+    from remem_ray.train import targets as targets_module
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    location = storage.uri("epoch_1")
+    monkeypatch.setattr(targets_module, "WAIT_POLL_S", 0.05)
+    computing, finish = threading.Event(), threading.Event()
+    computed_by: list[str] = []
+    compute = targets_module.compute_targets
+
+    def held_open(*args, **kwargs):  # the first run computes until the second is seen waiting
+        computed_by.append(threading.current_thread().name)
+        computing.set()
+        assert finish.wait(60)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(targets_module, "compute_targets", held_open)
+    results, waiting = {}, threading.Event()
+
+    def second_says(line: str) -> None:
+        if "is computing them; waiting for" in line:
+            waiting.set()
+
+    def run(log) -> None:
+        name = threading.current_thread().name
+        results[name] = load_or_build_targets(
+            spec, location, teacher, normalizer_for(teacher), _loader(splits), True, log=log
+        )
+
+    first = threading.Thread(target=run, args=(lambda line: None,), name="first")
+    second = threading.Thread(target=run, args=(second_says,), name="second")
+    first.start()
+    assert computing.wait(60)
+    second.start()
+    seen_waiting = waiting.wait(30)
+    finish.set()
+    first.join(60)
+    second.join(60)
+    assert seen_waiting and computed_by == ["first"]
+    (table, built), (read, waited) = results["first"], results["second"]
+    assert built["built"] and not waited["built"] and torch.equal(read, table)

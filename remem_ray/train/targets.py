@@ -5,7 +5,9 @@ The cache trades augmentation variety (n views per image instead of a fresh one 
 for never running the teacher during distillation. It is computed once per teacher
 checkpoint, in eval mode and batched, and stored beside the checkpoint:
 
-    <checkpoint parent>/targets/<checkpoint name>-<key>.pt
+    <checkpoint parent>/targets/<checkpoint name>-<key>.pt        the table (float16)
+    <checkpoint parent>/targets/<checkpoint name>-<key>.lease/    who computes it now: one run at a time
+    <checkpoint parent>/targets/<checkpoint name>-<key>.refused   why its table was refused (non-finite)
 
 The key hashes the checkpoint's model sha256 (from its manifest) and the meta fields that shape
 its logits (architecture, classes, image size, MLP reweighting), the data spec and split
@@ -18,21 +20,29 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from remem_ray.checkpoints import MANIFEST_FILE, META_FILE, MODEL_FILE, CheckpointError
-from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, RunSpec
+from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, LEASE_STALE_AFTER_S, RunSpec
 from remem_ray.data.datasets import num_items
 from remem_ray.data.pipeline import DataPipeline, Views
 from remem_ray.errors import ResourceError
+from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, process_gone
 from remem_ray.storage import Storage
 from remem_ray.teacher_layout import TARGETS_DIR
 from remem_ray.train.common import autocast, is_distributed, rank0_says
 
 CACHE_FORMAT = 1
+WAIT_POLL_S = 2.0  # a run waiting for another's targets looks this often
+WAIT_NOTE_EVERY_S = 30.0  # and says so this often
 
 
 class TargetSource:
@@ -88,6 +98,11 @@ def cache_key(spec: RunSpec, teacher: dict[str, Any], train_size: int, pipeline:
 def cache_location(checkpoint_name: str, key: str) -> str:
     """Relative to the checkpoint's parent folder (the registry entry of a sweep's teacher)."""
     return f"{TARGETS_DIR}/{checkpoint_name}-{key}.pt"
+
+
+def lease_location(checkpoint_name: str, key: str) -> str:
+    """The lease of the one run computing these targets (_built_once)."""
+    return f"{TARGETS_DIR}/{checkpoint_name}-{key}.lease"
 
 
 def refusal_location(checkpoint_name: str, key: str) -> str:
@@ -156,8 +171,8 @@ def load_or_build_targets(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The cached logit table for this teacher checkpoint and data, building it if missing.
 
-    Rank 0 builds and writes; other ranks wait at a barrier and read. Two trials building the
-    same cache at once both write the same bytes (each write replaces the file whole).
+    Rank 0 builds and writes, one run at a time across trials and sweeps (`_built_once`); the
+    other ranks wait at a barrier and read.
     """
     from remem_ray.checkpoints import split_location
 
@@ -167,21 +182,22 @@ def load_or_build_targets(
     rel = cache_location(name, key)
     views = Views(spec.student.target_views, spec.student.target_view_seed)
     info = {"key": key, "location": parent.uri(rel), "built": False}
-    table = _table_from_bytes(parent.read_bytes(rel), key) if parent.is_file(rel) else None
+    table = _stored_table(parent, rel, key)
     problem, failure = None, None
-    refused = refusal_location(name, key)
     if table is None and is_writer:
+
+        def build() -> tuple[torch.Tensor | None, str | None]:
+            log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
+            built = compute_targets(teacher, normalizer, pipeline, views)
+            problem = _non_finite(built, teacher_location)
+            if problem is None:  # never kept otherwise: its key would serve it forever
+                _keep_table(parent, rel, built, key, log)
+                return built, None
+            _keep_refusal(parent, refusal_location(name, key), problem, pipeline.device, log)
+            return None, problem
+
         try:
-            problem = _earlier_refusal(parent, refused, pipeline.device)
-            if problem is None:
-                log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
-                table = compute_targets(teacher, normalizer, pipeline, views)
-                problem = _non_finite(table, teacher_location)
-                if problem is None:  # never kept otherwise: its key would serve it forever
-                    _keep_table(parent, rel, table, key, log)
-                    info["built"] = True
-                else:
-                    _keep_refusal(parent, refused, problem, pipeline.device, log)
+            table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log)
         except Exception as exc:  # out of memory, storage: the other ranks must hear of it too
             problem, failure = f"student.teacher_targets: rank 0 could not build the cache: {exc}", exc
     # every rank, before the barrier: a rank 0 that raised alone would leave the others waiting there
@@ -203,6 +219,60 @@ def load_or_build_targets(
         if problem is not None:
             raise CheckpointError(problem)
     return table, info
+
+
+def _stored_table(parent: Storage, rel: str, key: str) -> torch.Tensor | None:
+    return _table_from_bytes(parent.read_bytes(rel), key) if parent.is_file(rel) else None
+
+
+def _built_once(
+    parent: Storage,
+    name: str,
+    key: str,
+    build: Callable[[], tuple[torch.Tensor | None, str | None]],
+    device: torch.device,
+    log,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[torch.Tensor | None, str | None, bool]:
+    """(table, why refused, built here): `build` run by one run at a time among all that want these
+    targets (trials differing only in student settings start their runs together once their
+    teacher is stored; sweeps share a registry), under a lease beside the cache; the others wait
+    for its table or refusal, or take over from a holder that ended or went silent for the stale
+    window. A holder that lost its lease (paused past the window) writes the same table as its
+    successor: no fence needed. Storage that refuses the lease's record (a read-only grant):
+    `build` runs unshared."""
+    lease = Lease(parent.child(lease_location(name, key)), f"targets {_process_name()}", LEASE_STALE_AFTER_S)
+    rel, noted = cache_location(name, key), None
+    while True:
+        problem = _earlier_refusal(parent, refusal_location(name, key), device)
+        if problem is not None:
+            return None, problem, False
+        try:
+            taken = lease.try_acquire(gone=process_gone)
+        except ResourceError as exc:
+            log(f"teacher targets: no lease to take ({exc}); computing them without one")
+            table, problem = build()
+            return table, problem, problem is None
+        try:
+            table = _stored_table(parent, rel, key)  # by a holder that released the lease, or meanwhile
+            if table is not None:
+                return table, None, False
+            if taken:
+                with Heartbeat(lease, HEARTBEAT_S):
+                    table, problem = build()
+                return table, problem, problem is None
+        finally:
+            lease.release()  # a no-op unless taken
+        if noted is None or clock() - noted >= WAIT_NOTE_EVERY_S:
+            holder = lease.holder_now() or "another run"
+            log(f"teacher targets: {holder} is computing them; waiting for {parent.uri(rel)}")
+            noted = clock()
+        sleep(WAIT_POLL_S)
+
+
+def _process_name() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
 
 
 def _keep_table(parent: Storage, rel: str, table: torch.Tensor, key: str, log) -> None:
