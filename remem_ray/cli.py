@@ -237,10 +237,14 @@ def cmd_sweep_stop(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from remem_ray.sweep import sweep_summary
     from remem_ray.sweep.layout import SweepLayout
-    from remem_ray.sweep.report import write_report
+    from remem_ray.sweep.report import report_folder, write_report
 
     spec = _located(args)
-    paths = write_report(sweep_summary(spec), SweepLayout.of(spec))
+    layout = SweepLayout.of(spec)
+    folder, interim = report_folder(layout)
+    if interim is not None:
+        print(interim, file=sys.stderr)
+    paths = write_report(sweep_summary(spec), layout, folder)
     for uri in paths.values():
         print(uri)
     return 0

@@ -106,3 +106,28 @@ def test_a_best_student_the_scheduler_stopped_says_so_where_it_is_named():
     summary = SweepSummary("s", "e", METRIC, trials=[best], best=best)
     assert "(teacher val -); stopped early after student epoch 3" in format_table(summary)
     assert "test 0.8800; stopped early after student epoch 3; checkpoint" in _markdown(summary, Importances({}))
+
+
+def test_remem_report_while_a_driver_runs_the_sweep_writes_an_interim_report(tmp_path):
+    """It wrote the sweep folder's report.md and plots: a driver ending meanwhile wrote its final
+    report, and the CLI's, of the state before, landed over it and stayed (a review's finding)."""
+    from remem_ray.leases import Lease
+    from remem_ray.storage import Storage
+    from remem_ray.sweep.driver_lease import DRIVER_LEASE
+    from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.report import REPORT_FILE, report_folder, write_report
+
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    folder, line = report_folder(layout)
+    assert folder.uri() == layout.experiment.uri() and line is None  # no driver: the sweep's own report
+    driver = Lease(layout.experiment.child(DRIVER_LEASE), "driver h1 pid 7 (ab12cd34)", 60)
+    assert driver.try_acquire()
+    folder, line = report_folder(layout)
+    assert folder.uri() == layout.experiment.uri("interim-report")
+    assert line.startswith("sweep s: run by driver h1 pid 7 (ab12cd34): an interim report, in ")
+    summary = SweepSummary("s", layout.experiment.uri(), METRIC, trials=[_row("a", 0.0, 0.9, 0.9, stopped=False)])
+    paths = write_report(summary, layout, folder)
+    assert paths["report"] == folder.uri(REPORT_FILE) and folder.is_file(REPORT_FILE)
+    assert not layout.experiment.is_file(REPORT_FILE)  # the driver's to write
+    driver.release()
+    assert report_folder(layout)[0].uri() == layout.experiment.uri()

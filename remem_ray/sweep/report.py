@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from remem_ray.search_params import ALPHA, RHO
+from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.results import SweepSummary, TrialRow, format_table, stopped_note
 from remem_ray.sweep.study import newest_study
 
 REPORT_FILE = "report.md"
+INTERIM_DIR = "interim-report"  # `remem report` while a driver runs the sweep (report_folder)
 PLOTS = {
     "heatmap": "student_acc_rho_alpha.png",
     "student_vs_teacher": "student_vs_teacher.png",
@@ -309,8 +311,8 @@ def plot_best_so_far(summary: SweepSummary) -> bytes:
     )
 
 
-def write_report(summary: SweepSummary, layout: SweepLayout) -> dict[str, str]:
-    """Write the plots and report.md into the sweep folder; returns {name: uri}."""
+def write_report(summary: SweepSummary, layout: SweepLayout, folder: Storage | None = None) -> dict[str, str]:
+    """Write the plots and report.md into `folder` (default: the sweep folder); returns {name: uri}."""
     importances = param_importances(layout)
     images = {
         "heatmap": plot_heatmap(summary),
@@ -319,11 +321,27 @@ def write_report(summary: SweepSummary, layout: SweepLayout) -> dict[str, str]:
         "importances": plot_importances(importances),
         "best_so_far": plot_best_so_far(summary),
     }
-    folder = layout.experiment
+    folder = folder or layout.experiment
     for key, data in images.items():
         folder.write_bytes(PLOTS[key], data)
     folder.write_text(REPORT_FILE, _markdown(summary, importances))
     return {**{k: folder.uri(PLOTS[k]) for k in images}, "report": folder.uri(REPORT_FILE)}
+
+
+def report_folder(layout: SweepLayout) -> tuple[Storage, str | None]:
+    """Where `remem report` writes: the sweep folder, or `interim-report/` in it while a driver
+    runs the sweep (with the line that says so). That driver writes the sweep folder's report as
+    it ends, and a report of the state before, written over it a moment later, would stay."""
+    from remem_ray.sweep.driver_lease import driving_holder
+
+    holder = driving_holder(layout)
+    if holder is None:
+        return layout.experiment, None
+    folder = layout.experiment.child(INTERIM_DIR)
+    return folder, (
+        f"sweep {layout.name}: run by {holder}: an interim report, in {folder.uri()}; its driver writes "
+        f"{layout.experiment.uri(REPORT_FILE)} as it ends"
+    )
 
 
 def _markdown(summary: SweepSummary, importances: Importances) -> str:
