@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers.leases import leave_lease_held_by_an_ended_process
 
 from remem_ray.contract import METRIC
 from remem_ray.sweep.report import (
@@ -130,4 +131,7 @@ def test_remem_report_while_a_driver_runs_the_sweep_writes_an_interim_report(tmp
     assert paths["report"] == folder.uri(REPORT_FILE) and folder.is_file(REPORT_FILE)
     assert not layout.experiment.is_file(REPORT_FILE)  # the driver's to write
     driver.release()
+    assert report_folder(layout)[0].uri() == layout.experiment.uri()
+    # a driver of this host killed before it released: no driver runs the sweep
+    leave_lease_held_by_an_ended_process(layout.experiment.child(DRIVER_LEASE), "driver h1 pid 8 (ef56ab78)")
     assert report_folder(layout)[0].uri() == layout.experiment.uri()

@@ -73,12 +73,13 @@ class DriverLease:
 
 
 def driving_holder(layout: SweepLayout) -> str | None:
-    """Who holds the sweep's driver lease now, if anyone (storage not answering: unknown, None)."""
+    """Who holds the sweep's driver lease now, if anyone (storage not answering: unknown, None);
+    not a holder that was a process of this host and has ended (killed, say: it never released)."""
     try:
         current = current_record(layout.experiment.child(DRIVER_LEASE))
     except ResourceError:
         return None
-    return None if current is None or current.released else current.holder
+    return None if current is None or current.released or process_gone(current) else current.holder
 
 
 def _holder() -> str:
