@@ -191,3 +191,41 @@ def test_a_late_record_never_replaces_a_newer_trainings(tmp_path, monkeypatch):
     layout.record_teacher_training(key, "t2")  # t2's retraining, published and recorded since
     assert not trained_here(registry, layout, key, "s/t1")
     assert layout.trained_by(key) == "t2"
+
+
+def test_a_restarted_trial_waits_while_another_copy_of_it_still_distils(tmp_path, monkeypatch):
+    """A resume restarts the unfinished trials, and the old driver's copies still run where that
+    driver was paused past the stale window (a laptop asleep while it drove a cluster). A restarted
+    trial with a student run of its own went on with it at once, beside its other copy: two copies
+    trained one student folder and one Train run. It now waits for the student key's lease."""
+    import threading
+
+    from helpers.leases import lease_held_by_a_live_process
+    from ray import tune
+
+    from remem_ray.sweep import students as students_module
+    from remem_ray.sweep.registry import Waiter
+
+    spec, run_spec, layout, registry, key, lease, runs, recorder = _runs(tmp_path, monkeypatch)
+    layout.train_runs.write_text("student-t1/checkpoint_manager_snapshot.json", "{}")  # restarted
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    distilled: list[str] = []
+    monkeypatch.setattr(TrialRuns, "distil", lambda self, holder, finished=None: distilled.append(holder))
+    waiting, look = threading.Event(), Waiter.wait
+
+    def seen_waiting(self, note):
+        waiting.set()
+        look(self, note)
+
+    monkeypatch.setattr(Waiter, "wait", seen_waiting)
+    monkeypatch.setattr(students_module, "POLL_S", 0.05)
+    point = {"rho": 0.1, "alpha": 0.9, "teacher_epoch": 4}
+    assert spec.run_spec(point).student_key() == runs.student_key
+    student_lease = runs.students.lease(runs.student_key, "s/t1", 60).folder
+    restarted = threading.Thread(target=trial_module.remem_trial, args=(point, spec.model_dump(mode="json")))
+    with lease_held_by_a_live_process(student_lease, "s/t1"):  # the old driver's copy, distilling
+        restarted.start()
+        assert waiting.wait(60)
+        assert distilled == []  # no second run beside it
+    restarted.join(60)  # that copy ended: its lease is taken at once (its process is gone)
+    assert not restarted.is_alive() and distilled == ["s/t1"]

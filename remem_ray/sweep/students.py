@@ -21,11 +21,12 @@ took over) exactly one publishes, and a reader never sees a folder before its ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,6 +265,40 @@ def distil_once(
             finally:
                 lease.release()
         waiter.wait(lambda: f"trial {trial_id}: waiting for student {key[:8]} (distilled by {lease.holder_now()})")
+
+
+@contextlib.contextmanager
+def key_held(
+    registry: StudentRegistry,
+    key: str,
+    holder: str,
+    wait_timeout_s: float,
+    stale_after_s: float = STALE_AFTER_S,
+    stopping: threading.Event | None = None,
+) -> Iterator[None]:
+    """The key's lease held while the block runs, for a restarted trial that goes on with its own
+    student run (no replay, no record to look for first): it waits while another copy of itself
+    holds the key alive. A resume restarts the unfinished trials, and the old driver's copies still
+    run where that driver was paused past the stale window (a laptop asleep while it drove a
+    cluster): two copies trained one student folder and one Train run."""
+    trial_id = holder.rsplit("/", 1)[-1]
+    lease = registry.lease(key, holder, stale_after_s)
+    waiter = Waiter(f"student {key}", wait_timeout_s, POLL_S)
+    while True:
+        try:
+            taken = lease.try_acquire(gone=process_gone)  # a copy whose process ended: at once
+        except ResourceError as exc:
+            waiter.ride_out(exc, stale_after_s)
+            continue
+        waiter.answered()
+        if taken:
+            break
+        waiter.wait(lambda: f"trial {trial_id}: waiting for student {key[:8]} (distilled by {lease.holder_now()})")
+    try:
+        with Heartbeat(lease, HEARTBEAT_S, stopping):
+            yield
+    finally:
+        lease.release()
 
 
 def replay_extra(teacher_key: str, student_key: str) -> dict[str, Any]:

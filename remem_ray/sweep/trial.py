@@ -49,6 +49,7 @@ from remem_ray.sweep.students import (
     StudentRecord,
     StudentRegistry,
     distil_once,
+    key_held,
     replay,
     replay_extra,
     usable_record,
@@ -517,7 +518,9 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         if diverged is not None:  # seeded: its run would only diverge again
             raise TrainingDivergedError(diverged)
         store = StudentFinished(runs.students, runs.student_key, seen, holder) if record is None else None
-        runs.distil(holder, store)
+        wait_s, stale_s = spec.sweep.teacher_wait_timeout_s, spec.sweep.lease_stale_after_s
+        with key_held(runs.students, runs.student_key, holder, wait_s, stale_s, runs.stopping):
+            runs.distil(holder, store)
     else:
         timeout = spec.sweep.teacher_wait_timeout_s
         distil_once(
