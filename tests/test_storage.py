@@ -486,3 +486,39 @@ def test_an_s3_input_is_looked_up_quickly_with_only_what_its_run_reads(s3, dead_
         silent.close()
         taker.join(5)
     assert 2 <= len(held) <= 3  # the endpoint check (TCP only) and two attempts
+
+
+def test_preflight_on_aws_refuses_a_region_the_bucket_is_not_in(moto_endpoint, monkeypatch):
+    """boto3 follows S3's redirect to a bucket's region, so the check passed; pyarrow, with which
+    every run reads and writes, does not, and each trial failed on an HTTP 301. Refused at the door."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    west = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-west-2")
+    west.create_bucket(Bucket="west-bucket", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)  # AWS, as boto3 sees it: no storage.endpoint
+    with pytest.raises(
+        ResourceError, match=r"^storage\.region: bucket 'west-bucket' of storage\.root s3://west-bucket/r "
+    ):
+        preflight("s3://west-bucket/r", None, "us-east-1")
+    preflight("s3://west-bucket/r", None, "us-west-2")  # its own region passes
+    preflight("s3://west-bucket/r", moto_endpoint, "us-east-1")  # another S3 server: regions are its business
+
+
+def test_pyarrows_word_on_a_bucket_in_another_region_says_which_field_to_set():
+    class Elsewhere:
+        def get_file_info(self, path):
+            raise OSError(
+                "When getting information for key 'r/s' in bucket 'b': AWS Error UNKNOWN (HTTP status 301) during "
+                "HeadObject operation: No response body. Looks like the configured region is 'us-east-1' while "
+                "the bucket is located in 'us-west-2'."
+            )
+
+    storage = Storage("s3://b/r")
+    storage.fs = Elsewhere()
+    with pytest.raises(
+        ResourceError, match=r"located in 'us-west-2'\. Set storage\.region in the spec \(or AWS_REGION"
+    ):
+        storage.exists("s")

@@ -290,6 +290,8 @@ class Storage:
 
     def _error(self, verb: str, rel: str, exc: BaseException) -> ResourceError:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "Looks like the configured region is" in reason:  # pyarrow's words for a bucket elsewhere
+            reason += " Set storage.region in the spec (or AWS_REGION where a verb reads a stored sweep)."
         return ResourceError(f"storage: cannot {verb} {self.uri(rel)}: {reason}")
 
 

@@ -154,6 +154,29 @@ def _check_bucket(session, root: str, endpoint: str | None, region: str, field: 
         raise ResourceError(
             f"storage: cannot reach bucket {bucket!r}{where} for {field} {root}: {one_line(exc)}"
         ) from None
+    if not endpoint:  # AWS: other S3 servers ignore regions, or say nothing of them
+        located = _bucket_region(client, bucket)
+        if located and located != region:
+            # boto3 follows S3's redirect to the bucket's region, so the listing passed; pyarrow, with
+            # which every run reads and writes, does not: each trial failed on an HTTP 301
+            raise ResourceError(
+                f"storage.region: bucket {bucket!r} of {field} {root} is in {located}, not {region}: set "
+                f"storage.region: {located} in the spec (or AWS_REGION)"
+            )
+
+
+def _bucket_region(client, bucket: str) -> str | None:
+    """The bucket's region as S3 states it (HeadBucket's x-amz-bucket-region, sent with a redirect
+    or a refusal too); None where it does not say."""
+    import botocore.exceptions
+
+    try:
+        response = client.head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as exc:
+        response = exc.response
+    except botocore.exceptions.BotoCoreError:
+        return None
+    return (response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get("x-amz-bucket-region")
 
 
 def bucket_error(exc, bucket: str, root: str, field: str, where: str = "") -> ResourceError:
