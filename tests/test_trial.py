@@ -229,3 +229,8 @@ def test_a_restarted_trial_waits_while_another_copy_of_it_still_distils(tmp_path
         assert distilled == []  # no second run beside it
     restarted.join(60)  # that copy ended: its lease is taken at once (its process is gone)
     assert not restarted.is_alive() and distilled == ["s/t1"]
+    # held by another trial (this sweep's or another's, distilling the same student into its own
+    # folder): no wait, as before
+    with lease_held_by_a_live_process(student_lease, "other-sweep/t9"):
+        trial_module.remem_trial(point, spec.model_dump(mode="json"))
+    assert distilled == ["s/t1", "s/t1"]

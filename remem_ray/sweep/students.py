@@ -280,20 +280,26 @@ def key_held(
     student run (no replay, no record to look for first): it waits while another copy of itself
     holds the key alive. A resume restarts the unfinished trials, and the old driver's copies still
     run where that driver was paused past the stale window (a laptop asleep while it drove a
-    cluster): two copies trained one student folder and one Train run."""
+    cluster): two copies trained one student folder and one Train run. Held by another trial (of
+    this sweep or another, distilling the same student into its own folder): the block runs at
+    once, without the lease, as a restarted trial always did."""
     trial_id = holder.rsplit("/", 1)[-1]
     lease = registry.lease(key, holder, stale_after_s)
     waiter = Waiter(f"student {key}", wait_timeout_s, POLL_S)
     while True:
         try:
             taken = lease.try_acquire(gone=process_gone)  # a copy whose process ended: at once
+            other = None if taken else lease.holder_now()
         except ResourceError as exc:
             waiter.ride_out(exc, stale_after_s)
             continue
         waiter.answered()
         if taken:
             break
-        waiter.wait(lambda: f"trial {trial_id}: waiting for student {key[:8]} (distilled by {lease.holder_now()})")
+        if other is not None and other != holder:  # another trial's: go on beside it
+            yield
+            return
+        waiter.wait(lambda: f"trial {trial_id}: waiting for another copy of itself, distilling student {key[:8]}")
     try:
         with Heartbeat(lease, HEARTBEAT_S, stopping):
             yield
