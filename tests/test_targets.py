@@ -1,5 +1,6 @@
 """The teacher-target cache's own logic: fixed views, lookup, keys, rebuilds."""
 
+import pytest
 import torch
 
 from remem_ray.checkpoints import write_checkpoint
@@ -130,8 +131,6 @@ class _NaNForSomeImages(torch.nn.Module):
 def test_a_teacher_giving_non_finite_logits_is_refused_with_nothing_cached(tmp_path):
     """Before, the NaN targets were cached and served: the student's loss went NaN and its
     divergence was recorded against the student's key (and settings) for good."""
-    import pytest
-
     from remem_ray.checkpoints import CheckpointError
 
     spec, splits, teacher, storage = _setup(tmp_path)
@@ -333,3 +332,80 @@ def test_runs_that_want_the_same_targets_compute_them_once(tmp_path, monkeypatch
     assert seen_waiting and computed_by == ["first"]
     (table, built), (read, waited) = results["first"], results["second"]
     assert built["built"] and not waited["built"] and torch.equal(read, table)
+
+
+def test_a_table_its_holder_could_not_keep_is_computed_beside_not_in_turn(tmp_path, monkeypatch):
+    """Where the lease's record fits but the table does not (a full disk, a grant for small
+    objects), each waiter took the released lease, found no table, computed and failed to keep
+    it in turn: K runs one after another, each holding its Train run's GPU while it waited."""
+    from remem_ray.errors import ResourceError
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    location = storage.uri("epoch_1")
+    written = Storage.write_bytes
+
+    def no_room_for_tables(self, rel, data):
+        if self.uri(rel).endswith(".pt"):
+            raise ResourceError(f"storage: cannot write {self.uri(rel)}: No space left on device")
+        written(self, rel, data)
+
+    monkeypatch.setattr(Storage, "write_bytes", no_room_for_tables)
+    args = (teacher, normalizer_for(teacher), _loader(splits), True)
+    first: list[str] = []
+    table, info = load_or_build_targets(spec, location, *args, log=first.append)
+    assert info["built"] and [p.suffix for p in _kept(tmp_path / "teacher" / "targets")] == [".unkept"]
+    later: list[str] = []
+    again, info2 = load_or_build_targets(spec, location, *args, log=later.append)
+    assert info2["built"] and torch.equal(again, table)
+    assert later[0] == "teacher targets: computing them beside the run that holds their lease (it did not keep them)"
+
+
+def test_a_storage_blip_while_looking_for_targets_is_waited_through(tmp_path, monkeypatch):
+    """One unanswered look (a 503, a dropped connection) failed the Train run, and each retry."""
+    from remem_ray.errors import ResourceError
+    from remem_ray.train import targets as targets_module
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    monkeypatch.setattr(targets_module, "WAIT_POLL_S", 0.0)
+    looked = Storage.is_file
+    blips = [1]
+
+    def once_unanswered(self, rel):
+        if rel.endswith(".refused") and blips:
+            blips.pop()
+            raise ResourceError(f"storage: cannot read {self.uri(rel)}: 503 Slow Down")
+        return looked(self, rel)
+
+    monkeypatch.setattr(Storage, "is_file", once_unanswered)
+    said: list[str] = []
+    table, info = load_or_build_targets(
+        spec, storage.uri("epoch_1"), teacher, normalizer_for(teacher), _loader(splits), True, log=said.append
+    )
+    assert info["built"] and not blips
+    assert said[0].startswith("teacher targets: storage did not answer (storage: cannot read") and "503" in said[0]
+
+
+def test_a_refusal_kept_while_the_lease_was_being_taken_is_not_computed_again(tmp_path, monkeypatch):
+    """The holder refused the targets and released the lease between a waiter's look and its
+    take: the waiter computed them again (minutes of a GPU) to refuse them again."""
+    import json
+
+    from remem_ray.checkpoints import CheckpointError
+    from remem_ray.leases import Lease
+    from remem_ray.train.targets import _computed_on
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    take = Lease.try_acquire
+
+    def refused_meanwhile(self, gone=None):
+        name = self.folder.uri().rsplit("/", 1)[1].removesuffix(".lease")
+        note = {"problem": "student.teacher_targets: teacher gives non-finite logits", "computed_on": _computed_on(CPU)}
+        storage.write_text(f"targets/{name}.refused", json.dumps(note))
+        return take(self, gone)
+
+    monkeypatch.setattr(Lease, "try_acquire", refused_meanwhile)
+    computed = []
+    asked = (lambda *a, **k: computed.append(1)), normalizer_for(teacher), _loader(splits), True
+    with pytest.raises(CheckpointError, match="non-finite logits .refused before"):
+        load_or_build_targets(spec, storage.uri("epoch_1"), *asked, log=lambda m: None)
+    assert computed == []

@@ -17,6 +17,7 @@ pipeline and the DataLoader draw different pictures), so any change to those bui
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -35,7 +36,7 @@ from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, LEASE_STALE_AFTER_S, Ru
 from remem_ray.data.datasets import num_items
 from remem_ray.data.pipeline import DataPipeline, Views
 from remem_ray.errors import ResourceError
-from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, process_gone
+from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, Outage, current_record, process_gone
 from remem_ray.storage import Storage
 from remem_ray.teacher_layout import TARGETS_DIR
 from remem_ray.train.common import autocast, is_distributed, rank0_says
@@ -43,6 +44,7 @@ from remem_ray.train.common import autocast, is_distributed, rank0_says
 CACHE_FORMAT = 1
 WAIT_POLL_S = 2.0  # a run waiting for another's targets looks this often
 WAIT_NOTE_EVERY_S = 30.0  # and says so this often
+WAIT_LIMIT_S = 6 * 3600.0  # then computes them beside their holder (sweep.teacher_wait_timeout_s's default)
 
 
 class TargetSource:
@@ -103,6 +105,11 @@ def cache_location(checkpoint_name: str, key: str) -> str:
 def lease_location(checkpoint_name: str, key: str) -> str:
     """The lease of the one run computing these targets (_built_once)."""
     return f"{TARGETS_DIR}/{checkpoint_name}-{key}.lease"
+
+
+def unkept_location(checkpoint_name: str, key: str) -> str:
+    """A note that the run that computed these targets could not keep them (_built_once)."""
+    return f"{TARGETS_DIR}/{checkpoint_name}-{key}.unkept"
 
 
 def refusal_location(checkpoint_name: str, key: str) -> str:
@@ -178,7 +185,8 @@ def load_or_build_targets(
 
     parent, name = split_location(teacher_location, spec.storage.endpoint, spec.storage.region)
     size = num_items(pipeline.splits.train)
-    key = cache_key(spec, teacher_identity(parent, name), size, pipeline.identity())
+    # rank 0's key on every rank: a node with another torchvision build would look for another file
+    key = rank0_says(cache_key(spec, teacher_identity(parent, name), size, pipeline.identity()), pipeline.device)
     rel = cache_location(name, key)
     views = Views(spec.student.target_views, spec.student.target_view_seed)
     info = {"key": key, "location": parent.uri(rel), "built": False}
@@ -186,15 +194,10 @@ def load_or_build_targets(
     problem, failure = None, None
     if table is None and is_writer:
 
-        def build() -> tuple[torch.Tensor | None, str | None]:
+        def build() -> tuple[torch.Tensor, str | None]:
             log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
             built = compute_targets(teacher, normalizer, pipeline, views)
-            problem = _non_finite(built, teacher_location)
-            if problem is None:  # never kept otherwise: its key would serve it forever
-                _keep_table(parent, rel, built, key, log)
-                return built, None
-            _keep_refusal(parent, refusal_location(name, key), problem, pipeline.device, log)
-            return None, problem
+            return built, _non_finite(built, teacher_location)
 
         try:
             table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log)
@@ -229,7 +232,7 @@ def _built_once(
     parent: Storage,
     name: str,
     key: str,
-    build: Callable[[], tuple[torch.Tensor | None, str | None]],
+    build: Callable[[], tuple[torch.Tensor, str | None]],
     device: torch.device,
     log,
     sleep: Callable[[float], None] = time.sleep,
@@ -240,52 +243,102 @@ def _built_once(
     teacher is stored; sweeps share a registry), under a lease beside the cache; the others wait
     for its table or refusal, or take over from a holder that ended or went silent for the stale
     window. A holder that lost its lease (paused past the window) writes the same table as its
-    successor: no fence needed. Storage that refuses the lease's record (a read-only grant):
-    `build` runs unshared."""
+    successor: no fence needed.
+
+    Computed beside the others, without the lease, where none can be taken (a read-only grant),
+    where its holder could not keep its table (a full disk: it leaves an `.unkept` note), or past
+    WAIT_LIMIT_S (a holder hung with its heartbeat beating). Storage that does not answer is
+    waited through for the stale window, as lease holders ride out an outage."""
     lease = Lease(parent.child(lease_location(name, key)), f"targets {_process_name()}", LEASE_STALE_AFTER_S)
-    rel, noted = cache_location(name, key), None
+    rel, refused, unkept = cache_location(name, key), refusal_location(name, key), unkept_location(name, key)
+    outage, noted, deadline = Outage(), None, clock() + WAIT_LIMIT_S
     while True:
-        problem = _earlier_refusal(parent, refusal_location(name, key), device)
-        if problem is not None:
-            return None, problem, False
         try:
-            taken = lease.try_acquire(gone=process_gone)
+            found = _kept(parent, rel, refused, key, device)
+            if found is not None:
+                return (*found, False)
+            if parent.is_file(unkept) or clock() > deadline:
+                log("teacher targets: computing them beside the run that holds their lease (it did not keep them)")
+                return _build_and_keep(parent, rel, refused, unkept, key, build, device, log)
+            taken = _take(lease, log)
+            holder = lease.holder_now() if taken is False else None
         except ResourceError as exc:
-            log(f"teacher targets: no lease to take ({exc}); computing them without one")
-            table, problem = build()
-            return table, problem, problem is None
-        try:
-            table = _stored_table(parent, rel, key)  # by a holder that released the lease, or meanwhile
-            if table is not None:
-                return table, None, False
-            if taken:
+            if outage.lasted(clock()) >= LEASE_STALE_AFTER_S:
+                raise
+            log(f"teacher targets: storage did not answer ({exc}); looking again")
+            sleep(WAIT_POLL_S)
+            continue
+        outage.over()
+        if taken is None:
+            return _build_and_keep(parent, rel, refused, unkept, key, build, device, log)
+        if taken:
+            try:
+                found = _kept(parent, rel, refused, key, device)  # by a holder that released it meanwhile
+                if found is not None:
+                    return (*found, False)
                 with Heartbeat(lease, HEARTBEAT_S):
-                    table, problem = build()
-                return table, problem, problem is None
-        finally:
-            lease.release()  # a no-op unless taken
+                    return _build_and_keep(parent, rel, refused, unkept, key, build, device, log)
+            finally:
+                lease.release()
         if noted is None or clock() - noted >= WAIT_NOTE_EVERY_S:
-            holder = lease.holder_now() or "another run"
-            log(f"teacher targets: {holder} is computing them; waiting for {parent.uri(rel)}")
+            log(f"teacher targets: {holder or 'another run'} is computing them; waiting for {parent.uri(rel)}")
             noted = clock()
         sleep(WAIT_POLL_S)
+
+
+def _kept(parent: Storage, rel: str, refused: str, key: str, device: torch.device):
+    """(table, None) or (None, why refused) where a run kept either; None where neither is kept."""
+    problem = _earlier_refusal(parent, refused, device)
+    if problem is not None:
+        return None, problem
+    table = _stored_table(parent, rel, key)
+    return None if table is None else (table, None)
+
+
+def _take(lease: Lease, log) -> bool | None:
+    """Whether the lease was taken; None where it cannot be (its record refused: a read-only
+    grant). A failed read is an outage (ResourceError, for the caller to wait through)."""
+    try:
+        return lease.try_acquire(gone=process_gone)
+    except ResourceError:
+        current_record(lease.folder)  # raises where storage does not answer at all
+    try:  # reads answer, so the write failed, or its read-back did (then the record is ours: take it again)
+        return lease.try_acquire(gone=process_gone)
+    except ResourceError as exc:
+        log(f"teacher targets: no lease to take ({exc}); computing them without one")
+        return None
+
+
+def _build_and_keep(
+    parent, rel, refused, unkept, key, build, device, log
+) -> tuple[torch.Tensor | None, str | None, bool]:
+    table, problem = build()
+    if problem is not None:  # never kept as a table: its key would serve it forever
+        _keep_refusal(parent, refused, problem, device, log)
+        return None, problem, False
+    if not _keep_table(parent, rel, table, key, log):
+        with contextlib.suppress(ResourceError):  # best effort: waiters then compute beside, not in turn
+            parent.write_text(unkept, "the run that computed these targets could not keep them")
+    return table, None, True
 
 
 def _process_name() -> str:
     return f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
 
 
-def _keep_table(parent: Storage, rel: str, table: torch.Tensor, key: str, log) -> None:
+def _keep_table(parent: Storage, rel: str, table: torch.Tensor, key: str, log) -> bool:
     """Write the table for later runs. Best effort in a run of one worker, which holds the table
     already: a teacher in a folder this run may read but not write (`remem distill` from another's
     `s3://` checkpoint, a read-only grant) or a full disk would otherwise fail it, and each retry
     after computing the targets again. The other ranks of a DDP run read it back: there it must be."""
     try:
         parent.write_bytes(rel, _table_to_bytes(table, key))
+        return True
     except ResourceError as exc:
         if is_distributed():
             raise
         log(f"teacher targets not kept ({exc}); this run uses them, the next one computes them again")
+        return False
 
 
 def _computed_on(device: torch.device) -> dict[str, str]:
