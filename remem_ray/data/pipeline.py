@@ -209,12 +209,11 @@ class LoaderPipeline(DataPipeline):
         self.num_workers = num_workers
 
     def identity(self) -> str:
-        """Its resized crops are torchvision's RandomResizedCrop, drawn under the view's seed."""
-        if self.splits.augment.mode != "resized_crop":
-            return super().identity()
+        """Its crops of decoded images are torchvision's (RandomResizedCrop, RandomCrop), drawn under
+        the view's seed: its version, less the build's suffix (+cu130 and +cpu draw alike)."""
         import torchvision
 
-        return f"{super().identity()}|torchvision-{torchvision.__version__}"
+        return f"{super().identity()}|torchvision-{torchvision.__version__.split('+')[0]}"
 
     def train(self, batch_size: int, views: Views | None = None) -> EpochLoader:
         ds = self.splits.train if views is None else FixedViews(self.splits.train, views.count, views.seed)
