@@ -112,9 +112,11 @@ def test_a_best_student_the_scheduler_stopped_says_so_where_it_is_named():
 def test_remem_report_while_a_driver_runs_the_sweep_writes_an_interim_report(tmp_path):
     """It wrote the sweep folder's report.md and plots: a driver ending meanwhile wrote its final
     report, and the CLI's, of the state before, landed over it and stayed (a review's finding)."""
+    import itertools
+
     from remem_ray.leases import Lease
     from remem_ray.storage import Storage
-    from remem_ray.sweep.driver_lease import DRIVER_LEASE
+    from remem_ray.sweep.driver_lease import DRIVER_LEASE, live_driver
     from remem_ray.sweep.layout import SweepLayout
     from remem_ray.sweep.report import REPORT_FILE, report_folder, write_report
 
@@ -123,7 +125,11 @@ def test_remem_report_while_a_driver_runs_the_sweep_writes_an_interim_report(tmp
     assert folder.uri() == layout.experiment.uri() and line is None  # no driver: the sweep's own report
     driver = Lease(layout.experiment.child(DRIVER_LEASE), "driver h1 pid 7 (ab12cd34)", 60)
     assert driver.try_acquire()
-    folder, line = report_folder(layout)
+    ticks = itertools.count()  # a clock of one second a look
+    silent = lambda layout: live_driver(layout, sleep=lambda s: None, clock=ticks.__next__)  # noqa: E731
+    assert report_folder(layout, silent)[1] is None  # its holder shows no life: it has ended (on another host)
+    beating = lambda layout: live_driver(layout, sleep=lambda s: driver.renew(), clock=ticks.__next__)  # noqa: E731
+    folder, line = report_folder(layout, beating)
     assert folder.uri() == layout.experiment.uri("interim-report")
     assert line.startswith("sweep s: run by driver h1 pid 7 (ab12cd34): an interim report, in ")
     summary = SweepSummary("s", layout.experiment.uri(), METRIC, trials=[_row("a", 0.0, 0.9, 0.9, stopped=False)])

@@ -31,6 +31,7 @@ from remem_ray.sweep.layout import SweepLayout
 
 DRIVER_LEASE = "driver-lease"
 POLL_S = 2.0
+RENEW_EVERY_S = 5.0
 
 
 class SweepDriven(ResourceError):
@@ -82,6 +83,34 @@ def driving_holder(layout: SweepLayout) -> str | None:
     return None if current is None or current.released or process_gone(current) else current.holder
 
 
+def live_driver(
+    layout: SweepLayout,
+    watch_s: float = 2.5 * RENEW_EVERY_S,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> str | None:
+    """The holder of the sweep's driver lease if it shows life within `watch_s` (a beat: a driver
+    renews every few seconds); None if none holds it, or its holder shows none (a driver of
+    another host that was killed leaves its lease unreleased, and `driving_holder` names it)."""
+    holder = driving_holder(layout)
+    if holder is None:
+        return None
+    folder = layout.experiment.child(DRIVER_LEASE)
+    try:
+        first = current_record(folder)
+        deadline = clock() + watch_s
+        while first is not None and clock() < deadline:
+            sleep(1.0)
+            now = current_record(folder)
+            if now is None or now.released:
+                return None
+            if (now.generation, now.beat, now.token) != (first.generation, first.beat, first.token):
+                return now.holder
+    except ResourceError:
+        return None
+    return None
+
+
 def _holder() -> str:
     return f"driver {socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
 
@@ -91,7 +120,7 @@ def driving_lease(
     layout: SweepLayout,
     stale_after_s: float,
     show: Callable[[str], None],
-    renew_every_s: float = 5.0,
+    renew_every_s: float = RENEW_EVERY_S,
     on_lost: Callable[[], None] | None = None,
     after_taking: Callable[[], None] | None = None,
     resume: str = "remem sweep resume",
