@@ -166,7 +166,9 @@ class TeacherFinished:
     happens if the lease has passed on meanwhile: the registry refuses a holder whose
     generation a newer one has claimed, and the new holder publishes its own."""
 
-    def __init__(self, registry: TeacherRegistry, layout: SweepLayout, key: str, trial_id: str, lease: LeaseHandle):
+    def __init__(
+        self, registry: TeacherRegistry, layout: SweepLayout, key: str, trial_id: str, lease: LeaseHandle | None
+    ):
         self.registry, self.layout, self.key, self.trial_id, self.lease = registry, layout, key, trial_id, lease
         self.token = uuid.uuid4().hex  # tells this training's record from an older one of the same trial
         self.fit_called_at = time.time()
@@ -174,7 +176,7 @@ class TeacherFinished:
     def __call__(self) -> bool:
         """True if this training's folder became the set in use."""
         holder = f"{self.layout.name}/{self.trial_id}"
-        if LeaseWatch(self.lease).lost() is not None:
+        if self.lease is None or LeaseWatch(self.lease).lost() is not None:
             return False
         if not self.registry.publish(self.key, self.lease.generation, by=holder):
             return False
@@ -186,7 +188,7 @@ class TeacherFinished:
         """Its training diverged (rank 0): kept for the key, so none trains it again. Not by a
         holder whose lease has passed on (None: the error stays its run's own): the new holder
         trains on, and a record would fail every waiter of the key, and that holder, with it."""
-        if LeaseWatch(self.lease).lost() is not None:
+        if self.lease is not None and LeaseWatch(self.lease).lost() is not None:
             return None
         return self.registry.record_divergence(self.key, message)
 
