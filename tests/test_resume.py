@@ -108,3 +108,23 @@ def test_a_holder_that_loses_its_lease_stops_unsaved_and_the_new_holder_ends_it_
     fine_tune_teacher(LoopConfig(spec, str(output), session=successor, lease=session.new_holder.handle()))
     assert [r["epoch"] for r in successor.reports] == [2, 3]
     assert_bitwise_equal(_weights(tmp_path / "whole"), _weights(output))
+
+
+def test_a_holder_that_lost_its_lease_and_then_diverged_stops_as_a_lost_lease(tmp_path):
+    """The run raised its divergence before its lease check: Train retried it from its last
+    checkpoint (each retry diverging again, or stopping there), then the trial failed, where it
+    should have waited for the new holder, whose run may well train on (bf16 is not bit-exact)."""
+    diverging = {**SPEC, "teacher.rho": 10.0, "teacher.optimizer": {"name": "sgd", "lr": 10.0}}
+    spec = load_run_spec(None, diverging)
+    lease_folder = Storage(str(tmp_path / "lease"))
+    clock = [0.0]
+    first = Lease(lease_folder, "sweep-1/trial_a", 1.0, clock=lambda: clock[0])
+    assert first.try_acquire()
+    handle = first.handle()
+    second = Lease(lease_folder, "sweep-2/trial_b", 1.0, clock=lambda: clock[0])
+    assert not second.try_acquire()
+    clock[0] = 2.0
+    assert second.try_acquire()  # the first holder was paused past the stale window before its run
+    session = FileSession(tmp_path / "run.pt")
+    result = fine_tune_teacher(LoopConfig(spec, str(tmp_path / "out"), session=session, lease=handle))
+    assert "passed to sweep-2/trial_b" in result["stopped"] and session.reports == []

@@ -417,13 +417,8 @@ def _epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
             metrics[f"{split}_loss"], metrics[f"{split}_acc"] = loss, acc
         # a compiled model's first eval also compiles its eval-mode graph (grad mode is a guard)
         metrics["eval_seconds"] = time.perf_counter() - evaluated
-        _refuse_divergence(ctx, epoch, metrics)
-        metrics["epoch_seconds"] = time.perf_counter() - began
-        metrics["loop_seconds"] = sum(h["epoch_seconds"] for h in history) + metrics["epoch_seconds"]
-        metrics["peak_rss_mb"] = peak_rss_mb()
-        if ctx.device.type == "cuda":  # what this run's allocator held of the card at its peak
-            # (the CUDA context, a few hundred MiB per process, comes on top): sizes GPU shares
-            metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_reserved(ctx.device) / 2**20
+        # the lease before the divergence: a holder whose lease passed on stops without an error
+        # (Train would retry it), diverged or not; the new holder, resumed, may train on
         ctx.stopped = ctx.lease_lost()
         if ctx.stopped is not None:
             # declared stale (a long pause, a network blip): another holder resumes this run
@@ -432,6 +427,13 @@ def _epochs(ctx: LoopContext, task: Task) -> list[dict[str, Any]]:
                 f"({ctx.stopped}); its new holder goes on"
             )
             break
+        _refuse_divergence(ctx, epoch, metrics)
+        metrics["epoch_seconds"] = time.perf_counter() - began
+        metrics["loop_seconds"] = sum(h["epoch_seconds"] for h in history) + metrics["epoch_seconds"]
+        metrics["peak_rss_mb"] = peak_rss_mb()
+        if ctx.device.type == "cuda":  # what this run's allocator held of the card at its peak
+            # (the CUDA context, a few hundred MiB per process, comes on top): sizes GPU shares
+            metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_reserved(ctx.device) / 2**20
         if ctx.is_writer and ctx.lease is not None:  # the worst moment to pause: checked, not yet written
             hold_if_asked(f"{ctx.role}-checked", epoch, ctx.output.uri())
         history.append(metrics)
