@@ -249,7 +249,7 @@ def _built_once(
     where its holder could not keep its table (a full disk: it leaves an `.unkept` note), or past
     WAIT_LIMIT_S (a holder hung with its heartbeat beating). Storage that does not answer is
     waited through for the stale window, as lease holders ride out an outage."""
-    lease = Lease(parent.child(lease_location(name, key)), f"targets {_process_name()}", LEASE_STALE_AFTER_S)
+    lease = Lease(parent.child(lease_location(name, key)), _process_name(), LEASE_STALE_AFTER_S)
     rel, refused, unkept = cache_location(name, key), refusal_location(name, key), unkept_location(name, key)
     outage, noted, deadline = Outage(), None, clock() + WAIT_LIMIT_S
     while True:
@@ -323,7 +323,7 @@ def _build_and_keep(
 
 
 def _process_name() -> str:
-    return f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
+    return f"the run on {socket.gethostname()}, pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
 
 
 def _keep_table(parent: Storage, rel: str, table: torch.Tensor, key: str, log) -> bool:
