@@ -45,7 +45,9 @@ def test_batched_equals_unbatched():
 
 
 def test_teacher_information_reports_targets_and_logits_fixed_and_relative():
-    logits = torch.randn(400, 10, generator=torch.Generator().manual_seed(2)) * 3
+    # logits close enough together for sigma 0.1 to blur them: at x 3 both read log N, the
+    # ceiling (the comparison below passed by cdist's rounding, which made them differ)
+    logits = torch.randn(400, 10, generator=torch.Generator().manual_seed(2)) * 0.03
     labels = logits.argmax(-1)
     info = teacher_information(logits, labels, temperature=4.0)
     assert set(info) == {"targets/fixed", "targets/relative", "logits/fixed", "logits/relative"}
@@ -70,3 +72,32 @@ def test_expert_neurons_score_clearly_higher_than_dense_ones():
     dense = rng.uniform(0.0, 1.0, expert.shape)
     e, d = expertness_score(expert), expertness_score(dense)
     assert e > 0.8 and d < 0.4 and e > d + 0.5  # noise holds ~13 % of the expert mass off-block
+
+
+def test_outputs_that_collapsed_never_read_above_log_n():
+    """cdist's matrix-product form (its default above 25 rows) gave each point a distance to itself
+    of about 1e-8, as large as any other between collapsed outputs: the relative estimate read 50
+    nats for 512 of them, log 512 being 6.24 (a review's finding)."""
+    same = torch.full((512, 10), 0.1)
+    for view in teacher_information(same, torch.arange(512) % 10, temperature=4.0).values():
+        assert view["i_xt_upper"] == pytest.approx(0.0, abs=1e-9)
+    barely = same + 1e-7 * torch.randn(512, 10, generator=torch.Generator().manual_seed(0))
+    for view in teacher_information(barely, torch.arange(512) % 10, temperature=4.0).values():
+        assert view["i_xt_lower"] <= view["i_xt_upper"] <= math.log(512) + 1e-9
+
+
+def test_the_headline_mi_reads_a_collapsed_teacher_as_empty_and_input_specific_outputs_as_full():
+    """The relative estimate, the headline before, gave near-uniform targets that barely vary (an
+    untrained teacher's) close to log N, more than any trained teacher (a review's finding)."""
+    from remem_ray.insight.information import headline_mi
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 10
+    collapsed = 0.01 * torch.randn(400, 10, generator=g)  # logits that barely vary
+    classes = 12.0 * torch.nn.functional.one_hot(labels, 10).double()
+    specific = classes + 3.0 * torch.randn(400, 10, generator=g).double()  # and each input its own
+    assert teacher_information(collapsed, labels, 4.0)["targets/relative"]["i_xt_upper"] > 5.5  # why it was wrong
+    assert headline_mi(teacher_information(collapsed, labels, 4.0)) < 0.01
+    by_class = headline_mi(teacher_information(classes, labels, 4.0))
+    assert by_class == pytest.approx(math.log(10), rel=1e-3)  # class identity only: log C
+    assert headline_mi(teacher_information(specific, labels, 4.0)) > by_class + 1.0  # input-specific: more

@@ -165,7 +165,7 @@ def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys
     info = meta["teacher"]["information"]  # the teacher's MI, recorded at its checkpoint
     assert set(info) == {"targets/fixed", "targets/relative", "logits/fixed", "logits/relative"}
     assert 0.0 <= info["targets/relative"]["i_xt_lower"] <= info["targets/relative"]["i_xt_upper"]
-    assert meta["teacher"]["metrics"]["teacher_mi"] == info["targets/relative"]["i_xt_upper"]
+    assert meta["teacher"]["metrics"]["teacher_mi"] == info["targets/fixed"]["i_xt_upper"]
 
     assert main(["distill", str(spec), "--teacher-epoch", "1"]) == 0
     meta = json.loads((Path(best_checkpoint(Storage(str(run / "student")))) / "meta.json").read_text())

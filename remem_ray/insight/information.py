@@ -16,8 +16,11 @@ not a bound. Everything is in nats (divide by log 2 for bits).
 
 The estimate depends on the output scale: with a fixed sigma it tracks the norm of the
 teacher's logits. So report it on the distillation targets (softmax at the KD temperature) and
-on logits, with sigma fixed and relative to the outputs' own median pairwise distance; the
-scale-free (relative) one is what compares teachers.
+on logits, with sigma fixed and relative to the outputs' own median pairwise distance. The
+headline, which compares teachers, is the fixed one on the targets: softmax outputs live in the
+simplex, whose scale is the students' too. The relative one is blind to how far apart the
+outputs are: near-uniform targets that barely vary (an untrained or collapsed teacher) read
+close to log N there, the most information a teacher could carry, and about 0 here.
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ from torch import nn
 _KERNEL_DIVISOR = {"kl": 2.0, "bhattacharyya": 8.0}
 
 
+def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # exact, not cdist's matrix-product form (its default above 25 rows): that one gives a point a
+    # distance to itself of about 1e-8, which for outputs that collapsed is as large as any other,
+    # and the relative estimate then read 50 nats where log N is the ceiling (a review's finding)
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def _pairwise_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(a, b).pow_(2)
+    return _distances(a, b).pow_(2)
 
 
 def _mean_neg_log_mixture(outputs: torch.Tensor, sigma: float, kernel: str, batch: int = 1024) -> float:
@@ -50,7 +60,7 @@ def median_pairwise_distance(outputs: torch.Tensor, max_points: int = 2000, seed
     g = torch.Generator().manual_seed(seed)
     if outputs.shape[0] > max_points:
         outputs = outputs[torch.randperm(outputs.shape[0], generator=g)[:max_points]]
-    d = torch.cdist(outputs, outputs)
+    d = _distances(outputs, outputs)
     iu = torch.triu_indices(d.shape[0], d.shape[0], offset=1)
     return float(d[iu[0], iu[1]].median())
 
@@ -158,7 +168,7 @@ def checkpoint_information(
     return teacher_information(logits, labels, temperature)
 
 
-HEADLINE_MI = ("targets/relative", "i_xt_upper")  # the scale-free number the information plane uses
+HEADLINE_MI = ("targets/fixed", "i_xt_upper")  # the number the information plane uses (module doc: why not relative)
 
 
 def headline_mi(information: dict[str, dict]) -> float:

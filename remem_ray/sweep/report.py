@@ -59,7 +59,7 @@ AXES = {
         "Student vs teacher accuracy per trial",
     ),
     "information_plane": (
-        "teacher I(X; T) upper bound, targets, sigma relative (nats)",
+        "teacher I(X; T) upper bound, targets, sigma 0.1 (nats)",
         "teacher val error (fraction)",
         "Information plane of the teacher checkpoints",
     ),
@@ -377,8 +377,8 @@ def _markdown(summary: SweepSummary, importances: Importances) -> str:
         "",
     ]
     lines += [
-        "Teacher MI: upper bound of I(X; T) on the distillation targets with the noise scale relative "
-        "to each teacher's median pairwise distance, in nats (see remem_ray/insight/information.py).",
+        "Teacher MI: upper bound of I(X; T) on the distillation targets (softmax at temperature 4) with "
+        "a fixed noise scale (sigma 0.1), in nats (see remem_ray/insight/information.py).",
         "",
     ]
     return "\n".join(lines)
