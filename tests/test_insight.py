@@ -101,3 +101,13 @@ def test_the_headline_mi_reads_a_collapsed_teacher_as_empty_and_input_specific_o
     by_class = headline_mi(teacher_information(classes, labels, 4.0))
     assert by_class == pytest.approx(math.log(10), rel=1e-3)  # class identity only: log C
     assert headline_mi(teacher_information(specific, labels, 4.0)) > by_class + 1.0  # input-specific: more
+
+
+def test_measuring_expertness_leaves_the_model_in_the_mode_it_was_in():
+    from remem_ray.insight.expertness import neuron_by_class
+    from remem_ray.models import create_model, normalizer_for
+
+    model = create_model("vit_micro_patch4", 3, 16, {"depth": 1, "embed_dim": 16, "num_heads": 2}).train()
+    images, labels = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    matrices = neuron_by_class(model, normalizer_for(model), [(images, labels)], 3, torch.device("cpu"))
+    assert len(matrices) == 1 and model.training

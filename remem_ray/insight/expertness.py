@@ -50,6 +50,7 @@ def neuron_by_class(
         return record
 
     handles = [mlp_activation(b).register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    was_training = model.training
     model.eval()
     try:
         for images, labels in loader:
@@ -62,6 +63,7 @@ def neuron_by_class(
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     return [(sums[i] / counts.clamp(min=1)).numpy() for i in range(len(blocks))]
 
 
