@@ -358,6 +358,10 @@ def test_a_table_its_holder_could_not_keep_is_computed_beside_not_in_turn(tmp_pa
     again, info2 = load_or_build_targets(spec, location, *args, log=later.append)
     assert info2["built"] and torch.equal(again, table)
     assert later[0] == "teacher targets: computing them beside the run that holds their lease (it did not keep them)"
+    monkeypatch.setattr(Storage, "write_bytes", written)  # room made: kept at last, and the note goes
+    (tmp_path / "teacher" / "targets" / info["location"].rsplit("/", 1)[1]).unlink(missing_ok=True)
+    _, kept = load_or_build_targets(spec, location, *args, log=lambda m: None)
+    assert kept["built"] and [p.suffix for p in _kept(tmp_path / "teacher" / "targets")] == [".pt"]
 
 
 def test_a_storage_blip_while_looking_for_targets_is_waited_through(tmp_path, monkeypatch):

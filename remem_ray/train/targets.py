@@ -316,9 +316,12 @@ def _build_and_keep(
     if problem is not None:  # never kept as a table: its key would serve it forever
         _keep_refusal(parent, refused, problem, device, log)
         return None, problem, False
-    if not _keep_table(parent, rel, table, key, log):
-        with contextlib.suppress(ResourceError):  # best effort: waiters then compute beside, not in turn
+    kept = _keep_table(parent, rel, table, key, log)
+    with contextlib.suppress(ResourceError):  # best effort: waiters then compute beside, not in turn
+        if not kept:
             parent.write_text(unkept, "the run that computed these targets could not keep them")
+        elif parent.is_file(unkept):  # kept at last (room made): runs share the lease again
+            parent.delete_file(unkept)
     return table, None, True
 
 
