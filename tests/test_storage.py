@@ -498,13 +498,30 @@ def test_preflight_on_aws_refuses_a_region_the_bucket_is_not_in(moto_endpoint, m
     west = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-west-2")
     west.create_bucket(Bucket="west-bucket", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)  # AWS, as boto3 sees it: no storage.endpoint
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)  # boto3's own setting: no storage.endpoint
+    preflight("s3://west-bucket/r", None, "us-east-1")  # a server that is not AWS: regions are its business
+    import importlib
+
+    preflight_module = importlib.import_module("remem_ray.storage.preflight")  # the package names the function
+    monkeypatch.setattr(preflight_module, "_on_aws", lambda client: True)  # moto, standing in for AWS
     with pytest.raises(
         ResourceError, match=r"^storage\.region: bucket 'west-bucket' of storage\.root s3://west-bucket/r "
     ):
         preflight("s3://west-bucket/r", None, "us-east-1")
     preflight("s3://west-bucket/r", None, "us-west-2")  # its own region passes
-    preflight("s3://west-bucket/r", moto_endpoint, "us-east-1")  # another S3 server: regions are its business
+
+
+def test_only_aws_hosts_count_as_aws():
+    from types import SimpleNamespace
+
+    from remem_ray.storage.preflight import _on_aws
+
+    def client(url):
+        return SimpleNamespace(meta=SimpleNamespace(endpoint_url=url))
+
+    assert _on_aws(client("https://s3.amazonaws.com")) and _on_aws(client("https://s3.us-west-2.amazonaws.com"))
+    assert _on_aws(client("https://s3.cn-north-1.amazonaws.com.cn"))
+    assert not _on_aws(client("http://minio.internal:9000")) and not _on_aws(client("http://127.0.0.1:8333"))
 
 
 def test_pyarrows_word_on_a_bucket_in_another_region_says_which_field_to_set():

@@ -154,7 +154,7 @@ def _check_bucket(session, root: str, endpoint: str | None, region: str, field: 
         raise ResourceError(
             f"storage: cannot reach bucket {bucket!r}{where} for {field} {root}: {one_line(exc)}"
         ) from None
-    if not endpoint:  # AWS: other S3 servers ignore regions, or say nothing of them
+    if _on_aws(client):  # other S3 servers ignore regions, or name one of their own
         located = _bucket_region(client, bucket)
         if located and located != region:
             # boto3 follows S3's redirect to the bucket's region, so the listing passed; pyarrow, with
@@ -163,6 +163,13 @@ def _check_bucket(session, root: str, endpoint: str | None, region: str, field: 
                 f"storage.region: bucket {bucket!r} of {field} {root} is in {located}, not {region}: set "
                 f"storage.region: {located} in the spec (or AWS_REGION)"
             )
+
+
+def _on_aws(client) -> bool:
+    """Whether boto3 addresses AWS itself (no storage.endpoint, and none of boto3's own endpoint
+    settings either: AWS_ENDPOINT_URL_S3 or a profile's endpoint_url may name a MinIO)."""
+    host = urlsplit(client.meta.endpoint_url or "").hostname or ""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
 def _bucket_region(client, bucket: str) -> str | None:
