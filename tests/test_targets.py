@@ -357,7 +357,7 @@ def test_a_table_its_holder_could_not_keep_is_computed_beside_not_in_turn(tmp_pa
     later: list[str] = []
     again, info2 = load_or_build_targets(spec, location, *args, log=later.append)
     assert info2["built"] and torch.equal(again, table)
-    assert later[0] == "teacher targets: computing them beside the run that holds their lease (it did not keep them)"
+    assert later[0] == "teacher targets: the run that computed them could not keep them; computing them here"
     monkeypatch.setattr(Storage, "write_bytes", written)  # room made: kept at last, and the note goes
     (tmp_path / "teacher" / "targets" / info["location"].rsplit("/", 1)[1]).unlink(missing_ok=True)
     _, kept = load_or_build_targets(spec, location, *args, log=lambda m: None)
@@ -413,3 +413,30 @@ def test_a_refusal_kept_while_the_lease_was_being_taken_is_not_computed_again(tm
     with pytest.raises(CheckpointError, match="non-finite logits .refused before"):
         load_or_build_targets(spec, storage.uri("epoch_1"), *asked, log=lambda m: None)
     assert computed == []
+
+
+def test_a_lease_record_refused_once_by_a_busy_server_is_an_outage_not_a_read_only_grant(tmp_path, monkeypatch):
+    """Any failed write of the lease's record counted as a read-only grant: the run computed the
+    targets without the lease, beside a live holder (a review's finding). Only a refusal is one."""
+    from remem_ray.errors import ResourceError
+    from remem_ray.train import targets as targets_module
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    monkeypatch.setattr(targets_module, "WAIT_POLL_S", 0.0)
+    created, busy = Storage.create_exclusive, [1, 2]
+
+    def slow_down(self, rel, data):
+        if "targets" in self.uri(rel) and busy:
+            busy.pop()
+            raise ResourceError(f"storage: cannot write {self.uri(rel)}: 503 Slow Down")
+        return created(self, rel, data)
+
+    monkeypatch.setattr(Storage, "create_exclusive", slow_down)
+    said: list[str] = []
+    _, info = load_or_build_targets(
+        spec, storage.uri("epoch_1"), teacher, normalizer_for(teacher), _loader(splits), True, log=said.append
+    )
+    assert info["built"] and not busy
+    assert not any("no lease to take" in line for line in said)
+    assert said[0].startswith("teacher targets: storage did not answer") and "503 Slow Down" in said[0]
+    assert (tmp_path / "teacher" / "targets" / f"epoch_1-{info['key']}.lease").is_dir()  # computed under it

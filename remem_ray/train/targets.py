@@ -36,7 +36,7 @@ from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, LEASE_STALE_AFTER_S, Ru
 from remem_ray.data.datasets import num_items
 from remem_ray.data.pipeline import DataPipeline, Views
 from remem_ray.errors import ResourceError
-from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, Outage, current_record, process_gone
+from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, Outage, process_gone
 from remem_ray.storage import Storage
 from remem_ray.teacher_layout import TARGETS_DIR
 from remem_ray.train.common import autocast, is_distributed, rank0_says
@@ -200,7 +200,21 @@ def load_or_build_targets(
             return built, _non_finite(built, teacher_location)
 
         try:
-            table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log)
+            if is_distributed():
+                # the other ranks wait in a collective meanwhile, which Train ends after 30 min: no
+                # lease to wait on too (a DDP student computes its table at once, as it always did)
+                table, problem, info["built"] = _build_and_keep(
+                    parent,
+                    rel,
+                    refusal_location(name, key),
+                    unkept_location(name, key),
+                    key,
+                    build,
+                    pipeline.device,
+                    log,
+                )
+            else:
+                table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log)
         except Exception as exc:  # out of memory, storage: the other ranks must hear of it too
             problem, failure = f"student.teacher_targets: rank 0 could not build the cache: {exc}", exc
     # every rank, before the barrier: a rank 0 that raised alone would leave the others waiting there
@@ -251,33 +265,46 @@ def _built_once(
     waited through for the stale window, as lease holders ride out an outage."""
     lease = Lease(parent.child(lease_location(name, key)), _process_name(), LEASE_STALE_AFTER_S)
     rel, refused, unkept = cache_location(name, key), refusal_location(name, key), unkept_location(name, key)
+
+    def build_and_keep() -> tuple[torch.Tensor | None, str | None, bool]:
+        return _build_and_keep(parent, rel, refused, unkept, key, build, device, log)
+
     outage, noted, deadline = Outage(), None, clock() + WAIT_LIMIT_S
     while True:
+        taken: bool | None = False
         try:
             found = _kept(parent, rel, refused, key, device)
-            if found is not None:
-                return (*found, False)
-            if parent.is_file(unkept) or clock() > deadline:
-                log("teacher targets: computing them beside the run that holds their lease (it did not keep them)")
-                return _build_and_keep(parent, rel, refused, unkept, key, build, device, log)
-            taken = _take(lease, log)
-            holder = lease.holder_now() if taken is False else None
+            if found is None and parent.is_file(unkept):
+                log("teacher targets: the run that computed them could not keep them; computing them here")
+                return build_and_keep()
+            if found is None and clock() > deadline:
+                hours = WAIT_LIMIT_S / 3600
+                log(f"teacher targets: waited {hours:.0f} h for the run computing them; computing them here")
+                return build_and_keep()
+            if found is None:
+                taken = _take(lease, log)
+                if taken:  # a holder that kept them and released the lease meanwhile
+                    found = _kept(parent, rel, refused, key, device)
+            holder = lease.holder_now() if found is None and taken is False else None
         except ResourceError as exc:
+            if taken:
+                lease.release()
             if outage.lasted(clock()) >= LEASE_STALE_AFTER_S:
                 raise
             log(f"teacher targets: storage did not answer ({exc}); looking again")
             sleep(WAIT_POLL_S)
             continue
         outage.over()
+        if found is not None:
+            if taken:
+                lease.release()
+            return (*found, False)
         if taken is None:
-            return _build_and_keep(parent, rel, refused, unkept, key, build, device, log)
+            return build_and_keep()
         if taken:
             try:
-                found = _kept(parent, rel, refused, key, device)  # by a holder that released it meanwhile
-                if found is not None:
-                    return (*found, False)
                 with Heartbeat(lease, HEARTBEAT_S):
-                    return _build_and_keep(parent, rel, refused, unkept, key, build, device, log)
+                    return build_and_keep()
             finally:
                 lease.release()
         if noted is None or clock() - noted >= WAIT_NOTE_EVERY_S:
@@ -295,22 +322,36 @@ def _kept(parent: Storage, rel: str, refused: str, key: str, device: torch.devic
     return None if table is None else (table, None)
 
 
+# what storage says when it will not take the lease's record, whatever the retries: no lease here
+_REFUSED_WRITES = ("AccessDenied", "Access Denied", "Permission denied", "Read-only file system", "No space left")
+
+
 def _take(lease: Lease, log) -> bool | None:
-    """Whether the lease was taken; None where it cannot be (its record refused: a read-only
-    grant). A failed read is an outage (ResourceError, for the caller to wait through)."""
+    """Whether the lease was taken; None where storage refuses its record (a read-only grant, a
+    full disk). Any other error is an outage (ResourceError, for the caller to wait through)."""
     try:
         return lease.try_acquire(gone=process_gone)
-    except ResourceError:
-        current_record(lease.folder)  # raises where storage does not answer at all
-    try:  # reads answer, so the write failed, or its read-back did (then the record is ours: take it again)
+    except ResourceError as exc:
+        if not any(words in str(exc) for words in _REFUSED_WRITES):
+            raise
+    try:  # refused once; a record created whose read-back failed is ours, and taken again
         return lease.try_acquire(gone=process_gone)
     except ResourceError as exc:
+        if not any(words in str(exc) for words in _REFUSED_WRITES):
+            raise
         log(f"teacher targets: no lease to take ({exc}); computing them without one")
         return None
 
 
 def _build_and_keep(
-    parent, rel, refused, unkept, key, build, device, log
+    parent: Storage,
+    rel: str,
+    refused: str,
+    unkept: str,
+    key: str,
+    build: Callable[[], tuple[torch.Tensor, str | None]],
+    device: torch.device,
+    log,
 ) -> tuple[torch.Tensor | None, str | None, bool]:
     table, problem = build()
     if problem is not None:  # never kept as a table: its key would serve it forever
