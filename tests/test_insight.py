@@ -111,3 +111,16 @@ def test_measuring_expertness_leaves_the_model_in_the_mode_it_was_in():
     images, labels = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
     matrices = neuron_by_class(model, normalizer_for(model), [(images, labels)], 3, torch.device("cpu"))
     assert len(matrices) == 1 and model.training
+
+
+def test_a_students_teacher_mi_follows_todays_headline_not_the_one_its_teacher_was_trained_under():
+    """Teachers in a registry outlive a change of headline: a student reported the number its
+    teacher had reported when trained (the relative estimate, before 2026-12-07), so a sweep's
+    information plane could put both definitions on one axis (a review's finding)."""
+    from remem_ray.train.student import teacher_mi_of
+
+    information = {"targets/fixed": {"i_xt_upper": 1.25}, "targets/relative": {"i_xt_upper": 6.2}}
+    trained_before = {"metrics": {"teacher_mi": 6.2, "val_acc": 0.5}, "information": information}
+    assert teacher_mi_of(trained_before) == 1.25
+    assert teacher_mi_of({"metrics": {"teacher_mi": 0.7}}) == 0.7  # no family recorded: what it reported
+    assert math.isnan(teacher_mi_of({"metrics": {}}))
