@@ -236,12 +236,17 @@ def cmd_sweep_stop(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from remem_ray.sweep import sweep_summary
+    from remem_ray.sweep.driver_lease import live_driver
     from remem_ray.sweep.layout import SweepLayout
     from remem_ray.sweep.report import report_folder, write_report
 
     spec = _located(args)
     layout = SweepLayout.of(spec)
-    folder, interim = report_folder(layout)
+
+    def alive(layout: SweepLayout) -> str | None:
+        return live_driver(layout, spec.sweep.lease_stale_after_s, note=lambda line: print(line, file=sys.stderr))
+
+    folder, interim = report_folder(layout, alive)
     if interim is not None:
         print(interim, file=sys.stderr)
     paths = write_report(sweep_summary(spec), layout, folder)

@@ -121,14 +121,15 @@ def test_remem_report_while_a_driver_runs_the_sweep_writes_an_interim_report(tmp
     from remem_ray.sweep.report import REPORT_FILE, report_folder, write_report
 
     layout = SweepLayout(Storage(str(tmp_path)), "s")
-    folder, line = report_folder(layout)
+    watched = lambda layout: live_driver(layout, 60.0)  # noqa: E731  (returns at once without a live holder)
+    folder, line = report_folder(layout, watched)
     assert folder.uri() == layout.experiment.uri() and line is None  # no driver: the sweep's own report
     driver = Lease(layout.experiment.child(DRIVER_LEASE), "driver h1 pid 7 (ab12cd34)", 60)
     assert driver.try_acquire()
     ticks = itertools.count()  # a clock of one second a look
-    silent = lambda layout: live_driver(layout, sleep=lambda s: None, clock=ticks.__next__)  # noqa: E731
+    silent = lambda layout: live_driver(layout, 60.0, sleep=lambda s: None, clock=ticks.__next__)  # noqa: E731
     assert report_folder(layout, silent)[1] is None  # its holder shows no life: it has ended (on another host)
-    beating = lambda layout: live_driver(layout, sleep=lambda s: driver.renew(), clock=ticks.__next__)  # noqa: E731
+    beating = lambda layout: live_driver(layout, 60.0, sleep=lambda s: driver.renew(), clock=ticks.__next__)  # noqa: E731
     folder, line = report_folder(layout, beating)
     assert folder.uri() == layout.experiment.uri("interim-report")
     assert line.startswith("sweep s: run by driver h1 pid 7 (ab12cd34): an interim report, in ")
@@ -137,7 +138,18 @@ def test_remem_report_while_a_driver_runs_the_sweep_writes_an_interim_report(tmp
     assert paths["report"] == folder.uri(REPORT_FILE) and folder.is_file(REPORT_FILE)
     assert not layout.experiment.is_file(REPORT_FILE)  # the driver's to write
     driver.release()
-    assert report_folder(layout)[0].uri() == layout.experiment.uri()
+    assert report_folder(layout, watched)[0].uri() == layout.experiment.uri()
     # a driver of this host killed before it released: no driver runs the sweep
     leave_lease_held_by_an_ended_process(layout.experiment.child(DRIVER_LEASE), "driver h1 pid 8 (ef56ab78)")
-    assert report_folder(layout)[0].uri() == layout.experiment.uri()
+    assert report_folder(layout, watched)[0].uri() == layout.experiment.uri()
+
+
+def test_the_reports_words_on_teacher_mi_name_the_settings_it_is_measured_with():
+    """The report module stays torch-free (drivers import it), so it spells the numbers out."""
+    from remem_ray.insight.information import FIXED_SIGMA, HEADLINE_MI, MI_REFERENCE_TEMPERATURE
+    from remem_ray.sweep.report import AXES, Importances, _markdown
+
+    assert HEADLINE_MI == ("targets/fixed", "i_xt_upper")
+    assert f"sigma {FIXED_SIGMA:g} (nats)" in AXES["information_plane"][0]
+    text = _markdown(SweepSummary("s", "e", METRIC), Importances({}))
+    assert f"temperature {MI_REFERENCE_TEMPERATURE:g}) with a fixed noise scale (sigma {FIXED_SIGMA:g})" in text

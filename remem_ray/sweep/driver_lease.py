@@ -85,16 +85,21 @@ def driving_holder(layout: SweepLayout) -> str | None:
 
 def live_driver(
     layout: SweepLayout,
-    watch_s: float = 2.5 * RENEW_EVERY_S,
+    watch_s: float,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    note: Callable[[str], None] = lambda line: None,
 ) -> str | None:
     """The holder of the sweep's driver lease if it shows life within `watch_s` (a beat: a driver
-    renews every few seconds); None if none holds it, or its holder shows none (a driver of
-    another host that was killed leaves its lease unreleased, and `driving_holder` names it)."""
+    renews every few seconds, but skips beats while storage does not answer it, up to the stale
+    window: watch that long to be sure); None if none holds it, or its holder shows none (a driver
+    of another host that was killed leaves its lease unreleased, and `driving_holder` names it)."""
     holder = driving_holder(layout)
     if holder is None:
         return None
+    note(
+        f"sweep {layout.name}: its driver lease is held by {holder}; looking for a sign of life (up to {watch_s:.0f} s)"
+    )
     folder = layout.experiment.child(DRIVER_LEASE)
     try:
         first = current_record(folder)

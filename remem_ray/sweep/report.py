@@ -328,16 +328,12 @@ def write_report(summary: SweepSummary, layout: SweepLayout, folder: Storage | N
     return {**{k: folder.uri(PLOTS[k]) for k in images}, "report": folder.uri(REPORT_FILE)}
 
 
-def report_folder(
-    layout: SweepLayout, live_driver: Callable[[SweepLayout], str | None] | None = None
-) -> tuple[Storage, str | None]:
+def report_folder(layout: SweepLayout, live_driver: Callable[[SweepLayout], str | None]) -> tuple[Storage, str | None]:
     """Where `remem report` writes: the sweep folder, or `interim-report/` in it while a live driver
-    runs the sweep (with the line that says so; a holder that shows no life for a few seconds has
-    ended). That driver writes the sweep folder's report as
-    it ends, and a report of the state before, written over it a moment later, would stay."""
-    from remem_ray.sweep import driver_lease
-
-    holder = (live_driver or driver_lease.live_driver)(layout)
+    runs the sweep (`live_driver`: its holder, if it shows life; driver_lease.live_driver), with
+    the line that says so. That driver writes the sweep folder's report as it ends, and a report of
+    the state before, written over it a moment later, would stay."""
+    holder = live_driver(layout)
     if holder is None:
         return layout.experiment, None
     folder = layout.experiment.child(INTERIM_DIR)
