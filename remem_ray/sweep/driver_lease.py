@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from remem_ray.errors import ResourceError
-from remem_ray.leases import Heartbeat, Lease, current_record, process_gone
+from remem_ray.leases import Heartbeat, Lease, LeaseRecord, current_record, process_gone
 from remem_ray.sweep.layout import SweepLayout
 
 DRIVER_LEASE = "driver-lease"
@@ -76,11 +76,22 @@ class DriverLease:
 def driving_holder(layout: SweepLayout) -> str | None:
     """Who holds the sweep's driver lease now, if anyone (storage not answering: unknown, None);
     not a holder that was a process of this host and has ended (killed, say: it never released)."""
+    current = _held_record(layout)
+    return None if current is None else current.holder
+
+
+def _held_record(layout: SweepLayout) -> LeaseRecord | None:
+    """driving_holder's record (None: none held, ended here, or storage not answering)."""
     try:
         current = current_record(layout.experiment.child(DRIVER_LEASE))
     except ResourceError:
         return None
-    return None if current is None or current.released or process_gone(current) else current.holder
+    return None if current is None or current.released or process_gone(current) else current
+
+
+def _signature(record: LeaseRecord) -> tuple[int, int, str]:
+    """What changes when a holder shows life: a beat, a newer generation, another taker."""
+    return (record.generation, record.beat, record.token)
 
 
 def live_driver(
@@ -94,22 +105,22 @@ def live_driver(
     renews every few seconds, but skips beats while storage does not answer it, up to the stale
     window: watch that long to be sure); None if none holds it, or its holder shows none (a driver
     of another host that was killed leaves its lease unreleased, and `driving_holder` names it)."""
-    holder = driving_holder(layout)
-    if holder is None:
+    first = _held_record(layout)
+    if first is None:
         return None
     note(
-        f"sweep {layout.name}: its driver lease is held by {holder}; looking for a sign of life (up to {watch_s:.0f} s)"
+        f"sweep {layout.name}: its driver lease is held by {first.holder}; looking for a sign of life "
+        f"(up to {watch_s:.0f} s)"
     )
     folder = layout.experiment.child(DRIVER_LEASE)
+    deadline = clock() + watch_s
     try:
-        first = current_record(folder)
-        deadline = clock() + watch_s
-        while first is not None and clock() < deadline:
+        while clock() < deadline:
             sleep(1.0)
             now = current_record(folder)
             if now is None or now.released:
                 return None
-            if (now.generation, now.beat, now.token) != (first.generation, first.beat, first.token):
+            if _signature(now) != _signature(first):
                 return now.holder
     except ResourceError:
         return None
@@ -182,7 +193,7 @@ def _take(
                 raise SweepDriven(f"sweep: cannot take the driver lease at {lease.folder.uri()} (storage lags?)")
             sleep(POLL_S / 4)
             continue
-        signature = (current.generation, current.beat, current.token)
+        signature = _signature(current)
         alive = first is not None and signature != first
         if alive or clock() >= deadline:
             raise SweepDriven(

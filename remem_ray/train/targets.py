@@ -203,16 +203,7 @@ def load_or_build_targets(
             if is_distributed():
                 # the other ranks wait in a collective meanwhile, which Train ends after 30 min: no
                 # lease to wait on too (a DDP student computes its table at once, as it always did)
-                table, problem, info["built"] = _build_and_keep(
-                    parent,
-                    rel,
-                    refusal_location(name, key),
-                    unkept_location(name, key),
-                    key,
-                    build,
-                    pipeline.device,
-                    log,
-                )
+                table, problem, info["built"] = _build_and_keep(parent, name, key, build, pipeline.device, log)
             else:
                 table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log)
         except Exception as exc:  # out of memory, storage: the other ranks must hear of it too
@@ -267,7 +258,7 @@ def _built_once(
     rel, refused, unkept = cache_location(name, key), refusal_location(name, key), unkept_location(name, key)
 
     def build_and_keep() -> tuple[torch.Tensor | None, str | None, bool]:
-        return _build_and_keep(parent, rel, refused, unkept, key, build, device, log)
+        return _build_and_keep(parent, name, key, build, device, log)
 
     outage, noted, deadline = Outage(), None, clock() + WAIT_LIMIT_S
     while True:
@@ -329,30 +320,26 @@ _REFUSED_WRITES = ("AccessDenied", "Access Denied", "Permission denied", "Read-o
 def _take(lease: Lease, log) -> bool | None:
     """Whether the lease was taken; None where storage refuses its record (a read-only grant, a
     full disk). Any other error is an outage (ResourceError, for the caller to wait through)."""
-    try:
-        return lease.try_acquire(gone=process_gone)
-    except ResourceError as exc:
-        if not any(words in str(exc) for words in _REFUSED_WRITES):
-            raise
-    try:  # refused once; a record created whose read-back failed is ours, and taken again
-        return lease.try_acquire(gone=process_gone)
-    except ResourceError as exc:
-        if not any(words in str(exc) for words in _REFUSED_WRITES):
-            raise
-        log(f"teacher targets: no lease to take ({exc}); computing them without one")
-        return None
+    for attempt in (1, 2):  # refused once: a record created whose read-back failed is ours, taken again
+        try:
+            return lease.try_acquire(gone=process_gone)
+        except ResourceError as exc:
+            if not any(words in str(exc) for words in _REFUSED_WRITES):
+                raise
+            if attempt == 2:
+                log(f"teacher targets: no lease to take ({exc}); computing them without one")
+    return None
 
 
 def _build_and_keep(
     parent: Storage,
-    rel: str,
-    refused: str,
-    unkept: str,
+    name: str,
     key: str,
     build: Callable[[], tuple[torch.Tensor, str | None]],
     device: torch.device,
     log,
 ) -> tuple[torch.Tensor | None, str | None, bool]:
+    rel, refused, unkept = cache_location(name, key), refusal_location(name, key), unkept_location(name, key)
     table, problem = build()
     if problem is not None:  # never kept as a table: its key would serve it forever
         _keep_refusal(parent, refused, problem, device, log)
