@@ -729,6 +729,7 @@ class ResourcesConfig(StrictModel):
 
 MAX_NUM_SAMPLES = 10000
 LEASE_STALE_AFTER_S = 60.0  # the default; remem_ray.sweep.registry holds leases to it
+TEACHER_WAIT_TIMEOUT_S = 6 * 3600.0  # the default longest wait for another's teacher, student or targets
 
 
 class SweepConfig(StrictModel):
@@ -749,7 +750,10 @@ class SweepConfig(StrictModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_failures: int = Field(2, ge=0, le=100, description="retries of a failed trial / Train run")
     teacher_wait_timeout_s: float = Field(
-        6 * 3600, gt=0, description="longest a trial waits for another's teacher or student, or for a Train run slot"
+        TEACHER_WAIT_TIMEOUT_S,
+        gt=0,
+        description="longest a trial waits for another's teacher or student, or for a Train run slot; a student run, "
+        "for the teacher targets another run computes",
     )
     lease_stale_after_s: float = Field(
         LEASE_STALE_AFTER_S,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
-from remem_ray.config import RunSpec
+from remem_ray.config import LEASE_STALE_AFTER_S, TEACHER_WAIT_TIMEOUT_S, RunSpec
 from remem_ray.leases import LeaseHandle
 
 # ------------------------------------------------------------------ report keys
@@ -114,6 +114,9 @@ class LoopConfig:
     # a student's: () -> where its teacher's checkpoint is now (a registry's set in use can move
     # when a broken set is retrained), asked when the one it was given fails its sha256 check
     teacher_now: Callable[[], str | None] | bytes | None = None
+    # the sweep's lease settings, for the leases a loop takes itself (a student's teacher targets)
+    lease_stale_after_s: float = LEASE_STALE_AFTER_S
+    wait_limit_s: float = TEACHER_WAIT_TIMEOUT_S
 
     def finished_hook(self) -> Callable[..., object] | None:
         hook = self.on_finished

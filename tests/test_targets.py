@@ -440,3 +440,54 @@ def test_a_lease_record_refused_once_by_a_busy_server_is_an_outage_not_a_read_on
     assert not any("no lease to take" in line for line in said)
     assert said[0].startswith("teacher targets: storage did not answer") and "503 Slow Down" in said[0]
     assert (tmp_path / "teacher" / "targets" / f"epoch_1-{info['key']}.lease").is_dir()  # computed under it
+
+
+def test_a_silent_targets_holder_is_taken_over_after_the_stale_window_given(tmp_path):
+    """The targets lease had the 60 s default window whatever the sweep set (a sweep of 15 s
+    waited four times as long on a dead holder); and its wait limit was a fixed 6 h."""
+    from remem_ray.leases import Lease
+    from remem_ray.train.targets import Waits, _built_once, lease_location
+
+    parent = Storage(str(tmp_path))
+    silent = Lease(parent.child(lease_location("epoch_1", "k")), "a run on another host", 60)
+    assert silent.try_acquire()  # and never beats again: no process of this host to see ended
+    now, slept = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    def build():
+        return torch.zeros(2, 1, 3), None
+
+    said: list[str] = []
+    table, problem, built = _built_once(
+        parent, "epoch_1", "k", build, CPU, said.append, Waits(stale_after_s=15.0), sleep, lambda: now[0]
+    )
+    assert built and problem is None and table.shape == (2, 1, 3)
+    assert 15.0 <= now[0] <= 15.0 + 2 * 2.0  # taken over once 15 s passed without a beat
+    assert said[0] == "teacher targets: a run on another host is computing them; waiting for " + parent.uri(
+        "targets/epoch_1-k.pt"
+    )
+
+
+def test_a_run_waits_on_a_beating_targets_holder_no_longer_than_the_limit_given(tmp_path):
+    from remem_ray.leases import Lease
+    from remem_ray.train.targets import Waits, _built_once, lease_location
+
+    parent = Storage(str(tmp_path))
+    hung = Lease(parent.child(lease_location("epoch_1", "k")), "a hung run", 60)
+    assert hung.try_acquire()
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+        assert hung.renew()  # its heartbeat goes on, its computation never ends
+
+    said: list[str] = []
+    waits = Waits(stale_after_s=15.0, wait_limit_s=40.0)
+    _, _, built = _built_once(
+        parent, "epoch_1", "k", lambda: (torch.zeros(2, 1, 3), None), CPU, said.append, waits, sleep, lambda: now[0]
+    )
+    assert built and 40.0 < now[0] <= 44.0
+    assert said[-1] == "teacher targets: waited 40 s for the run computing them; computing them here"

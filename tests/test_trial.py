@@ -61,6 +61,19 @@ def test_a_trial_training_its_teacher_distils_in_the_same_run(tmp_path, monkeypa
     assert runs.distilled
 
 
+def test_a_student_run_waits_on_teacher_targets_by_the_sweeps_lease_settings(tmp_path, monkeypatch):
+    """The targets lease of a student run used the 60 s default window and a fixed 6 h limit,
+    whatever the sweep's `lease_stale_after_s` and `teacher_wait_timeout_s` said."""
+    spec, run_spec, layout, registry, key, lease, runs, recorder = _runs(tmp_path, monkeypatch)
+    sweep = spec.sweep.model_copy(update={"lease_stale_after_s": 15.0, "teacher_wait_timeout_s": 600.0})
+    runs.spec = spec.model_copy(update={"sweep": sweep})
+    finished = TeacherFinished(registry, layout, key, "t1", lease.handle())
+    runs.fit_teacher(runs.spec, run_spec, registry, key, lease.handle(), finished)
+    ((_, config),) = recorder.runs
+    student = PhasesConfig.from_dict(config.to_dict()).student  # as the Train worker sees it
+    assert (student.lease_stale_after_s, student.wait_limit_s) == (15.0, 600.0)
+
+
 def test_a_trial_with_a_student_run_already_trains_its_teacher_in_a_run_of_its_own(tmp_path, monkeypatch):
     """A restarted trial whose teacher turned out corrupt: its student run has a checkpoint, and
     such a run skips its teacher phase, so the retraining must not go there."""

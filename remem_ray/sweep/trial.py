@@ -420,6 +420,8 @@ class TrialRuns:
             teacher_now=pickle.dumps(TeacherInUse(self.registry, self.key, older_keys, epoch)),
             teacher_checkpoint=teacher_checkpoint,
             label=f"trial {self.trial_id} student",
+            lease_stale_after_s=self.spec.sweep.lease_stale_after_s,
+            wait_limit_s=self.spec.sweep.teacher_wait_timeout_s,
             tensorboard=self.layout.tensorboard(f"trial_{self.trial_id}_student").uri(),
             report_extra={
                 TEACHER_KEY: self.key,

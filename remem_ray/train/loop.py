@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from remem_ray.checkpoints import model_meta, write_checkpoint
-from remem_ray.config import RunSpec
+from remem_ray.config import LEASE_STALE_AFTER_S, TEACHER_WAIT_TIMEOUT_S, RunSpec
 from remem_ray.contract import EPOCH, EPOCHS, LoopConfig, Session
 from remem_ray.data import DataPipeline, DataSplits, EvalResize, Shard, build_datasets, build_pipeline
 from remem_ray.data.augment import stream_key
@@ -65,6 +65,8 @@ class LoopContext:
     started: dict[str, float] = field(default_factory=dict)  # when this run's process and loop began
     earlier_output: Storage | None = None  # an earlier run's output this one continues from (read only)
     on_finished: Callable[..., object] | None = None  # LoopConfig.on_finished, unpickled
+    lease_stale_after_s: float = LEASE_STALE_AFTER_S  # LoopConfig's: for leases the loop takes itself
+    wait_limit_s: float = TEACHER_WAIT_TIMEOUT_S
 
     @property
     def is_writer(self) -> bool:
@@ -179,6 +181,8 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
         started=started,
         earlier_output=earlier,
         on_finished=config.finished_hook(),
+        lease_stale_after_s=config.lease_stale_after_s,
+        wait_limit_s=config.wait_limit_s,
     )
 
 

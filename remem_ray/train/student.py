@@ -35,7 +35,15 @@ def target_source(ctx: LoopContext, teacher_location: str, teacher, teacher_norm
     if cfg.teacher_targets == "online":
         return OnlineTargets(teacher, teacher_normalizer, ctx.device)
     table, info = load_or_build_targets(
-        ctx.spec, teacher_location, teacher, teacher_normalizer, ctx.data, ctx.is_writer, log=ctx.session.log
+        ctx.spec,
+        teacher_location,
+        teacher,
+        teacher_normalizer,
+        ctx.data,
+        ctx.is_writer,
+        log=ctx.session.log,
+        stale_after_s=ctx.lease_stale_after_s,
+        wait_limit_s=ctx.wait_limit_s,
     )
     ctx.report_extra["target_cache_built"] = int(info["built"])
     if not info["built"]:

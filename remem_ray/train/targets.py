@@ -26,13 +26,14 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from remem_ray.checkpoints import MANIFEST_FILE, META_FILE, MODEL_FILE, CheckpointError
-from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, LEASE_STALE_AFTER_S, RunSpec
+from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, LEASE_STALE_AFTER_S, TEACHER_WAIT_TIMEOUT_S, RunSpec
 from remem_ray.data.datasets import num_items
 from remem_ray.data.pipeline import DataPipeline, Views
 from remem_ray.errors import ResourceError
@@ -44,7 +45,6 @@ from remem_ray.train.common import autocast, is_distributed, rank0_says
 CACHE_FORMAT = 1
 WAIT_POLL_S = 2.0  # a run waiting for another's targets looks this often
 WAIT_NOTE_EVERY_S = 30.0  # and says so this often
-WAIT_LIMIT_S = 6 * 3600.0  # then computes them beside their holder (sweep.teacher_wait_timeout_s's default)
 
 
 class TargetSource:
@@ -175,11 +175,14 @@ def load_or_build_targets(
     pipeline: DataPipeline,
     is_writer: bool,
     log=print,
+    stale_after_s: float = LEASE_STALE_AFTER_S,
+    wait_limit_s: float = TEACHER_WAIT_TIMEOUT_S,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The cached logit table for this teacher checkpoint and data, building it if missing.
 
     Rank 0 builds and writes, one run at a time across trials and sweeps (`_built_once`); the
-    other ranks wait at a barrier and read.
+    other ranks wait at a barrier and read. A holder silent for `stale_after_s` is taken over;
+    past `wait_limit_s` a waiter computes them beside their holder (the sweep's lease settings).
     """
     from remem_ray.checkpoints import split_location
 
@@ -205,7 +208,8 @@ def load_or_build_targets(
                 # lease to wait on too (a DDP student computes its table at once, as it always did)
                 table, problem, info["built"] = _build_and_keep(parent, name, key, build, pipeline.device, log)
             else:
-                table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log)
+                waits = Waits(stale_after_s, wait_limit_s)
+                table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log, waits)
         except Exception as exc:  # out of memory, storage: the other ranks must hear of it too
             problem, failure = f"student.teacher_targets: rank 0 could not build the cache: {exc}", exc
     # every rank, before the barrier: a rank 0 that raised alone would leave the others waiting there
@@ -240,6 +244,7 @@ def _built_once(
     build: Callable[[], tuple[torch.Tensor, str | None]],
     device: torch.device,
     log,
+    waits: Waits | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[torch.Tensor | None, str | None, bool]:
@@ -252,15 +257,16 @@ def _built_once(
 
     Computed beside the others, without the lease, where none can be taken (a read-only grant),
     where its holder could not keep its table (a full disk: it leaves an `.unkept` note), or past
-    WAIT_LIMIT_S (a holder hung with its heartbeat beating). Storage that does not answer is
+    the wait limit (a holder hung with its heartbeat beating). Storage that does not answer is
     waited through for the stale window, as lease holders ride out an outage."""
-    lease = Lease(parent.child(lease_location(name, key)), _process_name(), LEASE_STALE_AFTER_S)
+    waits = waits or Waits()
+    lease = Lease(parent.child(lease_location(name, key)), _process_name(), waits.stale_after_s, clock)
     rel, refused, unkept = cache_location(name, key), refusal_location(name, key), unkept_location(name, key)
 
     def build_and_keep() -> tuple[torch.Tensor | None, str | None, bool]:
         return _build_and_keep(parent, name, key, build, device, log)
 
-    outage, noted, deadline = Outage(), None, clock() + WAIT_LIMIT_S
+    outage, noted, deadline = Outage(), None, clock() + waits.wait_limit_s
     while True:
         taken: bool | None = False
         try:
@@ -269,8 +275,8 @@ def _built_once(
                 log("teacher targets: the run that computed them could not keep them; computing them here")
                 return build_and_keep()
             if found is None and clock() > deadline:
-                hours = WAIT_LIMIT_S / 3600
-                log(f"teacher targets: waited {hours:.0f} h for the run computing them; computing them here")
+                waited = _duration(waits.wait_limit_s)
+                log(f"teacher targets: waited {waited} for the run computing them; computing them here")
                 return build_and_keep()
             if found is None:
                 taken = _take(lease, log)
@@ -280,7 +286,7 @@ def _built_once(
         except ResourceError as exc:
             if taken:
                 lease.release()
-            if outage.lasted(clock()) >= LEASE_STALE_AFTER_S:
+            if outage.lasted(clock()) >= waits.stale_after_s:
                 raise
             log(f"teacher targets: storage did not answer ({exc}); looking again")
             sleep(WAIT_POLL_S)
@@ -302,6 +308,18 @@ def _built_once(
             log(f"teacher targets: {holder or 'another run'} is computing them; waiting for {parent.uri(rel)}")
             noted = clock()
         sleep(WAIT_POLL_S)
+
+
+@dataclass(frozen=True)
+class Waits:
+    """How long a run waits on another's targets: its lease's stale window, then its limit."""
+
+    stale_after_s: float = LEASE_STALE_AFTER_S
+    wait_limit_s: float = TEACHER_WAIT_TIMEOUT_S
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.3g} h" if seconds >= 3600 else f"{seconds:.0f} s"
 
 
 def _kept(parent: Storage, rel: str, refused: str, key: str, device: torch.device):
