@@ -365,7 +365,9 @@ def _add_sweep_verbs(verbs) -> None:
         p = sub.add_parser(verb, help=text, description=text)
         p.add_argument("sweep", metavar="NAME|URI", help="sweep name under --storage, or the sweep folder's path/URI")
         p.add_argument("--storage", help="storage root the NAME lives under (default ./remem-results)")
-        p.add_argument("--endpoint", help="S3-compatible endpoint for s3:// URIs (or AWS_ENDPOINT_URL)")
+        p.add_argument(
+            "--endpoint", help="S3-compatible endpoint for s3:// URIs (or AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL)"
+        )
         if verb == "resume":
             p.add_argument(
                 "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)"

@@ -228,6 +228,14 @@ CORPUS = [
         env=(("AWS_ENDPOINT_URL", "@DEAD@"),),
         verbs=(TEACHER, SWEEP_RUN),
     ),
+    _bad(
+        "unreachable-endpoint-from-s3-env",
+        "storage:\n  root: s3://bucket/p\n",
+        "AWS_ENDPOINT_URL_S3",
+        "@DEAD@",
+        env=(("AWS_ENDPOINT_URL_S3", "@DEAD@"),),
+        verbs=(SWEEP_RUN,),
+    ),
     _bad("missing-credentials", S3_ROOT, "storage.root", "no AWS credentials", "AWS_ACCESS_KEY_ID", verbs=ALL_VERBS),
     _bad(
         "missing-aws-profile",

@@ -539,3 +539,16 @@ def test_pyarrows_word_on_a_bucket_in_another_region_says_which_field_to_set():
         ResourceError, match=r"located in 'us-west-2'\. Set storage\.region in the spec \(or AWS_REGION"
     ):
         storage.exists("s")
+
+
+def test_an_endpoint_named_by_aws_endpoint_url_s3_is_where_every_write_goes(s3, monkeypatch):
+    """boto3 reads AWS_ENDPOINT_URL_S3 (before AWS_ENDPOINT_URL); pyarrow reads neither, and we
+    passed it AWS_ENDPOINT_URL only. With the S3 one set, leases (boto3) went to that server and
+    checkpoints (pyarrow) to AWS; with both set, ours went to the general one, boto3's elsewhere."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3["endpoint"])
+    store = Storage(f"s3://{s3['bucket']}/p")
+    store.write_bytes("checkpoint.bin", b"weights")  # pyarrow
+    assert store.create_exclusive("lease.json", b"{}")  # boto3
+    keys = sorted(o["Key"] for o in s3["client"].list_objects_v2(Bucket=s3["bucket"])["Contents"])
+    assert keys == ["p/checkpoint.bin", "p/lease.json"] and store.read_bytes("checkpoint.bin") == b"weights"

@@ -20,9 +20,21 @@ S3_MAX_ATTEMPTS = 13
 _BOTO3_LOCK = threading.Lock()
 
 
+# boto3's order: the S3 service's own setting first. pyarrow reads neither, so we pass it the one found
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def endpoint_from_env() -> tuple[str, str] | None:
+    """(endpoint, the variable naming it) from the environment; None where none is set."""
+    return next(((os.environ[name], name) for name in ENDPOINT_ENV if os.environ.get(name)), None)
+
+
 def endpoint_or_env(endpoint: str | None) -> str | None:
-    """The S3 endpoint to use: the one given, else AWS_ENDPOINT_URL, else None (AWS itself)."""
-    return endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    """The S3 endpoint to use: the one given, else AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else
+    None (AWS itself). boto3 and pyarrow must agree: with only AWS_ENDPOINT_URL_S3 set, boto3 went
+    to it (leases) while pyarrow went to AWS (checkpoints)."""
+    found = endpoint_from_env()
+    return endpoint or (found[0] if found else None)
 
 
 def s3_filesystem(

@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from remem_ray.errors import ResourceError
-from remem_ray.storage.fs import default_region, one_line, split_s3_uri
+from remem_ray.storage.fs import default_region, endpoint_from_env, one_line, split_s3_uri
 
 PREFLIGHT_TIMEOUT_S = 3.0  # connect timeout of the preflight: a dead endpoint fails in seconds, not minutes
 
@@ -79,8 +79,8 @@ def _preflight_local(root: str, field: str) -> None:
 
 
 def _preflight_s3(root: str, endpoint: str | None, region: str, root_field: str, endpoint_field: str) -> None:
-    if not endpoint and os.environ.get("AWS_ENDPOINT_URL"):
-        endpoint, endpoint_field = os.environ["AWS_ENDPOINT_URL"], "AWS_ENDPOINT_URL"
+    if not endpoint and (found := endpoint_from_env()):
+        endpoint, endpoint_field = found
     if endpoint:  # AWS itself is left to the bucket check: its endpoint depends on region and proxies
         _check_endpoint(endpoint, endpoint_field)
     session = _aws_session(root, root_field)
@@ -95,7 +95,7 @@ def _check_endpoint(endpoint: str, field: str) -> None:
     except ValueError:  # a port that is not a number or out of range
         port = None
     if url.scheme not in ("http", "https") or not url.hostname or port is None:
-        # --endpoint and AWS_ENDPOINT_URL reach here unvalidated (the spec's field is checked earlier)
+        # --endpoint and AWS_ENDPOINT_URL(_S3) reach here unvalidated (the spec's field is checked earlier)
         raise ResourceError(f"storage: {field} must look like http://host:port or https://host, got {endpoint!r}")
     try:
         socket.create_connection((url.hostname, port), timeout=PREFLIGHT_TIMEOUT_S).close()
@@ -166,8 +166,8 @@ def _check_bucket(session, root: str, endpoint: str | None, region: str, field: 
 
 
 def _on_aws(client) -> bool:
-    """Whether boto3 addresses AWS itself (no storage.endpoint, and none of boto3's own endpoint
-    settings either: AWS_ENDPOINT_URL_S3 or a profile's endpoint_url may name a MinIO)."""
+    """Whether boto3 addresses AWS itself (no storage.endpoint nor AWS_ENDPOINT_URL(_S3), and none
+    of boto3's own endpoint settings either: a profile's endpoint_url may name a MinIO)."""
     host = urlsplit(client.meta.endpoint_url or "").hostname or ""
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 

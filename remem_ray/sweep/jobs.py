@@ -20,7 +20,7 @@ from pathlib import Path
 from remem_ray.config import SweepSpec
 from remem_ray.errors import ResourceError, UserInputError
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 _ADDRESS = re.compile(r"https?://[^/\s:@]+(:\d{1,5})?/?")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
