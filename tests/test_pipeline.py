@@ -263,6 +263,20 @@ def test_cached_target_views_equal_the_views_training_sees_exactly():
     assert not torch.equal(other, table)
 
 
+@pytest.mark.parametrize("kind", ["device", "loader"])
+def test_the_views_of_a_share_of_the_images_are_that_share_of_all_views(kind):
+    """A DDP run's ranks compute the target cache each for a share of the images."""
+    cfg = DataConfig(name="digits", img_size=16, max_train_samples=40)
+    splits = build_datasets(cfg, 0)
+    pipe = _device(cfg) if kind == "device" else LoaderPipeline(splits, CPU, 0, Shard(), 0)
+    views = Views(count=3, seed=7)
+    n = len(pipe.splits.train)
+    every = torch.cat(list(pipe.view_batches(views, batch_size=16))).view(n, 3, 3, 16, 16)
+    share = torch.cat(list(pipe.view_batches(views, 16, range(13, 27)))).view(14, 3, 3, 16, 16)
+    assert torch.equal(share, every[13:27])
+    assert list(pipe.view_batches(views, 16, range(5, 5))) == []
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_read_disjoint_equal_shards_and_eval_stays_exact(world_size):
     cfg = DataConfig(name="digits", img_size=16)

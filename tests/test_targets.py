@@ -1,5 +1,7 @@
 """The teacher-target cache's own logic: fixed views, lookup, keys, rebuilds."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -172,27 +174,35 @@ def test_a_teacher_giving_non_finite_logits_is_refused_with_nothing_cached(tmp_p
         load_or_build_targets(spec, location, *args, log=lambda m: None)
 
 
-def _ranks_meeting_a_refused_cache(rank: int, world: int, tmp: str) -> None:
-    import json
+@contextlib.contextmanager
+def _gloo_rank(rank: int, world: int, tmp: str, timeout_s: float):
+    """One rank of a DDP run on gloo: (its tmp_path, spec, splits, teacher, teacher location);
+    a collective another rank never reaches ends after `timeout_s`, not gloo's 30 minutes."""
     from datetime import timedelta
     from pathlib import Path
 
     import torch.distributed as dist
 
-    from remem_ray.errors import ResourceError
-
     torch.set_num_threads(1)
     tmp_path = Path(tmp)
-    # a barrier rank 0 never reaches ends in 20 s, not gloo's 30 minutes
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'init'}", rank=rank, world_size=world, timeout=timedelta(seconds=20)
-    )
+    init = f"file://{tmp_path / 'init'}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
         spec = load_run_spec(None, {**SPEC, "storage.root": str(tmp_path)})
         splits = build_datasets(spec.data, spec.seed)
         torch.manual_seed(0)
         teacher = create_model(spec.teacher.model, 3, spec.data.img_size, spec.teacher.model_kwargs).eval()
-        location = Storage(str(tmp_path / "teacher")).uri("epoch_1")
+        yield tmp_path, spec, splits, teacher, Storage(str(tmp_path / "teacher")).uri("epoch_1")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ranks_meeting_a_refused_cache(rank: int, world: int, tmp: str) -> None:
+    import json
+
+    from remem_ray.errors import ResourceError
+
+    with _gloo_rank(rank, world, tmp, timeout_s=20) as (tmp_path, spec, splits, teacher, location):
         outcomes = {}
         for case in ("non-finite", "write-fails"):
             if case == "write-fails" and rank == 0:
@@ -210,14 +220,12 @@ def _ranks_meeting_a_refused_cache(rank: int, world: int, tmp: str) -> None:
             except Exception as exc:  # noqa: BLE001  (the barrier's timeout, before)
                 outcomes[case] = f"{type(exc).__name__}: {exc}"
         (tmp_path / f"rank{rank}.json").write_text(json.dumps(outcomes))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_every_rank_hears_rank_0_refuse_or_fail_to_build_the_cache_none_waits_at_the_barrier(tmp_path):
-    """Rank 0 builds the cache while the others wait at a barrier: before, its refusal of non-finite
-    targets, or its failure to write the cache, was raised before the barrier, and the others
-    waited there until Train ended the group (or died on a gloo error, naming nothing)."""
+    """A refusal of non-finite targets, or rank 0's failure to write the cache, reaches every rank:
+    before, rank 0 raised it before a barrier, and the others waited there until Train ended the
+    group (or died on a gloo error, naming nothing)."""
     import json
 
     import torch.multiprocessing as mp
@@ -231,6 +239,50 @@ def test_every_rank_hears_rank_0_refuse_or_fail_to_build_the_cache_none_waits_at
     assert rank1["write-fails"].startswith("CheckpointError: student.teacher_targets: rank 0 could not build")
     assert "Access Denied" in rank1["write-fails"]
     assert _kept(tmp_path / "teacher" / "targets") == []
+
+
+def _ranks_sharing_the_computation(rank: int, world: int, tmp: str) -> None:
+    import json
+
+    from remem_ray.train import targets as targets_module
+
+    with _gloo_rank(rank, world, tmp, timeout_s=60) as (tmp_path, spec, splits, teacher, location):
+        shares, compute = [], targets_module.compute_targets
+
+        def recorded(*args, images=None, **kwargs):
+            shares.append(None if images is None else [images.start, images.stop])
+            return compute(*args, images=images, **kwargs)
+
+        targets_module.compute_targets = recorded
+        said: list[str] = []
+        runs = []
+        for _ in range(2):  # built, then read
+            table, info = load_or_build_targets(
+                spec, location, teacher, normalizer_for(teacher), _loader(splits), rank == 0, log=said.append
+            )
+            runs.append(info["built"])
+        torch.save(table, tmp_path / f"table{rank}.pt")
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps({"shares": shares, "built": runs, "said": said}))
+
+
+def test_ranks_of_a_ddp_run_compute_the_targets_together_each_its_share(tmp_path):
+    """Rank 0 computed the whole table while the other ranks waited in a collective, which Ray
+    Train ends after 30 minutes (ImageNet x 8 views of a ViT-B on one card is about an hour)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    alone = compute_targets(teacher, normalizer_for(teacher), _loader(splits), Views(3, 0))
+    mp.spawn(_ranks_sharing_the_computation, args=(2, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["shares"] == [[0, 11]] and rank1["shares"] == [[11, 23]]  # 23 training images, once
+    assert rank0["built"] == rank1["built"] == [True, False]
+    assert rank0["said"][0].startswith("computing teacher targets: 23 images x 3 views, a share on each of 2 ranks")
+    for rank in (0, 1):  # what one process computes alone, up to batch-dependent float rounding
+        table = torch.load(tmp_path / f"table{rank}.pt")
+        assert table.shape == alone.shape and torch.allclose(table.float(), alone.float(), atol=1e-2)
+    assert [p.suffix for p in _kept(tmp_path / "teacher" / "targets")] == [".pt"]  # the table; no part left
 
 
 def test_targets_that_cannot_be_kept_still_serve_the_run_of_one_worker(tmp_path, monkeypatch):

@@ -88,8 +88,9 @@ class DataPipeline(ABC):
         """Un-augmented batches of val or test, this rank's share."""
 
     @abstractmethod
-    def view_batches(self, views: Views, batch_size: int) -> Iterator[torch.Tensor]:
-        """Every training image's every view once, image-major (the target cache's inputs)."""
+    def view_batches(self, views: Views, batch_size: int, images: range | None = None) -> Iterator[torch.Tensor]:
+        """Every view of every training image (of `images`, a share of them) once, image-major:
+        the target cache's inputs."""
 
     def describe(self) -> str:
         return self.kind
@@ -133,17 +134,18 @@ def _view_seed(view_seed: int, index: int, view: int) -> int:
 
 
 class _AllViews(Dataset):
-    """Every (image, view) pair once, for computing the cache."""
+    """Every (image, view) pair of a range of images once, for computing the cache."""
 
-    def __init__(self, views: FixedViews) -> None:
-        self.views = views
+    def __init__(self, views: FixedViews, images: range) -> None:
+        self.views, self.first = views, images.start
+        self.pairs = len(images) * views.n_views
 
     def __len__(self) -> int:
-        return len(self.views) * self.views.n_views
+        return self.pairs
 
     def __getitem__(self, flat: int):
         index, view = divmod(flat, self.views.n_views)
-        return self.views.view(index, view)[0]
+        return self.views.view(self.first + index, view)[0]
 
 
 class EpochLoader:
@@ -231,8 +233,9 @@ class LoaderPipeline(DataPipeline):
             pin_memory=self.device.type == "cuda",
         )
 
-    def view_batches(self, views: Views, batch_size: int) -> Iterator[torch.Tensor]:
-        all_views = _AllViews(FixedViews(self.splits.train, views.count, views.seed))
+    def view_batches(self, views: Views, batch_size: int, images: range | None = None) -> Iterator[torch.Tensor]:
+        fixed = FixedViews(self.splits.train, views.count, views.seed)
+        all_views = _AllViews(fixed, images if images is not None else range(len(fixed)))
         yield from DataLoader(
             all_views,
             batch_size=batch_size,
@@ -375,9 +378,12 @@ class DevicePipeline(DataPipeline):
     def eval(self, split: str, batch_size: int) -> DeviceEvalBatches:
         return DeviceEvalBatches(self.gathers[split], self.splits.eval_view, batch_size, self.shard)
 
-    def view_batches(self, views: Views, batch_size: int) -> Iterator[torch.Tensor]:
+    def view_batches(self, views: Views, batch_size: int, images: range | None = None) -> Iterator[torch.Tensor]:
         gather = self.gathers["train"]
-        flat = torch.arange(len(gather.store) * views.count)
+        images = images if images is not None else range(len(gather.store))
+        flat = torch.arange(images.start * views.count, images.stop * views.count)
+        if not len(flat):  # split() would give one empty batch
+            return
         device_flat = flat.to(self.device)
         for host, device in zip(flat.split(batch_size), device_flat.split(batch_size)):
             index, view = device // views.count, device % views.count

@@ -8,6 +8,7 @@ checkpoint, in eval mode and batched, and stored beside the checkpoint:
     <checkpoint parent>/targets/<checkpoint name>-<key>.pt        the table (float16)
     <checkpoint parent>/targets/<checkpoint name>-<key>.lease/    who computes it now: one run at a time
     <checkpoint parent>/targets/<checkpoint name>-<key>.refused   why its table was refused (non-finite)
+    <checkpoint parent>/targets/<checkpoint name>-<key>.part-<run>-<rank>.pt   a DDP rank's share, until joined
 
 The key hashes the checkpoint's model sha256 (from its manifest) and the meta fields that shape
 its logits (architecture, classes, image size, MLP reweighting), the data spec and split
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from remem_ray.checkpoints import MANIFEST_FILE, META_FILE, MODEL_FILE, CheckpointError
@@ -112,6 +114,12 @@ def unkept_location(checkpoint_name: str, key: str) -> str:
     return f"{TARGETS_DIR}/{checkpoint_name}-{key}.unkept"
 
 
+def part_location(checkpoint_name: str, key: str, run: str, rank: int) -> str:
+    """A DDP rank's share of the table, until rank 0 joins the shares (`_built_by_every_rank`);
+    `run` is drawn by rank 0, so two runs computing the same table never read each other's."""
+    return f"{TARGETS_DIR}/{checkpoint_name}-{key}.part-{run}-{rank}.pt"
+
+
 def refusal_location(checkpoint_name: str, key: str) -> str:
     """Beside the cache: why its targets were refused (non-finite), so a retry of the run, or
     another trial of the same checkpoint and data, fails at once instead of computing them again
@@ -137,17 +145,26 @@ TARGETS_BATCH = 256  # compute_targets' batch (remem_ray.train.memory_probe size
 
 @torch.no_grad()
 def compute_targets(
-    teacher: nn.Module, normalizer: nn.Module, pipeline: DataPipeline, views: Views, batch_size: int = TARGETS_BATCH
+    teacher: nn.Module,
+    normalizer: nn.Module,
+    pipeline: DataPipeline,
+    views: Views,
+    batch_size: int = TARGETS_BATCH,
+    images: range | None = None,
 ) -> torch.Tensor:
-    """Teacher logits for every view of every training image: float16 [N, views, classes]."""
+    """Teacher logits for every view of every training image (of `images`, a share of them):
+    float16 [N, views, classes]."""
     teacher.eval()
     device = pipeline.device
+    images = images if images is not None else range(num_items(pipeline.splits.train))
     chunks = []
-    for images in pipeline.view_batches(views, batch_size):
+    for batch in pipeline.view_batches(views, batch_size, images):
         with autocast(device):
-            logits = teacher(normalizer(images.to(device, non_blocking=True)))
+            logits = teacher(normalizer(batch.to(device, non_blocking=True)))
         chunks.append(logits.float().cpu().to(torch.float16))
-    return torch.cat(chunks).view(num_items(pipeline.splits.train), views.count, -1)
+    if not chunks:  # a share of no images (more ranks than images)
+        return torch.empty(0, views.count, 0, dtype=torch.float16)
+    return torch.cat(chunks).view(len(images), views.count, -1)
 
 
 def _table_to_bytes(table: torch.Tensor, key: str) -> bytes:
@@ -180,9 +197,10 @@ def load_or_build_targets(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The cached logit table for this teacher checkpoint and data, building it if missing.
 
-    Rank 0 builds and writes, one run at a time across trials and sweeps (`_built_once`); the
-    other ranks wait at a barrier and read. A holder silent for `stale_after_s` is taken over;
-    past `wait_limit_s` a waiter computes them beside their holder (the sweep's lease settings).
+    One run at a time computes it across trials and sweeps (`_built_once`). A DDP run's ranks
+    compute it together, each its share of the images (`_built_by_every_rank`). A holder
+    silent for `stale_after_s` is taken over; past `wait_limit_s` a waiter computes them beside
+    their holder (the sweep's lease settings).
     """
     from remem_ray.checkpoints import split_location
 
@@ -193,35 +211,26 @@ def load_or_build_targets(
     rel = cache_location(name, key)
     views = Views(spec.student.target_views, spec.student.target_view_seed)
     info = {"key": key, "location": parent.uri(rel), "built": False}
-    table = _stored_table(parent, rel, key)
-    problem, failure = None, None
-    if table is None and is_writer:
 
-        def build() -> tuple[torch.Tensor, str | None]:
-            log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
-            built = compute_targets(teacher, normalizer, pipeline, views)
-            return built, _non_finite(built, teacher_location)
+    def compute(images: range | None = None) -> torch.Tensor:
+        return compute_targets(teacher, normalizer, pipeline, views, images=images)
 
-        try:
-            if is_distributed():
-                # the other ranks wait in a collective meanwhile, which Train ends after 30 min: no
-                # lease to wait on too (a DDP student computes its table at once, as it always did)
-                table, problem, info["built"] = _build_and_keep(parent, name, key, build, pipeline.device, log)
-            else:
-                waits = Waits(stale_after_s, wait_limit_s)
-                table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log, waits)
-        except Exception as exc:  # out of memory, storage: the other ranks must hear of it too
-            problem, failure = f"student.teacher_targets: rank 0 could not build the cache: {exc}", exc
-    # every rank, before the barrier: a rank 0 that raised alone would leave the others waiting there
-    problem = rank0_says(problem, pipeline.device)
-    if failure is not None:
-        raise failure
-    if problem is not None:
-        raise CheckpointError(problem)
+    table: torch.Tensor | None
     if is_distributed():
-        torch.distributed.barrier()
-        if table is None:
-            table = _table_from_bytes(parent.read_bytes(rel), key)
+        table, info["built"] = _built_by_every_rank(parent, name, key, compute, pipeline, views, teacher_location, log)
+    else:
+        table = _stored_table(parent, rel, key)
+        if table is None and is_writer:
+
+            def build() -> tuple[torch.Tensor, str | None]:
+                log(f"computing teacher targets: {size} images x {views.count} views -> {info['location']}")
+                built = compute()
+                return built, _non_finite(built, teacher_location)
+
+            waits = Waits(stale_after_s, wait_limit_s)
+            table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log, waits)
+            if problem is not None:
+                raise CheckpointError(problem)
     if table is None:
         raise CheckpointError(f"student.teacher_targets: cache {info['location']} could not be read")
     if table.shape[0] != size:
@@ -231,6 +240,95 @@ def load_or_build_targets(
         if problem is not None:
             raise CheckpointError(problem)
     return table, info
+
+
+def _built_by_every_rank(
+    parent: Storage,
+    name: str,
+    key: str,
+    compute: Callable[[range], torch.Tensor],
+    pipeline: DataPipeline,
+    views: Views,
+    teacher_location: str,
+    log,
+) -> tuple[torch.Tensor | None, bool]:
+    """(table, built here) for a DDP run: the stored table, or each rank computes the views of
+    its share of the images, keeps it as a part, and rank 0 joins the parts into the table.
+
+    Before, rank 0 computed the whole table while the others waited in a collective, which Ray
+    Train ends after 30 minutes (ImageNet x 8 views of a ViT-B on one card is about an hour).
+    Now each collective follows work of about equal length on every rank. No lease: the other
+    ranks would wait on it in a collective too; a failure anywhere is heard on every rank, so
+    none is left waiting at the next collective."""
+    rank, world, device = dist.get_rank(), dist.get_world_size(), pipeline.device
+    rel, refused = cache_location(name, key), refusal_location(name, key)
+    kept, failure = None, None
+    said: tuple[str, str] = ("failed", "")  # rank 0's word; the others' is not sent
+    if rank == 0:
+        try:
+            kept = _kept(parent, rel, refused, key, device)
+            if kept is None:
+                said = ("build", uuid.uuid4().hex[:8])  # names this run's parts
+            else:
+                said = ("refused", kept[1]) if kept[1] else ("kept", "")
+        except Exception as exc:  # storage: the other ranks must hear of it too
+            said, failure = ("failed", f"student.teacher_targets: rank 0 could not look for the cache: {exc}"), exc
+    state, detail = rank0_says(said, device)
+    if state == "failed":
+        raise failure if failure is not None else CheckpointError(detail)
+    if state == "refused":
+        raise CheckpointError(detail)
+    if state == "kept":
+        return (kept[0] if kept is not None else _stored_table(parent, rel, key)), False
+    run, size = detail, num_items(pipeline.splits.train)
+    if rank == 0:
+        shares = f"a share on each of {world} ranks"
+        log(f"computing teacher targets: {size} images x {views.count} views, {shares} -> {parent.uri(rel)}")
+    part, problem, bad = None, None, 0
+    try:
+        part = compute(range(rank * size // world, (rank + 1) * size // world))
+        bad = _non_finite_views(part)
+        if rank != 0:
+            parent.write_bytes(part_location(name, key, run, rank), _table_to_bytes(part, key))
+    except Exception as exc:
+        failure, problem = exc, f"student.teacher_targets: rank {rank} could not compute its share of the cache: {exc}"
+    heard: list[Any] = [None] * world
+    dist.all_gather_object(heard, (problem, bad))
+    table = None
+    try:
+        problem = next((words for words, _ in heard if words), None)
+        if problem is not None:
+            raise failure if failure is not None else CheckpointError(problem)
+        if sum(bad for _, bad in heard):
+            problem = _refusal_words(sum(bad for _, bad in heard), size * views.count, teacher_location)
+            if rank == 0:
+                _keep_refusal(parent, refused, problem, device, log)
+            raise CheckpointError(problem)
+        if rank == 0:
+            try:
+                table = _joined(parent, name, key, run, part, world)
+                parent.write_bytes(rel, _table_to_bytes(table, key))  # the other ranks read it: it must be kept
+            except Exception as exc:
+                failure, problem = exc, f"student.teacher_targets: rank 0 could not build the cache: {exc}"
+        problem = rank0_says(problem, device)
+        if problem is not None:
+            raise failure if failure is not None else CheckpointError(problem)
+    finally:
+        if rank == 0:  # joined or not, the parts go (best effort: a part left is never read again)
+            for other in range(1, world):
+                with contextlib.suppress(ResourceError):
+                    parent.delete_file(part_location(name, key, run, other))
+    return (table if table is not None else _stored_table(parent, rel, key)), True
+
+
+def _joined(parent: Storage, name: str, key: str, run: str, own: torch.Tensor | None, world: int) -> torch.Tensor:
+    parts = [own]
+    for rank in range(1, world):
+        location = part_location(name, key, run, rank)
+        parts.append(_table_from_bytes(parent.read_bytes(location), key))
+        if parts[-1] is None:
+            raise CheckpointError(f"rank {rank}'s share {parent.uri(location)} could not be read")
+    return torch.cat([part for part in parts if part is not None and part.shape[0]])
 
 
 def _stored_table(parent: Storage, rel: str, key: str) -> torch.Tensor | None:
@@ -422,12 +520,18 @@ def _keep_refusal(parent: Storage, refused: str, problem: str, device: torch.dev
 def _non_finite(table: torch.Tensor, teacher_location: str) -> str | None:
     """Why targets with a NaN or an infinity are refused (None if there are none): served, they
     would fail the student as "diverged", recording that against the student's settings."""
+    bad = _non_finite_views(table)
+    return _refusal_words(bad, table.shape[0] * table.shape[1], teacher_location) if bad else None
+
+
+def _non_finite_views(table: torch.Tensor) -> int:
     # by chunks of images: a mask of the whole table would take half its size again (ImageNet, 8 views: 10 GB)
-    bad = sum(int((~torch.isfinite(chunk)).flatten(2).any(dim=2).sum()) for chunk in table.split(4096))
-    if not bad:
-        return None
+    return sum(int((~torch.isfinite(chunk)).flatten(2).any(dim=2).sum()) for chunk in table.split(4096))
+
+
+def _refusal_words(bad: int, views: int, teacher_location: str) -> str:
     return (
         f"student.teacher_targets: teacher {teacher_location} gives non-finite logits (NaN or beyond "
-        f"float16's +-65504) for {bad} of {table.shape[0] * table.shape[1]} views; nothing cached: "
+        f"float16's +-65504) for {bad} of {views} views; nothing cached: "
         f"use student.teacher_targets: online, or another teacher checkpoint"
     )
