@@ -38,6 +38,24 @@ STUDENT_REPLAYED = "student_replayed"  # 1 if this trial replayed a stored stude
 METRIC = BEST_VAL_ACC  # what the sweep keeps: searcher, scheduler and summary agree on it
 MODE = "max"
 
+# where TEACHER_MI is read from a checkpoint's information families (remem_ray.insight.information
+# measures them; its module doc says why not the relative estimate)
+HEADLINE_MI = ("targets/fixed", "i_xt_upper")
+
+
+def headline_mi(information: Mapping[str, Mapping[str, Any]]) -> float:
+    view, field = HEADLINE_MI
+    return float(information[view][field])
+
+
+def teacher_mi_of(teacher_meta: Mapping[str, Any]) -> float:
+    """The teacher checkpoint's headline MI, from the family its meta.json records: the number
+    it reported when trained follows the headline of its day (a registry's teachers outlive it)."""
+    information = teacher_meta.get("information")
+    if information:
+        return headline_mi(information)
+    return float(teacher_meta.get("metrics", {}).get(TEACHER_MI, float("nan")))
+
 
 def stopped_early(result: Mapping[str, Any] | None) -> bool:
     """A trial that reported fewer student epochs than it was given was stopped by the scheduler."""

@@ -89,7 +89,7 @@ def test_outputs_that_collapsed_never_read_above_log_n():
 def test_the_headline_mi_reads_a_collapsed_teacher_as_empty_and_input_specific_outputs_as_full():
     """The relative estimate, the headline before, gave near-uniform targets that barely vary (an
     untrained teacher's) close to log N, more than any trained teacher (a review's finding)."""
-    from remem_ray.insight.information import headline_mi
+    from remem_ray.contract import headline_mi
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(400) % 10
@@ -117,7 +117,7 @@ def test_a_students_teacher_mi_follows_todays_headline_not_the_one_its_teacher_w
     """Teachers in a registry outlive a change of headline: a student reported the number its
     teacher had reported when trained (the relative estimate, before 2026-12-07), so a sweep's
     information plane could put both definitions on one axis (a review's finding)."""
-    from remem_ray.train.student import teacher_mi_of
+    from remem_ray.contract import teacher_mi_of
 
     information = {"targets/fixed": {"i_xt_upper": 1.25}, "targets/relative": {"i_xt_upper": 6.2}}
     trained_before = {"metrics": {"teacher_mi": 6.2, "val_acc": 0.5}, "information": information}

@@ -146,7 +146,8 @@ def test_remem_report_while_a_driver_runs_the_sweep_writes_an_interim_report(tmp
 
 def test_the_reports_words_on_teacher_mi_name_the_settings_it_is_measured_with():
     """The report module stays torch-free (drivers import it), so it spells the numbers out."""
-    from remem_ray.insight.information import FIXED_SIGMA, HEADLINE_MI, MI_REFERENCE_TEMPERATURE
+    from remem_ray.contract import HEADLINE_MI
+    from remem_ray.insight.information import FIXED_SIGMA, MI_REFERENCE_TEMPERATURE
     from remem_ray.sweep.report import AXES, Importances, _markdown
 
     assert HEADLINE_MI == ("targets/fixed", "i_xt_upper")

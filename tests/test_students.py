@@ -19,7 +19,7 @@ from helpers.sessions import TINY_TEACHER_SPEC, FileSession
 from remem_ray.checkpoint_files import best_checkpoint, best_location, point_best
 from remem_ray.checkpoints import write_checkpoint
 from remem_ray.config import load_run_spec
-from remem_ray.contract import STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED, LoopConfig
+from remem_ray.contract import STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_MI, TEACHER_TRAINED, LoopConfig
 from remem_ray.errors import ResourceError
 from remem_ray.leases import Heartbeat, Lease
 from remem_ray.storage import Storage
@@ -113,6 +113,27 @@ def test_a_replay_reports_the_stored_curve_and_points_at_the_stored_checkpoint(d
         assert "trial_started_at" not in replayed  # the original trial's process, not this one's
     assert best_checkpoint(folder) == record.checkpoint_uri()
     assert best_location(folder)[0].uri() == record.folder.uri()
+
+
+def test_a_replay_of_a_student_stored_before_the_mi_headline_changed_reports_todays(distilled, tmp_path):
+    """Records stored before 2026-12-07 hold the relative MI estimate as teacher_mi (about 5 nats
+    on digits where the fixed-noise one reads about 2): their replays mixed the two headlines in
+    one sweep's results. The student's checkpoint holds its teacher's information families."""
+    import dataclasses
+
+    _, registry, session, _, _ = distilled
+    record = registry.newest(KEY)
+    now = session.reports[-1][TEACHER_MI]
+    assert 0.0 < now < 4.0
+    before = tuple({**reported, TEACHER_MI: 4.9} for reported in record.history)
+    reports: list[dict] = []
+    replay(dataclasses.replace(record, history=before), Storage(str(tmp_path / "trial")), reports.append, {})
+    assert [r[TEACHER_MI] for r in reports] == [now] * len(before)
+    # where its checkpoint's meta does not read, the stored curve is reported as it is
+    reports.clear()
+    unread = dataclasses.replace(_record(tmp_path, best_epoch=1, epochs=1), history=before[:1])
+    replay(unread, Storage(str(tmp_path / "other")), reports.append, {})
+    assert reports[0][TEACHER_MI] == 4.9
 
 
 class Stop(Exception):

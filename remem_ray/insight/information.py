@@ -166,11 +166,3 @@ def checkpoint_information(
     """The teacher MI family on a fixed subset (cheap enough to run at every saved checkpoint)."""
     logits, labels = collect_logits(model, normalizer, dataset, device, max_samples, seed)
     return teacher_information(logits, labels, temperature)
-
-
-HEADLINE_MI = ("targets/fixed", "i_xt_upper")  # the number the information plane uses (module doc: why not relative)
-
-
-def headline_mi(information: dict[str, dict]) -> float:
-    view, field = HEADLINE_MI
-    return float(information[view][field])

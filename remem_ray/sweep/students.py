@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from remem_ray.checkpoint_files import (
+    META_FILE,
     best_checkpoint_name,
     best_name,
     copy_checkpoint,
@@ -39,7 +40,15 @@ from remem_ray.checkpoint_files import (
     verify_checkpoint,
 )
 from remem_ray.console import say
-from remem_ray.contract import EPOCH, STUDENT_KEY, STUDENT_REPLAYED, TEACHER_KEY, TEACHER_TRAINED
+from remem_ray.contract import (
+    EPOCH,
+    STUDENT_KEY,
+    STUDENT_REPLAYED,
+    TEACHER_KEY,
+    TEACHER_MI,
+    TEACHER_TRAINED,
+    teacher_mi_of,
+)
 from remem_ray.errors import ResourceError, TrainingDivergedError
 from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, process_gone
 from remem_ray.storage import Storage
@@ -182,15 +191,30 @@ class StudentFinished:
 
 def replay(record: StudentRecord, student_folder: Storage, report: Callable[[dict], None], extra: Mapping) -> None:
     """Report the stored curve, one report per epoch, as the original run reported it (less what
-    described its process, plus `extra`). The trial's student folder points at the stored best
-    from its epoch on: a replay stopped before it has no checkpoint, as the stored best came later."""
+    described its process, plus `extra`; its teacher's MI read as today's runs read it). The
+    trial's student folder points at the stored best from its epoch on: a replay stopped before
+    it has no checkpoint, as the stored best came later."""
+    teacher_mi = _teacher_mi_now(record)
     for reported in record.history:
         metrics = {k: v for k, v in reported.items() if k not in ORIGINAL_RUN_ONLY}
         metrics.update(extra)
+        if teacher_mi is not None and TEACHER_MI in metrics:
+            metrics[TEACHER_MI] = teacher_mi
         metrics[STUDENT_REPLAYED] = 1
         if metrics[EPOCH] == record.best_epoch:
             point_stored_best(student_folder, record.best_epoch, record.folder.uri())
         report(metrics)
+
+
+def _teacher_mi_now(record: StudentRecord) -> float | None:
+    """The teacher's headline MI from the family its meta records (the student checkpoint's meta
+    holds its teacher's): a student stored before the headline changed (2026-12-07) reported the
+    old one, and its replays mixed the two in one sweep's results. None where it does not read."""
+    try:
+        meta = json.loads(record.folder.read_text(f"{best_name(record.best_epoch)}/{META_FILE}"))
+        return teacher_mi_of(meta["teacher"])
+    except (ResourceError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def usable_record(

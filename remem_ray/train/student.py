@@ -18,10 +18,9 @@ from remem_ray.checkpoint_files import (
     point_best,
 )
 from remem_ray.checkpoints import load_model, split_location
-from remem_ray.contract import BEST_TEST_ACC, BEST_VAL_ACC, TEACHER_MI, TEACHER_VAL_ACC, LoopConfig
+from remem_ray.contract import BEST_TEST_ACC, BEST_VAL_ACC, TEACHER_MI, TEACHER_VAL_ACC, LoopConfig, teacher_mi_of
 from remem_ray.data import Views
 from remem_ray.errors import SpecError
-from remem_ray.insight.information import headline_mi
 from remem_ray.losses import DistillationLoss
 from remem_ray.models import normalizer_for
 from remem_ray.train.common import PerStepSchedule, build_optimizer, load_optimizer_state, runnable_model
@@ -150,15 +149,6 @@ class StudentTask(Task):
         teacher_metrics = self.teacher_meta.get("metrics", {})
         metrics[TEACHER_VAL_ACC] = teacher_metrics.get("val_acc", float("nan"))
         metrics[TEACHER_MI] = teacher_mi_of(self.teacher_meta)
-
-
-def teacher_mi_of(teacher_meta: dict[str, Any]) -> float:
-    """The teacher checkpoint's headline MI, from the family its meta.json records: the number
-    it reported when trained follows the headline of its day (a registry's teachers outlive it)."""
-    information = teacher_meta.get("information")
-    if information:
-        return headline_mi(information)
-    return float(teacher_meta.get("metrics", {}).get(TEACHER_MI, float("nan")))
 
 
 def distill_student(config: LoopConfig) -> dict[str, Any]:

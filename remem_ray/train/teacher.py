@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from remem_ray.checkpoint_files import CheckpointError, checkpoint_name, copy_checkpoint, is_complete
-from remem_ray.contract import TEACHER_MI, LoopConfig
-from remem_ray.insight.information import MI_REFERENCE_TEMPERATURE, checkpoint_information, headline_mi
+from remem_ray.contract import TEACHER_MI, LoopConfig, headline_mi
+from remem_ray.insight.information import MI_REFERENCE_TEMPERATURE, checkpoint_information
 from remem_ray.models import normalizer_for, reweight_mlp
 from remem_ray.teacher_layout import HISTORY_FILE, SPEC_FILE
 from remem_ray.train.common import PerStepSchedule, build_sam, load_optimizer_state, rank0_decides, runnable_model
