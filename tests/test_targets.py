@@ -201,18 +201,29 @@ def _ranks_meeting_a_refused_cache(rank: int, world: int, tmp: str) -> None:
     import json
 
     from remem_ray.errors import ResourceError
+    from remem_ray.train import targets as targets_module
 
+    compute = targets_module.compute_targets
     with _gloo_rank(rank, world, tmp, timeout_s=20) as (tmp_path, spec, splits, teacher, location):
         outcomes = {}
-        for case in ("non-finite", "write-fails"):
+        for case in ("non-finite", "rank-1-fails", "write-fails"):
+            if case == "rank-1-fails" and rank == 1:
+
+                def out_of_memory(*args, **kwargs):
+                    raise RuntimeError("CUDA out of memory")
+
+                targets_module.compute_targets = out_of_memory
+            if case == "rank-1-fails" and rank == 0:
+                for note in (tmp_path / "teacher" / "targets").glob("*.refused"):  # the same weights, sound now
+                    note.unlink()
+            if case == "write-fails" and rank == 1:
+                targets_module.compute_targets = compute
             if case == "write-fails" and rank == 0:
 
                 def refused(self, rel, data):
                     raise ResourceError(f"storage: cannot write {rel}: Access Denied")
 
                 Storage.write_bytes = refused
-                for note in (tmp_path / "teacher" / "targets").glob("*.refused"):  # the same weights, sound now
-                    note.unlink()
             source = _NaNForSomeImages(teacher) if case == "non-finite" else teacher
             try:
                 load_or_build_targets(spec, location, source, normalizer_for(teacher), _loader(splits), rank == 0)
@@ -223,9 +234,9 @@ def _ranks_meeting_a_refused_cache(rank: int, world: int, tmp: str) -> None:
 
 
 def test_every_rank_hears_rank_0_refuse_or_fail_to_build_the_cache_none_waits_at_the_barrier(tmp_path):
-    """A refusal of non-finite targets, or rank 0's failure to write the cache, reaches every rank:
-    before, rank 0 raised it before a barrier, and the others waited there until Train ended the
-    group (or died on a gloo error, naming nothing)."""
+    """A refusal of non-finite targets, a rank's failure to compute its share, or rank 0's failure
+    to write the cache, reaches every rank: before, rank 0 raised it before a barrier, and the
+    others waited there until Train ended the group (or died on a gloo error, naming nothing)."""
     import json
 
     import torch.multiprocessing as mp
@@ -235,10 +246,14 @@ def test_every_rank_hears_rank_0_refuse_or_fail_to_build_the_cache_none_waits_at
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank0["non-finite"].startswith("CheckpointError: student.teacher_targets: teacher ")
     assert "6 of 69 views" in rank0["non-finite"] and rank1["non-finite"] == rank0["non-finite"]
+    assert rank1["rank-1-fails"] == "RuntimeError: CUDA out of memory"  # its own error
+    assert rank0["rank-1-fails"] == (
+        "CheckpointError: student.teacher_targets: rank 1 could not compute its share of the cache: CUDA out of memory"
+    )
     assert rank0["write-fails"].startswith("ResourceError: storage: cannot write targets/")  # its own error
     assert rank1["write-fails"].startswith("CheckpointError: student.teacher_targets: rank 0 could not build")
     assert "Access Denied" in rank1["write-fails"]
-    assert _kept(tmp_path / "teacher" / "targets") == []
+    assert _kept(tmp_path / "teacher" / "targets") == []  # nor a part of any rank
 
 
 def _ranks_sharing_the_computation(rank: int, world: int, tmp: str) -> None:
@@ -258,7 +273,14 @@ def _ranks_sharing_the_computation(rank: int, world: int, tmp: str) -> None:
         runs = []
         for _ in range(2):  # built, then read
             table, info = load_or_build_targets(
-                spec, location, teacher, normalizer_for(teacher), _loader(splits), rank == 0, log=said.append
+                spec,
+                location,
+                teacher,
+                normalizer_for(teacher),
+                _loader(splits),
+                rank == 0,
+                log=said.append,
+                stale_after_s=3.0,
             )
             runs.append(info["built"])
         torch.save(table, tmp_path / f"table{rank}.pt")
@@ -267,18 +289,25 @@ def _ranks_sharing_the_computation(rank: int, world: int, tmp: str) -> None:
 
 def test_ranks_of_a_ddp_run_compute_the_targets_together_each_its_share(tmp_path):
     """Rank 0 computed the whole table while the other ranks waited in a collective, which Ray
-    Train ends after 30 minutes (ImageNet x 8 views of a ViT-B on one card is about an hour)."""
+    Train ends after 30 minutes (ImageNet x 8 views of a ViT-B on one card is about an hour); and
+    a DDP run took no lease, computing beside whoever held it. Here a silent holder holds it."""
     import json
 
     import torch.multiprocessing as mp
 
+    from remem_ray.leases import Lease
+    from remem_ray.train.targets import cache_key, lease_location, teacher_identity
+
     spec, splits, teacher, storage = _setup(tmp_path)
+    key = cache_key(spec, teacher_identity(storage, "epoch_1"), len(splits.train), _loader(splits).identity())
+    assert Lease(storage.child(lease_location("epoch_1", key)), "a run on another host", 60).try_acquire()
     alone = compute_targets(teacher, normalizer_for(teacher), _loader(splits), Views(3, 0))
     mp.spawn(_ranks_sharing_the_computation, args=(2, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank0["shares"] == [[0, 11]] and rank1["shares"] == [[11, 23]]  # 23 training images, once
     assert rank0["built"] == rank1["built"] == [True, False]
-    assert rank0["said"][0].startswith("computing teacher targets: 23 images x 3 views, a share on each of 2 ranks")
+    assert rank0["said"][0].startswith("teacher targets: a run on another host is computing them; waiting for ")
+    assert rank0["said"][1].startswith("computing teacher targets: 23 images x 3 views, a share on each of 2 ranks")
     for rank in (0, 1):  # what one process computes alone, up to batch-dependent float rounding
         table = torch.load(tmp_path / f"table{rank}.pt")
         assert table.shape == alone.shape and torch.allclose(table.float(), alone.float(), atol=1e-2)

@@ -8,7 +8,7 @@ checkpoint, in eval mode and batched, and stored beside the checkpoint:
     <checkpoint parent>/targets/<checkpoint name>-<key>.pt        the table (float16)
     <checkpoint parent>/targets/<checkpoint name>-<key>.lease/    who computes it now: one run at a time
     <checkpoint parent>/targets/<checkpoint name>-<key>.refused   why its table was refused (non-finite)
-    <checkpoint parent>/targets/<checkpoint name>-<key>.part-<run>-<rank>.pt   a DDP rank's share, until joined
+    <checkpoint parent>/targets/<checkpoint name>-<key>.part-<rank>.pt   a DDP rank's share, until joined
 
 The key hashes the checkpoint's model sha256 (from its manifest) and the meta fields that shape
 its logits (architecture, classes, image size, MLP reweighting), the data spec and split
@@ -114,10 +114,14 @@ def unkept_location(checkpoint_name: str, key: str) -> str:
     return f"{TARGETS_DIR}/{checkpoint_name}-{key}.unkept"
 
 
-def part_location(checkpoint_name: str, key: str, run: str, rank: int) -> str:
-    """A DDP rank's share of the table, until rank 0 joins the shares (`_built_by_every_rank`);
-    `run` is drawn by rank 0, so two runs computing the same table never read each other's."""
-    return f"{TARGETS_DIR}/{checkpoint_name}-{key}.part-{run}-{rank}.pt"
+def part_location(checkpoint_name: str, key: str, rank: int) -> str:
+    """A DDP rank's share of the table, until rank 0 joins the shares (`_built_by_every_rank`).
+    Written only by the lease holder's ranks; whoever keeps the table removes them."""
+    return f"{_parts_prefix(checkpoint_name, key)}{rank}.pt"
+
+
+def _parts_prefix(checkpoint_name: str, key: str) -> str:
+    return f"{TARGETS_DIR}/{checkpoint_name}-{key}.part-"
 
 
 def refusal_location(checkpoint_name: str, key: str) -> str:
@@ -157,14 +161,17 @@ def compute_targets(
     teacher.eval()
     device = pipeline.device
     images = images if images is not None else range(num_items(pipeline.splits.train))
-    chunks = []
+    table, row = None, 0  # filled in place: chunks and their concatenation took twice the table's size
     for batch in pipeline.view_batches(views, batch_size, images):
         with autocast(device):
             logits = teacher(normalizer(batch.to(device, non_blocking=True)))
-        chunks.append(logits.float().cpu().to(torch.float16))
-    if not chunks:  # a share of no images (more ranks than images)
+        if table is None:
+            table = torch.empty(len(images) * views.count, logits.shape[-1], dtype=torch.float16)
+        table[row : row + len(logits)] = logits.float().cpu()
+        row += len(logits)
+    if table is None:  # a share of no images (more ranks than images)
         return torch.empty(0, views.count, 0, dtype=torch.float16)
-    return torch.cat(chunks).view(len(images), views.count, -1)
+    return table.view(len(images), views.count, -1)
 
 
 def _table_to_bytes(table: torch.Tensor, key: str) -> bytes:
@@ -197,7 +204,7 @@ def load_or_build_targets(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The cached logit table for this teacher checkpoint and data, building it if missing.
 
-    One run at a time computes it across trials and sweeps (`_built_once`). A DDP run's ranks
+    One run at a time computes it across trials and sweeps (`_built_once`); a DDP run's ranks
     compute it together, each its share of the images (`_built_by_every_rank`). A holder
     silent for `stale_after_s` is taken over; past `wait_limit_s` a waiter computes them beside
     their holder (the sweep's lease settings).
@@ -216,8 +223,11 @@ def load_or_build_targets(
         return compute_targets(teacher, normalizer, pipeline, views, images=images)
 
     table: torch.Tensor | None
+    waits = Waits(stale_after_s, wait_limit_s)
     if is_distributed():
-        table, info["built"] = _built_by_every_rank(parent, name, key, compute, pipeline, views, teacher_location, log)
+        table, info["built"] = _built_by_every_rank(
+            parent, name, key, compute, pipeline, views, teacher_location, log, waits
+        )
     else:
         table = _stored_table(parent, rel, key)
         if table is None and is_writer:
@@ -227,7 +237,6 @@ def load_or_build_targets(
                 built = compute()
                 return built, _non_finite(built, teacher_location)
 
-            waits = Waits(stale_after_s, wait_limit_s)
             table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log, waits)
             if problem is not None:
                 raise CheckpointError(problem)
@@ -251,84 +260,166 @@ def _built_by_every_rank(
     views: Views,
     teacher_location: str,
     log,
+    waits: Waits,
 ) -> tuple[torch.Tensor | None, bool]:
-    """(table, built here) for a DDP run: the stored table, or each rank computes the views of
-    its share of the images, keeps it as a part, and rank 0 joins the parts into the table.
+    """(table, built here) for a DDP run. Rank 0 looks, waits and takes the lease as one run does
+    (`_built_once`), saying at each step what the other ranks do: wait, compute their share of
+    the images (kept as parts, which rank 0 joins into the table), or read the table.
 
-    Before, rank 0 computed the whole table while the others waited in a collective, which Ray
-    Train ends after 30 minutes (ImageNet x 8 views of a ViT-B on one card is about an hour).
-    Now each collective follows work of about equal length on every rank. No lease: the other
-    ranks would wait on it in a collective too; a failure anywhere is heard on every rank, so
-    none is left waiting at the next collective."""
+    Before, rank 0 computed the whole table while the others waited in one collective, which Ray
+    Train ends after 30 minutes (ImageNet x 8 views of a ViT-B on one card is about an hour), and
+    took no lease. Now every collective follows a short step, or work of equal length on every
+    rank; a failure anywhere is heard on every rank, so none is left waiting at the next one."""
     rank, world, device = dist.get_rank(), dist.get_world_size(), pipeline.device
-    rel, refused = cache_location(name, key), refusal_location(name, key)
-    kept, failure = None, None
-    said: tuple[str, str] = ("failed", "")  # rank 0's word; the others' is not sent
-    if rank == 0:
-        try:
-            kept = _kept(parent, rel, refused, key, device)
-            if kept is None:
-                said = ("build", uuid.uuid4().hex[:8])  # names this run's parts
-            else:
-                said = ("refused", kept[1]) if kept[1] else ("kept", "")
-        except Exception as exc:  # storage: the other ranks must hear of it too
-            said, failure = ("failed", f"student.teacher_targets: rank 0 could not look for the cache: {exc}"), exc
-    state, detail = rank0_says(said, device)
-    if state == "failed":
-        raise failure if failure is not None else CheckpointError(detail)
-    if state == "refused":
-        raise CheckpointError(detail)
-    if state == "kept":
-        return (kept[0] if kept is not None else _stored_table(parent, rel, key)), False
-    run, size = detail, num_items(pipeline.splits.train)
-    if rank == 0:
+    if device.type == "cuda":  # collectives of objects use the current device
+        torch.cuda.set_device(device)
+    size, rel = num_items(pipeline.splits.train), cache_location(name, key)
+    if rank != 0:
+        return _follow_rank_0(parent, name, key, compute, size, views, device)
+    heard = False  # a failure inside a step every rank takes is raised on every rank by itself
+
+    def sleep(seconds: float) -> None:
+        rank0_says(("wait", None), device)
+        time.sleep(seconds)
+
+    def build() -> tuple[torch.Tensor | None, str | None]:
+        nonlocal heard
         shares = f"a share on each of {world} ranks"
         log(f"computing teacher targets: {size} images x {views.count} views, {shares} -> {parent.uri(rel)}")
-    part, problem, bad = None, None, 0
+        rank0_says(("build", size), device)
+        heard = True
+        own, bad = _share(parent, name, key, compute, size, size, views)
+        heard = False
+        if bad:
+            return None, _refusal_words(bad, size * views.count, teacher_location)
+        return _joined(parent, name, key, own, world, size, views), None
+
     try:
-        part = compute(range(rank * size // world, (rank + 1) * size // world))
+        table, problem, built = _built_once(parent, name, key, build, device, log, waits, sleep)
+    except Exception as exc:
+        if not heard:
+            rank0_says(("failed", f"student.teacher_targets: rank 0 could not build the cache: {exc}"), device)
+        raise
+    rank0_says(("refused", problem) if problem is not None else ("done", built), device)
+    if problem is not None:
+        raise CheckpointError(problem)
+    _every_rank_hears(None, None)  # whether every rank read the table
+    return table, built
+
+
+def _follow_rank_0(
+    parent: Storage,
+    name: str,
+    key: str,
+    compute: Callable[[range], torch.Tensor],
+    size: int,
+    views: Views,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, bool]:
+    """A DDP rank other than 0: does what rank 0 says, step by step (`_built_by_every_rank`)."""
+    while True:
+        word: tuple[str, Any] = rank0_says(("", None), device)  # the argument: rank 0's alone counts
+        state, detail = word
+        if state == "build":
+            _share(parent, name, key, compute, size, detail, views)
+        elif state in ("failed", "refused"):
+            raise CheckpointError(detail)
+        elif state == "done":
+            break
+    rel, table, problem, failure = cache_location(name, key), None, None, None
+    try:
+        table = _stored_table(parent, rel, key)
+        if table is None:
+            problem = f"student.teacher_targets: cache {parent.uri(rel)} could not be read"
+    except Exception as exc:
+        failure, problem = exc, f"student.teacher_targets: rank {dist.get_rank()} could not read the cache: {exc}"
+    _every_rank_hears(problem, failure)
+    return table, bool(detail)
+
+
+def _share(
+    parent: Storage,
+    name: str,
+    key: str,
+    compute: Callable[[range], torch.Tensor],
+    size: int,
+    rank0_size: int,
+    views: Views,
+) -> tuple[torch.Tensor | None, int]:
+    """Every rank: the targets of its share of the images, kept as a part (rank 0 keeps its own
+    in memory); (rank 0's part, non-finite views on all ranks). Raises on every rank if any failed."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    part, bad, problem, failure = None, 0, None, None
+    try:
+        if size != rank0_size:
+            raise CheckpointError(f"rank {rank}'s training set holds {size} images, rank 0's {rank0_size}")
+        part = compute(_share_of(rank, world, size))
         bad = _non_finite_views(part)
         if rank != 0:
-            parent.write_bytes(part_location(name, key, run, rank), _table_to_bytes(part, key))
+            parent.write_bytes(part_location(name, key, rank), _table_to_bytes(part, key))
+            part = None
     except Exception as exc:
         failure, problem = exc, f"student.teacher_targets: rank {rank} could not compute its share of the cache: {exc}"
     heard: list[Any] = [None] * world
     dist.all_gather_object(heard, (problem, bad))
+    _raise_first(problem, failure, [words for words, _ in heard])
+    return part, sum(count for _, count in heard)
+
+
+def _every_rank_hears(problem: str | None, failure: Exception | None) -> None:
+    """Every rank: raises (its own error, or the first rank's words) if any rank had a problem."""
+    heard: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(heard, problem)
+    _raise_first(problem, failure, heard)
+
+
+def _raise_first(own: str | None, failure: Exception | None, heard: list[str | None]) -> None:
+    first = next((words for words in heard if words), None)
+    if first is None:
+        return
+    if own and failure is not None:
+        raise failure
+    raise CheckpointError(first)
+
+
+def _share_of(rank: int, world: int, size: int) -> range:
+    return range(rank * size // world, (rank + 1) * size // world)
+
+
+def _joined(
+    parent: Storage, name: str, key: str, own: torch.Tensor | None, world: int, size: int, views: Views
+) -> torch.Tensor:
+    """The ranks' parts in one table, filled in place (a list of parts and their concatenation
+    took twice the table's size: 40 GB for ImageNet x 8 views)."""
     table = None
-    try:
-        problem = next((words for words, _ in heard if words), None)
-        if problem is not None:
-            raise failure if failure is not None else CheckpointError(problem)
-        if sum(bad for _, bad in heard):
-            problem = _refusal_words(sum(bad for _, bad in heard), size * views.count, teacher_location)
-            if rank == 0:
-                _keep_refusal(parent, refused, problem, device, log)
-            raise CheckpointError(problem)
-        if rank == 0:
-            try:
-                table = _joined(parent, name, key, run, part, world)
-                parent.write_bytes(rel, _table_to_bytes(table, key))  # the other ranks read it: it must be kept
-            except Exception as exc:
-                failure, problem = exc, f"student.teacher_targets: rank 0 could not build the cache: {exc}"
-        problem = rank0_says(problem, device)
-        if problem is not None:
-            raise failure if failure is not None else CheckpointError(problem)
-    finally:
-        if rank == 0:  # joined or not, the parts go (best effort: a part left is never read again)
-            for other in range(1, world):
-                with contextlib.suppress(ResourceError):
-                    parent.delete_file(part_location(name, key, run, other))
-    return (table if table is not None else _stored_table(parent, rel, key)), True
+    for rank in range(world):
+        share = _share_of(rank, world, size)
+        location = part_location(name, key, rank)
+        part = own if rank == 0 else _table_from_bytes(parent.read_bytes(location), key)
+        if part is None:
+            raise CheckpointError(f"student.teacher_targets: rank {rank}'s share {parent.uri(location)} does not read")
+        if tuple(part.shape[:2]) != (len(share), views.count):
+            raise CheckpointError(
+                f"student.teacher_targets: rank {rank}'s share holds {tuple(part.shape[:2])} (images, views), "
+                f"not {(len(share), views.count)}"
+            )
+        if len(share):
+            if table is None:
+                table = torch.empty(size, views.count, part.shape[2], dtype=part.dtype)
+            table[share.start : share.stop] = part
+        del part
+    assert table is not None  # some rank's share holds an image: the training set is not empty
+    return table
 
 
-def _joined(parent: Storage, name: str, key: str, run: str, own: torch.Tensor | None, world: int) -> torch.Tensor:
-    parts = [own]
-    for rank in range(1, world):
-        location = part_location(name, key, run, rank)
-        parts.append(_table_from_bytes(parent.read_bytes(location), key))
-        if parts[-1] is None:
-            raise CheckpointError(f"rank {rank}'s share {parent.uri(location)} could not be read")
-    return torch.cat([part for part in parts if part is not None and part.shape[0]])
+def _remove_parts(parent: Storage, name: str, key: str) -> None:
+    """Best effort: a DDP run's parts of this table (this one's, or a run's that ended before joining them)."""
+    prefix = _parts_prefix(name, key)
+    folder, _, start = prefix.rpartition("/")
+    with contextlib.suppress(ResourceError):
+        for entry in parent.list_dir(folder):
+            if entry.startswith(start):
+                parent.delete_file(f"{folder}/{entry}")
 
 
 def _stored_table(parent: Storage, rel: str, key: str) -> torch.Tensor | None:
@@ -339,7 +430,7 @@ def _built_once(
     parent: Storage,
     name: str,
     key: str,
-    build: Callable[[], tuple[torch.Tensor, str | None]],
+    build: Callable[[], tuple[torch.Tensor | None, str | None]],
     device: torch.device,
     log,
     waits: Waits | None = None,
@@ -451,16 +542,20 @@ def _build_and_keep(
     parent: Storage,
     name: str,
     key: str,
-    build: Callable[[], tuple[torch.Tensor, str | None]],
+    build: Callable[[], tuple[torch.Tensor | None, str | None]],
     device: torch.device,
     log,
 ) -> tuple[torch.Tensor | None, str | None, bool]:
     rel, refused, unkept = cache_location(name, key), refusal_location(name, key), unkept_location(name, key)
-    table, problem = build()
-    if problem is not None:  # never kept as a table: its key would serve it forever
-        _keep_refusal(parent, refused, problem, device, log)
-        return None, problem, False
-    kept = _keep_table(parent, rel, table, key, log)
+    try:
+        table, problem = build()
+        if problem is not None:  # never kept as a table: its key would serve it forever
+            _keep_refusal(parent, refused, problem, device, log)
+            return None, problem, False
+        assert table is not None  # a build without a problem gives a table
+        kept = _keep_table(parent, rel, table, key, log)
+    finally:
+        _remove_parts(parent, name, key)
     with contextlib.suppress(ResourceError):  # best effort: waiters then compute beside, not in turn
         if not kept:
             parent.write_text(unkept, "the run that computed these targets could not keep them")
