@@ -552,3 +552,14 @@ def test_an_endpoint_named_by_aws_endpoint_url_s3_is_where_every_write_goes(s3, 
     assert store.create_exclusive("lease.json", b"{}")  # boto3
     keys = sorted(o["Key"] for o in s3["client"].list_objects_v2(Bucket=s3["bucket"])["Contents"])
     assert keys == ["p/checkpoint.bin", "p/lease.json"] and store.read_bytes("checkpoint.bin") == b"weights"
+
+
+def test_an_input_checked_at_an_endpoint_from_the_environment_names_that_variable(monkeypatch):
+    """A malformed endpoint from AWS_ENDPOINT_URL_S3 was reported under the input's own field
+    ("teacher.weights must look like http://host:port"): the user looked for it in the spec."""
+    from remem_ray.storage.preflight import preflight_input
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "minio:9000")
+    with pytest.raises(ResourceError, match=r"^storage: AWS_ENDPOINT_URL_S3 must look like http://host:port"):
+        preflight_input("s3://bucket/weights.pt", None, None, "teacher.weights")

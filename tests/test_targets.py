@@ -572,3 +572,25 @@ def test_a_run_waits_on_a_beating_targets_holder_no_longer_than_the_limit_given(
     )
     assert built and 40.0 < now[0] <= 44.0
     assert said[-1] == "teacher targets: waited 40 s for the run computing them; computing them here"
+
+
+def test_a_student_loop_hands_its_configs_lease_settings_to_the_targets_wait(tmp_path, monkeypatch):
+    """From LoopConfig (the sweep's settings) through the loop's context to the targets' wait."""
+    from helpers.sessions import FileSession
+
+    from remem_ray.contract import LoopConfig
+    from remem_ray.train import student as student_module
+    from remem_ray.train.loop import prepare
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    session = FileSession(tmp_path / "state")
+    config = LoopConfig(spec, str(tmp_path / "out"), session=session, lease_stale_after_s=12.0, wait_limit_s=34.0)
+    asked = {}
+
+    def load(*args, **kwargs):
+        asked.update(kwargs)
+        return torch.zeros(len(splits.train), 3, 3), {"built": True}
+
+    monkeypatch.setattr(student_module, "load_or_build_targets", load)
+    student_module.target_source(prepare(config, "student"), storage.uri("epoch_1"), teacher, normalizer_for(teacher))
+    assert (asked["stale_after_s"], asked["wait_limit_s"]) == (12.0, 34.0)

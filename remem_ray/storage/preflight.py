@@ -54,11 +54,13 @@ def preflight_input(uri: str, endpoint: str | None, region: str | None, field: s
     one lookup of the object. Only what the run's own fetch does (no bucket listing, no credential
     check of our own): a read-only grant on the object, or a public one, passes."""
     from remem_ray.storage.cache import fetchable
-    from remem_ray.storage.fs import endpoint_or_env, s3_filesystem
+    from remem_ray.storage.fs import s3_filesystem
 
-    endpoint = endpoint_or_env(endpoint)
+    endpoint_field = field
+    if not endpoint and (found := endpoint_from_env()):
+        endpoint, endpoint_field = found
     if endpoint:
-        _check_endpoint(endpoint, field)
+        _check_endpoint(endpoint, endpoint_field)
     quick = s3_filesystem(endpoint, region, max_attempts=INPUT_CHECK_ATTEMPTS, request_timeout_s=INPUT_CHECK_REQUEST_S)
     fetchable(uri, endpoint, field, region, fs=quick)
 
