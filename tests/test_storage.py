@@ -563,3 +563,19 @@ def test_an_input_checked_at_an_endpoint_from_the_environment_names_that_variabl
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "minio:9000")
     with pytest.raises(ResourceError, match=r"^storage: AWS_ENDPOINT_URL_S3 must look like http://host:port"):
         preflight_input("s3://bucket/weights.pt", None, None, "teacher.weights")
+
+
+def test_a_profile_naming_an_s3_server_is_refused_at_the_door_with_the_field_to_set(s3, tmp_path, monkeypatch):
+    """boto3 reads a profile's endpoint_url, pyarrow does not: leases went to that server and
+    checkpoints to AWS (no internet here: every write failed after its retries)."""
+    config = tmp_path / "aws-config"
+    config.write_text(f"[default]\nendpoint_url = {s3['endpoint']}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    root = f"s3://{s3['bucket']}/r"
+    with pytest.raises(
+        ResourceError, match=rf"^storage\.endpoint: your AWS profile sends S3 requests to {s3['endpoint']}"
+    ):
+        preflight(root, None, "us-east-1")
+    preflight(root, s3["endpoint"], "us-east-1")  # named: both clients go there

@@ -148,6 +148,14 @@ def _check_bucket(session, root: str, endpoint: str | None, region: str, field: 
         raise ResourceError(
             f"storage: cannot address bucket {bucket!r}{where} for {field} {root}: {one_line(exc)}"
         ) from None
+    if not endpoint and not _on_aws(client):
+        # a profile's endpoint_url (the environment's was taken above): boto3 goes there, pyarrow,
+        # which reads and writes every checkpoint, to AWS
+        raise ResourceError(
+            f"storage.endpoint: your AWS profile sends S3 requests to {client.meta.endpoint_url}, which the "
+            f"checkpoints' client does not read: set storage.endpoint: {client.meta.endpoint_url} "
+            f"(or AWS_ENDPOINT_URL_S3) for {field} {root}"
+        )
     try:
         client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
     except botocore.exceptions.ClientError as exc:
