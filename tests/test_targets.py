@@ -202,11 +202,18 @@ def _ranks_meeting_a_refused_cache(rank: int, world: int, tmp: str) -> None:
 
     from remem_ray.errors import ResourceError
     from remem_ray.train import targets as targets_module
+    from remem_ray.train.targets import cache_key, teacher_identity
 
     compute = targets_module.compute_targets
     with _gloo_rank(rank, world, tmp, timeout_s=20) as (tmp_path, spec, splits, teacher, location):
         outcomes = {}
-        for case in ("non-finite", "rank-1-fails", "write-fails"):
+        targets = tmp_path / "teacher" / "targets"
+        teacher_storage = Storage(str(tmp_path / "teacher"))
+        key = cache_key(spec, teacher_identity(teacher_storage, "epoch_1"), 23, _loader(splits).identity())
+        unkept = targets / f"epoch_1-{key}.unkept"
+        for case in ("non-finite", "rank-1-fails", "unkept-rank-1-fails", "write-fails"):
+            if case == "unkept-rank-1-fails" and rank == 0:  # a holder that could not keep its table
+                unkept.write_text("the run that computed these targets could not keep them")
             if case == "rank-1-fails" and rank == 1:
 
                 def out_of_memory(*args, **kwargs):
@@ -219,6 +226,7 @@ def _ranks_meeting_a_refused_cache(rank: int, world: int, tmp: str) -> None:
             if case == "write-fails" and rank == 1:
                 targets_module.compute_targets = compute
             if case == "write-fails" and rank == 0:
+                unkept.unlink()
 
                 def refused(self, rel, data):
                     raise ResourceError(f"storage: cannot write {rel}: Access Denied")
@@ -246,10 +254,12 @@ def test_every_rank_hears_rank_0_refuse_or_fail_to_build_the_cache_none_waits_at
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank0["non-finite"].startswith("CheckpointError: student.teacher_targets: teacher ")
     assert "6 of 69 views" in rank0["non-finite"] and rank1["non-finite"] == rank0["non-finite"]
-    assert rank1["rank-1-fails"] == "RuntimeError: CUDA out of memory"  # its own error
-    assert rank0["rank-1-fails"] == (
-        "CheckpointError: student.teacher_targets: rank 1 could not compute its share of the cache: CUDA out of memory"
-    )
+    for case in ("rank-1-fails", "unkept-rank-1-fails"):  # the second: no outage to wait through and compute again
+        assert rank1[case] == "RuntimeError: CUDA out of memory"  # its own error
+        assert rank0[case] == (
+            "CheckpointError: student.teacher_targets: rank 1 could not compute its share of the cache: "
+            "CUDA out of memory"
+        )
     assert rank0["write-fails"].startswith("ResourceError: storage: cannot write targets/")  # its own error
     assert rank1["write-fails"].startswith("CheckpointError: student.teacher_targets: rank 0 could not build")
     assert "Access Denied" in rank1["write-fails"]

@@ -8,7 +8,7 @@ checkpoint, in eval mode and batched, and stored beside the checkpoint:
     <checkpoint parent>/targets/<checkpoint name>-<key>.pt        the table (float16)
     <checkpoint parent>/targets/<checkpoint name>-<key>.lease/    who computes it now: one run at a time
     <checkpoint parent>/targets/<checkpoint name>-<key>.refused   why its table was refused (non-finite)
-    <checkpoint parent>/targets/<checkpoint name>-<key>.part-<rank>.pt   a DDP rank's share, until joined
+    <checkpoint parent>/targets/<checkpoint name>-<key>.part-<run>-<rank>.pt   a DDP rank's share, until joined
 
 The key hashes the checkpoint's model sha256 (from its manifest) and the meta fields that shape
 its logits (architecture, classes, image size, MLP reweighting), the data spec and split
@@ -114,14 +114,12 @@ def unkept_location(checkpoint_name: str, key: str) -> str:
     return f"{TARGETS_DIR}/{checkpoint_name}-{key}.unkept"
 
 
-def part_location(checkpoint_name: str, key: str, rank: int) -> str:
-    """A DDP rank's share of the table, until rank 0 joins the shares (`_built_by_every_rank`).
-    Written only by the lease holder's ranks; whoever keeps the table removes them."""
-    return f"{_parts_prefix(checkpoint_name, key)}{rank}.pt"
-
-
-def _parts_prefix(checkpoint_name: str, key: str) -> str:
-    return f"{TARGETS_DIR}/{checkpoint_name}-{key}.part-"
+def part_location(checkpoint_name: str, key: str, run: str, rank: int) -> str:
+    """A DDP rank's share of the table, until rank 0 joins the shares and removes them
+    (`_built_by_every_rank`). `run` is drawn by rank 0: runs of one key may compute beside each
+    other (past the wait limit, beside a holder that could not keep its table, a paused holder
+    taken over), and none may read or remove another's parts."""
+    return f"{TARGETS_DIR}/{checkpoint_name}-{key}.part-{run}-{rank}.pt"
 
 
 def refusal_location(checkpoint_name: str, key: str) -> str:
@@ -171,6 +169,10 @@ def compute_targets(
         row += len(logits)
     if table is None:  # a share of no images (more ranks than images)
         return torch.empty(0, views.count, 0, dtype=torch.float16)
+    if row != len(table):  # rows left unfilled would be served as targets
+        raise CheckpointError(
+            f"student.teacher_targets: the views of {row // views.count} images came, not {len(images)}"
+        )
     return table.view(len(images), views.count, -1)
 
 
@@ -214,7 +216,7 @@ def load_or_build_targets(
     parent, name = split_location(teacher_location, spec.storage.endpoint, spec.storage.region)
     size = num_items(pipeline.splits.train)
     # rank 0's key on every rank: a node with another torchvision build would look for another file
-    key = rank0_says(cache_key(spec, teacher_identity(parent, name), size, pipeline.identity()), pipeline.device)
+    key = _rank0_key(spec, parent, name, size, pipeline, teacher_location)
     rel = cache_location(name, key)
     views = Views(spec.student.target_views, spec.student.target_view_seed)
     info = {"key": key, "location": parent.uri(rel), "built": False}
@@ -240,10 +242,10 @@ def load_or_build_targets(
             table, problem, info["built"] = _built_once(parent, name, key, build, pipeline.device, log, waits)
             if problem is not None:
                 raise CheckpointError(problem)
-    if table is None:
-        raise CheckpointError(f"student.teacher_targets: cache {info['location']} could not be read")
-    if table.shape[0] != size:
-        raise CheckpointError(f"student.teacher_targets: cache holds {table.shape[0]} images, the training set {size}")
+    problem = _rows_problem(table, size, parent.uri(rel))
+    if problem is not None:  # a DDP run's ranks have heard it already (_built_by_every_rank)
+        raise CheckpointError(problem)
+    assert table is not None
     if not info["built"]:  # read: a cache written before this check existed (every rank reads the same)
         problem = _non_finite(table, teacher_location)
         if problem is not None:
@@ -276,23 +278,37 @@ def _built_by_every_rank(
     size, rel = num_items(pipeline.splits.train), cache_location(name, key)
     if rank != 0:
         return _follow_rank_0(parent, name, key, compute, size, views, device)
-    heard = False  # a failure inside a step every rank takes is raised on every rank by itself
+    # whether the other ranks know of a failure without being told: one inside a step every rank
+    # takes is raised on every rank; a collective that failed leaves nobody to tell
+    heard = False
+
+    def say(word: tuple[str, Any]) -> None:
+        nonlocal heard
+        heard = True
+        rank0_says(word, device)
+        heard = False
 
     def sleep(seconds: float) -> None:
-        rank0_says(("wait", None), device)
+        say(("wait", None))
         time.sleep(seconds)
 
     def build() -> tuple[torch.Tensor | None, str | None]:
         nonlocal heard
         shares = f"a share on each of {world} ranks"
         log(f"computing teacher targets: {size} images x {views.count} views, {shares} -> {parent.uri(rel)}")
-        rank0_says(("build", size), device)
-        heard = True
-        own, bad = _share(parent, name, key, compute, size, size, views)
-        heard = False
-        if bad:
-            return None, _refusal_words(bad, size * views.count, teacher_location)
-        return _joined(parent, name, key, own, world, size, views), None
+        run = uuid.uuid4().hex[:8]
+        say(("build", (size, run)))
+        try:
+            heard = True
+            own, bad = _share(parent, name, key, run, compute, size, size, views)
+            heard = False
+            if bad:
+                return None, _refusal_words(bad, size * views.count, teacher_location)
+            return _joined(parent, name, key, run, own, world, size, views), None
+        finally:  # joined or not (best effort: a part left is never read again)
+            for other in range(1, world):
+                with contextlib.suppress(ResourceError):
+                    parent.delete_file(part_location(name, key, run, other))
 
     try:
         table, problem, built = _built_once(parent, name, key, build, device, log, waits, sleep)
@@ -303,7 +319,7 @@ def _built_by_every_rank(
     rank0_says(("refused", problem) if problem is not None else ("done", built), device)
     if problem is not None:
         raise CheckpointError(problem)
-    _every_rank_hears(None, None)  # whether every rank read the table
+    _every_rank_hears(_rows_problem(table, size, parent.uri(rel)), None)  # whether every rank read the table
     return table, built
 
 
@@ -321,7 +337,8 @@ def _follow_rank_0(
         word: tuple[str, Any] = rank0_says(("", None), device)  # the argument: rank 0's alone counts
         state, detail = word
         if state == "build":
-            _share(parent, name, key, compute, size, detail, views)
+            rank0_size, run = detail
+            _share(parent, name, key, run, compute, size, rank0_size, views)
         elif state in ("failed", "refused"):
             raise CheckpointError(detail)
         elif state == "done":
@@ -329,18 +346,46 @@ def _follow_rank_0(
     rel, table, problem, failure = cache_location(name, key), None, None, None
     try:
         table = _stored_table(parent, rel, key)
-        if table is None:
-            problem = f"student.teacher_targets: cache {parent.uri(rel)} could not be read"
+        problem = _rows_problem(table, size, parent.uri(rel))
     except Exception as exc:
         failure, problem = exc, f"student.teacher_targets: rank {dist.get_rank()} could not read the cache: {exc}"
     _every_rank_hears(problem, failure)
     return table, bool(detail)
 
 
+def _rank0_key(
+    spec: RunSpec, parent: Storage, name: str, size: int, pipeline: DataPipeline, teacher_location: str
+) -> str:
+    """The cache key, as rank 0 makes it, on every rank; an error making it, raised on every rank."""
+    key, failure = None, None
+    if not is_distributed() or dist.get_rank() == 0:
+        try:
+            key = cache_key(spec, teacher_identity(parent, name), size, pipeline.identity())
+        except Exception as exc:  # a teacher's manifest that does not read: the others must hear of it
+            failure = exc
+    problem = None if failure is None else f"student.teacher_targets: teacher {teacher_location}: {failure}"
+    key, problem = rank0_says((key, problem), pipeline.device)
+    if failure is not None:
+        raise failure
+    if problem is not None:
+        raise CheckpointError(problem)
+    assert key is not None
+    return key
+
+
+def _rows_problem(table: torch.Tensor | None, size: int, location: str) -> str | None:
+    if table is None:
+        return f"student.teacher_targets: cache {location} could not be read"
+    if table.shape[0] != size:
+        return f"student.teacher_targets: cache holds {table.shape[0]} images, the training set {size}"
+    return None
+
+
 def _share(
     parent: Storage,
     name: str,
     key: str,
+    run: str,
     compute: Callable[[range], torch.Tensor],
     size: int,
     rank0_size: int,
@@ -356,7 +401,7 @@ def _share(
         part = compute(_share_of(rank, world, size))
         bad = _non_finite_views(part)
         if rank != 0:
-            parent.write_bytes(part_location(name, key, rank), _table_to_bytes(part, key))
+            parent.write_bytes(part_location(name, key, run, rank), _table_to_bytes(part, key))
             part = None
     except Exception as exc:
         failure, problem = exc, f"student.teacher_targets: rank {rank} could not compute its share of the cache: {exc}"
@@ -387,14 +432,14 @@ def _share_of(rank: int, world: int, size: int) -> range:
 
 
 def _joined(
-    parent: Storage, name: str, key: str, own: torch.Tensor | None, world: int, size: int, views: Views
+    parent: Storage, name: str, key: str, run: str, own: torch.Tensor | None, world: int, size: int, views: Views
 ) -> torch.Tensor:
     """The ranks' parts in one table, filled in place (a list of parts and their concatenation
     took twice the table's size: 40 GB for ImageNet x 8 views)."""
     table = None
     for rank in range(world):
         share = _share_of(rank, world, size)
-        location = part_location(name, key, rank)
+        location = part_location(name, key, run, rank)
         part = own if rank == 0 else _table_from_bytes(parent.read_bytes(location), key)
         if part is None:
             raise CheckpointError(f"student.teacher_targets: rank {rank}'s share {parent.uri(location)} does not read")
@@ -410,16 +455,6 @@ def _joined(
         del part
     assert table is not None  # some rank's share holds an image: the training set is not empty
     return table
-
-
-def _remove_parts(parent: Storage, name: str, key: str) -> None:
-    """Best effort: a DDP run's parts of this table (this one's, or a run's that ended before joining them)."""
-    prefix = _parts_prefix(name, key)
-    folder, _, start = prefix.rpartition("/")
-    with contextlib.suppress(ResourceError):
-        for entry in parent.list_dir(folder):
-            if entry.startswith(start):
-                parent.delete_file(f"{folder}/{entry}")
 
 
 def _stored_table(parent: Storage, rel: str, key: str) -> torch.Tensor | None:
@@ -458,20 +493,18 @@ def _built_once(
     outage, noted, deadline = Outage(), None, clock() + waits.wait_limit_s
     while True:
         taken: bool | None = False
-        try:
+        beside = None  # why to compute them beside whoever holds the lease, if so
+        try:  # storage's answers only: an error of the build is not an outage to wait through
             found = _kept(parent, rel, refused, key, device)
             if found is None and parent.is_file(unkept):
-                log("teacher targets: the run that computed them could not keep them; computing them here")
-                return build_and_keep()
-            if found is None and clock() > deadline:
-                waited = _duration(waits.wait_limit_s)
-                log(f"teacher targets: waited {waited} for the run computing them; computing them here")
-                return build_and_keep()
-            if found is None:
+                beside = "the run that computed them could not keep them"
+            elif found is None and clock() > deadline:
+                beside = f"waited {_duration(waits.wait_limit_s)} for the run computing them"
+            elif found is None:
                 taken = _take(lease, log)
                 if taken:  # a holder that kept them and released the lease meanwhile
                     found = _kept(parent, rel, refused, key, device)
-            holder = lease.holder_now() if found is None and taken is False else None
+            holder = lease.holder_now() if found is None and taken is False and beside is None else None
         except ResourceError as exc:
             if taken:
                 lease.release()
@@ -481,6 +514,9 @@ def _built_once(
             sleep(WAIT_POLL_S)
             continue
         outage.over()
+        if beside is not None:
+            log(f"teacher targets: {beside}; computing them here")
+            return build_and_keep()
         if found is not None:
             if taken:
                 lease.release()
@@ -547,15 +583,12 @@ def _build_and_keep(
     log,
 ) -> tuple[torch.Tensor | None, str | None, bool]:
     rel, refused, unkept = cache_location(name, key), refusal_location(name, key), unkept_location(name, key)
-    try:
-        table, problem = build()
-        if problem is not None:  # never kept as a table: its key would serve it forever
-            _keep_refusal(parent, refused, problem, device, log)
-            return None, problem, False
-        assert table is not None  # a build without a problem gives a table
-        kept = _keep_table(parent, rel, table, key, log)
-    finally:
-        _remove_parts(parent, name, key)
+    table, problem = build()
+    if problem is not None:  # never kept as a table: its key would serve it forever
+        _keep_refusal(parent, refused, problem, device, log)
+        return None, problem, False
+    assert table is not None  # a build without a problem gives a table
+    kept = _keep_table(parent, rel, table, key, log)
     with contextlib.suppress(ResourceError):  # best effort: waiters then compute beside, not in turn
         if not kept:
             parent.write_text(unkept, "the run that computed these targets could not keep them")
