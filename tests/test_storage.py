@@ -579,3 +579,16 @@ def test_a_profile_naming_an_s3_server_is_refused_at_the_door_with_the_field_to_
     ):
         preflight(root, None, "us-east-1")
     preflight(root, s3["endpoint"], "us-east-1")  # named: both clients go there
+
+
+def test_an_object_written_and_read_as_a_stream_round_trips(store):
+    """Target tables (up to 20 GB) are streamed: never all their bytes in memory beside them."""
+    import torch
+
+    table = torch.arange(4096, dtype=torch.float16).view(64, 8, 8)
+    store.write_with("targets/t.pt", lambda f: torch.save({"logits": table}, f))
+    assert store.is_file("targets/t.pt") and not [n for n in store.list_dir("targets") if ".tmp-" in n]
+    read = store.read_with("targets/t.pt", lambda f: torch.load(f, weights_only=True))
+    assert torch.equal(read["logits"], table)
+    with pytest.raises(ResourceError, match=r"^storage: cannot read .*nothing\.pt"):
+        store.read_with("targets/nothing.pt", lambda f: f.read())

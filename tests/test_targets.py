@@ -231,7 +231,7 @@ def _ranks_meeting_a_refused_cache(rank: int, world: int, tmp: str) -> None:
                 def refused(self, rel, data):
                     raise ResourceError(f"storage: cannot write {rel}: Access Denied")
 
-                Storage.write_bytes = refused
+                Storage.write_bytes = Storage.write_with = refused
             source = _NaNForSomeImages(teacher) if case == "non-finite" else teacher
             try:
                 load_or_build_targets(spec, location, source, normalizer_for(teacher), _loader(splits), rank == 0)
@@ -332,21 +332,23 @@ def test_targets_that_cannot_be_kept_still_serve_the_run_of_one_worker(tmp_path,
     spec, splits, teacher, storage = _setup(tmp_path)
     location = storage.uri("epoch_1")
     args = (teacher, normalizer_for(teacher), _loader(splits), True)
-    written = Storage.write_bytes
-
     created = Storage.create_exclusive
 
-    def read_only_targets(self, rel, data):
-        if "targets" in self.uri(rel):
-            raise ResourceError(f"storage: cannot write {self.uri(rel)}: Access Denied")
-        written(self, rel, data)
+    def read_only_targets(write):
+        def refused_there(self, rel, data):
+            if "targets" in self.uri(rel):
+                raise ResourceError(f"storage: cannot write {self.uri(rel)}: Access Denied")
+            write(self, rel, data)
+
+        return refused_there
 
     def no_lease(self, rel, data):
         if "targets" in self.uri(rel):
             raise ResourceError(f"storage: cannot create {self.uri(rel)}: Access Denied")
         return created(self, rel, data)
 
-    monkeypatch.setattr(Storage, "write_bytes", read_only_targets)
+    monkeypatch.setattr(Storage, "write_bytes", read_only_targets(Storage.write_bytes))
+    monkeypatch.setattr(Storage, "write_with", read_only_targets(Storage.write_with))
     monkeypatch.setattr(Storage, "create_exclusive", no_lease)
     said: list[str] = []
     table, info = load_or_build_targets(spec, location, *args, log=said.append)
@@ -433,14 +435,14 @@ def test_a_table_its_holder_could_not_keep_is_computed_beside_not_in_turn(tmp_pa
 
     spec, splits, teacher, storage = _setup(tmp_path)
     location = storage.uri("epoch_1")
-    written = Storage.write_bytes
+    streamed = Storage.write_with  # how tables are written
 
-    def no_room_for_tables(self, rel, data):
+    def no_room_for_tables(self, rel, write):
         if self.uri(rel).endswith(".pt"):
             raise ResourceError(f"storage: cannot write {self.uri(rel)}: No space left on device")
-        written(self, rel, data)
+        streamed(self, rel, write)
 
-    monkeypatch.setattr(Storage, "write_bytes", no_room_for_tables)
+    monkeypatch.setattr(Storage, "write_with", no_room_for_tables)
     args = (teacher, normalizer_for(teacher), _loader(splits), True)
     first: list[str] = []
     table, info = load_or_build_targets(spec, location, *args, log=first.append)
@@ -449,7 +451,7 @@ def test_a_table_its_holder_could_not_keep_is_computed_beside_not_in_turn(tmp_pa
     again, info2 = load_or_build_targets(spec, location, *args, log=later.append)
     assert info2["built"] and torch.equal(again, table)
     assert later[0] == "teacher targets: the run that computed them could not keep them; computing them here"
-    monkeypatch.setattr(Storage, "write_bytes", written)  # room made: kept at last, and the note goes
+    monkeypatch.setattr(Storage, "write_with", streamed)  # room made: kept at last, and the note goes
     (tmp_path / "teacher" / "targets" / info["location"].rsplit("/", 1)[1]).unlink(missing_ok=True)
     _, kept = load_or_build_targets(spec, location, *args, log=lambda m: None)
     assert kept["built"] and [p.suffix for p in _kept(tmp_path / "teacher" / "targets")] == [".pt"]
@@ -604,3 +606,40 @@ def test_a_student_loop_hands_its_configs_lease_settings_to_the_targets_wait(tmp
     monkeypatch.setattr(student_module, "load_or_build_targets", load)
     student_module.target_source(prepare(config, "student"), storage.uri("epoch_1"), teacher, normalizer_for(teacher))
     assert (asked["stale_after_s"], asked["wait_limit_s"]) == (12.0, 34.0)
+
+
+def test_a_storage_error_while_reading_a_table_is_no_reason_to_compute_it_again(tmp_path, monkeypatch):
+    """Read as a stream, a failed read inside torch.load looks like a corrupt file: the table,
+    a GPU-hour on ImageNet, would be computed again over one dropped connection."""
+    from remem_ray.errors import ResourceError
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+    args = (spec, storage.uri("epoch_1"), teacher, normalizer_for(teacher), _loader(splits), True)
+    table, _ = load_or_build_targets(*args, log=lambda m: None)
+    read_with, reads = Storage.read_with, []
+
+    class Dropped:
+        def __init__(self, file):
+            self.file = file
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def readinto(self, buffer):  # how torch.load reads a zip's records (read: where this fails)
+            return self._dropped(self.file.readinto, buffer)
+
+        def read(self, *args):
+            return self._dropped(self.file.read, *args)
+
+        def _dropped(self, call, *args):  # from the third read on, the connection is gone
+            reads.append(1)
+            if len(reads) >= 3:
+                raise OSError("Connection reset by peer")
+            return call(*args)
+
+    monkeypatch.setattr(Storage, "read_with", lambda self, rel, read: read_with(self, rel, lambda f: read(Dropped(f))))
+    with pytest.raises(ResourceError, match="Connection reset by peer"):
+        load_or_build_targets(*args, log=lambda m: None)
+    monkeypatch.setattr(Storage, "read_with", read_with)
+    again, info = load_or_build_targets(*args, log=lambda m: None)
+    assert not info["built"] and torch.equal(again, table)

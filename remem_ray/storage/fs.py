@@ -6,13 +6,16 @@ import contextlib
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import pyarrow.fs as pafs
 
 from remem_ray.config import default_region
 from remem_ray.errors import ResourceError
+
+T = TypeVar("T")
 
 S3_MAX_ATTEMPTS = 13
 
@@ -68,14 +71,18 @@ def split_s3_uri(uri: str) -> str:
 
 
 @contextlib.contextmanager
-def _temp_beside(target: str, data: bytes) -> Iterator[str]:
-    """A finished, fsynced temp file next to `target`, to be renamed or linked into place inside the
-    block; whatever is left of it afterwards is removed (a failed write or rename, a full disk)."""
+def _temp_beside(target: str, data: bytes | Callable[[BinaryIO], object]) -> Iterator[str]:
+    """A finished, fsynced temp file next to `target` (of `data`, or of what `data(file)` writes),
+    to be renamed or linked into place inside the block; whatever is left of it afterwards is
+    removed (a failed write or rename, a full disk)."""
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         yield tmp
@@ -173,16 +180,32 @@ class Storage:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Whole-object write: an S3 PUT is atomic; locally a temp file is renamed over the target."""
+        self.write_with(rel, lambda f: f.write(data))
+
+    def write_with(self, rel: str, write: Callable[[BinaryIO], object]) -> None:
+        """A whole object that `write(file)` writes as a stream, never all in memory at once (a
+        target table of 20 GB): on S3 an upload that shows only once complete; locally a temp
+        file renamed over the target. A `write` that fails on S3 may leave the part written:
+        what is read this way must tell a whole object from a part (a zip's directory does)."""
         target = self.path(rel)
         try:
             if self.is_s3:
                 with self.fs.open_output_stream(target) as f:
-                    f.write(data)
+                    write(f)
                 return
-            with _temp_beside(target, data) as tmp:
+            with _temp_beside(target, write) as tmp:
                 os.replace(tmp, target)
         except OSError as exc:
             raise self._error("write", rel, exc) from None
+
+    def read_with(self, rel: str, read: Callable[[BinaryIO], T]) -> T:
+        """`read(file)` on a seekable stream of the object, never all of it in memory at once.
+        Ranged reads: for objects written once, or rewritten only with the same bytes."""
+        try:
+            with self.fs.open_input_file(self.path(rel)) as f:
+                return read(f)
+        except (OSError, FileNotFoundError) as exc:
+            raise self._error("read", rel, exc) from None
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())

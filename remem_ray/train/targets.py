@@ -176,21 +176,52 @@ def compute_targets(
     return table.view(len(images), views.count, -1)
 
 
-def _table_to_bytes(table: torch.Tensor, key: str) -> bytes:
-    buf = io.BytesIO()
-    torch.save({"key": key, "format": CACHE_FORMAT, "logits": table}, buf)
-    return buf.getvalue()
+def _keep(parent: Storage, rel: str, table: torch.Tensor, key: str) -> None:
+    """Streamed: a table is up to 20 GB (ImageNet x 8 views), and its bytes in memory beside it
+    (and a copy of them) tripled a rank's peak."""
+    parent.write_with(rel, lambda f: torch.save({"key": key, "format": CACHE_FORMAT, "logits": table}, f))
 
 
-def _table_from_bytes(data: bytes, key: str) -> torch.Tensor | None:
-    """The table if the file is whole and for this key; None if it must be rebuilt."""
-    try:
-        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception:  # truncated or corrupt: rebuild rather than trust it
-        return None
-    if not isinstance(blob, dict) or blob.get("key") != key or blob.get("format") != CACHE_FORMAT:
-        return None
-    return blob["logits"]
+def _read(parent: Storage, rel: str, key: str) -> torch.Tensor | None:
+    """The table if the file is whole and for this key; None if it must be rebuilt. Read in place
+    (ranged reads), never all its bytes in memory beside the table. A storage error while reading
+    raises (ResourceError): it says nothing of the file, and a rebuild costs a GPU-hour."""
+
+    def load(f) -> torch.Tensor | None:
+        watched = _Watched(f)
+        try:
+            blob = torch.load(watched, map_location="cpu", weights_only=True)
+        except Exception:
+            if watched.failed is not None:
+                raise watched.failed from None
+            return None  # truncated or corrupt: rebuild rather than trust it
+        if not isinstance(blob, dict) or blob.get("key") != key or blob.get("format") != CACHE_FORMAT:
+            return None
+        return blob["logits"]
+
+    return parent.read_with(rel, load)
+
+
+class _Watched:
+    """A file whose OSErrors are noted: torch.load reports a failed read as a corrupt file."""
+
+    def __init__(self, file) -> None:
+        self.file, self.failed = file, None
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.file, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except OSError as exc:
+                if not isinstance(exc, io.UnsupportedOperation):  # a question torch asks, not a failure
+                    self.failed = exc
+                raise
+
+        return call
 
 
 def load_or_build_targets(
@@ -401,7 +432,7 @@ def _share(
         part = compute(_share_of(rank, world, size))
         bad = _non_finite_views(part)
         if rank != 0:
-            parent.write_bytes(part_location(name, key, run, rank), _table_to_bytes(part, key))
+            _keep(parent, part_location(name, key, run, rank), part, key)
             part = None
     except Exception as exc:
         failure, problem = exc, f"student.teacher_targets: rank {rank} could not compute its share of the cache: {exc}"
@@ -440,7 +471,7 @@ def _joined(
     for rank in range(world):
         share = _share_of(rank, world, size)
         location = part_location(name, key, run, rank)
-        part = own if rank == 0 else _table_from_bytes(parent.read_bytes(location), key)
+        part = own if rank == 0 else _read(parent, location, key)
         if part is None:
             raise CheckpointError(f"student.teacher_targets: rank {rank}'s share {parent.uri(location)} does not read")
         if tuple(part.shape[:2]) != (len(share), views.count):
@@ -458,7 +489,7 @@ def _joined(
 
 
 def _stored_table(parent: Storage, rel: str, key: str) -> torch.Tensor | None:
-    return _table_from_bytes(parent.read_bytes(rel), key) if parent.is_file(rel) else None
+    return _read(parent, rel, key) if parent.is_file(rel) else None
 
 
 def _built_once(
@@ -607,7 +638,7 @@ def _keep_table(parent: Storage, rel: str, table: torch.Tensor, key: str, log) -
     `s3://` checkpoint, a read-only grant) or a full disk would otherwise fail it, and each retry
     after computing the targets again. The other ranks of a DDP run read it back: there it must be."""
     try:
-        parent.write_bytes(rel, _table_to_bytes(table, key))
+        _keep(parent, rel, table, key)
         return True
     except ResourceError as exc:
         if is_distributed():
