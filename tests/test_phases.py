@@ -212,7 +212,7 @@ def test_a_run_restarted_in_its_student_phase_does_not_train_its_teacher_again(t
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "teacher").rglob("*") if p.is_file()} == teacher_files
 
 
-def _two_ranks(rank: int, world: int, tmp: str) -> None:
+def _two_ranks(rank: int, world: int, tmp: str, targets: str) -> None:
     import os
     import time
 
@@ -233,7 +233,7 @@ def _two_ranks(rank: int, world: int, tmp: str) -> None:
                 return measure(*args, **kwargs)
 
             teacher_module.checkpoint_information = slowly
-        spec = load_run_spec(None, SPEC)
+        spec = load_run_spec(None, {**SPEC, "student.teacher_targets": targets, "student.target_views": 2})
         events = Events()
         teacher = TeacherLog(events)
         teacher.world_rank, teacher.local_rank, teacher.world_size = rank, rank, world
@@ -245,12 +245,16 @@ def _two_ranks(rank: int, world: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_start_their_student_only_once_rank_0_has_written_the_teacher(tmp_path):
-    """Rank 0 writes the teacher's checkpoints; every rank loads the chosen one for its student."""
+@pytest.mark.parametrize("targets", ["online", "cached"])
+def test_two_gloo_ranks_start_their_student_only_once_rank_0_has_written_the_teacher(tmp_path, targets):
+    """Rank 0 writes the teacher's checkpoints; every rank loads the chosen one for its student
+    (cached: the ranks compute its targets together, each its share, through the whole loop)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_two_ranks, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_ranks, args=(2, str(tmp_path), targets), nprocs=2, join=True)
     assert (tmp_path / "student" / "best.json").is_file()
+    kept = sorted(p.name.rsplit(".", 1)[1] for p in (tmp_path / "teacher" / "targets").glob("*"))
+    assert kept == ([] if targets == "online" else ["lease", "pt"])  # the table, no part left
 
 
 def test_readers_of_a_students_best_follow_a_pointer_to_a_finished_folder(tmp_path, monkeypatch):
