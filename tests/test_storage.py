@@ -592,3 +592,41 @@ def test_an_object_written_and_read_as_a_stream_round_trips(store):
     assert torch.equal(read["logits"], table)
     with pytest.raises(ResourceError, match=r"^storage: cannot read .*nothing\.pt"):
         store.read_with("targets/nothing.pt", lambda f: f.read())
+
+
+def test_a_noting_file_writes_in_pieces_flushed_now_and_then_and_notes_only_storage_errors(monkeypatch):
+    """pyarrow copies what one write hands it and uploads behind: torch.save handed it a 20 GB
+    table in one write, queueing 20 GB of copies. And torch.load asks questions (fileno) whose
+    UnsupportedOperation is no failure, and falls back from readinto to read after a real one."""
+    import io
+    from types import SimpleNamespace
+
+    from remem_ray.storage import fs as fs_module
+    from remem_ray.storage.fs import NotingFile
+
+    class Sink(io.BytesIO):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[str] = []
+
+        def write(self, data):
+            self.calls.append(f"write {len(data)}")
+            return super().write(data)
+
+        def flush(self):
+            self.calls.append("flush")
+
+    monkeypatch.setattr(fs_module, "S3_FLUSH_EVERY", 8)
+    sink = Sink()
+    assert NotingFile(sink, chunk=4).write(b"0123456789") == 10
+    assert sink.getvalue() == b"0123456789"
+    assert sink.calls == ["write 4", "write 4", "flush", "write 2"]
+    noting = NotingFile(io.BytesIO(b"abc"))
+    with pytest.raises(io.UnsupportedOperation):
+        noting.fileno()
+    assert noting.failed is None
+    broken = NotingFile(SimpleNamespace(read=lambda n: (_ for _ in ()).throw(OSError("reset")), seek=lambda n: n))
+    with pytest.raises(OSError):
+        broken.read(1)
+    broken.seek(0)  # no data moved: still failed
+    assert str(broken.failed) == "reset"

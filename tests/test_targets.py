@@ -612,11 +612,12 @@ def test_a_storage_error_while_reading_a_table_is_no_reason_to_compute_it_again(
     """Read as a stream, a failed read inside torch.load looks like a corrupt file: the table,
     a GPU-hour on ImageNet, would be computed again over one dropped connection."""
     from remem_ray.errors import ResourceError
+    from remem_ray.storage import fs as fs_module
 
     spec, splits, teacher, storage = _setup(tmp_path)
     args = (spec, storage.uri("epoch_1"), teacher, normalizer_for(teacher), _loader(splits), True)
     table, _ = load_or_build_targets(*args, log=lambda m: None)
-    read_with, reads = Storage.read_with, []
+    reads: list[int] = []
 
     class Dropped:
         def __init__(self, file):
@@ -637,9 +638,54 @@ def test_a_storage_error_while_reading_a_table_is_no_reason_to_compute_it_again(
                 raise OSError("Connection reset by peer")
             return call(*args)
 
-    monkeypatch.setattr(Storage, "read_with", lambda self, rel, read: read_with(self, rel, lambda f: read(Dropped(f))))
+    noting = fs_module.NotingFile
+    monkeypatch.setattr(fs_module, "NotingFile", lambda file, chunk=None: noting(Dropped(file), chunk))
     with pytest.raises(ResourceError, match="Connection reset by peer"):
         load_or_build_targets(*args, log=lambda m: None)
-    monkeypatch.setattr(Storage, "read_with", read_with)
+    monkeypatch.setattr(fs_module, "NotingFile", noting)
     again, info = load_or_build_targets(*args, log=lambda m: None)
     assert not info["built"] and torch.equal(again, table)
+
+
+def test_a_disk_that_fills_while_a_table_is_written_leaves_the_run_its_targets(tmp_path, monkeypatch):
+    """torch.save turned the disk's ENOSPC into a RuntimeError of its own: the run of one worker,
+    which holds its table, failed instead of going on without keeping it."""
+    import builtins
+    import errno
+
+    from remem_ray.storage import fs as fs_module
+
+    spec, splits, teacher, storage = _setup(tmp_path)
+
+    class Full:
+        def __init__(self, file):
+            self.file, self.room = file, 600
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.room -= len(data)
+            if self.room < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+    def full_for_tables(path, mode="r", *args, **kwargs):
+        file = builtins.open(path, mode, *args, **kwargs)
+        return Full(file) if ".pt.tmp-" in str(path) else file
+
+    monkeypatch.setattr(fs_module, "open", full_for_tables, raising=False)
+    said: list[str] = []
+    args = (spec, storage.uri("epoch_1"), teacher, normalizer_for(teacher), _loader(splits), True)
+    table, info = load_or_build_targets(*args, log=said.append)
+    assert info["built"] and table.shape == (23, 3, 3)
+    assert any(
+        line.startswith("teacher targets not kept (storage: cannot write") and "No space left" in line for line in said
+    )
+    assert [p.suffix for p in _kept(tmp_path / "teacher" / "targets")] == [".unkept"]  # no temp file left

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import threading
 import uuid
@@ -89,6 +90,52 @@ def _temp_beside(target: str, data: bytes | Callable[[BinaryIO], object]) -> Ite
     finally:
         with contextlib.suppress(OSError):  # renamed into place: nothing left
             os.unlink(tmp)
+
+
+S3_WRITE_CHUNK = 64 << 20  # pyarrow copies what one write hands it, and uploads parts behind: pieces
+S3_FLUSH_EVERY = 256 << 20  # and a wait for the uploads now and then bound what is queued
+
+
+class NotingFile:
+    """A file whose last OSError is noted (`failed`; None once data moves again): a reader or
+    writer that catches every error (torch.load reports a failed read as a corrupt file) cannot
+    tell storage's failures from the content's without it. With `chunk`, writes go in pieces of
+    that size, flushed every S3_FLUSH_EVERY bytes: one write of 20 GB queued 20 GB of copies."""
+
+    def __init__(self, file, chunk: int | None = None) -> None:
+        self.file, self.chunk, self.failed = file, chunk, None
+        self._unflushed = 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.file, name)
+        return self._noted(attr, name) if callable(attr) else attr
+
+    def write(self, data) -> int:
+        if self.chunk is None:
+            return self._noted(self.file.write, "write")(data)
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), self.chunk):
+            piece = view[start : start + self.chunk]
+            self._noted(self.file.write, "write")(piece)
+            self._unflushed += len(piece)
+            if self._unflushed >= S3_FLUSH_EVERY:
+                self._noted(self.file.flush, "flush")()
+                self._unflushed = 0
+        return len(view)
+
+    def _noted(self, call, name: str):
+        def noted(*args, **kwargs):
+            try:
+                result = call(*args, **kwargs)
+            except OSError as exc:
+                if not isinstance(exc, io.UnsupportedOperation):  # a question asked, not a failure
+                    self.failed = exc
+                raise
+            if name in ("read", "readinto", "write"):  # data moved: recovered (torch falls back
+                self.failed = None  # from readinto to read), where a seek after a failure is not
+            return result
+
+        return noted
 
 
 class Storage:
@@ -179,31 +226,45 @@ class Storage:
         return self.read_bytes(rel).decode()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Whole-object write: an S3 PUT is atomic; locally a temp file is renamed over the target."""
+        """Whole-object write: an S3 upload shows only once complete; locally a temp file is renamed
+        over the target."""
         self.write_with(rel, lambda f: f.write(data))
 
-    def write_with(self, rel: str, write: Callable[[BinaryIO], object]) -> None:
+    def write_with(self, rel: str, write: Callable[[NotingFile], object]) -> None:
         """A whole object that `write(file)` writes as a stream, never all in memory at once (a
         target table of 20 GB): on S3 an upload that shows only once complete; locally a temp
         file renamed over the target. A `write` that fails on S3 may leave the part written:
-        what is read this way must tell a whole object from a part (a zip's directory does)."""
+        what is read this way must tell a whole object from a part (a zip's directory does).
+        A failed write of the stream raises ResourceError, whatever `write` made of it (torch.save
+        turns a full disk into a RuntimeError of its own)."""
         target = self.path(rel)
+        streams: list[NotingFile] = []
+
+        def noted(f) -> object:
+            streams.append(NotingFile(f, chunk=S3_WRITE_CHUNK if self.is_s3 else None))
+            return write(streams[-1])
+
         try:
             if self.is_s3:
                 with self.fs.open_output_stream(target) as f:
-                    write(f)
+                    noted(f)
                 return
-            with _temp_beside(target, write) as tmp:
+            with _temp_beside(target, noted) as tmp:
                 os.replace(tmp, target)
         except OSError as exc:
             raise self._error("write", rel, exc) from None
+        except Exception:
+            if streams and streams[-1].failed is not None:
+                raise self._error("write", rel, streams[-1].failed) from None
+            raise
 
-    def read_with(self, rel: str, read: Callable[[BinaryIO], T]) -> T:
+    def read_with(self, rel: str, read: Callable[[NotingFile], T]) -> T:
         """`read(file)` on a seekable stream of the object, never all of it in memory at once.
-        Ranged reads: for objects written once, or rewritten only with the same bytes."""
+        Ranged reads: for objects written once (a reread of one rewritten meanwhile may mix the two).
+        `read` is handed a NotingFile: its `failed` tells a storage error from a bad file."""
         try:
             with self.fs.open_input_file(self.path(rel)) as f:
-                return read(f)
+                return read(NotingFile(f))
         except (OSError, FileNotFoundError) as exc:
             raise self._error("read", rel, exc) from None
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import socket
@@ -41,6 +40,7 @@ from remem_ray.data.pipeline import DataPipeline, Views
 from remem_ray.errors import ResourceError
 from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, Outage, process_gone
 from remem_ray.storage import Storage
+from remem_ray.storage.fs import NotingFile
 from remem_ray.teacher_layout import TARGETS_DIR
 from remem_ray.train.common import autocast, is_distributed, rank0_says
 
@@ -167,8 +167,10 @@ def compute_targets(
             table = torch.empty(len(images) * views.count, logits.shape[-1], dtype=torch.float16)
         table[row : row + len(logits)] = logits.float().cpu()
         row += len(logits)
-    if table is None:  # a share of no images (more ranks than images)
+    if table is None and not len(images):  # a share of no images (more ranks than images)
         return torch.empty(0, views.count, 0, dtype=torch.float16)
+    if table is None:
+        raise CheckpointError(f"student.teacher_targets: no views came for {len(images)} images")
     if row != len(table):  # rows left unfilled would be served as targets
         raise CheckpointError(
             f"student.teacher_targets: the views of {row // views.count} images came, not {len(images)}"
@@ -187,41 +189,20 @@ def _read(parent: Storage, rel: str, key: str) -> torch.Tensor | None:
     (ranged reads), never all its bytes in memory beside the table. A storage error while reading
     raises (ResourceError): it says nothing of the file, and a rebuild costs a GPU-hour."""
 
-    def load(f) -> torch.Tensor | None:
-        watched = _Watched(f)
+    def load(f: NotingFile) -> torch.Tensor | None:
         try:
-            blob = torch.load(watched, map_location="cpu", weights_only=True)
+            blob = torch.load(f, map_location="cpu", weights_only=True)
+        except MemoryError:
+            raise  # says nothing of the file
         except Exception:
-            if watched.failed is not None:
-                raise watched.failed from None
+            if f.failed is not None:  # storage's: raised as ResourceError by read_with
+                raise f.failed from None
             return None  # truncated or corrupt: rebuild rather than trust it
         if not isinstance(blob, dict) or blob.get("key") != key or blob.get("format") != CACHE_FORMAT:
             return None
         return blob["logits"]
 
     return parent.read_with(rel, load)
-
-
-class _Watched:
-    """A file whose OSErrors are noted: torch.load reports a failed read as a corrupt file."""
-
-    def __init__(self, file) -> None:
-        self.file, self.failed = file, None
-
-    def __getattr__(self, name: str):
-        attr = getattr(self.file, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args, **kwargs):
-            try:
-                return attr(*args, **kwargs)
-            except OSError as exc:
-                if not isinstance(exc, io.UnsupportedOperation):  # a question torch asks, not a failure
-                    self.failed = exc
-                raise
-
-        return call
 
 
 def load_or_build_targets(
@@ -638,6 +619,8 @@ def _keep_table(parent: Storage, rel: str, table: torch.Tensor, key: str, log) -
     `s3://` checkpoint, a read-only grant) or a full disk would otherwise fail it, and each retry
     after computing the targets again. The other ranks of a DDP run read it back: there it must be."""
     try:
+        if parent.is_file(rel) and _read(parent, rel, key) is not None:
+            return True  # kept meanwhile by a run computing beside this one: never replaced (readers)
         _keep(parent, rel, table, key)
         return True
     except ResourceError as exc:
