@@ -109,6 +109,20 @@ def test_a_best_student_the_scheduler_stopped_says_so_where_it_is_named():
     assert "test 0.8800; stopped early after student epoch 3; checkpoint" in _markdown(summary, Importances({}))
 
 
+def test_the_trial_table_shows_a_zero_as_its_column_does_and_a_small_rate_in_full():
+    """rho 0 read "0" in a column of "0.050"s (the newcomer's table); 2e-05 must not read 0.000."""
+    from remem_ray.sweep.results import format_table
+
+    rows = [
+        TrialRow(t, "TERMINATED", {"rho": rho, "student_lr": lr})
+        for t, rho, lr in (("a", 0.0, 2e-5), ("b", 0.05, 2e-3))
+    ]
+    lines = format_table(SweepSummary("s", "e", METRIC, trials=rows, best=None)).splitlines()
+    assert lines[0].split()[2] == "rho" and lines[0].split()[5] == "student_lr"
+    assert [line.split()[2] for line in lines[1:3]] == ["0.000", "0.050"]
+    assert [line.split()[5] for line in lines[1:3]] == ["2e-05", "0.002"]
+
+
 def test_remem_report_while_a_driver_runs_the_sweep_writes_an_interim_report(tmp_path):
     """It wrote the sweep folder's report.md and plots: a driver ending meanwhile wrote its final
     report, and the CLI's, of the state before, landed over it and stayed (a review's finding)."""

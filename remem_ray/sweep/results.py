@@ -210,7 +210,8 @@ def write_summary(layout: SweepLayout, summary: SweepSummary) -> None:
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}g}" if abs(value) < 1e-3 else f"{value:.{digits}f}"
+    # small values (a learning rate) in g, or they read 0.000; zero itself as its column reads
+    return "-" if value is None else f"{value:.{digits}g}" if 0 < abs(value) < 1e-3 else f"{value:.{digits}f}"
 
 
 def _fmt_param(value: Any) -> str:
