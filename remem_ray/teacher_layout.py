@@ -17,7 +17,7 @@
         targets/                       students' target caches of its checkpoints, written by any
                                        student once the set is published (named by content hash,
                                        each file written whole; one computing run at a time, by
-                                       a lease beside each: remem_ray.train.targets)
+                                       a lease beside each: remem_ray.train.target_cache)
 
 A holder writes only into its own generation's folder and publishes it with one exclusive
 create of the pointer's next version (remem_ray.sweep.registry): a holder whose lease passed on

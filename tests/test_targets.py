@@ -306,7 +306,8 @@ def test_ranks_of_a_ddp_run_compute_the_targets_together_each_its_share(tmp_path
     import torch.multiprocessing as mp
 
     from remem_ray.leases import Lease
-    from remem_ray.train.targets import cache_key, lease_location, teacher_identity
+    from remem_ray.train.target_cache import lease_location
+    from remem_ray.train.targets import cache_key, teacher_identity
 
     spec, splits, teacher, storage = _setup(tmp_path)
     key = cache_key(spec, teacher_identity(storage, "epoch_1"), len(splits.train), _loader(splits).identity())
@@ -385,11 +386,12 @@ def test_runs_that_want_the_same_targets_compute_them_once(tmp_path, monkeypatch
     second run now waits on the first's lease and reads its table."""
     import threading
 
+    from remem_ray.train import target_cache
     from remem_ray.train import targets as targets_module
 
     spec, splits, teacher, storage = _setup(tmp_path)
     location = storage.uri("epoch_1")
-    monkeypatch.setattr(targets_module, "WAIT_POLL_S", 0.05)
+    monkeypatch.setattr(target_cache, "WAIT_POLL_S", 0.05)
     computing, finish = threading.Event(), threading.Event()
     computed_by: list[str] = []
     compute = targets_module.compute_targets
@@ -460,10 +462,10 @@ def test_a_table_its_holder_could_not_keep_is_computed_beside_not_in_turn(tmp_pa
 def test_a_storage_blip_while_looking_for_targets_is_waited_through(tmp_path, monkeypatch):
     """One unanswered look (a 503, a dropped connection) failed the Train run, and each retry."""
     from remem_ray.errors import ResourceError
-    from remem_ray.train import targets as targets_module
+    from remem_ray.train import target_cache
 
     spec, splits, teacher, storage = _setup(tmp_path)
-    monkeypatch.setattr(targets_module, "WAIT_POLL_S", 0.0)
+    monkeypatch.setattr(target_cache, "WAIT_POLL_S", 0.0)
     looked = Storage.is_file
     blips = [1]
 
@@ -489,7 +491,7 @@ def test_a_refusal_kept_while_the_lease_was_being_taken_is_not_computed_again(tm
 
     from remem_ray.checkpoints import CheckpointError
     from remem_ray.leases import Lease
-    from remem_ray.train.targets import _computed_on
+    from remem_ray.train.target_cache import _computed_on
 
     spec, splits, teacher, storage = _setup(tmp_path)
     take = Lease.try_acquire
@@ -512,10 +514,10 @@ def test_a_lease_record_refused_once_by_a_busy_server_is_an_outage_not_a_read_on
     """Any failed write of the lease's record counted as a read-only grant: the run computed the
     targets without the lease, beside a live holder (a review's finding). Only a refusal is one."""
     from remem_ray.errors import ResourceError
-    from remem_ray.train import targets as targets_module
+    from remem_ray.train import target_cache
 
     spec, splits, teacher, storage = _setup(tmp_path)
-    monkeypatch.setattr(targets_module, "WAIT_POLL_S", 0.0)
+    monkeypatch.setattr(target_cache, "WAIT_POLL_S", 0.0)
     created, busy = Storage.create_exclusive, [1, 2]
 
     def slow_down(self, rel, data):
@@ -539,7 +541,7 @@ def test_a_silent_targets_holder_is_taken_over_after_the_stale_window_given(tmp_
     """The targets lease had the 60 s default window whatever the sweep set (a sweep of 15 s
     waited four times as long on a dead holder); and its wait limit was a fixed 6 h."""
     from remem_ray.leases import Lease
-    from remem_ray.train.targets import Waits, _built_once, lease_location
+    from remem_ray.train.target_cache import Waits, built_once, lease_location
 
     parent = Storage(str(tmp_path))
     silent = Lease(parent.child(lease_location("epoch_1", "k")), "a run on another host", 60)
@@ -554,7 +556,7 @@ def test_a_silent_targets_holder_is_taken_over_after_the_stale_window_given(tmp_
         return torch.zeros(2, 1, 3), None
 
     said: list[str] = []
-    table, problem, built = _built_once(
+    table, problem, built = built_once(
         parent, "epoch_1", "k", build, CPU, said.append, Waits(stale_after_s=15.0), sleep, lambda: now[0]
     )
     assert built and problem is None and table.shape == (2, 1, 3)
@@ -566,7 +568,7 @@ def test_a_silent_targets_holder_is_taken_over_after_the_stale_window_given(tmp_
 
 def test_a_run_waits_on_a_beating_targets_holder_no_longer_than_the_limit_given(tmp_path):
     from remem_ray.leases import Lease
-    from remem_ray.train.targets import Waits, _built_once, lease_location
+    from remem_ray.train.target_cache import Waits, built_once, lease_location
 
     parent = Storage(str(tmp_path))
     hung = Lease(parent.child(lease_location("epoch_1", "k")), "a hung run", 60)
@@ -579,7 +581,7 @@ def test_a_run_waits_on_a_beating_targets_holder_no_longer_than_the_limit_given(
 
     said: list[str] = []
     waits = Waits(stale_after_s=15.0, wait_limit_s=40.0)
-    _, _, built = _built_once(
+    _, _, built = built_once(
         parent, "epoch_1", "k", lambda: (torch.zeros(2, 1, 3), None), CPU, said.append, waits, sleep, lambda: now[0]
     )
     assert built and 40.0 < now[0] <= 44.0
