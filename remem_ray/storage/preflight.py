@@ -56,9 +56,7 @@ def preflight_input(uri: str, endpoint: str | None, region: str | None, field: s
     from remem_ray.storage.cache import fetchable
     from remem_ray.storage.fs import s3_filesystem
 
-    endpoint_field = field
-    if not endpoint and (found := endpoint_from_env()):
-        endpoint, endpoint_field = found
+    endpoint, endpoint_field = _endpoint_named(endpoint, field)
     if endpoint:
         _check_endpoint(endpoint, endpoint_field)
     quick = s3_filesystem(endpoint, region, max_attempts=INPUT_CHECK_ATTEMPTS, request_timeout_s=INPUT_CHECK_REQUEST_S)
@@ -81,12 +79,19 @@ def _preflight_local(root: str, field: str) -> None:
 
 
 def _preflight_s3(root: str, endpoint: str | None, region: str, root_field: str, endpoint_field: str) -> None:
-    if not endpoint and (found := endpoint_from_env()):
-        endpoint, endpoint_field = found
+    endpoint, endpoint_field = _endpoint_named(endpoint, endpoint_field)
     if endpoint:  # AWS itself is left to the bucket check: its endpoint depends on region and proxies
         _check_endpoint(endpoint, endpoint_field)
     session = _aws_session(root, root_field)
     _check_bucket(session, root, endpoint, region, root_field)
+
+
+def _endpoint_named(endpoint: str | None, field: str) -> tuple[str | None, str]:
+    """(the endpoint in use, what names it): the one given under `field`, else the environment's
+    under its variable (errors then name what the user set)."""
+    if not endpoint and (found := endpoint_from_env()):
+        return found
+    return endpoint, field
 
 
 def _check_endpoint(endpoint: str, field: str) -> None:

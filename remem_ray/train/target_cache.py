@@ -251,7 +251,7 @@ def _keep_table(parent: Storage, rel: str, table: torch.Tensor, key: str, log) -
     `s3://` checkpoint, a read-only grant) or a full disk would otherwise fail it, and each retry
     after computing the targets again. The other ranks of a DDP run read it back: there it must be."""
     try:
-        if parent.is_file(rel) and read_table(parent, rel, key) is not None:
+        if stored_table(parent, rel, key) is not None:
             return True  # kept meanwhile by a run computing beside this one: never replaced (readers)
         write_table(parent, rel, table, key)
         return True

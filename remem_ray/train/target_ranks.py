@@ -158,26 +158,18 @@ def _share(
             part = None
     except Exception as exc:
         failure, problem = exc, f"student.teacher_targets: rank {rank} could not compute its share of the cache: {exc}"
-    heard: list[Any] = [None] * world
-    dist.all_gather_object(heard, (problem, bad))
-    _raise_first(problem, failure, [words for words, _ in heard])
-    return part, sum(count for _, count in heard)
+    return part, sum(_every_rank_hears(problem, failure, bad))
 
 
-def _every_rank_hears(problem: str | None, failure: Exception | None) -> None:
-    """Every rank: raises (its own error, or the first rank's words) if any rank had a problem."""
+def _every_rank_hears(problem: str | None, failure: Exception | None, value: Any = None) -> list[Any]:
+    """Every rank: raises (its own error, or the first rank's words) if any rank had a problem;
+    else every rank's `value`, in rank order."""
     heard: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(heard, problem)
-    _raise_first(problem, failure, heard)
-
-
-def _raise_first(own: str | None, failure: Exception | None, heard: list[str | None]) -> None:
-    first = next((words for words in heard if words), None)
-    if first is None:
-        return
-    if own and failure is not None:
-        raise failure
-    raise CheckpointError(first)
+    dist.all_gather_object(heard, (problem, value))
+    first = next((words for words, _ in heard if words), None)
+    if first is not None:
+        raise failure if problem and failure is not None else CheckpointError(first)
+    return [value for _, value in heard]
 
 
 def _share_of(rank: int, world: int, size: int) -> range:
