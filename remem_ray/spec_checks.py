@@ -59,6 +59,33 @@ def check_data(spec: RunSpec, inputs_here: bool = True) -> None:
             else f" (set data.root to the folder holding {spec.data.name}, or data.download: true)"
         )
         raise ResourceError(f"data.root: folder not found: {missing}{hint}")
+    _check_split_sizes(spec)
+
+
+def _check_split_sizes(spec: RunSpec) -> None:
+    """What the data's size already says before any run builds it: synthetic images too few per
+    class to put one of each class in every split (each run failed as it built its data, naming
+    a fraction), a training cap below the class count."""
+    import numpy as np
+
+    from remem_ray.data.datasets import classes_without_reading, train_val_test
+
+    data = spec.data
+    if data.name == "synthetic":
+        labels = np.repeat(np.arange(data.num_classes), data.samples_per_class)
+        try:
+            train_val_test(labels, data, spec.seed, has_test=False)
+        except SpecError:
+            raise SpecError(
+                f"data.samples_per_class: {data.samples_per_class} images of each of {data.num_classes} classes "
+                f"cannot put one of each class in train, val and test (val_fraction {data.val_fraction}, "
+                f"test_fraction {data.test_fraction})"
+            ) from None
+    classes = classes_without_reading(data)
+    if data.max_train_samples is not None and classes is not None and data.max_train_samples < classes:
+        raise SpecError(
+            f"data.max_train_samples: {data.max_train_samples} images cannot hold one of each of the {classes} classes"
+        )
 
 
 def _reweighting(spec: RunSpec) -> str | None:

@@ -347,8 +347,15 @@ CORPUS = [
     _bad(
         "data-too-few-images-for-its-classes",
         "data: {name: synthetic, num_classes: 20, max_train_samples: 10}\n",
-        "data.max_train_samples: cannot split",
-        verbs=(TEACHER,),
+        "data.max_train_samples: 10 images cannot hold one of each of the 20 classes",
+        verbs=(TEACHER, SWEEP_RUN),
+    ),
+    # refused only as each run built its data (in every trial of a sweep), naming a fraction
+    _bad(
+        "synthetic-too-few-images-per-class",
+        "data: {name: synthetic, samples_per_class: 6}\n",
+        "data.samples_per_class: 6 images of each of 10 classes cannot put one of each class in train, val and test",
+        verbs=(TEACHER, SWEEP_RUN),
     ),
     _bad("info-samples-zero", "name: x\n", "--samples", verbs=(("info", "ck", "--data", "SPEC", "--samples", "0"),)),
     _bad(

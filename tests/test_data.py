@@ -208,3 +208,66 @@ def test_small_images_are_evaluated_whole_as_trained_large_ones_with_the_models_
     large_view = EvalResize(72, 0.875, "bicubic")
     large = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "ds"), img_size=72), 0, large_view)
     assert large.augment.mode == "resized_crop" and large.eval_view == large_view
+
+
+def test_a_cap_just_under_the_training_set_or_over_a_class_of_one_image_is_kept():
+    """sklearn's stratified split wants room for every class in the images left out, and two
+    images of each class: a cap of 1220 of digits' 1221 training images was refused."""
+    full = len(build_datasets(DataConfig(name="digits"), 0).train)
+    capped = build_datasets(DataConfig(name="digits", max_train_samples=full - 1), 0)
+    assert len(capped.train) == full - 1 and set(np.unique(_labels(capped.train))) == set(range(10))
+    # a cap sklearn can split draws what it always drew (stored runs keep their images)
+    again = build_datasets(DataConfig(name="digits", max_train_samples=100), 0)
+    assert again.train.indices == build_datasets(DataConfig(name="digits", max_train_samples=100), 0).train.indices
+    from remem_ray.data.datasets import _capped
+
+    labels = np.array([0] * 50 + [1] + [2] * 49)  # a class of one image
+    keep = _capped(labels, 60, 0)
+    assert len(keep) == len(set(keep.tolist())) == 60
+    assert np.bincount(labels[keep]).tolist() == [30, 1, 29]
+
+
+def _image_file(path, pixels, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode=mode).save(path) if mode else Image.fromarray(pixels).save(path)
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    """PIL's RGB conversion of a 16-bit grayscale PNG clips: 99 % of a 0-40000 gradient read 255."""
+    gradient = np.linspace(0, 40000, 24 * 24).reshape(24, 24).astype(np.uint16)
+    for cls in ("a", "b"):
+        for i in range(10):
+            _image_file(tmp_path / "ds" / cls / f"{i}.png", gradient)
+    assert Image.open(tmp_path / "ds" / "a" / "0.png").mode.startswith("I")  # 16 bits on disk
+    s = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "ds"), img_size=24), 0)
+    image = s.val[0][0]
+    assert float(image.max()) == pytest.approx(40000 / 65535, abs=0.01)
+    assert float(image.mean()) == pytest.approx(20000 / 65535, abs=0.02)
+
+
+def test_an_image_that_does_not_decode_is_one_line_naming_it(tmp_path):
+    from remem_ray.data import Shard, build_pipeline
+    from remem_ray.data.store import load_or_build
+
+    for cls in ("a", "b"):
+        for i in range(8):
+            _image_file(tmp_path / "ds" / cls / f"{i}.png", np.full((12, 12, 3), 30 * i, np.uint8))
+    (tmp_path / "ds" / "b" / "7.png").write_bytes(b"not a png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path / "ds"), img_size=12)
+    s = build_datasets(cfg, 0)
+    split = next(name for name in ("train", "val", "test") if "b/7.png" in str(_paths(getattr(s, name))))
+    with pytest.raises(ResourceError, match=r"^data\.root: cannot read image .*b/7\.png: cannot identify") as err:
+        load_or_build(getattr(s, split), cfg, 0, split, 12, log=lambda m: None)  # the device pipeline's store
+    assert "\n" not in str(err.value)
+    # the loader pipeline: read in a DataLoader worker, whose error came back with its whole traceback
+    loader = build_pipeline(
+        cfg.model_copy(update={"pipeline": "loader", "num_workers": 1}), s, torch.device("cpu"), 0, Shard()
+    )
+    batches = loader.train(1) if split == "train" else loader.eval(split, 4)  # batches of 1: none dropped
+    with pytest.raises(ResourceError, match=r"^data\.root: cannot read image .*b/7\.png") as err:
+        list(batches)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+def _paths(ds) -> list[str]:
+    return [ds.base.samples[i][0] for i in ds.indices]

@@ -232,3 +232,21 @@ def test_what_changes_the_distillation_changes_its_student_key():
     keys += [base.student_key(), base.student_key(teacher_world_size=2), base.student_key(world_size=2)]
     assert len(set(keys)) == len(keys), [c for c, k in zip(OTHER_STUDENTS, keys) if keys.count(k) > 1]
     assert base.student_key() not in {base.teacher_key(), base.teacher_key(2)}
+
+
+def test_a_dataset_in_its_root_is_fingerprinted_without_our_download_lock(tmp_path):
+    """SVHN keeps its files directly in the root, beside the `.remem-svhn.lock` that every
+    `data.download` build rewrites: its store was decoded anew on each run."""
+    from remem_ray.storage.cache import node_lock
+
+    class Svhn:  # no base_folder: the files directly in its root
+        root = str(tmp_path)
+
+    (tmp_path / "train_32x32.mat").write_bytes(b"1")
+    with node_lock(tmp_path / ".remem-svhn.lock", "checking svhn"):
+        before = source_identity(Svhn())
+    os.utime(tmp_path / ".remem-svhn.lock", ns=(1, 1))  # a later build's lock
+    with node_lock(tmp_path / ".remem-svhn.lock", "checking svhn"):
+        assert source_identity(Svhn()) == before
+    (tmp_path / "train_32x32.mat").write_bytes(b"22")
+    assert source_identity(Svhn()) != before

@@ -359,3 +359,15 @@ def test_eval_resize_matches_timms_own_eval_transform(img_size, crop_pct):
     side = view.resized_side  # an image of that side already: the crop alone is compared
     images = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(eval_views(images, view), crop(to_unit(images)))
+
+
+def test_the_stored_side_looks_past_the_first_class(tmp_path, monkeypatch):
+    """Items are sorted by class: a first class of small squares decided the side of all of them
+    (the others' 160 x 120 images shrunk to 32 px, then blown up to 64 by the device crops)."""
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
+    for cls, (w, h) in (("a", (32, 32)), ("b", (160, 120))):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(60):  # more than the 32 images looked at in the first class's share of train
+            Image.fromarray(np.full((h, w, 3), i, np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path / "imgs"), img_size=64)
+    assert store_side(build_datasets(cfg, 0).train, cfg) == math.ceil(64 / 0.875)

@@ -90,12 +90,36 @@ def build_datasets(
         raise ValueError(f"eval views of {eval_view.img_size} px for data of {cfg.img_size} px")
     splits = _call_builder(DATASETS[cfg.name], cfg, seed, eval_view, endpoint, region)
     if cfg.max_train_samples is not None and num_items(splits.train) > cfg.max_train_samples:
-        labels = dataset_targets(splits.train)
-        keep, _ = _stratified_split(
-            np.arange(len(labels)), labels, cfg.max_train_samples, seed + 3, "data.max_train_samples"
-        )
+        keep = _capped(dataset_targets(splits.train), cfg.max_train_samples, seed + 3)
         splits = dataclasses.replace(splits, train=torch.utils.data.Subset(splits.train, keep.tolist()))
     return splits
+
+
+def _capped(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` of the training images, stratified by class and seeded (data.max_train_samples).
+
+    sklearn's split also needs room for each class in the images left out, and a class of two
+    images: a cap just under the set's size (or a class of one image) was refused. There the
+    cap is shared out by hand, each class its share of `size`, rounded by largest remainder."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if size < len(classes):
+        raise SpecError(f"data.max_train_samples: {size} images cannot hold one of each of the {len(classes)} classes")
+    try:
+        from sklearn.model_selection import train_test_split
+
+        keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
+        return keep
+    except ValueError:  # the same draw as before wherever sklearn could make it (stored runs keep their images)
+        pass
+    exact = counts * size / len(labels)
+    shares = np.maximum(np.floor(exact).astype(int), 1)  # one of each class at least
+    while shares.sum() < size:  # the next image to the class furthest below its share, with one left
+        shares[np.argmax(np.where(shares < counts, exact - shares, -np.inf))] += 1
+    while shares.sum() > size:  # the floor of one overshot: take from the class furthest above
+        shares[np.argmax(np.where(shares > 1, shares - exact, -np.inf))] -= 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, shares, strict=True)]
+    return np.sort(np.concatenate(picked))
 
 
 # --------------------------------------------------------------------------- splitting
@@ -115,7 +139,7 @@ def _stratified_split(indices: np.ndarray, labels: np.ndarray, first_size: int |
         ) from None
 
 
-def _train_val_test(labels: np.ndarray, cfg: DataConfig, seed: int, has_test: bool):
+def train_val_test(labels: np.ndarray, cfg: DataConfig, seed: int, has_test: bool):
     """Indices of (train, val[, test]) carved from one labelled pool."""
     idx = np.arange(len(labels))
     test = np.array([], dtype=int)
@@ -180,7 +204,7 @@ def _tensor_splits(
     hflip: bool = False,
     class_names: tuple[str, ...] | None = None,
 ) -> DataSplits:
-    train, val, test = _train_val_test(labels, cfg, seed, has_test=False)
+    train, val, test = train_val_test(labels, cfg, seed, has_test=False)
     lab = torch.as_tensor(labels)
 
     def part(idx: np.ndarray, is_train: bool) -> TensorImages:
@@ -284,12 +308,12 @@ def _pil_splits(
     tr_tf, ev_tf = train_transform(aug), pil_eval_transform(view)
     labels = dataset_targets(train_base)
     if test_base is None:
-        train_idx, val_idx, test_idx = _train_val_test(labels, cfg, seed, has_test=False)
+        train_idx, val_idx, test_idx = train_val_test(labels, cfg, seed, has_test=False)
         test = TransformedSubset(train_base, test_idx, ev_tf, labels)
     else:
         test = TransformedSubset(test_base, None, ev_tf, dataset_targets(test_base))
         if val_base is None:
-            train_idx, val_idx, _ = _train_val_test(labels, cfg, seed, has_test=True)
+            train_idx, val_idx, _ = train_val_test(labels, cfg, seed, has_test=True)
         else:
             train_idx, val_idx = None, None
     train = TransformedSubset(train_base, train_idx, tr_tf, labels)
@@ -396,6 +420,32 @@ def missing_local_root(cfg: DataConfig) -> Path | None:
     return root if root is not None and not root.is_dir() else None
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit grayscale PNGs and TIFFs
+
+
+def read_image(path: str):
+    """An image folder's loader: the file as an RGB PIL image.
+
+    PIL's own RGB conversion clips 16-bit grayscale to 255 (a picture almost all white): those
+    are scaled to 8 bits first. Floating-point pixels (no range to scale from) and a file that
+    does not decode are a one-line error naming the file (torchvision's loader raised PIL's
+    error from deep inside a DataLoader worker)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ResourceError(f"data.root: cannot read image {path}: {exc}".splitlines()[0]) from None
+    if img.mode == "F":
+        raise ResourceError(f"data.root: {path} has floating-point pixels (mode F): save it as 8- or 16-bit")
+    if img.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(img, dtype=np.float64) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
 @register_dataset("imagefolder")
 def _imagefolder(
     cfg: DataConfig, seed: int, eval_view: EvalResize, endpoint: str | None = None, region: str | None = None
@@ -414,9 +464,9 @@ def _imagefolder(
         raise ResourceError(f"data.root: folder not found: {root}")
     parts = {p: local / p for p in ("train", "val", "test") if (local / p).is_dir()}
     try:
-        train = ImageFolder(str(parts.get("train", local)))
-        val = ImageFolder(str(parts["val"])) if "val" in parts else None
-        test = ImageFolder(str(parts["test"])) if "test" in parts else None
+        train = ImageFolder(str(parts.get("train", local)), loader=read_image)
+        val = ImageFolder(str(parts["val"]), loader=read_image) if "val" in parts else None
+        test = ImageFolder(str(parts["test"]), loader=read_image) if "test" in parts else None
     except (FileNotFoundError, RuntimeError) as exc:
         raise ResourceError(f"data.root: no class folders of images in {root}: {exc}".splitlines()[0]) from None
     for other in (val, test):

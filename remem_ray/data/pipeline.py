@@ -38,6 +38,7 @@ from remem_ray.data.augment import (
 )
 from remem_ray.data.datasets import DataSplits, num_items
 from remem_ray.data.store import ImageStore, is_in_memory, load_or_build, split_sources, store_bytes, store_side
+from remem_ray.errors import UserInputError
 
 if TYPE_CHECKING:
     from remem_ray.config import DataConfig
@@ -190,7 +191,33 @@ class EpochLoader:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(self.loader)
+        return in_one_line(self.loader)
+
+
+class WorkerErrors:
+    """A DataLoader whose bad data (say an image that does not decode) raises its one line."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return in_one_line(self.loader)
+
+
+def in_one_line(batches) -> Iterator:
+    """A DataLoader worker's error comes back as its type with the worker's whole traceback for
+    a message; bad input (a UserInputError: data.root's image that does not read) is raised again
+    with its own words, the traceback's last line, as the CLI and the trial table show one line."""
+    try:
+        yield from batches
+    except UserInputError as err:
+        words = str(err).strip().splitlines()
+        if len(words) < 2 or not words[0].startswith("Caught "):
+            raise
+        raise type(err)(words[-1].partition(f"{type(err).__name__}: ")[2] or words[-1]) from None
 
 
 def loader_workers(configured: int | None, device: torch.device) -> int:
@@ -221,27 +248,31 @@ class LoaderPipeline(DataPipeline):
         ds = self.splits.train if views is None else FixedViews(self.splits.train, views.count, views.seed)
         return EpochLoader(ds, batch_size, self.seed, self.num_workers, self.device, self.shard)
 
-    def eval(self, split: str, batch_size: int) -> DataLoader:
+    def eval(self, split: str, batch_size: int) -> WorkerErrors:
         ds = getattr(self.splits, split)
         if self.shard.world_size > 1:
             ds = Subset(ds, range(self.shard.rank, num_items(ds), self.shard.world_size))
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
+        return WorkerErrors(
+            DataLoader(
+                ds,
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
         )
 
     def view_batches(self, views: Views, batch_size: int, images: range | None = None) -> Iterator[torch.Tensor]:
         fixed = FixedViews(self.splits.train, views.count, views.seed)
         all_views = _AllViews(fixed, images if images is not None else range(len(fixed)))
-        yield from DataLoader(
-            all_views,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
+        yield from in_one_line(
+            DataLoader(
+                all_views,
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
         )
 
     def describe(self) -> str:

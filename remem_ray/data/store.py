@@ -88,7 +88,10 @@ def store_side(ds: Dataset, cfg: DataConfig) -> int:
         return cfg.store_size
     default = int(math.ceil(cfg.img_size / 0.875))
     pil_base, items = _pil_items(ds)
-    sizes = {pil_base[int(i)][0].size for i in items[:_PROBE]}
+    # spread over the split: its items are sorted by class, and the first few of one class may
+    # all be small squares while the others are not (they were then all shrunk to that size)
+    probe = items[np.unique(np.linspace(0, len(items) - 1, num=min(_PROBE, len(items))).astype(int))]
+    sizes = {pil_base[int(i)][0].size for i in probe}
     if len(sizes) == 1:
         ((w, h),) = sizes
         if w == h <= default:
@@ -144,8 +147,17 @@ def _listed_files(base: Dataset, root: str) -> list[tuple[str, str]]:
     own = getattr(base, "base_folder", None) or getattr(base, "_base_folder", None)
     if own is not None and os.path.isdir(os.path.join(root, own)):
         walked = os.walk(os.path.join(root, own))
-        return sorted((os.path.join(folder, name), "") for folder, _, names in walked for name in names)
-    return sorted((entry.path, "") for entry in os.scandir(root) if entry.is_file())
+        return sorted(
+            (os.path.join(folder, name), "") for folder, _, names in walked for name in names if not _hidden(name)
+        )
+    return sorted((entry.path, "") for entry in os.scandir(root) if entry.is_file() and not _hidden(entry.name))
+
+
+def _hidden(name: str) -> bool:
+    """Dot-files are no dataset's images: our own download locks (`.remem-<name>.lock`, rewritten
+    by every `data.download` build) sit among SVHN's files, whose store was then decoded anew
+    on every run."""
+    return name.startswith(".")
 
 
 def source_identity(base: Dataset) -> dict[str, str] | None:
