@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from remem_ray.errors import TrainingDivergedError, UserInputError
@@ -145,6 +146,8 @@ def _located(args: argparse.Namespace):
 def cmd_sweep_resume(args: argparse.Namespace) -> int:
     from remem_ray.sweep import resume_sweep
 
+    if (args.address or "").startswith(("http://", "https://")):
+        return _submit_resume(args)
     spec = _located(args)
     summary = resume_sweep(spec, address=args.address, verbose=args.verbose)
     return _print_end(summary, spec.storage.endpoint)
@@ -198,12 +201,61 @@ def cmd_sweep_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit_resume(args: argparse.Namespace) -> int:
+    """`sweep resume --address http://HEAD:8265`: the resume runs on the cluster as a job, as the
+    sweep's `submit` did (a resume here would drive the cluster's sweep from this machine's Ray)."""
+    from remem_ray.sweep.jobs import check_address, submit_resume
+
+    check_address(args.address)
+    sweep = args.sweep
+    if "/" not in sweep:  # a name: under --storage, as the cluster reaches it
+        if not args.storage or not _cluster_sees(args.storage):
+            raise UserInputError(
+                "NAME|URI: a sweep resumed on a cluster is named by its folder's URI as the cluster reaches it "
+                "(s3://bucket/prefix/sweeps/NAME), or by its name with --storage s3://bucket/prefix"
+            )
+        sweep = f"{args.storage.rstrip('/')}/sweeps/{sweep}"
+    elif not _cluster_sees(sweep):
+        raise UserInputError(f"NAME|URI: {sweep} is a relative path: the cluster's job runs in another folder")
+    job_id = submit_resume(sweep, args.address, endpoint=args.endpoint, ship_package=args.ship_package)
+    print(job_id)
+    print(f"follow it with: remem sweep logs {job_id} --address {args.address} --follow", file=sys.stderr)
+    return 0
+
+
+def _cluster_sees(location: str) -> bool:
+    """Whether a job on a cluster can reach `location` as written: an s3:// URI, or an absolute
+    path (which every node must see: a shared file system)."""
+    return location.startswith("s3://") or Path(location).expanduser().is_absolute()
+
+
+def _written_root(args: argparse.Namespace) -> str | None:
+    """The storage root as the user wrote it (--storage, else the spec's), before it is made
+    absolute on this machine; None where neither names one (the default ./remem-results)."""
+    import yaml
+
+    if args.storage:
+        return args.storage
+    raw = yaml.safe_load(Path(args.spec).read_text()) or {}
+    storage = raw.get("storage") if isinstance(raw, dict) else None
+    return storage.get("root") if isinstance(storage, dict) else None
+
+
 def cmd_sweep_submit(args: argparse.Namespace) -> int:
     from remem_ray.config import load_sweep_spec
     from remem_ray.spec_checks import check_spec
-    from remem_ray.sweep.jobs import submit_sweep
+    from remem_ray.sweep.jobs import check_address, submit_sweep
 
+    check_address(args.address)
     spec = load_sweep_spec(args.spec, _run_overrides(args))
+    written = _written_root(args)
+    if written is None or not _cluster_sees(written):
+        # made absolute here, it named a folder of this machine (the default ./remem-results):
+        # on the cluster each node wrote its own, and the spot nodes' went with them
+        raise UserInputError(
+            f"storage.root: {written or 'the default ./remem-results'} is a folder of this machine; a submitted "
+            f"sweep runs on the cluster: set s3://bucket/prefix (--storage), or an absolute path every node sees"
+        )
     check_spec(spec, inputs_here=False)  # weights files and data folders are read on the cluster
     # No storage preflight here: the job reaches storage from the cluster, with its network
     # and instance role, not this machine's; `sweep run` on the cluster checks it first thing.
@@ -212,7 +264,7 @@ def cmd_sweep_submit(args: argparse.Namespace) -> int:
     if not spec.storage.root.startswith("s3://"):
         print(
             f"remem: note: storage root {spec.storage.root} is a local path: on a multi-node "
-            f"cluster every node must see it; use s3:// there",
+            f"cluster every node must see it (a shared file system); use s3:// there",
             file=sys.stderr,
         )
     print(f"follow it with: remem sweep logs {job_id} --address {args.address} --follow", file=sys.stderr)
@@ -228,9 +280,17 @@ def cmd_sweep_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_stop(args: argparse.Namespace) -> int:
-    from remem_ray.sweep.jobs import stop_job
+    from remem_ray.sweep.jobs import STOP_WAIT_S, stop_job
 
-    print(f"job {args.job}: {stop_job(args.address, args.job)}")
+    status = stop_job(args.address, args.job)
+    print(f"job {args.job}: {status}")
+    if status not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        print(
+            f"stopping as Ctrl-C would: the sweep saves its state and ends its trials (killed after {STOP_WAIT_S} s); "
+            f"`remem sweep logs {args.job} --address {args.address} --follow` shows its end, "
+            f"`remem sweep resume URI --address {args.address}` continues it",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -310,6 +370,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ship_package(parser) -> None:
+    parser.add_argument(
+        "--ship-package",
+        action="store_true",
+        help="upload this checkout's remem_ray package with the job (else the cluster's install)",
+    )
+
+
 def _add_job_verbs(sub) -> None:
     submit = sub.add_parser(
         "submit",
@@ -321,11 +389,7 @@ def _add_job_verbs(sub) -> None:
     submit.add_argument("--name", help="sweep name (default: the spec's name)")
     submit.add_argument("--storage", help="storage root (use s3://bucket/prefix on multi-node clusters)")
     submit.add_argument("--endpoint", help="S3-compatible endpoint for an s3:// storage root")
-    submit.add_argument(
-        "--ship-package",
-        action="store_true",
-        help="upload this checkout's remem_ray package with the job (else the cluster's install)",
-    )
+    _add_ship_package(submit)
     submit.set_defaults(handler=cmd_sweep_submit)
     for verb, handler, text in (
         ("logs", cmd_sweep_logs, "print a submitted sweep's logs"),
@@ -370,9 +434,12 @@ def _add_sweep_verbs(verbs) -> None:
         )
         if verb == "resume":
             p.add_argument(
-                "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)"
+                "--address",
+                help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1); a dashboard's "
+                "http://HEAD:8265 submits the resume as a job there (print its id, as `sweep submit` does)",
             )
             p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+            _add_ship_package(p)
         if verb == "dashboard":
             p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
         if verb == "export":

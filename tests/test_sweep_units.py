@@ -263,7 +263,10 @@ def test_repository_sweep_specs_are_valid():
         (["sweep", "run", "SPEC", "--address", "127.0.0.1:9"], "--address: cannot reach Ray at 127.0.0.1:9"),
         (["sweep", "run", "SPEC", "--address", "not an address"], "--address: expected HOST:PORT"),
         (["sweep", "submit", "SPEC", "--address", "head:8265"], "--address: expected the Ray dashboard"),
-        (["sweep", "submit", "SPEC", "--address", "http://127.0.0.1:9"], "--address: cannot reach the Ray dashboard"),
+        (
+            ["sweep", "submit", "SPEC", "--address", "http://127.0.0.1:9", "--storage", "/shared/results"],
+            "--address: cannot reach the Ray dashboard",
+        ),
         (["sweep", "logs", "raysubmit_1", "--address", "http://127.0.0.1:9"], "--address: cannot reach"),
         (["sweep", "stop", "raysubmit_1", "--address", "ftp://x"], "--address: expected the Ray dashboard"),
     ],
@@ -571,6 +574,66 @@ def test_a_submitted_sweep_leaves_no_staging_folder_behind(monkeypatch, tmp_path
     with pytest.raises(ResourceError, match="job submission"):
         jobs.submit_sweep(spec, "http://127.0.0.1:8265")
     assert len(seen) == 2 and not any(p.exists() for p in seen)
+
+
+class _Jobs:
+    """A Ray Jobs client that keeps what it was asked to submit."""
+
+    def __init__(self) -> None:
+        self.submitted: list[dict] = []
+
+    def submit_job(self, entrypoint, runtime_env, submission_id, metadata):
+        self.submitted.append({"entrypoint": entrypoint, "runtime_env": runtime_env, "id": submission_id})
+        return submission_id
+
+
+def test_a_submitted_sweep_is_stopped_as_ctrl_c_would_and_its_folder_must_be_the_clusters(monkeypatch, in_tmp, capsys):
+    """Ray's job supervisor SIGTERMs a stopped job and SIGKILLs it 3 s later: the driver ended
+    without Tune's last save, its summary or its leases' release. And a spec naming no storage
+    root submitted this machine's ./remem-results made absolute: each cluster node wrote its own."""
+    from remem_ray.sweep import jobs
+
+    client = _Jobs()
+    monkeypatch.setattr(jobs, "jobs_client", lambda address: client)
+    (in_tmp / "s.yaml").write_text(yaml.safe_dump({"name": "demo"}))
+    assert main(["sweep", "submit", "s.yaml", "--address", "http://127.0.0.1:8265"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("remem: error: storage.root: the default ./remem-results is a folder of this machine")
+    (in_tmp / "r.yaml").write_text(yaml.safe_dump({"name": "demo", "storage": {"root": "results"}}))
+    assert main(["sweep", "submit", "r.yaml", "--address", "http://127.0.0.1:8265"]) == 2
+    assert "storage.root: results is a folder of this machine" in capsys.readouterr().err
+    assert client.submitted == []  # nothing started
+    assert main(["sweep", "submit", "s.yaml", "--address", "http://127.0.0.1:8265", "--storage", "s3://b/p"]) == 0
+    (job,) = client.submitted
+    assert job["entrypoint"] == "python -m remem_ray.cli sweep run sweep.yaml"
+    assert job["runtime_env"]["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
+    assert int(job["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["r.yaml", "s.yaml"]
+
+
+def test_a_resume_given_a_dashboard_runs_on_the_cluster_as_a_job(monkeypatch, in_tmp, capsys):
+    """`sweep resume --address http://HEAD:8265` was refused ("`remem sweep submit` takes it"),
+    and submit cannot resume: a submitted sweep had no way back but a hand-written `ray job submit`."""
+    from remem_ray.sweep import jobs
+
+    client = _Jobs()
+    monkeypatch.setattr(jobs, "jobs_client", lambda address: client)
+    dashboard = ("--address", "http://127.0.0.1:8265")
+    assert main(["sweep", "resume", "s3://b/p/sweeps/demo", *dashboard, "--endpoint", "http://s3.local:9000"]) == 0
+    assert main(["sweep", "resume", "demo", *dashboard, "--storage", "s3://b/p/"]) == 0
+    first, second = client.submitted
+    assert first["entrypoint"] == (
+        "python -m remem_ray.cli sweep resume s3://b/p/sweeps/demo --endpoint http://s3.local:9000"
+    )
+    assert second["entrypoint"] == "python -m remem_ray.cli sweep resume s3://b/p/sweeps/demo"
+    assert first["id"].startswith("remem-demo-") and first["runtime_env"]["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
+    assert capsys.readouterr().out.splitlines() == [first["id"], second["id"]]
+    for argv in (["demo"], ["demo", "--storage", "results"], ["results/sweeps/demo"]):
+        assert main(["sweep", "resume", *argv, *dashboard]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("remem: error: NAME|URI: ") and err.count("\n") == 1, err
+    assert len(client.submitted) == 2
+    assert list(in_tmp.iterdir()) == []
 
 
 class _JobOfLines:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import time
@@ -21,14 +22,23 @@ from remem_ray.config import SweepSpec
 from remem_ray.errors import ResourceError, UserInputError
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+# `remem sweep stop`: Ray's job supervisor sends SIGTERM and SIGKILLs after 3 s, which ended a
+# driver without Tune's last save, the summary or its leases' release. SIGINT is Ctrl-C: the
+# driver stops its trials and writes all that (a minute or two on S3), then ends.
+STOP_WAIT_S = 300
+STOP_ENV = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}
 _ADDRESS = re.compile(r"https?://[^/\s:@]+(:\d{1,5})?/?")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def jobs_client(address: str):
-    """A JobSubmissionClient for http(s)://HEAD:8265; bad or unreachable addresses are user errors."""
+def check_address(address: str) -> None:
     if not _ADDRESS.fullmatch(address or ""):
         raise UserInputError(f"--address: expected the Ray dashboard as http://HOST:PORT, got {address!r}")
+
+
+def jobs_client(address: str):
+    """A JobSubmissionClient for http(s)://HEAD:8265; bad or unreachable addresses are user errors."""
+    check_address(address)
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -40,31 +50,42 @@ def jobs_client(address: str):
 
 def submit_sweep(spec: SweepSpec, address: str, ship_package: bool = False) -> str:
     """Submit a validated sweep as a Ray job; returns the job id."""
+    return _submitted(["sweep", "run", "sweep.yaml"], spec.name, address, ship_package, spec)
+
+
+def submit_resume(sweep: str, address: str, endpoint: str | None = None, ship_package: bool = False) -> str:
+    """Submit `remem sweep resume SWEEP` as a Ray job (SWEEP: the sweep folder's URI, as the
+    cluster reaches it); returns the job id. Storage is read there, not here, as for a new sweep."""
+    name = sweep.rstrip("/").rsplit("/", 1)[-1]
+    words = ["sweep", "resume", sweep, *(["--endpoint", endpoint] if endpoint else [])]
+    return _submitted(words, name, address, ship_package)
+
+
+def _submitted(words: list[str], name: str, address: str, ship_package: bool, spec: SweepSpec | None = None) -> str:
     client = jobs_client(address)
     staging = Path(tempfile.mkdtemp(prefix="remem-job-"))
     try:  # submit_job has uploaded the working dir to the cluster by the time it returns
-        return _submit(client, spec, address, staging, ship_package)
+        if spec is not None:
+            (staging / "sweep.yaml").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        return _submit(client, words, name, address, staging, ship_package)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _submit(client, spec: SweepSpec, address: str, staging: Path, ship_package: bool) -> str:
-    (staging / "sweep.yaml").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-    runtime_env: dict = {
-        "working_dir": str(staging),
-        "env_vars": {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and "@" not in os.environ[k]},
-    }
+def _submit(client, words: list[str], name: str, address: str, staging: Path, ship_package: bool) -> str:
+    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and "@" not in os.environ[k]}
+    runtime_env: dict = {"working_dir": str(staging), "env_vars": {**forwarded, **STOP_ENV}}
     if ship_package:
         import remem_ray
 
         runtime_env["py_modules"] = [str(Path(remem_ray.__file__).parent)]
-    submission_id = f"remem-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    submission_id = f"remem-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         return client.submit_job(
-            entrypoint="python -m remem_ray.cli sweep run sweep.yaml",
+            entrypoint=shlex.join(["python", "-m", "remem_ray.cli", *words]),
             runtime_env=runtime_env,
             submission_id=submission_id,
-            metadata={"remem_sweep": spec.name},
+            metadata={"remem_sweep": name},
         )
     except Exception as exc:
         raise ResourceError(
