@@ -935,3 +935,18 @@ def test_the_searchers_divergence_lookup_reads_the_teacher_and_student_records(t
     TeacherRegistry(layout.teachers).record_divergence(run.teacher_key(), "teacher loss inf at epoch 1")
     assert lookup(point).startswith("teacher loss inf at epoch 1 (recorded in ")
     assert lookup(other).startswith("teacher loss inf")  # the teacher's record first: it ended the trial
+
+
+def test_a_driver_resource_no_node_has_is_said_at_the_start():
+    """A mistyped driver_resource (or a head started without it) left every trial pending with
+    nothing on the console but "0 running, N pending" every 30 s."""
+    from remem_ray.sweep.driver import driver_resource_note
+
+    spec = SweepSpec.model_validate({"name": "s", "sweep": {"resources": {"driver_resource": "remem_drivers"}}})
+    head, gpu_node = {"CPU": 0.0, "remem_driver": 64.0}, {"CPU": 8.0, "GPU": 1.0}
+    note = driver_resource_note(spec, [head, gpu_node])
+    assert note is not None and note.startswith("sweep.resources.driver_resource: no node")
+    assert "'remem_drivers'" in note and "\n" not in note
+    right = SweepSpec.model_validate({"name": "s", "sweep": {"resources": {"driver_resource": "remem_driver"}}})
+    assert driver_resource_note(right, [head, gpu_node]) is None
+    assert driver_resource_note(SweepSpec.model_validate({"name": "s"}), [gpu_node]) is None  # none asked for

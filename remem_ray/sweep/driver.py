@@ -414,9 +414,12 @@ def _driving(
                 f"sweep {spec.name}: {what}, {sized.max_concurrent_trials()} at a time; "
                 f"log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
             )
-            note = unused_gpus_note(sized, sum(n.gpus for n in nodes))
-            if note:
-                console.show(note)
+            notes = [unused_gpus_note(sized, sum(n.gpus for n in nodes))]
+            if address:  # a private Ray without it was refused above
+                notes.append(driver_resource_note(sized, [node.get("Resources") or {} for node in _alive_nodes()]))
+            for note in notes:
+                if note:
+                    console.show(note)
             # a resumed sweep's searcher comes back with the limit it was first sized with; the
             # run slots hold its Train runs to the same limit
             limit = sized.max_concurrent_trials()
@@ -442,6 +445,19 @@ def cluster_nodes():
         gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 0.0))
         found.append(NodeResources(gpus, cpus, kinds[0] if kinds else None))
     return found
+
+
+def driver_resource_note(spec: SweepSpec, node_resources: list[dict]) -> str | None:
+    """A line when no node of the cluster has the trials' driver_resource: every trial waits for
+    one, and the console said only "0 running, N pending" (a typo, a head started without it)."""
+    name = spec.sweep.resources.driver_resource
+    if not name or any(name in resources for resources in node_resources):
+        return None
+    return (
+        f"sweep.resources.driver_resource: no node of this cluster has the resource {name!r} now, so the "
+        f"trials wait for one (the head defines it: ray start --head --resources '{{\"{name}\": 64}}', as in "
+        f"cluster/); they start only if an autoscaler node type that defines it comes up"
+    )
 
 
 def unused_gpus_note(spec: SweepSpec, cluster_gpus: float) -> str | None:
