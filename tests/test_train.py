@@ -443,3 +443,31 @@ def test_a_storage_outage_while_copying_an_earlier_holders_checkpoints_keeps_the
     # a checkpoint really gone still means training from epoch 1
     ctx.earlier_output = Storage(str(tmp_path / "gen-0"))
     assert task.begin(ctx, {"epoch": 3}) is None and "training from epoch 1" in logged[-1]
+
+
+def test_an_epochs_lr_is_the_rate_its_last_step_trained_at():
+    """Read after the scheduler's step, it was the next epoch's first rate: every epoch line and
+    TensorBoard's optim/lr ran a step ahead, and the last epoch always showed the floor."""
+    from types import SimpleNamespace
+
+    from remem_ray.config import ScheduleConfig
+    from remem_ray.train.common import PerStepSchedule
+    from remem_ray.train.loop import Task
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([weight], lr=0.1)
+    used: list[float] = []
+
+    class Steps(Task):
+        def step(self, images, labels, extra):
+            used.append(opt.param_groups[0]["lr"])
+            opt.step()
+            return torch.tensor(1.0), torch.zeros(len(labels), 2)
+
+    task = Steps()
+    task.model, task.scheduler = torch.nn.Linear(1, 1), PerStepSchedule(opt, ScheduleConfig(min_lr_ratio=0.0), 2, 2)
+    batches = [(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long))] * 2
+    ctx = SimpleNamespace(device=torch.device("cpu"))
+    first, last = task.train_epoch(ctx, batches), task.train_epoch(ctx, batches)
+    assert first["lr"] == pytest.approx(used[1]) and last["lr"] == pytest.approx(used[3])
+    assert last["lr"] > 0.0  # the floor (0) is where the schedule ends, after the last step

@@ -251,16 +251,20 @@ class Task:
         raise NotImplementedError
 
     def train_epoch(self, ctx: LoopContext, batches: Iterable) -> dict[str, float]:
+        """The epoch's loss and accuracy, and `lr`: the rate its last step trained at (read after
+        the scheduler's step, it was the next epoch's first: the last epoch showed the floor)."""
         self.model.train()
         meter = Meter()
+        lr = float(self.scheduler.get_last_lr()[0])
         for images, labels, *extra in batches:
             images = to_device(images, ctx.device, self.channels_last)
             labels = labels.to(ctx.device, non_blocking=True)
             loss, logits = self.step(images, labels, extra)
+            lr = float(self.scheduler.get_last_lr()[0])
             self.scheduler.step()
             meter.add(loss.detach(), logits.detach(), labels)
         train_loss, train_acc = meter.totals()
-        return {"train_loss": train_loss, "train_acc": train_acc, "lr": float(self.scheduler.get_last_lr()[0])}
+        return {"train_loss": train_loss, "train_acc": train_acc, "lr": lr}
 
     def state(self) -> dict[str, Any]:
         raise NotImplementedError
