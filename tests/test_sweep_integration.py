@@ -452,6 +452,49 @@ def seaweed(tmp_path):
     server.stop()
 
 
+_JOB_WAIT = """
+import sys, time
+from ray.job_submission import JobSubmissionClient
+address, job, what, until = sys.argv[1:]
+jobs = JobSubmissionClient(address)
+deadline = time.monotonic() + 300
+while time.monotonic() < deadline:
+    status, logs = str(jobs.get_job_status(job).value), jobs.get_job_logs(job)
+    if until in (logs if what == "logs" else status) or status in ("SUCCEEDED", "FAILED", "STOPPED"):
+        break
+    time.sleep(1.0)
+print(status)
+print(logs)
+"""
+
+
+def _job_once(head: RayHead, job_id: str, what: str, until: str) -> tuple[str, str]:
+    """(status, logs) of a job on `head` once its logs hold `until` (what="logs") or its status is
+    it (what="status"), or it ended, or 300 s passed: asked from a process of the head's
+    environment (its token; this process's Ray read its auth settings once, without it)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _JOB_WAIT, head.address, job_id, what, until],
+        env=head.env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status, _, logs = proc.stdout.partition("\n")
+    return status, logs
+
+
+def _submitted_job(argv: list[str], head: RayHead) -> str:
+    """The job id `remem sweep submit` printed (a loaded head's job agent may not answer at first)."""
+    for _ in range(3):
+        rc, out = run_remem(argv, head.workdir, head.env, timeout=120)
+        if "No available agent to submit job" not in out:
+            break
+    found = re.findall(r"^remem-[\w.-]+-\d{8}-\d{6}$", out, flags=re.MULTILINE)
+    assert rc == 0 and found, out[-3000:]
+    return found[-1]
+
+
 def _bucket_keys(client, prefix: str) -> set[str]:
     return {
         o["Key"]
@@ -567,14 +610,18 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_a_sweep_that_rays_own_client_reads(tmp_path):
-    """`ray job submit --working-dir DIR -- remem sweep run spec.yaml` against a local
-    `ray start --head` (127.0.0.1, its own PID namespace, ended by PID); then Ray Tune's own
-    ExperimentAnalysis reads the sweep folder and finds the same best trial as remem.
+def test_a_submitted_sweep_stopped_mid_way_is_resumed_by_ray_job_submit_and_rays_own_client_reads_it(tmp_path):
+    """`remem sweep submit` to a local `ray start --head` (127.0.0.1, its own PID namespace, ended
+    by PID), `remem sweep stop` once a trial runs: the driver ends as Ctrl-C would (its own
+    "interrupted" line, its driver lease released; Ray's default SIGTERM-then-SIGKILL ended it
+    with neither); then `ray job submit --working-dir DIR -- remem sweep resume FOLDER` finishes
+    it, and Ray Tune's own ExperimentAnalysis reads the sweep folder and finds the same best
+    trial as remem.
 
     First, on the same cluster: `remem sweep run --address` with an s3:// root whose keys only
     the driver holds (the cluster has none; drivers never send theirs) stops at once with one
     line and exit 2, writing nothing (before the fix: every trial attempt failed, ACCESS_DENIED)."""
+
     (tmp_path / "head").mkdir()
     job_dir = tmp_path / "job"
     job_dir.mkdir()
@@ -608,10 +655,21 @@ def test_ray_job_submit_runs_a_sweep_that_rays_own_client_reads(tmp_path):
         assert "no AWS credentials for storage.root s3://remem/direct" in errors[0]
         assert f"checked from a node of the Ray cluster at {head.gcs_address}" in errors[0]
         assert _bucket_keys(seaweed.client(), "") == set() and not (tmp_path / "remem-results").exists()
+        experiment = tmp_path / "results" / "sweeps" / "submitted"
+        job_id = _submitted_job(["sweep", "submit", str(job_dir / "spec.yaml"), "--address", head.address], head)
+        status, _ = _job_once(head, job_id, "logs", " started: rho ")  # a trial runs
+        assert status == "RUNNING", status
+        rc, out = run_remem(["sweep", "stop", job_id, "--address", head.address], tmp_path, head.env, timeout=120)
+        assert rc == 0, out
+        status, stopped = _job_once(head, job_id, "status", "STOPPED")
+        assert status == "STOPPED" and "remem: interrupted:" in stopped, stopped[-3000:]
+        assert "continues the sweep" in stopped
+        lease = current_record(Storage(str(experiment)).child("driver-lease"))
+        assert lease is not None and lease.released
         submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.address]
         for _ in range(3):  # a loaded head's job agent may not answer in time: Ray says to try again
             proc = subprocess.run(
-                [*submit, "--working-dir", str(job_dir), "--", "remem", "sweep", "run", "spec.yaml"],
+                [*submit, "--working-dir", str(job_dir), "--", "remem", "sweep", "resume", str(experiment)],
                 env=head.env,
                 capture_output=True,
                 text=True,
@@ -625,7 +683,6 @@ def test_ray_job_submit_runs_a_sweep_that_rays_own_client_reads(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "succeeded" in out, out[-3000:]
     assert "trials 2/2 done" in out  # remem's own progress lines reach `ray job submit`'s console
-    experiment = tmp_path / "results" / "sweeps" / "submitted"
     summary = json.loads((experiment / "summary.json").read_text())
 
     from ray.tune import ExperimentAnalysis
