@@ -691,3 +691,39 @@ def test_a_disk_that_fills_while_a_table_is_written_leaves_the_run_its_targets(t
         line.startswith("teacher targets not kept (storage: cannot write") and "No space left" in line for line in said
     )
     assert [p.suffix for p in _kept(tmp_path / "teacher" / "targets")] == [".unkept"]  # no temp file left
+
+
+def test_a_folder_relabelled_or_rewritten_at_the_same_count_gets_targets_of_its_own(tmp_path):
+    """The key named the data's settings and its size, not its files: an image moved to another
+    class (ImageFolder's order changes) or rewritten paired the stored rows with other pictures.
+    A copy of the same files (another node's download: other mtimes) keeps the key."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / cls / f"{cls}{i}.png")
+    spec, _, teacher, storage = _setup(tmp_path / "run", **{"data.name": "imagefolder", "data.root": str(root)})
+
+    def targets() -> dict:
+        splits = build_datasets(spec.data, spec.seed)
+        args = (teacher, normalizer_for(teacher), _loader(splits), True)
+        return load_or_build_targets(spec, storage.uri("epoch_1"), *args, log=lambda m: None)[1]
+
+    first = targets()
+    assert first["built"] and not targets()["built"]
+    for path in root.rglob("*.png"):  # a copy: the same files, written at another time
+        os.utime(path, ns=(1, 1))
+    assert not targets()["built"]
+    (root / "a" / "a3.png").rename(root / "b" / "a3.png")  # relabelled, both ways: the same count
+    (root / "b" / "b7.png").rename(root / "a" / "b7.png")
+    relabelled = targets()
+    assert relabelled["built"] and relabelled["key"] != first["key"]
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "a" / "a0.png")  # rewritten
+    rewritten = targets()
+    assert rewritten["built"] and rewritten["key"] not in (first["key"], relabelled["key"])

@@ -160,11 +160,12 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def source_identity(base: Dataset) -> dict[str, str] | None:
+def source_identity(base: Dataset, times: bool = True) -> dict[str, str] | None:
     """What a PIL dataset's images are read from: its resolved root and a fingerprint of its files
     (name, label, size, mtime), so a moved, relabelled or rewritten image makes another store;
     None for a dataset without a root folder. An s3:// root is read from its fetched copy, whose
-    folder is keyed by endpoint and URI."""
+    folder is keyed by endpoint and URI. Without `times`, the same of any copy of the files (every
+    node's own download has its own mtimes)."""
     root = getattr(base, "root", None)
     if root is None or not os.path.isdir(root):
         return None
@@ -173,8 +174,20 @@ def source_identity(base: Dataset) -> dict[str, str] | None:
     for path, label in _listed_files(base, root):
         stat = os.stat(path)
         name = os.path.relpath(os.path.abspath(path), root)
-        digest.update(f"{name}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        when = f"\t{stat.st_mtime_ns}" if times else ""
+        digest.update(f"{name}\t{label}\t{stat.st_size}{when}\n".encode())
     return {"root": str(Path(root).resolve()), "files": digest.hexdigest()}
+
+
+def content_identity(ds: Dataset) -> str | None:
+    """A fingerprint of the files a split's images come from (names, labels, sizes; not where they
+    lie nor when they were written), the same on every node holding a copy: for keys of what is
+    stored for all of them (teacher targets). None for in-memory data (digits, synthetic)."""
+    base = _base_and_indices(ds)[0]
+    if not isinstance(base, TransformedSubset):  # in memory, or a registered builder's own kind
+        return None
+    source = source_identity(base.base, times=False)
+    return None if source is None else source["files"]
 
 
 def split_sources(splits: dict[str, Dataset]) -> dict[str, dict[str, str] | None]:

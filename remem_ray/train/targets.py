@@ -30,6 +30,7 @@ from remem_ray.checkpoints import MANIFEST_FILE, META_FILE, MODEL_FILE, Checkpoi
 from remem_ray.config import DATA_FIELDS_WITHOUT_EFFECT, LEASE_STALE_AFTER_S, TEACHER_WAIT_TIMEOUT_S, RunSpec
 from remem_ray.data.datasets import num_items
 from remem_ray.data.pipeline import DataPipeline, Views
+from remem_ray.data.store import content_identity
 from remem_ray.storage import Storage
 from remem_ray.train.common import autocast, is_distributed, rank0_says
 from remem_ray.train.target_cache import (
@@ -79,7 +80,11 @@ class CachedTargets(TargetSource):
 # --------------------------------------------------------------------------- the cache
 
 
-def cache_key(spec: RunSpec, teacher: dict[str, Any], train_size: int, pipeline: str) -> str:
+def cache_key(
+    spec: RunSpec, teacher: dict[str, Any], train_size: int, pipeline: str, content: str | None = None
+) -> str:
+    """content: the training images' files (`store.content_identity`): an image folder relabelled
+    or with images replaced, at the same count, paired its stored rows with other pictures."""
     payload = {
         "format": CACHE_FORMAT,
         "teacher": teacher,
@@ -90,6 +95,8 @@ def cache_key(spec: RunSpec, teacher: dict[str, Any], train_size: int, pipeline:
         "views": spec.student.target_views,
         "view_seed": spec.student.target_view_seed,
     }
+    if content is not None:  # in-memory data (digits, synthetic) keeps the keys it had
+        payload["content"] = content
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -209,7 +216,8 @@ def _rank0_key(
     key, failure = None, None
     if not is_distributed() or dist.get_rank() == 0:
         try:
-            key = cache_key(spec, teacher_identity(parent, name), size, pipeline.identity())
+            content = content_identity(pipeline.splits.train)
+            key = cache_key(spec, teacher_identity(parent, name), size, pipeline.identity(), content)
         except Exception as exc:  # a teacher's manifest that does not read: the others must hear of it
             failure = exc
     problem = None if failure is None else f"student.teacher_targets: teacher {teacher_location}: {failure}"
