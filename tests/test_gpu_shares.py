@@ -18,6 +18,7 @@ from remem_ray.errors import ResourceError
 from remem_ray.sweep.gpu_shares import (
     NodeResources,
     ProbeFailed,
+    fit_budget,
     fit_concurrency,
     probe_on_cluster,
     refuse_what_this_machine_cannot_hold,
@@ -193,6 +194,30 @@ def test_auto_runs_as_many_trials_at_once_as_the_gpu_nodes_hold_unless_told_othe
     ddp = _spec(student=1, **{"sweep.resources.teacher.num_workers": 2, "sweep.resources.teacher.cpus_per_worker": 2})
     nodes = _nodes(2, cpus=2, count=2) + [NodeResources(0, 64)]
     assert _fit(ddp, nodes, probe)[0].max_concurrent_trials() == 1
+
+
+def test_a_gpu_budget_counts_the_gpus_a_worker_keeps_from_others_where_cpus_run_out_first():
+    """gpu_budget 8 at half a GPU and 7 CPUs a worker ran 16 trials at once on nodes of 1 GPU and
+    7 CPUs, which hold one such worker each: 8 runs waited past worker_start_timeout_s, failed."""
+    half = {
+        "sweep.resources.gpu_budget": 8,
+        "sweep.resources.teacher.cpus_per_worker": 7,
+        "sweep.resources.student.cpus_per_worker": 7,
+    }
+    spec = _spec(0.5, 0.5, **half)
+    assert spec.max_concurrent_trials() == 16  # the budget as the share counts it
+    sized, line = fit_budget(spec, spec, _nodes(1, cpus=7, count=8))
+    assert sized.max_concurrent_trials() == 8 and line is not None
+    assert line.startswith("sweep.resources.gpu_budget: 8 trial(s) at a time, not 16: ")
+    # nodes whose CPUs hold two such workers a GPU keep the 16; so does a cluster with no GPU
+    # node up yet (an autoscaler from zero: nothing to read), and a limit the user set
+    assert fit_budget(spec, spec, _nodes(1, cpus=16, count=8)) == (spec, None)
+    assert fit_budget(spec, spec, [NodeResources(0, 8)]) == (spec, None)
+    told = _spec(0.5, 0.5, **half, **{"sweep.max_concurrent_trials": 16})
+    assert fit_budget(told, told, _nodes(1, cpus=7, count=8)) == (told, None)
+    # a 4-worker teacher at 1 GPU each keeps its 4 GPUs whatever the CPUs: 2 trials in 8
+    ddp = _spec(1, 1, **{"sweep.resources.gpu_budget": 8, "sweep.resources.teacher.num_workers": 4})
+    assert fit_budget(ddp, ddp, _nodes(1, cpus=8, count=8)) == (ddp, None) and ddp.max_concurrent_trials() == 2
 
 
 def test_a_resumed_sweep_runs_at_the_concurrency_this_driver_sized():

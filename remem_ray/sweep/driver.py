@@ -360,6 +360,7 @@ def _driving(
     sized (sweep/gpu_shares.py), and the held lease (sweep/driver_lease.py)."""
     from remem_ray.sweep.driver_lease import driving_lease
     from remem_ray.sweep.gpu_shares import (
+        fit_budget,
         fit_concurrency,
         probe_on_cluster,
         refuse_auto_without_gpus,
@@ -405,11 +406,13 @@ def _driving(
             if lines:  # the probe may have brought a GPU node up
                 nodes = cluster_nodes()
             sized, line = fit_concurrency(spec, sized, nodes)
+            sized, budget_line = fit_budget(spec, sized, nodes)
             if lines:  # only this driver writes it, before any trial reads the sweep folder
                 record = sizing_record(sized, measured)
                 layout.experiment.write_text(GPU_SHARES_FILE, json.dumps(record, indent=2))
-            for shown in [*lines, line] if line else lines:
-                console.show(shown)
+            for shown in [*lines, line, budget_line]:
+                if shown:
+                    console.show(shown)
             console.show(
                 f"sweep {spec.name}: {what}, {sized.max_concurrent_trials()} at a time; "
                 f"log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"

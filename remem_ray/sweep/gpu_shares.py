@@ -216,6 +216,48 @@ def fit_concurrency(spec: SweepSpec, sized: SweepSpec, nodes: list[NodeResources
     return SweepSpec.model_validate(raw), line
 
 
+def fit_budget(spec: SweepSpec, sized: SweepSpec, nodes: list[NodeResources]) -> tuple[SweepSpec, str | None]:
+    """`sized` with fewer trials at once where gpu_budget counts a trial's GPUs by its share, but
+    the cluster's GPU nodes hold fewer of its workers a GPU (their CPUs run out first: 7 CPUs a
+    worker at half a GPU need 14 CPUs a GPU). A budget of 8 at 0.5 a worker ran 16 trials on
+    8 nodes of 1 GPU and 7 CPUs: 8 runs placed, 8 waiting past worker_start_timeout_s, failed and
+    retried. Read off the GPU nodes up now (an autoscaler adds more of their kind); none up, the
+    budget stands as the share counts it."""
+    res = sized.sweep.resources
+    if spec.sweep.max_concurrent_trials is not None or res.gpu_budget is None:
+        return sized, None
+    held = {role: _gpus_held(getattr(res, role), nodes) for role in ("teacher", "student")}
+    trial_gpus = max(getattr(res, role).num_workers * gpus for role, gpus in held.items())
+    if trial_gpus <= res.gpus_per_trial():
+        return sized, None
+    concurrency = max(1, _whole(res.gpu_budget / trial_gpus))
+    if concurrency >= sized.max_concurrent_trials():
+        return sized, None
+    raw: dict[str, Any] = sized.model_dump(mode="json")
+    raw["sweep"]["max_concurrent_trials"] = concurrency
+    role = max(held, key=lambda r: getattr(res, r).num_workers * held[r])
+    worker = getattr(res, role)
+    line = (
+        f"sweep.resources.gpu_budget: {concurrency} trial(s) at a time, not {sized.max_concurrent_trials()}: this "
+        f"cluster's GPU nodes hold a {role} worker of {worker.gpus():g} GPU and {worker.cpus_per_worker:g} CPUs "
+        f"per {held[role]:g} GPU (their CPUs run out first); lower cpus_per_worker, or set max_concurrent_trials"
+    )
+    return SweepSpec.model_validate(raw), line
+
+
+def _gpus_held(role: WorkerResources, nodes: list[NodeResources]) -> float:
+    """The GPUs one worker of `role` keeps from others on the cluster's GPU nodes: its share, or
+    more where a node's CPUs hold fewer workers than its GPUs would (the fullest such node)."""
+    if role.gpus() <= 0:
+        return 0.0
+    held = role.gpus()
+    for node in nodes:
+        fit = min(_whole(node.gpus / role.gpus()), _whole(node.cpus / role.cpus_per_worker)) if node.gpus else 0
+        if fit > 0:
+            held = max(held, node.gpus / fit)
+    return held
+
+
 def _runs_fit(role: WorkerResources, nodes: list[NodeResources]) -> int:
     """Runs of `role` that the GPU nodes hold at once, each node by its own GPUs and CPUs."""
     cpus = role.cpus_per_worker
