@@ -371,3 +371,18 @@ def test_the_stored_side_looks_past_the_first_class(tmp_path, monkeypatch):
             Image.fromarray(np.full((h, w, 3), i, np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
     cfg = DataConfig(name="imagefolder", root=str(tmp_path / "imgs"), img_size=64)
     assert store_side(build_datasets(cfg, 0).train, cfg) == math.ceil(64 / 0.875)
+
+
+def test_a_ddp_run_whose_eval_split_leaves_a_rank_without_images_is_refused():
+    """A rank with no val image makes no forward pass while the others' first one broadcasts
+    DDP's buffers (BatchNorm statistics) and waits for it: the run hung until gloo's timeout."""
+    from remem_ray.errors import UserInputError
+
+    splits = build_datasets(DataConfig(name="synthetic", num_classes=2, samples_per_class=6), 0)
+    sizes = {split: len(getattr(splits, split)) for split in ("val", "test")}
+    assert min(sizes.values()) == 2
+    build_pipeline(DataConfig(), splits, CPU, 0, Shard(rank=0, world_size=2), log=lambda m: None)  # one image each
+    with pytest.raises(
+        UserInputError, match=r"^data: the val split holds 2 image\(s\), fewer than the run's 3 workers"
+    ):
+        build_pipeline(DataConfig(), splits, CPU, 0, Shard(rank=0, world_size=3), log=lambda m: None)

@@ -461,6 +461,7 @@ def device_store_bytes(cfg: DataConfig, splits: DataSplits, device: torch.device
 def build_pipeline(
     cfg: DataConfig, splits: DataSplits, device: torch.device, seed: int, shard: Shard, log=print
 ) -> DataPipeline:
+    _every_rank_evaluates(splits, shard)
     kind, side = choose_pipeline(cfg, splits, device)
     if kind == "loader":
         return LoaderPipeline(splits, device, seed, shard, loader_workers(cfg.num_workers, device))
@@ -476,6 +477,19 @@ def build_pipeline(
             for name, store in stores.items()
         }
     return DevicePipeline(splits, stores, device, seed, shard, "device" if fits else "host")
+
+
+def _every_rank_evaluates(splits: DataSplits, shard: Shard) -> None:
+    """Each rank evaluates a share of val and test: a rank with none makes no forward pass, while
+    the others' first one broadcasts DDP's buffers (a BatchNorm's statistics) and waits for it
+    (gloo: until its timeout; NCCL may pair the broadcast with the next all-reduce instead)."""
+    for split in ("val", "test"):
+        size = num_items(getattr(splits, split))
+        if shard.world_size > 1 and size < shard.world_size:
+            raise UserInputError(
+                f"data: the {split} split holds {size} image(s), fewer than the run's {shard.world_size} workers, "
+                f"each of which evaluates a share: give it more images, or run on fewer workers"
+            )
 
 
 def _in_ram(store: ImageStore) -> ImageStore:
