@@ -120,3 +120,35 @@ def test_the_dashboard_on_a_taken_port_is_one_line_before_any_address_is_printed
         with pytest.raises(UserInputError, match=rf"^--port: 127.0.0.1:{port} is taken .*pick another --port"):
             serve_dashboard(spec, layout, port)
     assert "Optuna dashboard" not in capsys.readouterr().out
+
+
+def test_a_dashboard_left_open_during_a_sweep_sees_each_new_copy(tmp_path, monkeypatch):
+    """The driver replaces optuna.db by renaming a new copy over it; the dashboard's storage kept
+    its connection to the file it opened first, and never showed another trial."""
+    import pickle
+
+    import optuna_dashboard
+    from optuna.storages import get_storage
+
+    from remem_ray.config import SweepSpec
+    from remem_ray.sweep import study as study_module
+    from remem_ray.sweep.layout import SweepLayout
+
+    spec = SweepSpec.model_validate({"name": "s", "storage": {"root": str(tmp_path)}})
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    export = study_module.StudyExport(spec, layout)
+    study = optuna.create_study(direction="maximize")
+    study.tell(study.ask(), 0.5)
+    layout.experiment.write_bytes("searcher-state-1.pkl", pickle.dumps({"study": study}))
+    export()
+    served = []
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, **kw: served.append(get_storage(storage)))
+    monkeypatch.setattr(study_module, "_check_port_free", lambda port: None)
+    study_module.serve_dashboard(spec, layout, 8080)
+    (reader,) = served  # as optuna-dashboard reads it
+    study_id = reader.get_study_id_from_name("s")
+    assert len(reader.get_all_trials(study_id)) == 1
+    study.tell(study.ask(), 0.7)
+    layout.experiment.write_bytes("searcher-state-2.pkl", pickle.dumps({"study": study}))
+    export()
+    assert len(reader.get_all_trials(reader.get_study_id_from_name("s"))) == 2

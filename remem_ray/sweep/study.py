@@ -210,7 +210,20 @@ def serve_dashboard(spec: SweepSpec, layout: SweepLayout, port: int) -> None:
             url = f"sqlite:///{local}"
     _check_port_free(port)
     print(f"Optuna dashboard of sweep {spec.name!r}: http://127.0.0.1:{port}  (Ctrl-C stops it)", flush=True)
-    optuna_dashboard.run_server(url, host="127.0.0.1", port=port)
+    optuna_dashboard.run_server(dashboard_storage(url), host="127.0.0.1", port=port)
+
+
+def dashboard_storage(url: str):
+    """What the dashboard reads: a sqlite copy through a new connection each request. The driver
+    replaces the copy by renaming a new file over it, and a kept connection read the file it had
+    opened: a dashboard left open during a sweep never saw a new trial. Another database (the
+    user's `optuna_storage`) is updated in place and served as it is."""
+    if not url.startswith("sqlite:///"):
+        return url
+    from optuna.storages import RDBStorage
+    from sqlalchemy.pool import NullPool
+
+    return RDBStorage(url, engine_kwargs={"poolclass": NullPool})
 
 
 def _check_port_free(port: int) -> None:
