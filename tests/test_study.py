@@ -152,3 +152,28 @@ def test_a_dashboard_left_open_during_a_sweep_sees_each_new_copy(tmp_path, monke
     layout.experiment.write_bytes("searcher-state-2.pkl", pickle.dumps({"study": study}))
     export()
     assert len(reader.get_all_trials(reader.get_study_id_from_name("s"))) == 2
+
+
+def test_a_queued_point_asked_between_copies_updates_the_users_study_in_place(tmp_path):
+    """points_to_evaluate sit in the study as WAITING trials without params until asked: the
+    next copy took the stored study for another one's, deleted and rebuilt it, and the notes and
+    attributes written there went with it."""
+    url = f"sqlite:///{tmp_path / 'users.db'}"
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 0.25})
+    study.enqueue_trial({"x": 0.75})
+    first = study.ask(POINT)
+    bring_up_to(study, url, "s")
+    study_id, _ = _ids(url, "s")
+    storage = optuna.storages.get_storage(url)
+    storage.set_study_system_attr(study_id, "dashboard:note", "kept")
+    second = study.ask(POINT)
+    study.tell(first, 0.5)
+    second.report(0.3, 1)
+    bring_up_to(study, url, "s")
+    reader = optuna.load_study(study_name="s", storage=url)
+    assert _ids(url, "s")[0] == study_id
+    assert optuna.storages.get_storage(url).get_study_system_attrs(study_id)["dashboard:note"] == "kept"
+    assert [t.params for t in reader.trials] == [{"x": 0.25}, {"x": 0.75}]
+    assert [t.state for t in reader.trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+    assert reader.trials[1].intermediate_values == {1: 0.3}

@@ -164,15 +164,28 @@ def _earlier_state(stored: list, trials: list) -> bool:
         return False
     return all(
         mine.number == trial.number
-        and mine.params == trial.params
+        and (mine.params == trial.params or _queued(mine))
         and (not mine.state.is_finished() or (mine.state == trial.state and mine.values == trial.values))
         for mine, trial in zip(stored, trials, strict=False)
     )
 
 
+def _queued(trial) -> bool:
+    """A point queued (points_to_evaluate, a free point) and not asked yet when copied: WAITING,
+    without params until it is asked. Taken for another study, it had the stored study deleted
+    and rebuilt, its readers' notes with it, at the copy after each queued point started."""
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.WAITING and not trial.params
+
+
 def _update(storage, trial_id: int, mine, trial) -> None:
-    """A running trial's stored copy brought up to `trial`; its state last (a finished trial is
-    immutable in Optuna's storages)."""
+    """A running (or queued) trial's stored copy brought up to `trial`; its state last (a finished
+    trial is immutable in Optuna's storages)."""
+    for name, value in trial.params.items():  # a queued point's, once asked
+        if name not in mine.params:
+            distribution = trial.distributions[name]
+            storage.set_trial_param(trial_id, name, distribution.to_internal_repr(value), distribution)
     for step, value in trial.intermediate_values.items():
         if mine.intermediate_values.get(step) != value:
             storage.set_trial_intermediate_value(trial_id, step, value)
