@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers.leases import leave_lease_held_by_an_ended_process
 
-from remem_ray.contract import METRIC
+from remem_ray.contract import EPOCH, EPOCHS, METRIC, best_trial
 from remem_ray.sweep.report import (
     best_so_far,
     heatmap_cells,
@@ -16,24 +16,35 @@ from remem_ray.sweep.report import (
 from remem_ray.sweep.results import SweepSummary, TrialRow
 
 
+def _result(row: TrialRow) -> dict:
+    """A row's last result as Tune reports it: a stopped student reported fewer epochs than given."""
+    return {METRIC: row.student_val_acc, EPOCH: 3 if row.stopped_early else 8, EPOCHS: 8}
+
+
 def _row(trial, rho, alpha, val, stopped):
     return TrialRow(trial, "TERMINATED", {"rho": rho, "alpha": alpha}, student_val_acc=val, stopped_early=stopped)
 
 
-def test_the_heat_map_ranks_finished_students_above_stopped_ones_and_marks_stopped_cells():
+def test_the_heat_map_shows_each_cells_best_student_as_the_best_line_ranks_them_and_marks_stopped_ones():
     summary = SweepSummary(
         "s",
         "e",
         METRIC,
         trials=[
             _row("a", 0.0, 0.9, 0.95, stopped=False),
-            _row("b", 0.0, 0.9, 0.97, stopped=True),  # an early epoch's score: never the cell's
+            _row("b", 0.0, 0.9, 0.97, stopped=True),  # the sweep's best: its cell shows it, hatched
             _row("c", 0.05, 0.9, 0.85, stopped=True),  # the cell's only student was stopped
+            _row("d", 0.1, 0.9, 0.90, stopped=True),
+            _row("e", 0.1, 0.9, 0.90, stopped=False),  # a tie: the finished one, as the best line
         ],
     )
     rhos, alphas, grid, stopped = heatmap_cells(summary)
-    assert rhos == [0.0, 0.05] and alphas == [0.9]
-    assert grid == [[0.95, 0.85]] and stopped == [[False, True]]
+    assert rhos == [0.0, 0.05, 0.1] and alphas == [0.9]
+    # before, a cell's finished student always won: the map showed 0.95 where the best line
+    # named trial b (0.97, stopped early) the sweep's best
+    assert grid == [[0.97, 0.85, 0.90]] and stopped == [[True, True, False]]
+    ended = [(r.trial_id, r.state, _result(r)) for r in summary.trials]
+    assert best_trial(ended) == "b"
 
 
 def test_the_heat_map_leaves_out_failed_and_running_trials_partial_scores():

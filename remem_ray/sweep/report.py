@@ -90,8 +90,10 @@ def _no_data(ax, text: str) -> None:
 
 
 def heatmap_cells(summary: SweepSummary):
-    """(rhos, alphas, grid[alpha][rho], stopped[alpha][rho]): each cell's best finished student's
-    val accuracy; a cell with only ASHA-stopped students has their best and is marked stopped."""
+    """(rhos, alphas, grid[alpha][rho], stopped[alpha][rho]): each cell's best student's val
+    accuracy, marked stopped where that student is one ASHA stopped early. By the sweep's own
+    best rule (contract.best_trial): a stopped student is kept as any other, and a map that
+    showed a cell's lower finished score hid the trial the best line named."""
     rows = _scored(summary)
     rhos = sorted({r.params[RHO.name] for r in rows})
     alphas = sorted({r.params[ALPHA.name] for r in rows})
@@ -100,11 +102,9 @@ def heatmap_cells(summary: SweepSummary):
     for i, a in enumerate(alphas):
         for j, rho in enumerate(rhos):
             cell = [r for r in rows if r.params[RHO.name] == rho and r.params[ALPHA.name] == a]
-            # a stopped student's score is from an early epoch: it never outranks a finished one
-            finished = [r.student_val_acc for r in cell if not r.stopped_early]
-            early = [r.student_val_acc for r in cell if r.stopped_early]
-            grid[i][j] = max(finished or early) if cell else math.nan
-            stopped[i][j] = bool(cell) and not finished
+            if cell:  # on a tie, a finished student before a stopped one (as best_trial)
+                best = max(cell, key=lambda r: (r.student_val_acc, not r.stopped_early))
+                grid[i][j], stopped[i][j] = best.student_val_acc, bool(best.stopped_early)
     return rhos, alphas, grid, stopped
 
 
@@ -113,7 +113,7 @@ def plot_heatmap(summary: SweepSummary) -> bytes:
     rhos, alphas, grid, stopped = heatmap_cells(summary)
     if rhos:
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
-        fig.colorbar(im, ax=ax, label="best finished student's val accuracy (fraction)")
+        fig.colorbar(im, ax=ax, label="best student's val accuracy (fraction)")
         ax.set_xticks(range(len(rhos)), [f"{v:.3g}" for v in rhos])
         ax.set_yticks(range(len(alphas)), [f"{v:.3g}" for v in alphas])
         for i in range(len(alphas)):
@@ -125,7 +125,7 @@ def plot_heatmap(summary: SweepSummary) -> bytes:
                         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", ec="white"))
     else:
         _no_data(ax, "no trial has reported a student yet")
-    title = "Student accuracy over rho x alpha (best finished trial per cell)"
+    title = "Student accuracy over rho x alpha (best trial per cell)"
     return _finish(plt, fig, ax, RHO.axis, ALPHA.axis, title)
 
 
@@ -366,8 +366,9 @@ def _markdown(summary: SweepSummary, importances: Importances) -> str:
         shares = ", ".join(f"{k} {v:.2f}" for k, v in importances.values.items())
         lines += [f"Importances: {shares} (on {importances.basis}; few trials make them a rough guide)", ""]
     lines += [
-        "The heat map colours a cell by its best finished student; a cell whose students ASHA all "
-        "stopped early shows the score they had reached, hatched and marked 'stopped early'. The "
+        "The heat map colours a cell by its best student, as the best line ranks them; where that "
+        "student is one ASHA stopped early, the cell shows the score it had reached, hatched and "
+        "marked 'stopped early'. The "
         "other plots draw stopped trials hollow, with the score they had reached (the best-so-far "
         "line counts them: their students are kept as any other).",
         "",
