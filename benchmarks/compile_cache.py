@@ -59,7 +59,9 @@ print(json.dumps({"compile_seconds": first - second, "step_seconds": second, "ca
 
 
 def one_run(cache: Path, model: str, img: int, batch: int, device: str) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    # Triton's kernels too: a TRITON_CACHE_DIR set on the machine outranks inductor's folder, and
+    # its kernels from an earlier call made the "cold" run warm
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
     args = [sys.executable, "-c", ONE_RUN, model, str(img), str(batch), device]
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:

@@ -7,13 +7,14 @@
 #   bash benchmarks/device_run.sh compare DIR          (about 8 min; carry .gpu-kit and DIR, an older
 #   checkout made with `git worktree add` or `git archive`): import times, then the smoke sweep on GPU
 #   workers with this checkout and with DIR's, one after the other on the same machine
-#   bash benchmarks/device_run.sh gpusweep            (carry .gpu-kit; up to 9.7 min): the whole-sweep GPU-busy
-#   share (benchmarks.gpu_sweep, stopped as Ctrl-C does at 300 s and accounted for as far as it got;
-#   nvidia-smi's samples kept in $OUT), the teacher epoch's profile (benchmarks.teacher_profile, trace
+#   bash benchmarks/device_run.sh gpusweep            (carry .gpu-kit; about 9.5 min at most): the whole-sweep GPU-busy
+#   share (benchmarks.gpu_sweep, stopped as Ctrl-C does at 280 s and accounted for up to the stop;
+#   the GPU's samples kept in $OUT), the teacher epoch's profile (benchmarks.teacher_profile, trace
 #   under $OUT/profile), then torch.compile's second run on the node (benchmarks.compile_cache) if time is
 #   left; at most 8 files come back from $OUT, and this writes 8
 #   bash benchmarks/device_run.sh compile             (carry .gpu-kit; up to 5 min): compile_cache alone, for
-#   the call right after gpusweep while the machine is still warm (gpusweep rarely has time left for it)
+#   the call right after gpusweep while the machine is still warm (within its 30 s idle release; give it
+#   timeout_s of the budget left less 20 s: gpusweep rarely has time left for it)
 #   bash benchmarks/device_run.sh profile             (carry .gpu-kit; up to 8 min): the profile, then benchmarks.gpu
 set -u
 what=${1:?say sweeps, gpu, gpusweep, compile, profile or compare}
@@ -33,10 +34,12 @@ open("/tmp/smoke_gpu.yaml", "w").write(yaml.safe_dump(spec))
 if [[ $what == gpusweep ]]; then
   # the GPU figures in order of need: the whole sweep, the teacher epoch's profile, then
   # the compile cache with whatever is left of the call's 600 s
-  timeout -k 10 420 python3 -m benchmarks.gpu_sweep --deadline 300 --samples "$OUT/gpu_samples.csv" \
+  # 280 s of sweep, then its Ctrl-C and at most 60 s to end (figures up to the stop), within 390
+  # with the imports and the images; the whole call about 560 s, leaving compile its own call
+  timeout -k 10 390 python3 -m benchmarks.gpu_sweep --deadline 280 --samples "$OUT/gpu_samples.csv" \
     --log "$OUT/gpu_sweep.log" > "$OUT/gpu_sweep.txt" 2>&1
   echo "rc=$?" >> "$OUT/gpu_sweep.txt"
-  timeout -k 10 150 python3 -m benchmarks.teacher_profile --out "$OUT/profile" > "$OUT/teacher_profile.txt" 2>&1
+  timeout -k 10 140 python3 -m benchmarks.teacher_profile --out "$OUT/profile" > "$OUT/teacher_profile.txt" 2>&1
   echo "rc=$?" >> "$OUT/teacher_profile.txt"; gzip -f "$OUT/profile/teacher_epoch.json" 2>/dev/null
   left=$((580 - SECONDS))
   if (( left > 60 )); then

@@ -7,10 +7,11 @@ users try first: a generated CIFAR-like ImageFolder (10 classes, --images traini
 `resnet18` students on cached targets, 6 trials (rho x teacher epoch), `gpus_per_worker: auto`
 (the driver measures each role's step and sizes the shares and the trials at once; the sweep's
 "GPU shares" lines are printed) or a fixed share (`--gpus-per-worker 0.5`: two trials at once).
-Meanwhile it samples the GPU every 0.5 s (nvidia-smi) and prints:
+Meanwhile it samples the GPU every 0.5 s (NVML, else nvidia-smi) and prints:
 
-- wall time; GPU-busy share = mean of nvidia-smi's utilization.gpu (the share of each sample
-  period with a kernel running) over the sweep; epoch cover = wall time covered by a running epoch;
+- wall time; GPU-busy share = mean of utilization.gpu (the share of each sample period with a
+  kernel running) over the sweep; epoch cover = wall time covered by a running epoch (with
+  --deadline, both up to the moment the sweep was stopped: its ending idles the GPU);
 - per Train run: its start split, fit() -> first epoch (remem_ray.train.loop's marks: worker
   process, imports, Train's setup, CUDA context, data, models and targets, first batch), compile
   seconds, first epoch against the later ones;
@@ -37,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,15 +80,21 @@ def spec_for(smoke: bool, data_root: Path, trials: int, gpus_per_worker: float |
     }
 
 
-def parse_samples(text: str) -> list[tuple[float, float]]:
-    """nvidia-smi's CSV lines (utilization %, memory MiB), one per sample; others are skipped."""
+def parse_samples(text: str, until: float | None = None) -> list[tuple[float, float]]:
+    """The sampler's CSV lines (time, utilization %, memory MiB), or nvidia-smi's own (utilization,
+    memory), one per sample; others are skipped. `until`: only samples taken by then (a sweep
+    stopped at its deadline idles the GPU while it ends: not the sweep's share)."""
     samples = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.split(",")]
         try:
-            samples.append((float(cells[0]), float(cells[1])))
-        except (ValueError, IndexError):
+            values = [float(c) for c in cells]
+        except ValueError:
             continue
+        if len(values) == 3 and (until is None or values[0] <= until):
+            samples.append((values[1], values[2]))
+        elif len(values) == 2:
+            samples.append((values[0], values[1]))
     return samples
 
 
@@ -97,25 +105,72 @@ def busy_share(samples: list[tuple[float, float]]) -> float:
 
 
 class GpuSampler:
-    """nvidia-smi sampling every SAMPLE_MS into a file while the sweep runs (None without a GPU)."""
+    """The GPUs' utilization.gpu (mean over the cards) and memory.used (the fullest card) every
+    SAMPLE_MS into a file, each line with its time and flushed as it is taken, so a run cut off by
+    its timeout keeps them: NVML (nvidia-ml-py) from a thread, else nvidia-smi asked each time.
+    (nvidia-smi -lms writing into a file buffered its output, and a terminate lost the last
+    block: a minute of samples.) Nothing without a GPU."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self.proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> GpuSampler:
-        if shutil.which("nvidia-smi"):
-            args = ["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", f"-lms={SAMPLE_MS}"]
-            self.proc = subprocess.Popen(args, stdout=self.out.open("w"), stderr=subprocess.DEVNULL)
+        read = _nvml_reader() or _smi_reader()
+        if read is not None:
+            self._thread = threading.Thread(target=self._sample, args=(read,), daemon=True)
+            self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
+    def _sample(self, read) -> None:
+        with self.out.open("w") as f:
+            while not self._stop.wait(SAMPLE_MS / 1000):
+                try:
+                    utilization, memory = read()
+                except Exception:  # noqa: BLE001  (a sample missed is no figure lost)
+                    continue
+                f.write(f"{time.time():.3f},{utilization:.1f},{memory:.0f}\n")
+                f.flush()
 
-    def samples(self) -> list[tuple[float, float]]:
-        return parse_samples(self.out.read_text()) if self.out.exists() else []
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def samples(self, until: float | None = None) -> list[tuple[float, float]]:
+        return parse_samples(self.out.read_text(), until) if self.out.exists() else []
+
+
+def _nvml_reader():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # noqa: BLE001  (no nvidia-ml-py, no driver, no GPU)
+        return None
+    if not handles:
+        return None
+
+    def read() -> tuple[float, float]:
+        utilization = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]
+        memory = [pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20 for h in handles]
+        return statistics.fmean(utilization), max(memory)
+
+    return read
+
+
+def _smi_reader():
+    if not shutil.which("nvidia-smi"):
+        return None
+
+    def read() -> tuple[float, float]:
+        args = ["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"]
+        cards = parse_samples(subprocess.run(args, capture_output=True, text=True, timeout=5).stdout)
+        return statistics.fmean(u for u, _ in cards), max(m for _, m in cards)
+
+    return read
 
 
 def _seconds(value: float) -> str:
@@ -231,19 +286,24 @@ def main(argv=None) -> int:
         log_path = args.log or work / "sweep-console.log"
         with GpuSampler(args.samples or work / "gpu.csv") as sampler, open(log_path, "w") as log:
             began = time.time()
-            returncode = run_until(cmd, tmp, log, args.deadline)
-            wall = time.time() - began
+            returncode, stopped_at = run_until(cmd, tmp, log, args.deadline)
+            # stopped at the deadline: the sweep's share up to then (its ending idles the GPU)
+            wall = (stopped_at or time.time()) - began
         # 1: a trial failed (its table still says how far the runs got); 130: stopped at the deadline
-        if returncode not in (0, 1, INTERRUPTED):
+        # (or killed after the grace: what it stored still counts)
+        if returncode not in (0, 1, INTERRUPTED) and stopped_at is None:
             print(log_path.read_text()[-6000:])
             raise SystemExit(f"gpu_sweep: the sweep failed with exit code {returncode}")
-        if returncode == INTERRUPTED:
-            print(f"gpu_sweep: the sweep was stopped at its deadline ({args.deadline:.0f} s): figures of what ran")
+        if stopped_at is not None:
+            print(
+                f"gpu_sweep: the sweep was stopped at its deadline ({args.deadline:.0f} s, exit code {returncode}): "
+                f"figures of what ran by then"
+            )
         console = log_path.read_text()
         data = collect(root, spec["name"])
         sizing = root / "sweeps" / spec["name"] / "gpu_shares.json"
         record = json.loads(sizing.read_text()) if sizing.exists() else None
-        samples = sampler.samples()
+        samples = sampler.samples(until=stopped_at)
     peak_memory = max((memory for _, memory in samples), default=math.nan)
     rows = [
         ["measure", "value"],
@@ -271,21 +331,24 @@ def main(argv=None) -> int:
 
 
 INTERRUPTED = 130  # remem's exit code after Ctrl-C (the sweep's state saved)
+STOP_GRACE_S = 60.0  # after the deadline's Ctrl-C, before the sweep is killed
 
 
-def run_until(cmd: list[str], cwd: str, log, deadline: float | None) -> int:
+def run_until(cmd: list[str], cwd: str, log, deadline: float | None) -> tuple[int, float | None]:
     """Run the sweep; past `deadline` seconds stop it as Ctrl-C does (SIGINT: Tune saves its state
-    and ends the trials), and kill it if it has not ended 120 s later. Its exit code."""
+    and ends the trials), and kill it if it has not ended STOP_GRACE_S later. (Its exit code, the
+    time it was stopped or None.)"""
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        return proc.wait(timeout=deadline)
+        return proc.wait(timeout=deadline), None
     except subprocess.TimeoutExpired:
+        stopped_at = time.time()
         proc.send_signal(signal.SIGINT)
         try:
-            return proc.wait(timeout=120)
+            return proc.wait(timeout=STOP_GRACE_S), stopped_at
         except subprocess.TimeoutExpired:
             proc.kill()
-            return proc.wait()
+            return proc.wait(), stopped_at
 
 
 def accounting_problems(runs: list[dict], cover: float, samples: list, smoke: bool) -> list[str]:

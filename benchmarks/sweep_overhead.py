@@ -125,15 +125,18 @@ def collect(root: Path, name: str) -> dict:
                 latencies["student"].append(latency)
                 parts["student"].append(start_parts(rows[0], rows[0]["fit_called_at"]))
                 runs.append(run_row("student", rows, rows[0]["fit_called_at"]))
-    summary = json.loads((experiment / "summary.json").read_text())
+    # a sweep stopped before its end (a deadline's Ctrl-C outside Tune's run, a kill) may have
+    # written no summary: its stored runs still count
+    summary_file = experiment / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"trials": []}
     return {
         "intervals": intervals,
         "loop_seconds": loop_seconds,
         "latencies": latencies,
         "start_parts": parts,
         "runs": runs,
-        "worker_rss_mb": max(worker_rss),
-        "driver_rss_mb": max(driver_rss),
+        "worker_rss_mb": max(worker_rss, default=math.nan),  # no epoch stored yet: no figure
+        "driver_rss_mb": max(driver_rss, default=math.nan),
         "summary": summary,
     }
 

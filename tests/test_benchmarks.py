@@ -254,3 +254,35 @@ def test_the_teacher_profiles_window_is_the_steps_the_profiler_records(monkeypat
     # wait (WAIT_STEPS steps), warm up (1), record `steps`: the batches between the marks are those
     recorded = [e for e in events[int(marks[0]) : int(marks[1])] if e.startswith("batch")]
     assert recorded == [f"batch {i}" for i in range(tp.WAIT_STEPS + 1, tp.WAIT_STEPS + 1 + steps)]
+
+
+def test_the_gpu_sweeps_figures_stop_where_the_sweep_was_stopped_and_a_sweep_cut_short_still_counts(tmp_path):
+    """At the deadline's Ctrl-C the GPU idles while the sweep ends: those samples diluted the
+    share. A sweep stopped before any student epoch (or before its summary) crashed the
+    accounting (max() of nothing, summary.json missing): the call's main figures were lost."""
+    from benchmarks.gpu_sweep import busy_share, parse_samples
+    from benchmarks.sweep_overhead import collect
+
+    recorded = "100.000,90,30000\n100.500,80,30000\n101.000,0,30000\n101.500,0,2000\n"
+    assert busy_share(parse_samples(recorded, until=100.6)) == pytest.approx(0.85)
+    assert busy_share(parse_samples(recorded)) == pytest.approx(0.425)
+    (tmp_path / "sweeps" / "cut" / "teacher-trainings").mkdir(parents=True)  # nothing stored yet
+    data = collect(tmp_path, "cut")
+    assert data["runs"] == [] and data["summary"] == {"trials": []}
+    assert data["worker_rss_mb"] != data["worker_rss_mb"]  # NaN: no epoch, no figure
+
+
+def test_a_sweep_killed_after_its_grace_is_accounted_for_as_stopped(tmp_path, monkeypatch):
+    import sys
+
+    from benchmarks import gpu_sweep
+
+    monkeypatch.setattr(gpu_sweep, "STOP_GRACE_S", 0.5)
+    ignores_ctrl_c = [
+        sys.executable,
+        "-c",
+        "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)",
+    ]
+    with open(tmp_path / "log", "w") as log:
+        returncode, stopped_at = gpu_sweep.run_until(ignores_ctrl_c, str(tmp_path), log, deadline=1.0)
+    assert returncode < 0 and stopped_at is not None
