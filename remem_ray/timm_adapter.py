@@ -3,7 +3,8 @@
 - A ViT `Block`'s children `norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2` and
   its forward, `x + drop_path1(ls1(attn(norm1(x))))` then `+ drop_path2(ls2(mlp(norm2(.))))`:
   MLP reweighting recomputes that forward with the MLP branch scaled.
-- The MLP's activation module `mlp.act`: the expertness statistics hook its output.
+- The MLP's last linear layer `mlp.fc2`: the expertness statistics hook its input (the hidden
+  units' activity, also in timm's gated MLPs).
 - `build_model_with_cfg` and `VisionTransformer`, public, to register small ViTs.
 - `timm.models._hub.save_config_for_hf(model, path, data_config=...)`: the config.json that
   `timm.create_model("local-dir:...")` reads (public `save_for_hf` also writes the weights, and
@@ -32,9 +33,11 @@ def is_plain_vit_block(module: nn.Module) -> bool:
     return isinstance(module, Block) and type(module).forward is Block.forward
 
 
-def mlp_activation(block: nn.Module) -> nn.Module:
-    """The activation inside a block's MLP, whose output is the hidden units' activity."""
-    return cast(nn.Module, cast(nn.Module, block.mlp).act)
+def mlp_output_layer(block: nn.Module) -> nn.Module:
+    """The last linear layer of a block's MLP (`mlp.fc2`), whose input is the hidden units'
+    activity: act(fc1(x)) in timm's Mlp, act(gate) * value in its gated ones (GluMlp, SwiGLU,
+    SwiGLUPacked, GatedMlp), where `mlp.act`'s output is the gate alone."""
+    return cast(nn.Module, cast(nn.Module, block.mlp).fc2)
 
 
 def build_vit(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:

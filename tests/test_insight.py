@@ -124,3 +124,49 @@ def test_a_students_teacher_mi_follows_todays_headline_not_the_one_its_teacher_w
     assert teacher_mi_of(trained_before) == 1.25
     assert teacher_mi_of({"metrics": {"teacher_mi": 0.7}}) == 0.7  # no family recorded: what it reported
     assert math.isnan(teacher_mi_of({"metrics": {}}))
+
+
+def test_a_gated_mlps_expertness_reads_its_hidden_activity_not_its_gate():
+    """In timm's gated MLPs (GluMlp: dinov2-giant, SwiGLU: aimv2) `mlp.act` outputs the gate
+    alone; the hidden activity is act(gate) * value, the input of `mlp.fc2`. Equal at timm's init
+    (the value half starts at 1), they part once trained: here fc1 is drawn at random."""
+    import timm
+    from timm.layers import SwiGLUPacked
+
+    from remem_ray.insight.expertness import neuron_by_class
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_small_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=8,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=2,
+        mlp_layer=SwiGLUPacked,
+        act_layer=torch.nn.SiLU,
+    ).eval()
+    torch.nn.init.normal_(model.blocks[0].mlp.fc1.weight)
+    torch.nn.init.normal_(model.blocks[0].mlp.fc1.bias)
+    images, labels = torch.rand(4, 3, 16, 16), torch.tensor([0, 0, 1, 1])
+    fed: list[torch.Tensor] = []
+    model.blocks[0].mlp.fc2.register_forward_pre_hook(lambda m, inputs: fed.append(inputs[0].mean(dim=1)))
+    (matrix,) = neuron_by_class(model, torch.nn.Identity(), [(images, labels)], 2, torch.device("cpu"))
+    hidden = fed[0].double()
+    expected = torch.stack([hidden[:2].mean(0), hidden[2:].mean(0)], dim=1).numpy()
+    np.testing.assert_allclose(matrix, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_vit_whose_blocks_fold_patches_into_the_batch_has_no_expertness_not_a_crash():
+    """mobilevit's transformer blocks see (batch x patch area, tokens, channels): the per-class
+    sums raised a shape error, and `remem info` on such a checkpoint failed, its MI lost with it."""
+    import timm
+
+    from remem_ray.insight.expertness import neuron_by_class
+
+    model = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=3).eval()
+    batch = [(torch.rand(2, 3, 64, 64), torch.tensor([0, 1]))]
+    with pytest.raises(TypeError, match="expertness needs a ViT"):
+        neuron_by_class(model, torch.nn.Identity(), batch, 3, torch.device("cpu"))

@@ -10,7 +10,7 @@ import torch
 from timm.models.vision_transformer import Block
 
 from remem_ray.models import ReweightedBlock
-from remem_ray.timm_adapter import BLOCK_CHILDREN, build_vit, is_plain_vit_block, mlp_activation
+from remem_ray.timm_adapter import BLOCK_CHILDREN, build_vit, is_plain_vit_block, mlp_output_layer
 
 
 def _block() -> Block:
@@ -31,9 +31,9 @@ def test_blocks_forward_is_the_formula_reweighting_recomputes():
         torch.testing.assert_close(ReweightedBlock(copy.deepcopy(block), 1.0, mode)(x), block(x), rtol=0, atol=0)
 
 
-def test_the_mlp_activation_is_a_module_whose_output_is_the_hidden_layer():
+def test_the_mlp_output_layers_input_is_the_hidden_layer():
     block, seen = _block(), []
-    mlp_activation(block).register_forward_hook(lambda m, i, out: seen.append(out.shape))
+    mlp_output_layer(block).register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].shape))
     block(torch.randn(2, 5, 16))
     assert seen == [torch.Size([2, 5, 4 * 16])]  # mlp_ratio 4
 

@@ -34,7 +34,7 @@ def neuron_by_class(
 ) -> list[np.ndarray]:
     """Per timm ViT block, the (hidden neurons x classes) mean activation of its MLP."""
     from remem_ray.models import vit_block_modules
-    from remem_ray.timm_adapter import mlp_activation
+    from remem_ray.timm_adapter import mlp_output_layer
 
     blocks = [block for _, block in vit_block_modules(model)]
     if not blocks:
@@ -44,12 +44,12 @@ def neuron_by_class(
     current: dict[int, torch.Tensor] = {}
 
     def hook(index: int):
-        def record(_module, _inputs, output):
-            current[index] = output.detach().float().mean(dim=1)  # mean over tokens: (batch, hidden)
+        def record(_module, inputs):
+            current[index] = inputs[0].detach().float().mean(dim=1)  # mean over tokens: (batch, hidden)
 
         return record
 
-    handles = [mlp_activation(b).register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    handles = [mlp_output_layer(b).register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
     was_training = model.training
     model.eval()
     try:
@@ -57,6 +57,9 @@ def neuron_by_class(
             model(normalizer(images.to(device)))
             onehot = torch.nn.functional.one_hot(labels, num_classes).double()
             counts += onehot.sum(0)
+            if any(current[i].shape[0] != len(labels) for i in range(len(blocks))):
+                # mobilevit's blocks see each image's patches folded into the batch: no image's tokens
+                raise TypeError("expertness needs a ViT whose blocks see each image's tokens together")
             for i in range(len(blocks)):
                 contrib = current[i].double().cpu().T @ onehot  # (hidden, classes)
                 sums[i] = sums[i] + contrib if i in sums else contrib
