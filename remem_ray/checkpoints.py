@@ -91,6 +91,9 @@ def load_model(storage: Storage, rel: str) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes, reweighting included, and load its weights."""
     state, meta = read_checkpoint(storage, rel)
     model = create_model(meta["model"], meta["num_classes"], meta["img_size"], meta["model_kwargs"])
+    if meta.get("mean") and meta.get("std"):  # what it was trained on (hf-hub weights bring their own)
+        trained_on = {**getattr(model, "pretrained_cfg", {}), "mean": tuple(meta["mean"]), "std": tuple(meta["std"])}
+        setattr(model, "pretrained_cfg", trained_on)  # noqa: B010  (timm's attribute; nn.Module's typing says Tensor)
     if meta.get("reweighting"):
         reweight_mlp(model, meta["reweighting"]["alpha"], meta["reweighting"]["mode"])
     model.load_state_dict(state)

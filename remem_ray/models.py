@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 from typing import Any, Literal
@@ -126,7 +127,7 @@ def create_model(
     if kind == "timm":
         overlay = None
     elif kind == "hf-hub":
-        overlay = dict(hf_hub_id=weights[len("hf-hub:") :])
+        overlay = dict(hf_hub_id=weights[len("hf-hub:") :], **hub_preprocessing(weights, role))
     else:
         local = _local_weights_file(weights, role, endpoint, region)
         overlay = dict(file=str(local))
@@ -255,7 +256,37 @@ def normalizer_for(model: nn.Module) -> InputNormalizer:
     return InputNormalizer(tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
-def resolved_data_config(name: str, kwargs: dict[str, Any], img_size: int) -> dict[str, Any]:
-    """timm's data config (mean, std, crop_pct, interpolation) without building real weights."""
+def resolved_data_config(
+    name: str, kwargs: dict[str, Any], img_size: int, weights: str | None = None, role: str = "model"
+) -> dict[str, Any]:
+    """timm's data config (mean, std, crop_pct, interpolation) without building real weights;
+    `hf-hub:` weights bring their repo's own."""
+    overlay = hub_preprocessing(weights, role) if weights_kind(weights) == "hf-hub" else {}
+    extra = {"pretrained_cfg_overlay": overlay} if overlay else {}
     with torch.device("meta"):
-        return data_config_of(_create(name, 2, img_size, dict(kwargs)))
+        return data_config_of(_create(name, 2, img_size, dict(kwargs), **extra))
+
+
+# what an hf-hub repo's config.json says of its weights' inputs (not their size: data.img_size's)
+HUB_PREPROCESSING = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+@functools.lru_cache(maxsize=16)
+def _hub_config(repo: str) -> dict[str, Any]:
+    from timm.models._hub import load_model_config_from_hf
+
+    pretrained_cfg, _, _ = load_model_config_from_hf(repo)
+    return dict(pretrained_cfg)
+
+
+def hub_preprocessing(weights: str | None, role: str = "model") -> dict[str, Any]:
+    """The preprocessing `hf-hub:ORG/REPO` weights were trained with, from the repo's config.json.
+    The model's name alone gave its default tag's (say mean 0.5 where the repo's is ImageNet's):
+    the weights were fed inputs normalised otherwise, with no error."""
+    assert weights is not None and weights.startswith("hf-hub:")
+    try:
+        config = _hub_config(weights[len("hf-hub:") :])
+    except Exception as exc:  # the hub's errors: network, a missing repo or file, a config without a cfg
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ResourceError(f"{role}.weights: cannot read the config.json of {weights}: {reason}") from None
+    return {key: config[key] for key in HUB_PREPROCESSING if key in config}

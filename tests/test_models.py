@@ -203,3 +203,43 @@ def test_model_kwargs_repeating_the_datas_size_and_classes_build_as_without_them
         check_model_spec("teacher", "vit_micro_patch4", {**kwargs, "img_size": 32}, 4, 16)
     with pytest.raises(SpecError, match=r"^student.model_kwargs.pretrained: set by student.weights"):
         check_model_spec("student", "resnet10t", {"pretrained": True}, 4, 16)
+
+
+def test_hf_hub_weights_are_normalised_as_their_repos_config_says_through_training_and_reload(tmp_path, monkeypatch):
+    """`weights: hf-hub:ORG/REPO` only swapped the weights' address: the mean/std (and eval crop)
+    were the model name's default tag's, so the weights saw inputs normalised otherwise. Then a
+    checkpoint rebuilt from its name must keep what it was trained on (the targets' teacher)."""
+    import timm.models._builder as builder
+    import timm.models._hub as hub
+
+    from remem_ray import models
+    from remem_ray.models import normalizer_for, resolved_data_config
+
+    repo_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "crop_pct": 1.0, "interpolation": "bilinear"}
+    asked: list[str] = []
+    monkeypatch.setattr(
+        hub, "load_model_config_from_hf", lambda repo: (asked.append(repo), (repo_cfg, TINY_VIT, {}))[1]
+    )
+    monkeypatch.setattr(builder, "load_pretrained", lambda model, **kw: None)  # no hub here: the weights as drawn
+    models._hub_config.cache_clear()
+    weights = "hf-hub:org/vit-tiny"
+    model = create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=weights, role="teacher")
+    assert tuple(normalizer_for(model).mean.flatten().tolist()) == pytest.approx(repo_cfg["mean"])
+    assert tuple(normalizer_for(model).std.flatten().tolist()) == pytest.approx(repo_cfg["std"])
+    stock = resolved_data_config(TINY_VIT, TINY_VIT_KWARGS, 16)
+    config = resolved_data_config(TINY_VIT, TINY_VIT_KWARGS, 16, weights, "teacher")
+    assert config["crop_pct"] == 1.0 and tuple(config["mean"]) == repo_cfg["mean"] != tuple(stock["mean"])
+    assert asked == ["org/vit-tiny"]  # the repo's config read once
+    store = Storage(str(tmp_path))
+    write_checkpoint(store, "ck", model, model_meta(model, TINY_VIT, TINY_VIT_KWARGS, 5, 16))
+    loaded, _ = load_model(store, "ck")
+    assert tuple(normalizer_for(loaded).mean.flatten().tolist()) == pytest.approx(repo_cfg["mean"])
+
+    def unreachable(repo):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore")
+
+    monkeypatch.setattr(hub, "load_model_config_from_hf", unreachable)
+    models._hub_config.cache_clear()
+    with pytest.raises(ResourceError, match=r"^teacher\.weights: cannot read the config.json of hf-hub:org/vit-tiny: "):
+        create_model(TINY_VIT, 5, 16, TINY_VIT_KWARGS, weights=weights, role="teacher")
+    models._hub_config.cache_clear()

@@ -141,7 +141,7 @@ def prepare(config: LoopConfig, role: str) -> LoopContext:
         # deterministic (cuDNN's and atomics' backward kernels), so nothing promised is lost
         torch.backends.cudnn.benchmark = True
     device_ready_at = time.time()
-    data_config = resolved_data_config(model_name, model_kwargs, spec.data.img_size)
+    data_config = resolved_data_config(model_name, model_kwargs, spec.data.img_size, section.weights, role)
     splits = build_datasets(
         spec.data,
         spec.seed,
