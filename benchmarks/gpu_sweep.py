@@ -304,6 +304,8 @@ def main(argv=None) -> int:
         sizing = root / "sweeps" / spec["name"] / "gpu_shares.json"
         record = json.loads(sizing.read_text()) if sizing.exists() else None
         samples = sampler.samples(until=stopped_at)
+        if stopped_at is not None:  # epochs that ran on while the sweep ended are not the sweep's
+            data["intervals"] = [(a, min(b, stopped_at)) for a, b in data["intervals"] if a < stopped_at]
     peak_memory = max((memory for _, memory in samples), default=math.nan)
     rows = [
         ["measure", "value"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -146,7 +147,8 @@ def _located(args: argparse.Namespace):
 def cmd_sweep_resume(args: argparse.Namespace) -> int:
     from remem_ray.sweep import resume_sweep
 
-    if (args.address or "").startswith(("http://", "https://")):
+    if (args.address or os.environ.get("RAY_ADDRESS") or "").startswith(("http://", "https://")):
+        args.address = args.address or os.environ["RAY_ADDRESS"]  # Ray's docs export the dashboard so
         return _submit_resume(args)
     spec = _located(args)
     summary = resume_sweep(spec, address=args.address, verbose=args.verbose)
@@ -207,6 +209,9 @@ def _submit_resume(args: argparse.Namespace) -> int:
     from remem_ray.sweep.jobs import check_address, submit_resume
 
     check_address(args.address)
+    if args.endpoint is not None and not re.fullmatch(r"https?://[^/\s@]+/?", args.endpoint):
+        # it travels in the job's command line, which the dashboard and `ray job list` show
+        raise UserInputError("--endpoint: must look like http://host:port or https://host (no credentials in it)")
     sweep = args.sweep
     if "/" not in sweep:  # a name: under --storage, as the cluster reaches it
         if not args.storage or not _cluster_sees(args.storage):
@@ -225,8 +230,9 @@ def _submit_resume(args: argparse.Namespace) -> int:
 
 def _cluster_sees(location: str) -> bool:
     """Whether a job on a cluster can reach `location` as written: an s3:// URI, or an absolute
-    path (which every node must see: a shared file system)."""
-    return location.startswith("s3://") or Path(location).expanduser().is_absolute()
+    path (which every node must see: a shared file system). Not `~/...`: this machine's home
+    once read here, the cluster's there."""
+    return location.startswith("s3://") or Path(location).is_absolute()
 
 
 def _written_root(args: argparse.Namespace) -> str | None:
@@ -282,13 +288,22 @@ def cmd_sweep_logs(args: argparse.Namespace) -> int:
 def cmd_sweep_stop(args: argparse.Namespace) -> int:
     from remem_ray.sweep.jobs import STOP_WAIT_S, stop_job
 
-    status = stop_job(args.address, args.job)
+    status, graceful = stop_job(args.address, args.job)
     print(f"job {args.job}: {status}")
-    if status not in ("STOPPED", "SUCCEEDED", "FAILED"):
+    if status in ("STOPPED", "SUCCEEDED", "FAILED"):
+        return 0
+    if graceful:
         print(
             f"stopping as Ctrl-C would: the sweep saves its state and ends its trials (killed after {STOP_WAIT_S} s); "
             f"`remem sweep logs {args.job} --address {args.address} --follow` shows its end, "
             f"`remem sweep resume URI --address {args.address}` continues it",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            "remem: note: this job was not made by `remem sweep submit` (nor given RAY_JOB_STOP_SIGNAL=SIGINT): "
+            "Ray ends it with SIGTERM, then SIGKILL 3 s later, before the sweep can save; "
+            "`remem sweep resume` continues it from its last save",
             file=sys.stderr,
         )
     return 0

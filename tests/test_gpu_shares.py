@@ -212,6 +212,9 @@ def test_a_gpu_budget_counts_the_gpus_a_worker_keeps_from_others_where_cpus_run_
     # nodes whose CPUs hold two such workers a GPU keep the 16; so does a cluster with no GPU
     # node up yet (an autoscaler from zero: nothing to read), and a limit the user set
     assert fit_budget(spec, spec, _nodes(1, cpus=16, count=8)) == (spec, None)
+    # nodes of two kinds: counted over all of them (15 workers on 8 GPUs), not by the smallest
+    mixed, _ = fit_budget(spec, spec, _nodes(1, cpus=16, count=7) + _nodes(1, cpus=7))
+    assert mixed.max_concurrent_trials() == 15
     assert fit_budget(spec, spec, [NodeResources(0, 8)]) == (spec, None)
     told = _spec(0.5, 0.5, **half, **{"sweep.max_concurrent_trials": 16})
     assert fit_budget(told, told, _nodes(1, cpus=7, count=8)) == (told, None)

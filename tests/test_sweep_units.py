@@ -602,6 +602,8 @@ def test_a_submitted_sweep_is_stopped_as_ctrl_c_would_and_its_folder_must_be_the
     (in_tmp / "r.yaml").write_text(yaml.safe_dump({"name": "demo", "storage": {"root": "results"}}))
     assert main(["sweep", "submit", "r.yaml", "--address", "http://127.0.0.1:8265"]) == 2
     assert "storage.root: results is a folder of this machine" in capsys.readouterr().err
+    assert main(["sweep", "submit", "s.yaml", "--address", "http://127.0.0.1:8265", "--storage", "~/results"]) == 2
+    assert "storage.root: ~/results is a folder of this machine" in capsys.readouterr().err
     assert client.submitted == []  # nothing started
     assert main(["sweep", "submit", "s.yaml", "--address", "http://127.0.0.1:8265", "--storage", "s3://b/p"]) == 0
     (job,) = client.submitted
@@ -628,12 +630,49 @@ def test_a_resume_given_a_dashboard_runs_on_the_cluster_as_a_job(monkeypatch, in
     assert second["entrypoint"] == "python -m remem_ray.cli sweep resume s3://b/p/sweeps/demo"
     assert first["id"].startswith("remem-demo-") and first["runtime_env"]["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
     assert capsys.readouterr().out.splitlines() == [first["id"], second["id"]]
-    for argv in (["demo"], ["demo", "--storage", "results"], ["results/sweeps/demo"]):
+    assert "working_dir" not in first["runtime_env"]  # a resume ships nothing: storage holds the sweep
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # as Ray's docs export the dashboard
+    assert main(["sweep", "resume", "s3://b/p/sweeps/demo"]) == 0 and len(client.submitted) == 3
+    monkeypatch.delenv("RAY_ADDRESS")
+    capsys.readouterr()
+    for argv in (["demo"], ["demo", "--storage", "results"], ["results/sweeps/demo"], ["~/shared/sweeps/demo"]):
         assert main(["sweep", "resume", *argv, *dashboard]) == 2
         err = capsys.readouterr().err
         assert err.startswith("remem: error: NAME|URI: ") and err.count("\n") == 1, err
-    assert len(client.submitted) == 2
+    # the endpoint travels in the job's command line, shown by the dashboard and `ray job list`
+    assert main(["sweep", "resume", "s3://b/p/sweeps/demo", *dashboard, "--endpoint", "http://k:secret@s3:9000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("remem: error: --endpoint: ") and "secret" not in err
+    assert len(client.submitted) == 3
     assert list(in_tmp.iterdir()) == []
+
+
+def test_sweep_stop_says_how_the_job_ends_by_how_it_was_submitted(monkeypatch, capsys):
+    """A job `ray job submit` made (or one submitted before RAY_JOB_STOP_SIGNAL was set) is still
+    SIGTERMed and killed 3 s later: the stop's line promised it a Ctrl-C's save."""
+    from types import SimpleNamespace
+
+    from remem_ray.sweep import jobs
+
+    class Running:
+        def __init__(self, env_vars):
+            self.env_vars, self.stopped = env_vars, []
+
+        def get_job_info(self, job_id):
+            return SimpleNamespace(runtime_env={"env_vars": self.env_vars})
+
+        def stop_job(self, job_id):
+            self.stopped.append(job_id)
+
+        def get_job_status(self, job_id):
+            return SimpleNamespace(value="RUNNING")
+
+    ours, theirs = Running(dict(jobs.STOP_ENV)), Running({})
+    for client, says in ((ours, "stopping as Ctrl-C would"), (theirs, "Ray ends it with SIGTERM, then SIGKILL")):
+        monkeypatch.setattr(jobs, "jobs_client", lambda address, client=client: client)
+        assert main(["sweep", "stop", "j", "--address", "http://127.0.0.1:8265"]) == 0
+        out, err = capsys.readouterr()
+        assert out == "job j: RUNNING\n" and says in err and client.stopped == ["j"]
 
 
 class _JobOfLines:

@@ -107,7 +107,12 @@ def _address_parts(address: str) -> tuple[str, int] | None:
     match = re.fullmatch(r"(?:ray://)?\[?([^\]/\s]+?)\]?:(\d{1,5})/?", address)
     if not match:
         web = address.startswith(("http://", "https://"))
-        dashboard = " (an http:// address is a dashboard's: `remem sweep submit` takes it)" if web else ""
+        dashboard = (
+            " (an http:// address is a dashboard's: `remem sweep submit` takes it, and `sweep resume` "
+            "submits a job there)"
+            if web
+            else ""
+        )
         raise UserInputError(
             f"{_address_field(address)}: expected HOST:PORT, ray://HOST:PORT or auto, got {address!r}{dashboard}"
         )

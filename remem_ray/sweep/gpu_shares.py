@@ -247,15 +247,13 @@ def fit_budget(spec: SweepSpec, sized: SweepSpec, nodes: list[NodeResources]) ->
 
 def _gpus_held(role: WorkerResources, nodes: list[NodeResources]) -> float:
     """The GPUs one worker of `role` keeps from others on the cluster's GPU nodes: its share, or
-    more where a node's CPUs hold fewer workers than its GPUs would (the fullest such node)."""
+    more where the nodes' CPUs hold fewer workers than their GPUs would (over the GPU nodes that
+    hold one: their GPUs over the workers they hold, so one small node does not size them all)."""
     if role.gpus() <= 0:
         return 0.0
-    held = role.gpus()
-    for node in nodes:
-        fit = min(_whole(node.gpus / role.gpus()), _whole(node.cpus / role.cpus_per_worker)) if node.gpus else 0
-        if fit > 0:
-            held = max(held, node.gpus / fit)
-    return held
+    fits = [(node.gpus, _runs_fit(role.model_copy(update={"num_workers": 1}), [node])) for node in nodes if node.gpus]
+    gpus, workers = sum(g for g, fit in fits if fit), sum(fit for _, fit in fits)
+    return max(role.gpus(), gpus / workers) if workers else role.gpus()
 
 
 def _runs_fit(role: WorkerResources, nodes: list[NodeResources]) -> int:

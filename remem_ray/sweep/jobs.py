@@ -67,14 +67,17 @@ def _submitted(words: list[str], name: str, address: str, ship_package: bool, sp
     try:  # submit_job has uploaded the working dir to the cluster by the time it returns
         if spec is not None:
             (staging / "sweep.yaml").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-        return _submit(client, words, name, address, staging, ship_package)
+        return _submit(client, words, name, address, staging if spec is not None else None, ship_package)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _submit(client, words: list[str], name: str, address: str, staging: Path, ship_package: bool) -> str:
+def _submit(client, words: list[str], name: str, address: str, staging: Path | None, ship_package: bool) -> str:
+    """staging: the job's working dir (the spec); None for a resume, which ships nothing."""
     forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and "@" not in os.environ[k]}
-    runtime_env: dict = {"working_dir": str(staging), "env_vars": {**forwarded, **STOP_ENV}}
+    runtime_env: dict = {"env_vars": {**forwarded, **STOP_ENV}}
+    if staging is not None:
+        runtime_env["working_dir"] = str(staging)
     if ship_package:
         import remem_ray
 
@@ -151,8 +154,13 @@ async def _stream_logs(client, job_id: str, out, skip: int) -> int:
     return max(seen, skip)
 
 
-def stop_job(address: str, job_id: str) -> str:
+def stop_job(address: str, job_id: str) -> tuple[str, bool]:
+    """Ask Ray to stop the job: (its status now, whether Ray sends it SIGINT: a job `submit_sweep`
+    made, or one given RAY_JOB_STOP_SIGNAL=SIGINT; others get SIGTERM, then SIGKILL 3 s later)."""
     client = jobs_client(address)
-    _known_job(client, job_id)
+    info = _known_job(client, job_id)
+    env = (getattr(info, "runtime_env", None) or {}).get("env_vars") or {}
     _asked("stop the job", client.stop_job, job_id)
-    return str(_asked("read the job's status", client.get_job_status, job_id).value)
+    return str(_asked("read the job's status", client.get_job_status, job_id).value), env.get(
+        "RAY_JOB_STOP_SIGNAL"
+    ) == "SIGINT"
