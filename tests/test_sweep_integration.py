@@ -610,17 +610,19 @@ def test_s3_sweep_survives_an_outage_and_writes_no_credentials(tmp_path, seaweed
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_a_submitted_sweep_stopped_mid_way_is_resumed_by_ray_job_submit_and_rays_own_client_reads_it(tmp_path):
-    """`remem sweep submit` to a local `ray start --head` (127.0.0.1, its own PID namespace, ended
-    by PID), `remem sweep stop` once a trial runs: the driver ends as Ctrl-C would (its own
-    "interrupted" line, its driver lease released; Ray's default SIGTERM-then-SIGKILL ended it
-    with neither); then `ray job submit --working-dir DIR -- remem sweep resume FOLDER` finishes
-    it, and Ray Tune's own ExperimentAnalysis reads the sweep folder and finds the same best
-    trial as remem.
+def test_a_sweep_ray_job_submit_started_is_stopped_mid_way_resumed_as_a_job_and_read_by_rays_own_client(tmp_path):
+    """`ray job submit --working-dir DIR --runtime-env-json ... -- remem sweep run spec.yaml` (the
+    README's recipe, with the stop signal `remem sweep submit` sets itself) to a local `ray start
+    --head` (127.0.0.1, its own PID namespace, ended by PID); `remem sweep stop` once a trial runs:
+    the driver ends as Ctrl-C would (its own "interrupted" line, its driver lease released; Ray's
+    default SIGTERM-then-SIGKILL ended it with neither); `remem sweep resume FOLDER --address
+    http://HEAD:8265` finishes it as a job (before: refused, "`remem sweep submit` takes it");
+    Ray Tune's own ExperimentAnalysis reads the sweep folder and finds remem's best trial.
 
     First, on the same cluster: `remem sweep run --address` with an s3:// root whose keys only
     the driver holds (the cluster has none; drivers never send theirs) stops at once with one
     line and exit 2, writing nothing (before the fix: every trial attempt failed, ACCESS_DENIED)."""
+    from remem_ray.sweep.jobs import STOP_ENV
 
     (tmp_path / "head").mkdir()
     job_dir = tmp_path / "job"
@@ -656,33 +658,35 @@ def test_a_submitted_sweep_stopped_mid_way_is_resumed_by_ray_job_submit_and_rays
         assert f"checked from a node of the Ray cluster at {head.gcs_address}" in errors[0]
         assert _bucket_keys(seaweed.client(), "") == set() and not (tmp_path / "remem-results").exists()
         experiment = tmp_path / "results" / "sweeps" / "submitted"
-        job_id = _submitted_job(["sweep", "submit", str(job_dir / "spec.yaml"), "--address", head.address], head)
+        job_id = "remem-by-rays-cli"
+        submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.address, "--no-wait"]
+        submit += ["--submission-id", job_id, "--runtime-env-json", json.dumps({"env_vars": STOP_ENV})]
+        for _ in range(3):  # a loaded head's job agent may not answer in time: Ray says to try again
+            proc = subprocess.run(
+                [*submit, "--working-dir", str(job_dir), "--", "remem", "sweep", "run", "spec.yaml"],
+                env=head.env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if "No available agent to submit job" not in proc.stdout + proc.stderr:
+                break
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         status, _ = _job_once(head, job_id, "logs", " started: rho ")  # a trial runs
         assert status == "RUNNING", status
         rc, out = run_remem(["sweep", "stop", job_id, "--address", head.address], tmp_path, head.env, timeout=120)
-        assert rc == 0, out
+        assert rc == 0 and "stopping as Ctrl-C would" in out, out
         status, stopped = _job_once(head, job_id, "status", "STOPPED")
         assert status == "STOPPED" and "remem: interrupted:" in stopped, stopped[-3000:]
         assert "continues the sweep" in stopped
         lease = current_record(Storage(str(experiment)).child("driver-lease"))
         assert lease is not None and lease.released
-        submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.address]
-        for _ in range(3):  # a loaded head's job agent may not answer in time: Ray says to try again
-            proc = subprocess.run(
-                [*submit, "--working-dir", str(job_dir), "--", "remem", "sweep", "resume", str(experiment)],
-                env=head.env,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            if "No available agent to submit job" not in proc.stdout + proc.stderr:
-                break
+        resumed = _submitted_job(["sweep", "resume", str(experiment), "--address", head.address], head)
+        status, logs = _job_once(head, resumed, "status", "SUCCEEDED")
     finally:
         head.stop()
         seaweed.stop()
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "succeeded" in out, out[-3000:]
-    assert "trials 2/2 done" in out  # remem's own progress lines reach `ray job submit`'s console
+    assert status == "SUCCEEDED" and "trials 2/2 done" in logs, logs[-3000:]
     summary = json.loads((experiment / "summary.json").read_text())
 
     from ray.tune import ExperimentAnalysis
