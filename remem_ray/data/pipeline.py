@@ -252,28 +252,22 @@ class LoaderPipeline(DataPipeline):
         ds = getattr(self.splits, split)
         if self.shard.world_size > 1:
             ds = Subset(ds, range(self.shard.rank, num_items(ds), self.shard.world_size))
-        return WorkerErrors(
-            DataLoader(
-                ds,
-                batch_size=batch_size,
-                shuffle=False,
-                num_workers=self.num_workers,
-                pin_memory=self.device.type == "cuda",
-            )
-        )
+        return self._in_order(ds, batch_size)
 
     def view_batches(self, views: Views, batch_size: int, images: range | None = None) -> Iterator[torch.Tensor]:
         fixed = FixedViews(self.splits.train, views.count, views.seed)
-        all_views = _AllViews(fixed, images if images is not None else range(len(fixed)))
-        yield from in_one_line(
-            DataLoader(
-                all_views,
-                batch_size=batch_size,
-                shuffle=False,
-                num_workers=self.num_workers,
-                pin_memory=self.device.type == "cuda",
-            )
+        yield from self._in_order(_AllViews(fixed, images if images is not None else range(len(fixed))), batch_size)
+
+    def _in_order(self, ds: Dataset, batch_size: int) -> WorkerErrors:
+        """Every item once, in order, from the worker processes (their bad data in one line)."""
+        loader = DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
         )
+        return WorkerErrors(loader)
 
     def describe(self) -> str:
         return f"loader ({self.num_workers} worker processes)"
