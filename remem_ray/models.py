@@ -273,10 +273,9 @@ HUB_PREPROCESSING = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
 
 @functools.lru_cache(maxsize=16)
 def _hub_config(repo: str) -> dict[str, Any]:
-    from timm.models._hub import load_model_config_from_hf
+    from remem_ray.timm_adapter import hub_pretrained_cfg
 
-    pretrained_cfg, _, _ = load_model_config_from_hf(repo)
-    return dict(pretrained_cfg)
+    return hub_pretrained_cfg(repo)
 
 
 def hub_preprocessing(weights: str | None, role: str = "model") -> dict[str, Any]:

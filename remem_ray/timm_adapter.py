@@ -6,6 +6,8 @@
 - The MLP's last linear layer `mlp.fc2`: the expertness statistics hook its input (the hidden
   units' activity, also in timm's gated MLPs).
 - `build_model_with_cfg` and `VisionTransformer`, public, to register small ViTs.
+- `timm.models._hub.load_model_config_from_hf(repo)`: an HF-hub repo's pretrained cfg (the
+  preprocessing `weights: hf-hub:...` were trained with).
 - `timm.models._hub.save_config_for_hf(model, path, data_config=...)`: the config.json that
   `timm.create_model("local-dir:...")` reads (public `save_for_hf` also writes the weights, and
   needs huggingface_hub): exports write it (remem_ray/export.py).
@@ -38,6 +40,15 @@ def mlp_output_layer(block: nn.Module) -> nn.Module:
     activity: act(fc1(x)) in timm's Mlp, act(gate) * value in its gated ones (GluMlp, SwiGLU,
     SwiGLUPacked, GatedMlp), where `mlp.act`'s output is the gate alone."""
     return cast(nn.Module, cast(nn.Module, block.mlp).fc2)
+
+
+def hub_pretrained_cfg(repo: str) -> dict[str, Any]:
+    """The pretrained cfg an HF-hub repo's config.json gives (its weights' mean, std, crop...),
+    as `timm.create_model("hf-hub:REPO")` reads it (downloads config.json)."""
+    from timm.models._hub import load_model_config_from_hf
+
+    pretrained_cfg, _, _ = load_model_config_from_hf(repo)
+    return dict(pretrained_cfg)
 
 
 def build_vit(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
