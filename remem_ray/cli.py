@@ -206,12 +206,13 @@ def cmd_sweep_best(args: argparse.Namespace) -> int:
 def _submit_resume(args: argparse.Namespace) -> int:
     """`sweep resume --address http://HEAD:8265`: the resume runs on the cluster as a job, as the
     sweep's `submit` did (a resume here would drive the cluster's sweep from this machine's Ray)."""
+    from remem_ray.config import ENDPOINT_URL, ENDPOINT_URL_RULE
     from remem_ray.sweep.jobs import check_address, submit_resume
 
     check_address(args.address)
-    if args.endpoint is not None and not re.fullmatch(r"https?://[^/\s@]+/?", args.endpoint):
+    if args.endpoint is not None and not re.fullmatch(ENDPOINT_URL, args.endpoint):
         # it travels in the job's command line, which the dashboard and `ray job list` show
-        raise UserInputError("--endpoint: must look like http://host:port or https://host (no credentials in it)")
+        raise UserInputError(f"--endpoint: {ENDPOINT_URL_RULE}")
     sweep = args.sweep
     if "/" not in sweep:  # a name: under --storage, as the cluster reaches it
         if not args.storage or not _cluster_sees(args.storage):
@@ -286,11 +287,11 @@ def cmd_sweep_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_stop(args: argparse.Namespace) -> int:
-    from remem_ray.sweep.jobs import STOP_WAIT_S, stop_job
+    from remem_ray.sweep.jobs import STOP_WAIT_S, TERMINAL, stop_job
 
     status, graceful = stop_job(args.address, args.job)
     print(f"job {args.job}: {status}")
-    if status in ("STOPPED", "SUCCEEDED", "FAILED"):
+    if status in TERMINAL:
         return 0
     if graceful:
         print(

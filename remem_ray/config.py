@@ -96,10 +96,9 @@ def _matching(pattern: str, message: str) -> AfterValidator:
 # Field types whose checks travel with them (pure: no file system).
 Location = Annotated[str | None, AfterValidator(_safe_location)]
 WeightsSource = Annotated[str | None, AfterValidator(_check_weights_source)]
-EndpointUrl = Annotated[
-    str | None,
-    _matching(r"https?://[^/\s@]+/?", "must look like http://host:port or https://host (no credentials in it)"),
-]
+ENDPOINT_URL = r"https?://[^/\s@]+/?"
+ENDPOINT_URL_RULE = "must look like http://host:port or https://host (no credentials in it)"
+EndpointUrl = Annotated[str | None, _matching(ENDPOINT_URL, ENDPOINT_URL_RULE)]
 RegionName = Annotated[  # botocore's own check of a region name, which would fail later in a traceback
     str,
     _matching(

@@ -68,7 +68,7 @@ def _check_split_sizes(spec: RunSpec) -> None:
     a fraction), a training cap below the class count."""
     import numpy as np
 
-    from remem_ray.data.datasets import classes_without_reading, train_val_test
+    from remem_ray.data.datasets import classes_without_reading, refuse_cap_below_classes, train_val_test
 
     data = spec.data
     if data.name == "synthetic":
@@ -82,10 +82,8 @@ def _check_split_sizes(spec: RunSpec) -> None:
                 f"test_fraction {data.test_fraction})"
             ) from None
     classes = classes_without_reading(data)
-    if data.max_train_samples is not None and classes is not None and data.max_train_samples < classes:
-        raise SpecError(
-            f"data.max_train_samples: {data.max_train_samples} images cannot hold one of each of the {classes} classes"
-        )
+    if data.max_train_samples is not None and classes is not None:
+        refuse_cap_below_classes(data.max_train_samples, classes)
 
 
 def _reweighting(spec: RunSpec) -> str | None:

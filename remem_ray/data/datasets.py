@@ -95,6 +95,13 @@ def build_datasets(
     return splits
 
 
+def refuse_cap_below_classes(size: int, classes: int) -> None:
+    """data.max_train_samples under the class count: at the door where the count is known
+    (spec_checks), else as the data is read."""
+    if size < classes:
+        raise SpecError(f"data.max_train_samples: {size} images cannot hold one of each of the {classes} classes")
+
+
 def _capped(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """`size` of the training images, stratified by class and seeded (data.max_train_samples).
 
@@ -102,8 +109,7 @@ def _capped(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     images: a cap just under the set's size (or a class of one image) was refused. There the
     cap is shared out by hand, each class its share of `size`, rounded by largest remainder."""
     classes, counts = np.unique(labels, return_counts=True)
-    if size < len(classes):
-        raise SpecError(f"data.max_train_samples: {size} images cannot hold one of each of the {len(classes)} classes")
+    refuse_cap_below_classes(size, len(classes))
     try:
         from sklearn.model_selection import train_test_split
 

@@ -251,16 +251,19 @@ def _gpus_held(role: WorkerResources, nodes: list[NodeResources]) -> float:
     hold one: their GPUs over the workers they hold, so one small node does not size them all)."""
     if role.gpus() <= 0:
         return 0.0
-    fits = [(node.gpus, _runs_fit(role.model_copy(update={"num_workers": 1}), [node])) for node in nodes if node.gpus]
+    fits = [(node.gpus, _workers_on(role, node)) for node in nodes if node.gpus]
     gpus, workers = sum(g for g, fit in fits if fit), sum(fit for _, fit in fits)
     return max(role.gpus(), gpus / workers) if workers else role.gpus()
 
 
 def _runs_fit(role: WorkerResources, nodes: list[NodeResources]) -> int:
     """Runs of `role` that the GPU nodes hold at once, each node by its own GPUs and CPUs."""
-    cpus = role.cpus_per_worker
-    workers = sum(min(_whole(n.gpus / role.gpus()), _whole(n.cpus / cpus)) for n in nodes if n.gpus > 0)
-    return workers // role.num_workers
+    return sum(_workers_on(role, n) for n in nodes if n.gpus > 0) // role.num_workers
+
+
+def _workers_on(role: WorkerResources, node: NodeResources) -> int:
+    """Workers of `role` one GPU node holds at once, by its own GPUs and CPUs."""
+    return min(_whole(node.gpus / role.gpus()), _whole(node.cpus / role.cpus_per_worker))
 
 
 def sizing_record(sized: SweepSpec, measured: list[StepMemory]) -> dict[str, Any]:

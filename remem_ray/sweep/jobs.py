@@ -63,11 +63,12 @@ def submit_resume(sweep: str, address: str, endpoint: str | None = None, ship_pa
 
 def _submitted(words: list[str], name: str, address: str, ship_package: bool, spec: SweepSpec | None = None) -> str:
     client = jobs_client(address)
+    if spec is None:  # a resume: storage holds the sweep, nothing to ship
+        return _submit(client, words, name, address, None, ship_package)
     staging = Path(tempfile.mkdtemp(prefix="remem-job-"))
     try:  # submit_job has uploaded the working dir to the cluster by the time it returns
-        if spec is not None:
-            (staging / "sweep.yaml").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-        return _submit(client, words, name, address, staging if spec is not None else None, ship_package)
+        (staging / "sweep.yaml").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        return _submit(client, words, name, address, staging, ship_package)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
