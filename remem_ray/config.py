@@ -702,7 +702,12 @@ class ResourcesConfig(StrictModel):
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend for multi-worker runs; gloo for logical GPUs"
     )
-    gpu_budget: int | None = Field(None, ge=1, description="GPUs the sweep may use at once")
+    gpu_budget: int | None = Field(
+        None,
+        ge=1,
+        description="GPUs the sweep may use at once; without max_concurrent_trials each Train run takes its role's "
+        "GPUs of it (sweep/slots.py)",
+    )
 
     def trial_resources(self) -> dict[str, float]:
         """What each trial's driver process asks Tune for. With a driver resource, a sliver of it
@@ -737,8 +742,8 @@ class SweepConfig(StrictModel):
         None,
         ge=1,
         le=1024,
-        description="default: gpu_budget / GPUs per trial; with gpus_per_worker auto, what the cluster's "
-        "GPU nodes hold; else 2",
+        description="Train runs at once; default: each run weighed by its GPUs against gpu_budget; with "
+        "gpus_per_worker auto, what the cluster's GPU nodes hold; else 2",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the Optuna TPE sampler")
     search: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
@@ -817,7 +822,8 @@ class SweepSpec(RunSpec):
         return "alpha" in ranges and ranges["alpha"].bounds()[0] < 1.0
 
     def max_concurrent_trials(self) -> int:
-        """Trials in flight: what the autoscaler sees as pending demand, so size it to the GPUs."""
+        """Train runs at once, counting each as one (sweep/slots.measure_of weighs them by their GPUs
+        where a gpu_budget applies); the budget over a trial's peak GPUs where it gives none."""
         if self.sweep.max_concurrent_trials is not None:
             return self.sweep.max_concurrent_trials
         res = self.sweep.resources

@@ -18,7 +18,6 @@ from remem_ray.errors import ResourceError
 from remem_ray.sweep.gpu_shares import (
     NodeResources,
     ProbeFailed,
-    fit_budget,
     fit_concurrency,
     probe_on_cluster,
     refuse_what_this_machine_cannot_hold,
@@ -26,7 +25,9 @@ from remem_ray.sweep.gpu_shares import (
     run_need_mb,
     runs_per_gpu,
     share_of,
+    slot_measure,
 )
+from remem_ray.sweep.slots import SlotMeasure
 
 H100_MB = 81559.0  # torch's total_memory of an H100 80GB HBM3, in MiB
 
@@ -206,21 +207,38 @@ def test_a_gpu_budget_counts_the_gpus_a_worker_keeps_from_others_where_cpus_run_
     }
     spec = _spec(0.5, 0.5, **half)
     assert spec.max_concurrent_trials() == 16  # the budget as the share counts it
-    sized, line = fit_budget(spec, spec, _nodes(1, cpus=7, count=8))
-    assert sized.max_concurrent_trials() == 8 and line is not None
-    assert line.startswith("sweep.resources.gpu_budget: 8 trial(s) at a time, not 16: ")
+    measure, line = slot_measure(spec, _nodes(1, cpus=7, count=8))
+    assert measure == SlotMeasure(8, 1, 1, by_gpus=True) and measure.fewest_trials() == 8 and line is not None
+    assert line.startswith("sweep.resources.gpu_budget: 8 at a time, not 16 at a time: ")
     # nodes whose CPUs hold two such workers a GPU keep the 16; so does a cluster with no GPU
     # node up yet (an autoscaler from zero: nothing to read), and a limit the user set
-    assert fit_budget(spec, spec, _nodes(1, cpus=16, count=8)) == (spec, None)
+    assert slot_measure(spec, _nodes(1, cpus=16, count=8)) == (SlotMeasure(8, 0.5, 0.5, by_gpus=True), None)
     # nodes of two kinds: counted over all of them (15 workers on 8 GPUs), not by the smallest
-    mixed, _ = fit_budget(spec, spec, _nodes(1, cpus=16, count=7) + _nodes(1, cpus=7))
-    assert mixed.max_concurrent_trials() == 15
-    assert fit_budget(spec, spec, [NodeResources(0, 8)]) == (spec, None)
+    mixed, _ = slot_measure(spec, _nodes(1, cpus=16, count=7) + _nodes(1, cpus=7))
+    assert mixed.fewest_trials() == 15
+    assert slot_measure(spec, [NodeResources(0, 8)]) == (SlotMeasure(8, 0.5, 0.5, by_gpus=True), None)
     told = _spec(0.5, 0.5, **half, **{"sweep.max_concurrent_trials": 16})
-    assert fit_budget(told, told, _nodes(1, cpus=7, count=8)) == (told, None)
-    # a 4-worker teacher at 1 GPU each keeps its 4 GPUs whatever the CPUs: 2 trials in 8
+    assert slot_measure(told, _nodes(1, cpus=7, count=8)) == (SlotMeasure(16), None)
+    # a 4-worker teacher at 1 GPU each keeps its 4 GPUs whatever the CPUs: 2 trials in 8 train teachers
     ddp = _spec(1, 1, **{"sweep.resources.gpu_budget": 8, "sweep.resources.teacher.num_workers": 4})
-    assert fit_budget(ddp, ddp, _nodes(1, cpus=8, count=8)) == (ddp, None) and ddp.max_concurrent_trials() == 2
+    assert slot_measure(ddp, _nodes(1, cpus=8, count=8)) == (SlotMeasure(8, 4, 1, by_gpus=True), None)
+
+
+def test_a_gpu_budget_weighs_each_run_by_the_gpus_of_its_role():
+    """The paper's setting: 4-GPU teachers, 1-GPU students, 16 GPUs. Counted by trials (16 / 4),
+    4 students distilled at once on 16 GPUs, 12 idle; weighed, 16 distil while no teacher trains."""
+    ddp = {"sweep.resources.gpu_budget": 16, "sweep.resources.teacher.num_workers": 4}
+    measure, line = slot_measure(_spec(1, 1, **ddp), _nodes(8, cpus=64, count=2))
+    assert line is None and (measure.fewest_trials(), measure.most_trials()) == (4, 16)
+    assert measure.describe() == "4 to 16 at a time: 16 GPUs, a teacher run takes 4 and a student run 1"
+    # a student on CPUs takes nothing of the budget: runs counted, as many as the teachers fit
+    on_cpus, _ = slot_measure(_spec(1, 0, **ddp), _nodes(8, cpus=64, count=2))
+    assert on_cpus == SlotMeasure(4) and on_cpus.describe() == "4 at a time"
+    # equal roles: as many as before, said as before
+    same, _ = slot_measure(_spec(0.5, 0.5, **{"sweep.resources.gpu_budget": 4}), _nodes(4))
+    assert same.describe() == "8 at a time"
+    # a run heavier than the whole budget still runs, alone
+    assert SlotMeasure(2, 4, 1, by_gpus=True).weight("teacher") == 2
 
 
 def test_a_resumed_sweep_runs_at_the_concurrency_this_driver_sized():
@@ -236,18 +254,19 @@ def test_a_resumed_sweep_runs_at_the_concurrency_this_driver_sized():
     live = [f"key{i}" for i in range(2)]  # two teachers in training
     restored.is_stored = lambda key: False
     assert restored.may_start(live)
-    with driver_limit(spec, 2):
-        assert (restored.max_concurrent, restored.max_live) == (2, 4) and not restored.may_start(live)
+    with driver_limit(spec, SlotMeasure(2)):
+        assert (restored.measure.capacity, restored.max_live) == (2, 4) and not restored.may_start(live)
         other_root = _spec(**{"sweep.max_concurrent_trials": 8, "storage.root": "/elsewhere"})
-        with driver_limit(other_root, 5):  # the same name on another root is another sweep
-            assert restored.max_concurrent == 2
-        assert restored.max_concurrent == 2
-    assert restored.max_concurrent == 8 and restored.may_start(live)
-    state = restored.__getstate__()  # as a policy pickled before the limit became a property
-    state.update(max_concurrent=state.pop("_max_concurrent"), max_live=16)
-    older = SlotPolicy.__new__(SlotPolicy)
-    older.__setstate__(state)
-    assert (older.max_concurrent, older.max_live) == (8, 16)
+        with driver_limit(other_root, SlotMeasure(5)):  # the same name on another root is another sweep
+            assert restored.measure.capacity == 2
+        assert restored.measure.capacity == 2
+    assert restored.measure.capacity == 8 and restored.may_start(live)
+    for older_state in ({"max_concurrent": 8, "max_live": 16}, {"_max_concurrent": 8}):
+        # as pickled before the limit became a property, and before runs were weighed
+        state = {key: value for key, value in restored.__getstate__().items() if key != "_measure"}
+        older = SlotPolicy.__new__(SlotPolicy)
+        older.__setstate__({**state, **older_state})
+        assert (older.measure, older.max_live) == (SlotMeasure(8), 16)
 
 
 def test_a_spec_without_auto_comes_back_as_it_is():
@@ -311,7 +330,7 @@ def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, m
     layout = SweepLayout(Storage(str(tmp_path)), spec.name)
     with driver._driving(spec, layout, None, False, "4 trials", export=None) as (_, sized, _driving):
         assert sized.sweep.resources.teacher.gpus_per_worker == 0.25
-        assert list(driver_limits().values()) == [4]  # what the searcher obeys while the driver runs
+        assert list(driver_limits().values()) == [SlotMeasure(4)]  # what the searcher obeys while the driver runs
     assert driver_limits() == {}
     assert not sys.modules["ray"].is_initialized()  # nothing in the driver's run starts a Ray of its own
     assert probe.asked == [["teacher", "student"]]
@@ -321,7 +340,7 @@ def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, m
     assert shown[4].startswith("sweep sized: 4 trials, 4 at a time; log ")
     assert spec.sweep.resources.teacher.gpus_per_worker == "auto"  # what is stored stays as written
     record = json.loads((tmp_path / "sweeps" / "sized" / "gpu_shares.json").read_text())
-    assert record["max_concurrent_trials"] == 4
+    assert record["max_concurrent_trials"] == 4 and record["slots"]["capacity"] == 4
     teacher = record["roles"]["teacher"]
     assert (teacher["gpus_per_worker"], teacher["peak_mb"], teacher["resident_mb"]) == (0.25, 3000, 8192)
     assert teacher["need_mb"] == pytest.approx(3000 * 1.25 + 8192 + 1024)

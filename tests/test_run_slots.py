@@ -1,4 +1,5 @@
-"""The run-slot book: at most `slots` Train runs at once, taken in the order trials asked."""
+"""The run-slot book: no more Train runs at once than its measure holds (so many runs, or so many
+GPUs with each run weighing its role's), taken in the order trials asked."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from remem_ray.config import SweepSpec
 from remem_ray.sweep import run_slots
 from remem_ray.sweep.run_slots import QUEUE_FORGET_S, RunSlotBook, SlotState, book_name
+from remem_ray.sweep.slots import SlotMeasure
 
 
 class Clock:
@@ -20,9 +22,9 @@ class Clock:
         return self.now
 
 
-def _book(slots: int = 2, stale_after_s: float = 60.0) -> tuple[RunSlotBook, Clock]:
+def _book(slots: int = 2, stale_after_s: float = 60.0, measure: SlotMeasure | None = None) -> tuple[RunSlotBook, Clock]:
     clock = Clock()
-    return RunSlotBook(slots, stale_after_s, clock), clock
+    return RunSlotBook(measure or SlotMeasure(slots), stale_after_s, clock), clock
 
 
 def test_a_crowd_released_at_once_runs_slots_at_a_time_in_the_order_it_asked():
@@ -30,7 +32,7 @@ def test_a_crowd_released_at_once_runs_slots_at_a_time_in_the_order_it_asked():
     assert book.take("a") and book.take("b")
     for waiter in ("c", "d", "e"):
         assert not book.take(waiter)
-    assert book.state("d") == SlotState(running=2, slots=2, ahead=1)
+    assert book.state("d") == SlotState(in_use=2, capacity=2, ahead=1)
     book.release("a")
     assert not book.take("e")  # c asked first: the free slot is c's, even if e asks before c again
     assert not book.take("d")
@@ -38,7 +40,35 @@ def test_a_crowd_released_at_once_runs_slots_at_a_time_in_the_order_it_asked():
     book.release("b")
     book.release("c")
     assert book.take("e") and book.take("d")  # two free slots: the first two in line take them
-    assert book.state("x") == SlotState(running=2, slots=2, ahead=0)
+    assert book.state("x") == SlotState(in_use=2, capacity=2, ahead=0)
+
+
+def test_runs_weigh_their_roles_gpus_and_a_light_run_fills_room_a_heavy_one_waits_for():
+    """4-GPU teachers and 1-GPU students on 16 GPUs: one slot per run kept 4 runs at once, so 4
+    students distilled on 16 GPUs. Weighed, a teacher run waiting for 4 GPUs leaves the 3 free to
+    a student behind it, and still takes the next 4 that free up before anyone behind it."""
+    book, _ = _book(measure=SlotMeasure(16, teacher=4, student=1, by_gpus=True))
+    assert all(book.take(f"t{i}", "teacher") for i in range(4))
+    assert not book.take("s0", "student")  # 16 of 16 in use
+    book.release("t0")
+    assert book.take("s0", "student") and all(book.take(f"s{i}", "student") for i in (1, 2))
+    assert not book.take("T", "teacher")  # 1 GPU free: waits, first in line
+    assert book.state("x") == SlotState(in_use=15, capacity=16, ahead=1, by_gpus=True)
+    assert book.take("s3", "student")  # fits beside the waiting teacher
+    assert book.state("x").describe() == "16 of 16 GPUs in use, 1 ahead"
+    book.release("t1")  # 4 free: the teacher's, though a student asks first
+    assert not book.take("s4", "student")
+    assert book.take("T", "teacher") and book.take("s4", "student") is False
+    for student in ("s0", "s1", "s2", "s3"):
+        book.release(student)
+    assert all(book.take(f"s{i}", "student") for i in range(4, 8))
+
+
+def test_a_run_heavier_than_the_measure_runs_alone():
+    book, _ = _book(measure=SlotMeasure(2, teacher=4, student=1, by_gpus=True))
+    assert book.take("s", "student") and not book.take("T", "teacher")
+    book.release("s")
+    assert book.take("T", "teacher") and not book.take("s", "student")
 
 
 def test_a_restarted_trial_finds_its_slot_still_its_own():
@@ -46,7 +76,7 @@ def test_a_restarted_trial_finds_its_slot_still_its_own():
     assert book.take("a")
     assert not book.take("b")
     assert book.take("a")  # the same trial id, after Tune restarted it
-    assert book.state("b").running == 1
+    assert book.state("b").in_use == 1
 
 
 def test_a_slot_whose_holder_stopped_renewing_is_freed_after_the_stale_window():
@@ -60,7 +90,7 @@ def test_a_slot_whose_holder_stopped_renewing_is_freed_after_the_stale_window():
     clock.now = 111  # 61 s: a died without its finally
     assert book.take("b")
     book.renew("a")  # a was only slow: the book counts its run again (the truth) rather than lose it
-    assert book.state("c") == SlotState(running=2, slots=1, ahead=0)
+    assert book.state("c") == SlotState(in_use=2, capacity=1, ahead=0)
     assert not book.take("c")
 
 
@@ -126,8 +156,8 @@ def test_a_trial_waits_in_line_then_holds_its_slot_for_its_run_and_gives_it_back
     running_inside: list[int] = []
 
     def trial() -> None:
-        with run_slots.run_slot(spec, "t1", timeout_s=30):
-            running_inside.append(book.state("x").running)
+        with run_slots.run_slot(spec, "t1", "teacher", timeout_s=30):
+            running_inside.append(book.state("x").in_use)
             entered.set()
 
     thread = threading.Thread(target=trial)
@@ -137,8 +167,8 @@ def test_a_trial_waits_in_line_then_holds_its_slot_for_its_run_and_gives_it_back
     book.release("t0")
     thread.join(10)
     assert entered.is_set() and not thread.is_alive() and running_inside == [1]
-    assert book.state("x").running == 0  # given back after the run
-    assert ("release", "t1") in actor.calls
+    assert book.state("x").in_use == 0  # given back after the run
+    assert ("take", "t1", "teacher") in actor.calls and ("release", "t1") in actor.calls
     out = capsys.readouterr().out
     assert "trial t1: waiting for a Train run slot (1 of 1 running, 0 ahead)" in out, (out, actor.calls)
 
@@ -147,7 +177,7 @@ def test_a_trial_gives_its_slot_back_when_its_run_fails(in_process_book):
     book, _ = in_process_book
     spec = SweepSpec.model_validate({"name": "s"})
     with pytest.raises(RuntimeError, match="run failed"):
-        with run_slots.run_slot(spec, "t1", timeout_s=30):
+        with run_slots.run_slot(spec, "t1", "teacher", timeout_s=30):
             raise RuntimeError("run failed")
     assert book.take("t2")
 
@@ -157,7 +187,7 @@ def test_a_trial_waiting_past_its_timeout_fails_with_a_line_naming_the_slot(in_p
     spec = SweepSpec.model_validate({"name": "s"})
     assert book.take("t0")
     with pytest.raises(TimeoutError, match="a Train run slot: not ready after"):
-        with run_slots.run_slot(spec, "t1", timeout_s=0.05):
+        with run_slots.run_slot(spec, "t1", "teacher", timeout_s=0.05):
             pass
 
 
@@ -165,7 +195,7 @@ def test_outside_a_driver_run_the_run_goes_without_a_book():
     # no Ray here: the trial's logic tested on its own (tests/test_trial.py) runs ungated
     spec = SweepSpec.model_validate({"name": "s"})
     ran = []
-    with run_slots.run_slot(spec, "t1", timeout_s=1):
+    with run_slots.run_slot(spec, "t1", "teacher", timeout_s=1):
         ran.append(1)
     assert ran == [1]
 
@@ -175,12 +205,12 @@ def test_no_renewal_brings_a_released_slot_back(in_process_book):
     thread still runs: a renewal after the release must not count the ended run again (it did:
     the book held the slot of a gone trial for the stale window)."""
     book, actor = in_process_book
-    slot = run_slots._Slot(actor, "t1")
+    slot = run_slots._Slot(actor, "t1", "teacher")
     assert book.take("t1")
     assert slot.renew()
     slot.release()
     assert not slot.renew()
-    assert book.state("x").running == 0 and book.take("t2")
+    assert book.state("x").in_use == 0 and book.take("t2")
     slot.release()  # once only
     assert actor.calls.count(("release", "t1")) == 1
 
@@ -192,7 +222,7 @@ def test_a_queued_trial_that_tune_stops_leaves_the_line_at_once(in_process_book)
     stopping = threading.Event()
     stopping.set()
     with pytest.raises(SystemExit) as ended:  # as Train's own report ends a stopped trial's thread
-        with run_slots.run_slot(spec, "t1", timeout_s=30, stopping=stopping):
+        with run_slots.run_slot(spec, "t1", "teacher", timeout_s=30, stopping=stopping):
             pass
     assert ended.value.code == 0
     book.release("t0")
@@ -204,7 +234,7 @@ def test_a_trial_whose_wait_timed_out_leaves_the_line(in_process_book):
     spec = SweepSpec.model_validate({"name": "s"})
     assert book.take("t0")
     with pytest.raises(TimeoutError):
-        with run_slots.run_slot(spec, "t1", timeout_s=0.05):
+        with run_slots.run_slot(spec, "t1", "teacher", timeout_s=0.05):
             pass
     book.release("t0")
     assert book.take("t2")

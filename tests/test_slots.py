@@ -9,7 +9,7 @@ import optuna
 from remem_ray.config import SweepSpec
 from remem_ray.contract import METRIC, stopped_early
 from remem_ray.sweep.search import TIME_ATTR, DefineByRunSpace
-from remem_ray.sweep.slots import SlotPolicy, slots_in_use
+from remem_ray.sweep.slots import SlotMeasure, SlotPolicy, slots_in_use
 from remem_ray.sweep.tune_adapter import budget_aware_optuna_search
 
 
@@ -64,8 +64,28 @@ def test_no_gpu_slot_idles_while_trials_wait_for_a_teacher():
 def test_the_slot_policy_survives_the_searchers_save_and_restore(tmp_path):
     spec = _spec(max_concurrent=3, root=str(tmp_path))
     policy = pickle.loads(pickle.dumps(SlotPolicy(spec)))
-    assert (policy.max_concurrent, policy.max_live) == (3, 6)
+    assert (policy.measure, policy.max_live) == (SlotMeasure(3), 6)
     assert policy.key({"rho": 0.05, "alpha": 0.9, "teacher_epoch": 20}) == spec.run_spec(
         {"rho": 0.05, "alpha": 0.9, "teacher_epoch": 20}
     ).teacher_key(1)
     assert not policy.is_stored(policy.key({"rho": 0.05, "alpha": 0.9, "teacher_epoch": 20}))  # an empty root
+
+
+def test_with_a_gpu_budget_students_fill_the_gpus_their_teachers_held():
+    """4-GPU teachers and 1-GPU students on 16 GPUs (search_spaces/cifar100_vit_b.yaml). Counted
+    by trials, the sweep stopped at 4 live trials: once their teachers were stored, 4 students
+    distilled on 16 GPUs. Weighed, trials start while a student run still fits."""
+    gpu = {"num_workers": 1, "gpus_per_worker": 1}
+    resources = {"teacher": {**gpu, "num_workers": 4}, "student": gpu, "gpu_budget": 16}
+    spec = SweepSpec.model_validate({"sweep": {"resources": resources}})
+    policy = FakeSlots(spec, stored=set())
+    assert (policy.measure, policy.max_live) == (SlotMeasure(16, 4, 1, by_gpus=True), 32)
+    training = ["k0", "k1", "k2", "k3"]
+    assert not policy.may_start(training)  # 4 teachers: 16 GPUs
+    assert policy.may_start(["k0", "k1", "k2"])  # 12 GPUs: the next may only distil, or wait for 4
+    policy.stored_now.update(training)  # all four distil: 4 GPUs of 16
+    assert policy.may_start(training)
+    assert slots_in_use(training + ["k4"], policy.is_stored, policy.measure) == 8  # a fifth trains a teacher
+    distilling = training * 4  # two checkpoints of each teacher, two students each
+    assert slots_in_use(distilling[:15], policy.is_stored, policy.measure) == 15 and policy.may_start(distilling[:15])
+    assert not policy.may_start(distilling)

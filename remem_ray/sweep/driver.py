@@ -365,13 +365,13 @@ def _driving(
     sized (sweep/gpu_shares.py), and the held lease (sweep/driver_lease.py)."""
     from remem_ray.sweep.driver_lease import driving_lease
     from remem_ray.sweep.gpu_shares import (
-        fit_budget,
         fit_concurrency,
         probe_on_cluster,
         refuse_auto_without_gpus,
         refuse_what_this_machine_cannot_hold,
         resolve_gpu_shares,
         sizing_record,
+        slot_measure,
     )
     from remem_ray.sweep.progress import driver_line, sweep_console
     from remem_ray.sweep.run_slots import run_slot_book
@@ -411,15 +411,15 @@ def _driving(
             if lines:  # the probe may have brought a GPU node up
                 nodes = cluster_nodes()
             sized, line = fit_concurrency(spec, sized, nodes)
-            sized, budget_line = fit_budget(spec, sized, nodes)
+            measure, budget_line = slot_measure(sized, nodes)
             if lines:  # only this driver writes it, before any trial reads the sweep folder
-                record = sizing_record(sized, measured)
+                record = sizing_record(sized, measured, measure)
                 layout.experiment.write_text(GPU_SHARES_FILE, json.dumps(record, indent=2))
             for shown in [*lines, line, budget_line]:
                 if shown:
                     console.show(shown)
             console.show(
-                f"sweep {spec.name}: {what}, {sized.max_concurrent_trials()} at a time; "
+                f"sweep {spec.name}: {what}, {measure.describe()}; "
                 f"log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
             )
             notes = [unused_gpus_note(sized, sum(n.gpus for n in nodes))]
@@ -428,10 +428,9 @@ def _driving(
             for note in notes:
                 if note:
                     console.show(note)
-            # a resumed sweep's searcher comes back with the limit it was first sized with; the
-            # run slots hold its Train runs to the same limit
-            limit = sized.max_concurrent_trials()
-            with driver_limit(spec, limit), run_slot_book(spec, limit), trials_may_run():
+            # a resumed sweep's searcher comes back with the measure it was first sized with; the
+            # run slots hold its Train runs to the same measure
+            with driver_limit(spec, measure), run_slot_book(spec, measure), trials_may_run():
                 yield console, sized, driving
 
 

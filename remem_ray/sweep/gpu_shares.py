@@ -22,6 +22,7 @@ run at once as the cluster's GPU nodes hold at these shares (fit_concurrency).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.contract import StepMemory
 from remem_ray.errors import ResourceError, UserInputError
+from remem_ray.sweep.slots import ROLES, SlotMeasure, measure_of
 
 HEADROOM = 1.25
 PROCESS_MB = 1024.0
@@ -216,33 +218,28 @@ def fit_concurrency(spec: SweepSpec, sized: SweepSpec, nodes: list[NodeResources
     return SweepSpec.model_validate(raw), line
 
 
-def fit_budget(spec: SweepSpec, sized: SweepSpec, nodes: list[NodeResources]) -> tuple[SweepSpec, str | None]:
-    """`sized` with fewer trials at once where gpu_budget counts a trial's GPUs by its share, but
-    the cluster's GPU nodes hold fewer of its workers a GPU (their CPUs run out first: 7 CPUs a
-    worker at half a GPU need 14 CPUs a GPU). A budget of 8 at 0.5 a worker ran 16 trials on
-    8 nodes of 1 GPU and 7 CPUs: 8 runs placed, 8 waiting past worker_start_timeout_s, failed and
-    retried. Read off the GPU nodes up now (an autoscaler adds more of their kind); none up, the
-    budget stands as the share counts it."""
+def slot_measure(sized: SweepSpec, nodes: list[NodeResources]) -> tuple[SlotMeasure, str | None]:
+    """What the sweep's concurrency counts (sweep/slots.py), with a line where gpu_budget counts
+    a worker by its share but the cluster's GPU nodes hold fewer of its workers a GPU (their CPUs
+    run out first: 7 CPUs a worker at half a GPU need 14 CPUs a GPU). A budget of 8 at 0.5 a
+    worker ran 16 trials on 8 nodes of 1 GPU and 7 CPUs: 8 runs placed, 8 waiting past
+    worker_start_timeout_s, failed and retried. Such a worker weighs the GPUs it keeps, read off
+    the GPU nodes up now (an autoscaler adds more of their kind); none up, its share."""
     res = sized.sweep.resources
-    if spec.sweep.max_concurrent_trials is not None or res.gpu_budget is None:
-        return sized, None
-    held = {role: _gpus_held(getattr(res, role), nodes) for role in ("teacher", "student")}
-    trial_gpus = max(getattr(res, role).num_workers * gpus for role, gpus in held.items())
-    if trial_gpus <= res.gpus_per_trial():
-        return sized, None
-    concurrency = max(1, _whole(res.gpu_budget / trial_gpus))
-    if concurrency >= sized.max_concurrent_trials():
-        return sized, None
-    raw: dict[str, Any] = sized.model_dump(mode="json")
-    raw["sweep"]["max_concurrent_trials"] = concurrency
-    role = max(held, key=lambda r: getattr(res, r).num_workers * held[r])
+    if sized.sweep.max_concurrent_trials is not None or res.gpu_budget is None:
+        return measure_of(sized), None
+    held = {role: _gpus_held(getattr(res, role), nodes) for role in ROLES}
+    measure, by_shares = measure_of(sized, held), measure_of(sized)
+    if measure == by_shares:
+        return measure, None
+    role = max(held, key=lambda r: held[r] - getattr(res, r).gpus())
     worker = getattr(res, role)
     line = (
-        f"sweep.resources.gpu_budget: {concurrency} trial(s) at a time, not {sized.max_concurrent_trials()}: this "
-        f"cluster's GPU nodes hold a {role} worker of {worker.gpus():g} GPU and {worker.cpus_per_worker:g} CPUs "
-        f"per {held[role]:g} GPU (their CPUs run out first); lower cpus_per_worker, or set max_concurrent_trials"
+        f"sweep.resources.gpu_budget: {measure.describe()}, not {by_shares.describe()}: this cluster's GPU "
+        f"nodes hold a {role} worker of {worker.gpus():g} GPU and {worker.cpus_per_worker:g} CPUs per "
+        f"{held[role]:g} GPU (their CPUs run out first); lower cpus_per_worker, or set max_concurrent_trials"
     )
-    return SweepSpec.model_validate(raw), line
+    return measure, line
 
 
 def _gpus_held(role: WorkerResources, nodes: list[NodeResources]) -> float:
@@ -266,7 +263,7 @@ def _workers_on(role: WorkerResources, node: NodeResources) -> int:
     return min(_whole(node.gpus / role.gpus()), _whole(node.cpus / role.cpus_per_worker))
 
 
-def sizing_record(sized: SweepSpec, measured: list[StepMemory]) -> dict[str, Any]:
+def sizing_record(sized: SweepSpec, measured: list[StepMemory], measure: SlotMeasure) -> dict[str, Any]:
     """What `auto` measured and chose, as stored beside the sweep (benchmarks.gpu_sweep checks
     the runs' own peaks against each role's need)."""
     res = sized.sweep.resources
@@ -286,7 +283,8 @@ def sizing_record(sized: SweepSpec, measured: list[StepMemory]) -> dict[str, Any
     return {
         "roles": roles,
         "teacher_run_distils": res.one_run_for_both_phases(),
-        "max_concurrent_trials": sized.max_concurrent_trials(),
+        "max_concurrent_trials": measure.fewest_trials(),
+        "slots": dataclasses.asdict(measure),
         "process_mb": PROCESS_MB,
     }
 

@@ -1,9 +1,10 @@
-"""At most `max_concurrent` Train runs of a sweep at once: a trial takes a run slot before each
-fit() and gives it back after, in the order trials asked, from one small actor the driver owns.
+"""No more Train runs of a sweep at once than its slot measure holds (sweep/slots.py: so many
+runs, or so many GPUs with each run weighing its workers' GPUs): a trial takes a run slot before
+each fit() and gives it back after, in the order trials asked, from one small actor the driver owns.
 
 Why: the searcher (sweep/slots.py) admits trials that wait for another's teacher without
 counting them, since they hold no GPU while they wait. Once that teacher is stored they all want
-a Train run at the same moment, up to twice `max_concurrent` of them. Without this gate Ray would
+a Train run at the same moment, up to twice as many as the measure holds. Without this gate Ray would
 queue their workers, the queued time would count against `worker_start_timeout_s`, and Train
 would fail and retry runs that only waited their turn. Here they wait before fit(), holding
 no Train run (only their leases), and each run's start timeout measures a start.
@@ -28,7 +29,7 @@ from typing import Any
 
 from remem_ray.config import SweepSpec
 from remem_ray.console import say
-from remem_ray.sweep.slots import sweep_id
+from remem_ray.sweep.slots import SlotMeasure, sweep_id
 
 POLL_S = 1.0  # a queued trial asks again this often
 QUEUE_FORGET_S = 30.0  # a queued trial not heard from this long has gone
@@ -38,37 +39,52 @@ BOOK_START_TIMEOUT_S = 120.0  # the actor's process start, on a loaded head node
 
 @dataclass(frozen=True)
 class SlotState:
-    running: int
-    slots: int
+    in_use: float  # what the running runs weigh (runs, or GPUs)
+    capacity: float
     ahead: int  # trials queued before the one asking
+    by_gpus: bool = False
+
+    def describe(self) -> str:
+        held = "GPUs in use" if self.by_gpus else "running"
+        return f"{self.in_use:g} of {self.capacity:g} {held}, {self.ahead} ahead"
 
 
 class RunSlotBook:
     """Who runs a Train run now, and who waits for one, in arrival order (plain logic; the driver
-    runs it as a Ray actor)."""
+    runs it as a Ray actor). A run weighs what its role takes of the measure (slots.SlotMeasure):
+    the first in line that fits takes its weight; one that does not fit keeps its place while a
+    lighter one behind it starts in the room left, so a teacher run waiting for 4 GPUs never
+    idles the 3 a student could use, and still starts first once its 4 are free (it comes first
+    in the walk down the line)."""
 
-    def __init__(self, slots: int, stale_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.slots, self.stale_after_s, self._clock = slots, stale_after_s, clock
-        self._running: dict[str, float] = {}  # holder -> last renewal
-        self._queue: dict[str, float] = {}  # holder -> last ask, in arrival order
+    def __init__(self, measure: SlotMeasure, stale_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.measure, self.stale_after_s, self._clock = measure, stale_after_s, clock
+        self._running: dict[str, tuple[float, float]] = {}  # holder -> (last renewal, weight)
+        self._queue: dict[str, tuple[float, float]] = {}  # holder -> (last ask, weight), in arrival order
 
-    def take(self, holder: str) -> bool:
-        """Take a slot for `holder` if one is free and nobody asked before it; else queue it."""
+    def take(self, holder: str, role: str = "teacher") -> bool:
+        """Take a slot for `holder`'s run of `role` if it fits once those before it in line that
+        fit have theirs; else queue it (or keep its place)."""
         now = self._clock()
         self._forget(now)
         if holder in self._running:  # its own, from before a restart
-            self._running[holder] = now
+            self._running[holder] = (now, self._running[holder][1])
             return True
-        self._queue[holder] = now  # a new holder goes to the end; one already in line keeps its place
-        free = self.slots - len(self._running)
-        if free > 0 and holder in list(self._queue)[:free]:
-            del self._queue[holder]
-            self._running[holder] = now
-            return True
+        self._queue[holder] = (now, self.measure.weight(role))  # a new holder goes to the end
+        free = self.measure.capacity - self._in_use()
+        for queued, (_, weight) in self._queue.items():
+            if weight > free + 1e-9:
+                continue  # it waits for more room; those behind it may fit
+            if queued == holder:
+                del self._queue[holder]
+                self._running[holder] = (now, weight)
+                return True
+            free -= weight  # room kept for one ahead in line, which takes it when it asks again
         return False
 
-    def renew(self, holder: str) -> None:
-        self._running[holder] = self._clock()
+    def renew(self, holder: str, role: str = "teacher") -> None:
+        weight = self._running.get(holder, (0.0, self.measure.weight(role)))[1]
+        self._running[holder] = (self._clock(), weight)
         self._queue.pop(holder, None)
 
     def release(self, holder: str) -> None:
@@ -78,13 +94,16 @@ class RunSlotBook:
     def state(self, holder: str) -> SlotState:
         queued = list(self._queue)
         ahead = queued.index(holder) if holder in queued else len(queued)
-        return SlotState(len(self._running), self.slots, ahead)
+        return SlotState(self._in_use(), self.measure.capacity, ahead, self.measure.by_gpus)
+
+    def _in_use(self) -> float:
+        return sum(weight for _, weight in self._running.values())
 
     def _forget(self, now: float) -> None:
-        for holder, renewed in list(self._running.items()):
+        for holder, (renewed, _) in list(self._running.items()):
             if now - renewed > self.stale_after_s:
                 del self._running[holder]
-        for holder, asked in list(self._queue.items()):
+        for holder, (asked, _) in list(self._queue.items()):
             if now - asked > QUEUE_FORGET_S:
                 del self._queue[holder]
 
@@ -96,7 +115,7 @@ def book_name(spec: SweepSpec) -> str:
 
 
 @contextlib.contextmanager
-def run_slot_book(spec: SweepSpec, slots: int) -> Iterator[None]:
+def run_slot_book(spec: SweepSpec, measure: SlotMeasure) -> Iterator[None]:
     """The driver's side: the sweep's book, as a named actor, while the block runs. The actor
     takes no CPU and dies with the driver, as the trials do. A book that does not start leaves
     the sweep ungated (it says so), never failed."""
@@ -114,7 +133,7 @@ def run_slot_book(spec: SweepSpec, slots: int) -> Iterator[None]:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
     book = None
     try:
-        book = actor_class.options(**options).remote(slots, spec.sweep.lease_stale_after_s)
+        book = actor_class.options(**options).remote(measure, spec.sweep.lease_stale_after_s)
         ray.get(book.state.remote(""), timeout=BOOK_START_TIMEOUT_S)  # up before the first trial asks
     except Exception as exc:  # a gate that cannot start must not stop the sweep
         say(f"sweep {spec.name}: its run-slot book did not start ({type(exc).__name__}); Train runs may start ungated")
@@ -130,8 +149,8 @@ class _Slot:
     """One trial's hold on a run slot, renewed by a leases.Heartbeat (renew/release as a lease's:
     once released, from whichever thread, no renewal follows)."""
 
-    def __init__(self, book, holder: str) -> None:
-        self._book, self._holder = book, holder
+    def __init__(self, book, holder: str, role: str) -> None:
+        self._book, self._holder, self._role = book, holder, role
         self._lock = threading.Lock()
         self._released = False
 
@@ -140,7 +159,7 @@ class _Slot:
             if self._released:
                 return False
             with contextlib.suppress(Exception):  # a book gone (the driver ending) stops nothing
-                _call(self._book.renew, self._holder)
+                _call(self._book.renew, self._holder, self._role)
             return True  # a run that is going goes on: the book counts it again if it had dropped it
 
     def release(self) -> None:
@@ -165,8 +184,7 @@ def _call(method, *args):
 def _queued_note(book, trial_id: str) -> str:
     """The waiting line (asked of the book only when the Waiter prints it)."""
     state: SlotState = _call(book.state, trial_id)
-    ahead = f"{state.running} of {state.slots} running, {state.ahead} ahead"
-    return f"trial {trial_id}: waiting for a Train run slot ({ahead})"
+    return f"trial {trial_id}: waiting for a Train run slot ({state.describe()})"
 
 
 def _find_book(spec: SweepSpec, trial_id: str):
@@ -183,9 +201,10 @@ def _find_book(spec: SweepSpec, trial_id: str):
 
 @contextlib.contextmanager
 def run_slot(
-    spec: SweepSpec, trial_id: str, timeout_s: float, stopping: threading.Event | None = None
+    spec: SweepSpec, trial_id: str, role: str, timeout_s: float, stopping: threading.Event | None = None
 ) -> Iterator[None]:
-    """A trial's side: hold a run slot while the block (one fit()) runs. Waits in line first,
+    """A trial's side: hold a run slot for a run of `role` (teacher or student) while the block
+    (one fit()) runs. Waits in line first,
     with a line now and then; leaves the line if Tune stops the trial meanwhile. A book that
     cannot be reached lets the run go (a lost gate costs at worst the queueing it exists to
     spare, never the trial)."""
@@ -202,7 +221,7 @@ def run_slot(
             while True:
                 if stopping is not None and stopping.is_set():  # checked first: no run starts after it
                     end_stopped_trial()
-                if _call(book.take, trial_id):
+                if _call(book.take, trial_id, role):
                     break
                 waiter.wait(lambda: _queued_note(book, trial_id))
         except ray.exceptions.RayError as exc:  # the actor gone, or a call timed out
@@ -215,7 +234,7 @@ def run_slot(
     if book is None:
         yield
         return
-    slot = _Slot(book, trial_id)
+    slot = _Slot(book, trial_id, role)
     try:
         with Heartbeat(slot, HEARTBEAT_S, stopping):
             yield

@@ -459,7 +459,7 @@ class TrialRuns:
             run = self._student_run()
         else:  # a teacher-only run: the student takes other workers
             run = train_run_config(TRAIN_RUN, output, spec.sweep.max_failures, self.trial_id)
-        with self._run_slot():
+        with self._run_slot("teacher"):  # a run that also distils takes the teacher's workers
             finished.fit_called_at = time.time()  # the run's start, for benchmarks/sweep_overhead.py
             student = self._student_config(output.uri(checkpoint_name(epoch)), True) if together else None
             # pickled: Train's controller unpickles the config, and importing this module would cost
@@ -479,15 +479,15 @@ class TrialRuns:
         in_use = self.registry.set_in_use(self.key, self.run_spec.legacy_teacher_keys(world_size))
         assert in_use is not None  # ensure_teacher made sure of it
         run = self._student_run()
-        with self._run_slot():
+        with self._run_slot("student"):
             config = self._student_config(in_use.checkpoint_uri(epoch), trained)
             result = self._fit(distill_student_in_worker, config, self.spec.sweep.resources.student, run)
         self._student_finished(result)
 
-    def _run_slot(self):
+    def _run_slot(self, role: str):
         """Held around each Train run, from before its config is built (`fit_called_at` then
         counts from the end of the wait): sweep/run_slots.py says why."""
-        return run_slot(self.spec, self.trial_id, self.spec.sweep.teacher_wait_timeout_s, self.stopping)
+        return run_slot(self.spec, self.trial_id, role, self.spec.sweep.teacher_wait_timeout_s, self.stopping)
 
     def _fit(self, loop, config: LoopConfig | PhasesConfig, resources: WorkerResources, run):
         sweep = self.spec.sweep
