@@ -346,6 +346,39 @@ def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, m
     assert teacher["need_mb"] == pytest.approx(3000 * 1.25 + 8192 + 1024)
 
 
+def test_the_driver_weighs_runs_by_their_gpus_and_says_so(tmp_path, monkeypatch):
+    """A budget over 4-GPU teachers and 1-GPU students: the searcher and the run-slot book get the
+    weighed measure, and the sweep's first line says what it allows."""
+    import contextlib
+
+    from remem_ray.storage import Storage
+    from remem_ray.sweep import driver, progress
+    from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.slots import _DRIVER_LIMITS
+
+    shown: list[str] = []
+
+    @contextlib.contextmanager
+    def console(*args, **kwargs):
+        yield type("Console", (), {"show": staticmethod(shown.append)})()
+
+    @contextlib.contextmanager
+    def no_ray(address, verbose):
+        yield None
+
+    monkeypatch.setattr(driver, "ray_session", no_ray)
+    monkeypatch.setattr(driver, "cluster_nodes", lambda: _nodes(8, cpus=64, count=2))
+    monkeypatch.setattr(progress, "sweep_console", console)
+    ddp = {"sweep.resources.gpu_budget": 16, "sweep.resources.teacher.num_workers": 4, "name": "weighed"}
+    spec = _spec(1, 1, **ddp)
+    layout = SweepLayout(Storage(str(tmp_path)), spec.name)
+    with driver._driving(spec, layout, None, False, "64 trials", export=None):
+        assert list(_DRIVER_LIMITS.values()) == [SlotMeasure(16, 4, 1, by_gpus=True)]
+    assert shown[0].startswith(
+        "sweep weighed: 64 trials, 4 to 16 at a time: 16 GPUs, a teacher run takes 4 and a student run 1; log "
+    )
+
+
 def test_the_driver_refuses_auto_without_gpus_before_its_first_write(tmp_path, monkeypatch):
     import contextlib
 
