@@ -46,7 +46,7 @@ def test_a_crowd_released_at_once_runs_slots_at_a_time_in_the_order_it_asked():
 def test_runs_weigh_their_roles_gpus_and_a_light_run_fills_room_a_heavy_one_waits_for():
     """4-GPU teachers and 1-GPU students on 16 GPUs: one slot per run kept 4 runs at once, so 4
     students distilled on 16 GPUs. Weighed, a teacher run waiting for 4 GPUs leaves the 3 free to
-    a student behind it, and still takes the next 4 that free up before anyone behind it."""
+    a student behind it, and takes 4 that free up at once before anyone behind it."""
     book, _ = _book(measure=SlotMeasure(16, teacher=4, student=1, by_gpus=True))
     assert all(book.take(f"t{i}", "teacher") for i in range(4))
     assert not book.take("s0", "student")  # 16 of 16 in use
@@ -62,6 +62,44 @@ def test_runs_weigh_their_roles_gpus_and_a_light_run_fills_room_a_heavy_one_wait
     for student in ("s0", "s1", "s2", "s3"):
         book.release(student)
     assert all(book.take(f"s{i}", "student") for i in range(4, 8))
+
+
+def test_a_waiting_teacher_run_is_passed_only_for_a_while_then_the_room_is_held_for_it():
+    """Students finishing one at a time each handed their GPU to the next student behind the
+    waiting teacher: with 20 students queued after it, it started after all 20 (a review's
+    simulation). Past PASS_WINDOW_S the room that frees is the teacher's."""
+    book, clock = _book(stale_after_s=3600, measure=SlotMeasure(16, teacher=4, student=1, by_gpus=True))
+    assert all(book.take(f"s{i}", "student") for i in range(16))
+    assert not book.take("T", "teacher")
+    waiting = [f"w{i}" for i in range(20)]
+    assert not any(book.take(w, "student") for w in waiting)
+    book.release("s0")
+    assert book.take("w0", "student")  # within the window a student may use the free GPU
+    while clock.now <= run_slots.PASS_WINDOW_S:  # all of them asking again, as they do every second
+        clock.now += 10
+        assert not book.take("T", "teacher") and not any(book.take(w, "student") for w in waiting[1:])
+    started = []
+    for finished in range(1, 5):
+        book.release(f"s{finished}")
+        started += [w for w in waiting[1:] if book.take(w, "student")]
+        if book.take("T", "teacher"):
+            break
+    assert started == [] and finished == 4  # the four GPUs the next four students freed
+    assert book.state("x") == SlotState(in_use=16, capacity=16, ahead=19, by_gpus=True)
+
+
+def test_a_trial_that_holds_a_slot_takes_the_weight_of_its_run_now():
+    """A trial restarted within the stale window finds its slot its own: a lighter run keeps it at
+    the lighter weight; a heavier one (its stored teacher found corrupt: it trains it again)
+    asks as anyone would, rather than run 4 GPUs on the book's count of 1."""
+    book, _ = _book(measure=SlotMeasure(4, teacher=4, student=1, by_gpus=True))
+    assert book.take("a", "teacher")
+    assert book.take("a", "student") and book.state("x").in_use == 1  # its release was lost
+    assert book.take("b", "student") and book.take("c", "student")
+    assert not book.take("a", "teacher")  # 3 in use without a: waits for 4
+    book.release("b")
+    book.release("c")
+    assert book.take("a", "teacher") and book.state("x").in_use == 4
 
 
 def test_a_run_heavier_than_the_measure_runs_alone():

@@ -79,7 +79,7 @@ def test_with_a_gpu_budget_students_fill_the_gpus_their_teachers_held():
     resources = {"teacher": {**gpu, "num_workers": 4}, "student": gpu, "gpu_budget": 16}
     spec = SweepSpec.model_validate({"sweep": {"resources": resources}})
     policy = FakeSlots(spec, stored=set())
-    assert (policy.measure, policy.max_live) == (SlotMeasure(16, 4, 1, by_gpus=True), 32)
+    assert (policy.measure, policy.max_live) == (SlotMeasure(16, 4, 1, by_gpus=True), 20)
     training = ["k0", "k1", "k2", "k3"]
     assert not policy.may_start(training)  # 4 teachers: 16 GPUs
     assert policy.may_start(["k0", "k1", "k2"])  # 12 GPUs: the next may only distil, or wait for 4
@@ -89,3 +89,21 @@ def test_with_a_gpu_budget_students_fill_the_gpus_their_teachers_held():
     distilling = training * 4  # two checkpoints of each teacher, two students each
     assert slots_in_use(distilling[:15], policy.is_stored, policy.measure) == 15 and policy.may_start(distilling[:15])
     assert not policy.may_start(distilling)
+
+
+def test_a_policy_built_while_the_driver_drives_keeps_the_drivers_measure():
+    """Under Ray Client the searcher runs where no driver_limit is set: it keeps the measure it
+    was built with, which must be the driver's (read off the cluster), not the spec's shares."""
+    from remem_ray.sweep.slots import driver_limit
+
+    spec = SweepSpec.model_validate(
+        {
+            "sweep": {
+                "resources": {"gpu_budget": 8, "student": {"gpus_per_worker": 0.5}, "teacher": {"gpus_per_worker": 0.5}}
+            }
+        }
+    )
+    assert SlotPolicy(spec).measure == SlotMeasure(8, 0.5, 0.5, by_gpus=True)
+    with driver_limit(spec, SlotMeasure(8, 1, 1, by_gpus=True)):
+        policy = SlotPolicy(spec)
+    assert pickle.loads(pickle.dumps(policy)).measure == SlotMeasure(8, 1, 1, by_gpus=True)

@@ -283,7 +283,7 @@ def sizing_record(sized: SweepSpec, measured: list[StepMemory], measure: SlotMea
     return {
         "roles": roles,
         "teacher_run_distils": res.one_run_for_both_phases(),
-        "max_concurrent_trials": measure.fewest_trials(),
+        "max_concurrent_trials": measure.fewest_trials(),  # trials at once while each trains its teacher
         "slots": dataclasses.asdict(measure),
         "process_mb": PROCESS_MB,
     }

@@ -33,6 +33,7 @@ from remem_ray.sweep.slots import SlotMeasure, sweep_id
 
 POLL_S = 1.0  # a queued trial asks again this often
 QUEUE_FORGET_S = 30.0  # a queued trial not heard from this long has gone
+PASS_WINDOW_S = 60.0  # how long lighter runs may pass one that waits for more room than is free
 CALL_TIMEOUT_S = 30.0  # one call to the book's actor
 BOOK_START_TIMEOUT_S = 120.0  # the actor's process start, on a loaded head node
 
@@ -51,40 +52,50 @@ class SlotState:
 
 class RunSlotBook:
     """Who runs a Train run now, and who waits for one, in arrival order (plain logic; the driver
-    runs it as a Ray actor). A run weighs what its role takes of the measure (slots.SlotMeasure):
-    the first in line that fits takes its weight; one that does not fit keeps its place while a
-    lighter one behind it starts in the room left, so a teacher run waiting for 4 GPUs never
-    idles the 3 a student could use, and still starts first once its 4 are free (it comes first
-    in the walk down the line)."""
+    runs it as a Ray actor). A run weighs what its role takes of the measure (slots.SlotMeasure).
+    Walking down the line, each run that fits takes its weight; one that does not fit keeps its
+    place, and for its first PASS_WINDOW_S in line lighter runs behind it may use the room (a
+    teacher run waiting for 4 GPUs leaves the 3 free to students). After that the room is held
+    for it: students finishing one at a time would otherwise each hand their GPU to the next
+    student in line, and the teacher (and every trial waiting for its key) would wait for the
+    whole line behind it."""
 
     def __init__(self, measure: SlotMeasure, stale_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.measure, self.stale_after_s, self._clock = measure, stale_after_s, clock
-        self._running: dict[str, tuple[float, float]] = {}  # holder -> (last renewal, weight)
-        self._queue: dict[str, tuple[float, float]] = {}  # holder -> (last ask, weight), in arrival order
+        self._running: dict[str, _Entry] = {}  # holder -> its run, last renewed
+        self._queue: dict[str, _Entry] = {}  # holder -> its place, last asked, in arrival order
 
     def take(self, holder: str, role: str = "teacher") -> bool:
         """Take a slot for `holder`'s run of `role` if it fits once those before it in line that
         fit have theirs; else queue it (or keep its place)."""
-        now = self._clock()
+        now, weight = self._clock(), self.measure.weight(role)
         self._forget(now)
-        if holder in self._running:  # its own, from before a restart
-            self._running[holder] = (now, self._running[holder][1])
-            return True
-        self._queue[holder] = (now, self.measure.weight(role))  # a new holder goes to the end
-        free = self.measure.capacity - self._in_use()
-        for queued, (_, weight) in self._queue.items():
-            if weight > free + 1e-9:
-                continue  # it waits for more room; those behind it may fit
-            if queued == holder:
-                del self._queue[holder]
-                self._running[holder] = (now, weight)
+        held = self._running.get(holder)
+        if held is not None:
+            if held.weight >= weight:  # its own, from before a restart (or a lighter run after a failed release)
+                self._running[holder] = _Entry(held.since, now, weight)
                 return True
-            free -= weight  # room kept for one ahead in line, which takes it when it asks again
+            del self._running[holder]  # a heavier run now: it asks as anyone would
+        queued = self._queue.get(holder)
+        since = queued.since if queued is not None and queued.weight == weight else now
+        self._queue[holder] = _Entry(since, now, weight)  # a new holder goes to the end
+        free = self.measure.capacity - self._in_use()
+        for name, entry in self._queue.items():
+            if entry.weight > free + 1e-9:
+                if now - entry.since >= PASS_WINDOW_S:
+                    return False  # waited long enough: the room that frees is held for it
+                continue  # it waits for more room; those behind it may fit
+            if name == holder:
+                del self._queue[holder]
+                self._running[holder] = _Entry(now, now, weight)
+                return True
+            free -= entry.weight  # room kept for one ahead in line, taken when it asks again
         return False
 
     def renew(self, holder: str, role: str = "teacher") -> None:
-        weight = self._running.get(holder, (0.0, self.measure.weight(role)))[1]
-        self._running[holder] = (self._clock(), weight)
+        held = self._running.get(holder)
+        now = self._clock()
+        self._running[holder] = _Entry(held.since if held else now, now, self.measure.weight(role))
         self._queue.pop(holder, None)
 
     def release(self, holder: str) -> None:
@@ -97,15 +108,22 @@ class RunSlotBook:
         return SlotState(self._in_use(), self.measure.capacity, ahead, self.measure.by_gpus)
 
     def _in_use(self) -> float:
-        return sum(weight for _, weight in self._running.values())
+        return sum(entry.weight for entry in self._running.values())
 
     def _forget(self, now: float) -> None:
-        for holder, (renewed, _) in list(self._running.items()):
-            if now - renewed > self.stale_after_s:
+        for holder, entry in list(self._running.items()):
+            if now - entry.last > self.stale_after_s:
                 del self._running[holder]
-        for holder, (asked, _) in list(self._queue.items()):
-            if now - asked > QUEUE_FORGET_S:
+        for holder, entry in list(self._queue.items()):
+            if now - entry.last > QUEUE_FORGET_S:
                 del self._queue[holder]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    since: float  # when it joined the line (or started running)
+    last: float  # its last ask, or renewal
+    weight: float
 
 
 def book_name(spec: SweepSpec) -> str:

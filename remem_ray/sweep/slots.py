@@ -9,7 +9,8 @@ trial may start while
         <=  capacity
 
 and, so that a crowd of waiters never floods the cluster once their teacher is stored, while
-fewer than twice the most trials the capacity holds are live.
+fewer trials are live than the capacity holds distilling plus those it holds training teachers
+(twice max_concurrent_trials, counting runs).
 
 What a run weighs (SlotMeasure): with `gpu_budget` and no `max_concurrent_trials`, the GPUs its
 workers keep, against the budget: a sweep of 4-GPU teachers and 1-GPU students on 16 GPUs trains
@@ -126,7 +127,9 @@ class SlotPolicy:
 
     def __init__(self, spec: SweepSpec) -> None:
         self.spec = spec
-        self._measure = measure_of(spec)
+        # the driver's measure where built under its driver_limit (sizes read off the cluster),
+        # pickled with the searcher: under Ray Client the searcher runs where no limit is set
+        self._measure = _DRIVER_LIMITS.get(sweep_id(spec)) or measure_of(spec)
         self._stored: set[str] = set()
         self._checked: dict[str, float] = {}
         self._older_keys: dict[str, list[str]] = {}  # what earlier versions called each key's training
@@ -137,7 +140,8 @@ class SlotPolicy:
 
     @property
     def max_live(self) -> int:
-        return 2 * self.measure.most_trials()
+        measure = self.measure
+        return measure.most_trials() + measure.fewest_trials()
 
     def key(self, config: dict[str, Any]) -> str:
         """The teacher key of the trial that `config` (a suggestion) describes."""
