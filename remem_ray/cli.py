@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from remem_ray.errors import TrainingDivergedError, UserInputError
+from remem_ray.errors import NotReadyError, TrainingDivergedError, UserInputError
 
 EXIT_USAGE = 2
 VERBOSE_HELP = "show all of Ray's and Tune's console output (sweep.log keeps it either way)"
@@ -74,8 +74,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "`remem distill` distils from a saved one"
         )
     teacher = run_teacher(spec, checked=True)
-    last = teacher["history"][-1]
-    print(f"teacher: val_acc {last['val_acc']:.4f}  test_acc {last['test_acc']:.4f}")
+    epoch = spec.student.teacher_epoch or spec.teacher.saved_epochs[-1]  # what the student distils from
+    chosen = next(h for h in teacher["history"] if h["epoch"] == epoch)
+    print(f"teacher epoch {epoch} (the student's): val_acc {chosen['val_acc']:.4f}  test_acc {chosen['test_acc']:.4f}")
     _print_student(run_student(spec, checked=True))
     return 0
 
@@ -180,11 +181,12 @@ def cmd_sweep_best(args: argparse.Namespace) -> int:
     import json
 
     from remem_ray.sweep import sweep_summary
+    from remem_ray.sweep.results import no_student_yet
 
-    best = sweep_summary(_located(args)).best
+    summary = sweep_summary(_located(args))
+    best = summary.best
     if best is None:
-        print("remem: error: sweep: no trial has reported a student yet", file=sys.stderr)
-        return 1
+        raise NotReadyError(no_student_yet(summary))
     print(
         json.dumps(
             {
@@ -596,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug or os.environ.get("REMEM_DEBUG") == "1":
             print_cause_chain(err)
         return EXIT_USAGE
-    except TrainingDivergedError as err:  # not bad input: the run itself failed
+    except (TrainingDivergedError, NotReadyError) as err:  # not bad input: the run failed, or is not there yet
         print(f"remem: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

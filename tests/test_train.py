@@ -151,9 +151,10 @@ def _tiny_spec_file(folder: Path, name: str, teacher: dict, **sections) -> Path:
 
 def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys):
     spec = _tiny_spec_file(in_tmp, "tiny", {"alpha": 0.8}, student={"epochs": 1})
-    assert main(["run", str(spec)]) == 0
+    assert main(["run", str(spec), "--teacher-epoch", "1"]) == 0
     out = capsys.readouterr()
-    assert "student: best val_acc" in out.out
+    # the teacher the student learnt from (it printed the last epoch's, whichever was chosen)
+    assert "teacher epoch 1 (the student's): val_acc" in out.out and "student: best val_acc" in out.out
     assert "teacher: epoch 2" in out.err and "val_acc" in out.err  # progress lines
     run = in_tmp / "remem-results" / "runs" / "tiny"
     for epoch in (1, 2):
@@ -161,15 +162,15 @@ def test_cli_run_writes_checkpoints_and_distils_from_chosen_epoch(in_tmp, capsys
     saved = json.loads((run / "teacher" / "spec.json").read_text())
     assert saved["spec"]["teacher"]["alpha"] == 0.8 and len(saved["teacher_key"]) == 16
     meta = json.loads((Path(best_checkpoint(Storage(str(run / "student")))) / "meta.json").read_text())
-    assert meta["teacher"]["epoch"] == 2
+    assert meta["teacher"]["epoch"] == 1
     info = meta["teacher"]["information"]  # the teacher's MI, recorded at its checkpoint
     assert set(info) == {"targets/fixed", "targets/relative", "logits/fixed", "logits/relative"}
     assert 0.0 <= info["targets/relative"]["i_xt_lower"] <= info["targets/relative"]["i_xt_upper"]
     assert meta["teacher"]["metrics"]["teacher_mi"] == info["targets/fixed"]["i_xt_upper"]
 
-    assert main(["distill", str(spec), "--teacher-epoch", "1"]) == 0
+    assert main(["distill", str(spec), "--teacher-epoch", "2"]) == 0
     meta = json.loads((Path(best_checkpoint(Storage(str(run / "student")))) / "meta.json").read_text())
-    assert meta["teacher"]["epoch"] == 1
+    assert meta["teacher"]["epoch"] == 2
 
     capsys.readouterr()
     assert main(["info", str(run / "teacher" / "epoch_2"), "--data", str(spec), "--samples", "50"]) == 0
