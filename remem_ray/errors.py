@@ -16,6 +16,11 @@ class ResourceError(UserInputError):
     """Weights, data or storage named by the spec cannot be reached."""
 
 
+class NotReadyError(RuntimeError):
+    """What was asked of a sweep does not exist yet (no trial has finished a student): not bad
+    input, and asked again later it may (the CLI: one line, exit 1)."""
+
+
 class TrainingDivergedError(RuntimeError):
     """A run's loss went NaN or infinite: nothing of that epoch is kept (the CLI: one line, exit 1)."""
 

@@ -155,6 +155,13 @@ def _check_sweep(spec: SweepSpec) -> None:
             "student.teacher_checkpoint: a sweep distils each trial's own teacher; "
             "remove it (it is for `remem distill`)"
         )
+    if "kd_temperature" in spec.sweep.search.ranges() and spec.student.kd.weight == 0.0:
+        # every temperature is one student key (canonical_student): the trials replayed one
+        # student and the table, best-so-far curve and importances counted it per temperature
+        raise SpecError(
+            "sweep.search.kd_temperature: student.kd.weight is 0 (no distillation term), so every temperature "
+            "distils the same student; give kd.weight above 0 or stop searching kd_temperature"
+        )
     res = spec.sweep.resources
     fewest = _fewest_gpus_per_trial(res)
     if res.gpu_budget is not None and res.gpu_budget < fewest:

@@ -304,6 +304,13 @@ CORPUS = [
         "student.teacher_checkpoint",
         verbs=(SWEEP_RUN,),
     ),
+    # canonical_student drops the temperature at weight 0: one student replayed per temperature
+    _bad(
+        "kd-temperature-searched-without-kd",
+        "student:\n  kd: {weight: 0.0}\nsweep:\n  search:\n    kd_temperature: {values: [2, 4]}\n",
+        "sweep.search.kd_temperature: student.kd.weight is 0",
+        verbs=(SWEEP_RUN,),
+    ),
     _bad(
         "gpu-budget-below-one-auto-trial",  # a multi-worker auto role takes a GPU per worker
         "sweep:\n  resources:\n    teacher: {num_workers: 4, gpus_per_worker: auto}\n    gpu_budget: 2\n",

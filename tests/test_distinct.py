@@ -197,3 +197,19 @@ def test_importances_under_asha_compare_the_deepest_epoch_every_trial_reached():
         + [trial(0.1, 0.9, [0.4])]
     )
     assert importances_of(mostly_finished).basis == "the 3 finished trials' best student val accuracy"
+    # a finished trial rerun after a resume reports only its epochs after the restart: left out
+    # at epoch 3, it was still counted among the "stopped" (3 said where all were)
+    rerun = create_trial(
+        params={"rho": 0.1, "alpha": 0.9},
+        distributions=dist,
+        state=TrialState.COMPLETE,
+        value=0.95,
+        intermediate_values={4: 0.91, 5: 0.93, 8: 0.95},
+    )
+    resumed = optuna.create_study(direction="maximize")
+    resumed.add_trials([rerun, trial(0.0, 1.0, [0.7, 0.8, 0.85]), trial(0.05, 1.0, [0.7, 0.8, 0.82])])
+    resumed.add_trials([trial(0.05, 0.9, [0.6, 0.7, 0.75])])
+    assert importances_of(resumed).basis == (
+        "3 trials' best student val accuracy at student epoch 3, the deepest all of them reached "
+        "(ASHA stopped 3 of them early)"
+    )

@@ -126,12 +126,13 @@ def test_the_trial_table_shows_a_zero_as_its_column_does_and_a_small_rate_in_ful
 
     rows = [
         TrialRow(t, "TERMINATED", {"rho": rho, "student_lr": lr})
-        for t, rho, lr in (("a", 0.0, 2e-5), ("b", 0.05, 2e-3))
+        for t, rho, lr in (("a", 0.0, 2e-5), ("b", 0.05, 2e-3), ("c", 0.0525, 0.0012), ("d", 0.0734219, 0.0014))
     ]
     lines = format_table(SweepSummary("s", "e", METRIC, trials=rows, best=None)).splitlines()
     assert lines[0].split()[2] == "rho" and lines[0].split()[5] == "student_lr"
-    assert [line.split()[2] for line in lines[1:3]] == ["0.000", "0.050"]
-    assert [line.split()[5] for line in lines[1:3]] == ["2e-05", "0.002"]
+    # sampled values keep 3 significant digits: two learning rates read 0.001 alike
+    assert [line.split()[2] for line in lines[1:5]] == ["0.000", "0.050", "0.0525", "0.0734"]
+    assert [line.split()[5] for line in lines[1:5]] == ["2e-05", "0.002", "0.0012", "0.0014"]
 
 
 def test_remem_report_while_a_driver_runs_the_sweep_writes_an_interim_report(tmp_path):

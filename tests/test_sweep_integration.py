@@ -150,7 +150,7 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
     # Train's cleaner found each stopped run's controller gone and freed its placement group
     cleaned = log.count("Cleaning up placement group")
     assert cleaned >= sum(r["stopped_early"] for r in summary["trials"]) >= 1, cleaned
-    assert "best student checkpoint:" in out and "teacher trainings performed: 2" in out
+    assert "best student checkpoint:" in out and "teachers trained: 2" in out
     _check_console(out, experiment, stopped=sum(r["stopped_early"] for r in summary["trials"]))
 
     # objects written: Tune experiment, teacher registry, students

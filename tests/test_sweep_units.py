@@ -357,6 +357,11 @@ def test_an_errored_trial_is_never_the_best_student(tmp_path, monkeypatch):
         "TrainingDivergedError: teacher diverged in epoch 2 (val_loss nan)",
         None,
     ]
+    # students distilled: those finished (or stopped by ASHA), not the part one that failed
+    # distilled, nor one still distilling (`sweep status` mid-sweep counted both)
+    assert summary.students_distilled == 2
+    trials.append(trial("d", "RUNNING", 0.60, 1))
+    assert results.summarize(spec, layout).students_distilled == 2
     trials[0].status = "ERROR"
     assert results.summarize(spec, SweepLayout(Storage(str(tmp_path)), "s")).best.trial_id == "c"
 
@@ -989,3 +994,30 @@ def test_a_driver_resource_no_node_has_is_said_at_the_start():
     right = SweepSpec.model_validate({"name": "s", "sweep": {"resources": {"driver_resource": "remem_driver"}}})
     assert driver_resource_note(right, [head, gpu_node]) is None
     assert driver_resource_note(SweepSpec.model_validate({"name": "s"}), [gpu_node]) is None  # none asked for
+
+
+@pytest.mark.parametrize("verb", ["best", "export"])
+def test_a_sweep_without_a_finished_student_says_what_its_trials_do_and_exits_1(verb, tmp_path, monkeypatch, capsys):
+    """`sweep best` said "no trial has reported a student yet" beside trials that had; `sweep
+    export` exited 2, the code for bad input, for a sweep that had only not finished one yet."""
+    import json
+    from types import SimpleNamespace
+
+    from remem_ray.cli import main
+    from remem_ray.storage import Storage
+    from remem_ray.sweep import results
+    from remem_ray.sweep.layout import SWEEP_SPEC_FILE, SweepLayout
+
+    def trial(tid, status):
+        result = {METRIC: 0.5, "best_test_acc": 0.5, "epoch": 1, "epochs": 8}
+        return SimpleNamespace(trial_id=tid, status=status, config={"rho": 0.1, "alpha": 0.9}, last_result=result)
+
+    monkeypatch.setattr(results, "load_trials", lambda layout: [trial("a", "RUNNING"), trial("b", "ERROR")])
+    spec = SweepSpec.model_validate({"name": "s", "storage": {"root": str(tmp_path)}})
+    layout = SweepLayout(Storage(str(tmp_path)), "s")
+    layout.experiment.write_text(SWEEP_SPEC_FILE, json.dumps(spec.model_dump(mode="json")))
+    argv = ["sweep", verb, layout.experiment.uri()] + (["--to", str(tmp_path / "out")] if verb == "export" else [])
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == "remem: sweep: s has no finished student yet (1 running or pending, 1 failed)\n"
+    assert not (tmp_path / "out").exists()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from remem_ray.checkpoint_files import best_location
 from remem_ray.config import SweepSpec
-from remem_ray.errors import UserInputError
+from remem_ray.errors import NotReadyError, UserInputError
 from remem_ray.export import Exported, export_student
 from remem_ray.sweep.layout import SweepLayout
-from remem_ray.sweep.results import summarize
+from remem_ray.sweep.results import no_student_yet, summarize
 
 
 def export_trial(spec: SweepSpec, trial_id: str | None, target: str, onnx: bool = False) -> Exported:
@@ -18,7 +18,7 @@ def export_trial(spec: SweepSpec, trial_id: str | None, target: str, onnx: bool 
     if trial_id is None:
         row = summary.best
         if row is None:
-            raise UserInputError(f"sweep: {spec.name} has no finished student yet")
+            raise NotReadyError(no_student_yet(summary))
     else:
         row = next((r for r in summary.trials if r.trial_id == trial_id), None)
         if row is None:
@@ -26,7 +26,10 @@ def export_trial(spec: SweepSpec, trial_id: str | None, target: str, onnx: bool 
             raise UserInputError(f"--trial: no trial {trial_id!r} in sweep {spec.name} (trials: {known})")
     location = best_location(layout.student(row.trial_id))  # its own, or the stored student it replayed
     if row.state != "TERMINATED" or location is None:
-        raise UserInputError(f"--trial: trial {row.trial_id} has no finished student (state {row.state})")
+        what = f"trial {row.trial_id} has no finished student (state {row.state})"
+        if trial_id is None:  # the best by its scores, its checkpoint gone
+            raise NotReadyError(f"sweep: {spec.name}'s best {what}: name another with --trial")
+        raise UserInputError(f"--trial: {what}")
     params = {**row.params}
     facts = {
         "dataset": f"{spec.data.name} ({spec.data.img_size} px)",

@@ -17,7 +17,7 @@ from typing import Any
 from remem_ray.search_params import ALPHA, RHO
 from remem_ray.storage import Storage
 from remem_ray.sweep.layout import SweepLayout
-from remem_ray.sweep.results import SweepSummary, TrialRow, format_table, stopped_note
+from remem_ray.sweep.results import SweepSummary, TrialRow, fmt_value, format_table, stopped_note
 from remem_ray.sweep.study import newest_study
 
 REPORT_FILE = "report.md"
@@ -240,9 +240,12 @@ def importances_of(searched) -> Importances:
         at_step = [(t, t.intermediate_values[step]) for t in ended if step in t.intermediate_values]
         if len(at_step) > len(complete):
             scored = at_step
+            # counted, not inferred from the finished count: a finished trial rerun after a resume
+            # reports only the epochs after its restart, and may have none at `step`
+            stopped = sum(1 for t, _ in at_step if t.state == TrialState.PRUNED)
             basis = (
                 f"{len(at_step)} trials' best student val accuracy at student epoch {step}, the deepest all of "
-                f"them reached (ASHA stopped {len(at_step) - len(complete)} of them early)"
+                f"them reached (ASHA stopped {stopped} of them early)"
             )
     varied = (
         {name for name in scored[0][0].params if len({t.params.get(name) for t, _ in scored}) > 1} if scored else set()
@@ -348,8 +351,8 @@ def _markdown(summary: SweepSummary, importances: Importances) -> str:
     if summary.best is not None:
         b = summary.best
         lines += [
-            f"Best student: trial `{b.trial_id}`, params `{b.params}`, val {b.student_val_acc:.4f}, "
-            f"test {b.student_test_acc:.4f}{stopped_note(b)}; checkpoint `{b.student_checkpoint}`.",
+            f"Best student: trial `{b.trial_id}`, params `{b.params}`, val {fmt_value(b.student_val_acc)}, "
+            f"test {fmt_value(b.student_test_acc)}{stopped_note(b)}; checkpoint `{b.student_checkpoint}`.",
             "",
         ]
     lines += ["```", format_table(summary), "```", ""]

@@ -161,7 +161,9 @@ def summarize(spec: SweepSpec, layout: SweepLayout, trials: list | None = None) 
     """The sweep's summary from its stored trials (`trials`: those already loaded by the caller)."""
     trials = load_trials(layout) if trials is None else trials
     rows = [_row(t, layout) for t in trials]
-    scored = [r for r in rows if r.student_val_acc is not None]
+    # students a trial finished (its last epoch, or stopped by ASHA): not one still distilling
+    # (`sweep status` mid-sweep), nor the part one that failed distilled
+    scored = [r for r in rows if r.student_val_acc is not None and r.state == "TERMINATED"]
     ended = [r for r in rows if r.state in ENDED_STATES]
     best_id = best_trial((t.trial_id, t.status, t.last_result) for t in trials)
     best = next((r for r in rows if r.trial_id == best_id), None)
@@ -189,6 +191,13 @@ def summarize(spec: SweepSpec, layout: SweepLayout, trials: list | None = None) 
     )
 
 
+def no_student_yet(summary: SweepSummary) -> str:
+    """Why a sweep has no best student to show: what its trials are doing instead."""
+    states = [r.state for r in summary.trials]
+    running, failed = sum(s not in ENDED_STATES for s in states), states.count("ERROR")
+    return f"sweep: {summary.name} has no finished student yet ({running} running or pending, {failed} failed)"
+
+
 def expected_trials(spec: SweepSpec) -> int:
     """The trials a sweep runs: num_samples, or every point of a smaller finite space (no point
     runs twice, so the search ends when the space runs out)."""
@@ -209,13 +218,18 @@ def write_summary(layout: SweepLayout, summary: SweepSummary) -> None:
     layout.experiment.write_text(SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2, sort_keys=True))
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
+def fmt_value(value: float | None, digits: int = 4) -> str:
     # small values (a learning rate) in g, or they read 0.000; zero itself as its column reads
     return "-" if value is None else f"{value:.{digits}g}" if 0 < abs(value) < 1e-3 else f"{value:.{digits}f}"
 
 
 def _fmt_param(value: Any) -> str:
-    return "-" if value is None else str(value) if isinstance(value, int) else _fmt(value, 3)
+    if value is None or isinstance(value, int):
+        return "-" if value is None else str(value)
+    if abs(value - round(value, 3)) < 1e-12:  # a grid's value: 3 decimals, as its column reads
+        return fmt_value(value, 3)
+    # significant digits: 3 decimals showed student_lr 0.0012 and 0.0014 both as 0.001
+    return fmt_value(value, 3) if abs(value) < 1e-3 else f"{value:.3g}"
 
 
 def format_table(summary: SweepSummary) -> str:
@@ -250,10 +264,10 @@ def format_table(summary: SweepSummary) -> str:
                 state,
                 *(_fmt_param(r.params.get(p.name)) for p in searched),
                 str(r.epochs_done or "-"),
-                _fmt(r.student_val_acc),
-                _fmt(r.student_test_acc),
-                _fmt(r.teacher_val_acc),
-                _fmt(r.teacher_mi, 3),
+                fmt_value(r.student_val_acc),
+                fmt_value(r.student_test_acc),
+                fmt_value(r.teacher_val_acc),
+                fmt_value(r.teacher_mi, 3),
                 teacher,
                 student,
             ]
@@ -261,7 +275,7 @@ def format_table(summary: SweepSummary) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
     out.append(
-        f"teacher trainings performed: {summary.teacher_trainings_performed}, reused by trials: "
+        f"teachers trained: {summary.teacher_trainings_performed}, reused by trials: "
         f"{summary.teacher_reuses}, distinct teachers of the distilled students: {summary.distinct_teacher_keys}"
     )
     out.append(
@@ -280,8 +294,8 @@ def format_table(summary: SweepSummary) -> str:
     if summary.best is not None:
         b = summary.best
         out.append(
-            f"best: trial {b.trial_id} {json.dumps(b.params)} student val {_fmt(b.student_val_acc)} "
-            f"test {_fmt(b.student_test_acc)} (teacher val {_fmt(b.teacher_val_acc)}){stopped_note(b)}"
+            f"best: trial {b.trial_id} {json.dumps(b.params)} student val {fmt_value(b.student_val_acc)} "
+            f"test {fmt_value(b.student_test_acc)} (teacher val {fmt_value(b.teacher_val_acc)}){stopped_note(b)}"
         )
         out.append(f"best student checkpoint: {b.student_checkpoint}")
     return "\n".join(out)
