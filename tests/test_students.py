@@ -219,7 +219,7 @@ class FakeDistil:
     def __init__(self, registry: StudentRegistry, before=None) -> None:
         self.registry, self.before, self.calls = registry, before, 0
 
-    def __call__(self, finished: StudentFinished) -> None:
+    def __call__(self, finished: StudentFinished, lease=None) -> None:
         self.calls += 1
         if self.before is not None:
             self.before()

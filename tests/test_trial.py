@@ -223,7 +223,7 @@ def test_a_restarted_trial_waits_while_another_copy_of_it_still_distils(tmp_path
     layout.train_runs.write_text("student-t1/checkpoint_manager_snapshot.json", "{}")  # restarted
     monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
     distilled: list[str] = []
-    monkeypatch.setattr(TrialRuns, "distil", lambda self, holder, finished=None: distilled.append(holder))
+    monkeypatch.setattr(TrialRuns, "distil", lambda self, holder, finished=None, lease=None: distilled.append(holder))
     waiting, look = threading.Event(), Waiter.wait
 
     def seen_waiting(self, note):
@@ -247,3 +247,31 @@ def test_a_restarted_trial_waits_while_another_copy_of_it_still_distils(tmp_path
     with lease_held_by_a_live_process(student_lease, "other-sweep/t9"):
         trial_module.remem_trial(point, spec.model_dump(mode="json"))
     assert distilled == ["s/t1", "s/t1"]
+
+
+def test_a_student_run_is_fenced_by_its_keys_lease_and_a_lost_one_fails_the_trial(tmp_path, monkeypatch):
+    """Two copies of one trial (its driver paused past the stale window, a resume elsewhere) wrote
+    one student folder: the student run had no lease to check, so the paused copy, woken, saved
+    its epochs over the new one's. It carries the student key's lease now, checked before each
+    save; a run that stopped on it fails the trial, whose retry finds the key's new holder."""
+    from remem_ray.sweep.students import LEASE_DIR, StudentRegistry
+
+    spec, run_spec, layout, registry, key, lease, runs, recorder = _runs(tmp_path, monkeypatch)
+    students = StudentRegistry(layout.students)
+    clock = [0.0]
+    lease_folder = students.folder(runs.student_key).child(LEASE_DIR)
+    student_lease = Lease(lease_folder, "s/t1", 1.0, clock=lambda: clock[0])
+    assert student_lease.try_acquire() and registry.claim(key, 1)
+    write_teacher(registry.output(key, 1), 1.0)
+    assert registry.publish(key, 1, by="t1")
+    runs.student_lease = student_lease.handle()  # as distil_once hands it to runs.distil
+    recorder.last = {"epoch": 1, "epochs": 3}  # the run stopped before its second epoch's save
+    runs.fit_student(trained=False)  # the lease still held: the run ended short for another reason
+    ((_, config),) = recorder.runs
+    assert LoopConfig.from_dict(config.to_dict()).lease == student_lease.handle()  # as the worker sees it
+    other = Lease(lease_folder, "s/t1-resumed", 1.0, clock=lambda: clock[0])
+    assert not other.try_acquire()  # held: staleness counts from when a contender first saw it
+    clock[0] = 2.0
+    assert other.try_acquire()
+    with pytest.raises(RuntimeError, match=f"trial t1: lost the lease on student {runs.student_key[:8]}"):
+        runs.fit_student(trained=False)

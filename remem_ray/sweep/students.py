@@ -50,7 +50,7 @@ from remem_ray.contract import (
     teacher_mi_of,
 )
 from remem_ray.errors import ResourceError, TrainingDivergedError
-from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, process_gone
+from remem_ray.leases import HEARTBEAT_S, Heartbeat, Lease, LeaseHandle, process_gone
 from remem_ray.storage import Storage
 from remem_ray.sweep.registry import POLL_S, STALE_AFTER_S, Waiter, record_divergence, recorded_divergence
 from remem_ray.teacher_layout import LEASE_DIR, version_file
@@ -242,15 +242,16 @@ def distil_once(
     registry: StudentRegistry,
     key: str,
     holder: str,
-    distil: Callable[[StudentFinished], None],
+    distil: Callable[[StudentFinished, LeaseHandle], None],
     play: Callable[[StudentRecord], None],
     wait_timeout_s: float,
     stale_after_s: float = STALE_AFTER_S,
     stopping: threading.Event | None = None,
 ) -> str:
     """Replay the key's stored student, or distil it under the key's lease and store it:
-    "replayed" or "distilled". `distil(finished)` runs the Train run whose last epoch calls
-    `finished`; `play(record)` replays. Waits, with no Train run, while another holds the lease.
+    "replayed" or "distilled". `distil(finished, lease)` runs the Train run whose last epoch calls
+    `finished`, its writes fenced by `lease` (the loop stops once it is lost); `play(record)`
+    replays. Waits, with no Train run, while another holds the lease.
     `stopping`: set when this trial is being stopped (see Heartbeat)."""
     trial_id = holder.rsplit("/", 1)[-1]
     lease = registry.lease(key, holder, stale_after_s)
@@ -284,7 +285,7 @@ def distil_once(
                     if record is not None:
                         play(record)
                         return "replayed"
-                    distil(StudentFinished(registry, key, seen, holder))
+                    distil(StudentFinished(registry, key, seen, holder), lease.handle())
                 return "distilled"
             finally:
                 lease.release()
@@ -299,8 +300,9 @@ def key_held(
     wait_timeout_s: float,
     stale_after_s: float = STALE_AFTER_S,
     stopping: threading.Event | None = None,
-) -> Iterator[None]:
-    """The key's lease held while the block runs, for a restarted trial that goes on with its own
+) -> Iterator[LeaseHandle | None]:
+    """The key's lease held while the block runs (its handle yielded, to fence the run's writes),
+    for a restarted trial that goes on with its own
     student run (no replay, no record to look for first): it waits while another copy of itself
     holds the key alive. A resume restarts the unfinished trials, and the old driver's copies still
     run where that driver was paused past the stale window (a laptop asleep while it drove a
@@ -321,12 +323,12 @@ def key_held(
         if taken:
             break
         if other is not None and other != holder:  # another trial's: go on beside it
-            yield
+            yield None
             return
         waiter.wait(lambda: f"trial {trial_id}: waiting for another copy of itself, distilling student {key[:8]}")
     try:
         with Heartbeat(lease, HEARTBEAT_S, stopping):
-            yield
+            yield lease.handle()
     finally:
         lease.release()
 

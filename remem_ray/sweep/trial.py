@@ -358,11 +358,13 @@ class TrialRuns:
         self.finished: StudentFinished | None = None  # stores the student for reuse once distilled
         self.stopping = trial_stopping_event()  # set when Tune stops this trial: its leases go at once
         self.distilled = False
+        self.student_lease: LeaseHandle | None = None  # the student key's, where this trial holds it
 
-    def distil(self, holder: str, finished: StudentFinished | None = None) -> None:
+    def distil(self, holder: str, finished: StudentFinished | None = None, lease: LeaseHandle | None = None) -> None:
         """Distil this trial's student (training its teacher first where needed), the finished
-        student stored for reuse by `finished`."""
-        self.finished = finished
+        student stored for reuse by `finished`; its run's writes fenced by the student key's
+        `lease` (a copy of this trial paused past the stale window stops before its next save)."""
+        self.finished, self.student_lease = finished, lease
         trained = ensure_teacher(
             self.spec,
             self.run_spec,
@@ -419,6 +421,7 @@ class TrialRuns:
             on_finished=pickle.dumps(self.finished) if self.finished is not None else None,
             teacher_now=pickle.dumps(TeacherInUse(self.registry, self.key, older_keys, epoch)),
             teacher_checkpoint=teacher_checkpoint,
+            lease=self.student_lease,
             label=f"trial {self.trial_id} student",
             lease_stale_after_s=self.spec.sweep.lease_stale_after_s,
             wait_limit_s=self.spec.sweep.teacher_wait_timeout_s,
@@ -503,6 +506,15 @@ class TrialRuns:
         diverged = self.students.divergence(self.student_key)
         if diverged is not None:
             raise TrainingDivergedError(diverged)
+        if self.student_lease is not None:  # the run stopped before a save: its lease had passed on
+            lost = LeaseWatch(self.student_lease).lost()
+            if lost is not None:
+                # an error, so Tune's retry of the trial looks again: it waits for the key's new
+                # holder, then replays its student or goes on with its own run
+                raise RuntimeError(
+                    f"trial {self.trial_id}: lost the lease on student {self.student_key[:8]} while distilling "
+                    f"it ({lost}); its new holder goes on"
+                )
         return False
 
 
@@ -523,15 +535,15 @@ def remem_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             raise TrainingDivergedError(diverged)
         store = StudentFinished(runs.students, runs.student_key, seen, holder) if record is None else None
         wait_s, stale_s = spec.sweep.teacher_wait_timeout_s, spec.sweep.lease_stale_after_s
-        with key_held(runs.students, runs.student_key, holder, wait_s, stale_s, runs.stopping):
-            runs.distil(holder, store)
+        with key_held(runs.students, runs.student_key, holder, wait_s, stale_s, runs.stopping) as lease:
+            runs.distil(holder, store, lease)
     else:
         timeout = spec.sweep.teacher_wait_timeout_s
         distil_once(
             runs.students,
             runs.student_key,
             holder,
-            lambda finished: runs.distil(holder, finished),
+            lambda finished, lease: runs.distil(holder, finished, lease),
             runs.replay,
             timeout,
             stale_after_s=spec.sweep.lease_stale_after_s,

@@ -59,7 +59,7 @@ class LoopContext:
     data: DataPipeline
     eval_batches: dict[str, Iterable] = field(default_factory=dict)
     report_extra: dict[str, Any] = field(default_factory=dict)
-    lease: LeaseWatch | None = None  # the right to write `output`, when it is shared (teacher keys)
+    lease: LeaseWatch | None = None  # the right to write `output` (a teacher key's, a student key's holder)
     stopped: str | None = None  # why the loop stopped early, if it did
     scalars: ScalarLog | None = None  # TensorBoard events of this run (rank 0), where asked for
     started: dict[str, float] = field(default_factory=dict)  # when this run's process and loop began
@@ -71,6 +71,12 @@ class LoopContext:
     @property
     def is_writer(self) -> bool:
         return self.session.world_rank == 0
+
+    @property
+    def output_shared(self) -> bool:
+        """Whether others read `output` while this run writes it: a teacher key's folder (its
+        complete checkpoints are kept as they are); a student's folder is its trial's own."""
+        return self.lease is not None and self.role == "teacher"
 
     def create_model(self) -> nn.Module:
         """This role's model as its spec section names it (weights fetched if given), on the CPU.
@@ -304,7 +310,7 @@ class Task:
             class_names=list(ctx.splits.class_names) if ctx.splits.class_names else None,
             **meta,
         )
-        write_checkpoint(ctx.output, name, self.bare, info, once=ctx.lease is not None)
+        write_checkpoint(ctx.output, name, self.bare, info, once=ctx.output_shared)
 
 
 def rank_seed(seed: int, rank: int, epoch: int) -> int:
