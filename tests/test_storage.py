@@ -594,6 +594,34 @@ def test_an_object_written_and_read_as_a_stream_round_trips(store):
         store.read_with("targets/nothing.pt", lambda f: f.read())
 
 
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+def test_a_stream_written_in_part_leaves_the_object_as_it_was(store, monkeypatch, interruption):
+    """pyarrow's S3 stream completed its upload when closed after an error: a Ctrl-C or an
+    exception in torch.save between parts stored the part written under the final name (a resume
+    state cut short, which every retry then failed to load). Nothing is stored now, and the object
+    there before stays whole; a stream of several parts that ends well is stored whole."""
+    from remem_ray.storage import s3_upload
+
+    monkeypatch.setattr(s3_upload, "PART_SIZE", 5 << 20)  # S3's smallest part
+    whole = os.urandom(12 << 20)  # three parts
+    store.write_with("state.pt", lambda f: (f.write(whole[: 7 << 20]), f.write(whole[7 << 20 :])))
+    assert store.read_bytes("state.pt") == whole
+
+    def interrupted(f):
+        f.write(b"x" * (11 << 20))  # two parts sent
+        raise interruption("stopped mid-stream")
+
+    with pytest.raises(interruption):
+        store.write_with("state.pt", interrupted)
+    assert store.read_bytes("state.pt") == whole
+    with pytest.raises(interruption):
+        store.write_with("new.pt", interrupted)
+    assert not store.exists("new.pt") and sorted(store.list_dir()) == ["state.pt"]
+    if store.is_s3:  # and no upload left open, holding its parts
+        bucket, _, prefix = store.path().partition("/")
+        assert "Uploads" not in store._boto3().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+
+
 def test_a_noting_file_writes_in_pieces_flushed_now_and_then_and_notes_only_storage_errors(monkeypatch):
     """pyarrow copies what one write hands it and uploads behind: torch.save handed it a 20 GB
     table in one write, queueing 20 GB of copies. And torch.load asks questions (fileno) whose

@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 
 from remem_ray.config import default_region
 from remem_ray.errors import ResourceError
+from remem_ray.storage.s3_upload import S3Upload
 
 T = TypeVar("T")
 
@@ -92,8 +93,8 @@ def _temp_beside(target: str, data: bytes | Callable[[BinaryIO], object]) -> Ite
             os.unlink(tmp)
 
 
-S3_WRITE_CHUNK = 64 << 20  # pyarrow copies what one write hands it, and uploads parts behind: pieces
-S3_FLUSH_EVERY = 256 << 20  # and a wait for the uploads now and then bound what is queued
+S3_WRITE_CHUNK = 64 << 20  # the upload copies what one write hands it, and uploads parts behind: pieces
+S3_FLUSH_EVERY = 256 << 20  # and a look at the upload's health now and then
 
 
 class NotingFile:
@@ -233,10 +234,10 @@ class Storage:
     def write_with(self, rel: str, write: Callable[[NotingFile], object]) -> None:
         """A whole object that `write(file)` writes as a stream, never all in memory at once (a
         target table of 20 GB): on S3 an upload that shows only once complete; locally a temp
-        file renamed over the target. A `write` that fails on S3 may leave the part written:
-        what is read this way must tell a whole object from a part (a zip's directory does).
-        A failed write of the stream raises ResourceError, whatever `write` made of it (torch.save
-        turns a full disk into a RuntimeError of its own)."""
+        file renamed over the target. A `write` that fails, or a stream that fails under it,
+        leaves nothing new under `rel`: on S3 the upload is aborted (storage/s3_upload.py).
+        A failed write of the stream raises ResourceError, whatever `write` made of it
+        (torch.save turns a full disk into a RuntimeError of its own)."""
         target = self.path(rel)
         streams: list[NotingFile] = []
 
@@ -246,8 +247,7 @@ class Storage:
 
         try:
             if self.is_s3:
-                with self.fs.open_output_stream(target) as f:
-                    noted(f)
+                self._upload(target, noted)
                 return
             with _temp_beside(target, noted) as tmp:
                 os.replace(tmp, target)
@@ -257,6 +257,17 @@ class Storage:
             if streams and streams[-1].failed is not None:
                 raise self._error("write", rel, streams[-1].failed) from None
             raise
+
+    def _upload(self, target: str, write: Callable[[S3Upload], object]) -> None:
+        """`write(stream)` into an S3 upload that stores the object only once it returned."""
+        bucket, _, key = target.partition("/")
+        upload = S3Upload(self._boto3(), bucket, key)
+        try:
+            write(upload)
+        except BaseException as exc:  # a KeyboardInterrupt mid-stream too: no part of it is stored
+            upload.abort(exc)
+            raise
+        upload.commit()
 
     def read_with(self, rel: str, read: Callable[[NotingFile], T]) -> T:
         """`read(file)` on a seekable stream of the object, never all of it in memory at once.
