@@ -1,5 +1,7 @@
 """The benchmark scripts stay runnable (tiny sizes), and their arithmetic is right."""
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import gpu, harness, steps
@@ -286,3 +288,23 @@ def test_a_sweep_killed_after_its_grace_is_accounted_for_as_stopped(tmp_path, mo
     with open(tmp_path / "log", "w") as log:
         returncode, stopped_at = gpu_sweep.run_until(ignores_ctrl_c, str(tmp_path), log, deadline=1.0)
     assert returncode < 0 and stopped_at is not None
+
+
+def test_the_slot_simulation_runs_the_drivers_policy_and_weighed_slots_keep_gpus_busier():
+    """benchmarks.slot_sim drives the real SlotPolicy and RunSlotBook on a simulated clock: on
+    the paper's shapes (4-GPU teachers, 1-GPU students, 16 GPUs) with 4 teachers shared by 32
+    trials, counting runs held 4 trials at once (students on 4 of 16 GPUs); weighing them fills
+    the budget. Every teacher is trained once either way."""
+    from benchmarks.slot_sim import simulate
+    from remem_ray.config import load_sweep_spec
+    from remem_ray.sweep.slots import SlotMeasure, measure_of
+
+    spec = load_sweep_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "cifar100_vit_b.yaml")
+    keys = [f"k{i % 4}" for i in range(spec.sweep.num_samples)]
+    counted = simulate(spec, SlotMeasure(4), keys, teacher_h=6, student_h=2)
+    weighed = simulate(spec, measure_of(spec), keys, teacher_h=6, student_h=2)
+    assert counted.teachers_trained == weighed.teachers_trained == 4
+    # counted: 6 h of 4 teachers on 16 GPUs, then 32 students 4 at a time (16 h on 4 GPUs)
+    assert counted.hours == pytest.approx(22, abs=0.1) and counted.busy_share == pytest.approx(0.45, abs=0.01)
+    # weighed: the same teachers, then the students 16 at a time (4 h)
+    assert weighed.hours == pytest.approx(10, abs=0.1) and weighed.busy_share == pytest.approx(1.0, abs=0.01)
