@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.harness import table
 from remem_ray.config import SweepSpec, load_sweep_spec
 from remem_ray.sweep.run_slots import RunSlotBook
-from remem_ray.sweep.slots import SlotMeasure, SlotPolicy, measure_of
+from remem_ray.sweep.slots import SlotMeasure, SlotPolicy, driver_limit, measure_of
 
 STEP_S = 20.0  # a waiting trial asks the book again this often (it asks every second for real)
 
@@ -45,8 +45,8 @@ def simulate(spec: SweepSpec, measure: SlotMeasure, keys: list[str], teacher_h: 
     res = spec.sweep.resources
     gpus = {role: getattr(res, role).num_workers * getattr(res, role).gpus() for role in ("teacher", "student")}
     stored: set[str] = set()
-    policy = SlotPolicy(spec)
-    policy._measure = measure
+    with driver_limit(spec, measure):  # as the driver sets it
+        policy = SlotPolicy(spec)
     policy.is_stored = stored.__contains__  # type: ignore[method-assign]
     now = [0.0]
     book = RunSlotBook(measure, stale_after_s=3600.0, clock=lambda: now[0])
