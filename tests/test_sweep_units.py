@@ -2,7 +2,6 @@
 
 import json
 import pickle
-from datetime import UTC
 
 import optuna
 import pytest
@@ -1043,7 +1042,7 @@ def test_tune_names_its_state_in_utc_while_the_console_keeps_the_users_times(mon
         with driver._tune_console(verbose=False):
             inside = datetime.fromtimestamp(start).strftime(named)
             shown = datetime.strptime(console.clock("%Y-%m-%d %H:%M:%S"), "%Y-%m-%d %H:%M:%S")
-        assert inside == datetime.fromtimestamp(start, UTC).strftime(named)
+        assert inside == datetime.fromtimestamp(start, timezone.utc).strftime(named)
         now_there = datetime.now(timezone(timedelta(hours=8))).replace(tzinfo=None)
         assert abs((shown - now_there).total_seconds()) < 60
         assert datetime.fromtimestamp(start).strftime(named) == "2023-11-15_06-13-20"  # UTC+8 again after
