@@ -11,17 +11,8 @@ call that echoes each line twice.
 from __future__ import annotations
 
 import sys
-from datetime import datetime
 
 MARK = "[remem] "
-# the user's zone, taken as this module is imported: the sweep driver runs Tune with its process
-# clock in UTC (sweep/driver.py, _tune_clock_in_utc), and the console keeps the user's times
-LOCAL_ZONE = datetime.now().astimezone().tzinfo
-
-
-def clock(fmt: str = "%H:%M:%S") -> str:
-    """The time now in the user's zone, for console and log lines."""
-    return datetime.now(LOCAL_ZONE).strftime(fmt)
 
 
 def say(message: str) -> None:

@@ -1021,31 +1021,3 @@ def test_a_sweep_without_a_finished_student_says_what_its_trials_do_and_exits_1(
     err = capsys.readouterr().err
     assert err == "remem: sweep: s has no finished student yet (1 running or pending, 1 failed)\n"
     assert not (tmp_path / "out").exists()
-
-
-def test_tune_names_its_state_in_utc_while_the_console_keeps_the_users_times(monkeypatch):
-    """Tune names its experiment state by its start in local time and a resume restores the
-    greatest name: begun at UTC+8 and resumed in UTC within 8 hours, the resume restored the first
-    driver's stale state. In the driver, Tune's clock is UTC now; the console's stays the user's."""
-    import time
-    from datetime import datetime, timedelta, timezone
-
-    from remem_ray import console
-    from remem_ray.sweep import driver
-
-    monkeypatch.setenv("TZ", "CST-8")  # UTC+8, POSIX style: no zone database needed
-    time.tzset()
-    try:
-        monkeypatch.setattr(console, "LOCAL_ZONE", datetime.now().astimezone().tzinfo)  # as imported there
-        start = 1_700_000_000.0
-        named = "%Y-%m-%d_%H-%M-%S"  # Tune's session string
-        with driver._tune_console(verbose=False):
-            inside = datetime.fromtimestamp(start).strftime(named)
-            shown = datetime.strptime(console.clock("%Y-%m-%d %H:%M:%S"), "%Y-%m-%d %H:%M:%S")
-        assert inside == datetime.fromtimestamp(start, timezone.utc).strftime(named)
-        now_there = datetime.now(timezone(timedelta(hours=8))).replace(tzinfo=None)
-        assert abs((shown - now_there).total_seconds()) < 60
-        assert datetime.fromtimestamp(start).strftime(named) == "2023-11-15_06-13-20"  # UTC+8 again after
-    finally:
-        monkeypatch.undo()
-        time.tzset()

@@ -245,42 +245,20 @@ def _remove_temp_dir(temp_dir: str | None) -> None:
 
 @contextlib.contextmanager
 def _tune_console(verbose: bool):
-    """Around tuner.fit(). Quiet: Tune's legacy output engine at verbose=0 prints nothing (the new
-    engine still draws its experiment box and a TensorBoard hint into Ray's temp folder);
-    ProgressCallback reports. The process clock in UTC: _tune_clock_in_utc."""
-    with _tune_clock_in_utc(), _env("RAY_AIR_NEW_OUTPUT", "0") if not verbose else contextlib.nullcontext():
+    """Quiet: Tune's legacy output engine at verbose=0 prints nothing (the new engine still draws
+    its experiment box and a TensorBoard hint into Ray's temp folder); ProgressCallback reports."""
+    if verbose:
         yield
-
-
-@contextlib.contextmanager
-def _tune_clock_in_utc():
-    """Tune names its experiment state by its start in the process's local time, and a resume
-    restores the greatest name: a sweep begun on a laptop at UTC+8 and resumed on a node in UTC
-    restored the laptop's stale state (trials run again, the searcher set back) for any resume
-    started within 8 hours of the laptop's start, and so did every later look at its results.
-    In UTC every driver's names compare (the console keeps local times: console.clock)."""
-    import time
-
-    try:
-        with _env("TZ", "UTC"):
-            time.tzset()
-            yield
-    finally:
-        time.tzset()  # the zone as it was
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """The environment variable set to `value` while the block runs, then as it was."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
+        return
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(name, None)
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
-            os.environ[name] = previous
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
 
 
 @contextlib.contextmanager

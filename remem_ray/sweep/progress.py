@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from remem_ray.console import clock, marked
+from remem_ray.console import marked
 from remem_ray.contract import EPOCH, METRIC, STUDENT_REPLAYED, TEACHER_TRAINED, best_trial, stopped_early
 from remem_ray.search_params import SEARCH_PARAMS
 from remem_ray.storage import Storage
@@ -65,7 +65,7 @@ class SweepLog:
         with self._lock:
             if self._closed:  # a line in flight from another thread as the sweep ends
                 return
-            self._file.write(f"{clock('%Y-%m-%d %H:%M:%S')} {line.rstrip()}\n")
+            self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line.rstrip()}\n")
             self._file.flush()
 
     def sync(self) -> None:
@@ -148,7 +148,7 @@ class SweepConsole:
         self._print(message)
 
     def _print(self, message: str) -> None:
-        print(f"[{clock()}] {message}", file=self.out, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=self.out, flush=True)
 
     def worker_output(self, batch: dict[str, Any]) -> None:
         """A batch of output lines from a process of the cluster (see sweep/ray_adapter.py)."""
@@ -332,7 +332,7 @@ def driver_line(message: str) -> None:
     if _active is not None:
         _active.show(message)
     else:
-        print(f"[{clock()}] {message}", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def final_progress(trials: list, num_samples: int) -> None:
