@@ -27,6 +27,7 @@ from remem_ray.sweep.results import SweepSummary, expected_trials, load_trials, 
 from remem_ray.sweep.search import build_scheduler, build_searcher
 from remem_ray.sweep.study import StudyExport
 from remem_ray.sweep.tune_adapter import keep_credentials_out_of_runtime_envs
+from remem_ray.sweep.tune_state import name_newest_state_last
 
 DASHBOARD_PORT_TRIES = 3
 _RAY_WORKER_PORTS_END = 19999  # Ray's workers take 10002-19999 by default
@@ -649,6 +650,9 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
         )
     export = StudyExport(spec, layout)
     with _driving(spec, layout, address, verbose, "resuming", export) as (console, sized, driving):
+        moved = name_newest_state_last(layout.experiment)  # under the driver lease (one that lost it stops)
+        if moved:
+            console.show(moved)
         tuner = tune.Tuner.restore(
             path, _trainable(sized), resume_unfinished=True, resume_errored=True, storage_filesystem=storage.fs
         )
