@@ -622,6 +622,25 @@ def test_a_stream_written_in_part_leaves_the_object_as_it_was(store, monkeypatch
         assert "Uploads" not in store._boto3().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
 
 
+def test_an_s3_upload_that_fails_stops_its_writer_at_once_not_at_the_end(s3, monkeypatch):
+    """A part refused (here: no such bucket) failed only at commit, after the writer had streamed
+    everything (a 20 GB target table computed for nothing); now its next write fails."""
+    from remem_ray.storage import s3_upload
+
+    monkeypatch.setattr(s3_upload, "PART_SIZE", 5 << 20)
+    storage = Storage(f"s3://{s3['bucket']}-gone/p", endpoint=s3["endpoint"])
+    written: list[int] = []
+
+    def stream(f):
+        for _ in range(60):
+            f.write(b"x" * (1 << 20))
+            written.append(1)
+
+    with pytest.raises(ResourceError, match="NoSuchBucket"):
+        storage.write_with("table.pt", stream)
+    assert len(written) < 30
+
+
 def test_a_noting_file_writes_in_pieces_flushed_now_and_then_and_notes_only_storage_errors(monkeypatch):
     """pyarrow copies what one write hands it and uploads behind: torch.save handed it a 20 GB
     table in one write, queueing 20 GB of copies. And torch.load asks questions (fileno) whose
