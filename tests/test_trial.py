@@ -265,13 +265,19 @@ def test_a_student_run_is_fenced_by_its_keys_lease_and_a_lost_one_fails_the_tria
     write_teacher(registry.output(key, 1), 1.0)
     assert registry.publish(key, 1, by="t1")
     runs.student_lease = student_lease.handle()  # as distil_once hands it to runs.distil
-    recorder.last = {"epoch": 1, "epochs": 3}  # the run stopped before its second epoch's save
-    runs.fit_student(trained=False)  # the lease still held: the run ended short for another reason
+    recorder.last = {"epoch": 3, "epochs": 3}
+    runs.fit_student(trained=False)
     ((_, config),) = recorder.runs
     assert LoopConfig.from_dict(config.to_dict()).lease == student_lease.handle()  # as the worker sees it
     other = Lease(lease_folder, "s/t1-resumed", 1.0, clock=lambda: clock[0])
     assert not other.try_acquire()  # held: staleness counts from when a contender first saw it
     clock[0] = 2.0
     assert other.try_acquire()
-    with pytest.raises(RuntimeError, match=f"trial t1: lost the lease on student {runs.student_key[:8]}"):
+    recorder.last = {"epoch": 1, "epochs": 3}  # the run stopped before its second epoch's save
+    with pytest.raises(RuntimeError, match="stopped before its last epoch: its lease on the key passed on"):
+        runs.fit_student(trained=False)
+    # storage did not answer the worker for the stale window, though nobody took the key: the
+    # trial ended TERMINATED with a student short of its epochs (a review's finding), not now
+    runs.student_lease = other.handle()
+    with pytest.raises(RuntimeError, match="stopped before its last epoch: storage did not answer"):
         runs.fit_student(trained=False)

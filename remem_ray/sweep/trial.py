@@ -506,15 +506,17 @@ class TrialRuns:
         diverged = self.students.divergence(self.student_key)
         if diverged is not None:
             raise TrainingDivergedError(diverged)
-        if self.student_lease is not None:  # the run stopped before a save: its lease had passed on
+        if self.student_lease is not None:
+            # the run stopped before a save: its lease had passed on, or storage did not answer for
+            # the stale window. An error, never a finished trial with a student short of its
+            # epochs: Tune's retry looks again (it waits for the key's holder, then replays its
+            # student or goes on with its own run)
             lost = LeaseWatch(self.student_lease).lost()
-            if lost is not None:
-                # an error, so Tune's retry of the trial looks again: it waits for the key's new
-                # holder, then replays its student or goes on with its own run
-                raise RuntimeError(
-                    f"trial {self.trial_id}: lost the lease on student {self.student_key[:8]} while distilling "
-                    f"it ({lost}); its new holder goes on"
-                )
+            why = f"its lease on the key passed on ({lost})" if lost else "storage did not answer for the stale window"
+            raise RuntimeError(
+                f"trial {self.trial_id}: the run distilling student {self.student_key[:8]} stopped before its last "
+                f"epoch: {why}"
+            )
         return False
 
 
