@@ -77,7 +77,8 @@ def measure_of(spec: SweepSpec, held: dict[str, float] | None = None) -> SlotMea
         return SlotMeasure(float(res.gpu_budget), gpus["teacher"], gpus["student"], by_gpus=True)
     if max(gpus.values()) <= 0:
         return SlotMeasure(float(spec.max_concurrent_trials()))
-    # a role on CPUs takes nothing of the budget: runs are counted, as many as the GPU role's fit
+    # a role on CPUs has no GPUs to weigh: runs are counted, every run one slot (a CPU run too),
+    # as many slots as the GPU role's runs fit in the budget
     return SlotMeasure(float(max(1, _whole(res.gpu_budget / max(gpus.values())))))
 
 
