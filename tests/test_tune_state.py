@@ -15,6 +15,7 @@ def _saves(folder: Storage, session: str, start: float | None) -> None:
     stats = {"start_time": start} if start is not None else {}
     folder.write_text(f"experiment_state-{session}.json", json.dumps({"trial_data": [], "stats": stats}))
     folder.write_bytes(f"searcher-state-{session}.pkl", session.encode())
+    folder.write_text(f"search_gen_state-{session}.json", json.dumps({"session": session}))
     folder.write_bytes(f"callback-states-{session}.pkl", session.encode())
 
 
@@ -37,7 +38,8 @@ def test_a_resume_restores_the_newest_drivers_saves_not_the_greatest_name(tmp_pa
     assert newest is not None and newest.endswith("experiment_state-2025-12-07_03-00-00.json")
     assert newest_snapshot(layout) == b"2025-12-07_03-00-00"  # the study read from the same driver's save
     kept = sorted(experiment.list_dir())
-    assert "superseded-searcher-state-2025-12-07_09-00-00.pkl" in kept and len(kept) == 9
+    moved = {f"superseded-{kind}2025-12-07_09-00-00" for kind in ("searcher-state-", "search_gen_state-")}
+    assert moved <= {name.rsplit(".", 1)[0] for name in kept} and len(kept) == 12
     assert name_newest_state_last(experiment) is None  # in order now: nothing moves
 
 

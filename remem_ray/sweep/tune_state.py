@@ -1,7 +1,7 @@
 """Which of Tune's saved states a resume restores: the newest driver's, whatever its clock's zone.
 
 Each Tune driver names its saves by its start in its own local time (`experiment_state-<start>
-.json`, `searcher-state-<start>.pkl`, `callback-states-<start>.pkl`), and a restore, like
+.json`, `search_gen_state-<start>.json`, `searcher-state-<start>.pkl`...), and a restore, like
 ExperimentAnalysis and `remem sweep status`, takes the greatest name. A sweep begun on a laptop
 at UTC+8 and resumed on a cluster node in UTC within 8 hours of its start was restored from the
 laptop's state (trials ran again, the searcher was set back), and so was every later look. What
@@ -17,7 +17,14 @@ import json
 from remem_ray.storage import Storage
 
 STATE_PREFIX, STATE_SUFFIX = "experiment_state-", ".json"
-SAVE_KINDS = (("experiment_state-", ".json"), ("searcher-state-", ".pkl"), ("callback-states-", ".pkl"))
+# every name Tune 2.60 saves per driver and restores by the greatest (its CKPT_FILE_TMPLs)
+SAVE_KINDS = (
+    ("experiment_state-", ".json"),
+    ("search_gen_state-", ".json"),
+    ("searcher-state-", ".pkl"),
+    ("basic-variant-state-", ".json"),
+    ("callback-states-", ".pkl"),
+)
 SUPERSEDED = "superseded-"  # no Tune pattern matches a name starting so: kept, never read
 
 
