@@ -180,3 +180,13 @@ def test_the_reports_words_on_teacher_mi_name_the_settings_it_is_measured_with()
     assert f"sigma {FIXED_SIGMA:g} (nats)" in AXES["information_plane"][0]
     text = _markdown(SweepSummary("s", "e", METRIC), Importances({}))
     assert f"temperature {MI_REFERENCE_TEMPERATURE:g}) with a fixed noise scale (sigma {FIXED_SIGMA:g})" in text
+
+
+def test_the_report_names_a_best_student_whose_test_accuracy_is_missing():
+    """`report.md` formatted the best's test accuracy with :.4f: a result without one (None) was
+    a TypeError after summary.json was written, and the sweep's end showed a traceback."""
+    from remem_ray.sweep.report import Importances, _markdown
+
+    best = _row("a", 0.05, 0.9, 0.8, stopped=False)
+    text = _markdown(SweepSummary("s", "e", METRIC, trials=[best], best=best), Importances({}))
+    assert "Best student: trial `a`" in text and "val 0.8000, test -" in text
