@@ -27,7 +27,7 @@ from remem_ray.sweep.results import SweepSummary, expected_trials, load_trials, 
 from remem_ray.sweep.search import build_scheduler, build_searcher
 from remem_ray.sweep.study import StudyExport
 from remem_ray.sweep.tune_adapter import keep_credentials_out_of_runtime_envs
-from remem_ray.sweep.tune_state import name_newest_state_last
+from remem_ray.sweep.tune_state import name_newest_state_last, staging_dirs
 
 DASHBOARD_PORT_TRIES = 3
 _RAY_WORKER_PORTS_END = 19999  # Ray's workers take 10002-19999 by default
@@ -650,7 +650,8 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
         )
     export = StudyExport(spec, layout)
     with _driving(spec, layout, address, verbose, "resuming", export) as (console, sized, driving):
-        moved = name_newest_state_last(layout.experiment)  # under the driver lease (one that lost it stops)
+        # under the driver lease (one that lost it stops)
+        moved = name_newest_state_last(layout.experiment, staging_dirs(spec.name))
         if moved:
             console.show(moved)
         tuner = tune.Tuner.restore(

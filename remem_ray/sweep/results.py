@@ -136,8 +136,10 @@ def load_trials(layout: SweepLayout) -> list:
     from ray.tune import ExperimentAnalysis
 
     from remem_ray.sweep.study import read_settled
+    from remem_ray.sweep.tune_state import newest_save
 
-    path = layout.experiment.path()
+    newest = newest_save(layout.experiment)  # the newest driver's, not the greatest name (Tune's pick)
+    path = layout.experiment.path(newest) if newest else layout.experiment.path()
     try:  # none yet, or one Tune is rewriting in place (ValueError, RuntimeError): looked at again
         analysis = read_settled(
             lambda: ExperimentAnalysis(path, storage_filesystem=layout.root.fs), (ValueError, RuntimeError)

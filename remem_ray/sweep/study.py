@@ -31,9 +31,12 @@ SETTLE_TRIES, SETTLE_PAUSE_S = 3, 0.5  # looks at a file Tune may be rewriting i
 
 
 def newest_snapshot(layout: SweepLayout) -> bytes | None:
-    """The newest searcher-state-*.pkl Tune saved in the sweep folder, or None before the first."""
-    names = sorted(n for n in layout.experiment.list_dir() if n.startswith("searcher-state-") and n.endswith(".pkl"))
-    return layout.experiment.read_bytes(names[-1]) if names else None
+    """The newest driver's searcher-state-*.pkl in the sweep folder (sweep/tune_state.py), or None
+    before the first."""
+    from remem_ray.sweep.tune_state import newest_save
+
+    name = newest_save(layout.experiment, ("searcher-state-", ".pkl"))
+    return layout.experiment.read_bytes(name) if name else None
 
 
 def read_settled(read: Callable[[], T], half_written: type[Exception] | tuple[type[Exception], ...]) -> T:
