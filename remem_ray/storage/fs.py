@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 
 from remem_ray.config import default_region
 from remem_ray.errors import ResourceError
+from remem_ray.storage import s3_upload
 from remem_ray.storage.s3_upload import S3Upload
 
 T = TypeVar("T")
@@ -227,8 +228,15 @@ class Storage:
         return self.read_bytes(rel).decode()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Whole-object write: an S3 upload shows only once complete; locally a temp file is renamed
-        over the target."""
+        """Whole-object write: an S3 upload shows only once complete (under a part's size, one PUT:
+        lease records and small files pay no upload threads); locally a temp file is renamed over
+        the target."""
+        if self.is_s3 and len(data) < s3_upload.PART_SIZE:
+            try:
+                self._put_whole(self.path(rel), data)
+            except OSError as exc:
+                raise self._error("write", rel, exc) from None
+            return
         self.write_with(rel, lambda f: f.write(data))
 
     def write_with(self, rel: str, write: Callable[[NotingFile], object]) -> None:
@@ -301,6 +309,15 @@ class Storage:
                     return False
         except OSError as exc:
             raise self._error("write", rel, exc) from None
+
+    def _put_whole(self, target: str, data: bytes) -> None:
+        import botocore.exceptions
+
+        bucket, _, key = target.partition("/")
+        try:
+            self._boto3().put_object(Bucket=bucket, Key=key, Body=data)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise OSError(one_line(exc)) from None
 
     def _put_if_absent(self, target: str, data: bytes) -> bool:
         import botocore.exceptions

@@ -61,6 +61,7 @@ class S3Upload:
         self._failure: BaseException | None = None
         self._future: Any = None  # s3transfer's, once the upload is submitted
         self._ended = False  # the stream's end handed over: a transfer done now may have succeeded
+        self._reader_told = False  # the reader was handed a failure
         self._thread = threading.Thread(target=self._upload, args=(client, bucket, key), daemon=True)
         self._thread.start()
 
@@ -124,8 +125,14 @@ class S3Upload:
         return False
 
     def commit(self) -> None:
-        """End the stream and wait until the whole object is stored."""
-        self._put(_END)
+        """End the stream and wait until the whole object is stored. Interrupted before the end
+        is handed over, the upload is aborted (its threads would hold the process at exit);
+        after, the object may still be stored: whole."""
+        try:
+            self._put(_END)
+        except BaseException as exc:
+            self._end_reader(exc)
+            raise
         self._ended = True
         self._thread.join()
         self._raise_failure()
@@ -137,7 +144,11 @@ class S3Upload:
         self._end_reader(why)
 
     def _end_reader(self, why: BaseException) -> None:
-        """Make the upload's next read raise `why`, and wait a while for the upload to end."""
+        """Make the upload's next read raise `why`, and wait a while for the upload to end (once:
+        a failure found on a write, then the abort that follows, wait for one end)."""
+        if self._reader_told or not self._thread.is_alive():
+            return
+        self._reader_told = True
         _drain(self._items)
         self._items.put_nowait(why)
         self._thread.join(timeout=ABORT_WAIT_S)
