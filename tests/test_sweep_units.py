@@ -505,9 +505,9 @@ def test_a_dashboard_port_taken_before_ray_binds_it_is_replaced_not_fatal(monkey
     """Seen in the suite: the port picked for the dashboard went to another process before Ray
     bound it, and the sweep died ("Failed to find a valid port for dashboard ... address already
     in use"). The driver picks ports below the kernel's ephemeral range and tries another."""
-    import glob
     import os
     import sys
+    import tempfile
 
     from remem_ray.sweep import driver
 
@@ -527,11 +527,13 @@ def test_a_dashboard_port_taken_before_ray_binds_it_is_replaced_not_fatal(monkey
 
     other = _FakeRay(fail_first=RuntimeError("the GCS would not start"))  # anything else still fails
     monkeypatch.setitem(sys.modules, "ray", other)
-    before = set(glob.glob("/tmp/remem-ray-*"))
+    made: list[str] = []  # this driver's temp folders (another test worker makes its own meanwhile)
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(mkdtemp(*a, **k)) or made[-1])
     with pytest.raises(RuntimeError, match="GCS"), driver.ray_session(None):
         pass
     assert len(other.inits) == 1
-    assert set(glob.glob("/tmp/remem-ray-*")) <= before  # an empty temp folder does not stay behind
+    assert made and not [path for path in made if os.path.exists(path)]  # an empty temp folder does not stay
 
 
 def test_a_sweep_that_asks_no_gpus_on_a_gpu_cluster_is_told_so():
