@@ -71,3 +71,23 @@ def test_a_move_cut_short_is_finished_by_the_next_resume_and_saves_in_order_stay
     # an experiment state without a start (not Tune's, or cut short) is not judged
     _saves(experiment, "2025-12-07_23-00-00", None)
     assert name_newest_state_last(experiment) is None
+
+
+def test_an_experiment_state_caught_half_written_is_read_again(tmp_path, monkeypatch):
+    """Tune copies its state over the old one while it runs: read mid-copy, the newest driver's
+    state is not JSON, and the readers took an older driver's saves for that look."""
+    from remem_ray.sweep import tune_state
+
+    monkeypatch.setattr(tune_state, "READ_PAUSE_S", 0.0)
+    experiment = Storage(str(tmp_path))
+    _saves(experiment, LAPTOP, LAPTOP_START)
+    _saves(experiment, NODE, NODE_START)
+    real, reads = experiment.read_text, []
+
+    def mid_copy(rel):
+        reads.append(rel)
+        text = real(rel)
+        return text[: len(text) // 2] if NODE in rel and reads.count(rel) == 1 else text
+
+    monkeypatch.setattr(experiment, "read_text", mid_copy)
+    assert newest_save(experiment) == f"experiment_state-{NODE}.json"

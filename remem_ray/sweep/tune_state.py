@@ -17,6 +17,7 @@ the drivers instead:
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ SAVE_KINDS = (
     STATE,
 )
 SUPERSEDED = "superseded-"  # no Tune pattern matches a name starting so: kept, never read
+READ_TRIES, READ_PAUSE_S = 3, 0.5
 
 
 def _sessions(names: list[str], kind: tuple[str, str] = STATE) -> list[str]:
@@ -41,12 +43,18 @@ def _sessions(names: list[str], kind: tuple[str, str] = STATE) -> list[str]:
 
 
 def _started(experiment: Storage, session: str) -> float | None:
-    """The driver's start (Unix time) its experiment state holds; None where it does not read."""
-    try:
-        data = json.loads(experiment.read_text(f"{STATE[0]}{session}{STATE[1]}"))
-        return float(data["stats"]["start_time"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    """The driver's start (Unix time) its experiment state holds; None where it does not read
+    (looked at again a few times: Tune copies its state over the old one while it runs)."""
+    for attempt in range(READ_TRIES):
+        try:
+            data = json.loads(experiment.read_text(f"{STATE[0]}{session}{STATE[1]}"))
+            return float(data["stats"]["start_time"])
+        except ValueError:  # caught half written
+            if attempt + 1 < READ_TRIES:
+                time.sleep(READ_PAUSE_S)
+        except (KeyError, TypeError):  # not a Tune experiment state
+            return None
+    return None
 
 
 def _starts(experiment: Storage, names: list[str]) -> dict[str, float]:
