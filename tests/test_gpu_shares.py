@@ -298,18 +298,12 @@ def test_the_probe_runs_as_a_ray_task_holding_a_gpu(monkeypatch):
     assert "no CUDA device where the probe ran" in lines[0]
 
 
-def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, monkeypatch):
-    """What the trials get is the sized spec; the console says what was measured, then the
-    concurrency the shares allow, in the sweep's first line."""
+def _driver_without_ray(monkeypatch, nodes: list[NodeResources]) -> list[str]:
+    """The driver's run with no Ray started (a cluster of `nodes`) and its console's lines kept:
+    what _driving shows, in order."""
     import contextlib
 
-    from remem_ray.storage import Storage
-    from remem_ray.sweep import driver, gpu_shares, progress
-    from remem_ray.sweep.layout import SweepLayout
-    from remem_ray.sweep.slots import _DRIVER_LIMITS
-
-    def driver_limits():
-        return dict(_DRIVER_LIMITS)
+    from remem_ray.sweep import driver, progress
 
     shown: list[str] = []
 
@@ -321,10 +315,25 @@ def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, m
     def no_ray(address, verbose):
         yield None
 
-    probe = RecordedProbe({"teacher": 3000, "student": 3000})
     monkeypatch.setattr(driver, "ray_session", no_ray)
-    monkeypatch.setattr(driver, "cluster_nodes", lambda: _nodes(1, cpus=16))
+    monkeypatch.setattr(driver, "cluster_nodes", lambda: nodes)
     monkeypatch.setattr(progress, "sweep_console", console)
+    return shown
+
+
+def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, monkeypatch):
+    """What the trials get is the sized spec; the console says what was measured, then the
+    concurrency the shares allow, in the sweep's first line."""
+    from remem_ray.storage import Storage
+    from remem_ray.sweep import driver, gpu_shares
+    from remem_ray.sweep.layout import SweepLayout
+    from remem_ray.sweep.slots import _DRIVER_LIMITS
+
+    def driver_limits():
+        return dict(_DRIVER_LIMITS)
+
+    shown = _driver_without_ray(monkeypatch, _nodes(1, cpus=16))
+    probe = RecordedProbe({"teacher": 3000, "student": 3000})
     monkeypatch.setattr(gpu_shares, "probe_on_cluster", probe)
     spec = _spec(name="sized")
     layout = SweepLayout(Storage(str(tmp_path)), spec.name)
@@ -349,26 +358,12 @@ def test_the_driver_sizes_the_shares_before_the_trials_and_shows_how(tmp_path, m
 def test_the_driver_weighs_runs_by_their_gpus_and_says_so(tmp_path, monkeypatch):
     """A budget over 4-GPU teachers and 1-GPU students: the searcher and the run-slot book get the
     weighed measure, and the sweep's first line says what it allows."""
-    import contextlib
-
     from remem_ray.storage import Storage
-    from remem_ray.sweep import driver, progress
+    from remem_ray.sweep import driver
     from remem_ray.sweep.layout import SweepLayout
     from remem_ray.sweep.slots import _DRIVER_LIMITS
 
-    shown: list[str] = []
-
-    @contextlib.contextmanager
-    def console(*args, **kwargs):
-        yield type("Console", (), {"show": staticmethod(shown.append)})()
-
-    @contextlib.contextmanager
-    def no_ray(address, verbose):
-        yield None
-
-    monkeypatch.setattr(driver, "ray_session", no_ray)
-    monkeypatch.setattr(driver, "cluster_nodes", lambda: _nodes(8, cpus=64, count=2))
-    monkeypatch.setattr(progress, "sweep_console", console)
+    shown = _driver_without_ray(monkeypatch, _nodes(8, cpus=64, count=2))
     ddp = {"sweep.resources.gpu_budget": 16, "sweep.resources.teacher.num_workers": 4, "name": "weighed"}
     spec = _spec(1, 1, **ddp)
     layout = SweepLayout(Storage(str(tmp_path)), spec.name)
