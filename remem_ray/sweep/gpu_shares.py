@@ -31,7 +31,7 @@ from typing import Any
 from remem_ray.config import SweepSpec, WorkerResources
 from remem_ray.contract import StepMemory
 from remem_ray.errors import ResourceError, UserInputError
-from remem_ray.sweep.slots import ROLES, SlotMeasure, measure_of
+from remem_ray.sweep.slots import ROLES, SlotMeasure, measure_of, whole
 
 HEADROOM = 1.25
 PROCESS_MB = 1024.0
@@ -103,8 +103,8 @@ def refuse_what_this_machine_cannot_hold(spec: SweepSpec, nodes: list[NodeResour
             continue
         r: WorkerResources = getattr(res, role)
         per_gpu = r.gpus()
-        by_gpus = sum(_whole(n.gpus / per_gpu) for n in nodes) if per_gpu > 0 else r.num_workers
-        by_cpus = sum(_whole(n.cpus / r.cpus_per_worker) for n in nodes)
+        by_gpus = sum(whole(n.gpus / per_gpu) for n in nodes) if per_gpu > 0 else r.num_workers
+        by_cpus = sum(whole(n.cpus / r.cpus_per_worker) for n in nodes)
         workers = f"{r.num_workers} worker(s) of {r.cpus_per_worker:g} CPU(s) and {per_gpu:g} GPU(s)"
         if min(by_gpus, by_cpus) < r.num_workers:
             field = "gpus_per_worker" if by_gpus < r.num_workers else "cpus_per_worker"
@@ -206,7 +206,7 @@ def fit_concurrency(spec: SweepSpec, sized: SweepSpec, nodes: list[NodeResources
     by_nodes = min(_runs_fit(r, nodes) for r in on_gpus)
     # the trials' drivers sit on any node: the cluster's CPUs hold them beside the widest runs
     run_cpus = max(r.num_workers * r.cpus_per_worker for r in on_gpus) + res.trial_resources()["cpu"]
-    concurrency = max(1, min(by_nodes, _whole(sum(n.cpus for n in nodes) / run_cpus)))
+    concurrency = max(1, min(by_nodes, whole(sum(n.cpus for n in nodes) / run_cpus)))
     raw: dict[str, Any] = sized.model_dump(mode="json")
     raw["sweep"]["max_concurrent_trials"] = concurrency
     widest = max(on_gpus, key=lambda r: r.num_workers * r.gpus())
@@ -260,7 +260,7 @@ def _runs_fit(role: WorkerResources, nodes: list[NodeResources]) -> int:
 
 def _workers_on(role: WorkerResources, node: NodeResources) -> int:
     """Workers of `role` one GPU node holds at once, by its own GPUs and CPUs."""
-    return min(_whole(node.gpus / role.gpus()), _whole(node.cpus / role.cpus_per_worker))
+    return min(whole(node.gpus / role.gpus()), whole(node.cpus / role.cpus_per_worker))
 
 
 def sizing_record(sized: SweepSpec, measured: list[StepMemory], measure: SlotMeasure) -> dict[str, Any]:
@@ -287,10 +287,6 @@ def sizing_record(sized: SweepSpec, measured: list[StepMemory], measure: SlotMea
         "slots": dataclasses.asdict(measure),
         "process_mb": PROCESS_MB,
     }
-
-
-def _whole(x: float) -> int:
-    return math.floor(x + 1e-9)
 
 
 PROBE_CPUS = 1.0

@@ -48,11 +48,11 @@ class SlotMeasure:
 
     def most_trials(self) -> int:
         """Trials that fit when every one runs its lighter phase."""
-        return _whole(self.capacity / min(self.weight(role) for role in ROLES))
+        return whole(self.capacity / min(self.weight(role) for role in ROLES))
 
     def fewest_trials(self) -> int:
         """Trials that fit when every one runs its heavier phase."""
-        return max(1, _whole(self.capacity / max(self.weight(role) for role in ROLES)))
+        return max(1, whole(self.capacity / max(self.weight(role) for role in ROLES)))
 
     def describe(self) -> str:
         """For the console: '2 at a time', or the budget and what each run takes of it."""
@@ -79,7 +79,7 @@ def measure_of(spec: SweepSpec, held: dict[str, float] | None = None) -> SlotMea
         return SlotMeasure(float(spec.max_concurrent_trials()))
     # a role on CPUs has no GPUs to weigh: runs are counted, every run one slot (a CPU run too),
     # as many slots as the GPU role's runs fit in the budget
-    return SlotMeasure(float(max(1, _whole(res.gpu_budget / max(gpus.values())))))
+    return SlotMeasure(float(max(1, whole(res.gpu_budget / max(gpus.values())))))
 
 
 def slots_in_use(live_keys: Iterable[str], stored: Callable[[str], bool], measure: SlotMeasure | None = None) -> float:
@@ -91,7 +91,8 @@ def slots_in_use(live_keys: Iterable[str], stored: Callable[[str], bool], measur
     return distilling * measure.weight("student") + training * measure.weight("teacher")
 
 
-def _whole(x: float) -> int:
+def whole(x: float) -> int:
+    """The whole count in x, forgiving float error (0.3 / 0.1 is 2.9999999999999996)."""
     return math.floor(x + 1e-9)
 
 
