@@ -293,7 +293,7 @@ def test_a_snapshot_caught_half_written_is_read_again_and_a_broken_one_named_in_
     import optuna
 
     from remem_ray.errors import ResourceError
-    from remem_ray.sweep import study as study_module
+    from remem_ray.sweep import tune_state as tune_state_module  # read_settled, which waits between looks
     from remem_ray.sweep.distinct import DUPLICATE_OF
     from remem_ray.sweep.layout import SweepLayout
     from remem_ray.sweep.results import _duplicates_answered
@@ -312,10 +312,10 @@ def test_a_snapshot_caught_half_written_is_read_again_and_a_broken_one_named_in_
         pauses.append(seconds)
         layout.experiment.write_bytes("searcher-state-1.pkl", whole)
 
-    monkeypatch.setattr(study_module.time, "sleep", tune_finishes_writing)
+    monkeypatch.setattr(tune_state_module.time, "sleep", tune_finishes_writing)
     assert _duplicates_answered(layout) == 1 and len(pauses) == 1
     layout.experiment.write_bytes("searcher-state-1.pkl", whole[:100])
-    monkeypatch.setattr(study_module.time, "sleep", pauses.append)
+    monkeypatch.setattr(tune_state_module.time, "sleep", pauses.append)
     with pytest.raises(ResourceError, match="searcher state in .* cannot be read"):
         _duplicates_answered(layout)
 

@@ -78,7 +78,7 @@ def test_an_experiment_state_caught_half_written_is_read_again(tmp_path, monkeyp
     state is not JSON, and the readers took an older driver's saves for that look."""
     from remem_ray.sweep import tune_state
 
-    monkeypatch.setattr(tune_state, "READ_PAUSE_S", 0.0)
+    monkeypatch.setattr(tune_state, "SETTLE_PAUSE_S", 0.0)
     experiment = Storage(str(tmp_path))
     _saves(experiment, LAPTOP, LAPTOP_START)
     _saves(experiment, NODE, NODE_START)

@@ -135,8 +135,7 @@ def ended_at(result: dict[str, Any]) -> float | None:
 def load_trials(layout: SweepLayout) -> list:
     from ray.tune import ExperimentAnalysis
 
-    from remem_ray.sweep.study import read_settled
-    from remem_ray.sweep.tune_state import newest_save
+    from remem_ray.sweep.tune_state import newest_save, read_settled
 
     newest = newest_save(layout.experiment)  # the newest driver's, not the greatest name (Tune's pick)
     path = layout.experiment.path(newest) if newest else layout.experiment.path()

@@ -13,42 +13,22 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from remem_ray.config import SweepSpec
 from remem_ray.errors import ResourceError
 from remem_ray.sweep.layout import SweepLayout
 from remem_ray.sweep.tune_adapter import study_from_searcher_state
+from remem_ray.sweep.tune_state import newest_save, read_settled
 
 STUDY_FILE = "optuna.db"
-T = TypeVar("T")
-
-
-SETTLE_TRIES, SETTLE_PAUSE_S = 3, 0.5  # looks at a file Tune may be rewriting in place
 
 
 def newest_snapshot(layout: SweepLayout) -> bytes | None:
     """The newest driver's searcher-state-*.pkl in the sweep folder (sweep/tune_state.py), or None
     before the first."""
-    from remem_ray.sweep.tune_state import newest_save
-
     name = newest_save(layout.experiment, ("searcher-state-", ".pkl"))
     return layout.experiment.read_bytes(name) if name else None
-
-
-def read_settled(read: Callable[[], T], half_written: type[Exception] | tuple[type[Exception], ...]) -> T:
-    """read(), looked at again while it fails as a file caught half written does: Tune rewrites a
-    local root's experiment state and searcher snapshot in place while the sweep runs. The last
-    failure is raised."""
-    for _ in range(SETTLE_TRIES - 1):
-        try:
-            return read()
-        except half_written:
-            time.sleep(SETTLE_PAUSE_S)
-    return read()
 
 
 class _Unreadable(Exception):

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from remem_ray.storage import Storage
 
@@ -34,7 +35,21 @@ SAVE_KINDS = (
     STATE,
 )
 SUPERSEDED = "superseded-"  # no Tune pattern matches a name starting so: kept, never read
-READ_TRIES, READ_PAUSE_S = 3, 0.5
+SETTLE_TRIES, SETTLE_PAUSE_S = 3, 0.5  # looks at a file Tune may be rewriting in place
+
+T = TypeVar("T")
+
+
+def read_settled(read: Callable[[], T], half_written: type[Exception] | tuple[type[Exception], ...]) -> T:
+    """read(), looked at again while it fails as a file caught half written does: Tune rewrites a
+    local root's experiment state and searcher snapshot in place while the sweep runs. The last
+    failure is raised."""
+    for _ in range(SETTLE_TRIES - 1):
+        try:
+            return read()
+        except half_written:
+            time.sleep(SETTLE_PAUSE_S)
+    return read()
 
 
 def _sessions(names: list[str], kind: tuple[str, str] = STATE) -> list[str]:
@@ -45,16 +60,11 @@ def _sessions(names: list[str], kind: tuple[str, str] = STATE) -> list[str]:
 def _started(experiment: Storage, session: str) -> float | None:
     """The driver's start (Unix time) its experiment state holds; None where it does not read
     (looked at again a few times: Tune copies its state over the old one while it runs)."""
-    for attempt in range(READ_TRIES):
-        try:
-            data = json.loads(experiment.read_text(f"{STATE[0]}{session}{STATE[1]}"))
-            return float(data["stats"]["start_time"])
-        except ValueError:  # caught half written
-            if attempt + 1 < READ_TRIES:
-                time.sleep(READ_PAUSE_S)
-        except (KeyError, TypeError):  # not a Tune experiment state
-            return None
-    return None
+    try:
+        data = read_settled(lambda: json.loads(experiment.read_text(f"{STATE[0]}{session}{STATE[1]}")), ValueError)
+        return float(data["stats"]["start_time"])
+    except (ValueError, KeyError, TypeError):  # still half written, or not a Tune experiment state
+        return None
 
 
 def _starts(experiment: Storage, names: list[str]) -> dict[str, float]:
