@@ -47,6 +47,19 @@ def test_the_heat_map_shows_each_cells_best_student_as_the_best_line_ranks_them_
     assert best_trial(ended) == "b"
 
 
+def test_the_heat_maps_labels_are_dark_on_light_cells_and_light_on_dark_ones(monkeypatch):
+    """The best cell (viridis' yellow top) carried white text, barely readable."""
+    from remem_ray.sweep import report
+
+    drawn = {}
+    monkeypatch.setattr(report, "_png", lambda plt, fig: drawn.setdefault("texts", fig.axes[0].texts) and b"")
+    summary = SweepSummary("s", "e", METRIC, trials=[_row("a", 0.0, 0.9, 0.95, False), _row("b", 0.1, 0.9, 0.80, True)])
+    report.plot_heatmap(summary)
+    colours = {t.get_text().split()[0]: t.get_color() for t in drawn["texts"]}
+    assert colours == {"0.950": "black", "0.800": "white"}
+    assert (report.ink_on((1.0, 1.0, 1.0, 1.0)), report.ink_on((0.0, 0.0, 0.0, 1.0))) == ("black", "white")
+
+
 def test_the_heat_map_leaves_out_failed_and_running_trials_partial_scores():
     """A failed or running trial's score is from the epoch it got to: it drew as a cell (hatched
     as if ASHA had stopped it) and could top the best-so-far line."""

@@ -108,6 +108,18 @@ def heatmap_cells(summary: SweepSummary):
     return rhos, alphas, grid, stopped
 
 
+def ink_on(rgba: tuple[float, ...]) -> str:
+    """Black or white, whichever reads on a cell of colour `rgba`: white on viridis' yellow
+    top (the best cell, the one users look for) was barely visible. By relative luminance
+    (WCAG's weights on linearised sRGB); 0.179 splits black's contrast from white's."""
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgba[:3])
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"
+
+
 def plot_heatmap(summary: SweepSummary) -> bytes:
     plt, fig, ax = _figure()
     rhos, alphas, grid, stopped = heatmap_cells(summary)
@@ -119,10 +131,11 @@ def plot_heatmap(summary: SweepSummary) -> bytes:
         for i in range(len(alphas)):
             for j in range(len(rhos)):
                 if not math.isnan(grid[i][j]):
+                    ink = ink_on(im.cmap(im.norm(grid[i][j])))
                     text = f"{grid[i][j]:.3f}" + ("\nstopped early" if stopped[i][j] else "")
-                    ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
+                    ax.text(j, i, text, ha="center", va="center", color=ink, fontsize=8)
                     if stopped[i][j]:
-                        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", ec="white"))
+                        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", ec=ink, alpha=0.4))
     else:
         _no_data(ax, "no trial has reported a student yet")
     title = "Student accuracy over rho x alpha (best trial per cell)"
