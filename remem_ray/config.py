@@ -159,6 +159,12 @@ class DataConfig(StrictModel):
         "(all splits); beyond it the store stays memory-mapped on the host",
     )
 
+    root_identity: str | None = Field(
+        None,
+        description="set by the sweep driver as it starts (what the image folder holds, "
+        "remem_ray/storage/identity.py); a value in a spec is replaced",
+    )
+
     @model_validator(mode="after")
     def _root_where_needed(self) -> DataConfig:
         if self.name == "imagefolder" and not self.root:
@@ -198,6 +204,11 @@ class TeacherConfig(StrictModel):
     model: str = Field("vit_micro_patch4", description="timm model name")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm constructor arguments")
     weights: WeightsSource = Field(None, description="None, 'timm' (hub tag), a local file or an s3:// URI")
+    weights_identity: str | None = Field(
+        None,
+        description="set by the sweep driver as it starts (what the weights file holds, "
+        "remem_ray/storage/identity.py); a value in a spec is replaced",
+    )
     alpha: float = Field(0.9, gt=0.0, le=1.0, description="MLP reweighting factor; 1 = stock model")
     reweight_mode: Literal["remem", "mlp"] = "remem"
     rho: float = Field(0.05, ge=0.0, le=10.0, description="SAM radius; 0 = plain fine-tuning")
@@ -240,6 +251,11 @@ class StudentConfig(StrictModel):
     model: str = Field("resnet10t", description="timm model name")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: WeightsSource = None
+    weights_identity: str | None = Field(
+        None,
+        description="set by the sweep driver as it starts (what the weights file holds, "
+        "remem_ray/storage/identity.py); a value in a spec is replaced",
+    )
     teacher_epoch: int | None = Field(None, ge=1, description="teacher checkpoint to distil from; default: last")
     teacher_checkpoint: Location = Field(
         None, description="explicit teacher checkpoint folder (path or s3:// URI); default: this run's"
@@ -343,7 +359,7 @@ class RunSpec(StrictModel):
         current = self.teacher_key(world_size)
         keys: list[str] = []
         for data, teacher in (
-            (_written_data(self.data), self.teacher.model_dump(mode="json")),
+            (_written_data(self.data), _identified(self.teacher.model_dump(mode="json"), "weights_identity")),
             (canonical_data(self.data), canonical_teacher(self.teacher)),
         ):
             for epochs in _checkpoint_spellings(self.teacher):
@@ -387,7 +403,16 @@ def _default(model: type[BaseModel], name: str) -> Any:
 
 
 def _written_data(data: DataConfig) -> dict[str, Any]:
-    return data.model_dump(mode="json", exclude=DATA_FIELDS_WITHOUT_EFFECT)
+    return _identified(data.model_dump(mode="json", exclude=DATA_FIELDS_WITHOUT_EFFECT), "root_identity")
+
+
+def _identified(values: dict[str, Any], field: str) -> dict[str, Any]:
+    """A section's key fields with its input's identity where the driver read one; without the
+    field where it did not (specs of data and weights with nothing to identify, and those stored
+    before identities existed, keep their keys)."""
+    if values.get(field) is None:
+        values.pop(field, None)
+    return values
 
 
 def canonical_data(data: DataConfig) -> dict[str, Any]:
@@ -405,7 +430,7 @@ def canonical_teacher(teacher: TeacherConfig) -> dict[str, Any]:
     alpha 1 (no reweighting), adaptive and asam_eta at rho 0 (no perturbation), asam_eta
     without adaptive. Floats and ints are one already (pydantic), model_kwargs keys sorted by
     the hash, weights 'none' is None."""
-    values = teacher.model_dump(mode="json")
+    values = _identified(teacher.model_dump(mode="json"), "weights_identity")
     values["checkpoint_epochs"] = teacher.saved_epochs
     if teacher.alpha == 1.0:
         values["reweight_mode"] = _default(TeacherConfig, "reweight_mode")
@@ -421,7 +446,9 @@ def canonical_student(student: StudentConfig) -> dict[str, Any]:
     holds the teacher's own key and epoch); the cache's views and their seed at their defaults
     for online targets (no cache); the KD term's loss and temperature at their defaults when its
     weight is 0 (no KD gradient)."""
-    values = student.model_dump(mode="json", exclude={"teacher_epoch", "teacher_checkpoint"})
+    values = _identified(
+        student.model_dump(mode="json", exclude={"teacher_epoch", "teacher_checkpoint"}), "weights_identity"
+    )
     if student.teacher_targets == "online":
         values["target_views"] = _default(StudentConfig, "target_views")
         values["target_view_seed"] = _default(StudentConfig, "target_view_seed")

@@ -114,11 +114,12 @@ def create_model(
     role: str = "model",
     endpoint: str | None = None,
     region: str | None = None,
+    weights_identity: str | None = None,
 ) -> nn.Module:
     """A timm model with a fresh head of `num_classes`; body weights from `weights` if given.
 
     weights: None (random init), 'timm' (the hub weights of the name's tag), 'hf-hub:ORG/REPO',
-    a local file, or an s3:// URI fetched once into the local cache.
+    a local file, or an s3:// URI fetched once into the local cache (a copy per weights_identity).
     """
     kwargs = dict(kwargs or {})
     kind = weights_kind(weights)
@@ -129,7 +130,7 @@ def create_model(
     elif kind == "hf-hub":
         overlay = dict(hf_hub_id=weights[len("hf-hub:") :], **hub_preprocessing(weights, role))
     else:
-        local = _local_weights_file(weights, role, endpoint, region)
+        local = _local_weights_file(weights, role, endpoint, region, weights_identity)
         overlay = dict(file=str(local))
     try:
         extra: dict[str, Any] = {"pretrained": True}
@@ -143,11 +144,13 @@ def create_model(
         raise ResourceError(f"{role}.weights: cannot load {weights!r} for {name}: {reason}") from exc
 
 
-def _local_weights_file(weights: str, role: str, endpoint: str | None, region: str | None) -> Path:
+def _local_weights_file(
+    weights: str, role: str, endpoint: str | None, region: str | None, identity: str | None
+) -> Path:
     if weights_kind(weights) == "s3":
         from remem_ray.storage import fetch_to_cache
 
-        return fetch_to_cache(weights, endpoint=endpoint, field=f"{role}.weights", region=region)
+        return fetch_to_cache(weights, endpoint=endpoint, field=f"{role}.weights", region=region, identity=identity)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ResourceError(f"{role}.weights: file not found: {weights}")

@@ -311,7 +311,8 @@ def test_a_node_lock_waiter_says_whom_it_waits_for_after_a_while_and_every_minut
 def test_s3_data_and_weights_are_fetched_in_the_specs_region(monkeypatch, tmp_path):
     """The data and the weights on s3:// were fetched in us-east-1 (or the node's AWS_REGION)
     whatever storage.region said: on AWS, a bucket elsewhere failed on every node without the
-    variable. Failed before: the fetch got no region."""
+    variable. Failed before: the fetch got no region. And the identity the driver read (the
+    node's copy is kept per identity: storage/identity.py)."""
     import remem_ray.storage
     from remem_ray.config import DataConfig
     from remem_ray.data import build_datasets
@@ -319,16 +320,18 @@ def test_s3_data_and_weights_are_fetched_in_the_specs_region(monkeypatch, tmp_pa
 
     asked = []
 
-    def fetch(uri, endpoint=None, field="uri", region=None):
-        asked.append((field, region))
+    def fetch(uri, endpoint=None, field="uri", region=None, identity=None):
+        asked.append((field, region, identity))
         raise ResourceError(f"{field}: stop here")
 
     monkeypatch.setattr(remem_ray.storage, "fetch_to_cache", fetch)
     with pytest.raises(ResourceError, match="data.root: stop here"):
-        build_datasets(DataConfig(name="imagefolder", root="s3://b/images"), 0, region="eu-west-1")
+        build_datasets(DataConfig(name="imagefolder", root="s3://b/images", root_identity="d1"), 0, region="eu-west-1")
     with pytest.raises(ResourceError, match="teacher.weights: stop here"):
-        create_model("resnet10t", 3, 32, weights="s3://b/w.pt", role="teacher", region="eu-west-1")
-    assert asked == [("data.root", "eu-west-1"), ("teacher.weights", "eu-west-1")]
+        create_model(
+            "resnet10t", 3, 32, weights="s3://b/w.pt", role="teacher", region="eu-west-1", weights_identity="w1"
+        )
+    assert asked == [("data.root", "eu-west-1", "d1"), ("teacher.weights", "eu-west-1", "w1")]
 
     # and a run's loop passes its spec's region on
     from remem_ray.config import load_run_spec
@@ -340,7 +343,7 @@ def test_s3_data_and_weights_are_fetched_in_the_specs_region(monkeypatch, tmp_pa
     )
     with pytest.raises(ResourceError, match="data.root: stop here"):
         prepare(LoopConfig(spec, str(tmp_path / "out")), "teacher")
-    assert asked[-1] == ("data.root", "eu-west-1")
+    assert asked[-1] == ("data.root", "eu-west-1", None)
 
 
 def test_a_whole_bucket_as_data_or_weights_is_one_line(s3, tmp_path, monkeypatch):
@@ -677,3 +680,34 @@ def test_a_noting_file_writes_in_pieces_flushed_now_and_then_and_notes_only_stor
         broken.read(1)
     broken.seek(0)  # no data moved: still failed
     assert str(broken.failed) == "reset"
+
+
+def test_files_lists_a_folders_tree_with_sizes_and_stamp_changes_with_a_rewrite(store):
+    store.write_bytes("d/a.png", b"12345")
+    store.write_bytes("d/sub/b.jpg", b"12")
+    store.write_bytes("other.txt", b"x")
+    assert store.files("d") == [("a.png", 5), ("sub/b.jpg", 2)]
+    assert store.files("missing") == []
+    first = store.stamp("d/a.png")
+    assert first is not None and first.startswith("5@")
+    store.write_bytes("d/a.png", b"123456")
+    assert store.stamp("d/a.png") not in (None, first)
+    assert store.stamp("d/nothing.png") is None and store.stamp("d") is None
+
+
+def test_an_s3_object_changed_since_a_fetch_is_fetched_again_under_its_new_identity(s3, tmp_path, monkeypatch):
+    """The node's copy was keyed by URI alone: weights uploaded anew under the same name were
+    never fetched again on a node that had the old ones (failed before: no identity to key by)."""
+    from remem_ray.storage import fetch_to_cache
+    from remem_ray.storage.identity import file_identity
+
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"s3://{s3['bucket']}/w/weights.pt"
+    s3["client"].put_object(Bucket=s3["bucket"], Key="w/weights.pt", Body=b"old weights")
+    old = file_identity(uri, s3["endpoint"])
+    assert fetch_to_cache(uri, s3["endpoint"], identity=old).read_bytes() == b"old weights"
+    s3["client"].put_object(Bucket=s3["bucket"], Key="w/weights.pt", Body=b"new weights!")
+    new = file_identity(uri, s3["endpoint"])
+    assert new != old
+    assert fetch_to_cache(uri, s3["endpoint"], identity=new).read_bytes() == b"new weights!"
+    assert fetch_to_cache(uri, s3["endpoint"], identity=old).read_bytes() == b"old weights"  # kept, not refetched

@@ -463,7 +463,7 @@ def _imagefolder(
     if root.startswith("s3://"):
         from remem_ray.storage import fetch_to_cache
 
-        local = fetch_to_cache(root, endpoint=endpoint, field="data.root", region=region)
+        local = fetch_to_cache(root, endpoint=endpoint, field="data.root", region=region, identity=cfg.root_identity)
     else:
         local = Path(root).expanduser()
     if not local.is_dir():

@@ -88,13 +88,18 @@ def _say_waiting(doing: str) -> Callable[[str, float], None]:
     return waiting
 
 
-def fetch_to_cache(uri: str, endpoint: str | None = None, field: str = "uri", region: str | None = None) -> Path:
+def fetch_to_cache(
+    uri: str, endpoint: str | None = None, field: str = "uri", region: str | None = None, identity: str | None = None
+) -> Path:
     """Fetch an s3:// file or folder once into the local cache; later calls reuse it.
 
     One fetch per node: every DDP rank and every trial on a node asks at once, and each fetching
     its own copy multiplied the traffic; worse, one finishing second removed the folder another had
-    just put in place and was reading. The others wait on a node lock and then reuse the copy."""
-    key = hashlib.sha256(f"{endpoint or ''}|{uri}".encode()).hexdigest()[:16]
+    just put in place and was reading. The others wait on a node lock and then reuse the copy.
+    identity: what the sweep's driver found at the URI (storage/identity.py): a copy is kept per
+    identity, so an object changed since an earlier fetch is fetched again."""
+    named = f"{endpoint or ''}|{uri}" + (f"|{identity}" if identity else "")
+    key = hashlib.sha256(named.encode()).hexdigest()[:16]
     dest = cache_root() / "s3" / key
     done = dest / ".complete"
     if done.exists():

@@ -197,6 +197,24 @@ class Storage:
             raise self._error("list", rel, exc) from None
         return sorted(i.base_name for i in infos)
 
+    def files(self, rel: str = "") -> list[tuple[str, int]]:
+        """Every file under the folder `rel`, as (its path below `rel`, '/'-separated; its size),
+        sorted by path; [] where there is no such folder."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True))
+        except OSError as exc:
+            raise self._error("list", rel, exc) from None
+        prefix = self.path(rel).rstrip("/") + "/"
+        return sorted((i.path[len(prefix) :], i.size) for i in infos if i.type == pafs.FileType.File)
+
+    def stamp(self, rel: str) -> str | None:
+        """A file's size and modification time ('SIZE@MTIME_NS'): a rewrite or a new upload under
+        the same name changes it. None where there is no such file."""
+        info = self._info(rel)
+        if info.type != pafs.FileType.File:
+            return None
+        return f"{info.size}@{info.mtime_ns}"
+
     # ----------------------------------------------------------------- bytes
     def read_bytes(self, rel: str) -> bytes:
         try:

@@ -362,8 +362,9 @@ def _driving(
     after_taking: Callable[[], None] | None = None,
 ):
     """The driver's run of a sweep: a stable cwd, Ray, the sweep's driver lease, the console and
-    log (and the study's copy); yields the console, the spec the trials run, its `auto` GPU shares
-    sized (sweep/gpu_shares.py), and the held lease (sweep/driver_lease.py)."""
+    log (and the study's copy); yields the console, the spec the trials run (its inputs
+    identified, sweep/inputs.py; its `auto` GPU shares sized, sweep/gpu_shares.py), and the held
+    lease (sweep/driver_lease.py)."""
     from remem_ray.sweep.driver_lease import driving_lease
     from remem_ray.sweep.gpu_shares import (
         fit_concurrency,
@@ -374,6 +375,7 @@ def _driving(
         sizing_record,
         slot_measure,
     )
+    from remem_ray.sweep.inputs import with_input_identities
     from remem_ray.sweep.progress import driver_line, sweep_console
     from remem_ray.sweep.run_slots import run_slot_book
     from remem_ray.sweep.slots import driver_limit
@@ -398,6 +400,10 @@ def _driving(
             ) as driving,
             sweep_console(layout.experiment, verbose, on_tick=export, may_write=driving.holds) as console,
         ):
+            if spec.data.name == "imagefolder" and str(spec.data.root).startswith("s3://"):
+                console.show(f"sweep {spec.name}: listing {spec.data.root}: what it holds keys the teachers")
+            # what the data folder and weights files hold now, in the keys the trials train under
+            spec, unread = with_input_identities(spec)
             measured: list = []
 
             def probe(spec: SweepSpec, roles: list[str]):
@@ -423,7 +429,7 @@ def _driving(
                 f"sweep {spec.name}: {what}, {measure.describe()}; "
                 f"log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
             )
-            notes = [unused_gpus_note(sized, sum(n.gpus for n in nodes))]
+            notes = [*unread, unused_gpus_note(sized, sum(n.gpus for n in nodes))]
             if address:  # a private Ray without it was refused above
                 notes.append(driver_resource_note(sized, [node.get("Resources") or {} for node in _alive_nodes()]))
             for note in notes:

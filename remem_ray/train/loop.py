@@ -96,6 +96,7 @@ class LoopContext:
                 role=self.role,
                 endpoint=self.spec.storage.endpoint,
                 region=self.spec.storage.region,
+                weights_identity=section.weights_identity,
             )
 
     def lease_lost(self) -> str | None:
