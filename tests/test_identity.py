@@ -1,4 +1,4 @@
-"""remem_ray.storage.identity and sweep.inputs: what an input holds, read as a sweep starts, in the
+"""remem_ray.storage.identity and remem_ray.inputs: what an input holds, read as a sweep starts, in the
 keys of what is trained from it."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 from remem_ray.config import SweepSpec
+from remem_ray.inputs import with_input_identities
 from remem_ray.storage.identity import IMAGE_SUFFIXES, file_identity, folder_identity
-from remem_ray.sweep.inputs import with_input_identities
 
 
 def _images(root, files: dict[str, bytes]) -> str:

@@ -4,7 +4,7 @@ Teacher and student registry keys, and the node cache's fetched copies, name an 
 it is (a path, an s3:// URI). One changed in place (images added to a folder, new weights
 uploaded under the old name) was then trained from as stored before: a teacher of the old images
 reused by every later sweep on the root, the node's old copy read on. The driver reads each
-input's identity once as the sweep starts (`sweep/inputs.py`); the keys and the cache name
+input's identity once as the sweep starts (`remem_ray/inputs.py`); the keys and the cache name
 it beside the location, so changed inputs train anew and are fetched again.
 
 - an image folder: the names and sizes of its image files (what torchvision's ImageFolder

@@ -363,8 +363,9 @@ def _driving(
 ):
     """The driver's run of a sweep: a stable cwd, Ray, the sweep's driver lease, the console and
     log (and the study's copy); yields the console, the spec the trials run (its inputs
-    identified, sweep/inputs.py; its `auto` GPU shares sized, sweep/gpu_shares.py), and the held
+    identified, remem_ray/inputs.py; its `auto` GPU shares sized, sweep/gpu_shares.py), and the held
     lease (sweep/driver_lease.py)."""
+    from remem_ray.inputs import with_input_identities
     from remem_ray.sweep.driver_lease import driving_lease
     from remem_ray.sweep.gpu_shares import (
         fit_concurrency,
@@ -375,7 +376,6 @@ def _driving(
         sizing_record,
         slot_measure,
     )
-    from remem_ray.sweep.inputs import with_input_identities
     from remem_ray.sweep.progress import driver_line, sweep_console
     from remem_ray.sweep.run_slots import run_slot_book
     from remem_ray.sweep.slots import driver_limit

@@ -1,14 +1,18 @@
-"""The sweep's inputs as they are when its driver starts: identities for its keys and caches
-(storage/identity.py says why)."""
+"""A run's inputs as they are when it starts (a sweep's driver, an in-process verb): identities
+for its keys and the node's fetched copies (storage/identity.py says why)."""
 
 from __future__ import annotations
 
-from remem_ray.config import SweepSpec, weights_kind
+from typing import TypeVar
+
+from remem_ray.config import RunSpec, weights_kind
 from remem_ray.errors import ResourceError
 from remem_ray.storage.identity import file_identity, folder_identity
 
+SpecT = TypeVar("SpecT", bound=RunSpec)
 
-def with_input_identities(spec: SweepSpec) -> tuple[SweepSpec, list[str]]:
+
+def with_input_identities(spec: SpecT) -> tuple[SpecT, list[str]]:
     """The spec with `data.root_identity` (an imagefolder's) and each role's `weights_identity`
     (a weights file's, local or s3://) read now, any value it came with replaced; and a line for
     each input this machine could not read, whose identity stays None (keyed by its location
