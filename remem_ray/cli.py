@@ -38,14 +38,13 @@ def _load(args: argparse.Namespace, weights_of: tuple[str, ...]):
     """The validated run spec, its storage proven usable before anything is written; weights_of:
     the roles whose weights the verb loads."""
     from remem_ray.config import load_run_spec
-    from remem_ray.inputs import with_input_identities
     from remem_ray.spec_checks import check_spec
     from remem_ray.storage import preflight_config
 
     spec = load_run_spec(args.spec, _run_overrides(args))
     check_spec(spec, weights_of=weights_of)
     preflight_config(spec.storage)
-    return with_input_identities(spec)[0]  # checked: every input is here to read
+    return spec
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:

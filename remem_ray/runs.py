@@ -6,8 +6,10 @@ from typing import Any
 
 from remem_ray.checkpoint_files import checkpoint_name, is_complete
 from remem_ray.config import RunSpec
+from remem_ray.console import say
 from remem_ray.contract import LoopConfig
 from remem_ray.errors import ResourceError
+from remem_ray.inputs import with_input_identities
 from remem_ray.spec_checks import check_spec
 from remem_ray.storage import Storage
 
@@ -35,12 +37,21 @@ def teacher_location(spec: RunSpec) -> str:
     return folder.uri(checkpoint_name(epoch))
 
 
+def _identified(spec: RunSpec, role: str) -> RunSpec:
+    """With what its inputs hold now: a node's s3:// copy is fetched again once they change."""
+    identified, unread = with_input_identities(spec, roles=(role,))
+    for line in unread:
+        say(line)
+    return identified
+
+
 def run_teacher(spec: RunSpec, quiet: bool = False, checked: bool = False) -> dict[str, Any]:
     """checked: the caller ran check_spec on it already (the CLI, before its storage preflight)."""
     from remem_ray.train.teacher import fine_tune_teacher
 
     if not checked:
         check_spec(spec, weights_of=("teacher",))
+    spec = _identified(spec, "teacher")
     folder = run_folder(spec)
     return fine_tune_teacher(
         LoopConfig(spec, folder.uri("teacher"), quiet=quiet, tensorboard=folder.uri("tensorboard", "teacher"))
@@ -53,6 +64,7 @@ def run_student(spec: RunSpec, quiet: bool = False, checked: bool = False) -> di
 
     if not checked:
         check_spec(spec, weights_of=("student",))
+    spec = _identified(spec, "student")
     folder = run_folder(spec)
     config = LoopConfig(
         spec,

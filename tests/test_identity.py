@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from remem_ray.config import SweepSpec
 from remem_ray.inputs import with_input_identities
 from remem_ray.storage.identity import IMAGE_SUFFIXES, file_identity, folder_identity
@@ -106,3 +108,73 @@ def test_an_identity_written_in_a_spec_is_replaced_by_what_the_driver_reads(tmp_
     identified, _ = with_input_identities(spec)
     assert identified.data.root_identity == folder_identity(str(tmp_path / "data"))
     assert identified.teacher.weights_identity is None  # no weights file to identify
+
+
+def test_only_what_imagefolder_reads_counts_not_files_beside_its_class_folders(tmp_path):
+    """A plot or a loose image beside the class folders, or a folder beside train/ and val/, is no
+    image a run reads: it changed the identity and every sweep trained anew (a review's find)."""
+    root = tmp_path / "data"
+    _images(root, {"train/cat/1.png": b"a", "train/dog/2.png": b"bb", "val/cat/3.png": b"c"})
+    before = folder_identity(str(root))
+    _images(root, {"preview.png": b"p", "train/loose.png": b"l", "plots/acc.png": b"x"})
+    assert folder_identity(str(root)) == before
+    _images(root, {"val/dog/4.png": b"d"})
+    assert folder_identity(str(root)) != before
+    flat = tmp_path / "flat"  # no split folders: the root's class folders
+    _images(flat, {"cat/1.png": b"a", "top.png": b"t"})
+    assert folder_identity(str(flat)) == folder_identity(_images(tmp_path / "flat2", {"cat/1.png": b"a"}))
+
+
+def test_a_local_weights_file_is_known_by_its_bytes_so_every_copy_is_the_same(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "w.pt").write_bytes(b"same bytes")
+    (tmp_path / "b" / "w.pt").write_bytes(b"same bytes")
+    os.utime(tmp_path / "b" / "w.pt", ns=(5, 5))
+    assert file_identity(str(tmp_path / "a/w.pt")) == file_identity(str(tmp_path / "b/w.pt"))
+    assert file_identity(str(tmp_path / "a/w.pt")).startswith("sha256:")
+
+
+def test_a_resume_keeps_the_identities_its_sweep_began_with_and_refuses_a_changed_input(tmp_path):
+    from remem_ray.errors import UserInputError
+    from remem_ray.inputs import as_begun, identities
+
+    _images(tmp_path / "data", {"cat/1.png": b"a", "dog/2.png": b"b"})
+    spec = _folder_spec(tmp_path)
+    began, _ = with_input_identities(spec)
+    resumed, notes = as_begun(spec, identities(began))
+    assert resumed.trial_keys(resumed.run_spec({})) == began.trial_keys(began.run_spec({})) and notes == []
+    # begun before identities: keyed by location, as its trials and its searcher were
+    assert as_begun(spec, None) == (spec, [])
+    _images(tmp_path / "data", {"dog/3.png": b"c"})
+    with pytest.raises(UserInputError, match=rf"^data.root: {tmp_path / 'data'} changed since the sweep began"):
+        as_begun(spec, identities(began))
+    # from a machine without the folder (a cluster's path): as begun, no note
+    elsewhere = spec.model_copy(update={"data": spec.data.model_copy(update={"root": str(tmp_path / "gone")})})
+    resumed, notes = as_begun(elsewhere, identities(began))
+    assert resumed.data.root_identity == began.data.root_identity and notes == []
+
+
+def test_remem_sweep_resume_refuses_a_changed_input_before_ray_starts(tmp_path, capsys):
+    """Failed before: the resume read the folder again and its restarted trials trained under new
+    keys beside finished trials of the old images (a restarted student went on from a teacher of
+    the old images and was stored under the new key)."""
+    import json
+
+    import ray
+
+    from remem_ray.cli import main
+
+    _images(tmp_path / "data", {"cat/1.png": b"a", "dog/2.png": b"b"})
+    spec = _folder_spec(tmp_path, name="changed")
+    began, _ = with_input_identities(spec)
+    folder = tmp_path / "results" / "sweeps" / "changed"
+    folder.mkdir(parents=True)
+    (folder / "sweep_spec.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    (folder / "inputs.json").write_text(json.dumps({"data.root": began.data.root_identity}))
+    (folder / "tuner.pkl").write_bytes(b"")  # a Tune experiment to restore
+    _images(tmp_path / "data", {"dog/3.png": b"c"})
+    assert main(["sweep", "resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("remem: error: data.root: ") and "changed since the sweep began" in err
+    assert err.count("\n") == 1 and not ray.is_initialized()

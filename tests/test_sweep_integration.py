@@ -155,6 +155,9 @@ def test_smoke_sweep_local_end_to_end(tmp_path):
 
     # objects written: Tune experiment, teacher registry, students
     assert (experiment / "tuner.pkl").is_file() and (experiment / "sweep_spec.json").is_file()
+    # digits and no weights files: nothing to identify, the keys earlier versions gave
+    nothing = {"data.root": None, "teacher.weights": None, "student.weights": None}
+    assert json.loads((experiment / "inputs.json").read_text()) == nothing
     registry = TeacherRegistry(Storage(str(root / "teachers")))
     for key in {r["teacher_key"] for r in summary["trials"]}:
         teacher = Path(registry.set_in_use(key).uri())  # the folder of the generation that trained it

@@ -202,7 +202,7 @@ class Storage:
         sorted by path; [] where there is no such folder."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: pyarrow's ArrowInvalid (a bad path)
             raise self._error("list", rel, exc) from None
         prefix = self.path(rel).rstrip("/") + "/"
         return sorted((i.path[len(prefix) :], i.size) for i in infos if i.type == pafs.FileType.File)

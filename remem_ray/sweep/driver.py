@@ -13,15 +13,17 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from remem_ray.config import SweepSpec, parse_spec
+from remem_ray.console import say
 from remem_ray.errors import ResourceError, UserInputError
+from remem_ray.inputs import as_begun, identities, with_input_identities
 from remem_ray.spec_checks import check_spec, s3_inputs
 from remem_ray.storage import Storage, one_line, preflight, preflight_config
 from remem_ray.sweep.driver_lease import DriverLease
-from remem_ray.sweep.layout import GPU_SHARES_FILE, LOG_FILE, SWEEP_SPEC_FILE, TUNER_FILE, SweepLayout
+from remem_ray.sweep.layout import GPU_SHARES_FILE, INPUTS_FILE, LOG_FILE, SWEEP_SPEC_FILE, TUNER_FILE, SweepLayout
 from remem_ray.sweep.report import write_report
 from remem_ray.sweep.results import SweepSummary, expected_trials, load_trials, summarize, write_summary
 from remem_ray.sweep.search import build_scheduler, build_searcher
@@ -280,6 +282,23 @@ def _stable_working_dir():
             os.chdir(previous)
 
 
+def _identified(spec: SweepSpec) -> tuple[SweepSpec, list[str]]:
+    """The spec with what its inputs hold now (remem_ray/inputs.py), and lines on those unread."""
+    if spec.data.name == "imagefolder" and str(spec.data.root).startswith("s3://"):
+        say(f"sweep {spec.name}: listing {spec.data.root}: what it holds keys the teachers")
+    return with_input_identities(spec)
+
+
+def _begun_with(layout: SweepLayout) -> dict[str, str | None] | None:
+    """The identities a sweep's inputs had as it began; None for a sweep begun before them."""
+    if not layout.experiment.is_file(INPUTS_FILE):
+        return None
+    try:
+        return json.loads(layout.experiment.read_text(INPUTS_FILE))
+    except json.JSONDecodeError:
+        raise UserInputError(f"sweep: {layout.experiment.uri(INPUTS_FILE)} is not what this sweep began with") from None
+
+
 def _trainable(spec: SweepSpec):
     from ray import tune
 
@@ -324,10 +343,14 @@ def run_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = False
     export = StudyExport(spec, layout)
     trials = f"{spec.sweep.num_samples} trial{'s' if spec.sweep.num_samples != 1 else ''}"
     again = functools.partial(_check_new, layout, spec.storage.endpoint)  # a driver waited for may have made it
-    with _driving(spec, layout, address, verbose, trials, export, after_taking=again) as (console, sized, driving):
+    identified, unread = _identified(spec)
+    driving_it = _driving(identified, layout, address, verbose, trials, export, after_taking=again, notes=unread)
+    with driving_it as (console, sized, driving):
         # first, then the Tuner (it writes tuner.pkl): a sweep with an experiment always has its spec.
-        # As written (gpus_per_worker: auto stays auto): a resume sizes its shares on its cluster.
+        # As written (gpus_per_worker: auto stays auto): a resume sizes its shares on its cluster; and
+        # what its inputs held as it began (its keys), which a resume keeps and checks.
         layout.experiment.write_text(SWEEP_SPEC_FILE, json.dumps(spec.model_dump(mode="json"), indent=2))
+        layout.experiment.write_text(INPUTS_FILE, json.dumps(identities(identified), indent=2))
         tuner = tune.Tuner(
             _trainable(sized),
             tune_config=tune.TuneConfig(
@@ -360,12 +383,12 @@ def _driving(
     what: str,
     export: StudyExport,
     after_taking: Callable[[], None] | None = None,
+    notes: Sequence[str] = (),
 ):
     """The driver's run of a sweep: a stable cwd, Ray, the sweep's driver lease, the console and
-    log (and the study's copy); yields the console, the spec the trials run (its inputs
-    identified, remem_ray/inputs.py; its `auto` GPU shares sized, sweep/gpu_shares.py), and the held
-    lease (sweep/driver_lease.py)."""
-    from remem_ray.inputs import with_input_identities
+    log (and the study's copy); yields the console, the spec the trials run (its `auto` GPU shares
+    sized, sweep/gpu_shares.py), and the held lease (sweep/driver_lease.py). `spec`: its inputs
+    identified (remem_ray/inputs.py); `notes`: lines for the console once it is up."""
     from remem_ray.sweep.driver_lease import driving_lease
     from remem_ray.sweep.gpu_shares import (
         fit_concurrency,
@@ -400,10 +423,6 @@ def _driving(
             ) as driving,
             sweep_console(layout.experiment, verbose, on_tick=export, may_write=driving.holds) as console,
         ):
-            if spec.data.name == "imagefolder" and str(spec.data.root).startswith("s3://"):
-                console.show(f"sweep {spec.name}: listing {spec.data.root}: what it holds keys the teachers")
-            # what the data folder and weights files hold now, in the keys the trials train under
-            spec, unread = with_input_identities(spec)
             measured: list = []
 
             def probe(spec: SweepSpec, roles: list[str]):
@@ -429,10 +448,10 @@ def _driving(
                 f"sweep {spec.name}: {what}, {measure.describe()}; "
                 f"log {layout.experiment.uri(LOG_FILE)}; Ray dashboard {_url(dashboard)}"
             )
-            notes = [*unread, unused_gpus_note(sized, sum(n.gpus for n in nodes))]
+            notices = [*notes, unused_gpus_note(sized, sum(n.gpus for n in nodes))]
             if address:  # a private Ray without it was refused above
-                notes.append(driver_resource_note(sized, [node.get("Resources") or {} for node in _alive_nodes()]))
-            for note in notes:
+                notices.append(driver_resource_note(sized, [node.get("Resources") or {} for node in _alive_nodes()]))
+            for note in notices:
                 if note:
                     console.show(note)
             # a resumed sweep's searcher comes back with the measure it was first sized with; the
@@ -654,8 +673,9 @@ def resume_sweep(spec: SweepSpec, address: str | None = None, verbose: bool = Fa
             f"sweep: {layout.experiment.uri()} stopped before its first trial (no Tune experiment in it): "
             f"start it again with `remem sweep run`"
         )
+    identified, unread = as_begun(spec, _begun_with(layout))  # a changed input refused before Ray starts
     export = StudyExport(spec, layout)
-    with _driving(spec, layout, address, verbose, "resuming", export) as (console, sized, driving):
+    with _driving(identified, layout, address, verbose, "resuming", export, notes=unread) as (console, sized, driving):
         # under the driver lease (one that lost it stops)
         moved = name_newest_state_last(layout.experiment, staging_dirs(spec.name))
         if moved:

@@ -2,6 +2,7 @@
 
 <root>/sweeps/<name>/                  the Ray Tune experiment (Tuner.restore works on it)
 <root>/sweeps/<name>/sweep_spec.json   the validated spec (resume rebuilds the trial from it)
+<root>/sweeps/<name>/inputs.json       what its image folder and weights files held as it began (a resume keeps it)
 <root>/sweeps/<name>/summary.json      written at the end of run and resume
 <root>/sweeps/<name>/sweep.log         the driver's console and every line of the cluster's output
 <root>/sweeps/<name>/driver-lease/      the lease of the one driver (run or resume) driving the sweep
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from remem_ray.config import SweepSpec
 
 SWEEP_SPEC_FILE = "sweep_spec.json"
+INPUTS_FILE = "inputs.json"  # what the data folder and weights files held as the sweep began (remem_ray/inputs.py)
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "sweep.log"
 TUNER_FILE = "tuner.pkl"  # Tune's: written as the Tuner is created; what Tuner.can_restore looks for
