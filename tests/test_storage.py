@@ -344,6 +344,13 @@ def test_s3_data_and_weights_are_fetched_in_the_specs_region(monkeypatch, tmp_pa
     with pytest.raises(ResourceError, match="data.root: stop here"):
         prepare(LoopConfig(spec, str(tmp_path / "out")), "teacher")
     assert asked[-1] == ("data.root", "eu-west-1", None)
+    # and the identity of the weights the sweep's driver read (digits: the data is no fetch)
+    spec = load_run_spec(
+        None, {"teacher.weights": "s3://b/w.pt", "teacher.weights_identity": "w2", "storage.region": "eu-west-1"}
+    )
+    with pytest.raises(ResourceError, match="teacher.weights: stop here"):
+        prepare(LoopConfig(spec, str(tmp_path / "out2")), "teacher").create_model()
+    assert asked[-1] == ("teacher.weights", "eu-west-1", "w2")
 
 
 def test_a_whole_bucket_as_data_or_weights_is_one_line(s3, tmp_path, monkeypatch):
