@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import sys
@@ -480,6 +481,28 @@ class OneLineParser(argparse.ArgumentParser):
         print(f"remem: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
+    def parse_args(self, args=None, namespace=None):
+        """An unknown flag is named by the verb that got it, with the flag it most looks like
+        (argparse named `remem --help` for a typo in `remem sweep run --nme`)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            verb = self._verb_parser(parsed)
+            flags = [f for action in verb._actions for f in action.option_strings if f.startswith("--")]
+            close = difflib.get_close_matches(extras[0].split("=", 1)[0], flags, n=1)
+            like = f"; did you mean {close[0]}?" if close else ""
+            verb.error(f"unrecognized arguments: {' '.join(extras)}{like}")
+        return parsed
+
+    def _verb_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The deepest parser the arguments reached (`remem sweep run`'s for `sweep run ...`)."""
+        parser: argparse.ArgumentParser = self
+        while True:
+            subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            chosen = getattr(parsed, subparsers[0].dest, None) if subparsers else None
+            if chosen is None:
+                return parser
+            parser = subparsers[0].choices[chosen]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
@@ -574,6 +597,7 @@ _NON_EMPTY = {
     "spec": "SPEC.yaml",
     "sweep": "NAME|URI",
     "checkpoint": "CHECKPOINT",
+    "job": "JOB",
 }
 
 

@@ -474,6 +474,9 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] | None 
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
+    if first["type"] == "model_type":  # "... a valid dictionary or instance of ParamRange": our class names
+        searched = first["loc"][:2] == ("sweep", "search") and len(first["loc"]) == 3
+        msg = "should be {values: [...]} or {low: ..., high: ...}" if searched else "should be a mapping of its fields"
     if first["type"] == "extra_forbidden":
         known = _keys_beside(model, first["loc"]) if model is not None else []
         typed = str(first["loc"][-1])
@@ -515,13 +518,34 @@ def _model_in(annotation: Any) -> Any:
     return next((m for m in map(_model_in, typing.get_args(annotation)) if m is not None), None)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing a key given twice in one mapping: YAML keeps the last one, so a
+    second `sweep:` section silently replaced the first (and a second `name:` the intended name)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """safe_load a YAML mapping; python object tags and other unsafe constructs are refused."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise SpecError(f"spec: {p} is a folder, not a spec file")
+    if not p.exists():
         raise SpecError(f"spec: file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506  safe_load's loader, stricter
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from remem_ray.errors import ResourceError, UserInputError
-from remem_ray.storage import Storage, one_line
+from remem_ray.storage import Storage, one_line, preflight
 
 if TYPE_CHECKING:  # torch and timm are imported where a model is read: an export's bad --to or
     from torch import nn  # --trial is refused in a second, not after their 4 s of imports
@@ -226,8 +226,13 @@ def usage_text(target: str, onnx: bool) -> str:
 
 def check_target(target: str, endpoint: str | None) -> Storage:
     """The target's storage; refused if it is a file, or a folder that is not empty (nothing is
-    overwritten)."""
-    if not target.startswith("s3://") and Path(target).exists() and not Path(target).is_dir():
+    overwritten); an s3:// one's endpoint, credentials and bucket proven first (a dead endpoint
+    took the client's two minutes of retries, then named the sweep's storage)."""
+    if "://" in target and not target.startswith("s3://"):
+        raise UserInputError(f"--to: {target} is neither a folder path nor an s3://bucket/prefix URI")
+    if target.startswith("s3://"):
+        preflight(target, endpoint, root_field="--to", endpoint_field="--endpoint")
+    elif Path(target).exists() and not Path(target).is_dir():
         raise UserInputError(f"--to: {target} is a file")
     storage = Storage(target, endpoint)
     present = storage.list_dir() if storage.exists() else []

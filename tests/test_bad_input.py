@@ -393,6 +393,36 @@ CORPUS = [
     _bad("export-no-checkpoint", None, "no complete checkpoint", "missing-ck", verbs=(EXPORT,)),
     _bad("export-target-is-a-file", None, "--to", "is a file", verbs=(EXPORT,), file="out"),
     _bad("export-unknown-sweep", None, "sweep: no sweep at", "nothing-here", verbs=(SWEEP_EXPORT,)),
+    # a review's probe: written under ./http:/x/y, exit 0
+    _bad(
+        "export-target-not-storage",
+        None,
+        "--to: http://x/y is neither a folder path nor an s3://bucket/prefix URI",
+        verbs=(("export", "missing-ck", "--to", "http://x/y"),),
+    ),
+    # a review's probe: silent for 134 s of retries, then an error naming the sweep's storage
+    _bad(
+        "export-target-dead-endpoint",
+        None,
+        "cannot reach the S3 endpoint @DEAD@ (--endpoint)",
+        verbs=(("export", "missing-ck", "--to", "s3://b/out"),),
+        flags=("--endpoint", "@DEAD@"),
+    ),
+    _bad(
+        "sweep-uri-not-storage",
+        None,
+        "sweep: http://host/x is neither a sweep's name, its folder's path nor an s3:// URI",
+        verbs=(("sweep", "status", "http://host/x"), ("sweep", "best", "http://host/x")),
+    ),
+    _bad("empty-job-id", None, "JOB: empty value", verbs=(("sweep", "logs", "", "--address", "http://127.0.0.1:9"),)),
+    # YAML keeps a key's last value: a second sweep section replaced the first in silence
+    _bad("duplicate-key", "name: a\nseed: 1\nname: b\n", "key 'name' given twice (lines 1 and 3)"),
+    _bad(
+        "search-param-as-list",
+        "sweep:\n  search:\n    rho: [0.0, 0.05]\n",
+        "sweep.search.rho: should be {values: [...]} or {low: ..., high: ...}",
+        verbs=(SWEEP_RUN,),
+    ),
     _bad(
         "export-missing-bucket",
         None,
@@ -518,8 +548,10 @@ def test_bad_input_exits_2_with_one_line_and_leaves_no_trace(
     [
         (["run", "--teacher-epoch", "x"], "argument --teacher-epoch: invalid int value: 'x' (see `remem run --help`)"),
         (["sweep", "dashboard", "s", "--port", "abc"], "argument --port: invalid int value: 'abc'"),
-        (["run", "--teacher", "ck"], "unrecognized arguments: --teacher "),  # not --teacher-epoch ck
+        (["run", "--teacher", "ck"], "unrecognized arguments: --teacher;"),  # not --teacher-epoch ck
         (["frob"], "argument VERB: invalid choice: 'frob'"),
+        # named `remem --help`, with no word of the flag meant
+        (["sweep", "run", "s.yaml", "--nme", "x"], "--nme x; did you mean --name? (see `remem sweep run --help`)"),
     ],
 )
 def test_bad_arguments_get_one_line_too(argv, expected, capsys):
@@ -529,6 +561,15 @@ def test_bad_arguments_get_one_line_too(argv, expected, capsys):
     err = capsys.readouterr().err
     assert ended.value.code == 2 and err.startswith("remem: error: ") and err.count("\n") == 1, err
     assert expected in err
+
+
+@pytest.mark.parametrize("spec, expected", [("folder", "is a folder, not a spec file"), ("/dev/null", "is empty")])
+def test_a_spec_that_is_no_file_of_fields_says_what_it_is(spec, expected, in_tmp, capsys):
+    """A folder was 'file not found'; /dev/null too."""
+    (in_tmp / "folder").mkdir()
+    assert main(["sweep", "run", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"remem: error: spec: {spec} ") and expected in err and err.count("\n") == 1
 
 
 def test_corpus_covers_every_kind_of_bad_input():

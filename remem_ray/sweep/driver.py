@@ -623,6 +623,8 @@ def locate_sweep(name_or_uri: str, storage_root: str | None = None, endpoint: st
     Only a sweep whose folder is where its own spec says its storage root is gets accepted:
     resume unpickles Tune state, so it must come from the root this spec configured.
     """
+    if "://" in name_or_uri and not name_or_uri.startswith("s3://"):
+        raise UserInputError(f"sweep: {name_or_uri} is neither a sweep's name, its folder's path nor an s3:// URI")
     by_uri = "/" in name_or_uri
     root = name_or_uri.rstrip("/") if by_uri else storage_root or "./remem-results"
     # shared with status, best and report, which only read: prove S3 usable, not a local root writable
