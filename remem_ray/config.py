@@ -118,7 +118,8 @@ OptunaUrl = Annotated[
 class StrictModel(BaseModel):
     """Unknown keys are errors; specs are values, never mutated after validation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # a NaN passed every bound (rho: .nan read 'should be less than or equal to 10'): finite numbers only
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class DataConfig(StrictModel):

@@ -109,6 +109,8 @@ CORPUS = [
     _bad("data-root-unsupported-scheme", "data:\n  root: ftp://host/images\n", "data.root: unsupported scheme"),
     _bad("data-root-whole-bucket", "data:\n  name: imagefolder\n  root: s3://bucket\n", "data.root", "whole bucket"),
     _bad("warmup-infinite", "teacher:\n  schedule:\n    warmup_epochs: .inf\n", "teacher.schedule.warmup_epochs"),
+    # a NaN passed every bound check: the message said 'less than or equal to 10'
+    _bad("rho-nan", "teacher:\n  rho: .nan\n", "teacher.rho: Input should be a finite number"),
     _bad("zero-temperature", "student:\n  kd:\n    temperature: 0\n", "student.kd.temperature"),
     _bad("bad-name", "name: a/b\n", "name"),
     _bad("bad-model-kwargs", "teacher:\n  model_kwargs: {no_such_arg: 1}\n", "teacher.model_kwargs"),
