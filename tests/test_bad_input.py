@@ -574,6 +574,20 @@ def test_a_spec_that_is_no_file_of_fields_says_what_it_is(spec, expected, in_tmp
     assert err.startswith(f"remem: error: spec: {spec} ") and expected in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("verb", ["logs", "stop"])
+def test_a_job_verb_reaches_the_dashboard_it_is_given_over_an_exported_gcs_address(
+    verb, dead_endpoint, monkeypatch, capsys
+):
+    """Ray's job client takes RAY_ADDRESS over the address it is given: with a GCS address
+    exported (as for ray.init), `sweep logs JOB --address http://HEAD:8265` waited 40 s on that
+    GCS, printed three lines of Ray's C++ warnings, then a GCS timeout (failed before)."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    assert main(["sweep", verb, "abc", "--address", dead_endpoint]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"remem: error: --address: cannot reach the Ray dashboard at {dead_endpoint}: ")
+    assert err.count("\n") == 1 and os.environ["RAY_ADDRESS"] == "127.0.0.1:9"  # given back
+
+
 def test_corpus_covers_every_kind_of_bad_input():
     ids = {c.id for c in CORPUS}
     assert len(ids) == len(CORPUS) >= 30

@@ -9,6 +9,7 @@ from the submitting machine, because runtime_env values are visible in the dashb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -36,13 +37,30 @@ def check_address(address: str) -> None:
         raise UserInputError(f"--address: expected the Ray dashboard as http://HOST:PORT, got {address!r}")
 
 
+# Ray's client takes these over the address it is given ("just like ray.init()"): a GCS address
+# exported for ray.init sent `sweep logs --address http://HEAD:8265` to wait 40 s on the GCS
+ADDRESS_OVERRIDES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+
+
+@contextlib.contextmanager
+def _address_as_given():
+    """While the client is made: the --address given (or RAY_ADDRESS itself, when it is what the
+    CLI took for --address) is the one Ray uses."""
+    saved = {name: os.environ.pop(name) for name in ADDRESS_OVERRIDES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def jobs_client(address: str):
     """A JobSubmissionClient for http(s)://HEAD:8265; bad or unreachable addresses are user errors."""
     check_address(address)
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        with _address_as_given():
+            return JobSubmissionClient(address)
     except Exception as exc:  # ConnectionError, RuntimeError, requests errors
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ResourceError(f"--address: cannot reach the Ray dashboard at {address}: {reason}") from None
