@@ -849,11 +849,11 @@ class SweepSpec(RunSpec):
                 if SEARCH_PARAMS[name].saved_epoch:
                     if value not in self.teacher_epochs():
                         raise ValueError(
-                            f"sweep.points_to_evaluate.{i}.{name}: {value} is not a searched "
+                            f"sweep.points_to_evaluate.{i}.{name}: {value:g} is not a searched "
                             f"teacher epoch {self.teacher_epochs()}"
                         )
                 elif name not in ranges or not ranges[name].contains(value):
-                    raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value} is outside sweep.search.{name}")
+                    raise ValueError(f"sweep.points_to_evaluate.{i}.{name}: {value:g} is outside sweep.search.{name}")
         for role in ("teacher", "student"):
             gpus = getattr(self.sweep.resources, role).gpus_per_worker
             if gpus == AUTO and self.device == "cpu":

@@ -160,6 +160,13 @@ CORPUS = [
     _bad("parent-dir-in-name-flag", "name: x\n", "name", flags=("--name", "../escape"), verbs=(TEACHER, SWEEP_RUN)),
     # a teacher_epoch that is not saved
     _bad("teacher-epoch-not-saved", "teacher:\n  epochs: 4\nstudent:\n  teacher_epoch: 2\n", "student.teacher_epoch"),
+    # the epoch read 3.0, as the point's floats hold it
+    _bad(
+        "point-teacher-epoch-not-searched",
+        "teacher:\n  epochs: 4\nsweep:\n  points_to_evaluate:\n    - {teacher_epoch: 3}\n",
+        "sweep.points_to_evaluate.0.teacher_epoch: 3 is not a searched teacher epoch [4]",
+        verbs=(SWEEP_RUN,),
+    ),
     _bad(
         "teacher-epoch-flag-not-saved",
         "teacher:\n  epochs: 4\n",
