@@ -1,6 +1,7 @@
 """One suite for every storage backend (local folder and S3), like Optuna's storage tests."""
 
 import contextlib
+import functools
 import hashlib
 import os
 import socket
@@ -718,3 +719,23 @@ def test_an_s3_object_changed_since_a_fetch_is_fetched_again_under_its_new_ident
     assert new != old
     assert fetch_to_cache(uri, s3["endpoint"], identity=new).read_bytes() == b"new weights!"
     assert fetch_to_cache(uri, s3["endpoint"], identity=old).read_bytes() == b"old weights"  # kept, not refetched
+
+
+def test_a_fetch_for_an_identity_the_object_no_longer_has_keeps_no_copy(s3, tmp_path, monkeypatch):
+    """Changed between the run's start and a node's fetch, the new content was kept under the old
+    identity's name, for good (a review's find; failed before: the copy was kept)."""
+    from remem_ray.storage import fetch_to_cache
+    from remem_ray.storage.identity import file_identity, folder_identity
+
+    monkeypatch.setenv("REMEM_CACHE_DIR", str(tmp_path / "cache"))
+    put = functools.partial(s3["client"].put_object, Bucket=s3["bucket"])
+    put(Key="w/weights.pt", Body=b"old")
+    put(Key="images/cat/1.png", Body=b"aa")
+    weights, images = f"s3://{s3['bucket']}/w/weights.pt", f"s3://{s3['bucket']}/images"
+    began = file_identity(weights, s3["endpoint"]), folder_identity(images, s3["endpoint"])
+    put(Key="w/weights.pt", Body=b"newer")
+    put(Key="images/dog/2.png", Body=b"b")
+    for uri, identity, field in ((weights, began[0], "teacher.weights"), (images, began[1], "data.root")):
+        with pytest.raises(ResourceError, match=rf"^{field}: {uri} changed since this sweep \(or run\) read it"):
+            fetch_to_cache(uri, s3["endpoint"], field=field, identity=identity)
+    assert not [p for p in (tmp_path / "cache" / "s3").iterdir() if p.is_dir()]  # no copy, no staging left

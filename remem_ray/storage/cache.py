@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 from remem_ray.console import say
 from remem_ray.errors import ResourceError
 from remem_ray.storage.fs import Storage, s3_filesystem, split_s3_uri
+from remem_ray.storage.identity import folder_identity
 
 
 def cache_root() -> Path:
@@ -108,7 +109,7 @@ def fetch_to_cache(
     with node_lock(dest.parent / f"{key}.lock", f"fetching {uri} into this node's cache"):
         if done.exists():  # fetched while this one waited
             return Path(done.read_text())
-        return _fetch(uri, endpoint, region, field, dest)
+        return _fetch(uri, endpoint, region, field, dest, identity)
 
 
 def fetchable(
@@ -137,11 +138,17 @@ def fetchable(
     return info
 
 
-def _fetch(uri: str, endpoint: str | None, region: str | None, field: str, dest: Path) -> Path:
-    """Download into a staging folder, then move it into place whole (under the node lock)."""
+def _fetch(
+    uri: str, endpoint: str | None, region: str | None, field: str, dest: Path, identity: str | None = None
+) -> Path:
+    """Download into a staging folder, then move it into place whole (under the node lock). A
+    copy kept for `identity` is checked to be that (the object changed after the run's start
+    read it: kept, the copy named for the old content would hold the new one for good)."""
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     path = split_s3_uri(uri)
     info = fetchable(uri, endpoint, field, region)
+    if identity and info.type == pafs.FileType.File and f"{info.size}@{info.mtime_ns}" != identity:
+        raise _changed(field, uri)
     for dead in dest.parent.glob(f"{dest.name}.partial-*"):  # fetches killed mid-copy (we hold the lock)
         shutil.rmtree(dead, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{dest.name}.partial-"))
@@ -153,6 +160,8 @@ def _fetch(uri: str, endpoint: str | None, region: str | None, field: str, dest:
             (staging / name).write_bytes(data)
         else:
             store.download_dir(base, staging / name)
+            if identity and folder_identity(str(staging / name)) != identity:
+                raise _changed(field, uri)
         result = dest / name
         (staging / ".complete").write_text(str(result))
         shutil.rmtree(dest, ignore_errors=True)  # a partial copy from a fetch that crashed mid-move
@@ -165,3 +174,9 @@ def _fetch(uri: str, endpoint: str | None, region: str | None, field: str, dest:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return result
+
+
+def _changed(field: str, uri: str) -> ResourceError:
+    return ResourceError(
+        f"{field}: {uri} changed since this sweep (or run) read it as it began; start a new one to train from it"
+    )
