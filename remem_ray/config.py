@@ -523,7 +523,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load's loader, refusing a key given twice in one mapping: YAML keeps the last one, so a
     second `sweep:` section silently replaced the first (and a second `name:` the intended name)."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
