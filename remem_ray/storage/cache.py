@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 
 from remem_ray.console import say
 from remem_ray.errors import ResourceError
-from remem_ray.storage.fs import Storage, s3_filesystem, split_s3_uri
+from remem_ray.storage.fs import Storage, s3_filesystem, split_s3_uri, stamp_of
 from remem_ray.storage.identity import folder_identity
 
 
@@ -147,7 +147,7 @@ def _fetch(
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     path = split_s3_uri(uri)
     info = fetchable(uri, endpoint, field, region)
-    if identity and info.type == pafs.FileType.File and f"{info.size}@{info.mtime_ns}" != identity:
+    if identity and info.type == pafs.FileType.File and stamp_of(info) != identity:
         raise _changed(field, uri)
     for dead in dest.parent.glob(f"{dest.name}.partial-*"):  # fetches killed mid-copy (we hold the lock)
         shutil.rmtree(dead, ignore_errors=True)

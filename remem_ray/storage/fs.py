@@ -211,9 +211,7 @@ class Storage:
         """A file's size and modification time ('SIZE@MTIME_NS'): a rewrite or a new upload under
         the same name changes it. None where there is no such file."""
         info = self._info(rel)
-        if info.type != pafs.FileType.File:
-            return None
-        return f"{info.size}@{info.mtime_ns}"
+        return stamp_of(info) if info.type == pafs.FileType.File else None
 
     # ----------------------------------------------------------------- bytes
     def read_bytes(self, rel: str) -> bytes:
@@ -435,6 +433,11 @@ class Storage:
         if "Looks like the configured region is" in reason:  # pyarrow's words for a bucket elsewhere
             reason += " Set storage.region in the spec (or AWS_REGION where a verb reads a stored sweep)."
         return ResourceError(f"storage: cannot {verb} {self.uri(rel)}: {reason}")
+
+
+def stamp_of(info: pafs.FileInfo) -> str:
+    """A file's size and modification time, as `Storage.stamp` gives them."""
+    return f"{info.size}@{info.mtime_ns}"
 
 
 def one_line(exc: BaseException) -> str:
